@@ -1,0 +1,149 @@
+"""Start and stop a local control plane: kwokctl (binary runtime) + GPU nodes + LeaderWorkerSet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.cluster import build
+from e2e.cluster.handle import Cluster
+from e2e.cluster.lws import install_lws
+from e2e.cluster.nodes import GpuNodes, node_manifests
+from e2e.cluster.procs import free_port, stop_pidfile
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = "kubemoe"
+    nodes: GpuNodes = field(default_factory=GpuNodes)
+    with_lws: bool = True
+
+
+def run_root() -> Path:
+    return build.cache_root().parent.parent / "clusters"
+
+
+def cluster_dir(name: str) -> Path:
+    return run_root() / name
+
+
+def kubeconfig_path(name: str) -> Path:
+    return cluster_dir(name) / "kubeconfig.yaml"
+
+
+def _log(msg: str) -> None:
+    print(f"[cluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _kwokctl_config(paths: build.Paths) -> dict[str, Any]:
+    b = paths.bin
+    return {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokctlConfiguration",
+        "options": {
+            "runtime": "binary",
+            "kubeVersion": build.KUBE_VERSION,
+            "etcdVersion": build.ETCD_VERSION.lstrip("v"),
+            "kwokVersion": build.KWOK_VERSION,
+            "bindAddress": "127.0.0.1",
+            "kubeApiserverPort": free_port(),
+            "kubeApiserverBinary": str(b / "kube-apiserver"),
+            "kubeControllerManagerBinary": str(b / "kube-controller-manager"),
+            "kubeSchedulerBinary": str(b / "kube-scheduler"),
+            "kubectlBinary": str(b / "kubectl"),
+            "etcdBinary": str(b / "etcd"),
+            "kwokControllerBinary": str(b / "kwok"),
+            "quietPull": True,
+        },
+    }
+
+
+def _kwokctl(
+    paths: build.Paths, name: str, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["KWOK_WORKDIR"] = str(cluster_dir(name) / "kwok")
+    env["PATH"] = f"{paths.bin}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        [str(paths.bin / "kwokctl"), "--name", name, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
+    """Create the cluster (replacing a stale one of the same name) and return a handle to it."""
+    paths = paths or build.ensure_built()
+    down(config.name, paths=paths)
+    root = cluster_dir(config.name)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = root / "kwokctl.yaml"
+    cfg.write_text(yaml.safe_dump(_kwokctl_config(paths)))
+    kubeconfig = kubeconfig_path(config.name)
+
+    t0 = time.monotonic()
+    _log(f"starting control plane {config.name!r} (kube {build.KUBE_VERSION}) ...")
+    proc = _kwokctl(
+        paths,
+        config.name,
+        "create",
+        "cluster",
+        "--config",
+        str(cfg),
+        "--runtime",
+        "binary",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--wait",
+        "5m",
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stderr[-6000:]}")
+    cluster = Cluster(kubeconfig=kubeconfig, bin_dir=paths.bin)
+    _log(f"control plane up in {time.monotonic() - t0:.1f}s")
+
+    cluster.kubectl(
+        "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(config.nodes))
+    )
+    cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+    n = config.nodes
+    _log(f"{n.count} GPU nodes ready ({n.gpus_per_node} x {n.gpu_product} each)")
+
+    if config.with_lws:
+        install_lws(cluster, config_dir=paths.lws_config, run_dir=root, binary=paths.bin / "lws-controller")
+        _log("LeaderWorkerSet controller and webhooks ready")
+    _log(f"cluster ready in {time.monotonic() - t0:.1f}s; KUBECONFIG={kubeconfig}")
+    return cluster
+
+
+def down(name: str, *, paths: build.Paths | None = None) -> None:
+    """Stop the LWS controller and every kwokctl component; remove the cluster's files."""
+    root = cluster_dir(name)
+    if not root.exists():
+        return
+    stop_pidfile(root / "lws-controller.pid")
+    paths = paths or build.Paths(build.cache_root())
+    if (paths.bin / "kwokctl").exists() and (root / "kwok").exists():
+        proc = _kwokctl(
+            paths, name, "delete", "cluster", "--kubeconfig", str(kubeconfig_path(name)), timeout=120
+        )
+        if proc.returncode != 0:
+            _log(f"kwokctl delete cluster: {proc.stderr.strip()[-2000:]}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def existing(name: str) -> Cluster | None:
+    kc = kubeconfig_path(name)
+    if not kc.exists():
+        return None
+    return Cluster(kubeconfig=kc, bin_dir=build.Paths(build.cache_root()).bin)
