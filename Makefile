@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests bench
+	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py)
 
 unit: setup
 	$(BIN)/pytest tests || [ $$? -eq 5 ]  # 5: no tests collected

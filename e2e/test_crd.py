@@ -1,0 +1,146 @@
+"""The generated CRD on a real kube-apiserver: it installs, accepts every example, and rejects
+each manifest in e2e/invalid/ with a message naming the field (its `# expect:` line)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.cluster.handle import Cluster
+from kubemoe_operator.api.resource import ModelDeployment
+from kubemoe_operator.planner import plan_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
+CRD_NAME = "modeldeployments.kubemoe.io"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+INVALID = sorted((REPO / "e2e" / "invalid").glob("*.yaml"))
+
+
+def expected_field(path: Path) -> str:
+    match = re.search(r"^# expect: (\S+)$", path.read_text(), re.MULTILINE)
+    assert match, f"{path.name} needs a '# expect: FIELD' line"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def crd_installed(cluster: Cluster) -> Cluster:
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "--field-manager=kubemoe-e2e", "-f", str(CRD)
+    )
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def namespace(crd_installed: Cluster) -> Iterator[str]:
+    name = f"crd-{uuid.uuid4().hex[:6]}"
+    crd_installed.kubectl("create", "namespace", name)
+    yield name
+    crd_installed.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def test_crd_is_established_with_its_names(crd_installed: Cluster) -> None:
+    crd = json.loads(crd_installed.kubectl("get", "crd", CRD_NAME, "-o", "json").stdout)
+    conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conditions["Established"] == "True"
+    assert conditions["NamesAccepted"] == "True"
+    assert crd["status"]["acceptedNames"]["shortNames"] == ["md"]
+    assert crd["status"]["acceptedNames"]["categories"] == ["kubemoe"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_is_accepted(crd_installed: Cluster, namespace: str, path: Path) -> None:
+    proc = crd_installed.kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", str(path), check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_invalid_manifest_is_rejected_naming_the_field(
+    crd_installed: Cluster, namespace: str, path: Path
+) -> None:
+    proc = crd_installed.kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", str(path), check=False
+    )
+    assert proc.returncode != 0, f"{path.name} was accepted:\n{proc.stdout}"
+    assert expected_field(path) in proc.stderr, proc.stderr
+
+
+def test_defaults_status_and_printer_columns(crd_installed: Cluster, namespace: str) -> None:
+    """A stored object carries the schema's defaults, parses back into the pydantic model,
+    takes a status through the subresource, and `kubectl get md` shows the printer columns."""
+    cluster = crd_installed
+    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(REPO / "examples" / "tiny-moe.yaml"))
+    stored = json.loads(cluster.kubectl("get", "md", "tiny-moe", "-n", namespace, "-o", "json").stdout)
+    assert stored["spec"]["engine"]["gpuMemoryUtilization"] == 0.9
+    assert stored["spec"]["scheduling"] == {}
+    md = ModelDeployment.model_validate(stored)
+    layout = plan_manifest(md).layout
+
+    status = {
+        "status": {
+            "observedGeneration": stored["metadata"]["generation"],
+            "phase": "Ready",
+            "layout": layout,
+            "endpoint": f"http://tiny-moe.{namespace}.svc:8000/v1",
+            "roles": {
+                "prefill": {"replicas": 1, "ready": 1},
+                "decode": {"replicas": 1, "ready": 1, "desired": 1},
+            },
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "AllGroupsReady",
+                    "message": "every group is ready",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                    "observedGeneration": stored["metadata"]["generation"],
+                }
+            ],
+        }
+    }
+    cluster.kubectl(
+        "patch",
+        "md",
+        "tiny-moe",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+    table = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "PHASE", "LAYOUT", "PREFILL", "DECODE", "ENDPOINT", "AGE"]
+    row = table[1].split()
+    assert row[:4] == ["tiny-moe", "True", "Ready", layout.split()[0]]
+    by_category = cluster.kubectl("get", "kubemoe", "-n", namespace, "-o", "name").stdout.split()
+    assert by_category == ["modeldeployment.kubemoe.io/tiny-moe"]
+
+    bad = {
+        "status": {
+            "conditions": [{"type": "Ready", "status": "Maybe", "reason": "x", "lastTransitionTime": "now"}]
+        }
+    }
+    proc = cluster.kubectl(
+        "patch",
+        "md",
+        "tiny-moe",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(bad),
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "status.conditions[0].status" in proc.stderr
+    cluster.kubectl("delete", "md", "tiny-moe", "-n", namespace)

@@ -1,0 +1,81 @@
+"""The cross-field rules of the spec, in Python: twins of the CEL rules in `spec.py`."""
+
+from __future__ import annotations
+
+import re
+
+from kubemoe_operator.api.spec import RESERVED_FLAG_PATTERN, ModelDeploymentSpec
+from kubemoe_operator.problems import Problem
+
+
+def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
+    """Every cross-field rule the spec breaks, each naming its field."""
+    problems: list[Problem] = []
+    roles = spec.roles
+    if spec.serving.mode == "colocated" and (roles.worker is None or roles.prefill or roles.decode):
+        problems.append(
+            Problem(
+                field="spec.roles",
+                message="colocated mode takes exactly one role, worker (no prefill or decode).",
+                fix="rename the role to worker, or set serving.mode: disaggregated.",
+            )
+        )
+    if spec.serving.mode == "disaggregated" and (
+        roles.prefill is None or roles.decode is None or roles.worker
+    ):
+        problems.append(
+            Problem(
+                field="spec.roles",
+                message="disaggregated mode needs roles prefill and decode, and no worker.",
+                fix="give both prefill and decode, or set serving.mode: colocated with one worker role.",
+            )
+        )
+    if spec.serving.mode == "disaggregated" and spec.router.replicas < 1:
+        problems.append(
+            Problem(
+                field="spec.router.replicas",
+                message="disaggregated mode needs at least one router replica.",
+                fix="set router.replicas: 1 or more.",
+            )
+        )
+    for i, arg in enumerate(spec.engine.extra_args):
+        if re.match(RESERVED_FLAG_PATTERN, arg):
+            problems.append(
+                Problem(
+                    field=f"spec.engine.extraArgs[{i}]",
+                    message=f"{arg!r} is set by the plan (parallelism, ports, KV transfer).",
+                    fix="remove it; set roles.<role>.parallelism or serving instead.",
+                )
+            )
+    for name, role in roles.items():
+        path = f"spec.roles.{name}"
+        par = role.parallelism
+        if par is not None and par.expert is not None and par.expert not in (1, par.ranks):
+            problems.append(
+                Problem(
+                    field=f"{path}.parallelism.expert",
+                    message=f"expert={par.expert} must be 1 (experts sharded by tensor parallelism) or "
+                    f"data x tensor = {par.ranks} (vLLM's expert-parallel size).",
+                    fix=f"set expert: {par.ranks}, or omit it.",
+                )
+            )
+        scale = role.autoscaling
+        if scale is not None and scale.min_replicas > scale.max_replicas:
+            problems.append(
+                Problem(
+                    field=f"{path}.autoscaling.minReplicas",
+                    message=f"minReplicas ({scale.min_replicas}) is above maxReplicas"
+                    f" ({scale.max_replicas}).",
+                    fix="make minReplicas <= maxReplicas.",
+                )
+            )
+    for i, tol in enumerate(spec.scheduling.tolerations):
+        if tol.operator == "Exists" and tol.value:
+            problems.append(
+                Problem(
+                    field=f"spec.scheduling.tolerations[{i}].value",
+                    message="value must be empty when operator is Exists.",
+                    fix="drop value, or use operator: Equal.",
+                )
+            )
+    return problems

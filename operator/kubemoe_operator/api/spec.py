@@ -1,0 +1,280 @@
+"""`ModelDeployment.spec`: what the user asks for (DESIGN.md §2).
+
+Rules that relate several fields are written twice, on purpose: as CEL
+(`x-kubernetes-validations`, enforced by the apiserver) and as Python in
+`kubemoe_operator.api.rules` (enforced by `kubemoe plan` and the operator).
+The invalid-manifest corpus in `e2e/invalid/` checks both agree.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from kubemoe_operator.api.base import ApiModel, cel, validations
+from kubemoe_operator.api.model_config import ModelConfig
+
+# hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PREFIX, file://PATH (local mode).
+SOURCE_PATTERN = (
+    r"^(hf://[^/\s]+/[^/\s]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S+|s3://[^/\s]+/\S+|file://\S+)$"
+)
+
+# Flags the plan owns; setting them through extraArgs would contradict the layout.
+RESERVED_FLAGS = (
+    "tensor-parallel-size",
+    "data-parallel-size",
+    "data-parallel-size-local",
+    "data-parallel-start-rank",
+    "data-parallel-address",
+    "data-parallel-rpc-port",
+    "enable-expert-parallel",
+    "kv-transfer-config",
+    "port",
+    "host",
+    "served-model-name",
+)
+RESERVED_FLAG_PATTERN = "^--(" + "|".join(RESERVED_FLAGS) + ")(=.*)?$"
+
+EMPTY_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
+
+RoleName = Literal["prefill", "decode", "worker"]
+MetricType = Literal["gpu-utilization", "kv-cache-usage", "queue-depth", "ttft-p90", "itl-p90"]
+
+
+class ModelSpec(ApiModel):
+    """Which model to serve and where its weights live."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Served model name; also the catalog key (e.g. deepseek-ai/DeepSeek-V3)."""
+    source: str = Field(pattern=SOURCE_PATTERN, max_length=2048)
+    """Weights: hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PREFIX or file://PATH (local mode)."""
+    config: ModelConfig | None = None
+    """config.json facts; each one overrides the catalog entry for this model."""
+
+
+class EngineSpec(ApiModel):
+    """The inference engine inside the runtime container."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                f"!has(self.extraArgs) || !self.extraArgs.exists(a, a.matches('{RESERVED_FLAG_PATTERN}'))",
+                "extraArgs must not set flags the plan owns (parallelism, ports, KV transfer)",
+                field_path=".extraArgs",
+            )
+        )
+    )
+
+    kind: Literal["vllm", "torch"] = "vllm"
+    """vllm, or the built-in torch engine (CPU, tests, local mode)."""
+    image: str | None = Field(None, max_length=512)
+    """Runtime container image; the operator's default when empty."""
+    max_model_len: int | None = Field(None, ge=1)
+    """Longest sequence (prompt + output) in tokens; defaults to the model's context length."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of accelerator memory the engine may use for weights, activations and KV cache."""
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64)
+    """Extra engine flags, appended verbatim."""
+
+
+class AcceleratorSpec(ApiModel):
+    """What each rank runs on."""
+
+    type: str = Field(min_length=1, max_length=63)
+    """Catalog key: A100-40GB, A100-80GB, H100, H200, B200, L40S, MI300X, or cpu."""
+    per_pod: int = Field(8, ge=1, le=64)
+    """Accelerators (for cpu: rank processes) per pod."""
+    memory_gib: float | None = Field(None, gt=0, alias="memoryGiB")
+    """Memory per accelerator in GiB; overrides the catalog (required for types it lacks)."""
+
+
+class KvTransferSpec(ApiModel):
+    """How prefill hands its KV cache to decode."""
+
+    connector: Literal["nixl", "lmcache", "example"] = "nixl"
+    """nixl (NixlConnector), lmcache (LMCacheConnectorV1) or example (ExampleConnector; CPU, tests)."""
+
+
+class ServingSpec(ApiModel):
+    """Prefill/decode disaggregation."""
+
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    """disaggregated: prefill and decode roles; colocated: one worker role."""
+    kv_transfer: KvTransferSpec = Field(
+        default_factory=KvTransferSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT
+    )
+    """KV-cache transfer between prefill and decode."""
+
+
+class Parallelism(ApiModel):
+    """One serving group's parallelism (vLLM's meaning of each size)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.expert) || self.expert == 1 || self.expert == self.data * self.tensor",
+                "expert must be 1 (experts sharded by tensor parallelism) or data * tensor (vLLM's EP size)",
+                field_path=".expert",
+            )
+        )
+    )
+
+    tensor: int = Field(1, ge=1, le=64)
+    """Tensor-parallel size within each data-parallel rank."""
+    data: int = Field(1, ge=1, le=1024)
+    """Data-parallel size (attention is data-parallel, experts are expert-parallel)."""
+    expert: int | None = Field(None, ge=1, le=1024)
+    """Expert-parallel size: data * tensor (the default), or 1 to shard experts by tensor parallelism."""
+
+    @property
+    def ranks(self) -> int:
+        return self.data * self.tensor
+
+    @property
+    def expert_size(self) -> int:
+        """The EP size in effect: how many ranks share one copy of the routed experts."""
+        return self.ranks if self.expert is None else self.expert
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether vLLM's --enable-expert-parallel is on."""
+        return self.expert_size > 1
+
+
+class Resources(ApiModel):
+    """Container resources per pod; accelerators are added from the plan."""
+
+    requests: dict[str, int | str] = Field(default_factory=dict)
+    limits: dict[str, int | str] = Field(default_factory=dict)
+
+
+class MetricTarget(ApiModel):
+    """One autoscaling signal and the per-group value to hold it at."""
+
+    type: MetricType
+    """gpu-utilization (0-1), kv-cache-usage (0-1), queue-depth (waiting), ttft-p90 or itl-p90 (s)."""
+    target: float = Field(gt=0)
+    """Target value per serving group."""
+
+
+class Autoscaling(ApiModel):
+    """Autoscaling policy for one role; the decision lands in status, never in spec."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+                "minReplicas must be less than or equal to maxReplicas",
+                field_path=".minReplicas",
+            )
+        )
+    )
+
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(ge=1, le=1024)
+    metrics: list[MetricTarget] = Field(default_factory=list, max_length=8)
+    scale_up_window_seconds: int = Field(0, ge=0, le=3600)
+    """Stabilisation window before scaling up."""
+    scale_down_window_seconds: int = Field(300, ge=0, le=3600)
+    """Stabilisation window before scaling down."""
+    max_step: int = Field(1, ge=1, le=1024)
+    """Most groups added or removed in one decision."""
+
+
+class RoleSpec(ApiModel):
+    """One role (prefill, decode or worker): identical serving groups."""
+
+    replicas: int = Field(1, ge=1, le=1024)
+    """Serving groups; each holds data * tensor ranks."""
+    parallelism: Parallelism | None = None
+    """Omit to let the planner suggest one (the smallest EP that fits)."""
+    resources: Resources | None = None
+    autoscaling: Autoscaling | None = None
+
+
+class Roles(ApiModel):
+    """prefill and decode (disaggregated), or worker (colocated)."""
+
+    prefill: RoleSpec | None = None
+    decode: RoleSpec | None = None
+    worker: RoleSpec | None = None
+
+    def items(self) -> list[tuple[RoleName, RoleSpec]]:
+        """The roles that are set, in serving order."""
+        named: tuple[tuple[RoleName, RoleSpec | None], ...] = (
+            ("prefill", self.prefill),
+            ("decode", self.decode),
+            ("worker", self.worker),
+        )
+        return [(name, role) for name, role in named if role is not None]
+
+
+class RouterSpec(ApiModel):
+    """The OpenAI-compatible front door."""
+
+    replicas: int = Field(1, ge=0, le=64)
+    """0 only in colocated mode (clients then talk to workers directly)."""
+    policy: Literal["round-robin", "least-load", "prefix-hash"] = "least-load"
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists",
+                field_path=".value",
+            )
+        )
+    )
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SchedulingSpec(ApiModel):
+    """Where the pods may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    priority_class_name: str | None = Field(None, max_length=253)
+
+
+class ModelDeploymentSpec(ApiModel):
+    """The desired state of a ModelDeployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.serving.mode != 'colocated' || "
+                "(has(self.roles.worker) && !has(self.roles.prefill) && !has(self.roles.decode))",
+                "colocated mode takes exactly one role, worker (no prefill or decode)",
+                field_path=".roles",
+            ),
+            cel(
+                "self.serving.mode != 'disaggregated' || "
+                "(has(self.roles.prefill) && has(self.roles.decode) && !has(self.roles.worker))",
+                "disaggregated mode needs roles prefill and decode, and no worker",
+                field_path=".roles",
+            ),
+            cel(
+                "self.serving.mode != 'disaggregated' || self.router.replicas >= 1",
+                "disaggregated mode needs at least one router replica",
+                field_path=".router.replicas",
+            ),
+        )
+    )
+
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    accelerator: AcceleratorSpec
+    serving: ServingSpec = Field(default_factory=ServingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    roles: Roles
+    router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)

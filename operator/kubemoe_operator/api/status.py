@@ -1,0 +1,62 @@
+"""`ModelDeployment.status`: what the operator observed, after the Kubernetes API conventions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from kubemoe_operator.api.base import ApiModel
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+ConditionType = Literal["Ready", "Planned", "Progressing", "Degraded"]
+
+
+class Condition(ApiModel):
+    """One aspect of the object's state (metav1.Condition)."""
+
+    type: str = Field(
+        min_length=1,
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+    )
+    """Ready, Planned, Progressing or Degraded."""
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """CamelCase cause, e.g. LeaderWorkerSetMissing."""
+    message: str = Field("", max_length=32768)
+    """What happened and what to do, in plain words."""
+    last_transition_time: datetime
+    """When status last changed."""
+    observed_generation: int | None = Field(None, ge=0)
+    """The .metadata.generation this condition was computed from."""
+
+
+class RoleStatus(ApiModel):
+    """Serving groups of one role."""
+
+    replicas: int = Field(0, ge=0)
+    """Groups that exist."""
+    ready: int = Field(0, ge=0)
+    """Groups whose every rank is ready."""
+    desired: int | None = Field(None, ge=0)
+    """The autoscaler's decision, clamped to minReplicas..maxReplicas; the reconciler renders it."""
+
+
+class ModelDeploymentStatus(ApiModel):
+    """The observed state of a ModelDeployment."""
+
+    observed_generation: int | None = Field(None, ge=0)
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    layout: str | None = Field(None, max_length=256)
+    """The planned layout, e.g. "P1x(EP16) D2x(EP16)"."""
+    roles: dict[str, RoleStatus] = Field(default_factory=dict)
+    """Per role (prefill, decode, worker, router)."""
+    endpoint: str | None = Field(None, max_length=512)
+    """The OpenAI-compatible base URL, e.g. http://NAME.NAMESPACE.svc:8000/v1."""

@@ -1,0 +1,169 @@
+"""The model and accelerator catalogs (data files in this package) and how a spec resolves against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from kubemoe_operator.api.base import ApiModel
+from kubemoe_operator.api.model_config import ModelConfig
+from kubemoe_operator.api.spec import AcceleratorSpec, ModelSpec
+from kubemoe_operator.catalog.facts import GIB, GpuFacts, ModelFacts
+from kubemoe_operator.problems import ManifestError, Problem
+
+__all__ = ["Catalog", "GpuFacts", "ModelFacts", "load_catalog", "resolve_gpu", "resolve_model"]
+
+# What a model must state (inline or in the catalog) before the planner can size it.
+REQUIRED = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "num_routed_experts",
+    "experts_per_token",
+    "moe_intermediate_size",
+)
+
+
+class ModelEntry(ApiModel):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    reference: str
+    config: ModelConfig
+
+
+class GpuEntry(ApiModel):
+    name: str
+    memory_mib: int = Field(ge=0, alias="memoryMiB")
+    reserve_gib: float = Field(ge=0, alias="reserveGiB")
+    resource: str | None
+    label_key: str | None = None
+    product_labels: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: tuple[ModelEntry, ...]
+    gpus: tuple[GpuEntry, ...]
+
+    def model(self, name: str) -> ModelEntry | None:
+        """By name or alias, ignoring case; 'ORG/NAME' also matches an entry named NAME."""
+        wanted = {name.lower(), name.rsplit("/", 1)[-1].lower()}
+        for entry in self.models:
+            keys = {k.lower() for k in (entry.name, entry.name.rsplit("/", 1)[-1], *entry.aliases)}
+            if wanted & keys:
+                return entry
+        return None
+
+    def gpu(self, name: str) -> GpuEntry | None:
+        """By catalog name or node label value, ignoring case."""
+        for entry in self.gpus:
+            if name.lower() in {k.lower() for k in (entry.name, *entry.product_labels)}:
+                return entry
+        return None
+
+
+def _read(name: str) -> Any:
+    return yaml.safe_load(resources.files(__package__).joinpath(name).read_text())
+
+
+@cache
+def load_catalog() -> Catalog:
+    """The catalogs shipped with the package (read once)."""
+    models = tuple(ModelEntry.model_validate(m) for m in _read("models.yaml")["models"])
+    gpus = tuple(GpuEntry.model_validate(g) for g in _read("gpus.yaml")["gpus"])
+    return Catalog(models=models, gpus=gpus)
+
+
+def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
+    """Catalog entry for spec.name, overridden field by field by spec.config."""
+    entry = catalog.model(spec.name)
+    merged: dict[str, Any] = entry.config.model_dump(exclude_none=True) if entry else {}
+    if spec.config is not None:
+        merged |= spec.config.model_dump(exclude_none=True)
+    missing = [f for f in REQUIRED if f not in merged]
+    if merged.get("kv_lora_rank") is not None and "qk_rope_head_dim" not in merged:
+        missing.append("qk_rope_head_dim")
+    if missing:
+        fields = ", ".join(ModelConfig.model_fields[f].alias or f for f in missing)
+        known = ", ".join(e.name for e in catalog.models)
+        if entry is None and spec.config is None:
+            problem = Problem(
+                field="spec.model.name",
+                message=f"{spec.name!r} is not in the model catalog and spec.model.config is not given.",
+                fix=f"use a catalog model ({known}), or give spec.model.config with {fields} "
+                "from the model's config.json.",
+            )
+        else:
+            problem = Problem(
+                field="spec.model.config",
+                message=f"missing {fields} (not in the catalog entry for {spec.name!r} either).",
+                fix="add them from the model's config.json.",
+            )
+        raise ManifestError([problem])
+    heads = merged["num_attention_heads"]
+    dtype = merged.get("dtype", "bfloat16")
+    weight_dtype = merged.get("weight_dtype", dtype)
+    return ModelFacts(
+        name=spec.name,
+        reference=entry.reference if entry else "spec.model.config",
+        num_layers=merged["num_layers"],
+        hidden_size=merged["hidden_size"],
+        num_attention_heads=heads,
+        num_key_value_heads=merged.get("num_key_value_heads", heads),
+        head_dim=merged.get("head_dim", merged["hidden_size"] // heads),
+        num_routed_experts=merged["num_routed_experts"],
+        num_shared_experts=merged.get("num_shared_experts", 0),
+        experts_per_token=merged["experts_per_token"],
+        moe_intermediate_size=merged["moe_intermediate_size"],
+        intermediate_size=merged.get("intermediate_size", merged["moe_intermediate_size"]),
+        num_dense_layers=merged.get("num_dense_layers", 0),
+        moe_layer_step=merged.get("moe_layer_step", 1),
+        vocab_size=merged["vocab_size"],
+        tie_word_embeddings=merged.get("tie_word_embeddings", False),
+        max_position_embeddings=merged.get("max_position_embeddings"),
+        dtype=dtype,
+        weight_dtype=weight_dtype,
+        expert_weight_dtype=merged.get("expert_weight_dtype", weight_dtype),
+        q_lora_rank=merged.get("q_lora_rank"),
+        kv_lora_rank=merged.get("kv_lora_rank"),
+        qk_rope_head_dim=merged.get("qk_rope_head_dim"),
+        qk_nope_head_dim=merged.get("qk_nope_head_dim"),
+        v_head_dim=merged.get("v_head_dim"),
+        params_total_b=merged.get("params_total_b"),
+        params_active_b=merged.get("params_active_b"),
+    )
+
+
+def resolve_gpu(spec: AcceleratorSpec, catalog: Catalog) -> GpuFacts:
+    """Catalog entry for spec.type; spec.memoryGiB overrides or stands in for it."""
+    entry = catalog.gpu(spec.type)
+    if entry is None and spec.memory_gib is None:
+        known = ", ".join(g.name for g in catalog.gpus)
+        raise ManifestError(
+            [
+                Problem(
+                    field="spec.accelerator.type",
+                    message=f"unknown accelerator type {spec.type!r}.",
+                    fix=f"use one of {known}, or set spec.accelerator.memoryGiB for another GPU.",
+                )
+            ]
+        )
+    if entry is None:
+        return GpuFacts(
+            name=spec.type, memory_gib=spec.memory_gib or 0.0, reserve_gib=2.0, resource="nvidia.com/gpu"
+        )
+    memory = spec.memory_gib if spec.memory_gib is not None else entry.memory_mib * 1024**2 / GIB
+    return GpuFacts(
+        name=entry.name,
+        memory_gib=memory,
+        reserve_gib=entry.reserve_gib,
+        resource=entry.resource,
+        product_labels=tuple(entry.product_labels),
+        label_key=entry.label_key,
+    )

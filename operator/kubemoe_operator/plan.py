@@ -1,0 +1,121 @@
+"""The plan: the layout the operator builds for a ModelDeployment, as data.
+
+`kubemoe plan -o json` prints `Plan.model_dump(by_alias=True, mode="json")`; the shape is
+stable within apiVersion kubemoe.io/v1alpha1 (fields are added, never renamed or removed):
+
+- top level: name, model, architecture, reference, engine, accelerator, resource, mode,
+  connector, layout ("P1x(EP16) D1x(EP16)"), devices (GPUs, or rank processes for cpu),
+  pods, roles[], router, notes[].
+- roles[]: role, replicas (serving groups), tensor, data, expert (EP size), expertParallel,
+  ranks (per group), podsPerGroup, devicesPerPod, devicesPerGroup, devices (all groups),
+  workload (LeaderWorkerSet | Deployment), expertsPerRank, suggested (parallelism chosen by
+  the planner), memory{...}, pods[] (one group; every group is alike).
+- memory: deviceGiB, utilization, reserveGiB, denseWeightsGiB, expertWeightsGiB, weightsGiB,
+  kvBudgetGiB, kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen — all per rank.
+- pods[]: index, leader, startRank (data-parallel), dataLocal, devices, address (leader's
+  address for multi-pod groups), ranks[] {rank, dataRank, tensorRank, device, firstExpert,
+  expertCount}, command (argv with vLLM's flag names).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kubemoe_operator.api.base import ApiModel
+from kubemoe_operator.api.spec import RoleName
+
+
+class RankPlan(ApiModel):
+    rank: int
+    """Global rank in the group: dataRank * tensor + tensorRank (also the EP rank)."""
+    data_rank: int
+    tensor_rank: int
+    device: int
+    """Device index within its pod."""
+    first_expert: int
+    """First routed expert this rank holds (with EP off: 0, and every expert as a 1/TP slice)."""
+    expert_count: int
+
+
+class PodPlan(ApiModel):
+    index: int
+    """Pod index within the group (LeaderWorkerSet worker index; 0 is the leader)."""
+    leader: bool
+    start_rank: int
+    """--data-parallel-start-rank."""
+    data_local: int
+    """--data-parallel-size-local: data-parallel ranks in this pod."""
+    devices: int
+    address: str | None
+    """--data-parallel-address (the group leader), for multi-pod groups."""
+    ranks: list[RankPlan]
+    command: list[str] = Field(default_factory=list)
+
+
+class MemoryPlan(ApiModel):
+    device_gib: float = Field(alias="deviceGiB")
+    utilization: float
+    reserve_gib: float = Field(alias="reserveGiB")
+    dense_weights_gib: float = Field(alias="denseWeightsGiB")
+    expert_weights_gib: float = Field(alias="expertWeightsGiB")
+    weights_gib: float = Field(alias="weightsGiB")
+    kv_budget_gib: float = Field(alias="kvBudgetGiB")
+    kv_bytes_per_token: float
+    kv_tokens: int
+    max_model_len: int
+    sequences_at_max_len: float
+
+
+class RolePlan(ApiModel):
+    role: RoleName
+    replicas: int
+    tensor: int
+    data: int
+    expert: int
+    expert_parallel: bool
+    ranks: int
+    pods_per_group: int
+    devices_per_pod: int
+    devices_per_group: int
+    devices: int
+    workload: Literal["LeaderWorkerSet", "Deployment"]
+    experts_per_rank: int
+    suggested: bool
+    memory: MemoryPlan
+    pods: list[PodPlan]
+
+
+class RouterPlan(ApiModel):
+    replicas: int
+    policy: str
+
+
+class Plan(ApiModel):
+    api_version: Literal["kubemoe.io/v1alpha1"] = Field("kubemoe.io/v1alpha1", alias="apiVersion")
+    kind: Literal["Plan"] = "Plan"
+    name: str
+    model: str
+    source: str
+    architecture: str
+    reference: str
+    engine: Literal["vllm", "torch"]
+    dtype: str
+    accelerator: str
+    resource: str | None
+    mode: Literal["disaggregated", "colocated"]
+    connector: str | None
+    extra_args: list[str] = Field(default_factory=list)
+    layout: str
+    devices: int
+    pods: int
+    roles: list[RolePlan]
+    router: RouterPlan
+    notes: list[str] = Field(default_factory=list)
+
+    def role(self, name: str) -> RolePlan:
+        for role in self.roles:
+            if role.role == name:
+                return role
+        raise KeyError(name)

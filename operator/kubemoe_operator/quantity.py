@@ -1,0 +1,34 @@
+"""Kubernetes resource quantities (e.g. 512Mi, 2Gi, 1.5G) as numbers."""
+
+from __future__ import annotations
+
+import re
+
+_SUFFIXES = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([-+]?[0-9]+))?([a-zA-Z]*)$")
+
+
+def parse_quantity(value: int | str) -> float:
+    """'2Gi' -> 2147483648.0; raises ValueError for anything Kubernetes would reject."""
+    if isinstance(value, int):
+        return float(value)
+    match = _QUANTITY.match(value.strip())
+    if match is None or match.group(3) not in _SUFFIXES:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 512Mi, 2Gi)")
+    number = float(match.group(1)) * 10.0 ** int(match.group(2) or 0)
+    return number * _SUFFIXES[match.group(3)]

@@ -1,0 +1,130 @@
+"""`kubemoe-runtime`: the data plane's command line.
+
+Subcommands so far:
+    tiny-checkpoint OUT_DIR --arch ARCH      write a random tiny checkpoint (see checkpoints.py)
+    generate --model PATH --prompt TEXT      greedy completion with the torch engine; with
+                                             --data-parallel-size N --enable-expert-parallel it runs N
+                                             local expert-parallel ranks (gloo) and prints rank 0's output
+
+Engine flags use vLLM's names so one rendered pod command fits either engine. `serve` (the OpenAI API)
+is not here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kubemoe_runtime.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The vLLM-named flags the torch engine understands."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--data-parallel-size", type=int, default=1)
+    parser.add_argument("--data-parallel-address", default="127.0.0.1")
+    parser.add_argument("--data-parallel-rpc-port", type=int, default=0, help="0: pick a free port")
+    parser.add_argument("--enable-expert-parallel", action="store_true")
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    model: Path
+    dtype: str
+    prompt: str
+    max_tokens: int
+    ep_size: int
+    address: str
+    port: int
+
+
+def _generate_rank(rank: int, job: GenerateJob) -> None:
+    from tokenizers import Tokenizer
+
+    from kubemoe_runtime.engines.torch import TorchEngine, init_expert_parallel
+    from kubemoe_runtime.engines.torch.parallel import shutdown_expert_parallel
+
+    ep = init_expert_parallel(rank=rank, size=job.ep_size, address=job.address, port=job.port)
+    try:
+        tokenizer = Tokenizer.from_file(str(job.model / "tokenizer.json"))
+        engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep)
+        prompt_ids = tokenizer.encode(job.prompt).ids
+        [out] = engine.generate_greedy(
+            [prompt_ids], max_new_tokens=job.max_tokens, stop_token_ids=engine.cfg.eos_token_ids
+        )
+        if rank == 0:
+            report = engine.load_report
+            print(tokenizer.decode(out))
+            print(
+                f"# ep={job.ep_size} experts {report.experts.start}..{report.experts.stop - 1} "
+                f"read {report.bytes_read} bytes ({report.routed_expert_bytes} routed-expert)",
+                file=sys.stderr,
+            )
+    finally:
+        shutdown_expert_parallel(ep)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kubemoe_runtime.engines.torch.parallel import free_port
+
+    ep_size = args.data_parallel_size if args.enable_expert_parallel else 1
+    if args.data_parallel_size > 1 and not args.enable_expert_parallel:
+        print("error: plain data parallelism is not supported by `generate`; add --enable-expert-parallel")
+        return 2
+    job = GenerateJob(
+        model=Path(args.model),
+        dtype=args.dtype,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        ep_size=ep_size,
+        address=args.data_parallel_address,
+        port=args.data_parallel_rpc_port or free_port(),
+    )
+    if ep_size == 1:
+        _generate_rank(0, job)
+        return 0
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_generate_rank, args=(rank, job)) for rank in range(ep_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [rank for rank, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        print(f"error: expert-parallel ranks {failed} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubemoe-runtime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("tiny-checkpoint", help="write a random tiny MoE checkpoint")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--arch", choices=ARCHITECTURES, default="qwen3_moe")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    gen = sub.add_parser("generate", help="greedy completion of one prompt with the torch engine")
+    add_engine_flags(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=16)
+
+    args = parser.parse_args(argv)
+    if args.command == "tiny-checkpoint":
+        print(write_tiny_checkpoint(args.out_dir, arch=args.arch, seed=args.seed))
+        return 0
+    return _generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

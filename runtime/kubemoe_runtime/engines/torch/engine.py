@@ -1,0 +1,108 @@
+"""Load a checkpoint for one expert-parallel rank and run it: teacher-forced logits, greedy generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kubemoe_runtime.engines.torch.model import Transformer
+from kubemoe_runtime.engines.torch.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
+from kubemoe_runtime.engines.torch.weight_map import to_engine_state_dict
+from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.weights import LoadReport, load_rank_weights
+
+
+class TorchEngine:
+    """One rank's model. With expert parallelism every rank must make the same sequence of forward calls
+    (the MoE layers run collectives), though each may pass its own tokens."""
+
+    def __init__(
+        self, model: Transformer, *, ep: ExpertParallel, dtype: torch.dtype, load_report: LoadReport
+    ) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.ep = ep
+        self.dtype = dtype
+        self.load_report = load_report
+
+    @classmethod
+    def load(
+        cls, model_dir: Path | str, *, dtype: torch.dtype = torch.bfloat16, ep: ExpertParallel | None = None
+    ) -> TorchEngine:
+        ep = ep or ExpertParallel()
+        cfg = ModelConfig.load(model_dir)
+        tensors, report = load_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size)
+        state = to_engine_state_dict(tensors, cfg=cfg, experts=ep.experts(cfg.n_routed_experts), dtype=dtype)
+        with torch.device("meta"):
+            model = Transformer(cfg, ep=ep)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.eval()
+        return cls(model, ep=ep, dtype=dtype, load_report=report)
+
+    @torch.inference_mode()
+    def logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced logits [T, V] in float32 for one sequence starting at position 0."""
+        tokens_BT = torch.tensor([list(tokens)], dtype=torch.int64)
+        pos_BT = torch.arange(len(tokens))[None]
+        logits_BTV: torch.Tensor = self.model(tokens_BT, pos_BT=pos_BT)
+        return logits_BTV[0].float()
+
+    def generate_greedy(
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_token_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
+        return self.generate(prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+        sampling: Sequence[SamplingParams] | None = None,
+    ) -> list[list[int]]:
+        """Continue each prompt with a KV cache: one batched prefill, then batched decode steps.
+
+        Prompts may differ in length: each is prefilled at its own positions (shorter rows are padded at
+        the end and their padding is overwritten before anyone attends to it). A row stops at a stop token.
+        `sampling` gives each row its own parameters and seeded generator (default: greedy).
+        """
+        B = len(prompts)
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError("every prompt needs at least one token")
+        cache = self.model.new_cache(slots=B, max_len=max(lengths) + max_new_tokens, dtype=self.dtype)
+        T = max(lengths)
+        tokens_BT = torch.zeros((B, T), dtype=torch.int64)
+        pos_BT = torch.zeros((B, T), dtype=torch.int64)
+        for b, prompt in enumerate(prompts):
+            tokens_BT[b, : lengths[b]] = torch.tensor(list(prompt))
+            # Padding repeats the last real position: it writes (then is overwritten) at that row's next slot.
+            pos_BT[b] = torch.arange(T).clamp(max=lengths[b])
+        logits_BTV = self.model(tokens_BT, pos_BT=pos_BT, cache=cache)
+        params = list(sampling) if sampling is not None else [SamplingParams()] * B
+        generators = [p.generator() for p in params]
+
+        def choose(logits_BV: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([sample(logits_BV[b], params[b], generators[b]) for b in range(B)])
+
+        last_B = torch.tensor(lengths) - 1
+        next_B = choose(logits_BTV[torch.arange(B), last_B])
+
+        outputs: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        position_B = torch.tensor(lengths)
+        for step in range(max_new_tokens):
+            for b in range(B):
+                if not done[b]:
+                    outputs[b].append(int(next_B[b]))
+                    done[b] = int(next_B[b]) in stop_token_ids
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits_BTV = self.model(next_B[:, None], pos_BT=position_B[:, None], cache=cache)
+            next_B = choose(logits_BTV[:, -1])
+            position_B = position_B + 1
+        return outputs

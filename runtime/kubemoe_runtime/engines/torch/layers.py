@@ -1,0 +1,217 @@
+"""Dense building blocks: RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query and latent attention.
+
+Shape suffixes (see model.py for the full legend): B batch rows, T new tokens per row, S attended key
+positions, D hidden, H query heads, G key/value heads, C head dim, R rotary dims, L latent rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubemoe_runtime.engines.torch.kv_cache import LayerCache
+from kubemoe_runtime.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, *, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f32 = x.float()
+        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_f32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
+
+
+def rope_cos_sin(pos_BT: torch.Tensor, *, dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
+    """cos and sin of each position's rotation angles, stacked: [2, B, T, dim/2] (computed in float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles_BTc = pos_BT.float()[..., None] * inv_freq
+    return torch.stack((angles_BTc.cos(), angles_BTc.sin())).to(dtype)
+
+
+def apply_rope(x_BTHC: torch.Tensor, cos_sin: torch.Tensor, *, interleaved: bool) -> torch.Tensor:
+    """Rotate pairs of dims: halves (x[:C/2], x[C/2:]) by default; adjacent (x[0::2], x[1::2]) if interleaved.
+
+    The interleaved form (DeepSeek) returns the rotated pairs de-interleaved — evens then odds — which is
+    what transformers does; queries and keys get the same permutation, so dot products are unchanged.
+    """
+    cos, sin = cos_sin[0][:, :, None, :], cos_sin[1][:, :, None, :]
+    if interleaved:
+        x1, x2 = x_BTHC[..., 0::2], x_BTHC[..., 1::2]
+    else:
+        half = x_BTHC.shape[-1] // 2
+        x1, x2 = x_BTHC[..., :half], x_BTHC[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor) -> torch.Tensor:
+    """True where a query may attend a key: the key's position is not after the query's. [B, 1, T, S]."""
+    return (key_pos_BS[:, None, :] <= pos_BT[:, :, None])[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Qwen3-MoE with per-head q/k RMSNorm, Mixtral without)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        d, c = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * c, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * c, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * c, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
+        self.q_norm = RMSNorm(c, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(c, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def cache_fields(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        pos_BT: torch.Tensor,
+        cache: LayerCache | None,
+        slots_B: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BTHC = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k_BTGC = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        v_BTGC = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
+        cos_sin = rope_cos_sin(pos_BT, dim=self.head_dim, theta=self.rope_theta, dtype=x_BTD.dtype)
+        q_BTHC = apply_rope(q_BTHC, cos_sin, interleaved=False)
+        k_BTGC = apply_rope(k_BTGC, cos_sin, interleaved=False)
+
+        if cache is None:
+            k_BSGC, v_BSGC, key_pos_BS = k_BTGC, v_BTGC, pos_BT
+        else:
+            cache.write("k", slots_B=slots_B, pos_BT=pos_BT, value_BT=k_BTGC)
+            cache.write("v", slots_B=slots_B, pos_BT=pos_BT, value_BT=v_BTGC)
+            S = int(pos_BT.max()) + 1
+            k_BSGC = cache.read("k", slots_B=slots_B, length=S)
+            v_BSGC = cache.read("v", slots_B=slots_B, length=S)
+            key_pos_BS = torch.arange(S).expand(B, S)
+
+        out_BHTC = F.scaled_dot_product_attention(
+            q_BTHC.transpose(1, 2),
+            k_BSGC.transpose(1, 2),
+            v_BSGC.transpose(1, 2),
+            attn_mask=causal_mask(pos_BT, key_pos_BS),
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        y_BTD: torch.Tensor = self.o_proj(out_BHTC.transpose(1, 2).reshape(B, T, -1))
+        return y_BTD
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek multi-head latent attention (MLA).
+
+    Keys and values are compressed to a latent c (L dims) plus one rotary key shared by all heads (R dims);
+    the cache keeps only those, and each step expands the latent into per-head no-rope keys and values.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.num_heads
+        self.n_heads = h
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.latent_dim = cfg.kv_lora_rank
+        self.rope_theta, self.interleaved = cfg.rope_theta, cfg.rope_interleave
+        qk_dim = self.nope_dim + self.rope_dim
+        self.scale = qk_dim**-0.5
+        self.q_proj: nn.Linear | None = None
+        self.q_a_proj: nn.Linear | None = None
+        self.q_a_layernorm: RMSNorm | None = None
+        self.q_b_proj: nn.Linear | None = None
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.latent_dim + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.latent_dim, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+
+    def cache_fields(self) -> dict[str, tuple[int, ...]]:
+        return {"latent": (self.latent_dim,), "k_rope": (self.rope_dim,)}
+
+    def _queries(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        q: torch.Tensor
+        if self.q_proj is not None:
+            q = self.q_proj(x_BTD)
+        else:
+            assert self.q_a_proj is not None
+            assert self.q_a_layernorm is not None
+            assert self.q_b_proj is not None
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        return q
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        pos_BT: torch.Tensor,
+        cache: LayerCache | None,
+        slots_B: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H = self.n_heads
+        q_BTHc = self._queries(x_BTD).view(B, T, H, self.nope_dim + self.rope_dim)
+        q_nope_BTHc, q_rope_BTHR = torch.split(q_BTHc, [self.nope_dim, self.rope_dim], dim=-1)
+        kv_a_BTc: torch.Tensor = self.kv_a_proj_with_mqa(x_BTD)
+        latent_BTL, k_rope_BTR = torch.split(kv_a_BTc, [self.latent_dim, self.rope_dim], dim=-1)
+        latent_BTL = self.kv_a_layernorm(latent_BTL)
+
+        cos_sin = rope_cos_sin(pos_BT, dim=self.rope_dim, theta=self.rope_theta, dtype=x_BTD.dtype)
+        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_sin, interleaved=self.interleaved)
+        k_rope_BTR = apply_rope(k_rope_BTR[:, :, None, :], cos_sin, interleaved=self.interleaved)[:, :, 0]
+
+        if cache is None:
+            latent_BSL, k_rope_BSR, key_pos_BS = latent_BTL, k_rope_BTR, pos_BT
+        else:
+            cache.write("latent", slots_B=slots_B, pos_BT=pos_BT, value_BT=latent_BTL)
+            cache.write("k_rope", slots_B=slots_B, pos_BT=pos_BT, value_BT=k_rope_BTR)
+            S = int(pos_BT.max()) + 1
+            latent_BSL = cache.read("latent", slots_B=slots_B, length=S)
+            k_rope_BSR = cache.read("k_rope", slots_B=slots_B, length=S)
+            key_pos_BS = torch.arange(S).expand(B, S)
+
+        S = latent_BSL.shape[1]
+        kv_BSHc = self.kv_b_proj(latent_BSL).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope_BSHc, v_BSHc = torch.split(kv_BSHc, [self.nope_dim, self.v_dim], dim=-1)
+        k_BSHc = torch.cat((k_nope_BSHc, k_rope_BSR[:, :, None, :].expand(B, S, H, self.rope_dim)), dim=-1)
+        q_BTHc = torch.cat((q_nope_BTHc, q_rope_BTHR), dim=-1)
+
+        out_BHTc = F.scaled_dot_product_attention(
+            q_BTHc.transpose(1, 2),
+            k_BSHc.transpose(1, 2),
+            v_BSHc.transpose(1, 2),
+            attn_mask=causal_mask(pos_BT, key_pos_BS),
+            scale=self.scale,
+        )
+        y_BTD: torch.Tensor = self.o_proj(out_BHTc.transpose(1, 2).reshape(B, T, -1))
+        return y_BTD

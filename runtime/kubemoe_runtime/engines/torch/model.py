@@ -1,0 +1,91 @@
+"""The decoder: Qwen3-MoE, Mixtral and DeepSeek-V3 as one pre-norm transformer with swappable parts.
+
+Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_gate_EFD):
+    B  batch rows (sequences in this step)    T  new tokens per row       S  attended key positions
+    N  tokens on this rank (B*T)              M  tokens over the EP group D  hidden size
+    V  vocabulary                             H  query heads              G  key/value heads
+    C  head dim                               R  rotary dims (MLA)        L  KV latent rank (MLA)
+    E  routed experts                         F  expert / MLP hidden      K  experts per token
+
+    Qwen3-MoE    Attention(q/k RMSNorm) + MoE(softmax top-K, renormalised); dense MLP in mlp_only_layers
+    Mixtral      Attention + MoE(softmax top-K, renormalised)
+    DeepSeek-V3  LatentAttention + MoE(sigmoid, group-limited, biased choice, shared expert);
+                 dense MLP in the first `first_k_dense_replace` layers
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kubemoe_runtime.engines.torch.kv_cache import KVCache, LayerCache
+from kubemoe_runtime.engines.torch.layers import MLP, Attention, LatentAttention, RMSNorm
+from kubemoe_runtime.engines.torch.moe import MoE
+from kubemoe_runtime.engines.torch.parallel import ExpertParallel
+from kubemoe_runtime.model_config import ModelConfig
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, layer: int, ep: ExpertParallel) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn: Attention | LatentAttention = LatentAttention(cfg) if cfg.uses_mla else Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.ffn: MoE | MLP = (
+            MoE(cfg, ep=ep) if cfg.moe_layers[layer] else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        )
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        pos_BT: torch.Tensor,
+        cache: LayerCache | None,
+        slots_B: torch.Tensor,
+    ) -> torch.Tensor:
+        attn_BTD: torch.Tensor = self.attn(self.attn_norm(x_BTD), pos_BT=pos_BT, cache=cache, slots_B=slots_B)
+        h_BTD = x_BTD + attn_BTD
+        ffn_BTD: torch.Tensor = self.ffn(self.ffn_norm(h_BTD))
+        return h_BTD + ffn_BTD
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, layer=i, ep=ep) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self, *, slots: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        fields = [block.attn.cache_fields() for block in self.blocks()]
+        return KVCache(fields, slots=slots, max_len=max_len, dtype=dtype)
+
+    def blocks(self) -> list[Block]:
+        return [b for b in self.layers if isinstance(b, Block)]
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        pos_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        slots_B: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for `tokens_BT` at positions `pos_BT`.
+
+        Without a cache the step attends only to its own tokens (teacher forcing); with one it writes its
+        keys into rows `slots_B` (default 0..B-1) and attends to every cached position up to its own.
+        """
+        if slots_B is None:
+            slots_B = torch.arange(tokens_BT.shape[0])
+        x_BTD = self.embed(tokens_BT)
+        for i, block in enumerate(self.blocks()):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x_BTD = block(x_BTD, pos_BT=pos_BT, cache=layer_cache, slots_B=slots_B)
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+        logits_BTV: torch.Tensor = self.lm_head(self.norm(x_BTD))
+        return logits_BTV

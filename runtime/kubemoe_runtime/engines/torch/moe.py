@@ -1,0 +1,117 @@
+"""The mixture-of-experts block: route, dispatch, experts, combine, shared.
+
+Shape suffixes: N tokens on this rank, M tokens gathered over the expert-parallel group, D hidden,
+E routed experts (all, for the router; this rank's, for weights), F one expert's hidden size,
+K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubemoe_runtime.engines.torch.layers import MLP
+from kubemoe_runtime.engines.torch.parallel import ExpertParallel
+from kubemoe_runtime.model_config import ModelConfig
+
+
+class Router(nn.Module):
+    """Pick K experts per token and their weights.
+
+    softmax (Qwen3-MoE, Mixtral): probabilities over all experts, top-K, optionally renormalised.
+    sigmoid (DeepSeek-V3): independent scores; the choice adds `e_score_correction_bias` and is limited to
+    the `topk_group` best of `n_group` expert groups (a group scores the sum of its two best); the weights
+    are the unbiased scores of the chosen experts, renormalised and scaled by `routed_scaling_factor`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k
+        self.scoring, self.norm_topk_prob = cfg.scoring, cfg.norm_topk_prob
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.e_score_correction_bias: nn.Parameter | None = None
+        if cfg.scoring == "sigmoid":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns expert ids [N, K] (int64) and weights [N, K] (float32)."""
+        if self.scoring == "softmax":
+            probs_NE = F.softmax(F.linear(x_ND, self.weight).float(), dim=-1)
+            w_NK, ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
+            return ids_NK, w_NK
+
+        assert self.e_score_correction_bias is not None
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        choice_NE = scores_NE + self.e_score_correction_bias.float()
+        N = x_ND.shape[0]
+        group_scores = choice_NE.view(N, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+        top_groups = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, top_groups, 1.0)
+        expert_mask_NE = group_mask[:, :, None].expand(N, self.n_group, self.n_experts // self.n_group)
+        choice_NE = choice_NE.masked_fill(~expert_mask_NE.reshape(N, -1).bool(), float("-inf"))
+        ids_NK = torch.topk(choice_NE, k=self.top_k, dim=-1, sorted=False).indices
+        w_NK = scores_NE.gather(1, ids_NK)
+        if self.norm_topk_prob:
+            w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids_NK, w_NK * self.scaling
+
+
+class LocalExperts(nn.Module):
+    """The routed experts this rank owns, stacked: ids `first .. first + E - 1`."""
+
+    def __init__(self, *, dim: int, hidden: int, experts: range) -> None:
+        super().__init__()
+        self.experts = experts
+        n = len(experts)
+        self.w_gate_EFD = nn.Parameter(torch.empty(n, hidden, dim))
+        self.w_up_EFD = nn.Parameter(torch.empty(n, hidden, dim))
+        self.w_down_EDF = nn.Parameter(torch.empty(n, dim, hidden))
+
+    def forward(self, x_MD: torch.Tensor, ids_MK: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
+        """Partial output: the weighted sum over this rank's experts (zero rows where none was picked)."""
+        y_MD = torch.zeros_like(x_MD)
+        for local, expert in enumerate(self.experts):
+            rows, slot = torch.where(ids_MK == expert)
+            if rows.numel() == 0:
+                continue
+            x_nD = x_MD[rows]
+            h_nF = F.silu(x_nD @ self.w_gate_EFD[local].T) * (x_nD @ self.w_up_EFD[local].T)
+            out_nD = (h_nF @ self.w_down_EDF[local].T) * w_MK[rows, slot, None]
+            y_MD.index_add_(0, rows, out_nD.to(y_MD.dtype))
+        return y_MD
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel) -> None:
+        super().__init__()
+        self.ep = ep
+        self.router = Router(cfg)
+        self.experts = LocalExperts(
+            dim=cfg.hidden_size, hidden=cfg.moe_intermediate_size, experts=ep.experts(cfg.n_routed_experts)
+        )
+        self.shared = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        # 1. route: every rank routes its own tokens.
+        ids_NK, w_NK = self.router(x_ND)
+        # 2. dispatch: all ranks' tokens, padded to the same count per rank.
+        x_MD, ids_MK, w_MK, rows_per_rank = self.ep.dispatch(x_ND, ids_NK, w_NK)
+        # 3. experts: this rank's experts over every gathered token.
+        y_MD = self.experts(x_MD, ids_MK, w_MK)
+        # 4. combine: sum the ranks' partial outputs, keep this rank's rows.
+        y_ND = self.ep.combine(y_MD, rows_per_rank=rows_per_rank, n_local=B * T)
+        # 5. shared: experts every token goes through, computed locally.
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        return y_ND.view(B, T, D)

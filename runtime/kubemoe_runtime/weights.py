@@ -1,0 +1,314 @@
+"""Sharded safetensors loading for one expert-parallel rank.
+
+A Hugging Face checkpoint is a set of shards plus `model.safetensors.index.json` (tensor name -> shard).
+An expert-parallel (EP) rank needs every dense, attention, norm, router and shared-expert tensor, but only
+the routed experts it owns. Ownership is contiguous: with E experts over N ranks, rank r owns
+`expert_range(n_experts=E, ep_rank=r, ep_size=N)` (the first E % N ranks own one extra when N does not
+divide E), the same split vLLM uses, so a token's expert id alone says which rank computes it.
+
+`load_rank_weights` plans from the index and the config, checks each shard's header (present, not
+truncated, every needed tensor present with the shape config.json implies and the checkpoint's dtype)
+before reading a byte of data, then reads only the selected tensors and reports the bytes it read.
+Every failure is a `WeightLoadError` naming the shard file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import torch
+from safetensors import safe_open
+
+from kubemoe_runtime.model_config import ModelConfig
+
+INDEX_FILE: Final = "model.safetensors.index.json"
+SINGLE_FILE: Final = "model.safetensors"
+
+# safetensors dtype tags -> torch dtypes (only those a checkpoint we serve may hold).
+SAFETENSORS_DTYPES: Final[dict[str, torch.dtype]] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+_ROUTED_EXPERT: Final = re.compile(r"\.experts\.(\d+)\.")
+
+# Tensors a checkpoint may keep in float32 whatever its main dtype (DeepSeek-V3 ships its routing bias so).
+_FP32_ALLOWED: Final = ("e_score_correction_bias",)
+
+
+class WeightLoadError(RuntimeError):
+    """A checkpoint cannot be loaded; the message names the shard file and the tensor."""
+
+
+def expert_range(*, n_experts: int, ep_rank: int, ep_size: int) -> range:
+    """The contiguous block of routed-expert ids that `ep_rank` of `ep_size` owns."""
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank {ep_rank} is outside 0..{ep_size - 1}")
+    if ep_size > n_experts:
+        raise ValueError(f"expert parallel size {ep_size} exceeds the {n_experts} routed experts")
+    base, extra = divmod(n_experts, ep_size)
+    start = ep_rank * base + min(ep_rank, extra)
+    return range(start, start + base + (1 if ep_rank < extra else 0))
+
+
+def routed_expert_id(name: str) -> int | None:
+    """The routed-expert id in a tensor name (`...mlp.experts.7.up_proj.weight` -> 7); None otherwise.
+
+    Shared experts (`...mlp.shared_experts.up_proj.weight`) do not match: every rank holds them.
+    """
+    match = _ROUTED_EXPERT.search(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must hold, by Hugging Face name, with the shape config.json implies."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+
+    def mlp(prefix: str, hidden: int, names: tuple[str, str, str]) -> None:
+        gate, up, down = names
+        shapes[f"{prefix}.{gate}.weight"] = (hidden, d)
+        shapes[f"{prefix}.{up}.weight"] = (hidden, d)
+        shapes[f"{prefix}.{down}.weight"] = (d, hidden)
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (d,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
+        a = f"{p}.self_attn"
+        if cfg.uses_mla:
+            qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+            if cfg.q_lora_rank is None:
+                shapes[f"{a}.q_proj.weight"] = (cfg.num_heads * qk, d)
+            else:
+                shapes[f"{a}.q_a_proj.weight"] = (cfg.q_lora_rank, d)
+                shapes[f"{a}.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+                shapes[f"{a}.q_b_proj.weight"] = (cfg.num_heads * qk, cfg.q_lora_rank)
+            shapes[f"{a}.kv_a_proj_with_mqa.weight"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d)
+            shapes[f"{a}.kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
+            shapes[f"{a}.kv_b_proj.weight"] = (
+                cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                cfg.kv_lora_rank,
+            )
+            shapes[f"{a}.o_proj.weight"] = (d, cfg.num_heads * cfg.v_head_dim)
+        else:
+            hd = cfg.head_dim
+            shapes[f"{a}.q_proj.weight"] = (cfg.num_heads * hd, d)
+            shapes[f"{a}.k_proj.weight"] = (cfg.num_kv_heads * hd, d)
+            shapes[f"{a}.v_proj.weight"] = (cfg.num_kv_heads * hd, d)
+            shapes[f"{a}.o_proj.weight"] = (d, cfg.num_heads * hd)
+            if cfg.qk_norm:
+                shapes[f"{a}.q_norm.weight"] = (hd,)
+                shapes[f"{a}.k_norm.weight"] = (hd,)
+        if not cfg.moe_layers[i]:
+            mlp(f"{p}.mlp", cfg.dense_intermediate_size, ("gate_proj", "up_proj", "down_proj"))
+            continue
+        if cfg.arch == "mixtral":
+            moe, expert_names = f"{p}.block_sparse_moe", ("w1", "w3", "w2")
+        else:
+            moe, expert_names = f"{p}.mlp", ("gate_proj", "up_proj", "down_proj")
+        shapes[f"{moe}.gate.weight"] = (cfg.n_routed_experts, d)
+        if cfg.scoring == "sigmoid":
+            shapes[f"{moe}.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+        for e in range(cfg.n_routed_experts):
+            mlp(f"{moe}.experts.{e}", cfg.moe_intermediate_size, expert_names)
+        if cfg.n_shared_experts:
+            mlp(
+                f"{moe}.shared_experts",
+                cfg.moe_intermediate_size * cfg.n_shared_experts,
+                ("gate_proj", "up_proj", "down_proj"),
+            )
+    return shapes
+
+
+def read_weight_map(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index (or the single `model.safetensors`)."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise WeightLoadError(f"{index}: not a valid safetensors index ({err!r})") from err
+        return {str(k): str(v) for k, v in weight_map.items()}
+    single = model_dir / SINGLE_FILE
+    if single.exists():
+        return dict.fromkeys(_read_header(single, needed=()).keys(), SINGLE_FILE)
+    raise WeightLoadError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} exists")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors tag, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _read_header(path: Path, *, needed: Iterable[str]) -> dict[str, TensorInfo]:
+    """Parse a shard's header and check the file is long enough for every tensor it lists."""
+    first = next(iter(needed), "<any>")
+    try:
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise WeightLoadError(f"{path}: truncated (no header); needed for tensor {first!r}")
+            (header_len,) = struct.unpack("<Q", prefix)
+            raw = f.read(header_len)
+    except FileNotFoundError as err:
+        raise WeightLoadError(
+            f"{path}: shard file is missing; the index lists tensor {first!r} in it"
+        ) from err
+    if len(raw) < header_len:
+        raise WeightLoadError(f"{path}: truncated inside its header; needed for tensor {first!r}")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightLoadError(f"{path}: corrupt header ({err}); needed for tensor {first!r}") from err
+    data_start = 8 + header_len
+    file_size = path.stat().st_size
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(
+                dtype=str(entry["dtype"]),
+                shape=tuple(int(n) for n in entry["shape"]),
+                begin=data_start + int(begin),
+                end=data_start + int(end),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise WeightLoadError(f"{path}: corrupt header entry for tensor {name!r} ({err!r})") from err
+        if info.end > file_size:
+            raise WeightLoadError(
+                f"{path}: truncated: tensor {name!r} needs bytes up to {info.end} "
+                f"but the file has {file_size}"
+            )
+        infos[name] = info
+    return infos
+
+
+@dataclass
+class LoadReport:
+    """What one rank read: bytes by kind, which experts, which files, how long."""
+
+    ep_rank: int
+    ep_size: int
+    experts: range
+    bytes_read: int = 0
+    routed_expert_bytes: int = 0
+    tensors_read: int = 0
+    files: list[str] = field(default_factory=list)
+    skipped_tensors: list[str] = field(default_factory=list)  # in the checkpoint, not used by the model
+    seconds: float = 0.0
+
+    @property
+    def other_bytes(self) -> int:
+        return self.bytes_read - self.routed_expert_bytes
+
+
+def _expected_dtype(name: str, checkpoint_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    if name.endswith(_FP32_ALLOWED):
+        return (checkpoint_dtype, torch.float32)
+    return (checkpoint_dtype,)
+
+
+def select_tensors(names: Iterable[str], *, experts: range, n_experts: int) -> list[str]:
+    """The names this rank loads: everything but routed experts outside `experts`."""
+    selected = []
+    for name in names:
+        expert = routed_expert_id(name)
+        if expert is not None and expert >= n_experts:
+            raise WeightLoadError(f"tensor {name!r} names expert {expert} but config.json has {n_experts}")
+        if expert is None or expert in experts:
+            selected.append(name)
+    return selected
+
+
+def load_rank_weights(
+    model_dir: Path | str, *, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Read the tensors EP rank `ep_rank` of `ep_size` needs, validated against config.json.
+
+    Returns tensors in the checkpoint's dtype, keyed by their Hugging Face names, and a `LoadReport`.
+    """
+    started = time.perf_counter()
+    root = Path(model_dir)
+    experts = expert_range(n_experts=cfg.n_routed_experts, ep_rank=ep_rank, ep_size=ep_size)
+    report = LoadReport(ep_rank=ep_rank, ep_size=ep_size, experts=experts)
+    expected = checkpoint_shapes(cfg)
+    checkpoint_dtype = getattr(torch, cfg.dtype, None)
+    if not isinstance(checkpoint_dtype, torch.dtype):
+        raise WeightLoadError(f"{root / 'config.json'}: unknown dtype {cfg.dtype!r}")
+
+    weight_map = read_weight_map(root)
+    for name in expected:
+        if name not in weight_map:
+            raise WeightLoadError(
+                f"{root / INDEX_FILE}: tensor {name!r} is missing from the checkpoint index"
+            )
+    report.skipped_tensors = sorted(set(weight_map) - set(expected))
+    wanted = select_tensors(expected, experts=experts, n_experts=cfg.n_routed_experts)
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name in wanted:
+        by_file[weight_map[name]].append(name)
+
+    # Pass 1: validate every header before reading any data, so a bad shard fails fast and by name.
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for file_name, names in sorted(by_file.items()):
+        path = root / file_name
+        infos = _read_header(path, needed=names)
+        for name in names:
+            info = infos.get(name)
+            if info is None:
+                raise WeightLoadError(f"{path}: tensor {name!r} is missing (the index says it is here)")
+            if info.shape != expected[name]:
+                raise WeightLoadError(
+                    f"{path}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
+                    f"{list(expected[name])}"
+                )
+            dtype = SAFETENSORS_DTYPES.get(info.dtype)
+            allowed = _expected_dtype(name, checkpoint_dtype)
+            if dtype not in allowed:
+                raise WeightLoadError(
+                    f"{path}: tensor {name!r} has dtype {info.dtype} but config.json says {cfg.dtype}"
+                )
+        headers[file_name] = infos
+
+    # Pass 2: read only the selected tensors.
+    tensors: dict[str, torch.Tensor] = {}
+    for file_name, names in sorted(by_file.items()):
+        path = root / file_name
+        with safe_open(str(path), framework="pt") as shard:
+            for name in names:
+                tensors[name] = shard.get_tensor(name)
+                nbytes = headers[file_name][name].nbytes
+                report.bytes_read += nbytes
+                report.tensors_read += 1
+                if routed_expert_id(name) is not None:
+                    report.routed_expert_bytes += nbytes
+        report.files.append(file_name)
+    report.seconds = time.perf_counter() - started
+    return tensors, report

@@ -1,0 +1,37 @@
+"""Shared paths and builders for the operator's unit tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from kubemoe_operator.api.resource import ModelDeployment
+from kubemoe_operator.manifest import parse_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+INVALID = sorted((REPO / "e2e" / "invalid").glob("*.yaml"))
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+BASE: dict[str, Any] = {
+    "apiVersion": "kubemoe.io/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "t"},
+    "spec": {
+        "model": {"name": "Qwen/Qwen3-30B-A3B", "source": "hf://Qwen/Qwen3-30B-A3B"},
+        "engine": {"maxModelLen": 8192},
+        "accelerator": {"type": "H100", "perPod": 8},
+        "roles": {
+            "prefill": {"parallelism": {"data": 2}},
+            "decode": {"parallelism": {"data": 4}},
+        },
+    },
+}
+
+
+def manifest(**spec_updates: Any) -> ModelDeployment:
+    """BASE with top-level spec fields replaced."""
+    data = copy.deepcopy(BASE)
+    data["spec"].update(copy.deepcopy(spec_updates))
+    return parse_manifest(data)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubemoe_runtime.checkpoints import ARCHITECTURES
+from kubemoe_runtime.model_config import ModelConfig
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_checkpoint_is_sharded_hf_layout(checkpoints: dict[str, Path], arch: str) -> None:
+    ckpt = checkpoints[arch]
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 3
+    assert all((ckpt / shard).exists() for shard in shards)
+    cfg = ModelConfig.load(ckpt)
+    assert cfg.arch == arch
+    assert any(cfg.moe_layers)
+    experts = [n for n in index["weight_map"] if ".experts.0." in n]
+    assert experts, "routed experts are stored one tensor per expert, as on the Hub"
+
+
+def test_deepseek_checkpoint_uses_mla_shared_expert_and_group_routing(checkpoints: dict[str, Path]) -> None:
+    cfg = ModelConfig.load(checkpoints["deepseek_v3"])
+    assert cfg.uses_mla
+    assert cfg.n_shared_experts == 1
+    assert cfg.n_group > 1
+    assert cfg.topk_group > 1
+    assert cfg.scoring == "sigmoid"
+    names = json.loads((checkpoints["deepseek_v3"] / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+
+
+def test_tokenizer_has_chat_template(checkpoints: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoints["qwen3_moe"]))
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "route the tokens"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nroute the tokens<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok("the experts route tokens")["input_ids"]
+    assert len(ids) < len("the experts route tokens")  # BPE merged something
+    assert tok.decode(ids) == "the experts route tokens"
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_module_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "mixtral"
+    subprocess.run(
+        [sys.executable, "-m", "kubemoe_runtime.checkpoints", str(out), "--arch", "mixtral"],
+        check=True,
+        capture_output=True,
+    )
+    assert ModelConfig.load(out).arch == "mixtral"
+    assert (out / "tokenizer.json").exists()
