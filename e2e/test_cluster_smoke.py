@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
+from e2e.waiting import eventually
 
 
 def _get_json(cluster: Cluster, *args: str) -> Any:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
-
-
-def _eventually(check: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"smoke-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 def _lws(name: str, *, replicas: int, size: int, gpus: int) -> str:
@@ -66,13 +44,17 @@ def _lws(name: str, *, replicas: int, size: int, gpus: int) -> str:
     )
 
 
-def _running_pods(cluster: Cluster, ns: str, selector: str) -> list[dict[str, Any]]:
+def _running_pods(
+    cluster: Cluster, ns: str, selector: str, *, count: int | None = None
+) -> list[dict[str, Any]]:
+    """Running, not terminating pods; with count, [] unless there are exactly that many."""
     pods = _get_json(cluster, "pods", "-n", ns, "-l", selector)["items"]
-    return [
+    running = [
         p
         for p in pods
         if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
     ]
+    return running if count is None or len(running) == count else []
 
 
 def test_gpu_capacity_shows_in_kubectl_get_nodes(cluster: Cluster) -> None:
@@ -91,12 +73,8 @@ def test_gpu_capacity_shows_in_kubectl_get_nodes(cluster: Cluster) -> None:
 
 def test_lws_gets_running_pods_within_gpu_capacity(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=_lws("grp", replicas=2, size=2, gpus=4))
-    pods = _eventually(
-        lambda: (
-            (p := _running_pods(cluster, namespace, "leaderworkerset.sigs.k8s.io/name=grp"))
-            and len(p) == 4
-            and p
-        ),
+    pods = eventually(
+        lambda: _running_pods(cluster, namespace, "leaderworkerset.sigs.k8s.io/name=grp", count=4),
         timeout=120,
         what="4 running LWS pods",
     )
@@ -141,7 +119,7 @@ def test_pod_larger_than_any_node_stays_pending(cluster: Cluster, namespace: str
         )
         return [e["message"] for e in events["items"] if e["reason"] == "FailedScheduling"]
 
-    messages = _eventually(failed_scheduling, timeout=60, what="a FailedScheduling event")
+    messages = eventually(failed_scheduling, timeout=60, what="a FailedScheduling event")
     assert any("nvidia.com/gpu" in m for m in messages), messages
     phase = _get_json(cluster, "pod", "too-big", "-n", namespace)["status"]["phase"]
     assert phase == "Pending"
@@ -150,8 +128,8 @@ def test_pod_larger_than_any_node_stays_pending(cluster: Cluster, namespace: str
 def test_deleting_a_worker_recreates_the_whole_group(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=_lws("grp", replicas=1, size=2, gpus=1))
     selector = "leaderworkerset.sigs.k8s.io/name=grp"
-    pods = _eventually(
-        lambda: (p := _running_pods(cluster, namespace, selector)) and len(p) == 2 and p,
+    pods = eventually(
+        lambda: _running_pods(cluster, namespace, selector, count=2),
         timeout=120,
         what="a running group of 2",
     )
@@ -165,7 +143,7 @@ def test_deleting_a_worker_recreates_the_whole_group(cluster: Cluster, namespace
         }
         return len(now) == 2 and all(now.get(name) not in (None, uid) for name, uid in before.items())
 
-    _eventually(group_recreated, timeout=120, what="the leader and the worker to be recreated with new UIDs")
+    eventually(group_recreated, timeout=120, what="the leader and the worker to be recreated with new UIDs")
 
 
 CEL_CRD = """

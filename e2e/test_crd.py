@@ -16,7 +16,6 @@ from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
 CRD_NAME = "modeldeployments.kubemoe.io"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 INVALID = sorted((REPO / "e2e" / "invalid").glob("*.yaml"))
@@ -26,15 +25,6 @@ def expected_field(path: Path) -> str:
     match = re.search(r"^# expect: (\S+)$", path.read_text(), re.MULTILINE)
     assert match, f"{path.name} needs a '# expect: FIELD' line"
     return match.group(1)
-
-
-@pytest.fixture(scope="module")
-def crd_installed(cluster: Cluster) -> Cluster:
-    cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kubemoe-e2e", "-f", str(CRD)
-    )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
-    return cluster
 
 
 @pytest.fixture(scope="module")
