@@ -55,6 +55,7 @@ crds: setup
 	$(BIN)/kubemoe crd > crds/kubemoe.io_modeldeployments.yaml
 	mkdir -p charts/kubemoe/crds
 	cp crds/kubemoe.io_modeldeployments.yaml charts/kubemoe/crds/
+	$(PY) -m kubemoe_operator.chart_values charts/kubemoe
 
 bench: setup
 	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done
