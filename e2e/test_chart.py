@@ -1,0 +1,239 @@
+"""The Helm chart with the real helm binary: lint, schema, Kubernetes-schema validation of the
+rendered objects, install/upgrade/uninstall on the real control plane, and least-privilege RBAC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.cluster.handle import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "kubemoe"
+KUBE_SCHEMA_VERSION = "1.36.0"
+
+
+def _template(cluster: Cluster, *args: str) -> list[dict[str, Any]]:
+    out = cluster.helm("template", "r", str(CHART), "--namespace", "kubemoe-system", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_helm_lint_is_clean(cluster: Cluster) -> None:
+    proc = cluster.helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [
+            "--set",
+            "watchNamespace=models",
+            "--set",
+            "prometheusUrl=http://prom:9090",
+            "--set",
+            "replicaCount=2",
+        ],
+    ],
+    ids=["defaults", "namespaced"],
+)
+def test_rendered_objects_pass_kubernetes_schema_validation(
+    cluster: Cluster, values: list[str], tmp_path: Path
+) -> None:
+    docs = _template(cluster, *values)
+    kinds = sorted(d["kind"] for d in docs)
+    assert "Deployment" in kinds
+    assert "ServiceAccount" in kinds
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "kubernetes-validate"),
+            "--strict",
+            "-k",
+            KUBE_SCHEMA_VERSION,
+            str(rendered),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("passed") == len(docs)
+
+
+def test_values_schema_rejects_a_misspelt_key(cluster: Cluster) -> None:
+    proc = cluster.helm("template", "r", str(CHART), "--set", "imagee.tag=v1", check=False)
+    assert proc.returncode != 0
+    assert "additional properties 'imagee' not allowed" in proc.stderr
+    wrong_type = cluster.helm("template", "r", str(CHART), "--set", "replicaCount=zero", check=False)
+    assert wrong_type.returncode != 0
+    assert "replicaCount" in wrong_type.stderr
+
+
+def test_operator_pod_is_restricted(cluster: Cluster) -> None:
+    (deploy,) = [d for d in _template(cluster) if d["kind"] == "Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert deploy["spec"]["replicas"] == 1
+
+
+def test_rbac_has_no_wildcards(cluster: Cluster) -> None:
+    rules = [r for d in _template(cluster) if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+    assert rules
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule.get(field, []), rule
+
+
+def _release_objects(cluster: Cluster, release: str) -> list[str]:
+    kinds = (
+        "deployments,services,serviceaccounts,configmaps,roles,rolebindings,clusterroles,clusterrolebindings"
+    )
+    out = cluster.kubectl(
+        "get", kinds, "-A", "-l", f"app.kubernetes.io/instance={release}", "-o", "name"
+    ).stdout
+    return sorted(out.split())
+
+
+def test_install_upgrade_uninstall_leaves_no_orphans(cluster: Cluster) -> None:
+    release, namespace = f"lc-{uuid.uuid4().hex[:5]}", f"lc-{uuid.uuid4().hex[:5]}"
+    cluster.helm(
+        "install", release, str(CHART), "-n", namespace, "--create-namespace", "--wait", "--timeout=2m"
+    )
+    installed = _release_objects(cluster, release)
+    assert any(o.startswith("deployment.apps/") for o in installed), installed
+    assert any(o.startswith("clusterrole.rbac.authorization.k8s.io/") for o in installed), installed
+    assert cluster.kubectl("get", "crd", "modeldeployments.kubemoe.io", "-o", "name").stdout.strip()
+
+    cluster.helm(
+        "upgrade", release, str(CHART), "-n", namespace, "--set", "resyncSeconds=30", "--wait", "--timeout=2m"
+    )
+    deploy = json.loads(
+        cluster.kubectl(
+            "get", "deployment", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}", "-o", "json"
+        ).stdout
+    )["items"][0]
+    assert "--resync-seconds=30" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert cluster.helm("history", release, "-n", namespace).stdout.count("\n") >= 3
+
+    cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout=2m")
+    assert _release_objects(cluster, release) == []
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster) -> Iterator[tuple[str, str]]:
+    """A release of the chart: (namespace, service account name)."""
+    name, namespace = f"rbac-{uuid.uuid4().hex[:5]}", f"rbac-{uuid.uuid4().hex[:5]}"
+    cluster.helm("install", name, str(CHART), "-n", namespace, "--create-namespace", "--wait", "--timeout=2m")
+    yield namespace, f"{name}-kubemoe"
+    cluster.helm("uninstall", name, "-n", namespace, "--wait", "--timeout=2m", check=False)
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+ALLOWED = [
+    ("get", "modeldeployments.kubemoe.io", None),
+    ("watch", "modeldeployments.kubemoe.io", None),
+    ("patch", "modeldeployments.kubemoe.io", "status"),
+    ("patch", "leaderworkersets.leaderworkerset.x-k8s.io", None),
+    ("delete", "leaderworkersets.leaderworkerset.x-k8s.io", None),
+    ("patch", "deployments.apps", None),
+    ("patch", "services", None),
+    ("patch", "configmaps", None),
+    ("patch", "poddisruptionbudgets.policy", None),
+    ("list", "pods", None),
+    ("create", "events", None),
+    ("get", "customresourcedefinitions.apiextensions.k8s.io", None),
+]
+DENIED = [
+    ("get", "secrets", None),
+    ("list", "secrets", None),
+    ("create", "pods", None),
+    ("delete", "pods", None),
+    ("delete", "nodes", None),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", None),
+    ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
+    ("create", "modeldeployments.kubemoe.io", None),
+    ("delete", "modeldeployments.kubemoe.io", None),
+    ("update", "statefulsets.apps", None),
+    ("create", "pods", "exec"),
+]
+
+
+def _can_i(cluster: Cluster, sa: tuple[str, str], verb: str, resource: str, subresource: str | None) -> bool:
+    namespace, name = sa
+    args = [
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "-n",
+        "default",
+        f"--as=system:serviceaccount:{namespace}:{name}",
+    ]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    answer = cluster.kubectl(*args, check=False).stdout.strip()
+    assert answer in ("yes", "no"), answer
+    return answer == "yes"
+
+
+@pytest.mark.parametrize(("verb", "resource", "subresource"), ALLOWED)
+def test_operator_identity_can(
+    cluster: Cluster, release: tuple[str, str], verb: str, resource: str, subresource: str | None
+) -> None:
+    assert _can_i(cluster, release, verb, resource, subresource)
+
+
+@pytest.mark.parametrize(("verb", "resource", "subresource"), DENIED)
+def test_operator_identity_cannot(
+    cluster: Cluster, release: tuple[str, str], verb: str, resource: str, subresource: str | None
+) -> None:
+    assert not _can_i(cluster, release, verb, resource, subresource)
+
+
+def test_watch_namespace_confines_the_operator_to_that_namespace(cluster: Cluster) -> None:
+    release, namespace = f"ns-{uuid.uuid4().hex[:5]}", f"ns-{uuid.uuid4().hex[:5]}"
+    watched = f"models-{uuid.uuid4().hex[:5]}"
+    cluster.kubectl("create", "namespace", watched)
+    cluster.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--create-namespace",
+        "--set",
+        f"watchNamespace={watched}",
+        "--wait",
+        "--timeout=2m",
+    )
+    try:
+        sa = f"system:serviceaccount:{namespace}:{release}-kubemoe"
+
+        def can(verb: str, resource: str, ns: str) -> str:
+            return cluster.kubectl(
+                "auth", "can-i", verb, resource, "-n", ns, f"--as={sa}", check=False
+            ).stdout.strip()
+
+        assert can("patch", "leaderworkersets.leaderworkerset.x-k8s.io", watched) == "yes"
+        assert can("patch", "leaderworkersets.leaderworkerset.x-k8s.io", "default") == "no"
+        assert can("watch", "modeldeployments.kubemoe.io", watched) == "yes"
+        assert can("watch", "modeldeployments.kubemoe.io", "default") == "no"
+        assert can("get", "customresourcedefinitions.apiextensions.k8s.io", "default") == "yes"
+    finally:
+        cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout=2m", check=False)
+        cluster.kubectl("delete", "namespace", namespace, watched, "--wait=false", check=False)
