@@ -1,0 +1,1 @@
+"""Autoscaling prefill and decode separately: metric sources, and the pure decision."""
