@@ -56,6 +56,7 @@ crds: setup
 	mkdir -p charts/kubemoe/crds
 	cp crds/kubemoe.io_modeldeployments.yaml charts/kubemoe/crds/
 	$(PY) -m kubemoe_operator.chart_values charts/kubemoe
+	$(PY) -m kubemoe_operator.spec_reference docs/spec-reference.md
 
 bench: setup
 	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done

@@ -19,6 +19,7 @@ PORT = 8000
 DATA_PARALLEL_RPC_PORT = 29550  # vLLM's default
 LWS_LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"
 MODEL_MOUNT = "/mnt/models"  # where a pvc:// claim is mounted (read-only)
+S3_LOAD_FORMAT = "runai_streamer"  # vLLM's streaming loader for s3:// sources
 
 CONNECTORS = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1", "example": "ExampleConnector"}
 
@@ -85,4 +86,40 @@ def pod_command(*, plan: Plan, role: RolePlan, pod: PodPlan) -> list[str]:
         argv.append("--enable-expert-parallel")
     if plan.mode == "disaggregated" and plan.connector is not None:
         argv += ["--kv-transfer-config", kv_transfer_config(plan.connector, role.role)]
+    if plan.engine == "vllm" and plan.source.startswith("s3://"):
+        argv += ["--load-format", S3_LOAD_FORMAT]
     return argv + list(plan.extra_args)
+
+
+def role_service_host(*, name: str, namespace: str, role: str) -> str:
+    """The role's headless Service (its group leaders) as HOST:PORT, for the router to resolve."""
+    return f"{name}-{role}.{namespace}.svc:{PORT}"
+
+
+def router_command(*, plan: Plan, namespace: str) -> list[str]:
+    """argv for the router: the OpenAI front door, told each role's headless Service.
+
+    `--prefill-service` / `--decode-service` (disaggregated) or `--worker-service` (colocated) name
+    a headless Service whose DNS answers are the group leaders; the router resolves and refreshes
+    them itself.
+    """
+    argv = [
+        RUNTIME,
+        "serve",
+        "--role",
+        "router",
+        "--served-model-name",
+        plan.model,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--policy",
+        plan.router.policy,
+    ]
+    for role in plan.roles:
+        argv += [
+            f"--{role.role}-service",
+            role_service_host(name=plan.name, namespace=namespace, role=role.role),
+        ]
+    return argv

@@ -6,8 +6,10 @@ Subcommands so far:
                                              --data-parallel-size N --enable-expert-parallel it runs N
                                              local expert-parallel ranks (gloo) and prints rank 0's output
 
-Engine flags use vLLM's names so one rendered pod command fits either engine. `serve` (the OpenAI API)
-is not here yet.
+    serve --model PATH ...                   one pod of a serving group: the OpenAI API on the torch
+                                             engine (see serve.py for the flags, vLLM's names)
+
+Engine flags use vLLM's names so one rendered pod command fits either engine.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # its own parser: a pod's argv may carry vLLM flags the torch engine ignores
+        from kubemoe_runtime.serve import main as serve_main
+
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="kubemoe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -118,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_engine_flags(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=16)
+
+    sub.add_parser(
+        "serve", help="serve the OpenAI API (flags: `kubemoe-runtime serve --help`)", add_help=False
+    )
 
     args = parser.parse_args(argv)
     if args.command == "tiny-checkpoint":

@@ -36,6 +36,8 @@ RESERVED_FLAGS = (
 )
 RESERVED_FLAG_PATTERN = "^--(" + "|".join(RESERVED_FLAGS) + ")(=.*)?$"
 
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
 EMPTY_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
 
 RoleName = Literal["prefill", "decode", "worker"]
@@ -51,6 +53,12 @@ class ModelSpec(ApiModel):
     """Weights: hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PREFIX or file://PATH (local mode)."""
     config: ModelConfig | None = None
     """config.json facts; each one overrides the catalog entry for this model."""
+    credentials_secret: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Secret in the same namespace whose keys the engine reads from its environment: HF_TOKEN for
+    hf://; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_REGION and
+    AWS_ENDPOINT_URL optional) for s3://. Never copied into arguments, ConfigMaps or status."""
+    cache_claim: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """PersistentVolumeClaim (ReadWriteMany) every pod mounts as the Hugging Face cache (hf:// only)."""
 
 
 class EngineSpec(ApiModel):

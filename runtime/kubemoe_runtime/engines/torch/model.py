@@ -73,8 +73,10 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         slots_B: torch.Tensor | None = None,
         last_only: bool = False,
+        logits_at_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for `tokens_BT` at positions `pos_BT`.
+        """Logits [B, T, V] for `tokens_BT` at positions `pos_BT`; [B, 1, V] with `last_only` (the last
+        column) or with `logits_at_B` (column `logits_at_B[b]` of row b: the last real token of a padded row).
 
         Without a cache the step attends only to its own tokens (teacher forcing); with one it writes its
         keys into rows `slots_B` (default 0..B-1) and attends to every cached position up to its own.
@@ -87,5 +89,7 @@ class Transformer(nn.Module):
             x_BTD = block(x_BTD, pos_BT=pos_BT, cache=layer_cache, slots_B=slots_B)
         if last_only:
             x_BTD = x_BTD[:, -1:]
+        elif logits_at_B is not None:
+            x_BTD = x_BTD[torch.arange(x_BTD.shape[0]), logits_at_B][:, None]
         logits_BTV: torch.Tensor = self.lm_head(self.norm(x_BTD))
         return logits_BTV

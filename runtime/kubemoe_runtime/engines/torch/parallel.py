@@ -5,7 +5,8 @@ Scheme (all-gather dispatch, all-reduce combine), for EP size P:
     rank r holds N_r tokens x_ND (its own requests; ranks may hold different tokens or none)
     1. route      each rank routes its own tokens: ids_NK, w_NK            (router weights are replicated)
     2. dispatch   all_gather the token counts, pad every rank's rows to N_max and all_gather
-                  x, ids and w:  x_MD with M = P * N_max (rank q's rows at [q*N_max, q*N_max + N_q));
+                  x, ids and w (packed byte-wise into one tensor, one collective):
+                  x_MD with M = P * N_max (rank q's rows at [q*N_max, q*N_max + N_q));
                   padding rows carry expert id -1, which no expert matches
     3. experts    each rank runs only the experts it owns (a contiguous id block) over all M rows,
                   accumulating a partial output y_MD (zero where none of its experts was picked)
@@ -52,16 +53,24 @@ class ExpertParallel:
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
         dist.all_gather(counts, torch.tensor([n], dtype=torch.int64))
         n_max = int(torch.cat(counts).max())
+        if n_max == 0:  # nobody has tokens: nothing to gather
+            return x_ND, ids_NK, w_NK, 0
         pad = n_max - n
         x_pad = torch.nn.functional.pad(x_ND, (0, 0, 0, pad))
         ids_pad = torch.nn.functional.pad(ids_NK, (0, 0, 0, pad), value=-1)
         w_pad = torch.nn.functional.pad(w_NK, (0, 0, 0, pad))
-        gathered = []
-        for t in (x_pad, ids_pad, w_pad):
-            parts = [torch.empty_like(t) for _ in range(self.size)]
-            dist.all_gather(parts, t.contiguous())
-            gathered.append(torch.cat(parts))
-        return gathered[0], gathered[1], gathered[2], n_max
+        # One collective for all three: each row's bytes side by side, split again after the gather.
+        fields = (x_pad, ids_pad, w_pad)
+        packed = torch.cat([t.contiguous().view(torch.uint8).view(n_max, -1) for t in fields], dim=1)
+        parts = [torch.empty_like(packed) for _ in range(self.size)]
+        dist.all_gather(parts, packed)
+        gathered = torch.cat(parts)
+        widths = [t.element_size() * t.shape[1] for t in fields]
+        x_MD, ids_MK, w_MK = (
+            chunk.contiguous().view(t.dtype).view(-1, t.shape[1])
+            for chunk, t in zip(torch.split(gathered, widths, dim=1), fields, strict=True)
+        )
+        return x_MD, ids_MK, w_MK, n_max
 
     def combine(self, y_MD: torch.Tensor, *, rows_per_rank: int, n_local: int) -> torch.Tensor:
         """Sum the ranks' partial expert outputs and keep this rank's rows (stage 4)."""
@@ -80,7 +89,13 @@ def free_port() -> int:
 
 
 def init_expert_parallel(
-    *, rank: int, size: int, address: str = "127.0.0.1", port: int, backend: str = "gloo"
+    *,
+    rank: int,
+    size: int,
+    address: str = "127.0.0.1",
+    port: int,
+    backend: str = "gloo",
+    timeout: timedelta = timedelta(seconds=120),
 ) -> ExpertParallel:
     """Join (or, for size 1, skip) the default process group and return this rank's `ExpertParallel`."""
     if size == 1:
@@ -92,7 +107,7 @@ def init_expert_parallel(
         init_method=f"tcp://{address}:{port}",
         rank=rank,
         world_size=size,
-        timeout=timedelta(seconds=120),
+        timeout=timeout,
     )
     return ExpertParallel(rank=rank, size=size)
 

@@ -1,0 +1,102 @@
+"""The operator as a real subprocess against a test cluster, and polling helpers for its effects."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from e2e.cluster.handle import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
+CRD_NAME = "modeldeployments.kubemoe.io"
+T = TypeVar("T")
+
+
+def install_crd(cluster: Cluster) -> None:
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "--field-manager=kubemoe-e2e", "-f", str(CRD)
+    )
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+
+
+def eventually(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
+    """Poll `check` until it returns something truthy; fail with the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+        last = check()
+    return last
+
+
+def get_json(cluster: Cluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def get_or_none(cluster: Cluster, *args: str) -> Any:
+    proc = cluster.kubectl("get", *args, "-o", "json", check=False)
+    if proc.returncode != 0:
+        assert "NotFound" in proc.stderr or "not found" in proc.stderr, proc.stderr
+        return None
+    return json.loads(proc.stdout)
+
+
+class OperatorProcess:
+    """`python -m kubemoe_operator` against `cluster`, logging to `log`."""
+
+    def __init__(self, cluster: Cluster, *, log: Path, args: tuple[str, ...] = ()) -> None:
+        self.cluster = cluster
+        self.log = log
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = self.cluster.env()
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kubemoe_operator", *self.args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, the lease is left to expire."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def writes(self) -> list[str]:
+        """Every write the operator logged (`write: VERB KIND NS/NAME`)."""
+        return [line.split("write: ", 1)[1] for line in self.text().splitlines() if "write: " in line]
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])

@@ -1,0 +1,484 @@
+"""The operator on the real control plane with simulated H200 nodes (4 x 8 GPUs) and LWS.
+
+One operator process watches one namespace. The tests run in file order and share it:
+DeepSeek-V3 (two LeaderWorkerSets filling all 32 GPUs) is deployed, scaled past capacity,
+given an invalid update, rolled out, has a child deleted, and is deleted; then a colocated
+single-pod layout (a Deployment) is deployed, loses its router (pruned), and survives an
+operator killed mid-reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.cluster.handle import Cluster
+from e2e.operator_process import OperatorProcess, eventually, get_json, get_or_none, install_crd
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSEEK = REPO / "examples" / "deepseek-v3.yaml"
+MIXTRAL = REPO / "e2e" / "manifests" / "mixtral-h200.yaml"
+RESYNC_S = 3
+LABEL = "kubemoe.io/deployment"
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster) -> Iterator[str]:
+    install_crd(cluster)
+    name = f"op-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, namespace: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    proc = OperatorProcess(
+        cluster,
+        log=log,
+        args=(
+            "--namespace",
+            namespace,
+            "--resync-seconds",
+            str(RESYNC_S),
+            "--lease-namespace",
+            namespace,
+            "--lease-seconds",
+            "4",
+        ),
+    )
+    proc.start()
+    failed_before = request.session.testsfailed
+    yield proc
+    proc.stop()
+    if request.session.testsfailed > failed_before:
+        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+
+
+def md(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = get_json(cluster, "md", name, "-n", ns)
+    return obj
+
+
+def condition(obj: dict[str, Any], type: str) -> dict[str, Any]:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c["type"] == type:
+            return dict(c)
+    return {}
+
+
+def wait_ready(cluster: Cluster, ns: str, name: str, *, timeout: float = 60) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    def ready() -> dict[str, Any] | None:
+        obj = md(cluster, ns, name)
+        status = obj.get("status") or {}
+        last["status"] = status
+        ok = (
+            condition(obj, "Ready").get("status") == "True"
+            and status.get("observedGeneration") == obj["metadata"]["generation"]
+        )
+        return obj if ok else None
+
+    try:
+        return eventually(ready, timeout=timeout, what=f"{name} Ready")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\nlast status: {json.dumps(last.get('status'), indent=1)}") from None
+
+
+def children(cluster: Cluster, ns: str, name: str) -> dict[str, dict[str, Any]]:
+    """kind/name -> object for everything labelled for `name`."""
+    items = get_json(
+        cluster,
+        "configmaps,services,poddisruptionbudgets,deployments,leaderworkersets",
+        "-n",
+        ns,
+        "-l",
+        f"{LABEL}={name}",
+        "--show-managed-fields",
+    )["items"]
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in items}
+
+
+def running_pods(cluster: Cluster, ns: str, selector: str) -> list[dict[str, Any]]:
+    pods = get_json(cluster, "pods", "-n", ns, "-l", selector)["items"]
+    return [
+        p
+        for p in pods
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def patch_md(cluster: Cluster, ns: str, name: str, patch: dict[str, Any]) -> None:
+    cluster.kubectl("patch", "md", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+
+DEEPSEEK_CHILDREN = {
+    "ConfigMap/deepseek-v3-plan",
+    "Service/deepseek-v3",
+    "Service/deepseek-v3-prefill",
+    "Service/deepseek-v3-decode",
+    "PodDisruptionBudget/deepseek-v3-prefill",
+    "PodDisruptionBudget/deepseek-v3-decode",
+    "PodDisruptionBudget/deepseek-v3-router",
+    "LeaderWorkerSet/deepseek-v3-prefill",
+    "LeaderWorkerSet/deepseek-v3-decode",
+    "Deployment/deepseek-v3-router",
+}
+
+
+def test_deepseek_v3_becomes_two_leader_worker_sets_and_gets_ready(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    cluster.kubectl("apply", "-n", ns, "-f", str(DEEPSEEK))
+    obj = wait_ready(cluster, ns, "deepseek-v3")
+    status = obj["status"]
+    assert status["phase"] == "Ready"
+    assert status["layout"] == "P1x(EP16) D1x(EP16)"
+    assert status["endpoint"] == f"http://deepseek-v3.{ns}.svc:8000/v1"
+    assert status["roles"]["prefill"] == {"replicas": 1, "ready": 1}
+    assert status["roles"]["decode"] == {"replicas": 1, "ready": 1}
+    assert status["roles"]["router"] == {"replicas": 2, "ready": 2}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True",
+        "Planned": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+    }
+
+    kids = children(cluster, ns, "deepseek-v3")
+    assert set(kids) == DEEPSEEK_CHILDREN
+    uid = obj["metadata"]["uid"]
+    for key, child in kids.items():
+        refs = child["metadata"]["ownerReferences"]
+        assert [(r["uid"], r["controller"]) for r in refs] == [(uid, True)], key
+        managers = {m["manager"] for m in child["metadata"]["managedFields"] if m["operation"] == "Apply"}
+        assert managers == {"kubemoe-operator"}, key
+    for role in ("prefill", "decode"):
+        lws = kids[f"LeaderWorkerSet/deepseek-v3-{role}"]["spec"]
+        assert lws["replicas"] == 1
+        tmpl = lws["leaderWorkerTemplate"]
+        assert tmpl["size"] == 2
+        assert tmpl["restartPolicy"] == "RecreateGroupOnPodRestart"
+        leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
+        worker = tmpl["workerTemplate"]["spec"]["containers"][0]
+        assert leader["command"] == ["kubemoe-runtime"]
+        assert leader["args"][:4] == ["serve", "--engine", "vllm", "--role"]
+        assert "--headless" in worker["args"]
+        assert "--headless" not in leader["args"]
+        assert leader["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+        assert leader["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert leader["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert tmpl["leaderTemplate"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert kids["Service/deepseek-v3-decode"]["spec"]["clusterIP"] == "None"
+    assert kids["Service/deepseek-v3"]["spec"]["ports"][0]["port"] == 8000
+    plan = json.loads(kids["ConfigMap/deepseek-v3-plan"]["data"]["plan.json"])
+    assert plan["layout"] == "P1x(EP16) D1x(EP16)"
+    router_args = kids["Deployment/deepseek-v3-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"deepseek-v3-prefill.{ns}.svc:8000" in router_args
+    assert f"deepseek-v3-decode.{ns}.svc:8000" in router_args
+
+    # Four 8-GPU worker pods, one per node, within every node's capacity.
+    pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role in (prefill,decode)")
+    assert len(pods) == 4
+    per_node: Counter[str] = Counter()
+    for p in pods:
+        per_node[p["spec"]["nodeName"]] += int(
+            p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        )
+    assert sorted(per_node.values()) == [8, 8, 8, 8]
+
+    table = cluster.kubectl("get", "md", "-n", ns).stdout.splitlines()
+    assert table[0].split()[:6] == ["NAME", "READY", "PHASE", "LAYOUT", "PREFILL", "DECODE"]
+    assert table[1].split()[:7] == ["deepseek-v3", "True", "Ready", "P1x(EP16)", "D1x(EP16)", "1", "1"]
+
+    events = get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")
+    reasons = {e["reason"] for e in events["items"] if e["involvedObject"]["kind"] == "ModelDeployment"}
+    assert {"Planned", "Applied", "Ready"} <= reasons
+
+
+def test_resync_with_nothing_to_do_writes_nothing(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    before_writes = len(operator.writes())
+    before = {
+        k: v["metadata"]["resourceVersion"] for k, v in children(cluster, namespace, "deepseek-v3").items()
+    }
+    md_version = md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"]
+    time.sleep(RESYNC_S * 2 + 1)  # two resyncs of every ModelDeployment
+    assert operator.writes()[before_writes:] == []
+    after = {
+        k: v["metadata"]["resourceVersion"] for k, v in children(cluster, namespace, "deepseek-v3").items()
+    }
+    assert after == before
+    assert md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"] == md_version
+
+
+def test_deleted_child_comes_back(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    old = get_json(cluster, "service", "deepseek-v3", "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "service", "deepseek-v3", "-n", namespace)
+    eventually(
+        lambda: (
+            (s := get_or_none(cluster, "service", "deepseek-v3", "-n", namespace))
+            and s["metadata"]["uid"] != old
+        ),
+        timeout=30,
+        what="the router Service to be recreated",
+    )
+
+
+def test_scaling_past_capacity_is_progressing_with_pending_pods(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    patch_md(cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"replicas": 2}}}})
+    eventually(
+        lambda: get_json(cluster, "lws", "deepseek-v3-decode", "-n", ns)["spec"]["replicas"] == 2,
+        timeout=30,
+        what="decode LWS at 2 groups",
+    )
+
+    def pending() -> dict[str, Any] | None:
+        obj = md(cluster, ns, "deepseek-v3")
+        prog = condition(obj, "Progressing")
+        return obj if prog.get("reason") == "PodsPending" else None
+
+    obj = eventually(pending, timeout=60, what="Progressing=True reason PodsPending")
+    prog = condition(obj, "Progressing")
+    assert prog["status"] == "True"
+    assert "nvidia.com/gpu" in prog["message"], prog
+    assert condition(obj, "Ready")["status"] == "False"
+    assert obj["status"]["phase"] == "Progressing"
+    assert obj["status"]["roles"]["decode"]["ready"] == 1
+    assert condition(obj, "Degraded")["status"] == "False"
+
+    patch_md(cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"replicas": 1}}}})
+    wait_ready(cluster, ns, "deepseek-v3")
+    assert get_json(cluster, "lws", "deepseek-v3-decode", "-n", ns)["spec"]["replicas"] == 1
+
+
+def test_invalid_update_leaves_children_untouched(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    before = {k: v["metadata"]["resourceVersion"] for k, v in children(cluster, ns, "deepseek-v3").items()}
+    # EP2 cannot hold DeepSeek-V3's 671B parameters: the schema accepts it, the planner does not.
+    patch_md(
+        cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"parallelism": {"data": 2, "expert": 2}}}}}
+    )
+
+    def rejected() -> dict[str, Any] | None:
+        obj = md(cluster, ns, "deepseek-v3")
+        return obj if condition(obj, "Planned").get("status") == "False" else None
+
+    obj = eventually(rejected, timeout=30, what="Planned=False")
+    planned = condition(obj, "Planned")
+    assert planned["reason"] == "PlanRejected"
+    assert "spec.roles.decode.parallelism" in planned["message"]
+    ready = condition(obj, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PlanRejected")
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    after = {k: v["metadata"]["resourceVersion"] for k, v in children(cluster, ns, "deepseek-v3").items()}
+    assert after == before
+    reasons = {
+        e["reason"]
+        for e in get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")[
+            "items"
+        ]
+    }
+    assert "PlanRejected" in reasons
+
+    patch_md(
+        cluster,
+        ns,
+        "deepseek-v3",
+        {"spec": {"roles": {"decode": {"parallelism": {"data": 16, "expert": 16}}}}},
+    )
+    wait_ready(cluster, ns, "deepseek-v3")
+
+
+def test_image_change_rolls_out(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    ns = namespace
+    old_pods = {
+        p["metadata"]["uid"] for p in running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
+    }
+    patch_md(cluster, ns, "deepseek-v3", {"spec": {"engine": {"image": "example.invalid/kubemoe-runtime:2"}}})
+
+    def rolled() -> bool:
+        lws = get_json(cluster, "lws", "deepseek-v3-prefill", "-n", ns)
+        image = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["image"]
+        pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
+        images = {p["spec"]["containers"][0]["image"] for p in pods}
+        new = {p["metadata"]["uid"] for p in pods}
+        return image == "example.invalid/kubemoe-runtime:2" and images == {image} and not (new & old_pods)
+
+    eventually(rolled, timeout=60, what="new image on the LWS and a router rollout")
+    wait_ready(cluster, ns, "deepseek-v3", timeout=90)
+
+
+def test_delete_garbage_collects_every_child(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    cluster.kubectl("delete", "md", "deepseek-v3", "-n", namespace, "--wait=true", "--timeout=30s")
+    eventually(lambda: not children(cluster, namespace, "deepseek-v3"), timeout=60, what="children collected")
+    eventually(
+        lambda: not get_json(cluster, "pods", "-n", namespace, "-l", f"{LABEL}=deepseek-v3")["items"],
+        timeout=60,
+        what="pods gone",
+    )
+
+
+def model_volume(ns: str) -> str:
+    """A PersistentVolume bound to claim `models` in `ns`: the pvc:// source the manifest names."""
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"models-{ns}"},
+        "spec": {
+            "capacity": {"storage": "100Gi"},
+            "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "",
+            "hostPath": {"path": "/srv/models"},
+            "claimRef": {"namespace": ns, "name": "models"},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "models", "namespace": ns},
+        "spec": {
+            "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "",
+            "volumeName": f"models-{ns}",
+            "resources": {"requests": {"storage": "100Gi"}},
+        },
+    }
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]})
+
+
+MIXTRAL_CHILDREN = {
+    "ConfigMap/mixtral-plan",
+    "Service/mixtral",
+    "Service/mixtral-worker",
+    "PodDisruptionBudget/mixtral-worker",
+    "PodDisruptionBudget/mixtral-router",
+    "Deployment/mixtral-worker",
+    "Deployment/mixtral-router",
+}
+
+
+def test_colocated_single_pod_groups_are_a_deployment_and_the_router_prunes(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns))
+    cluster.kubectl("apply", "-n", ns, "-f", str(MIXTRAL))
+    obj = wait_ready(cluster, ns, "mixtral")
+    assert obj["status"]["layout"] == "W2x(TP4)"
+    kids = children(cluster, ns, "mixtral")
+    assert set(kids) == MIXTRAL_CHILDREN
+    worker = kids["Deployment/mixtral-worker"]["spec"]
+    assert worker["replicas"] == 2
+    pod = worker["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    assert {"name": "model", "mountPath": "/mnt/models", "readOnly": True} in pod["containers"][0][
+        "volumeMounts"
+    ]
+    claim = next(v for v in pod["volumes"] if v["name"] == "model")["persistentVolumeClaim"]
+    assert claim == {"claimName": "models", "readOnly": True}
+    assert kids["Service/mixtral"]["spec"]["selector"]["kubemoe.io/role"] == "router"
+
+    # No router: its Deployment and budget are pruned and the front Service points at the workers.
+    patch_md(cluster, ns, "mixtral", {"spec": {"router": {"replicas": 0}}})
+    eventually(
+        lambda: (
+            set(children(cluster, ns, "mixtral"))
+            == MIXTRAL_CHILDREN - {"Deployment/mixtral-router", "PodDisruptionBudget/mixtral-router"}
+        ),
+        timeout=30,
+        what="router pruned",
+    )
+    front = get_json(cluster, "service", "mixtral", "-n", ns)
+    assert front["spec"]["selector"]["kubemoe.io/role"] == "worker"
+    obj = wait_ready(cluster, ns, "mixtral")
+    assert "router" not in obj["status"]["roles"]
+
+
+def patch_desired(cluster: Cluster, ns: str, name: str, role: str, desired: int | None) -> None:
+    body = {"status": {"roles": {role: {"desired": desired}}}}
+    cluster.kubectl(
+        "patch", "md", name, "-n", ns, "--subresource=status", "--type=merge", "-p", json.dumps(body)
+    )
+
+
+def test_autoscaler_decision_in_status_is_rendered_clamped(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+
+    def worker_replicas() -> int:
+        return int(get_json(cluster, "deployment", "mixtral-worker", "-n", ns)["spec"]["replicas"])
+
+    patch_desired(cluster, ns, "mixtral", "worker", 9)  # above maxReplicas: 3
+    eventually(lambda: worker_replicas() == 3, timeout=30, what="3 workers (clamped)")
+    obj = wait_ready(cluster, ns, "mixtral")
+    assert obj["spec"]["roles"]["worker"]["replicas"] == 2, "the spec is never edited"
+    assert obj["status"]["roles"]["worker"] == {"replicas": 3, "ready": 3, "desired": 9}
+    assert obj["status"]["layout"] == "W3x(TP4)"
+    patch_desired(cluster, ns, "mixtral", "worker", None)  # no decision: back to the spec
+    eventually(lambda: worker_replicas() == 2, timeout=30, what="2 workers")
+    wait_ready(cluster, ns, "mixtral")
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    patch_md(
+        cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 3}}, "router": {"replicas": 1}}}
+    )
+    # Kill it as soon as it has started writing for this change.
+    before = len(operator.writes())
+    eventually(lambda: len(operator.writes()) > before, timeout=30, what="a first write", interval=0.05)
+    operator.kill()
+    operator.start()
+    obj = wait_ready(cluster, ns, "mixtral", timeout=90)
+    assert obj["status"]["roles"]["worker"] == {"replicas": 3, "ready": 3}
+    assert set(children(cluster, ns, "mixtral")) == MIXTRAL_CHILDREN
+    pods = running_pods(cluster, ns, f"{LABEL}=mixtral,kubemoe.io/role=worker")
+    assert len(pods) == 3
+
+
+def test_only_the_lease_holder_reconciles(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    ns = namespace
+    standby = OperatorProcess(cluster, log=tmp_path / "standby.log", args=operator.args)
+    standby.start()
+    try:
+        eventually(lambda: "waiting for lease" in standby.text(), timeout=30, what="the standby to wait")
+        patch_md(cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 2}}}})
+        wait_ready(cluster, ns, "mixtral")
+        assert "leading as" not in standby.text()
+        assert standby.writes() == []
+
+        operator.stop()  # a clean stop hands the lease over at once
+        eventually(lambda: "leading as" in standby.text(), timeout=30, what="the standby to lead")
+        patch_md(cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 1}}}})
+        obj = wait_ready(cluster, ns, "mixtral")
+        assert obj["status"]["roles"]["worker"] == {"replicas": 1, "ready": 1}
+        assert standby.writes()
+    finally:
+        standby.stop()
+        operator.start()

@@ -1,0 +1,47 @@
+"""The kinds of children a ModelDeployment owns, and the lightkube classes that reach them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap, Pod, Service
+from lightkube.resources.policy_v1 import PodDisruptionBudget
+
+from kubemoe_operator.api.resource import GROUP, KIND, PLURAL, VERSION
+
+ModelDeploymentResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
+LeaderWorkerSet = create_namespaced_resource(
+    "leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets"
+)
+
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+
+
+@dataclass(frozen=True)
+class ChildKind:
+    api_version: str
+    kind: str
+    plural: str
+    resource: Any
+    """The lightkube resource class."""
+
+
+CHILD_KINDS: tuple[ChildKind, ...] = (
+    ChildKind("v1", "ConfigMap", "configmaps", ConfigMap),
+    ChildKind("v1", "Service", "services", Service),
+    ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", PodDisruptionBudget),
+    ChildKind("apps/v1", "Deployment", "deployments", Deployment),
+    ChildKind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets", LeaderWorkerSet),
+)
+BY_KIND = {k.kind: k for k in CHILD_KINDS}
+POD = ChildKind("v1", "Pod", "pods", Pod)
+
+ChildKey = tuple[str, str]
+"""(kind, name) of one child; kinds are unique among CHILD_KINDS."""
+
+
+def key_of(obj: dict[str, Any]) -> ChildKey:
+    return str(obj["kind"]), str(obj["metadata"]["name"])

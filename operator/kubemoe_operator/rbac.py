@@ -1,0 +1,59 @@
+"""The RBAC the operator needs, exactly (no wildcards); the Helm chart ships it.
+
+Why each rule:
+- modeldeployments: kopf lists and watches them, and patches its own bookkeeping annotation
+  after create/update handlers; the resync lists them.
+- modeldeployments/status: the reconciler's merge patch of status.
+- modeldeployments/finalizers: children carry blockOwnerDeletion owner references, which the
+  OwnerReferencesPermissionEnforcement admission plugin allows only to who may update this.
+- configmaps, services, poddisruptionbudgets, deployments, leaderworkersets: the children:
+  listed by label (observe), watched (kopf re-reconciles the owner), server-side applied
+  (patch; create when applying a new object) and deleted (prune).
+- pods: listed to explain Pending / failing pods in conditions.
+- events: one Event per decision (created only).
+- leases (in the operator's namespace only): leader election.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubemoe_operator.api.resource import GROUP, PLURAL
+
+CHILD_VERBS = ["get", "list", "watch", "create", "patch", "delete"]
+
+CLUSTER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+LEASE_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
+]
+
+
+def cluster_role(name: str = "kubemoe-operator") -> dict[str, Any]:
+    """ClusterRole for a cluster-wide operator (a Role with the same rules for one namespace)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": CLUSTER_RULES,
+    }
+
+
+def lease_role(*, namespace: str, name: str = "kubemoe-operator-leader-election") -> dict[str, Any]:
+    """Role in the operator's own namespace for its Lease."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace},
+        "rules": LEASE_RULES,
+    }

@@ -1,0 +1,222 @@
+"""One level-triggered reconcile of a ModelDeployment (DESIGN.md §3, §6).
+
+parse -> plan -> observe -> render -> apply -> prune -> status. Nothing here knows kopf: the
+handlers call `reconcile` and turn its decisions into Events and its errors into retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubemoe_operator.api.resource import API_VERSION, KIND
+from kubemoe_operator.api.spec import ModelDeploymentSpec
+from kubemoe_operator.api.status import ModelDeploymentStatus
+from kubemoe_operator.apply import SyncResult, sync_children
+from kubemoe_operator.catalog import Catalog
+from kubemoe_operator.kube import Kube, RejectedError
+from kubemoe_operator.manifest import parse_manifest
+from kubemoe_operator.observe import WorkloadState, pod_trouble, workload_state
+from kubemoe_operator.plan import Plan
+from kubemoe_operator.planner import plan_manifest
+from kubemoe_operator.problems import ManifestError
+from kubemoe_operator.render import Owner, endpoint, render
+from kubemoe_operator.render.names import ROUTER, router_name, workload_name
+from kubemoe_operator.status import Facts, compute_status, now_utc, status_patch
+
+log = logging.getLogger("kubemoe.reconcile")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """Something worth a Kubernetes Event on the ModelDeployment."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconcileContext:
+    catalog: Catalog
+    image: str
+    """Runtime image when spec.engine.image is empty."""
+
+
+@dataclass
+class Result:
+    decisions: list[Decision] = field(default_factory=list)
+    status_written: bool = False
+    desired: dict[str, int | None] = field(default_factory=dict)
+    """status.roles.*.desired as read (the autoscaler's input to this reconcile)."""
+
+
+def desired_of(status: ModelDeploymentStatus | None) -> dict[str, int | None]:
+    return {} if status is None else {name: role.desired for name, role in status.roles.items()}
+
+
+def effective_spec(spec: ModelDeploymentSpec, status: ModelDeploymentStatus | None) -> ModelDeploymentSpec:
+    """`spec` with each autoscaled role's replicas set to status.roles.<role>.desired, clamped to
+    minReplicas..maxReplicas. spec itself is never written back."""
+    desired = desired_of(status)
+    updates: dict[str, Any] = {}
+    for name, role in spec.roles.items():
+        want = desired.get(name)
+        scale = role.autoscaling
+        if scale is None or want is None:
+            continue
+        clamped = min(max(want, scale.min_replicas), scale.max_replicas)
+        if clamped != role.replicas:
+            updates[name] = role.model_copy(update={"replicas": clamped})
+    if not updates:
+        return spec
+    return spec.model_copy(update={"roles": spec.roles.model_copy(update=updates)})
+
+
+def parse_status(raw: Any) -> ModelDeploymentStatus | None:
+    if not raw:
+        return None
+    try:
+        return ModelDeploymentStatus.model_validate(raw)
+    except ValidationError:
+        log.warning("ignoring a status that does not parse: %r", raw)
+        return None
+
+
+def plan_for(
+    *, name: str, spec_raw: Any, status: ModelDeploymentStatus | None, catalog: Catalog
+) -> tuple[ModelDeploymentSpec, Plan]:
+    """Parse and plan, with the autoscaler's decisions applied; ManifestError if it cannot work."""
+    md = parse_manifest(
+        {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec_raw}
+    )
+    spec = effective_spec(md.spec, status)
+    return spec, plan_manifest(md.model_copy(update={"spec": spec}), catalog=catalog)
+
+
+def _condition(status: ModelDeploymentStatus | None, type: str) -> tuple[str, str, str] | None:
+    if status is None:
+        return None
+    for c in status.conditions:
+        if c.type == type:
+            return c.status, c.reason, c.message
+    return None
+
+
+def transition_events(old: ModelDeploymentStatus | None, new: ModelDeploymentStatus) -> list[Decision]:
+    """Events for condition changes: plan errors, LWS missing, ready, degraded, planned layout."""
+    out: list[Decision] = []
+    before, after = _condition(old, "Planned"), _condition(new, "Planned")
+    if after is not None and after != before:
+        if after[0] == "False":
+            out.append(Decision(reason="PlanRejected", message=after[2], warning=True))
+        elif before is None or before[0] != "True" or (old is not None and old.layout != new.layout):
+            out.append(Decision(reason="Planned", message=after[2]))
+    before, after = _condition(old, "Ready"), _condition(new, "Ready")
+    if after is not None and after[:2] != (before or ("", ""))[:2]:
+        if after[1] == "LeaderWorkerSetMissing":
+            out.append(Decision(reason="LeaderWorkerSetMissing", message=after[2], warning=True))
+        elif after[1] == "ApplyFailed":
+            out.append(Decision(reason="ApplyFailed", message=after[2], warning=True))
+        elif after[0] == "True":
+            out.append(Decision(reason="Ready", message=after[2]))
+    before, after = _condition(old, "Degraded"), _condition(new, "Degraded")
+    if after is not None and after[0] == "True" and (before is None or before[:2] != after[:2]):
+        out.append(Decision(reason="Degraded", message=after[2], warning=True))
+    return out
+
+
+def _scaled(plan: Plan, before: Mapping[tuple[str, str], dict[str, Any]], owner: str) -> list[Decision]:
+    out = []
+    for role in plan.roles:
+        seen = before.get((role.workload, workload_name(owner, role.role)))
+        if seen is None:
+            continue
+        was = (seen.get("spec") or {}).get("replicas")
+        if was is not None and was != role.replicas:
+            out.append(Decision(reason="Scaled", message=f"{role.role}: {was} -> {role.replicas} groups"))
+    return out
+
+
+def role_states(
+    *, plan: Plan, current: Mapping[tuple[str, str], dict[str, Any]], owner: str
+) -> dict[str, WorkloadState]:
+    states: dict[str, WorkloadState] = {
+        role.role: workload_state(
+            current.get((role.workload, workload_name(owner, role.role))), wanted=role.replicas
+        )
+        for role in plan.roles
+    }
+    if plan.router.replicas > 0:
+        states[ROUTER] = workload_state(
+            current.get(("Deployment", router_name(owner))), wanted=plan.router.replicas
+        )
+    return states
+
+
+async def reconcile(
+    *, kube: Kube, body: Mapping[str, Any], context: ReconcileContext, now: datetime | None = None
+) -> Result:
+    """Bring the children of the ModelDeployment `body` to its spec, then report status."""
+    meta = body.get("metadata") or {}
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    result = Result()
+    if meta.get("deletionTimestamp"):
+        return result  # the garbage collector removes the children through their owner references
+    generation = meta.get("generation")
+    old = parse_status(body.get("status"))
+    result.desired = desired_of(old)
+    now = now or now_utc()
+
+    async def finish(facts: Facts) -> Result:
+        new = compute_status(old=old, facts=facts, now=now)
+        patch = status_patch(old=old, new=new)
+        if patch is not None:
+            await kube.patch_status(name=name, namespace=namespace, patch=patch)
+            result.status_written = True
+        result.decisions.extend(transition_events(old, new))
+        return result
+
+    try:
+        spec, plan = plan_for(name=name, spec_raw=body.get("spec"), status=old, catalog=context.catalog)
+    except ManifestError as err:
+        return await finish(Facts(generation=generation, plan_error=str(err)))
+
+    observed = await kube.observe(name=name, namespace=namespace, uid=uid)
+    needs_lws = any(r.workload == "LeaderWorkerSet" for r in plan.roles)
+    if needs_lws and not observed.lws_served:
+        return await finish(Facts(generation=generation, layout=plan.layout, lws_missing=True))
+
+    owner = Owner(name=name, namespace=namespace, uid=uid)
+    desired = render(spec=spec, plan=plan, owner=owner, image=spec.engine.image or context.image)
+    apply_error: str | None = None
+    try:
+        sync = await sync_children(
+            kube=kube, desired=desired, observed=observed, owner=name, uid=uid, namespace=namespace
+        )
+    except RejectedError as err:
+        apply_error = str(err)
+        sync = SyncResult(current=dict(observed.children))
+    if sync.applied:
+        result.decisions.append(
+            Decision(reason="Applied", message=", ".join(f"{k}/{n}" for k, n in sync.applied))
+        )
+    if sync.pruned:
+        result.decisions.append(
+            Decision(reason="Pruned", message=", ".join(f"{k}/{n}" for k, n in sync.pruned))
+        )
+    result.decisions.extend(_scaled(plan, observed.children, name))
+    facts = Facts(
+        generation=generation,
+        layout=plan.layout,
+        endpoint=endpoint(name=name, namespace=namespace),
+        apply_error=apply_error,
+        roles=role_states(plan=plan, current=sync.current, owner=name),
+        trouble=pod_trouble(observed.pods),
+    )
+    return await finish(facts)

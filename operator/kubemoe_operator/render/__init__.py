@@ -1,0 +1,88 @@
+"""`render(...) -> [k8s objects]`: the children of one ModelDeployment, pure (DESIGN.md §3).
+
+Objects come out in apply order: the plan ConfigMap, Services (a role's headless Service must
+exist before its LeaderWorkerSet, which adopts it as its subdomain), disruption budgets, then
+the workloads and the router.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubemoe_operator.api.spec import ModelDeploymentSpec
+from kubemoe_operator.commandline import PORT, router_command
+from kubemoe_operator.plan import Plan
+from kubemoe_operator.render.names import (
+    LABEL_LEADER,
+    ROUTER,
+    Owner,
+    metadata,
+    plan_configmap_name,
+    router_name,
+    selector,
+    workload_name,
+)
+from kubemoe_operator.render.pods import PodContext, router_pod_template
+from kubemoe_operator.render.workloads import deployment, disruption_budget, headless_service, role_workload
+
+__all__ = ["PLAN_KEY", "Owner", "endpoint", "render"]
+
+PLAN_KEY = "plan.json"
+
+
+def endpoint(*, name: str, namespace: str) -> str:
+    """The OpenAI-compatible base URL: the front Service, named like the ModelDeployment."""
+    return f"http://{name}.{namespace}.svc:{PORT}/v1"
+
+
+def plan_configmap(*, owner: Owner, plan: Plan) -> dict[str, Any]:
+    body = json.dumps(plan.model_dump(by_alias=True, mode="json"), indent=2, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner=owner, name=plan_configmap_name(owner.name)),
+        "data": {PLAN_KEY: body},
+    }
+
+
+def front_service(*, owner: Owner, target_role: str) -> dict[str, Any]:
+    """ClusterIP Service on port 8000 (OpenAI API): the router, or the workers when there is none."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner=owner, name=owner.name, role=ROUTER if target_role == ROUTER else None),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector(owner.name, target_role), LABEL_LEADER: "true"},
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render(*, spec: ModelDeploymentSpec, plan: Plan, owner: Owner, image: str) -> list[dict[str, Any]]:
+    """Every child of the ModelDeployment `owner` for `plan`, in apply order."""
+    ctx = PodContext(owner=owner.name, spec=spec, plan=plan, image=image)
+    services = [headless_service(owner=owner, role=r.role) for r in plan.roles]
+    budgets = [
+        disruption_budget(owner=owner, name=workload_name(owner.name, r.role), role=r.role)
+        for r in plan.roles
+    ]
+    workloads = [role_workload(owner=owner, ctx=ctx, role=r) for r in plan.roles]
+    router: list[dict[str, Any]] = []
+    if plan.router.replicas > 0:
+        argv = router_command(plan=plan, namespace=owner.namespace)
+        services.append(front_service(owner=owner, target_role=ROUTER))
+        budgets.append(disruption_budget(owner=owner, name=router_name(owner.name), role=ROUTER))
+        router.append(
+            deployment(
+                owner=owner,
+                name=router_name(owner.name),
+                role=ROUTER,
+                replicas=plan.router.replicas,
+                template=router_pod_template(ctx=ctx, argv=argv, role=ROUTER),
+            )
+        )
+    else:
+        services.append(front_service(owner=owner, target_role=plan.roles[0].role))
+    return [plan_configmap(owner=owner, plan=plan), *services, *budgets, *workloads, *router]

@@ -1,0 +1,80 @@
+"""Names, labels and owner references that every rendered child shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubemoe_operator.api.resource import API_VERSION, KIND
+
+LABEL_DEPLOYMENT = "kubemoe.io/deployment"
+LABEL_ROLE = "kubemoe.io/role"
+LABEL_GROUP = "kubemoe.io/group"
+"""The serving-group set a pod belongs to (its workload); LWS adds the group index itself."""
+LABEL_LEADER = "kubemoe.io/leader"
+"""'true' on pods that serve the API (every Deployment pod, the leader of each LWS group)."""
+ANNOTATION_HASH = "kubemoe.io/applied-hash"
+"""sha256 of the rendered object; a child whose hash matches is not applied again."""
+MANAGED_BY = "kubemoe-operator"
+ROUTER = "router"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Owner:
+    """The ModelDeployment that owns every child."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def workload_name(owner: str, role: str) -> str:
+    """LeaderWorkerSet or Deployment of one role; also its headless Service (the LWS subdomain)."""
+    return f"{owner}-{role}"
+
+
+def router_name(owner: str) -> str:
+    return f"{owner}-{ROUTER}"
+
+
+def plan_configmap_name(owner: str) -> str:
+    return f"{owner}-plan"
+
+
+def selector(owner: str, role: str) -> dict[str, str]:
+    """Every pod of one role of one ModelDeployment."""
+    return {LABEL_DEPLOYMENT: owner, LABEL_ROLE: role}
+
+
+def labels(owner: str, role: str | None = None) -> dict[str, str]:
+    """The recommended app.kubernetes.io labels plus kubemoe's own."""
+    out = {
+        "app.kubernetes.io/name": "kubemoe",
+        "app.kubernetes.io/instance": owner,
+        "app.kubernetes.io/part-of": "kubemoe",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_DEPLOYMENT: owner,
+    }
+    if role is not None:
+        out["app.kubernetes.io/component"] = role
+        out[LABEL_ROLE] = role
+    return out
+
+
+def metadata(*, owner: Owner, name: str, role: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner.name, role),
+        "ownerReferences": [owner.reference()],
+    }

@@ -1,0 +1,88 @@
+"""Per role: a LeaderWorkerSet (multi-pod groups) or a Deployment, its headless Service and its PDB."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubemoe_operator.commandline import PORT
+from kubemoe_operator.plan import RolePlan
+from kubemoe_operator.render.names import LABEL_LEADER, Owner, metadata, selector, workload_name
+from kubemoe_operator.render.pods import PodContext, pod_template
+
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND = "LeaderWorkerSet"
+
+
+def leader_worker_set(*, owner: Owner, ctx: PodContext, role: RolePlan, replicas: int) -> dict[str, Any]:
+    """replicas = serving groups, size = pods per group; a dead rank restarts its whole group."""
+    leader, worker = role.pods[0], role.pods[1]
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": LWS_KIND,
+        "metadata": metadata(owner=owner, name=workload_name(owner.name, role.role), role=role.role),
+        "spec": {
+            "replicas": replicas,
+            "startupPolicy": "LeaderCreated",
+            "leaderWorkerTemplate": {
+                "size": role.pods_per_group,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": pod_template(ctx=ctx, role=role, pod=leader),
+                "workerTemplate": pod_template(ctx=ctx, role=role, pod=worker),
+            },
+        },
+    }
+
+
+def deployment(
+    *, owner: Owner, name: str, role: str, replicas: int, template: dict[str, Any]
+) -> dict[str, Any]:
+    """One pod per serving group. Rolling updates never surge: accelerators are rarely spare."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner=owner, name=name, role=role),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(owner.name, role)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": template,
+        },
+    }
+
+
+def role_workload(*, owner: Owner, ctx: PodContext, role: RolePlan) -> dict[str, Any]:
+    if role.workload == "LeaderWorkerSet":
+        return leader_worker_set(owner=owner, ctx=ctx, role=role, replicas=role.replicas)
+    return deployment(
+        owner=owner,
+        name=workload_name(owner.name, role.role),
+        role=role.role,
+        replicas=role.replicas,
+        template=pod_template(ctx=ctx, role=role, pod=role.pods[0]),
+    )
+
+
+def headless_service(*, owner: Owner, role: str) -> dict[str, Any]:
+    """The role's group leaders by DNS, ready or not: the LWS subdomain (so $(LWS_LEADER_ADDRESS)
+    resolves) and the router's backend list. Named like the LWS, so LWS adopts it as its own."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner=owner, name=workload_name(owner.name, role), role=role),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {**selector(owner.name, role), LABEL_LEADER: "true"},
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def disruption_budget(*, owner: Owner, name: str, role: str) -> dict[str, Any]:
+    """At most one pod of a role evicted at a time (for LWS: at most one group disrupted)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(owner=owner, name=name, role=role),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner.name, role)}},
+    }

@@ -1,0 +1,74 @@
+"""The operator's settings: one typed object, built from flags and passed in at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FIELD_MANAGER = "kubemoe-operator"
+DEFAULT_IMAGE = "kubemoe/kubemoe-runtime:0.1.0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatorSettings:
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty: every namespace (cluster-wide)."""
+    resync_seconds: float = 60.0
+    """How often every ModelDeployment is reconciled even when nothing changed."""
+    field_manager: str = FIELD_MANAGER
+    image: str = DEFAULT_IMAGE
+    """Runtime image for ModelDeployments that name none."""
+    leader_election: bool = True
+    lease_name: str = "kubemoe-operator"
+    lease_namespace: str = "default"
+    lease_seconds: int = 15
+    identity: str = ""
+    """This replica's name in the Lease (defaults to host name and pid)."""
+    liveness_endpoint: str | None = None
+    """e.g. http://0.0.0.0:8080/healthz (kopf's liveness probe)."""
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubemoe-operator", description="Reconcile ModelDeployments.")
+    p.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable)"
+    )
+    p.add_argument("--resync-seconds", type=float, default=60.0)
+    p.add_argument("--field-manager", default=FIELD_MANAGER)
+    p.add_argument("--image", default=os.environ.get("KUBEMOE_RUNTIME_IMAGE", DEFAULT_IMAGE))
+    p.add_argument("--no-leader-election", action="store_true")
+    p.add_argument("--lease-name", default="kubemoe-operator")
+    p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    p.add_argument("--lease-seconds", type=int, default=15)
+    p.add_argument("--identity", default=os.environ.get("POD_NAME", ""))
+    p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
+    return OperatorSettings(
+        namespaces=tuple(args.namespace),
+        resync_seconds=args.resync_seconds,
+        field_manager=args.field_manager,
+        image=args.image,
+        leader_election=not args.no_leader_election,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
+        lease_seconds=args.lease_seconds,
+        identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
+        liveness_endpoint=args.liveness,
+    )
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[OperatorSettings, bool]:
+    """(settings, verbose) from the command line."""
+    args = parser().parse_args(argv)
+    return settings_from_args(args), bool(args.verbose)

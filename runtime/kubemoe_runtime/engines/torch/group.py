@@ -1,0 +1,203 @@
+"""A serving group: the expert-parallel ranks of one replica, driven step by step by rank 0.
+
+Every MoE layer runs collectives (parallel.py), so all ranks of a group must make the same forward calls
+in the same order. Serving keeps them in lockstep with one scheme (data-parallel attention, expert-parallel
+MoE, as vLLM's `--data-parallel-size N --enable-expert-parallel`):
+
+    rank 0 (the API leader) owns the scheduler. It places each admitted request on one rank (the one with
+    the most free KV-cache slots) and slot for the request's whole life; that rank alone keeps its KV
+    cache and its seeded sampler.
+
+    each step
+      1. broadcast   rank 0 sends the `Step` — for every rank the rows it runs (request, slot, new
+                     tokens, first position; a new request's sampling parameters) and the requests it
+                     may forget — with broadcast_object_list (gloo, CPU)
+      2. forward     every rank runs ONE forward over its own rows: attention on its own cache; the MoE
+                     layers all_gather every rank's tokens to the expert owners and all_reduce the
+                     results back (parallel.py). A rank with no rows runs a one-token dummy row into a
+                     scratch slot, so the collectives still line up
+      3. sample      each rank samples its rows' next tokens from the last real position of each row
+      4. gather      one all_gather of fixed width (every rank knows every rank's row count from the
+                     step) brings the sampled ids to rank 0, whose scheduler then checks stops,
+                     streams text, and plans the next step
+
+    between steps    while idle, rank 0 broadcasts a `Keepalive` every few seconds, so followers blocked
+                     in step 1 never reach the process group's timeout; `Shutdown` ends the followers
+
+Ranks run in one or more pods: a pod runs `--data-parallel-size-local` ranks (the first in its own process,
+the rest as child processes); every rank joins the group through the TCP store at
+`--data-parallel-address:--data-parallel-rpc-port`, which rank 0 hosts.
+
+P/D disaggregation plugs in at `Row.kv_transfer_params` and `RankRunner.export_kv` / `import_kv`: a prefill
+rank exports a finished prompt's cache, a decode rank imports it into the row's slot before its first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kubemoe_runtime.engines.torch.engine import TorchEngine
+from kubemoe_runtime.engines.torch.kv_cache import KVCache
+from kubemoe_runtime.engines.torch.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request's share of a step on its rank: `tokens` at positions start .. start+len-1."""
+
+    request_id: int
+    slot: int
+    tokens: list[int]
+    start: int
+    sampling: SamplingParams | None = None  # set on the request's first step: the rank makes its sampler
+    kv_transfer_params: dict[str, Any] | None = None  # P/D hook, passed through untouched for now
+
+
+@dataclass(frozen=True)
+class Step:
+    rows: list[list[Row]]  # per rank
+    released: list[list[int]] = field(default_factory=list)  # per rank: request ids it may forget
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Message = Step | Keepalive | Shutdown
+
+
+class RankRunner:
+    """One rank's engine, KV cache and per-request samplers."""
+
+    def __init__(self, engine: TorchEngine, *, slots: int, max_len: int) -> None:
+        self.engine = engine
+        self.slots = slots
+        self.max_len = max_len
+        # One spare slot for dummy rows; one spare position for padding written past a row's end.
+        self.cache: KVCache = engine.model.new_cache(slots=slots + 1, max_len=max_len + 1, dtype=engine.dtype)
+        self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
+
+    @torch.inference_mode()
+    def run(self, rows: list[Row], *, released: list[int]) -> list[int]:
+        """One forward over this rank's rows; returns each row's next token."""
+        for request_id in released:
+            self.samplers.pop(request_id, None)
+        for row in rows:
+            if row.sampling is not None:
+                self.samplers[row.request_id] = (row.sampling, row.sampling.generator())
+        if not rows:
+            self._dummy_forward()
+            return []
+        B, T = len(rows), max(len(r.tokens) for r in rows)
+        tokens_BT = torch.zeros((B, T), dtype=torch.int64)
+        pos_BT = torch.zeros((B, T), dtype=torch.int64)
+        for b, row in enumerate(rows):
+            n = len(row.tokens)
+            tokens_BT[b, :n] = torch.tensor(row.tokens)
+            # Padding repeats position start+n: it writes the row's next position, which the row's next
+            # real token overwrites before anything attends to it.
+            pos_BT[b] = (row.start + torch.arange(T)).clamp(max=row.start + n)
+        slots_B = torch.tensor([r.slot for r in rows])
+        last_B = torch.tensor([len(r.tokens) - 1 for r in rows])
+        logits_BTV = self.engine.model(
+            tokens_BT, pos_BT=pos_BT, cache=self.cache, slots_B=slots_B, logits_at_B=last_B
+        )
+        out = []
+        for b, row in enumerate(rows):
+            params, generator = self.samplers[row.request_id]
+            out.append(sample(logits_BTV[b, -1], params, generator))
+        return out
+
+    def _dummy_forward(self) -> None:
+        self.engine.model(
+            torch.zeros((1, 1), dtype=torch.int64),
+            pos_BT=torch.zeros((1, 1), dtype=torch.int64),
+            cache=self.cache,
+            slots_B=torch.tensor([self.slots]),
+            last_only=True,
+        )
+
+    def export_kv(self, slot: int, *, length: int) -> list[dict[str, torch.Tensor]]:
+        """A finished prefill's cache, for KV transfer to a decode group (P/D)."""
+        return self.cache.export_slot(slot, length=length)
+
+    def import_kv(self, slot: int, kv: list[dict[str, torch.Tensor]]) -> int:
+        return self.cache.import_slot(slot, kv)
+
+
+class GroupLeader:
+    """Rank 0's handle on the group: run a step on every rank and collect the sampled tokens."""
+
+    def __init__(self, runner: RankRunner, *, ep: ExpertParallel) -> None:
+        if ep.rank != 0:
+            raise ValueError("only rank 0 leads a serving group")
+        self.runner = runner
+        self.ep = ep
+
+    @property
+    def size(self) -> int:
+        return self.ep.size
+
+    def run(self, step: Step) -> list[list[int]]:
+        """Sampled tokens per rank, in the order of `step.rows[rank]`."""
+        released = step.released or [[] for _ in range(self.size)]
+        if self.size == 1:
+            return [self.runner.run(step.rows[0], released=released[0])]
+        _broadcast(step)
+        mine = self.runner.run(step.rows[0], released=released[0])
+        return _gather_tokens(mine, rows=step.rows, size=self.size)
+
+    def keepalive(self) -> None:
+        if self.size > 1:
+            _broadcast(Keepalive())
+
+    def shutdown(self) -> None:
+        if self.size > 1:
+            _broadcast(Shutdown())
+
+
+def follow(runner: RankRunner, *, ep: ExpertParallel) -> None:
+    """A non-leader rank's life: run whatever step rank 0 broadcasts, until it says Shutdown."""
+    while True:
+        message = _receive()
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, Keepalive):
+            continue
+        released = message.released[ep.rank] if message.released else []
+        mine = runner.run(message.rows[ep.rank], released=released)
+        _gather_tokens(mine, rows=message.rows, size=ep.size)
+
+
+def _gather_tokens(mine: list[int], *, rows: list[list[Row]], size: int) -> list[list[int]]:
+    """Every rank's sampled tokens, in one all_gather: the step tells each rank every rank's row count."""
+    width = max(1, *(len(r) for r in rows))
+    local = torch.full((width,), -1, dtype=torch.int64)
+    local[: len(mine)] = torch.tensor(mine, dtype=torch.int64)
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local)
+    return [parts[r][: len(rows[r])].tolist() for r in range(size)]
+
+
+def _broadcast(message: Message) -> None:
+    dist.broadcast_object_list([message], src=0)
+
+
+def _receive() -> Message:
+    box: list[Message | None] = [None]
+    dist.broadcast_object_list(box, src=0)
+    message = box[0]
+    if not isinstance(message, Step | Keepalive | Shutdown):
+        raise TypeError(f"rank 0 sent {type(message).__name__}, not a step")
+    return message

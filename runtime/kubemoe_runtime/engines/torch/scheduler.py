@@ -1,0 +1,288 @@
+"""Continuous batching on rank 0: requests join and leave the running batch at every step.
+
+    submit()   any thread: validate, queue (bounded: QueueFull past `max_waiting`), wake the loop
+    abort()    any thread: the request leaves at the next step (its sink gets finish_reason "abort")
+    step()     the engine thread, once per forward:
+                 1. admit   waiting requests, oldest first, while a KV-cache slot is free on some rank and
+                            the step's prompt tokens stay within `max_prefill_tokens` (at least one)
+                 2. plan    a new request's row is its whole prompt; a running one's is its last token
+                 3. run     GroupLeader.run: one forward per rank, sampled tokens back (group.py)
+                 4. finish  per row: stop token ids (EOS unless ignore_eos), stop strings, max_tokens;
+                            stream the text delta to the request's sink; free finished slots
+    run()      the engine thread's loop: step while there is work, else wait (and keep followers alive)
+
+Sinks are called on the engine thread; the server hands outputs to its event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubemoe_runtime.engines.torch.group import GroupLeader, Row, Step
+from kubemoe_runtime.engines.torch.sampling import SamplingParams
+from kubemoe_runtime.metrics import ServingMetrics
+from kubemoe_runtime.tokenizer import TextStream, TextTokenizer
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    kv_transfer_params: dict[str, Any] | None = None  # P/D hook (group.py)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One update of one request: the text and token released by this step."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Sink = Callable[[Output], None]
+
+
+@dataclass
+class _Sequence:
+    id: int
+    request: GenerationRequest
+    sink: Sink
+    text: TextStream
+    arrival: float
+    rank: int = -1
+    slot: int = -1
+    position: int = 0  # where the next row starts
+    output: list[int] = field(default_factory=list)
+    last_token_at: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_model_len: int
+    max_num_seqs: int  # KV-cache slots per rank
+    max_waiting: int = 256
+    max_prefill_tokens: int = 2048
+
+
+class Scheduler:
+    def __init__(
+        self,
+        leader: GroupLeader,
+        *,
+        tokenizer: TextTokenizer,
+        limits: SchedulerLimits,
+        eos_token_ids: Sequence[int],
+        metrics: ServingMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.leader = leader
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.metrics = metrics
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._next_id = 0
+        self._waiting: deque[_Sequence] = deque()
+        self._aborts: set[int] = set()
+        # Engine-thread state.
+        self._running: dict[int, _Sequence] = {}
+        self._free_slots = [list(range(limits.max_num_seqs)) for _ in range(leader.size)]
+        self._released: list[list[int]] = [[] for _ in range(leader.size)]
+        self._rotation = 0  # where the next tie-break among equally free ranks starts
+
+    # --- any thread ---------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> int:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if n + request.max_tokens > self.limits.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the context "
+                f"length {self.limits.max_model_len}"
+            )
+        with self._lock:
+            if len(self._waiting) >= self.limits.max_waiting:
+                if self.metrics is not None:
+                    self.metrics.rejected.inc()
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            request_id = self._next_id
+            self._next_id += 1
+            text = TextStream(self.tokenizer, stop=request.stop)
+            self._waiting.append(_Sequence(request_id, request, sink, text, arrival=self.clock()))
+            if self.metrics is not None:
+                self.metrics.waiting.set(len(self._waiting))
+        self._wakeup.set()
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wakeup.set()
+
+    # --- the engine thread --------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._running or self._waiting or self._aborts)
+
+    def run(self, stop: threading.Event, *, keepalive_s: float = 2.0) -> None:
+        """Step while there is work; when idle wait, pinging the followers every `keepalive_s`."""
+        while not stop.is_set():
+            if self.has_work():
+                self.step()
+            elif not self._wakeup.wait(timeout=keepalive_s):
+                self.leader.keepalive()
+            self._wakeup.clear()
+        self.abort_all()
+        self.leader.shutdown()
+
+    def abort_all(self) -> None:
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in [*waiting, *self._running.values()]:
+            self._finish(seq, text="", reason="abort")
+
+    def step(self) -> None:
+        admitted = self._admit()
+        rows: list[list[Row]] = [[] for _ in range(self.leader.size)]
+        order: list[list[_Sequence]] = [[] for _ in range(self.leader.size)]
+        for seq in self._running.values():
+            new = seq.id in admitted
+            tokens = list(seq.request.prompt_ids) if new else [seq.output[-1]]
+            rows[seq.rank].append(
+                Row(
+                    request_id=seq.id,
+                    slot=seq.slot,
+                    tokens=tokens,
+                    start=seq.position,
+                    sampling=seq.request.sampling if new else None,
+                    kv_transfer_params=seq.request.kv_transfer_params if new else None,
+                )
+            )
+            order[seq.rank].append(seq)
+        self._update_gauges()
+        if not any(rows):
+            return
+        released, self._released = self._released, [[] for _ in range(self.leader.size)]
+        sampled = self.leader.run(Step(rows=rows, released=released))
+        now = self.clock()
+        for rank, seqs in enumerate(order):
+            for seq, row, token in zip(seqs, rows[rank], sampled[rank], strict=True):
+                seq.position += len(row.tokens)
+                self._append(seq, token, now=now)
+        self._update_gauges()
+
+    def _admit(self) -> set[int]:
+        admitted: set[int] = set()
+        budget = self.limits.max_prefill_tokens
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            kept = deque(s for s in self._waiting if s.id not in aborts)
+            aborted_waiting = [s for s in self._waiting if s.id in aborts]
+            self._waiting = kept
+            while self._waiting:
+                rank = self._pick_rank()
+                n = len(self._waiting[0].request.prompt_ids)
+                if not self._free_slots[rank] or (admitted and n > budget):
+                    break
+                seq = self._waiting.popleft()
+                seq.rank, seq.slot = rank, self._free_slots[rank].pop(0)
+                self._running[seq.id] = seq
+                admitted.add(seq.id)
+                budget -= n
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(n)
+        for seq in aborted_waiting:
+            self._finish(seq, text="", reason="abort")
+        for request_id in aborts:
+            if (running := self._running.get(request_id)) is not None:
+                self._finish(running, text="", reason="abort")
+        return admitted
+
+    def _pick_rank(self) -> int:
+        """The rank with the most free slots; ties go round-robin, so idle ranks all get work."""
+        size = self.leader.size
+        most = max(len(free) for free in self._free_slots)
+        rank = next(
+            r % size
+            for r in range(self._rotation, self._rotation + size)
+            if len(self._free_slots[r % size]) == most
+        )
+        self._rotation = rank + 1
+        return rank
+
+    def _append(self, seq: _Sequence, token: int, *, now: float) -> None:
+        seq.output.append(token)
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+            if seq.last_token_at is None:
+                self.metrics.ttft.observe(now - seq.arrival)
+            else:
+                self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        request = seq.request
+        reason: FinishReason | None = None
+        if token in request.stop_token_ids or (not request.ignore_eos and token in self.eos_token_ids):
+            text, reason = seq.text.flush(), "stop"  # a stop token's own text is not output
+        else:
+            text = seq.text.add(token)
+            if seq.text.stopped:
+                reason = "stop"
+            elif len(seq.output) >= request.max_tokens:
+                text, reason = text + seq.text.flush(), "length"
+        if reason is not None:
+            self._finish(seq, text=text, reason=reason, token=token)
+        else:
+            seq.sink(self._output(seq, text=text, token=token, reason=None))
+
+    def _finish(self, seq: _Sequence, *, text: str, reason: FinishReason, token: int | None = None) -> None:
+        if self._running.pop(seq.id, None) is not None:
+            self._free_slots[seq.rank].append(seq.slot)
+            self._free_slots[seq.rank].sort()
+            self._released[seq.rank].append(seq.id)
+        if self.metrics is not None:
+            self.metrics.finished(reason)
+            self.metrics.latency.observe(self.clock() - seq.arrival)
+        seq.sink(self._output(seq, text=text, token=token, reason=reason))
+
+    def _output(self, seq: _Sequence, *, text: str, token: int | None, reason: FinishReason | None) -> Output:
+        return Output(
+            text=text,
+            token_ids=[] if token is None else [token],
+            finish_reason=reason,
+            prompt_tokens=len(seq.request.prompt_ids),
+            completion_tokens=len(seq.output),
+        )
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        with self._lock:
+            waiting = len(self._waiting)
+        self.metrics.waiting.set(waiting)
+        self.metrics.running.set(len(self._running))
+        total = self.limits.max_num_seqs * self.leader.size
+        self.metrics.kv_cache_usage.set(len(self._running) / total)

@@ -1,0 +1,106 @@
+"""Serving metrics in a Prometheus registry the server owns (no process-global registry).
+
+Every series carries the labels the operator's autoscaler groups by: `deployment`, `role`, `group` and
+`rank` (the pod's first data-parallel rank). The scheduler calls the hooks; `/metrics` renders `registry`.
+
+    kubemoe_requests_waiting             gauge      requests queued, not yet running
+    kubemoe_requests_running             gauge      requests holding a KV-cache slot
+    kubemoe_kv_cache_usage_ratio         gauge      fraction of the group's KV-cache slots in use (0..1)
+    kubemoe_time_to_first_token_seconds  histogram  arrival -> first generated token
+    kubemoe_inter_token_latency_seconds  histogram  between consecutive tokens of one request
+    kubemoe_request_latency_seconds      histogram  arrival -> finish
+    kubemoe_prompt_tokens_total          counter    prompt tokens prefilled
+    kubemoe_generation_tokens_total      counter    tokens generated
+    kubemoe_requests_finished_total      counter    by finish_reason (stop, length, abort)
+    kubemoe_requests_rejected_total      counter    turned away because the waiting queue was full
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LABELS = ("deployment", "role", "group", "rank")
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class MetricLabels:
+    deployment: str = ""
+    role: str = "worker"
+    group: str = "0"
+    rank: str = "0"
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, role: str | None = None, rank: int = 0
+    ) -> MetricLabels:
+        """KUBEMOE_DEPLOYMENT / KUBEMOE_ROLE / KUBEMOE_GROUP (set by the operator); flags win over env."""
+        env = os.environ if env is None else env
+        return cls(
+            deployment=env.get("KUBEMOE_DEPLOYMENT", ""),
+            role=role or env.get("KUBEMOE_ROLE", "worker"),
+            group=env.get("KUBEMOE_GROUP", "0"),
+            rank=str(rank),
+        )
+
+    def as_dict(self) -> dict[str, str]:
+        return {"deployment": self.deployment, "role": self.role, "group": self.group, "rank": self.rank}
+
+
+class ServingMetrics:
+    def __init__(self, labels: MetricLabels) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, values = self.registry, labels.as_dict()
+        self.waiting = Gauge("kubemoe_requests_waiting", "Requests queued", LABELS, registry=r).labels(
+            **values
+        )
+        self.running = Gauge("kubemoe_requests_running", "Requests running", LABELS, registry=r).labels(
+            **values
+        )
+        self.kv_cache_usage = Gauge(
+            "kubemoe_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", LABELS, registry=r
+        ).labels(**values)
+        self.ttft = Histogram(
+            "kubemoe_time_to_first_token_seconds",
+            "Time to first token",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**values)
+        self.itl = Histogram(
+            "kubemoe_inter_token_latency_seconds",
+            "Time between tokens of one request",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**values)
+        self.latency = Histogram(
+            "kubemoe_request_latency_seconds",
+            "Arrival to finish",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**values)
+        self.prompt_tokens = Counter(
+            "kubemoe_prompt_tokens", "Prompt tokens prefilled", LABELS, registry=r
+        ).labels(**values)
+        self.generation_tokens = Counter(
+            "kubemoe_generation_tokens", "Tokens generated", LABELS, registry=r
+        ).labels(**values)
+        self._finished = Counter(
+            "kubemoe_requests_finished", "Finished requests", [*LABELS, "finish_reason"], registry=r
+        )
+        self._labels = values
+        self.rejected = Counter(
+            "kubemoe_requests_rejected", "Requests refused: waiting queue full", LABELS, registry=r
+        ).labels(**values)
+
+    def finished(self, reason: str) -> None:
+        self._finished.labels(**self._labels, finish_reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,427 @@
+"""`kubemoe-runtime serve`: one pod of a serving group, with vLLM's flag names.
+
+The operator renders the same argv for either engine (operator/kubemoe_operator/commandline.py):
+
+    kubemoe-runtime serve --engine torch|vllm --role ROLE --model PATH [--served-model-name NAME]
+        --host H --port P --dtype D --max-model-len N --tensor-parallel-size 1
+        [--data-parallel-size N --data-parallel-size-local L --data-parallel-start-rank S
+         --data-parallel-address A --data-parallel-rpc-port R] [--enable-expert-parallel] [--headless]
+        [--kv-transfer-config JSON]
+
+With the torch engine a pod runs ranks S .. S+L-1 of an expert-parallel group of N: rank S on an engine
+thread of this process, the others as child processes. Every rank joins the group through the TCP store
+at A:R (rank 0 hosts it; without R a single-pod group picks a free port). The pod holding rank 0 serves the
+OpenAI API and drives the group (engines/torch/group.py); `--headless` pods serve /health and /ready only.
+
+    main thread     uvicorn: the API (leader) or health (headless)
+    engine thread   rank S: join the group, load weights, barrier; then the scheduler loop (rank 0) or
+                    follow rank 0's steps (others)
+    child processes ranks S+1 .. S+L-1, following rank 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import json
+import logging
+import multiprocessing as mp
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kubemoe_runtime.engines.torch.engine import TorchEngine
+from kubemoe_runtime.engines.torch.group import GroupLeader, RankRunner, follow
+from kubemoe_runtime.engines.torch.parallel import (
+    ExpertParallel,
+    free_port,
+    init_expert_parallel,
+    shutdown_expert_parallel,
+)
+from kubemoe_runtime.engines.torch.scheduler import Scheduler, SchedulerLimits
+from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
+from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.server.app import ServerState, build_app, health_app
+from kubemoe_runtime.tokenizer import TextTokenizer
+
+log = logging.getLogger("kubemoe_runtime.serve")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+GROUP_TIMEOUT = timedelta(minutes=30)  # covers the slowest rank's weight loading
+KEEPALIVE_S = 2.0
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `serve` takes: vLLM's names, plus --engine, --role and --headless."""
+    parser.add_argument("--engine", choices=("torch", "vllm"), default="torch")
+    parser.add_argument("--role", choices=("prefill", "decode", "worker", "router"), default=None)
+    parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    parser.add_argument("--served-model-name", nargs="+", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", choices=(*sorted(DTYPES), "auto"), default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--data-parallel-size", type=int, default=1)
+    parser.add_argument("--data-parallel-size-local", type=int, default=None)
+    parser.add_argument("--data-parallel-start-rank", type=int, default=0)
+    parser.add_argument("--data-parallel-address", default="127.0.0.1")
+    parser.add_argument("--data-parallel-rpc-port", type=int, default=0, help="0: pick a free port")
+    parser.add_argument("--enable-expert-parallel", action="store_true")
+    parser.add_argument("--headless", action="store_true", help="run ranks only; no API")
+    parser.add_argument("--kv-transfer-config", default=None, help="JSON, as vLLM's")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="KV-cache slots per rank")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per step")
+    parser.add_argument("--max-waiting-requests", type=int, default=256, help="bound of the waiting queue")
+
+
+class KVTransferConfig(BaseModel):
+    """vLLM's --kv-transfer-config; the P/D connector reads the rest of its fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kv_connector: str
+    kv_role: Literal["kv_producer", "kv_consumer", "kv_both"]
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["torch", "vllm"] = "torch"
+    role: str = "worker"
+    model: Path
+    served_model_names: tuple[str, ...]
+    host: str
+    port: int = Field(ge=0, le=65535)
+    dtype: str
+    max_model_len: int | None = Field(default=None, ge=2)
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    tensor_parallel_size: int = Field(ge=1)
+    data_parallel_size: int = Field(ge=1)
+    data_parallel_size_local: int = Field(ge=1)
+    data_parallel_start_rank: int = Field(ge=0)
+    data_parallel_address: str
+    data_parallel_rpc_port: int = Field(ge=0, le=65535)
+    enable_expert_parallel: bool
+    headless: bool
+    kv_transfer_config: KVTransferConfig | None = None
+    max_num_seqs: int = Field(ge=1)
+    max_num_batched_tokens: int = Field(ge=1)
+    max_waiting_requests: int = Field(ge=1)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeSettings:
+        kv = json.loads(args.kv_transfer_config) if args.kv_transfer_config else None
+        return cls(
+            engine=args.engine,
+            role=args.role or "worker",
+            model=Path(args.model),
+            served_model_names=tuple(args.served_model_name or [args.model]),
+            host=args.host,
+            port=args.port,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+            data_parallel_size=args.data_parallel_size,
+            data_parallel_size_local=args.data_parallel_size_local or args.data_parallel_size,
+            data_parallel_start_rank=args.data_parallel_start_rank,
+            data_parallel_address=args.data_parallel_address,
+            data_parallel_rpc_port=args.data_parallel_rpc_port,
+            enable_expert_parallel=args.enable_expert_parallel,
+            headless=args.headless,
+            kv_transfer_config=kv,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting_requests=args.max_waiting_requests,
+        )
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> ServeSettings:
+        first, local, size = (
+            self.data_parallel_start_rank,
+            self.data_parallel_size_local,
+            self.data_parallel_size,
+        )
+        if first + local > size:
+            raise ValueError(f"ranks {first}..{first + local - 1} do not fit a data-parallel size of {size}")
+        if self.headless == (first == 0):
+            raise ValueError("the pod holding rank 0 serves the API; every other pod runs --headless")
+        if local < size and self.data_parallel_rpc_port == 0:
+            raise ValueError("a group over several pods needs --data-parallel-rpc-port (and an address)")
+        return self
+
+    def torch_problems(self) -> list[str]:
+        """What the torch engine cannot do with these settings."""
+        problems = []
+        if self.tensor_parallel_size != 1:
+            problems.append("the torch engine has no tensor parallelism; use --tensor-parallel-size 1")
+        if self.data_parallel_size > 1 and not self.enable_expert_parallel:
+            problems.append("the torch engine runs data-parallel ranks only with --enable-expert-parallel")
+        return problems
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """Everything a rank needs to join its group and load its share (picklable for child processes)."""
+
+    model: Path
+    dtype: str
+    size: int
+    address: str
+    port: int
+    max_model_len: int
+    max_num_seqs: int
+
+
+def join_group(job: RankJob, *, rank: int) -> tuple[ExpertParallel, RankRunner]:
+    """Join the group, load this rank's weights, and wait until every rank has loaded."""
+    ep = init_expert_parallel(
+        rank=rank, size=job.size, address=job.address, port=job.port, timeout=GROUP_TIMEOUT
+    )
+    engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep)
+    runner = RankRunner(engine, slots=job.max_num_seqs, max_len=job.max_model_len)
+    if ep.size > 1:
+        torch.distributed.barrier()
+    return ep, runner
+
+
+def run_rank_process(job: RankJob, rank: int) -> None:
+    """A child process's life: one follower rank."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pod's main process decides when the group ends
+    ep, runner = join_group(job, rank=rank)
+    try:
+        follow(runner, ep=ep)
+    finally:
+        shutdown_expert_parallel(ep)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM once it has shut down, which would end the pod before it stops its ranks.
+    Here a signal only asks the server to exit; `serve` then ends the group in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _Pod:
+    """This process: the engine thread, the child ranks and the HTTP server, and how they end."""
+
+    def __init__(self, settings: ServeSettings, job: RankJob) -> None:
+        self.settings = settings
+        self.job = job
+        self.stop = threading.Event()
+        self.failure: str | None = None
+        self.ready = False
+        self.server: uvicorn.Server | None = None
+        self.children: list[BaseProcess] = []
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+            log.error("kubemoe-runtime: %s", message)
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def start_children(self) -> None:
+        ctx = mp.get_context("spawn")
+        first = self.settings.data_parallel_start_rank
+        for rank in range(first + 1, first + self.settings.data_parallel_size_local):
+            child = ctx.Process(
+                target=run_rank_process, args=(self.job, rank), name=f"rank-{rank}", daemon=True
+            )
+            child.start()
+            self.children.append(child)
+        if self.children:
+            threading.Thread(target=self._watch_children, name="watch-ranks", daemon=True).start()
+
+    def _watch_children(self) -> None:
+        for sentinel in wait([c.sentinel for c in self.children]):
+            child = next(c for c in self.children if c.sentinel == sentinel)
+            if not self.stop.is_set() and child.exitcode != 0:
+                self.fail(f"{child.name} exited with code {child.exitcode}")
+
+    def finish(self) -> int:
+        self.stop.set()
+        for child in self.children:
+            child.join(timeout=15)
+            if child.is_alive():
+                child.terminate()
+                child.join(timeout=5)
+        return 1 if self.failure is not None else 0
+
+
+def serve(settings: ServeSettings) -> int:
+    if settings.engine != "torch":
+        print("error: `serve --engine vllm` is not wired in yet; use --engine torch", file=sys.stderr)
+        return 2
+    if problems := settings.torch_problems():
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    cfg = ModelConfig.load(settings.model)
+    max_model_len = settings.max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings:
+        print(
+            f"error: --max-model-len {max_model_len} exceeds the model's "
+            f"{cfg.max_position_embeddings} positions",
+            file=sys.stderr,
+        )
+        return 2
+    job = RankJob(
+        model=settings.model,
+        dtype=cfg.dtype if settings.dtype == "auto" else settings.dtype,
+        size=settings.data_parallel_size,
+        address=settings.data_parallel_address,
+        port=settings.data_parallel_rpc_port or free_port(),
+        max_model_len=max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+    )
+    pod = _Pod(settings, job)
+    pod.start_children()
+    if settings.headless:
+        app = health_app(is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready)
+        engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
+    else:
+        state = _server_state(settings, cfg=cfg, max_model_len=max_model_len)
+        app = build_app(state)
+        engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    pod.server = _Server(config)
+    engine_thread.start()
+    pod.server.run()
+    pod.stop.set()
+    engine_thread.join(timeout=30)
+    return pod.finish()
+
+
+def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:
+    labels = MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank)
+    generation = _generation_defaults(settings.model)
+    eos = {*cfg.eos_token_ids, *_as_ids(generation.get("eos_token_id"))}
+    return ServerState(
+        served_names=settings.served_model_names,
+        model_path=str(settings.model),
+        max_model_len=max_model_len,
+        vocab_size=cfg.vocab_size,
+        eos_token_ids=tuple(sorted(eos)),
+        tokenizer=TextTokenizer.load(settings.model),
+        metrics=ServingMetrics(labels),
+        default_temperature=float(generation.get("temperature", 1.0)),
+        default_top_p=float(generation.get("top_p", 1.0)),
+        created=int(time.time()),
+    )
+
+
+def _generation_defaults(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    loaded = json.loads(path.read_text()) if path.exists() else {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _as_ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value] if isinstance(value, list) else []
+
+
+def _lead(pod: _Pod, state: ServerState) -> None:
+    """Rank 0: join and load, then run the scheduler until the server stops."""
+    s = pod.settings
+    ep = ExpertParallel()
+    try:
+        ep, runner = join_group(pod.job, rank=0)
+        limits = SchedulerLimits(
+            max_model_len=pod.job.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            max_waiting=s.max_waiting_requests,
+            max_prefill_tokens=s.max_num_batched_tokens,
+        )
+        scheduler = Scheduler(
+            GroupLeader(runner, ep=ep),
+            tokenizer=state.tokenizer,
+            limits=limits,
+            eos_token_ids=state.eos_token_ids,
+            metrics=state.metrics,
+        )
+        state.scheduler = scheduler
+        pod.ready = True
+        log.warning("kubemoe-runtime: ready on %s:%d (group of %d ranks)", s.host, s.port, ep.size)
+        scheduler.run(pod.stop, keepalive_s=KEEPALIVE_S)
+    except BaseException as err:  # recorded for /health and the exit code, then re-raised
+        state.failure = f"{type(err).__name__}: {err}"
+        if state.scheduler is not None:
+            state.scheduler.abort_all()
+        pod.fail(state.failure)
+        raise
+    finally:
+        shutdown_expert_parallel(ep)
+
+
+def _follow(pod: _Pod) -> None:
+    """A headless pod's first rank: follow rank 0 until it shuts the group down, then stop the server."""
+    ep = ExpertParallel()
+    try:
+        ep, runner = join_group(pod.job, rank=pod.settings.data_parallel_start_rank)
+        pod.ready = True
+        follow(runner, ep=ep)
+    except BaseException as err:  # recorded for /health and the exit code, then re-raised
+        pod.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        shutdown_expert_parallel(ep)
+        if pod.server is not None:
+            pod.server.should_exit = True
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ServeSettings, list[str]]:
+    """Settings from a pod's argv (after `serve`), and the flags the torch engine does not know."""
+    parser = argparse.ArgumentParser(prog="kubemoe-runtime serve")
+    add_serve_flags(parser)
+    args, unknown = parser.parse_known_args(list(argv))
+    return ServeSettings.from_args(args), unknown
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        settings, unknown = parse_args(argv)
+    except ValidationError as err:
+        for problem in err.errors(include_url=False):
+            where = ".".join(str(p) for p in problem["loc"])
+            print(f"error: {where + ': ' if where else ''}{problem['msg']}", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as err:
+        print(f"error: --kv-transfer-config is not JSON: {err}", file=sys.stderr)
+        return 2
+    if unknown:
+        print(f"warning: ignoring flags the torch engine does not use: {' '.join(unknown)}", file=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
+    return serve(settings)

@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP API (Starlette on uvicorn) in front of the torch engine's scheduler.
+
+    GET  /health                200 while the process and its engine thread live (500 once it failed)
+    GET  /ready                 200 once every rank of the group has loaded its weights, else 503
+    GET  /metrics               Prometheus text from the server's own registry
+    GET  /v1/models             the served model names
+    POST /v1/completions        text or token-id prompt; streaming (SSE) or not
+    POST /v1/chat/completions   messages through the checkpoint's chat template; streaming or not
+
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
+unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
+answer), 503 while loading or while the waiting queue is full.
+
+Each request becomes a `GenerationRequest` for the scheduler, which runs on the engine thread and hands
+every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kubemoe_runtime.engines.torch.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, QueueFull, Scheduler
+from kubemoe_runtime.metrics import ServingMetrics
+from kubemoe_runtime.server.protocol import (
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    FinishReason,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    Usage,
+)
+from kubemoe_runtime.tokenizer import ChatTemplateError, TextTokenizer
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat fills the context
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+@dataclass
+class ServerState:
+    """What the handlers share. `scheduler` is set by the engine thread once the group is loaded."""
+
+    served_names: tuple[str, ...]
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer: TextTokenizer
+    metrics: ServingMetrics
+    default_temperature: float = 1.0
+    default_top_p: float = 1.0
+    scheduler: Scheduler | None = None
+    failure: str | None = None
+    created: int = 0
+
+    def ready_scheduler(self) -> Scheduler:
+        if self.failure is not None:
+            raise ApiError(
+                503, f"the engine failed: {self.failure}", type="server_error", code="engine_failed"
+            )
+        if self.scheduler is None:
+            raise ApiError(503, "the model is still loading", type="server_error", code="model_loading")
+        return self.scheduler
+
+
+class OutputQueue:
+    """The engine thread's outputs for one request, delivered into the server's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+
+    def put(self, output: Output) -> None:  # called on the engine thread
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        while True:
+            output = await self.queue.get()
+            yield output
+            if output.finish_reason is not None:
+                return
+
+
+def build_app(state: ServerState) -> Starlette:
+    api = Api(state)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/ready", api.ready, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},  # type: ignore[dict-item]
+    )
+
+
+def health_app(*, is_alive: Callable[[], bool], is_ready: Callable[[], bool]) -> Starlette:
+    """A headless pod's endpoints: it runs ranks but serves no API."""
+
+    async def health(_: Request) -> Response:
+        return PlainTextResponse("ok" if is_alive() else "failed", status_code=200 if is_alive() else 500)
+
+    async def ready(_: Request) -> Response:
+        return PlainTextResponse("ready" if is_ready() else "loading", status_code=200 if is_ready() else 503)
+
+    return Starlette(routes=[Route("/health", health), Route("/ready", ready)])
+
+
+async def _api_error(_: Request, err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _http_error(_: Request, err: HTTPException) -> Response:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(
+        ApiError(err.status_code, str(err.detail), type=kind).body(), status_code=err.status_code
+    )
+
+
+class Api:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def health(self, _: Request) -> Response:
+        if self.state.failure is not None:
+            return PlainTextResponse(f"engine failed: {self.state.failure}", status_code=500)
+        return PlainTextResponse("ok")
+
+    async def ready(self, _: Request) -> Response:
+        if self.state.scheduler is None or self.state.failure is not None:
+            return PlainTextResponse("loading", status_code=503)
+        return PlainTextResponse("ready")
+
+    async def metrics(self, _: Request) -> Response:
+        return Response(self.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self, _: Request) -> Response:
+        cards = [
+            ModelCard(
+                id=name,
+                created=self.state.created,
+                root=self.state.model_path,
+                max_model_len=self.state.max_model_len,
+            )
+            for name in self.state.served_names
+        ]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def completions(self, request: Request) -> Response:
+        scheduler = self.state.ready_scheduler()
+        body = await _parse(request, CompletionRequest)
+        model = self._model_name(body.model)
+        prompt = body.single_prompt()
+        prompt_ids = self.state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        self._check_prompt(prompt_ids, param="prompt")
+        generation = self._generation_request(body, prompt_ids, max_tokens=body.max_tokens, default_cap=True)
+        outputs, request_id = self._submit(scheduler, generation)
+        stream = _Stream(scheduler, request_id, outputs)
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            def chunk(text: str, reason: FinishReason | None) -> BaseModel:
+                choice = CompletionChoice(text=text, finish_reason=reason)
+                return Completion(id=completion_id, created=created, model=model, choices=[choice])
+
+            def usage_chunk(usage: Usage) -> BaseModel:
+                return Completion(id=completion_id, created=created, model=model, choices=[], usage=usage)
+
+            return _sse(stream.events(chunk, first=None, usage_chunk=usage_chunk if include_usage else None))
+        text, last = await stream.collect()
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
+        response = Completion(
+            id=completion_id, created=created, model=model, choices=[choice], usage=_usage(last)
+        )
+        return JSONResponse(response.model_dump())
+
+    async def chat_completions(self, request: Request) -> Response:
+        scheduler = self.state.ready_scheduler()
+        body = await _parse(request, ChatCompletionRequest)
+        model = self._model_name(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt_text = self.state.tokenizer.apply_chat_template(messages)
+        except ChatTemplateError as err:
+            raise ApiError(400, str(err), param="messages") from err
+        prompt_ids = self.state.tokenizer.encode(prompt_text, add_special_tokens=False)
+        self._check_prompt(prompt_ids, param="messages")
+        generation = self._generation_request(
+            body, prompt_ids, max_tokens=body.token_limit(), default_cap=False
+        )
+        outputs, request_id = self._submit(scheduler, generation)
+        stream = _Stream(scheduler, request_id, outputs)
+        chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            def chunk(text: str, reason: FinishReason | None) -> BaseModel:
+                delta = ChatDelta(content=text if reason is None or text else None)
+                choice = ChatChunkChoice(delta=delta, finish_reason=reason)
+                return ChatCompletionChunk(id=chat_id, created=created, model=model, choices=[choice])
+
+            def usage_chunk(usage: Usage) -> BaseModel:
+                return ChatCompletionChunk(id=chat_id, created=created, model=model, choices=[], usage=usage)
+
+            opening = ChatCompletionChunk(
+                id=chat_id,
+                created=created,
+                model=model,
+                choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+            )
+            return _sse(
+                stream.events(chunk, first=opening, usage_chunk=usage_chunk if include_usage else None)
+            )
+        text, last = await stream.collect()
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+        response = ChatCompletion(
+            id=chat_id, created=created, model=model, choices=[choice], usage=_usage(last)
+        )
+        return JSONResponse(response.model_dump())
+
+    # --- shared steps -------------------------------------------------------------------------------
+
+    def _model_name(self, requested: str | None) -> str:
+        if requested is None:
+            return self.state.served_names[0]
+        if requested not in self.state.served_names:
+            raise ApiError(
+                404, f"The model `{requested}` does not exist.", param="model", code="model_not_found"
+            )
+        return requested
+
+    def _check_prompt(self, prompt_ids: list[int], *, param: str) -> None:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        vocab = self.state.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param=param)
+        if len(prompt_ids) >= self.state.max_model_len:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.state.max_model_len} tokens. However, your "
+                f"prompt has {len(prompt_ids)} tokens, leaving no room for a completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _generation_request(
+        self, body: SamplingRequest, prompt_ids: list[int], *, max_tokens: int | None, default_cap: bool
+    ) -> GenerationRequest:
+        room = self.state.max_model_len - len(prompt_ids)
+        if max_tokens is None:
+            max_tokens = min(room, DEFAULT_COMPLETION_TOKENS) if default_cap else room
+        elif max_tokens > room:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.state.max_model_len} tokens. However, you "
+                f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                f"{max_tokens} for the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        temperature = self.state.default_temperature if body.temperature is None else body.temperature
+        top_p = self.state.default_top_p if body.top_p is None else body.top_p
+        return GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=body.seed),
+            stop=body.stop_strings(),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            kv_transfer_params=body.kv_transfer_params,
+        )
+
+    def _submit(self, scheduler: Scheduler, generation: GenerationRequest) -> tuple[OutputQueue, int]:
+        outputs = OutputQueue(asyncio.get_running_loop())
+        try:
+            request_id = scheduler.submit(generation, outputs.put)
+        except QueueFull as err:
+            raise ApiError(503, f"the server is busy: {err}", type="server_error", code="queue_full") from err
+        except ValueError as err:
+            raise ApiError(400, str(err), code="context_length_exceeded") from err
+        return outputs, request_id
+
+
+class _Stream:
+    """One submitted request's outputs, aborted in the scheduler if the client goes away first."""
+
+    def __init__(self, scheduler: Scheduler, request_id: int, outputs: OutputQueue) -> None:
+        self.scheduler = scheduler
+        self.request_id = request_id
+        self.outputs = outputs
+
+    async def collect(self) -> tuple[str, Output]:
+        parts: list[str] = []
+        last: Output | None = None
+        try:
+            async for output in self.outputs:
+                parts.append(output.text)
+                last = output
+        finally:
+            if last is None or last.finish_reason is None:
+                self.scheduler.abort(self.request_id)
+        assert last is not None
+        return "".join(parts), last
+
+    async def events(
+        self,
+        chunk: Callable[[str, FinishReason | None], BaseModel],
+        *,
+        first: BaseModel | None,
+        usage_chunk: Callable[[Usage], BaseModel] | None,
+    ) -> AsyncIterator[BaseModel]:
+        finished = False
+        try:
+            if first is not None:
+                yield first
+            async for output in self.outputs:
+                finished = output.finish_reason is not None
+                if output.text or finished:
+                    yield chunk(output.text, output.finish_reason)
+                if finished and usage_chunk is not None:
+                    yield usage_chunk(_usage(output))
+        finally:
+            if not finished:
+                self.scheduler.abort(self.request_id)
+
+
+def _sse(events: AsyncIterator[BaseModel]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {json.dumps(event.model_dump(), separators=(',', ':'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(output: Output) -> Usage:
+    return Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+    )
+
+
+async def _parse(request: Request, model: type[RequestT]) -> RequestT:
+    too_large = ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        first: Any = err.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])  # e.g. "messages.0.role"
+        param = str(first["loc"][0]) if first["loc"] else None  # OpenAI names the top-level field
+        message = first["msg"] if not where else f"{where}: {first['msg']}"
+        raise ApiError(400, message, param=param) from err
