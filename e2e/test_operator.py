@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from e2e.cluster.handle import Cluster
+from e2e.conftest import OPERATOR_NAMESPACE
 from e2e.operator_process import OperatorProcess, eventually, get_json, get_or_none, install_crd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +41,15 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def operator(
-    cluster: Cluster, namespace: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    operator_cluster: Cluster,
+    namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[OperatorProcess]:
+    """The operator, as the Helm chart's ServiceAccount: every scenario here also proves the chart's RBAC."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     proc = OperatorProcess(
-        cluster,
+        operator_cluster,
         log=log,
         args=(
             "--namespace",
@@ -52,7 +57,7 @@ def operator(
             "--resync-seconds",
             str(RESYNC_S),
             "--lease-namespace",
-            namespace,
+            OPERATOR_NAMESPACE,
             "--lease-seconds",
             "4",
         ),
@@ -464,7 +469,7 @@ def test_only_the_lease_holder_reconciles(
     cluster: Cluster, namespace: str, operator: OperatorProcess, tmp_path: Path
 ) -> None:
     ns = namespace
-    standby = OperatorProcess(cluster, log=tmp_path / "standby.log", args=operator.args)
+    standby = OperatorProcess(operator.cluster, log=tmp_path / "standby.log", args=operator.args)
     standby.start()
     try:
         eventually(lambda: "waiting for lease" in standby.text(), timeout=30, what="the standby to wait")

@@ -11,6 +11,7 @@ import pytest
 from e2e.cluster import build, kwok
 from e2e.cluster.handle import Cluster
 from e2e.cluster.nodes import GpuNodes
+from e2e.identity import install_operator_identity
 from e2e.operator_process import OperatorProcess, eventually, get_json, install_crd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,11 @@ def operator(
     bare_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator-nolws") / "operator.log"
-    proc = OperatorProcess(bare_cluster, log=log, args=("--resync-seconds", "3", "--no-leader-election"))
+    # As the Helm chart's ServiceAccount, installed into this cluster too: the chart's RBAC suffices.
+    identity = install_operator_identity(
+        bare_cluster, release="kubemoe", namespace="kubemoe-system", out=log.parent / "kubeconfig.yaml"
+    )
+    proc = OperatorProcess(identity, log=log, args=("--resync-seconds", "3", "--no-leader-election"))
     proc.start()
     failed_before = request.session.testsfailed
     yield proc

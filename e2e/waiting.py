@@ -9,10 +9,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def eventually(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.5) -> T:
+def eventually(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
     """Call check until it returns something truthy; return that, or fail naming what was awaited."""
     deadline = time.monotonic() + timeout
-    last: T = check()
+    last = check()
     while not last:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")

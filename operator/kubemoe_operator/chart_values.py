@@ -54,7 +54,7 @@ class ServiceMonitor(ChartModel):
 
 class Metrics(ChartModel):
     port: int = Field(8080, ge=1, le=65535)
-    """Port of the operator's /metrics and /healthz endpoints."""
+    """Port of the operator's /metrics endpoint."""
     service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
     """Prometheus-operator integration."""
 
@@ -97,11 +97,12 @@ class Values(ChartModel):
     """Watch only this namespace; empty watches the whole cluster."""
     resync_seconds: int = Field(60, ge=5)
     """Seconds between periodic reconciles of every ModelDeployment."""
-    prometheus_url: str = ""
-    """Prometheus HTTP API the autoscaler queries, e.g. http://prometheus-operated.monitoring:9090.
-    Empty: the operator scrapes the serving pods directly."""
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    """Operator log level."""
+    runtime_image: str = Field("kubemoe/kubemoe-runtime:0.1.0", min_length=1)
+    """Runtime image for ModelDeployments whose engine names none (build it from runtime/Dockerfile)."""
+    health_port: int = Field(8081, ge=1, le=65535)
+    """Port of the operator's /healthz endpoint (liveness and readiness probes)."""
+    verbose: bool = False
+    """Log every handler run and API call (kopf's verbose mode)."""
     service_account: ServiceAccount = Field(default_factory=ServiceAccount)
     """The identity the operator runs as; the chart's ClusterRole is bound to it."""
     metrics: Metrics = Field(default_factory=Metrics)

@@ -16,7 +16,12 @@ Why each rule:
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kubemoe_operator.api.resource import GROUP, PLURAL
 
@@ -57,3 +62,21 @@ def lease_role(*, namespace: str, name: str = "kubemoe-operator-leader-election"
         "metadata": {"name": name, "namespace": namespace},
         "rules": LEASE_RULES,
     }
+
+
+def chart_rules_template() -> str:
+    """charts/kubemoe/templates/_rules.tpl: these rules as Helm named templates, so the chart's
+    ClusterRole/Role/lease Role are generated from this module (`make crds`; drift-tested)."""
+
+    def block(name: str, rules: list[dict[str, Any]]) -> str:
+        distinct = json.loads(json.dumps(rules))  # shared lists would become YAML anchors
+        body = yaml.safe_dump(distinct, sort_keys=False, default_flow_style=None, width=200).rstrip()
+        return f'{{{{- define "{name}" -}}}}\n{body}\n{{{{- end -}}}}\n'
+
+    header = "{{/* Generated from operator/kubemoe_operator/rbac.py by `make crds`; do not edit. */}}\n"
+    return header + block("kubemoe.operatorRules", CLUSTER_RULES) + block("kubemoe.leaseRules", LEASE_RULES)
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("charts/kubemoe/templates/_rules.tpl")
+    target.write_text(chart_rules_template())
