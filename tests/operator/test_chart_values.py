@@ -61,3 +61,9 @@ def test_schema_rejects_unknown_keys_at_every_level() -> None:
     assert "$ref" not in json.dumps(schema)
     with pytest.raises(ValidationError, match="imagee"):
         Values.model_validate({"imagee": {"tag": "x"}})
+
+
+def test_chart_rbac_rules_are_generated_from_the_operator() -> None:
+    from kubemoe_operator.rbac import chart_rules_template
+
+    assert (CHART / "templates" / "_rules.tpl").read_text() == chart_rules_template(), REGENERATE
