@@ -66,4 +66,11 @@ def install_operator_identity(cluster: Cluster, *, release: str, namespace: str,
         "jsonpath={.items[0].metadata.name}",
     ).stdout.strip()
     kubeconfig = service_account_kubeconfig(cluster, namespace=namespace, name=sa, out=out)
-    return Cluster(kubeconfig=kubeconfig, bin_dir=cluster.bin_dir)
+    return Cluster(kubeconfig=kubeconfig, bin_dir=cluster.bin_dir, audit_log=cluster.audit_log)
+
+
+def service_account_user(identity: Cluster) -> str:
+    """The username the apiserver records for requests made with an identity's kubeconfig."""
+    config = yaml.safe_load(identity.kubeconfig.read_text())
+    namespace, name = config["current-context"].split(":", 1)
+    return f"system:serviceaccount:{namespace}:{name}"

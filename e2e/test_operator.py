@@ -21,6 +21,7 @@ import pytest
 
 from e2e.cluster.handle import Cluster
 from e2e.conftest import OPERATOR_NAMESPACE
+from e2e.identity import service_account_user
 from e2e.operator_process import OperatorProcess, eventually, get_json, get_or_none, install_crd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,8 +222,22 @@ def test_resync_with_nothing_to_do_writes_nothing(
         k: v["metadata"]["resourceVersion"] for k, v in children(cluster, namespace, "deepseek-v3").items()
     }
     md_version = md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"]
+    user = service_account_user(operator.cluster)
+    requests_before = len(operator.cluster.audit_events(user=user))
     time.sleep(RESYNC_S * 2 + 1)  # two resyncs of every ModelDeployment
     assert operator.writes()[before_writes:] == []
+    # Counted at the apiserver (its audit log of the operator's ServiceAccount): reads, no writes
+    # (besides renewing its leader-election Lease).
+    during = [
+        e
+        for e in operator.cluster.audit_events(user=user)[requests_before:]
+        if e.get("objectRef", {}).get("resource") != "leases"
+    ]
+    verbs = Counter(e["verb"] for e in during)
+    assert verbs["list"] >= 2, verbs  # the resyncs did run
+    assert not {"create", "update", "patch", "delete"} & set(verbs), [
+        (e["verb"], e["requestURI"]) for e in during if e["verb"] not in ("get", "list", "watch")
+    ]
     after = {
         k: v["metadata"]["resourceVersion"] for k, v in children(cluster, namespace, "deepseek-v3").items()
     }
@@ -487,3 +502,10 @@ def test_only_the_lease_holder_reconciles(
     finally:
         standby.stop()
         operator.start()
+
+
+def test_the_charts_rbac_was_enough(operator: OperatorProcess) -> None:
+    """Runs last: across every scenario above, the operator (as the chart's ServiceAccount) was
+    never refused by the apiserver."""
+    refused = [line for line in operator.text().splitlines() if "Forbidden" in line or " 403" in line]
+    assert refused == [], refused[:5]

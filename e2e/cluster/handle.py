@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Cluster:
     kubeconfig: Path
     bin_dir: Path
+    audit_log: Path | None = None
+    """The apiserver's audit log (requests by service accounts), when this harness started it."""
+
+    def audit_events(self, *, user: str) -> list[dict[str, Any]]:
+        """Audit events (stage ResponseComplete) of requests made by `user`, oldest first."""
+        if self.audit_log is None or not self.audit_log.exists():
+            raise AssertionError("this cluster has no audit log (it was not started by e2e.cluster)")
+        events = []
+        for line in self.audit_log.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("stage") == "ResponseComplete" and event["user"]["username"] == user:
+                events.append(event)
+        return events
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -43,7 +43,21 @@ def _log(msg: str) -> None:
     print(f"[cluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _kwokctl_config(paths: build.Paths) -> dict[str, Any]:
+# Requests by service accounts (the operator under test runs as one) at Metadata level: enough
+# to count an identity's API calls by verb; system components are left out to keep it small.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}],
+}
+
+
+def audit_log_path(name: str) -> Path:
+    return cluster_dir(name) / "kwok" / "clusters" / name / "logs" / "audit.log"
+
+
+def _kwokctl_config(paths: build.Paths, *, audit_policy: Path) -> dict[str, Any]:
     b = paths.bin
     return {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -62,6 +76,7 @@ def _kwokctl_config(paths: build.Paths) -> dict[str, Any]:
             "etcdBinary": str(b / "etcd"),
             "kwokControllerBinary": str(b / "kwok"),
             "quietPull": True,
+            "kubeAuditPolicy": str(audit_policy),
         },
     }
 
@@ -88,7 +103,9 @@ def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
     root = cluster_dir(config.name)
     root.mkdir(parents=True, exist_ok=True)
     cfg = root / "kwokctl.yaml"
-    cfg.write_text(yaml.safe_dump(_kwokctl_config(paths)))
+    policy = root / "audit-policy.yaml"
+    policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+    cfg.write_text(yaml.safe_dump(_kwokctl_config(paths, audit_policy=policy)))
     kubeconfig = kubeconfig_path(config.name)
 
     t0 = time.monotonic()
@@ -109,7 +126,7 @@ def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stderr[-6000:]}")
-    cluster = Cluster(kubeconfig=kubeconfig, bin_dir=paths.bin)
+    cluster = Cluster(kubeconfig=kubeconfig, bin_dir=paths.bin, audit_log=audit_log_path(config.name))
     _log(f"control plane up in {time.monotonic() - t0:.1f}s")
 
     cluster.kubectl(
@@ -146,4 +163,4 @@ def existing(name: str) -> Cluster | None:
     kc = kubeconfig_path(name)
     if not kc.exists():
         return None
-    return Cluster(kubeconfig=kc, bin_dir=build.Paths(build.cache_root()).bin)
+    return Cluster(kubeconfig=kc, bin_dir=build.Paths(build.cache_root()).bin, audit_log=audit_log_path(name))

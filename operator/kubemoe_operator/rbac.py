@@ -12,6 +12,8 @@ Why each rule:
 - pods: listed to explain Pending / failing pods in conditions.
 - events: one Event per decision (created only).
 - leases (in the operator's namespace only): leader election.
+- namespaces, customresourcedefinitions (list/watch, cluster-wide even for one namespace): kopf's
+  own observation of the namespaces and resources it serves.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 
+OBSERVE_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+"""Cluster-scoped reads kopf makes even when it watches one namespace: it observes namespaces
+(to follow the ones it serves) and CRDs (to discover its resources). Read-only."""
+
 LEASE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
 ]
@@ -50,7 +59,7 @@ def cluster_role(name: str = "kubemoe-operator") -> dict[str, Any]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": {"name": name},
-        "rules": CLUSTER_RULES,
+        "rules": [*CLUSTER_RULES, *OBSERVE_RULES],
     }
 
 
@@ -74,7 +83,12 @@ def chart_rules_template() -> str:
         return f'{{{{- define "{name}" -}}}}\n{body}\n{{{{- end -}}}}\n'
 
     header = "{{/* Generated from operator/kubemoe_operator/rbac.py by `make crds`; do not edit. */}}\n"
-    return header + block("kubemoe.operatorRules", CLUSTER_RULES) + block("kubemoe.leaseRules", LEASE_RULES)
+    return (
+        header
+        + block("kubemoe.operatorRules", CLUSTER_RULES)
+        + block("kubemoe.observeRules", OBSERVE_RULES)
+        + block("kubemoe.leaseRules", LEASE_RULES)
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@
   resources: [events]
   verbs: [create]
 {{- end -}}
+{{- define "kubemoe.observeRules" -}}
+- apiGroups: ['']
+  resources: [namespaces]
+  verbs: [list, watch]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- end -}}
 {{- define "kubemoe.leaseRules" -}}
 - apiGroups: [coordination.k8s.io]
   resources: [leases]
