@@ -12,7 +12,7 @@ from typing import Any
 from e2e.cluster.handle import Cluster
 from e2e.waiting import eventually
 
-__all__ = ["OperatorProcess", "eventually", "get_json", "get_or_none", "install_crd"]
+__all__ = ["OperatorProcess", "eventually", "get_json", "get_or_none", "install_crd", "model_volume"]
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
@@ -36,6 +36,34 @@ def get_or_none(cluster: Cluster, *args: str) -> Any:
         assert "NotFound" in proc.stderr or "not found" in proc.stderr, proc.stderr
         return None
     return json.loads(proc.stdout)
+
+
+def model_volume(ns: str) -> str:
+    """A PersistentVolume bound to claim `models` in `ns`: the pvc:// source the manifest names."""
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"models-{ns}"},
+        "spec": {
+            "capacity": {"storage": "100Gi"},
+            "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "",
+            "hostPath": {"path": "/srv/models"},
+            "claimRef": {"namespace": ns, "name": "models"},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "models", "namespace": ns},
+        "spec": {
+            "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "",
+            "volumeName": f"models-{ns}",
+            "resources": {"requests": {"storage": "100Gi"}},
+        },
+    }
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]})
 
 
 class OperatorProcess:

@@ -22,7 +22,7 @@ import pytest
 from e2e.cluster.handle import Cluster
 from e2e.conftest import OPERATOR_NAMESPACE
 from e2e.identity import service_account_user
-from e2e.operator_process import OperatorProcess, eventually, get_json, get_or_none, install_crd
+from e2e.operator_process import OperatorProcess, eventually, get_json, get_or_none, install_crd, model_volume
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSEEK = REPO / "examples" / "deepseek-v3.yaml"
@@ -61,6 +61,10 @@ def operator(
             OPERATOR_NAMESPACE,
             "--lease-seconds",
             "4",
+            # The autoscaler has its own suite (test_autoscale.py); here kwok's pods serve no
+            # metrics, and its one MetricsUnavailable report would land at an arbitrary moment.
+            "--autoscale-interval-seconds",
+            "0",
         ),
     )
     proc.start()
@@ -357,34 +361,6 @@ def test_delete_garbage_collects_every_child(
         timeout=60,
         what="pods gone",
     )
-
-
-def model_volume(ns: str) -> str:
-    """A PersistentVolume bound to claim `models` in `ns`: the pvc:// source the manifest names."""
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"models-{ns}"},
-        "spec": {
-            "capacity": {"storage": "100Gi"},
-            "accessModes": ["ReadOnlyMany"],
-            "storageClassName": "",
-            "hostPath": {"path": "/srv/models"},
-            "claimRef": {"namespace": ns, "name": "models"},
-        },
-    }
-    pvc = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "models", "namespace": ns},
-        "spec": {
-            "accessModes": ["ReadOnlyMany"],
-            "storageClassName": "",
-            "volumeName": f"models-{ns}",
-            "resources": {"requests": {"storage": "100Gi"}},
-        },
-    }
-    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]})
 
 
 MIXTRAL_CHILDREN = {
