@@ -13,7 +13,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 export KUBEMOE_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build cluster-up cluster-down crds bench clean
+.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build prometheus cluster-up cluster-down crds bench clean
 
 help:
 	@echo "make demo   - run the demo (sets up .venv first if needed)"
@@ -41,6 +41,7 @@ setup-vllm: $(VLLM_STAMP)
 
 demo: setup
 	$(BIN)/kubemoe plan examples/tiny-moe.yaml
+	$(PY) -m kubemoe_operator.local.demo examples/tiny-moe.yaml
 
 lint: setup
 	$(BIN)/ruff check .
@@ -56,7 +57,12 @@ unit: setup setup-vllm
 cluster-build: setup
 	$(PY) -m e2e.cluster build
 
-e2e: setup setup-vllm cluster-build
+# Debian's prometheus package, unpacked (not installed) into ~/.cache/kubemoe/prometheus for the
+# autoscaling e2e (e2e/prometheus.py fetches it on first use too).
+prometheus: setup
+	$(PY) -m e2e.prometheus
+
+e2e: setup setup-vllm cluster-build prometheus
 	$(BIN)/pytest e2e || [ $$? -eq 5 ]
 
 test: lint typecheck unit e2e

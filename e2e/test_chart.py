@@ -91,7 +91,24 @@ def test_operator_pod_is_restricted(cluster: Cluster) -> None:
     assert deploy["spec"]["replicas"] == 1
 
 
-@pytest.mark.parametrize("values", [[], ["--set", "watchNamespace=models", "--set", "verbose=true"]])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [
+            "--set",
+            "watchNamespace=models",
+            "--set",
+            "verbose=true",
+            "--set",
+            "prometheusUrl=http://prometheus-operated.monitoring:9090",
+            "--set",
+            "autoscaleIntervalSeconds=30",
+            "--set",
+            "metrics.port=9100",
+        ],
+    ],
+)
 def test_operator_arguments_are_the_operators_own_flags(cluster: Cluster, values: list[str]) -> None:
     (deploy,) = [d for d in _template(cluster, *values) if d["kind"] == "Deployment"]
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
@@ -100,6 +117,13 @@ def test_operator_arguments_are_the_operators_own_flags(cluster: Cluster, values
     assert args.liveness_endpoint == "http://0.0.0.0:8081/healthz"
     assert args.namespaces == (("models",) if values else ())
     assert verbose is bool(values)
+    # The autoscaler: Prometheus when set, else a direct scrape of the pods; the operator's own
+    # /metrics on the port the metrics Service and ServiceMonitor point at.
+    assert args.prometheus_url == ("http://prometheus-operated.monitoring:9090" if values else None)
+    assert args.autoscale_interval_seconds == (30 if values else 15)
+    assert args.metrics_port == (9100 if values else 8080)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == args.metrics_port
 
 
 def test_rbac_has_no_wildcards(cluster: Cluster) -> None:

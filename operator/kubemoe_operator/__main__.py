@@ -7,25 +7,57 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import httpx2
 import kopf
 from lightkube import AsyncClient
 
+from kubemoe_operator.autoscale.loop import Autoscaler, Source, pod_targets
+from kubemoe_operator.autoscale.prometheus import PrometheusSource
+from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
 from kubemoe_operator.handlers import Runtime, build_registry
 from kubemoe_operator.kube import Kube
 from kubemoe_operator.leader import LeaderElector, LeaseConfig
+from kubemoe_operator.metrics import MetricsServer, OperatorMetrics
 from kubemoe_operator.reconcile import ReconcileContext
 from kubemoe_operator.settings import OperatorSettings, parse_settings
 
 log = logging.getLogger("kubemoe.operator")
 
 
+def autoscaler(
+    settings: OperatorSettings, *, kube: Kube, http: httpx2.AsyncClient, metrics: OperatorMetrics
+) -> Autoscaler:
+    """The autoscaler on Prometheus when --prometheus-url is set, else on a direct scrape of the pods."""
+    source: Source
+    if settings.prometheus_url:
+        source = PrometheusSource(settings.prometheus_url, client=http)
+        name = f"Prometheus at {settings.prometheus_url}"
+    else:
+        source = ScrapeSource(client=http, targets=pod_targets(kube))
+        name = "the serving pods' /metrics"
+    return Autoscaler(
+        kube=kube,
+        source=source,
+        source_name=name,
+        interval_s=settings.autoscale_interval_seconds,
+        namespaces=settings.namespaces,
+        metrics=metrics,
+    )
+
+
 async def run(settings: OperatorSettings) -> int:
-    """Wait for the Lease, then reconcile until stopped (0) or the Lease is lost (1)."""
+    """Wait for the Lease, then reconcile until stopped (0) or the Lease is lost (1).
+
+    Only the leader reconciles and autoscales; every replica serves its /metrics."""
     client = AsyncClient(field_manager=settings.field_manager)
+    http = httpx2.AsyncClient()
+    metrics = OperatorMetrics()
+    server = MetricsServer.start(metrics, port=settings.metrics_port) if settings.metrics_port else None
     elector: LeaderElector | None = None
     lost = asyncio.Event()
     stop = asyncio.Event()
+    failed = False
     try:
         if settings.leader_election:
             elector = LeaderElector(
@@ -45,12 +77,28 @@ async def run(settings: OperatorSettings) -> int:
             )
             await elector.acquire()
             log.info("leading as %s", settings.identity)
+        kube = Kube(client, field_manager=settings.field_manager)
         runtime = Runtime(
-            kube=Kube(client, field_manager=settings.field_manager),
+            kube=kube,
             context=ReconcileContext(catalog=load_catalog(), image=settings.image),
             settings=settings,
+            metrics=metrics,
         )
         tasks: list[asyncio.Task[None]] = []
+        if settings.autoscale_interval_seconds > 0:
+            scaler = autoscaler(settings, kube=kube, http=http, metrics=metrics)
+            scaling = asyncio.create_task(scaler.run_forever(), name="autoscaler")
+
+            def scaling_ended(task: asyncio.Task[None]) -> None:
+                """The loop only ends by a bug: say so and stop, rather than serve without it."""
+                nonlocal failed
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("the autoscaler stopped", exc_info=task.exception())
+                    failed = True
+                    stop.set()
+
+            scaling.add_done_callback(scaling_ended)
+            tasks.append(scaling)
         if elector is not None:
             tasks.append(asyncio.create_task(elector.hold(lost)))
 
@@ -75,7 +123,10 @@ async def run(settings: OperatorSettings) -> int:
             await elector.release()
     finally:
         await client.close()
-    return 1 if lost.is_set() else 0
+        await http.aclose()
+        if server is not None:
+            server.stop()
+    return 1 if lost.is_set() or failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -97,6 +97,11 @@ class Values(ChartModel):
     """Watch only this namespace; empty watches the whole cluster."""
     resync_seconds: int = Field(60, ge=5)
     """Seconds between periodic reconciles of every ModelDeployment."""
+    prometheus_url: str = Field("", pattern=r"^(https?://.+)?$")
+    """Prometheus HTTP API the autoscaler queries, e.g. http://prometheus-operated.monitoring:9090;
+    empty: it scrapes the serving pods' /metrics directly."""
+    autoscale_interval_seconds: int = Field(15, ge=0)
+    """Seconds between autoscaler evaluations of every autoscaled role; 0 turns the autoscaler off."""
     runtime_image: str = Field("kubemoe/kubemoe-runtime:0.1.0", min_length=1)
     """Runtime image for ModelDeployments whose engine names none (build it from runtime/Dockerfile)."""
     health_port: int = Field(8081, ge=1, le=65535)

@@ -1,4 +1,5 @@
-"""`kubemoe`: the command line. `kubemoe plan FILE` and `kubemoe crd`."""
+"""`kubemoe`: the command line. `kubemoe plan FILE`, `kubemoe crd`, and local runs: `kubemoe up FILE`,
+`kubemoe status`, `kubemoe down` (local/)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from kubemoe_operator.crd import crd_yaml
+from kubemoe_operator.local.commands import add_commands as add_local_commands
 from kubemoe_operator.manifest import load_manifest
 from kubemoe_operator.plan_table import render_table
 from kubemoe_operator.planner import plan_manifest
@@ -62,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_cmd_plan)
     crd = sub.add_parser("crd", help="print the ModelDeployment CustomResourceDefinition")
     crd.set_defaults(run=_cmd_crd)
+    add_local_commands(sub)
     return root
 
 

@@ -2,7 +2,8 @@
 
 Triggers (all level-triggered; each reads the object fresh and reconciles it whole):
 - create / update / resume of a ModelDeployment (spec changes; start-up);
-- a change of status.roles.*.desired (the autoscaler's decision);
+- a change of status.roles.*.desired (the autoscaler's decision: autoscale/loop.py, a plain task
+  that __main__ starts on the leader next to these handlers);
 - any event on a child (label kubemoe.io/deployment): it re-reconciles its owner;
 - a periodic resync of every ModelDeployment (a plain task, not a kopf timer: kopf timers put a
   finalizer on every object, which would block deletion while the operator is down).
@@ -25,6 +26,7 @@ import kopf
 from kubemoe_operator.api.resource import GROUP, PLURAL, VERSION
 from kubemoe_operator.kinds import CHILD_KINDS
 from kubemoe_operator.kube import Kube, RejectedError, RetryableError, event_body
+from kubemoe_operator.metrics import OperatorMetrics
 from kubemoe_operator.reconcile import ReconcileContext, Result, desired_of, parse_status, reconcile
 from kubemoe_operator.render.names import LABEL_DEPLOYMENT, MANAGED_BY
 from kubemoe_operator.settings import OperatorSettings
@@ -44,6 +46,7 @@ class Runtime:
     kube: Kube
     context: ReconcileContext
     settings: OperatorSettings
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     queued: set[Key] = field(default_factory=set)
     desired_seen: dict[Key, dict[str, int | None]] = field(default_factory=dict)
@@ -63,7 +66,14 @@ class Runtime:
                 self.locks.pop(key, None)
                 self.desired_seen.pop(key, None)
                 return None
-            result = await reconcile(kube=self.kube, body=body, context=self.context)
+            with self.metrics.reconcile_seconds.time():
+                try:
+                    result = await reconcile(kube=self.kube, body=body, context=self.context)
+                except (RetryableError, RejectedError) as err:
+                    self.metrics.reconciles.labels(result="error").inc()
+                    self.metrics.reconcile_errors.labels(error=type(err).__name__).inc()
+                    raise
+            self.metrics.reconciles.labels(result="ok").inc()
             self.desired_seen[key] = result.desired
             await self._post(body, result)
             return result

@@ -17,6 +17,7 @@ from lightkube import ALL_NS, ApiError, AsyncClient
 from lightkube.resources.core_v1 import Event as CoreEvent
 from lightkube.types import CascadeType, PatchType
 
+from kubemoe_operator.api.resource import API_VERSION, KIND
 from kubemoe_operator.kinds import BY_KIND, CHILD_KINDS, POD, ChildKey, ModelDeploymentResource, key_of
 from kubemoe_operator.render.names import LABEL_DEPLOYMENT
 
@@ -197,6 +198,45 @@ class Kube:
         except httpx2.HTTPError as err:
             raise classify(err, what=f"patch status of ModelDeployment {namespace}/{name}") from err
         self._wrote("patch-status", "ModelDeployment", namespace, name)
+
+    async def apply_status(
+        self, *, name: str, namespace: str, status: dict[str, Any], field_manager: str
+    ) -> None:
+        """Server-side apply of the fields in `status` only, as `field_manager`: the autoscaler's
+        roles.*.desired and its condition, without a read-modify-write race with the reconciler's
+        merge patches (conditions are a list-map keyed by type)."""
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": status,
+        }
+        try:
+            await self.client.patch(
+                ModelDeploymentResource.Status,
+                name,
+                body,
+                namespace=namespace,
+                patch_type=PatchType.APPLY,
+                field_manager=field_manager,
+                force=True,
+            )
+        except ApiError as err:
+            if err.status.code == 404:
+                return
+            raise classify(err, what=f"apply status of ModelDeployment {namespace}/{name}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"apply status of ModelDeployment {namespace}/{name}") from err
+        self._wrote("apply-status", "ModelDeployment", namespace, name)
+
+    async def list_pods(self, *, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Pods in `namespace` with all of `labels`."""
+        selector: dict[str, Any] = dict(labels)
+        try:
+            found = self.client.list(POD.resource, namespace=namespace, labels=selector)
+            return [_as_dict(o) async for o in found]
+        except (ApiError, httpx2.HTTPError) as err:
+            raise classify(err, what=f"list pods in {namespace}") from err
 
 
 def event_body(

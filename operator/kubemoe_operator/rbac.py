@@ -43,7 +43,11 @@ CLUSTER_RULES: list[dict[str, Any]] = [
 
 OBSERVE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    },
 ]
 """Cluster-scoped reads kopf makes even when it watches one namespace: it observes namespaces
 (to follow the ones it serves) and CRDs (to discover its resources). Read-only."""

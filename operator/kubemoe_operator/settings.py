@@ -29,6 +29,12 @@ class OperatorSettings:
     """This replica's name in the Lease (defaults to host name and pid)."""
     liveness_endpoint: str | None = None
     """e.g. http://0.0.0.0:8080/healthz (kopf's liveness probe)."""
+    autoscale_interval_seconds: float = 15.0
+    """How often the autoscaler evaluates every autoscaled role; 0 turns the autoscaler off."""
+    prometheus_url: str | None = None
+    """The Prometheus HTTP API the autoscaler queries; None: scrape the serving pods directly."""
+    metrics_port: int | None = None
+    """Port of the operator's own /metrics; None: not served."""
 
     @property
     def clusterwide(self) -> bool:
@@ -49,6 +55,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=int, default=15)
     p.add_argument("--identity", default=os.environ.get("POD_NAME", ""))
     p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument(
+        "--autoscale-interval-seconds",
+        type=float,
+        default=15.0,
+        help="seconds between autoscaler evaluations (0: no autoscaling)",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        default=None,
+        help="Prometheus HTTP API for autoscaling metrics, e.g. http://prometheus.monitoring:9090; "
+        "unset: scrape the serving pods' /metrics directly",
+    )
+    p.add_argument("--metrics-port", type=int, default=None, help="serve the operator's /metrics here")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -65,6 +84,9 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         lease_seconds=args.lease_seconds,
         identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
         liveness_endpoint=args.liveness,
+        autoscale_interval_seconds=args.autoscale_interval_seconds,
+        prometheus_url=args.prometheus_url or None,
+        metrics_port=args.metrics_port,
     )
 
 

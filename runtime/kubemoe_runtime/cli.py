@@ -8,6 +8,7 @@ Subcommands so far:
 
     serve --model PATH ...                   one pod of a serving group: the OpenAI API on the torch
                                              engine (see serve.py for the flags, vLLM's names)
+    serve --role router ...                  the router: OpenAI front door, P/D proxy (router/main.py)
 
 Engine flags use vLLM's names so one rendered pod command fits either engine.
 """
@@ -107,8 +108,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _role(argv: Sequence[str]) -> str | None:
+    """The value of `--role` in a `serve` argv, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--role" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--role="):
+            return arg.removeprefix("--role=")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and _role(argv[1:]) == "router":
+        from kubemoe_runtime.router.main import main as router_main
+
+        return router_main(argv[1:])
     if argv[:1] == ["serve"]:  # its own parser: a pod's argv may carry vLLM flags the torch engine ignores
         from kubemoe_runtime.serve import main as serve_main
 

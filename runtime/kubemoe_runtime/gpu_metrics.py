@@ -86,7 +86,7 @@ class GpuCollector(Collector):
             pynvml.nvmlInit()
             self.count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as err:
-            log.info("GPU metrics off: NVML unavailable (%s); no DCGM_FI_* series will be exported", err)
+            log.warning("GPU metrics off: NVML unavailable (%s); no DCGM_FI_* series are exported", err)
             return
         log.info("GPU metrics on: %d GPU(s) through NVML", self.count)
 

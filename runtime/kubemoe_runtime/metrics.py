@@ -11,6 +11,8 @@ Every series carries the labels the operator's autoscaler groups by: `deployment
     kubemoe_request_latency_seconds      histogram  arrival -> finish
     kubemoe_prompt_tokens_total          counter    prompt tokens prefilled
     kubemoe_generation_tokens_total      counter    tokens generated
+    kubemoe_kv_pulled_tokens_total       counter    P/D decode: prompt tokens pulled, not computed
+    kubemoe_kv_pull_failures_total       counter    P/D decode: pulls that failed (prompt prefilled locally)
     kubemoe_requests_finished_total      counter    by finish_reason (stop, length, abort)
     kubemoe_requests_rejected_total      counter    turned away because the waiting queue was full
 """
@@ -90,6 +92,15 @@ class ServingMetrics:
         ).labels(**values)
         self.generation_tokens = Counter(
             "kubemoe_generation_tokens", "Tokens generated", LABELS, registry=r
+        ).labels(**values)
+        self.kv_pulled_tokens = Counter(
+            "kubemoe_kv_pulled_tokens", "Prompt tokens whose KV came from a prefill (P/D)", LABELS, registry=r
+        ).labels(**values)
+        self.kv_pull_failures = Counter(
+            "kubemoe_kv_pull_failures",
+            "KV pulls that failed (the prompt was prefilled here)",
+            LABELS,
+            registry=r,
         ).labels(**values)
         self._finished = Counter(
             "kubemoe_requests_finished", "Finished requests", [*LABELS, "finish_reason"], registry=r

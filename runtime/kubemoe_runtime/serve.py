@@ -4,7 +4,7 @@ The operator renders the same argv for either engine (operator/kubemoe_operator/
 
     kubemoe-runtime serve --engine torch|vllm --role ROLE --model PATH [--served-model-name NAME]
         --host H --port P --dtype D --max-model-len N --tensor-parallel-size 1
-        [--data-parallel-size N --data-parallel-size-local L --data-parallel-start-rank S
+        [--data-parallel-size N --data-parallel-size-local L --data-parallel-start-rank S|auto
          --data-parallel-address A --data-parallel-rpc-port R] [--enable-expert-parallel] [--headless]
         [--kv-transfer-config JSON]
 
@@ -12,6 +12,9 @@ With the torch engine a pod runs ranks S .. S+L-1 of an expert-parallel group of
 thread of this process, the others as child processes. Every rank joins the group through the TCP store
 at A:R (rank 0 hosts it; without R a single-pod group picks a free port). The pod holding rank 0 serves the
 OpenAI API and drives the group (engines/torch/group.py); `--headless` pods serve /health and /ready only.
+
+`auto` start ranks come from LeaderWorkerSet's worker index (start_rank.py). `--engine vllm` runs vLLM
+behind a thin front on the same port instead (engines/vllm/), handing it every flag serve does not know.
 
     main thread     uvicorn: the API (leader) or health (headless)
     engine thread   rank S: join the group, load weights, barrier; then the scheduler loop (rank 0) or
@@ -52,9 +55,13 @@ from kubemoe_runtime.engines.torch.parallel import (
     shutdown_expert_parallel,
 )
 from kubemoe_runtime.engines.torch.scheduler import Scheduler, SchedulerLimits
+from kubemoe_runtime.engines.vllm import serve_vllm
+from kubemoe_runtime.engines.vllm.command import flags_given
+from kubemoe_runtime.gpu_metrics import GpuCollector
 from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.model_config import ModelConfig
 from kubemoe_runtime.server.app import ServerState, build_app, health_app
+from kubemoe_runtime.start_rank import AUTO, StartRankError, resolve_start_rank
 from kubemoe_runtime.tokenizer import TextTokenizer
 
 log = logging.getLogger("kubemoe_runtime.serve")
@@ -78,7 +85,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--data-parallel-size", type=int, default=1)
     parser.add_argument("--data-parallel-size-local", type=int, default=None)
-    parser.add_argument("--data-parallel-start-rank", type=int, default=0)
+    parser.add_argument(
+        "--data-parallel-start-rank", default="0", help=f"a number, or {AUTO!r}: see start_rank.py"
+    )
     parser.add_argument("--data-parallel-address", default="127.0.0.1")
     parser.add_argument("--data-parallel-rpc-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--enable-expert-parallel", action="store_true")
@@ -138,7 +147,10 @@ class ServeSettings(BaseModel):
             tensor_parallel_size=args.tensor_parallel_size,
             data_parallel_size=args.data_parallel_size,
             data_parallel_size_local=args.data_parallel_size_local or args.data_parallel_size,
-            data_parallel_start_rank=args.data_parallel_start_rank,
+            data_parallel_start_rank=resolve_start_rank(
+                args.data_parallel_start_rank,
+                local=args.data_parallel_size_local or args.data_parallel_size,
+            ),
             data_parallel_address=args.data_parallel_address,
             data_parallel_rpc_port=args.data_parallel_rpc_port,
             enable_expert_parallel=args.enable_expert_parallel,
@@ -272,8 +284,7 @@ class _Pod:
 
 def serve(settings: ServeSettings) -> int:
     if settings.engine != "torch":
-        print("error: `serve --engine vllm` is not wired in yet; use --engine torch", file=sys.stderr)
-        return 2
+        raise ValueError("serve() runs the torch engine; main() hands --engine vllm to serve_vllm()")
     if problems := settings.torch_problems():
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -324,6 +335,8 @@ def serve(settings: ServeSettings) -> int:
 
 def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:
     labels = MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank)
+    metrics = ServingMetrics(labels)
+    metrics.registry.register(GpuCollector(labels.as_dict()))  # DCGM_FI_*; none without a driver
     generation = _generation_defaults(settings.model)
     eos = {*cfg.eos_token_ids, *_as_ids(generation.get("eos_token_id"))}
     return ServerState(
@@ -333,7 +346,7 @@ def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: i
         vocab_size=cfg.vocab_size,
         eos_token_ids=tuple(sorted(eos)),
         tokenizer=TextTokenizer.load(settings.model),
-        metrics=ServingMetrics(labels),
+        metrics=metrics,
         default_temperature=float(generation.get("temperature", 1.0)),
         default_top_p=float(generation.get("top_p", 1.0)),
         created=int(time.time()),
@@ -420,6 +433,12 @@ def main(argv: Sequence[str]) -> int:
     except json.JSONDecodeError as err:
         print(f"error: --kv-transfer-config is not JSON: {err}", file=sys.stderr)
         return 2
+    except StartRankError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if settings.engine == "vllm":  # vLLM gets the flags serve does not know, unchanged
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        return serve_vllm(settings, given=flags_given(argv), extra=unknown)
     if unknown:
         print(f"warning: ignoring flags the torch engine does not use: {' '.join(unknown)}", file=sys.stderr)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

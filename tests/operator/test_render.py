@@ -147,10 +147,36 @@ def test_s3_credentials_never_land_in_args_or_configmaps() -> None:
         args = container["args"]
         if container["name"] == "engine":
             assert args[args.index("--load-format") + 1] == "runai_streamer"
-            env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+            aws = [e for e in container["env"] if e["name"].startswith("AWS_")]
+            env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in aws}
             assert env["AWS_ACCESS_KEY_ID"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
             assert env["AWS_SESSION_TOKEN"]["optional"] is True
-            assert all("value" not in e for e in container["env"])
+            assert all("value" not in e for e in aws)
         text += json.dumps(args)
     assert "s3-creds" not in text
     assert "AWS_" not in text
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_engine_pods_give_the_runtime_its_metric_labels(path: Path) -> None:
+    """deployment and group from the environment, role and rank from the flags: what the
+    autoscaler's queries select on (autoscale/signals.py)."""
+    objs = _render(path)
+    name = load_manifest(path).metadata.name
+    for obj in objs:
+        if obj["kind"] == "LeaderWorkerSet":
+            lwt = obj["spec"]["leaderWorkerTemplate"]
+            templates = [lwt["leaderTemplate"], lwt["workerTemplate"]]
+            group = "metadata.labels['leaderworkerset.sigs.k8s.io/group-index']"
+        elif obj["kind"] == "Deployment" and obj["metadata"]["labels"][LABEL_ROLE] != "router":
+            templates = [obj["spec"]["template"]]
+            group = "metadata.name"
+        else:
+            continue
+        for template in templates:
+            (container,) = template["spec"]["containers"]
+            env = {e["name"]: e for e in container["env"]}
+            assert env["KUBEMOE_DEPLOYMENT"]["value"] == name
+            assert env["KUBEMOE_GROUP"]["valueFrom"]["fieldRef"]["fieldPath"] == group
+            args = container["args"]
+            assert args[args.index("--role") + 1] == obj["metadata"]["labels"][LABEL_ROLE]

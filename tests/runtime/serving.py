@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +41,25 @@ def http_post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
 class Server:
     """One `serve` process (plus the rank processes it spawns), killed for sure on `stop`."""
 
-    def __init__(self, model: Path, *, args: Sequence[str] = (), log_dir: Path, name: str) -> None:
+    def __init__(
+        self,
+        model: Path,
+        *,
+        args: Sequence[str] = (),
+        log_dir: Path,
+        name: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "kubemoe_runtime.cli", "serve", "--model", str(model)]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", *args]
-        env = {**os.environ, **LABEL_ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, **LABEL_ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         # A session of its own, so stop() can reach the rank processes this one spawns.
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
 
     def log(self) -> str:

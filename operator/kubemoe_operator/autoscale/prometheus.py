@@ -68,9 +68,17 @@ class PrometheusSource:
             raise MetricsUnavailable(
                 f"Prometheus at {self.base_url} answered {resp.status_code}: {resp.text[:200]}"
             )
-        body = resp.json()
-        if body.get("status") != "success" or body.get("data", {}).get("resultType") != "vector":
-            raise MetricsUnavailable(f"Prometheus query failed: {body.get('error', body)!s:.200}")
+        try:
+            body = resp.json()
+        except ValueError as err:
+            raise MetricsUnavailable(f"Prometheus at {self.base_url} answered no JSON: {err}") from err
+        if (
+            not isinstance(body, dict)
+            or body.get("status") != "success"
+            or body.get("data", {}).get("resultType") != "vector"
+        ):
+            error = body.get("error", body) if isinstance(body, dict) else body
+            raise MetricsUnavailable(f"Prometheus query failed: {error!s:.200}")
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 

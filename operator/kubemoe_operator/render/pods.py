@@ -16,6 +16,7 @@ HF_CACHE_MOUNT = "/cache"
 HF_TOKEN_KEYS = ("HF_TOKEN",)
 S3_REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL")
+LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
 # Loading hundreds of GB of weights takes a while: allow 30 minutes before liveness applies.
 STARTUP_PERIOD_S = 10
 STARTUP_FAILURES = 180
@@ -127,10 +128,23 @@ def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     return pod, container
 
 
+def metric_label_env(*, owner: str, role: RolePlan) -> list[dict[str, Any]]:
+    """The runtime labels its metrics deployment/role/group/rank (what the autoscaler selects on):
+    role and rank come from --role and --data-parallel-start-rank, these two from the environment.
+    The group is LeaderWorkerSet's group index, or the pod's name where a pod is a whole group."""
+    lws = role.workload == "LeaderWorkerSet"
+    group = f"metadata.labels['{LWS_GROUP_INDEX}']" if lws else "metadata.name"
+    return [
+        {"name": "KUBEMOE_DEPLOYMENT", "value": owner},
+        {"name": "KUBEMOE_GROUP", "valueFrom": {"fieldRef": {"fieldPath": group}}},
+    ]
+
+
 def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, Any]:
     """The template of one pod of a serving group: the leader (API server) or a headless worker."""
     serves_api = pod.leader
     env, volumes, mounts = source_mounts(ctx.spec)
+    env = [*metric_label_env(owner=ctx.owner, role=role), *env]
     # NCCL and the engine's shared-memory transport need more /dev/shm than the runtime default.
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -145,9 +159,8 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "resources": _resources(spec=ctx.spec, plan=ctx.plan, role=role),
         "securityContext": container_sc,
         "volumeMounts": mounts,
+        "env": env,
     }
-    if env:
-        container["env"] = env
     if serves_api:
         container.update(_probes())
     pod_labels = labels(ctx.owner, role.role)

@@ -1,1 +1,1 @@
-"""Inference engines: `torch` (built in, expert-parallel over torch.distributed) and, later, `vllm`."""
+"""Inference engines: `torch` (built in, expert-parallel over torch.distributed) and `vllm` (supervised)."""

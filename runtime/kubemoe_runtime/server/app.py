@@ -6,6 +6,7 @@
     GET  /v1/models             the served model names
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
     POST /v1/chat/completions   messages through the checkpoint's chat template; streaming or not
+    GET  /v1/kv/{handle}        P/D: a prefilled prompt's KV (safetensors bytes), read once (kv/handoff.py)
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
 unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
@@ -18,7 +19,9 @@ every step's output back through `loop.call_soon_threadsafe` into the request's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +37,8 @@ from starlette.routing import Route
 
 from kubemoe_runtime.engines.torch.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, QueueFull, Scheduler
+from kubemoe_runtime.kv.handoff import prompt_digest
+from kubemoe_runtime.kv.pull import KVPuller, KVPullError, wants_pull
 from kubemoe_runtime.metrics import ServingMetrics
 from kubemoe_runtime.server.protocol import (
     ApiError,
@@ -55,6 +60,7 @@ from kubemoe_runtime.server.protocol import (
 )
 from kubemoe_runtime.tokenizer import ChatTemplateError, TextTokenizer
 
+log = logging.getLogger("kubemoe_runtime.server")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat fills the context
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -115,6 +121,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/kv/{handle}", api.kv, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -148,6 +155,7 @@ async def _http_error(_: Request, err: HTTPException) -> Response:
 class Api:
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.puller = KVPuller()
 
     async def health(self, _: Request) -> Response:
         if self.state.failure is not None:
@@ -182,6 +190,7 @@ class Api:
         prompt_ids = self.state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         self._check_prompt(prompt_ids, param="prompt")
         generation = self._generation_request(body, prompt_ids, max_tokens=body.max_tokens, default_cap=True)
+        generation = await self._pull_kv(generation)
         outputs, request_id = self._submit(scheduler, generation)
         stream = _Stream(scheduler, request_id, outputs)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -199,7 +208,12 @@ class Api:
         text, last = await stream.collect()
         choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
         response = Completion(
-            id=completion_id, created=created, model=model, choices=[choice], usage=_usage(last)
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[choice],
+            usage=_usage(last),
+            kv_transfer_params=_reachable(last.kv_transfer_params, request),
         )
         return JSONResponse(response.model_dump())
 
@@ -217,6 +231,7 @@ class Api:
         generation = self._generation_request(
             body, prompt_ids, max_tokens=body.token_limit(), default_cap=False
         )
+        generation = await self._pull_kv(generation)
         outputs, request_id = self._submit(scheduler, generation)
         stream = _Stream(scheduler, request_id, outputs)
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -243,11 +258,42 @@ class Api:
         text, last = await stream.collect()
         choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
         response = ChatCompletion(
-            id=chat_id, created=created, model=model, choices=[choice], usage=_usage(last)
+            id=chat_id,
+            created=created,
+            model=model,
+            choices=[choice],
+            usage=_usage(last),
+            kv_transfer_params=_reachable(last.kv_transfer_params, request),
         )
         return JSONResponse(response.model_dump())
 
+    async def kv(self, request: Request) -> Response:
+        """P/D: hand a prefilled prompt's KV to the decode that asks for it (once)."""
+        prefilled = self.state.ready_scheduler().kv_store.take(request.path_params["handle"])
+        if prefilled is None:
+            raise ApiError(404, "no KV under this handle (expired or taken)", type="not_found_error")
+        return Response(await asyncio.to_thread(prefilled.encode), media_type="application/octet-stream")
+
     # --- shared steps -------------------------------------------------------------------------------
+
+    async def _pull_kv(self, generation: GenerationRequest) -> GenerationRequest:
+        """P/D decode: fetch the prompt's KV from the prefill named in kv_transfer_params. On failure the
+        prompt is prefilled here (slower, same answer)."""
+        if not wants_pull(generation.kv_transfer_params):
+            return generation
+        assert generation.kv_transfer_params is not None
+        try:
+            pulled = await self.puller.pull(generation.kv_transfer_params)
+        except KVPullError as err:
+            log.warning("kubemoe-runtime: KV pull failed, prefilling here: %s", err)
+            self.state.metrics.kv_pull_failures.inc()
+            return generation
+        prompt = generation.prompt_ids
+        if pulled.prompt_tokens != len(prompt) or pulled.prompt_sha256 != prompt_digest(prompt):
+            log.warning("kubemoe-runtime: the pulled KV is for another prompt; prefilling here")
+            self.state.metrics.kv_pull_failures.inc()
+            return generation
+        return dataclasses.replace(generation, pulled=pulled)
 
     def _model_name(self, requested: str | None) -> str:
         if requested is None:
@@ -361,6 +407,13 @@ def _sse(events: AsyncIterator[BaseModel]) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _reachable(params: dict[str, Any] | None, request: Request) -> dict[str, Any] | None:
+    """A prefill's kv_transfer_params, with the host and port the caller reached this server at."""
+    if params is None or params.get("remote_host") is not None:
+        return params
+    return {**params, "remote_host": request.url.hostname, "remote_port": request.url.port}
 
 
 def _usage(output: Output) -> Usage:

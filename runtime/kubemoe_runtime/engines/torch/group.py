@@ -28,8 +28,11 @@ Ranks run in one or more pods: a pod runs `--data-parallel-size-local` ranks (th
 the rest as child processes); every rank joins the group through the TCP store at
 `--data-parallel-address:--data-parallel-rpc-port`, which rank 0 hosts.
 
-P/D disaggregation plugs in at `Row.kv_transfer_params` and `RankRunner.export_kv` / `import_kv`: a prefill
-rank exports a finished prompt's cache, a decode rank imports it into the row's slot before its first step.
+P/D disaggregation (kv/handoff.py): a prefill row with `export_kv` has its slot's cache copied out right
+after its forward (rows on other ranks send theirs to rank 0 with one gather_object, in steps that have
+any); a decode row with `kv_import` has the pulled cache written into its slot before its forward, so its
+first row is the first generated token at position n, not the prompt. The pulled KV reaches its rank
+inside the step broadcast.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ class Row:
     tokens: list[int]
     start: int
     sampling: SamplingParams | None = None  # set on the request's first step: the rank makes its sampler
-    kv_transfer_params: dict[str, Any] | None = None  # P/D hook, passed through untouched for now
+    kv_transfer_params: dict[str, Any] | None = None  # the request's P/D parameters (informational)
+    export_kv: bool = False  # P/D prefill: copy this row's cache (positions 0 .. start+len-1) after the step
+    kv_import: list[dict[str, torch.Tensor]] | None = None  # P/D decode: write into the slot before the step
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class RankRunner:
         # One spare slot for dummy rows; one spare position for padding written past a row's end.
         self.cache: KVCache = engine.model.new_cache(slots=slots + 1, max_len=max_len + 1, dtype=engine.dtype)
         self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
+        self.exports: dict[int, list[dict[str, torch.Tensor]]] = {}  # request id -> KV, for rank 0 to take
 
     @torch.inference_mode()
     def run(self, rows: list[Row], *, released: list[int]) -> list[int]:
@@ -96,6 +102,8 @@ class RankRunner:
         for row in rows:
             if row.sampling is not None:
                 self.samplers[row.request_id] = (row.sampling, row.sampling.generator())
+            if row.kv_import is not None:
+                self.import_kv(row.slot, row.kv_import)
         if not rows:
             self._dummy_forward()
             return []
@@ -117,7 +125,13 @@ class RankRunner:
         for b, row in enumerate(rows):
             params, generator = self.samplers[row.request_id]
             out.append(sample(logits_BTV[b, -1], params, generator))
+            if row.export_kv:
+                self.exports[row.request_id] = self.export_kv(row.slot, length=row.start + len(row.tokens))
         return out
+
+    def take_exports(self) -> dict[int, list[dict[str, torch.Tensor]]]:
+        exports, self.exports = self.exports, {}
+        return exports
 
     def _dummy_forward(self) -> None:
         self.engine.model(
@@ -144,6 +158,7 @@ class GroupLeader:
             raise ValueError("only rank 0 leads a serving group")
         self.runner = runner
         self.ep = ep
+        self._exports: dict[int, list[dict[str, torch.Tensor]]] = {}
 
     @property
     def size(self) -> int:
@@ -153,10 +168,24 @@ class GroupLeader:
         """Sampled tokens per rank, in the order of `step.rows[rank]`."""
         released = step.released or [[] for _ in range(self.size)]
         if self.size == 1:
-            return [self.runner.run(step.rows[0], released=released[0])]
+            sampled = [self.runner.run(step.rows[0], released=released[0])]
+            self._exports.update(self.runner.take_exports())
+            return sampled
         _broadcast(step)
         mine = self.runner.run(step.rows[0], released=released[0])
-        return _gather_tokens(mine, rows=step.rows, size=self.size)
+        sampled = _gather_tokens(mine, rows=step.rows, size=self.size)
+        self._exports.update(self.runner.take_exports())
+        if _exports_elsewhere(step):
+            parts: list[Any] = [None] * self.size
+            dist.gather_object({}, parts, dst=0)
+            for part in parts[1:]:
+                self._exports.update(part)
+        return sampled
+
+    def take_exports(self) -> dict[int, list[dict[str, torch.Tensor]]]:
+        """The KV copied out by this step's `export_kv` rows, by request id."""
+        exports, self._exports = self._exports, {}
+        return exports
 
     def keepalive(self) -> None:
         if self.size > 1:
@@ -178,6 +207,14 @@ def follow(runner: RankRunner, *, ep: ExpertParallel) -> None:
         released = message.released[ep.rank] if message.released else []
         mine = runner.run(message.rows[ep.rank], released=released)
         _gather_tokens(mine, rows=message.rows, size=ep.size)
+        exports = runner.take_exports()
+        if _exports_elsewhere(message):
+            dist.gather_object(exports, None, dst=0)
+
+
+def _exports_elsewhere(step: Step) -> bool:
+    """Whether a rank other than 0 exports KV this step (then every rank joins one gather_object)."""
+    return any(row.export_kv for rows in step.rows[1:] for row in rows)
 
 
 def _gather_tokens(mine: list[int], *, rows: list[list[Row]], size: int) -> list[list[int]]:

@@ -12,6 +12,12 @@
     run()      the engine thread's loop: step while there is work, else wait (and keep followers alive)
 
 Sinks are called on the engine thread; the server hands outputs to its event loop thread-safely.
+
+P/D (kv/handoff.py): a request whose kv_transfer_params ask for `do_remote_decode` has its prompt's KV
+copied out after its first step and kept in `kv_store`; its outputs then carry the kv_transfer_params a
+decode needs. A request submitted with `pulled` (the KV a decode fetched) skips its prompt: admission
+emits the prefill's first token, and its first row is that token at position n with the KV imported
+into its slot — no prompt token is computed (the prompt-token counter does not move).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Literal
 
 from kubemoe_runtime.engines.torch.group import GroupLeader, Row, Step
 from kubemoe_runtime.engines.torch.sampling import SamplingParams
+from kubemoe_runtime.kv.handoff import KVStore, PrefilledKV, prompt_digest, remote_prefill_params
 from kubemoe_runtime.metrics import ServingMetrics
 from kubemoe_runtime.tokenizer import TextStream, TextTokenizer
 
@@ -43,7 +50,12 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    kv_transfer_params: dict[str, Any] | None = None  # P/D hook (group.py)
+    kv_transfer_params: dict[str, Any] | None = None  # P/D: as the client (router) sent them
+    pulled: PrefilledKV | None = None  # P/D decode: the prompt's KV and first token, fetched from prefill
+
+    @property
+    def remote_decode(self) -> bool:
+        return bool(self.kv_transfer_params and self.kv_transfer_params.get("do_remote_decode"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,7 @@ class Output:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    kv_transfer_params: dict[str, Any] | None = None  # P/D prefill: what the decode needs to pull the KV
 
 
 Sink = Callable[[Output], None]
@@ -72,6 +85,7 @@ class _Sequence:
     position: int = 0  # where the next row starts
     output: list[int] = field(default_factory=list)
     last_token_at: float | None = None
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class Scheduler:
         eos_token_ids: Sequence[int],
         metrics: ServingMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        kv_store: KVStore | None = None,
     ) -> None:
         self.leader = leader
         self.tokenizer = tokenizer
@@ -99,6 +114,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = metrics
         self.clock = clock
+        self.kv_store = kv_store if kv_store is not None else KVStore()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._next_id = 0
@@ -118,6 +134,11 @@ class Scheduler:
             raise ValueError("the prompt is empty")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if request.pulled is not None and (
+            request.pulled.prompt_tokens != n
+            or request.pulled.prompt_sha256 != prompt_digest(request.prompt_ids)
+        ):
+            raise ValueError("the pulled KV belongs to another prompt")
         if n + request.max_tokens > self.limits.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the context "
@@ -171,7 +192,8 @@ class Scheduler:
         order: list[list[_Sequence]] = [[] for _ in range(self.leader.size)]
         for seq in self._running.values():
             new = seq.id in admitted
-            tokens = list(seq.request.prompt_ids) if new else [seq.output[-1]]
+            pulled = seq.request.pulled if new else None
+            tokens = list(seq.request.prompt_ids) if new and pulled is None else [seq.output[-1]]
             rows[seq.rank].append(
                 Row(
                     request_id=seq.id,
@@ -180,6 +202,8 @@ class Scheduler:
                     start=seq.position,
                     sampling=seq.request.sampling if new else None,
                     kv_transfer_params=seq.request.kv_transfer_params if new else None,
+                    export_kv=new and pulled is None and seq.request.remote_decode,
+                    kv_import=None if pulled is None else pulled.kv,
                 )
             )
             order[seq.rank].append(seq)
@@ -188,15 +212,29 @@ class Scheduler:
             return
         released, self._released = self._released, [[] for _ in range(self.leader.size)]
         sampled = self.leader.run(Step(rows=rows, released=released))
+        exports = self.leader.take_exports()
         now = self.clock()
         for rank, seqs in enumerate(order):
             for seq, row, token in zip(seqs, rows[rank], sampled[rank], strict=True):
                 seq.position += len(row.tokens)
+                if (kv := exports.get(seq.id)) is not None:
+                    self._keep_for_decode(seq, kv, first_token=token)
                 self._append(seq, token, now=now)
         self._update_gauges()
 
+    def _keep_for_decode(self, seq: _Sequence, kv: list[dict[str, Any]], *, first_token: int) -> None:
+        prompt = seq.request.prompt_ids
+        handle = self.kv_store.put(
+            PrefilledKV(
+                kv=kv, first_token=first_token, prompt_tokens=len(prompt), prompt_sha256=prompt_digest(prompt)
+            )
+        )
+        # The server fills in the host and port the router reached it at.
+        seq.kv_transfer_params = remote_prefill_params(handle=handle, host=None, port=None)
+
     def _admit(self) -> set[int]:
         admitted: set[int] = set()
+        pulled: list[_Sequence] = []
         budget = self.limits.max_prefill_tokens
         with self._lock:
             aborts, self._aborts = self._aborts, set()
@@ -205,16 +243,27 @@ class Scheduler:
             self._waiting = kept
             while self._waiting:
                 rank = self._pick_rank()
-                n = len(self._waiting[0].request.prompt_ids)
-                if not self._free_slots[rank] or (admitted and n > budget):
+                head = self._waiting[0].request
+                n = len(head.prompt_ids)
+                if not self._free_slots[rank] or (admitted and head.pulled is None and n > budget):
                     break
                 seq = self._waiting.popleft()
                 seq.rank, seq.slot = rank, self._free_slots[rank].pop(0)
                 self._running[seq.id] = seq
                 admitted.add(seq.id)
+                if seq.request.pulled is not None:  # no prompt to run: it starts at its first token
+                    seq.position = n
+                    pulled.append(seq)
+                    continue
                 budget -= n
                 if self.metrics is not None:
                     self.metrics.prompt_tokens.inc(n)
+        now = self.clock()
+        for seq in pulled:
+            assert seq.request.pulled is not None
+            if self.metrics is not None:
+                self.metrics.kv_pulled_tokens.inc(seq.position)
+            self._append(seq, seq.request.pulled.first_token, now=now)
         for seq in aborted_waiting:
             self._finish(seq, text="", reason="abort")
         for request_id in aborts:
@@ -275,6 +324,7 @@ class Scheduler:
             finish_reason=reason,
             prompt_tokens=len(seq.request.prompt_ids),
             completion_tokens=len(seq.output),
+            kv_transfer_params=seq.kv_transfer_params,
         )
 
     def _update_gauges(self) -> None:

@@ -1,0 +1,448 @@
+"""Autoscaling prefill and decode separately, end to end, on real parts only.
+
+- The control plane is real (kube-apiserver, LWS, kwok nodes). The ModelDeployment
+  (e2e/manifests/autoscaled.yaml) is the simulated one: its pods are kwok's and run nothing.
+- The metrics come from real runtime processes on 127.0.0.1 — the torch engine serving a tiny
+  checkpoint, one process per role — whose labels (deployment=autoscaled, role=prefill|decode,
+  group=0) are the ones the operator's queries select the ModelDeployment's roles by.
+- A real Prometheus (Debian's package, e2e/prometheus.py) scrapes them every second; the operator
+  (as the Helm chart's ServiceAccount) queries it every INTERVAL_S seconds.
+- The load generator (e2e/runtime_process.py) is bounded in requests and time. With one KV slot
+  (--max-num-seqs 1), N clients hold N-1 requests in decode's waiting queue: HEAVY clients ask
+  for more decode groups (queue 11 against a target of 5 per group); STEADY clients (queue ~4)
+  sit inside what the current replicas should serve.
+
+The tests run in file order and share one operator: scale up, hold under steady load, scale back
+when the load stops, and hold still when Prometheus goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e import prometheus
+from e2e.cluster.handle import Cluster
+from e2e.cluster.procs import free_port
+from e2e.conftest import OPERATOR_NAMESPACE
+from e2e.operator_process import OperatorProcess, eventually, get_json, install_crd
+from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "e2e" / "manifests" / "autoscaled.yaml"
+NAME = "autoscaled"
+INTERVAL_S = 2.0
+SCALE_DOWN_WINDOW_S = 10.0  # as in the manifest
+TARGET = 5.0  # queue depth per group, as in the manifest
+DECODE_MIN, DECODE_MAX = 2, 4
+HEAVY, STEADY = 12, 5
+LATENCY_S = 1.5
+"""Allowance for the status write and this test's polling, on top of the evaluation intervals."""
+DECODE_QUEUE = f'sum(kubemoe_requests_waiting{{deployment="{NAME}",role="decode"}})'
+
+
+@pytest.fixture(scope="module")
+def runtimes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RuntimeProcess]]:
+    """One runtime process per role, labelled as the ModelDeployment's roles."""
+    root = tmp_path_factory.mktemp("runtimes")
+    model = tiny_checkpoint(root / "tiny")
+    procs = {
+        role: RuntimeProcess(
+            model=model,
+            role=role,
+            labels={"KUBEMOE_DEPLOYMENT": NAME, "KUBEMOE_GROUP": "0"},
+            log_dir=root,
+            args=("--max-num-seqs", "1", "--max-model-len", "256"),
+        )
+        for role in ("prefill", "decode")
+    }
+    try:
+        for proc in procs.values():
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def prom(
+    runtimes: dict[str, RuntimeProcess], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[prometheus.PrometheusServer]:
+    server = prometheus.start(
+        [p.target for p in runtimes.values()], workdir=tmp_path_factory.mktemp("prometheus")
+    )
+    try:
+        eventually(lambda: server.targets_up() == 2, timeout=30, what="both runtimes scraped")
+        eventually(lambda: server.value(DECODE_QUEUE) is not None, timeout=30, what="decode's queue")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster) -> Iterator[str]:
+    install_crd(cluster)
+    name = f"as-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def operator(
+    operator_cluster: Cluster,
+    namespace: str,
+    prom: prometheus.PrometheusServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    proc = OperatorProcess(
+        operator_cluster,
+        log=log,
+        args=(
+            "--namespace",
+            namespace,
+            "--resync-seconds",
+            "3",
+            "--lease-namespace",
+            OPERATOR_NAMESPACE,
+            "--lease-name",
+            "kubemoe-operator-autoscale-e2e",
+            "--lease-seconds",
+            "4",
+            "--prometheus-url",
+            prom.url,
+            "--autoscale-interval-seconds",
+            str(INTERVAL_S),
+            "--metrics-port",
+            str(free_port()),
+        ),
+    )
+    proc.start()
+    failed_before = request.session.testsfailed
+    yield proc
+    proc.stop()
+    if request.session.testsfailed > failed_before:
+        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+
+
+def md(cluster: Cluster, ns: str) -> dict[str, Any]:
+    obj: dict[str, Any] = get_json(cluster, "md", NAME, "-n", ns)
+    return obj
+
+
+def condition(obj: dict[str, Any], type: str) -> dict[str, Any]:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c["type"] == type:
+            return dict(c)
+    return {}
+
+
+def desired(obj: dict[str, Any], role: str) -> int | None:
+    value = ((obj.get("status") or {}).get("roles") or {}).get(role, {}).get("desired")
+    return None if value is None else int(value)
+
+
+def lws_replicas(cluster: Cluster, ns: str, role: str) -> int:
+    return int(get_json(cluster, "lws", f"{NAME}-{role}", "-n", ns)["spec"]["replicas"])
+
+
+def decode_groups(cluster: Cluster, ns: str) -> int:
+    """The replicas decode runs now: its desired once the autoscaler set one, else spec's."""
+    obj = md(cluster, ns)
+    d = desired(obj, "decode")
+    return d if d is not None else int(obj["spec"]["roles"]["decode"]["replicas"])
+
+
+def scaled_events(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    items = get_json(cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={NAME}")["items"]
+    return [
+        e
+        for e in items
+        if e["reason"] == "Scaled" and (e.get("source") or {}).get("component") == "kubemoe-autoscaler"
+    ]
+
+
+def operator_metrics(operator: OperatorProcess) -> str:
+    port = operator.args[operator.args.index("--metrics-port") + 1]
+    return http_get(f"http://127.0.0.1:{port}/metrics")[1]
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in Prometheus text, or None."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+def hold_still(cluster: Cluster, ns: str, *, seconds: float) -> list[tuple[float, int, int | None]]:
+    """(time, decode groups, prefill desired), polled for `seconds`."""
+    seen = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        obj = md(cluster, ns)
+        seen.append(
+            (
+                time.monotonic(),
+                desired(obj, "decode") or int(obj["spec"]["roles"]["decode"]["replicas"]),
+                desired(obj, "prefill"),
+            )
+        )
+        time.sleep(0.5)
+    return seen
+
+
+def assert_prefill_untouched(cluster: Cluster, ns: str) -> None:
+    assert desired(md(cluster, ns), "prefill") in (None, 1)
+    assert lws_replicas(cluster, ns, "prefill") == 1
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: Cluster, namespace: str, operator: OperatorProcess) -> str:
+    """The ModelDeployment Ready, with the autoscaler reading its metrics."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(MANIFEST))
+
+    def ready() -> dict[str, Any] | None:
+        obj = md(cluster, namespace)
+        ok = (
+            condition(obj, "Ready").get("status") == "True"
+            and condition(obj, "MetricsAvailable").get("status") == "True"
+        )
+        return obj if ok else None
+
+    obj = eventually(ready, timeout=90, what=f"{NAME} Ready with metrics available")
+    assert condition(obj, "MetricsAvailable")["reason"] == "MetricsRead"
+    assert "Prometheus at http://127.0.0.1" in condition(obj, "MetricsAvailable")["message"]
+    assert lws_replicas(cluster, namespace, "decode") == DECODE_MIN
+    return namespace
+
+
+def test_runtime_metrics_carry_the_labels_and_no_gpu_series_without_a_driver(
+    runtimes: dict[str, RuntimeProcess],
+) -> None:
+    text = runtimes["decode"].metrics()
+    assert 'kubemoe_requests_waiting{deployment="autoscaled",group="0",rank="0",role="decode"}' in text
+    assert "DCGM_FI_" not in text  # this machine has no NVIDIA driver: the GPU gauges are absent
+    assert runtimes["decode"].log().count("GPU metrics off") == 1
+
+
+def test_decode_queue_scales_decode_up_and_its_leader_worker_set_follows(
+    cluster: Cluster,
+    deployed: str,
+    runtimes: dict[str, RuntimeProcess],
+    prom: prometheus.PrometheusServer,
+    operator: OperatorProcess,
+) -> None:
+    ns = deployed
+    before = decode_groups(cluster, ns)
+    assert before == DECODE_MIN
+    with LoadGenerator(runtimes["decode"].url, clients=HEAVY) as load:
+        eventually(
+            lambda: (prom.value(DECODE_QUEUE) or 0) > TARGET * 1.1,
+            timeout=30,
+            interval=0.1,
+            what="Prometheus to see decode's queue above target",
+        )
+        seen_at = time.monotonic()
+        eventually(
+            lambda: decode_groups(cluster, ns) > before, timeout=30, interval=0.1, what="decode to scale up"
+        )
+        took = time.monotonic() - seen_at
+        print(f"\ndecode scaled up {took:.1f}s after Prometheus saw the queue (interval {INTERVAL_S}s)")
+        assert took <= 2 * INTERVAL_S + LATENCY_S
+
+        # Under load (the next test's steady load takes over before the scale-down window ends).
+        assert before < decode_groups(cluster, ns) <= DECODE_MAX
+        eventually(
+            lambda: lws_replicas(cluster, ns, "decode") == decode_groups(cluster, ns),
+            timeout=30,
+            what="decode's LeaderWorkerSet to follow desired",
+        )
+        assert_prefill_untouched(cluster, ns)
+        (first, *_) = sorted(scaled_events(cluster, ns), key=lambda e: e["metadata"]["creationTimestamp"])
+        assert first["message"].startswith(f"decode: scale up {before} -> {before + 1}: queue-depth"), first
+        text = operator_metrics(operator)
+        ups = sample(text, "kubemoe_operator_autoscale_decisions_total", role="decode", direction="up")
+        assert (ups or 0) >= 1
+        assert sample(text, "kubemoe_operator_autoscale_desired_replicas", role="prefill") == 1
+        assert (sample(text, "kubemoe_operator_reconciles_total", result="ok") or 0) >= 1
+    assert load.failures == []
+
+
+def test_steady_load_changes_nothing_for_ten_intervals(
+    cluster: Cluster, deployed: str, runtimes: dict[str, RuntimeProcess], prom: prometheus.PrometheusServer
+) -> None:
+    ns = deployed
+    with LoadGenerator(runtimes["decode"].url, clients=STEADY):
+        eventually(
+            lambda: 3 <= (prom.value(DECODE_QUEUE) or 0) <= STEADY,
+            timeout=30,
+            interval=0.1,
+            what="decode's queue at the steady level",
+        )
+        groups = decode_groups(cluster, ns)
+        events = len(scaled_events(cluster, ns))
+        seen = hold_still(cluster, ns, seconds=10 * INTERVAL_S)
+        queue = prom.value(DECODE_QUEUE)
+    assert DECODE_MIN < groups <= DECODE_MAX  # held above the minimum by the load, not by the bounds
+    assert {g for _, g, _ in seen} == {groups}, seen
+    assert {p for _, _, p in seen} <= {None, 1}
+    assert len(scaled_events(cluster, ns)) == events
+    assert queue is not None
+    assert queue >= 3
+    assert lws_replicas(cluster, ns, "decode") == groups
+    assert_prefill_untouched(cluster, ns)
+
+
+def test_load_stops_decode_scales_back_after_the_window_not_below_min(
+    cluster: Cluster, deployed: str, runtimes: dict[str, RuntimeProcess], prom: prometheus.PrometheusServer
+) -> None:
+    ns = deployed
+    load = LoadGenerator(runtimes["decode"].url, clients=STEADY).start()
+    try:
+        eventually(
+            lambda: (prom.value(DECODE_QUEUE) or 0) >= 3,
+            timeout=30,
+            interval=0.1,
+            what="decode's queue at the steady level",
+        )
+        time.sleep(2 * INTERVAL_S)  # recommendations of the loaded level in the autoscaler's history
+        start = decode_groups(cluster, ns)
+        stopped_at = time.monotonic()
+    finally:
+        load.stop()
+    assert start > DECODE_MIN
+    eventually(
+        lambda: decode_groups(cluster, ns) < start, timeout=SCALE_DOWN_WINDOW_S + 30, what="a scale-down"
+    )
+    first_down = time.monotonic() - stopped_at
+    eventually(
+        lambda: decode_groups(cluster, ns) == DECODE_MIN,
+        timeout=(start - DECODE_MIN) * INTERVAL_S + 10,
+        what="decode back at minReplicas",
+    )
+    print(f"\ndecode first scaled down {first_down:.1f}s after the load stopped")
+    # The last recommendation made under load is at most one interval older than the stop, and
+    # only its leaving the scale-down window lets decode scale down.
+    assert first_down >= SCALE_DOWN_WINDOW_S - INTERVAL_S - 0.5
+    seen = hold_still(cluster, ns, seconds=4 * INTERVAL_S)
+    assert {g for _, g, _ in seen} == {DECODE_MIN}, seen
+    assert prom.value(DECODE_QUEUE) == 0  # an empty queue asks for fewer: minReplicas holds it
+    eventually(
+        lambda: lws_replicas(cluster, ns, "decode") == DECODE_MIN,
+        timeout=30,
+        what="decode's LeaderWorkerSet back at minReplicas",
+    )
+    downs = [e["message"] for e in scaled_events(cluster, ns) if "scale down" in e["message"]]
+    assert downs
+    assert all(m.startswith("decode: scale down") for m in downs), downs
+    assert_prefill_untouched(cluster, ns)
+
+
+def test_prometheus_unreachable_scales_nothing_and_says_so(
+    cluster: Cluster,
+    deployed: str,
+    runtimes: dict[str, RuntimeProcess],
+    prom: prometheus.PrometheusServer,
+    operator: OperatorProcess,
+) -> None:
+    ns = deployed
+    before = decode_groups(cluster, ns)
+    events = len(scaled_events(cluster, ns))
+    prom.stop()
+    with LoadGenerator(runtimes["decode"].url, clients=HEAVY):
+        cond = eventually(
+            lambda: (c := condition(md(cluster, ns), "MetricsAvailable")).get("status") == "False" and c,
+            timeout=4 * INTERVAL_S + 10,
+            what="MetricsAvailable=False",
+        )
+        seen = hold_still(cluster, ns, seconds=4 * INTERVAL_S)
+    assert cond["reason"] == "MetricsUnavailable"
+    assert "unreachable" in cond["message"], cond
+    assert prom.url in cond["message"], cond
+    assert {g for _, g, _ in seen} == {before}, seen
+    assert len(scaled_events(cluster, ns)) == events
+    assert lws_replicas(cluster, ns, "decode") == before
+    assert_prefill_untouched(cluster, ns)
+    assert operator.alive()
+    print("\ncondition:", json.dumps(cond))
+
+
+def test_turning_autoscaling_off_hands_the_roles_back_to_spec(cluster: Cluster, deployed: str) -> None:
+    ns = deployed
+    assert desired(md(cluster, ns), "decode") == DECODE_MIN  # the scale-downs above wrote it
+    patch = {
+        "spec": {
+            "roles": {
+                "prefill": {"autoscaling": None},
+                "decode": {"autoscaling": None, "replicas": DECODE_MIN + 1},
+            }
+        }
+    }
+    cluster.kubectl("patch", "md", NAME, "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+    def handed_back() -> dict[str, Any] | None:
+        obj = md(cluster, ns)
+        left = {desired(obj, role) for role in ("prefill", "decode")}
+        return obj if not condition(obj, "MetricsAvailable") and left == {None} else None
+
+    eventually(handed_back, timeout=4 * INTERVAL_S + 10, what="the autoscaler's status fields removed")
+    eventually(
+        lambda: lws_replicas(cluster, ns, "decode") == DECODE_MIN + 1,
+        timeout=30,
+        what="decode's LeaderWorkerSet at spec.replicas",
+    )
+    assert condition(md(cluster, ns), "Ready")
+
+
+def test_without_prometheus_the_operator_scrapes_the_role_pods(
+    cluster: Cluster, operator_cluster: Cluster, tmp_path: Path
+) -> None:
+    """No --prometheus-url: the operator reads the /metrics of each role's running group leaders,
+    found by label (as the chart's ServiceAccount). kwok's pods have addresses but serve nothing,
+    so the condition names the pods it tried, and nothing scales."""
+    ns = f"as-scrape-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    proc = OperatorProcess(
+        operator_cluster,
+        log=tmp_path / "operator.log",
+        args=(
+            "--namespace",
+            ns,
+            "--lease-namespace",
+            OPERATOR_NAMESPACE,
+            "--lease-name",
+            "kubemoe-operator-scrape-e2e",
+            "--autoscale-interval-seconds",
+            str(INTERVAL_S),
+        ),
+    )
+    proc.start()
+    try:
+        cluster.kubectl("apply", "-n", ns, "-f", str(MANIFEST))
+
+        def pods_tried() -> dict[str, Any] | None:
+            c = condition(md(cluster, ns), "MetricsAvailable")
+            return c if "none of the 2 pods of role decode answered" in c.get("message", "") else None
+
+        cond = eventually(pods_tried, timeout=90, what="MetricsAvailable naming decode's two leaders")
+        assert (cond["status"], cond["reason"]) == ("False", "MetricsUnavailable")
+        assert "none of the 1 pods of role prefill answered /metrics" in cond["message"]
+        obj = md(cluster, ns)
+        assert {desired(obj, r) for r in ("prefill", "decode")} == {None}
+        assert "Forbidden" not in proc.text()
+    finally:
+        proc.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false")

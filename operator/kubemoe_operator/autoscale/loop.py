@@ -1,0 +1,336 @@
+"""The autoscaler's loop: every interval, for each ModelDeployment and each role with `autoscaling`,
+read the role's samples, `decide`, and record the decision in status.roles.<role>.desired (the
+reconciler renders it, clamped to minReplicas..maxReplicas; spec is never written).
+
+- Prefill and decode are evaluated independently, each with its own history of recommendations
+  (kept in memory per ModelDeployment uid and role: a new leader starts with an empty history,
+  which only makes it more careful — scaling up waits for a full scale-up window).
+- desired is written only when a decision differs from the replicas the role runs now (so a
+  role whose load never moves keeps following spec.replicas), and each such write is an Event
+  (reason Scaled, the decision's reason as the message).
+- The condition MetricsAvailable says whether the samples could be read (written when it
+  changes; its messages hold no sample values, so a steady state writes nothing); when they cannot
+  (Prometheus unreachable, no pod answers, no series), nothing is scaled. With autoscaling
+  removed from every role, the condition and every desired are removed again.
+- Status is written by server-side apply with a field manager of its own, naming only the fields
+  the autoscaler owns (every autoscaled role's desired and its condition), so it never races the
+  reconciler's merge patches of the rest of status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from prometheus_client import Gauge
+
+from kubemoe_operator.api.resource import API_VERSION, KIND
+from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSpec
+from kubemoe_operator.api.status import Condition, ModelDeploymentStatus
+from kubemoe_operator.autoscale.decide import Decision, Recommendation, decide, prune
+from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
+from kubemoe_operator.autoscale.scrape import Targets
+from kubemoe_operator.autoscale.signals import RoleSelector
+from kubemoe_operator.commandline import PORT
+from kubemoe_operator.kube import Kube, RejectedError, RetryableError, event_body
+from kubemoe_operator.manifest import parse_manifest
+from kubemoe_operator.metrics import OperatorMetrics
+from kubemoe_operator.problems import ManifestError
+from kubemoe_operator.reconcile import effective_spec, parse_status
+from kubemoe_operator.render.names import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
+from kubemoe_operator.status import now_utc
+
+log = logging.getLogger("kubemoe.autoscale")
+
+FIELD_MANAGER = "kubemoe-autoscaler"
+COMPONENT = "kubemoe-autoscaler"
+CONDITION = "MetricsAvailable"
+REASON_READ = "MetricsRead"
+REASON_UNAVAILABLE = "MetricsUnavailable"
+EVENT_SCALED = "Scaled"
+
+
+class Source(Protocol):
+    """Where samples come from: PrometheusSource or ScrapeSource."""
+
+    async def sample(
+        self, sel: RoleSelector, metrics: Sequence[MetricType]
+    ) -> dict[MetricType, float | None]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoleOutcome:
+    """One evaluation of one role."""
+
+    role: str
+    current: int
+    """The replicas the role runs now (spec.replicas, or the desired already rendered)."""
+    previous: int | None
+    """status.roles.<role>.desired before this evaluation."""
+    decision: Decision | None = None
+    error: str | None = None
+    """Why the source could not be read; then there is no decision."""
+
+    @property
+    def available(self) -> bool:
+        return self.error is None and self.decision is not None and self.decision.metrics_available
+
+    @property
+    def new_desired(self) -> int | None:
+        """The desired to write, or None when nothing changes."""
+        d = self.decision
+        if d is None or not d.metrics_available or d.desired in (self.current, self.previous):
+            return None
+        return d.desired
+
+
+def metrics_condition(outcomes: Sequence[RoleOutcome], *, source: str) -> tuple[bool, str, str]:
+    """(available, reason, message) for the MetricsAvailable condition."""
+    failed = [o for o in outcomes if not o.available]
+    if not failed:
+        roles = ", ".join(o.role for o in outcomes)
+        return True, REASON_READ, f"autoscaling {roles} on metrics from {source}"
+    why = "; ".join(
+        f"{o.role}: {o.error if o.error is not None else o.decision.reason if o.decision else '?'}"
+        for o in failed
+    )
+    return False, REASON_UNAVAILABLE, f"not scaling {', '.join(o.role for o in failed)}: {why}"
+
+
+def status_apply(
+    *,
+    old: ModelDeploymentStatus | None,
+    outcomes: Sequence[RoleOutcome],
+    source: str,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any] | None:
+    """The status fields the autoscaler owns, for server-side apply; None when nothing changed.
+
+    Every autoscaled role's desired is named (the new one, else the one already there): a field
+    an apply leaves out is removed from what this manager owns, and would be deleted.
+    """
+    available, reason, message = metrics_condition(outcomes, source=source)
+    status: Literal["True", "False"] = "True" if available else "False"
+    before: Condition | None = next((c for c in old.conditions if c.type == CONDITION), None) if old else None
+    condition_changed = before is None or (before.status, before.reason, before.message) != (
+        status,
+        reason,
+        message,
+    )
+    changed = [o for o in outcomes if o.new_desired is not None]
+    if not changed and not condition_changed:
+        return None
+    if before is not None and not condition_changed:
+        cond = before
+    else:
+        since = before.last_transition_time if before is not None and before.status == status else now
+        cond = Condition(
+            type=CONDITION,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=since,
+            observed_generation=generation,
+        )
+    roles: dict[str, Any] = {}
+    for o in outcomes:
+        desired = o.new_desired if o.new_desired is not None else o.previous
+        if desired is not None:
+            roles[o.role] = {"desired": desired}
+    body: dict[str, Any] = {"conditions": [cond.model_dump(by_alias=True, mode="json", exclude_none=True)]}
+    if roles:
+        body["roles"] = roles
+    return body
+
+
+def pod_targets(kube: Kube) -> Targets:
+    """ScrapeSource targets: /metrics of the role's running API pods (group leaders), by pod IP."""
+
+    async def targets(sel: RoleSelector) -> list[str]:
+        pods = await kube.list_pods(
+            namespace=sel.namespace,
+            labels={LABEL_DEPLOYMENT: sel.deployment, LABEL_ROLE: sel.role, LABEL_LEADER: "true"},
+        )
+        out = []
+        for pod in pods:
+            st = pod.get("status") or {}
+            ip = st.get("podIP")
+            if ip and st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                host = f"[{ip}]" if ":" in ip else ip
+                out.append(f"http://{host}:{PORT}/metrics")
+        return sorted(out)
+
+    return targets
+
+
+@dataclass
+class Autoscaler:
+    kube: Kube
+    source: Source
+    source_name: str
+    """Where the metrics come from, in words (for the condition's message)."""
+    interval_s: float
+    namespaces: tuple[str, ...] = ()
+    """Empty: every namespace."""
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    clock: Callable[[], float] = time.monotonic
+    history: dict[tuple[str, str], list[Recommendation]] = field(default_factory=dict)
+    """(ModelDeployment uid, role) -> recent recommendations."""
+    series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = field(default_factory=dict)
+    """ModelDeployment uid -> its gauges' series (gauge, label values)."""
+
+    async def run_forever(self) -> None:
+        """Evaluate every interval (a fixed cadence: a slow evaluation does not shift the next)."""
+        next_at = self.clock()
+        while True:
+            await self.evaluate_all()
+            next_at += self.interval_s
+            delay = next_at - self.clock()
+            if delay < 0:  # fell behind: start again from now rather than burst
+                next_at, delay = self.clock(), 0.0
+            await asyncio.sleep(delay)
+
+    async def evaluate_all(self) -> None:
+        seen: set[str] = set()
+        complete = True
+        for namespace in self.namespaces or (None,):
+            try:
+                items = await self.kube.list_deployments(namespace=namespace)
+            except (RetryableError, RejectedError) as err:
+                log.warning("autoscaler: %s", err)
+                complete = False  # a failed list says nothing about what was deleted
+                continue
+            for body in items:
+                meta = body["metadata"]
+                seen.add(meta["uid"])
+                try:
+                    await self.evaluate(body)
+                except (RetryableError, RejectedError) as err:
+                    log.warning("autoscaler: %s/%s: %s", meta["namespace"], meta["name"], err)
+        if complete:
+            self._forget(keep=seen)
+
+    def _forget(self, *, keep: set[str]) -> None:
+        """Drop the history and the per-role series of ModelDeployments that are gone."""
+        for uid in [u for u in self.series if u not in keep]:
+            for gauge, labels in self.series.pop(uid):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        for key in [k for k in self.history if k[0] not in keep]:
+            del self.history[key]
+
+    async def evaluate(self, body: Mapping[str, Any]) -> list[RoleOutcome]:
+        """One evaluation of every autoscaled role of one ModelDeployment."""
+        meta = body["metadata"]
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        if meta.get("deletionTimestamp"):
+            return []
+        try:
+            manifest = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}}
+            md = parse_manifest({**manifest, "spec": body.get("spec")})
+        except ManifestError:
+            return []  # the reconciler reports a spec that does not parse
+        old = parse_status(body.get("status"))
+        policies = {  # autoscaling with no metrics has nothing to act on: that role is left alone
+            role: spec.autoscaling
+            for role, spec in md.spec.roles.items()
+            if spec.autoscaling is not None and spec.autoscaling.metrics
+        }
+        if not policies:
+            if old is not None and any(c.type == CONDITION for c in old.conditions):
+                # Autoscaling was turned off: an empty apply drops every field this manager owns
+                # (each desired, the condition), so spec.replicas rules again.
+                await self.kube.apply_status(
+                    name=name, namespace=namespace, status={}, field_manager=FIELD_MANAGER
+                )
+            return []
+        current = _replicas(effective_spec(md.spec, old))
+        outcomes = await asyncio.gather(
+            *(
+                self._evaluate_role(
+                    sel=RoleSelector(namespace=namespace, deployment=name, role=role),
+                    uid=uid,
+                    policy=policy,
+                    current=current[role],
+                    previous=old.roles[role].desired if old is not None and role in old.roles else None,
+                )
+                for role, policy in policies.items()
+            )
+        )
+        patch = status_apply(
+            old=old,
+            outcomes=outcomes,
+            source=self.source_name,
+            generation=meta.get("generation"),
+            now=now_utc(),
+        )
+        if patch is not None:
+            await self.kube.apply_status(
+                name=name, namespace=namespace, status=patch, field_manager=FIELD_MANAGER
+            )
+            (cond,) = patch["conditions"]
+            if cond["status"] == "False":
+                log.warning("autoscaler: %s/%s: %s", namespace, name, cond["message"])
+            await self._announce({**body, "apiVersion": API_VERSION, "kind": KIND}, outcomes)
+        return list(outcomes)
+
+    async def _evaluate_role(
+        self, *, sel: RoleSelector, uid: str, policy: Autoscaling, current: int, previous: int | None
+    ) -> RoleOutcome:
+        labels = (sel.namespace, sel.deployment, sel.role)
+        try:
+            samples = await self.source.sample(sel, [m.type for m in policy.metrics])
+        except MetricsUnavailable as err:
+            self.metrics.evaluations.labels(*labels, "unavailable").inc()
+            log.debug("autoscaler: %s/%s %s: %s", *labels, err)
+            return RoleOutcome(role=sel.role, current=current, previous=previous, error=str(err))
+        series = self.series.setdefault(uid, set())
+        for metric, value in samples.items():
+            self.metrics.metric_value.labels(*labels, metric).set(math.nan if value is None else value)
+            series.add((self.metrics.metric_value, (*labels, metric)))
+        now = self.clock()
+        key = (uid, sel.role)
+        history = self.history.get(key, [])
+        decision = decide(current=current, samples=samples, policy=policy, history=history, now=now)
+        self.history[key] = prune([*history, decision.recommendation], policy=policy, now=now)
+        outcome = "decided" if decision.metrics_available else "unavailable"
+        self.metrics.evaluations.labels(*labels, outcome).inc()
+        if decision.metrics_available:
+            direction = (
+                "up" if decision.desired > current else "down" if decision.desired < current else "hold"
+            )
+            self.metrics.decisions.labels(*labels, direction).inc()
+            self.metrics.desired.labels(*labels).set(decision.desired)
+            series.add((self.metrics.desired, labels))
+        log.debug("autoscaler: %s/%s %s: %s", *labels, decision.reason)
+        return RoleOutcome(role=sel.role, current=current, previous=previous, decision=decision)
+
+    async def _announce(self, body: Mapping[str, Any], outcomes: Sequence[RoleOutcome]) -> None:
+        stamp = now_utc().strftime("%Y-%m-%dT%H:%M:%SZ")
+        for o in outcomes:
+            if o.new_desired is None or o.decision is None:
+                continue
+            message = f"{o.role}: {o.decision.reason}"
+            log.info("autoscaler: %s/%s %s", body["metadata"]["namespace"], body["metadata"]["name"], message)
+            await self.kube.post_event(
+                event_body(
+                    involved=body,
+                    reason=EVENT_SCALED,
+                    message=message,
+                    warning=False,
+                    component=COMPONENT,
+                    now=stamp,
+                )
+            )
+
+
+def _replicas(spec: ModelDeploymentSpec) -> dict[str, int]:
+    return {role: s.replicas for role, s in spec.roles.items()}

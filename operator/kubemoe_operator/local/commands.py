@@ -1,0 +1,197 @@
+"""`kubemoe up | down | status`: the command-line side of a local run (runner.py does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from kubemoe_operator.local.model import ModelSourceError, ensure_model, local_model_path
+from kubemoe_operator.local.runner import (
+    STATE_FILE,
+    LocalRunError,
+    RunState,
+    first_exited,
+    log_tail,
+    runtime_command,
+    start_run,
+    status_json,
+    status_table,
+    stop_run,
+    wait_ready,
+)
+from kubemoe_operator.manifest import load_manifest
+from kubemoe_operator.planner import plan_manifest
+from kubemoe_operator.problems import ManifestError
+
+RUNS_DIR = Path(".run") / "up"
+EXIT_INVALID = 2
+
+
+class Progress:
+    """One line rewritten in place on a terminal; on a pipe or file, a line each time it changes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+
+    def __call__(self, line: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+            self.stream.flush()
+        elif line.split("] ", 1)[-1] != self.last.split("] ", 1)[-1]:
+            print(line, file=self.stream, flush=True)
+        self.last = line
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def find_run_dir(name: str | None, run_dir: str | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    if name is not None:
+        return RUNS_DIR / name
+    runs = sorted(p.parent for p in RUNS_DIR.glob(f"*/{STATE_FILE}"))
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise LocalRunError(f"no local run under {RUNS_DIR}/ (start one with `kubemoe up FILE`)")
+    raise LocalRunError(f"several runs under {RUNS_DIR}/: name one ({', '.join(p.name for p in runs)})")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        md = load_manifest(path)
+        plan = plan_manifest(md)
+    except ManifestError as err:
+        print(f"{path}: cannot plan:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem.field}: {problem.message}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        runtime = runtime_command()
+        model = local_model_path(args.model or md.spec.model.source, cwd=Path.cwd())
+        architecture = md.spec.model.config.architecture if md.spec.model.config else None
+        if not (model / "config.json").is_file():
+            print(
+                f"generating the tiny random checkpoint {md.spec.model.name} at {model} ...", file=sys.stderr
+            )
+        ensure_model(model, model_name=md.spec.model.name, architecture=architecture, runtime=runtime)
+    except (ModelSourceError, LocalRunError) as err:
+        print(f"kubemoe up: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    run_dir = Path(args.run_dir) if args.run_dir else RUNS_DIR / plan.name
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    state: RunState | None = None
+    keep = False
+    try:
+        state = start_run(plan, model=model, run_dir=run_dir, router_port=args.port, runtime=runtime)
+        print(
+            f"{plan.name}: {plan.layout}, {len(state.processes)} processes; logs in {run_dir}/logs",
+            file=sys.stderr,
+        )
+        progress = Progress(sys.stderr)
+        try:
+            wait_ready(state, timeout=args.timeout, progress=progress)
+        finally:
+            progress.done()
+        print(_ready_summary(state), file=sys.stderr)
+        print(state.endpoint, flush=True)
+        if args.detach:
+            keep = True
+            print(
+                "running in the background; `kubemoe status` shows it, `kubemoe down` stops it",
+                file=sys.stderr,
+            )
+            return 0
+        print("Ctrl-C stops everything", file=sys.stderr)
+        while (gone := first_exited(state)) is None:
+            time.sleep(0.5)
+        print(f"kubemoe up: {gone.process.name} exited; {gone.log}:\n{log_tail(gone.log)}", file=sys.stderr)
+        return 1
+    except LocalRunError as err:
+        print(f"kubemoe up: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+        return 0 if state is not None else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if state is not None and not keep:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave strays
+            try:
+                left = stop_run(state)
+            finally:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(f"stopped {state.name}" + (f"; still alive: {left}" if left else ""), file=sys.stderr)
+
+
+def _ready_summary(state: RunState) -> str:
+    by_role: dict[str, float] = {}
+    for p in state.processes:
+        if p.ready_s is not None:
+            by_role[p.process.role] = max(by_role.get(p.process.role, 0.0), p.ready_s)
+    timings = ", ".join(f"{role} {seconds:.1f}s" for role, seconds in by_role.items())
+    return f"ready ({timings}); OpenAI endpoint:"
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        state = RunState.load(find_run_dir(args.name, args.run_dir))
+    except LocalRunError as err:
+        print(f"kubemoe down: {err}", file=sys.stderr)
+        return 1
+    left = stop_run(state)
+    if left:
+        print(f"kubemoe down: processes still alive: {left}", file=sys.stderr)
+        return 1
+    print(f"stopped {state.name} ({len(state.processes)} processes)", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        state = RunState.load(find_run_dir(args.name, args.run_dir))
+    except LocalRunError as err:
+        print(f"kubemoe status: {err}", file=sys.stderr)
+        return 1
+    print(status_json(state) if args.output == "json" else status_table(state))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser(
+        "up", help="run a ModelDeployment as local processes (router, prefill, decode, ranks)"
+    )
+    up.add_argument("file", help="ModelDeployment manifest (YAML)")
+    up.add_argument("--port", type=int, default=8000, help="the router's port on 127.0.0.1 (default 8000)")
+    up.add_argument(
+        "--model", default=None, help="checkpoint directory or file:// URL; overrides model.source"
+    )
+    up.add_argument("--run-dir", default=None, help=f"logs and state (default {RUNS_DIR}/NAME)")
+    up.add_argument("-d", "--detach", action="store_true", help="return once ready, leave it running")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every process")
+    up.set_defaults(run=cmd_up)
+    for command, run, text in (
+        ("down", cmd_down, "stop a local run (every process, no strays)"),
+        ("status", cmd_status, "roles, ranks, health and the endpoint of a local run"),
+    ):
+        p = sub.add_parser(command, help=text)
+        p.add_argument("name", nargs="?", default=None, help="the deployment's name (default: the only run)")
+        p.add_argument("--run-dir", default=None)
+        if command == "status":
+            p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.set_defaults(run=run)

@@ -1,0 +1,82 @@
+"""`make demo`: `kubemoe up` the tiny disaggregated example, ask one question through the router with the
+official OpenAI client, print the answer and per-role timings, and stop everything.
+
+    python -m kubemoe_operator.local.demo [FILE] [--port PORT]
+
+The `openai` package is a development dependency (`make setup` installs it); the operator image has no
+use for it, so it is imported here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+QUESTION = "How do experts route tokens?"
+
+
+def _kubemoe() -> str:
+    sibling = Path(sys.executable).parent / "kubemoe"
+    return str(sibling) if sibling.is_file() else "kubemoe"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubemoe demo", description=__doc__.splitlines()[0])
+    parser.add_argument("file", nargs="?", default="examples/tiny-moe.yaml")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    try:
+        import openai
+    except ImportError:
+        print("the demo needs the openai package: pip install openai (make setup does)", file=sys.stderr)
+        return 2
+    kubemoe = _kubemoe()
+    up = subprocess.run(
+        [kubemoe, "up", args.file, "--detach", "--port", str(args.port)], stdout=subprocess.PIPE, text=True
+    )
+    if up.returncode != 0:
+        return up.returncode
+    try:
+        status = json.loads(
+            subprocess.run(
+                [kubemoe, "status", "-o", "json"], stdout=subprocess.PIPE, text=True, check=True
+            ).stdout
+        )
+        client = openai.OpenAI(base_url=status["endpoint"], api_key="demo", max_retries=0, timeout=120)
+        start = time.monotonic()
+        raw = client.chat.completions.with_raw_response.create(
+            model=status["model"],
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=24,
+            temperature=0,
+        )
+        elapsed_ms = (time.monotonic() - start) * 1e3
+        completion = raw.parse()
+        print(f"\nQ: {QUESTION}")
+        print(f"A: {completion.choices[0].message.content!r}  (random weights: the words mean nothing)")
+        if completion.usage is not None:
+            usage = completion.usage
+            print(f"   {usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated")
+        print("\nstart-up (process start -> ready):")
+        for row in status["processes"]:
+            ranks = ",".join(map(str, row["ranks"])) or "-"
+            print(f"  {row['name']:<15} ranks {ranks:<4} {row['readySeconds']:.1f}s")
+        print("\nthis request (router headers):")
+        for header in ("x-kubemoe-prefill-ms", "x-kubemoe-decode-ms", "x-kubemoe-worker-ms"):
+            if (value := raw.headers.get(header)) is not None:
+                role = header.removeprefix("x-kubemoe-").removesuffix("-ms")
+                backend = raw.headers.get(f"x-kubemoe-{role}-backend", "?")
+                print(f"  {role:<8} {float(value):7.1f} ms  ({backend})")
+        print(f"  total    {elapsed_ms:7.1f} ms  (client side)\n")
+    finally:
+        subprocess.run([kubemoe, "down"], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

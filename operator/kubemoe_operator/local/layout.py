@@ -1,0 +1,145 @@
+"""The processes `kubemoe up` runs for a plan: each pod's runtime command line, mapped to 127.0.0.1.
+
+What a cluster gives a pod, this machine gives a process: its own port instead of :8000 on its pod IP,
+127.0.0.1 for the group leader's address (LeaderWorkerSet's $(LWS_LEADER_ADDRESS)) and a free port per
+group for the data-parallel rendezvous (instead of 29550). The router is told each role's group leaders
+as HOST:PORT lists in place of the roles' headless Services.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from kubemoe_operator.commandline import router_command
+from kubemoe_operator.plan import Plan
+
+LOOPBACK = "127.0.0.1"
+NAMESPACE = "local"
+
+
+class LocalProcess(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # e.g. decode-g0-p1
+    role: str  # prefill | decode | worker | router
+    group: int
+    pod: int
+    leader: bool
+    ranks: list[int]
+    port: int
+    argv: list[str]
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def set_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with `flag`'s value replaced (or the flag appended)."""
+    out = list(argv)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out += [flag, value]
+    return out
+
+
+def _kv_config(argv: list[str], *, kv_dir: Path) -> list[str]:
+    """The example connector's shared directory: this run's, not the engine's default (/tmp)."""
+    if "--kv-transfer-config" not in argv:
+        return argv
+    config = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    if config.get("kv_connector") == "ExampleConnector":
+        extra = dict(config.get("kv_connector_extra_config") or {})
+        extra.setdefault("shared_storage_path", str(kv_dir))
+        config["kv_connector_extra_config"] = extra
+    return set_flag(argv, "--kv-transfer-config", json.dumps(config, separators=(",", ":")))
+
+
+def local_processes(
+    plan: Plan,
+    *,
+    model: Path,
+    runtime: str,
+    router_port: int,
+    kv_dir: Path,
+    port: Callable[[], int] = free_port,
+    base_env: dict[str, str] | None = None,
+) -> list[LocalProcess]:
+    """Every process of the plan: each group's pods, then the router (listening on `router_port`)."""
+    processes: list[LocalProcess] = []
+    leaders: dict[str, list[str]] = {}
+    for role in plan.roles:
+        for group in range(role.replicas):
+            rendezvous = str(port())
+            for pod in role.pods:
+                pod_port = port()
+                argv = [runtime, *pod.command[1:]]
+                argv = set_flag(argv, "--host", LOOPBACK)
+                argv = set_flag(argv, "--port", str(pod_port))
+                argv = set_flag(argv, "--model", str(model))
+                if "--data-parallel-address" in argv:
+                    argv = set_flag(argv, "--data-parallel-address", LOOPBACK)
+                    argv = set_flag(argv, "--data-parallel-rpc-port", rendezvous)
+                argv = _kv_config(argv, kv_dir=kv_dir)
+                env = {
+                    **(base_env or {}),
+                    "KUBEMOE_DEPLOYMENT": plan.name,
+                    "KUBEMOE_ROLE": role.role,
+                    "KUBEMOE_GROUP": str(group),
+                }
+                processes.append(
+                    LocalProcess(
+                        name=f"{role.role}-g{group}-p{pod.index}",
+                        role=role.role,
+                        group=group,
+                        pod=pod.index,
+                        leader=pod.leader,
+                        ranks=[r.rank for r in pod.ranks],
+                        port=pod_port,
+                        argv=argv,
+                        env=env,
+                    )
+                )
+                if pod.leader:
+                    leaders.setdefault(role.role, []).append(f"{LOOPBACK}:{pod_port}")
+    argv = [runtime, *router_command(plan=plan, namespace=NAMESPACE)[1:]]
+    argv = set_flag(argv, "--host", LOOPBACK)
+    argv = set_flag(argv, "--port", str(router_port))
+    for role_name, addresses in leaders.items():
+        argv = set_flag(argv, f"--{role_name}-service", ",".join(addresses))
+    processes.append(
+        LocalProcess(
+            name="router",
+            role="router",
+            group=0,
+            pod=0,
+            leader=True,
+            ranks=[],
+            port=router_port,
+            argv=argv,
+            env={**(base_env or {}), "KUBEMOE_DEPLOYMENT": plan.name, "KUBEMOE_ROLE": "router"},
+        )
+    )
+    return processes
+
+
+def roles_in_order(processes: Sequence[LocalProcess]) -> list[str]:
+    seen: list[str] = []
+    for p in processes:
+        if p.role not in seen:
+            seen.append(p.role)
+    return seen

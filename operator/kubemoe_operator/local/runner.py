@@ -1,0 +1,382 @@
+"""Start, watch and stop a local run; its state lives in RUN_DIR/state.json for `kubemoe status`/`down`.
+
+Every process starts in a session of its own, so its process group holds it and whatever it spawns (the
+torch engine's rank processes, vLLM's engine cores); stopping sends SIGTERM to each group, waits, then
+SIGKILLs what is left, and checks /proc until no process of any group remains.
+
+    RUN_DIR/state.json          what runs: argv, pid (= process group), port, ready time, log path
+    RUN_DIR/logs/NAME.log       one per process (stdout and stderr)
+    RUN_DIR/kv/                 the example connector's shared KV directory (vLLM)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from kubemoe_operator.local.layout import LOOPBACK, LocalProcess, local_processes, roles_in_order
+from kubemoe_operator.plan import Plan
+
+STATE_FILE = "state.json"
+STOP_GRACE_S = 20.0
+PROBE_TIMEOUT_S = 2.0
+LOG_TAIL_LINES = 30
+
+
+class LocalRunError(RuntimeError):
+    pass
+
+
+class ProcessState(BaseModel):
+    process: LocalProcess
+    pid: int
+    log: str
+    ready_s: float | None = None  # seconds from start to ready
+
+
+class RunState(BaseModel):
+    name: str
+    model: str
+    layout: str
+    mode: str
+    run_dir: str
+    endpoint: str
+    started: float  # epoch seconds
+    supervisor_pid: int
+    processes: list[ProcessState]
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunState:
+        path = run_dir / STATE_FILE
+        if not path.is_file():
+            raise LocalRunError(f"no local run in {run_dir} (no {STATE_FILE})")
+        return cls.model_validate_json(path.read_text())
+
+
+def runtime_command() -> str:
+    """The `kubemoe-runtime` next to this interpreter (same virtualenv), else the one on PATH."""
+    sibling = Path(sys.executable).parent / "kubemoe-runtime"
+    if sibling.is_file():
+        return str(sibling)
+    found = shutil.which("kubemoe-runtime")
+    if found is None:
+        raise LocalRunError("kubemoe-runtime is not installed (pip install -e runtime)")
+    return found
+
+
+def default_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # many small processes on a few cores
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV per vLLM CPU engine
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_run(
+    plan: Plan,
+    *,
+    model: Path,
+    run_dir: Path,
+    router_port: int,
+    runtime: str,
+) -> RunState:
+    """Start every process of the plan (engines first, the router last) and record them."""
+    if (run_dir / STATE_FILE).is_file():
+        previous = RunState.load(run_dir)
+        if any(group_alive(p.pid) for p in previous.processes):
+            raise LocalRunError(
+                f"{plan.name} is already running (see `kubemoe status`; `kubemoe down` stops it)"
+            )
+    if not port_is_free(router_port):
+        raise LocalRunError(f"port {router_port} is taken; pick another with --port")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "kv").mkdir(exist_ok=True)
+    processes = local_processes(
+        plan,
+        model=model,
+        runtime=runtime,
+        router_port=router_port,
+        kv_dir=run_dir / "kv",
+        base_env=default_env(),
+    )
+    state = RunState(
+        name=plan.name,
+        model=plan.model,
+        layout=plan.layout,
+        mode=plan.mode,
+        run_dir=str(run_dir),
+        endpoint=f"http://{LOOPBACK}:{router_port}/v1",
+        started=time.time(),
+        supervisor_pid=os.getpid(),
+        processes=[],
+    )
+    try:
+        for process in processes:
+            log_path = run_dir / "logs" / f"{process.name}.log"
+            with log_path.open("wb") as log:
+                popen = subprocess.Popen(
+                    process.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=process.env,
+                    start_new_session=True,
+                )
+            state.processes.append(ProcessState(process=process, pid=popen.pid, log=str(log_path)))
+    finally:
+        state.save()
+    return state
+
+
+def probe(url: str) -> int | None:
+    """HTTP status of GET url, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def is_ready(process: LocalProcess) -> bool:
+    status = probe(f"{process.url}/ready")
+    if status == 404:  # a server without /ready (plain vLLM): /health answers once it serves
+        status = probe(f"{process.url}/health")
+    return status == 200
+
+
+def log_tail(path: str, *, lines: int = LOG_TAIL_LINES) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def progress_line(state: RunState, ready: set[str], *, elapsed: float) -> str:
+    parts = []
+    for role in roles_in_order([p.process for p in state.processes]):
+        members = [p for p in state.processes if p.process.role == role]
+        done = sum(p.process.name in ready for p in members)
+        ranks = sum(len(p.process.ranks) for p in members)
+        what = f"{done}/{len(members)} ready" + (f" ({ranks} ranks)" if ranks else "")
+        parts.append(f"{role} {what}")
+    return f"[{elapsed:5.1f}s] loading {state.name}: " + " · ".join(parts)
+
+
+def wait_ready(
+    state: RunState,
+    *,
+    timeout: float,
+    progress: Callable[[str], None],
+    poll_s: float = 0.5,
+) -> None:
+    """Poll every process until all are ready; fail as soon as one exits (with its log's tail)."""
+    start = time.monotonic()
+    ready: set[str] = set()
+    while True:
+        elapsed = time.monotonic() - start
+        for p in state.processes:
+            if p.process.name in ready:
+                continue
+            if not pid_alive(p.pid):
+                raise LocalRunError(f"{p.process.name} exited while loading; {p.log}:\n{log_tail(p.log)}")
+            if is_ready(p.process):
+                ready.add(p.process.name)
+                p.ready_s = round(time.time() - state.started, 2)
+                state.save()
+        progress(progress_line(state, ready, elapsed=elapsed))
+        if len(ready) == len(state.processes):
+            return
+        if elapsed > timeout:
+            missing = [p.process.name for p in state.processes if p.process.name not in ready]
+            raise LocalRunError(f"not ready after {timeout:.0f}s: {', '.join(missing)}")
+        time.sleep(poll_s)
+
+
+def first_exited(state: RunState) -> ProcessState | None:
+    return next((p for p in state.processes if not pid_alive(p.pid)), None)
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def _proc_entries() -> list[tuple[int, int, str]]:
+    """(pid, process group, state letter) of every process, from /proc."""
+    entries = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses: split after the last ')'
+        fields = stat[stat.rindex(")") + 2 :].split()
+        entries.append((int(entry.name), int(fields[2]), fields[0]))
+    return entries
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            return [pgid]
+        return [pgid]
+    return [pid for pid, group, letter in _proc_entries() if group == pgid and letter not in ("Z", "X")]
+
+
+def group_alive(pgid: int) -> bool:
+    return bool(group_members(pgid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether the process itself (not a zombie) still runs; reaps it if it is our child."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.is_dir():
+        try:
+            text = stat.read_text()
+        except OSError:
+            return False
+        return text[text.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
+    """Stop every process group (router first); returns pids still alive afterwards (none, normally)."""
+    order = sorted(state.processes, key=lambda p: p.process.role != "router")
+    for p in order:
+        _signal_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(group_alive(p.pid) or pid_alive(p.pid) for p in order):
+        time.sleep(0.2)
+    for p in order:
+        if group_alive(p.pid):
+            _signal_group(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    left: list[int] = []
+    while time.monotonic() < deadline:
+        for p in order:
+            pid_alive(p.pid)  # reap our own children
+        left = [pid for p in order for pid in group_members(p.pid)]
+        if not left:
+            break
+        time.sleep(0.1)
+    return left
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def status_rows(state: RunState) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for p in state.processes:
+        alive = pid_alive(p.pid)
+        if not alive:
+            health = "exited"
+        elif is_ready(p.process):
+            health = "ready"
+        else:
+            health = "loading" if p.ready_s is None else "unhealthy"
+        rows.append(
+            {
+                "name": p.process.name,
+                "role": p.process.role,
+                "group": p.process.group,
+                "pod": p.process.pod,
+                "ranks": p.process.ranks,
+                "pid": p.pid,
+                "port": p.process.port,
+                "url": p.process.url,
+                "state": health,
+                "readySeconds": p.ready_s,
+                "log": p.log,
+            }
+        )
+    return rows
+
+
+def status_json(state: RunState) -> str:
+    rows = status_rows(state)
+    return json.dumps(
+        {
+            "name": state.name,
+            "model": state.model,
+            "layout": state.layout,
+            "mode": state.mode,
+            "endpoint": state.endpoint,
+            "runDir": state.run_dir,
+            "ready": all(r["state"] == "ready" for r in rows),
+            "processes": rows,
+        },
+        indent=2,
+    )
+
+
+def status_table(state: RunState) -> str:
+    rows = status_rows(state)
+    header = ("NAME", "ROLE", "GROUP", "RANKS", "PID", "PORT", "STATE", "READY(s)")
+    table: list[Sequence[str]] = [header]
+    for r in rows:
+        ranks = r["ranks"]
+        assert isinstance(ranks, list)
+        table.append(
+            (
+                str(r["name"]),
+                str(r["role"]),
+                str(r["group"]),
+                ",".join(map(str, ranks)) or "-",
+                str(r["pid"]),
+                str(r["port"]),
+                str(r["state"]),
+                "-" if r["readySeconds"] is None else f"{r['readySeconds']:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines += ["", f"{state.name}: {state.layout} ({state.mode})", f"endpoint: {state.endpoint}"]
+    lines.append(f"logs: {state.run_dir}/logs")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""The pod's port in front of vLLM: the same probe and metrics endpoints as the torch engine's server.
+
+    GET /health    500 once vLLM has exited or, after it became ready, once its /health fails; else 200
+    GET /ready     200 while vLLM's /health answers 200 (a --headless pod: while vLLM runs), else 503
+    GET /metrics   vLLM's /metrics unchanged, then the kubemoe_* series derived from it (metrics.py)
+    anything else  proxied to vLLM as is (method, path, query, headers, body), the response streamed
+                   back (SSE included); 503 in OpenAI's error shape while vLLM is not listening yet
+
+A --headless pod runs engines only: it answers /health and /ready, and 404 otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Final
+
+import httpx2
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kubemoe_runtime.engines.vllm.metrics import render
+from kubemoe_runtime.metrics import MetricLabels
+
+PROBE_TIMEOUT_S: Final = 5.0
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the two HTTP stacks recompute.
+_NOT_FORWARDED: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Upstream:
+    """The vLLM process this pod supervises and where it listens."""
+
+    process: subprocess.Popen[bytes]
+    url: str  # http://127.0.0.1:PORT
+    headless: bool
+    labels: MetricLabels
+    was_ready: bool = False
+    session: httpx2.AsyncClient | None = field(default=None, repr=False)
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def client(self) -> httpx2.AsyncClient:
+        if self.session is None:
+            # No read timeout: a long generation streams for as long as it takes.
+            self.session = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(None, connect=5.0),
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+        return self.session
+
+    async def get(self, path: str) -> httpx2.Response | None:
+        """GET a small vLLM endpoint; None while vLLM is not listening or not answering."""
+        try:
+            return await self.client().get(f"{self.url}{path}", timeout=PROBE_TIMEOUT_S)
+        except httpx2.TransportError:
+            return None
+
+    async def upstream_health(self) -> int | None:
+        """vLLM's /health status, or None while it is not listening."""
+        response = await self.get("/health")
+        return None if response is None else response.status_code
+
+
+def _openai_error(status: int, message: str, *, code: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def front_app(upstream: Upstream) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if upstream.session is not None:
+                await upstream.session.aclose()
+
+    async def health(_: Request) -> Response:
+        code = upstream.exit_code()
+        if code is not None:
+            return PlainTextResponse(f"vLLM exited with code {code}", status_code=500)
+        if upstream.headless or not upstream.was_ready:
+            return PlainTextResponse("ok")
+        status = await upstream.upstream_health()
+        if status != 200:
+            return PlainTextResponse(f"vLLM /health answered {status}", status_code=500)
+        return PlainTextResponse("ok")
+
+    async def ready(_: Request) -> Response:
+        if upstream.exit_code() is not None:
+            return PlainTextResponse("vLLM exited", status_code=503)
+        if upstream.headless:
+            return PlainTextResponse("ready")
+        if await upstream.upstream_health() == 200:
+            upstream.was_ready = True
+            return PlainTextResponse("ready")
+        return PlainTextResponse("loading", status_code=503)
+
+    async def metrics(_: Request) -> Response:
+        response = None if upstream.headless else await upstream.get("/metrics")
+        text = response.text if response is not None and response.status_code == 200 else ""
+        return Response(render(text, upstream.labels), media_type=METRICS_TYPE)
+
+    async def proxy(request: Request) -> Response:
+        url = f"{upstream.url}{request.url.path}"
+        if request.url.query:
+            url += f"?{request.url.query}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        body = await request.body()
+        client = upstream.client()
+        outgoing = client.build_request(request.method, url, headers=headers, content=body)
+        try:
+            response = await client.send(outgoing, stream=True)
+        except httpx2.ConnectError:
+            if upstream.exit_code() is not None:
+                return _openai_error(503, "the vLLM engine has exited", code="engine_failed")
+            return _openai_error(503, "the model is still loading", code="model_loading")
+        out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _NOT_FORWARDED}
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():  # undecoded: content-encoding goes back as is
+                    yield chunk
+            finally:
+                await response.aclose()
+
+        # Closing the upstream response (also when the client goes away mid-stream) makes vLLM abort it.
+        return StreamingResponse(
+            chunks(),
+            status_code=response.status_code,
+            headers=out_headers,
+            background=BackgroundTask(response.aclose),
+        )
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+    routes = [Route("/health", health), Route("/ready", ready), Route("/metrics", metrics)]
+    if not upstream.headless:
+        routes.append(Route("/{path:path}", proxy, methods=methods))
+    return Starlette(routes=routes, lifespan=lifespan)

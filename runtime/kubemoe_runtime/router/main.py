@@ -1,0 +1,142 @@
+"""`kubemoe-runtime serve --role router ...`: flags, settings, and the uvicorn server.
+
+    kubemoe-runtime serve --role router --served-model-name NAME --host H --port P --policy POLICY
+        (--prefill-service HOST:PORT[,HOST:PORT] --decode-service HOST:PORT[,...] | --worker-service ...)
+        [--api-key-file PATH] [--refresh-interval S] [--health-interval S] [--max-attempts N]
+
+A HOST is resolved again every --refresh-interval seconds (a headless Service's DNS answers are its
+ready pods); engine flags the operator may render for other roles are ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kubemoe_runtime.router.auth import ApiKeys
+from kubemoe_runtime.router.backends import Backends, split_hostport
+from kubemoe_runtime.router.metrics import RouterMetrics
+from kubemoe_runtime.router.policies import POLICIES, make_policy
+from kubemoe_runtime.router.proxy import Router, RouterConfig, build_router_app, roles_for
+
+
+class RouterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served_model_names: tuple[str, ...]
+    host: str
+    port: int = Field(ge=0, le=65535)
+    policy: str
+    services: dict[str, tuple[str, ...]]
+    api_key_file: Path | None = None
+    refresh_interval: float = Field(gt=0)
+    health_interval: float = Field(gt=0)
+    max_attempts: int = Field(ge=1)
+
+    @property
+    def disaggregated(self) -> bool:
+        return "prefill" in self.services
+
+    @model_validator(mode="after")
+    def _roles(self) -> RouterSettings:
+        roles = set(self.services)
+        if roles not in ({"prefill", "decode"}, {"worker"}):
+            raise ValueError(
+                "give --prefill-service and --decode-service (disaggregated) or --worker-service (colocated)"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}")
+        for entries in self.services.values():
+            for entry in entries:
+                for part in entry.split(","):
+                    split_hostport(part)
+        return self
+
+
+def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
+    parser = argparse.ArgumentParser(prog="kubemoe-runtime serve --role router")
+    parser.add_argument("--role", choices=("router",), required=True)
+    parser.add_argument("--served-model-name", nargs="+", default=[])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--policy", default="least-load", help=" | ".join(POLICIES))
+    for role in ("prefill", "decode", "worker"):
+        parser.add_argument(f"--{role}-service", action="append", default=[], metavar="HOST:PORT[,HOST:PORT]")
+    parser.add_argument("--api-key-file", type=Path, default=None, help="one key per line")
+    parser.add_argument("--refresh-interval", type=float, default=5.0, help="seconds between DNS look-ups")
+    parser.add_argument("--health-interval", type=float, default=1.0, help="seconds between health probes")
+    parser.add_argument("--max-attempts", type=int, default=3, help="backends tried per request and role")
+    args, unknown = parser.parse_known_args(list(argv))
+    services = {
+        role: tuple(getattr(args, f"{role}_service"))
+        for role in ("prefill", "decode", "worker")
+        if getattr(args, f"{role}_service")
+    }
+    settings = RouterSettings(
+        served_model_names=tuple(args.served_model_name),
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        services=services,
+        api_key_file=args.api_key_file,
+        refresh_interval=args.refresh_interval,
+        health_interval=args.health_interval,
+        max_attempts=args.max_attempts,
+    )
+    return settings, unknown
+
+
+def build(settings: RouterSettings) -> Router:
+    metrics = RouterMetrics()
+    backends = Backends(
+        dict(settings.services),
+        metrics=metrics,
+        refresh_s=settings.refresh_interval,
+        health_s=settings.health_interval,
+    )
+    roles = roles_for(disaggregated=settings.disaggregated)
+    config = RouterConfig(
+        served_names=settings.served_model_names,
+        disaggregated=settings.disaggregated,
+        policies={role: make_policy(settings.policy) for role in roles},
+        max_attempts=settings.max_attempts,
+        api_keys=ApiKeys(settings.api_key_file) if settings.api_key_file is not None else None,
+    )
+    return Router(config, backends=backends, metrics=metrics)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        settings, unknown = parse_args(argv)
+        router = build(settings)
+    except ValidationError as err:
+        for problem in err.errors(include_url=False):
+            print(f"error: {problem['msg']}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: --api-key-file: {err}", file=sys.stderr)
+        return 2
+    if unknown:
+        print(f"warning: the router ignores: {' '.join(unknown)}", file=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    mode = "disaggregated" if settings.disaggregated else "colocated"
+    logging.getLogger("kubemoe_runtime.router").warning(
+        "router: %s, policy %s, listening on %s:%d", mode, settings.policy, settings.host, settings.port
+    )
+    config = uvicorn.Config(
+        build_router_app(router),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
+    return 0

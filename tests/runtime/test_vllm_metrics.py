@@ -1,0 +1,72 @@
+"""The kubemoe_* series derived from vLLM's /metrics text: one per pod, over all of its engines."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubemoe_runtime.engines.vllm.metrics import kubemoe_families, render
+from kubemoe_runtime.metrics import MetricLabels
+
+# The shape vLLM 0.32 exports, for a pod running two data-parallel engines.
+TWO_ENGINES = """\
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 2.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 4.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 10.0
+vllm:generation_tokens_total{engine="1",model_name="m"} 5.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 1.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="1.0",model_name="m"} 2.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 2.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.6
+vllm:time_to_first_token_seconds_bucket{engine="1",le="0.1",model_name="m"} 0.0
+vllm:time_to_first_token_seconds_bucket{engine="1",le="1.0",model_name="m"} 0.0
+vllm:time_to_first_token_seconds_bucket{engine="1",le="+Inf",model_name="m"} 1.0
+vllm:time_to_first_token_seconds_count{engine="1",model_name="m"} 1.0
+vllm:time_to_first_token_seconds_sum{engine="1",model_name="m"} 2.5
+"""
+LABELS = MetricLabels(deployment="d", role="prefill", group="1", rank="8")
+
+
+def samples(text: str) -> dict[tuple[str, str], float]:
+    """(sample name, le or "") -> value, for the kubemoe_* samples."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("kubemoe_"):
+                assert {k: v for k, v in s.labels.items() if k != "le"} == LABELS.as_dict()
+                out[(s.name, s.labels.get("le", ""))] = s.value
+    return out
+
+
+def test_engines_are_summed_and_usage_averaged() -> None:
+    got = samples(render(TWO_ENGINES, LABELS).decode())
+    assert got[("kubemoe_requests_waiting", "")] == 5
+    assert got[("kubemoe_requests_running", "")] == 5
+    assert got[("kubemoe_kv_cache_usage_ratio", "")] == 0.375
+    assert got[("kubemoe_generation_tokens_total", "")] == 15
+    ttft = "kubemoe_time_to_first_token_seconds"
+    assert [got[(f"{ttft}_bucket", le)] for le in ("0.1", "1.0", "+Inf")] == [1, 2, 3]
+    assert got[(f"{ttft}_count", "")] == 3
+    assert abs(got[(f"{ttft}_sum", "")] - 3.1) < 1e-9
+
+
+def test_vllms_text_passes_through_and_missing_series_are_left_out() -> None:
+    text = render(TWO_ENGINES, LABELS).decode()
+    assert text.startswith(TWO_ENGINES)
+    names = {f.name for f in kubemoe_families(TWO_ENGINES, LABELS)}
+    assert "kubemoe_inter_token_latency_seconds" not in names  # vLLM did not export it here
+    assert render("", LABELS) == b""  # vLLM not up yet: nothing, rather than made-up zeros
