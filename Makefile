@@ -82,7 +82,7 @@ crds: setup
 	$(PY) -m kubemoe_operator.rbac charts/kubemoe/templates/_rules.tpl
 
 bench: setup
-	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done
+	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; PYTHONPATH=$(CURDIR) $(PY) "$$b" || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubemoe_operator.commandline import PORT
-from kubemoe_operator.plan import RolePlan
+from kubemoe_operator.plan import PodPlan, RolePlan
 from kubemoe_operator.render.names import LABEL_LEADER, Owner, metadata, selector, workload_name
 from kubemoe_operator.render.pods import PodContext, pod_template
 
@@ -13,9 +13,18 @@ LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_KIND = "LeaderWorkerSet"
 
 
+def any_worker(pod: PodPlan) -> PodPlan:
+    """One template serves every worker of a group, so its start rank cannot be a number: with
+    `--data-parallel-start-rank auto` the runtime takes LWS_WORKER_INDEX x --data-parallel-size-local
+    (every pod of a group runs the same number of local ranks; the planner guarantees it)."""
+    argv = list(pod.command)
+    argv[argv.index("--data-parallel-start-rank") + 1] = "auto"
+    return pod.model_copy(update={"command": argv})
+
+
 def leader_worker_set(*, owner: Owner, ctx: PodContext, role: RolePlan, replicas: int) -> dict[str, Any]:
     """replicas = serving groups, size = pods per group; a dead rank restarts its whole group."""
-    leader, worker = role.pods[0], role.pods[1]
+    leader, worker = role.pods[0], any_worker(role.pods[1])
     return {
         "apiVersion": LWS_API_VERSION,
         "kind": LWS_KIND,
