@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import httpx2
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from kubemoe_runtime.engines.vllm.metrics import render
+from kubemoe_runtime.gpu_metrics import GpuCollector
 from kubemoe_runtime.metrics import MetricLabels
 
 PROBE_TIMEOUT_S: Final = 5.0
@@ -88,6 +90,9 @@ def _openai_error(status: int, message: str, *, code: str) -> JSONResponse:
 
 
 def front_app(upstream: Upstream) -> Starlette:
+    gpus = CollectorRegistry()  # DCGM_FI_* from NVML, as the torch server exports; none without a driver
+    gpus.register(GpuCollector(upstream.labels.as_dict()))
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         try:
@@ -120,7 +125,8 @@ def front_app(upstream: Upstream) -> Starlette:
     async def metrics(_: Request) -> Response:
         response = None if upstream.headless else await upstream.get("/metrics")
         text = response.text if response is not None and response.status_code == 200 else ""
-        return Response(render(text, upstream.labels), media_type=METRICS_TYPE)
+        exported = render(text, upstream.labels) + generate_latest(gpus)
+        return Response(exported, media_type=METRICS_TYPE)
 
     async def proxy(request: Request) -> Response:
         url = f"{upstream.url}{request.url.path}"
