@@ -11,10 +11,17 @@ import pytest
 
 from e2e.cluster import build, kwok
 from e2e.cluster.handle import Cluster
+from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
 from e2e.operator_process import install_crd
 
 E2E_CLUSTER_NAME = "kubemoe-e2e"
+# Beside the default 4 x 8 H200 nodes: pools for the other examples' accelerators.
+E2E_EXTRA_NODES = (
+    GpuNodes(count=3, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559, name_prefix="h100-node"),
+    GpuNodes(count=2, gpu_product="NVIDIA-L40S", gpu_memory_mib=46068, name_prefix="l40s-node"),
+    GpuNodes(count=2, gpus_per_node=0, cpu="32", memory="128Gi", name_prefix="cpu-node"),
+)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +32,7 @@ def cluster() -> Iterator[Cluster]:
     if external:
         yield Cluster(kubeconfig=Path(external), bin_dir=paths.bin)
         return
-    handle = kwok.up(kwok.ClusterConfig(name=E2E_CLUSTER_NAME), paths=paths)
+    handle = kwok.up(kwok.ClusterConfig(name=E2E_CLUSTER_NAME, extra_nodes=E2E_EXTRA_NODES), paths=paths)
     try:
         yield handle
     finally:

@@ -24,6 +24,8 @@ from e2e.cluster.procs import free_port, stop_pidfile
 class ClusterConfig:
     name: str = "kubemoe"
     nodes: GpuNodes = field(default_factory=GpuNodes)
+    extra_nodes: tuple[GpuNodes, ...] = ()
+    """More node pools (other GPU types, CPU-only nodes), each with its own name prefix."""
     with_lws: bool = True
 
 
@@ -130,7 +132,13 @@ def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
     _log(f"control plane up in {time.monotonic() - t0:.1f}s")
 
     cluster.kubectl(
-        "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(config.nodes))
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=yaml.safe_dump_all(
+            [n for pool in (config.nodes, *config.extra_nodes) for n in node_manifests(pool)]
+        ),
     )
     cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
     n = config.nodes

@@ -18,12 +18,17 @@ class GpuNodes:
 
 
 def node_manifests(spec: GpuNodes) -> list[dict[str, Any]]:
-    resources = {
-        "cpu": spec.cpu,
-        "memory": spec.memory,
-        "pods": "110",
-        "nvidia.com/gpu": str(spec.gpus_per_node),
-    }
+    """Node objects for one pool; gpus_per_node=0 makes plain CPU nodes (no GPU resource or labels)."""
+    resources = {"cpu": spec.cpu, "memory": spec.memory, "pods": "110"}
+    gpu_labels = {}
+    if spec.gpus_per_node:
+        resources["nvidia.com/gpu"] = str(spec.gpus_per_node)
+        gpu_labels = {
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.product": spec.gpu_product,
+            "nvidia.com/gpu.memory": str(spec.gpu_memory_mib),
+            "nvidia.com/gpu.count": str(spec.gpus_per_node),
+        }
     nodes = []
     for i in range(spec.count):
         name = f"{spec.name_prefix}-{i}"
@@ -40,10 +45,7 @@ def node_manifests(spec: GpuNodes) -> list[dict[str, Any]]:
                         "kubernetes.io/os": "linux",
                         "kubernetes.io/arch": "amd64",
                         "type": "kwok",
-                        "nvidia.com/gpu.present": "true",
-                        "nvidia.com/gpu.product": spec.gpu_product,
-                        "nvidia.com/gpu.memory": str(spec.gpu_memory_mib),
-                        "nvidia.com/gpu.count": str(spec.gpus_per_node),
+                        **gpu_labels,
                     },
                 },
                 "status": {"capacity": resources, "allocatable": resources},

@@ -1,0 +1,110 @@
+"""Every manifest in examples/ deployed by the operator (as the Helm chart's ServiceAccount) on the
+real control plane, whose node pools cover each example's accelerator (H200, H100, L40S, CPU):
+the workloads the plan calls for exist with the right sizes, every pod runs, and the
+ModelDeployment reaches Ready. One example at a time, each removed before the next."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.cluster.handle import Cluster
+from e2e.conftest import OPERATOR_NAMESPACE
+from e2e.operator_process import OperatorProcess, get_json, install_crd, model_volume
+from e2e.waiting import eventually
+from kubemoe_operator.manifest import load_manifest
+from kubemoe_operator.planner import plan_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+LABEL = "kubemoe.io/deployment"
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster) -> Iterator[str]:
+    install_crd(cluster)
+    name = f"ex-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("apply", "-f", "-", stdin=model_volume(name))  # for pvc:// sources
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def operator(
+    operator_cluster: Cluster,
+    namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator-examples") / "operator.log"
+    proc = OperatorProcess(
+        operator_cluster,
+        log=log,
+        args=(
+            "--namespace",
+            namespace,
+            "--resync-seconds",
+            "3",
+            "--lease-namespace",
+            OPERATOR_NAMESPACE,
+            "--lease-seconds",
+            "4",
+            "--autoscale-interval-seconds",
+            "0",
+        ),
+    )
+    proc.start()
+    failed_before = request.session.testsfailed
+    yield proc
+    proc.stop()
+    if request.session.testsfailed > failed_before:
+        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+
+
+def _phase(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    obj: dict[str, Any] = get_json(cluster, "md", name, "-n", ns)
+    return obj if (obj.get("status") or {}).get("phase") == "Ready" else None
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_deploys_to_ready(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, path: Path
+) -> None:
+    plan = plan_manifest(load_manifest(path))
+    cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+    try:
+        md = eventually(lambda: _phase(cluster, namespace, plan.name), timeout=120, what=f"{plan.name} Ready")
+        assert md["status"]["layout"] == plan.layout
+
+        selector = f"{LABEL}={plan.name}"
+        expected_pods = plan.router.replicas
+        for role in plan.roles:
+            kind = "leaderworkersets" if role.workload == "LeaderWorkerSet" else "deployments"
+            (workload,) = get_json(
+                cluster, kind, "-n", namespace, "-l", f"{selector},kubemoe.io/role={role.role}"
+            )["items"]
+            assert workload["spec"]["replicas"] == role.replicas
+            if kind == "leaderworkersets":
+                assert workload["spec"]["leaderWorkerTemplate"]["size"] == role.pods_per_group
+            expected_pods += role.replicas * role.pods_per_group
+        pods = get_json(cluster, "pods", "-n", namespace, "-l", selector)["items"]
+        assert len(pods) == expected_pods
+        assert all(p["status"]["phase"] == "Running" for p in pods)
+        gpus = sum(
+            int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+            for p in pods
+            for c in p["spec"]["containers"]
+        )
+        assert gpus == (0 if plan.accelerator == "cpu" else plan.devices)
+    finally:
+        cluster.kubectl("delete", "md", plan.name, "-n", namespace, "--wait=true", "--timeout=60s")
+        eventually(
+            lambda: not get_json(cluster, "pods", "-n", namespace, "-l", f"{LABEL}={plan.name}")["items"],
+            timeout=90,
+            what=f"{plan.name}'s pods gone",
+        )
