@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from e2e.cluster.handle import Cluster
 from e2e.waiting import eventually
 
-__all__ = ["OperatorProcess", "eventually", "get_json", "get_or_none", "install_crd", "model_volume"]
+__all__ = [
+    "OperatorProcess",
+    "eventually",
+    "get_json",
+    "get_or_none",
+    "install_crd",
+    "model_volume",
+    "running_operator",
+    "scratch_namespace",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "kubemoe.io_modeldeployments.yaml"
@@ -116,3 +130,31 @@ class OperatorProcess:
 
     def tail(self, lines: int = 80) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def scratch_namespace(cluster: Cluster, *, prefix: str) -> Iterator[str]:
+    """The ModelDeployment CRD installed and a fresh namespace, deleted (without waiting) after."""
+    install_crd(cluster)
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@contextlib.contextmanager
+def running_operator(
+    cluster: Cluster, *, log: Path, args: tuple[str, ...], request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    """The operator started, then stopped; its log's tail is printed if a test failed meanwhile."""
+    proc = OperatorProcess(cluster, log=log, args=args)
+    proc.start()
+    failed_before = request.session.testsfailed
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        if request.session.testsfailed > failed_before:
+            print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")

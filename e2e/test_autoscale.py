@@ -31,7 +31,13 @@ from e2e import prometheus
 from e2e.cluster.handle import Cluster
 from e2e.cluster.procs import free_port
 from e2e.conftest import OPERATOR_NAMESPACE
-from e2e.operator_process import OperatorProcess, eventually, get_json, install_crd
+from e2e.operator_process import (
+    OperatorProcess,
+    eventually,
+    get_json,
+    running_operator,
+    scratch_namespace,
+)
 from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,11 +94,8 @@ def prom(
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    install_crd(cluster)
-    name = f"as-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+    with scratch_namespace(cluster, prefix="as") as ns:
+        yield ns
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def operator(
     request: pytest.FixtureRequest,
 ) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = OperatorProcess(
+    with running_operator(
         operator_cluster,
         log=log,
         args=(
@@ -125,13 +128,9 @@ def operator(
             "--metrics-port",
             str(free_port()),
         ),
-    )
-    proc.start()
-    failed_before = request.session.testsfailed
-    yield proc
-    proc.stop()
-    if request.session.testsfailed > failed_before:
-        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+        request=request,
+    ) as proc:
+        yield proc
 
 
 def md(cluster: Cluster, ns: str) -> dict[str, Any]:

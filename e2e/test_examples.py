@@ -5,7 +5,6 @@ ModelDeployment reaches Ready. One example at a time, each removed before the ne
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,13 @@ import pytest
 
 from e2e.cluster.handle import Cluster
 from e2e.conftest import OPERATOR_NAMESPACE
-from e2e.operator_process import OperatorProcess, get_json, install_crd, model_volume
+from e2e.operator_process import (
+    OperatorProcess,
+    get_json,
+    model_volume,
+    running_operator,
+    scratch_namespace,
+)
 from e2e.waiting import eventually
 from kubemoe_operator.manifest import load_manifest
 from kubemoe_operator.planner import plan_manifest
@@ -26,12 +31,9 @@ LABEL = "kubemoe.io/deployment"
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    install_crd(cluster)
-    name = f"ex-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("apply", "-f", "-", stdin=model_volume(name))  # for pvc:// sources
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+    with scratch_namespace(cluster, prefix="ex") as ns:
+        cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns))  # for pvc:// sources
+        yield ns
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def operator(
     request: pytest.FixtureRequest,
 ) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator-examples") / "operator.log"
-    proc = OperatorProcess(
+    with running_operator(
         operator_cluster,
         log=log,
         args=(
@@ -57,13 +59,9 @@ def operator(
             "--autoscale-interval-seconds",
             "0",
         ),
-    )
-    proc.start()
-    failed_before = request.session.testsfailed
-    yield proc
-    proc.stop()
-    if request.session.testsfailed > failed_before:
-        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+        request=request,
+    ) as proc:
+        yield proc
 
 
 def _phase(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,15 @@ import pytest
 from e2e.cluster.handle import Cluster
 from e2e.conftest import OPERATOR_NAMESPACE
 from e2e.identity import service_account_user
-from e2e.operator_process import OperatorProcess, eventually, get_json, get_or_none, install_crd, model_volume
+from e2e.operator_process import (
+    OperatorProcess,
+    eventually,
+    get_json,
+    get_or_none,
+    model_volume,
+    running_operator,
+    scratch_namespace,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSEEK = REPO / "examples" / "deepseek-v3.yaml"
@@ -33,11 +40,8 @@ LABEL = "kubemoe.io/deployment"
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    install_crd(cluster)
-    name = f"op-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+    with scratch_namespace(cluster, prefix="op") as ns:
+        yield ns
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """The operator, as the Helm chart's ServiceAccount: every scenario here also proves the chart's RBAC."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = OperatorProcess(
+    with running_operator(
         operator_cluster,
         log=log,
         args=(
@@ -66,13 +70,9 @@ def operator(
             "--autoscale-interval-seconds",
             "0",
         ),
-    )
-    proc.start()
-    failed_before = request.session.testsfailed
-    yield proc
-    proc.stop()
-    if request.session.testsfailed > failed_before:
-        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+        request=request,
+    ) as proc:
+        yield proc
 
 
 def md(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:

@@ -12,7 +12,13 @@ from e2e.cluster import build, kwok
 from e2e.cluster.handle import Cluster
 from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
-from e2e.operator_process import OperatorProcess, eventually, get_json, install_crd
+from e2e.operator_process import (
+    OperatorProcess,
+    eventually,
+    get_json,
+    install_crd,
+    running_operator,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "kubemoe-e2e-nolws"
@@ -38,13 +44,9 @@ def operator(
     identity = install_operator_identity(
         bare_cluster, release="kubemoe", namespace="kubemoe-system", out=log.parent / "kubeconfig.yaml"
     )
-    proc = OperatorProcess(identity, log=log, args=("--resync-seconds", "3", "--no-leader-election"))
-    proc.start()
-    failed_before = request.session.testsfailed
-    yield proc
-    proc.stop()
-    if request.session.testsfailed > failed_before:
-        print(f"\n--- operator log ({log}) ---\n{proc.tail(150)}")
+    args = ("--resync-seconds", "3", "--no-leader-election")
+    with running_operator(identity, log=log, args=args, request=request) as proc:
+        yield proc
 
 
 def test_multi_pod_groups_without_lws_are_refused_and_nothing_is_created(
