@@ -28,20 +28,14 @@ import openai
 import pytest
 import yaml
 
+from e2e.cluster.procs import free_port
+from tests import openai_calls
+
 REPO = Path(__file__).resolve().parents[1]
 KUBEMOE = str(Path(sys.executable).parent / "kubemoe")
 PROMPTS = [f"The router sends request {i} to the experts of layer {i % 3}" for i in range(16)]
 MAX_TOKENS = [5 + i % 7 for i in range(16)]
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -152,24 +146,11 @@ def client(endpoint: str) -> openai.OpenAI:
 
 
 def complete(c: openai.OpenAI, model: str, i: int) -> tuple[str, int]:
-    r = c.completions.create(model=model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i], temperature=0)
-    assert r.usage is not None
-    return r.choices[0].text, r.usage.completion_tokens
+    return openai_calls.complete(c, model=model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i])[:2]
 
 
 def chat_stream(c: openai.OpenAI, model: str, i: int) -> tuple[str, int]:
-    stream = c.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": PROMPTS[i]}],
-        max_tokens=MAX_TOKENS[i],
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    usage = chunks[-1].usage
-    assert usage is not None
-    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), usage.completion_tokens
+    return openai_calls.chat_stream(c, model=model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i])[:2]
 
 
 def all_at_once(fn: Callable[[openai.OpenAI, str, int], tuple[str, int]], run: Run) -> list[tuple[str, int]]:

@@ -29,6 +29,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from e2e.cluster.procs import free_port
+from tests import openai_calls
+from tests.openai_calls import Answer
+
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("KUBEMOE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
 MODEL = "tiny-vllm"
@@ -59,15 +63,6 @@ START_TIMEOUT_S = 420
 pytestmark = pytest.mark.skipif(
     not Path(VLLM_PYTHON).is_file(), reason="vLLM CPU build missing (make setup-vllm)"
 )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get_status(url: str) -> int | None:
@@ -174,29 +169,12 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
             p.stop()
 
 
-Answer = tuple[str, int, int]  # text, completion tokens, prompt tokens
-
-
 def complete(c: openai.OpenAI, i: int) -> Answer:
-    r = c.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i], temperature=0)
-    assert r.usage is not None
-    return r.choices[0].text, r.usage.completion_tokens, r.usage.prompt_tokens
+    return openai_calls.complete(c, model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i])
 
 
 def chat_stream(c: openai.OpenAI, i: int) -> Answer:
-    stream = c.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": PROMPTS[i]}],
-        max_tokens=MAX_TOKENS[i],
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    usage = chunks[-1].usage
-    assert usage is not None
-    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    return text, usage.completion_tokens, usage.prompt_tokens
+    return openai_calls.chat_stream(c, model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i])
 
 
 def loads(log: str) -> tuple[int, int]:

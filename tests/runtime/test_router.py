@@ -25,6 +25,7 @@ import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.tokenizer import TextTokenizer
+from tests import openai_calls
 from tests.runtime.routing import RouterProcess, sample
 from tests.runtime.serving import Server, http_get
 
@@ -140,24 +141,11 @@ def client(url: str, *, api_key: str = "unused") -> openai.OpenAI:
 
 
 def complete(c: openai.OpenAI, i: int) -> tuple[str, int]:
-    r = c.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i], temperature=0)
-    assert r.usage is not None
-    return r.choices[0].text, r.usage.completion_tokens
+    return openai_calls.complete(c, model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i])[:2]
 
 
 def chat_stream(c: openai.OpenAI, i: int) -> tuple[str, int]:
-    stream = c.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": PROMPTS[i]}],
-        max_tokens=MAX_TOKENS[i],
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    usage = chunks[-1].usage
-    assert usage is not None
-    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), usage.completion_tokens
+    return openai_calls.chat_stream(c, model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i])[:2]
 
 
 def concurrently(fn: object, c: openai.OpenAI, n: int = len(PROMPTS)) -> list[tuple[str, int]]:
