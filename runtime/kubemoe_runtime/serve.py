@@ -30,6 +30,7 @@ import faulthandler
 import json
 import logging
 import multiprocessing as mp
+import os
 import signal
 import sys
 import threading
@@ -330,7 +331,16 @@ def serve(settings: ServeSettings) -> int:
     pod.server.run()
     pod.stop.set()
     engine_thread.join(timeout=30)
-    return pod.finish()
+    code = pod.finish()
+    if settings.data_parallel_size > 1:
+        # Our ranks are stopped and joined; gloo's and the TCP store's C++ threads may still be
+        # tearing down, and their destructors at interpreter exit can abort the process
+        # ("terminate called without an active exception", exit -6). Leave without them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:
