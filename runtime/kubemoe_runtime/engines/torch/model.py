@@ -1,6 +1,6 @@
 """The decoder: Qwen3-MoE, Mixtral and DeepSeek-V3 as one pre-norm transformer with swappable parts.
 
-Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_gate_EFD):
+Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_down_EDF; 2F: gate and up side by side):
     B  batch rows (sequences in this step)    T  new tokens per row       S  attended key positions
     N  tokens on this rank (B*T)              M  tokens over the EP group D  hidden size
     V  vocabulary                             H  query heads              G  key/value heads

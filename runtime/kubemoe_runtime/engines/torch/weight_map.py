@@ -1,8 +1,8 @@
 """Hugging Face checkpoint names -> this engine's parameters.
 
-Most tensors map one to one after a prefix rename. Routed experts are stacked: the checkpoint's
-`...experts.{e}.{gate_proj|w1}.weight` for each owned expert e becomes row `e - first` of `w_gate_EFD`
-(`up_proj|w3` -> `w_up_EFD`, `down_proj|w2` -> `w_down_EDF`).
+Most tensors map one to one after a prefix rename. Routed experts are stacked: for each owned expert e,
+the checkpoint's `...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry `e - first` of
+`w_gate_up_E2FD` (gate rows, then up rows), and `{down_proj|w2}` entry `e - first` of `w_down_EDF`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from kubemoe_runtime.model_config import ModelConfig
 
 _LAYER: Final = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT: Final = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+# checkpoint projection -> (stacked parameter, which of its parts)
 _STACKED: Final = {
-    "gate_proj": "w_gate_EFD",
-    "w1": "w_gate_EFD",
-    "up_proj": "w_up_EFD",
-    "w3": "w_up_EFD",
-    "down_proj": "w_down_EDF",
-    "w2": "w_down_EDF",
+    "gate_proj": ("w_gate_up_E2FD", 0),
+    "w1": ("w_gate_up_E2FD", 0),
+    "up_proj": ("w_gate_up_E2FD", 1),
+    "w3": ("w_gate_up_E2FD", 1),
+    "down_proj": ("w_down_EDF", 0),
+    "w2": ("w_down_EDF", 0),
 }
+_PARTS: Final = {"w_gate_up_E2FD": 2, "w_down_EDF": 1}
 _TOP: Final = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
 
 
@@ -49,7 +51,7 @@ def to_engine_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename (and, for routed experts, stack) checkpoint tensors into `Transformer.state_dict()` form."""
     out: dict[str, torch.Tensor] = {}
-    stacks: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    stacks: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
     for name, tensor in tensors.items():
         if name in _TOP:
             out[_TOP[name]] = tensor.to(dtype)
@@ -63,19 +65,47 @@ def to_engine_state_dict(
         layer, rest = int(match.group(1)), match.group(2)
         expert = _EXPERT.match(rest)
         if expert is not None:
-            e, proj = int(expert.group(1)), expert.group(2)
-            stacks[f"layers.{layer}.ffn.experts.{_STACKED[proj]}"][e - experts.start] = tensor
+            e, (param, part) = int(expert.group(1)), _STACKED[expert.group(2)]
+            stacks[f"layers.{layer}.ffn.experts.{param}"][(e - experts.start, part)] = tensor
             continue
         key = _layer_param(cfg, layer, rest)
         # A sigmoid router runs in float32 (as DeepSeek and transformers do): keep its tensors so.
         keep_fp32 = cfg.scoring == "sigmoid" and ".ffn.router." in key
         out[key] = tensor.to(torch.float32 if keep_fp32 else dtype)
-    for key, by_index in stacks.items():
-        if sorted(by_index) != list(range(len(experts))):
-            raise KeyError(
-                f"{key}: expected experts {experts.start}..{experts.stop - 1}, got {sorted(by_index)}"
-            )
-        out[key] = torch.stack([by_index[i] for i in range(len(experts))]).to(dtype)
+    for key, parts in stacks.items():
+        out[key] = _stack(key, parts, experts=experts, dtype=dtype)
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
+    return out
+
+
+def _stack(
+    key: str, parts: dict[tuple[int, int], torch.Tensor], *, experts: range, dtype: torch.dtype
+) -> torch.Tensor:
+    """One [E, parts * rows, cols] tensor from each expert's parts, copied once into place."""
+    n_parts = _PARTS[key.rsplit(".", 1)[1]]
+    found = sorted({e for e, _ in parts})
+    if found != list(range(len(experts))) or len(parts) != len(experts) * n_parts:
+        missing = [
+            f"expert {experts.start + e} part {p}"
+            for e in range(len(experts))
+            for p in range(n_parts)
+            if (e, p) not in parts
+        ]
+        raise KeyError(
+            f"{key}: expected experts {experts.start}..{experts.stop - 1}"
+            + (
+                f", missing {', '.join(missing[:4])}"
+                if missing
+                else f", got {[experts.start + e for e in found]}"
+            )
+        )
+    rows, cols = parts[(0, 0)].shape
+    out = torch.empty((len(experts), n_parts * rows, cols), dtype=dtype)
+    for (e, p), tensor in parts.items():
+        if tensor.shape != (rows, cols):
+            raise KeyError(
+                f"{key}: expert {experts.start + e} has shape {tuple(tensor.shape)}, not {(rows, cols)}"
+            )
+        out[e, p * rows : (p + 1) * rows] = tensor
     return out
