@@ -74,7 +74,6 @@ class LocalExperts(nn.Module):
     def __init__(self, *, dim: int, hidden: int, experts: range) -> None:
         super().__init__()
         self.experts = experts
-        self.hidden = hidden
         n = len(experts)
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(n, 2 * hidden, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(n, dim, hidden))
@@ -99,7 +98,7 @@ class LocalExperts(nn.Module):
             if n == 0:
                 continue
             rows_nD = x_sD[first : first + n]
-            gate_nF, up_nF = F.linear(rows_nD, self.w_gate_up_E2FD[local]).split(self.hidden, dim=-1)
+            gate_nF, up_nF = F.linear(rows_nD, self.w_gate_up_E2FD[local]).chunk(2, dim=-1)
             outputs.append(F.linear(F.silu(gate_nF) * up_nF, self.w_down_EDF[local]))
             first += n
         out_sD = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
