@@ -6,6 +6,8 @@ positions, D hidden, H query heads, G key/value heads, C head dim, R rotary dims
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +69,45 @@ def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor) -> torch.Tensor:
     return (key_pos_BS[:, None, :] <= pos_BT[:, :, None])[:, None]
 
 
+@dataclass(frozen=True)
+class Positions:
+    """Where one forward's tokens sit: made once per forward (Transformer.forward), read by every layer.
+
+    pos_BT      each new token's position            slots_B    each row's KV-cache slot
+    cos_sin     rope_cos_sin(pos_BT)                 length     S, the cached positions to attend
+    mask_B1TS   which keys each query may attend: positions 0 .. S-1 of its cache slot, or, without a
+                cache (length None), the step's own tokens
+    """
+
+    pos_BT: torch.Tensor
+    slots_B: torch.Tensor
+    cos_sin: torch.Tensor
+    mask_B1TS: torch.Tensor
+    length: int | None
+
+    @classmethod
+    def make(
+        cls,
+        pos_BT: torch.Tensor,
+        slots_B: torch.Tensor,
+        *,
+        rope_dim: int,
+        theta: float,
+        dtype: torch.dtype,
+        cached: bool,
+    ) -> Positions:
+        B = pos_BT.shape[0]
+        length = int(pos_BT.max()) + 1 if cached else None
+        key_pos_BS = pos_BT if length is None else torch.arange(length).expand(B, length)
+        return cls(
+            pos_BT=pos_BT,
+            slots_B=slots_B,
+            cos_sin=rope_cos_sin(pos_BT, dim=rope_dim, theta=theta, dtype=dtype),
+            mask_B1TS=causal_mask(pos_BT, key_pos_BS),
+            length=length,
+        )
+
+
 class Attention(nn.Module):
     """Grouped-query attention (Qwen3-MoE with per-head q/k RMSNorm, Mixtral without)."""
 
@@ -85,39 +126,29 @@ class Attention(nn.Module):
     def cache_fields(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        *,
-        pos_BT: torch.Tensor,
-        cache: LayerCache | None,
-        slots_B: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, *, at: Positions, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BTHC = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k_BTGC = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         v_BTGC = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
-        cos_sin = rope_cos_sin(pos_BT, dim=self.head_dim, theta=self.rope_theta, dtype=x_BTD.dtype)
-        q_BTHC = apply_rope(q_BTHC, cos_sin, interleaved=False)
-        k_BTGC = apply_rope(k_BTGC, cos_sin, interleaved=False)
+        q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=False)
+        k_BTGC = apply_rope(k_BTGC, at.cos_sin, interleaved=False)
 
-        if cache is None:
-            k_BSGC, v_BSGC, key_pos_BS = k_BTGC, v_BTGC, pos_BT
+        if cache is None or at.length is None:
+            k_BSGC, v_BSGC = k_BTGC, v_BTGC
         else:
-            cache.write("k", slots_B=slots_B, pos_BT=pos_BT, value_BT=k_BTGC)
-            cache.write("v", slots_B=slots_B, pos_BT=pos_BT, value_BT=v_BTGC)
-            S = int(pos_BT.max()) + 1
-            k_BSGC = cache.read("k", slots_B=slots_B, length=S)
-            v_BSGC = cache.read("v", slots_B=slots_B, length=S)
-            key_pos_BS = torch.arange(S).expand(B, S)
+            cache.write("k", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=k_BTGC)
+            cache.write("v", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=v_BTGC)
+            k_BSGC = cache.read("k", slots_B=at.slots_B, length=at.length)
+            v_BSGC = cache.read("v", slots_B=at.slots_B, length=at.length)
 
         out_BHTC = F.scaled_dot_product_attention(
             q_BTHC.transpose(1, 2),
             k_BSGC.transpose(1, 2),
             v_BSGC.transpose(1, 2),
-            attn_mask=causal_mask(pos_BT, key_pos_BS),
+            attn_mask=at.mask_B1TS,
             scale=self.head_dim**-0.5,
             enable_gqa=self.n_heads != self.n_kv_heads,
         )
@@ -170,14 +201,7 @@ class LatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         return q
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        *,
-        pos_BT: torch.Tensor,
-        cache: LayerCache | None,
-        slots_B: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, *, at: Positions, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H = self.n_heads
         q_BTHc = self._queries(x_BTD).view(B, T, H, self.nope_dim + self.rope_dim)
@@ -186,19 +210,16 @@ class LatentAttention(nn.Module):
         latent_BTL, k_rope_BTR = torch.split(kv_a_BTc, [self.latent_dim, self.rope_dim], dim=-1)
         latent_BTL = self.kv_a_layernorm(latent_BTL)
 
-        cos_sin = rope_cos_sin(pos_BT, dim=self.rope_dim, theta=self.rope_theta, dtype=x_BTD.dtype)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_sin, interleaved=self.interleaved)
-        k_rope_BTR = apply_rope(k_rope_BTR[:, :, None, :], cos_sin, interleaved=self.interleaved)[:, :, 0]
+        q_rope_BTHR = apply_rope(q_rope_BTHR, at.cos_sin, interleaved=self.interleaved)
+        k_rope_BTR = apply_rope(k_rope_BTR[:, :, None, :], at.cos_sin, interleaved=self.interleaved)[:, :, 0]
 
-        if cache is None:
-            latent_BSL, k_rope_BSR, key_pos_BS = latent_BTL, k_rope_BTR, pos_BT
+        if cache is None or at.length is None:
+            latent_BSL, k_rope_BSR = latent_BTL, k_rope_BTR
         else:
-            cache.write("latent", slots_B=slots_B, pos_BT=pos_BT, value_BT=latent_BTL)
-            cache.write("k_rope", slots_B=slots_B, pos_BT=pos_BT, value_BT=k_rope_BTR)
-            S = int(pos_BT.max()) + 1
-            latent_BSL = cache.read("latent", slots_B=slots_B, length=S)
-            k_rope_BSR = cache.read("k_rope", slots_B=slots_B, length=S)
-            key_pos_BS = torch.arange(S).expand(B, S)
+            cache.write("latent", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=latent_BTL)
+            cache.write("k_rope", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=k_rope_BTR)
+            latent_BSL = cache.read("latent", slots_B=at.slots_B, length=at.length)
+            k_rope_BSR = cache.read("k_rope", slots_B=at.slots_B, length=at.length)
 
         S = latent_BSL.shape[1]
         kv_BSHc = self.kv_b_proj(latent_BSL).view(B, S, H, self.nope_dim + self.v_dim)
@@ -210,7 +231,7 @@ class LatentAttention(nn.Module):
             q_BTHc.transpose(1, 2),
             k_BSHc.transpose(1, 2),
             v_BSHc.transpose(1, 2),
-            attn_mask=causal_mask(pos_BT, key_pos_BS),
+            attn_mask=at.mask_B1TS,
             scale=self.scale,
         )
         y_BTD: torch.Tensor = self.o_proj(out_BHTc.transpose(1, 2).reshape(B, T, -1))

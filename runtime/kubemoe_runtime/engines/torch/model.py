@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kv_cache import KVCache, LayerCache
-from kubemoe_runtime.engines.torch.layers import MLP, Attention, LatentAttention, RMSNorm
+from kubemoe_runtime.engines.torch.layers import MLP, Attention, LatentAttention, Positions, RMSNorm
 from kubemoe_runtime.engines.torch.moe import MoE
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
 from kubemoe_runtime.model_config import ModelConfig
@@ -35,15 +35,8 @@ class Block(nn.Module):
             MoE(cfg, ep=ep) if cfg.moe_layers[layer] else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
         )
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        *,
-        pos_BT: torch.Tensor,
-        cache: LayerCache | None,
-        slots_B: torch.Tensor,
-    ) -> torch.Tensor:
-        attn_BTD: torch.Tensor = self.attn(self.attn_norm(x_BTD), pos_BT=pos_BT, cache=cache, slots_B=slots_B)
+    def forward(self, x_BTD: torch.Tensor, *, at: Positions, cache: LayerCache | None) -> torch.Tensor:
+        attn_BTD: torch.Tensor = self.attn(self.attn_norm(x_BTD), at=at, cache=cache)
         h_BTD = x_BTD + attn_BTD
         ffn_BTD: torch.Tensor = self.ffn(self.ffn_norm(h_BTD))
         return h_BTD + ffn_BTD
@@ -83,10 +76,18 @@ class Transformer(nn.Module):
         """
         if slots_B is None:
             slots_B = torch.arange(tokens_BT.shape[0])
+        cfg = self.cfg
         x_BTD = self.embed(tokens_BT)
+        at = Positions.make(
+            pos_BT,
+            slots_B,
+            rope_dim=cfg.qk_rope_head_dim if cfg.uses_mla else cfg.head_dim,
+            theta=cfg.rope_theta,
+            dtype=x_BTD.dtype,
+            cached=cache is not None,
+        )
         for i, block in enumerate(self.blocks()):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x_BTD = block(x_BTD, pos_BT=pos_BT, cache=layer_cache, slots_B=slots_B)
+            x_BTD = block(x_BTD, at=at, cache=cache.layers[i] if cache is not None else None)
         if last_only:
             x_BTD = x_BTD[:, -1:]
         elif logits_at_B is not None:
