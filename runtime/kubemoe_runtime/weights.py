@@ -10,6 +10,11 @@ divide E), the same split vLLM uses, so a token's expert id alone says which ran
 truncated, every needed tensor present with the shape config.json implies and the checkpoint's dtype)
 before reading a byte of data, then reads only the selected tensors and reports the bytes it read.
 Every failure is a `WeightLoadError` naming the shard file and the tensor.
+
+Reading: the header gives each tensor's byte range, so the loader reads them itself (no mmap): per shard,
+the selected tensors in file order, each run of adjacent ones with one readinto() into one buffer the
+tensors are views of. Memory is touched once, as a plain read() of those bytes touches it; at EP=1 a
+shard is one read, and at EP=N a rank's experts are one read per contiguous block.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ from pathlib import Path
 from typing import Final
 
 import torch
-from safetensors import safe_open
 
 from kubemoe_runtime.model_config import ModelConfig
 
 INDEX_FILE: Final = "model.safetensors.index.json"
+READ_CHUNK: Final = 16 << 20  # bytes per readinto() call
 SINGLE_FILE: Final = "model.safetensors"
 
 # safetensors dtype tags -> torch dtypes (only those a checkpoint we serve may hold).
@@ -300,15 +305,49 @@ def load_rank_weights(
     # Pass 2: read only the selected tensors.
     tensors: dict[str, torch.Tensor] = {}
     for file_name, names in sorted(by_file.items()):
-        path = root / file_name
-        with safe_open(str(path), framework="pt") as shard:
-            for name in names:
-                tensors[name] = shard.get_tensor(name)
-                nbytes = headers[file_name][name].nbytes
-                report.bytes_read += nbytes
-                report.tensors_read += 1
-                if routed_expert_id(name) is not None:
-                    report.routed_expert_bytes += nbytes
+        infos = headers[file_name]
+        tensors.update(_read_tensors(root / file_name, [(name, infos[name]) for name in names]))
+        for name in names:
+            report.bytes_read += infos[name].nbytes
+            report.tensors_read += 1
+            if routed_expert_id(name) is not None:
+                report.routed_expert_bytes += infos[name].nbytes
         report.files.append(file_name)
     report.seconds = time.perf_counter() - started
     return tensors, report
+
+
+def _read_tensors(path: Path, wanted: list[tuple[str, TensorInfo]]) -> dict[str, torch.Tensor]:
+    """Read tensors from one shard: each run of adjacent tensors in one buffer they are views of."""
+    runs: list[list[tuple[str, TensorInfo]]] = []
+    for item in sorted(wanted, key=lambda item: item[1].begin):
+        if runs and runs[-1][-1][1].end == item[1].begin:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with path.open("rb", buffering=0) as f:
+            for run in runs:
+                begin, end = run[0][1].begin, run[-1][1].end
+                buffer = torch.empty(end - begin, dtype=torch.uint8)
+                view = buffer.numpy().data  # a memoryview of the tensor's bytes
+                f.seek(begin)
+                got = 0
+                while got < len(view) and (n := f.readinto(view[got : got + READ_CHUNK])):
+                    got += n
+                for name, info in run:
+                    if info.end - begin > got:
+                        raise WeightLoadError(f"{path}: truncated while reading tensor {name!r}")
+                    tensors[name] = _typed(buffer[info.begin - begin : info.end - begin], info)
+    except OSError as err:
+        raise WeightLoadError(f"{path}: cannot read tensor {run[0][0]!r}: {err}") from err
+    return tensors
+
+
+def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """Bytes as the tensor they hold (a view; a copy only when the bytes are not aligned to the dtype)."""
+    dtype = SAFETENSORS_DTYPES[info.dtype]
+    if raw.storage_offset() % dtype.itemsize:
+        raw = raw.clone()
+    return raw.view(dtype).view(info.shape)
