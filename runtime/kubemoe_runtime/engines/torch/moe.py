@@ -66,10 +66,19 @@ class LocalExperts(nn.Module):
 
     Gate and up projections are one matrix per expert (`w_gate_up_E2FD`: gate rows, then up rows), so an
     expert is two matmuls. The forward groups the (token, choice) slots by expert with one sort and one
-    host sync, runs each picked expert once over its contiguous block of rows, and writes every slot's
-    output to its own place: the K choices of a token are then summed in one reduction (no index_add,
-    which is slow and serial for bf16 on CPU).
+    host sync, then runs the experts one of two ways:
+
+        looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
+                  decode at small batch: few experts picked, and only their weights are read)
+        batched   when most experts are picked and each has few rows (decode at larger batch): every
+                  expert's rows padded to the same count and all experts in two bmm calls, instead of
+                  two small GEMMs per expert whose per-call cost dominates
+
+    Every slot's output goes to its own place, and the K choices of a token are summed in one reduction
+    (no index_add, which is slow and serial for bf16 on CPU).
     """
+
+    BATCHED_MAX_ROWS = 16  # the batched form pads every expert to the busiest one's rows: keep that small
 
     def __init__(self, *, dim: int, hidden: int, experts: range) -> None:
         super().__init__()
@@ -92,6 +101,16 @@ class LocalExperts(nn.Module):
         if owned.numel() == 0:
             return y_SD.view(M, K, -1).sum(dim=1)
         x_sD = x_MD[owned // K]
+        picked = sum(1 for n in counts if n)
+        if 2 * picked >= E and max(counts) <= self.BATCHED_MAX_ROWS:
+            out_sD = self._batched(x_sD, key_S[owned], counts)
+        else:
+            out_sD = self._looped(x_sD, counts)
+        y_SD[owned] = (out_sD * w_MK.flatten()[owned, None]).to(y_SD.dtype)
+        return y_SD.view(M, K, -1).sum(dim=1)
+
+    def _looped(self, x_sD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by expert, `counts[e]` rows for local expert e: each picked expert on its block."""
         outputs: list[torch.Tensor] = []
         first = 0
         for local, n in enumerate(counts):
@@ -101,9 +120,18 @@ class LocalExperts(nn.Module):
             gate_nF, up_nF = F.linear(rows_nD, self.w_gate_up_E2FD[local]).chunk(2, dim=-1)
             outputs.append(F.linear(F.silu(gate_nF) * up_nF, self.w_down_EDF[local]))
             first += n
-        out_sD = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        y_SD[owned] = (out_sD * w_MK.flatten()[owned, None]).to(y_SD.dtype)
-        return y_SD.view(M, K, -1).sum(dim=1)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _batched(self, x_sD: torch.Tensor, expert_s: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The same, as two bmm calls over every local expert, rows padded to the busiest expert's R."""
+        E, R = len(counts), max(counts)
+        starts_E = torch.tensor([0, *counts[:-1]]).cumsum(0)
+        row_s = torch.arange(x_sD.shape[0]) - starts_E[expert_s]  # each slot's row within its expert
+        x_ERD = x_sD.new_zeros(E, R, x_sD.shape[1])
+        x_ERD[expert_s, row_s] = x_sD
+        gate_ERF, up_ERF = torch.bmm(x_ERD, self.w_gate_up_E2FD.transpose(1, 2)).chunk(2, dim=-1)
+        out_ERD = torch.bmm(F.silu(gate_ERF) * up_ERF, self.w_down_EDF.transpose(1, 2))
+        return out_ERD[expert_s, row_s]
 
 
 class MoE(nn.Module):
