@@ -1,18 +1,23 @@
-"""The decode side of the KV hand-off: fetch a prefill's KV over HTTP (see handoff.py)."""
+"""The decode side of the KV hand-off: fetch a prefill's KV over HTTP (see handoff.py).
+
+The GET and the parse run together in a worker thread, with the standard library's blocking HTTP client:
+it reads the body in one call into one buffer, where an asyncio client (httpx2) reads 64 KiB at a time
+through h11 and joins the pieces — about three times the time on a multi-megabyte KV
+(bench/bench_kv_handoff.py). The event loop stays free meanwhile; a pull opens its own connection.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-import httpx2
-
 from kubemoe_runtime.kv.handoff import ENGINE_ID, PrefilledKV
 
 log = logging.getLogger("kubemoe_runtime.kv")
-PULL_TIMEOUT_S = 30.0
+PULL_TIMEOUT_S = 30.0  # per socket operation (connect, each read), as an httpx timeout
 
 
 class KVPullError(RuntimeError):
@@ -39,22 +44,29 @@ def kv_url(params: Mapping[str, Any]) -> str:
 
 
 class KVPuller:
-    """One connection pool for every pull this server makes."""
+    """Pulls for one server; each in a worker thread (GET, then parse)."""
 
-    def __init__(self) -> None:
-        self._client: httpx2.AsyncClient | None = None
+    def __init__(self, *, timeout_s: float = PULL_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
 
     async def pull(self, params: Mapping[str, Any]) -> PrefilledKV:
-        if self._client is None:
-            self._client = httpx2.AsyncClient(timeout=PULL_TIMEOUT_S)
+        return await asyncio.to_thread(self._pull, dict(params))
+
+    def _pull(self, params: Mapping[str, Any]) -> PrefilledKV:
         url = kv_url(params)
+        host = str(params["remote_host"]).strip("[]")
+        connection = http.client.HTTPConnection(host, int(params["remote_port"]), timeout=self.timeout_s)
         try:
-            response = await self._client.get(url)
-        except httpx2.HTTPError as err:
+            connection.request("GET", f"/v1/kv/{params['remote_handle']}")
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as err:
             raise KVPullError(f"GET {url}: {type(err).__name__}: {err}") from err
-        if response.status_code != 200:
-            raise KVPullError(f"GET {url}: HTTP {response.status_code}")
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise KVPullError(f"GET {url}: HTTP {response.status}")
         try:
-            return await asyncio.to_thread(PrefilledKV.decode, response.content)
+            return PrefilledKV.decode(data)
         except ValueError as err:
             raise KVPullError(f"GET {url}: {err}") from err

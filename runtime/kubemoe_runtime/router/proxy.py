@@ -33,7 +33,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -44,6 +43,7 @@ from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backend, Backends
 from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.policies import Policy
+from kubemoe_runtime.router.upstream import Upstream, UpstreamError, UpstreamResponse
 from kubemoe_runtime.server.protocol import ApiError, ModelCard, ModelList
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -72,14 +72,14 @@ class RouterConfig:
 class _Upstream:
     """A backend's answer: either fully read (`body`) or open for streaming (`response`)."""
 
-    def __init__(self, backend: Backend, response: httpx2.Response, *, body: bytes | None) -> None:
+    def __init__(self, backend: Backend, response: UpstreamResponse, *, body: bytes | None) -> None:
         self.backend = backend
         self.response = response
         self.body = body
 
     @property
     def status(self) -> int:
-        return self.response.status_code
+        return self.response.status
 
 
 class Router:
@@ -87,10 +87,7 @@ class Router:
         self.config = config
         self.backends = backends
         self.metrics = metrics
-        self.client = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(None, connect=5.0),
-            limits=httpx2.Limits(max_connections=4096, max_keepalive_connections=256),
-        )
+        self.upstream = Upstream(connect_timeout=5.0)
 
     # --- endpoints ----------------------------------------------------------------------------------
 
@@ -129,7 +126,7 @@ class Router:
         streaming = False
         try:
             self._authorize(request)
-            body = await _read_json(request)
+            body, raw = await _read_json(request)
             self._check(body, prompt_field=prompt_field)
             key = _prefix_key(body.get(prompt_field))
             request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -138,7 +135,7 @@ class Router:
             if self.config.disaggregated:
                 prefill_start = time.monotonic()
                 prefill = await self._send(
-                    "prefill", endpoint, _prefill_body(body), key=key, headers=headers, stream=False
+                    "prefill", endpoint, _dumps(_prefill_body(body)), key=key, headers=headers, stream=False
                 )
                 prefill_s = time.monotonic() - prefill_start
                 self.metrics.phase.labels(phase="prefill").observe(prefill_s)
@@ -152,17 +149,18 @@ class Router:
                 params = _json_object(prefill.body).get("kv_transfer_params")
                 if params:
                     body = {**body, "kv_transfer_params": params}
+                    raw = _dumps(body)
                 role = "decode"
             else:
                 role = "worker"
             stream = body.get("stream") is True
             decode_start = time.monotonic()
-            upstream = await self._send(role, endpoint, body, key=key, headers=headers, stream=stream)
+            upstream = await self._send(role, endpoint, raw, key=key, headers=headers, stream=stream)
             timing[f"x-kubemoe-{role}-backend"] = upstream.backend.address
             code = upstream.status
             if upstream.body is not None or upstream.status != 200:
                 if upstream.body is None:
-                    upstream.body = await upstream.response.aread()
+                    upstream.body = await upstream.response.read()
                 decode_s = time.monotonic() - decode_start
                 self.metrics.phase.labels(phase=role).observe(decode_s)
                 timing[f"x-kubemoe-{role}-ms"] = f"{decode_s * 1e3:.1f}"
@@ -192,7 +190,7 @@ class Router:
         buffer = b""
         last: float | None = None
         try:
-            async for chunk in upstream.response.aiter_raw():
+            async for chunk in upstream.response.iter_raw():
                 yield chunk
                 buffer += chunk
                 *events, buffer = buffer.split(b"\n\n")
@@ -205,8 +203,8 @@ class Router:
                     else:
                         self.metrics.itl.observe(now - last)
                     last = now
-        except httpx2.HTTPError as err:  # the backend died mid-answer: the client sees a cut stream
-            self.backends.eject(upstream.backend, reason=f"stream {type(err).__name__}")
+        except UpstreamError as err:  # the backend died mid-answer: the client sees a cut stream
+            self.backends.eject(upstream.backend, reason=f"stream {err.kind}")
         finally:
             upstream.backend.outstanding -= 1
             await upstream.response.aclose()
@@ -217,14 +215,13 @@ class Router:
         self,
         role: str,
         endpoint: str,
-        body: dict[str, Any],
+        content: bytes,
         *,
         key: str,
         headers: dict[str, str],
         stream: bool,
     ) -> _Upstream:
         """POST to a backend of `role`, moving on to another one after a transport failure or a 503."""
-        content = json.dumps(body, separators=(",", ":")).encode()
         tried: set[str] = set()
         last: _Upstream | None = None
         for _ in range(self.config.max_attempts):
@@ -235,26 +232,23 @@ class Router:
             backend.outstanding += 1
             keep_open = False
             try:
-                request = self.client.build_request(
-                    "POST", backend.url + endpoint, content=content, headers=headers
-                )
-                response = await self.client.send(request, stream=True)
-                if stream and response.status_code == 200:
+                response = await self.upstream.post(backend.address, endpoint, content, headers)
+                if stream and response.status == 200:
                     keep_open = True  # _relay releases the backend when the stream ends
                     return _Upstream(backend, response, body=None)
-                data = await response.aread()
+                data = await response.read()
                 await response.aclose()
-            except httpx2.TransportError as err:
-                self.backends.eject(backend, reason=type(err).__name__)
+            except UpstreamError as err:
+                self.backends.eject(backend, reason=err.kind)
                 continue
             finally:
                 if not keep_open:
                     backend.outstanding -= 1
             last = _Upstream(backend, response, body=data)
-            if response.status_code not in RETRY_STATUS:
+            if response.status not in RETRY_STATUS:
                 return last
             self.metrics.backend_errors.labels(
-                role=role, backend=backend.address, kind=str(response.status_code)
+                role=role, backend=backend.address, kind=str(response.status)
             ).inc()
         if last is not None:
             return last
@@ -339,22 +333,30 @@ def _prefix_key(prompt: Any) -> str:
     return json.dumps(prompt, separators=(",", ":"))[:PREFIX_KEY_CHARS]
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _read_json(request: Request) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object, and as it came (what goes upstream when the router changes nothing)."""
     declared = request.headers.get("content-length", "0")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
-    data = b""
+    parts: list[bytes] = []
+    size = 0
     async for part in request.stream():
-        data += part
-        if len(data) > MAX_BODY_BYTES:
+        parts.append(part)
+        size += len(part)
+        if size > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    data = b"".join(parts)
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not valid JSON: {err}") from err
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    return body
+    return body, data
 
 
 def build_router_app(router: Router) -> Starlette:
@@ -365,7 +367,7 @@ def build_router_app(router: Router) -> Starlette:
             yield
         finally:
             await router.backends.stop()
-            await router.client.aclose()
+            await router.upstream.aclose()
 
     routes = [
         Route("/health", router.health, methods=["GET"]),

@@ -1,0 +1,170 @@
+"""The router's HTTP/1.1 client to the engines: kept-alive connections per backend, one write a request.
+
+All the router asks of a client: POST a JSON body, read the status and headers, then the body whole or as
+it arrives (Content-Length, chunked, or up to the close). httpx2 (httpcore2, anyio and h11 under it) did
+that for about 0.9 ms of CPU a request on a 2-core box, two thirds of the router's own work
+(bench/bench_router.py); on asyncio streams it is a small part of that.
+
+A connection goes back to its backend's idle list only once its answer was read to the end. An idle
+connection the backend has since closed is dropped when taken; if a kept-alive connection fails before
+any byte of an answer (the backend closed it as the request went out), the request is sent once more on
+a new connection. Every other failure is an `UpstreamError`, which the router treats as the backend's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+
+IDLE_S = 4.0  # drop idle connections before the engines' uvicorn does (its keep-alive timeout is 5 s)
+READ_BYTES = 1 << 16
+_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+
+
+class UpstreamError(Exception):
+    """The backend could not be reached, or broke the connection before its answer was complete."""
+
+    @property
+    def kind(self) -> str:
+        """What went wrong, for metrics: the underlying error's type (ConnectionRefusedError, ...)."""
+        return type(self.__cause__ or self).__name__
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = time.monotonic()
+
+    def usable(self) -> bool:
+        fresh = time.monotonic() - self.idle_since < IDLE_S
+        return fresh and not self.reader.at_eof() and not self.writer.is_closing()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class UpstreamResponse:
+    def __init__(self, pool: Upstream, address: str, conn: _Connection, head: bytes) -> None:
+        self._pool, self._address, self._conn = pool, address, conn
+        status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        version, code = status_line.split(" ", 2)[:2]
+        self.status = int(code)
+        self.headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length")
+        self._remaining = 0 if self.status in (204, 304) else (int(length) if length is not None else None)
+        self._reusable = (
+            version == "HTTP/1.1"
+            and self.headers.get("connection", "").lower() != "close"
+            and (self._chunked or self._remaining is not None)
+        )
+        self._complete = False
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        if not self._chunked and self._remaining is not None:
+            try:
+                data = await self._conn.reader.readexactly(self._remaining)
+            except _ERRORS as err:
+                raise UpstreamError(f"answer cut short: {type(err).__name__}") from err
+            self._complete = True
+            return data
+        return b"".join([chunk async for chunk in self.iter_raw()])
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (chunked framing removed)."""
+        reader = self._conn.reader
+        try:
+            if self._chunked:
+                while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+                    yield (await reader.readexactly(size + 2))[:-2]
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+            elif self._remaining is not None:
+                while self._remaining:
+                    chunk = await reader.read(min(self._remaining, READ_BYTES))
+                    if not chunk:
+                        raise EOFError("closed before the end of the body")
+                    self._remaining -= len(chunk)
+                    yield chunk
+            else:
+                while chunk := await reader.read(READ_BYTES):
+                    yield chunk
+        except _ERRORS as err:
+            raise UpstreamError(f"answer cut short: {type(err).__name__}: {err}") from err
+        self._complete = True
+
+    async def aclose(self) -> None:
+        """Give the connection back if the answer was read to its end, else close it."""
+        if self._complete and self._reusable:
+            self._conn.idle_since = time.monotonic()
+            self._pool.release(self._address, self._conn)
+        else:
+            self._conn.close()
+
+
+class Upstream:
+    def __init__(self, *, connect_timeout: float = 5.0, max_idle: int = 256) -> None:
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle  # per backend
+        self._idle: dict[str, list[_Connection]] = {}
+
+    async def post(
+        self, address: str, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> UpstreamResponse:
+        """Send the request and read the answer's status and headers; the body is the caller's to read."""
+        lines = [f"POST {path} HTTP/1.1", f"host: {address}", f"content-length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        while (conn := self._take(address)) is not None:
+            try:
+                return await self._exchange(address, conn, request)
+            except UpstreamError:
+                continue  # closed by the backend while idle: no answer, nothing done; try another
+        return await self._exchange(address, await self._connect(address), request)
+
+    async def _exchange(self, address: str, conn: _Connection, request: bytes) -> UpstreamResponse:
+        try:
+            conn.writer.write(request)
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+            return UpstreamResponse(self, address, conn, head)
+        except _ERRORS as err:
+            conn.close()
+            raise UpstreamError(f"{type(err).__name__}: {err}") from err
+
+    async def _connect(self, address: str) -> _Connection:
+        host, _, port = address.rpartition(":")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port)), self.connect_timeout
+            )
+        except (OSError, TimeoutError) as err:
+            raise UpstreamError(f"connect: {type(err).__name__}: {err}") from err
+        return _Connection(reader, writer)
+
+    def _take(self, address: str) -> _Connection | None:
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                return conn
+            conn.close()
+        return None
+
+    def release(self, address: str, conn: _Connection) -> None:
+        idle = self._idle.setdefault(address, [])
+        if len(idle) < self.max_idle:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
