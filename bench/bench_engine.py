@@ -153,7 +153,9 @@ def main() -> None:
     torch.set_num_threads(n_threads)
     layout: Layout = layout_from_env()
     model_dir = checkpoint(layout)
-    n_params = sum(p.numel() for p in TorchEngine.load(model_dir, dtype=torch.bfloat16).model.parameters())
+    n_params = sum(
+        p.numel() for p in TorchEngine.load(model_dir, dtype=torch.bfloat16, pack=False).model.parameters()
+    )
     bandwidth = read_bandwidth_gbs()
     print(f"# {layout.name}: {n_params / 1e6:.0f} M parameters, {n_threads} threads, prompts of {PROMPT_LEN}")
     print(f"# decode {DECODE} tokens; read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB)")

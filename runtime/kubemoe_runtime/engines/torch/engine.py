@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from kubemoe_runtime.engines.torch.model import Transformer
+from kubemoe_runtime.engines.torch.packing import pack_model
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
 from kubemoe_runtime.engines.torch.weight_map import to_engine_state_dict
@@ -30,8 +31,15 @@ class TorchEngine:
 
     @classmethod
     def load(
-        cls, model_dir: Path | str, *, dtype: torch.dtype = torch.bfloat16, ep: ExpertParallel | None = None
+        cls,
+        model_dir: Path | str,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        ep: ExpertParallel | None = None,
+        pack: bool = True,
     ) -> TorchEngine:
+        """Load this rank's weights; with `pack`, bf16 weights on a CPU that supports it are packed for
+        its matmuls (packing.py)."""
         ep = ep or ExpertParallel()
         cfg = ModelConfig.load(model_dir)
         tensors, report = load_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size)
@@ -40,6 +48,8 @@ class TorchEngine:
             model = Transformer(cfg, ep=ep)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
+        if pack:
+            pack_model(model)
         return cls(model, ep=ep, dtype=dtype, load_report=report)
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubemoe_runtime.engines.torch.layers import MLP
+from kubemoe_runtime.engines.torch.packing import linear, pack
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
 from kubemoe_runtime.model_config import ModelConfig
 
@@ -69,10 +70,12 @@ class LocalExperts(nn.Module):
     host sync, then runs the experts one of two ways:
 
         looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
-                  decode at small batch: few experts picked, and only their weights are read)
-        batched   when most experts are picked and each has few rows (decode at larger batch): every
-                  expert's rows padded to the same count and all experts in two bmm calls, instead of
-                  two small GEMMs per expert whose per-call cost dominates
+                  decode at small batch: few experts picked, and only their weights are read); always,
+                  once the experts are packed (packing.py: a packed GEMM at decode's few rows runs
+                  near memory bandwidth, faster than either form on row-major weights)
+        batched   row-major weights, most experts picked, few rows each (decode at larger batch):
+                  every expert's rows padded to the same count and all experts in two bmm calls,
+                  instead of two small GEMMs per expert whose per-call cost dominates
 
     Every slot's output goes to its own place, and the K choices of a token are summed in one reduction
     (no index_add, which is slow and serial for bf16 on CPU).
@@ -86,6 +89,16 @@ class LocalExperts(nn.Module):
         n = len(experts)
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(n, 2 * hidden, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(n, dim, hidden))
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert: gate_up, down
+
+    def pack(self) -> None:
+        """Pack each expert's two matrices (packing.py) and drop the stacked row-major copies."""
+        self.packed = [
+            (pack(gate_up), pack(down))
+            for gate_up, down in zip(self.w_gate_up_E2FD, self.w_down_EDF, strict=True)
+        ]
+        self.w_gate_up_E2FD = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.w_down_EDF = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def forward(self, x_MD: torch.Tensor, ids_MK: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
         """Partial output: the weighted sum over this rank's experts (zero rows where none was picked)."""
@@ -102,7 +115,7 @@ class LocalExperts(nn.Module):
             return y_SD.view(M, K, -1).sum(dim=1)
         x_sD = x_MD[owned // K]
         picked = sum(1 for n in counts if n)
-        if 2 * picked >= E and max(counts) <= self.BATCHED_MAX_ROWS:
+        if self.packed is None and 2 * picked >= E and max(counts) <= self.BATCHED_MAX_ROWS:
             out_sD = self._batched(x_sD, key_S[owned], counts)
         else:
             out_sD = self._looped(x_sD, counts)
@@ -117,8 +130,12 @@ class LocalExperts(nn.Module):
             if n == 0:
                 continue
             rows_nD = x_sD[first : first + n]
-            gate_nF, up_nF = F.linear(rows_nD, self.w_gate_up_E2FD[local]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate_nF) * up_nF, self.w_down_EDF[local]))
+            if self.packed is not None:
+                w_gate_up, w_down = self.packed[local]
+            else:
+                w_gate_up, w_down = self.w_gate_up_E2FD[local], self.w_down_EDF[local]
+            gate_nF, up_nF = linear(rows_nD, w_gate_up).chunk(2, dim=-1)
+            outputs.append(linear(F.silu(gate_nF) * up_nF, w_down))
             first += n
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

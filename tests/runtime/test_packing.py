@@ -1,0 +1,45 @@
+"""bf16 weights packed for the CPU's matmuls (packing.py): same answers as the row-major weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubemoe_runtime.checkpoints import ARCHITECTURES
+from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.moe import LocalExperts
+from kubemoe_runtime.engines.torch.packing import PackedLinear, can_pack
+
+PROMPT = [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16, 5, 100, 200, 300, 17, 42, 7, 99]
+
+needs_bf16_onednn = pytest.mark.skipif(
+    not can_pack(torch.bfloat16, torch.device("cpu")),
+    reason="this CPU lacks oneDNN bf16 support (AVX512-BF16 or AMX), so nothing is packed here",
+)
+
+
+@needs_bf16_onednn
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_engine_matches_row_major_weights(checkpoints: dict[str, Path], arch: str) -> None:
+    plain = TorchEngine.load(checkpoints[arch], dtype=torch.bfloat16, pack=False)
+    packed = TorchEngine.load(checkpoints[arch], dtype=torch.bfloat16)
+
+    linears = [m for m in packed.model.modules() if isinstance(m, PackedLinear)]
+    experts = [m for m in packed.model.modules() if isinstance(m, LocalExperts)]
+    assert linears, "no linear layer was packed"
+    assert experts
+    assert all(e.packed is not None for e in experts)
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.model.modules())
+    assert all(e.w_gate_up_E2FD.numel() == 0 for e in experts), "row-major expert copies were kept"
+
+    got, want = packed.logits(PROMPT), plain.logits(PROMPT)
+    # Same bf16 weights, different blocking of the sums: bf16 rounding apart, nothing more.
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+
+
+def test_float32_is_never_packed(checkpoints: dict[str, Path]) -> None:
+    engine = TorchEngine.load(checkpoints[ARCHITECTURES[0]], dtype=torch.float32)
+    assert not any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    assert all(e.packed is None for e in engine.model.modules() if isinstance(e, LocalExperts))
