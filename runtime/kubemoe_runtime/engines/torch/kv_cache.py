@@ -37,8 +37,13 @@ class LayerCache:
     ) -> None:
         self.tensors[name][slots_B[:, None], pos_BT] = value_BT.to(self.tensors[name].dtype)
 
-    def read(self, name: str, *, slots_B: torch.Tensor, length: int) -> torch.Tensor:
-        """Positions [0, length) of the given slots: [B, S, ...]."""
+    def read(
+        self, name: str, *, slots_B: torch.Tensor, length: int, rows: slice | None = None
+    ) -> torch.Tensor:
+        """Positions [0, length) of the given slots: [B, S, ...]. With `rows`, the slots as a slice (they
+        are consecutive): a view, not a copy."""
+        if rows is not None:
+            return self.tensors[name][rows, :length]
         return self.tensors[name][slots_B, :length]
 
 

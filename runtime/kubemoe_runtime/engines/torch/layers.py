@@ -23,9 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_f32 = x.float()
-        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_f32.to(x.dtype)
+        """x / rms(x) in float32, back to x's dtype, times the weight (as transformers does)."""
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -43,25 +42,28 @@ class MLP(nn.Module):
 
 
 def rope_cos_sin(pos_BT: torch.Tensor, *, dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
-    """cos and sin of each position's rotation angles, stacked: [2, B, T, dim/2] (computed in float32)."""
+    """The rotation of each position, full width and ready to broadcast over heads: [2, B, T, 1, dim],
+    `cos` of each angle twice ([cos, cos]) and `sin` signed for the rotate-half form ([-sin, sin]);
+    the angles are computed in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     angles_BTc = pos_BT.float()[..., None] * inv_freq
-    return torch.stack((angles_BTc.cos(), angles_BTc.sin())).to(dtype)
+    cos, sin = angles_BTc.cos(), angles_BTc.sin()
+    return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)))[:, :, :, None].to(
+        dtype
+    )
 
 
 def apply_rope(x_BTHC: torch.Tensor, cos_sin: torch.Tensor, *, interleaved: bool) -> torch.Tensor:
     """Rotate pairs of dims: halves (x[:C/2], x[C/2:]) by default; adjacent (x[0::2], x[1::2]) if interleaved.
 
-    The interleaved form (DeepSeek) returns the rotated pairs de-interleaved — evens then odds — which is
-    what transformers does; queries and keys get the same permutation, so dot products are unchanged.
+    With [x1, x2] the halves: [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin],
+    and [x2, x1] is x rolled by C/2 — four ops. The interleaved form (DeepSeek) first de-interleaves x —
+    evens then odds — which is what transformers does; queries and keys get the same permutation, so dot
+    products are unchanged.
     """
-    cos, sin = cos_sin[0][:, :, None, :], cos_sin[1][:, :, None, :]
     if interleaved:
-        x1, x2 = x_BTHC[..., 0::2], x_BTHC[..., 1::2]
-    else:
-        half = x_BTHC.shape[-1] // 2
-        x1, x2 = x_BTHC[..., :half], x_BTHC[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x_BTHC = torch.cat((x_BTHC[..., 0::2], x_BTHC[..., 1::2]), dim=-1)
+    return x_BTHC * cos_sin[0] + x_BTHC.roll(x_BTHC.shape[-1] // 2, dims=-1) * cos_sin[1]
 
 
 def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor) -> torch.Tensor:
@@ -77,6 +79,8 @@ class Positions:
     cos_sin     rope_cos_sin(pos_BT)                 length     S, the cached positions to attend
     mask_B1TS   which keys each query may attend: positions 0 .. S-1 of its cache slot, or, without a
                 cache (length None), the step's own tokens
+    rows        the slots as a slice when they are consecutive (decode's usual case): cache reads are then
+                views, not copies
     """
 
     pos_BT: torch.Tensor
@@ -84,6 +88,7 @@ class Positions:
     cos_sin: torch.Tensor
     mask_B1TS: torch.Tensor
     length: int | None
+    rows: slice | None
 
     @classmethod
     def make(
@@ -99,12 +104,15 @@ class Positions:
         B = pos_BT.shape[0]
         length = int(pos_BT.max()) + 1 if cached else None
         key_pos_BS = pos_BT if length is None else torch.arange(length).expand(B, length)
+        slots = slots_B.tolist()
+        consecutive = slots == list(range(slots[0], slots[0] + B))
         return cls(
             pos_BT=pos_BT,
             slots_B=slots_B,
             cos_sin=rope_cos_sin(pos_BT, dim=rope_dim, theta=theta, dtype=dtype),
             mask_B1TS=causal_mask(pos_BT, key_pos_BS),
             length=length,
+            rows=slice(slots[0], slots[0] + B) if consecutive else None,
         )
 
 
@@ -141,8 +149,8 @@ class Attention(nn.Module):
         else:
             cache.write("k", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=k_BTGC)
             cache.write("v", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=v_BTGC)
-            k_BSGC = cache.read("k", slots_B=at.slots_B, length=at.length)
-            v_BSGC = cache.read("v", slots_B=at.slots_B, length=at.length)
+            k_BSGC = cache.read("k", slots_B=at.slots_B, length=at.length, rows=at.rows)
+            v_BSGC = cache.read("v", slots_B=at.slots_B, length=at.length, rows=at.rows)
 
         out_BHTC = F.scaled_dot_product_attention(
             q_BTHC.transpose(1, 2),
@@ -218,8 +226,8 @@ class LatentAttention(nn.Module):
         else:
             cache.write("latent", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=latent_BTL)
             cache.write("k_rope", slots_B=at.slots_B, pos_BT=at.pos_BT, value_BT=k_rope_BTR)
-            latent_BSL = cache.read("latent", slots_B=at.slots_B, length=at.length)
-            k_rope_BSR = cache.read("k_rope", slots_B=at.slots_B, length=at.length)
+            latent_BSL = cache.read("latent", slots_B=at.slots_B, length=at.length, rows=at.rows)
+            k_rope_BSR = cache.read("k_rope", slots_B=at.slots_B, length=at.length, rows=at.rows)
 
         S = latent_BSL.shape[1]
         kv_BSHc = self.kv_b_proj(latent_BSL).view(B, S, H, self.nope_dim + self.v_dim)
