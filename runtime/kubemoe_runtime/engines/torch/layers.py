@@ -117,16 +117,15 @@ class Positions:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Qwen3-MoE with per-head q/k RMSNorm, Mixtral without)."""
+    """Grouped-query attention (Qwen3-MoE with per-head q/k RMSNorm, Mixtral without); queries, keys and
+    values come from one projection (`qkv_proj`, the checkpoint's three stacked: weight_map.py)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
         d, c = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * c, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * c, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * c, bias=False)
+        self.qkv_proj = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * c, bias=False)
         self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
         self.q_norm = RMSNorm(c, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(c, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -136,9 +135,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, *, at: Positions, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BTHC = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
-        k_BTGC = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        v_BTGC = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        qkv_BTXC = self.qkv_proj(x_BTD).view(B, T, -1, self.head_dim)
+        q_BTHC, k_BTGC, v_BTGC = torch.split(
+            qkv_BTXC, [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2
+        )
         if self.q_norm is not None and self.k_norm is not None:
             q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
         q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=False)

@@ -6,6 +6,7 @@ Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_down_EDF; 2F:
     V  vocabulary                             H  query heads              G  key/value heads
     C  head dim                               R  rotary dims (MLA)        L  KV latent rank (MLA)
     E  routed experts                         F  expert / MLP hidden      K  experts per token
+    X  query, key and value heads together (H + 2G)
 
     Qwen3-MoE    Attention(q/k RMSNorm) + MoE(softmax top-K, renormalised); dense MLP in mlp_only_layers
     Mixtral      Attention + MoE(softmax top-K, renormalised)

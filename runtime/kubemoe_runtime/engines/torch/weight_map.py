@@ -3,6 +3,7 @@
 Most tensors map one to one after a prefix rename. Routed experts are stacked: for each owned expert e,
 the checkpoint's `...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry `e - first` of
 `w_gate_up_E2FD` (gate rows, then up rows), and `{down_proj|w2}` entry `e - first` of `w_down_EDF`.
+Grouped-query attention's `q_proj`, `k_proj` and `v_proj` become one `qkv_proj` (their rows in that order).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _STACKED: Final = {
     "w2": ("w_down_EDF", 0),
 }
 _PARTS: Final = {"w_gate_up_E2FD": 2, "w_down_EDF": 1}
+_QKV: Final = re.compile(r"^(layers\.\d+\.attn\.)([qkv])_proj\.weight$")
 _TOP: Final = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
 
 
@@ -52,6 +54,7 @@ def to_engine_state_dict(
     """Rename (and, for routed experts, stack) checkpoint tensors into `Transformer.state_dict()` form."""
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
+    qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # "layers.i.attn." -> q, k, v
     for name, tensor in tensors.items():
         if name in _TOP:
             out[_TOP[name]] = tensor.to(dtype)
@@ -69,11 +72,18 @@ def to_engine_state_dict(
             stacks[f"layers.{layer}.ffn.experts.{param}"][(e - experts.start, part)] = tensor
             continue
         key = _layer_param(cfg, layer, rest)
+        if not cfg.uses_mla and (projection := _QKV.match(key)) is not None:
+            qkv[projection.group(1)][projection.group(2)] = tensor
+            continue
         # A sigmoid router runs in float32 (as DeepSeek and transformers do): keep its tensors so.
         keep_fp32 = cfg.scoring == "sigmoid" and ".ffn.router." in key
         out[key] = tensor.to(torch.float32 if keep_fp32 else dtype)
     for key, parts in stacks.items():
         out[key] = _stack(key, parts, experts=experts, dtype=dtype)
+    for prefix, projections in qkv.items():
+        if sorted(projections) != ["k", "q", "v"]:
+            raise KeyError(f"{prefix}: expected q_proj, k_proj and v_proj, got {sorted(projections)}")
+        out[f"{prefix}qkv_proj.weight"] = torch.cat([projections[p] for p in "qkv"]).to(dtype)
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out
