@@ -35,7 +35,10 @@ class LayerCache:
     def write(
         self, name: str, *, slots_B: torch.Tensor, pos_BT: torch.Tensor, value_BT: torch.Tensor
     ) -> None:
-        self.tensors[name][slots_B[:, None], pos_BT] = value_BT.to(self.tensors[name].dtype)
+        stored = self.tensors[name]
+        stored[slots_B[:, None], pos_BT] = (
+            value_BT if value_BT.dtype == stored.dtype else value_BT.to(stored.dtype)
+        )
 
     def read(
         self, name: str, *, slots_B: torch.Tensor, length: int, rows: slice | None = None

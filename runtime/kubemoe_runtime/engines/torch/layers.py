@@ -23,8 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x / rms(x) in float32, back to x's dtype, times the weight (as transformers does)."""
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        """x / rms(x) times the weight, one call: torch computes it in float32 and rounds once (transformers
+        rounds before the weight too, so bf16 results may differ from it in the last bit)."""
+        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
 
 
 class MLP(nn.Module):
