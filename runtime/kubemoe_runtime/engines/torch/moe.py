@@ -7,6 +7,8 @@ K experts per token.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,8 +68,8 @@ class LocalExperts(nn.Module):
     """The routed experts this rank owns, stacked: ids `first .. first + E - 1`.
 
     Gate and up projections are one matrix per expert (`w_gate_up_E2FD`: gate rows, then up rows), so an
-    expert is two matmuls. The forward groups the (token, choice) slots by expert with one sort and one
-    host sync, then runs the experts one of two ways:
+    expert is two matmuls. The forward groups the (token, choice) slots by expert on the host (one sync),
+    then runs the experts one of two ways:
 
         looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
                   decode at small batch: few experts picked, and only their weights are read); always,
@@ -103,20 +105,22 @@ class LocalExperts(nn.Module):
     def forward(self, x_MD: torch.Tensor, ids_MK: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
         """Partial output: the weighted sum over this rank's experts (zero rows where none was picked)."""
         M, K = ids_MK.shape
-        E = len(self.experts)
-        # Slot s = token * K + choice. Slots of other ranks' experts get key E: they sort last and drop out.
-        local_MK = ids_MK - self.experts.start
-        key_S = torch.where((local_MK >= 0) & (local_MK < E), local_MK, E).flatten()
-        order_S = torch.argsort(key_S, stable=True)
-        counts = torch.bincount(key_S, minlength=E + 1)[:E].tolist()  # the one host sync
-        owned = order_S[: sum(counts)]
+        E, first = len(self.experts), self.experts.start
+        # Slot s = token * K + choice. Grouped by expert on the host — one sync, and fewer ops than a sort
+        # on the device for decode's few slots; slots of other ranks' experts drop out.
+        local = [expert - first for expert in itertools.chain.from_iterable(ids_MK.tolist())]
+        slots = sorted((s for s, e in enumerate(local) if 0 <= e < E), key=local.__getitem__)
         y_SD = x_MD.new_zeros(M * K, x_MD.shape[1])
-        if owned.numel() == 0:
+        if not slots:
             return y_SD.view(M, K, -1).sum(dim=1)
+        counts = [0] * E
+        for s in slots:
+            counts[local[s]] += 1
+        owned = torch.tensor(slots)
         x_sD = x_MD[owned // K]
         picked = sum(1 for n in counts if n)
         if self.packed is None and 2 * picked >= E and max(counts) <= self.BATCHED_MAX_ROWS:
-            out_sD = self._batched(x_sD, key_S[owned], counts)
+            out_sD = self._batched(x_sD, torch.tensor([local[s] for s in slots]), counts)
         else:
             out_sD = self._looped(x_sD, counts)
         y_SD[owned] = (out_sD * w_MK.flatten()[owned, None]).to(y_SD.dtype)
