@@ -118,7 +118,8 @@ def serve_echo(port: int) -> None:
         Route("/ready", ok, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    # The engine server's settings (serve.py): asyncio loop, h11, no access log.
+    # The engine server's settings (serve.py): uvicorn's defaults (httptools and uvloop, runtime
+    # dependencies), no access log.
     uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -5,6 +5,24 @@ it arrives (Content-Length, chunked, or up to the close). httpx2 (httpcore2, any
 that for about 0.9 ms of CPU a request on a 2-core box, two thirds of the router's own work
 (bench/bench_router.py); on asyncio streams it is a small part of that.
 
+Why not aiohttp's ClientSession (3.14.5; one session, a TCPConnector with no limit and a 4 s keep-alive,
+no decompression, a dummy cookie jar, the same retry of a request whose kept-alive connection was found
+closed): measured against this client with bench_router.py's rows, both routers over the same echo
+backend and the direct calls interleaved in one run, two runs, uvicorn on httptools and uvloop, 2 cores:
+
+    row                      added p50 (ms)          router CPU per request (us)
+                             this client   aiohttp   this client   aiohttp
+    1 stream, 74 B           0.33-0.39     0.52-0.56   289-356      483-528
+    1 stream, 100 KB         0.51          0.71-0.72   444-489      644-700
+    64 streams held 100 ms   0.54-0.82     0.65-1.45   475-768      651-1029
+    64 streams held 500 ms   0.46-0.86     0.80-1.21   599-898      872-1328
+
+aiohttp adds 0.1-0.5 ms at p50 (0.17-0.21 ms on the one-stream rows) and 175-430 us of CPU a request
+(+40-60%, so that much less capacity per core); in 4 of the 6 held-row measurements its added p99 was
+38-99 ms where this client's stayed under 1.4 ms (the other two, 74 B held 100 ms, were noise for both,
+on a box shared with other work). In-process, aiohttp's `_request` alone costs about 2.5x this client's
+CPU a request. So this client stays.
+
 A connection goes back to its backend's idle list only once its answer was read to the end. An idle
 connection the backend has since closed is dropped when taken; if a kept-alive connection fails before
 any byte of an answer (the backend closed it as the request went out), the request is sent once more on
