@@ -1,10 +1,18 @@
 """P/D KV hand-off in process (EP=1): a prefill scheduler keeps the prompt's KV under a handle, a decode
 scheduler imports it and continues — the same greedy tokens as the prompt run in one place, and no prompt
 token computed on the decode side (its prompt-token counter stays 0). Also the store's TTL and read-once
-rule and the wire format's round trip."""
+rule, the wire format's round trip, a malformed (untrusted) payload refused with a clear error, and the
+puller over real HTTP: kept-alive connections, and a bad answer (an error status, a cut body, offsets out
+of range, an unreasonable length) is a KVPullError."""
 
 from __future__ import annotations
 
+import asyncio
+import http.server
+import json
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +23,7 @@ from kubemoe_runtime.engines.torch.group import GroupLeader, RankRunner
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, Scheduler, SchedulerLimits
 from kubemoe_runtime.kv.handoff import KVStore, PrefilledKV, prompt_digest
-from kubemoe_runtime.kv.pull import kv_url, wants_pull
+from kubemoe_runtime.kv.pull import KVPuller, KVPullError, kv_url, wants_pull
 from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.tokenizer import TextTokenizer
 
@@ -137,3 +145,193 @@ def test_pull_parameters() -> None:
     assert kv_url(params) == "http://10.0.0.7:8000/v1/kv/h"
     assert not wants_pull({**params, "remote_engine_id": "vllm-nixl"})  # another engine's protocol
     assert not wants_pull({"do_remote_decode": True})
+
+
+# --- untrusted bytes: a malformed payload is refused with a clear error --------------------------------
+
+
+def _payload(header: dict[str, object], data: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+def _valid() -> tuple[dict[str, object], bytes]:
+    """A well-formed header for two float32 tensors of shape [2, 2] (16 bytes each)."""
+    meta = {"first_token": "7", "prompt_tokens": "2", "prompt_sha256": prompt_digest([1, 2])}
+    header: dict[str, object] = {
+        "__metadata__": meta,
+        "0.k": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "0.v": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 32]},
+    }
+    return header, bytes(range(32))
+
+
+def _with(key: str, **entry: object) -> bytes:
+    header, data = _valid()
+    header[key] = {**header[key], **entry}  # type: ignore[dict-item]
+    return _payload(header, data)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "shorter than the 8-byte header length"),
+        (b"\xff" * 8 + b"{}", "does not fit"),
+        (_payload(*_valid())[:-1], "[16, 32] out of the 31-byte data section"),  # truncated
+        (_payload(*_valid())[:20], "does not fit"),  # cut inside the header
+        (_payload(*_valid()) + b"\0", "cover 32 bytes of a 33-byte data section"),
+        (b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", "JSONDecodeError"),
+        (_payload([], b""), "not a JSON object"),  # type: ignore[arg-type]
+        (_with("0.v", data_offsets=[16, 48]), "[16, 48] out of the 32-byte data section"),  # out of range
+        (_with("0.v", data_offsets=[-16, 0]), "[-16, 0] out of the 32-byte data section"),
+        (
+            _with("0.v", data_offsets=[8, 24]),
+            "start at 8, not where the previous tensor ends (16)",
+        ),  # overlap
+        (_with("0.v", data_offsets=[16]), "is not [begin, end]"),
+        (_with("0.v", dtype="I64"), "dtype 'I64' is not a KV dtype"),
+        (_with("0.v", shape=[2, 3]), "16 bytes for shape [2, 3]"),
+        (_with("0.v", shape=[3, 1, 1]), "is not [prompt_tokens=2, ...]"),
+        (_with("0.v", shape=[2, -2]), "is not a list of sizes"),
+        (_with("0.v", shape="2x2"), "is not a list of sizes"),
+        (_payload({"0.k": _valid()[0]["0.k"]}, bytes(16)), "no __metadata__"),
+    ],
+)
+def test_malformed_payload_is_refused(payload: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match="not a KV hand-off payload") as caught:
+        PrefilledKV.decode(payload)
+    assert message in str(caught.value)
+
+
+def test_layers_must_run_from_zero() -> None:
+    header, data = _valid()
+    header["2.v"] = header.pop("0.v")
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] are not 0\.\.1"):
+        PrefilledKV.decode(_payload(header, data))
+
+
+def test_decoded_tensors_are_views_of_the_buffer() -> None:
+    kv = [{"k": torch.randn(3, 2), "v": torch.randn(3, 2).bfloat16()}]
+    item = PrefilledKV(kv=kv, first_token=1, prompt_tokens=3, prompt_sha256="x")
+    buffer = bytearray(item.encode())
+    back = PrefilledKV.decode(buffer)
+    assert torch.equal(back.kv[0]["k"], kv[0]["k"])
+    assert torch.equal(back.kv[0]["v"], kv[0]["v"])
+    buffer[-1] ^= 0xFF  # the last byte of "v": the decoded tensor sees it
+    assert not torch.equal(back.kv[0]["v"], kv[0]["v"])
+    assert back.kv[0]["k"].untyped_storage().nbytes() == 3 * 2 * 4  # its own storage: its slice only
+
+
+# --- KVPuller against a real HTTP server -----------------------------------------------------------
+
+
+class _KVServer:
+    """A threaded HTTP/1.1 server: path -> (status, declared length or None, body, close after), or raw
+    bytes to answer with (then the connection closes), or None to answer nothing (a hung prefill)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, int | None, bytes, bool] | bytes | None] = {}
+        self.hang = threading.Event()
+        self.connections = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                server.connections += 1
+                super().setup()
+
+            def do_GET(self) -> None:
+                route = server.routes[self.path]
+                if route is None:
+                    server.hang.wait(10)
+                    route = b""
+                if isinstance(route, bytes):
+                    self.wfile.write(route)
+                    self.close_connection = True
+                    return
+                status, length, body, close = route
+                self.send_response(status)
+                self.send_header("content-length", str(len(body) if length is None else length))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = close
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def params(self, handle: str) -> dict[str, object]:
+        return {
+            "do_remote_prefill": True,
+            "remote_engine_id": "kubemoe-torch",
+            "remote_handle": handle,
+            "remote_host": "127.0.0.1",
+            "remote_port": self.port,
+        }
+
+    def close(self) -> None:
+        self.hang.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def kv_server() -> Iterator[_KVServer]:
+    server = _KVServer()
+    yield server
+    server.close()
+
+
+def test_puller_reads_and_reuses_the_connection(kv_server: _KVServer) -> None:
+    kv = [{"k": torch.randn(4, 3), "v": torch.randn(4, 3)}]
+    item = PrefilledKV(kv=kv, first_token=9, prompt_tokens=4, prompt_sha256="d")
+    kv_server.routes["/v1/kv/a"] = (200, None, item.encode(), False)
+    kv_server.routes["/v1/kv/b"] = (200, None, item.encode(), True)  # then the server closes it
+    puller = KVPuller()
+    for handle in ("a", "a", "b", "a"):
+        back = asyncio.run(puller.pull(kv_server.params(handle)))
+        assert back.first_token == 9
+        assert torch.equal(back.kv[0]["v"], kv[0]["v"])
+    # a, a over one connection; b over it too, then closed by the server; the last a on a new one
+    assert kv_server.connections == 2
+    puller.close()
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ((404, None, b"{}", False), "HTTP 404"),
+        ((200, 40, _payload(*_valid())[:30], True), "the body ends after 30 of 40 bytes"),  # truncated
+        ((200, None, _with("0.v", data_offsets=[16, 4096]), False), "[16, 4096] out of the 32-byte"),
+        ((200, 1 << 40, b"", True), "Content-Length 1099511627776 is above 1073741824"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "not a Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc", "is not one length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "is not one length"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x answer"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n", "EOFError"),  # cut inside the head
+        (b"", "closed before any answer"),
+        (None, "no progress in 0.5 s"),
+    ],
+)
+def test_puller_refuses_a_bad_answer(
+    kv_server: _KVServer, route: tuple[int, int | None, bytes, bool] | bytes | None, message: str
+) -> None:
+    kv_server.routes["/v1/kv/h"] = route
+    with pytest.raises(KVPullError, match=r"GET http://127\.0\.0\.1:\d+/v1/kv/h") as caught:
+        asyncio.run(KVPuller(max_bytes=1 << 30, timeout_s=0.5).pull(kv_server.params("h")))
+    assert message in str(caught.value)
+
+
+def test_puller_refused_connection() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    params = {"remote_handle": "h", "remote_host": "127.0.0.1", "remote_port": port}
+    with pytest.raises(KVPullError, match="connect: ConnectionRefusedError"):
+        asyncio.run(KVPuller().pull(params))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import threading
 import time
@@ -30,8 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 
 KV = list[dict[str, torch.Tensor]]  # per layer: cache field -> [n, ...]
 ENGINE_ID = "kubemoe-torch"
@@ -60,9 +59,9 @@ class PrefilledKV:
     prompt_tokens: int
     prompt_sha256: str
 
-    def encode(self) -> bytes:
-        """The safetensors bytes, laid out here with one copy of the tensors: safetensors' `save` makes
-        two (its buffer, then `bytes`), each into fresh pages — twice the time (bench/bench_kv_handoff.py)."""
+    def wire(self) -> tuple[list[memoryview], int]:
+        """The safetensors file as pieces, without copying a tensor: the 8-byte length and the header, then
+        each tensor's memory in place; and the total size. What the prefill sends (server/app.py)."""
         header: dict[str, object] = {
             "__metadata__": {
                 "first_token": str(self.first_token),
@@ -84,37 +83,113 @@ class PrefilledKV:
                 offset += data.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
-        return b"".join([len(head).to_bytes(8, "little"), head, *views])
+        prefix = memoryview(len(head).to_bytes(8, "little") + head)
+        return [prefix, *views], prefix.nbytes + offset
+
+    def encode(self) -> bytes:
+        """The safetensors bytes in one copy of the tensors (safetensors' `save` makes two)."""
+        return b"".join(self.wire()[0])
 
     @classmethod
-    def decode(cls, data: bytes) -> PrefilledKV:
-        """Parse the wire format; ValueError if it is not one."""
+    def decode(cls, data: bytes | bytearray | memoryview) -> PrefilledKV:
+        """Parse the wire format; ValueError, saying what is wrong, if it is not one.
+
+        The bytes are untrusted: the header must be one JSON object of known dtypes, shapes that match
+        their byte counts, and offsets that tile the data exactly (in bounds, in order, no gap, no
+        overlap), as safetensors' own reader requires; every tensor is [prompt_tokens, ...], and the
+        layers run 0..L-1. The tensors are views of `data` (no copy) when it is writable (a bytearray, as
+        kv/pull.py reads into); read-only bytes are copied once first. Each tensor has its own storage
+        over its slice, so pickling one (the step broadcast to other ranks) carries only its bytes.
+        """
+        view = memoryview(data).cast("B")
+        if view.readonly:
+            view = memoryview(bytearray(view))
         try:
-            tensors = st_load(data)
-            metadata = _metadata(data)
+            header, start = _header(view)
+            metadata = header.pop("__metadata__", None)
+            if not isinstance(metadata, dict):
+                raise ValueError("no __metadata__ object in the header")
             first_token = int(metadata["first_token"])
             prompt_tokens = int(metadata["prompt_tokens"])
             digest = metadata["prompt_sha256"]
-        except (KeyError, ValueError, SafetensorError) as err:
-            raise ValueError(f"not a KV hand-off payload: {err}") from err
-        layers: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            index, _, name = key.partition(".")
-            layers.setdefault(int(index), {})[name] = tensor
-        kv = [layers[i] for i in sorted(layers)]
-        if sorted(layers) != list(range(len(layers))):
-            raise ValueError("KV hand-off payload skips layers")
-        return cls(kv=kv, first_token=first_token, prompt_tokens=prompt_tokens, prompt_sha256=digest)
+            if not isinstance(digest, str):
+                raise ValueError("prompt_sha256 is not a string")
+            if prompt_tokens < 0:
+                raise ValueError(f"prompt_tokens {prompt_tokens} < 0")
+            layers = _tensors(header, view, start=start, rows=prompt_tokens)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"not a KV hand-off payload: {type(err).__name__}: {err}") from err
+        return cls(kv=layers, first_token=first_token, prompt_tokens=prompt_tokens, prompt_sha256=digest)
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__ (8-byte little-endian length, then JSON)."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict):
-        raise ValueError("bad metadata")
-    return {str(k): str(v) for k, v in metadata.items()}
+_DTYPES = {name: dtype for dtype, name in _WIRE_DTYPES.items()}
+_MAX_HEADER = 64 << 20  # bytes of JSON; a 61-layer MLA KV needs about 12 KB
+
+
+def _header(view: memoryview) -> tuple[dict[str, object], int]:
+    """The safetensors header (8-byte little-endian length, then a JSON object) and where the data starts."""
+    if view.nbytes < 8:
+        raise ValueError(f"{view.nbytes} bytes: shorter than the 8-byte header length")
+    size = int.from_bytes(view[:8], "little")
+    if size > min(_MAX_HEADER, view.nbytes - 8):
+        raise ValueError(f"header length {size} does not fit in {view.nbytes} bytes")
+    header = json.loads(bytes(view[8 : 8 + size]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, 8 + size
+
+
+def _tensors(header: dict[str, object], view: memoryview, *, start: int, rows: int) -> KV:
+    """Views of `view`'s data section per the header entries, checked against it; layers in order."""
+    entries: list[tuple[int, int, str, torch.dtype, list[int]]] = []
+    data_size = view.nbytes - start
+    for key, entry in header.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key}: not a tensor entry")
+        dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise ValueError(f"{key}: dtype {entry.get('dtype')!r} is not a KV dtype ({', '.join(_DTYPES)})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{key}: shape {shape!r} is not a list of sizes")
+        if not shape or shape[0] != rows:
+            raise ValueError(f"{key}: shape {shape} is not [prompt_tokens={rows}, ...]")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ValueError(f"{key}: data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"{key}: data_offsets {offsets} out of the {data_size}-byte data section")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{key}: {end - begin} bytes for shape {shape} of {entry['dtype']}")
+        entries.append((begin, end, key, dtype, shape))
+    entries.sort()
+    at = 0
+    for begin, end, key, _, _ in entries:
+        if begin != at:
+            raise ValueError(
+                f"{key}: data_offsets start at {begin}, not where the previous tensor ends ({at})"
+            )
+        at = end
+    if at != data_size:
+        raise ValueError(f"the tensors cover {at} bytes of a {data_size}-byte data section")
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for begin, end, key, dtype, shape in entries:
+        index, dot, name = key.partition(".")
+        if not (dot and index.isdigit() and name):
+            raise ValueError(f"tensor name {key!r} is not LAYER.FIELD")
+        layer = layers.setdefault(int(index), {})
+        if name in layer:
+            raise ValueError(f"tensor {key!r}: layer {int(index)} has {name!r} twice")
+        if end == begin:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            tensor = torch.frombuffer(
+                view, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+            )
+        layer[name] = tensor.view(shape)
+    if sorted(layers) != list(range(len(layers))):
+        raise ValueError(f"layers {sorted(layers)} are not 0..{len(layers) - 1}")
+    return [layers[i] for i in range(len(layers))]
 
 
 def remote_prefill_params(*, handle: str, host: str | None, port: int | None) -> dict[str, object]:

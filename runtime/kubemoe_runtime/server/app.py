@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from kubemoe_runtime.engines.torch.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, QueueFull, Scheduler
@@ -150,6 +151,30 @@ async def _http_error(_: Request, err: HTTPException) -> Response:
     return JSONResponse(
         ApiError(err.status_code, str(err.detail), type=kind).body(), status_code=err.status_code
     )
+
+
+KV_PIECE_BYTES = 1 << 20
+
+
+class _KVResponse(Response):
+    """A KV hand-off answer: the wire pieces as they lie in memory (PrefilledKV.wire), at most
+    KV_PIECE_BYTES a message. uvicorn's httptools protocol hands each to the transport as is, so the
+    kernel's copy is the only one (h11 copies each piece once); the transport's flow control makes each
+    send wait until the last one drained, so a full socket keeps at most one piece's rest in the
+    transport's buffer rather than the whole KV. No disconnect watcher (StreamingResponse runs one in a
+    task group): once the client is gone, uvicorn drops the rest of the pieces at once."""
+
+    def __init__(self, parts: list[memoryview], size: int) -> None:
+        super().__init__(media_type="application/octet-stream", headers={"content-length": str(size)})
+        self.parts = parts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for part in self.parts:
+            for at in range(0, part.nbytes, KV_PIECE_BYTES):
+                piece = part[at : at + KV_PIECE_BYTES]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class Api:
@@ -272,7 +297,7 @@ class Api:
         prefilled = self.state.ready_scheduler().kv_store.take(request.path_params["handle"])
         if prefilled is None:
             raise ApiError(404, "no KV under this handle (expired or taken)", type="not_found_error")
-        return Response(await asyncio.to_thread(prefilled.encode), media_type="application/octet-stream")
+        return _KVResponse(*prefilled.wire())
 
     # --- shared steps -------------------------------------------------------------------------------
 
