@@ -128,19 +128,15 @@ class LocalExperts(nn.Module):
 
     def _looped(self, x_sD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows sorted by expert, `counts[e]` rows for local expert e: each picked expert on its block."""
+        picked = [local for local, n in enumerate(counts) if n]
         outputs: list[torch.Tensor] = []
-        first = 0
-        for local, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows_nD = x_sD[first : first + n]
+        for local, rows_nD in zip(picked, torch.split(x_sD, [counts[e] for e in picked]), strict=True):
             if self.packed is not None:
                 w_gate_up, w_down = self.packed[local]
             else:
                 w_gate_up, w_down = self.w_gate_up_E2FD[local], self.w_down_EDF[local]
             gate_nF, up_nF = linear(rows_nD, w_gate_up).chunk(2, dim=-1)
             outputs.append(linear(F.silu(gate_nF) * up_nF, w_down))
-            first += n
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _batched(self, x_sD: torch.Tensor, expert_s: torch.Tensor, counts: list[int]) -> torch.Tensor:
