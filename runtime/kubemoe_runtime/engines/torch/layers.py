@@ -42,19 +42,21 @@ class MLP(nn.Module):
         return out
 
 
-def rope_cos_sin(pos_BT: torch.Tensor, *, dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
-    """The rotation of each position, full width and ready to broadcast over heads: [2, B, T, 1, dim],
+def rope_cos_sin(
+    pos_BT: torch.Tensor, *, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation of each position, full width and ready to broadcast over heads: two [B, T, 1, dim],
     `cos` of each angle twice ([cos, cos]) and `sin` signed for the rotate-half form ([-sin, sin]);
     the angles are computed in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    angles_BTc = pos_BT.float()[..., None] * inv_freq
-    cos, sin = angles_BTc.cos(), angles_BTc.sin()
-    return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)))[:, :, :, None].to(
-        dtype
-    )
+    angles_BT1c = (pos_BT.float()[..., None] * inv_freq)[:, :, None]
+    cos, sin = angles_BT1c.cos(), angles_BT1c.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x_BTHC: torch.Tensor, cos_sin: torch.Tensor, *, interleaved: bool) -> torch.Tensor:
+def apply_rope(
+    x_BTHC: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], *, interleaved: bool
+) -> torch.Tensor:
     """Rotate pairs of dims: halves (x[:C/2], x[C/2:]) by default; adjacent (x[0::2], x[1::2]) if interleaved.
 
     With [x1, x2] the halves: [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin],
@@ -64,7 +66,8 @@ def apply_rope(x_BTHC: torch.Tensor, cos_sin: torch.Tensor, *, interleaved: bool
     """
     if interleaved:
         x_BTHC = torch.cat((x_BTHC[..., 0::2], x_BTHC[..., 1::2]), dim=-1)
-    return x_BTHC * cos_sin[0] + x_BTHC.roll(x_BTHC.shape[-1] // 2, dims=-1) * cos_sin[1]
+    cos, sin = cos_sin
+    return x_BTHC * cos + x_BTHC.roll(x_BTHC.shape[-1] // 2, dims=-1) * sin
 
 
 def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ class Positions:
 
     pos_BT: torch.Tensor
     slots_B: torch.Tensor
-    cos_sin: torch.Tensor
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
     mask_B1TS: torch.Tensor
     length: int | None
     rows: slice | None
