@@ -28,7 +28,9 @@ least-squares line through them splits each side into a fixed cost per transfer 
 (GB/s), so a fixed cost that dominates small KVs and a per-byte cost that dominates large ones show
 apart. The prefill's uvicorn runs on httptools and uvloop (runtime dependencies, as in the runtime
 images; without them, h11 and asyncio); the first line says which.
-Goal (issue 5): the pull >= 50% of loopback TCP bytes/s.
+Goal (issue 5): the pull >= 50% of loopback TCP bytes/s, judged two ways: on the per-byte rates of the
+fitted lines (throughput, once a KV is large enough for it to matter) and end to end at every size (where
+the small KVs show the fixed cost).
 """
 
 from __future__ import annotations
@@ -186,10 +188,17 @@ def main() -> None:
                 f"{r['tcp'] * 1e3:>6.2f}"
             )
         sizes = [r["bytes"] for r in rows]
+        rates = {}
         for name, label in (("tcp", "loopback TCP"), ("pull", "KVPuller.pull")):
             fixed, per_byte = line_fit(sizes, [r[name] for r in rows])
-            print(f"# {label:>13}: {fixed * 1e3:5.2f} ms fixed + {1 / per_byte / 1e9:4.2f} GB/s")
-        print(f"# goal: KV hand-off >= 50% of loopback TCP at every size: {'met' if ok else 'NOT met'}")
+            rates[name] = 1 / per_byte
+            print(f"# {label:>13}: {fixed * 1e3:5.2f} ms fixed + {rates[name] / 1e9:4.2f} GB/s")
+        streaming = rates["pull"] / rates["tcp"]
+        print(
+            f"# goal, KV hand-off >= 50% of loopback TCP: per-byte rate {streaming:.0%} "
+            f"({'met' if streaming >= 0.5 else 'NOT met'}); end to end at every size "
+            f"{'met' if ok else 'NOT met: the fixed cost per pull dominates the small KVs'}"
+        )
 
 
 if __name__ == "__main__":
