@@ -18,14 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_OPS = ("_is_mkldnn_bf16_supported", "_reorder_linear_weight", "_linear_pointwise")
+
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (
-        dtype == torch.bfloat16
-        and device.type == "cpu"
-        and bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
+    """bf16 on a CPU whose oneDNN does bf16, in a torch that still has the (private) ops used here."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return False
+    try:
+        ops = [getattr(torch.ops.mkldnn, name) for name in _OPS]
+    except (AttributeError, RuntimeError):  # a torch without them: run the model as loaded
+        return False
+    return bool(ops[0]())
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
