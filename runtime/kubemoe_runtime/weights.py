@@ -326,9 +326,11 @@ def _read_tensors(path: Path, wanted: list[tuple[str, TensorInfo]]) -> dict[str,
         else:
             runs.append([item])
     tensors: dict[str, torch.Tensor] = {}
+    reading = runs[0][0][0] if runs else "<none>"  # the tensor an OSError is reported against
     try:
         with path.open("rb", buffering=0) as f:
             for run in runs:
+                reading = run[0][0]
                 begin, end = run[0][1].begin, run[-1][1].end
                 buffer = torch.empty(end - begin, dtype=torch.uint8)
                 view = buffer.numpy().data  # a memoryview of the tensor's bytes
@@ -341,7 +343,7 @@ def _read_tensors(path: Path, wanted: list[tuple[str, TensorInfo]]) -> dict[str,
                         raise WeightLoadError(f"{path}: truncated while reading tensor {name!r}")
                     tensors[name] = _typed(buffer[info.begin - begin : info.end - begin], info)
     except OSError as err:
-        raise WeightLoadError(f"{path}: cannot read tensor {run[0][0]!r}: {err}") from err
+        raise WeightLoadError(f"{path}: cannot read tensor {reading!r}: {err}") from err
     return tensors
 
 

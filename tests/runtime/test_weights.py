@@ -142,3 +142,12 @@ def test_tensor_missing_from_index_names_tensor(broken: Path) -> None:
     index_path.write_text(json.dumps(index))
     with pytest.raises(WeightLoadError, match=r"'model\.norm\.weight' is missing from the checkpoint index"):
         load_rank_weights(broken, cfg=ModelConfig.load(broken))
+
+
+def test_shard_gone_between_header_check_and_read_names_file_and_tensor(tmp_path: Path) -> None:
+    # The headers pass first; a shard removed before its data is read must still fail by name.
+    from kubemoe_runtime.weights import TensorInfo, _read_tensors
+
+    gone = tmp_path / "model-00001-of-00002.safetensors"
+    with pytest.raises(WeightLoadError, match=r"model-00001-of-00002\.safetensors.*'a\.weight'"):
+        _read_tensors(gone, [("a.weight", TensorInfo(dtype="BF16", shape=(2,), begin=8, end=12))])
