@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from kubemoe_runtime.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.tokenizer import TextTokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a small, busy machine
 
@@ -16,3 +18,20 @@ torch.set_num_threads(1)  # tiny models: threads only add contention on a small,
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {arch: write_tiny_checkpoint(root / arch, arch=arch, seed=0) for arch in ARCHITECTURES}
+
+
+# The Qwen3-MoE checkpoint, its tokenizer and a float32 engine on it: the server and router tests' model
+# (a test module may define its own `engine` or `tokenizer` instead).
+@pytest.fixture(scope="module")
+def qwen(checkpoints: dict[str, Path]) -> Path:
+    return checkpoints["qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen: Path) -> TextTokenizer:
+    return TextTokenizer.load(qwen)
+
+
+@pytest.fixture(scope="module")
+def engine(qwen: Path) -> TorchEngine:
+    return TorchEngine.load(qwen, dtype=torch.float32)

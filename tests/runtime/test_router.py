@@ -21,7 +21,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.tokenizer import TextTokenizer
@@ -51,21 +50,6 @@ PROMPTS = [" ".join(WORDS[i % 7 : i % 7 + 3 + i % 5]) + f" {i}" for i in range(1
 MAX_TOKENS = [4 + (i * 5) % 9 for i in range(16)]
 KV_PRODUCER = '{"kv_connector":"ExampleConnector","kv_role":"kv_producer"}'
 KV_CONSUMER = '{"kv_connector":"ExampleConnector","kv_role":"kv_consumer"}'
-
-
-@pytest.fixture(scope="module")
-def qwen(checkpoints: dict[str, Path]) -> Path:
-    return checkpoints["qwen3_moe"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(qwen: Path) -> TextTokenizer:
-    return TextTokenizer.load(qwen)
-
-
-@pytest.fixture(scope="module")
-def engine(qwen: Path) -> TorchEngine:
-    return TorchEngine.load(qwen, dtype=torch.float32)
 
 
 def messages(prompt: str) -> list[dict[str, str]]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.parallel import free_port
@@ -34,21 +33,6 @@ PROMPTS = [
     "Gather the hidden states across ranks, then reduce",
 ]
 MAX_TOKENS = [12, 7, 9, 12, 5, 10, 8, 11]
-
-
-@pytest.fixture(scope="module")
-def qwen(checkpoints: dict[str, Path]) -> Path:
-    return checkpoints["qwen3_moe"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(qwen: Path) -> TextTokenizer:
-    return TextTokenizer.load(qwen)
-
-
-@pytest.fixture(scope="module")
-def engine(qwen: Path) -> TorchEngine:
-    return TorchEngine.load(qwen, dtype=torch.float32)
 
 
 def greedy(engine: TorchEngine, prompt_ids: list[int], max_tokens: int) -> list[int]:
