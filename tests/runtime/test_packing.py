@@ -9,6 +9,7 @@ import torch
 
 from kubemoe_runtime.checkpoints import ARCHITECTURES
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.moe import LocalExperts
 from kubemoe_runtime.engines.torch.packing import PackedLinear, can_pack
 
@@ -30,9 +31,11 @@ def test_packed_engine_matches_row_major_weights(checkpoints: dict[str, Path], a
     experts = [m for m in packed.model.modules() if isinstance(m, LocalExperts)]
     assert linears, "no linear layer was packed"
     assert experts
-    assert all(e.packed is not None for e in experts)
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.model.modules())
-    assert all(e.w_gate_up_E2FD.numel() == 0 for e in experts), "row-major expert copies were kept"
+    for e in experts:  # the MoE kernel on the row-major stacks (one copy), else packed experts (one copy)
+        assert e.kernel == (moe_kernel.load() is not None)
+        assert (e.packed is None) == e.kernel
+        assert (e.w_gate_up_E2FD.numel() == 0) == (not e.kernel), "expert weights held twice, or not at all"
 
     got, want = packed.logits(PROMPT), plain.logits(PROMPT)
     # Same bf16 weights, different blocking of the sums: bf16 rounding apart, nothing more.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.layers import MLP
 from kubemoe_runtime.engines.torch.packing import linear, pack
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
@@ -69,12 +70,14 @@ class LocalExperts(nn.Module):
 
     Gate and up projections are one matrix per expert (`w_gate_up_E2FD`: gate rows, then up rows), so an
     expert is two matmuls. The forward groups the (token, choice) slots by expert on the host (one sync),
-    then runs the experts one of two ways:
+    then runs the experts one of three ways:
 
+        kernel    bf16 on a CPU with AVX512-BF16 (kernels/moe.py): the whole layer in one C call on the
+                  row-major stacks, at close to memory bandwidth at decode
         looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
                   decode at small batch: few experts picked, and only their weights are read); always,
                   once the experts are packed (packing.py: a packed GEMM at decode's few rows runs
-                  near memory bandwidth, faster than either form on row-major weights)
+                  near memory bandwidth, faster than either torch form on row-major weights)
         batched   row-major weights, most experts picked, few rows each (decode at larger batch):
                   every expert's rows padded to the same count and all experts in two bmm calls,
                   instead of two small GEMMs per expert whose per-call cost dominates
@@ -92,8 +95,18 @@ class LocalExperts(nn.Module):
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(n, 2 * hidden, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(n, dim, hidden))
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert: gate_up, down
+        self.kernel = False
 
     def pack(self) -> None:
+        """Ready bf16 CPU experts for decode: the kernel where it runs (weights stay as they are), else
+        each expert's two matrices packed (packing.py), dropping the stacked row-major copies."""
+        dim, hidden = self.w_down_EDF.shape[1:]
+        if moe_kernel.load() is not None and moe_kernel.fits(dim, hidden):
+            self.kernel = True
+            return
+        self.pack_experts()
+
+    def pack_experts(self) -> None:
         """Pack each expert's two matrices (packing.py) and drop the stacked row-major copies."""
         self.packed = [
             (pack(gate_up), pack(down))
@@ -110,12 +123,19 @@ class LocalExperts(nn.Module):
         # on the device for decode's few slots; slots of other ranks' experts drop out.
         local = [expert - first for expert in itertools.chain.from_iterable(ids_MK.tolist())]
         slots = sorted((s for s, e in enumerate(local) if 0 <= e < E), key=local.__getitem__)
-        y_SD = x_MD.new_zeros(M * K, x_MD.shape[1])
         if not slots:
-            return y_SD.view(M, K, -1).sum(dim=1)
+            return x_MD.new_zeros(M, x_MD.shape[1])
         counts = [0] * E
         for s in slots:
             counts[local[s]] += 1
+        if self.kernel:
+            chosen = [e for e, n in enumerate(counts) if n]
+            starts = [0, *itertools.accumulate(counts[e] for e in chosen)]
+            return moe_kernel.routed_experts(
+                x_MD.contiguous(), self.w_gate_up_E2FD, self.w_down_EDF, w_MK,
+                slots=slots, experts=chosen, starts=starts,
+            )  # fmt: skip
+        y_SD = x_MD.new_zeros(M * K, x_MD.shape[1])
         owned = torch.tensor(slots)
         x_sD = x_MD[owned // K]
         picked = sum(1 for n in counts if n)

@@ -1,0 +1,142 @@
+"""The MoE kernel (kernels/moe_bf16.c): its answers against a float64 reference, the torch path, its build."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kubemoe_runtime.engines.torch.kernels import build
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.moe import LocalExperts
+
+needs_kernel = pytest.mark.skipif(
+    moe_kernel.load() is None,
+    reason="the MoE kernel needs x86-64 with AVX512-BF16 and a C compiler; this machine lacks one",
+)
+
+
+def grouped(ids_MK: torch.Tensor, experts: range) -> tuple[list[int], list[int], list[int]]:
+    """Slots of this rank's experts grouped by expert, as LocalExperts.forward makes them."""
+    local = [e - experts.start for e in ids_MK.flatten().tolist()]
+    slots = sorted((s for s, e in enumerate(local) if 0 <= e < len(experts)), key=local.__getitem__)
+    picked = sorted({local[s] for s in slots})
+    counts = [sum(1 for s in slots if local[s] == e) for e in picked]
+    return slots, picked, [0, *itertools.accumulate(counts)]
+
+
+def reference(
+    x_MD: torch.Tensor,
+    layer: tuple[torch.Tensor, torch.Tensor],
+    ids_MK: torch.Tensor,
+    w_MK: torch.Tensor,
+    experts: range,
+) -> torch.Tensor:
+    """Per token and choice, in float64 from the same bf16 values; h rounded to bf16 as the kernel does."""
+    x, w13, w2 = x_MD.double(), layer[0].double(), layer[1].double()
+    F_ = w2.shape[2]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for m, k in itertools.product(range(ids_MK.shape[0]), range(ids_MK.shape[1])):
+        e = int(ids_MK[m, k]) - experts.start
+        if not 0 <= e < len(experts):
+            continue
+        gate_up = w13[e] @ x[m]
+        gate, up = gate_up[:F_], gate_up[F_:]
+        h = (F.silu(gate) * up).to(torch.bfloat16).double()
+        y[m] += float(w_MK[m, k]) * (w2[e] @ h)
+    return y
+
+
+def random_layer(E: int, D: int, F_: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(E, 2 * F_, D, generator=gen) * D**-0.5).bfloat16()
+    w2 = (torch.randn(E, D, F_, generator=gen) * F_**-0.5).bfloat16()
+    return w13, w2
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("M", "K", "E", "experts"),
+    [
+        (1, 4, 32, range(32)),  # decode, batch 1
+        (16, 4, 32, range(32)),  # decode, batch 16: most experts picked, a few rows each
+        (37, 2, 4, range(4)),  # prefill-like: > 8 rows an expert (the kernel's row blocking)
+        (9, 2, 8, range(4, 8)),  # expert parallel: this rank owns experts 4..7, other slots drop
+    ],
+)
+def test_kernel_matches_float64_reference(M: int, K: int, E: int, experts: range) -> None:
+    D, F_ = 128, 64
+    w13, w2 = random_layer(len(experts), D, F_, seed=M)
+    gen = torch.Generator().manual_seed(M + 1)
+    x = torch.randn(M, D, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)])
+    w = torch.softmax(torch.randn(M, K, generator=gen), dim=-1)
+    slots, picked, starts = grouped(ids, experts)
+
+    got = moe_kernel.routed_experts(x, w13, w2, w, slots=slots, experts=picked, starts=starts)
+
+    want = reference(x, (w13, w2), ids, w, experts)
+    assert got.dtype == torch.bfloat16
+    assert got.shape == (M, D)
+    # float sums of exact bf16 products, then one rounding to bf16: within bf16's half-ulp (2^-9)
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2**-8)
+    for m in range(M):  # a token none of whose choices is this rank's gets zeros
+        if not any(int(e) in experts for e in ids[m]):
+            assert got[m].abs().max() == 0
+
+
+@needs_kernel
+def test_local_experts_kernel_matches_torch_path() -> None:
+    """LocalExperts on the kernel against the same module on its torch (looped) path."""
+    D, F_, E, K, M = 64, 32, 8, 2, 6
+    fast, slow = (LocalExperts(dim=D, hidden=F_, experts=range(E)) for _ in range(2))
+    w13, w2 = random_layer(E, D, F_, seed=3)
+    for module in (fast, slow):
+        module.w_gate_up_E2FD.data, module.w_down_EDF.data = w13.clone(), w2.clone()
+    fast.pack()
+    assert fast.kernel
+    assert fast.packed is None
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(M, D, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)])
+    w = torch.softmax(torch.randn(M, K, generator=gen), dim=-1)
+
+    got, want = fast(x, ids, w), slow(x, ids, w)
+    # the torch path rounds each expert's output to bf16 before the weighted sum; the kernel does not
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_refuses_shapes_it_cannot_run() -> None:
+    assert moe_kernel.fits(1024, 512)
+    assert not moe_kernel.fits(1000, 512)
+    assert not moe_kernel.fits(1024, 48)
+
+
+@needs_kernel
+def test_kernel_shares_torchs_openmp_runtime() -> None:
+    """Two OpenMP runtimes in one process would each keep a spinning thread pool on the same cores."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_build_is_cached_and_versioned(tmp_path: Path) -> None:
+    if build.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    first = build.build("moe_bf16", tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build.build("moe_bf16", tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert first.name.startswith("moe_bf16-")
+    assert len(first.stem) == len("moe_bf16-") + 16
+    assert list(tmp_path.glob(".moe_bf16-*")) == [], "a temporary file was left behind"
+
+
+def test_build_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails: the error carries the command line
+    with pytest.raises(build.KernelBuildError, match=r"building the moe_bf16 kernel failed: .*false"):
+        build.build("moe_bf16", tmp_path)
+    assert list(tmp_path.iterdir()) == [], "a failed build left a file in the cache"
