@@ -116,6 +116,27 @@ def test_kernel_refuses_shapes_it_cannot_run() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("slots", "experts", "starts"),
+    [
+        ([0, 1], [0], [0, 1]),  # starts does not end at the slot count
+        ([0, 1], [0, 9], [0, 1, 2]),  # expert 9 of 4
+        ([0, 8], [0, 1], [0, 1, 2]),  # slot 8 of 2 tokens x 2 choices
+        ([0, 1], [0, 1], [0, 2, 1]),  # starts go backwards
+    ],
+)
+def test_kernel_checks_indexes_before_touching_memory(
+    slots: list[int], experts: list[int], starts: list[int]
+) -> None:
+    w13, w2 = random_layer(4, 64, 32, seed=0)
+    x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.full((2, 2), 0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        moe_kernel.routed_experts(x, w13, w2, w, slots=slots, experts=experts, starts=starts)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        moe_kernel.routed_experts(x[:1], w13, w2, w, slots=[0], experts=[0], starts=[0, 1])
+
+
+@needs_kernel
 def test_kernel_shares_torchs_openmp_runtime() -> None:
     """Two OpenMP runtimes in one process would each keep a spinning thread pool on the same cores."""
     maps = Path("/proc/self/maps").read_text().splitlines()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import platform
@@ -85,6 +86,24 @@ def routed_experts(
     for name, t in (("x", x_MD), ("w_gate_up", w_gate_up_E2FD), ("w_down", w_down_EDF)):
         if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"routed_experts: {name} must be a contiguous bf16 CPU tensor")
+    # The C code indexes raw memory with these: check every index once here (microseconds at decode).
+    E = w_down_EDF.shape[0]
+    if x_MD.shape[0] != M or w_gate_up_E2FD.shape != (E, 2 * F, D) or w_down_EDF.shape != (E, D, F):
+        raise ValueError(
+            f"routed_experts: shapes do not agree: x {tuple(x_MD.shape)}, weights {tuple(w_MK.shape)}, "
+            f"w_gate_up {tuple(w_gate_up_E2FD.shape)}, w_down {tuple(w_down_EDF.shape)}"
+        )
+    if (
+        len(starts) != len(experts) + 1
+        or starts[0] != 0
+        or starts[-1] != len(slots)
+        or any(a > b for a, b in itertools.pairwise(starts))
+        or not all(0 <= e < E for e in experts)
+        or not all(0 <= s < M * K for s in slots)
+    ):
+        raise ValueError(
+            f"routed_experts: slots/experts/starts out of range for {M} tokens x {K}, {E} experts"
+        )
     index = torch.tensor([*slots, *experts, *starts], dtype=torch.int64)
     weights = w_MK.float().contiguous()
     h_SF = x_MD.new_empty(len(slots), F)
