@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,9 +90,13 @@ def test_kernel_matches_float64_reference(M: int, K: int, E: int, experts: range
 
 
 @needs_kernel
-def test_local_experts_kernel_matches_torch_path() -> None:
-    """LocalExperts on the kernel against the same module on its torch (looped) path."""
-    D, F_, E, K, M = 64, 32, 8, 2, 6
+@pytest.mark.parametrize(("M", "kernel_runs"), [(6, True), (400, False)])
+def test_local_experts_kernel_matches_torch_path(
+    M: int, kernel_runs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LocalExperts on the kernel against the same module on its torch path. Long prefills (many rows an
+    expert) go to the torch path on the same weights: a spy on the real kernel records which ran."""
+    D, F_, E, K = 64, 32, 8, 2
     fast, slow = (LocalExperts(dim=D, hidden=F_, experts=range(E)) for _ in range(2))
     w13, w2 = random_layer(E, D, F_, seed=3)
     for module in (fast, slow):
@@ -99,12 +104,21 @@ def test_local_experts_kernel_matches_torch_path() -> None:
     fast.pack()
     assert fast.kernel
     assert fast.packed is None
+    calls: list[int] = []
+    real = moe_kernel.routed_experts
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(len(kwargs["slots"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_kernel, "routed_experts", spy)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(M, D, generator=gen).bfloat16()
     ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)])
     w = torch.softmax(torch.randn(M, K, generator=gen), dim=-1)
 
     got, want = fast(x, ids, w), slow(x, ids, w)
+    assert bool(calls) == kernel_runs
     # the torch path rounds each expert's output to bf16 before the weighted sum; the kernel does not
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 

@@ -73,7 +73,8 @@ class LocalExperts(nn.Module):
     then runs the experts one of three ways:
 
         kernel    bf16 on a CPU with AVX512-BF16 (kernels/moe.py): the whole layer in one C call on the
-                  row-major stacks, at close to memory bandwidth at decode
+                  row-major stacks, at close to memory bandwidth at decode; up to KERNEL_MAX_ROWS rows
+                  an expert on average, beyond which the looped form on those same weights is faster
         looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
                   decode at small batch: few experts picked, and only their weights are read); always,
                   once the experts are packed (packing.py: a packed GEMM at decode's few rows runs
@@ -87,6 +88,10 @@ class LocalExperts(nn.Module):
     """
 
     BATCHED_MAX_ROWS = 16  # the batched form pads every expert to the busiest one's rows: keep that small
+    # From this many rows an expert on average (long prefills), oneDNN's GEMM on the same row-major weights
+    # is as fast as the kernel, whose dot products cannot block loads as a GEMM does (even at 64 rows an
+    # expert; at 256 the kernel takes 1.11x as long)
+    KERNEL_MAX_ROWS = 64
 
     def __init__(self, *, dim: int, hidden: int, experts: range) -> None:
         super().__init__()
@@ -128,8 +133,8 @@ class LocalExperts(nn.Module):
         counts = [0] * E
         for s in slots:
             counts[local[s]] += 1
-        if self.kernel:
-            chosen = [e for e, n in enumerate(counts) if n]
+        chosen = [e for e, n in enumerate(counts) if n]
+        if self.kernel and len(slots) < self.KERNEL_MAX_ROWS * len(chosen):
             starts = [0, *itertools.accumulate(counts[e] for e in chosen)]
             return moe_kernel.routed_experts(
                 x_MD.contiguous(), self.w_gate_up_E2FD, self.w_down_EDF, w_MK,
@@ -138,8 +143,7 @@ class LocalExperts(nn.Module):
         y_SD = x_MD.new_zeros(M * K, x_MD.shape[1])
         owned = torch.tensor(slots)
         x_sD = x_MD[owned // K]
-        picked = sum(1 for n in counts if n)
-        if self.packed is None and 2 * picked >= E and max(counts) <= self.BATCHED_MAX_ROWS:
+        if self.packed is None and 2 * len(chosen) >= E and max(counts) <= self.BATCHED_MAX_ROWS:
             out_sD = self._batched(x_sD, torch.tensor([local[s] for s in slots]), counts)
         else:
             out_sD = self._looped(x_sD, counts)
