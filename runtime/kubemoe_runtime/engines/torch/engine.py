@@ -92,15 +92,15 @@ class TorchEngine:
             tokens_BT[b, : lengths[b]] = torch.tensor(list(prompt))
             # Padding repeats the last real position: it writes (then is overwritten) at that row's next slot.
             pos_BT[b] = torch.arange(T).clamp(max=lengths[b])
-        logits_BTV = self.model(tokens_BT, pos_BT=pos_BT, cache=cache)
+        # Logits only at each row's last prompt token: the LM head over every prompt position is wasted work.
+        logits_B1V = self.model(tokens_BT, pos_BT=pos_BT, cache=cache, logits_at_B=torch.tensor(lengths) - 1)
         params = list(sampling) if sampling is not None else [SamplingParams()] * B
         generators = [p.generator() for p in params]
 
         def choose(logits_BV: torch.Tensor) -> torch.Tensor:
             return torch.tensor([sample(logits_BV[b], params[b], generators[b]) for b in range(B)])
 
-        last_B = torch.tensor(lengths) - 1
-        next_B = choose(logits_BTV[torch.arange(B), last_B])
+        next_B = choose(logits_B1V[:, 0])
 
         outputs: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
