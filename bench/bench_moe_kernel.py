@@ -36,6 +36,7 @@ def make_layers(layout: Layout, *, kernel: bool) -> list[LocalExperts]:
         if kernel:
             experts.pack()
             assert experts.kernel
+            experts.KERNEL_MAX_ROWS = 1 << 30  # the kernel at every size (the engine: to 64 rows an expert)
         else:
             experts.pack_experts()  # the packed path (pack() would pick the kernel)
         layers.append(experts)
