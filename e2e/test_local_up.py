@@ -107,6 +107,9 @@ def disaggregated(workdir: Path) -> Iterator[Run]:
         stderr=(workdir / "up.log").open("w"),
         text=True,
         env=env(),
+        # As a terminal starts it: a shell without job control (a CI script's `cmd &`) starts children
+        # with SIGINT ignored, and then Ctrl-C (what this module tests) could not reach `kubemoe up`.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (only this runs before exec)
     )
     assert process.stdout is not None
     line = process.stdout.readline().strip()  # the endpoint, printed once everything is ready
