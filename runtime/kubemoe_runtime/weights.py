@@ -14,7 +14,9 @@ Every failure is a `WeightLoadError` naming the shard file and the tensor.
 Reading: the header gives each tensor's byte range, so the loader reads them itself (no mmap): per shard,
 the selected tensors in file order, each run of adjacent ones with one readinto() into one buffer the
 tensors are views of. Memory is touched once, as a plain read() of those bytes touches it; at EP=1 a
-shard is one read, and at EP=N a rank's experts are one read per contiguous block.
+shard is one read, and at EP=N a rank's experts are one read per contiguous block. A caller may give
+destinations (`into`): a tensor with one is read straight into it, e.g. into its slice of the engine's
+stacked experts, so those bytes are never copied again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -252,11 +254,18 @@ def select_tensors(names: Iterable[str], *, experts: range, n_experts: int) -> l
 
 
 def load_rank_weights(
-    model_dir: Path | str, *, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1
+    model_dir: Path | str,
+    *,
+    cfg: ModelConfig,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Read the tensors EP rank `ep_rank` of `ep_size` needs, validated against config.json.
 
     Returns tensors in the checkpoint's dtype, keyed by their Hugging Face names, and a `LoadReport`.
+    `into` maps names to destinations: a contiguous CPU tensor of the tensor's shape and stored dtype is
+    read into and returned as itself; one that does not fit is ignored (that tensor is read as usual).
     """
     started = time.perf_counter()
     root = Path(model_dir)
@@ -306,7 +315,8 @@ def load_rank_weights(
     tensors: dict[str, torch.Tensor] = {}
     for file_name, names in sorted(by_file.items()):
         infos = headers[file_name]
-        tensors.update(_read_tensors(root / file_name, [(name, infos[name]) for name in names]))
+        wanted_here = [(name, infos[name]) for name in names]
+        tensors.update(_read_tensors(root / file_name, wanted_here, into=into))
         for name in names:
             report.bytes_read += infos[name].nbytes
             report.tensors_read += 1
@@ -317,11 +327,27 @@ def load_rank_weights(
     return tensors, report
 
 
-def _read_tensors(path: Path, wanted: list[tuple[str, TensorInfo]]) -> dict[str, torch.Tensor]:
-    """Read tensors from one shard: each run of adjacent tensors in one buffer they are views of."""
-    runs: list[list[tuple[str, TensorInfo]]] = []
+def _fits(dest: torch.Tensor | None, info: TensorInfo) -> bool:
+    return (
+        dest is not None
+        and dest.device.type == "cpu"
+        and dest.is_contiguous()
+        and dest.dtype == SAFETENSORS_DTYPES[info.dtype]
+        and tuple(dest.shape) == info.shape
+    )
+
+
+def _read_tensors(
+    path: Path, wanted: list[tuple[str, TensorInfo]], *, into: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read tensors from one shard, in file order: a tensor with a destination in `into` straight into
+    it; each run of adjacent others into one buffer they are views of."""
+    into = into or {}
+    runs: list[list[tuple[str, TensorInfo]]] = []  # a placed tensor is a run of its own
+    placed = {name for name, info in wanted if _fits(into.get(name), info)}
     for item in sorted(wanted, key=lambda item: item[1].begin):
-        if runs and runs[-1][-1][1].end == item[1].begin:
+        joins = runs and runs[-1][-1][1].end == item[1].begin and runs[-1][-1][0] not in placed
+        if joins and item[0] not in placed:
             runs[-1].append(item)
         else:
             runs.append([item])
@@ -332,7 +358,10 @@ def _read_tensors(path: Path, wanted: list[tuple[str, TensorInfo]]) -> dict[str,
             for run in runs:
                 reading = run[0][0]
                 begin, end = run[0][1].begin, run[-1][1].end
-                buffer = torch.empty(end - begin, dtype=torch.uint8)
+                if reading in placed:
+                    buffer = into[reading].view(-1).view(torch.uint8)
+                else:
+                    buffer = torch.empty(end - begin, dtype=torch.uint8)
                 view = buffer.numpy().data  # a memoryview of the tensor's bytes
                 f.seek(begin)
                 got = 0
@@ -341,7 +370,10 @@ def _read_tensors(path: Path, wanted: list[tuple[str, TensorInfo]]) -> dict[str,
                 for name, info in run:
                     if info.end - begin > got:
                         raise WeightLoadError(f"{path}: truncated while reading tensor {name!r}")
-                    tensors[name] = _typed(buffer[info.begin - begin : info.end - begin], info)
+                    if name in placed:
+                        tensors[name] = into[name]
+                    else:
+                        tensors[name] = _typed(buffer[info.begin - begin : info.end - begin], info)
     except OSError as err:
         raise WeightLoadError(f"{path}: cannot read tensor {reading!r}: {err}") from err
     return tensors

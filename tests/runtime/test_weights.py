@@ -151,3 +151,54 @@ def test_shard_gone_between_header_check_and_read_names_file_and_tensor(tmp_path
     gone = tmp_path / "model-00001-of-00002.safetensors"
     with pytest.raises(WeightLoadError, match=r"model-00001-of-00002\.safetensors.*'a\.weight'"):
         _read_tensors(gone, [("a.weight", TensorInfo(dtype="BF16", shape=(2,), begin=8, end=12))])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_experts_are_read_straight_into_the_engine_stacks(checkpoints: dict[str, Path], arch: str) -> None:
+    """`into`: the loader fills the stacked expert parameters itself, and stacking then copies nothing."""
+    import torch
+
+    from kubemoe_runtime.engines.torch.weight_map import expert_stacks, to_engine_state_dict
+    from kubemoe_runtime.weights import checkpoint_shapes
+
+    ckpt = checkpoints[arch]
+    cfg = ModelConfig.load(ckpt)
+    dtype, experts = (
+        getattr(torch, cfg.dtype),
+        expert_range(n_experts=cfg.n_routed_experts, ep_rank=1, ep_size=2),
+    )
+    plain, _ = load_rank_weights(ckpt, cfg=cfg, ep_rank=1, ep_size=2)
+    stacks, places = expert_stacks(checkpoint_shapes(cfg), experts=experts, dtype=dtype)
+    assert places
+    assert all(routed_expert_id(name) in experts for name in places)
+
+    placed, _ = load_rank_weights(ckpt, cfg=cfg, ep_rank=1, ep_size=2, into=places)
+
+    assert placed.keys() == plain.keys()
+    for name, tensor in placed.items():
+        assert torch.equal(tensor, plain[name]), name
+        if name in places:
+            assert tensor is places[name]
+    want = to_engine_state_dict(plain, cfg=cfg, experts=experts, dtype=dtype)
+    got = to_engine_state_dict(placed, cfg=cfg, experts=experts, dtype=dtype, stacks=stacks)
+    assert got.keys() == want.keys()
+    for key, tensor in got.items():
+        assert torch.equal(tensor, want[key]), key
+        if key in stacks:
+            assert tensor is stacks[key], f"{key} was copied again"
+
+
+def test_a_destination_that_does_not_fit_is_ignored(checkpoints: dict[str, Path]) -> None:
+    import torch
+
+    ckpt = checkpoints["qwen3_moe"]
+    cfg = ModelConfig.load(ckpt)
+    plain, _ = load_rank_weights(ckpt, cfg=cfg)
+    name = next(n for n in plain if routed_expert_id(n) == 0 and "gate_proj" in n)
+    wrong_shape = torch.zeros(plain[name].numel(), dtype=plain[name].dtype)
+    wrong_dtype = torch.zeros(plain[name].shape, dtype=torch.float64)
+    for dest in (wrong_shape, wrong_dtype):
+        got, _ = load_rank_weights(ckpt, cfg=cfg, into={name: dest})
+        assert got[name] is not dest
+        assert torch.equal(got[name], plain[name])
+        assert dest.abs().sum() == 0, "a misfit destination was written"

@@ -11,9 +11,9 @@ from kubemoe_runtime.engines.torch.model import Transformer
 from kubemoe_runtime.engines.torch.packing import pack_model
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
-from kubemoe_runtime.engines.torch.weight_map import to_engine_state_dict
+from kubemoe_runtime.engines.torch.weight_map import expert_stacks, to_engine_state_dict
 from kubemoe_runtime.model_config import ModelConfig
-from kubemoe_runtime.weights import LoadReport, load_rank_weights
+from kubemoe_runtime.weights import LoadReport, checkpoint_shapes, load_rank_weights
 
 
 class TorchEngine:
@@ -42,8 +42,15 @@ class TorchEngine:
         its matmuls (packing.py)."""
         ep = ep or ExpertParallel()
         cfg = ModelConfig.load(model_dir)
-        tensors, report = load_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size)
-        state = to_engine_state_dict(tensors, cfg=cfg, experts=ep.experts(cfg.n_routed_experts), dtype=dtype)
+        experts = ep.experts(cfg.n_routed_experts)
+        # Experts are read straight into the stacked parameters when no dtype conversion is needed.
+        stacks, places = (
+            expert_stacks(checkpoint_shapes(cfg), experts=experts, dtype=dtype)
+            if getattr(torch, cfg.dtype, None) == dtype
+            else ({}, {})
+        )
+        tensors, report = load_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size, into=places)
+        state = to_engine_state_dict(tensors, cfg=cfg, experts=experts, dtype=dtype, stacks=stacks)
         with torch.device("meta"):
             model = Transformer(cfg, ep=ep)
         model.load_state_dict(state, strict=True, assign=True)

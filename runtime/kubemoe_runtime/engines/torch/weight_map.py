@@ -4,12 +4,16 @@ Most tensors map one to one after a prefix rename. Routed experts are stacked: f
 the checkpoint's `...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry `e - first` of
 `w_gate_up_E2FD` (gate rows, then up rows), and `{down_proj|w2}` entry `e - first` of `w_down_EDF`.
 Grouped-query attention's `q_proj`, `k_proj` and `v_proj` become one `qkv_proj` (their rows in that order).
+
+`expert_stacks` makes the stacked parameters before loading, with each expert tensor's place in them, so
+the loader reads experts straight into place (`load_rank_weights(into=...)`) and stacking copies nothing.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Final
 
 import torch
@@ -48,12 +52,39 @@ def _layer_param(cfg: ModelConfig, layer: int, rest: str) -> str:
     raise KeyError(f"no parameter for checkpoint tensor model.layers.{layer}.{rest}")
 
 
+def expert_stacks(
+    shapes: Mapping[str, tuple[int, ...]], *, experts: range, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Empty stacked expert parameters for the routed experts `experts`, by parameter name, and each
+    checkpoint expert tensor's slice of them, by checkpoint name (`shapes`: checkpoint name -> shape)."""
+    stacks: dict[str, torch.Tensor] = {}
+    places: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        layer = _LAYER.match(name)
+        expert = _EXPERT.match(layer.group(2)) if layer else None
+        if layer is None or expert is None or int(expert.group(1)) not in experts:
+            continue
+        param, part = _STACKED[expert.group(2)]
+        key, (rows, cols) = f"layers.{layer.group(1)}.ffn.experts.{param}", shape
+        if key not in stacks:
+            stacks[key] = torch.empty((len(experts), _PARTS[param] * rows, cols), dtype=dtype)
+        places[name] = stacks[key][int(expert.group(1)) - experts.start, part * rows : (part + 1) * rows]
+    return stacks, places
+
+
 def to_engine_state_dict(
-    tensors: dict[str, torch.Tensor], *, cfg: ModelConfig, experts: range, dtype: torch.dtype
+    tensors: dict[str, torch.Tensor],
+    *,
+    cfg: ModelConfig,
+    experts: range,
+    dtype: torch.dtype,
+    stacks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rename (and, for routed experts, stack) checkpoint tensors into `Transformer.state_dict()` form."""
+    """Rename (and, for routed experts, stack) checkpoint tensors into `Transformer.state_dict()` form.
+    `stacks` (from `expert_stacks`) are used as the stacked parameters; parts already in place are not
+    copied."""
     out: dict[str, torch.Tensor] = {}
-    stacks: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
+    parts_by_key: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
     qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # "layers.i.attn." -> q, k, v
     for name, tensor in tensors.items():
         if name in _TOP:
@@ -69,7 +100,7 @@ def to_engine_state_dict(
         expert = _EXPERT.match(rest)
         if expert is not None:
             e, (param, part) = int(expert.group(1)), _STACKED[expert.group(2)]
-            stacks[f"layers.{layer}.ffn.experts.{param}"][(e - experts.start, part)] = tensor
+            parts_by_key[f"layers.{layer}.ffn.experts.{param}"][(e - experts.start, part)] = tensor
             continue
         key = _layer_param(cfg, layer, rest)
         if not cfg.uses_mla and (projection := _QKV.match(key)) is not None:
@@ -78,8 +109,8 @@ def to_engine_state_dict(
         # A sigmoid router runs in float32 (as DeepSeek and transformers do): keep its tensors so.
         keep_fp32 = cfg.scoring == "sigmoid" and ".ffn.router." in key
         out[key] = tensor.to(torch.float32 if keep_fp32 else dtype)
-    for key, parts in stacks.items():
-        out[key] = _stack(key, parts, experts=experts, dtype=dtype)
+    for key, parts in parts_by_key.items():
+        out[key] = _stack(key, parts, experts=experts, dtype=dtype, out=(stacks or {}).get(key))
     for prefix, projections in qkv.items():
         if sorted(projections) != ["k", "q", "v"]:
             raise KeyError(f"{prefix}: expected q_proj, k_proj and v_proj, got {sorted(projections)}")
@@ -90,9 +121,15 @@ def to_engine_state_dict(
 
 
 def _stack(
-    key: str, parts: dict[tuple[int, int], torch.Tensor], *, experts: range, dtype: torch.dtype
+    key: str,
+    parts: dict[tuple[int, int], torch.Tensor],
+    *,
+    experts: range,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One [E, parts * rows, cols] tensor from each expert's parts, copied once into place."""
+    """One [E, parts * rows, cols] tensor from each expert's parts, copied once into place (into `out`
+    when it has that shape and dtype; a part already there is not copied)."""
     n_parts = _PARTS[key.rsplit(".", 1)[1]]
     found = sorted({e for e, _ in parts})
     if found != list(range(len(experts))) or len(parts) != len(experts) * n_parts:
@@ -111,11 +148,15 @@ def _stack(
             )
         )
     rows, cols = parts[(0, 0)].shape
-    out = torch.empty((len(experts), n_parts * rows, cols), dtype=dtype)
+    shape = (len(experts), n_parts * rows, cols)
+    if out is None or tuple(out.shape) != shape or out.dtype != dtype:
+        out = torch.empty(shape, dtype=dtype)
     for (e, p), tensor in parts.items():
         if tensor.shape != (rows, cols):
             raise KeyError(
                 f"{key}: expert {experts.start + e} has shape {tuple(tensor.shape)}, not {(rows, cols)}"
             )
-        out[e, p * rows : (p + 1) * rows] = tensor
+        place = out[e, p * rows : (p + 1) * rows]
+        if place.data_ptr() != tensor.data_ptr() or place.dtype != tensor.dtype:
+            place.copy_(tensor)
     return out
