@@ -175,3 +175,23 @@ def test_build_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(build.KernelBuildError, match=r"building the moe_bf16 kernel failed: .*false"):
         build.build("moe_bf16", tmp_path)
     assert list(tmp_path.iterdir()) == [], "a failed build left a file in the cache"
+
+
+def test_a_kernel_that_cannot_be_loaded_leaves_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if moe_kernel.load() is None:
+        pytest.skip("the kernel does not run on this machine in the first place")
+    monkeypatch.setenv("KUBEMOE_KERNEL_DIR", str(tmp_path))
+    build.library_path("moe_bf16").write_bytes(b"not an ELF file")  # a damaged cache entry
+    moe_kernel.load.cache_clear()
+    try:
+        assert moe_kernel.load() is None
+        assert "MoE kernel off" in caplog.text
+        experts = LocalExperts(dim=64, hidden=32, experts=range(4))
+        experts.w_gate_up_E2FD.data = experts.w_gate_up_E2FD.data.bfloat16()
+        experts.w_down_EDF.data = experts.w_down_EDF.data.bfloat16()
+        experts.pack()
+        assert not experts.kernel, "LocalExperts picked a kernel that cannot load"
+    finally:
+        moe_kernel.load.cache_clear()

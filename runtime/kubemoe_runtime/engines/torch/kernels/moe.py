@@ -7,7 +7,7 @@ and is no slower at prefill's hundreds of rows (bench/bench_moe_kernel.py). It r
 row-major expert stacks, so the experts need no second, packed copy.
 
 `load()` is None, and the engine keeps its torch path, off x86 Linux, on a CPU without AVX512-BF16, with
-`KUBEMOE_KERNELS=0`, or where the kernel cannot be built (no C compiler: a warning says so).
+`KUBEMOE_KERNELS=0`, or where the kernel cannot be built or loaded (a warning says why).
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ def load() -> Callable[..., int] | None:
     except KernelBuildError as err:
         log.warning("MoE kernel off, the torch path runs instead (slower at decode): %s", err)
         return None
-    fn = ctypes.CDLL(str(path)).kubemoe_moe_bf16
+    try:
+        fn = ctypes.CDLL(str(path)).kubemoe_moe_bf16
+    except (OSError, AttributeError) as err:  # e.g. no libgomp.so.1 where it runs, or a stale file
+        log.warning("MoE kernel off, the torch path runs instead (slower at decode): %s: %s", path, err)
+        return None
     fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
     kernel: Callable[..., int] = fn
     return kernel
