@@ -2,9 +2,10 @@
 
 Why: at decode's few rows per expert, two oneDNN GEMM calls per picked expert stream the weights at about
 half the memory bandwidth, each call paying its own parallel fork/join and ramp-up; the kernel runs the
-whole layer — gate/up, SiLU, down, the routing-weighted sum — in one OpenMP region at close to bandwidth,
-and is no slower at prefill's hundreds of rows (bench/bench_moe_kernel.py). It reads the engine's own
-row-major expert stacks, so the experts need no second, packed copy.
+whole layer — gate/up, SiLU, down, the routing-weighted sum — in one OpenMP region at close to bandwidth
+(bench/bench_moe_kernel.py: 1.8x at 16 rows). From about 64 rows an expert (long prefills) oneDNN's
+blocked GEMM is as fast or faster, and LocalExperts uses that instead, on the same weights: the kernel
+reads the engine's own row-major expert stacks, so the experts need no second, packed copy.
 
 `load()` is None, and the engine keeps its torch path, off x86 Linux, on a CPU without AVX512-BF16, with
 `KUBEMOE_KERNELS=0`, or where the kernel cannot be built or loaded (a warning says why).
