@@ -67,7 +67,8 @@ def per_layer_seconds(layers: list[LocalExperts], rows: int, layout: Layout) -> 
 def main() -> None:
     layout = Layout()
     if moe_kernel.load() is None or not moe_kernel.fits(layout.hidden, layout.expert_hidden):
-        raise SystemExit("the MoE kernel does not run on this machine (needs x86-64 AVX512-BF16 and gcc)")
+        print("# skipped: the MoE kernel is off (needs x86-64 AVX512-BF16, a C compiler, KUBEMOE_KERNELS!=0)")
+        return  # not a failure: `make bench` goes on to the other benchmarks
     torch.set_num_threads(threads())
     bandwidth = read_bandwidth_gbs()
     shape = f"{layout.experts}x{layout.expert_hidden}, hidden {layout.hidden}, top-{layout.top_k}"
