@@ -382,6 +382,8 @@ def test_prometheus_unreachable_scales_nothing_and_says_so(
 def test_turning_autoscaling_off_hands_the_roles_back_to_spec(cluster: Cluster, deployed: str) -> None:
     ns = deployed
     assert desired(md(cluster, ns), "decode") == DECODE_MIN  # the scale-downs above wrote it
+    metrics_condition = condition(md(cluster, ns), "MetricsAvailable")
+    assert metrics_condition
     patch = {
         "spec": {
             "roles": {
@@ -398,6 +400,17 @@ def test_turning_autoscaling_off_hands_the_roles_back_to_spec(cluster: Cluster, 
         return obj if not condition(obj, "MetricsAvailable") and left == {None} else None
 
     eventually(handed_back, timeout=4 * INTERVAL_S + 10, what="the autoscaler's status fields removed")
+
+    # The race this once lost: a reconcile that read status before the condition went merge-patches
+    # the whole conditions list back, as another field manager — which an apply that leaves the
+    # condition out cannot delete. Done here on purpose; the autoscaler must remove it again.
+    stale = [*md(cluster, ns)["status"]["conditions"], metrics_condition]
+    cluster.kubectl(
+        "patch", "md", NAME, "-n", ns, "--subresource=status", "--type=merge",
+        "--field-manager=kubemoe-e2e-stale-writer", "-p", json.dumps({"status": {"conditions": stale}}),
+    )  # fmt: skip
+    assert condition(md(cluster, ns), "MetricsAvailable") == metrics_condition
+    eventually(handed_back, timeout=4 * INTERVAL_S + 10, what="the re-added condition removed again")
     eventually(
         lambda: lws_replicas(cluster, ns, "decode") == DECODE_MIN + 1,
         timeout=30,

@@ -229,6 +229,29 @@ class Kube:
             raise classify(err, what=f"apply status of ModelDeployment {namespace}/{name}") from err
         self._wrote("apply-status", "ModelDeployment", namespace, name)
 
+    async def remove_condition(self, *, name: str, namespace: str, type: str, index: int) -> bool:
+        """Remove status.conditions[index] if it is still of `type`, whoever set it: a JSON Patch that
+        tests before it removes. (A condition another writer also set — the reconciler's merge patch of
+        the whole list, from a view read before the autoscaler removed it — survives a server-side apply
+        that leaves it out.) False when the list changed meanwhile, and nothing was removed."""
+        ops = [
+            {"op": "test", "path": f"/status/conditions/{index}/type", "value": type},
+            {"op": "remove", "path": f"/status/conditions/{index}"},
+        ]
+        what = f"remove condition {type} of ModelDeployment {namespace}/{name}"
+        try:
+            await self.client.patch(
+                ModelDeploymentResource.Status, name, ops, namespace=namespace, patch_type=PatchType.JSON
+            )
+        except ApiError as err:
+            if err.status.code in (404, 409, 422):  # gone, or the test failed: the list changed
+                return False
+            raise classify(err, what=what) from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=what) from err
+        self._wrote("patch-status", "ModelDeployment", namespace, name)
+        return True
+
     async def list_pods(self, *, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """Pods in `namespace` with all of `labels`."""
         selector: dict[str, Any] = dict(labels)

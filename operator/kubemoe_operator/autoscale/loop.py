@@ -11,7 +11,8 @@ reconciler renders it, clamped to minReplicas..maxReplicas; spec is never writte
 - The condition MetricsAvailable says whether the samples could be read (written when it
   changes; its messages hold no sample values, so a steady state writes nothing); when they cannot
   (Prometheus unreachable, no pod answers, no series), nothing is scaled. With autoscaling
-  removed from every role, the condition and every desired are removed again.
+  removed from every role, the condition and every desired are removed again (the condition by a
+  tested JSON Patch, since the reconciler's merge patches of the conditions list can co-own it).
 - Status is written by server-side apply with a field manager of its own, naming only the fields
   the autoscaler owns (every autoscaled role's desired and its condition), so it never races the
   reconciler's merge patches of the rest of status.
@@ -245,9 +246,14 @@ class Autoscaler:
             if spec.autoscaling is not None and spec.autoscaling.metrics
         }
         if not policies:
-            if old is not None and any(c.type == CONDITION for c in old.conditions):
-                # Autoscaling was turned off: an empty apply drops every field this manager owns
-                # (each desired, the condition), so spec.replicas rules again.
+            index = (
+                next((i for i, c in enumerate(old.conditions) if c.type == CONDITION), None) if old else None
+            )
+            if index is not None:
+                # Autoscaling was turned off: the condition goes whoever else has written it, and an
+                # empty apply drops every field this manager owns (each desired), so spec.replicas
+                # rules again. Seen again later (re-added from a stale view), it goes again.
+                await self.kube.remove_condition(name=name, namespace=namespace, type=CONDITION, index=index)
                 await self.kube.apply_status(
                     name=name, namespace=namespace, status={}, field_manager=FIELD_MANAGER
                 )
