@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import random
 import socket
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from loopback import MODEL, engine, log_dir, tiny_checkpoint, wait_ready
+from loopback import completion_body, engine, log_dir, tiny_checkpoint, wait_ready
 
 from kubemoe_runtime.kv.handoff import PrefilledKV
 from kubemoe_runtime.kv.pull import KVPuller
@@ -75,14 +74,7 @@ while True:
 
 def prefill(url: str, *, tokens: int, seed: int) -> dict[str, Any]:
     """Run one prompt on the prefill as the router does; return its kv_transfer_params."""
-    rng = random.Random(seed)
-    body = {
-        "model": MODEL,
-        "prompt": [rng.randrange(10, 500) for _ in range(tokens)],
-        "max_tokens": 1,
-        "temperature": 0,
-        "kv_transfer_params": dict(REMOTE_DECODE),
-    }
+    body = completion_body(tokens=tokens, seed=seed, max_tokens=1, kv_transfer_params=dict(REMOTE_DECODE))
     status, answer = http_post(f"{url}/v1/completions", body)
     if status != 200:
         raise RuntimeError(f"prefill answered {status}: {answer}")

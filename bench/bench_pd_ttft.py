@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from typing import Final
 
 import httpx2
-from loopback import MODEL, engine, log_dir, router, tiny_checkpoint, wait_ready
+from loopback import completion_body, engine, log_dir, router, tiny_checkpoint, wait_ready
 
 POSITIONS: Final = 4096
 LENGTHS: Final = (16, 64, 256, 1024, 2048, 4000)
@@ -37,15 +36,7 @@ CROSSOVER: Final = 1.10  # "competitive": P/D's TTFT at most 10% above colocated
 
 async def ttft(client: httpx2.AsyncClient, url: str, *, tokens: int, seed: int) -> tuple[float, float]:
     """Seconds to the first SSE event, and the router's prefill milliseconds (0 when colocated)."""
-    rng = random.Random(seed)
-    body = {
-        "model": MODEL,
-        "prompt": [rng.randrange(10, 500) for _ in range(tokens)],
-        "max_tokens": 2,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = completion_body(tokens=tokens, seed=seed, max_tokens=2, ignore_eos=True, stream=True)
     started = time.perf_counter()
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server
@@ -28,6 +29,13 @@ class Process(Protocol):
     def wait_ready(self, *, timeout: float = ...) -> None: ...
 
     def stop(self) -> object: ...
+
+
+def completion_body(*, tokens: int, seed: int, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """A greedy /v1/completions request for MODEL on `tokens` random token ids (seeded), plus `extra`."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(10, 500) for _ in range(tokens)]
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
 
 
 def tiny_checkpoint(*, positions: int) -> Path:
