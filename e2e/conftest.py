@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,8 @@ from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
 from e2e.operator_process import install_crd
 
-E2E_CLUSTER_NAME = "kubemoe-e2e"
+# KUBEMOE_E2E_CLUSTER_NAME lets two suites run side by side (each control plane on ports of its own).
+E2E_CLUSTER_NAME = os.environ.get("KUBEMOE_E2E_CLUSTER_NAME", "kubemoe-e2e")
 # Beside the default 4 x 8 H200 nodes: pools for the other examples' accelerators.
 E2E_EXTRA_NODES = (
     GpuNodes(count=3, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559, name_prefix="h100-node"),
@@ -36,6 +38,10 @@ def cluster() -> Iterator[Cluster]:
     try:
         yield handle
     finally:
+        keep = os.environ.get("KUBEMOE_E2E_ARTIFACTS")  # a folder to keep the audit log in
+        if keep and handle.audit_log is not None and handle.audit_log.exists():
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(handle.audit_log, Path(keep) / f"{E2E_CLUSTER_NAME}-audit.log")
         kwok.down(E2E_CLUSTER_NAME, paths=paths)
 
 
@@ -60,8 +66,9 @@ def operator_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    """A fresh namespace for one test, deleted afterwards; gone, pods and all, before the next test
+    starts, so that its pods hold no GPUs another test needs."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+    cluster.kubectl("delete", "namespace", name, "--timeout=120s", timeout=150)

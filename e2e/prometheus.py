@@ -96,6 +96,7 @@ class PrometheusServer:
     process: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    command: list[str]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query through the HTTP API (what the operator's PrometheusSource calls)."""
@@ -137,6 +138,13 @@ class PrometheusServer:
             time.sleep(0.2)
         raise AssertionError(f"prometheus not ready after {timeout}s:\n{self.log()}")
 
+    def restart(self) -> None:
+        """Start it again on the same address and data after `stop()` (a no-op while it runs)."""
+        if self.alive():
+            return
+        self.process = _spawn(self.command, self.log_path)
+        self.wait_ready()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -145,6 +153,11 @@ class PrometheusServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def start(
@@ -157,21 +170,17 @@ def start(
     cfg.write_text(json.dumps(config(targets, scrape_interval=scrape_interval), indent=1))  # YAML ⊃ JSON
     port = free_port()
     log_path = workdir / "prometheus.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [
-                str(binary),
-                f"--config.file={cfg}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--storage.tsdb.retention.time=1h",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = PrometheusServer(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    command = [
+        str(binary),
+        f"--config.file={cfg}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+        "--log.level=warn",
+    ]
+    server = PrometheusServer(
+        process=_spawn(command, log_path), url=f"http://127.0.0.1:{port}", log_path=log_path, command=command
+    )
     try:
         server.wait_ready()
     except AssertionError:

@@ -47,11 +47,21 @@ def _log(msg: str) -> None:
 
 # Requests by service accounts (the operator under test runs as one) at Metadata level: enough
 # to count an identity's API calls by verb; system components are left out to keep it small.
+# Writes of ModelDeployment status by anyone at Request level: the body and the field manager
+# (in requestURI) of every status write, to tell who wrote which condition.
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
-    "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}],
+    "rules": [
+        {
+            "level": "Request",
+            "verbs": ["patch", "update"],
+            "resources": [{"group": "kubemoe.io", "resources": ["modeldeployments/status"]}],
+        },
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
 }
 
 

@@ -181,36 +181,26 @@ class Kube:
             return
         self._wrote("create", "Event", namespace, event["involvedObject"]["name"])
 
-    async def patch_status(self, *, name: str, namespace: str, patch: dict[str, Any]) -> None:
-        """A JSON merge patch on the status subresource."""
-        try:
-            await self.client.patch(
-                ModelDeploymentResource.Status,
-                name,
-                patch,
-                namespace=namespace,
-                patch_type=PatchType.MERGE,
-            )
-        except ApiError as err:
-            if err.status.code == 404:
-                return  # deleted meanwhile: nothing left to report on
-            raise classify(err, what=f"patch status of ModelDeployment {namespace}/{name}") from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=f"patch status of ModelDeployment {namespace}/{name}") from err
-        self._wrote("patch-status", "ModelDeployment", namespace, name)
-
     async def apply_status(
-        self, *, name: str, namespace: str, status: dict[str, Any], field_manager: str
-    ) -> None:
-        """Server-side apply of the fields in `status` only, as `field_manager`: the autoscaler's
-        roles.*.desired and its condition, without a read-modify-write race with the reconciler's
-        merge patches (conditions are a list-map keyed by type)."""
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace},
-            "status": status,
-        }
+        self,
+        *,
+        name: str,
+        namespace: str,
+        status: dict[str, Any],
+        field_manager: str,
+        resource_version: str | None = None,
+    ) -> bool:
+        """Server-side apply of status as `field_manager` (the reconciler's or the autoscaler's):
+        the fields in `status` are set, and those this manager owned and `status` leaves out are
+        removed unless another manager owns them too. No read-modify-write: see status.py.
+
+        With `resource_version`, the apply lands only on the object as read at that version.
+        False when it did not land: the object is gone, or changed since `resource_version`."""
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "status": status}
+        what = f"apply status of ModelDeployment {namespace}/{name}"
         try:
             await self.client.patch(
                 ModelDeploymentResource.Status,
@@ -222,34 +212,12 @@ class Kube:
                 force=True,
             )
         except ApiError as err:
-            if err.status.code == 404:
-                return
-            raise classify(err, what=f"apply status of ModelDeployment {namespace}/{name}") from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=f"apply status of ModelDeployment {namespace}/{name}") from err
-        self._wrote("apply-status", "ModelDeployment", namespace, name)
-
-    async def remove_condition(self, *, name: str, namespace: str, type: str, index: int) -> bool:
-        """Remove status.conditions[index] if it is still of `type`, whoever set it: a JSON Patch that
-        tests before it removes. (A condition another writer also set — the reconciler's merge patch of
-        the whole list, from a view read before the autoscaler removed it — survives a server-side apply
-        that leaves it out.) False when the list changed meanwhile, and nothing was removed."""
-        ops = [
-            {"op": "test", "path": f"/status/conditions/{index}/type", "value": type},
-            {"op": "remove", "path": f"/status/conditions/{index}"},
-        ]
-        what = f"remove condition {type} of ModelDeployment {namespace}/{name}"
-        try:
-            await self.client.patch(
-                ModelDeploymentResource.Status, name, ops, namespace=namespace, patch_type=PatchType.JSON
-            )
-        except ApiError as err:
-            if err.status.code in (404, 409, 422):  # gone, or the test failed: the list changed
+            if err.status.code == 404 or (err.status.code == 409 and resource_version is not None):
                 return False
             raise classify(err, what=what) from err
         except httpx2.HTTPError as err:
             raise classify(err, what=what) from err
-        self._wrote("patch-status", "ModelDeployment", namespace, name)
+        self._wrote("apply-status", "ModelDeployment", namespace, name)
         return True
 
     async def list_pods(self, *, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:

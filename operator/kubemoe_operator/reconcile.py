@@ -27,7 +27,7 @@ from kubemoe_operator.planner import plan_manifest
 from kubemoe_operator.problems import ManifestError
 from kubemoe_operator.render import Owner, endpoint, render
 from kubemoe_operator.render.names import ROUTER, router_name, workload_name
-from kubemoe_operator.status import Facts, compute_status, now_utc, status_patch
+from kubemoe_operator.status import Facts, compute_status, now_utc, status_apply
 
 log = logging.getLogger("kubemoe.reconcile")
 
@@ -175,9 +175,11 @@ async def reconcile(
 
     async def finish(facts: Facts) -> Result:
         new = compute_status(old=old, facts=facts, now=now)
-        patch = status_patch(old=old, new=new)
-        if patch is not None:
-            await kube.patch_status(name=name, namespace=namespace, patch=patch)
+        body = status_apply(old=old, new=new)
+        if body is not None:
+            await kube.apply_status(
+                name=name, namespace=namespace, status=body, field_manager=kube.field_manager
+            )
             result.status_written = True
         result.decisions.extend(transition_events(old, new))
         return result

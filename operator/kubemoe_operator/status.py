@@ -3,7 +3,14 @@
 Conditions: Planned (the planner accepted the spec), Ready (every group of every role and the
 router ready), Progressing (the children are moving towards the spec), Degraded (a role that
 served lost all its groups, or pods are failing). lastTransitionTime changes only when a
-condition's status does. `desired` belongs to the autoscaler: the reconciler never writes it.
+condition's status does.
+
+Status has two writers, each owning its fields by server-side apply (conditions are a list-map
+keyed by type, roles a map): the reconciler owns these four conditions, phase, layout, endpoint,
+observedGeneration and roles.*.{replicas,ready}; the autoscaler owns MetricsAvailable and
+roles.*.desired. Each apply names only its owner's fields, so a writer that read status before the
+other changed it cannot write the other's fields back: a stale writer is impossible by
+construction, not repaired afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ REASON_DEGRADED = "GroupsUnavailable"
 REASON_FAILING = "PodsFailing"
 REASON_AS_EXPECTED = "AsExpected"
 REASON_BLOCKED = "Blocked"
+
+OWN_CONDITIONS = ("Ready", "Planned", "Progressing", "Degraded")
+"""The condition types the reconciler owns, in the order status lists them."""
 
 LWS_INSTALL_HINT = (
     "this layout needs LeaderWorkerSet (a serving group spans several pods), and the cluster does not "
@@ -93,7 +103,8 @@ def _was_serving(old: ModelDeploymentStatus | None, role: str) -> bool:
 def compute_status(
     *, old: ModelDeploymentStatus | None, facts: Facts, now: datetime
 ) -> ModelDeploymentStatus:
-    """The status to hold after a reconcile that learned `facts`."""
+    """The reconciler's part of status after a reconcile that learned `facts` (see `owned`)."""
+    old = owned(old) if old is not None else None
     conds = list(old.conditions) if old is not None else []
     gen = facts.generation
 
@@ -124,14 +135,7 @@ def compute_status(
         layout, phase = facts.layout, "Failed"
     else:
         layout, endpoint = facts.layout, facts.endpoint
-        roles = {
-            name: RoleStatus(
-                replicas=s.replicas,
-                ready=s.ready,
-                desired=roles[name].desired if name in roles else None,
-            )
-            for name, s in facts.roles.items()
-        }
+        roles = {name: RoleStatus(replicas=s.replicas, ready=s.ready) for name, s in facts.roles.items()}
         put("Planned", "True", REASON_PLANNED, f"layout {facts.layout}")
         all_ready = all(s.settled for s in facts.roles.values())
         trouble = facts.trouble
@@ -171,8 +175,7 @@ def compute_status(
             phase = "Progressing"
         else:
             phase = "Pending"
-    order = {"Ready": 0, "Planned": 1, "Progressing": 2, "Degraded": 3}
-    conds.sort(key=lambda c: order.get(c.type, 9))
+    conds.sort(key=lambda c: OWN_CONDITIONS.index(c.type))
     return ModelDeploymentStatus(
         observed_generation=gen,
         phase=phase,
@@ -183,23 +186,23 @@ def compute_status(
     )
 
 
-def status_patch(*, old: ModelDeploymentStatus | None, new: ModelDeploymentStatus) -> dict[str, Any] | None:
-    """The JSON merge patch taking `old` to `new`, or None when nothing changed.
+def owned(status: ModelDeploymentStatus) -> ModelDeploymentStatus:
+    """The fields of `status` the reconciler owns: its conditions (in its order), and each role
+    without desired."""
+    conds = sorted(
+        (c for c in status.conditions if c.type in OWN_CONDITIONS), key=lambda c: OWN_CONDITIONS.index(c.type)
+    )
+    roles = {name: role.model_copy(update={"desired": None}) for name, role in status.roles.items()}
+    return status.model_copy(update={"conditions": conds, "roles": roles})
 
-    `roles.*.desired` is left out (the autoscaler owns it); a role no longer planned is removed.
+
+def status_apply(*, old: ModelDeploymentStatus | None, new: ModelDeploymentStatus) -> dict[str, Any] | None:
+    """The reconciler's server-side apply of status, or None when its fields hold `new` already.
+
+    It names every field the reconciler owns and nothing else: a field it leaves out (a role no
+    longer planned, an endpoint) is removed, unless another manager owns it too.
     """
-    if old is not None and old == new:
+    new = owned(new)
+    if old is not None and owned(old) == new:
         return None
-    body = new.model_dump(by_alias=True, mode="json", exclude_none=True)
-    roles: dict[str, Any] = {
-        name: {k: v for k, v in role.items() if k != "desired"}
-        for name, role in body.get("roles", {}).items()
-    }
-    if old is not None:
-        for name in old.roles:
-            if name not in roles:
-                roles[name] = None
-    body["roles"] = roles
-    for key in ("layout", "endpoint"):
-        body.setdefault(key, None)
-    return {"status": body}
+    return new.model_dump(by_alias=True, mode="json", exclude_none=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import urllib.request
 from datetime import UTC, datetime
+from typing import Any
 
 from kubemoe_operator.api.spec import Autoscaling, MetricTarget
 from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, RoleStatus
@@ -16,6 +17,7 @@ from kubemoe_operator.autoscale.loop import (
     REASON_UNAVAILABLE,
     RoleOutcome,
     metrics_condition,
+    owns_status,
     status_apply,
 )
 from kubemoe_operator.metrics import MetricsServer, OperatorMetrics
@@ -179,3 +181,23 @@ def test_the_operator_serves_its_own_metrics() -> None:
         'kubemoe_operator_autoscale_desired_replicas{deployment="md",namespace="ns",role="decode"} 3.0'
         in text
     )
+
+
+def test_owns_status_reads_the_autoscalers_apply_entry_with_fields_only() -> None:
+    def body(*entries: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"managedFields": list(entries)}}
+
+    owned: dict[str, Any] = {"f:status": {"f:roles": {"f:decode": {"f:desired": {}}}}}
+    mine: dict[str, Any] = {
+        "manager": "kubemoe-autoscaler",
+        "operation": "Apply",
+        "subresource": "status",
+        "fieldsV1": owned,
+    }
+    assert owns_status(body(mine), "kubemoe-autoscaler")
+    assert not owns_status(body(), "kubemoe-autoscaler")
+    assert not owns_status({"metadata": {}}, "kubemoe-autoscaler")
+    assert not owns_status(body({**mine, "manager": "kubemoe-operator"}), "kubemoe-autoscaler")
+    assert not owns_status(body({**mine, "operation": "Update"}), "kubemoe-autoscaler")
+    assert not owns_status(body({**mine, "subresource": ""}), "kubemoe-autoscaler")
+    assert not owns_status(body({**mine, "fieldsV1": {"f:status": {}}}), "kubemoe-autoscaler")

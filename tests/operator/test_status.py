@@ -9,7 +9,7 @@ import pytest
 
 from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, RoleStatus
 from kubemoe_operator.observe import PodTrouble, WorkloadState, pod_trouble, workload_state
-from kubemoe_operator.status import Facts, compute_status, set_condition, status_patch
+from kubemoe_operator.status import Facts, compute_status, set_condition, status_apply
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
@@ -136,7 +136,7 @@ def test_last_transition_time_kept_while_status_unchanged() -> None:
     first = compute_status(old=None, facts=facts(roles=READY_ROLES), now=T0)
     again = compute_status(old=first, facts=facts(roles=READY_ROLES), now=T1)
     assert again == first
-    assert status_patch(old=first, new=again) is None
+    assert status_apply(old=first, new=again) is None
     flipped = compute_status(old=first, facts=facts(roles={**READY_ROLES, "decode": ws(1, 0)}), now=T1)
     times = {c.type: c.last_transition_time for c in flipped.conditions}
     assert times["Ready"] == T1
@@ -162,7 +162,7 @@ def test_invalid_spec_keeps_roles_layout_and_endpoint() -> None:
     assert (rejected.layout, rejected.endpoint) == (ready.layout, ready.endpoint)
 
 
-def test_patch_leaves_desired_to_the_autoscaler_and_removes_dropped_roles() -> None:
+def test_apply_leaves_desired_to_the_autoscaler_and_drops_roles_no_longer_planned() -> None:
     old = ModelDeploymentStatus(
         roles={
             "decode": RoleStatus(replicas=1, ready=1, desired=3),
@@ -173,11 +173,49 @@ def test_patch_leaves_desired_to_the_autoscaler_and_removes_dropped_roles() -> N
         ],
     )
     new = compute_status(old=old, facts=facts(roles={"decode": ws(3, 1)}), now=T1)
-    assert new.roles["decode"].desired == 3  # carried over, never computed
-    patch = status_patch(old=old, new=new)
-    assert patch is not None
-    assert patch["status"]["roles"] == {"decode": {"replicas": 3, "ready": 1}, "router": None}
-    assert patch["status"]["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:05:00Z"
+    body = status_apply(old=old, new=new)
+    assert body is not None
+    assert body["roles"] == {"decode": {"replicas": 3, "ready": 1}}  # no desired; router left out
+    assert body["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:05:00Z"
+
+
+def _metrics_available(status: str) -> Condition:
+    return Condition(
+        type="MetricsAvailable", status=status, reason="MetricsRead", message="m", last_transition_time=T0
+    )
+
+
+def test_a_reconcile_from_a_stale_read_cannot_write_back_the_autoscalers_fields() -> None:
+    """The race behind issue 12: a reconcile reads status (with the autoscaler's condition and
+    desired), the autoscaler then removes both (autoscaling turned off), and the reconcile writes.
+    Its write must not name either: an apply names only its own fields, and under server-side
+    apply a field nobody names is gone for good. (A merge patch of the whole conditions list,
+    as before, put the condition back.)"""
+    read = compute_status(old=None, facts=facts(roles=READY_ROLES), now=T0)
+    read = read.model_copy(
+        update={
+            "conditions": [*read.conditions, _metrics_available("True")],
+            "roles": {**read.roles, "decode": read.roles["decode"].model_copy(update={"desired": 2})},
+        }
+    )
+    new = compute_status(old=read, facts=facts(roles={**READY_ROLES, "decode": ws(3, 1)}), now=T1)
+    body = status_apply(old=read, new=new)
+    assert body is not None
+    assert [c["type"] for c in body["conditions"]] == ["Ready", "Planned", "Progressing", "Degraded"]
+    assert all("desired" not in role for role in body["roles"].values())
+    assert set(body) <= {"observedGeneration", "phase", "conditions", "layout", "roles", "endpoint"}
+
+
+def test_the_autoscalers_fields_alone_changing_is_no_reason_to_write() -> None:
+    first = compute_status(old=None, facts=facts(roles=READY_ROLES), now=T0)
+    theirs = first.model_copy(
+        update={
+            "conditions": [first.conditions[0], _metrics_available("False"), *first.conditions[1:]],
+            "roles": {**first.roles, "decode": first.roles["decode"].model_copy(update={"desired": 4})},
+        }
+    )
+    again = compute_status(old=theirs, facts=facts(roles=READY_ROLES), now=T1)
+    assert status_apply(old=theirs, new=again) is None
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,13 @@ reconciler renders it, clamped to minReplicas..maxReplicas; spec is never writte
 - The condition MetricsAvailable says whether the samples could be read (written when it
   changes; its messages hold no sample values, so a steady state writes nothing); when they cannot
   (Prometheus unreachable, no pod answers, no series), nothing is scaled. With autoscaling
-  removed from every role, the condition and every desired are removed again (the condition by a
-  tested JSON Patch, since the reconciler's merge patches of the conditions list can co-own it).
+  removed from every role, an empty apply removes the condition and every desired (done once:
+  only while managedFields says the autoscaler still owns status fields).
 - Status is written by server-side apply with a field manager of its own, naming only the fields
-  the autoscaler owns (every autoscaled role's desired and its condition), so it never races the
-  reconciler's merge patches of the rest of status.
+  the autoscaler owns (every autoscaled role's desired and its condition); the reconciler's apply
+  names only its own (status.py), so neither can write the other's fields back from a stale read.
+  Each apply carries the resourceVersion the decision was made on: a spec or status that changed
+  meanwhile makes it a no-op (409), and the next evaluation decides again on what is there.
 """
 
 from __future__ import annotations
@@ -152,6 +154,18 @@ def status_apply(
     return body
 
 
+def owns_status(body: Mapping[str, Any], manager: str) -> bool:
+    """Whether `manager` owns fields of `body`'s status (by server-side apply), per managedFields."""
+    entries = (body.get("metadata") or {}).get("managedFields") or []
+    return any(
+        e.get("manager") == manager
+        and e.get("operation") == "Apply"
+        and e.get("subresource") == "status"
+        and ((e.get("fieldsV1") or {}).get("f:status") or {})  # an entry can outlive its fields
+        for e in entries
+    )
+
+
 def pod_targets(kube: Kube) -> Targets:
     """ScrapeSource targets: /metrics of the role's running API pods (group leaders), by pod IP."""
 
@@ -246,16 +260,15 @@ class Autoscaler:
             if spec.autoscaling is not None and spec.autoscaling.metrics
         }
         if not policies:
-            index = (
-                next((i for i, c in enumerate(old.conditions) if c.type == CONDITION), None) if old else None
-            )
-            if index is not None:
-                # Autoscaling was turned off: the condition goes whoever else has written it, and an
-                # empty apply drops every field this manager owns (each desired), so spec.replicas
-                # rules again. Seen again later (re-added from a stale view), it goes again.
-                await self.kube.remove_condition(name=name, namespace=namespace, type=CONDITION, index=index)
+            if owns_status(body, FIELD_MANAGER):
+                # Autoscaling was turned off: an empty apply drops every field this manager owns
+                # (the condition, each desired), so spec.replicas rules again.
                 await self.kube.apply_status(
-                    name=name, namespace=namespace, status={}, field_manager=FIELD_MANAGER
+                    name=name,
+                    namespace=namespace,
+                    status={},
+                    field_manager=FIELD_MANAGER,
+                    resource_version=meta.get("resourceVersion"),
                 )
             return []
         current = _replicas(effective_spec(md.spec, old))
@@ -279,9 +292,16 @@ class Autoscaler:
             now=now_utc(),
         )
         if patch is not None:
-            await self.kube.apply_status(
-                name=name, namespace=namespace, status=patch, field_manager=FIELD_MANAGER
+            written = await self.kube.apply_status(
+                name=name,
+                namespace=namespace,
+                status=patch,
+                field_manager=FIELD_MANAGER,
+                resource_version=meta.get("resourceVersion"),
             )
+            if not written:  # changed since it was read: decide again next time on what is there
+                log.info("autoscaler: %s/%s changed while it was evaluated; deciding again", namespace, name)
+                return list(outcomes)
             (cond,) = patch["conditions"]
             if cond["status"] == "False":
                 log.warning("autoscaler: %s/%s: %s", namespace, name, cond["message"])
