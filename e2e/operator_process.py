@@ -134,14 +134,15 @@ class OperatorProcess:
 
 @contextlib.contextmanager
 def scratch_namespace(cluster: Cluster, *, prefix: str) -> Iterator[str]:
-    """The ModelDeployment CRD installed and a fresh namespace, deleted (without waiting) after."""
+    """The ModelDeployment CRD installed and a fresh namespace, deleted after; gone, pods and all,
+    before this returns, so that its pods hold no GPUs the next test needs."""
     install_crd(cluster)
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
     try:
         yield name
     finally:
-        cluster.kubectl("delete", "namespace", name, "--wait=false")
+        cluster.kubectl("delete", "namespace", name, "--timeout=120s", timeout=150)
 
 
 @contextlib.contextmanager

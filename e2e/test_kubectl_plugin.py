@@ -42,6 +42,9 @@ def _pod(name: str, *, start: int) -> dict[str, Any]:
             },
         },
         "spec": {
+            # On the H200 pool (gpu-node-*), as the real decode pods would be: the H100 and L40S
+            # pools have 8-GPU nodes too.
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
             "containers": [
                 {
                     "name": "engine",
@@ -58,7 +61,7 @@ def _pod(name: str, *, start: int) -> dict[str, Any]:
                     ],
                     "resources": {"limits": {"nvidia.com/gpu": 8}},
                 }
-            ]
+            ],
         },
     }
 

@@ -3,7 +3,8 @@ EP=2 over two "pods"), against the same model run colocated (`kubemoe up -d` on 
 
 Through the router, with the official openai client, 16 concurrent requests, streaming and not: P/D returns
 exactly the colocated engine's greedy tokens (float32), and the decode computes no prompt token. Then
-`kubemoe status -o json`, Ctrl-C on the foreground run and `kubemoe down` on the detached one, and not one
+`kubemoe status -o json`; and Ctrl-C on a foreground run and `kubemoe down` on a detached one (runs of
+their own, under other names, so that the two shared runs live as long as the module), and not one
 process of either left.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -77,18 +79,26 @@ def live_members(pgids: list[int]) -> list[int]:
     return found
 
 
+def variant(root: Path, name: str, *, colocated: bool) -> None:
+    """root/NAME.yaml: the example under another name (a run dir of its own); colocated: one worker, EP=1."""
+    manifest = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())
+    manifest["metadata"]["name"] = name
+    if colocated:
+        spec = manifest["spec"]
+        spec["serving"] = {"mode": "colocated"}
+        worker = spec["roles"]["prefill"]
+        spec["roles"] = {"worker": worker}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding the example and a colocated variant; .run/ (models, runs) lands here."""
+    """A directory holding the example and variants of it; .run/ (models, runs) lands here."""
     root = tmp_path_factory.mktemp("local")
     shutil.copy(REPO / "examples" / "tiny-moe.yaml", root / "tiny-moe.yaml")
-    manifest = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())
-    manifest["metadata"]["name"] = "tiny-colocated"
-    spec = manifest["spec"]
-    spec["serving"] = {"mode": "colocated"}
-    worker = spec["roles"]["prefill"]
-    spec["roles"] = {"worker": worker}
-    (root / "tiny-colocated.yaml").write_text(yaml.safe_dump(manifest))
+    variant(root, "tiny-colocated", colocated=True)
+    variant(root, "tiny-ctrl-c", colocated=False)
+    variant(root, "tiny-down", colocated=True)
     return root
 
 
@@ -96,15 +106,15 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def disaggregated(workdir: Path) -> Iterator[Run]:
-    """`kubemoe up tiny-moe.yaml` in the foreground; Ctrl-C (SIGINT) ends it in the last test."""
+def up_foreground(workdir: Path, name: str) -> Run:
+    """`kubemoe up NAME.yaml` in the foreground, returned once it has printed its endpoint (ready)."""
     port = free_port()
+    log = workdir / f"{name}-up.log"
     process = subprocess.Popen(
-        [KUBEMOE, "up", "tiny-moe.yaml", "--port", str(port)],
+        [KUBEMOE, "up", f"{name}.yaml", "--port", str(port)],
         cwd=workdir,
         stdout=subprocess.PIPE,
-        stderr=(workdir / "up.log").open("w"),
+        stderr=log.open("w"),
         text=True,
         env=env(),
         # As a terminal starts it: a shell without job control (a CI script's `cmd &`) starts children
@@ -112,24 +122,28 @@ def disaggregated(workdir: Path) -> Iterator[Run]:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (only this runs before exec)
     )
     assert process.stdout is not None
-    line = process.stdout.readline().strip()  # the endpoint, printed once everything is ready
-    assert line == f"http://127.0.0.1:{port}/v1", (workdir / "up.log").read_text()
-    run = Run("tiny-moe", workdir / ".run" / "up" / "tiny-moe", line, process, workdir)
-    try:
-        yield run
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=60)
+    # The endpoint, printed once everything is ready (one whole line, flushed).
+    readable, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+    line = process.stdout.readline().strip() if readable else ""
+    if line != f"http://127.0.0.1:{port}/v1":
+        stop_foreground(process)
+        raise AssertionError(f"no endpoint from `kubemoe up` within {START_TIMEOUT_S}s:\n{log.read_text()}")
+    return Run(name, workdir / ".run" / "up" / name, line, process, workdir)
 
 
-@pytest.fixture(scope="module")
-def colocated(workdir: Path, disaggregated: Run) -> Iterator[Run]:
-    """The same checkpoint, colocated (one worker, EP=1), detached; `kubemoe down` ends it."""
+def stop_foreground(process: subprocess.Popen[str]) -> None:
+    """Ctrl-C, as a user would, if it still runs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+def up_detached(workdir: Path, name: str, *, model: Path | None = None) -> Run:
+    """`kubemoe up NAME.yaml -d`: returns once every process is ready; `kubemoe down NAME` ends it."""
     port = free_port()
-    model = workdir / ".run" / "models" / "tiny-qwen3-moe"  # generated by the disaggregated run
+    model_args = ["--model", str(model)] if model else []
     up = subprocess.run(
-        [KUBEMOE, "up", "tiny-colocated.yaml", "-d", "--port", str(port), "--model", str(model)],
+        [KUBEMOE, "up", f"{name}.yaml", "-d", "--port", str(port), *model_args],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -137,11 +151,35 @@ def colocated(workdir: Path, disaggregated: Run) -> Iterator[Run]:
         timeout=START_TIMEOUT_S,
     )
     assert up.returncode == 0, up.stderr
-    run = Run("tiny-colocated", workdir / ".run" / "up" / "tiny-colocated", up.stdout.strip(), None, workdir)
+    return Run(name, workdir / ".run" / "up" / name, up.stdout.strip(), None, workdir)
+
+
+def down(run: Run) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KUBEMOE, "down", run.name], cwd=run.cwd, capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+@pytest.fixture(scope="module")
+def disaggregated(workdir: Path) -> Iterator[Run]:
+    """`kubemoe up tiny-moe.yaml` in the foreground, for the whole module; Ctrl-C ends it."""
+    run = up_foreground(workdir, "tiny-moe")
+    assert run.process is not None
     try:
         yield run
     finally:
-        subprocess.run([KUBEMOE, "down", "tiny-colocated"], cwd=workdir, check=False, timeout=60)
+        stop_foreground(run.process)
+
+
+@pytest.fixture(scope="module")
+def colocated(workdir: Path, disaggregated: Run) -> Iterator[Run]:
+    """The same checkpoint, colocated (one worker, EP=1), detached, for the whole module."""
+    model = workdir / ".run" / "models" / "tiny-qwen3-moe"  # generated by the disaggregated run
+    run = up_detached(workdir, "tiny-colocated", model=model)
+    try:
+        yield run
+    finally:
+        down(run)
 
 
 def client(endpoint: str) -> openai.OpenAI:
@@ -203,19 +241,27 @@ def test_disaggregated_equals_colocated(disaggregated: Run, colocated: Run) -> N
     assert metric(decode["url"], "kubemoe_kv_pulled_tokens_total") > 0
 
 
-def test_down_stops_a_detached_run(workdir: Path, colocated: Run) -> None:
-    pgids = colocated.pgids()
-    assert live_members(pgids)
-    down = subprocess.run([KUBEMOE, "down", "tiny-colocated"], cwd=workdir, capture_output=True, text=True)
-    assert down.returncode == 0, down.stderr
-    assert live_members(pgids) == []
-    assert {p["state"] for p in colocated.status()["processes"]} == {"exited"}
+def test_down_stops_a_detached_run(workdir: Path) -> None:
+    run = up_detached(workdir, "tiny-down")
+    try:
+        pgids = run.pgids()
+        assert live_members(pgids)
+        stopped = down(run)
+        assert stopped.returncode == 0, stopped.stderr
+        assert live_members(pgids) == []
+        assert {p["state"] for p in run.status()["processes"]} == {"exited"}
+    finally:
+        down(run)
 
 
-def test_ctrl_c_stops_everything(disaggregated: Run) -> None:
-    assert disaggregated.process is not None
-    pgids = disaggregated.pgids()
-    assert len(live_members(pgids)) >= 4
-    disaggregated.process.send_signal(signal.SIGINT)
-    assert disaggregated.process.wait(timeout=60) == 0
-    assert live_members(pgids) == []
+def test_ctrl_c_stops_everything(workdir: Path) -> None:
+    run = up_foreground(workdir, "tiny-ctrl-c")
+    assert run.process is not None
+    try:
+        pgids = run.pgids()
+        assert len(live_members(pgids)) >= 4
+        run.process.send_signal(signal.SIGINT)
+        assert run.process.wait(timeout=60) == 0
+        assert live_members(pgids) == []
+    finally:
+        stop_foreground(run.process)

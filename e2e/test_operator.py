@@ -1,22 +1,23 @@
 """The operator on the real control plane with simulated H200 nodes (4 x 8 GPUs) and LWS.
 
-One operator process watches one namespace. The tests run in file order and share it:
-DeepSeek-V3 (two LeaderWorkerSets filling all 32 GPUs) is deployed, scaled past capacity,
-given an invalid update, rolled out, has a child deleted, and is deleted; then a colocated
-single-pod layout (a Deployment) is deployed, loses its router (pruned), and survives an
-operator killed mid-reconcile.
+One operator process watches one namespace for the whole module. DeepSeek-V3 (two
+LeaderWorkerSets filling all 32 H200 GPUs) and Mixtral (a colocated single-pod layout, a
+Deployment) cannot run side by side, so each has a class whose fixture deploys it and, after the
+class, deletes it and waits for its pods to go. Every test starts from the manifest as written,
+Ready: a test's patches never reach the next one, and any test runs alone or in any order.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from e2e.cluster.handle import Cluster
 from e2e.conftest import OPERATOR_NAMESPACE
@@ -36,6 +37,7 @@ DEEPSEEK = REPO / "examples" / "deepseek-v3.yaml"
 MIXTRAL = REPO / "e2e" / "manifests" / "mixtral-h200.yaml"
 RESYNC_S = 3
 LABEL = "kubemoe.io/deployment"
+OPERATOR_MANAGER = "kubemoe-operator"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,31 @@ def operator(
         ),
         request=request,
     ) as proc:
+        leading(proc, times=1)
         yield proc
+
+
+@pytest.fixture(autouse=True)
+def the_charts_rbac_is_enough(operator: OperatorProcess) -> Iterator[None]:
+    """After every test: the operator (as the chart's ServiceAccount) was never refused by the apiserver."""
+    yield
+    refused = [line for line in operator.text().splitlines() if "Forbidden" in line or " 403" in line]
+    assert refused == [], refused[:5]
+
+
+def leading(proc: OperatorProcess, *, times: int) -> None:
+    """Wait until `proc` has taken the Lease `times` times (its log is appended to across restarts):
+    only the Lease holder reconciles."""
+    eventually(
+        lambda: proc.text().count("leading as") >= times, timeout=90, what="the operator to take the Lease"
+    )
+
+
+def restart(proc: OperatorProcess) -> None:
+    """Start `proc` again and wait until it leads."""
+    led = proc.text().count("leading as")
+    proc.start()
+    leading(proc, times=led + 1)
 
 
 def md(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
@@ -133,6 +159,44 @@ def patch_md(cluster: Cluster, ns: str, name: str, patch: dict[str, Any]) -> Non
     cluster.kubectl("patch", "md", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
 
 
+def spec_as_written(cluster: Cluster, ns: str, name: str, manifest: Path) -> None:
+    """The spec replaced whole by the manifest's: a test's patches undone, fields it added removed.
+    (Not `kubectl apply` or `replace`: the first keeps added fields, the second drops kopf's
+    annotations, and either way kopf would handle a change. An unchanged spec is a no-op here.)"""
+    spec = yaml.safe_load(manifest.read_text())["spec"]
+    body = [{"op": "replace", "path": "/spec", "value": spec}]
+    cluster.kubectl("patch", "md", name, "-n", ns, "--type=json", "-p", json.dumps(body))
+
+
+def delete_and_wait_gone(cluster: Cluster, ns: str, name: str) -> None:
+    """Delete `name` and wait for its children and pods to go: the next deployment needs those GPUs."""
+    cluster.kubectl("delete", "md", name, "-n", ns, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    eventually(
+        lambda: (
+            not children(cluster, ns, name)
+            and not get_json(cluster, "pods", "-n", ns, "-l", f"{LABEL}={name}")["items"]
+        ),
+        timeout=120,
+        what=f"{name}'s children and pods gone",
+    )
+
+
+def operator_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """What only a spec edit or a write by the operator changes: the generation and the operator's
+    managedFields (not resourceVersion, which every status update by a child's own controller bumps)."""
+    meta = obj["metadata"]
+    mine = [
+        (m["operation"], m.get("subresource"), m.get("time"), json.dumps(m.get("fieldsV1"), sort_keys=True))
+        for m in meta.get("managedFields") or []
+        if m["manager"] == OPERATOR_MANAGER
+    ]
+    return meta.get("generation"), mine
+
+
+def children_fields(cluster: Cluster, ns: str, name: str) -> dict[str, tuple[Any, ...]]:
+    return {k: operator_fields(v) for k, v in children(cluster, ns, name).items()}
+
+
 DEEPSEEK_CHILDREN = {
     "ConfigMap/deepseek-v3-plan",
     "Service/deepseek-v3",
@@ -147,217 +211,247 @@ DEEPSEEK_CHILDREN = {
 }
 
 
-def test_deepseek_v3_becomes_two_leader_worker_sets_and_gets_ready(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    ns = namespace
-    cluster.kubectl("apply", "-n", ns, "-f", str(DEEPSEEK))
-    obj = wait_ready(cluster, ns, "deepseek-v3")
-    status = obj["status"]
-    assert status["phase"] == "Ready"
-    assert status["layout"] == "P1x(EP16) D1x(EP16)"
-    assert status["endpoint"] == f"http://deepseek-v3.{ns}.svc:8000/v1"
-    assert status["roles"]["prefill"] == {"replicas": 1, "ready": 1}
-    assert status["roles"]["decode"] == {"replicas": 1, "ready": 1}
-    assert status["roles"]["router"] == {"replicas": 2, "ready": 2}
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Ready": "True",
-        "Planned": "True",
-        "Progressing": "False",
-        "Degraded": "False",
-    }
+class TestDeepSeek:
+    """DeepSeek-V3 as the example has it, filling every H200 GPU: deployed once for the class."""
 
-    kids = children(cluster, ns, "deepseek-v3")
-    assert set(kids) == DEEPSEEK_CHILDREN
-    uid = obj["metadata"]["uid"]
-    for key, child in kids.items():
-        refs = child["metadata"]["ownerReferences"]
-        assert [(r["uid"], r["controller"]) for r in refs] == [(uid, True)], key
-        managers = {m["manager"] for m in child["metadata"]["managedFields"] if m["operation"] == "Apply"}
-        assert managers == {"kubemoe-operator"}, key
-    for role in ("prefill", "decode"):
-        lws = kids[f"LeaderWorkerSet/deepseek-v3-{role}"]["spec"]
-        assert lws["replicas"] == 1
-        tmpl = lws["leaderWorkerTemplate"]
-        assert tmpl["size"] == 2
-        assert tmpl["restartPolicy"] == "RecreateGroupOnPodRestart"
-        leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
-        worker = tmpl["workerTemplate"]["spec"]["containers"][0]
-        assert leader["command"] == ["kubemoe-runtime"]
-        assert leader["args"][:4] == ["serve", "--engine", "vllm", "--role"]
-        assert "--headless" in worker["args"]
-        assert "--headless" not in leader["args"]
-        assert leader["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-        assert leader["readinessProbe"]["httpGet"]["path"] == "/ready"
-        assert leader["livenessProbe"]["httpGet"]["path"] == "/health"
-        assert tmpl["leaderTemplate"]["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert kids["Service/deepseek-v3-decode"]["spec"]["clusterIP"] == "None"
-    assert kids["Service/deepseek-v3"]["spec"]["ports"][0]["port"] == 8000
-    plan = json.loads(kids["ConfigMap/deepseek-v3-plan"]["data"]["plan.json"])
-    assert plan["layout"] == "P1x(EP16) D1x(EP16)"
-    router_args = kids["Deployment/deepseek-v3-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert f"deepseek-v3-prefill.{ns}.svc:8000" in router_args
-    assert f"deepseek-v3-decode.{ns}.svc:8000" in router_args
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def deployed(cls, cluster: Cluster, namespace: str, operator: OperatorProcess) -> Iterator[None]:
+        cluster.kubectl("apply", "-n", namespace, "-f", str(DEEPSEEK))
+        yield
+        delete_and_wait_gone(cluster, namespace, "deepseek-v3")
 
-    # Four 8-GPU worker pods, one per node, within every node's capacity.
-    pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role in (prefill,decode)")
-    assert len(pods) == 4
-    per_node: Counter[str] = Counter()
-    for p in pods:
-        per_node[p["spec"]["nodeName"]] += int(
-            p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-        )
-    assert sorted(per_node.values()) == [8, 8, 8, 8]
+    @pytest.fixture(autouse=True)
+    def as_written(self, cluster: Cluster, namespace: str, deployed: None) -> None:
+        """Each test starts from the example as written (an earlier test's patches undone), Ready."""
+        spec_as_written(cluster, namespace, "deepseek-v3", DEEPSEEK)
+        wait_ready(cluster, namespace, "deepseek-v3", timeout=120)
 
-    table = cluster.kubectl("get", "md", "-n", ns).stdout.splitlines()
-    assert table[0].split()[:6] == ["NAME", "READY", "PHASE", "LAYOUT", "PREFILL", "DECODE"]
-    assert table[1].split()[:7] == ["deepseek-v3", "True", "Ready", "P1x(EP16)", "D1x(EP16)", "1", "1"]
+    def test_deepseek_v3_becomes_two_leader_worker_sets_and_gets_ready(
+        self, cluster: Cluster, namespace: str
+    ) -> None:
+        ns = namespace
+        obj = wait_ready(cluster, ns, "deepseek-v3")
+        status = obj["status"]
+        assert status["phase"] == "Ready"
+        assert status["layout"] == "P1x(EP16) D1x(EP16)"
+        assert status["endpoint"] == f"http://deepseek-v3.{ns}.svc:8000/v1"
+        assert status["roles"]["prefill"] == {"replicas": 1, "ready": 1}
+        assert status["roles"]["decode"] == {"replicas": 1, "ready": 1}
+        assert status["roles"]["router"] == {"replicas": 2, "ready": 2}
+        assert {c["type"]: c["status"] for c in status["conditions"]} == {
+            "Ready": "True",
+            "Planned": "True",
+            "Progressing": "False",
+            "Degraded": "False",
+        }
 
-    events = get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")
-    reasons = {e["reason"] for e in events["items"] if e["involvedObject"]["kind"] == "ModelDeployment"}
-    assert {"Planned", "Applied", "Ready"} <= reasons
-
-
-def test_resync_with_nothing_to_do_writes_nothing(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    before_writes = len(operator.writes())
-    before = {
-        k: v["metadata"]["resourceVersion"] for k, v in children(cluster, namespace, "deepseek-v3").items()
-    }
-    md_version = md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"]
-    user = service_account_user(operator.cluster)
-    requests_before = len(operator.cluster.audit_events(user=user))
-    time.sleep(RESYNC_S * 2 + 1)  # two resyncs of every ModelDeployment
-    assert operator.writes()[before_writes:] == []
-    # Counted at the apiserver (its audit log of the operator's ServiceAccount): reads, no writes
-    # (besides renewing its leader-election Lease).
-    during = [
-        e
-        for e in operator.cluster.audit_events(user=user)[requests_before:]
-        if e.get("objectRef", {}).get("resource") != "leases"
-    ]
-    verbs = Counter(e["verb"] for e in during)
-    assert verbs["list"] >= 2, verbs  # the resyncs did run
-    assert not {"create", "update", "patch", "delete"} & set(verbs), [
-        (e["verb"], e["requestURI"]) for e in during if e["verb"] not in ("get", "list", "watch")
-    ]
-    after = {
-        k: v["metadata"]["resourceVersion"] for k, v in children(cluster, namespace, "deepseek-v3").items()
-    }
-    assert after == before
-    assert md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"] == md_version
-
-
-def test_deleted_child_comes_back(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
-    old = get_json(cluster, "service", "deepseek-v3", "-n", namespace)["metadata"]["uid"]
-    cluster.kubectl("delete", "service", "deepseek-v3", "-n", namespace)
-    eventually(
-        lambda: (
-            (s := get_or_none(cluster, "service", "deepseek-v3", "-n", namespace))
-            and s["metadata"]["uid"] != old
-        ),
-        timeout=30,
-        what="the router Service to be recreated",
-    )
-
-
-def test_scaling_past_capacity_is_progressing_with_pending_pods(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    ns = namespace
-    patch_md(cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"replicas": 2}}}})
-    eventually(
-        lambda: get_json(cluster, "lws", "deepseek-v3-decode", "-n", ns)["spec"]["replicas"] == 2,
-        timeout=30,
-        what="decode LWS at 2 groups",
-    )
-
-    def pending() -> dict[str, Any] | None:
-        obj = md(cluster, ns, "deepseek-v3")
-        prog = condition(obj, "Progressing")
-        return obj if prog.get("reason") == "PodsPending" else None
-
-    obj = eventually(pending, timeout=60, what="Progressing=True reason PodsPending")
-    prog = condition(obj, "Progressing")
-    assert prog["status"] == "True"
-    assert "nvidia.com/gpu" in prog["message"], prog
-    assert condition(obj, "Ready")["status"] == "False"
-    assert obj["status"]["phase"] == "Progressing"
-    assert obj["status"]["roles"]["decode"]["ready"] == 1
-    assert condition(obj, "Degraded")["status"] == "False"
-
-    patch_md(cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"replicas": 1}}}})
-    wait_ready(cluster, ns, "deepseek-v3")
-    assert get_json(cluster, "lws", "deepseek-v3-decode", "-n", ns)["spec"]["replicas"] == 1
-
-
-def test_invalid_update_leaves_children_untouched(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    ns = namespace
-    before = {k: v["metadata"]["resourceVersion"] for k, v in children(cluster, ns, "deepseek-v3").items()}
-    # EP2 cannot hold DeepSeek-V3's 671B parameters: the schema accepts it, the planner does not.
-    patch_md(
-        cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"parallelism": {"data": 2, "expert": 2}}}}}
-    )
-
-    def rejected() -> dict[str, Any] | None:
-        obj = md(cluster, ns, "deepseek-v3")
-        return obj if condition(obj, "Planned").get("status") == "False" else None
-
-    obj = eventually(rejected, timeout=30, what="Planned=False")
-    planned = condition(obj, "Planned")
-    assert planned["reason"] == "PlanRejected"
-    assert "spec.roles.decode.parallelism" in planned["message"]
-    ready = condition(obj, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "PlanRejected")
-    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
-    after = {k: v["metadata"]["resourceVersion"] for k, v in children(cluster, ns, "deepseek-v3").items()}
-    assert after == before
-    reasons = {
-        e["reason"]
-        for e in get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")[
-            "items"
+        kids = children(cluster, ns, "deepseek-v3")
+        assert set(kids) == DEEPSEEK_CHILDREN
+        uid = obj["metadata"]["uid"]
+        for key, child in kids.items():
+            refs = child["metadata"]["ownerReferences"]
+            assert [(r["uid"], r["controller"]) for r in refs] == [(uid, True)], key
+            managers = {m["manager"] for m in child["metadata"]["managedFields"] if m["operation"] == "Apply"}
+            assert managers == {"kubemoe-operator"}, key
+        for role in ("prefill", "decode"):
+            lws = kids[f"LeaderWorkerSet/deepseek-v3-{role}"]["spec"]
+            assert lws["replicas"] == 1
+            tmpl = lws["leaderWorkerTemplate"]
+            assert tmpl["size"] == 2
+            assert tmpl["restartPolicy"] == "RecreateGroupOnPodRestart"
+            leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
+            worker = tmpl["workerTemplate"]["spec"]["containers"][0]
+            assert leader["command"] == ["kubemoe-runtime"]
+            assert leader["args"][:4] == ["serve", "--engine", "vllm", "--role"]
+            assert "--headless" in worker["args"]
+            assert "--headless" not in leader["args"]
+            assert leader["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+            assert leader["readinessProbe"]["httpGet"]["path"] == "/ready"
+            assert leader["livenessProbe"]["httpGet"]["path"] == "/health"
+            assert tmpl["leaderTemplate"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert kids["Service/deepseek-v3-decode"]["spec"]["clusterIP"] == "None"
+        assert kids["Service/deepseek-v3"]["spec"]["ports"][0]["port"] == 8000
+        plan = json.loads(kids["ConfigMap/deepseek-v3-plan"]["data"]["plan.json"])
+        assert plan["layout"] == "P1x(EP16) D1x(EP16)"
+        router_args = kids["Deployment/deepseek-v3-router"]["spec"]["template"]["spec"]["containers"][0][
+            "args"
         ]
-    }
-    assert "PlanRejected" in reasons
+        assert f"deepseek-v3-prefill.{ns}.svc:8000" in router_args
+        assert f"deepseek-v3-decode.{ns}.svc:8000" in router_args
 
-    patch_md(
-        cluster,
-        ns,
-        "deepseek-v3",
-        {"spec": {"roles": {"decode": {"parallelism": {"data": 16, "expert": 16}}}}},
-    )
-    wait_ready(cluster, ns, "deepseek-v3")
+        # Four 8-GPU worker pods, one per node, within every node's capacity.
+        pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role in (prefill,decode)")
+        assert len(pods) == 4
+        per_node: Counter[str] = Counter()
+        for p in pods:
+            per_node[p["spec"]["nodeName"]] += int(
+                p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+            )
+        assert sorted(per_node.values()) == [8, 8, 8, 8]
+
+        table = cluster.kubectl("get", "md", "-n", ns).stdout.splitlines()
+        assert table[0].split()[:6] == ["NAME", "READY", "PHASE", "LAYOUT", "PREFILL", "DECODE"]
+        assert table[1].split()[:7] == ["deepseek-v3", "True", "Ready", "P1x(EP16)", "D1x(EP16)", "1", "1"]
+
+        events = get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")
+        reasons = {e["reason"] for e in events["items"] if e["involvedObject"]["kind"] == "ModelDeployment"}
+        assert {"Planned", "Applied", "Ready"} <= reasons
+
+    def test_resync_with_nothing_to_do_writes_nothing(
+        self, cluster: Cluster, namespace: str, operator: OperatorProcess
+    ) -> None:
+        """Counted at the apiserver (its audit log of the operator's ServiceAccount): reads, no writes
+        (besides renewing its leader-election Lease). Every resync starts by listing ModelDeployments
+        and reconciles them all before the next one starts. Counting from the second list from now
+        (the reconcile that made it Ready, with its Events and kopf's bookkeeping, long done), two
+        whole resyncs have run once the fourth has started."""
+        user = service_account_user(operator.cluster)
+        start = len(operator.cluster.audit_events(user=user))
+
+        def resyncs(at_least: int) -> list[int] | None:
+            """Indices in the audit log of the resyncs' lists of ModelDeployments since `start`."""
+            events = operator.cluster.audit_events(user=user)
+            found = [
+                i
+                for i, e in enumerate(events[start:], start)
+                if e["verb"] == "list" and e.get("objectRef", {}).get("resource") == "modeldeployments"
+            ]
+            return found if len(found) >= at_least else None
+
+        first = eventually(lambda: resyncs(2), timeout=60, what="two resyncs")[1]
+        before_writes = len(operator.writes())
+        before = children_fields(cluster, namespace, "deepseek-v3")
+        md_version = md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"]
+        eventually(lambda: resyncs(4), timeout=60, what="two more resyncs")
+        assert operator.writes()[before_writes:] == []
+        during = [
+            e
+            for e in operator.cluster.audit_events(user=user)[first:]
+            if e.get("objectRef", {}).get("resource") != "leases"
+        ]
+        verbs = Counter(e["verb"] for e in during)
+        assert not {"create", "update", "patch", "delete"} & set(verbs), [
+            (e["verb"], e["requestURI"]) for e in during if e["verb"] not in ("get", "list", "watch")
+        ]
+        assert children_fields(cluster, namespace, "deepseek-v3") == before
+        assert md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"] == md_version
+
+    def test_deleted_child_comes_back(self, cluster: Cluster, namespace: str) -> None:
+        old = get_json(cluster, "service", "deepseek-v3", "-n", namespace)["metadata"]["uid"]
+        cluster.kubectl("delete", "service", "deepseek-v3", "-n", namespace)
+        eventually(
+            lambda: (
+                (s := get_or_none(cluster, "service", "deepseek-v3", "-n", namespace))
+                and s["metadata"]["uid"] != old
+            ),
+            timeout=60,
+            what="the router Service to be recreated",
+        )
+
+    def test_scaling_past_capacity_is_progressing_with_pending_pods(
+        self, cluster: Cluster, namespace: str
+    ) -> None:
+        ns = namespace
+        patch_md(cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"replicas": 2}}}})
+        eventually(
+            lambda: get_json(cluster, "lws", "deepseek-v3-decode", "-n", ns)["spec"]["replicas"] == 2,
+            timeout=60,
+            what="decode LWS at 2 groups",
+        )
+
+        def pending() -> dict[str, Any] | None:
+            obj = md(cluster, ns, "deepseek-v3")
+            prog = condition(obj, "Progressing")
+            return obj if prog.get("reason") == "PodsPending" else None
+
+        obj = eventually(pending, timeout=60, what="Progressing=True reason PodsPending")
+        prog = condition(obj, "Progressing")
+        assert prog["status"] == "True"
+        assert "nvidia.com/gpu" in prog["message"], prog
+        assert condition(obj, "Ready")["status"] == "False"
+        assert obj["status"]["phase"] == "Progressing"
+        assert obj["status"]["roles"]["decode"]["ready"] == 1
+        assert condition(obj, "Degraded")["status"] == "False"
+
+        patch_md(cluster, ns, "deepseek-v3", {"spec": {"roles": {"decode": {"replicas": 1}}}})
+        wait_ready(cluster, ns, "deepseek-v3")
+        assert get_json(cluster, "lws", "deepseek-v3-decode", "-n", ns)["spec"]["replicas"] == 1
+
+    def test_invalid_update_leaves_children_untouched(self, cluster: Cluster, namespace: str) -> None:
+        ns = namespace
+        before = children_fields(cluster, ns, "deepseek-v3")
+        # EP2 cannot hold DeepSeek-V3's 671B parameters: the schema accepts it, the planner does not.
+        patch_md(
+            cluster,
+            ns,
+            "deepseek-v3",
+            {"spec": {"roles": {"decode": {"parallelism": {"data": 2, "expert": 2}}}}},
+        )
+
+        def rejected() -> dict[str, Any] | None:
+            obj = md(cluster, ns, "deepseek-v3")
+            return obj if condition(obj, "Planned").get("status") == "False" else None
+
+        obj = eventually(rejected, timeout=60, what="Planned=False")
+        planned = condition(obj, "Planned")
+        assert planned["reason"] == "PlanRejected"
+        assert "spec.roles.decode.parallelism" in planned["message"]
+        ready = condition(obj, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "PlanRejected")
+        assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+        assert children_fields(cluster, ns, "deepseek-v3") == before
+        events = get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")
+        assert "PlanRejected" in {e["reason"] for e in events["items"]}
+
+        patch_md(
+            cluster,
+            ns,
+            "deepseek-v3",
+            {"spec": {"roles": {"decode": {"parallelism": {"data": 16, "expert": 16}}}}},
+        )
+        wait_ready(cluster, ns, "deepseek-v3")
+
+    def test_image_change_rolls_out(self, cluster: Cluster, namespace: str) -> None:
+        ns = namespace
+        # A tag of its own: the same test run again is a change again.
+        new_image = f"example.invalid/kubemoe-runtime:{uuid.uuid4().hex[:8]}"
+        old_pods = {
+            p["metadata"]["uid"]
+            for p in running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
+        }
+        patch_md(cluster, ns, "deepseek-v3", {"spec": {"engine": {"image": new_image}}})
+
+        def rolled() -> bool:
+            lws = get_json(cluster, "lws", "deepseek-v3-prefill", "-n", ns)
+            image = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["image"]
+            pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
+            images = {p["spec"]["containers"][0]["image"] for p in pods}
+            new = {p["metadata"]["uid"] for p in pods}
+            return image == new_image and images == {image} and not (new & old_pods)
+
+        eventually(rolled, timeout=90, what="new image on the LWS and a router rollout")
+        wait_ready(cluster, ns, "deepseek-v3", timeout=90)
 
 
-def test_image_change_rolls_out(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
-    ns = namespace
-    old_pods = {
-        p["metadata"]["uid"] for p in running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
-    }
-    patch_md(cluster, ns, "deepseek-v3", {"spec": {"engine": {"image": "example.invalid/kubemoe-runtime:2"}}})
-
-    def rolled() -> bool:
-        lws = get_json(cluster, "lws", "deepseek-v3-prefill", "-n", ns)
-        image = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["image"]
-        pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
-        images = {p["spec"]["containers"][0]["image"] for p in pods}
-        new = {p["metadata"]["uid"] for p in pods}
-        return image == "example.invalid/kubemoe-runtime:2" and images == {image} and not (new & old_pods)
-
-    eventually(rolled, timeout=60, what="new image on the LWS and a router rollout")
-    wait_ready(cluster, ns, "deepseek-v3", timeout=90)
+@pytest.fixture
+def deepseek_to_delete(cluster: Cluster, namespace: str, operator: OperatorProcess) -> Iterator[str]:
+    """DeepSeek-V3 deployed and Ready, for a test that deletes it (gone, pods and all, after)."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(DEEPSEEK))
+    wait_ready(cluster, namespace, "deepseek-v3", timeout=120)
+    yield "deepseek-v3"
+    delete_and_wait_gone(cluster, namespace, "deepseek-v3")
 
 
 def test_delete_garbage_collects_every_child(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
+    cluster: Cluster, namespace: str, deepseek_to_delete: str
 ) -> None:
-    cluster.kubectl("delete", "md", "deepseek-v3", "-n", namespace, "--wait=true", "--timeout=30s")
-    eventually(lambda: not children(cluster, namespace, "deepseek-v3"), timeout=60, what="children collected")
+    name = deepseek_to_delete
+    assert children(cluster, namespace, name)
+    cluster.kubectl("delete", "md", name, "-n", namespace, "--wait=true", "--timeout=60s")
+    eventually(lambda: not children(cluster, namespace, name), timeout=60, what="children collected")
     eventually(
-        lambda: not get_json(cluster, "pods", "-n", namespace, "-l", f"{LABEL}=deepseek-v3")["items"],
+        lambda: not get_json(cluster, "pods", "-n", namespace, "-l", f"{LABEL}={name}")["items"],
         timeout=60,
         what="pods gone",
     )
@@ -372,43 +466,7 @@ MIXTRAL_CHILDREN = {
     "Deployment/mixtral-worker",
     "Deployment/mixtral-router",
 }
-
-
-def test_colocated_single_pod_groups_are_a_deployment_and_the_router_prunes(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    ns = namespace
-    cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns))
-    cluster.kubectl("apply", "-n", ns, "-f", str(MIXTRAL))
-    obj = wait_ready(cluster, ns, "mixtral")
-    assert obj["status"]["layout"] == "W2x(TP4)"
-    kids = children(cluster, ns, "mixtral")
-    assert set(kids) == MIXTRAL_CHILDREN
-    worker = kids["Deployment/mixtral-worker"]["spec"]
-    assert worker["replicas"] == 2
-    pod = worker["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "4"}
-    assert {"name": "model", "mountPath": "/mnt/models", "readOnly": True} in pod["containers"][0][
-        "volumeMounts"
-    ]
-    claim = next(v for v in pod["volumes"] if v["name"] == "model")["persistentVolumeClaim"]
-    assert claim == {"claimName": "models", "readOnly": True}
-    assert kids["Service/mixtral"]["spec"]["selector"]["kubemoe.io/role"] == "router"
-
-    # No router: its Deployment and budget are pruned and the front Service points at the workers.
-    patch_md(cluster, ns, "mixtral", {"spec": {"router": {"replicas": 0}}})
-    eventually(
-        lambda: (
-            set(children(cluster, ns, "mixtral"))
-            == MIXTRAL_CHILDREN - {"Deployment/mixtral-router", "PodDisruptionBudget/mixtral-router"}
-        ),
-        timeout=30,
-        what="router pruned",
-    )
-    front = get_json(cluster, "service", "mixtral", "-n", ns)
-    assert front["spec"]["selector"]["kubemoe.io/role"] == "worker"
-    obj = wait_ready(cluster, ns, "mixtral")
-    assert "router" not in obj["status"]["roles"]
+WITHOUT_ROUTER = MIXTRAL_CHILDREN - {"Deployment/mixtral-router", "PodDisruptionBudget/mixtral-router"}
 
 
 def patch_desired(cluster: Cluster, ns: str, name: str, role: str, desired: int | None) -> None:
@@ -418,70 +476,119 @@ def patch_desired(cluster: Cluster, ns: str, name: str, role: str, desired: int 
     )
 
 
-def test_autoscaler_decision_in_status_is_rendered_clamped(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    ns = namespace
+class TestMixtral:
+    """Mixtral colocated on H200 (2 workers x 4 GPUs, one router): deployed once for the class."""
 
-    def worker_replicas() -> int:
-        return int(get_json(cluster, "deployment", "mixtral-worker", "-n", ns)["spec"]["replicas"])
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def deployed(cls, cluster: Cluster, namespace: str, operator: OperatorProcess) -> Iterator[None]:
+        cluster.kubectl("apply", "-f", "-", stdin=model_volume(namespace))
+        cluster.kubectl("apply", "-n", namespace, "-f", str(MIXTRAL))
+        wait_ready(cluster, namespace, "mixtral", timeout=120)
+        yield
+        delete_and_wait_gone(cluster, namespace, "mixtral")
 
-    patch_desired(cluster, ns, "mixtral", "worker", 9)  # above maxReplicas: 3
-    eventually(lambda: worker_replicas() == 3, timeout=30, what="3 workers (clamped)")
-    obj = wait_ready(cluster, ns, "mixtral")
-    assert obj["spec"]["roles"]["worker"]["replicas"] == 2, "the spec is never edited"
-    assert obj["status"]["roles"]["worker"] == {"replicas": 3, "ready": 3, "desired": 9}
-    assert obj["status"]["layout"] == "W3x(TP4)"
-    patch_desired(cluster, ns, "mixtral", "worker", None)  # no decision: back to the spec
-    eventually(lambda: worker_replicas() == 2, timeout=30, what="2 workers")
-    wait_ready(cluster, ns, "mixtral")
+    @pytest.fixture(autouse=True)
+    def as_written(self, cluster: Cluster, namespace: str, deployed: None) -> None:
+        """Each test starts from the manifest as written, with no autoscaler decision, Ready."""
+        spec_as_written(cluster, namespace, "mixtral", MIXTRAL)
+        patch_desired(cluster, namespace, "mixtral", "worker", None)
+        wait_ready(cluster, namespace, "mixtral", timeout=120)
 
-
-def test_operator_killed_mid_reconcile_converges_without_duplicates(
-    cluster: Cluster, namespace: str, operator: OperatorProcess
-) -> None:
-    ns = namespace
-    patch_md(
-        cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 3}}, "router": {"replicas": 1}}}
-    )
-    # Kill it as soon as it has started writing for this change.
-    before = len(operator.writes())
-    eventually(lambda: len(operator.writes()) > before, timeout=30, what="a first write", interval=0.05)
-    operator.kill()
-    operator.start()
-    obj = wait_ready(cluster, ns, "mixtral", timeout=90)
-    assert obj["status"]["roles"]["worker"] == {"replicas": 3, "ready": 3}
-    assert set(children(cluster, ns, "mixtral")) == MIXTRAL_CHILDREN
-    pods = running_pods(cluster, ns, f"{LABEL}=mixtral,kubemoe.io/role=worker")
-    assert len(pods) == 3
-
-
-def test_only_the_lease_holder_reconciles(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, tmp_path: Path
-) -> None:
-    ns = namespace
-    standby = OperatorProcess(operator.cluster, log=tmp_path / "standby.log", args=operator.args)
-    standby.start()
-    try:
-        eventually(lambda: "waiting for lease" in standby.text(), timeout=30, what="the standby to wait")
-        patch_md(cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 2}}}})
-        wait_ready(cluster, ns, "mixtral")
-        assert "leading as" not in standby.text()
-        assert standby.writes() == []
-
-        operator.stop()  # a clean stop hands the lease over at once
-        eventually(lambda: "leading as" in standby.text(), timeout=30, what="the standby to lead")
-        patch_md(cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 1}}}})
+    def test_colocated_single_pod_groups_are_a_deployment_and_the_router_prunes(
+        self, cluster: Cluster, namespace: str
+    ) -> None:
+        ns = namespace
         obj = wait_ready(cluster, ns, "mixtral")
-        assert obj["status"]["roles"]["worker"] == {"replicas": 1, "ready": 1}
-        assert standby.writes()
-    finally:
-        standby.stop()
-        operator.start()
+        assert obj["status"]["layout"] == "W2x(TP4)"
+        kids = children(cluster, ns, "mixtral")
+        assert set(kids) == MIXTRAL_CHILDREN
+        worker = kids["Deployment/mixtral-worker"]["spec"]
+        assert worker["replicas"] == 2
+        pod = worker["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+        assert {"name": "model", "mountPath": "/mnt/models", "readOnly": True} in pod["containers"][0][
+            "volumeMounts"
+        ]
+        claim = next(v for v in pod["volumes"] if v["name"] == "model")["persistentVolumeClaim"]
+        assert claim == {"claimName": "models", "readOnly": True}
+        assert kids["Service/mixtral"]["spec"]["selector"]["kubemoe.io/role"] == "router"
 
+        # No router: its Deployment and budget are pruned and the front Service points at the workers.
+        patch_md(cluster, ns, "mixtral", {"spec": {"router": {"replicas": 0}}})
+        eventually(
+            lambda: set(children(cluster, ns, "mixtral")) == WITHOUT_ROUTER, timeout=60, what="router pruned"
+        )
+        front = get_json(cluster, "service", "mixtral", "-n", ns)
+        assert front["spec"]["selector"]["kubemoe.io/role"] == "worker"
+        obj = wait_ready(cluster, ns, "mixtral")
+        assert "router" not in obj["status"]["roles"]
 
-def test_the_charts_rbac_was_enough(operator: OperatorProcess) -> None:
-    """Runs last: across every scenario above, the operator (as the chart's ServiceAccount) was
-    never refused by the apiserver."""
-    refused = [line for line in operator.text().splitlines() if "Forbidden" in line or " 403" in line]
-    assert refused == [], refused[:5]
+    def test_autoscaler_decision_in_status_is_rendered_clamped(
+        self, cluster: Cluster, namespace: str
+    ) -> None:
+        ns = namespace
+
+        def worker_replicas() -> int:
+            return int(get_json(cluster, "deployment", "mixtral-worker", "-n", ns)["spec"]["replicas"])
+
+        patch_desired(cluster, ns, "mixtral", "worker", 9)  # above maxReplicas: 3
+        eventually(lambda: worker_replicas() == 3, timeout=60, what="3 workers (clamped)")
+        obj = wait_ready(cluster, ns, "mixtral")
+        assert obj["spec"]["roles"]["worker"]["replicas"] == 2, "the spec is never edited"
+        assert obj["status"]["roles"]["worker"] == {"replicas": 3, "ready": 3, "desired": 9}
+        assert obj["status"]["layout"] == "W3x(TP4)"
+        patch_desired(cluster, ns, "mixtral", "worker", None)  # no decision: back to the spec
+        eventually(lambda: worker_replicas() == 2, timeout=60, what="2 workers")
+        wait_ready(cluster, ns, "mixtral")
+
+    def test_operator_killed_mid_reconcile_converges_without_duplicates(
+        self, cluster: Cluster, namespace: str, operator: OperatorProcess
+    ) -> None:
+        ns = namespace
+        # Without a router first, so that the change below creates children as well as scaling one.
+        patch_md(cluster, ns, "mixtral", {"spec": {"router": {"replicas": 0}}})
+        eventually(
+            lambda: set(children(cluster, ns, "mixtral")) == WITHOUT_ROUTER, timeout=60, what="router pruned"
+        )
+        wait_ready(cluster, ns, "mixtral")
+        # Kill it as soon as it has started writing for this change.
+        before = len(operator.writes())
+        patch_md(
+            cluster,
+            ns,
+            "mixtral",
+            {"spec": {"roles": {"worker": {"replicas": 3}}, "router": {"replicas": 1}}},
+        )
+        eventually(lambda: len(operator.writes()) > before, timeout=60, what="a first write", interval=0.05)
+        operator.kill()
+        restart(operator)
+        obj = wait_ready(cluster, ns, "mixtral", timeout=90)
+        assert obj["status"]["roles"]["worker"] == {"replicas": 3, "ready": 3}
+        assert set(children(cluster, ns, "mixtral")) == MIXTRAL_CHILDREN
+        pods = running_pods(cluster, ns, f"{LABEL}=mixtral,kubemoe.io/role=worker")
+        assert len(pods) == 3
+
+    def test_only_the_lease_holder_reconciles(
+        self, cluster: Cluster, namespace: str, operator: OperatorProcess, tmp_path: Path
+    ) -> None:
+        ns = namespace
+        standby = OperatorProcess(operator.cluster, log=tmp_path / "standby.log", args=operator.args)
+        standby.start()
+        try:
+            eventually(lambda: "waiting for lease" in standby.text(), timeout=60, what="the standby to wait")
+            patch_md(cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 3}}}})
+            wait_ready(cluster, ns, "mixtral")
+            assert "leading as" not in standby.text()
+            assert standby.writes() == []
+
+            operator.stop()  # a clean stop hands the lease over at once
+            eventually(lambda: "leading as" in standby.text(), timeout=60, what="the standby to lead")
+            patch_md(cluster, ns, "mixtral", {"spec": {"roles": {"worker": {"replicas": 1}}}})
+            obj = wait_ready(cluster, ns, "mixtral")
+            assert obj["status"]["roles"]["worker"] == {"replicas": 1, "ready": 1}
+            assert standby.writes()
+        finally:
+            standby.stop()
+            if not operator.alive():
+                restart(operator)
