@@ -20,8 +20,10 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 KUBE_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
@@ -52,6 +54,9 @@ class Paths:
     @property
     def stamp(self) -> Path:
         return self.root / "bin" / ".stamp.json"
+
+
+P = TypeVar("P", bound=Paths)
 
 
 def cache_root() -> Path:
@@ -241,11 +246,9 @@ STEPS = {
 }
 
 
-def ensure_built(paths: Paths | None = None) -> Paths:
-    """Build whatever is missing; a no-op when the stamp matches. Each finished step is recorded,
-    so an interrupted build resumes where it stopped."""
-    paths = paths or Paths(cache_root())
-    want = wanted_stamp()
+def run_steps(paths: P, *, want: dict[str, str], steps: Mapping[str, Callable[[P], None]], what: str) -> P:
+    """Run each of `steps` not yet recorded in paths.stamp for the versions `want`; a no-op when all
+    are. Each finished step is recorded, so an interrupted build resumes where it stopped."""
     have: dict[str, float] = {}
     if paths.stamp.exists():
         stamp = json.loads(paths.stamp.read_text())
@@ -253,19 +256,24 @@ def ensure_built(paths: Paths | None = None) -> Paths:
             have = stamp.get("seconds", {})
         else:
             log(f"stamp {paths.stamp} is for {stamp.get('versions')}; rebuilding for {want}")
-    if set(have) >= set(STEPS):
+    if set(have) >= set(steps):
         return paths
     paths.bin.mkdir(parents=True, exist_ok=True)
-    for name, step in STEPS.items():
+    for name, step in steps.items():
         if name in have:
             continue
         t0 = time.monotonic()
-        log(f"step {name} ...")
+        log(f"{what} step {name} ...")
         step(paths)
         have[name] = round(time.monotonic() - t0, 1)
-        log(f"step {name} done in {have[name]}s")
+        log(f"{what} step {name} done in {have[name]}s")
         paths.stamp.write_text(json.dumps({"versions": want, "seconds": have}, indent=2))
     return paths
+
+
+def ensure_built(paths: Paths | None = None) -> Paths:
+    """Build whatever is missing of the control plane (see run_steps)."""
+    return run_steps(paths or Paths(cache_root()), want=wanted_stamp(), steps=STEPS, what="build")
 
 
 if __name__ == "__main__":

@@ -108,27 +108,27 @@ def _kwokctl(
     )
 
 
-def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
-    """Create the cluster (replacing a stale one of the same name) and return a handle to it."""
-    paths = paths or build.ensure_built()
-    down(config.name, paths=paths)
-    root = cluster_dir(config.name)
+def create_control_plane(
+    paths: build.Paths, name: str, *, components_patches: list[dict[str, Any]] | None = None
+) -> Cluster:
+    """`kwokctl create cluster` (binary runtime, the audit policy above, `components_patches` if
+    given) under cluster_dir(name); the control plane only, no nodes."""
+    root = cluster_dir(name)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = root / "kwokctl.yaml"
     policy = root / "audit-policy.yaml"
     policy.write_text(yaml.safe_dump(AUDIT_POLICY))
-    cfg.write_text(yaml.safe_dump(_kwokctl_config(paths, audit_policy=policy)))
-    kubeconfig = kubeconfig_path(config.name)
-
-    t0 = time.monotonic()
-    _log(f"starting control plane {config.name!r} (kube {build.KUBE_VERSION}) ...")
+    cfg = _kwokctl_config(paths, audit_policy=policy)
+    if components_patches is not None:
+        cfg["componentsPatches"] = components_patches
+    (root / "kwokctl.yaml").write_text(yaml.safe_dump(cfg))
+    kubeconfig = kubeconfig_path(name)
     proc = _kwokctl(
         paths,
-        config.name,
+        name,
         "create",
         "cluster",
         "--config",
-        str(cfg),
+        str(root / "kwokctl.yaml"),
         "--runtime",
         "binary",
         "--kubeconfig",
@@ -138,7 +138,17 @@ def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stderr[-6000:]}")
-    cluster = Cluster(kubeconfig=kubeconfig, bin_dir=paths.bin, audit_log=audit_log_path(config.name))
+    return Cluster(kubeconfig=kubeconfig, bin_dir=paths.bin, audit_log=audit_log_path(name))
+
+
+def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
+    """Create the cluster (replacing a stale one of the same name) and return a handle to it."""
+    paths = paths or build.ensure_built()
+    down(config.name, paths=paths)
+    root = cluster_dir(config.name)
+    t0 = time.monotonic()
+    _log(f"starting control plane {config.name!r} (kube {build.KUBE_VERSION}) ...")
+    cluster = create_control_plane(paths, config.name)
     _log(f"control plane up in {time.monotonic() - t0:.1f}s")
 
     cluster.kubectl(
@@ -157,7 +167,7 @@ def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
     if config.with_lws:
         install_lws(cluster, config_dir=paths.lws_config, run_dir=root, binary=paths.bin / "lws-controller")
         _log("LeaderWorkerSet controller and webhooks ready")
-    _log(f"cluster ready in {time.monotonic() - t0:.1f}s; KUBECONFIG={kubeconfig}")
+    _log(f"cluster ready in {time.monotonic() - t0:.1f}s; KUBECONFIG={cluster.kubeconfig}")
     return cluster
 
 

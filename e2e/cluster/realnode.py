@@ -141,35 +141,12 @@ def _kwok_patches() -> list[dict[str, Any]]:
 
 
 def up_control_plane(name: str, *, kwok_nodes: GpuNodes | None = None, with_lws: bool = False) -> Cluster:
-    """kwok.up() with the patches above (kwok.py itself is left as it is)."""
+    """kwok.up() with the patches above."""
     paths = build.ensure_built()
     kwok.down(name, paths=paths)
     root = kwok.cluster_dir(name)
-    root.mkdir(parents=True, exist_ok=True)
-    policy = root / "audit-policy.yaml"
-    policy.write_text(yaml.safe_dump(kwok.AUDIT_POLICY))
-    cfg = kwok._kwokctl_config(paths, audit_policy=policy)
-    cfg["componentsPatches"] = _kwok_patches()
-    (root / "kwokctl.yaml").write_text(yaml.safe_dump(cfg))
-    kubeconfig = kwok.kubeconfig_path(name)
     t0 = time.monotonic()
-    proc = kwok._kwokctl(
-        paths,
-        name,
-        "create",
-        "cluster",
-        "--config",
-        str(root / "kwokctl.yaml"),
-        "--runtime",
-        "binary",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--wait",
-        "5m",
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stderr[-6000:]}")
-    cluster = Cluster(kubeconfig=kubeconfig, bin_dir=paths.bin, audit_log=kwok.audit_log_path(name))
+    cluster = kwok.create_control_plane(paths, name, components_patches=_kwok_patches())
     _log(f"control plane {name!r} up in {time.monotonic() - t0:.1f}s")
     pool = kwok_nodes or GpuNodes(count=1)
     cluster.kubectl("apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(pool)))

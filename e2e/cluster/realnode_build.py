@@ -10,11 +10,9 @@ runc, iptables and busybox-static come from Debian (``apt-get install``): see ``
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,24 +35,12 @@ CONTAINERD_TAGS = "urfave_cli_no_docs osusergo netgo static_build"
 
 
 @dataclass(frozen=True)
-class Paths:
-    root: Path
-
-    @property
-    def bin(self) -> Path:
-        return self.root / "bin"
+class Paths(build.Paths):
+    """build.Paths (bin, src, stamp) plus the CNI plugins' folder."""
 
     @property
     def cni_bin(self) -> Path:
         return self.root / "bin" / "cni"
-
-    @property
-    def src(self) -> Path:
-        return self.root / "src"
-
-    @property
-    def stamp(self) -> Path:
-        return self.root / "bin" / ".stamp.json"
 
 
 def cache_root() -> Path:
@@ -226,27 +212,8 @@ STEPS = {
 
 
 def ensure_built(paths: Paths | None = None) -> Paths:
-    """Build whatever is missing; a no-op when the stamp matches (per-step resume, as build.py)."""
-    paths = paths or Paths(cache_root())
-    want = wanted_stamp()
-    have: dict[str, float] = {}
-    if paths.stamp.exists():
-        stamp = json.loads(paths.stamp.read_text())
-        if stamp.get("versions") == want:
-            have = stamp.get("seconds", {})
-    if set(have) >= set(STEPS):
-        return paths
-    paths.bin.mkdir(parents=True, exist_ok=True)
-    for name, step in STEPS.items():
-        if name in have:
-            continue
-        t0 = time.monotonic()
-        build.log(f"realnode step {name} ...")
-        step(paths)
-        have[name] = round(time.monotonic() - t0, 1)
-        build.log(f"realnode step {name} done in {have[name]}s")
-        paths.stamp.write_text(json.dumps({"versions": want, "seconds": have}, indent=2))
-    return paths
+    """Build whatever is missing of the real node (build.run_steps)."""
+    return build.run_steps(paths or Paths(cache_root()), want=wanted_stamp(), steps=STEPS, what="realnode")
 
 
 if __name__ == "__main__":
