@@ -14,7 +14,7 @@ from e2e.cluster import build, kwok
 from e2e.cluster.handle import Cluster
 from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
-from e2e.operator_process import install_crd
+from e2e.operator_process import delete_namespace, install_crd
 
 # KUBEMOE_E2E_CLUSTER_NAME lets two suites run side by side (each control plane on ports of its own).
 E2E_CLUSTER_NAME = os.environ.get("KUBEMOE_E2E_CLUSTER_NAME", "kubemoe-e2e")
@@ -66,9 +66,9 @@ def operator_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards; gone, pods and all, before the next test
-    starts, so that its pods hold no GPUs another test needs."""
+    """A fresh namespace for one test, deleted afterwards (its pods gone before the next test starts:
+    see delete_namespace)."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
-    cluster.kubectl("delete", "namespace", name, "--timeout=120s", timeout=150)
+    delete_namespace(cluster, name)

@@ -53,7 +53,7 @@ def install_operator_identity(cluster: Cluster, *, release: str, namespace: str,
         namespace,
         "--create-namespace",
         "--wait",
-        "--timeout=2m",
+        "--timeout=5m",  # a loaded machine's control plane can be slow to report the objects ready
     )
     sa = cluster.kubectl(
         "get",

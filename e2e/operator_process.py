@@ -19,6 +19,7 @@ from e2e.waiting import eventually
 
 __all__ = [
     "OperatorProcess",
+    "delete_namespace",
     "eventually",
     "get_json",
     "get_or_none",
@@ -134,15 +135,28 @@ class OperatorProcess:
 
 @contextlib.contextmanager
 def scratch_namespace(cluster: Cluster, *, prefix: str) -> Iterator[str]:
-    """The ModelDeployment CRD installed and a fresh namespace, deleted after; gone, pods and all,
-    before this returns, so that its pods hold no GPUs the next test needs."""
+    """The ModelDeployment CRD installed and a fresh namespace, deleted after (its pods gone before
+    this returns: see delete_namespace)."""
     install_crd(cluster)
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
     try:
         yield name
     finally:
-        cluster.kubectl("delete", "namespace", name, "--timeout=120s", timeout=150)
+        delete_namespace(cluster, name)
+
+
+def delete_namespace(cluster: Cluster, name: str) -> None:
+    """Delete namespace `name` and wait until no pod is left in it: its pods must hold no GPUs the
+    next test needs. The namespace object itself may linger (its other contents go on being removed
+    behind the next test); a loaded machine once took over 120 s to finish it, so pods only, and a
+    deadline of 300 s."""
+    cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+    eventually(
+        lambda: not get_json(cluster, "pods", "-n", name)["items"],
+        timeout=300,
+        what=f"the pods of namespace {name} gone",
+    )
 
 
 @contextlib.contextmanager
