@@ -95,6 +95,22 @@ def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None =
     return proc.stdout
 
 
+def apt_install(packages: tuple[str, ...], *, tools: tuple[str, ...]) -> None:
+    """Install whichever of Debian's ``packages`` are missing; check that ``tools`` are then on PATH."""
+    missing = [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode]
+    if missing:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        update = subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", *missing], cwd="/", env=env
+        )
+        if update.returncode:  # a stale package list: refresh it once and try again
+            run(["apt-get", "update"], cwd=Path("/"), env=env)
+            run(["apt-get", "install", "-y", "--no-install-recommends", *missing], cwd=Path("/"), env=env)
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} not on PATH after apt-get install {' '.join(packages)}")
+
+
 def module_info(module: str, version: str) -> dict[str, str]:
     out = run(["go", "mod", "download", "-json", f"{module}@{version}"], cwd=Path(tempfile.gettempdir()))
     info: dict[str, str] = json.loads(out)

@@ -11,8 +11,6 @@ runc, iptables and busybox-static come from Debian (``apt-get install``): see ``
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,15 +188,7 @@ def build_crictl(paths: Paths) -> None:
 
 
 def install_debian(paths: Paths) -> None:
-    missing = [
-        p for p in DEBIAN_PACKAGES if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode
-    ]
-    if missing:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        build.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], cwd=Path("/"), env=env)
-    for tool in ("runc", "iptables", "nft", "busybox"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not on PATH after apt-get install {' '.join(DEBIAN_PACKAGES)}")
+    build.apt_install(DEBIAN_PACKAGES, tools=("runc", "iptables", "nft", "busybox"))
 
 
 STEPS = {
