@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
+from kubemoe_operator.image_user import HF_HOME, IMAGE_UID, IMAGE_USER, RUNTIME_HOME
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -69,6 +71,33 @@ def test_final_stage_runs_as_a_numeric_non_root_user(image: Image) -> None:
     uid = users[-1].split(":")[0]
     assert uid.isdigit(), "a numeric uid lets runAsNonRoot verify it"
     assert int(uid) != 0
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=lambda i: str(i.dockerfile.relative_to(REPO)))
+def test_final_user_is_the_one_pods_run_as(image: Image) -> None:
+    """The renderer and the chart run pods as image_user.IMAGE_UID: the image must create that user
+    and end as it, or the pod could not write the image's HOME and cache."""
+    stage = _final_stage(_parse(image))
+    (user,) = [ins["value"] for ins in stage if ins["instruction"] == "USER"][-1:]
+    assert user == f"{IMAGE_UID}:{IMAGE_UID}", f"{image.dockerfile.name}: USER {user}; see image_user.py"
+    runs = " ".join(ins["value"] for ins in stage if ins["instruction"] == "RUN")
+    assert f"useradd --uid {IMAGE_UID} " in runs
+    assert f" {IMAGE_USER}" in runs
+
+
+@pytest.mark.parametrize("image", IMAGES[1:], ids=lambda i: str(i.dockerfile.relative_to(REPO)))
+def test_runtime_images_give_that_user_its_home_and_cache(image: Image) -> None:
+    parser = _parse(image)
+    runs = " ".join(ins["value"] for ins in _final_stage(parser) if ins["instruction"] == "RUN")
+    assert "--create-home" in runs, f"{RUNTIME_HOME} must exist"
+    assert parser.envs["HF_HOME"] == HF_HOME
+    assert f"chown {IMAGE_UID}:{IMAGE_UID} {HF_HOME}" in runs
+
+
+def test_the_chart_runs_the_operator_as_that_user() -> None:
+    template = (REPO / "charts" / "kubemoe" / "templates" / "deployment.yaml").read_text()
+    assert f"runAsUser: {IMAGE_UID}" in template
+    assert f"runAsGroup: {IMAGE_UID}" in template
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=lambda i: str(i.dockerfile.relative_to(REPO)))

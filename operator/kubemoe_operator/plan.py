@@ -3,13 +3,15 @@
 `kubemoe plan -o json` prints `Plan.model_dump(by_alias=True, mode="json")`; the shape is
 stable within apiVersion kubemoe.io/v1alpha1 (fields are added, never renamed or removed):
 
-- top level: name, model, architecture, reference, engine, accelerator, resource, mode,
-  connector, layout ("P1x(EP16) D1x(EP16)"), devices (GPUs, or rank processes for cpu),
+- top level: name, model, architecture, reference, engine, accelerator, resource,
+  nodeLabel and nodeLabelValues (the accelerator's product label), mode, connector,
+  layout ("P1x(EP16) D1x(EP16)"), devices (GPUs, or rank processes for cpu),
   pods, roles[], router, notes[].
 - roles[]: role, replicas (serving groups), tensor, data, expert (EP size), expertParallel,
   ranks (per group), podsPerGroup, devicesPerPod, devicesPerGroup, devices (all groups),
   workload (LeaderWorkerSet | Deployment), expertsPerRank, suggested (parallelism chosen by
-  the planner), memory{...}, pods[] (one group; every group is alike).
+  the planner), memory{...}, host{cpu, memory, shm} (per pod, besides the accelerators),
+  pods[] (one group; every group is alike).
 - memory: deviceGiB, utilization, reserveGiB, denseWeightsGiB, expertWeightsGiB, weightsGiB,
   kvBudgetGiB, kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen — all per rank.
 - pods[]: index, leader, startRank (data-parallel), dataLocal, devices, address (leader's
@@ -68,6 +70,17 @@ class MemoryPlan(ApiModel):
     sequences_at_max_len: float
 
 
+class HostPlan(ApiModel):
+    """One pod's share of its node besides the accelerators (planner.host_plan)."""
+
+    cpu: str
+    """CPU request (spec.roles.<role>.resources.requests.cpu overrides it)."""
+    memory: str
+    """Memory request, /dev/shm included (spec.roles.<role>.resources.requests.memory overrides it)."""
+    shm: str
+    """Size of the memory-backed /dev/shm."""
+
+
 class RolePlan(ApiModel):
     role: RoleName
     replicas: int
@@ -84,6 +97,7 @@ class RolePlan(ApiModel):
     experts_per_rank: int
     suggested: bool
     memory: MemoryPlan
+    host: HostPlan
     pods: list[PodPlan]
 
 
@@ -104,6 +118,11 @@ class Plan(ApiModel):
     dtype: str
     accelerator: str
     resource: str | None
+    node_label: str | None = None
+    """The node label naming the accelerator product (e.g. nvidia.com/gpu.product); None for cpu
+    and for accelerators the catalog lacks."""
+    node_label_values: list[str] = Field(default_factory=list)
+    """The values of node_label that serving pods require (any one of them)."""
     mode: Literal["disaggregated", "colocated"]
     connector: str | None
     extra_args: list[str] = Field(default_factory=list)

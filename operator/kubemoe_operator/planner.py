@@ -15,6 +15,7 @@ from kubemoe_operator.api.spec import ModelDeploymentSpec, Parallelism, RoleName
 from kubemoe_operator.catalog import Catalog, load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
 from kubemoe_operator.commandline import LWS_LEADER_ADDRESS, pod_command
+from kubemoe_operator.host_sizing import host_plan
 from kubemoe_operator.plan import MemoryPlan, Plan, PodPlan, RankPlan, RolePlan, RouterPlan
 from kubemoe_operator.problems import ManifestError, Problem
 from kubemoe_operator.quantity import parse_quantity
@@ -312,6 +313,7 @@ def _plan_role(
         experts_per_rank=pods[0].ranks[0].expert_count,
         suggested=suggested,
         memory=mem,
+        host=host_plan(role=role, gpu=gpu, devices_per_pod=devices_per_pod),
         pods=pods,
     )
     return role_plan, []
@@ -362,6 +364,11 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
             " (experts); "
             "quantisation scales and higher-precision embeddings add a little."
         )
+    if not gpu_facts.is_cpu and gpu_facts.label_key is None:
+        notes.append(
+            f"{gpu_facts.name} is not in the accelerator catalog, so pods get no node selector for it: "
+            "set scheduling.nodeSelector to the label of its nodes (e.g. nvidia.com/gpu.product)."
+        )
     connector = spec.serving.kv_transfer.connector if spec.serving.mode == "disaggregated" else None
     draft = Plan(
         name=name,
@@ -374,6 +381,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         dtype=model_facts.dtype,
         accelerator=gpu_facts.name,
         resource=gpu_facts.resource,
+        node_label=gpu_facts.label_key,
+        node_label_values=product_labels(gpu_facts, spec.accelerator.type),
         mode=spec.serving.mode,
         connector=connector,
         extra_args=list(spec.engine.extra_args),
@@ -385,6 +394,15 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         notes=notes,
     )
     return _with_commands(draft)
+
+
+def product_labels(gpu: GpuFacts, wanted: str) -> list[str]:
+    """The node label values pods may run on: the one spec.accelerator.type names, when it names a
+    label value (e.g. NVIDIA-H200-NVL), else every product label of the catalog entry."""
+    if gpu.label_key is None:
+        return []
+    exact = [v for v in gpu.product_labels if v.lower() == wanted.lower()]
+    return exact or list(gpu.product_labels)
 
 
 def _with_commands(draft: Plan) -> Plan:

@@ -102,7 +102,8 @@ def test_deepseek_roles_are_leader_worker_sets_filling_32_gpus() -> None:
             )
         worker_args = tmpl["workerTemplate"]["spec"]["containers"][0]["args"]
         assert "$(LWS_LEADER_ADDRESS)" in worker_args
-        assert "readinessProbe" not in tmpl["workerTemplate"]["spec"]["containers"][0]
+        worker = tmpl["workerTemplate"]["spec"]["containers"][0]
+        assert {"startupProbe", "livenessProbe", "readinessProbe"} <= worker.keys(), "workers are probed too"
     assert gpus == 32
     kinds = [o["kind"] for o in objs]
     assert kinds.index("Service") < kinds.index("LeaderWorkerSet"), "the LWS subdomain Service comes first"

@@ -1,0 +1,32 @@
+"""A serving container's resources: the plan's CPU and memory requests and its accelerators.
+
+Requests come from the plan (plan.RolePlan.host, which already applies the spec's cpu and memory
+requests); any other request or limit in spec.roles.<role>.resources passes through. The
+accelerator count is both requested and limited (extended resources must be). No CPU or memory
+limit is set unless the spec gives one: a memory limit would count the page cache of mapped
+weight files against the pod.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubemoe_operator.api.spec import ModelDeploymentSpec, RoleSpec
+from kubemoe_operator.plan import Plan, RolePlan
+
+
+def container_resources(*, spec: ModelDeploymentSpec, plan: Plan, role: RolePlan) -> dict[str, Any]:
+    role_spec: RoleSpec | None = getattr(spec.roles, role.role)
+    given = role_spec.resources if role_spec is not None else None
+    requests = {k: str(v) for k, v in given.requests.items()} if given else {}
+    limits = {k: str(v) for k, v in given.limits.items()} if given else {}
+    requests["cpu"] = role.host.cpu
+    requests["memory"] = role.host.memory
+    if plan.resource is not None:
+        count = str(role.devices_per_pod)
+        requests[plan.resource] = count
+        limits[plan.resource] = count
+    out: dict[str, Any] = {"requests": requests}
+    if limits:
+        out["limits"] = limits
+    return out
