@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -10,14 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import build, kwok
+from e2e.cluster import build, kwok, lifecycle
 from e2e.cluster.handle import Cluster
+from e2e.cluster.node_config import REAL_NODE_LABEL
 from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
 from e2e.operator_process import delete_namespace, install_crd
 
 # KUBEMOE_E2E_CLUSTER_NAME lets two suites run side by side (each control plane on ports of its own).
 E2E_CLUSTER_NAME = os.environ.get("KUBEMOE_E2E_CLUSTER_NAME", "kubemoe-e2e")
+# Real nodes (kubelet + containerd: pods run as containers) beside the kwok ones. One cluster with
+# real nodes per machine: a second suite run alongside sets KUBEMOE_E2E_REAL_NODES=0.
+E2E_REAL_NODES = int(os.environ.get("KUBEMOE_E2E_REAL_NODES", "1"))
 # Beside the default 4 x 8 H200 nodes: pools for the other examples' accelerators.
 E2E_EXTRA_NODES = (
     GpuNodes(count=3, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559, name_prefix="h100-node"),
@@ -28,13 +33,16 @@ E2E_EXTRA_NODES = (
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    """A ready cluster: 4 kwok GPU nodes (8 x H200 each), kube-controller-manager, scheduler, LWS."""
+    """A ready cluster: 4 kwok GPU nodes (8 x H200 each) and the E2E_EXTRA_NODES pools,
+    kube-controller-manager, scheduler, LWS; E2E_REAL_NODES real nodes with kube-proxy and CoreDNS.
+    Its teardown fails if a real node left anything behind on the host."""
     paths = build.ensure_built()
     external = os.environ.get("KUBEMOE_E2E_KUBECONFIG")
     if external:
         yield Cluster(kubeconfig=Path(external), bin_dir=paths.bin)
         return
-    handle = kwok.up(kwok.ClusterConfig(name=E2E_CLUSTER_NAME, extra_nodes=E2E_EXTRA_NODES), paths=paths)
+    config = kwok.ClusterConfig(name=E2E_CLUSTER_NAME, extra_nodes=E2E_EXTRA_NODES, real_nodes=E2E_REAL_NODES)
+    handle = lifecycle.up(config, paths=paths)
     try:
         yield handle
     finally:
@@ -42,7 +50,8 @@ def cluster() -> Iterator[Cluster]:
         if keep and handle.audit_log is not None and handle.audit_log.exists():
             Path(keep).mkdir(parents=True, exist_ok=True)
             shutil.copy(handle.audit_log, Path(keep) / f"{E2E_CLUSTER_NAME}-audit.log")
-        kwok.down(E2E_CLUSTER_NAME, paths=paths)
+        problems = lifecycle.down(E2E_CLUSTER_NAME, paths=paths)
+        assert problems == [], f"the real nodes left this behind on the host: {problems}"
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +71,29 @@ def operator_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
     in OPERATOR_NAMESPACE."""
     out = tmp_path_factory.mktemp("identity") / "operator-kubeconfig.yaml"
     return install_operator_identity(cluster, release="kubemoe", namespace=OPERATOR_NAMESPACE, out=out)
+
+
+REAL_NODE_TOLERATION = {"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}
+
+
+@pytest.fixture
+def real_namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace whose pods all run on the real nodes (the PodNodeSelector and
+    PodTolerationRestriction admission plugins pin them there: the router's and the operator's
+    pods too, whatever the chart or the spec says), deleted afterwards."""
+    if E2E_REAL_NODES == 0:
+        pytest.skip("KUBEMOE_E2E_REAL_NODES=0: this cluster has no real node to run containers on")
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl(
+        "annotate",
+        "namespace",
+        name,
+        f"scheduler.alpha.kubernetes.io/node-selector={REAL_NODE_LABEL}=true",
+        f"scheduler.alpha.kubernetes.io/defaultTolerations={json.dumps([REAL_NODE_TOLERATION])}",
+    )
+    yield name
+    delete_namespace(cluster, name)
 
 
 @pytest.fixture

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,3 +66,42 @@ class Cluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run the real helm against this cluster."""
         return self._run("helm", args, stdin=stdin, check=check, timeout=timeout)
+
+    @contextlib.contextmanager
+    def port_forward(self, target: str, port: int, *, namespace: str, timeout: float = 60) -> Iterator[int]:
+        """`kubectl port-forward target :port` (the kubelet's real streaming on a real node);
+        yields the local port on 127.0.0.1, stops the forward on exit."""
+        proc = subprocess.Popen(
+            [
+                str(self.bin_dir / "kubectl"),
+                "port-forward",
+                "-n",
+                namespace,
+                "--address=127.0.0.1",
+                target,
+                f":{port}",
+            ],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            assert proc.stdout is not None
+            line = ""
+            while time.monotonic() < deadline:  # "Forwarding from 127.0.0.1:43211 -> 8080"
+                line = proc.stdout.readline()
+                if m := re.match(r"Forwarding from 127\.0\.0\.1:(\d+) ->", line):
+                    yield int(m.group(1))
+                    return
+                if not line and proc.poll() is not None:
+                    break
+            err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+            raise AssertionError(f"kubectl port-forward {target} :{port} did not start: {line}{err}")
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()

@@ -27,6 +27,8 @@ class ClusterConfig:
     extra_nodes: tuple[GpuNodes, ...] = ()
     """More node pools (other GPU types, CPU-only nodes), each with its own name prefix."""
     with_lws: bool = True
+    real_nodes: int = 0
+    """Real nodes (kubelet + containerd, see realnode.py) beside the kwok nodes; lifecycle.up starts them."""
 
 
 def run_root() -> Path:
@@ -69,7 +71,45 @@ def audit_log_path(name: str) -> Path:
     return cluster_dir(name) / "kwok" / "clusters" / name / "logs" / "audit.log"
 
 
-def _kwokctl_config(paths: build.Paths, *, audit_policy: Path) -> dict[str, Any]:
+# The address ranges real nodes use (node_config.py); kwok-only clusters get them too, so that a
+# cluster is the same API whichever nodes it has.
+SERVICE_CIDR = "198.19.0.0/16"
+API_SERVICE_IP = "198.19.0.1"
+REAL_NODE0_IP = "198.18.0.1"
+
+
+def components_patches(*, real_nodes: bool) -> list[dict[str, Any]]:
+    """kwokctl component flags. kwok-controller fakes only the nodes annotated
+    ``kwok.x-k8s.io/node=fake`` (``nodes.py`` sets it; by default it would fake a real node's
+    status and pods too). The API server: Services in SERVICE_CIDR; kubelets reached at their
+    InternalIP; the namespace-level PodNodeSelector and PodTolerationRestriction admission plugins
+    (tests pin a namespace's pods, the router's too, to the real nodes); and with real nodes, an
+    advertised address that pods reach (node 0's bridge address) for the `kubernetes` Service."""
+
+    def arg(key: str, value: str, *, override: bool = False) -> dict[str, Any]:
+        # override=True only replaces an argument kwokctl already passes (else it is dropped).
+        return {"key": key, "value": value, "override": override}
+
+    apiserver = [
+        arg("service-cluster-ip-range", SERVICE_CIDR),
+        arg("kubelet-preferred-address-types", "InternalIP"),
+        arg("enable-admission-plugins", "PodNodeSelector,PodTolerationRestriction"),
+    ]
+    if real_nodes:
+        apiserver.append(arg("advertise-address", REAL_NODE0_IP))
+    return [
+        {
+            "name": "kwok-controller",
+            "extraArgs": [
+                arg("manage-all-nodes", "false", override=True),
+                arg("manage-nodes-with-annotation-selector", "kwok.x-k8s.io/node=fake"),
+            ],
+        },
+        {"name": "kube-apiserver", "extraArgs": apiserver},
+    ]
+
+
+def _kwokctl_config(paths: build.Paths, *, audit_policy: Path, real_nodes: bool) -> dict[str, Any]:
     b = paths.bin
     return {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -79,7 +119,15 @@ def _kwokctl_config(paths: build.Paths, *, audit_policy: Path) -> dict[str, Any]
             "kubeVersion": build.KUBE_VERSION,
             "etcdVersion": build.ETCD_VERSION.lstrip("v"),
             "kwokVersion": build.KWOK_VERSION,
-            "bindAddress": "127.0.0.1",
+            # With real nodes, pods reach the API server through the `kubernetes` Service at node
+            # 0's bridge address; that bridge does not exist yet, so: every address of this host.
+            "bindAddress": "0.0.0.0" if real_nodes else "127.0.0.1",
+            "kubeApiserverCertSANs": [
+                API_SERVICE_IP,
+                REAL_NODE0_IP,
+                "kubernetes.default.svc",
+                "kubernetes.default",
+            ],
             "kubeApiserverPort": free_port(),
             "kubeApiserverBinary": str(b / "kube-apiserver"),
             "kubeControllerManagerBinary": str(b / "kube-controller-manager"),
@@ -108,18 +156,15 @@ def _kwokctl(
     )
 
 
-def create_control_plane(
-    paths: build.Paths, name: str, *, components_patches: list[dict[str, Any]] | None = None
-) -> Cluster:
-    """`kwokctl create cluster` (binary runtime, the audit policy above, `components_patches` if
-    given) under cluster_dir(name); the control plane only, no nodes."""
+def create_control_plane(paths: build.Paths, name: str, *, real_nodes: bool = False) -> Cluster:
+    """`kwokctl create cluster` (binary runtime, the audit policy and component patches above)
+    under cluster_dir(name); the control plane only, no nodes."""
     root = cluster_dir(name)
     root.mkdir(parents=True, exist_ok=True)
     policy = root / "audit-policy.yaml"
     policy.write_text(yaml.safe_dump(AUDIT_POLICY))
-    cfg = _kwokctl_config(paths, audit_policy=policy)
-    if components_patches is not None:
-        cfg["componentsPatches"] = components_patches
+    cfg = _kwokctl_config(paths, audit_policy=policy, real_nodes=real_nodes)
+    cfg["componentsPatches"] = components_patches(real_nodes=real_nodes)
     (root / "kwokctl.yaml").write_text(yaml.safe_dump(cfg))
     kubeconfig = kubeconfig_path(name)
     proc = _kwokctl(
@@ -148,7 +193,7 @@ def up(config: ClusterConfig, *, paths: build.Paths | None = None) -> Cluster:
     root = cluster_dir(config.name)
     t0 = time.monotonic()
     _log(f"starting control plane {config.name!r} (kube {build.KUBE_VERSION}) ...")
-    cluster = create_control_plane(paths, config.name)
+    cluster = create_control_plane(paths, config.name, real_nodes=config.real_nodes > 0)
     _log(f"control plane up in {time.monotonic() - t0:.1f}s")
 
     cluster.kubectl(

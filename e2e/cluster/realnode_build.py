@@ -19,6 +19,7 @@ from e2e.cluster import build
 CONTAINERD_VERSION = "v2.4.2"
 CNI_PLUGINS_VERSION = "v1.10.0"
 CRI_TOOLS_VERSION = "v1.37.0"
+COREDNS_VERSION = "v1.14.7"
 CNI_PLUGINS = {
     "bridge": "plugins/main/bridge",
     "loopback": "plugins/main/loopback",
@@ -29,6 +30,7 @@ CNI_PLUGINS = {
 # nftables: only for `nft delete table` on `down`, to remove the empty tables iptables-nft leaves.
 DEBIAN_PACKAGES = ("runc", "iptables", "nftables", "busybox-static")
 # The same tags containerd's Makefile uses for a static build; no cgo is needed (no btrfs/zfs).
+NODE_KUBE_COMMANDS = ("kubelet", "kube-proxy")
 CONTAINERD_TAGS = "urfave_cli_no_docs osusergo netgo static_build"
 
 
@@ -51,6 +53,7 @@ def wanted_stamp() -> dict[str, str]:
         "containerd": CONTAINERD_VERSION,
         "cni-plugins": CNI_PLUGINS_VERSION,
         "cri-tools": CRI_TOOLS_VERSION,
+        "coredns": COREDNS_VERSION,
         "debian": " ".join(DEBIAN_PACKAGES),
     }
 
@@ -66,7 +69,8 @@ def go(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> str:
     return build.run(["nice", "-n", "10", "go", *args], cwd=cwd, env=env or nice_env())
 
 
-def build_kubelet(paths: Paths) -> None:
+def build_kube_commands(paths: Paths) -> None:
+    """kubelet and kube-proxy from k8s.io/kubernetes at the API server's release."""
     info = build.module_info("k8s.io/kubernetes", build.KUBE_VERSION)
     staging = build.staging_modules(Path(info["GoMod"]).read_text())
     published = "v0." + build.KUBE_VERSION.split(".", 1)[1]
@@ -79,12 +83,22 @@ def build_kubelet(paths: Paths) -> None:
             replace=dict.fromkeys(staging, published),
         )
     )
-    pkg = "k8s.io/kubernetes/cmd/kubelet"
-    go(["get", f"{pkg}@{build.KUBE_VERSION}"], cwd=src)
-    go(
-        ["build", "-trimpath", "-ldflags", build.kube_ldflags(), "-o", str(paths.bin / "kubelet"), pkg],
-        cwd=src,
+    pkgs = [f"k8s.io/kubernetes/cmd/{c}" for c in NODE_KUBE_COMMANDS]
+    go(["get", *[f"{p}@{build.KUBE_VERSION}" for p in pkgs]], cwd=src)
+    for c, pkg in zip(NODE_KUBE_COMMANDS, pkgs, strict=True):
+        go(["build", "-trimpath", "-ldflags", build.kube_ldflags(), "-o", str(paths.bin / c), pkg], cwd=src)
+
+
+def build_coredns(paths: Paths) -> None:
+    """CoreDNS (its default plugin set has `kubernetes`), so Service and pod names resolve."""
+    module = "github.com/coredns/coredns"
+    src = paths.src / "coredns"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "go.mod").write_text(
+        build.wrapper_go_mod(name="coredns", require={module: COREDNS_VERSION}, replace={})
     )
+    go(["get", f"{module}@{COREDNS_VERSION}"], cwd=src)
+    go(["build", "-trimpath", "-ldflags", "-s -w", "-o", str(paths.bin / "coredns"), module], cwd=src)
 
 
 def build_containerd(paths: Paths) -> None:
@@ -196,7 +210,8 @@ STEPS = {
     "pause": build_pause,
     "cni": build_cni,
     "containerd": build_containerd,
-    "kubelet": build_kubelet,
+    "kube": build_kube_commands,
+    "coredns": build_coredns,
     "crictl": build_crictl,
 }
 
