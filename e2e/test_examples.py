@@ -1,7 +1,10 @@
 """Every manifest in examples/ deployed by the operator (as the Helm chart's ServiceAccount) on the
 real control plane, whose node pools cover each example's accelerator (H200, H100, L40S, CPU):
 the workloads the plan calls for exist with the right sizes, every pod runs, and the
-ModelDeployment reaches Ready. One example at a time, each removed before the next."""
+ModelDeployment reaches Ready. One example at a time, each removed before the next.
+
+An example whose weights are a file:// path (tiny-moe: `kubemoe up`'s demo) is refused in a
+cluster instead: Planned False with reason SourceNotInCluster, saying to use pvc://, and no child."""
 
 from __future__ import annotations
 
@@ -64,9 +67,18 @@ def operator(
         yield proc
 
 
-def _phase(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+def _phase(cluster: Cluster, ns: str, name: str, phase: str = "Ready") -> dict[str, Any] | None:
     obj: dict[str, Any] = get_json(cluster, "md", name, "-n", ns)
-    return obj if (obj.get("status") or {}).get("phase") == "Ready" else None
+    return obj if (obj.get("status") or {}).get("phase") == phase else None
+
+
+def _assert_refused_as_local_only(cluster: Cluster, ns: str, name: str) -> None:
+    md = eventually(lambda: _phase(cluster, ns, name, "Failed"), timeout=120, what=f"{name} refused")
+    planned = next(c for c in md["status"]["conditions"] if c["type"] == "Planned")
+    assert (planned["status"], planned["reason"]) == ("False", "SourceNotInCluster")
+    assert "pvc://" in planned["message"]
+    kinds = "configmaps,services,poddisruptionbudgets,deployments,leaderworkersets"
+    assert get_json(cluster, kinds, "-n", ns, "-l", f"{LABEL}={name}")["items"] == []
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
@@ -76,6 +88,9 @@ def test_example_deploys_to_ready(
     plan = plan_manifest(load_manifest(path))
     cluster.kubectl("apply", "-n", namespace, "-f", str(path))
     try:
+        if plan.source.startswith("file://"):
+            _assert_refused_as_local_only(cluster, namespace, plan.name)
+            return
         md = eventually(lambda: _phase(cluster, namespace, plan.name), timeout=120, what=f"{plan.name} Ready")
         assert md["status"]["layout"] == plan.layout
 

@@ -19,6 +19,7 @@ from kubemoe_operator.api.spec import ModelDeploymentSpec
 from kubemoe_operator.api.status import ModelDeploymentStatus
 from kubemoe_operator.apply import SyncResult, sync_children
 from kubemoe_operator.catalog import Catalog
+from kubemoe_operator.cluster_rules import NotForClusterError, check_for_cluster
 from kubemoe_operator.kube import Kube, RejectedError
 from kubemoe_operator.manifest import parse_manifest
 from kubemoe_operator.observe import WorkloadState, pod_trouble, workload_state
@@ -27,7 +28,7 @@ from kubemoe_operator.planner import plan_manifest
 from kubemoe_operator.problems import ManifestError
 from kubemoe_operator.render import Owner, endpoint, render
 from kubemoe_operator.render.names import ROUTER, router_name, workload_name
-from kubemoe_operator.status import Facts, compute_status, now_utc, status_apply
+from kubemoe_operator.status import REASON_PLAN_REJECTED, Facts, compute_status, now_utc, status_apply
 
 log = logging.getLogger("kubemoe.reconcile")
 
@@ -91,10 +92,12 @@ def parse_status(raw: Any) -> ModelDeploymentStatus | None:
 def plan_for(
     *, name: str, spec_raw: Any, status: ModelDeploymentStatus | None, catalog: Catalog
 ) -> tuple[ModelDeploymentSpec, Plan]:
-    """Parse and plan, with the autoscaler's decisions applied; ManifestError if it cannot work."""
+    """Parse and plan, with the autoscaler's decisions applied; ManifestError if it cannot work
+    (NotForClusterError if it could only run under `kubemoe up`)."""
     md = parse_manifest(
         {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec_raw}
     )
+    check_for_cluster(md.spec)
     spec = effective_spec(md.spec, status)
     return spec, plan_manifest(md.model_copy(update={"spec": spec}), catalog=catalog)
 
@@ -114,7 +117,7 @@ def transition_events(old: ModelDeploymentStatus | None, new: ModelDeploymentSta
     before, after = _condition(old, "Planned"), _condition(new, "Planned")
     if after is not None and after != before:
         if after[0] == "False":
-            out.append(Decision(reason="PlanRejected", message=after[2], warning=True))
+            out.append(Decision(reason=after[1], message=after[2], warning=True))
         elif before is None or before[0] != "True" or (old is not None and old.layout != new.layout):
             out.append(Decision(reason="Planned", message=after[2]))
     before, after = _condition(old, "Ready"), _condition(new, "Ready")
@@ -187,7 +190,8 @@ async def reconcile(
     try:
         spec, plan = plan_for(name=name, spec_raw=body.get("spec"), status=old, catalog=context.catalog)
     except ManifestError as err:
-        return await finish(Facts(generation=generation, plan_error=str(err)))
+        reason = err.reason if isinstance(err, NotForClusterError) else REASON_PLAN_REJECTED
+        return await finish(Facts(generation=generation, plan_error=str(err), plan_reason=reason))
 
     observed = await kube.observe(name=name, namespace=namespace, uid=uid)
     needs_lws = any(r.workload == "LeaderWorkerSet" for r in plan.roles)

@@ -57,6 +57,8 @@ class Facts:
     layout: str | None = None
     endpoint: str | None = None
     plan_error: str | None = None
+    plan_reason: str = REASON_PLAN_REJECTED
+    """The reason Planned and Ready give for plan_error."""
     lws_missing: bool = False
     apply_error: str | None = None
     roles: dict[str, WorkloadState] = field(default_factory=dict)
@@ -119,11 +121,11 @@ def compute_status(
     endpoint = old.endpoint if old is not None else None
     phase: Phase
     if facts.plan_error is not None:
-        put("Planned", "False", REASON_PLAN_REJECTED, facts.plan_error)
+        put("Planned", "False", facts.plan_reason, facts.plan_error)
         put(
             "Ready",
             "False",
-            REASON_PLAN_REJECTED,
+            facts.plan_reason,
             "the spec cannot be planned; running children are left as they were. " + facts.plan_error,
         )
         put("Progressing", "False", REASON_BLOCKED, "waiting for a spec the planner accepts")
