@@ -31,16 +31,37 @@ class WorkloadState:
         return self.exists and self.current and self.ready == self.wanted == self.replicas == self.updated
 
 
+def observed_generation(status: Mapping[str, Any]) -> int | None:
+    """The generation a workload controller last reported on: status.observedGeneration (Deployment;
+    LeaderWorkerSet since v0.9), else the newest observedGeneration of its conditions."""
+    if status.get("observedGeneration") is not None:
+        return int(status["observedGeneration"])
+    seen = [
+        int(c["observedGeneration"]) for c in status.get("conditions") or [] if c.get("observedGeneration")
+    ]
+    return max(seen) if seen else None
+
+
+def _updating(status: Mapping[str, Any]) -> bool:
+    """LeaderWorkerSet's UpdateInProgress condition: a rolling update has groups left to replace."""
+    return any(
+        c.get("type") == "UpdateInProgress" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
 def workload_state(obj: Mapping[str, Any] | None, *, wanted: int) -> WorkloadState:
-    """LeaderWorkerSet or Deployment status -> WorkloadState (groups, for an LWS; pods = groups otherwise)."""
+    """LeaderWorkerSet or Deployment status -> WorkloadState (groups, for an LWS; pods = groups otherwise).
+
+    Its counts are current only once the controller has observed the latest spec: until then they
+    describe the previous one (a rollout that has not started yet looks finished)."""
     if obj is None:
         return WorkloadState(wanted=wanted, exists=False)
     status = obj.get("status") or {}
     generation = obj.get("metadata", {}).get("generation")
-    if obj.get("kind") == "LeaderWorkerSet":
-        current = True  # LWS reports no observedGeneration; updatedReplicas tells rollout progress
-    else:
-        current = generation is None or status.get("observedGeneration") == generation
+    current = generation is None or observed_generation(status) == generation
+    if obj.get("kind") == "LeaderWorkerSet" and _updating(status):
+        current = False
     return WorkloadState(
         wanted=wanted,
         replicas=int(status.get("replicas") or 0),

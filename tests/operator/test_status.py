@@ -249,6 +249,57 @@ def test_workload_state(obj: dict[str, object] | None, settled: bool) -> None:
     assert workload_state(obj, wanted=1).settled is settled
 
 
+SETTLED_COUNTS = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+
+
+def _lws(generation: int, **status: Any) -> dict[str, Any]:
+    return {"kind": "LeaderWorkerSet", "metadata": {"generation": generation}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("obj", "settled"),
+    [
+        # LWS v0.9 reports status.observedGeneration: counts from before the latest spec are stale.
+        (_lws(2, observedGeneration=1, **SETTLED_COUNTS), False),
+        (_lws(2, observedGeneration=2, **SETTLED_COUNTS), True),
+        # Without it, its conditions' observedGeneration says which spec they describe.
+        (
+            _lws(
+                3,
+                conditions=[{"type": "Available", "status": "True", "observedGeneration": 2}],
+                **SETTLED_COUNTS,
+            ),
+            False,
+        ),
+        (
+            _lws(
+                3,
+                conditions=[{"type": "Available", "status": "True", "observedGeneration": 3}],
+                **SETTLED_COUNTS,
+            ),
+            True,
+        ),
+        # Nothing observed at all: a new spec the controller has not looked at yet.
+        (_lws(1, **SETTLED_COUNTS), False),
+        # A rolling update with groups left to replace is not settled, whatever the counts.
+        (
+            _lws(
+                2,
+                observedGeneration=2,
+                conditions=[{"type": "UpdateInProgress", "status": "True", "observedGeneration": 2}],
+                **SETTLED_COUNTS,
+            ),
+            False,
+        ),
+    ],
+    ids=["stale", "observed", "stale-conditions", "observed-conditions", "unobserved", "updating"],
+)
+def test_leader_worker_set_is_current_only_once_its_controller_observed_the_spec(
+    obj: dict[str, Any], settled: bool
+) -> None:
+    assert workload_state(obj, wanted=1).settled is settled
+
+
 def test_pod_trouble_collects_scheduler_messages_and_crash_loops() -> None:
     pods: list[dict[str, Any]] = [
         {
