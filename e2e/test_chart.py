@@ -114,7 +114,7 @@ def test_operator_arguments_are_the_operators_own_flags(cluster: Cluster, values
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     args, verbose = parse_settings(container["args"])  # argparse exits on an unknown flag
     assert args.resync_seconds == 60
-    assert args.liveness_endpoint == "http://0.0.0.0:8081/healthz"
+    assert args.health_port == 8081
     assert args.namespaces == (("models",) if values else ())
     assert verbose is bool(values)
     # The autoscaler: Prometheus when set, else a direct scrape of the pods; the operator's own

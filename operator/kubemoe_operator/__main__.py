@@ -16,6 +16,7 @@ from kubemoe_operator.autoscale.prometheus import PrometheusSource
 from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
 from kubemoe_operator.handlers import Runtime, build_registry
+from kubemoe_operator.health import Health, HealthServer
 from kubemoe_operator.kube import Kube
 from kubemoe_operator.leader import LeaderElector, LeaseConfig
 from kubemoe_operator.metrics import MetricsServer, OperatorMetrics
@@ -49,16 +50,22 @@ def autoscaler(
 async def run(settings: OperatorSettings) -> int:
     """Wait for the Lease, then reconcile until stopped (0) or the Lease is lost (1).
 
-    Only the leader reconciles and autoscales; every replica serves its /metrics."""
+    Only the leader reconciles and autoscales; every replica serves its /metrics, and /healthz and
+    /readyz from the start (a standby is alive and ready: see health.py)."""
     client = AsyncClient(field_manager=settings.field_manager)
     http = httpx2.AsyncClient()
     metrics = OperatorMetrics()
+    metrics.leader.set(0)
     server = MetricsServer.start(metrics, port=settings.metrics_port) if settings.metrics_port else None
+    health = Health(leader_election=settings.leader_election)
+    health_server = HealthServer(health, port=settings.health_port) if settings.health_port else None
     elector: LeaderElector | None = None
     lost = asyncio.Event()
     stop = asyncio.Event()
     failed = False
     try:
+        if health_server is not None:
+            await health_server.start()
         if settings.leader_election:
             elector = LeaderElector(
                 client,
@@ -75,8 +82,14 @@ async def run(settings: OperatorSettings) -> int:
                 settings.lease_name,
                 settings.identity,
             )
-            await elector.acquire()
+
+            def reached(ok: bool) -> None:
+                health.lease_reachable = ok
+
+            await elector.acquire(reached=reached)
             log.info("leading as %s", settings.identity)
+        health.leading = True
+        metrics.leader.set(1)
         kube = Kube(client, field_manager=settings.field_manager)
         runtime = Runtime(
             kube=kube,
@@ -107,6 +120,13 @@ async def run(settings: OperatorSettings) -> int:
                 stop.set()
 
             tasks.append(asyncio.create_task(stop_when_lost()))
+        watching = asyncio.Event()
+
+        async def mark_watching() -> None:
+            await watching.wait()
+            health.watching = True
+
+        tasks.append(asyncio.create_task(mark_watching()))
         try:
             await kopf.operator(
                 registry=build_registry(runtime),
@@ -114,11 +134,13 @@ async def run(settings: OperatorSettings) -> int:
                 clusterwide=settings.clusterwide,
                 namespaces=list(settings.namespaces),
                 stop_flag=stop,
-                liveness_endpoint=settings.liveness_endpoint,
+                ready_flag=watching,
             )
         finally:
             for task in tasks:
                 task.cancel()
+            health.watching = health.leading = False
+            metrics.leader.set(0)
         if elector is not None and not lost.is_set():
             await elector.release()
     finally:
@@ -126,6 +148,8 @@ async def run(settings: OperatorSettings) -> int:
         await http.aclose()
         if server is not None:
             server.stop()
+        if health_server is not None:
+            await health_server.stop()
     return 1 if lost.is_set() or failed else 0
 
 

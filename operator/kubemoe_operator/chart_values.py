@@ -88,7 +88,7 @@ class Toleration(ChartModel):
 
 class Values(ChartModel):
     replica_count: int = Field(1, ge=1, le=5)
-    """Operator replicas. Only one is active at a time (kopf peering); the others wait as standbys."""
+    """Operator replicas. One leads (holds the Lease); the others wait as ready standbys."""
     image: Image = Field(default_factory=Image)
     """The operator image."""
     image_pull_secrets: list[str] = Field(default_factory=list)
@@ -105,7 +105,8 @@ class Values(ChartModel):
     runtime_image: str = Field("kubemoe/kubemoe-runtime:0.1.0", min_length=1)
     """Runtime image for ModelDeployments whose engine names none (build it from runtime/Dockerfile)."""
     health_port: int = Field(8081, ge=1, le=65535)
-    """Port of the operator's /healthz endpoint (liveness and readiness probes)."""
+    """Port of the operator's /healthz (liveness) and /readyz (readiness: watching the Lease or the
+    resources) endpoints, served by every replica from start."""
     verbose: bool = False
     """Log every handler run and API call (kopf's verbose mode)."""
     service_account: ServiceAccount = Field(default_factory=ServiceAccount)

@@ -113,14 +113,19 @@ class LeaderElector:
             log.info("acquired lease %s/%s as %s", cfg.namespace, cfg.name, cfg.identity)
         return True
 
-    async def acquire(self) -> None:
-        """Wait until this process leads."""
+    async def acquire(self, *, reached: Callable[[bool], None] | None = None) -> None:
+        """Wait until this process leads. After each attempt, `reached` is told whether it reached
+        the API server (a standby that can read the Lease is watching it)."""
         while True:
             try:
-                if await self.try_acquire():
-                    return
+                won = await self.try_acquire()
             except (ApiError, httpx2.HTTPError) as err:
                 log.warning("lease %s: %s", self.config.name, err)
+                won = None
+            if reached is not None:
+                reached(won is not None)
+            if won:
+                return
             await asyncio.sleep(max(1.0, self.config.duration_s / 5))
 
     async def hold(self, lost: asyncio.Event) -> None:

@@ -7,6 +7,8 @@ kubemoe_operator_autoscale_evaluations_total     counter  per role, by outcome (
 kubemoe_operator_autoscale_decisions_total       counter  per role, by direction (up, down, hold)
 kubemoe_operator_autoscale_desired_replicas      gauge    per role: the latest decision
 kubemoe_operator_autoscale_metric_value          gauge    per role and metric: the latest sample
+kubemoe_operator_leader                          gauge    1 while this replica holds the Lease (or runs
+                                                          without leader election), else 0
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class OperatorMetrics:
             "kubemoe_operator_autoscale_desired_replicas",
             "The autoscaler's latest decision (serving groups) per role",
             ROLE_LABELS,
+            registry=r,
+        )
+        self.leader = Gauge(
+            "kubemoe_operator_leader",
+            "1 while this replica leads (holds the Lease, or runs without leader election), else 0",
             registry=r,
         )
         self.metric_value = Gauge(

@@ -27,8 +27,8 @@ class OperatorSettings:
     lease_seconds: int = 15
     identity: str = ""
     """This replica's name in the Lease (defaults to host name and pid)."""
-    liveness_endpoint: str | None = None
-    """e.g. http://0.0.0.0:8080/healthz (kopf's liveness probe)."""
+    health_port: int | None = None
+    """Port of /healthz and /readyz (health.py), served from process start; None: not served."""
     autoscale_interval_seconds: float = 15.0
     """How often the autoscaler evaluates every autoscaled role; 0 turns the autoscaler off."""
     prometheus_url: str | None = None
@@ -54,7 +54,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     p.add_argument("--lease-seconds", type=int, default=15)
     p.add_argument("--identity", default=os.environ.get("POD_NAME", ""))
-    p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve /healthz (alive) and /readyz (watching: the Lease as a standby, the resources as "
+        "the leader) here, from process start",
+    )
     p.add_argument(
         "--autoscale-interval-seconds",
         type=float,
@@ -83,7 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         lease_namespace=args.lease_namespace,
         lease_seconds=args.lease_seconds,
         identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
-        liveness_endpoint=args.liveness,
+        health_port=args.health_port,
         autoscale_interval_seconds=args.autoscale_interval_seconds,
         prometheus_url=args.prometheus_url or None,
         metrics_port=args.metrics_port,

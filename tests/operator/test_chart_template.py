@@ -1,0 +1,64 @@
+"""The chart's operator Deployment as `helm template` renders it: probes on /healthz and /readyz,
+which every replica serves from start, and a rolling update that waits for a ready standby.
+
+Needs the helm binary: on PATH, or the one `make cluster-build` caches; skipped without it (the
+e2e suite runs helm against a real control plane)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubemoe_operator.settings import parse_settings
+from tests.operator.helpers import REPO
+
+CHART = REPO / "charts" / "kubemoe"
+
+
+def _helm() -> Path | None:
+    found = shutil.which("helm")
+    if found:
+        return Path(found)
+    cached = sorted((Path.home() / ".cache" / "kubemoe" / "k8s").glob("*/bin/helm"))
+    return cached[-1] if cached else None
+
+
+HELM = _helm()
+pytestmark = pytest.mark.skipif(HELM is None, reason="no helm binary (make cluster-build caches one)")
+
+
+def operator_deployment(*values: str) -> dict[str, Any]:
+    assert HELM is not None
+    out = subprocess.run(
+        [str(HELM), "template", "r", str(CHART), "--namespace", "kubemoe-system", *values],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    (deploy,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
+    return deploy
+
+
+def test_probes_use_the_health_server_every_replica_serves_from_start() -> None:
+    deploy = operator_deployment("--set", "healthPort=9000")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    settings, _ = parse_settings(container["args"])
+    assert settings.health_port == 9000
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == 9000
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["timeoutSeconds"] > 1
+
+
+def test_a_rolling_update_waits_for_the_new_standby_to_be_ready() -> None:
+    deploy = operator_deployment("--set", "replicaCount=2")
+    strategy = deploy["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
