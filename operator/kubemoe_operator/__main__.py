@@ -93,7 +93,9 @@ async def run(settings: OperatorSettings) -> int:
         kube = Kube(client, field_manager=settings.field_manager)
         runtime = Runtime(
             kube=kube,
-            context=ReconcileContext(catalog=load_catalog(), image=settings.image),
+            context=ReconcileContext(
+                catalog=load_catalog(), image=settings.image, pod_defaults=settings.pod_defaults
+            ),
             settings=settings,
             metrics=metrics,
         )

@@ -17,6 +17,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+from kubemoe_operator.api.spec import DNS_SUBDOMAIN_PATTERN, RESERVED_LABEL_PREFIXES
+
+# values.schema.json refuses pod labels under the prefixes the operator and LeaderWorkerSet own.
+_RESERVED_PATTERN = "^(" + "|".join(p.rstrip("/").replace(".", "\\.") for p in RESERVED_LABEL_PREFIXES) + ")/"
+_NOT_RESERVED: JsonDict = {"propertyNames": {"not": {"pattern": _RESERVED_PATTERN}}}
 
 
 class ChartModel(BaseModel):
@@ -104,6 +111,17 @@ class Values(ChartModel):
     """Seconds between autoscaler evaluations of every autoscaled role; 0 turns the autoscaler off."""
     runtime_image: str = Field("kubemoe/kubemoe-runtime:0.1.0", min_length=1)
     """Runtime image for ModelDeployments whose engine names none (build it from runtime/Dockerfile)."""
+    runtime_image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"items": {"type": "string", "pattern": DNS_SUBDOMAIN_PATTERN}},
+    )
+    """Secrets for pulling the runtime image, named on every serving and router pod; each must exist in
+    the ModelDeployment's namespace (spec.pod.imagePullSecrets adds more)."""
+    runtime_pod_annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations on every serving and router pod (spec.pod.annotations wins on the same key)."""
+    runtime_pod_labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=_NOT_RESERVED)
+    """Labels on every serving and router pod, except under kubemoe.io/, app.kubernetes.io/ and
+    leaderworkerset.sigs.k8s.io/ (spec.pod.labels wins on the same key)."""
     health_port: int = Field(8081, ge=1, le=65535)
     """Port of the operator's /healthz (liveness) and /readyz (readiness: watching the Lease or the
     resources) endpoints, served by every replica from start."""

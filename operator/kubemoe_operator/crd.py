@@ -40,6 +40,7 @@ _KEPT = frozenset(
         "pattern",
         "minItems",
         "maxItems",
+        "maxProperties",
         "nullable",
     }
 )

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubemoe_operator.api.resource import API_VERSION, KIND
-from kubemoe_operator.api.spec import ModelDeploymentSpec
+from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.api.status import ModelDeploymentStatus
 from kubemoe_operator.apply import SyncResult, sync_children
 from kubemoe_operator.catalog import Catalog
@@ -47,6 +47,8 @@ class ReconcileContext:
     catalog: Catalog
     image: str
     """Runtime image when spec.engine.image is empty."""
+    pod_defaults: PodOptions = field(default_factory=PodOptions)
+    """Annotations, labels and image pull secrets of every pod, under spec.pod."""
 
 
 @dataclass
@@ -199,7 +201,13 @@ async def reconcile(
         return await finish(Facts(generation=generation, layout=plan.layout, lws_missing=True))
 
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    desired = render(spec=spec, plan=plan, owner=owner, image=spec.engine.image or context.image)
+    desired = render(
+        spec=spec,
+        plan=plan,
+        owner=owner,
+        image=spec.engine.image or context.image,
+        pod_defaults=context.pod_defaults,
+    )
     apply_error: str | None = None
     try:
         sync = await sync_children(

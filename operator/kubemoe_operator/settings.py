@@ -6,7 +6,12 @@ import argparse
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from kubemoe_operator.api.rules import reserved_label_problems
+from kubemoe_operator.api.spec import PodOptions
 
 FIELD_MANAGER = "kubemoe-operator"
 DEFAULT_IMAGE = "kubemoe/kubemoe-runtime:0.1.0"
@@ -35,6 +40,8 @@ class OperatorSettings:
     """The Prometheus HTTP API the autoscaler queries; None: scrape the serving pods directly."""
     metrics_port: int | None = None
     """Port of the operator's own /metrics; None: not served."""
+    pod_defaults: PodOptions = field(default_factory=PodOptions)
+    """Annotations, labels and image pull secrets of every rendered pod; spec.pod adds to them."""
 
     @property
     def clusterwide(self) -> bool:
@@ -74,8 +81,55 @@ def parser() -> argparse.ArgumentParser:
         "unset: scrape the serving pods' /metrics directly",
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve the operator's /metrics here")
+    p.add_argument(
+        "--pod-annotation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="annotate every rendered pod (repeatable; spec.pod.annotations wins on the same key)",
+    )
+    p.add_argument(
+        "--pod-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label every rendered pod (repeatable; spec.pod.labels wins on the same key)",
+    )
+    p.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Secret for pulling the runtime image, in each ModelDeployment's namespace (repeatable)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _pairs(flag: str, values: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {value!r}: write KEY=VALUE")
+        out[key] = rest
+    return out
+
+
+def pod_defaults(args: argparse.Namespace) -> PodOptions:
+    """--pod-annotation, --pod-label and --image-pull-secret as PodOptions; ValueError naming the flag."""
+    labels = _pairs("--pod-label", args.pod_label)
+    problems = reserved_label_problems(labels, field="--pod-label")
+    if problems:
+        raise ValueError("; ".join(str(p) for p in problems))
+    try:
+        return PodOptions(
+            annotations=_pairs("--pod-annotation", args.pod_annotation),
+            labels=labels,
+            image_pull_secrets=list(args.image_pull_secret),
+        )
+    except ValidationError as err:
+        raise ValueError(f"--image-pull-secret: {err.errors()[0]['msg']}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
@@ -93,10 +147,15 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         autoscale_interval_seconds=args.autoscale_interval_seconds,
         prometheus_url=args.prometheus_url or None,
         metrics_port=args.metrics_port,
+        pod_defaults=pod_defaults(args),
     )
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[OperatorSettings, bool]:
     """(settings, verbose) from the command line."""
-    args = parser().parse_args(argv)
-    return settings_from_args(args), bool(args.verbose)
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        return settings_from_args(args), bool(args.verbose)
+    except ValueError as err:
+        p.error(str(err))

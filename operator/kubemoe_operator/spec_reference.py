@@ -36,6 +36,7 @@ def _constraints(node: dict[str, Any]) -> str:
         ("maxLength", "length <="),
         ("minItems", "items >="),
         ("maxItems", "items <="),
+        ("maxProperties", "entries <="),
     ):
         if key in node:
             exclusive = node.get("exclusive" + key[0].upper() + key[1:]) is True

@@ -41,7 +41,10 @@ def operator_deployment(*values: str) -> dict[str, Any]:
         check=True,
         timeout=120,
     ).stdout
-    (deploy,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
+    deployments: list[dict[str, Any]] = [
+        d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"
+    ]
+    (deploy,) = deployments
     return deploy
 
 
@@ -62,3 +65,33 @@ def test_a_rolling_update_waits_for_the_new_standby_to_be_ready() -> None:
     deploy = operator_deployment("--set", "replicaCount=2")
     strategy = deploy["spec"]["strategy"]
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def test_runtime_pod_values_become_the_operators_pod_defaults() -> None:
+    deploy = operator_deployment(
+        "--set",
+        "runtimeImagePullSecrets={reg,reg2}",
+        "--set-string",
+        "runtimePodAnnotations.sidecar\\.istio\\.io/inject=false",
+        "--set-string",
+        "runtimePodAnnotations.note=a: {b}",
+        "--set",
+        "runtimePodLabels.team=ml",
+    )
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    settings, _ = parse_settings(container["args"])
+    assert settings.pod_defaults.image_pull_secrets == ["reg", "reg2"]
+    assert settings.pod_defaults.annotations == {"sidecar.istio.io/inject": "false", "note": "a: {b}"}
+    assert settings.pod_defaults.labels == {"team": "ml"}
+
+
+def test_values_schema_refuses_a_label_the_operator_owns() -> None:
+    assert HELM is not None
+    proc = subprocess.run(
+        [str(HELM), "template", "r", str(CHART), "--set", "runtimePodLabels.kubemoe\\.io/role=x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "invalid propertyName 'kubemoe.io/role'" in proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from kubemoe_operator.api.spec import RESERVED_FLAG_PATTERN, ModelDeploymentSpec
+from kubemoe_operator.api.spec import RESERVED_FLAG_PATTERN, RESERVED_LABEL_PREFIXES, ModelDeploymentSpec
 from kubemoe_operator.problems import Problem
 
 
@@ -78,4 +78,19 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
                     fix="drop value, or use operator: Equal.",
                 )
             )
+    problems += reserved_label_problems(spec.pod.labels, field="spec.pod.labels")
     return problems
+
+
+def reserved_label_problems(labels: dict[str, str], *, field: str) -> list[Problem]:
+    """Labels under a prefix the operator or LeaderWorkerSet owns (their selectors depend on them)."""
+    return [
+        Problem(
+            field=f"{field}[{key}]",
+            message=f"{key!r} is under {prefix}, which the operator and LeaderWorkerSet own.",
+            fix="use a label of your own domain (e.g. example.com/team).",
+        )
+        for key in labels
+        for prefix in RESERVED_LABEL_PREFIXES
+        if key.startswith(prefix)
+    ]

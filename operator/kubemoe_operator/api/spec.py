@@ -40,6 +40,10 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 
 EMPTY_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
 
+# Label prefixes the operator and LeaderWorkerSet own on pods (selectors, groups, metrics).
+RESERVED_LABEL_PREFIXES = ("kubemoe.io/", "app.kubernetes.io/", "leaderworkerset.sigs.k8s.io/")
+MAX_POD_METADATA = 64
+
 RoleName = Literal["prefill", "decode", "worker"]
 MetricType = Literal["gpu-utilization", "kv-cache-usage", "queue-depth", "ttft-p90", "itl-p90"]
 
@@ -224,6 +228,40 @@ class RouterSpec(ApiModel):
     replicas: int = Field(1, ge=0, le=64)
     """0 only in colocated mode (clients then talk to workers directly)."""
     policy: Literal["round-robin", "least-load", "prefix-hash"] = "least-load"
+    resources: Resources | None = None
+    """Container resources of each router pod; requests default to cpu 500m, memory 512Mi."""
+
+
+def _label_rule() -> str:
+    prefixes = " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES)
+    return f"!has(self.labels) || self.labels.all(k, {prefixes})"
+
+
+class PodOptions(ApiModel):
+    """What every pod of the ModelDeployment carries besides the operator's own: serving groups and
+    the router. The operator's --pod-annotation, --pod-label and --image-pull-secret (chart values
+    runtimePodAnnotations, runtimePodLabels, runtimeImagePullSecrets) give defaults; these add to
+    them and win on the same key."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                _label_rule(),
+                "labels must not use the prefixes kubemoe.io/, app.kubernetes.io/ or "
+                "leaderworkerset.sigs.k8s.io/ (the operator's and LeaderWorkerSet's own)",
+                field_path=".labels",
+            )
+        )
+    )
+
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=MAX_POD_METADATA)
+    """Pod annotations (e.g. for a service mesh, a log collector or a cost tool)."""
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_POD_METADATA)
+    """Pod labels, except under kubemoe.io/, app.kubernetes.io/ and leaderworkerset.sigs.k8s.io/."""
+    image_pull_secrets: list[Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]] = Field(
+        default_factory=list, max_length=16
+    )
+    """Secrets in the ModelDeployment's namespace for pulling the runtime image (a private registry)."""
 
 
 class Toleration(ApiModel):
@@ -286,3 +324,4 @@ class ModelDeploymentSpec(ApiModel):
     roles: Roles
     router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    pod: PodOptions = Field(default_factory=PodOptions, json_schema_extra=EMPTY_OBJECT_DEFAULT)

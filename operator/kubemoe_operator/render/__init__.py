@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubemoe_operator.api.spec import ModelDeploymentSpec
+from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.commandline import PORT, router_command
 from kubemoe_operator.plan import Plan
 from kubemoe_operator.render.names import (
@@ -23,6 +23,7 @@ from kubemoe_operator.render.names import (
     selector,
     workload_name,
 )
+from kubemoe_operator.render.pod_options import merged
 from kubemoe_operator.render.pods import PodContext, router_pod_template
 from kubemoe_operator.render.workloads import deployment, disruption_budget, headless_service, role_workload
 
@@ -60,9 +61,18 @@ def front_service(*, owner: Owner, target_role: str) -> dict[str, Any]:
     }
 
 
-def render(*, spec: ModelDeploymentSpec, plan: Plan, owner: Owner, image: str) -> list[dict[str, Any]]:
-    """Every child of the ModelDeployment `owner` for `plan`, in apply order."""
-    ctx = PodContext(owner=owner.name, spec=spec, plan=plan, image=image)
+def render(
+    *,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    owner: Owner,
+    image: str,
+    pod_defaults: PodOptions | None = None,
+) -> list[dict[str, Any]]:
+    """Every child of the ModelDeployment `owner` for `plan`, in apply order. `pod_defaults`: the
+    operator's pod annotations, labels and image pull secrets, under spec.pod."""
+    options = merged(pod_defaults or PodOptions(), spec.pod)
+    ctx = PodContext(owner=owner.name, spec=spec, plan=plan, image=image, options=options)
     services = [headless_service(owner=owner, role=r.role) for r in plan.roles]
     budgets = [
         disruption_budget(owner=owner, name=workload_name(owner.name, r.role), role=r.role)

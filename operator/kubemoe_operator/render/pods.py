@@ -5,20 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubemoe_operator.api.spec import ModelDeploymentSpec
+from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.commandline import PORT
 from kubemoe_operator.plan import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
 from kubemoe_operator.render.names import LABEL_GROUP, LABEL_LEADER, labels, workload_name
 from kubemoe_operator.render.placement import placement
+from kubemoe_operator.render.pod_options import with_options
 from kubemoe_operator.render.probes import engine_probes, router_probes
-from kubemoe_operator.render.resources import container_resources
+from kubemoe_operator.render.resources import container_resources, router_resources
 from kubemoe_operator.render.sources import source_mounts
 
 CONTAINER = "engine"
 LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
 NIXL_SIDE_CHANNEL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
-ROUTER_REQUESTS = {"cpu": "500m", "memory": "512Mi"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,8 @@ class PodContext:
     spec: ModelDeploymentSpec
     plan: Plan
     image: str
+    options: PodOptions
+    """Annotations, labels and image pull secrets of every pod (pod_options.merged)."""
 
 
 def metric_label_env(*, owner: str, role: RolePlan) -> list[dict[str, Any]]:
@@ -82,7 +84,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "enableServiceLinks": False,
         **placement(ctx.spec, ctx.plan, accelerator=True),
     }
-    return {"metadata": {"labels": pod_labels}, "spec": spec}
+    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
 
 
 def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
         "command": argv[:1],
         "args": argv[1:],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "resources": {"requests": dict(ROUTER_REQUESTS)},
+        "resources": router_resources(ctx.spec),
         "securityContext": container_sc,
         **router_probes(),
     }
@@ -106,4 +108,4 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
         "enableServiceLinks": False,
         **placement(ctx.spec, ctx.plan, accelerator=False),
     }
-    return {"metadata": {"labels": pod_labels}, "spec": spec}
+    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)

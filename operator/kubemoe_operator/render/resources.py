@@ -1,4 +1,6 @@
-"""A serving container's resources: the plan's CPU and memory requests and its accelerators.
+"""Container resources: a serving container's from the plan, the router's from spec.router.
+
+A serving container's CPU and memory requests come from the plan and its accelerators are added.
 
 Requests come from the plan (plan.RolePlan.host, which already applies the spec's cpu and memory
 requests); any other request or limit in spec.roles.<role>.resources passes through. The
@@ -29,4 +31,17 @@ def container_resources(*, spec: ModelDeploymentSpec, plan: Plan, role: RolePlan
     out: dict[str, Any] = {"requests": requests}
     if limits:
         out["limits"] = limits
+    return out
+
+
+ROUTER_REQUESTS = {"cpu": "500m", "memory": "512Mi"}
+
+
+def router_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """ROUTER_REQUESTS, overridden key by key by spec.router.resources (limits only when given)."""
+    given = spec.router.resources
+    requests = {**ROUTER_REQUESTS, **({k: str(v) for k, v in given.requests.items()} if given else {})}
+    out: dict[str, Any] = {"requests": requests}
+    if given is not None and given.limits:
+        out["limits"] = {k: str(v) for k, v in given.limits.items()}
     return out
