@@ -22,7 +22,7 @@ retry = for try in 1 2 3 4; do $(1) && break; [ $$try -lt 4 ] || exit 1; \
 pip-upgrade = $(call retry,$(1)/python -m pip install -q --upgrade pip)
 pip = $(call retry,$(1)/python -m pip install -q --resume-retries 20 $(2))
 
-.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build prometheus cluster-up cluster-down crds bench clean
+.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build images prometheus cluster-up cluster-down crds bench clean
 
 help:
 	@echo "make demo   - run the demo (sets up .venv first if needed)"
@@ -63,15 +63,22 @@ typecheck: setup
 unit: setup setup-vllm
 	$(BIN)/pytest tests --junitxml=$(REPORTS)/unit.xml || [ $$? -eq 5 ]  # 5: no tests collected
 
+# The control plane and the real node (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS: Go modules
+# and Debian packages), each built once and cached under ~/.cache/kubemoe.
 cluster-build: setup
-	$(PY) -m e2e.cluster build
+	$(PY) -m e2e.cluster build --real-nodes
 
 # Debian's prometheus package, unpacked (not installed) into ~/.cache/kubemoe/prometheus for the
 # autoscaling e2e (e2e/prometheus.py fetches it on first use too).
 prometheus: setup
 	$(PY) -m e2e.prometheus
 
-e2e: setup setup-vllm cluster-build prometheus
+# The operator and CPU runtime images from their Dockerfiles (buildah; a Python base made by
+# mmdebstrap), cached by a hash of their inputs under ~/.cache/kubemoe/images; the real node runs them.
+images: setup
+	$(PY) -m e2e.cluster.images
+
+e2e: setup setup-vllm cluster-build prometheus images
 	$(BIN)/pytest e2e --junitxml=$(REPORTS)/e2e.xml || [ $$? -eq 5 ]
 
 # Each stage timed; stops at the first that fails; ends with one line (.ci/summary.py) saying what

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,14 +77,14 @@ def operator_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
 REAL_NODE_TOLERATION = {"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}
 
 
-@pytest.fixture
-def real_namespace(cluster: Cluster) -> Iterator[str]:
+@contextlib.contextmanager
+def pinned_to_real_nodes(cluster: Cluster, *, prefix: str = "r") -> Iterator[str]:
     """A fresh namespace whose pods all run on the real nodes (the PodNodeSelector and
     PodTolerationRestriction admission plugins pin them there: the router's and the operator's
     pods too, whatever the chart or the spec says), deleted afterwards."""
     if E2E_REAL_NODES == 0:
         pytest.skip("KUBEMOE_E2E_REAL_NODES=0: this cluster has no real node to run containers on")
-    name = f"r-{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     cluster.kubectl(
         "annotate",
@@ -92,8 +93,17 @@ def real_namespace(cluster: Cluster) -> Iterator[str]:
         f"scheduler.alpha.kubernetes.io/node-selector={REAL_NODE_LABEL}=true",
         f"scheduler.alpha.kubernetes.io/defaultTolerations={json.dumps([REAL_NODE_TOLERATION])}",
     )
-    yield name
-    delete_namespace(cluster, name)
+    try:
+        yield name
+    finally:
+        delete_namespace(cluster, name)
+
+
+@pytest.fixture
+def real_namespace(cluster: Cluster) -> Iterator[str]:
+    """A namespace of one test's whose pods run on the real nodes (pinned_to_real_nodes)."""
+    with pinned_to_real_nodes(cluster) as name:
+        yield name
 
 
 @pytest.fixture
