@@ -43,16 +43,17 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(kubeconfig=Path(external), bin_dir=paths.bin)
         return
     config = kwok.ClusterConfig(name=E2E_CLUSTER_NAME, extra_nodes=E2E_EXTRA_NODES, real_nodes=E2E_REAL_NODES)
-    handle = lifecycle.up(config, paths=paths)
-    try:
-        yield handle
-    finally:
-        keep = os.environ.get("KUBEMOE_E2E_ARTIFACTS")  # a folder to keep the audit log in
-        if keep and handle.audit_log is not None and handle.audit_log.exists():
-            Path(keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(handle.audit_log, Path(keep) / f"{E2E_CLUSTER_NAME}-audit.log")
-        problems = lifecycle.down(E2E_CLUSTER_NAME, paths=paths)
-        assert problems == [], f"the real nodes left this behind on the host: {problems}"
+    with lifecycle.claimed(E2E_CLUSTER_NAME):
+        handle = lifecycle.up(config, paths=paths)
+        try:
+            yield handle
+        finally:
+            keep = os.environ.get("KUBEMOE_E2E_ARTIFACTS")  # a folder to keep the audit log in
+            if keep and handle.audit_log is not None and handle.audit_log.exists():
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                shutil.copy(handle.audit_log, Path(keep) / f"{E2E_CLUSTER_NAME}-audit.log")
+            problems = lifecycle.down(E2E_CLUSTER_NAME, paths=paths)
+            assert problems == [], f"the real nodes left this behind on the host: {problems}"
 
 
 @pytest.fixture(scope="session")

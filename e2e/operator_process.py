@@ -53,17 +53,19 @@ def get_or_none(cluster: Cluster, *args: str) -> Any:
     return json.loads(proc.stdout)
 
 
-def model_volume(ns: str) -> str:
-    """A PersistentVolume bound to claim `models` in `ns`: the pvc:// source the manifest names."""
+def model_volume(ns: str, *, host_path: str = "/srv/models", size: str = "100Gi") -> str:
+    """A hostPath PersistentVolume bound to claim `models` in `ns` (the pvc:// source a manifest
+    names), as a kubectl List. On kwok nodes the path need not exist; on a real node it must."""
     pv = {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
         "metadata": {"name": f"models-{ns}"},
         "spec": {
-            "capacity": {"storage": "100Gi"},
+            "capacity": {"storage": size},
             "accessModes": ["ReadOnlyMany"],
             "storageClassName": "",
-            "hostPath": {"path": "/srv/models"},
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": host_path},
             "claimRef": {"namespace": ns, "name": "models"},
         },
     }
@@ -75,7 +77,7 @@ def model_volume(ns: str) -> str:
             "accessModes": ["ReadOnlyMany"],
             "storageClassName": "",
             "volumeName": f"models-{ns}",
-            "resources": {"requests": {"storage": "100Gi"}},
+            "resources": {"requests": {"storage": size}},
         },
     }
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]})

@@ -8,34 +8,36 @@ the same checkpoint in float32. Deleting the decode worker pod: the router eject
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
-import torch
 import yaml
 
 from e2e.cluster.handle import Cluster
 from e2e.conftest import E2E_CLUSTER_NAME, pinned_to_real_nodes
-from e2e.operator_process import running_operator
+from e2e.operator_process import model_volume, running_operator
 from e2e.real_images import image_ref
+from e2e.real_models import (
+    MODEL,
+    first_token,
+    live_pods,
+    openai_client,
+    reference_greedy,
+    tiny_checkpoint,
+    tiny_manifest,
+    wait_ready,
+)
 from e2e.waiting import eventually
-from kubemoe_runtime.checkpoints import write_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-moe"
-MODEL = "tiny-qwen3-moe"
 PROMPTS = [f"The router sends request {i} to the experts of layer {i % 3}" for i in range(4)]
 MAX_TOKENS = 8
-READY_TIMEOUT_S = 900  # four pods each import torch on a 2-core machine
 
 
 @dataclass(frozen=True)
@@ -44,86 +46,6 @@ class Served:
     checkpoint: Path
     apply_to_ready_s: float
     apply_to_first_token_s: float
-
-
-def _checkpoint(root: Path) -> Path:
-    """The tiny checkpoint, readable by the image's user (uid 65532) through the hostPath volume."""
-    out = write_tiny_checkpoint(root / MODEL, arch="qwen3_moe", dtype=torch.float32)
-    for d, _dirs, files in os.walk(root):
-        os.chmod(d, 0o755)
-        for f in files:
-            os.chmod(Path(d) / f, 0o644)
-    return out
-
-
-def _volume(ns: str, path: Path) -> list[dict[str, Any]]:
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"models-{ns}"},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadOnlyMany"],
-            "storageClassName": "",
-            "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": str(path), "type": "Directory"},
-            "claimRef": {"namespace": ns, "name": "models"},
-        },
-    }
-    pvc = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "models", "namespace": ns},
-        "spec": {
-            "accessModes": ["ReadOnlyMany"],
-            "storageClassName": "",
-            "volumeName": f"models-{ns}",
-            "resources": {"requests": {"storage": "1Gi"}},
-        },
-    }
-    return [pv, pvc]
-
-
-def _manifest(ns: str) -> dict[str, Any]:
-    md: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())
-    md["metadata"]["namespace"] = ns
-    md["spec"]["model"]["source"] = f"pvc://models/{MODEL}"
-    for role in md["spec"]["roles"].values():  # four pods on two cores: ask for what they use
-        role["resources"] = {"requests": {"cpu": "250m", "memory": "2Gi"}}
-    return md
-
-
-def _md(cluster: Cluster, ns: str) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(cluster.kubectl("get", "md", NAME, "-n", ns, "-o", "json").stdout)
-    return out
-
-
-def _condition(md: dict[str, Any], kind: str) -> str | None:
-    for c in md.get("status", {}).get("conditions", []):
-        if c["type"] == kind:
-            return str(c["status"])
-    return None
-
-
-def _pods(cluster: Cluster, ns: str, selector: str = "") -> list[dict[str, Any]]:
-    args = ["get", "pods", "-n", ns, "-o", "json", *(["-l", selector] if selector else [])]
-    items: list[dict[str, Any]] = json.loads(cluster.kubectl(*args).stdout)["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
-
-
-def _diagnose(cluster: Cluster, ns: str) -> str:
-    parts = [cluster.kubectl("get", "md,pods,svc,lws", "-n", ns, "-o", "wide", check=False).stdout]
-    for pod in _pods(cluster, ns):
-        name = pod["metadata"]["name"]
-        logs = cluster.kubectl("logs", "-n", ns, name, "--all-containers", "--tail=30", check=False)
-        parts.append(
-            f"--- {name}: {json.dumps(pod['status'].get('containerStatuses'))[:1500]}\n{logs.stdout}"
-        )
-    return "\n".join(parts)
-
-
-def _client(port: int) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -136,27 +58,16 @@ def served(
 ) -> Iterator[Served]:
     runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
     root = tmp_path_factory.mktemp("real-models")
-    checkpoint = _checkpoint(root)
+    checkpoint = tiny_checkpoint(root)
     log = tmp_path_factory.mktemp("real-operator") / "operator.log"
     with pinned_to_real_nodes(cluster, prefix="serve") as ns:
-        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(_volume(ns, root)))
+        cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
         args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
         with running_operator(operator_cluster, log=log, args=args, request=request):
             t0 = time.monotonic()
-            cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_manifest(ns)))
-            try:
-                eventually(
-                    lambda: _condition(_md(cluster, ns), "Ready") == "True",
-                    timeout=READY_TIMEOUT_S,
-                    what=f"ModelDeployment {NAME} Ready",
-                    interval=2,
-                )
-            except AssertionError:
-                print(_diagnose(cluster, ns))
-                raise
-            ready_s = time.monotonic() - t0
-            with cluster.port_forward(f"svc/{NAME}", 8000, namespace=ns) as port:
-                _client(port).completions.create(model=MODEL, prompt="hello", max_tokens=1, temperature=0)
+            cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(tiny_manifest(ns, NAME)))
+            ready_s = wait_ready(cluster, ns, NAME)
+            first_token(cluster, ns, f"svc/{NAME}")
             first_token_s = time.monotonic() - t0
             print(f"kubectl apply -> Ready {ready_s:.1f}s, -> first token {first_token_s:.1f}s")
             yield Served(ns, checkpoint, ready_s, first_token_s)
@@ -168,12 +79,12 @@ def test_ready_in_kubectl_get_md(cluster: Cluster, served: Served) -> None:
     out = cluster.kubectl("get", "md", "-n", served.namespace).stdout
     row = next(line for line in out.splitlines() if line.startswith(NAME))
     assert "Ready" in row, out
-    kinds = {p["metadata"]["labels"].get("kubemoe.io/role") for p in _pods(cluster, served.namespace)}
+    kinds = {p["metadata"]["labels"].get("kubemoe.io/role") for p in live_pods(cluster, served.namespace)}
     assert {"prefill", "decode", "router"} <= kinds, kinds
 
 
 def test_every_container_runs_as_the_images_user(cluster: Cluster, served: Served) -> None:
-    pods = _pods(cluster, served.namespace)
+    pods = live_pods(cluster, served.namespace)
     assert len(pods) >= 4  # prefill, decode leader and worker, router
     for pod in pods:
         for c in pod["spec"]["containers"]:
@@ -186,12 +97,14 @@ def test_worker_reaches_the_leader_by_its_dns_name(cluster: Cluster, served: Ser
     ns = served.namespace
     workers = [
         p
-        for p in _pods(cluster, ns, "kubemoe.io/role=decode")
+        for p in live_pods(cluster, ns, "kubemoe.io/role=decode")
         if p["metadata"]["labels"].get("leaderworkerset.sigs.k8s.io/worker-index") != "0"
     ]
     (worker,) = workers
     leader_name = worker["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/leader-name"]
-    leader_ip = next(p for p in _pods(cluster, ns) if p["metadata"]["name"] == leader_name)["status"]["podIP"]
+    leader_ip = next(p for p in live_pods(cluster, ns) if p["metadata"]["name"] == leader_name)["status"][
+        "podIP"
+    ]
     script = "import os, socket; a = os.environ['LWS_LEADER_ADDRESS']; print(a, socket.gethostbyname(a))"
     out = cluster.kubectl("exec", "-n", ns, worker["metadata"]["name"], "--", "python", "-c", script).stdout
     address, ip = out.split()
@@ -199,26 +112,10 @@ def test_worker_reaches_the_leader_by_its_dns_name(cluster: Cluster, served: Ser
     assert ip == leader_ip, out
 
 
-def _reference(checkpoint: Path) -> list[str]:
-    """transformers' greedy continuations of PROMPTS, float32, the same checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    model.eval()
-    texts = []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            ids = tok(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-            texts.append(str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
-    return texts
-
-
 def test_greedy_completions_equal_transformers(cluster: Cluster, served: Served) -> None:
-    expected = _reference(served.checkpoint)
+    expected = reference_greedy(served.checkpoint, PROMPTS, MAX_TOKENS)
     with cluster.port_forward(f"svc/{NAME}", 8000, namespace=served.namespace) as port:
-        c = _client(port)
+        c = openai_client(port)
         plain = [
             c.completions.create(model=MODEL, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
             for p in PROMPTS
@@ -248,10 +145,10 @@ def _decode_backends_healthy(port: int) -> dict[str, float]:
 def test_deleting_the_decode_worker_recovers(cluster: Cluster, served: Served) -> None:
     """Run last in this module: it restarts the decode group."""
     ns = served.namespace
-    (router,) = _pods(cluster, ns, "kubemoe.io/role=router")
+    (router,) = live_pods(cluster, ns, "kubemoe.io/role=router")
     (worker,) = [
         p
-        for p in _pods(cluster, ns, "kubemoe.io/role=decode")
+        for p in live_pods(cluster, ns, "kubemoe.io/role=decode")
         if p["metadata"]["labels"].get("leaderworkerset.sigs.k8s.io/worker-index") != "0"
     ]
     with cluster.port_forward(f"pod/{router['metadata']['name']}", 8000, namespace=ns) as port:
@@ -268,7 +165,7 @@ def test_deleting_the_decode_worker_recovers(cluster: Cluster, served: Served) -
 
         def serves() -> bool:
             try:
-                r = _client(port).completions.create(
+                r = openai_client(port).completions.create(
                     model=MODEL, prompt=PROMPTS[0], max_tokens=2, temperature=0
                 )
             except openai.APIError:

@@ -19,7 +19,9 @@ from e2e.cluster import images_buildah
 
 REPO = "kubemoe.local/python-base"
 SUITE = "bookworm"
-PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# libpython3.11-dev: Python.h, as python:3.11-slim has it (torch's inductor, which vLLM's CPU build
+# runs at start, compiles C++ against it: "fatal error: Python.h: No such file or directory").
+PACKAGES = ("python3", "python3-venv", "libpython3.11-dev", "ca-certificates")
 PIP_VERSION = "26.3"
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 APT_SOURCES = Path("/etc/apt")

@@ -3,11 +3,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
+from collections.abc import Iterator
 
 from e2e.cluster import build, kwok, node_services, realnode
 from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import MAX_REAL_NODES, RealNode, run_root
+
+
+@contextlib.contextmanager
+def claimed(name: str) -> Iterator[None]:
+    """Hold cluster `name` for one user (an e2e session) until the block ends: a second one would
+    replace the first's control plane under it (`up` downs a cluster of the same name first)."""
+    kwok.run_root().mkdir(parents=True, exist_ok=True)
+    path = kwok.run_root() / f"{name}.lock"
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(
+                f"cluster {name!r} is in use by another e2e session (pid {f.read().strip() or '?'}); "
+                "give this one a cluster of its own with KUBEMOE_E2E_CLUSTER_NAME=NAME "
+                "(and KUBEMOE_E2E_REAL_NODES=0: one cluster with real nodes per machine)"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def real_nodes_of(name: str) -> list[RealNode]:

@@ -1,8 +1,9 @@
-"""Build what a real node needs, once, behind a stamp file (prototype for issue 13 §1).
+"""Build what a real node needs, once, behind a stamp file (see realnode.py).
 
 Everything lands in ``~/.cache/kubemoe/realnode/<kube version>/bin``:
-kubelet (from ``k8s.io/kubernetes`` at the API server's release, through a wrapper module like
-``build.build_kube``), containerd 2.x + containerd-shim-runc-v2 + ctr (from
+kubelet and kube-proxy (from ``k8s.io/kubernetes`` at the API server's release, through a wrapper
+module like ``build.build_kube``), CoreDNS (``github.com/coredns/coredns``), crictl, containerd
+2.x + containerd-shim-runc-v2 + ctr (from
 ``github.com/containerd/containerd/v2``), and the CNI plugins bridge, host-local, loopback and
 portmap (from ``github.com/containernetworking/plugins``, into ``bin/cni``).
 runc, iptables and busybox-static come from Debian (``apt-get install``): see ``DEBIAN_PACKAGES``.
@@ -89,16 +90,21 @@ def build_kube_commands(paths: Paths) -> None:
         go(["build", "-trimpath", "-ldflags", build.kube_ldflags(), "-o", str(paths.bin / c), pkg], cwd=src)
 
 
+def go_build_module(paths: Paths, *, name: str, module: str, version: str, pkg: str, ldflags: str) -> None:
+    """`go build` package `pkg` of `module`@`version` (through a wrapper module) into bin/`name`."""
+    src = paths.src / name
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "go.mod").write_text(build.wrapper_go_mod(name=name, require={module: version}, replace={}))
+    go(["get", f"{pkg}@{version}"], cwd=src)
+    go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(paths.bin / name), pkg], cwd=src)
+
+
 def build_coredns(paths: Paths) -> None:
     """CoreDNS (its default plugin set has `kubernetes`), so Service and pod names resolve."""
     module = "github.com/coredns/coredns"
-    src = paths.src / "coredns"
-    src.mkdir(parents=True, exist_ok=True)
-    (src / "go.mod").write_text(
-        build.wrapper_go_mod(name="coredns", require={module: COREDNS_VERSION}, replace={})
+    go_build_module(
+        paths, name="coredns", module=module, version=COREDNS_VERSION, pkg=module, ldflags="-s -w"
     )
-    go(["get", f"{module}@{COREDNS_VERSION}"], cwd=src)
-    go(["build", "-trimpath", "-ldflags", "-s -w", "-o", str(paths.bin / "coredns"), module], cwd=src)
 
 
 def build_containerd(paths: Paths) -> None:
@@ -188,16 +194,14 @@ def build_pause(paths: Paths) -> None:
 def build_crictl(paths: Paths) -> None:
     """crictl: to inspect the node and to stop/remove pod sandboxes (CNI teardown) on `down`."""
     module = "sigs.k8s.io/cri-tools"
-    src = paths.src / "crictl"
-    src.mkdir(parents=True, exist_ok=True)
-    (src / "go.mod").write_text(
-        build.wrapper_go_mod(name="crictl", require={module: CRI_TOOLS_VERSION}, replace={})
-    )
-    go(["get", f"{module}/cmd/crictl@{CRI_TOOLS_VERSION}"], cwd=src)
     ldflags = f"-s -w -X {module}/pkg/version.Version={CRI_TOOLS_VERSION}"
-    go(
-        ["build", "-trimpath", "-ldflags", ldflags, "-o", str(paths.bin / "crictl"), f"{module}/cmd/crictl"],
-        cwd=src,
+    go_build_module(
+        paths,
+        name="crictl",
+        module=module,
+        version=CRI_TOOLS_VERSION,
+        pkg=f"{module}/cmd/crictl",
+        ldflags=ldflags,
     )
 
 

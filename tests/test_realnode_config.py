@@ -1,0 +1,84 @@
+"""The real node's layout and configuration (e2e/cluster/node_config.py, kwok.components_patches):
+addresses only in the benchmarking ranges, cluster DNS that forwards nothing off this machine, one
+kube-proxy that leaves the host's conntrack sysctls alone."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from e2e.cluster import kwok, lifecycle
+from e2e.cluster.kwok import SERVICE_CIDR
+from e2e.cluster.node_config import (
+    CLUSTER_DNS,
+    POD_NETWORK,
+    RealNode,
+    cni_config,
+    corefile,
+    kube_dns_objects,
+    kube_proxy_config,
+)
+
+BENCHMARKING = ipaddress.ip_network("198.18.0.0/15")
+
+
+@pytest.mark.parametrize("index", [0, 1, 7])
+def test_node_addresses_are_in_the_benchmarking_range(index: int) -> None:
+    node = RealNode("c", index)
+    net = ipaddress.ip_network(node.pod_cidr)
+    assert net.subnet_of(ipaddress.ip_network(POD_NETWORK))  # type: ignore[arg-type]
+    assert ipaddress.ip_address(node.node_ip) == net.network_address + 1
+    assert len(node.bridge) <= 15  # Linux interface names
+    for n in (POD_NETWORK, SERVICE_CIDR):
+        assert ipaddress.ip_network(n).subnet_of(BENCHMARKING)  # type: ignore[arg-type]
+    assert ipaddress.ip_address(CLUSTER_DNS) in ipaddress.ip_network(SERVICE_CIDR)
+
+
+def test_nodes_do_not_share_bridges_or_subnets() -> None:
+    nodes = [RealNode("c", i) for i in range(4)]
+    assert len({n.bridge for n in nodes}) == len({n.pod_cidr for n in nodes}) == 4
+    conf = cni_config(nodes[1])["plugins"][0]
+    assert conf["bridge"] == nodes[1].bridge
+    assert conf["ipMasq"] is False  # nothing is to leave this machine
+    assert conf["ipam"]["ranges"][0][0]["subnet"] == nodes[1].pod_cidr
+
+
+def test_cluster_dns_answers_cluster_names_only() -> None:
+    text = corefile(listen=RealNode("c").node_ip, kubeconfig=Path("/k"))
+    assert "forward" not in text  # no upstream: a pod asks nothing of this machine's resolver
+    assert f"bind {RealNode('c').node_ip}" in text
+    svc, slice_ = kube_dns_objects()
+    assert svc["spec"]["clusterIP"] == CLUSTER_DNS
+    assert slice_["endpoints"][0]["addresses"] == [kwok.REAL_NODE0_IP]
+
+
+def test_kube_proxy_changes_no_host_sysctl_it_need_not() -> None:
+    config = kube_proxy_config("c", kubeconfig=Path("/k"), healthz_port=1, metrics_port=2)
+    assert config["conntrack"]["maxPerCore"] == 0
+    assert config["iptables"]["localhostNodePorts"] is False  # would set route_localnet
+    assert config["nodePortAddresses"] == [POD_NETWORK]
+
+
+def test_the_api_server_is_reachable_from_pods_only_with_real_nodes() -> None:
+    def apiserver_args(real: bool) -> dict[str, str]:
+        (api,) = [p for p in kwok.components_patches(real_nodes=real) if p["name"] == "kube-apiserver"]
+        return {a["key"]: a["value"] for a in api["extraArgs"]}
+
+    assert apiserver_args(True)["advertise-address"] == kwok.REAL_NODE0_IP
+    assert "advertise-address" not in apiserver_args(False)
+    assert apiserver_args(False)["service-cluster-ip-range"] == SERVICE_CIDR
+
+
+def test_real_node_count_is_bounded() -> None:
+    with pytest.raises(ValueError, match=r"real_nodes must be 0\.\.8"):
+        lifecycle.up(kwok.ClusterConfig(name="never-started", real_nodes=9))
+
+
+def test_a_cluster_name_has_one_user_at_a_time() -> None:
+    in_use = pytest.raises(RuntimeError, match="in use by another e2e session")
+    with lifecycle.claimed("claim-test"), in_use, lifecycle.claimed("claim-test"):
+        pass
+    with lifecycle.claimed("claim-test"):  # free again once the first user is done
+        pass
