@@ -1,13 +1,15 @@
 """Colocated serving on the real node (issue 13 §3.5-3.6), from the runtime image built from
-runtime/Dockerfile.cpu: `engine: vllm` (vLLM's CPU build in that image) answers greedy completions,
-streaming and not; and the time from `kubectl apply` to the first token of a kubemoe
-ModelDeployment against the same image started by a hand-written Deployment (what a user would
-write without kubemoe). The times are printed for the notes; the tests assert that both serve."""
+runtime/Dockerfile.cpu: `engine: vllm` (vLLM's CPU build in that image) answers greedy
+completions, streaming and not, equal to transformers' on the same checkpoint (float32); and the
+time from `kubectl apply` to the first token of a kubemoe ModelDeployment against the same image
+started by a hand-written Deployment (what a user would write without kubemoe). The times are
+printed for the notes; the tests assert that both serve."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from e2e.real_models import (
     MODEL,
     first_token,
     openai_client,
+    reference_greedy,
     tiny_checkpoint,
     tiny_manifest,
     wait_ready,
@@ -98,18 +101,18 @@ def models_ns(
     operator_cluster: Cluster,
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    """A namespace on the real node with the tiny checkpoint as claim `models`, and the operator
-    watching it."""
+) -> Iterator[tuple[str, Path]]:
+    """A namespace on the real node with the tiny checkpoint as claim `models` (and its path
+    here), and the operator watching it."""
     runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
     root = tmp_path_factory.mktemp("colocated-models")
-    tiny_checkpoint(root)
+    checkpoint = tiny_checkpoint(root)
     log = tmp_path_factory.mktemp("colocated-operator") / "operator.log"
     with pinned_to_real_nodes(cluster, prefix="colo") as ns:
         cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
         args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
         with running_operator(operator_cluster, log=log, args=args, request=request):
-            yield ns
+            yield ns, checkpoint
         cluster.kubectl("delete", "pv", f"models-{ns}", "--wait=false", check=False)
 
 
@@ -117,8 +120,10 @@ def _delete(cluster: Cluster, ns: str, *what: str) -> None:
     cluster.kubectl("delete", "-n", ns, *what, "--wait=true", "--timeout=180s", timeout=240)
 
 
-def test_apply_to_first_token_against_a_hand_written_deployment(cluster: Cluster, models_ns: str) -> None:
-    ns = models_ns
+def test_apply_to_first_token_against_a_hand_written_deployment(
+    cluster: Cluster, models_ns: tuple[str, Path]
+) -> None:
+    ns, _ = models_ns
     image = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
     t0 = time.monotonic()
     cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(hand_written(ns, image)))
@@ -139,8 +144,8 @@ def test_apply_to_first_token_against_a_hand_written_deployment(cluster: Cluster
     _delete(cluster, ns, "md/colo-torch")
 
 
-def test_vllm_colocated_serves(cluster: Cluster, models_ns: str) -> None:
-    ns = models_ns
+def test_vllm_colocated_serves(cluster: Cluster, models_ns: tuple[str, Path]) -> None:
+    ns, checkpoint = models_ns
     # vLLM's CPU KV cache is VLLM_CPU_KVCACHE_SPACE (4 GiB in the image) on top of the model.
     md = colocated(ns, "colo-vllm", engine="vllm", memory="6Gi")
     t0 = time.monotonic()
@@ -162,4 +167,5 @@ def test_vllm_colocated_serves(cluster: Cluster, models_ns: str) -> None:
     print(f"vLLM colocated answered in {time.monotonic() - t0:.1f}s after apply: {plain}")
     assert all(plain), plain
     assert streamed == plain
+    assert plain == reference_greedy(checkpoint, PROMPTS, MAX_TOKENS)  # vLLM's CPU build, float32
     _delete(cluster, ns, "md/colo-vllm")
