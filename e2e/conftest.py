@@ -43,7 +43,7 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(kubeconfig=Path(external), bin_dir=paths.bin)
         return
     config = kwok.ClusterConfig(name=E2E_CLUSTER_NAME, extra_nodes=E2E_EXTRA_NODES, real_nodes=E2E_REAL_NODES)
-    with lifecycle.claimed(E2E_CLUSTER_NAME):
+    with lifecycle.claimed(E2E_CLUSTER_NAME, real_nodes=E2E_REAL_NODES > 0):
         handle = lifecycle.up(config, paths=paths)
         try:
             yield handle

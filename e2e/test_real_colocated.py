@@ -104,11 +104,11 @@ def models_ns(
 ) -> Iterator[tuple[str, Path]]:
     """A namespace on the real node with the tiny checkpoint as claim `models` (and its path
     here), and the operator watching it."""
-    runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
     root = tmp_path_factory.mktemp("colocated-models")
     checkpoint = tiny_checkpoint(root)
     log = tmp_path_factory.mktemp("colocated-operator") / "operator.log"
-    with pinned_to_real_nodes(cluster, prefix="colo") as ns:
+    with pinned_to_real_nodes(cluster, prefix="colo") as ns:  # skips first if there is no real node
+        runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
         cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
         args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
         with running_operator(operator_cluster, log=log, args=args, request=request):

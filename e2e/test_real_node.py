@@ -16,6 +16,7 @@ from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import CLUSTER_DNS, REAL_NODE_LABEL
 from e2e.cluster.node_images import BUSYBOX_IMAGE
 from e2e.conftest import E2E_REAL_NODES
+from e2e.waiting import eventually
 
 WEB = (
     "mkdir -p /tmp/w && echo hi from $(hostname) > /tmp/w/index.html && echo uid=$(id -u) && "
@@ -99,6 +100,12 @@ def test_services_and_cluster_dns(cluster: Cluster, real_namespace: str) -> None
     pod_ip = cluster.kubectl("get", "-n", ns, "pod", "web", "-o", "jsonpath={.status.podIP}").stdout
     assert cluster_ip.startswith("198.19.")
 
+    def answers(pod: str, script: str, want: str) -> None:
+        """kube-proxy's and CoreDNS's views follow the EndpointSlices a moment later: poll."""
+        eventually(
+            lambda: want in _exec(cluster, ns, pod, script), timeout=30, what=f"{script!r} -> {want!r}"
+        )
+
     resolv = _exec(cluster, ns, "client", "cat /etc/resolv.conf")
     assert f"nameserver {CLUSTER_DNS}" in resolv
     assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in resolv
@@ -112,15 +119,35 @@ def test_services_and_cluster_dns(cluster: Cluster, real_namespace: str) -> None
 
     get = 'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 5 {} {}'
     # kube-proxy: a ClusterIP Service from another pod, and from the backend pod itself (hairpin)
-    assert "hi from web-0" in _exec(cluster, ns, "client", get.format(cluster_ip, 80))
-    assert "hi from web-0" in _exec(cluster, ns, "web", get.format(cluster_ip, 80))
+    answers("client", get.format(cluster_ip, 80), "hi from web-0")
+    answers("web", get.format(cluster_ip, 80), "hi from web-0")
     # the `kubernetes` Service reaches the API server (it answers plain HTTP with a 400)
-    assert "HTTPS server" in _exec(cluster, ns, "client", get.format("198.19.0.1", 443))
+    answers("client", get.format("198.19.0.1", 443), "HTTPS server")
+    # an address nothing in the cluster has is refused here, not routed off this machine
+    assert "HTTPS server" not in _exec(cluster, ns, "client", get.format("198.18.200.1", 443))
 
 
 def test_kwok_pods_stay_off_the_real_node(cluster: Cluster, namespace: str) -> None:
     if E2E_REAL_NODES == 0:
         pytest.skip("KUBEMOE_E2E_REAL_NODES=0: no real node in this cluster")
+    (real,) = json.loads(
+        cluster.kubectl("get", "nodes", "-l", f"{REAL_NODE_LABEL}=true", "-o", "json").stdout
+    )["items"][:1]
+    taints = real["spec"].get("taints", [])
+    assert {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedule"} in taints, taints
+    # A pod that names the real node but does not tolerate its taint is not scheduled there.
+    pinned = _pod("pinned", "sleep 1", nodeSelector={"kubernetes.io/hostname": real["metadata"]["name"]})
+    _apply(cluster, namespace, pinned)
+    eventually(
+        lambda: (
+            "Unschedulable"
+            in cluster.kubectl(
+                "get", "-n", namespace, "pod", "pinned", "-o", "jsonpath={.status.conditions[*].reason}"
+            ).stdout
+        ),
+        timeout=60,
+        what="the pod pinned to the real node Unschedulable",
+    )
     gpu = _pod("gpu", "sleep 1")
     gpu["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
     plain = _pod("plain", "sleep 1")
@@ -140,3 +167,29 @@ def test_one_cluster_with_real_nodes_per_machine(cluster: Cluster) -> None:
     with pytest.raises(RuntimeError, match="one cluster with real nodes per machine"):
         lifecycle.up(kwok.ClusterConfig(name="kubemoe-second", real_nodes=1))
     assert kwok.existing("kubemoe-second") is None
+
+
+def test_an_image_not_imported_is_never_pulled_from_off_this_machine(
+    cluster: Cluster, real_namespace: str
+) -> None:
+    ns = real_namespace
+    pod = _pod("ghost", "true")
+    pod["spec"]["containers"][0]["image"] = "kubemoe.local/never-imported:1"
+    pod["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    _apply(cluster, ns, pod)
+    message = eventually(
+        lambda: (
+            cluster.kubectl(
+                "get",
+                "-n",
+                ns,
+                "pod",
+                "ghost",
+                "-o",
+                "jsonpath={.status.containerStatuses[0].state.waiting.message}",
+            ).stdout
+        ),
+        timeout=60,
+        what="the pull of an image nobody imported failing",
+    )
+    assert "127.0.0.1:9" in message, message  # the only registry the node knows: nothing listens

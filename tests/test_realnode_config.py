@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import kwok, lifecycle
+from e2e.cluster import build, kwok, lifecycle
 from e2e.cluster.kwok import SERVICE_CIDR
 from e2e.cluster.node_config import (
     CLUSTER_DNS,
@@ -76,9 +76,34 @@ def test_real_node_count_is_bounded() -> None:
         lifecycle.up(kwok.ClusterConfig(name="never-started", real_nodes=9))
 
 
-def test_a_cluster_name_has_one_user_at_a_time() -> None:
+def test_a_cluster_name_has_one_user_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Locks of their own: an e2e session may hold the real ones meanwhile.
+    monkeypatch.setattr(kwok, "run_root", lambda: tmp_path / "clusters")
+    monkeypatch.setattr(lifecycle, "run_root", lambda: tmp_path / "realnodes")
     in_use = pytest.raises(RuntimeError, match="in use by another e2e session")
     with lifecycle.claimed("claim-test"), in_use, lifecycle.claimed("claim-test"):
         pass
     with lifecycle.claimed("claim-test"):  # free again once the first user is done
         pass
+    busy = pytest.raises(RuntimeError, match="real nodes are in use")
+    with lifecycle.claimed("claim-a", real_nodes=True), busy, lifecycle.claimed("claim-b", real_nodes=True):
+        pass
+
+
+def test_the_fence_keeps_the_pod_network_on_this_machine() -> None:
+    from e2e.cluster.node_services import fence_rules
+
+    rules = fence_rules(6443)
+    # pods' packets to anything but a pod bridge are refused, and none come in from outside
+    assert ("FORWARD", ["-i", "kmoe-br+", "!", "-o", "kmoe-br+", "-j", "REJECT"]) in rules
+    assert ("FORWARD", ["-o", "kmoe-br+", "!", "-i", "kmoe-br+", "-j", "DROP"]) in rules
+    api = [r for c, r in rules if c == "INPUT" and "6443" in r]
+    assert [r[-1] for r in api] == ["ACCEPT", "ACCEPT", "DROP"]  # lo, the bridges, then nobody
+    assert {r[r.index("-i") + 1] for r in api if "-i" in r} == {"lo", "kmoe-br+"}
+
+
+def test_only_the_api_server_listens_beyond_loopback() -> None:
+    cfg = kwok._kwokctl_config(build.Paths(Path("/x")), audit_policy=Path("/p"))
+    assert cfg["options"]["bindAddress"] == "127.0.0.1"  # etcd and the rest, whatever the nodes
+    (api,) = [p for p in kwok.components_patches(real_nodes=True) if p["name"] == "kube-apiserver"]
+    assert {"key": "bind-address", "value": "0.0.0.0", "override": True} in api["extraArgs"]

@@ -84,7 +84,9 @@ def components_patches(*, real_nodes: bool) -> list[dict[str, Any]]:
     status and pods too). The API server: Services in SERVICE_CIDR; kubelets reached at their
     InternalIP; the namespace-level PodNodeSelector and PodTolerationRestriction admission plugins
     (tests pin a namespace's pods, the router's too, to the real nodes); and with real nodes, an
-    advertised address that pods reach (node 0's bridge address) for the `kubernetes` Service."""
+    advertised address that pods reach (node 0's bridge address) for the `kubernetes` Service, on
+    which it listens too: every address (that bridge does not exist yet), while node_services
+    fences its port to loopback and the pod bridges. etcd and the rest stay on 127.0.0.1."""
 
     def arg(key: str, value: str, *, override: bool = False) -> dict[str, Any]:
         # override=True only replaces an argument kwokctl already passes (else it is dropped).
@@ -97,6 +99,7 @@ def components_patches(*, real_nodes: bool) -> list[dict[str, Any]]:
     ]
     if real_nodes:
         apiserver.append(arg("advertise-address", REAL_NODE0_IP))
+        apiserver.append(arg("bind-address", "0.0.0.0", override=True))
     return [
         {
             "name": "kwok-controller",
@@ -109,7 +112,7 @@ def components_patches(*, real_nodes: bool) -> list[dict[str, Any]]:
     ]
 
 
-def _kwokctl_config(paths: build.Paths, *, audit_policy: Path, real_nodes: bool) -> dict[str, Any]:
+def _kwokctl_config(paths: build.Paths, *, audit_policy: Path) -> dict[str, Any]:
     b = paths.bin
     return {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -119,9 +122,7 @@ def _kwokctl_config(paths: build.Paths, *, audit_policy: Path, real_nodes: bool)
             "kubeVersion": build.KUBE_VERSION,
             "etcdVersion": build.ETCD_VERSION.lstrip("v"),
             "kwokVersion": build.KWOK_VERSION,
-            # With real nodes, pods reach the API server through the `kubernetes` Service at node
-            # 0's bridge address; that bridge does not exist yet, so: every address of this host.
-            "bindAddress": "0.0.0.0" if real_nodes else "127.0.0.1",
+            "bindAddress": "127.0.0.1",  # every component; see components_patches for the API server
             "kubeApiserverCertSANs": [
                 API_SERVICE_IP,
                 REAL_NODE0_IP,
@@ -163,7 +164,7 @@ def create_control_plane(paths: build.Paths, name: str, *, real_nodes: bool = Fa
     root.mkdir(parents=True, exist_ok=True)
     policy = root / "audit-policy.yaml"
     policy.write_text(yaml.safe_dump(AUDIT_POLICY))
-    cfg = _kwokctl_config(paths, audit_policy=policy, real_nodes=real_nodes)
+    cfg = _kwokctl_config(paths, audit_policy=policy)
     cfg["componentsPatches"] = components_patches(real_nodes=real_nodes)
     (root / "kwokctl.yaml").write_text(yaml.safe_dump(cfg))
     kubeconfig = kubeconfig_path(name)

@@ -5,34 +5,54 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from e2e.cluster import build, kwok, node_services, realnode
 from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import MAX_REAL_NODES, RealNode, run_root
 
 
+def _lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise RuntimeError(f"{what} (pid {f.read().strip() or '?'})") from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+
+    return held()
+
+
 @contextlib.contextmanager
-def claimed(name: str) -> Iterator[None]:
+def claimed(name: str, *, real_nodes: bool = False) -> Iterator[None]:
     """Hold cluster `name` for one user (an e2e session) until the block ends: a second one would
-    replace the first's control plane under it (`up` downs a cluster of the same name first)."""
-    kwok.run_root().mkdir(parents=True, exist_ok=True)
-    path = kwok.run_root() / f"{name}.lock"
-    with path.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RuntimeError(
-                f"cluster {name!r} is in use by another e2e session (pid {f.read().strip() or '?'}); "
-                "give this one a cluster of its own with KUBEMOE_E2E_CLUSTER_NAME=NAME "
-                "(and KUBEMOE_E2E_REAL_NODES=0: one cluster with real nodes per machine)"
-            ) from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+    replace the first's control plane under it (`up` downs a cluster of the same name first). With
+    real_nodes, hold this machine's real nodes too (they share its iptables and address ranges)."""
+    hint = (
+        "give this one a cluster of its own with KUBEMOE_E2E_CLUSTER_NAME=NAME "
+        "and KUBEMOE_E2E_REAL_NODES=0 (one cluster with real nodes per machine)"
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            _lock(
+                kwok.run_root() / f"{name}.lock", f"cluster {name!r} is in use by another e2e session; {hint}"
+            )
+        )
+        if real_nodes:
+            stack.enter_context(
+                _lock(run_root() / "real-nodes.lock", f"this machine's real nodes are in use; {hint}")
+            )
         yield
 
 
@@ -67,8 +87,8 @@ def up(config: kwok.ClusterConfig, *, paths: build.Paths | None = None) -> Clust
         _refuse_second_real_cluster(config.name)
     down(config.name, paths=paths)
     t0 = time.monotonic()
-    cluster = kwok.up(config, paths=paths)
     try:
+        cluster = kwok.up(config, paths=paths)
         for i in range(config.real_nodes):
             realnode.up_node(RealNode(config.name, i), cluster)
         if config.real_nodes:
@@ -83,9 +103,19 @@ def up(config: kwok.ClusterConfig, *, paths: build.Paths | None = None) -> Clust
 
 def down(name: str, *, paths: build.Paths | None = None) -> list[str]:
     """Stop everything of cluster `name`; return what could not be undone on the host (empty: all)."""
-    problems = node_services.down_services(name)
+    problems: list[str] = []
     handle = kwok.existing(name)
+    steps: list[tuple[str, Callable[[], list[str]]]] = [
+        ("kube-proxy and CoreDNS", lambda: node_services.down_services(name))
+    ]
     for node in reversed(real_nodes_of(name)):  # each restores the host as it found it: last first
-        problems += realnode.down_node(node, cluster=handle)
-    kwok.down(name, paths=paths)
+        steps.append((node.node_name, functools.partial(realnode.down_node, node, cluster=handle)))
+    try:
+        for what, step in steps:
+            try:  # one step failing must not leave the others' processes and host changes behind
+                problems += step()
+            except Exception as err:
+                problems.append(f"{what}: {type(err).__name__}: {err}")
+    finally:
+        kwok.down(name, paths=paths)
     return problems

@@ -107,6 +107,10 @@ disabled_plugins = [
   snapshotter = "overlayfs"
   [plugins."io.containerd.cri.v1.images".pinned_images]
     sandbox = "{PAUSE_IMAGE}"
+  # Every registry is 127.0.0.1:9 (nothing listens): an image that was not imported fails to pull
+  # at once, with no lookup of kubemoe.local or anything else through this machine's resolver.
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{d}/containerd/certs.d"
 
 [plugins."io.containerd.cri.v1.runtime"]
   # This machine's bounding set lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj below
@@ -127,6 +131,11 @@ disabled_plugins = [
     bin_dirs = ["{bins.cni_bin}"]
     conf_dir = "{d}/cni/net.d"
     max_conf_num = 1
+"""
+
+
+REGISTRY_HOSTS = """# every registry: nothing is pulled from off this machine (images are imported)
+server = "http://127.0.0.1:9"
 """
 
 

@@ -47,6 +47,18 @@ def nft_tables() -> list[str]:
     return sorted(line.strip() for line in out.splitlines() if line.strip())
 
 
+# What a real node's processes add to iptables: the kubelet's and kube-proxy's KUBE-* chains, the
+# CNI portmap plugin's CNI-HOSTPORT-* and CNI-DN-*, and the harness's fence (node_services) naming
+# the pod bridges and address ranges. `down` removes new rules and chains only if they carry one
+# of these: other software here (podman's CNI firewall chains, docker) may have added its own.
+OUR_CHAINS = ("KUBE-", "CNI-HOSTPORT", "CNI-DN-")
+OURS = (*OUR_CHAINS, "kmoe-br", "198.18.", "198.19.")
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
 def host_snapshot(*, dirs: bool = True) -> dict[str, Any]:
     """What `restore` puts back. dirs=False: leave the hard-coded directories out (kube-proxy and
     CoreDNS start after a node has made them, and must not remove them under its pods)."""
@@ -55,6 +67,7 @@ def host_snapshot(*, dirs: bool = True) -> dict[str, Any]:
         with contextlib.suppress(OSError):
             sysctls[key] = Path("/proc/sys", *key.split(".")).read_text().strip()
     return {
+        "boot_id": boot_id(),
         "sysctls": sysctls,
         "iptables": iptables_save("iptables-save"),
         "ip6tables": iptables_save("ip6tables-save"),
@@ -101,7 +114,10 @@ def remove_cgroup_root(cgroup_root: str) -> list[str]:
                 except FileNotFoundError:
                     break
                 except OSError:
-                    procs = (d / "cgroup.procs").read_text().split() if (d / "cgroup.procs").exists() else []
+                    try:  # the cgroup may go while we read it
+                        procs = (d / "cgroup.procs").read_text().split()
+                    except OSError:
+                        procs = []
                     for pid in procs:  # only processes of this node's pods are in here
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(int(pid), signal.SIGKILL)
@@ -133,7 +149,7 @@ def pids_of(exe: Path) -> list[int]:
 
 
 def undo_iptables(save_cmd: str, before: str) -> None:
-    """Delete rules and chains that were not there before (kubelet canaries, CNI portmap)."""
+    """Delete the rules and user-defined chains that were not there before and are ours (OURS)."""
     cmd = save_cmd.replace("-save", "")
     now = iptables_save(save_cmd)
     if not now or now == before:
@@ -152,14 +168,22 @@ def undo_iptables(save_cmd: str, before: str) -> None:
         if line.startswith("*"):
             table = line[1:]
         elif line.startswith(":") and (table, line[1:].split()[0]) not in before_chains:
-            if line.split()[1] == "-":  # user-defined (built-ins have a policy)
-                new_chains.append((table, line[1:].split()[0]))
-        elif line.startswith("-A ") and (table, line) not in before_rules:
+            chain = line[1:].split()[0]
+            if line.split()[1] == "-" and chain.startswith(OUR_CHAINS):  # user-defined, ours
+                new_chains.append((table, chain))
+        elif line.startswith("-A ") and (table, line) not in before_rules and any(m in line for m in OURS):
             subprocess.run([cmd, "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True, check=False)
     for t, c in new_chains:
         subprocess.run([cmd, "-t", t, "-F", c], capture_output=True, check=False)
     for t, c in new_chains:
         subprocess.run([cmd, "-t", t, "-X", c], capture_output=True, check=False)
+
+
+def _empty_nft_table(table: str) -> bool:
+    """True if nftables table `table` ("ip filter") has chains but no rule (what iptables-nft leaves)."""
+    out = subprocess.run(["nft", "list", "table", *table.split()], capture_output=True, text=True).stdout
+    heads = ("table ", "chain ", "type ", "policy ", "}", "flags ")
+    return not any(line.strip() and not line.strip().startswith(heads) for line in out.splitlines())
 
 
 def set_sysctl(key: str, value: str) -> None:
@@ -170,22 +194,26 @@ def restore(state: dict[str, Any], *, owned_prefix: Path) -> list[str]:
     """Put the host back as `state` (host_snapshot() at `up`) found it: iptables rules and chains,
     nftables tables, sysctls, directories. `owned_prefix`: the run directory whose files the
     kubelet linked from /var/log/containers. Returns what could not be put back."""
-    problems = []
+    problems: list[str] = []
+    if state.get("boot_id", boot_id()) != boot_id():
+        # A snapshot from before a reboot: what it did not have may be anybody's by now.
+        return ["host state snapshot is from before a reboot: iptables, sysctls and dirs left as they are"]
     undo_iptables("iptables-save", state["iptables"])
     undo_iptables("ip6tables-save", state["ip6tables"])
     for t in nft_tables():
-        if t not in state["nft_tables"]:
+        if t not in state["nft_tables"] and _empty_nft_table(t):
             subprocess.run(["nft", "delete", *t.split()], capture_output=True, check=False)
     for key, value in state["sysctls"].items():
         with contextlib.suppress(OSError):
             set_sysctl(key, value)
+    logs = Path("/var/log/containers")
+    if "/var/log/containers" in state["dirs"] and logs.is_dir():
+        for link in logs.iterdir():  # the kubelet's symlinks into our podLogsDir
+            if link.is_symlink() and os.readlink(link).startswith(str(owned_prefix) + "/"):
+                link.unlink()
     for path, existed in state["dirs"].items():
         if existed or not os.path.isdir(path):
             continue
-        if path == "/var/log/containers":
-            for link in Path(path).iterdir():  # the kubelet's symlinks into our podLogsDir
-                if link.is_symlink() and os.readlink(link).startswith(str(owned_prefix) + "/"):
-                    link.unlink()
         if path in RMTREE_DIRS:
             shutil.rmtree(path, ignore_errors=True)  # created by this node, holds only its files
         else:

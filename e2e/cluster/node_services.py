@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +17,15 @@ import yaml
 
 from e2e.cluster import certs, node_host, realnode_build
 from e2e.cluster.handle import Cluster
-from e2e.cluster.node_config import RealNode, corefile, kube_dns_objects, kube_proxy_config, services_dir
+from e2e.cluster.kwok import SERVICE_CIDR
+from e2e.cluster.node_config import (
+    POD_NETWORK,
+    RealNode,
+    corefile,
+    kube_dns_objects,
+    kube_proxy_config,
+    services_dir,
+)
 from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile
 from e2e.cluster.realnode import api_server_url, kwok_pki, log, wait_for
 
@@ -32,6 +41,43 @@ def _kubeconfig(cluster_name: str, cluster: Cluster, user: str, group: str | Non
     )
 
 
+def fence_rules(api_port: int) -> list[tuple[str, list[str]]]:
+    """iptables rules (chain, rule) that keep the pod network on this machine: pods' packets to an
+    address no bridge or Service has are refused rather than routed out of the default route (and
+    none come in from outside), host packets to a Service address nothing answers are refused, the
+    nodes' own addresses (kubelets, CoreDNS) and the API server's port (bound to every address: see
+    kwok.components_patches) take connections from loopback and the pod bridges only. In order,
+    first to last."""
+    port = ["-p", "tcp", "--dport", str(api_port)]
+    return [
+        ("FORWARD", ["-i", "kmoe-br+", "!", "-o", "kmoe-br+", "-j", "REJECT"]),
+        ("FORWARD", ["-o", "kmoe-br+", "!", "-i", "kmoe-br+", "-j", "DROP"]),
+        ("OUTPUT", ["-d", SERVICE_CIDR, "-j", "REJECT"]),
+        ("INPUT", ["-d", POD_NETWORK, "-i", "lo", "-j", "ACCEPT"]),
+        ("INPUT", ["-d", POD_NETWORK, "-i", "kmoe-br+", "-j", "ACCEPT"]),
+        ("INPUT", ["-d", POD_NETWORK, "-j", "DROP"]),
+        ("INPUT", [*port, "-i", "lo", "-j", "ACCEPT"]),
+        ("INPUT", [*port, "-i", "kmoe-br+", "-j", "ACCEPT"]),
+        ("INPUT", [*port, "-j", "DROP"]),
+    ]
+
+
+def _fence(api_port: int, *, on: bool) -> None:
+    rules = fence_rules(api_port)
+    if on:
+        for chain, rule in reversed(rules):  # -I: each goes first, so insert the last one first
+            subprocess.run(["iptables", "-I", chain, *rule], check=True, capture_output=True)
+        subprocess.run(
+            ["ip", "route", "replace", "unreachable", POD_NETWORK], check=True, capture_output=True
+        )
+    else:
+        for chain, rule in rules:
+            subprocess.run(["iptables", "-D", chain, *rule], check=False, capture_output=True)
+        subprocess.run(
+            ["ip", "route", "delete", "unreachable", POD_NETWORK], check=False, capture_output=True
+        )
+
+
 def up_services(cluster_name: str, cluster: Cluster) -> None:
     """Start kube-proxy and CoreDNS (after node 0: CoreDNS listens on its bridge address)."""
     bins = realnode_build.ensure_built()
@@ -40,6 +86,9 @@ def up_services(cluster_name: str, cluster: Cluster) -> None:
     d.mkdir(parents=True)
     t0 = time.monotonic()
     (d / "state.json").write_text(json.dumps(node_host.host_snapshot(dirs=False), indent=1))
+    api_port = urllib.parse.urlsplit(api_server_url(cluster)).port or 443
+    (d / "api-port").write_text(str(api_port))
+    _fence(api_port, on=True)
     # kube-proxy as the built-in system:kube-proxy user (bound to system:node-proxier).
     proxy_kc = _kubeconfig(cluster_name, cluster, "system:kube-proxy")
     config = kube_proxy_config(
@@ -92,6 +141,8 @@ def down_services(cluster_name: str) -> list[str]:
     d = services_dir(cluster_name)
     if not d.exists():
         return []
+    if (d / "api-port").exists():
+        _fence(int((d / "api-port").read_text()), on=False)
     stop_pidfile(d / "coredns.pid", grace=5)
     stop_pidfile(d / "kube-proxy.pid", grace=10)
     bins = realnode_build.Paths(realnode_build.cache_root())

@@ -26,6 +26,7 @@ from e2e.cluster import certs, kwok, node_host, realnode_build
 from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import (
     REAL_NODE_LABEL,
+    REGISTRY_HOSTS,
     RealNode,
     cni_config,
     containerd_config,
@@ -65,6 +66,7 @@ def write_kubelet_credentials(node: RealNode, cluster: Cluster) -> Path:
     )
     (d / "kubelet-serving.crt").write_bytes(crt)
     (d / "kubelet-serving.key").write_bytes(key)
+    (d / "kubelet-serving.key").chmod(0o600)
     shutil.copy(pki / "ca.crt", d / "ca.crt")
     return certs.client_kubeconfig(
         node.run_dir / "kubelet.kubeconfig",
@@ -111,12 +113,16 @@ def up_node(node: RealNode, cluster: Cluster) -> float:
     bins = realnode_build.ensure_built()
     down_node(node, cluster=None)
     d = node.run_dir
+    if len(f"{node.sock}.ttrpc") > 107:  # sun_path: containerd would fail with a bare EINVAL
+        raise RuntimeError(f"{node.sock}: too long a socket path; use a shorter cluster name or cache dir")
     d.mkdir(parents=True)
     t0 = time.monotonic()
     (d / "state.json").write_text(json.dumps(node_host.host_snapshot(), indent=1))
     for sub in ("containerd", "cni/net.d", "cni/ipam", "pod-logs", "volume-plugins", "kubelet"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "containerd.toml").write_text(containerd_config(node, bins))
+    (d / "containerd/certs.d/_default").mkdir(parents=True)
+    (d / "containerd/certs.d/_default/hosts.toml").write_text(REGISTRY_HOSTS)
     (d / "cni/net.d/10-kubemoe.conflist").write_text(json.dumps(cni_config(node), indent=1))
     (d / "resolv.conf").write_text("")  # the kubelet adds clusterDNS and the search domains
     kubeconfig = write_kubelet_credentials(node, cluster)
@@ -192,20 +198,24 @@ def down_node(node: RealNode, *, cluster: Cluster | None) -> list[str]:
     state = json.loads((d / "state.json").read_text()) if (d / "state.json").exists() else None
     crictl = [str(bins.bin / "crictl"), "--runtime-endpoint", f"unix://{node.sock}", "--timeout", "20s"]
     if cluster is not None:
-        # Let the kubelet stop its pods itself first (CNI DEL, volume unmounts, log symlinks).
-        cluster.kubectl(
-            "delete",
-            "pods",
-            "--all-namespaces",
-            "--field-selector",
-            f"spec.nodeName={node.node_name}",
-            "--grace-period=1",
-            "--wait=true",
-            "--timeout=60s",
-            check=False,
-            timeout=90,
-        )
-        cluster.kubectl("delete", "node", node.node_name, "--ignore-not-found", "--wait=false", check=False)
+        # Let the kubelet stop its pods itself first (CNI DEL, volume unmounts, log symlinks);
+        # if it cannot in time, the CRI calls below stop them.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cluster.kubectl(
+                "delete",
+                "pods",
+                "--all-namespaces",
+                "--field-selector",
+                f"spec.nodeName={node.node_name}",
+                "--grace-period=1",
+                "--wait=true",
+                "--timeout=60s",
+                check=False,
+                timeout=90,
+            )
+            cluster.kubectl(
+                "delete", "node", node.node_name, "--ignore-not-found", "--wait=false", check=False
+            )
     stop_pidfile(d / "kubelet.pid", grace=15)
     # Pod sandboxes: stopping them through the CRI runs the CNI DEL (veth, IPAM) and removes the netns.
     if node.sock.exists() and (d / "containerd.pid").exists():
