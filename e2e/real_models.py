@@ -3,17 +3,23 @@ source), ModelDeployment manifests from examples/tiny-moe.yaml, and what the tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 import torch
 import yaml
 
 from e2e.cluster.handle import Cluster
+from e2e.conftest import E2E_CLUSTER_NAME, pinned_to_real_nodes
+from e2e.operator_process import model_volume, running_operator
+from e2e.real_images import image_ref
 from e2e.waiting import eventually
 from kubemoe_runtime.checkpoints import write_tiny_checkpoint
 
@@ -121,3 +127,27 @@ def reference_greedy(checkpoint: Path, prompts: list[str], max_tokens: int) -> l
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
             texts.append(str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
     return texts
+
+
+@contextlib.contextmanager
+def models_namespace(
+    cluster: Cluster,
+    operator_cluster: Cluster,
+    *,
+    prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[str, Path]]:
+    """A namespace pinned to the real nodes with the tiny checkpoint as claim `models` (and its
+    path here), the runtime image imported, and the operator (as the chart's identity) watching it
+    with that image; all removed after."""
+    root = tmp_path_factory.mktemp(f"{prefix}-models")
+    checkpoint = tiny_checkpoint(root)
+    log = tmp_path_factory.mktemp(f"{prefix}-operator") / "operator.log"
+    with pinned_to_real_nodes(cluster, prefix=prefix) as ns:  # skips first if there is no real node
+        runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
+        cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
+        args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
+        with running_operator(operator_cluster, log=log, args=args, request=request):
+            yield ns, checkpoint
+        cluster.kubectl("delete", "pv", f"models-{ns}", "--wait=false", check=False)

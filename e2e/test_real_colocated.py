@@ -16,15 +16,14 @@ import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
-from e2e.conftest import E2E_CLUSTER_NAME, pinned_to_real_nodes
-from e2e.operator_process import model_volume, running_operator
+from e2e.conftest import E2E_CLUSTER_NAME
 from e2e.real_images import image_ref
 from e2e.real_models import (
     MODEL,
     first_token,
+    models_namespace,
     openai_client,
     reference_greedy,
-    tiny_checkpoint,
     tiny_manifest,
     wait_ready,
 )
@@ -104,16 +103,10 @@ def models_ns(
 ) -> Iterator[tuple[str, Path]]:
     """A namespace on the real node with the tiny checkpoint as claim `models` (and its path
     here), and the operator watching it."""
-    root = tmp_path_factory.mktemp("colocated-models")
-    checkpoint = tiny_checkpoint(root)
-    log = tmp_path_factory.mktemp("colocated-operator") / "operator.log"
-    with pinned_to_real_nodes(cluster, prefix="colo") as ns:  # skips first if there is no real node
-        runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
-        cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
-        args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
-        with running_operator(operator_cluster, log=log, args=args, request=request):
-            yield ns, checkpoint
-        cluster.kubectl("delete", "pv", f"models-{ns}", "--wait=false", check=False)
+    with models_namespace(
+        cluster, operator_cluster, prefix="colo", tmp_path_factory=tmp_path_factory, request=request
+    ) as found:
+        yield found
 
 
 def _delete(cluster: Cluster, ns: str, *what: str) -> None:

@@ -20,16 +20,13 @@ import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
-from e2e.conftest import E2E_CLUSTER_NAME, pinned_to_real_nodes
-from e2e.operator_process import model_volume, running_operator
-from e2e.real_images import image_ref
 from e2e.real_models import (
     MODEL,
     first_token,
     live_pods,
+    models_namespace,
     openai_client,
     reference_greedy,
-    tiny_checkpoint,
     tiny_manifest,
     wait_ready,
 )
@@ -56,25 +53,19 @@ def served(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp("real-models")
-    checkpoint = tiny_checkpoint(root)
-    log = tmp_path_factory.mktemp("real-operator") / "operator.log"
-    with pinned_to_real_nodes(cluster, prefix="serve") as ns:  # skips first if there is no real node
-        runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
-        cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
-        args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
-        with running_operator(operator_cluster, log=log, args=args, request=request):
-            t0 = time.monotonic()
-            cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(tiny_manifest(ns, NAME)))
-            ready_s = wait_ready(cluster, ns, NAME)
-            first_token(cluster, ns, f"svc/{NAME}")
-            first_token_s = time.monotonic() - t0
-            print(f"kubectl apply -> Ready {ready_s:.1f}s, -> first token {first_token_s:.1f}s")
-            yield Served(ns, checkpoint, ready_s, first_token_s)
-            cluster.kubectl(
-                "delete", "md", NAME, "-n", ns, "--wait=true", "--timeout=120s", check=False, timeout=180
-            )
-        cluster.kubectl("delete", "pv", f"models-{ns}", "--wait=false", check=False)
+    with models_namespace(
+        cluster, operator_cluster, prefix="serve", tmp_path_factory=tmp_path_factory, request=request
+    ) as (ns, checkpoint):
+        t0 = time.monotonic()
+        cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(tiny_manifest(ns, NAME)))
+        ready_s = wait_ready(cluster, ns, NAME)
+        first_token(cluster, ns, f"svc/{NAME}")
+        first_token_s = time.monotonic() - t0
+        print(f"kubectl apply -> Ready {ready_s:.1f}s, -> first token {first_token_s:.1f}s")
+        yield Served(ns, checkpoint, ready_s, first_token_s)
+        cluster.kubectl(
+            "delete", "md", NAME, "-n", ns, "--wait=true", "--timeout=120s", check=False, timeout=180
+        )
 
 
 def test_ready_in_kubectl_get_md(cluster: Cluster, served: Served) -> None:
