@@ -26,8 +26,8 @@ from e2e.cluster.node_config import (
     kube_proxy_config,
     services_dir,
 )
-from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile
-from e2e.cluster.realnode import api_server_url, kwok_pki, log, wait_for
+from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile, wait_for
+from e2e.cluster.realnode import api_server_url, kwok_pki, log
 
 
 def _kubeconfig(cluster_name: str, cluster: Cluster, user: str, group: str | None = None) -> Path:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -66,3 +67,14 @@ def stop_pidfile(pidfile: Path, *, grace: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path | None = None) -> None:
+    """Poll `check` until true; on timeout raise, with the tail of the daemon's `log` if given."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}\n{tail}")

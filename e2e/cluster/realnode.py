@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -33,7 +32,7 @@ from e2e.cluster.node_config import (
     kubelet_config,
 )
 from e2e.cluster.node_images import image_archives
-from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile
+from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile, wait_for
 
 
 def log(msg: str) -> None:
@@ -96,16 +95,6 @@ def import_image(node: RealNode, archive: Path | bytes) -> None:
         ctr(node, "images", "import", "--platform", "linux/amd64", "-", stdin=archive)
         return
     ctr(node, "images", "import", "--platform", "linux/amd64", str(archive))
-
-
-def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    tail = log.read_text()[-4000:] if log and log.exists() else ""
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}\n{tail}")
 
 
 def up_node(node: RealNode, cluster: Cluster) -> float:
