@@ -54,7 +54,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
     from tokenizers import Tokenizer
 
     from kubemoe_runtime.engines.torch import TorchEngine, init_expert_parallel
-    from kubemoe_runtime.engines.torch.parallel import shutdown_expert_parallel
+    from kubemoe_runtime.engines.torch.parallel import leave_process, shutdown_expert_parallel
 
     ep = init_expert_parallel(rank=rank, size=job.ep_size, address=job.address, port=job.port)
     try:
@@ -74,6 +74,8 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
             )
     finally:
         shutdown_expert_parallel(ep)
+    if job.ep_size > 1:
+        leave_process(0)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -101,9 +103,9 @@ def _generate(args: argparse.Namespace) -> int:
         p.start()
     for p in procs:
         p.join()
-    failed = [rank for rank, p in enumerate(procs) if p.exitcode != 0]
+    failed = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode != 0}
     if failed:
-        print(f"error: expert-parallel ranks {failed} failed", file=sys.stderr)
+        print(f"error: expert-parallel ranks failed (rank: exit code) {failed}", file=sys.stderr)
         return 1
     return 0
 

@@ -30,7 +30,6 @@ import faulthandler
 import json
 import logging
 import multiprocessing as mp
-import os
 import signal
 import sys
 import threading
@@ -53,6 +52,7 @@ from kubemoe_runtime.engines.torch.parallel import (
     ExpertParallel,
     free_port,
     init_expert_parallel,
+    leave_process,
     shutdown_expert_parallel,
 )
 from kubemoe_runtime.engines.torch.scheduler import Scheduler, SchedulerLimits
@@ -220,6 +220,7 @@ def run_rank_process(job: RankJob, rank: int) -> None:
         follow(runner, ep=ep)
     finally:
         shutdown_expert_parallel(ep)
+    leave_process(0)
 
 
 class _Server(uvicorn.Server):
@@ -333,13 +334,7 @@ def serve(settings: ServeSettings) -> int:
     engine_thread.join(timeout=30)
     code = pod.finish()
     if settings.data_parallel_size > 1:
-        # Our ranks are stopped and joined; gloo's and the TCP store's C++ threads may still be
-        # tearing down, and their destructors at interpreter exit can abort the process
-        # ("terminate called without an active exception", exit -6). Leave without them.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave_process(code)  # our ranks are stopped and joined; skip the group's C++ teardown
     return code
 
 
