@@ -79,7 +79,7 @@ def test_real_node_count_is_bounded() -> None:
 def test_a_cluster_name_has_one_user_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Locks of their own: an e2e session may hold the real ones meanwhile.
     monkeypatch.setattr(kwok, "run_root", lambda: tmp_path / "clusters")
-    monkeypatch.setattr(lifecycle, "run_root", lambda: tmp_path / "realnodes")
+    monkeypatch.setattr(lifecycle, "machine_lock", lambda: tmp_path / "real-nodes.lock")
     in_use = pytest.raises(RuntimeError, match="in use by another e2e session")
     with lifecycle.claimed("claim-test"), in_use, lifecycle.claimed("claim-test"):
         pass
@@ -88,6 +88,17 @@ def test_a_cluster_name_has_one_user_at_a_time(tmp_path: Path, monkeypatch: pyte
     busy = pytest.raises(RuntimeError, match="real nodes are in use")
     with lifecycle.claimed("claim-a", real_nodes=True), busy, lifecycle.claimed("claim-b", real_nodes=True):
         pass
+
+
+def test_the_real_node_lock_is_the_machines_not_the_homes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cold CI run with HOME=$(mktemp -d) and a clone with the usual HOME share one set of bridges.
+    from e2e.cluster.node_config import machine_lock
+
+    first, home = machine_lock(), Path.home()
+    monkeypatch.setenv("HOME", "/nonexistent-home")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")
+    assert machine_lock() == first
+    assert not first.is_relative_to(home)
 
 
 def test_the_fence_keeps_the_pod_network_on_this_machine() -> None:

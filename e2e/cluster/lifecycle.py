@@ -13,7 +13,7 @@ from pathlib import Path
 
 from e2e.cluster import build, kwok, node_services, realnode
 from e2e.cluster.handle import Cluster
-from e2e.cluster.node_config import MAX_REAL_NODES, RealNode, run_root
+from e2e.cluster.node_config import MAX_REAL_NODES, RealNode, machine_lock, run_root
 
 
 def _lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
@@ -50,9 +50,7 @@ def claimed(name: str, *, real_nodes: bool = False) -> Iterator[None]:
             )
         )
         if real_nodes:
-            stack.enter_context(
-                _lock(run_root() / "real-nodes.lock", f"this machine's real nodes are in use; {hint}")
-            )
+            stack.enter_context(_lock(machine_lock(), f"this machine's real nodes are in use; {hint}"))
         yield
 
 

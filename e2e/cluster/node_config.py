@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ CLUSTER_DNS = "198.19.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 REAL_NODE_LABEL = "kubemoe.io/real-node"
 MAX_REAL_NODES = 8
+
+
+def machine_lock() -> Path:
+    """Held by whoever runs real nodes here. Not under $HOME: the bridges, iptables rules and address
+    ranges are the machine's, whichever user or HOME (a CI clone, a cold run) brings nodes up."""
+    shared = Path("/run/lock")
+    return (shared if shared.is_dir() else Path(tempfile.gettempdir())) / "kubemoe-real-nodes.lock"
 
 
 def run_root() -> Path:
