@@ -95,7 +95,10 @@ class Runtime:
     async def resync_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
-            await self.resync_once()
+            try:
+                await self.resync_once()
+            except Exception:  # the resync outlives any one failure (it logs, the next one retries)
+                log.exception("resync failed; the next one retries")
 
     async def resync_once(self) -> None:
         namespaces: tuple[str | None, ...] = self.settings.namespaces or (None,)
@@ -112,6 +115,10 @@ class Runtime:
                 except (RetryableError, RejectedError) as err:
                     log.warning(
                         "resync of %s/%s: %s (next resync retries)", meta["namespace"], meta["name"], err
+                    )
+                except Exception:  # one object's failure must not skip the others
+                    log.exception(
+                        "resync of %s/%s failed (next resync retries)", meta["namespace"], meta["name"]
                     )
 
 

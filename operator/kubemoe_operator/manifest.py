@@ -39,7 +39,7 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 
 def _problem(error: ErrorDetails) -> Problem:
     field = field_path(error["loc"])
-    message = error["msg"].rstrip(".") + "."
+    message = error["msg"].removeprefix("Value error, ").rstrip(".") + "."
     if error["type"] == "extra_forbidden":
         message = "unknown field."
     explain = "modeldeployments." + ".".join(

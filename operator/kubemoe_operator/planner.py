@@ -8,6 +8,7 @@ split by tensor parallelism and its share of the routed experts; what is left of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kubemoe_operator.api.resource import ModelDeployment
@@ -31,7 +32,9 @@ class _Sizing:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors in order, in O(sqrt n) (the API caps every count this is asked about)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _device_memory_gib(*, role: RoleSpec, gpu: GpuFacts, devices_per_pod: int) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SUFFIXES = {
@@ -20,6 +21,7 @@ _SUFFIXES = {
     "Pi": 2**50,
     "Ei": 2**60,
 }
+MAX_QUANTITY = 2**63 - 1  # what the API server stores (in milli-units for small values)
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([-+]?[0-9]+))?([a-zA-Z]*)$")
 
 
@@ -30,5 +32,10 @@ def parse_quantity(value: int | str) -> float:
     match = _QUANTITY.match(value.strip())
     if match is None or match.group(3) not in _SUFFIXES:
         raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 512Mi, 2Gi)")
-    number = float(match.group(1)) * 10.0 ** int(match.group(2) or 0)
-    return number * _SUFFIXES[match.group(3)]
+    try:
+        number = float(match.group(1)) * 10.0 ** int(match.group(2) or 0) * _SUFFIXES[match.group(3)]
+    except OverflowError:
+        number = math.inf
+    if number > MAX_QUANTITY:
+        raise ValueError(f"{value!r} is larger than any Kubernetes quantity (at most about 9.2E)")
+    return number

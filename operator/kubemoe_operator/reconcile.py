@@ -28,7 +28,14 @@ from kubemoe_operator.planner import plan_manifest
 from kubemoe_operator.problems import ManifestError
 from kubemoe_operator.render import Owner, endpoint, render
 from kubemoe_operator.render.names import ROUTER, router_name, workload_name
-from kubemoe_operator.status import REASON_PLAN_REJECTED, Facts, compute_status, now_utc, status_apply
+from kubemoe_operator.status import (
+    REASON_PLAN_FAILED,
+    REASON_PLAN_REJECTED,
+    Facts,
+    compute_status,
+    now_utc,
+    status_apply,
+)
 
 log = logging.getLogger("kubemoe.reconcile")
 
@@ -164,6 +171,13 @@ def role_states(
     return states
 
 
+def _internal(err: Exception, stage: str) -> str:
+    return (
+        f"{stage} failed on this spec ({type(err).__name__}: {err!s:.300}); this is a kubemoe bug, "
+        "please report it with the spec. Fix: change the field the message names, if any."
+    )
+
+
 async def reconcile(
     *, kube: Kube, body: Mapping[str, Any], context: ReconcileContext, now: datetime | None = None
 ) -> Result:
@@ -194,6 +208,13 @@ async def reconcile(
     except ManifestError as err:
         reason = err.reason if isinstance(err, NotForClusterError) else REASON_PLAN_REJECTED
         return await finish(Facts(generation=generation, plan_error=str(err), plan_reason=reason))
+    except Exception as err:  # a planner bug on one spec must not stop the others' reconciles
+        log.exception("planning %s/%s failed", namespace, name)
+        return await finish(
+            Facts(
+                generation=generation, plan_error=_internal(err, "planning"), plan_reason=REASON_PLAN_FAILED
+            )
+        )
 
     observed = await kube.observe(name=name, namespace=namespace, uid=uid)
     needs_lws = any(r.workload == "LeaderWorkerSet" for r in plan.roles)
@@ -201,13 +222,21 @@ async def reconcile(
         return await finish(Facts(generation=generation, layout=plan.layout, lws_missing=True))
 
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    desired = render(
-        spec=spec,
-        plan=plan,
-        owner=owner,
-        image=spec.engine.image or context.image,
-        pod_defaults=context.pod_defaults,
-    )
+    try:
+        desired = render(
+            spec=spec,
+            plan=plan,
+            owner=owner,
+            image=spec.engine.image or context.image,
+            pod_defaults=context.pod_defaults,
+        )
+    except Exception as err:  # as for planning: this object reports it, the operator goes on
+        log.exception("rendering %s/%s failed", namespace, name)
+        return await finish(
+            Facts(
+                generation=generation, plan_error=_internal(err, "rendering"), plan_reason=REASON_PLAN_FAILED
+            )
+        )
     apply_error: str | None = None
     try:
         sync = await sync_children(

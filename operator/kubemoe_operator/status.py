@@ -26,6 +26,8 @@ Status = Literal["True", "False", "Unknown"]
 
 REASON_PLANNED = "Planned"
 REASON_PLAN_REJECTED = "PlanRejected"
+REASON_PLAN_FAILED = "PlanFailed"
+"""The planner or renderer raised on a spec it should have refused: a bug, reported, not fatal."""
 REASON_LWS_MISSING = "LeaderWorkerSetMissing"
 REASON_APPLY_FAILED = "ApplyFailed"
 REASON_READY = "AllGroupsReady"

@@ -18,49 +18,52 @@ WeightDtype = Literal["float32", "bfloat16", "float16", "fp8", "mxfp4", "int4"]
 
 
 class ModelConfig(ApiModel):
-    """Architecture facts (config.json) that size the layout; inline values override the catalog."""
+    """Architecture facts (config.json) that size the layout; inline values override the catalog.
+
+    Maximums are far above any published model (so a typo, or a hostile spec, cannot make the
+    planner loop over billions of divisors): e.g. 4096 attention heads, 16384 routed experts."""
 
     architecture: str | None = Field(None, max_length=128)
     """config.json `architectures[0]`, e.g. DeepseekV3ForCausalLM."""
     num_layers: int | None = Field(None, ge=1, le=1024)
     """`num_hidden_layers`."""
-    hidden_size: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1, le=2**18)
     """`hidden_size`."""
-    num_attention_heads: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1, le=4096)
     """`num_attention_heads`."""
-    num_key_value_heads: int | None = Field(None, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1, le=4096)
     """`num_key_value_heads` (grouped-query attention; ignored with MLA)."""
-    head_dim: int | None = Field(None, ge=1)
+    head_dim: int | None = Field(None, ge=1, le=4096)
     """`head_dim`; defaults to hiddenSize / numAttentionHeads."""
-    q_lora_rank: int | None = Field(None, ge=1)
+    q_lora_rank: int | None = Field(None, ge=1, le=2**16)
     """MLA `q_lora_rank` (absent: full-rank queries)."""
-    kv_lora_rank: int | None = Field(None, ge=1)
+    kv_lora_rank: int | None = Field(None, ge=1, le=2**16)
     """MLA `kv_lora_rank`; setting it marks the model as multi-head latent attention."""
-    qk_rope_head_dim: int | None = Field(None, ge=1)
+    qk_rope_head_dim: int | None = Field(None, ge=1, le=4096)
     """MLA `qk_rope_head_dim`."""
-    qk_nope_head_dim: int | None = Field(None, ge=1)
+    qk_nope_head_dim: int | None = Field(None, ge=1, le=4096)
     """MLA `qk_nope_head_dim`."""
-    v_head_dim: int | None = Field(None, ge=1)
+    v_head_dim: int | None = Field(None, ge=1, le=4096)
     """MLA `v_head_dim`."""
-    num_routed_experts: int | None = Field(None, ge=1)
+    num_routed_experts: int | None = Field(None, ge=1, le=2**14)
     """`n_routed_experts` / `num_experts` / `num_local_experts`."""
-    num_shared_experts: int | None = Field(None, ge=0)
+    num_shared_experts: int | None = Field(None, ge=0, le=256)
     """`n_shared_experts` (0 when the model has none)."""
-    experts_per_token: int | None = Field(None, ge=1)
+    experts_per_token: int | None = Field(None, ge=1, le=1024)
     """`num_experts_per_tok` (top-k)."""
-    moe_intermediate_size: int | None = Field(None, ge=1)
+    moe_intermediate_size: int | None = Field(None, ge=1, le=2**20)
     """`moe_intermediate_size`: the FFN width of one routed expert."""
-    intermediate_size: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1, le=2**20)
     """`intermediate_size`: the FFN width of dense layers (defaults to the expert width)."""
-    num_dense_layers: int | None = Field(None, ge=0)
+    num_dense_layers: int | None = Field(None, ge=0, le=1024)
     """`first_k_dense_replace`: leading layers with a dense FFN instead of experts."""
-    moe_layer_step: int | None = Field(None, ge=1)
+    moe_layer_step: int | None = Field(None, ge=1, le=1024)
     """`interleave_moe_layer_step`: every n-th layer is MoE (1: all)."""
-    vocab_size: int | None = Field(None, ge=1)
+    vocab_size: int | None = Field(None, ge=1, le=2**24)
     """`vocab_size`."""
     tie_word_embeddings: bool | None = None
     """`tie_word_embeddings`."""
-    max_position_embeddings: int | None = Field(None, ge=1)
+    max_position_embeddings: int | None = Field(None, ge=1, le=2**26)
     """`max_position_embeddings`: the default maximum sequence length."""
     dtype: ActivationDtype | None = None
     """`torch_dtype`: activations and the KV cache."""
@@ -68,7 +71,7 @@ class ModelConfig(ApiModel):
     """Stored weights (e.g. fp8 from `quantization_config`); defaults to dtype."""
     expert_weight_dtype: WeightDtype | None = None
     """Routed-expert weights when they differ (e.g. gpt-oss MXFP4); defaults to weightDtype."""
-    params_total_b: float | None = Field(None, gt=0, alias="paramsTotalB")
+    params_total_b: float | None = Field(None, gt=0, le=1e5, alias="paramsTotalB")
     """Total parameters in billions, from the model card (informational; sizing uses the layout)."""
-    params_active_b: float | None = Field(None, gt=0, alias="paramsActiveB")
+    params_active_b: float | None = Field(None, gt=0, le=1e5, alias="paramsActiveB")
     """Active parameters per token in billions, from the model card (informational)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from kubemoe_operator.api.base import ApiModel, cel, validations
 from kubemoe_operator.api.model_config import ModelConfig
+from kubemoe_operator.quantity import parse_quantity
 
 # hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PREFIX, file://PATH (local mode).
 SOURCE_PATTERN = (
@@ -97,7 +98,7 @@ class AcceleratorSpec(ApiModel):
     """Catalog key: A100-40GB, A100-80GB, H100, H200, B200, L40S, MI300X, or cpu."""
     per_pod: int = Field(8, ge=1, le=64)
     """Accelerators (for cpu: rank processes) per pod."""
-    memory_gib: float | None = Field(None, gt=0, alias="memoryGiB")
+    memory_gib: float | None = Field(None, gt=0, le=2**16, alias="memoryGiB")
     """Memory per accelerator in GiB; overrides the catalog (required for types it lacks)."""
 
 
@@ -157,8 +158,18 @@ class Parallelism(ApiModel):
 class Resources(ApiModel):
     """Container resources per pod; accelerators are added from the plan."""
 
-    requests: dict[str, int | str] = Field(default_factory=dict)
-    limits: dict[str, int | str] = Field(default_factory=dict)
+    requests: dict[str, int | str] = Field(default_factory=dict, max_length=32)
+    limits: dict[str, int | str] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _quantities(cls, value: dict[str, int | str]) -> dict[str, int | str]:
+        for name, quantity in value.items():
+            try:
+                parse_quantity(quantity)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return value
 
 
 class MetricTarget(ApiModel):
@@ -166,7 +177,7 @@ class MetricTarget(ApiModel):
 
     type: MetricType
     """gpu-utilization (0-1), kv-cache-usage (0-1), queue-depth (waiting), ttft-p90 or itl-p90 (s)."""
-    target: float = Field(gt=0)
+    target: float = Field(gt=0, le=1e9)
     """Target value per serving group."""
 
 

@@ -65,7 +65,7 @@ def decide(
     missing: list[str] = []
     for metric in policy.metrics:
         value = samples.get(metric.type)
-        if value is None or math.isnan(value):
+        if value is None or not math.isfinite(value) or value < 0:  # no reading is one to act on
             missing.append(metric.type)
             continue
         wanted.append(

@@ -206,7 +206,10 @@ class Autoscaler:
         """Evaluate every interval (a fixed cadence: a slow evaluation does not shift the next)."""
         next_at = self.clock()
         while True:
-            await self.evaluate_all()
+            try:
+                await self.evaluate_all()
+            except Exception:  # the loop outlives any one failure; the next interval tries again
+                log.exception("autoscaler: evaluation failed")
             next_at += self.interval_s
             delay = next_at - self.clock()
             if delay < 0:  # fell behind: start again from now rather than burst
@@ -230,6 +233,8 @@ class Autoscaler:
                     await self.evaluate(body)
                 except (RetryableError, RejectedError) as err:
                     log.warning("autoscaler: %s/%s: %s", meta["namespace"], meta["name"], err)
+                except Exception:  # one deployment's failure must not stop the others' scaling
+                    log.exception("autoscaler: %s/%s: evaluation failed", meta["namespace"], meta["name"])
         if complete:
             self._forget(keep=seen)
 
@@ -314,10 +319,15 @@ class Autoscaler:
         labels = (sel.namespace, sel.deployment, sel.role)
         try:
             samples = await self.source.sample(sel, [m.type for m in policy.metrics])
-        except MetricsUnavailable as err:
+        except Exception as err:  # MetricsUnavailable, or a source's bug: either way, no reading
+            if not isinstance(err, MetricsUnavailable):
+                log.exception("autoscaler: %s/%s %s: reading metrics failed", *labels)
             self.metrics.evaluations.labels(*labels, "unavailable").inc()
             log.debug("autoscaler: %s/%s %s: %s", *labels, err)
-            return RoleOutcome(role=sel.role, current=current, previous=previous, error=str(err))
+            error = (
+                str(err) if isinstance(err, MetricsUnavailable) else f"reading metrics failed: {err!r:.200}"
+            )
+            return RoleOutcome(role=sel.role, current=current, previous=previous, error=error)
         series = self.series.setdefault(uid, set())
         for metric, value in samples.items():
             self.metrics.metric_value.labels(*labels, metric).set(math.nan if value is None else value)

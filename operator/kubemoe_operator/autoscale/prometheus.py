@@ -42,13 +42,17 @@ def promql(metric: MetricType, sel: RoleSelector, *, rate_window: str = "1m") ->
 
 
 def value_of(metric: MetricType, result: Sequence[dict[str, Any]]) -> float | None:
-    """One number from an instant-vector result; None when nothing (or only NaN) came back."""
+    """One number from an instant-vector result; None when nothing (or only NaN or ±Inf: a
+    quantile over too few observations, a hostile series) came back. MetricsUnavailable when the
+    result is not the shape the HTTP API documents."""
+    try:
+        samples = [(str(r["metric"].get("group", "")), float(r["value"][1])) for r in result]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise MetricsUnavailable(f"Prometheus answered a result of an unknown shape: {err!r:.200}") from err
+    finite = [(group, v) for group, v in samples if math.isfinite(v)]
     if metric in HISTOGRAMS:
-        values = [float(r["value"][1]) for r in result]
-        finite = [v for v in values if not math.isnan(v)]
-        return finite[0] if finite else None
-    per_group = {str(r["metric"].get("group", "")): float(r["value"][1]) for r in result}
-    return mean_over_groups(per_group)
+        return finite[0][1] if finite else None
+    return mean_over_groups(dict(finite))
 
 
 class PrometheusSource:
@@ -75,11 +79,14 @@ class PrometheusSource:
         if (
             not isinstance(body, dict)
             or body.get("status") != "success"
-            or body.get("data", {}).get("resultType") != "vector"
+            or not isinstance(body.get("data"), dict)
+            or body["data"].get("resultType") != "vector"
         ):
             error = body.get("error", body) if isinstance(body, dict) else body
             raise MetricsUnavailable(f"Prometheus query failed: {error!s:.200}")
-        result: list[dict[str, Any]] = body["data"]["result"]
+        result = body["data"].get("result")
+        if not isinstance(result, list):
+            raise MetricsUnavailable(f"Prometheus answered a result of an unknown shape: {result!r:.200}")
         return result
 
     async def sample(

@@ -8,6 +8,7 @@ of a role therefore has no latency value yet, which never scales anything down).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -31,6 +32,9 @@ Targets = Callable[[RoleSelector], Awaitable[list[str]]]
 
 Buckets = dict[float, float]
 
+MAX_PAGE_BYTES = 8 << 20
+"""A runtime pod's page is a few KiB; a longer one is not read further."""
+
 
 class ScrapeSource:
     def __init__(self, *, client: httpx2.AsyncClient, targets: Targets) -> None:
@@ -39,11 +43,19 @@ class ScrapeSource:
         self._previous: dict[tuple[RoleSelector, str], Buckets] = {}
 
     async def _fetch(self, url: str) -> str | None:
+        """The page, or None when the pod does not answer; MetricsUnavailable when it is too long."""
         try:
-            resp = await self.client.get(url, timeout=5.0)
+            async with self.client.stream("GET", url, timeout=5.0) as resp:
+                if resp.status_code != 200:
+                    return None
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_PAGE_BYTES:
+                        raise MetricsUnavailable(f"{url} is longer than {MAX_PAGE_BYTES >> 20} MiB")
         except httpx2.HTTPError:
             return None
-        return resp.text if resp.status_code == 200 else None
+        return body.decode("utf-8", errors="replace")
 
     async def sample(
         self, sel: RoleSelector, metrics: Sequence[MetricType]
@@ -59,14 +71,13 @@ class ScrapeSource:
         histograms: dict[str, Buckets] = defaultdict(lambda: defaultdict(float))
         wanted_histograms = {HISTOGRAMS[m] for m in metrics if m in HISTOGRAMS}
         for text in texts:
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.labels.get("deployment") != sel.deployment or s.labels.get("role") != sel.role:
-                        continue
-                    if s.name in (QUEUE, KV_USAGE, GPU_UTIL):
-                        gauges[s.name][s.labels.get("group", "")].append(s.value)
-                    elif family.name in wanted_histograms and s.name == f"{family.name}_bucket":
-                        histograms[family.name][float(s.labels["le"])] += s.value
+            try:
+                _read_page(text, sel, gauges, histograms, wanted_histograms)
+            except (ValueError, TypeError, KeyError, IndexError) as err:
+                # Whatever a pod serves: the parser raises on malformed text, we on bad values.
+                raise MetricsUnavailable(
+                    f"a pod of role {sel.role} serves unreadable /metrics: {err!s:.200}"
+                ) from err
 
         out: dict[MetricType, float | None] = {}
         for metric in metrics:
@@ -96,3 +107,31 @@ class ScrapeSource:
             for le, count in now.items()
         ]
         return histogram_quantile(0.9, delta)
+
+
+def _read_page(
+    text: str,
+    sel: RoleSelector,
+    gauges: dict[str, dict[str, list[float]]],
+    histograms: dict[str, Buckets],
+    wanted_histograms: set[str],
+) -> None:
+    """Add one pod's page to the role's gauges and histogram buckets; ValueError on a value no
+    serving pod reports (negative, NaN, infinite; an infinite bucket bound is Prometheus' +Inf)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("deployment") != sel.deployment or s.labels.get("role") != sel.role:
+                continue
+            if s.name in (QUEUE, KV_USAGE, GPU_UTIL):
+                gauges[s.name][s.labels.get("group", "")].append(_plausible(s.name, s.value))
+            elif family.name in wanted_histograms and s.name == f"{family.name}_bucket":
+                le = float(s.labels["le"])
+                if math.isnan(le):
+                    raise ValueError(f"{s.name} has a bucket bound le=NaN")
+                histograms[family.name][le] += _plausible(s.name, s.value)
+
+
+def _plausible(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} is {value}")
+    return value

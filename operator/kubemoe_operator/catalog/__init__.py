@@ -80,6 +80,48 @@ def load_catalog() -> Catalog:
     return Catalog(models=models, gpus=gpus)
 
 
+def _shape_problems(merged: dict[str, Any]) -> list[Problem]:
+    """Facts that cannot describe one model together (catalog and inline config merged)."""
+    out = []
+    heads, hidden = merged["num_attention_heads"], merged["hidden_size"]
+    kv = merged.get("num_key_value_heads", heads)
+    if "head_dim" not in merged and hidden % heads:
+        out.append(
+            Problem(
+                field="spec.model.config.headDim",
+                message=f"hiddenSize {hidden} is not a multiple of numAttentionHeads {heads}, "
+                "so the head size is not hiddenSize / numAttentionHeads.",
+                fix="give headDim from the model's config.json (or correct hiddenSize or numAttentionHeads).",
+            )
+        )
+    if kv > heads or heads % kv:
+        out.append(
+            Problem(
+                field="spec.model.config.numKeyValueHeads",
+                message=f"{kv} key/value heads do not divide the {heads} attention heads.",
+                fix="copy num_key_value_heads from the model's config.json.",
+            )
+        )
+    experts, top_k = merged["num_routed_experts"], merged["experts_per_token"]
+    if top_k > experts:
+        out.append(
+            Problem(
+                field="spec.model.config.expertsPerToken",
+                message=f"{top_k} experts per token but the model has {experts} routed experts.",
+                fix="copy num_experts_per_tok from the model's config.json.",
+            )
+        )
+    if merged.get("num_dense_layers", 0) > merged["num_layers"]:
+        out.append(
+            Problem(
+                field="spec.model.config.numDenseLayers",
+                message=f"{merged['num_dense_layers']} dense layers but only {merged['num_layers']} layers.",
+                fix="copy first_k_dense_replace from the model's config.json.",
+            )
+        )
+    return out
+
+
 def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
     """Catalog entry for spec.name, overridden field by field by spec.config."""
     entry = catalog.model(spec.name)
@@ -106,6 +148,8 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
                 fix="add them from the model's config.json.",
             )
         raise ManifestError([problem])
+    if problems := _shape_problems(merged):
+        raise ManifestError(problems)
     heads = merged["num_attention_heads"]
     dtype = merged.get("dtype", "bfloat16")
     weight_dtype = merged.get("weight_dtype", dtype)
