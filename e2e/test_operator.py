@@ -10,6 +10,7 @@ Ready: a test's patches never reach the next one, and any test runs alone or in 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -541,6 +542,60 @@ class TestMixtral:
         patch_desired(cluster, ns, "mixtral", "worker", None)  # no decision: back to the spec
         eventually(lambda: worker_replicas() == 2, timeout=60, what="2 workers")
         wait_ready(cluster, ns, "mixtral")
+
+    def test_scale_or_edit_outside_the_spec_is_put_back_once(self, cluster: Cluster, namespace: str) -> None:
+        ns = namespace
+
+        def worker() -> dict[str, Any]:
+            obj: dict[str, Any] = get_json(cluster, "deployment", "mixtral-worker", "-n", ns)
+            return obj
+
+        def restored() -> list[str]:
+            events = get_json(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=mixtral")
+            return [e["message"] for e in events["items"] if e["reason"] == "Restored"]
+
+        before = len(restored())
+        cluster.kubectl("scale", "deployment", "mixtral-worker", "-n", ns, "--replicas=1")
+        eventually(lambda: worker()["spec"]["replicas"] == 2, timeout=30, what="2 workers again")
+        image = worker()["spec"]["template"]["spec"]["containers"][0]["image"]
+        cluster.kubectl(
+            "set", "image", "deployment/mixtral-worker", "-n", ns, "engine=registry.invalid/not-ours:1"
+        )
+        eventually(
+            lambda: worker()["spec"]["template"]["spec"]["containers"][0]["image"] == image,
+            timeout=30,
+            what="the rendered image again",
+        )
+        wait_ready(cluster, ns, "mixtral")
+        time.sleep(2 * RESYNC_S)  # resyncs: each finds nothing to put back
+        messages = restored()[before:]
+        assert len(messages) == 2, messages
+        assert any("spec.replicas: 1, rendered 2" in m for m in messages), messages
+        assert any("not-ours" in m for m in messages), messages
+
+    def test_a_name_another_object_holds_is_refused_not_adopted(
+        self, cluster: Cluster, namespace: str
+    ) -> None:
+        # MD mixtral-worker's API Service would be named mixtral-worker: mixtral's worker Service.
+        ns, other = namespace, "mixtral-worker"
+        theirs = operator_fields(get_json(cluster, "service", "mixtral-worker", "-n", ns))
+        spec = yaml.safe_load(MIXTRAL.read_text())
+        spec["metadata"]["name"] = other
+        cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(spec))
+        try:
+            eventually(
+                lambda: condition(md(cluster, ns, other), "Ready").get("reason") == "NameTaken",
+                timeout=30,
+                what="NameTaken",
+            )
+            message = condition(md(cluster, ns, other), "Ready")["message"]
+            assert f"Service {ns}/mixtral-worker (owned by ModelDeployment mixtral)" in message
+            time.sleep(2 * RESYNC_S)
+            assert not children(cluster, ns, other), "nothing applied"
+            assert operator_fields(get_json(cluster, "service", "mixtral-worker", "-n", ns)) == theirs
+            wait_ready(cluster, ns, "mixtral")
+        finally:
+            delete_and_wait_gone(cluster, ns, other)
 
     def test_operator_killed_mid_reconcile_converges_without_duplicates(
         self, cluster: Cluster, namespace: str, operator: OperatorProcess

@@ -1,9 +1,11 @@
 """Apply the rendered children and prune the ones the plan no longer has.
 
 Each rendered object carries the sha256 of its own content in an annotation. A child whose
-annotation matches is left alone, so a resync with nothing to change sends no write at all;
-anything else (new, changed, deleted by someone, hash edited) is server-side applied with the
-operator's single field manager, forcing conflicts.
+annotation matches, and whose live fields still hold every value the render sets (`drift`), is
+left alone, so a resync with nothing to change sends no write at all; anything else (new, changed,
+deleted by someone, hash edited, `kubectl scale` or `edit` on a field the operator sets) is
+server-side applied with the operator's single field manager, forcing conflicts. A child's name
+held by an object this ModelDeployment does not own is never taken over (`refuse_taken_names`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubemoe_operator.kinds import ChildKey, key_of
-from kubemoe_operator.kube import Kube, Observed, owned_by
+from kubemoe_operator.kube import Kube, NameTakenError, Observed, owned_by
+from kubemoe_operator.quantity import parse_quantity
 from kubemoe_operator.render.names import ANNOTATION_HASH, LABEL_DEPLOYMENT
 
 
@@ -47,6 +50,54 @@ def needs_apply(desired: Mapping[str, Any], observed: Mapping[str, Any] | None) 
     return bool(have != desired["metadata"]["annotations"][ANNOTATION_HASH])
 
 
+def _same_scalar(want: Any, have: Any) -> bool:
+    if want == have:
+        return True
+    if isinstance(want, bool) or isinstance(have, bool):
+        return False
+    if isinstance(want, int | float | str) and isinstance(have, int | float | str):
+        try:  # the API server writes quantities in canonical form: 0.5 -> 500m, 1 -> "1"
+            return _number(want) == _number(have)
+        except ValueError:
+            return False
+    return False
+
+
+def _number(value: int | float | str) -> float:
+    return float(value) if isinstance(value, float) else parse_quantity(value)
+
+
+def drift(want: Any, have: Any, path: str = "") -> str | None:
+    """The first place where `have` (a live object) no longer holds a value `want` (the render) sets:
+    'spec.replicas: 3, rendered 2'; None when every rendered value is there. Fields the render does
+    not set (server defaults, other managers' additions) are not compared; an empty or zero value
+    matches a missing field (the API server omits those); owner references are the API's to keep."""
+    if isinstance(want, dict):
+        if not isinstance(have, dict):
+            return None if not want else f"{path or '(root)'}: {have!r:.80}, rendered an object"
+        for key, value in want.items():
+            if path == "metadata" and key == "ownerReferences":
+                continue
+            sub = f"{path}.{key}" if path else key
+            if key not in have:
+                if value in (None, False, 0, "", [], {}):
+                    continue
+                return f"{sub}: missing, rendered {value!r:.80}"
+            found = drift(value, have[key], sub)
+            if found is not None:
+                return found
+        return None
+    if isinstance(want, list):
+        if not isinstance(have, list) or len(have) != len(want):
+            return f"{path}: {have!r:.80}, rendered {want!r:.80}"
+        for i, (w, h) in enumerate(zip(want, have, strict=True)):
+            found = drift(w, h, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if _same_scalar(want, have) else f"{path}: {have!r:.80}, rendered {want!r:.80}"
+
+
 def select_prunable(
     *, observed: Iterable[Mapping[str, Any]], desired: Iterable[Mapping[str, Any]], owner: str, uid: str
 ) -> list[ChildKey]:
@@ -69,8 +120,37 @@ def select_prunable(
 class SyncResult:
     applied: list[ChildKey] = field(default_factory=list)
     pruned: list[ChildKey] = field(default_factory=list)
+    restored: dict[ChildKey, str] = field(default_factory=dict)
+    """Children someone changed under the operator, put back: what had drifted, per child."""
     current: dict[ChildKey, dict[str, Any]] = field(default_factory=dict)
     """Every desired child as the cluster now holds it (apply responses, or what was observed)."""
+
+
+def _holder(obj: Mapping[str, Any]) -> str:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    owner = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    return f"owned by {owner.get('kind')} {owner.get('name')}" if owner else "created by someone else"
+
+
+async def refuse_taken_names(
+    *, kube: Kube, desired: Iterable[Mapping[str, Any]], observed: Observed, uid: str, namespace: str
+) -> None:
+    """NameTakenError naming every child whose name another object holds (another ModelDeployment's
+    child, or a user's own object). Checked before anything is applied: server-side apply with force
+    would take such an object over, and two deployments would rewrite it in turn on every resync."""
+    taken = []
+    for obj in desired:
+        kind, name = key_of(dict(obj))
+        if (kind, name) in observed.children:
+            continue  # ours already
+        live = await kube.get_child(kind=kind, name=name, namespace=namespace)
+        if live is not None and not owned_by(live, uid):
+            taken.append(f"{kind} {namespace}/{name} ({_holder(live)})")
+    if taken:
+        raise NameTakenError(
+            f"names taken: {'; '.join(taken)}. Nothing was applied. Fix: rename this ModelDeployment, "
+            "or delete or rename those objects."
+        )
 
 
 async def sync_children(
@@ -79,10 +159,14 @@ async def sync_children(
     """Apply what changed, in order; then prune what is no longer desired."""
     result = SyncResult()
     stamped_objs = [stamped(obj) for obj in desired]
+    await refuse_taken_names(kube=kube, desired=stamped_objs, observed=observed, uid=uid, namespace=namespace)
     for obj in stamped_objs:
         key = key_of(obj)
         seen = observed.children.get(key)
-        if needs_apply(obj, seen):
+        drifted = None if seen is None or needs_apply(obj, seen) else drift(obj, seen)
+        if drifted is not None:
+            result.restored[key] = drifted
+        if needs_apply(obj, seen) or drifted is not None:
             result.current[key] = await kube.apply(obj)
             result.applied.append(key)
         elif seen is not None:

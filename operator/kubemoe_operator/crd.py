@@ -16,7 +16,17 @@ from typing import Any
 
 import yaml
 
-from kubemoe_operator.api.resource import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from kubemoe_operator.api.resource import (
+    CATEGORIES,
+    GROUP,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+)
 from kubemoe_operator.api.spec import ModelDeploymentSpec
 from kubemoe_operator.api.status import ModelDeploymentStatus
 
@@ -115,6 +125,20 @@ def _schema(model: type[ModelDeploymentSpec] | type[ModelDeploymentStatus]) -> d
     return to_structural(raw, raw.get("$defs", {}))
 
 
+NAME_RULES = [
+    {
+        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the operator adds "
+        "role suffixes (e.g. -prefill-12) and Kubernetes limits those names",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must be lower-case letters, digits and '-', start with a letter and end "
+        "with a letter or digit: it names Services",
+    },
+]
+
+
 def crd() -> dict[str, Any]:
     """The ModelDeployment CRD as a dict."""
     status = _schema(ModelDeploymentStatus)
@@ -153,6 +177,7 @@ def crd() -> dict[str, Any]:
                                 "status": status,
                             },
                             "required": ["spec"],
+                            "x-kubernetes-validations": NAME_RULES,
                         }
                     },
                 }

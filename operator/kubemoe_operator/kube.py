@@ -34,6 +34,10 @@ class RejectedError(Exception):
     """The API refused an object for good (invalid, forbidden): retrying the same request cannot help."""
 
 
+class NameTakenError(RejectedError):
+    """A child's name belongs to an object this ModelDeployment does not own: never adopted."""
+
+
 def classify(err: Exception, *, what: str) -> Exception:
     """Wrap an API or transport error into RetryableError or RejectedError."""
     if isinstance(err, ApiError):
@@ -135,6 +139,18 @@ class Kube:
                 elif owned_by(obj, uid):
                     seen.children[key_of(obj)] = obj
         return seen
+
+    async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        """One object of a child kind by name, whoever owns it; None when there is none."""
+        try:
+            obj = await self.client.get(BY_KIND[kind].resource, name, namespace=namespace)
+        except ApiError as err:
+            if err.status.code == 404:
+                return None
+            raise classify(err, what=f"get {kind} {namespace}/{name}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"get {kind} {namespace}/{name}") from err
+        return _as_dict(obj)
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply with this operator's field manager, taking over conflicting fields."""

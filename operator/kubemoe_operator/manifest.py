@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from kubemoe_operator.api.resource import ModelDeployment
+from kubemoe_operator.api.resource import MAX_NAME_LENGTH, ModelDeployment
 from kubemoe_operator.api.rules import spec_problems
 from kubemoe_operator.problems import ManifestError, Problem
 
@@ -45,9 +45,13 @@ def _problem(error: ErrorDetails) -> Problem:
     explain = "modeldeployments." + ".".join(
         p for p in error["loc"] if isinstance(p, str) and p not in _UNION_TAGS
     )
-    return Problem(
-        field=field, message=message, fix=_FIXES.get(error["type"], f"see `kubectl explain {explain}`.")
-    )
+    fix = _FIXES.get(error["type"], f"see `kubectl explain {explain}`.")
+    if field == "metadata.name":
+        fix = (
+            f"use at most {MAX_NAME_LENGTH} lower-case letters, digits and '-', starting with a letter "
+            "(the operator names Services and workloads after it, adding suffixes such as -prefill-12)."
+        )
+    return Problem(field=field, message=message, fix=fix)
 
 
 def parse_manifest(data: Any) -> ModelDeployment:

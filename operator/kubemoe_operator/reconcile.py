@@ -20,7 +20,7 @@ from kubemoe_operator.api.status import ModelDeploymentStatus
 from kubemoe_operator.apply import SyncResult, sync_children
 from kubemoe_operator.catalog import Catalog
 from kubemoe_operator.cluster_rules import NotForClusterError, check_for_cluster
-from kubemoe_operator.kube import Kube, RejectedError
+from kubemoe_operator.kube import Kube, NameTakenError, RejectedError
 from kubemoe_operator.manifest import parse_manifest
 from kubemoe_operator.observe import WorkloadState, pod_trouble, workload_state
 from kubemoe_operator.plan import Plan
@@ -29,6 +29,8 @@ from kubemoe_operator.problems import ManifestError
 from kubemoe_operator.render import Owner, endpoint, render
 from kubemoe_operator.render.names import ROUTER, router_name, workload_name
 from kubemoe_operator.status import (
+    REASON_APPLY_FAILED,
+    REASON_NAME_TAKEN,
     REASON_PLAN_FAILED,
     REASON_PLAN_REJECTED,
     Facts,
@@ -133,8 +135,8 @@ def transition_events(old: ModelDeploymentStatus | None, new: ModelDeploymentSta
     if after is not None and after[:2] != (before or ("", ""))[:2]:
         if after[1] == "LeaderWorkerSetMissing":
             out.append(Decision(reason="LeaderWorkerSetMissing", message=after[2], warning=True))
-        elif after[1] == "ApplyFailed":
-            out.append(Decision(reason="ApplyFailed", message=after[2], warning=True))
+        elif after[1] in (REASON_APPLY_FAILED, REASON_NAME_TAKEN):
+            out.append(Decision(reason=after[1], message=after[2], warning=True))
         elif after[0] == "True":
             out.append(Decision(reason="Ready", message=after[2]))
     before, after = _condition(old, "Degraded"), _condition(new, "Degraded")
@@ -238,12 +240,14 @@ async def reconcile(
             )
         )
     apply_error: str | None = None
+    apply_reason = REASON_APPLY_FAILED
     try:
         sync = await sync_children(
             kube=kube, desired=desired, observed=observed, owner=name, uid=uid, namespace=namespace
         )
     except RejectedError as err:
         apply_error = str(err)
+        apply_reason = REASON_NAME_TAKEN if isinstance(err, NameTakenError) else REASON_APPLY_FAILED
         sync = SyncResult(current=dict(observed.children))
     if sync.applied:
         result.decisions.append(
@@ -253,12 +257,20 @@ async def reconcile(
         result.decisions.append(
             Decision(reason="Pruned", message=", ".join(f"{k}/{n}" for k, n in sync.pruned))
         )
-    result.decisions.extend(_scaled(plan, observed.children, name))
+    for (kind, child), what in sync.restored.items():
+        result.decisions.append(
+            Decision(
+                reason="Restored", message=f"{kind}/{child} was changed outside the spec ({what}); put back"
+            )
+        )
+    unchanged = {k: v for k, v in observed.children.items() if k not in sync.restored}
+    result.decisions.extend(_scaled(plan, unchanged, name))
     facts = Facts(
         generation=generation,
         layout=plan.layout,
         endpoint=endpoint(name=name, namespace=namespace),
         apply_error=apply_error,
+        apply_reason=apply_reason,
         roles=role_states(plan=plan, current=sync.current, owner=name),
         trouble=pod_trouble(observed.pods),
     )

@@ -30,6 +30,7 @@ REASON_PLAN_FAILED = "PlanFailed"
 """The planner or renderer raised on a spec it should have refused: a bug, reported, not fatal."""
 REASON_LWS_MISSING = "LeaderWorkerSetMissing"
 REASON_APPLY_FAILED = "ApplyFailed"
+REASON_NAME_TAKEN = "NameTaken"
 REASON_READY = "AllGroupsReady"
 REASON_NOT_READY = "GroupsNotReady"
 REASON_PENDING = "PodsPending"
@@ -63,6 +64,7 @@ class Facts:
     """The reason Planned and Ready give for plan_error."""
     lws_missing: bool = False
     apply_error: str | None = None
+    apply_reason: str = REASON_APPLY_FAILED
     roles: dict[str, WorkloadState] = field(default_factory=dict)
     """Per role, including the router."""
     trouble: PodTrouble = field(default_factory=lambda: PodTrouble(pending={}, failing={}, reasons=()))
@@ -145,7 +147,7 @@ def compute_status(
         trouble = facts.trouble
         lost = [n for n, s in facts.roles.items() if s.wanted > 0 and s.ready == 0 and _was_serving(old, n)]
         if facts.apply_error is not None:
-            put("Ready", "False", REASON_APPLY_FAILED, facts.apply_error)
+            put("Ready", "False", facts.apply_reason, facts.apply_error)
         elif all_ready:
             put("Ready", "True", REASON_READY, _role_summary(facts.roles))
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemoe_operator.apply import content_hash, needs_apply, select_prunable, stamped
+from kubemoe_operator.apply import content_hash, drift, needs_apply, select_prunable, stamped
 from kubemoe_operator.render.names import ANNOTATION_HASH
 
 UID = "u-1"
@@ -71,3 +71,38 @@ def test_child_kind_plurals_match_lightkube() -> None:
     for kind in (*CHILD_KINDS, POD):
         assert kind.resource._api_info.plural == kind.plural
         assert kind.resource._api_info.resource.kind == kind.kind
+
+
+def _deployment(replicas: int, cpu: Any = "500m", **container: Any) -> dict[str, Any]:
+    c = {"name": "engine", "resources": {"requests": {"cpu": cpu}}, "env": [], **container}
+    return {
+        "metadata": {"name": "m-worker", "labels": {"a": "1"}, "ownerReferences": [{"uid": UID}]},
+        "spec": {"replicas": replicas, "template": {"spec": {"containers": [c], "hostNetwork": False}}},
+    }
+
+
+def test_drift_names_what_someone_changed() -> None:
+    want = _deployment(2)
+    assert drift(want, _deployment(3)) == "spec.replicas: 3, rendered 2"  # kubectl scale
+    edited = _deployment(2, image="evil")
+    want_image = _deployment(2, image="ours")
+    assert drift(want_image, edited) == "spec.template.spec.containers[0].image: 'evil', rendered 'ours'"
+    more = _deployment(2)
+    more["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"})
+    assert str(drift(want, more)).startswith("spec.template.spec.containers:")
+    relabelled = _deployment(2)
+    relabelled["metadata"]["labels"]["a"] = "2"
+    assert drift(want, relabelled) == "metadata.labels.a: '2', rendered '1'"
+
+
+def test_drift_ignores_what_the_api_server_adds_or_normalises() -> None:
+    want = _deployment(2, cpu=0.5)
+    live = _deployment(2, cpu="500m", terminationMessagePath="/dev/termination-log")
+    del live["spec"]["template"]["spec"]["containers"][0]["env"]  # empty: omitted by the server
+    del live["spec"]["template"]["spec"]["hostNetwork"]  # false: omitted too
+    live["metadata"]["labels"]["added-by-someone"] = "x"
+    live["metadata"]["ownerReferences"].append({"uid": "another-owner"})
+    live["spec"]["progressDeadlineSeconds"] = 600
+    assert drift(want, live) is None
+    assert drift(_deployment(2, cpu=1), _deployment(2, cpu="1")) is None
+    assert drift(_deployment(2, cpu="1Gi"), _deployment(2, cpu="1G")) is not None

@@ -30,6 +30,9 @@ class RecordingKube(Kube):
         self.calls.append("observe")
         return Observed()
 
+    async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        return None  # an empty namespace: no name is taken
+
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(f"apply {obj['kind']}")
         return obj

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from kubemoe_operator.api.spec import QUANTITY_PATTERN
 from kubemoe_operator.crd import crd, crd_yaml
 from tests.operator.helpers import REPO
 
@@ -95,4 +96,7 @@ def test_nullable_optionals_become_plain_types_and_defaults_survive() -> None:
     }
     assert spec["engine"]["properties"]["gpuMemoryUtilization"]["exclusiveMinimum"] is True
     requests = spec["roles"]["properties"]["decode"]["properties"]["resources"]["properties"]["requests"]
-    assert requests["additionalProperties"] == {"x-kubernetes-int-or-string": True}
+    assert requests["additionalProperties"] == {
+        "x-kubernetes-int-or-string": True,
+        "pattern": QUANTITY_PATTERN,
+    }

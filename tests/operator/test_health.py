@@ -27,8 +27,6 @@ from lightkube.resources.coordination_v1 import Lease
 from kubemoe_operator.health import Health, HealthServer
 from kubemoe_operator.leader import LeaderElector, LeaseConfig
 
-NOW = datetime.now(UTC)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -91,7 +89,9 @@ class FakeLeases:
         self.calls += 1
         if self.fail:
             raise httpx2.ConnectError("connection refused")
-        spec = {"holderIdentity": "other", "renewTime": NOW.isoformat(), "leaseDurationSeconds": 15}
+        # Renewed just now, at each read: a renewTime fixed at import would expire 15 s into a long run.
+        renewed = datetime.now(UTC).isoformat()
+        spec = {"holderIdentity": "other", "renewTime": renewed, "leaseDurationSeconds": 15}
         return cast(Lease, Lease.from_dict({"metadata": {"name": "l", "resourceVersion": "1"}, "spec": spec}))
 
 

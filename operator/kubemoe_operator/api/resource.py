@@ -18,13 +18,24 @@ SINGULAR = "modeldeployment"
 SHORT_NAMES = ("md",)
 CATEGORIES = ("kubemoe",)
 
+MAX_NAME_LENGTH = 39
+"""Longest ModelDeployment name whose children all have valid names. The tightest is a
+LeaderWorkerSet group's StatefulSet, `<name>-prefill-<group>`: its pods carry the label
+controller-revision-hash=`<statefulset>-<10-char hash>`, which must fit a 63-character label
+value, so the StatefulSet name is at most 52; `-prefill` is 8 and `-<group>` up to 5 (1024 groups)."""
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""DNS-1035 label: Service names (each role's headless Service and the router's) must be."""
+
 
 class ObjectMeta(BaseModel):
     """The parts of metadata the operator reads; the rest passes through untouched."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    name: str = ""
+    name: str = Field(
+        "", max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN.replace("^", "^(", 1).replace("$", ")?$")
+    )
+    """Empty only in a file for `kubemoe plan`; the API server requires one."""
     namespace: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)

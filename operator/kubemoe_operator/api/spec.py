@@ -155,11 +155,18 @@ class Parallelism(ApiModel):
         return self.expert_size > 1
 
 
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+"""resource.Quantity's form, as controller-gen writes it into CRDs (the API server checks it)."""
+Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
+
+
 class Resources(ApiModel):
     """Container resources per pod; accelerators are added from the plan."""
 
-    requests: dict[str, int | str] = Field(default_factory=dict, max_length=32)
-    limits: dict[str, int | str] = Field(default_factory=dict, max_length=32)
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=32)
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=32)
 
     @field_validator("requests", "limits")
     @classmethod
