@@ -60,7 +60,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py) .ci/summary.py
 
-unit: setup setup-vllm
+unit: setup setup-vllm cluster-build  # cluster-build: the chart tests run `helm template`
 	$(BIN)/pytest tests --junitxml=$(REPORTS)/unit.xml || [ $$? -eq 5 ]  # 5: no tests collected
 
 # The control plane and the real node (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS: Go modules
