@@ -9,7 +9,10 @@ divide E), the same split vLLM uses, so a token's expert id alone says which ran
 `load_rank_weights` plans from the index and the config, checks each shard's header (present, not
 truncated, every needed tensor present with the shape config.json implies and the checkpoint's dtype)
 before reading a byte of data, then reads only the selected tensors and reports the bytes it read.
-Every failure is a `WeightLoadError` naming the shard file and the tensor.
+The checkpoint is untrusted input: `checkpoint_files` keeps shard names inside the folder and checks
+every header entry (bounded header, spans in the file, dtype x shape bytes, no overlaps), so a read
+never leaves a tensor's own bytes. Every failure is a `WeightLoadError` naming the shard file and the
+tensor.
 
 Reading: the header gives each tensor's byte range, so the loader reads them itself (no mmap): per shard,
 the selected tensors in file order, each run of adjacent ones with one readinto() into one buffer the
@@ -21,9 +24,7 @@ stacked experts, so those bytes are never copied again.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -33,9 +34,31 @@ from typing import Final
 
 import torch
 
+from kubemoe_runtime.checkpoint_files import (
+    INDEX_FILE,
+    TensorInfo,
+    WeightLoadError,
+    read_header,
+    read_index,
+    shard_path,
+)
 from kubemoe_runtime.model_config import ModelConfig
 
-INDEX_FILE: Final = "model.safetensors.index.json"
+__all__ = [
+    "INDEX_FILE",
+    "SAFETENSORS_DTYPES",
+    "SINGLE_FILE",
+    "LoadReport",
+    "TensorInfo",
+    "WeightLoadError",
+    "checkpoint_shapes",
+    "expert_range",
+    "load_rank_weights",
+    "read_weight_map",
+    "routed_expert_id",
+    "select_tensors",
+]
+
 READ_CHUNK: Final = 16 << 20  # bytes per readinto() call
 SINGLE_FILE: Final = "model.safetensors"
 
@@ -55,10 +78,6 @@ _ROUTED_EXPERT: Final = re.compile(r"\.experts\.(\d+)\.")
 
 # Tensors a checkpoint may keep in float32 whatever its main dtype (DeepSeek-V3 ships its routing bias so).
 _FP32_ALLOWED: Final = ("e_score_correction_bias",)
-
-
-class WeightLoadError(RuntimeError):
-    """A checkpoint cannot be loaded; the message names the shard file and the tensor."""
 
 
 def expert_range(*, n_experts: int, ep_rank: int, ep_size: int) -> range:
@@ -145,75 +164,15 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def read_weight_map(model_dir: Path) -> dict[str, str]:
-    """Tensor name -> shard file name, from the index (or the single `model.safetensors`)."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise WeightLoadError(f"{index}: not a valid safetensors index ({err!r})") from err
-        return {str(k): str(v) for k, v in weight_map.items()}
+    """Tensor name -> shard file name, from the index (or the single `model.safetensors`); every shard
+    name stays inside `model_dir` (checkpoint_files.shard_path)."""
+    if (model_dir / INDEX_FILE).exists():
+        return read_index(model_dir)
     single = model_dir / SINGLE_FILE
     if single.exists():
-        return dict.fromkeys(_read_header(single, needed=()).keys(), SINGLE_FILE)
+        shard_path(model_dir, SINGLE_FILE, tensor="<any>", listed_in=single)
+        return dict.fromkeys(read_header(single).keys(), SINGLE_FILE)
     raise WeightLoadError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} exists")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str  # safetensors tag, e.g. "BF16"
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offsets in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _read_header(path: Path, *, needed: Iterable[str]) -> dict[str, TensorInfo]:
-    """Parse a shard's header and check the file is long enough for every tensor it lists."""
-    first = next(iter(needed), "<any>")
-    try:
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise WeightLoadError(f"{path}: truncated (no header); needed for tensor {first!r}")
-            (header_len,) = struct.unpack("<Q", prefix)
-            raw = f.read(header_len)
-    except FileNotFoundError as err:
-        raise WeightLoadError(
-            f"{path}: shard file is missing; the index lists tensor {first!r} in it"
-        ) from err
-    if len(raw) < header_len:
-        raise WeightLoadError(f"{path}: truncated inside its header; needed for tensor {first!r}")
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightLoadError(f"{path}: corrupt header ({err}); needed for tensor {first!r}") from err
-    data_start = 8 + header_len
-    file_size = path.stat().st_size
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(
-                dtype=str(entry["dtype"]),
-                shape=tuple(int(n) for n in entry["shape"]),
-                begin=data_start + int(begin),
-                end=data_start + int(end),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise WeightLoadError(f"{path}: corrupt header entry for tensor {name!r} ({err!r})") from err
-        if info.end > file_size:
-            raise WeightLoadError(
-                f"{path}: truncated: tensor {name!r} needs bytes up to {info.end} "
-                f"but the file has {file_size}"
-            )
-        infos[name] = info
-    return infos
 
 
 @dataclass
@@ -293,7 +252,7 @@ def load_rank_weights(
     headers: dict[str, dict[str, TensorInfo]] = {}
     for file_name, names in sorted(by_file.items()):
         path = root / file_name
-        infos = _read_header(path, needed=names)
+        infos = read_header(path, needed=names[0])
         for name in names:
             info = infos.get(name)
             if info is None:

@@ -1,10 +1,10 @@
-"""The cross-field rules of the spec, in Python: twins of the CEL rules in `spec.py`."""
+"""The cross-field rules of the spec, in Python: twins of the CEL rules in `spec.py` (extraArgs here is
+the complete check, `api/engine_flags.py`; its CEL twin is a coarser first filter)."""
 
 from __future__ import annotations
 
-import re
-
-from kubemoe_operator.api.spec import RESERVED_FLAG_PATTERN, RESERVED_LABEL_PREFIXES, ModelDeploymentSpec
+from kubemoe_operator.api.engine_flags import extra_args_problems
+from kubemoe_operator.api.spec import RESERVED_LABEL_PREFIXES, ModelDeploymentSpec
 from kubemoe_operator.problems import Problem
 
 
@@ -38,15 +38,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
                 fix="set router.replicas: 1 or more.",
             )
         )
-    for i, arg in enumerate(spec.engine.extra_args):
-        if re.match(RESERVED_FLAG_PATTERN, arg):
-            problems.append(
-                Problem(
-                    field=f"spec.engine.extraArgs[{i}]",
-                    message=f"{arg!r} is set by the plan (parallelism, ports, KV transfer).",
-                    fix="remove it; set roles.<role>.parallelism or serving instead.",
-                )
-            )
+    problems += extra_args_problems(spec.engine.extra_args, field="spec.engine.extraArgs")
     for name, role in roles.items():
         path = f"spec.roles.{name}"
         par = role.parallelism

@@ -8,7 +8,8 @@ blocked GEMM is as fast or faster, and LocalExperts uses that instead, on the sa
 reads the engine's own row-major expert stacks, so the experts need no second, packed copy.
 
 `load()` is None, and the engine keeps its torch path, off x86 Linux, on a CPU without AVX512-BF16, with
-`KUBEMOE_KERNELS=0`, or where the kernel cannot be built or loaded (a warning says why).
+`KUBEMOE_KERNELS=0`, or where the kernel cannot be built or loaded (a warning says why). Only a library
+from a cache no other user can write is loaded (build.py); an unusable cache never stops the engine.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def load() -> Callable[..., int] | None:
         return None
     try:
         path = build("moe_bf16")
-    except KernelBuildError as err:
+    except (KernelBuildError, OSError) as err:  # build() wraps OSError; this is the last line of defence
         log.warning("MoE kernel off, the torch path runs instead (slower at decode): %s", err)
         return None
     try:
