@@ -48,6 +48,7 @@ from typing import Any, Final
 
 from loopback import completion_body, engine, log_dir, tiny_checkpoint, wait_ready
 
+from kubemoe_runtime.kv.auth import KVSigner
 from kubemoe_runtime.kv.handoff import PrefilledKV
 from kubemoe_runtime.kv.pull import KVPuller
 from kubemoe_runtime.router.proxy import REMOTE_DECODE
@@ -74,7 +75,11 @@ while True:
 
 def prefill(url: str, *, tokens: int, seed: int) -> dict[str, Any]:
     """Run one prompt on the prefill as the router does; return its kv_transfer_params."""
-    body = completion_body(tokens=tokens, seed=seed, max_tokens=1, kv_transfer_params=dict(REMOTE_DECODE))
+    signer = KVSigner.from_env()  # the key loopback.py gave every process here
+    assert signer is not None
+    body = completion_body(
+        tokens=tokens, seed=seed, max_tokens=1, kv_transfer_params=signer.sign(REMOTE_DECODE)
+    )
     status, answer = http_post(f"{url}/v1/completions", body)
     if status != 200:
         raise RuntimeError(f"prefill answered {status}: {answer}")

@@ -12,14 +12,20 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from kubemoe_runtime.kv.auth import KV_KEY_ENV
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server
+
+# The KV hand-off key every engine and router process here inherits (as a deployment's pods get one
+# from its Secret): a disaggregated router does not start without it, and engines verify with it.
+os.environ.setdefault(KV_KEY_ENV, secrets.token_hex(32))
 
 CACHE: Final = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "kubemoe-bench"))
 MODEL: Final = "tiny-qwen"

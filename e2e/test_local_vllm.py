@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import openai
 import pytest
 
 from e2e.cluster.procs import free_port
+from kubemoe_runtime.kv.auth import KV_KEY_ENV
 from tests import openai_calls
 from tests.openai_calls import Answer
 
@@ -156,7 +158,7 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
             decode.url.removeprefix("http://"),
         ],
         log=root / "router.log",
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", KV_KEY_ENV: secrets.token_hex(32)},  # signs the hand-off
         port=router_port,
     )
     try:

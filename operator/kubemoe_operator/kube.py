@@ -15,6 +15,7 @@ from typing import Any, cast
 import httpx2
 from lightkube import ALL_NS, ApiError, AsyncClient
 from lightkube.resources.core_v1 import Event as CoreEvent
+from lightkube.resources.core_v1 import Secret
 from lightkube.types import CascadeType, PatchType
 
 from kubemoe_operator.api.resource import API_VERSION, KIND
@@ -22,6 +23,8 @@ from kubemoe_operator.kinds import BY_KIND, CHILD_KINDS, POD, ChildKey, ModelDep
 from kubemoe_operator.render.names import LABEL_DEPLOYMENT
 
 log = logging.getLogger("kubemoe.kube")
+
+_CREATABLE: dict[str, Any] = {"Secret": Secret}
 
 RETRYABLE_CODES = frozenset({409, 429, 500, 502, 503, 504})
 
@@ -89,6 +92,7 @@ class Kube:
         self.client = client
         self.field_manager = field_manager
         self.writes: Counter[str] = Counter()
+        self.created: set[tuple[str, str, str, str]] = set()
 
     def _wrote(self, verb: str, kind: str, namespace: str, name: str) -> None:
         self.writes[verb] += 1
@@ -151,6 +155,24 @@ class Kube:
         except httpx2.HTTPError as err:
             raise classify(err, what=f"get {kind} {namespace}/{name}") from err
         return _as_dict(obj)
+
+    async def create_once(self, obj: dict[str, Any]) -> None:
+        """Create `obj` unless it exists (409 is fine), once per object and owner in this process:
+        for objects the operator makes but never reads back (the KV key Secret)."""
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"], meta["ownerReferences"][0]["uid"])
+        if key in self.created:
+            return
+        try:
+            await self.client.create(_CREATABLE[obj["kind"]].from_dict(obj))
+        except ApiError as err:
+            if err.status.code != 409:
+                raise classify(err, what=f"create {obj['kind']} {meta['namespace']}/{meta['name']}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"create {obj['kind']} {meta['namespace']}/{meta['name']}") from err
+        else:
+            self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
+        self.created.add(key)
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply with this operator's field manager, taking over conflicting fields."""

@@ -10,6 +10,8 @@ Why each rule:
   listed by label (observe), watched (kopf re-reconciles the owner), server-side applied
   (patch; create when applying a new object) and deleted (prune).
 - pods: listed to explain Pending / failing pods in conditions.
+- secrets (create only): the KV hand-off key of a disaggregated deployment (render/kv_key.py),
+  made once; the operator never reads a Secret.
 - events: one Event per decision (created only).
 - leases (in the operator's namespace only): leader election.
 - namespaces, customresourcedefinitions (list/watch, cluster-wide even for one namespace): kopf's
@@ -38,6 +40,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILD_VERBS},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 

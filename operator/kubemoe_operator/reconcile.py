@@ -27,6 +27,7 @@ from kubemoe_operator.plan import Plan
 from kubemoe_operator.planner import plan_manifest
 from kubemoe_operator.problems import ManifestError
 from kubemoe_operator.render import Owner, endpoint, render
+from kubemoe_operator.render.kv_key import kv_key_secret, needs_kv_key
 from kubemoe_operator.render.names import ROUTER, router_name, workload_name
 from kubemoe_operator.status import (
     REASON_APPLY_FAILED,
@@ -242,6 +243,8 @@ async def reconcile(
     apply_error: str | None = None
     apply_reason = REASON_APPLY_FAILED
     try:
+        if needs_kv_key(plan):  # before the pods that read it
+            await kube.create_once(kv_key_secret(owner))
         sync = await sync_children(
             kube=kube, desired=desired, observed=observed, owner=name, uid=uid, namespace=namespace
         )

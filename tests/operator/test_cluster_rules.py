@@ -33,6 +33,9 @@ class RecordingKube(Kube):
     async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         return None  # an empty namespace: no name is taken
 
+    async def create_once(self, obj: dict[str, Any]) -> None:
+        self.calls.append(f"create {obj['kind']}")
+
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(f"apply {obj['kind']}")
         return obj
@@ -83,6 +86,7 @@ async def test_the_same_spec_from_a_claim_is_applied() -> None:
     await reconcile(kube=kube, body=body("pvc://models/qwen3"), context=context)
     assert "observe" in kube.calls
     assert "apply Deployment" in kube.calls
+    assert kube.calls.index("create Secret") < kube.calls.index("apply Deployment")  # the KV key first
 
 
 def test_kubemoe_plan_still_accepts_a_file_source() -> None:

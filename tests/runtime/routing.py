@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kubemoe_runtime.engines.torch.parallel import free_port
@@ -17,16 +17,23 @@ from tests.runtime.serving import http_get
 
 
 class RouterProcess:
-    def __init__(self, *, args: Sequence[str], log_dir: Path, name: str = "router") -> None:
+    def __init__(
+        self,
+        *,
+        args: Sequence[str],
+        log_dir: Path,
+        name: str = "router",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "kubemoe_runtime.cli", "serve", "--role", "router"]
         command += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
 
     def log(self) -> str:

@@ -8,10 +8,8 @@ of range, an unreasonable length) is a KVPullError."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from kubemoe_runtime.kv.handoff import KVStore, PrefilledKV, prompt_digest
 from kubemoe_runtime.kv.pull import KVPuller, KVPullError, kv_url, wants_pull
 from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.tokenizer import TextTokenizer
+from tests.runtime.kv_peer import KVPeer
 
 PROMPTS = [
     [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16],
@@ -225,70 +224,14 @@ def test_decoded_tensors_are_views_of_the_buffer() -> None:
 # --- KVPuller against a real HTTP server -----------------------------------------------------------
 
 
-class _KVServer:
-    """A threaded HTTP/1.1 server: path -> (status, declared length or None, body, close after), or raw
-    bytes to answer with (then the connection closes), or None to answer nothing (a hung prefill)."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, tuple[int, int | None, bytes, bool] | bytes | None] = {}
-        self.hang = threading.Event()
-        self.connections = 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                server.connections += 1
-                super().setup()
-
-            def do_GET(self) -> None:
-                route = server.routes[self.path]
-                if route is None:
-                    server.hang.wait(10)
-                    route = b""
-                if isinstance(route, bytes):
-                    self.wfile.write(route)
-                    self.close_connection = True
-                    return
-                status, length, body, close = route
-                self.send_response(status)
-                self.send_header("content-length", str(len(body) if length is None else length))
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = close
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def params(self, handle: str) -> dict[str, object]:
-        return {
-            "do_remote_prefill": True,
-            "remote_engine_id": "kubemoe-torch",
-            "remote_handle": handle,
-            "remote_host": "127.0.0.1",
-            "remote_port": self.port,
-        }
-
-    def close(self) -> None:
-        self.hang.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def kv_server() -> Iterator[_KVServer]:
-    server = _KVServer()
+def kv_server() -> Iterator[KVPeer]:
+    server = KVPeer()
     yield server
     server.close()
 
 
-def test_puller_reads_and_reuses_the_connection(kv_server: _KVServer) -> None:
+def test_puller_reads_and_reuses_the_connection(kv_server: KVPeer) -> None:
     kv = [{"k": torch.randn(4, 3), "v": torch.randn(4, 3)}]
     item = PrefilledKV(kv=kv, first_token=9, prompt_tokens=4, prompt_sha256="d")
     kv_server.routes["/v1/kv/a"] = (200, None, item.encode(), False)
@@ -316,11 +259,11 @@ def test_puller_reads_and_reuses_the_connection(kv_server: _KVServer) -> None:
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x answer"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n", "EOFError"),  # cut inside the head
         (b"", "closed before any answer"),
-        (None, "no progress in 0.5 s"),
+        (None, "not complete in 0.5 s"),
     ],
 )
 def test_puller_refuses_a_bad_answer(
-    kv_server: _KVServer, route: tuple[int, int | None, bytes, bool] | bytes | None, message: str
+    kv_server: KVPeer, route: tuple[int, int | None, bytes, bool] | bytes | None, message: str
 ) -> None:
     kv_server.routes["/v1/kv/h"] = route
     with pytest.raises(KVPullError, match=r"GET http://127\.0\.0\.1:\d+/v1/kv/h") as caught:

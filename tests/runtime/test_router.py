@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.kv.auth import KV_KEY_ENV
 from kubemoe_runtime.tokenizer import TextTokenizer
 from tests import openai_calls
 from tests.runtime.routing import RouterProcess, sample
@@ -50,6 +51,7 @@ PROMPTS = [" ".join(WORDS[i % 7 : i % 7 + 3 + i % 5]) + f" {i}" for i in range(1
 MAX_TOKENS = [4 + (i * 5) % 9 for i in range(16)]
 KV_PRODUCER = '{"kv_connector":"ExampleConnector","kv_role":"kv_producer"}'
 KV_CONSUMER = '{"kv_connector":"ExampleConnector","kv_role":"kv_consumer"}'
+KV_KEY = {KV_KEY_ENV: "test-kv-key-0123456789abcdef"}  # the router signs the hand-off, the servers check it
 
 
 def messages(prompt: str) -> list[dict[str, str]]:
@@ -81,7 +83,11 @@ class PD:
 def pd(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
     logs = tmp_path_factory.mktemp("pd")
     prefill = Server(
-        qwen, args=serve_args("prefill", "--kv-transfer-config", KV_PRODUCER), log_dir=logs, name="p"
+        qwen,
+        args=serve_args("prefill", "--kv-transfer-config", KV_PRODUCER),
+        log_dir=logs,
+        name="p",
+        env=KV_KEY,
     )
     decode = Server(
         qwen,
@@ -95,6 +101,7 @@ def pd(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
         ),
         log_dir=logs,
         name="d",
+        env=KV_KEY,
     )
     router = RouterProcess(
         args=[
@@ -108,6 +115,7 @@ def pd(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
             f"127.0.0.1:{decode.port}",
         ],
         log_dir=logs,
+        env=KV_KEY,
     )
     try:
         prefill.wait_ready()

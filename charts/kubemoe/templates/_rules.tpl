@@ -25,6 +25,9 @@
   resources: [pods]
   verbs: [list]
 - apiGroups: ['']
+  resources: [secrets]
+  verbs: [create]
+- apiGroups: ['']
   resources: [events]
   verbs: [create]
 {{- end -}}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess, local_processes, roles_in_order
 from kubemoe_operator.plan import Plan
+from kubemoe_operator.render.kv_key import KV_KEY_ENV
 
 STATE_FILE = "state.json"
 STOP_GRACE_S = 20.0
@@ -87,6 +89,9 @@ def default_env() -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")  # many small processes on a few cores
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV per vLLM CPU engine
     env["PYTHONUNBUFFERED"] = "1"
+    # The KV hand-off key (a Secret in a cluster): the router signs the kv_transfer_params it sends,
+    # the prefill and decode verify them. One per run, shared by its processes only.
+    env.setdefault(KV_KEY_ENV, secrets.token_hex(32))
     return env
 
 

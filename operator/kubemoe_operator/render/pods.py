@@ -8,7 +8,9 @@ from typing import Any
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.commandline import PORT
 from kubemoe_operator.plan import Plan, PodPlan, RolePlan
+from kubemoe_operator.render.expansion import container_argv
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
+from kubemoe_operator.render.kv_key import kv_key_env
 from kubemoe_operator.render.names import LABEL_GROUP, LABEL_LEADER, labels, workload_name
 from kubemoe_operator.render.placement import placement
 from kubemoe_operator.render.pod_options import with_options
@@ -59,9 +61,15 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     Both are probed: a worker answers /health and /ready for its own ranks."""
     env, volumes, mounts = source_mounts(ctx.spec)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
-    env = [*metric_label_env(owner=ctx.owner, role=role), *dirs_env, *kv_transfer_env(ctx.plan), *env]
+    env = [
+        *metric_label_env(owner=ctx.owner, role=role),
+        *dirs_env,
+        *kv_transfer_env(ctx.plan),
+        *kv_key_env(ctx.owner, ctx.plan),
+        *env,
+    ]
     pod_sc, container_sc = security_context()
-    argv = pod.command
+    argv = container_argv(pod.command)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": ctx.image,
@@ -90,6 +98,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
 def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[str, Any]:
     """The router's pod: CPU only, same image, no accelerator placement."""
     pod_sc, container_sc = security_context()
+    argv = container_argv(argv)
     container: dict[str, Any] = {
         "name": role,
         "image": ctx.image,
@@ -100,6 +109,8 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
         "securityContext": container_sc,
         **router_probes(),
     }
+    if key_env := kv_key_env(ctx.owner, ctx.plan):
+        container["env"] = key_env
     pod_labels = labels(ctx.owner, role)
     pod_labels[LABEL_LEADER] = "true"
     spec: dict[str, Any] = {

@@ -6,13 +6,15 @@ a decode pulls it and continues without recomputing the prompt.
                          positions 0..n-1) into `KVStore` under a fresh handle (kept `ttl_s`, read once)
     prefill -> router    the answer + kv_transfer_params {"do_remote_prefill": true, "remote_handle": H,
                          "remote_host": HOST, "remote_port": PORT, ...}
-    router  -> decode    the original request + those kv_transfer_params
+    router  -> decode    the original request + those kv_transfer_params (the router signs what it sends
+                         and servers verify it: kv/auth.py; a client's own are dropped)
     decode               GET http://HOST:PORT/v1/kv/H (safetensors bytes, below); checks the prompt
                          matches; the scheduler imports the KV into the request's slot on its rank and
                          emits the first token, so decode's first forward is the first generated token at
                          position n — the prompt is never run again (kubemoe_prompt_tokens_total does not
                          move; kubemoe_kv_pulled_tokens_total does). A failed pull falls back to a local
-                         prefill (and counts kubemoe_kv_pull_failures_total).
+                         prefill (and counts kubemoe_kv_pull_failures_total), as does a KV that does
+                         not fit the model (kv/layout.py).
 
 Wire format: one safetensors file, tensors "L.NAME" (layer L, cache field NAME: "k", "v", or MLA's
 "latent", "k_rope"), each [n, ...]; metadata first_token, prompt_tokens and prompt_sha256.

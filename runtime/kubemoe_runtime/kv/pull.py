@@ -8,6 +8,12 @@ one, and no thread is involved. Connections are kept alive per prefill (at most 
 IDLE_S idle); one that the prefill has closed meanwhile fails before any byte of an answer, and the GET
 is sent once more on a new connection. Every other failure is a KVPullError.
 
+The parameters are untrusted too (server/app.py verifies the router's signature first): `pull_target`
+takes a handle of HANDLE_CHARS only, a host that is an IP address or a DNS name, and a port in 1..65535,
+before any socket is opened, so nothing else reaches a connect() or the request line. The whole GET runs
+under one deadline (`timeout_s`: a prefill that drips bytes is cut off), and a Content-Length above the
+caller's cap (kv/layout.py: what the prompt's KV can take) is refused before the buffer is allocated.
+
 Why not the standard library's blocking client in a worker thread (http.client, `readinto` the same one
 buffer; what this module did before): the two hops between the event loop and the thread cost 0.15-0.3 ms
 a pull on a 2-core box, and the reading thread contends for the GIL. Both against bench_kv_handoff.py's
@@ -30,23 +36,29 @@ import asyncio
 import contextlib
 import http.client
 import io
+import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubemoe_runtime.kv.handoff import ENGINE_ID, PrefilledKV
 
 log = logging.getLogger("kubemoe_runtime.kv")
-PULL_TIMEOUT_S = 30.0  # per socket operation: connect, the request, each read
+PULL_TIMEOUT_S = 30.0  # the whole GET: connect, the request, the answer to its last byte
 IDLE_S = 4.0  # below uvicorn's keep-alive timeout (5 s), so the prefill rarely closes one under us
 MAX_IDLE = 8  # idle connections kept per prefill
-MAX_KV_BYTES = 1 << 36  # a Content-Length above this is refused before allocating (64 GiB)
+MAX_KV_BYTES = 1 << 36  # refused before allocating whatever the caller's cap (64 GiB)
 MAX_HEAD_BYTES = 64 << 10
 HEAD_READ_BYTES = 64 << 10  # the first read: the head, and the start of the body with it
 
 Address = tuple[str, int]
+HANDLE_CHARS = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what KVStore hands out: secrets.token_urlsafe
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 
 
 class KVPullError(RuntimeError):
@@ -69,15 +81,52 @@ def wants_pull(params: Mapping[str, Any] | None) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class PullTarget:
+    """Where a prefill's KV is, checked: safe to put into a connect() and an HTTP request line."""
+
+    host: str  # an IP address (IPv6 without brackets) or a DNS name
+    port: int
+    handle: str
+
+    @property
+    def authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.authority}/v1/kv/{self.handle}"
+
+
+def pull_target(params: Mapping[str, Any]) -> PullTarget:
+    """The host, port and handle of kv_transfer_params; ValueError, naming the field, unless each is
+    well-formed."""
+    handle, host, port = params.get("remote_handle"), params.get("remote_host"), params.get("remote_port")
+    if not isinstance(handle, str) or not HANDLE_CHARS.fullmatch(handle):
+        raise ValueError(f"remote_handle {_short(handle)} is not 1-128 characters of [A-Za-z0-9_-]")
+    if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 literal as a URL writes it
+    if not isinstance(host, str) or not _is_host(host):
+        raise ValueError(f"remote_host {_short(host)} is not an IP address or a DNS name")
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError(f"remote_port {_short(port)} is not a port number (1-65535)")
+    return PullTarget(host=host, port=port, handle=handle)
+
+
 def kv_url(params: Mapping[str, Any]) -> str:
-    return f"http://{_authority(params)}/v1/kv/{params['remote_handle']}"
+    return pull_target(params).url
 
 
-def _authority(params: Mapping[str, Any]) -> str:
-    host = str(params["remote_host"])
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # IPv6 literal
-    return f"{host}:{int(params['remote_port'])}"
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _DNS_NAME.fullmatch(host) is not None
+    return "%" not in host  # no IPv6 zone: it would name an interface of the decode's own node
+
+
+def _short(value: object) -> str:
+    return repr(value)[:80]
 
 
 class KVPuller:
@@ -89,17 +138,26 @@ class KVPuller:
         self.max_bytes = max_bytes
         self._idle: dict[Address, list[tuple[float, socket.socket]]] = {}
 
-    async def pull(self, params: Mapping[str, Any]) -> PrefilledKV:
-        url = kv_url(params)
-        address = (str(params["remote_host"]).strip("[]"), int(params["remote_port"]))
-        request = f"GET /v1/kv/{params['remote_handle']} HTTP/1.1\r\nHost: {_authority(params)}\r\n\r\n"
+    async def pull(self, params: Mapping[str, Any], *, max_bytes: int | None = None) -> PrefilledKV:
+        """The KV `params` point at, in at most `timeout_s` and `max_bytes` (and the puller's own cap)."""
         try:
-            data: bytearray | None = None
-            if (idle := self._take(address)) is not None:
-                with contextlib.suppress(_Stale):  # closed by the prefill while idle: try a new one
-                    data = await self._get(idle, address, request.encode(), url)
-            if data is None:
-                data = await self._get(await self._connect(address, url), address, request.encode(), url)
+            target = pull_target(params)
+        except ValueError as err:
+            raise KVPullError(f"kv_transfer_params: {err}") from err
+        url, address = target.url, (target.host, target.port)
+        request = f"GET /v1/kv/{target.handle} HTTP/1.1\r\nHost: {target.authority}\r\n\r\n".encode()
+        limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                data: bytearray | None = None
+                if (idle := self._take(address)) is not None:
+                    with contextlib.suppress(_Stale):  # closed by the prefill while idle: try a new one
+                        data = await self._get(idle, address, request, url, limit=limit)
+                if data is None:
+                    sock = await self._connect(address, url)
+                    data = await self._get(sock, address, request, url, limit=limit)
+        except TimeoutError as err:
+            raise KVPullError(f"GET {url}: not complete in {self.timeout_s:g} s") from err
         except _Stale as err:
             raise KVPullError(f"GET {url}: closed before any answer ({err})") from err
         try:
@@ -122,48 +180,46 @@ class KVPuller:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    async def _get(self, sock: socket.socket, address: Address, request: bytes, url: str) -> bytearray:
-        """Send the GET and read the answer's body into one buffer. _Stale if the connection closed
-        before any byte of the answer came (the caller then tries a new one, once)."""
+    async def _get(
+        self, sock: socket.socket, address: Address, request: bytes, url: str, *, limit: int
+    ) -> bytearray:
+        """Send the GET and read the answer's body into one buffer (the caller bounds the time). _Stale if
+        the connection closed before any byte of the answer came (the caller then tries a new one, once).
+        The connection goes back to the idle list only once the answer was read to its end."""
         loop = asyncio.get_running_loop()
         head = bytearray()
         keep = False
         try:
-            async with asyncio.timeout(self.timeout_s) as deadline:
-                try:
-                    await loop.sock_sendall(sock, request)
-                    while (end := head.find(b"\r\n\r\n")) < 0:
-                        if len(head) > MAX_HEAD_BYTES:
-                            raise KVPullError(f"GET {url}: no end of the answer's head in {len(head)} bytes")
-                        chunk = await loop.sock_recv(sock, HEAD_READ_BYTES)
-                        if not chunk:
-                            raise EOFError("closed by the prefill")
-                        head += chunk
-                        deadline.reschedule(loop.time() + self.timeout_s)
-                except (OSError, EOFError) as err:
-                    if not head:
-                        raise _Stale(f"{type(err).__name__}: {err}") from err
-                    raise
-                status, headers = _parse_head(bytes(head[:end]), url)
-                if status != 200:
-                    raise KVPullError(f"GET {url}: HTTP {status}")
-                length = _content_length(headers, url, limit=self.max_bytes)
-                start = head[end + 4 :]
-                if len(start) > length:
-                    raise KVPullError(f"GET {url}: {len(start) - length} bytes past the Content-Length")
-                data = bytearray(length)
-                view = memoryview(data)
-                got = len(start)
-                view[:got] = start
-                while got < length:
-                    n = await loop.sock_recv_into(sock, view[got:])
-                    if not n:
-                        raise KVPullError(f"GET {url}: the body ends after {got} of {length} bytes")
-                    got += n
-                    deadline.reschedule(loop.time() + self.timeout_s)
-                keep = headers.get("connection", "").lower() != "close"
-        except TimeoutError as err:
-            raise KVPullError(f"GET {url}: no progress in {self.timeout_s:g} s") from err
+            try:
+                await loop.sock_sendall(sock, request)
+                while (end := head.find(b"\r\n\r\n")) < 0:
+                    if len(head) > MAX_HEAD_BYTES:
+                        raise KVPullError(f"GET {url}: no end of the answer's head in {len(head)} bytes")
+                    chunk = await loop.sock_recv(sock, HEAD_READ_BYTES)
+                    if not chunk:
+                        raise EOFError("closed by the prefill")
+                    head += chunk
+            except (OSError, EOFError) as err:
+                if not head:
+                    raise _Stale(f"{type(err).__name__}: {err}") from err
+                raise
+            status, headers = _parse_head(bytes(head[:end]), url)
+            if status != 200:
+                raise KVPullError(f"GET {url}: HTTP {status}")
+            length = _content_length(headers, url, limit=limit)
+            start = head[end + 4 :]
+            if len(start) > length:
+                raise KVPullError(f"GET {url}: {len(start) - length} bytes past the Content-Length")
+            data = bytearray(length)
+            view = memoryview(data)
+            got = len(start)
+            view[:got] = start
+            while got < length:
+                n = await loop.sock_recv_into(sock, view[got:])
+                if not n:
+                    raise KVPullError(f"GET {url}: the body ends after {got} of {length} bytes")
+                got += n
+            keep = headers.get("connection", "").lower() != "close"
         except (OSError, EOFError, http.client.HTTPException) as err:
             raise KVPullError(f"GET {url}: {type(err).__name__}: {err}") from err
         finally:

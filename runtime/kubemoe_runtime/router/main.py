@@ -3,27 +3,33 @@
     kubemoe-runtime serve --role router --served-model-name NAME --host H --port P --policy POLICY
         (--prefill-service HOST:PORT[,HOST:PORT] --decode-service HOST:PORT[,...] | --worker-service ...)
         [--api-key-file PATH] [--refresh-interval S] [--health-interval S] [--max-attempts N]
+        [--upstream-read-timeout S] [--request-timeout S]
 
 A HOST is resolved again every --refresh-interval seconds (a headless Service's DNS answers are its
 ready pods); engine flags the operator may render for other roles are ignored with a warning.
+Disaggregated, the router signs the KV hand-off with the key in $KUBEMOE_KV_KEY (kv/auth.py) and does not
+start without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVSigner
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backends, split_hostport
 from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.policies import POLICIES, make_policy
-from kubemoe_runtime.router.proxy import Router, RouterConfig, build_router_app, roles_for
+from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, build_router_app, roles_for
+from kubemoe_runtime.router.upstream import READ_TIMEOUT_S
 
 
 class RouterSettings(BaseModel):
@@ -38,6 +44,8 @@ class RouterSettings(BaseModel):
     refresh_interval: float = Field(gt=0)
     health_interval: float = Field(gt=0)
     max_attempts: int = Field(ge=1)
+    upstream_read_timeout: float = Field(default=READ_TIMEOUT_S, gt=0)
+    request_timeout: float = Field(default=REQUEST_TIMEOUT_S, gt=0)
 
     @property
     def disaggregated(self) -> bool:
@@ -72,6 +80,15 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
     parser.add_argument("--refresh-interval", type=float, default=5.0, help="seconds between DNS look-ups")
     parser.add_argument("--health-interval", type=float, default=1.0, help="seconds between health probes")
     parser.add_argument("--max-attempts", type=int, default=3, help="backends tried per request and role")
+    parser.add_argument(
+        "--upstream-read-timeout",
+        type=float,
+        default=READ_TIMEOUT_S,
+        help="seconds a backend may send nothing (a non-streaming answer's head comes once it is generated)",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=REQUEST_TIMEOUT_S, help="seconds a request may take in all"
+    )
     args, unknown = parser.parse_known_args(list(argv))
     services = {
         role: tuple(getattr(args, f"{role}_service"))
@@ -88,11 +105,20 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         refresh_interval=args.refresh_interval,
         health_interval=args.health_interval,
         max_attempts=args.max_attempts,
+        upstream_read_timeout=args.upstream_read_timeout,
+        request_timeout=args.request_timeout,
     )
     return settings, unknown
 
 
-def build(settings: RouterSettings) -> Router:
+def build(settings: RouterSettings, *, environ: Mapping[str, str] | None = None) -> Router:
+    """The router; ValueError if it is disaggregated without a usable KV key."""
+    signer = KVSigner.from_env(os.environ if environ is None else environ)
+    if settings.disaggregated and signer is None:
+        raise ValueError(
+            f"disaggregated serving signs the KV hand-off: set {KV_KEY_ENV} (the same secret on the router "
+            "and on every prefill and decode pod)"
+        )
     metrics = RouterMetrics()
     backends = Backends(
         dict(settings.services),
@@ -107,6 +133,9 @@ def build(settings: RouterSettings) -> Router:
         policies={role: make_policy(settings.policy) for role in roles},
         max_attempts=settings.max_attempts,
         api_keys=ApiKeys(settings.api_key_file) if settings.api_key_file is not None else None,
+        kv_signer=signer,
+        read_timeout=settings.upstream_read_timeout,
+        request_timeout=settings.request_timeout,
     )
     return Router(config, backends=backends, metrics=metrics)
 
@@ -121,6 +150,9 @@ def main(argv: Sequence[str]) -> int:
         return 2
     except OSError as err:
         print(f"error: --api-key-file: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if unknown:
         print(f"warning: the router ignores: {' '.join(unknown)}", file=sys.stderr)

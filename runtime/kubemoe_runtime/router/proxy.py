@@ -16,8 +16,18 @@ original request, which goes to a decode; the decode's answer (streamed or not) 
 whose connector needs no parameters (vLLM's ExampleConnector: KV by prompt hash in a shared directory)
 answer none, and the decode gets the request unchanged.
 
+kv_transfer_params are the router's alone: any a client sends are dropped (in both modes), and those the
+router sends (to the prefill, and the prefill's answer to the decode) are signed with $KUBEMOE_KV_KEY
+(kv/auth.py), which the engines verify.
+
 A request is retried on another backend of the same role when the first one refuses the connection, drops
-it before answering, or answers 503; a streaming answer is never retried once its first byte went out.
+it before answering, or answers 503 (that backend is ejected at once, until a health probe passes); a
+streaming answer is never retried once its first byte went out. Every read from a backend is bounded
+(--upstream-read-timeout: silence; --request-timeout: the whole request): past either, a 504, or for a
+stream an error event. A stream passes through as whole SSE events; one the backend cuts (it died, went
+quiet, or ended without `data: [DONE]`) ends with an OpenAI-shaped error event `data: {"error": {...}}`
+and `data: [DONE]`, not a silent truncation. A client that goes away before a non-streaming answer has
+its upstream request cancelled (the connection closed, which the engine sees as its client leaving).
 The router checks only what it must read (a JSON object, the prompt or messages, `stream`, the model
 name); the engines validate the rest and their 4xx answers pass through unchanged.
 Answers carry timing headers: x-kubemoe-prefill-ms / x-kubemoe-decode-ms (P/D) and the backends used.
@@ -25,7 +35,9 @@ Answers carry timing headers: x-kubemoe-prefill-ms / x-kubemoe-decode-ms (P/D) a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
@@ -39,16 +51,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVSigner
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backend, Backends
 from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.policies import Policy
-from kubemoe_runtime.router.upstream import Upstream, UpstreamError, UpstreamResponse
+from kubemoe_runtime.router.upstream import (
+    READ_TIMEOUT_S,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from kubemoe_runtime.server.disconnect import ClientGone, unless_disconnected
 from kubemoe_runtime.server.protocol import ApiError, ModelCard, ModelList
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 PREFIX_KEY_CHARS = 512  # what prefix-hash hashes: the start of the prompt
 RETRY_STATUS = frozenset({502, 503, 504})
+REQUEST_TIMEOUT_S = 1800.0  # a request's deadline, streaming included
+CLIENT_GONE = 499  # counted for a request whose client left before its answer
 REMOTE_DECODE = {
     "do_remote_decode": True,
     "do_remote_prefill": False,
@@ -66,6 +88,9 @@ class RouterConfig:
     policies: dict[str, Policy]  # per role (each keeps its own rotation)
     max_attempts: int = 3
     api_keys: ApiKeys | None = None
+    kv_signer: KVSigner | None = None  # signs the kv_transfer_params it sends (disaggregated)
+    read_timeout: float = READ_TIMEOUT_S  # the most seconds a backend may send nothing
+    request_timeout: float = REQUEST_TIMEOUT_S
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -87,7 +112,7 @@ class Router:
         self.config = config
         self.backends = backends
         self.metrics = metrics
-        self.upstream = Upstream(connect_timeout=5.0)
+        self.upstream = Upstream(connect_timeout=5.0, read_timeout=config.read_timeout)
 
     # --- endpoints ----------------------------------------------------------------------------------
 
@@ -122,61 +147,110 @@ class Router:
     async def _generate(self, request: Request, *, endpoint: str, prompt_field: str) -> Response:
         start = time.monotonic()
         self.metrics.in_flight.inc()
+        response: Response | None = None
         code = 500
-        streaming = False
         try:
             self._authorize(request)
             body, raw = await _read_json(request)
             self._check(body, prompt_field=prompt_field)
-            key = _prefix_key(body.get(prompt_field))
-            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            headers = {"content-type": "application/json", "x-request-id": request_id}
-            timing: dict[str, str] = {}
-            if self.config.disaggregated:
-                prefill_start = time.monotonic()
-                prefill = await self._send(
-                    "prefill", endpoint, _dumps(_prefill_body(body)), key=key, headers=headers, stream=False
-                )
-                prefill_s = time.monotonic() - prefill_start
-                self.metrics.phase.labels(phase="prefill").observe(prefill_s)
-                timing |= {
-                    "x-kubemoe-prefill-ms": f"{prefill_s * 1e3:.1f}",
-                    "x-kubemoe-prefill-backend": prefill.backend.address,
-                }
-                if prefill.status != 200:
-                    code = prefill.status
-                    return _passthrough(prefill, timing)
-                params = _json_object(prefill.body).get("kv_transfer_params")
-                if params:
-                    body = {**body, "kv_transfer_params": params}
-                    raw = _dumps(body)
-                role = "decode"
-            else:
-                role = "worker"
-            stream = body.get("stream") is True
-            decode_start = time.monotonic()
-            upstream = await self._send(role, endpoint, raw, key=key, headers=headers, stream=stream)
-            timing[f"x-kubemoe-{role}-backend"] = upstream.backend.address
-            code = upstream.status
-            if upstream.body is not None or upstream.status != 200:
-                if upstream.body is None:
-                    upstream.body = await upstream.response.read()
-                decode_s = time.monotonic() - decode_start
-                self.metrics.phase.labels(phase=role).observe(decode_s)
-                timing[f"x-kubemoe-{role}-ms"] = f"{decode_s * 1e3:.1f}"
-                return _passthrough(upstream, timing)
-            streaming = True
-            return StreamingResponse(
-                self._relay(upstream, start=start, decode_start=decode_start, endpoint=endpoint),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", **timing},
+            if body.pop("kv_transfer_params", None) is not None:
+                raw = _dumps(body)  # only the router sets them (and signs them: kv/auth.py)
+            deadline = asyncio.get_running_loop().time() + self.config.request_timeout
+            work = self._forward(
+                request,
+                body,
+                raw,
+                endpoint=endpoint,
+                prompt_field=prompt_field,
+                start=start,
+                deadline=deadline,
             )
+            response = await unless_disconnected(request, work)
+            code = response.status_code
+            return response
         except ApiError as err:
             code = err.status
             return JSONResponse(err.body(), status_code=err.status)
+        except UpstreamTimeout as err:
+            code = 504
+            error = ApiError(504, str(err), type="server_error", code="timeout")
+            return JSONResponse(error.body(), status_code=504)
+        except ClientGone:
+            code = CLIENT_GONE
+            return Response(status_code=CLIENT_GONE)
         finally:
-            if not streaming:
+            if not isinstance(response, StreamingResponse):  # else _relay counts it when the stream ends
                 self._done(endpoint=endpoint, code=code, start=start)
+
+    async def _forward(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        raw: bytes,
+        *,
+        endpoint: str,
+        prompt_field: str,
+        start: float,
+        deadline: float,
+    ) -> Response:
+        """Colocated: one worker's answer. Disaggregated: a prefill's, then (with the kv_transfer_params
+        it answered, signed) a decode's."""
+        key = _prefix_key(body.get(prompt_field))
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        timing: dict[str, str] = {}
+        send = functools.partial(self._send, endpoint=endpoint, key=key, headers=headers, deadline=deadline)
+        if self.config.disaggregated:
+            prefill_start = time.monotonic()
+            prefill = await send("prefill", _dumps(self._prefill_body(body)), stream=False)
+            prefill_s = time.monotonic() - prefill_start
+            self.metrics.phase.labels(phase="prefill").observe(prefill_s)
+            timing |= {
+                "x-kubemoe-prefill-ms": f"{prefill_s * 1e3:.1f}",
+                "x-kubemoe-prefill-backend": prefill.backend.address,
+            }
+            if prefill.status != 200:
+                return _passthrough(prefill, timing)
+            params = _json_object(prefill.body).get("kv_transfer_params")
+            if params and isinstance(params, dict):
+                body = {**body, "kv_transfer_params": self._signer().sign(params)}
+                raw = _dumps(body)
+            role = "decode"
+        else:
+            role = "worker"
+        stream = body.get("stream") is True
+        decode_start = time.monotonic()
+        upstream = await send(role, raw, stream=stream)
+        timing[f"x-kubemoe-{role}-backend"] = upstream.backend.address
+        if upstream.body is not None:
+            decode_s = time.monotonic() - decode_start
+            self.metrics.phase.labels(phase=role).observe(decode_s)
+            timing[f"x-kubemoe-{role}-ms"] = f"{decode_s * 1e3:.1f}"
+            return _passthrough(upstream, timing)
+        return StreamingResponse(
+            self._relay(upstream, start=start, decode_start=decode_start, endpoint=endpoint),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", **timing},
+        )
+
+    def _signer(self) -> KVSigner:
+        if self.config.kv_signer is None:
+            raise ApiError(
+                500,
+                f"the router has no key to sign the KV hand-off ({KV_KEY_ENV})",
+                type="server_error",
+                code="kv_key_missing",
+            )
+        return self.config.kv_signer
+
+    def _prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request for a prefill: one token, not streamed, its KV kept for the decode."""
+        params = self._signer().sign(REMOTE_DECODE)
+        prefill = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": params}
+        if "max_completion_tokens" in prefill:
+            prefill["max_completion_tokens"] = 1
+        prefill.pop("stream_options", None)
+        return prefill
 
     def _done(self, *, endpoint: str, code: int, start: float) -> None:
         self.metrics.in_flight.dec()
@@ -186,42 +260,66 @@ class Router:
     async def _relay(
         self, upstream: _Upstream, *, start: float, decode_start: float, endpoint: str
     ) -> AsyncIterator[bytes]:
-        """Pass the decode's SSE bytes through; time the text events on the way."""
+        """Pass the decode's SSE events through (whole events: a cut one is never sent), timing the text
+        events on the way. A backend that fails, goes quiet, or ends without `data: [DONE]` gets an
+        OpenAI-shaped error event, then [DONE], where the rest of the answer would be."""
         buffer = b""
         last: float | None = None
+        done = False
+        code = 200
+        error: ApiError | None = None
         try:
-            async for chunk in upstream.response.iter_raw():
-                yield chunk
-                buffer += chunk
-                *events, buffer = buffer.split(b"\n\n")
-                now = time.monotonic()
-                for event in events:
-                    if not _carries_text(event):
+            try:
+                async for chunk in upstream.response.iter_raw():
+                    buffer += chunk
+                    *events, buffer = buffer.split(b"\n\n")
+                    if not events:
                         continue
-                    if last is None:
-                        self.metrics.ttft.observe(now - start)
-                    else:
-                        self.metrics.itl.observe(now - last)
-                    last = now
-        except UpstreamError as err:  # the backend died mid-answer: the client sees a cut stream
-            self.backends.eject(upstream.backend, reason=f"stream {err.kind}")
+                    now = time.monotonic()
+                    for event in events:
+                        done = done or event.startswith(b"data: [DONE]")
+                        if not _carries_text(event):
+                            continue
+                        if last is None:
+                            self.metrics.ttft.observe(now - start)
+                        else:
+                            self.metrics.itl.observe(now - last)
+                        last = now
+                    yield b"".join(event + b"\n\n" for event in events)
+                if buffer.strip():  # a last event without its blank line
+                    done = done or buffer.startswith(b"data: [DONE]")
+                    yield buffer.rstrip(b"\n") + b"\n\n"
+                if not done:
+                    error = _stream_error(
+                        "the backend's stream ended without `data: [DONE]`", "backend_failed"
+                    )
+            except UpstreamError as err:  # the backend died mid-answer
+                self.backends.eject(upstream.backend, reason=f"stream {err.kind}")
+                error = _stream_error(f"the backend failed mid-answer: {err}", "backend_failed")
+            except UpstreamTimeout as err:
+                error = _stream_error(str(err), "timeout")
+            if error is not None:
+                code = error.status
+                yield f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
         finally:
             upstream.backend.outstanding -= 1
             await upstream.response.aclose()
             self.metrics.phase.labels(phase=upstream.backend.role).observe(time.monotonic() - decode_start)
-            self._done(endpoint=endpoint, code=200, start=start)
+            self._done(endpoint=endpoint, code=code, start=start)
 
     async def _send(
         self,
         role: str,
-        endpoint: str,
         content: bytes,
         *,
+        endpoint: str,
         key: str,
         headers: dict[str, str],
         stream: bool,
+        deadline: float,
     ) -> _Upstream:
-        """POST to a backend of `role`, moving on to another one after a transport failure or a 503."""
+        """POST to a backend of `role`, moving on to another one after a transport failure or a 503 (either
+        ejects the backend at once: it is down, terminating or overloaded; a health probe re-admits it)."""
         tried: set[str] = set()
         last: _Upstream | None = None
         for _ in range(self.config.max_attempts):
@@ -232,12 +330,16 @@ class Router:
             backend.outstanding += 1
             keep_open = False
             try:
-                response = await self.upstream.post(backend.address, endpoint, content, headers)
+                response = await self.upstream.post(
+                    backend.address, endpoint, content, headers, deadline=deadline
+                )
                 if stream and response.status == 200:
                     keep_open = True  # _relay releases the backend when the stream ends
                     return _Upstream(backend, response, body=None)
-                data = await response.read()
-                await response.aclose()
+                try:
+                    data = await response.read()
+                finally:  # closed unless read to its end (a timeout, the client gone)
+                    await response.aclose()
             except UpstreamError as err:
                 self.backends.eject(backend, reason=err.kind)
                 continue
@@ -247,9 +349,12 @@ class Router:
             last = _Upstream(backend, response, body=data)
             if response.status not in RETRY_STATUS:
                 return last
-            self.metrics.backend_errors.labels(
-                role=role, backend=backend.address, kind=str(response.status)
-            ).inc()
+            if response.status == 503:
+                self.backends.eject(backend, reason="503")
+            else:
+                self.metrics.backend_errors.labels(
+                    role=role, backend=backend.address, kind=str(response.status)
+                ).inc()
         if last is not None:
             return last
         raise ApiError(
@@ -289,19 +394,15 @@ class Router:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-def _prefill_body(body: dict[str, Any]) -> dict[str, Any]:
-    prefill = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": dict(REMOTE_DECODE)}
-    if "max_completion_tokens" in prefill:
-        prefill["max_completion_tokens"] = 1
-    prefill.pop("stream_options", None)
-    return prefill
-
-
 def _passthrough(upstream: _Upstream, timing: dict[str, str]) -> Response:
     content_type = upstream.response.headers.get("content-type", "application/json")
     return Response(
         upstream.body or b"", status_code=upstream.status, media_type=content_type, headers=timing
     )
+
+
+def _stream_error(message: str, code: str) -> ApiError:
+    return ApiError(502 if code == "backend_failed" else 504, message, type="server_error", code=code)
 
 
 def _json_object(data: bytes | None) -> dict[str, Any]:

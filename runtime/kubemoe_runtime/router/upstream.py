@@ -27,17 +27,26 @@ A connection goes back to its backend's idle list only once its answer was read 
 connection the backend has since closed is dropped when taken; if a kept-alive connection fails before
 any byte of an answer (the backend closed it as the request went out), the request is sent once more on
 a new connection. Every other failure is an `UpstreamError`, which the router treats as the backend's.
+
+Every read is bounded: by `read_timeout` (the most seconds a backend may send nothing: the head of a
+non-streaming answer comes only once it is generated) and by the request's deadline, if it has one.
+Either is an `UpstreamTimeout`, which is not the backend's fault as such (a hung backend fails its health
+probe). A connection whose answer was not read to its end, for whatever reason (a cancelled request
+included), is closed, so the backend sees its client go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
 
 IDLE_S = 4.0  # drop idle connections before the engines' uvicorn does (its keep-alive timeout is 5 s)
 READ_BYTES = 1 << 16
+READ_TIMEOUT_S = 600.0
 _ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+T = TypeVar("T")
 
 
 class UpstreamError(Exception):
@@ -47,6 +56,24 @@ class UpstreamError(Exception):
     def kind(self) -> str:
         """What went wrong, for metrics: the underlying error's type (ConnectionRefusedError, ...)."""
         return type(self.__cause__ or self).__name__
+
+
+class UpstreamTimeout(Exception):
+    """The backend sent nothing for the read timeout, or the request's deadline passed."""
+
+
+async def _bounded(read: Awaitable[T], *, read_timeout: float, deadline: float | None) -> T:
+    """`read`, within `read_timeout` seconds and before `deadline` (the event loop's clock)."""
+    limit = read_timeout
+    if deadline is not None:
+        limit = min(limit, deadline - asyncio.get_running_loop().time())
+    try:
+        async with asyncio.timeout(limit):
+            return await read
+    except TimeoutError as err:
+        if limit < read_timeout:
+            raise UpstreamTimeout("the request's deadline passed before the backend answered") from err
+        raise UpstreamTimeout(f"the backend sent nothing for {read_timeout:g} s") from err
 
 
 class _Connection:
@@ -64,8 +91,11 @@ class _Connection:
 
 
 class UpstreamResponse:
-    def __init__(self, pool: Upstream, address: str, conn: _Connection, head: bytes) -> None:
+    def __init__(
+        self, pool: Upstream, address: str, conn: _Connection, head: bytes, *, deadline: float | None
+    ) -> None:
         self._pool, self._address, self._conn = pool, address, conn
+        self._deadline = deadline
         status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
         version, code = status_line.split(" ", 2)[:2]
         self.status = int(code)
@@ -83,11 +113,14 @@ class UpstreamResponse:
         )
         self._complete = False
 
+    def _bounded(self, read: Awaitable[T]) -> Awaitable[T]:
+        return _bounded(read, read_timeout=self._pool.read_timeout, deadline=self._deadline)
+
     async def read(self) -> bytes:
         """The whole body."""
         if not self._chunked and self._remaining is not None:
             try:
-                data = await self._conn.reader.readexactly(self._remaining)
+                data = await self._bounded(self._conn.reader.readexactly(self._remaining))
             except _ERRORS as err:
                 raise UpstreamError(f"answer cut short: {type(err).__name__}") from err
             self._complete = True
@@ -99,19 +132,19 @@ class UpstreamResponse:
         reader = self._conn.reader
         try:
             if self._chunked:
-                while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
-                    yield (await reader.readexactly(size + 2))[:-2]
-                while await reader.readuntil(b"\r\n") != b"\r\n":
+                while size := int((await self._bounded(reader.readuntil(b"\r\n"))).split(b";", 1)[0], 16):
+                    yield (await self._bounded(reader.readexactly(size + 2)))[:-2]
+                while await self._bounded(reader.readuntil(b"\r\n")) != b"\r\n":
                     pass  # trailers
             elif self._remaining is not None:
                 while self._remaining:
-                    chunk = await reader.read(min(self._remaining, READ_BYTES))
+                    chunk = await self._bounded(reader.read(min(self._remaining, READ_BYTES)))
                     if not chunk:
                         raise EOFError("closed before the end of the body")
                     self._remaining -= len(chunk)
                     yield chunk
             else:
-                while chunk := await reader.read(READ_BYTES):
+                while chunk := await self._bounded(reader.read(READ_BYTES)):
                     yield chunk
         except _ERRORS as err:
             raise UpstreamError(f"answer cut short: {type(err).__name__}: {err}") from err
@@ -127,33 +160,50 @@ class UpstreamResponse:
 
 
 class Upstream:
-    def __init__(self, *, connect_timeout: float = 5.0, max_idle: int = 256) -> None:
+    def __init__(
+        self, *, connect_timeout: float = 5.0, read_timeout: float = READ_TIMEOUT_S, max_idle: int = 256
+    ) -> None:
         self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.max_idle = max_idle  # per backend
         self._idle: dict[str, list[_Connection]] = {}
 
     async def post(
-        self, address: str, path: str, body: bytes, headers: Mapping[str, str]
+        self,
+        address: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
-        """Send the request and read the answer's status and headers; the body is the caller's to read."""
+        """Send the request and read the answer's status and headers; the body is the caller's to read
+        (the same deadline, on the event loop's clock, bounds it)."""
         lines = [f"POST {path} HTTP/1.1", f"host: {address}", f"content-length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         while (conn := self._take(address)) is not None:
             try:
-                return await self._exchange(address, conn, request)
+                return await self._exchange(address, conn, request, deadline=deadline)
             except UpstreamError:
                 continue  # closed by the backend while idle: no answer, nothing done; try another
-        return await self._exchange(address, await self._connect(address), request)
+        return await self._exchange(address, await self._connect(address), request, deadline=deadline)
 
-    async def _exchange(self, address: str, conn: _Connection, request: bytes) -> UpstreamResponse:
+    async def _exchange(
+        self, address: str, conn: _Connection, request: bytes, *, deadline: float | None
+    ) -> UpstreamResponse:
         try:
             conn.writer.write(request)
-            head = await conn.reader.readuntil(b"\r\n\r\n")
-            return UpstreamResponse(self, address, conn, head)
+            head = await _bounded(
+                conn.reader.readuntil(b"\r\n\r\n"), read_timeout=self.read_timeout, deadline=deadline
+            )
+            return UpstreamResponse(self, address, conn, head, deadline=deadline)
         except _ERRORS as err:
             conn.close()
             raise UpstreamError(f"{type(err).__name__}: {err}") from err
+        except BaseException:  # a timeout, or the request cancelled: the backend must see us go
+            conn.close()
+            raise
 
     async def _connect(self, address: str) -> _Connection:
         host, _, port = address.rpartition(":")

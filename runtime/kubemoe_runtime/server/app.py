@@ -10,7 +10,12 @@
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
 unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
-answer), 503 while loading or while the waiting queue is full.
+answer), 503 while loading or while the waiting queue is full. Request bodies are untrusted: every value
+the engine thread would act on is checked here first (protocol.py, `_check_prompt`, SamplingParams), so
+no request can stop the engine thread. kv_transfer_params are honoured only when the router signed them
+(kv/auth.py; 400 otherwise), and a pulled KV is checked against the model before it reaches the
+scheduler (kv/layout.py). A client that goes away from a non-streaming request has it aborted, as a
+streaming one.
 
 Each request becomes a `GenerationRequest` for the scheduler, which runs on the engine thread and hands
 every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue.
@@ -38,9 +43,11 @@ from starlette.types import Receive, Scope, Send
 
 from kubemoe_runtime.engines.torch.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, QueueFull, Scheduler
+from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.kv.handoff import prompt_digest
 from kubemoe_runtime.kv.pull import KVPuller, KVPullError, wants_pull
 from kubemoe_runtime.metrics import ServingMetrics
+from kubemoe_runtime.server.disconnect import ClientGone, unless_disconnected
 from kubemoe_runtime.server.protocol import (
     ApiError,
     AssistantMessage,
@@ -64,6 +71,8 @@ from kubemoe_runtime.tokenizer import ChatTemplateError, TextTokenizer
 log = logging.getLogger("kubemoe_runtime.server")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat fills the context
+INLINE_TOKENIZE_CHARS = 1 << 16  # a longer prompt is tokenized off the event loop (8 MB take seconds)
+CLIENT_GONE = 499  # what is logged for a request whose client left (no one reads the answer)
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
@@ -178,9 +187,10 @@ class _KVResponse(Response):
 
 
 class Api:
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, *, signer: KVSigner | None = None) -> None:
         self.state = state
         self.puller = KVPuller()
+        self.signer = signer if signer is not None else KVSigner.from_env()
 
     async def health(self, _: Request) -> Response:
         if self.state.failure is not None:
@@ -212,10 +222,10 @@ class Api:
         body = await _parse(request, CompletionRequest)
         model = self._model_name(body.model)
         prompt = body.single_prompt()
-        prompt_ids = self.state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        prompt_ids = await self._encode(prompt) if isinstance(prompt, str) else prompt
         self._check_prompt(prompt_ids, param="prompt")
         generation = self._generation_request(body, prompt_ids, max_tokens=body.max_tokens, default_cap=True)
-        generation = await self._pull_kv(generation)
+        generation = await self._pull_kv(scheduler, generation)
         outputs, request_id = self._submit(scheduler, generation)
         stream = _Stream(scheduler, request_id, outputs)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -230,7 +240,10 @@ class Api:
                 return Completion(id=completion_id, created=created, model=model, choices=[], usage=usage)
 
             return _sse(stream.events(chunk, first=None, usage_chunk=usage_chunk if include_usage else None))
-        text, last = await stream.collect()
+        try:
+            text, last = await unless_disconnected(request, stream.collect())
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
         response = Completion(
             id=completion_id,
@@ -251,12 +264,12 @@ class Api:
             prompt_text = self.state.tokenizer.apply_chat_template(messages)
         except ChatTemplateError as err:
             raise ApiError(400, str(err), param="messages") from err
-        prompt_ids = self.state.tokenizer.encode(prompt_text, add_special_tokens=False)
+        prompt_ids = await self._encode(prompt_text, add_special_tokens=False)
         self._check_prompt(prompt_ids, param="messages")
         generation = self._generation_request(
             body, prompt_ids, max_tokens=body.token_limit(), default_cap=False
         )
-        generation = await self._pull_kv(generation)
+        generation = await self._pull_kv(scheduler, generation)
         outputs, request_id = self._submit(scheduler, generation)
         stream = _Stream(scheduler, request_id, outputs)
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -280,7 +293,10 @@ class Api:
             return _sse(
                 stream.events(chunk, first=opening, usage_chunk=usage_chunk if include_usage else None)
             )
-        text, last = await stream.collect()
+        try:
+            text, last = await unless_disconnected(request, stream.collect())
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
         response = ChatCompletion(
             id=chat_id,
@@ -301,32 +317,56 @@ class Api:
 
     # --- shared steps -------------------------------------------------------------------------------
 
-    async def _pull_kv(self, generation: GenerationRequest) -> GenerationRequest:
-        """P/D decode: fetch the prompt's KV from the prefill named in kv_transfer_params. On failure the
-        prompt is prefilled here (slower, same answer)."""
+    async def _pull_kv(self, scheduler: Scheduler, generation: GenerationRequest) -> GenerationRequest:
+        """P/D decode: fetch the prompt's KV from the prefill named in kv_transfer_params (at most what
+        the prompt's KV takes in this model). On any failure, or a KV that does not fit the model or the
+        prompt, the prompt is prefilled here (slower, same answer)."""
         if not wants_pull(generation.kv_transfer_params):
             return generation
         assert generation.kv_transfer_params is not None
+        prompt = generation.prompt_ids
+        layout = scheduler.kv_layout
         try:
-            pulled = await self.puller.pull(generation.kv_transfer_params)
-        except KVPullError as err:
+            pulled = await self.puller.pull(
+                generation.kv_transfer_params, max_bytes=layout.max_wire_bytes(len(prompt))
+            )
+            if pulled.prompt_tokens != len(prompt) or pulled.prompt_sha256 != prompt_digest(prompt):
+                raise KVPullError("the pulled KV is for another prompt")
+            layout.check(pulled, vocab_size=scheduler.vocab_size)
+        except (KVPullError, ValueError) as err:
             log.warning("kubemoe-runtime: KV pull failed, prefilling here: %s", err)
             self.state.metrics.kv_pull_failures.inc()
             return generation
-        prompt = generation.prompt_ids
-        if pulled.prompt_tokens != len(prompt) or pulled.prompt_sha256 != prompt_digest(prompt):
-            log.warning("kubemoe-runtime: the pulled KV is for another prompt; prefilling here")
-            self.state.metrics.kv_pull_failures.inc()
-            return generation
         return dataclasses.replace(generation, pulled=pulled)
+
+    def _verified_kv_params(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """kv_transfer_params the router signed, without the signature; 400 for any others."""
+        if not params:
+            return None
+        if self.signer is None:
+            raise ApiError(
+                400,
+                "kv_transfer_params: this server takes kv_transfer_params only signed by the router, and "
+                f"has no key to verify them ({KV_KEY_ENV} is not set)",
+                param="kv_transfer_params",
+            )
+        try:
+            return self.signer.verify(params)
+        except KVAuthError as err:
+            raise ApiError(400, f"kv_transfer_params: {err}", param="kv_transfer_params") from err
+
+    async def _encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        encode = self.state.tokenizer.encode
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(encode, text, add_special_tokens=add_special_tokens)
 
     def _model_name(self, requested: str | None) -> str:
         if requested is None:
             return self.state.served_names[0]
         if requested not in self.state.served_names:
-            raise ApiError(
-                404, f"The model `{requested}` does not exist.", param="model", code="model_not_found"
-            )
+            shown = requested if len(requested) <= 256 else f"{requested[:256]}..."
+            raise ApiError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
         return requested
 
     def _check_prompt(self, prompt_ids: list[int], *, param: str) -> None:
@@ -361,14 +401,20 @@ class Api:
             )
         temperature = self.state.default_temperature if body.temperature is None else body.temperature
         top_p = self.state.default_top_p if body.top_p is None else body.top_p
+        try:
+            sampling = SamplingParams(
+                temperature=temperature, top_p=top_p, seed=body.seed, top_k=body.top_k or 0
+            )
+        except ValueError as err:  # protocol.py checks each field; this is the engine's own word
+            raise ApiError(400, str(err)) from err
         return GenerationRequest(
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=body.seed),
+            sampling=sampling,
             stop=body.stop_strings(),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
-            kv_transfer_params=body.kv_transfer_params,
+            kv_transfer_params=self._verified_kv_params(body.kv_transfer_params),
         )
 
     def _submit(self, scheduler: Scheduler, generation: GenerationRequest) -> tuple[OutputQueue, int]:

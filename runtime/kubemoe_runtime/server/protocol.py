@@ -1,8 +1,9 @@
 """The OpenAI wire format the server speaks: requests (validated, untrusted) and responses.
 
-Requests are parsed strictly from JSON: wrong types, out-of-range values and unsupported options are
-400s that name the field. Unknown fields are ignored, as OpenAI and vLLM do. Beyond OpenAI's fields the
-requests take vLLM's `stop_token_ids`, `ignore_eos` and `kv_transfer_params` (P/D disaggregation).
+Requests are parsed strictly from JSON: wrong types, out-of-range values (NaN and Infinity included) and
+unsupported options are 400s that name the field. Unknown fields are ignored, as OpenAI and vLLM do.
+Beyond OpenAI's fields the requests take vLLM's `top_k`, `stop_token_ids`, `ignore_eos` and
+`kv_transfer_params` (P/D disaggregation; honoured only when the router signed them, server/app.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 MAX_STOP_STRINGS = 16
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes (sampling.py)
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True, allow_inf_nan=False)
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
@@ -33,14 +36,17 @@ class SamplingRequest(_Request):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's: -1 or 0 for every token
     stop: StopString | list[StopString] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS
+    )
     ignore_eos: bool = False
     kv_transfer_params: dict[str, Any] | None = None
 

@@ -47,6 +47,7 @@ from kubemoe_runtime.engines.torch.engine import TorchEngine
 from kubemoe_runtime.engines.torch.kv_cache import KVCache
 from kubemoe_runtime.engines.torch.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
+from kubemoe_runtime.kv.layout import KVLayout
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,13 @@ class RankRunner:
             slots_B=torch.tensor([self.slots]),
             last_only=True,
         )
+
+    def kv_layout(self) -> KVLayout:
+        """What a pulled KV must look like to be imported here (every rank of a group has the same)."""
+        layers = self.cache.layers
+        dtype = next(t.dtype for layer in layers for t in layer.tensors.values())
+        fields = tuple({name: tuple(t.shape[2:]) for name, t in layer.tensors.items()} for layer in layers)
+        return KVLayout(fields=fields, dtype=dtype)
 
     def export_kv(self, slot: int, *, length: int) -> list[dict[str, torch.Tensor]]:
         """A finished prefill's cache, for KV transfer to a decode group (P/D)."""

@@ -1,23 +1,41 @@
-"""Next-token choice: greedy, or temperature and nucleus (top-p) sampling from a seeded generator."""
+"""Next-token choice: greedy, or temperature, top-k and nucleus (top-p) sampling from a seeded generator.
+
+SamplingParams refuses what the sampler cannot run (ValueError naming the field), so a bad value fails
+when the request is built, on the server's thread, never on the engine thread mid-step.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+MIN_SEED = -(1 << 63)  # what torch.Generator.manual_seed takes: int64 .. uint64
+MAX_SEED = (1 << 64) - 1
+GREEDY_BELOW = 1e-5  # a temperature this small samples greedily (as vLLM): logits / T would overflow
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW): greedy
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # 0 or -1: every token
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [{MIN_SEED}, {MAX_SEED}], got {self.seed}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive count, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def generator(self) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator().manual_seed(self.seed)
@@ -25,13 +43,18 @@ class SamplingParams:
 
 def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from one row of logits."""
-    if params.temperature == 0:
+    if params.greedy:
         return int(logits_V.argmax())
-    probs_V = torch.softmax(logits_V.float() / params.temperature, dim=-1)
+    logits_V = logits_V.float() / params.temperature
+    if 0 < params.top_k < logits_V.numel():
+        kth = torch.topk(logits_V, params.top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    probs_V = torch.softmax(logits_V, dim=-1)
     if params.top_p < 1:
         sorted_V, order_V = probs_V.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         outside_V = sorted_V.cumsum(dim=-1) - sorted_V >= params.top_p
+        outside_V[0] = False  # even for a top_p that float32 rounds to 0 (the request's is a float64)
         sorted_V = sorted_V.masked_fill(outside_V, 0.0)
         probs_V = torch.zeros_like(probs_V).scatter_(0, order_V, sorted_V)
     return int(torch.multinomial(probs_V, 1, generator=generator))

@@ -17,7 +17,9 @@ P/D (kv/handoff.py): a request whose kv_transfer_params ask for `do_remote_decod
 copied out after its first step and kept in `kv_store`; its outputs then carry the kv_transfer_params a
 decode needs. A request submitted with `pulled` (the KV a decode fetched) skips its prompt: admission
 emits the prefill's first token, and its first row is that token at position n with the KV imported
-into its slot — no prompt token is computed (the prompt-token counter does not move).
+into its slot — no prompt token is computed (the prompt-token counter does not move). `submit` refuses
+pulled KV that does not fit the model (`kv_layout`: layers, fields, shapes, dtype; a first token outside
+the vocabulary), so a bad hand-off fails its own request, never the engine thread.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Literal
 from kubemoe_runtime.engines.torch.group import GroupLeader, Row, Step
 from kubemoe_runtime.engines.torch.sampling import SamplingParams
 from kubemoe_runtime.kv.handoff import KVStore, PrefilledKV, prompt_digest, remote_prefill_params
+from kubemoe_runtime.kv.layout import KVLayout
 from kubemoe_runtime.metrics import ServingMetrics
 from kubemoe_runtime.tokenizer import TextStream, TextTokenizer
 
@@ -125,6 +128,8 @@ class Scheduler:
         self._free_slots = [list(range(limits.max_num_seqs)) for _ in range(leader.size)]
         self._released: list[list[int]] = [[] for _ in range(leader.size)]
         self._rotation = 0  # where the next tie-break among equally free ranks starts
+        self.kv_layout: KVLayout = leader.runner.kv_layout()
+        self.vocab_size: int = leader.runner.engine.cfg.vocab_size
 
     # --- any thread ---------------------------------------------------------------------------------
 
@@ -139,6 +144,8 @@ class Scheduler:
             or request.pulled.prompt_sha256 != prompt_digest(request.prompt_ids)
         ):
             raise ValueError("the pulled KV belongs to another prompt")
+        if request.pulled is not None:
+            self.kv_layout.check(request.pulled, vocab_size=self.vocab_size)  # ValueError: it does not fit
         if n + request.max_tokens > self.limits.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the context "

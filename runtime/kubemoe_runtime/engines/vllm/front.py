@@ -4,7 +4,9 @@
     GET /ready     200 while vLLM's /health answers 200 (a --headless pod: while vLLM runs), else 503
     GET /metrics   vLLM's /metrics unchanged, then the kubemoe_* series derived from it (metrics.py)
     anything else  proxied to vLLM as is (method, path, query, headers, body), the response streamed
-                   back (SSE included); 503 in OpenAI's error shape while vLLM is not listening yet
+                   back (SSE included); 503 in OpenAI's error shape while vLLM is not listening yet.
+                   A JSON body's kv_transfer_params reach vLLM only when the router signed them
+                   (kv/auth.py), without the signature; else 400: vLLM would connect where they say.
 
 A --headless pod runs engines only: it answers /health and /ready, and 404 otherwise.
 """
@@ -12,10 +14,11 @@ A --headless pod runs engines only: it answers /health and /ready, and 404 other
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import httpx2
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,9 +30,11 @@ from starlette.routing import Route
 
 from kubemoe_runtime.engines.vllm.metrics import render
 from kubemoe_runtime.gpu_metrics import GpuCollector
+from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.metrics import MetricLabels
 
 PROBE_TIMEOUT_S: Final = 5.0
+KV_PARAMS_FIELD: Final = "kv_transfer_params"
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the two HTTP stacks recompute.
 _NOT_FORWARDED: Final = frozenset(
     {
@@ -89,7 +94,36 @@ def _openai_error(status: int, message: str, *, code: str) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def front_app(upstream: Upstream) -> Starlette:
+def verified_body(body: bytes, signer: KVSigner | None) -> bytes | JSONResponse:
+    """The request body with its kv_transfer_params verified and unsigned, or a 400 saying why not."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return JSONResponse(
+            invalid_request("the body is not JSON", param=None), status_code=400
+        )  # vLLM would refuse it too; never forward what was not checked
+    params = request.get(KV_PARAMS_FIELD) if isinstance(request, dict) else None
+    if params is None:
+        return body
+    try:
+        if signer is None:
+            raise KVAuthError(f"this pod has no key to verify them ({KV_KEY_ENV} is not set)")
+        if not isinstance(params, dict):
+            raise KVAuthError("must be an object")
+        request[KV_PARAMS_FIELD] = signer.verify(params)
+    except KVAuthError as err:
+        return JSONResponse(
+            invalid_request(f"{KV_PARAMS_FIELD}: {err}", param=KV_PARAMS_FIELD), status_code=400
+        )
+    return json.dumps(request).encode()
+
+
+def invalid_request(message: str, *, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+
+
+def front_app(upstream: Upstream, *, signer: KVSigner | None = None) -> Starlette:
+    """`signer`: the deployment's KV key (KVSigner.from_env() in a pod), to verify kv_transfer_params."""
     gpus = CollectorRegistry()  # DCGM_FI_* from NVML, as the torch server exports; none without a driver
     gpus.register(GpuCollector(upstream.labels.as_dict()))
 
@@ -134,6 +168,11 @@ def front_app(upstream: Upstream) -> Starlette:
             url += f"?{request.url.query}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         body = await request.body()
+        if KV_PARAMS_FIELD.encode() in body:
+            checked = verified_body(body, signer)
+            if isinstance(checked, Response):
+                return checked
+            body = checked
         client = upstream.client()
         outgoing = client.build_request(request.method, url, headers=headers, content=body)
         try:

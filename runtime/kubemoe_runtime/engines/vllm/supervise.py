@@ -27,6 +27,7 @@ import uvicorn
 from kubemoe_runtime.engines.torch.parallel import free_port
 from kubemoe_runtime.engines.vllm.command import vllm_command, vllm_python
 from kubemoe_runtime.engines.vllm.front import Upstream, front_app
+from kubemoe_runtime.kv.auth import KVSigner
 from kubemoe_runtime.metrics import MetricLabels
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ def serve_vllm(
         labels=MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank),
     )
     config = uvicorn.Config(
-        front_app(upstream),
+        front_app(upstream, signer=KVSigner.from_env()),
         host=settings.host,
         port=settings.port,
         log_level="warning",

@@ -1,0 +1,47 @@
+"""The KV hand-off's key: one Secret per disaggregated ModelDeployment, in every pod's environment.
+
+The router signs the kv_transfer_params it sends and the prefill and decode pods verify them
+(runtime kv/auth.py), so no client can make a decode pull KV from a host of its choosing. The key
+is random, made once: the reconciler creates the Secret if it is missing (`create`, never `get`:
+the operator cannot read Secrets), owned by the ModelDeployment so it goes with it. It is not part
+of the hashed render — a new key on every render would restart every pod.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Final
+
+from kubemoe_operator.plan import Plan
+from kubemoe_operator.render.names import Owner, metadata
+
+KV_KEY_ENV: Final = "KUBEMOE_KV_KEY"
+"""The runtime reads the key from here (kubemoe_runtime.kv.auth.KV_KEY_ENV)."""
+SECRET_KEY: Final = "key"
+
+
+def kv_key_secret_name(owner: str) -> str:
+    return f"{owner}-kv-key"
+
+
+def needs_kv_key(plan: Plan) -> bool:
+    return plan.mode == "disaggregated"
+
+
+def kv_key_secret(owner: Owner) -> dict[str, Any]:
+    """A new Secret holding 32 random bytes (hex) for `owner`'s KV hand-off."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(owner=owner, name=kv_key_secret_name(owner.name)),
+        "type": "Opaque",
+        "stringData": {SECRET_KEY: secrets.token_hex(32)},
+    }
+
+
+def kv_key_env(owner: str, plan: Plan) -> list[dict[str, Any]]:
+    """The key in a pod's environment, from the Secret (disaggregated serving only)."""
+    if not needs_kv_key(plan):
+        return []
+    ref = {"secretKeyRef": {"name": kv_key_secret_name(owner), "key": SECRET_KEY}}
+    return [{"name": KV_KEY_ENV, "valueFrom": ref}]

@@ -1,0 +1,73 @@
+"""The KV hand-off's authentication: servers act only on kv_transfer_params the router signed.
+
+kv_transfer_params tell a prefill to keep a prompt's KV (`do_remote_decode`) and a decode where to fetch
+it from (`remote_host`, `remote_port`, `remote_handle`). Taken from any client, they would make the decode
+open a connection to a host and port of the client's choosing. So the router, which alone sets them (it
+drops whatever a client sent), signs each set it forwards with HMAC-SHA256 under a per-deployment key,
+and a server refuses (400) any it cannot verify.
+
+The key is the environment variable KUBEMOE_KV_KEY (from a Secret; the same value on the router and on
+every prefill and decode pod; at least MIN_KEY_BYTES bytes, e.g. `openssl rand -hex 32`). Without it:
+  - a server refuses every kv_transfer_params (400): none can be verified;
+  - a disaggregated router does not start (it could not sign the hand-off); a colocated router needs no key.
+
+The signature (`kubemoe_signature`, hex) covers the canonical JSON of all the other keys, so no field can
+be changed, added or dropped. A replay gains nothing: a handle is read once, and the pulled KV must match
+the request's prompt (handoff.prompt_digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+KV_KEY_ENV: Final = "KUBEMOE_KV_KEY"
+SIGNATURE_FIELD: Final = "kubemoe_signature"
+MIN_KEY_BYTES: Final = 16
+_DOMAIN: Final = b"kubemoe-kv-transfer-params-v1\n"
+
+
+class KVAuthError(ValueError):
+    """kv_transfer_params that are not signed with this deployment's key."""
+
+
+class KVSigner:
+    def __init__(self, key: bytes) -> None:
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"{KV_KEY_ENV} has {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+        self._key = key
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KVSigner | None:
+        """The deployment's signer, or None when KUBEMOE_KV_KEY is unset or empty."""
+        value = (os.environ if environ is None else environ).get(KV_KEY_ENV, "")
+        return cls(value.encode()) if value else None
+
+    def sign(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        unsigned = {k: v for k, v in params.items() if k != SIGNATURE_FIELD}
+        return {**unsigned, SIGNATURE_FIELD: self._digest(unsigned)}
+
+    def verify(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The params without their signature; KVAuthError unless it is this key's."""
+        signature = params.get(SIGNATURE_FIELD)
+        if not isinstance(signature, str):
+            raise KVAuthError("not signed by the router (kv_transfer_params are set by the router only)")
+        unsigned = {k: v for k, v in params.items() if k != SIGNATURE_FIELD}
+        try:
+            expected = self._digest(unsigned)
+        except ValueError as err:  # NaN or Infinity in a value: never signed
+            raise KVAuthError(f"cannot be verified: {err}") from err
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            raise KVAuthError("the signature does not match (not signed with this deployment's key)")
+        return unsigned
+
+    def _digest(self, unsigned: Mapping[str, Any]) -> str:
+        canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hmac.new(self._key, _DOMAIN + canonical.encode(), hashlib.sha256).hexdigest()

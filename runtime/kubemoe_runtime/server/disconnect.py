@@ -1,0 +1,46 @@
+"""Cancel a request's work when its client goes away before the answer (non-streaming requests).
+
+uvicorn does not cancel a handler whose client disconnected; a streaming answer notices when a write
+fails, but a non-streaming one would run to its end for no one. Once the body has been read, the only
+message left for the app is `http.disconnect`, sent when the connection closes (or once the answer is
+complete), so a watcher waiting for it can cancel the work. The engine server aborts the request in the
+scheduler that way; the router closes its connection to the backend, whose own watcher then does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready; the work was cancelled."""
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, or ClientGone (with `work` cancelled) if the client disconnects first. The
+    request's body must have been read already."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

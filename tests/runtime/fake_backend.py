@@ -1,0 +1,136 @@
+"""A stand-in engine for the router's fault tests: a threaded HTTP/1.1 server that answers /ready and
+/health with 200 and misbehaves on POST as the request's `prompt` says:
+
+    "hang"      answer nothing; wait until the router closes the connection (recorded in `closed`)
+    "die"       a streamed answer cut after two events (the connection closes without the last chunk)
+    "nodone"    a streamed answer of two events that ends cleanly, but without `data: [DONE]`
+    "drip"      a streamed answer of one event every 0.2 s, for about 20 s
+    anything    a normal answer: JSON, or SSE events ending in `data: [DONE]` when `stream` is true
+
+With `post_status` set, every POST gets that status (an OpenAI-shaped error) instead.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+EVENT = {"id": "cmpl-x", "object": "text_completion", "choices": [{"index": 0, "text": "tok"}]}
+ANSWER = {"id": "cmpl-x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
+
+
+def _event(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+class FakeBackend:
+    def __init__(self, *, post_status: int = 200) -> None:
+        self.post_status = post_status
+        self.posts = 0
+        self.closed = threading.Event()  # a "hang" request's connection was closed by the router
+        backend = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self._answer(200, b"ok", "text/plain")
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                backend.posts += 1
+                if backend.post_status != 200:
+                    error = {
+                        "error": {"message": "busy", "type": "server_error", "param": None, "code": None}
+                    }
+                    self._answer(backend.post_status, json.dumps(error).encode(), "application/json")
+                    return
+                prompt = body.get("prompt")
+                if prompt == "hang":
+                    self._hang()
+                elif prompt == "die":
+                    self._stream([_event(EVENT), _event(EVENT)], complete=False)
+                elif prompt == "nodone":
+                    self._stream([_event(EVENT), _event(EVENT)], complete=True)
+                elif prompt == "drip":
+                    self._stream((_event(EVENT) for _ in range(100)), complete=True, pause=0.2)
+                elif body.get("stream"):
+                    self._stream([_event(EVENT), _event(EVENT), _event("[DONE]")], complete=True)
+                else:
+                    self._answer(200, json.dumps(ANSWER).encode(), "application/json")
+
+            def _answer(self, status: int, data: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _hang(self) -> None:
+                self.connection.settimeout(60)
+                try:
+                    if self.connection.recv(1) == b"":
+                        backend.closed.set()
+                except OSError:
+                    pass
+                self.close_connection = True
+
+            def _stream(self, events: Any, *, complete: bool, pause: float = 0.0) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                try:
+                    for event in events:
+                        self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(pause)
+                    if complete:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass
+                self.close_connection = True  # "die": closed without the last chunk
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def raw_post(url: str, body: dict[str, Any], *, timeout: float = 30) -> tuple[int, bytes]:
+    """POST over a plain socket (HTTP/1.1, Connection: close); the status and the whole body, de-chunked."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    port, _, path = port.partition("/")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        head = f"POST /{path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        head += f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
+        sock.sendall(head.encode() + data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    top, _, rest = answer.partition(b"\r\n\r\n")
+    status = int(top.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" not in top.lower():
+        return status, rest
+    body_bytes = b""
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body_bytes, rest = body_bytes + rest[:size], rest[size + 2 :]
+    return status, body_bytes
