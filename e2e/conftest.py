@@ -17,7 +17,7 @@ from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import REAL_NODE_LABEL
 from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
-from e2e.operator_process import delete_namespace, install_crd
+from e2e.operator_process import OPERATOR_NAMESPACE, delete_namespace, install_crd
 
 # KUBEMOE_E2E_CLUSTER_NAME lets two suites run side by side (each control plane on ports of its own).
 E2E_CLUSTER_NAME = os.environ.get("KUBEMOE_E2E_CLUSTER_NAME", "kubemoe-e2e")
@@ -61,9 +61,6 @@ def crd_installed(cluster: Cluster) -> Cluster:
     """The cluster with the ModelDeployment CRD from crds/ installed and Established."""
     install_crd(cluster)
     return cluster
-
-
-OPERATOR_NAMESPACE = "kubemoe-system"
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,9 @@ import pytest
 from e2e.cluster.handle import Cluster
 from e2e.waiting import eventually
 
+OPERATOR_NAMESPACE = "kubemoe-system"
+"""Where the operator's identity and Leases live in the e2e cluster."""
+
 __all__ = [
     "OperatorProcess",
     "delete_namespace",
@@ -133,6 +136,23 @@ class OperatorProcess:
 
     def tail(self, lines: int = 80) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
+
+
+def scraping_operator(
+    cluster: Cluster,
+    namespace: str,
+    *,
+    log: Path,
+    lease_name: str,
+    interval_s: float,
+    extra: tuple[str, ...] = (),
+) -> OperatorProcess:
+    """An operator for one namespace that autoscales every `interval_s` on the metrics it scrapes from
+    the role pods itself (no Prometheus), with a Lease of its own (not started)."""
+    args = ("--namespace", namespace, "--lease-namespace", OPERATOR_NAMESPACE, "--lease-name", lease_name)
+    return OperatorProcess(
+        cluster, log=log, args=(*args, "--autoscale-interval-seconds", str(interval_s), *extra)
+    )
 
 
 @contextlib.contextmanager

@@ -34,12 +34,13 @@ import pytest
 from e2e import prometheus
 from e2e.cluster.handle import Cluster
 from e2e.cluster.procs import free_port
-from e2e.conftest import OPERATOR_NAMESPACE
 from e2e.operator_process import (
+    OPERATOR_NAMESPACE,
     OperatorProcess,
     eventually,
     get_json,
     running_operator,
+    scraping_operator,
     scratch_namespace,
 )
 from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_checkpoint
@@ -514,19 +515,12 @@ def test_without_prometheus_the_operator_scrapes_the_role_pods(
     so the condition names the pods it tried, and nothing scales."""
     ns = f"as-scrape-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
-    proc = OperatorProcess(
+    proc = scraping_operator(
         operator_cluster,
+        ns,
         log=tmp_path / "operator.log",
-        args=(
-            "--namespace",
-            ns,
-            "--lease-namespace",
-            OPERATOR_NAMESPACE,
-            "--lease-name",
-            "kubemoe-operator-scrape-e2e",
-            "--autoscale-interval-seconds",
-            str(INTERVAL_S),
-        ),
+        lease_name="kubemoe-operator-scrape-e2e",
+        interval_s=INTERVAL_S,
     )
     proc.start()
     try:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from e2e.cluster.handle import Cluster
-from e2e.conftest import OPERATOR_NAMESPACE
 from e2e.operator_process import (
+    OPERATOR_NAMESPACE,
     OperatorProcess,
     get_json,
     model_volume,

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
-from e2e.conftest import OPERATOR_NAMESPACE
 from e2e.identity import service_account_user
 from e2e.operator_process import (
+    OPERATOR_NAMESPACE,
     OperatorProcess,
     eventually,
     get_json,

@@ -14,36 +14,14 @@ import yaml
 from e2e.cluster import kwok, lifecycle
 from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import CLUSTER_DNS, REAL_NODE_LABEL
-from e2e.cluster.node_images import BUSYBOX_IMAGE
 from e2e.conftest import E2E_REAL_NODES
+from e2e.real_pods import busybox_pod
 from e2e.waiting import eventually
 
 WEB = (
     "mkdir -p /tmp/w && echo hi from $(hostname) > /tmp/w/index.html && echo uid=$(id -u) && "
     "exec httpd -f -p 8080 -h /tmp/w"
 )
-
-
-def _pod(name: str, script: str, *, labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels or {}},
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": BUSYBOX_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c", script],
-                    "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
-                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-                }
-            ],
-            **spec,
-        },
-    }
 
 
 def _apply(cluster: Cluster, ns: str, *objs: dict[str, Any]) -> None:
@@ -57,7 +35,7 @@ def _exec(cluster: Cluster, ns: str, pod: str, script: str) -> str:
 
 def test_a_pod_runs_as_a_container(cluster: Cluster, real_namespace: str) -> None:
     ns = real_namespace
-    web = _pod("web", WEB)
+    web = busybox_pod("web", WEB)
     # The kubelet probes the pod's IP through the bridge: Ready proves the CNI path.
     web["spec"]["containers"][0]["readinessProbe"] = {
         "httpGet": {"path": "/", "port": 8080},
@@ -93,8 +71,8 @@ def test_services_and_cluster_dns(cluster: Cluster, real_namespace: str) -> None
         "metadata": {"name": "webs"},
         "spec": {"clusterIP": "None", "selector": {"app": "web"}, "ports": [{"port": 8080}]},
     }
-    web = _pod("web", WEB, labels={"app": "web"}, hostname="web-0", subdomain="webs")
-    _apply(cluster, ns, svc, headless, web, _pod("client", "exec sleep 3600"))
+    web = busybox_pod("web", WEB, labels={"app": "web"}, hostname="web-0", subdomain="webs")
+    _apply(cluster, ns, svc, headless, web, busybox_pod("client", "exec sleep 3600"))
     cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod", "--all", "--timeout=90s", timeout=120)
     cluster_ip = cluster.kubectl("get", "-n", ns, "svc", "web", "-o", "jsonpath={.spec.clusterIP}").stdout
     pod_ip = cluster.kubectl("get", "-n", ns, "pod", "web", "-o", "jsonpath={.status.podIP}").stdout
@@ -136,7 +114,9 @@ def test_kwok_pods_stay_off_the_real_node(cluster: Cluster, namespace: str) -> N
     taints = real["spec"].get("taints", [])
     assert {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedule"} in taints, taints
     # A pod that names the real node but does not tolerate its taint is not scheduled there.
-    pinned = _pod("pinned", "sleep 1", nodeSelector={"kubernetes.io/hostname": real["metadata"]["name"]})
+    pinned = busybox_pod(
+        "pinned", "sleep 1", nodeSelector={"kubernetes.io/hostname": real["metadata"]["name"]}
+    )
     _apply(cluster, namespace, pinned)
     eventually(
         lambda: (
@@ -148,9 +128,9 @@ def test_kwok_pods_stay_off_the_real_node(cluster: Cluster, namespace: str) -> N
         timeout=60,
         what="the pod pinned to the real node Unschedulable",
     )
-    gpu = _pod("gpu", "sleep 1")
+    gpu = busybox_pod("gpu", "sleep 1")
     gpu["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
-    plain = _pod("plain", "sleep 1")
+    plain = busybox_pod("plain", "sleep 1")
     _apply(cluster, namespace, gpu, plain)
     for name in ("gpu", "plain"):
         cluster.kubectl(
@@ -173,7 +153,7 @@ def test_an_image_not_imported_is_never_pulled_from_off_this_machine(
     cluster: Cluster, real_namespace: str
 ) -> None:
     ns = real_namespace
-    pod = _pod("ghost", "true")
+    pod = busybox_pod("ghost", "true")
     pod["spec"]["containers"][0]["image"] = "kubemoe.local/never-imported:1"
     pod["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
     _apply(cluster, ns, pod)
