@@ -8,6 +8,7 @@ from typing import Any
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Pod, Service
+from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 
 from kubemoe_operator.api.resource import GROUP, KIND, PLURAL, VERSION
@@ -31,6 +32,7 @@ class ChildKind:
 
 CHILD_KINDS: tuple[ChildKind, ...] = (
     ChildKind("v1", "ConfigMap", "configmaps", ConfigMap),
+    ChildKind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", NetworkPolicy),
     ChildKind("v1", "Service", "services", Service),
     ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", PodDisruptionBudget),
     ChildKind("apps/v1", "Deployment", "deployments", Deployment),

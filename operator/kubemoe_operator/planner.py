@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from kubemoe_operator.api.resource import ModelDeployment
-from kubemoe_operator.api.spec import ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
+from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
 from kubemoe_operator.catalog import Catalog, load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
 from kubemoe_operator.commandline import LWS_LEADER_ADDRESS, pod_command
@@ -90,6 +90,8 @@ def suggest_parallelism(
 ) -> Parallelism | None:
     """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV."""
     for ep in _divisors(model.num_routed_experts):
+        if ep > MAX_DATA_PARALLEL:
+            break
         if not _layout_ok(ep, per_pod):
             continue
         par = Parallelism(tensor=1, data=ep)

@@ -6,9 +6,9 @@ Why each rule:
 - modeldeployments/status: the reconciler's merge patch of status.
 - modeldeployments/finalizers: children carry blockOwnerDeletion owner references, which the
   OwnerReferencesPermissionEnforcement admission plugin allows only to who may update this.
-- configmaps, services, poddisruptionbudgets, deployments, leaderworkersets: the children:
-  listed by label (observe), watched (kopf re-reconciles the owner), server-side applied
-  (patch; create when applying a new object) and deleted (prune).
+- configmaps, services, networkpolicies, poddisruptionbudgets, deployments, leaderworkersets: the
+  children: listed by label (observe), watched (kopf re-reconciles the owner), server-side
+  applied (patch; create when applying a new object) and deleted (prune).
 - pods: listed to explain Pending / failing pods in conditions.
 - secrets (create only): the KV hand-off key of a disaggregated deployment (render/kv_key.py),
   made once; the operator never reads a Secret.
@@ -36,6 +36,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": CHILD_VERBS},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": CHILD_VERBS},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILD_VERBS},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},

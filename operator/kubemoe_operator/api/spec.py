@@ -8,9 +8,10 @@ The invalid-manifest corpus in `e2e/invalid/` checks both agree.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubemoe_operator.api.base import ApiModel, cel, validations
 from kubemoe_operator.api.model_config import ModelConfig
@@ -120,6 +121,10 @@ class ServingSpec(ApiModel):
     """KV-cache transfer between prefill and decode."""
 
 
+MAX_DATA_PARALLEL = 1024
+"""The most data-parallel ranks in one serving group."""
+
+
 class Parallelism(ApiModel):
     """One serving group's parallelism (vLLM's meaning of each size)."""
 
@@ -135,7 +140,7 @@ class Parallelism(ApiModel):
 
     tensor: int = Field(1, ge=1, le=64)
     """Tensor-parallel size within each data-parallel rank."""
-    data: int = Field(1, ge=1, le=1024)
+    data: int = Field(1, ge=1, le=MAX_DATA_PARALLEL)
     """Data-parallel size (attention is data-parallel, experts are expert-parallel)."""
     expert: int | None = Field(None, ge=1, le=1024)
     """Expert-parallel size: data * tensor (the default), or 1 to shard experts by tensor parallelism."""
@@ -241,14 +246,84 @@ class Roles(ApiModel):
         return [(name, role) for name, role in named if role is not None]
 
 
+CIDR_PATTERN = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"
+
+
+class ApiClient(ApiModel):
+    """Who may open connections to the OpenAI API port: the pods whose labels match podLabels in the
+    namespaces whose labels match namespaceLabels, or (alone) the addresses in cidr."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.cidr) || (!has(self.namespaceLabels) && !has(self.podLabels))",
+                "cidr stands alone: give it in an entry of its own, without namespaceLabels or podLabels",
+                field_path=".cidr",
+            )
+        )
+    )
+
+    namespace_labels: dict[str, str] | None = Field(None, max_length=16)
+    """Namespaces whose labels all match these ({} matches every namespace; the label
+    kubernetes.io/metadata.name names one); absent: the ModelDeployment's own namespace."""
+    pod_labels: dict[str, str] | None = Field(None, max_length=16)
+    """Pods whose labels all match these; absent or {}: every pod of those namespaces."""
+    cidr: str | None = Field(None, max_length=43, pattern=CIDR_PATTERN)
+    """Addresses outside the cluster's pods (a load balancer's or NodePort's clients), as a network,
+    e.g. 10.0.0.0/8; 0.0.0.0/0 and ::/0 are everyone."""
+
+    @field_validator("cidr")
+    @classmethod
+    def _network(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_network(value, strict=True)
+            except ValueError as err:
+                raise ValueError(f"not a network address (e.g. 10.0.0.0/8): {err}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _cidr_alone(self) -> ApiClient:  # the CEL rule above, for `kubemoe plan` and the operator
+        if self.cidr is not None and (self.namespace_labels is not None or self.pod_labels is not None):
+            raise ValueError(
+                "cidr stands alone: give it in an entry of its own, without namespaceLabels or podLabels"
+            )
+        return self
+
+
 class RouterSpec(ApiModel):
     """The OpenAI-compatible front door."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.apiKeySecret) || self.replicas >= 1",
+                "apiKeySecret needs a router (replicas >= 1): the workers do not check API keys",
+                field_path=".apiKeySecret",
+            )
+        )
+    )
 
     replicas: int = Field(1, ge=0, le=64)
     """0 only in colocated mode (clients then talk to workers directly)."""
     policy: Literal["round-robin", "least-load", "prefix-hash"] = "least-load"
     resources: Resources | None = None
     """Container resources of each router pod; requests default to cpu 500m, memory 512Mi."""
+    allow_from: list[ApiClient] | None = Field(None, max_length=16)
+    """Who may reach the API port (the router's; the workers' when replicas is 0), rendered as
+    NetworkPolicies: any entry admits. Absent: every pod of the ModelDeployment's namespace; []: no
+    one. Serving pods accept nothing else but their own ModelDeployment's pods and the operator's
+    metric scrapes. NetworkPolicies take effect only where the network plugin enforces them."""
+    api_key_secret: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """A Secret in this namespace whose key `api-key` holds the API keys, one per line; the router
+    then answers 401 to requests without `Authorization: Bearer KEY` (/health, /ready and /metrics
+    stay open) and re-reads the keys when the Secret changes. Needs replicas >= 1."""
+
+    @model_validator(mode="after")
+    def _keys_need_a_router(self) -> RouterSpec:  # the CEL rule above, for `kubemoe plan` and the operator
+        if self.api_key_secret is not None and self.replicas < 1:
+            raise ValueError("apiKeySecret needs a router (replicas >= 1): the workers do not check API keys")
+        return self
 
 
 def _label_rule() -> str:

@@ -1,8 +1,9 @@
 """`render(...) -> [k8s objects]`: the children of one ModelDeployment, pure (DESIGN.md §3).
 
-Objects come out in apply order: the plan ConfigMap, Services (a role's headless Service must
-exist before its LeaderWorkerSet, which adopts it as its subdomain), disruption budgets, then
-the workloads and the router.
+Objects come out in apply order: the plan ConfigMap, the NetworkPolicies (in place before any
+pod they protect starts), Services (a role's headless Service must exist before its
+LeaderWorkerSet, which adopts it as its subdomain), disruption budgets, then the workloads and
+the router.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kubemoe_operator.render.names import (
     selector,
     workload_name,
 )
+from kubemoe_operator.render.network import network_policies
 from kubemoe_operator.render.pod_options import merged
 from kubemoe_operator.render.pods import PodContext, router_pod_template
 from kubemoe_operator.render.workloads import deployment, disruption_budget, headless_service, role_workload
@@ -95,4 +97,5 @@ def render(
         )
     else:
         services.append(front_service(owner=owner, target_role=plan.roles[0].role))
-    return [plan_configmap(owner=owner, plan=plan), *services, *budgets, *workloads, *router]
+    policies = network_policies(owner=owner, spec=spec, plan=plan)
+    return [plan_configmap(owner=owner, plan=plan), *policies, *services, *budgets, *workloads, *router]

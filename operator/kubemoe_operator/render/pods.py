@@ -1,4 +1,5 @@
-"""Pod templates: the runtime container with its arguments, resources, probes, model source and placement."""
+"""Pod templates: the runtime container with its arguments, resources, probes, model source and placement,
+and how it ends (lifecycle.py); the router's, with its API keys when spec.router.apiKeySecret names them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from kubemoe_operator.plan import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.expansion import container_argv
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
 from kubemoe_operator.render.kv_key import kv_key_env
+from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, pod_termination
 from kubemoe_operator.render.names import LABEL_GROUP, LABEL_LEADER, labels, workload_name
 from kubemoe_operator.render.placement import placement
 from kubemoe_operator.render.pod_options import with_options
@@ -21,6 +23,10 @@ from kubemoe_operator.render.sources import source_mounts
 CONTAINER = "engine"
 LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
 NIXL_SIDE_CHANNEL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
+API_KEYS_VOLUME = "api-keys"
+API_KEYS_DIR = "/etc/kubemoe/api-keys"
+API_KEY_SECRET_KEY = "api-key"
+"""The key of spec.router.apiKeySecret that holds the API keys (one per line)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +72,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *dirs_env,
         *kv_transfer_env(ctx.plan),
         *kv_key_env(ctx.owner, ctx.plan),
+        *drain_env(),
         *env,
     ]
     pod_sc, container_sc = security_context()
@@ -81,6 +88,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "volumeMounts": [*mounts, *dirs_mounts],
         "env": env,
         **engine_probes(),
+        **(container_lifecycle() if pod.leader else {}),
     }
     pod_labels = labels(ctx.owner, role.role)
     pod_labels[LABEL_GROUP] = workload_name(ctx.owner, role.role)
@@ -90,15 +98,34 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "securityContext": pod_sc,
         "volumes": [*volumes, *dirs_volumes],
         "enableServiceLinks": False,
+        **pod_termination(),
         **placement(ctx.spec, ctx.plan, accelerator=True),
     }
     return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
 
 
+def api_keys(secret: str | None) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(args, volumes, volumeMounts) giving the router its API keys from `secret` (none without one).
+    A mounted file rather than an environment variable: the router re-reads it when the kubelet
+    updates it (router/auth.py), so keys rotate without a restart. The pod does not start without
+    the Secret."""
+    if secret is None:
+        return [], [], []
+    source = {
+        "secretName": secret,
+        "items": [{"key": API_KEY_SECRET_KEY, "path": API_KEY_SECRET_KEY}],
+        "defaultMode": 0o440,  # the group is the pod's fsGroup, the images' user's
+    }
+    volume = {"name": API_KEYS_VOLUME, "secret": source}
+    mount = {"name": API_KEYS_VOLUME, "mountPath": API_KEYS_DIR, "readOnly": True}
+    return ["--api-key-file", f"{API_KEYS_DIR}/{API_KEY_SECRET_KEY}"], [volume], [mount]
+
+
 def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[str, Any]:
     """The router's pod: CPU only, same image, no accelerator placement."""
     pod_sc, container_sc = security_context()
-    argv = container_argv(argv)
+    key_args, key_volumes, key_mounts = api_keys(ctx.spec.router.api_key_secret)
+    argv = container_argv([*argv, *key_args])
     container: dict[str, Any] = {
         "name": role,
         "image": ctx.image,
@@ -107,16 +134,21 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "resources": router_resources(ctx.spec),
         "securityContext": container_sc,
+        "env": [*kv_key_env(ctx.owner, ctx.plan), *drain_env()],
         **router_probes(),
+        **container_lifecycle(),
     }
-    if key_env := kv_key_env(ctx.owner, ctx.plan):
-        container["env"] = key_env
+    if key_mounts:
+        container["volumeMounts"] = key_mounts
     pod_labels = labels(ctx.owner, role)
     pod_labels[LABEL_LEADER] = "true"
     spec: dict[str, Any] = {
         "containers": [container],
         "securityContext": pod_sc,
         "enableServiceLinks": False,
+        **pod_termination(),
         **placement(ctx.spec, ctx.plan, accelerator=False),
     }
+    if key_volumes:
+        spec["volumes"] = key_volumes
     return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)

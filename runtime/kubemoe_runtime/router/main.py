@@ -3,12 +3,13 @@
     kubemoe-runtime serve --role router --served-model-name NAME --host H --port P --policy POLICY
         (--prefill-service HOST:PORT[,HOST:PORT] --decode-service HOST:PORT[,...] | --worker-service ...)
         [--api-key-file PATH] [--refresh-interval S] [--health-interval S] [--max-attempts N]
-        [--upstream-read-timeout S] [--request-timeout S]
+        [--upstream-read-timeout S] [--request-timeout S] [--drain-timeout S]
 
 A HOST is resolved again every --refresh-interval seconds (a headless Service's DNS answers are its
 ready pods); engine flags the operator may render for other roles are ignored with a warning.
 Disaggregated, the router signs the KV hand-off with the key in $KUBEMOE_KV_KEY (kv/auth.py) and does not
-start without one.
+start without one. On SIGTERM the router drains (server/drain.py): /ready and new requests get 503 (the
+front Service stops sending it any), requests in flight (streams included) finish, up to --drain-timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.policies import POLICIES, make_policy
 from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, build_router_app, roles_for
 from kubemoe_runtime.router.upstream import READ_TIMEOUT_S
+from kubemoe_runtime.server.drain import (
+    SHUTDOWN_S,
+    Drain,
+    DrainingServer,
+    DrainMiddleware,
+    drain_timeout_default,
+)
 
 
 class RouterSettings(BaseModel):
@@ -46,6 +54,7 @@ class RouterSettings(BaseModel):
     max_attempts: int = Field(ge=1)
     upstream_read_timeout: float = Field(default=READ_TIMEOUT_S, gt=0)
     request_timeout: float = Field(default=REQUEST_TIMEOUT_S, gt=0)
+    drain_timeout: float = Field(default_factory=drain_timeout_default, ge=0, allow_inf_nan=False)
 
     @property
     def disaggregated(self) -> bool:
@@ -89,6 +98,12 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
     parser.add_argument(
         "--request-timeout", type=float, default=REQUEST_TIMEOUT_S, help="seconds a request may take in all"
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=drain_timeout_default(),
+        help="seconds requests in flight may take to finish after SIGTERM (server/drain.py)",
+    )
     args, unknown = parser.parse_known_args(list(argv))
     services = {
         role: tuple(getattr(args, f"{role}_service"))
@@ -107,6 +122,7 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         max_attempts=args.max_attempts,
         upstream_read_timeout=args.upstream_read_timeout,
         request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout,
     )
     return settings, unknown
 
@@ -161,14 +177,15 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("kubemoe_runtime.router").warning(
         "router: %s, policy %s, listening on %s:%d", mode, settings.policy, settings.host, settings.port
     )
+    drain = Drain()
     config = uvicorn.Config(
-        build_router_app(router),
+        DrainMiddleware(build_router_app(router), drain),
         host=settings.host,
         port=settings.port,
         log_level="warning",
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_S,
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, drain=drain, timeout=settings.drain_timeout).run()
     return 0

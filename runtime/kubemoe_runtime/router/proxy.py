@@ -481,8 +481,13 @@ def build_router_app(router: Router) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
+        # ApiError: what a handler raises outside _generate (GET /v1/models without a key: a 401, not a 500)
+        exception_handlers={HTTPException: _http_error, ApiError: _api_error},  # type: ignore[dict-item]
     )
+
+
+async def _api_error(_: Request, err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 async def _http_error(_: Request, err: HTTPException) -> Response:

@@ -1,0 +1,272 @@
+"""Graceful drain (server/drain.py) in real processes: after SIGTERM an engine server or a router answers
+/ready and new requests 503 (the router then ejects the engine at once and serves from another backend)
+while a request already in flight finishes normally, then exits 0; a drain ends at its timeout or on a
+second signal.
+
+A request is "in flight" deterministically: it is sent with `Expect: 100-continue` and no body; the
+server answers `100 Continue` only once the app is running and asks for the body (`Held`)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubemoe_runtime.server.drain import SHUTDOWN_S, Drain
+from tests.runtime.fake_backend import FakeBackend, raw_post
+from tests.runtime.routing import RouterProcess
+from tests.runtime.serving import Server, http_get, http_post
+
+MODEL = "tiny-qwen"
+
+
+class Held:
+    """A POST whose headers the server has, and whose body it is waiting for."""
+
+    def __init__(self, port: int, path: str, body: dict[str, Any]) -> None:
+        self.data = json.dumps(body).encode()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        head += f"content-length: {len(self.data)}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
+        self.sock.sendall(head.encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = self.sock.recv(1)
+            assert chunk, "the server closed the connection"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+
+    def finish(self) -> tuple[int, bytes]:
+        """Send the body; the final status and body (de-chunked)."""
+        self.sock.sendall(self.data)
+        answer = b""
+        while chunk := self.sock.recv(65536):
+            answer += chunk
+        self.sock.close()
+        return _parse(answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _parse(answer: bytes) -> tuple[int, bytes]:
+    top, _, rest = answer.partition(b"\r\n\r\n")
+    status = int(top.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" not in top.lower():
+        return status, rest
+    body = b""
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body, rest = body + rest[:size], rest[size + 2 :]
+    return status, body
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def refused_as_draining(url: str, body: dict[str, Any]) -> None:
+    status, answer = http_post(url, body)
+    assert status == 503, answer
+    assert answer["error"]["code"] == "draining"
+    assert answer["error"]["type"] == "server_error"
+
+
+# --- the logic, alone -------------------------------------------------------------------------------
+
+
+def test_a_drain_ends_when_idle_for_the_quiet_period_or_at_its_deadline() -> None:
+    drain = Drain(quiet_s=0.5)
+    assert not drain.done()  # not draining: never done
+    drain.enter()
+    drain.begin(timeout=10)
+    now = time.monotonic()
+    assert not drain.done(now + 5)  # a request in flight
+    assert drain.done(now + 11)  # the deadline
+    drain.leave()
+    idle = time.monotonic()
+    assert not drain.done(idle + 0.1)  # a KV pull may follow the answer
+    assert drain.done(idle + 0.6)
+
+
+# --- an engine, and the router in front of it --------------------------------------------------------
+
+
+def test_an_engine_drains_and_the_router_ejects_it_at_once(qwen: Path, tmp_path: Path) -> None:
+    args = ["--served-model-name", MODEL, "--max-model-len", "128", "--drain-timeout", "60"]
+    engine = Server(qwen, args=args, log_dir=tmp_path, name="engine")
+    spare = FakeBackend()
+    router: RouterProcess | None = None
+    try:
+        engine.wait_ready()
+        # The health loop probes once a minute: only the engine's 503 can eject it in this test.
+        service = f"127.0.0.1:{engine.port},{spare.address}"
+        router_args = ["--served-model-name", MODEL, "--policy", "round-robin", "--worker-service", service]
+        router = RouterProcess(args=[*router_args, "--health-interval", "60"], log_dir=tmp_path)
+        router.wait_ready()
+        request = {"model": MODEL, "prompt": "hello world", "max_tokens": 5}
+        held = Held(engine.port, "/v1/completions", request)
+
+        engine.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: http_get(f"{engine.url}/ready")[0] == 503)
+        assert http_get(f"{engine.url}/ready") == (503, "draining")
+        assert http_get(f"{engine.url}/health")[0] == 200  # liveness must not restart a draining pod
+        assert http_get(f"{engine.url}/metrics")[0] == 200
+        refused_as_draining(f"{engine.url}/v1/completions", request)
+        assert engine.process.poll() is None  # still there: a request is in flight
+
+        for _ in range(4):  # round robin: a request that meets the engine is retried on the spare
+            status, body = raw_post(f"{router.url}/v1/completions", request)
+            assert status == 200, body
+        assert spare.posts == 4
+        assert router.metric("kubemoe_router_backend_healthy", backend=f"127.0.0.1:{engine.port}") == 0
+
+        status, body = held.finish()  # the request in flight when SIGTERM came is answered in full
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["choices"][0]["finish_reason"] in ("length", "stop")
+        assert answer["usage"]["completion_tokens"] >= 1
+        assert engine.process.wait(timeout=30) == 0, engine.log()
+        assert "draining" in engine.log()
+    finally:
+        if router is not None:
+            router.stop()
+        engine.stop()
+        spare.close()
+
+
+# --- the router -------------------------------------------------------------------------------------
+
+
+class GatedStream:
+    """A backend whose streamed answer sends one event, then waits for `release` before the rest."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                event = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": "tok"}]}
+                events = [f"data: {json.dumps(event)}\n\n".encode()] * 3 + [b"data: [DONE]\n\n"]
+                self._chunk(events[0])
+                gate.release.wait(30)
+                for e in events[1:]:
+                    self._chunk(e)
+                self.wfile.write(b"0\r\n\r\n")
+                self.close_connection = True
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedStream]:
+    backend = GatedStream()
+    yield backend
+    backend.close()
+
+
+def router_for(address: str, tmp_path: Path, *extra: str) -> RouterProcess:
+    args = ["--served-model-name", MODEL, "--policy", "round-robin", "--worker-service", address, *extra]
+    router = RouterProcess(args=args, log_dir=tmp_path)
+    router.wait_ready()
+    return router
+
+
+def test_a_router_finishes_a_stream_in_flight_after_sigterm(gated: GatedStream, tmp_path: Path) -> None:
+    router = router_for(gated.address, tmp_path, "--drain-timeout", "60")
+    try:
+        data = json.dumps({"model": MODEL, "prompt": "p", "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", router.port), timeout=30) as sock:
+            head = f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {len(data)}\r\n"
+            sock.sendall(head.encode() + b"connection: close\r\n\r\n" + data)
+            answer = b""
+            while b"data: " not in answer:  # the first event went through
+                answer += sock.recv(65536)
+
+            router.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: http_get(f"{router.url}/ready")[0] == 503)
+            assert http_get(f"{router.url}/health")[0] == 200
+            refused_as_draining(f"{router.url}/v1/completions", {"model": MODEL, "prompt": "p"})
+            assert router.process.poll() is None
+
+            gated.release.set()
+            while chunk := sock.recv(65536):
+                answer += chunk
+        status, body = _parse(answer)
+        assert status == 200
+        events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+        assert len(events) == 4
+        assert events[-1] == b"data: [DONE]"
+        assert not any(b'"error"' in e for e in events)
+        assert router.process.wait(timeout=15) == 0, router.log()
+    finally:
+        router.stop()
+
+
+def test_a_drain_stops_at_its_timeout(gated: GatedStream, tmp_path: Path) -> None:
+    router = router_for(gated.address, tmp_path, "--drain-timeout", "1")
+    try:
+        held = Held(router.port, "/v1/completions", {"prompt": "p"})  # never finished
+        start = time.monotonic()
+        router.process.send_signal(signal.SIGTERM)
+        router.process.wait(timeout=1 + SHUTDOWN_S + 10)
+        assert time.monotonic() - start >= 1
+        held.close()
+    finally:
+        router.stop()
+
+
+def test_a_second_signal_ends_the_drain(gated: GatedStream, tmp_path: Path) -> None:
+    router = router_for(gated.address, tmp_path)  # the default drain timeout: minutes
+    try:
+        held = Held(router.port, "/v1/completions", {"prompt": "p"})
+        router.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: http_get(f"{router.url}/ready")[0] == 503)
+        router.process.send_signal(signal.SIGTERM)
+        router.process.wait(timeout=SHUTDOWN_S + 10)
+        held.close()
+    finally:
+        router.stop()
