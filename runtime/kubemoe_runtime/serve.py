@@ -6,15 +6,12 @@ The operator renders the same argv for either engine (operator/kubemoe_operator/
         --host H --port P --dtype D --max-model-len N --tensor-parallel-size 1
         [--data-parallel-size N --data-parallel-size-local L --data-parallel-start-rank S|auto
          --data-parallel-address A --data-parallel-rpc-port R] [--enable-expert-parallel] [--headless]
-        [--kv-transfer-config JSON] [--drain-timeout S]
+        [--kv-transfer-config JSON]
 
 With the torch engine a pod runs ranks S .. S+L-1 of an expert-parallel group of N: rank S on an engine
 thread of this process, the others as child processes. Every rank joins the group through the TCP store
 at A:R (rank 0 hosts it; without R a single-pod group picks a free port). The pod holding rank 0 serves the
 OpenAI API and drives the group (engines/torch/group.py); `--headless` pods serve /health and /ready only.
-
-On SIGTERM the pod drains (server/drain.py): /ready and new requests get 503, requests in flight finish
-(up to --drain-timeout), then the group ends.
 
 `auto` start ranks come from LeaderWorkerSet's worker index (start_rank.py). `--engine vllm` runs vLLM
 behind a thin front on the same port instead (engines/vllm/), handing it every flag serve does not know.
@@ -65,13 +62,6 @@ from kubemoe_runtime.gpu_metrics import GpuCollector
 from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.model_config import ModelConfig
 from kubemoe_runtime.server.app import ServerState, build_app, health_app
-from kubemoe_runtime.server.drain import (
-    SHUTDOWN_S,
-    Drain,
-    DrainingServer,
-    DrainMiddleware,
-    drain_timeout_default,
-)
 from kubemoe_runtime.start_rank import AUTO, StartRankError, resolve_start_rank
 from kubemoe_runtime.tokenizer import TextTokenizer
 
@@ -107,12 +97,6 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="KV-cache slots per rank")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per step")
     parser.add_argument("--max-waiting-requests", type=int, default=256, help="bound of the waiting queue")
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=drain_timeout_default(),
-        help="seconds in-flight requests may take to finish after SIGTERM (server/drain.py)",
-    )
 
 
 class KVTransferConfig(BaseModel):
@@ -147,7 +131,6 @@ class ServeSettings(BaseModel):
     max_num_seqs: int = Field(ge=1)
     max_num_batched_tokens: int = Field(ge=1)
     max_waiting_requests: int = Field(ge=1)
-    drain_timeout: float = Field(default_factory=drain_timeout_default, ge=0, allow_inf_nan=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
@@ -177,7 +160,6 @@ class ServeSettings(BaseModel):
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting_requests=args.max_waiting_requests,
-            drain_timeout=args.drain_timeout,
         )
 
     @model_validator(mode="after")
@@ -241,10 +223,9 @@ def run_rank_process(job: RankJob, rank: int) -> None:
     leave_process(0)
 
 
-class _Server(DrainingServer):
+class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM once it has shut down, which would end the pod before it stops its ranks.
-    Here a signal only starts the drain (server/drain.py), then the server exits; `serve` then ends the
-    group in order."""
+    Here a signal only asks the server to exit; `serve` then ends the group in order."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -330,7 +311,6 @@ def serve(settings: ServeSettings) -> int:
     )
     pod = _Pod(settings, job)
     pod.start_children()
-    drain = Drain()  # a headless pod has no requests of its own: it stops at once (drain.py)
     if settings.headless:
         app = health_app(is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready)
         engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
@@ -339,15 +319,15 @@ def serve(settings: ServeSettings) -> int:
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
     config = uvicorn.Config(
-        DrainMiddleware(app, drain),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
         access_log=False,
         lifespan="off",
-        timeout_graceful_shutdown=SHUTDOWN_S,
+        timeout_graceful_shutdown=5,
     )
-    pod.server = _Server(config, drain=drain, timeout=settings.drain_timeout)
+    pod.server = _Server(config)
     engine_thread.start()
     pod.server.run()
     pod.stop.set()

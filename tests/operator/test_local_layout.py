@@ -67,3 +67,23 @@ def test_model_sources(tmp_path: Path) -> None:
     assert local_model_path("models/y", cwd=tmp_path) == tmp_path / "models" / "y"
     with pytest.raises(ModelSourceError, match="file://PATH"):
         local_model_path("hf://org/model", cwd=tmp_path)
+
+
+def test_every_port_of_a_run_is_distinct_even_when_free_port_repeats(tmp_path: Path) -> None:
+    # free_port() closes its probe socket, so the kernel may hand the same port out twice in a row.
+    plan = plan_manifest(load_manifest(REPO / "examples" / "tiny-moe.yaml"))
+    ports = iter([8000, 9001, 9001, 9002, 9002, 9001, 9003, 9004, 9005, 9006])
+    processes = local_processes(
+        plan,
+        model=tmp_path / "model",
+        runtime="/venv/bin/kubemoe-runtime",
+        router_port=8000,
+        kv_dir=tmp_path / "kv",
+        port=lambda: next(ports),
+    )
+    rpc = {
+        flag(p.argv, "--data-parallel-rpc-port") for p in processes if "--data-parallel-rpc-port" in p.argv
+    }
+    given = [p.port for p in processes] + [int(r) for r in rpc]  # a group's pods share its rpc port
+    assert rpc
+    assert len(given) == len(set(given)), given

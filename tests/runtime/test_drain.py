@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 from kubemoe_runtime.server.drain import SHUTDOWN_S, Drain
-from tests.runtime.fake_backend import FakeBackend, raw_post
 from tests.runtime.routing import RouterProcess
-from tests.runtime.serving import Server, http_get, http_post
+from tests.runtime.serving import http_get, http_post
 
 MODEL = "tiny-qwen"
 
@@ -101,52 +100,6 @@ def test_a_drain_ends_when_idle_for_the_quiet_period_or_at_its_deadline() -> Non
     idle = time.monotonic()
     assert not drain.done(idle + 0.1)  # a KV pull may follow the answer
     assert drain.done(idle + 0.6)
-
-
-# --- an engine, and the router in front of it --------------------------------------------------------
-
-
-def test_an_engine_drains_and_the_router_ejects_it_at_once(qwen: Path, tmp_path: Path) -> None:
-    args = ["--served-model-name", MODEL, "--max-model-len", "128", "--drain-timeout", "60"]
-    engine = Server(qwen, args=args, log_dir=tmp_path, name="engine")
-    spare = FakeBackend()
-    router: RouterProcess | None = None
-    try:
-        engine.wait_ready()
-        # The health loop probes once a minute: only the engine's 503 can eject it in this test.
-        service = f"127.0.0.1:{engine.port},{spare.address}"
-        router_args = ["--served-model-name", MODEL, "--policy", "round-robin", "--worker-service", service]
-        router = RouterProcess(args=[*router_args, "--health-interval", "60"], log_dir=tmp_path)
-        router.wait_ready()
-        request = {"model": MODEL, "prompt": "hello world", "max_tokens": 5}
-        held = Held(engine.port, "/v1/completions", request)
-
-        engine.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: http_get(f"{engine.url}/ready")[0] == 503)
-        assert http_get(f"{engine.url}/ready") == (503, "draining")
-        assert http_get(f"{engine.url}/health")[0] == 200  # liveness must not restart a draining pod
-        assert http_get(f"{engine.url}/metrics")[0] == 200
-        refused_as_draining(f"{engine.url}/v1/completions", request)
-        assert engine.process.poll() is None  # still there: a request is in flight
-
-        for _ in range(4):  # round robin: a request that meets the engine is retried on the spare
-            status, body = raw_post(f"{router.url}/v1/completions", request)
-            assert status == 200, body
-        assert spare.posts == 4
-        assert router.metric("kubemoe_router_backend_healthy", backend=f"127.0.0.1:{engine.port}") == 0
-
-        status, body = held.finish()  # the request in flight when SIGTERM came is answered in full
-        assert status == 200, body
-        answer = json.loads(body)
-        assert answer["choices"][0]["finish_reason"] in ("length", "stop")
-        assert answer["usage"]["completion_tokens"] >= 1
-        assert engine.process.wait(timeout=30) == 0, engine.log()
-        assert "draining" in engine.log()
-    finally:
-        if router is not None:
-            router.stop()
-        engine.stop()
-        spare.close()
 
 
 # --- the router -------------------------------------------------------------------------------------

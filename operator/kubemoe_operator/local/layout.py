@@ -82,11 +82,22 @@ def local_processes(
     """Every process of the plan: each group's pods, then the router (listening on `router_port`)."""
     processes: list[LocalProcess] = []
     leaders: dict[str, list[str]] = {}
+    given = {router_port}
+
+    def distinct_port() -> int:
+        """A free port no process of this run has been given: each free_port() closes its probe
+        socket, so two calls can return the same port (a rank's store and its pod's HTTP port met
+        once: EADDRINUSE)."""
+        while (candidate := port()) in given:
+            pass
+        given.add(candidate)
+        return candidate
+
     for role in plan.roles:
         for group in range(role.replicas):
-            rendezvous = str(port())
+            rendezvous = str(distinct_port())
             for pod in role.pods:
-                pod_port = port()
+                pod_port = distinct_port()
                 argv = [runtime, *pod.command[1:]]
                 argv = set_flag(argv, "--host", LOOPBACK)
                 argv = set_flag(argv, "--port", str(pod_port))

@@ -1,4 +1,9 @@
-"""How a serving pod ends: a preStop sleep, then the runtime's drain, inside the grace period.
+"""How a router pod ends: a preStop sleep, then the router's drain, inside the grace period.
+
+Engine pods keep Kubernetes' defaults for now. Rendered for them too (leaders sleeping, the torch
+server draining), the real-node e2e found a deleted decode worker no longer ejected from the router
+within 5 s: the group's failure must reach the router before any drain, which needs the leader to
+notice a lost rank at once. Until that is built and measured, what follows applies to the router.
 
 When a pod is deleted (a rolling update, a scale-down, a node drain) Kubernetes runs its preStop
 hook, then sends SIGTERM, then SIGKILL once terminationGracePeriodSeconds have passed since the start.

@@ -1,5 +1,7 @@
-"""Pod templates: the runtime container with its arguments, resources, probes, model source and placement,
-and how it ends (lifecycle.py); the router's, with its API keys when spec.router.apiKeySecret names them."""
+"""Pod templates: the runtime container with its arguments, resources, probes, model source and placement;
+the router's, with its API keys when spec.router.apiKeySecret names them, and how it ends (lifecycle.py).
+Engine pods do not drain yet: with a preStop sleep and the drain, deleting a decode worker on the real
+node left its group serving (not ejected within 5 s, e2e/test_real_serving.py); see lifecycle.py."""
 
 from __future__ import annotations
 
@@ -72,7 +74,6 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *dirs_env,
         *kv_transfer_env(ctx.plan),
         *kv_key_env(ctx.owner, ctx.plan),
-        *drain_env(),
         *env,
     ]
     pod_sc, container_sc = security_context()
@@ -88,7 +89,6 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "volumeMounts": [*mounts, *dirs_mounts],
         "env": env,
         **engine_probes(),
-        **(container_lifecycle() if pod.leader else {}),
     }
     pod_labels = labels(ctx.owner, role.role)
     pod_labels[LABEL_GROUP] = workload_name(ctx.owner, role.role)
@@ -98,7 +98,6 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "securityContext": pod_sc,
         "volumes": [*volumes, *dirs_volumes],
         "enableServiceLinks": False,
-        **pod_termination(),
         **placement(ctx.spec, ctx.plan, accelerator=True),
     }
     return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
