@@ -35,3 +35,15 @@ def manifest(**spec_updates: Any) -> ModelDeployment:
     data = copy.deepcopy(BASE)
     data["spec"].update(copy.deepcopy(spec_updates))
     return parse_manifest(data)
+
+
+def pod_templates(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pod template of rendered children: Deployments', and LeaderWorkerSets' leader and worker."""
+    out = []
+    for obj in objs:
+        if obj["kind"] == "Deployment":
+            out.append(obj["spec"]["template"])
+        if obj["kind"] == "LeaderWorkerSet":
+            lwt = obj["spec"]["leaderWorkerTemplate"]
+            out += [lwt["leaderTemplate"], lwt["workerTemplate"]]
+    return out

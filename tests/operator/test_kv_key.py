@@ -11,32 +11,27 @@ from kubemoe_operator.render import Owner
 from kubemoe_operator.render.kv_key import KV_KEY_ENV, kv_key_secret
 from kubemoe_runtime.kv.auth import KV_KEY_ENV as RUNTIME_KV_KEY_ENV
 from kubemoe_runtime.kv.auth import KVSigner
+from tests.operator.helpers import pod_templates
 from tests.operator.test_render_pods import render_spec, with_roles
 
 
-def _key_env(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Workload name -> the key's env entry in its (leader) pod template, or None."""
-    out: dict[str, Any] = {}
-    for obj in objs:
-        if obj["kind"] == "Deployment":
-            templates = [obj["spec"]["template"]]
-        elif obj["kind"] == "LeaderWorkerSet":
-            lwt = obj["spec"]["leaderWorkerTemplate"]
-            templates = [lwt.get("leaderTemplate") or lwt["workerTemplate"]]
-        else:
-            continue
-        (container,) = templates[0]["spec"]["containers"]
-        out[obj["metadata"]["name"]] = next(
-            (e for e in container.get("env", []) if e["name"] == KV_KEY_ENV), None
-        )
-    return out
+def _key_env(objs: list[dict[str, Any]]) -> list[Any]:
+    """The key's env entry of every pod template (None where there is none)."""
+    envs = [t["spec"]["containers"][0].get("env", []) for t in pod_templates(objs)]
+    return [next((e for e in env if e["name"] == KV_KEY_ENV), None) for env in envs]
 
 
 def test_every_disaggregated_pod_reads_the_deployments_key_secret() -> None:
-    envs = _key_env(render_spec())
-    assert set(envs) == {"t-prefill", "t-decode", "t-router"}
+    objs = render_spec()
+    envs = _key_env(objs)
+    assert {o["metadata"]["name"] for o in objs if o["kind"] in ("Deployment", "LeaderWorkerSet")} == {
+        "t-prefill",
+        "t-decode",
+        "t-router",
+    }
     ref = {"secretKeyRef": {"name": "t-kv-key", "key": "key"}}
-    assert all(e == {"name": KV_KEY_ENV, "valueFrom": ref} for e in envs.values()), envs
+    assert envs
+    assert all(e == {"name": KV_KEY_ENV, "valueFrom": ref} for e in envs), envs
     assert KV_KEY_ENV == RUNTIME_KV_KEY_ENV
 
 
@@ -44,7 +39,7 @@ def test_colocated_pods_get_no_key() -> None:
     roles = {"worker": with_roles()["decode"]}
     envs = _key_env(render_spec(serving={"mode": "colocated"}, roles=roles))
     assert envs
-    assert all(e is None for e in envs.values()), envs
+    assert all(e is None for e in envs), envs
 
 
 def test_the_secret_is_random_owned_and_a_key_the_runtime_accepts() -> None:

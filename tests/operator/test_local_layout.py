@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kubemoe_operator.local.layout import local_processes
+from kubemoe_operator.local.layout import LocalProcess, local_processes
 from kubemoe_operator.local.model import ModelSourceError, local_model_path
 from kubemoe_operator.manifest import load_manifest
+from kubemoe_operator.plan import Plan
 from kubemoe_operator.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,10 +22,8 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def test_tiny_example_becomes_four_local_processes(tmp_path: Path) -> None:
-    plan = plan_manifest(load_manifest(REPO / "examples" / "tiny-moe.yaml"))
-    ports = itertools.count(9001)
-    processes = local_processes(
+def _tiny_layout(plan: Plan, tmp_path: Path, ports: Iterator[int]) -> list[LocalProcess]:
+    return local_processes(
         plan,
         model=tmp_path / "model",
         runtime="/venv/bin/kubemoe-runtime",
@@ -31,6 +31,11 @@ def test_tiny_example_becomes_four_local_processes(tmp_path: Path) -> None:
         kv_dir=tmp_path / "kv",
         port=lambda: next(ports),
     )
+
+
+def test_tiny_example_becomes_four_local_processes(tmp_path: Path) -> None:
+    plan = plan_manifest(load_manifest(REPO / "examples" / "tiny-moe.yaml"))
+    processes = _tiny_layout(plan, tmp_path, itertools.count(9001))
     assert [(p.name, p.role, p.ranks, p.leader) for p in processes] == [
         ("prefill-g0-p0", "prefill", [0], True),
         ("decode-g0-p0", "decode", [0], True),
@@ -72,15 +77,8 @@ def test_model_sources(tmp_path: Path) -> None:
 def test_every_port_of_a_run_is_distinct_even_when_free_port_repeats(tmp_path: Path) -> None:
     # free_port() closes its probe socket, so the kernel may hand the same port out twice in a row.
     plan = plan_manifest(load_manifest(REPO / "examples" / "tiny-moe.yaml"))
-    ports = iter([8000, 9001, 9001, 9002, 9002, 9001, 9003, 9004, 9005, 9006])
-    processes = local_processes(
-        plan,
-        model=tmp_path / "model",
-        runtime="/venv/bin/kubemoe-runtime",
-        router_port=8000,
-        kv_dir=tmp_path / "kv",
-        port=lambda: next(ports),
-    )
+    repeating = iter([8000, 9001, 9001, 9002, 9002, 9001, 9003, 9004, 9005, 9006])
+    processes = _tiny_layout(plan, tmp_path, repeating)
     rpc = {
         flag(p.argv, "--data-parallel-rpc-port") for p in processes if "--data-parallel-rpc-port" in p.argv
     }

@@ -17,7 +17,7 @@ from kubemoe_operator.problems import ManifestError
 from kubemoe_operator.render import Owner, render
 from kubemoe_operator.render.names import LABEL_DEPLOYMENT, LABEL_ROLE, ROUTER
 from kubemoe_operator.render.network import OPERATOR_POD_LABELS
-from tests.operator.helpers import BASE, EXAMPLES, REPO
+from tests.operator.helpers import BASE, EXAMPLES, REPO, pod_templates
 
 UID = "00000000-0000-4000-8000-000000000000"
 KUBE_VERSION = "1.36.0"  # the e2e cluster's
@@ -48,17 +48,6 @@ def colocated(**router: Any) -> dict[str, Any]:
 
 def policies(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
-
-
-def pod_templates(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for obj in objs:
-        if obj["kind"] == "Deployment":
-            out.append(obj["spec"]["template"])
-        if obj["kind"] == "LeaderWorkerSet":
-            lwt = obj["spec"]["leaderWorkerTemplate"]
-            out += [lwt["leaderTemplate"], lwt["workerTemplate"]]
-    return out
 
 
 # --- a label-selector evaluator, to ask the policies who gets in -----------------------------------

@@ -16,20 +16,9 @@ from kubemoe_operator.render import Owner, lifecycle, render
 from kubemoe_operator.render.names import LABEL_ROLE, ROUTER
 from kubemoe_runtime.router.main import parse_args as router_args
 from kubemoe_runtime.server import drain
-from tests.operator.helpers import BASE, EXAMPLES
+from tests.operator.helpers import BASE, EXAMPLES, pod_templates
 
 UID = "00000000-0000-4000-8000-000000000000"
-
-
-def pod_templates(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for obj in objs:
-        if obj["kind"] == "Deployment":
-            out.append(obj["spec"]["template"])
-        if obj["kind"] == "LeaderWorkerSet":
-            lwt = obj["spec"]["leaderWorkerTemplate"]
-            out += [lwt["leaderTemplate"], lwt["workerTemplate"]]
-    return out
 
 
 def render_router(**router: Any) -> list[dict[str, Any]]:

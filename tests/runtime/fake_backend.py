@@ -122,15 +122,20 @@ def raw_post(url: str, body: dict[str, Any], *, timeout: float = 30) -> tuple[in
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
+    return parse_response(answer)
+
+
+def parse_response(answer: bytes) -> tuple[int, bytes]:
+    """An HTTP/1.1 response read to its end: the status and the body, de-chunked."""
     top, _, rest = answer.partition(b"\r\n\r\n")
     status = int(top.split(b" ", 2)[1])
     if b"transfer-encoding: chunked" not in top.lower():
         return status, rest
-    body_bytes = b""
+    body = b""
     while rest:
         size_line, _, rest = rest.partition(b"\r\n")
         size = int(size_line, 16)
         if size == 0:
             break
-        body_bytes, rest = body_bytes + rest[:size], rest[size + 2 :]
-    return status, body_bytes
+        body, rest = body + rest[:size], rest[size + 2 :]
+    return status, body

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from kubemoe_runtime.server.drain import SHUTDOWN_S, Drain
+from tests.runtime.fake_backend import parse_response
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import http_get, http_post
 
@@ -50,25 +51,10 @@ class Held:
         while chunk := self.sock.recv(65536):
             answer += chunk
         self.sock.close()
-        return _parse(answer)
+        return parse_response(answer)
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _parse(answer: bytes) -> tuple[int, bytes]:
-    top, _, rest = answer.partition(b"\r\n\r\n")
-    status = int(top.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" not in top.lower():
-        return status, rest
-    body = b""
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        body, rest = body + rest[:size], rest[size + 2 :]
-    return status, body
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:
@@ -188,7 +174,7 @@ def test_a_router_finishes_a_stream_in_flight_after_sigterm(gated: GatedStream, 
             gated.release.set()
             while chunk := sock.recv(65536):
                 answer += chunk
-        status, body = _parse(answer)
+        status, body = parse_response(answer)
         assert status == 200
         events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
         assert len(events) == 4
