@@ -22,7 +22,7 @@ retry = for try in 1 2 3 4; do $(1) && break; [ $$try -lt 4 ] || exit 1; \
 pip-upgrade = $(call retry,$(1)/python -m pip install -q --upgrade pip)
 pip = $(call retry,$(1)/python -m pip install -q --resume-retries 20 $(2))
 
-.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build images prometheus cluster-up cluster-down crds bench clean
+.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build images prometheus cluster-up cluster-down crds bench clean reliability
 
 help:
 	@echo "make demo   - run the demo (sets up .venv first if needed)"
@@ -108,6 +108,10 @@ crds: setup
 
 bench: setup
 	@for b in bench/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; PYTHONPATH=$(CURDIR) $(PY) "$$b" || exit 1; done
+
+# The README's reliability table, from the fault tests' records in make test's JUnit reports.
+reliability: setup
+	$(PY) -m e2e.reliability_table --readme README.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache .reports

@@ -43,6 +43,7 @@ from e2e.operator_process import (
     scraping_operator,
     scratch_namespace,
 )
+from e2e.reliability import Outcome, RecordProperty, record
 from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_checkpoint
 from kubemoe_operator.api.status import ModelDeploymentStatus
 from kubemoe_operator.settings import FIELD_MANAGER as OPERATOR_FIELD_MANAGER
@@ -413,17 +414,19 @@ def test_load_stops_decode_scales_back_after_the_window_not_below_min(
     assert_prefill_untouched(cluster, ns)
 
 
-def test_prometheus_unreachable_scales_nothing_and_says_so(
+def test_prometheus_unreachable_scales_nothing_and_says_so(  # noqa: PLR0917 (fixtures)
     cluster: Cluster,
     deployed: str,
     runtimes: dict[str, RuntimeProcess],
     prom: prometheus.PrometheusServer,
     operator: OperatorProcess,
+    record_property: RecordProperty,
 ) -> None:
     ns = deployed
     before = decode_groups(cluster, ns)
     events = len(scaled_events(cluster, ns))
-    prom.stop()  # the next test's `deployed` starts it again
+    prom.stop()
+    stopped_at = time.monotonic()
     with LoadGenerator(runtimes["decode"].url, clients=HEAVY):
         cond = eventually(
             lambda: (c := condition(md(cluster, ns), "MetricsAvailable")).get("status") == "False" and c,
@@ -440,6 +443,25 @@ def test_prometheus_unreachable_scales_nothing_and_says_so(
     assert_prefill_untouched(cluster, ns)
     assert operator.alive()
     print("\ncondition:", json.dumps(cond))
+    prom.restart()
+    restarted_at = time.monotonic()
+    eventually(
+        lambda: condition(md(cluster, ns), "MetricsAvailable").get("status") == "True",
+        timeout=4 * INTERVAL_S + 60,
+        what="MetricsAvailable=True once Prometheus is back",
+    )
+    record(
+        record_property,
+        Outcome(
+            fault="Prometheus down under load",
+            client_saw=(
+                "MetricsAvailable=False naming the unreachable URL; no scaling, no Scaled event; "
+                f"True again {time.monotonic() - restarted_at:.1f} s after Prometheus came back"
+            ),
+            lost=f"none (serving does not depend on it; the decode group stayed at {before})",
+            recover_s=time.monotonic() - stopped_at,
+        ),
+    )
 
 
 def test_turning_autoscaling_off_hands_the_roles_back_to_spec(

@@ -18,6 +18,7 @@ import yaml
 from e2e.cluster.handle import Cluster
 from e2e.operator_process import eventually, get_json, scraping_operator
 from e2e.real_pods import busybox_pod
+from e2e.reliability import Outcome, RecordProperty, record
 from kubemoe_operator.commandline import PORT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,11 @@ def _hostile_leader(page: str) -> dict[str, Any]:
 
 
 def test_a_pod_serving_hostile_metrics_stops_only_its_own_autoscaling(
-    cluster: Cluster, operator_cluster: Cluster, real_namespace: str, tmp_path: Path
+    cluster: Cluster,
+    operator_cluster: Cluster,
+    real_namespace: str,
+    tmp_path: Path,
+    record_property: RecordProperty,
 ) -> None:
     ns = real_namespace  # every pod here lands on the real node; the model's GPU pods stay Pending
     labels = f'deployment="{NAME}",role="decode",group="0",rank="0"'
@@ -99,5 +104,17 @@ def test_a_pod_serving_hostile_metrics_stops_only_its_own_autoscaling(
         assert proc.proc is not None
         assert proc.proc.poll() is None, "the operator is still running"
         assert "Traceback" not in proc.text(), proc.text()[-3000:]
+        record(
+            record_property,
+            Outcome(
+                fault="a tenant's pod serving hostile metrics (+Inf) as a decode leader, on the real node",
+                client_saw=(
+                    "that deployment: MetricsAvailable=False naming decode's unreadable /metrics, nothing "
+                    "scaled; the operator went on (the next spec change reconciled)"
+                ),
+                lost="none",
+                recover_s=None,
+            ),
+        )
     finally:
         proc.stop()
