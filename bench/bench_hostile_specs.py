@@ -1,5 +1,5 @@
 """The planner on hostile specs: the examples with up to four fields set to any value the CRD admits
-(tests/operator/test_hostile_specs.py's strategy, 600 specs, a fixed draw), each parsed and planned
+(tests/operator/api/test_hostile_specs.py's strategy, 600 specs, a fixed draw), each parsed and planned
 or refused, against the reference of planning the four example manifests as written, in this process.
 
 The operator plans on its event loop, so the slowest hostile spec is what one tenant could hold every
@@ -19,10 +19,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
-from kubemoe_operator.manifest import parse_manifest
-from kubemoe_operator.planner import plan_manifest
-from kubemoe_operator.problems import ManifestError
-from tests.operator.test_hostile_specs import EXAMPLES, _base, hostile_specs
+from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.plan.planner import plan_manifest
+from tests.operator.api.test_hostile_specs import EXAMPLES, _base, hostile_specs
 
 HEADER = {"apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "bench"}}
 SPECS = 600

@@ -46,8 +46,8 @@ from e2e.operator_process import (
 from e2e.reliability import Outcome, RecordProperty, record
 from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_checkpoint
 from kubemoe_operator.api.status import ModelDeploymentStatus
-from kubemoe_operator.settings import FIELD_MANAGER as OPERATOR_FIELD_MANAGER
-from kubemoe_operator.status import status_apply
+from kubemoe_operator.reconcile.status import status_apply
+from kubemoe_operator.run.settings import FIELD_MANAGER as OPERATOR_FIELD_MANAGER
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "e2e" / "manifests" / "autoscaled.yaml"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
-from kubemoe_operator.settings import parse_settings
+from kubemoe_operator.run.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubemoe"

@@ -13,7 +13,7 @@ import pytest
 
 from e2e.cluster.handle import Cluster
 from kubemoe_operator.api.resource import ModelDeployment
-from kubemoe_operator.planner import plan_manifest
+from kubemoe_operator.plan.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_NAME = "modeldeployments.kubemoe.io"

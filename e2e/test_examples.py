@@ -24,8 +24,8 @@ from e2e.operator_process import (
     scratch_namespace,
 )
 from e2e.waiting import eventually
-from kubemoe_operator.manifest import load_manifest
-from kubemoe_operator.planner import plan_manifest
+from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.plan.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

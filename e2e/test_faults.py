@@ -19,7 +19,7 @@ from e2e.cluster.handle import Cluster
 from e2e.operator_process import eventually, get_json, scraping_operator
 from e2e.real_pods import busybox_pod
 from e2e.reliability import Outcome, RecordProperty, record
-from kubemoe_operator.commandline import PORT
+from kubemoe_operator.plan.command import PORT
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "e2e" / "manifests" / "autoscaled.yaml"

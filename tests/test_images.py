@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from kubemoe_operator.image_user import HF_HOME, IMAGE_UID, IMAGE_USER, RUNTIME_HOME
+from kubemoe_operator.render.image_user import HF_HOME, IMAGE_UID, IMAGE_USER, RUNTIME_HOME
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -15,13 +15,13 @@ from kubemoe_operator.autoscale.loop import Autoscaler, Source, pod_targets
 from kubemoe_operator.autoscale.prometheus import PrometheusSource
 from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
-from kubemoe_operator.handlers import Runtime, build_registry
-from kubemoe_operator.health import Health, HealthServer
-from kubemoe_operator.kube import Kube
-from kubemoe_operator.leader import LeaderElector, LeaseConfig
-from kubemoe_operator.metrics import MetricsServer, OperatorMetrics
-from kubemoe_operator.reconcile import ReconcileContext
-from kubemoe_operator.settings import OperatorSettings, parse_settings
+from kubemoe_operator.kube.client import Kube
+from kubemoe_operator.kube.leader import LeaderElector, LeaseConfig
+from kubemoe_operator.reconcile.handlers import Runtime, build_registry
+from kubemoe_operator.reconcile.reconcile import ReconcileContext
+from kubemoe_operator.run.health import Health, HealthServer
+from kubemoe_operator.run.metrics import MetricsServer, OperatorMetrics
+from kubemoe_operator.run.settings import OperatorSettings, parse_settings
 
 log = logging.getLogger("kubemoe.operator")
 

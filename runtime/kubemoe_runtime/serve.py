@@ -1,6 +1,6 @@
 """`kubemoe-runtime serve`: one pod of a serving group, with vLLM's flag names.
 
-The operator renders the same argv for either engine (operator/kubemoe_operator/commandline.py):
+The operator renders the same argv for either engine (operator/kubemoe_operator/plan/command.py):
 
     kubemoe-runtime serve --engine torch|vllm --role ROLE --model PATH [--served-model-name NAME]
         --host H --port P --dtype D --max-model-len N --tensor-parallel-size 1

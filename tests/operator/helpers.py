@@ -6,8 +6,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.resource import ModelDeployment
-from kubemoe_operator.manifest import parse_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kubemoe_operator.manifest import load_manifest
-from kubemoe_operator.planner import plan_manifest
+from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_runtime.serve import parse_args
 from tests.operator.helpers import EXAMPLES
 

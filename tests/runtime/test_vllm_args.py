@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kubemoe_operator.manifest import load_manifest
-from kubemoe_operator.planner import plan_manifest
+from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_runtime.engines.vllm.command import (
     API_SERVER_MODULE,
     HEADLESS_LAUNCHER,

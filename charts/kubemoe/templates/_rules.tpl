@@ -1,4 +1,4 @@
-{{/* Generated from operator/kubemoe_operator/rbac.py by `make crds`; do not edit. */}}
+{{/* Generated from operator/kubemoe_operator/gen/rbac.py by `make crds`; do not edit. */}}
 {{- define "kubemoe.operatorRules" -}}
 - apiGroups: [kubemoe.io]
   resources: [modeldeployments]

@@ -8,7 +8,7 @@ field of a JSON flag, and `--config FILE` reads more flags from a file. So each 
 normalised (dashes stripped, `_` -> `-`, cut at `=` and at the first `.`; `no-` dropped as a second
 reading) and refused when it equals or is a prefix of a plan-owned flag or alias.
 
-The aliases are vLLM's (`vllm.engine.arg_utils`); tests/operator/test_extra_args.py checks them
+The aliases are vLLM's (`vllm.engine.arg_utils`); tests/operator/api/test_extra_args.py checks them
 against the vLLM build when one is installed. The CEL twin in `spec.py` (RESERVED_FLAG_PATTERN) is
 the apiserver's first, coarser filter; this is the complete check the operator and `kubemoe plan` run.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import RESERVED_FLAGS
-from kubemoe_operator.problems import Problem
 
 # Long flags the plan sets or that would contradict it (the CEL list, plus the rest of the layout and
 # the runtime's own --engine/--role/--model), and --config, which could set any of them from a file.

@@ -4,8 +4,8 @@ the complete check, `api/engine_flags.py`; its CEL twin is a coarser first filte
 from __future__ import annotations
 
 from kubemoe_operator.api.engine_flags import extra_args_problems
+from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import RESERVED_LABEL_PREFIXES, ModelDeploymentSpec
-from kubemoe_operator.problems import Problem
 
 
 def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:

@@ -1,4 +1,4 @@
-"""`ModelDeployment.spec`: what the user asks for (DESIGN.md §2).
+"""`ModelDeployment.spec`: what the user asks for (docs/architecture.md).
 
 Rules that relate several fields are written twice, on purpose: as CEL
 (`x-kubernetes-validations`, enforced by the apiserver) and as Python in
@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubemoe_operator.api.base import ApiModel, cel, validations
 from kubemoe_operator.api.model_config import ModelConfig
-from kubemoe_operator.quantity import parse_quantity
+from kubemoe_operator.api.quantity import parse_quantity
 
 # hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PREFIX, file://PATH (local mode).
 SOURCE_PATTERN = (

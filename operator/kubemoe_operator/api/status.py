@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import Field
@@ -11,6 +11,11 @@ from kubemoe_operator.api.base import ApiModel
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 ConditionType = Literal["Ready", "Planned", "Progressing", "Degraded"]
+
+
+def now_utc() -> datetime:
+    """Now, to the second: the API's timestamps (metav1.Time) carry whole seconds."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 class Condition(ApiModel):

@@ -34,21 +34,20 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import Gauge
 
+from kubemoe_operator.api.desired import effective_spec, parse_status
+from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
+from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import API_VERSION, KIND
 from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSpec
-from kubemoe_operator.api.status import Condition, ModelDeploymentStatus
+from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, now_utc
 from kubemoe_operator.autoscale.decide import Decision, Recommendation, decide, prune
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
 from kubemoe_operator.autoscale.scrape import Targets
 from kubemoe_operator.autoscale.signals import RoleSelector
-from kubemoe_operator.commandline import PORT
-from kubemoe_operator.kube import Kube, RejectedError, RetryableError, event_body
-from kubemoe_operator.manifest import parse_manifest
-from kubemoe_operator.metrics import OperatorMetrics
-from kubemoe_operator.problems import ManifestError
-from kubemoe_operator.reconcile import effective_spec, parse_status
-from kubemoe_operator.render.names import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
-from kubemoe_operator.status import now_utc
+from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, event_body
+from kubemoe_operator.plan.command import PORT
+from kubemoe_operator.run.metrics import OperatorMetrics
 
 log = logging.getLogger("kubemoe.autoscale")
 

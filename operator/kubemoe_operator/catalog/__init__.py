@@ -12,9 +12,9 @@ from pydantic import Field
 
 from kubemoe_operator.api.base import ApiModel
 from kubemoe_operator.api.model_config import ModelConfig
+from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.api.spec import AcceleratorSpec, ModelSpec
 from kubemoe_operator.catalog.facts import GIB, GpuFacts, ModelFacts
-from kubemoe_operator.problems import ManifestError, Problem
 
 __all__ = ["Catalog", "GpuFacts", "ModelFacts", "load_catalog", "resolve_gpu", "resolve_model"]
 

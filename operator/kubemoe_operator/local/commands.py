@@ -10,6 +10,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.local.model import ModelSourceError, ensure_model, local_model_path
 from kubemoe_operator.local.runner import (
     STATE_FILE,
@@ -24,9 +26,7 @@ from kubemoe_operator.local.runner import (
     stop_run,
     wait_ready,
 )
-from kubemoe_operator.manifest import load_manifest
-from kubemoe_operator.planner import plan_manifest
-from kubemoe_operator.problems import ManifestError
+from kubemoe_operator.plan.planner import plan_manifest
 
 RUNS_DIR = Path(".run") / "up"
 EXIT_INVALID = 2

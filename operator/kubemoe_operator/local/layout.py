@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from kubemoe_operator.commandline import router_command
-from kubemoe_operator.plan import Plan
+from kubemoe_operator.plan.command import router_command
+from kubemoe_operator.plan.model import Plan
 
 LOOPBACK = "127.0.0.1"
 NAMESPACE = "local"

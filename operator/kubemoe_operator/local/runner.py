@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess, local_processes, roles_in_order
-from kubemoe_operator.plan import Plan
+from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.kv_key import KV_KEY_ENV
 
 STATE_FILE = "state.json"

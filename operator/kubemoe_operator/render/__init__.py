@@ -1,4 +1,4 @@
-"""`render(...) -> [k8s objects]`: the children of one ModelDeployment, pure (DESIGN.md §3).
+"""`render(...) -> [k8s objects]`: the children of one ModelDeployment, pure (docs/architecture.md).
 
 Objects come out in apply order: the plan ConfigMap, the NetworkPolicies (in place before any
 pod they protect starts), Services (a role's headless Service must exist before its
@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kubemoe_operator.api.labels import LABEL_LEADER, ROUTER
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
-from kubemoe_operator.commandline import PORT, router_command
-from kubemoe_operator.plan import Plan
+from kubemoe_operator.plan.command import PORT, router_command
+from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.names import (
-    LABEL_LEADER,
-    ROUTER,
     Owner,
     metadata,
     plan_configmap_name,

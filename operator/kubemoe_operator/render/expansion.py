@@ -9,7 +9,7 @@ one reference the operator means to expand, LeaderWorkerSet's $(LWS_LEADER_ADDRE
 
 from __future__ import annotations
 
-from kubemoe_operator.commandline import LWS_LEADER_ADDRESS
+from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS
 
 OPERATOR_REFERENCES = {"--data-parallel-address": LWS_LEADER_ADDRESS}
 

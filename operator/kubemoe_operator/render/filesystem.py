@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubemoe_operator.api.spec import ModelDeploymentSpec
-from kubemoe_operator.image_user import CACHE_DIR, HF_HOME, IMAGE_UID, RUNTIME_HOME
+from kubemoe_operator.render.image_user import CACHE_DIR, HF_HOME, IMAGE_UID, RUNTIME_HOME
 
 HOME_VOLUME = "home"
 CACHE_VOLUME = "cache"

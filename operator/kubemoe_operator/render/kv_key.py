@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, Final
 
-from kubemoe_operator.plan import Plan
+from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.names import Owner, metadata
 
 KV_KEY_ENV: Final = "KUBEMOE_KV_KEY"

@@ -1,22 +1,17 @@
-"""Names, labels and owner references that every rendered child shares."""
+"""Names, labels and owner references that every rendered child shares (the label keys: api/labels.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from kubemoe_operator.api.labels import (
+    LABEL_DEPLOYMENT,
+    LABEL_ROLE,
+    MANAGED_BY,
+    ROUTER,
+)
 from kubemoe_operator.api.resource import API_VERSION, KIND
-
-LABEL_DEPLOYMENT = "kubemoe.io/deployment"
-LABEL_ROLE = "kubemoe.io/role"
-LABEL_GROUP = "kubemoe.io/group"
-"""The serving-group set a pod belongs to (its workload); LWS adds the group index itself."""
-LABEL_LEADER = "kubemoe.io/leader"
-"""'true' on pods that serve the API (every Deployment pod, the leader of each LWS group)."""
-ANNOTATION_HASH = "kubemoe.io/applied-hash"
-"""sha256 of the rendered object; a child whose hash matches is not applied again."""
-MANAGED_BY = "kubemoe-operator"
-ROUTER = "router"
 
 
 @dataclass(frozen=True, kw_only=True)

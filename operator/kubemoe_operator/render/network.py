@@ -35,10 +35,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_ROLE, ROUTER
 from kubemoe_operator.api.spec import ApiClient, ModelDeploymentSpec
-from kubemoe_operator.commandline import PORT
-from kubemoe_operator.plan import Plan
-from kubemoe_operator.render.names import LABEL_DEPLOYMENT, LABEL_ROLE, ROUTER, Owner, metadata, router_name
+from kubemoe_operator.plan.command import PORT
+from kubemoe_operator.plan.model import Plan
+from kubemoe_operator.render.names import Owner, metadata, router_name
 
 OPERATOR_POD_LABELS: Final = {"app.kubernetes.io/name": "kubemoe", "app.kubernetes.io/component": "operator"}
 """The chart's operator pod (charts/kubemoe/templates/_helpers.tpl, kubemoe.selectorLabels)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubemoe_operator.api.spec import ModelDeploymentSpec
-from kubemoe_operator.plan import Plan
+from kubemoe_operator.plan.model import Plan
 
 
 def _accelerator_placement(spec: ModelDeploymentSpec, plan: Plan) -> dict[str, Any]:

@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubemoe_operator.api.labels import LABEL_GROUP, LABEL_LEADER
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
-from kubemoe_operator.commandline import PORT
-from kubemoe_operator.plan import Plan, PodPlan, RolePlan
+from kubemoe_operator.plan.command import PORT
+from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.expansion import container_argv
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
 from kubemoe_operator.render.kv_key import kv_key_env
 from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, pod_termination
-from kubemoe_operator.render.names import LABEL_GROUP, LABEL_LEADER, labels, workload_name
+from kubemoe_operator.render.names import labels, workload_name
 from kubemoe_operator.render.placement import placement
 from kubemoe_operator.render.pod_options import with_options
 from kubemoe_operator.render.probes import engine_probes, router_probes

@@ -4,7 +4,7 @@ The runtime answers GET /health (the process and its engine live) and GET /ready
 the group has loaded its weights; a headless worker: its own ranks run) on every serving pod,
 leaders and LeaderWorkerSet workers alike. In front of vLLM each answer may wait for vLLM's own
 /health: up to HANDLER_WAIT_S (connect and read, 5 s each), so every probe's timeout is longer
-than that (tests/operator/test_probes.py checks it against the runtime's constant).
+than that (tests/operator/render/test_render_pods.py checks it against the runtime's constant).
 
 - startupProbe on /ready: liveness and readiness wait until the weights are loaded, for up to
   STARTUP_BUDGET_S; a pod still loading after that is restarted.

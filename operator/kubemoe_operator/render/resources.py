@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubemoe_operator.api.spec import ModelDeploymentSpec, RoleSpec
-from kubemoe_operator.plan import Plan, RolePlan
+from kubemoe_operator.plan.model import Plan, RolePlan
 
 
 def container_resources(*, spec: ModelDeploymentSpec, plan: Plan, role: RolePlan) -> dict[str, Any]:

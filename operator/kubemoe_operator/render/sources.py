@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubemoe_operator.api.spec import ModelDeploymentSpec
-from kubemoe_operator.commandline import MODEL_MOUNT
-from kubemoe_operator.image_user import CACHE_DIR
+from kubemoe_operator.plan.command import MODEL_MOUNT
+from kubemoe_operator.render.image_user import CACHE_DIR
 
 HF_TOKEN_KEYS = ("HF_TOKEN",)
 S3_REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemoe_operator.commandline import PORT
-from kubemoe_operator.plan import PodPlan, RolePlan
-from kubemoe_operator.render.names import LABEL_LEADER, Owner, metadata, selector, workload_name
+from kubemoe_operator.api.labels import LABEL_LEADER
+from kubemoe_operator.plan.command import PORT
+from kubemoe_operator.plan.model import PodPlan, RolePlan
+from kubemoe_operator.render.names import Owner, metadata, selector, workload_name
 from kubemoe_operator.render.pods import PodContext, pod_template
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"

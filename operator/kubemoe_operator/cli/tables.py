@@ -1,0 +1,120 @@
+"""The plan as a human-readable table (`kubemoe plan` default output)."""
+
+from __future__ import annotations
+
+from kubemoe_operator.plan.model import Plan, RolePlan
+
+
+def _gib(value: float) -> str:
+    return f"{value:.1f} GiB" if value >= 1 else f"{value * 1024:.1f} MiB"
+
+
+def _tokens(value: int) -> str:
+    return (
+        f"{value / 1e6:.2f}M"
+        if value >= 1_000_000
+        else f"{value / 1e3:.0f}k"
+        if value >= 10_000
+        else str(value)
+    )
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _experts(role: RolePlan, *, first: int, count: int) -> str:
+    if not role.expert_parallel:
+        return f"all (1/{role.tensor} slice)" if role.tensor > 1 else "all"
+    return f"{first}-{first + count - 1}"
+
+
+def render_table(plan: Plan) -> str:
+    device = "GPU" if plan.resource else "RANK"
+    lines = [
+        f"{plan.name or 'ModelDeployment'}: {plan.model} ({plan.architecture})",
+        f"  engine {plan.engine}, {plan.mode}"
+        + (f" (KV via {plan.connector})" if plan.connector else "")
+        + f", accelerator {plan.accelerator}, router {plan.router.replicas}x {plan.router.policy}",
+        f"  layout {plan.layout}: {plan.devices} {'GPUs' if plan.resource else 'rank processes'}"
+        f" in {plan.pods} pods",
+        "",
+    ]
+    header = [
+        "ROLE",
+        "GROUPS",
+        "TP",
+        "DP",
+        "EP",
+        f"{device}S/GROUP",
+        "PODS/GROUP",
+        f"{device}S/POD",
+        "WORKLOAD",
+    ]
+    header += ["EXPERTS/RANK", "WEIGHTS/RANK", "KV/RANK", "KV TOKENS/RANK", "MAX-LEN SEQS"]
+    rows = []
+    for r in plan.roles:
+        m = r.memory
+        rows.append(
+            [
+                r.role + (" *" if r.suggested else ""),
+                str(r.replicas),
+                str(r.tensor),
+                str(r.data),
+                str(r.expert) if r.expert_parallel or r.ranks == 1 else "-",
+                str(r.devices_per_group),
+                str(r.pods_per_group),
+                str(r.devices_per_pod),
+                r.workload,
+                str(r.experts_per_rank),
+                _gib(m.weights_gib),
+                _gib(m.kv_budget_gib),
+                _tokens(m.kv_tokens),
+                f"{m.sequences_at_max_len:.1f} x {m.max_model_len}",
+            ]
+        )
+    lines += _grid(header, rows)
+    lines += ["", "Pods of one group (every group is alike):"]
+    pod_rows = []
+    for r in plan.roles:
+        for p in r.pods:
+            first, last = p.ranks[0], p.ranks[-1]
+            pod_rows.append(
+                [
+                    r.role,
+                    str(p.index),
+                    "leader" if p.leader else "worker",
+                    f"{first.rank}-{last.rank}" if len(p.ranks) > 1 else str(first.rank),
+                    str(p.start_rank),
+                    str(p.data_local),
+                    p.address or "-",
+                    _experts(
+                        r,
+                        first=first.first_expert,
+                        count=last.first_expert + last.expert_count - first.first_expert,
+                    ),
+                ]
+            )
+    lines += _grid(
+        ["ROLE", "POD", "KIND", "RANKS", "DP START", "DP LOCAL", "LEADER ADDRESS", "ROUTED EXPERTS"], pod_rows
+    )
+    lines += [
+        "",
+        "Memory per rank: dense weights / TP + routed experts / EP;"
+        " KV = memory x utilisation - reserve - weights.",
+    ]
+    for r in plan.roles:
+        m = r.memory
+        lines.append(
+            f"  {r.role}: {_gib(m.device_gib)} x {m.utilization:g} - {m.reserve_gib:g} GiB reserve - "
+            f"{_gib(m.dense_weights_gib)} dense - {_gib(m.expert_weights_gib)} experts"
+            f" = {_gib(m.kv_budget_gib)} KV "
+            f"at {m.kv_bytes_per_token / 1024:.1f} KiB/token"
+        )
+    if plan.notes:
+        lines += ["", "Notes:", *(f"  - {n}" for n in plan.notes)]
+    return "\n".join(lines)

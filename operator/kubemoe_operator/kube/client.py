@@ -1,0 +1,295 @@
+"""The only module that talks to the Kubernetes API for a reconcile (lightkube's async client).
+
+Every write goes through `Kube` and is logged as `write: VERB KIND NAMESPACE/NAME` and counted,
+so tests can see that a no-op resync writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import httpx2
+from lightkube import ALL_NS, ApiError, AsyncClient
+from lightkube.resources.core_v1 import Event as CoreEvent
+from lightkube.resources.core_v1 import Secret
+from lightkube.types import CascadeType, PatchType
+
+from kubemoe_operator.api.labels import LABEL_DEPLOYMENT
+from kubemoe_operator.api.resource import API_VERSION, KIND
+from kubemoe_operator.kube.kinds import BY_KIND, CHILD_KINDS, POD, ChildKey, ModelDeploymentResource, key_of
+
+log = logging.getLogger("kubemoe.kube")
+
+_CREATABLE: dict[str, Any] = {"Secret": Secret}
+
+RETRYABLE_CODES = frozenset({409, 429, 500, 502, 503, 504})
+
+
+class RetryableError(Exception):
+    """The API failed in a way a retry can fix (conflict, throttling, server or network error)."""
+
+
+class RejectedError(Exception):
+    """The API refused an object for good (invalid, forbidden): retrying the same request cannot help."""
+
+
+class NameTakenError(RejectedError):
+    """A child's name belongs to an object this ModelDeployment does not own: never adopted."""
+
+
+def classify(err: Exception, *, what: str) -> Exception:
+    """Wrap an API or transport error into RetryableError or RejectedError."""
+    if isinstance(err, ApiError):
+        code = err.status.code or 0
+        message = f"{what}: {code} {err.status.reason or ''}: {err.status.message or ''}".strip()
+        return RetryableError(message) if code in RETRYABLE_CODES else RejectedError(message)
+    if isinstance(err, httpx2.HTTPStatusError):
+        code = err.response.status_code
+        message = f"{what}: {code} {err.response.text[:200]}"
+        return RetryableError(message) if code in RETRYABLE_CODES else RejectedError(message)
+    return RetryableError(f"{what}: {type(err).__name__}: {err}")
+
+
+@dataclass
+class Observed:
+    """What exists in the cluster for one ModelDeployment."""
+
+    children: dict[ChildKey, dict[str, Any]] = field(default_factory=dict)
+    """Children carrying the deployment label and an owner reference to it."""
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    lws_served: bool = True
+    """False when the API does not serve LeaderWorkerSets (the CRD is not installed)."""
+
+
+def _status_code(err: Exception) -> int | None:
+    if isinstance(err, ApiError):
+        return err.status.code
+    if isinstance(err, httpx2.HTTPStatusError):
+        return err.response.status_code
+    return None
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    out: dict[str, Any] = obj.to_dict()
+    return out
+
+
+class Kube:
+    """Reads and writes for the reconciler, with one server-side-apply field manager."""
+
+    def __init__(self, client: AsyncClient, *, field_manager: str) -> None:
+        self.client = client
+        self.field_manager = field_manager
+        self.writes: Counter[str] = Counter()
+        self.created: set[tuple[str, str, str, str]] = set()
+
+    def _wrote(self, verb: str, kind: str, namespace: str, name: str) -> None:
+        self.writes[verb] += 1
+        log.info("write: %s %s %s/%s", verb, kind, namespace, name)
+
+    async def get_deployment(self, *, name: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            obj = await self.client.get(ModelDeploymentResource, name, namespace=namespace)
+        except ApiError as err:
+            if err.status.code == 404:
+                return None
+            raise classify(err, what=f"get ModelDeployment {namespace}/{name}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"get ModelDeployment {namespace}/{name}") from err
+        return _as_dict(obj)
+
+    async def list_deployments(self, *, namespace: str | None) -> list[dict[str, Any]]:
+        """Every ModelDeployment in `namespace` (None: all namespaces)."""
+        try:
+            items = [
+                _as_dict(o)
+                async for o in self.client.list(ModelDeploymentResource, namespace=namespace or ALL_NS)
+            ]
+        except (ApiError, httpx2.HTTPError) as err:
+            raise classify(err, what="list ModelDeployments") from err
+        return items
+
+    async def observe(self, *, name: str, namespace: str, uid: str) -> Observed:
+        """List each child kind (and the pods) by the deployment label; keep those `uid` owns."""
+        seen = Observed()
+        labels: dict[str, Any] = {LABEL_DEPLOYMENT: name}
+        for kind in (*CHILD_KINDS, POD):
+            try:
+                items = [
+                    _as_dict(o)
+                    async for o in self.client.list(kind.resource, namespace=namespace, labels=labels)
+                ]
+            except httpx2.HTTPError as err:  # ApiError too; an unserved resource is a plain-text 404
+                if kind.kind == "LeaderWorkerSet" and _status_code(err) == 404:
+                    seen.lws_served = False
+                    continue
+                raise classify(err, what=f"list {kind.kind} in {namespace}") from err
+            for obj in items:
+                obj.setdefault("apiVersion", kind.api_version)
+                obj.setdefault("kind", kind.kind)
+                if kind is POD:
+                    seen.pods.append(obj)
+                elif owned_by(obj, uid):
+                    seen.children[key_of(obj)] = obj
+        return seen
+
+    async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        """One object of a child kind by name, whoever owns it; None when there is none."""
+        try:
+            obj = await self.client.get(BY_KIND[kind].resource, name, namespace=namespace)
+        except ApiError as err:
+            if err.status.code == 404:
+                return None
+            raise classify(err, what=f"get {kind} {namespace}/{name}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"get {kind} {namespace}/{name}") from err
+        return _as_dict(obj)
+
+    async def create_once(self, obj: dict[str, Any]) -> None:
+        """Create `obj` unless it exists (409 is fine), once per object and owner in this process:
+        for objects the operator makes but never reads back (the KV key Secret)."""
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"], meta["ownerReferences"][0]["uid"])
+        if key in self.created:
+            return
+        try:
+            await self.client.create(_CREATABLE[obj["kind"]].from_dict(obj))
+        except ApiError as err:
+            if err.status.code != 409:
+                raise classify(err, what=f"create {obj['kind']} {meta['namespace']}/{meta['name']}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"create {obj['kind']} {meta['namespace']}/{meta['name']}") from err
+        else:
+            self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
+        self.created.add(key)
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply with this operator's field manager, taking over conflicting fields."""
+        kind, name = key_of(obj)
+        namespace = obj["metadata"]["namespace"]
+        try:
+            out = await self.client.patch(
+                BY_KIND[kind].resource,
+                name,
+                obj,
+                namespace=namespace,
+                patch_type=PatchType.APPLY,
+                field_manager=self.field_manager,
+                force=True,
+            )
+        except (ApiError, httpx2.HTTPError) as err:
+            raise classify(err, what=f"apply {kind} {namespace}/{name}") from err
+        self._wrote("apply", kind, namespace, name)
+        applied = _as_dict(out)
+        applied.setdefault("apiVersion", obj["apiVersion"])
+        applied.setdefault("kind", kind)
+        return applied
+
+    async def delete(self, *, kind: str, name: str, namespace: str) -> None:
+        try:
+            await self.client.delete(
+                BY_KIND[kind].resource, name, namespace=namespace, cascade=CascadeType.BACKGROUND
+            )
+        except ApiError as err:
+            if err.status.code == 404:
+                return
+            raise classify(err, what=f"delete {kind} {namespace}/{name}") from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=f"delete {kind} {namespace}/{name}") from err
+        self._wrote("delete", kind, namespace, name)
+
+    async def post_event(self, event: dict[str, Any]) -> None:
+        """Create an Event; losing one is not worth failing a reconcile for, so errors are logged."""
+        namespace = event["metadata"]["namespace"]
+        try:
+            await self.client.create(cast(CoreEvent, CoreEvent.from_dict(event)))
+        except (ApiError, httpx2.HTTPError) as err:
+            log.warning("could not post event %s: %s", event.get("reason"), err)
+            return
+        self._wrote("create", "Event", namespace, event["involvedObject"]["name"])
+
+    async def apply_status(
+        self,
+        *,
+        name: str,
+        namespace: str,
+        status: dict[str, Any],
+        field_manager: str,
+        resource_version: str | None = None,
+    ) -> bool:
+        """Server-side apply of status as `field_manager` (the reconciler's or the autoscaler's):
+        the fields in `status` are set, and those this manager owned and `status` leaves out are
+        removed unless another manager owns them too. No read-modify-write: see status.py.
+
+        With `resource_version`, the apply lands only on the object as read at that version.
+        False when it did not land: the object is gone, or changed since `resource_version`."""
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "status": status}
+        what = f"apply status of ModelDeployment {namespace}/{name}"
+        try:
+            await self.client.patch(
+                ModelDeploymentResource.Status,
+                name,
+                body,
+                namespace=namespace,
+                patch_type=PatchType.APPLY,
+                field_manager=field_manager,
+                force=True,
+            )
+        except ApiError as err:
+            if err.status.code == 404 or (err.status.code == 409 and resource_version is not None):
+                return False
+            raise classify(err, what=what) from err
+        except httpx2.HTTPError as err:
+            raise classify(err, what=what) from err
+        self._wrote("apply-status", "ModelDeployment", namespace, name)
+        return True
+
+    async def list_pods(self, *, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Pods in `namespace` with all of `labels`."""
+        selector: dict[str, Any] = dict(labels)
+        try:
+            found = self.client.list(POD.resource, namespace=namespace, labels=selector)
+            return [_as_dict(o) async for o in found]
+        except (ApiError, httpx2.HTTPError) as err:
+            raise classify(err, what=f"list pods in {namespace}") from err
+
+
+def event_body(
+    *, involved: Mapping[str, Any], reason: str, message: str, warning: bool, component: str, now: str
+) -> dict[str, Any]:
+    """A core/v1 Event about `involved`, as `kubectl describe` shows it."""
+    meta = involved["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion"),
+            "kind": involved.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }

@@ -1,0 +1,7 @@
+"""From a spec to a layout: how many pods of which shape, each rank's experts, and every pod's command.
+
+model.py        the plan: roles, pods, ranks, memory; what render/ and `kubemoe plan` read (pure data)
+planner.py      spec + catalog -> plan, or a ManifestError naming the field and the fix
+command.py      the runtime's argv for one pod (both engines take the same flags)
+host_sizing.py  CPU, memory and /dev/shm a serving pod needs besides its accelerators
+"""

@@ -1,0 +1,194 @@
+"""extraArgs cannot set a flag the plan owns under any spelling the engines' parsers accept, and a
+user's `$(VAR)` reaches the engine literally instead of being expanded by the kubelet."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from kubemoe_operator.api.engine_flags import ALIASES, PLAN_FLAGS, refusal
+from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.render import Owner, render
+from tests.operator.helpers import BASE, REPO
+
+UID = "00000000-0000-4000-8000-000000000000"
+
+REFUSED = [
+    "-tp",
+    "-tp=4",
+    "--tensor_parallel_size",
+    "--tensor-parallel",
+    "--tensor-parallel-size=4",
+    "--config",
+    "--config=flags.yaml",
+    "--kv-transfer-config.kv_role=kv_both",
+    "--kv_transfer_config.kv_connector",
+    "-dp",
+    "-dpl=2",
+    "-dpa",
+    "-ep",
+    "-pp",
+    "--pipeline-parallel-size=2",
+    "--no-enable-expert-parallel",
+    "--enable-expert",
+    "--port=9000",
+    "--po",
+    "--served-model",
+    "--host=::",
+    "-n2",
+    "-r",
+    "--headless",
+    "--model=other/model",
+    "--role=router",
+    "--engine",
+    "--data-parallel-rank",
+    "--",
+    "---",
+    "--=4",
+]
+
+ALLOWED = [
+    "--enforce-eager",
+    "--max-num-seqs=8",
+    "--max-num-seqs",
+    "8",
+    "-1",
+    "-",
+    "-O3",
+    "-q",
+    "fp8",
+    "--kv-cache-dtype=fp8",
+    "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
+    "--compilation-config.level=3",
+    "--trust-remote-code",
+    "--data-parallel-backend=ray",
+    "--distributed-executor-backend",
+    "--config-format=hf",
+    "--speculative-config",
+    "--load-format",
+    "--tokenizer-mode",
+    '{"port": 1}',
+]
+
+
+def spec_with(extra_args: list[str], **engine: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data["spec"]["engine"] = {**data["spec"]["engine"], "extraArgs": extra_args, **engine}
+    return data
+
+
+def normalized(message: str) -> str:
+    return message.replace("_", "-").lower()
+
+
+@pytest.mark.parametrize("arg", REFUSED)
+def test_a_plan_owned_flag_is_refused_in_any_spelling(arg: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(spec_with(["--enforce-eager", arg]))
+    [problem] = err.value.problems
+    assert problem.field == "spec.engine.extraArgs[1]"
+    assert repr(arg) in problem.message
+    assert "roles.<role>.parallelism" in problem.fix
+
+
+@pytest.mark.parametrize("arg", ALLOWED)
+def test_other_flags_and_values_pass(arg: str) -> None:
+    assert refusal(arg) is None
+    parse_manifest(spec_with(["--enforce-eager", arg]))
+
+
+def test_the_message_names_the_flag_it_would_set() -> None:
+    assert "--tensor-parallel-size" in (refusal("-tp=2") or "")
+    assert "--nnodes" in (refusal("-n2") or "")
+    assert "--kv-transfer-config" in (refusal("--kv-transfer-config.kv_role=x") or "")
+    assert "reads flags from a file" in (refusal("--config") or "")
+
+
+def test_every_vllm_spelling_of_a_plan_flag_is_refused() -> None:
+    """vLLM's own parser: every option string (aliases, --no- forms) of a plan-owned flag is refused,
+    and every short alias it has for one is in ALIASES."""
+    from tests.runtime.vllm_python import run_in_vllm
+
+    code = """
+import json
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+print(json.dumps({a.dest: a.option_strings for a in parser._actions if a.option_strings}))
+"""
+    options: dict[str, list[str]] = json.loads(run_in_vllm(code).strip().splitlines()[-1])
+    owned = {flag.replace("-", "_") for flag in PLAN_FLAGS}
+    checked = 0
+    for dest, strings in options.items():
+        if dest not in owned:
+            continue
+        for option in strings:
+            assert refusal(option) is not None, option
+            assert refusal(f"{option}=1") is not None, option
+            if not option.startswith("--"):
+                assert ALIASES.get(option.lstrip("-")) == dest.replace("_", "-"), option
+            checked += 1
+    assert checked >= len(PLAN_FLAGS) - 3  # engine, role: the runtime's own; model: positional too
+
+
+# -- the kubelet's $(VAR) expansion ------------------------------------------------------------------
+
+
+def containers(data: dict[str, Any]) -> list[dict[str, Any]]:
+    md = parse_manifest(data)
+    objs = render(
+        spec=md.spec, plan=plan_manifest(md), owner=Owner(name="t", namespace="ns", uid=UID), image="i"
+    )
+    found: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("containers"), list):
+                found.extend(node["containers"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(objs)
+    return found
+
+
+def test_a_users_dollar_paren_reaches_the_engine_literally() -> None:
+    """`$(HF_TOKEN)` in extraArgs would otherwise be expanded by the kubelet, e.g. into a secret."""
+    data = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())
+    data["spec"]["engine"]["extraArgs"] = ["--chat-template=$(HF_TOKEN)", "--x=$$(Y)", "--z=$"]
+    data["spec"]["model"]["name"] = "org/$(HOME)"
+    data["spec"]["model"]["source"] = "file:///models/$(HOME)"
+    engine = [c for c in containers(data) if "--max-model-len" in c["args"]]
+    assert engine
+    for container in engine:
+        args = container["args"]
+        assert "--chat-template=$$(HF_TOKEN)" in args
+        assert "--x=$$$$(Y)" in args  # the kubelet turns $$ into $: the process sees --x=$$(Y)
+        assert "--z=$$" in args
+        assert "org/$$(HOME)" in args
+        assert "/models/$$(HOME)" in args
+    routers = [c for c in containers(data) if c not in engine]
+    assert routers
+    assert all("org/$$(HOME)" in c["args"] for c in routers)
+
+
+def test_the_operators_leader_address_is_still_expanded() -> None:
+    data = copy.deepcopy(BASE)
+    data["spec"]["roles"] = {
+        "prefill": {"parallelism": {"data": 16}},
+        "decode": {"parallelism": {"data": 16}},
+    }
+    args = [c["args"] for c in containers(data)]
+    addresses = [a[a.index("--data-parallel-address") + 1] for a in args if "--data-parallel-address" in a]
+    assert addresses
+    assert set(addresses) == {"$(LWS_LEADER_ADDRESS)"}
