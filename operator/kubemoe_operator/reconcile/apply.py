@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,12 +154,23 @@ async def refuse_taken_names(
 
 
 async def sync_children(
-    *, kube: Kube, desired: list[dict[str, Any]], observed: Observed, owner: str, uid: str, namespace: str
+    *,
+    kube: Kube,
+    desired: list[dict[str, Any]],
+    observed: Observed,
+    owner: str,
+    uid: str,
+    namespace: str,
+    create_first: Sequence[dict[str, Any]] = (),
 ) -> SyncResult:
-    """Apply what changed, in order; then prune what is no longer desired."""
+    """Refuse taken names; create `create_first` if missing (objects made once and never read back,
+    such as the KV key Secret the pods read); apply what changed, in order; prune what is no longer
+    desired. Nothing is written when a name is taken."""
     result = SyncResult()
     stamped_objs = [stamped(obj) for obj in desired]
     await refuse_taken_names(kube=kube, desired=stamped_objs, observed=observed, uid=uid, namespace=namespace)
+    for obj in create_first:
+        await kube.create_once(obj)
     for obj in stamped_objs:
         key = key_of(obj)
         seen = observed.children.get(key)

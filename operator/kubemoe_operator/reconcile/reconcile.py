@@ -210,10 +210,14 @@ async def reconcile(
     apply_error: str | None = None
     apply_reason = REASON_APPLY_FAILED
     try:
-        if needs_kv_key(plan):  # before the pods that read it
-            await kube.create_once(kv_key_secret(owner))
         sync = await sync_children(
-            kube=kube, desired=desired, observed=observed, owner=name, uid=uid, namespace=namespace
+            kube=kube,
+            desired=desired,
+            observed=observed,
+            owner=name,
+            uid=uid,
+            namespace=namespace,
+            create_first=[kv_key_secret(owner)] if needs_kv_key(plan) else [],  # before the pods read it
         )
     except RejectedError as err:
         apply_error = str(err)

@@ -1,0 +1,116 @@
+"""An in-memory API server for reconcile()'s unit tests: a `Kube` whose objects live in a dict.
+
+It keeps what the reconciler relies on from the real one, no more: objects by (kind, namespace, name);
+server-side apply that sets the fields the render sends and keeps the rest (status, fields another
+manager set); a uid and a resourceVersion on every object; create that refuses an existing name; a
+status subresource. Listing by label and owner is `Kube.observe`'s own job, so `observe` here filters
+the same way. The e2e suites run the same reconciler against a real kube-apiserver; this double makes
+the reconciler's rules (apply what changed, put drift back, refuse taken names, prune) fast to test.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import uuid
+from collections.abc import Mapping
+from typing import Any, cast
+
+from lightkube import AsyncClient
+
+from kubemoe_operator.api.labels import LABEL_DEPLOYMENT
+from kubemoe_operator.kube.client import Kube, Observed, owned_by
+from kubemoe_operator.kube.kinds import CHILD_KINDS, key_of
+
+Key = tuple[str, str, str]
+"""(kind, namespace, name)"""
+CHILD_KIND_NAMES = frozenset(k.kind for k in CHILD_KINDS)
+
+
+def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """Server-side apply, simplified: the patch's fields win, maps merge, lists are replaced."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class MemoryKube(Kube):
+    def __init__(self, *, lws_served: bool = True) -> None:
+        super().__init__(cast(AsyncClient, None), field_manager="kubemoe-operator")
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.statuses: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.lws_served = lws_served
+        self._versions = itertools.count(1)
+
+    # --- what tests use to set the scene ----------------------------------------------------------
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store `obj` as someone else would (kubectl, a controller): a uid, a new resourceVersion."""
+        stored = copy.deepcopy(obj)
+        meta = stored.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta["resourceVersion"] = str(next(self._versions))
+        self.objects[(stored["kind"], meta["namespace"], meta["name"])] = stored
+        return stored
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return self.objects[(kind, namespace, name)]
+
+    def kinds(self, namespace: str) -> list[tuple[str, str]]:
+        return sorted((k, n) for (k, ns, n) in self.objects if ns == namespace)
+
+    # --- Kube ---------------------------------------------------------------------------------------
+
+    async def observe(self, *, name: str, namespace: str, uid: str) -> Observed:
+        seen = Observed(lws_served=self.lws_served)
+        for (kind, ns, _), obj in self.objects.items():
+            labels = obj["metadata"].get("labels") or {}
+            if ns != namespace or labels.get(LABEL_DEPLOYMENT) != name:
+                continue
+            if kind == "Pod":
+                seen.pods.append(copy.deepcopy(obj))
+            elif kind in CHILD_KIND_NAMES and owned_by(obj, uid):
+                seen.children[key_of(obj)] = copy.deepcopy(obj)
+        return seen
+
+    async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    async def create_once(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        if (obj["kind"], meta["namespace"], meta["name"]) not in self.objects:
+            self.put(obj)
+            self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"])
+        stored = self.put(_merge(self.objects.get(key, {}), obj))
+        self._wrote("apply", *key)
+        return copy.deepcopy(stored)
+
+    async def delete(self, *, kind: str, name: str, namespace: str) -> None:
+        self.objects.pop((kind, namespace, name), None)
+        self._wrote("delete", kind, namespace, name)
+
+    async def post_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    async def apply_status(
+        self,
+        *,
+        name: str,
+        namespace: str,
+        status: dict[str, Any],
+        field_manager: str,
+        resource_version: str | None = None,
+    ) -> bool:
+        self.statuses[(namespace, name)] = _merge(self.statuses.get((namespace, name), {}), status)
+        self._wrote("status", "ModelDeployment", namespace, name)
+        return True
