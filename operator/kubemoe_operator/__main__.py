@@ -17,7 +17,7 @@ from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
 from kubemoe_operator.kube.client import Kube
 from kubemoe_operator.kube.leader import LeaderElector, LeaseConfig
-from kubemoe_operator.reconcile.handlers import Runtime, build_registry
+from kubemoe_operator.reconcile.handlers import OperatorState, build_registry
 from kubemoe_operator.reconcile.reconcile import ReconcileContext
 from kubemoe_operator.run.health import Health, HealthServer
 from kubemoe_operator.run.metrics import MetricsServer, OperatorMetrics
@@ -91,7 +91,7 @@ async def run(settings: OperatorSettings) -> int:
         health.leading = True
         metrics.leader.set(1)
         kube = Kube(client, field_manager=settings.field_manager)
-        runtime = Runtime(
+        state = OperatorState(
             kube=kube,
             context=ReconcileContext(
                 catalog=load_catalog(), image=settings.image, pod_defaults=settings.pod_defaults
@@ -131,7 +131,7 @@ async def run(settings: OperatorSettings) -> int:
         tasks.append(asyncio.create_task(mark_watching()))
         try:
             await kopf.operator(
-                registry=build_registry(runtime),
+                registry=build_registry(state),
                 standalone=True,
                 clusterwide=settings.clusterwide,
                 namespaces=list(settings.namespaces),

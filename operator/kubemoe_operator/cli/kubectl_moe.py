@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemoe_operator.cli import kubemoe as cli
+from kubemoe_operator.grid import grid
 
 ROLE_LABEL = "kubemoe.io/role"
 GROUP_LABEL = "kubemoe.io/group"
@@ -76,14 +77,6 @@ def pod_row(pod: dict[str, Any]) -> PodRow:
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    return [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-
-
 def _rank_key(ranks: str) -> int:
     head = ranks.split("-", 1)[0]
     return int(head) if head.isdigit() else -1
@@ -125,7 +118,7 @@ def render_status(
             ]
         )
     if role_rows:
-        lines += _table(["ROLE", "GROUPS", "READY", "DESIRED", "AUTOSCALING"], role_rows)
+        lines += grid(["ROLE", "GROUPS", "READY", "DESIRED", "AUTOSCALING"], role_rows)
         lines.append("")
 
     rows = sorted(
@@ -133,7 +126,7 @@ def render_status(
         key=lambda r: (ROLE_ORDER.get(r.role, 9), r.group, _rank_key(r.ranks), r.name),
     )
     if rows:
-        lines += _table(
+        lines += grid(
             ["ROLE", "GROUP", "POD", "RANKS", "READY", "STATUS", "NODE"],
             [[r.role, r.group, r.name, r.ranks, r.ready, r.phase, r.node] for r in rows],
         )
@@ -143,7 +136,7 @@ def render_status(
 
     conditions = status.get("conditions", [])
     if conditions:
-        lines += _table(
+        lines += grid(
             ["CONDITION", "STATUS", "REASON", "MESSAGE"],
             [[c["type"], c["status"], c.get("reason", ""), c.get("message", "")] for c in conditions],
         )

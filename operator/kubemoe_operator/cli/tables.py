@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kubemoe_operator.grid import grid
 from kubemoe_operator.plan.model import Plan, RolePlan
 
 
@@ -17,14 +18,6 @@ def _tokens(value: int) -> str:
         if value >= 10_000
         else str(value)
     )
-
-
-def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
 
 
 def _experts(role: RolePlan, *, first: int, count: int) -> str:
@@ -77,7 +70,7 @@ def render_table(plan: Plan) -> str:
                 f"{m.sequences_at_max_len:.1f} x {m.max_model_len}",
             ]
         )
-    lines += _grid(header, rows)
+    lines += grid(header, rows)
     lines += ["", "Pods of one group (every group is alike):"]
     pod_rows = []
     for r in plan.roles:
@@ -99,7 +92,7 @@ def render_table(plan: Plan) -> str:
                     ),
                 ]
             )
-    lines += _grid(
+    lines += grid(
         ["ROLE", "POD", "KIND", "RANKS", "DP START", "DP LOCAL", "LEADER ADDRESS", "ROUTED EXPERTS"], pod_rows
     )
     lines += [

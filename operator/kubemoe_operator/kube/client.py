@@ -6,9 +6,10 @@ so tests can see that a no-op resync writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -65,6 +66,27 @@ class Observed:
     """False when the API does not serve LeaderWorkerSets (the CRD is not installed)."""
 
 
+@dataclass
+class _Call:
+    tolerated: int | None = None
+    """The status code of an ApiError the caller said to tolerate, when one was raised."""
+
+
+@contextlib.contextmanager
+def _api(what: str, *, tolerate: Collection[int] = ()) -> Iterator[_Call]:
+    """Run one API call: an ApiError whose code is in `tolerate` is recorded on the yielded _Call and
+    swallowed; any other API or transport error becomes RetryableError or RejectedError (`classify`)."""
+    call = _Call()
+    try:
+        yield call
+    except ApiError as err:
+        if err.status.code not in tolerate:
+            raise classify(err, what=what) from err
+        call.tolerated = err.status.code
+    except httpx2.HTTPError as err:
+        raise classify(err, what=what) from err
+
+
 def _status_code(err: Exception) -> int | None:
     if isinstance(err, ApiError):
         return err.status.code
@@ -99,25 +121,15 @@ class Kube:
         log.info("write: %s %s %s/%s", verb, kind, namespace, name)
 
     async def get_deployment(self, *, name: str, namespace: str) -> dict[str, Any] | None:
-        try:
+        with _api(f"get ModelDeployment {namespace}/{name}", tolerate={404}) as call:
             obj = await self.client.get(ModelDeploymentResource, name, namespace=namespace)
-        except ApiError as err:
-            if err.status.code == 404:
-                return None
-            raise classify(err, what=f"get ModelDeployment {namespace}/{name}") from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=f"get ModelDeployment {namespace}/{name}") from err
-        return _as_dict(obj)
+        return None if call.tolerated else _as_dict(obj)
 
     async def list_deployments(self, *, namespace: str | None) -> list[dict[str, Any]]:
         """Every ModelDeployment in `namespace` (None: all namespaces)."""
-        try:
-            items = [
-                _as_dict(o)
-                async for o in self.client.list(ModelDeploymentResource, namespace=namespace or ALL_NS)
-            ]
-        except (ApiError, httpx2.HTTPError) as err:
-            raise classify(err, what="list ModelDeployments") from err
+        with _api("list ModelDeployments"):
+            found = self.client.list(ModelDeploymentResource, namespace=namespace or ALL_NS)
+            items = [_as_dict(o) async for o in found]
         return items
 
     async def observe(self, *, name: str, namespace: str, uid: str) -> Observed:
@@ -146,15 +158,9 @@ class Kube:
 
     async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         """One object of a child kind by name, whoever owns it; None when there is none."""
-        try:
+        with _api(f"get {kind} {namespace}/{name}", tolerate={404}) as call:
             obj = await self.client.get(BY_KIND[kind].resource, name, namespace=namespace)
-        except ApiError as err:
-            if err.status.code == 404:
-                return None
-            raise classify(err, what=f"get {kind} {namespace}/{name}") from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=f"get {kind} {namespace}/{name}") from err
-        return _as_dict(obj)
+        return None if call.tolerated else _as_dict(obj)
 
     async def create_once(self, obj: dict[str, Any]) -> None:
         """Create `obj` unless it exists (409 is fine), once per object and owner in this process:
@@ -163,14 +169,9 @@ class Kube:
         key = (obj["kind"], meta["namespace"], meta["name"], meta["ownerReferences"][0]["uid"])
         if key in self.created:
             return
-        try:
+        with _api(f"create {obj['kind']} {meta['namespace']}/{meta['name']}", tolerate={409}) as call:
             await self.client.create(_CREATABLE[obj["kind"]].from_dict(obj))
-        except ApiError as err:
-            if err.status.code != 409:
-                raise classify(err, what=f"create {obj['kind']} {meta['namespace']}/{meta['name']}") from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=f"create {obj['kind']} {meta['namespace']}/{meta['name']}") from err
-        else:
+        if not call.tolerated:
             self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
         self.created.add(key)
 
@@ -178,7 +179,7 @@ class Kube:
         """Server-side apply with this operator's field manager, taking over conflicting fields."""
         kind, name = key_of(obj)
         namespace = obj["metadata"]["namespace"]
-        try:
+        with _api(f"apply {kind} {namespace}/{name}"):
             out = await self.client.patch(
                 BY_KIND[kind].resource,
                 name,
@@ -188,8 +189,6 @@ class Kube:
                 field_manager=self.field_manager,
                 force=True,
             )
-        except (ApiError, httpx2.HTTPError) as err:
-            raise classify(err, what=f"apply {kind} {namespace}/{name}") from err
         self._wrote("apply", kind, namespace, name)
         applied = _as_dict(out)
         applied.setdefault("apiVersion", obj["apiVersion"])
@@ -197,17 +196,12 @@ class Kube:
         return applied
 
     async def delete(self, *, kind: str, name: str, namespace: str) -> None:
-        try:
+        with _api(f"delete {kind} {namespace}/{name}", tolerate={404}) as call:
             await self.client.delete(
                 BY_KIND[kind].resource, name, namespace=namespace, cascade=CascadeType.BACKGROUND
             )
-        except ApiError as err:
-            if err.status.code == 404:
-                return
-            raise classify(err, what=f"delete {kind} {namespace}/{name}") from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=f"delete {kind} {namespace}/{name}") from err
-        self._wrote("delete", kind, namespace, name)
+        if not call.tolerated:
+            self._wrote("delete", kind, namespace, name)
 
     async def post_event(self, event: dict[str, Any]) -> None:
         """Create an Event; losing one is not worth failing a reconcile for, so errors are logged."""
@@ -239,7 +233,8 @@ class Kube:
             metadata["resourceVersion"] = resource_version
         body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "status": status}
         what = f"apply status of ModelDeployment {namespace}/{name}"
-        try:
+        gone_or_changed = {404, 409} if resource_version is not None else {404}
+        with _api(what, tolerate=gone_or_changed) as call:
             await self.client.patch(
                 ModelDeploymentResource.Status,
                 name,
@@ -249,23 +244,18 @@ class Kube:
                 field_manager=field_manager,
                 force=True,
             )
-        except ApiError as err:
-            if err.status.code == 404 or (err.status.code == 409 and resource_version is not None):
-                return False
-            raise classify(err, what=what) from err
-        except httpx2.HTTPError as err:
-            raise classify(err, what=what) from err
+        if call.tolerated:
+            return False
         self._wrote("apply-status", "ModelDeployment", namespace, name)
         return True
 
     async def list_pods(self, *, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """Pods in `namespace` with all of `labels`."""
         selector: dict[str, Any] = dict(labels)
-        try:
+        with _api(f"list pods in {namespace}"):
             found = self.client.list(POD.resource, namespace=namespace, labels=selector)
-            return [_as_dict(o) async for o in found]
-        except (ApiError, httpx2.HTTPError) as err:
-            raise classify(err, what=f"list pods in {namespace}") from err
+            pods = [_as_dict(o) async for o in found]
+        return pods
 
 
 def event_body(

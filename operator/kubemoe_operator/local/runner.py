@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from kubemoe_operator.grid import grid
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess, local_processes, roles_in_order
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.kv_key import KV_KEY_ENV
@@ -380,8 +381,7 @@ def status_table(state: RunState) -> str:
                 "-" if r["readySeconds"] is None else f"{r['readySeconds']:.1f}",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines = grid(header, table[1:])
     lines += ["", f"{state.name}: {state.layout} ({state.mode})", f"endpoint: {state.endpoint}"]
     lines.append(f"logs: {state.run_dir}/logs")
     return "\n".join(lines)

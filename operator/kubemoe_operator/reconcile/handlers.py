@@ -41,7 +41,7 @@ Key = tuple[str, str]
 
 
 @dataclass
-class Runtime:
+class OperatorState:
     """What the handlers share: the API, the reconcile context, and per-object serialisation."""
 
     kube: Kube
@@ -123,7 +123,7 @@ class Runtime:
                     )
 
 
-async def _handle(rt: Runtime, namespace: str | None, name: str | None) -> None:
+async def _handle(rt: OperatorState, namespace: str | None, name: str | None) -> None:
     if namespace is None or name is None:
         return
     try:
@@ -134,7 +134,7 @@ async def _handle(rt: Runtime, namespace: str | None, name: str | None) -> None:
         raise kopf.TemporaryError(str(err), delay=REJECTED_RETRY_DELAY_S) from err
 
 
-def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
+def build_registry(rt: OperatorState) -> kopf.OperatorRegistry:
     """A registry with every handler bound to `rt` (no module-level state)."""
     registry = kopf.OperatorRegistry()
 

@@ -43,7 +43,7 @@ log = logging.getLogger("kubemoe.reconcile")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Decision:
+class Notice:
     """Something worth a Kubernetes Event on the ModelDeployment."""
 
     reason: str
@@ -62,7 +62,7 @@ class ReconcileContext:
 
 @dataclass
 class Result:
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: list[Notice] = field(default_factory=list)
     status_written: bool = False
     desired: dict[str, int | None] = field(default_factory=dict)
     """status.roles.*.desired as read (the autoscaler's input to this reconcile)."""
@@ -90,30 +90,30 @@ def _condition(status: ModelDeploymentStatus | None, type: str) -> tuple[str, st
     return None
 
 
-def transition_events(old: ModelDeploymentStatus | None, new: ModelDeploymentStatus) -> list[Decision]:
+def transition_events(old: ModelDeploymentStatus | None, new: ModelDeploymentStatus) -> list[Notice]:
     """Events for condition changes: plan errors, LWS missing, ready, degraded, planned layout."""
-    out: list[Decision] = []
+    out: list[Notice] = []
     before, after = _condition(old, "Planned"), _condition(new, "Planned")
     if after is not None and after != before:
         if after[0] == "False":
-            out.append(Decision(reason=after[1], message=after[2], warning=True))
+            out.append(Notice(reason=after[1], message=after[2], warning=True))
         elif before is None or before[0] != "True" or (old is not None and old.layout != new.layout):
-            out.append(Decision(reason="Planned", message=after[2]))
+            out.append(Notice(reason="Planned", message=after[2]))
     before, after = _condition(old, "Ready"), _condition(new, "Ready")
     if after is not None and after[:2] != (before or ("", ""))[:2]:
         if after[1] == "LeaderWorkerSetMissing":
-            out.append(Decision(reason="LeaderWorkerSetMissing", message=after[2], warning=True))
+            out.append(Notice(reason="LeaderWorkerSetMissing", message=after[2], warning=True))
         elif after[1] in (REASON_APPLY_FAILED, REASON_NAME_TAKEN):
-            out.append(Decision(reason=after[1], message=after[2], warning=True))
+            out.append(Notice(reason=after[1], message=after[2], warning=True))
         elif after[0] == "True":
-            out.append(Decision(reason="Ready", message=after[2]))
+            out.append(Notice(reason="Ready", message=after[2]))
     before, after = _condition(old, "Degraded"), _condition(new, "Degraded")
     if after is not None and after[0] == "True" and (before is None or before[:2] != after[:2]):
-        out.append(Decision(reason="Degraded", message=after[2], warning=True))
+        out.append(Notice(reason="Degraded", message=after[2], warning=True))
     return out
 
 
-def _scaled(plan: Plan, before: Mapping[tuple[str, str], dict[str, Any]], owner: str) -> list[Decision]:
+def _scaled(plan: Plan, before: Mapping[tuple[str, str], dict[str, Any]], owner: str) -> list[Notice]:
     out = []
     for role in plan.roles:
         seen = before.get((role.workload, workload_name(owner, role.role)))
@@ -121,7 +121,7 @@ def _scaled(plan: Plan, before: Mapping[tuple[str, str], dict[str, Any]], owner:
             continue
         was = (seen.get("spec") or {}).get("replicas")
         if was is not None and was != role.replicas:
-            out.append(Decision(reason="Scaled", message=f"{role.role}: {was} -> {role.replicas} groups"))
+            out.append(Notice(reason="Scaled", message=f"{role.role}: {was} -> {role.replicas} groups"))
     return out
 
 
@@ -225,15 +225,15 @@ async def reconcile(
         sync = SyncResult(current=dict(observed.children))
     if sync.applied:
         result.decisions.append(
-            Decision(reason="Applied", message=", ".join(f"{k}/{n}" for k, n in sync.applied))
+            Notice(reason="Applied", message=", ".join(f"{k}/{n}" for k, n in sync.applied))
         )
     if sync.pruned:
         result.decisions.append(
-            Decision(reason="Pruned", message=", ".join(f"{k}/{n}" for k, n in sync.pruned))
+            Notice(reason="Pruned", message=", ".join(f"{k}/{n}" for k, n in sync.pruned))
         )
     for (kind, child), what in sync.restored.items():
         result.decisions.append(
-            Decision(
+            Notice(
                 reason="Restored", message=f"{kind}/{child} was changed outside the spec ({what}); put back"
             )
         )
