@@ -7,7 +7,7 @@ prefills a fresh prompt (random token ids; the router's prefill request: max_tok
 kv_transfer_params {"do_remote_decode": true}) and then pulls its KV the way a decode does, timing only
 the pull:
 
-    KVPuller.pull   the decode's code path (kv/pull.py): GET on a kept-alive connection -> the prefill's
+    KVPuller.pull   the decode's code path (serve/kv/pull.py): GET on a kept-alive connection -> the prefill's
                     handler (KVStore.take, PrefilledKV.wire: the tensors' memory, no copy) -> uvicorn
                     sends the pieces -> the body read into one buffer -> PrefilledKV.decode (checks,
                     then views); bytes/s = payload bytes / pull time
@@ -48,9 +48,9 @@ from typing import Any, Final
 
 from loopback import completion_body, engine, log_dir, tiny_checkpoint, wait_ready
 
-from kubemoe_runtime.kv.auth import KVSigner
-from kubemoe_runtime.kv.handoff import PrefilledKV
-from kubemoe_runtime.kv.pull import KVPuller
+from kubemoe_runtime.engines.torch.serve.kv.handoff import PrefilledKV
+from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller
+from kubemoe_runtime.pod.kv_auth import KVSigner
 from kubemoe_runtime.router.proxy import REMOTE_DECODE
 from tests.runtime.serving import http_post
 

@@ -24,8 +24,8 @@ import torch
 from bigmoe import checkpoint, layout_from_env
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.model_config import ModelConfig
-from kubemoe_runtime.weights import load_rank_weights, read_weight_map
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.weights import load_rank_weights, read_weight_map
 
 REPEATS: Final = 5
 CHUNK: Final = 16 << 20

@@ -18,7 +18,7 @@ import torch
 from bigmoe import Layout, read_bandwidth_gbs, threads
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 
 ROWS: Final = (1, 4, 16, 64, 256, 2048)
 LAYERS: Final = 8

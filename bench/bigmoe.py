@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import torch
 
-from kubemoe_runtime.checkpoints import SPECIAL_TOKENS, write_tokenizer
+from kubemoe_runtime.tools.checkpoints import SPECIAL_TOKENS, write_tokenizer
 
 CACHE: Final = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "kubemoe-bench"))
 VOCAB: Final = 512

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from kubemoe_runtime.kv.auth import KV_KEY_ENV
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server
 
@@ -50,7 +50,7 @@ def tiny_checkpoint(*, positions: int) -> Path:
     out = CACHE / f"tiny-qwen3moe-P{positions}"
     if (out / "model.safetensors.index.json").exists():
         return out
-    from kubemoe_runtime.checkpoints import write_tiny_checkpoint
+    from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 
     CACHE.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=CACHE))  # renamed once complete

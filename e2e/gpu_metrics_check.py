@@ -19,7 +19,7 @@ import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from e2e.cluster.procs import free_port
-from kubemoe_runtime.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.gpu_metrics import GpuCollector
 
 SERVING = {"deployment": "gpu-check", "role": "decode", "group": "0", "rank": "0"}
 

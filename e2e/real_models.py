@@ -21,7 +21,7 @@ from e2e.conftest import E2E_CLUSTER_NAME, pinned_to_real_nodes
 from e2e.operator_process import model_volume, running_operator
 from e2e.real_images import image_ref
 from e2e.waiting import eventually
-from kubemoe_runtime.checkpoints import write_tiny_checkpoint
+from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-qwen3-moe"

@@ -31,7 +31,7 @@ import openai
 import pytest
 
 from e2e.cluster.procs import free_port
-from kubemoe_runtime.kv.auth import KV_KEY_ENV
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV
 from tests import openai_calls
 from tests.openai_calls import Answer
 
@@ -131,7 +131,7 @@ class PD:
 
 @pytest.fixture(scope="module")
 def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
-    from kubemoe_runtime.checkpoints import write_tiny_checkpoint
+    from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("vllm-pd")
     model = write_tiny_checkpoint(root / "model", arch="qwen3_moe", seed=0)

@@ -40,10 +40,10 @@ import openai
 import pytest
 
 from e2e.reliability import Outcome, RecordProperty, record
-from kubemoe_runtime.checkpoints import write_tiny_checkpoint
-from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVSigner
-from kubemoe_runtime.kv.pull import PULL_TIMEOUT_S
+from kubemoe_runtime.engines.torch.serve.kv.pull import PULL_TIMEOUT_S
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
 from kubemoe_runtime.router.proxy import REMOTE_DECODE
+from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 from tests.runtime.routing import RouterProcess, sample
 from tests.runtime.serving import Server, http_get
 

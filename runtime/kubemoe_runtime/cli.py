@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kubemoe_runtime.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -54,7 +54,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
     from tokenizers import Tokenizer
 
     from kubemoe_runtime.engines.torch import TorchEngine, init_expert_parallel
-    from kubemoe_runtime.engines.torch.parallel import leave_process, shutdown_expert_parallel
+    from kubemoe_runtime.engines.torch.model.parallel import leave_process, shutdown_expert_parallel
 
     ep = init_expert_parallel(rank=rank, size=job.ep_size, address=job.address, port=job.port)
     try:
@@ -79,7 +79,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kubemoe_runtime.engines.torch.parallel import free_port
+    from kubemoe_runtime.engines.torch.model.parallel import free_port
 
     ep_size = args.data_parallel_size if args.enable_expert_parallel else 1
     if args.data_parallel_size > 1 and not args.enable_expert_parallel:

@@ -46,24 +46,24 @@ import torch
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kubemoe_runtime.engines.torch.engine import TorchEngine
-from kubemoe_runtime.engines.torch.group import GroupLeader, RankRunner, follow
-from kubemoe_runtime.engines.torch.parallel import (
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.model.engine import TorchEngine
+from kubemoe_runtime.engines.torch.model.parallel import (
     ExpertParallel,
     free_port,
     init_expert_parallel,
     leave_process,
     shutdown_expert_parallel,
 )
-from kubemoe_runtime.engines.torch.scheduler import Scheduler, SchedulerLimits
+from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
+from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.engines.vllm import serve_vllm
 from kubemoe_runtime.engines.vllm.command import flags_given
-from kubemoe_runtime.gpu_metrics import GpuCollector
-from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
-from kubemoe_runtime.model_config import ModelConfig
-from kubemoe_runtime.server.app import ServerState, build_app, health_app
-from kubemoe_runtime.start_rank import AUTO, StartRankError, resolve_start_rank
-from kubemoe_runtime.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from kubemoe_runtime.pod.start_rank import AUTO, StartRankError, resolve_start_rank
 
 log = logging.getLogger("kubemoe_runtime.serve")
 

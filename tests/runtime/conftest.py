@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubemoe_runtime.checkpoints import ARCHITECTURES, write_tiny_checkpoint
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.tokenizer import TextTokenizer
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a small, busy machine
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kubemoe_runtime.checkpoints import ARCHITECTURES
-from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -55,7 +55,7 @@ def test_tokenizer_has_chat_template(checkpoints: dict[str, Path]) -> None:
 def test_module_command_line(tmp_path: Path) -> None:
     out = tmp_path / "mixtral"
     subprocess.run(
-        [sys.executable, "-m", "kubemoe_runtime.checkpoints", str(out), "--arch", "mixtral"],
+        [sys.executable, "-m", "kubemoe_runtime.tools.checkpoints", str(out), "--arch", "mixtral"],
         check=True,
         capture_output=True,
     )

@@ -1,4 +1,4 @@
-"""Graceful drain (server/drain.py) in real processes: after SIGTERM an engine server or a router answers
+"""Graceful drain (pod/drain.py) in real processes: after SIGTERM an engine server or a router answers
 /ready and new requests 503 (the router then ejects the engine at once and serves from another backend)
 while a request already in flight finishes normally, then exits 0; a drain ends at its timeout or on a
 second signal.
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kubemoe_runtime.server.drain import SHUTDOWN_S, Drain
+from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain
 from tests.runtime.fake_backend import parse_response
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import http_get, http_post

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubemoe_runtime.gpu_metrics import GpuCollector, GpuReading, families
+from kubemoe_runtime.pod.gpu_metrics import GpuCollector, GpuReading, families
 
 SERVING = {"deployment": "ds", "role": "decode", "group": "0", "rank": "3"}
 
@@ -56,7 +56,7 @@ def test_readings_become_dcgm_series_with_gpu_and_serving_labels() -> None:
 def test_without_a_driver_the_gauges_are_absent_and_one_line_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kubemoe_runtime.gpu_metrics")
+    caplog.set_level(logging.INFO, logger="kubemoe_runtime.pod.gpu_metrics")
     collector = GpuCollector(SERVING)
     if collector.enabled:
         pytest.skip("this machine has an NVIDIA driver; the no-driver path cannot be observed here")

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubemoe_runtime.model_config import ModelConfig
-from kubemoe_runtime.weights import (
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.weights import (
     INDEX_FILE,
     WeightLoadError,
     checkpoint_shapes,
@@ -194,7 +194,7 @@ def test_a_short_span_is_refused_even_when_reading_into_place(ckpt: Path) -> Non
     """Read straight into an engine stack, a short span would fill the rest from the next tensor."""
     import torch
 
-    from kubemoe_runtime.engines.torch.weight_map import expert_stacks
+    from kubemoe_runtime.engines.torch.load.weight_map import expert_stacks
 
     shard = ckpt / _index(ckpt)["weight_map"][EXPERT]
     _shorten_span(shard, EXPERT)
@@ -314,7 +314,7 @@ def test_any_header_is_refused_or_every_span_is_its_own(
 ) -> None:
     """Whatever a header says, a header that passes gives each tensor exactly dtype x shape bytes,
     inside the file, overlapping no other tensor; one that does not fails with WeightLoadError."""
-    from kubemoe_runtime.checkpoint_files import DTYPE_BITS, read_header
+    from kubemoe_runtime.engines.torch.load.checkpoint_files import DTYPE_BITS, read_header
 
     content = safetensors_bytes(json.dumps(header).encode() + b" " * pad, data)
     content = content[: max(0, len(content) - cut)]

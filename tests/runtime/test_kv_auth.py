@@ -1,6 +1,6 @@
 """The KV hand-off, authenticated and bounded: servers act only on kv_transfer_params the router signed
-(kv/auth.py); the host, port and handle are checked before any socket is opened; the answer's size is
-capped by what the prompt's KV can take (kv/layout.py), and its time by one deadline; a pulled KV that
+(pod/kv_auth.py); the host, port and handle are checked before any socket is opened; the answer's size is
+capped by what the prompt's KV can take (serve/kv/layout.py), and its time by one deadline; a pulled KV that
 does not fit the model (first token, shapes, dtype) fails the pull, never the engine thread; and the
 router drops kv_transfer_params a client sends, colocated included."""
 
@@ -18,15 +18,20 @@ import pytest
 import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.group import GroupLeader, RankRunner
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, Scheduler, SchedulerLimits
-from kubemoe_runtime.kv.auth import KV_KEY_ENV, SIGNATURE_FIELD, KVAuthError, KVSigner
-from kubemoe_runtime.kv.handoff import KV, PrefilledKV, prompt_digest
-from kubemoe_runtime.kv.layout import KVLayout
-from kubemoe_runtime.kv.pull import KVPuller, KVPullError, pull_target
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
+from kubemoe_runtime.engines.torch.serve.kv.handoff import KV, PrefilledKV, prompt_digest
+from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
+from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, pull_target
+from kubemoe_runtime.engines.torch.serve.scheduler import (
+    GenerationRequest,
+    Output,
+    Scheduler,
+    SchedulerLimits,
+)
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, SIGNATURE_FIELD, KVAuthError, KVSigner
 from kubemoe_runtime.router.main import build, parse_args
-from kubemoe_runtime.tokenizer import TextTokenizer
 from tests.runtime.kv_peer import KVPeer
 from tests.runtime.routing import RouterProcess, sample
 from tests.runtime.serving import Server, http_get, http_post

@@ -17,13 +17,18 @@ import pytest
 import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.group import GroupLeader, RankRunner
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, Scheduler, SchedulerLimits
-from kubemoe_runtime.kv.handoff import KVStore, PrefilledKV, prompt_digest
-from kubemoe_runtime.kv.pull import KVPuller, KVPullError, kv_url, wants_pull
-from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
-from kubemoe_runtime.tokenizer import TextTokenizer
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
+from kubemoe_runtime.engines.torch.serve.kv.handoff import KVStore, PrefilledKV, prompt_digest
+from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, kv_url, wants_pull
+from kubemoe_runtime.engines.torch.serve.scheduler import (
+    GenerationRequest,
+    Output,
+    Scheduler,
+    SchedulerLimits,
+)
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from tests.runtime.kv_peer import KVPeer
 
 PROMPTS = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubemoe_runtime.engines.torch.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 
 D, H = 16, 8
 

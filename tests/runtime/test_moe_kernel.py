@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kubemoe_runtime.engines.torch.kernels import build
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 
 needs_kernel = pytest.mark.skipif(
     moe_kernel.load() is None,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubemoe_runtime.checkpoints import ARCHITECTURES
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.moe import LocalExperts
-from kubemoe_runtime.engines.torch.packing import PackedLinear, can_pack
+from kubemoe_runtime.engines.torch.model.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.packing import PackedLinear, can_pack
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 
 PROMPT = [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16, 5, 100, 200, 300, 17, 42, 7, 99]
 

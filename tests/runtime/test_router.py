@@ -23,8 +23,8 @@ import openai
 import pytest
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.kv.auth import KV_KEY_ENV
-from kubemoe_runtime.tokenizer import TextTokenizer
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV
 from tests import openai_calls
 from tests.runtime.routing import RouterProcess, sample
 from tests.runtime.serving import Server, http_get

@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubemoe_runtime.checkpoints import ARCHITECTURES
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.group import GroupLeader, RankRunner
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.sampling import SamplingParams
-from kubemoe_runtime.engines.torch.scheduler import (
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
+from kubemoe_runtime.engines.torch.serve.scheduler import (
     GenerationRequest,
     Output,
     QueueFull,
     Scheduler,
     SchedulerLimits,
 )
-from kubemoe_runtime.metrics import MetricLabels, ServingMetrics
-from kubemoe_runtime.tokenizer import TextStream, TextTokenizer
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextStream, TextTokenizer
+from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 
 PROMPTS = [
     [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16],

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from kubemoe_runtime.checkpoints import ARCHITECTURES
 from kubemoe_runtime.engines.torch import TorchEngine, init_expert_parallel
-from kubemoe_runtime.engines.torch.parallel import free_port, leave_process, shutdown_expert_parallel
-from kubemoe_runtime.engines.torch.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.model.parallel import free_port, leave_process, shutdown_expert_parallel
+from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 
 ATOL = 1e-4
 PROMPT = [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16, 5, 100, 200, 300, 17, 42, 7, 99]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubemoe_runtime.engines.vllm.metrics import kubemoe_families, render
-from kubemoe_runtime.metrics import MetricLabels
+from kubemoe_runtime.pod.metrics import MetricLabels
 
 # The shape vLLM 0.32 exports, for a pod running two data-parallel engines.
 TWO_ENGINES = """\

@@ -19,9 +19,9 @@ import openai
 import pytest
 import torch
 
-from kubemoe_runtime.checkpoints import write_tiny_checkpoint
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.tokenizer import TextTokenizer
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 from tests.runtime.serving import Server, http_get, http_post
 from tests.runtime.vllm_python import vllm_python
 

@@ -1,7 +1,7 @@
 """The KV hand-off's key: one Secret per disaggregated ModelDeployment, in every pod's environment.
 
 The router signs the kv_transfer_params it sends and the prefill and decode pods verify them
-(runtime kv/auth.py), so no client can make a decode pull KV from a host of its choosing. The key
+(runtime pod/kv_auth.py), so no client can make a decode pull KV from a host of its choosing. The key
 is random, made once: the reconciler creates the Secret if it is missing (`create`, never `get`:
 the operator cannot read Secrets), owned by the ModelDeployment so it goes with it. It is not part
 of the hashed render — a new key on every render would restart every pod.
@@ -16,7 +16,7 @@ from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.names import Owner, metadata
 
 KV_KEY_ENV: Final = "KUBEMOE_KV_KEY"
-"""The runtime reads the key from here (kubemoe_runtime.kv.auth.KV_KEY_ENV)."""
+"""The runtime reads the key from here (kubemoe_runtime.pod.kv_auth.KV_KEY_ENV)."""
 SECRET_KEY: Final = "key"
 
 

@@ -17,7 +17,7 @@ hook, then sends SIGTERM, then SIGKILL once terminationGracePeriodSeconds have p
   when a group goes as a whole the garbage collector removes the workers once the leader has
   drained and gone (the leader ending the group stops them first); a worker deleted alone has broken
   its group, which should then fail fast (the router ejects it, LeaderWorkerSet recreates it).
-- On SIGTERM the runtime drains (kubemoe_runtime/server/drain.py): /ready and new requests answer
+- On SIGTERM the runtime drains (kubemoe_runtime/pod/drain.py): /ready and new requests answer
   503 (the router ejects such a backend at once and retries elsewhere; the role's headless Service
   publishes not-ready pods, so this, not the endpoints, is what stops the router), requests in
   flight finish, for at most DRAIN_TIMEOUT_S ($KUBEMOE_DRAIN_TIMEOUT_S, set here on every pod).
@@ -37,11 +37,11 @@ PRESTOP_SLEEP_S: Final = 5
 about a second; 5 s leaves room on a busy control plane without slowing rollouts much."""
 DRAIN_TIMEOUT_S: Final = 120
 """A few thousand tokens at tens of tokens a second; the runtime's default is the same
-(kubemoe_runtime.server.drain.DRAIN_TIMEOUT_S, checked by a test)."""
+(kubemoe_runtime.pod.drain.DRAIN_TIMEOUT_S, checked by a test)."""
 EXIT_MARGIN_S: Final = 15
 GRACE_PERIOD_S: Final = PRESTOP_SLEEP_S + DRAIN_TIMEOUT_S + EXIT_MARGIN_S
 DRAIN_TIMEOUT_ENV: Final = "KUBEMOE_DRAIN_TIMEOUT_S"
-"""The runtime's --drain-timeout default (kubemoe_runtime.server.drain.DRAIN_TIMEOUT_ENV). An
+"""The runtime's --drain-timeout default (kubemoe_runtime.pod.drain.DRAIN_TIMEOUT_ENV). An
 environment variable rather than a flag: a runtime image older than this operator ignores it, where
 an unknown flag would reach vLLM and stop it."""
 

@@ -7,8 +7,8 @@
 
 A HOST is resolved again every --refresh-interval seconds (a headless Service's DNS answers are its
 ready pods); engine flags the operator may render for other roles are ignored with a warning.
-Disaggregated, the router signs the KV hand-off with the key in $KUBEMOE_KV_KEY (kv/auth.py) and does not
-start without one. On SIGTERM the router drains (server/drain.py): /ready and new requests get 503 (the
+Disaggregated, the router signs the KV hand-off with the key in $KUBEMOE_KV_KEY (pod/kv_auth.py) and does not
+start without one. On SIGTERM the router drains (pod/drain.py): /ready and new requests get 503 (the
 front Service stops sending it any), requests in flight (streams included) finish, up to --drain-timeout.
 """
 
@@ -24,20 +24,20 @@ from pathlib import Path
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVSigner
-from kubemoe_runtime.router.auth import ApiKeys
-from kubemoe_runtime.router.backends import Backends, split_hostport
-from kubemoe_runtime.router.metrics import RouterMetrics
-from kubemoe_runtime.router.policies import POLICIES, make_policy
-from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, build_router_app, roles_for
-from kubemoe_runtime.router.upstream import READ_TIMEOUT_S
-from kubemoe_runtime.server.drain import (
+from kubemoe_runtime.pod.drain import (
     SHUTDOWN_S,
     Drain,
     DrainingServer,
     DrainMiddleware,
     drain_timeout_default,
 )
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
+from kubemoe_runtime.router.auth import ApiKeys
+from kubemoe_runtime.router.backends import Backends, split_hostport
+from kubemoe_runtime.router.metrics import RouterMetrics
+from kubemoe_runtime.router.policies import POLICIES, make_policy
+from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, build_router_app, roles_for
+from kubemoe_runtime.router.upstream import READ_TIMEOUT_S
 
 
 class RouterSettings(BaseModel):
@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         "--drain-timeout",
         type=float,
         default=drain_timeout_default(),
-        help="seconds requests in flight may take to finish after SIGTERM (server/drain.py)",
+        help="seconds requests in flight may take to finish after SIGTERM (pod/drain.py)",
     )
     args, unknown = parser.parse_known_args(list(argv))
     services = {

@@ -18,7 +18,7 @@ answer none, and the decode gets the request unchanged.
 
 kv_transfer_params are the router's alone: any a client sends are dropped (in both modes), and those the
 router sends (to the prefill, and the prefill's answer to the decode) are signed with $KUBEMOE_KV_KEY
-(kv/auth.py), which the engines verify.
+(pod/kv_auth.py), which the engines verify.
 
 A request is retried on another backend of the same role when the first one refuses the connection, drops
 it before answering, or answers 503 (that backend is ejected at once, until a health probe passes); a
@@ -51,7 +51,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVSigner
+from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
+from kubemoe_runtime.pod.protocol import ApiError, ModelCard, ModelList
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backend, Backends
 from kubemoe_runtime.router.metrics import RouterMetrics
@@ -63,8 +65,6 @@ from kubemoe_runtime.router.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from kubemoe_runtime.server.disconnect import ClientGone, unless_disconnected
-from kubemoe_runtime.server.protocol import ApiError, ModelCard, ModelList
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 PREFIX_KEY_CHARS = 512  # what prefix-hash hashes: the start of the prompt
@@ -154,7 +154,7 @@ class Router:
             body, raw = await _read_json(request)
             self._check(body, prompt_field=prompt_field)
             if body.pop("kv_transfer_params", None) is not None:
-                raw = _dumps(body)  # only the router sets them (and signs them: kv/auth.py)
+                raw = _dumps(body)  # only the router sets them (and signs them: pod/kv_auth.py)
             deadline = asyncio.get_running_loop().time() + self.config.request_timeout
             work = self._forward(
                 request,

@@ -9,8 +9,8 @@ from typing import Any
 from kubemoe_operator.gen.rbac import CLUSTER_RULES
 from kubemoe_operator.render import Owner
 from kubemoe_operator.render.kv_key import KV_KEY_ENV, kv_key_secret
-from kubemoe_runtime.kv.auth import KV_KEY_ENV as RUNTIME_KV_KEY_ENV
-from kubemoe_runtime.kv.auth import KVSigner
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV as RUNTIME_KV_KEY_ENV
+from kubemoe_runtime.pod.kv_auth import KVSigner
 from tests.operator.helpers import pod_templates
 from tests.operator.render.test_render_pods import render_spec, with_roles
 

@@ -14,8 +14,8 @@ from kubemoe_operator.api.labels import LABEL_ROLE, ROUTER
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, lifecycle, render
+from kubemoe_runtime.pod import drain
 from kubemoe_runtime.router.main import parse_args as router_args
-from kubemoe_runtime.server import drain
 from tests.operator.helpers import BASE, EXAMPLES, pod_templates
 
 UID = "00000000-0000-4000-8000-000000000000"

@@ -6,7 +6,7 @@
     anything else  proxied to vLLM as is (method, path, query, headers, body), the response streamed
                    back (SSE included); 503 in OpenAI's error shape while vLLM is not listening yet.
                    A JSON body's kv_transfer_params reach vLLM only when the router signed them
-                   (kv/auth.py), without the signature; else 400: vLLM would connect where they say.
+                   (pod/kv_auth.py), without the signature; else 400: vLLM would connect where they say.
 
 A --headless pod runs engines only: it answers /health and /ready, and 404 otherwise.
 """
@@ -29,9 +29,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from kubemoe_runtime.engines.vllm.metrics import render
-from kubemoe_runtime.gpu_metrics import GpuCollector
-from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVAuthError, KVSigner
-from kubemoe_runtime.metrics import MetricLabels
+from kubemoe_runtime.pod.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVAuthError, KVSigner
+from kubemoe_runtime.pod.metrics import MetricLabels
 
 PROBE_TIMEOUT_S: Final = 5.0
 KV_PARAMS_FIELD: Final = "kv_transfer_params"

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubemoe_runtime.metrics import LABELS, MetricLabels
+from kubemoe_runtime.pod.metrics import LABELS, MetricLabels
 
 Kind = Literal["gauge_sum", "gauge_mean", "counter", "histogram"]
 

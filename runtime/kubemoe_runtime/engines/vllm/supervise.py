@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Final
 
 import uvicorn
 
-from kubemoe_runtime.engines.torch.parallel import free_port
+from kubemoe_runtime.engines.torch.model.parallel import free_port
 from kubemoe_runtime.engines.vllm.command import vllm_command, vllm_python
 from kubemoe_runtime.engines.vllm.front import Upstream, front_app
-from kubemoe_runtime.kv.auth import KVSigner
-from kubemoe_runtime.metrics import MetricLabels
+from kubemoe_runtime.pod.kv_auth import KVSigner
+from kubemoe_runtime.pod.metrics import MetricLabels
 
 if TYPE_CHECKING:
     from kubemoe_runtime.serve import ServeSettings

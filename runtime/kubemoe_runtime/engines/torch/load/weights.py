@@ -34,7 +34,7 @@ from typing import Final
 
 import torch
 
-from kubemoe_runtime.checkpoint_files import (
+from kubemoe_runtime.engines.torch.load.checkpoint_files import (
     INDEX_FILE,
     TensorInfo,
     WeightLoadError,
@@ -42,7 +42,7 @@ from kubemoe_runtime.checkpoint_files import (
     read_index,
     shard_path,
 )
-from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 
 __all__ = [
     "INDEX_FILE",

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from kubemoe_runtime.engines.torch.model import Transformer
-from kubemoe_runtime.engines.torch.packing import pack_model
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
-from kubemoe_runtime.engines.torch.weight_map import expert_stacks, to_engine_state_dict
-from kubemoe_runtime.model_config import ModelConfig
-from kubemoe_runtime.weights import LoadReport, checkpoint_shapes, load_rank_weights
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.weight_map import expert_stacks, to_engine_state_dict
+from kubemoe_runtime.engines.torch.load.weights import LoadReport, checkpoint_shapes, load_rank_weights
+from kubemoe_runtime.engines.torch.model.decoder import Transformer
+from kubemoe_runtime.engines.torch.model.packing import pack_model
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
 
 
 class TorchEngine:

@@ -3,7 +3,7 @@
 Requests are parsed strictly from JSON: wrong types, out-of-range values (NaN and Infinity included) and
 unsupported options are 400s that name the field. Unknown fields are ignored, as OpenAI and vLLM do.
 Beyond OpenAI's fields the requests take vLLM's `top_k`, `stop_token_ids`, `ignore_eos` and
-`kv_transfer_params` (P/D disaggregation; honoured only when the router signed them, server/app.py).
+`kv_transfer_params` (P/D disaggregation; honoured only when the router signed them, serve/app.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 
 Sinks are called on the engine thread; the server hands outputs to its event loop thread-safely.
 
-P/D (kv/handoff.py): a request whose kv_transfer_params ask for `do_remote_decode` has its prompt's KV
+P/D (serve/kv/handoff.py): a request whose kv_transfer_params ask for `do_remote_decode` has its prompt's KV
 copied out after its first step and kept in `kv_store`; its outputs then carry the kv_transfer_params a
 decode needs. A request submitted with `pulled` (the KV a decode fetched) skips its prompt: admission
 emits the prefill's first token, and its first row is that token at position n with the KV imported
@@ -31,12 +31,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubemoe_runtime.engines.torch.group import GroupLeader, Row, Step
-from kubemoe_runtime.engines.torch.sampling import SamplingParams
-from kubemoe_runtime.kv.handoff import KVStore, PrefilledKV, prompt_digest, remote_prefill_params
-from kubemoe_runtime.kv.layout import KVLayout
-from kubemoe_runtime.metrics import ServingMetrics
-from kubemoe_runtime.tokenizer import TextStream, TextTokenizer
+from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, Row, Step
+from kubemoe_runtime.engines.torch.serve.kv.handoff import (
+    KVStore,
+    PrefilledKV,
+    prompt_digest,
+    remote_prefill_params,
+)
+from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextStream, TextTokenizer
+from kubemoe_runtime.pod.metrics import ServingMetrics
 
 FinishReason = Literal["stop", "length", "abort"]
 

@@ -7,14 +7,14 @@ a decode pulls it and continues without recomputing the prompt.
     prefill -> router    the answer + kv_transfer_params {"do_remote_prefill": true, "remote_handle": H,
                          "remote_host": HOST, "remote_port": PORT, ...}
     router  -> decode    the original request + those kv_transfer_params (the router signs what it sends
-                         and servers verify it: kv/auth.py; a client's own are dropped)
+                         and servers verify it: pod/kv_auth.py; a client's own are dropped)
     decode               GET http://HOST:PORT/v1/kv/H (safetensors bytes, below); checks the prompt
                          matches; the scheduler imports the KV into the request's slot on its rank and
                          emits the first token, so decode's first forward is the first generated token at
                          position n — the prompt is never run again (kubemoe_prompt_tokens_total does not
                          move; kubemoe_kv_pulled_tokens_total does). A failed pull falls back to a local
                          prefill (and counts kubemoe_kv_pull_failures_total), as does a KV that does
-                         not fit the model (kv/layout.py).
+                         not fit the model (serve/kv/layout.py).
 
 Wire format: one safetensors file, tensors "L.NAME" (layer L, cache field NAME: "k", "v", or MLA's
 "latent", "k_rope"), each [n, ...]; metadata first_token, prompt_tokens and prompt_sha256.
@@ -63,7 +63,7 @@ class PrefilledKV:
 
     def wire(self) -> tuple[list[memoryview], int]:
         """The safetensors file as pieces, without copying a tensor: the 8-byte length and the header, then
-        each tensor's memory in place; and the total size. What the prefill sends (server/app.py)."""
+        each tensor's memory in place; and the total size. What the prefill sends (serve/app.py)."""
         header: dict[str, object] = {
             "__metadata__": {
                 "first_token": str(self.first_token),
@@ -100,7 +100,7 @@ class PrefilledKV:
         their byte counts, and offsets that tile the data exactly (in bounds, in order, no gap, no
         overlap), as safetensors' own reader requires; every tensor is [prompt_tokens, ...], and the
         layers run 0..L-1. The tensors are views of `data` (no copy) when it is writable (a bytearray, as
-        kv/pull.py reads into); read-only bytes are copied once first. Each tensor has its own storage
+        serve/kv/pull.py reads into); read-only bytes are copied once first. Each tensor has its own storage
         over its slice, so pickling one (the step broadcast to other ranks) carries only its bytes.
         """
         view = memoryview(data).cast("B")

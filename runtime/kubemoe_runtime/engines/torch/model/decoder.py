@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kubemoe_runtime.engines.torch.kv_cache import KVCache, LayerCache
-from kubemoe_runtime.engines.torch.layers import MLP, Attention, LatentAttention, Positions, RMSNorm
-from kubemoe_runtime.engines.torch.moe import MoE
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.model.kv_cache import KVCache, LayerCache
+from kubemoe_runtime.engines.torch.model.layers import MLP, Attention, LatentAttention, Positions, RMSNorm
+from kubemoe_runtime.engines.torch.model.moe import MoE
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 
 
 class Block(nn.Module):

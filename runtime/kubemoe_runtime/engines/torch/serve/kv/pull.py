@@ -8,11 +8,11 @@ one, and no thread is involved. Connections are kept alive per prefill (at most 
 IDLE_S idle); one that the prefill has closed meanwhile fails before any byte of an answer, and the GET
 is sent once more on a new connection. Every other failure is a KVPullError.
 
-The parameters are untrusted too (server/app.py verifies the router's signature first): `pull_target`
+The parameters are untrusted too (serve/app.py verifies the router's signature first): `pull_target`
 takes a handle of HANDLE_CHARS only, a host that is an IP address or a DNS name, and a port in 1..65535,
 before any socket is opened, so nothing else reaches a connect() or the request line. The whole GET runs
 under one deadline (`timeout_s`: a prefill that drips bytes is cut off), and a Content-Length above the
-caller's cap (kv/layout.py: what the prompt's KV can take) is refused before the buffer is allocated.
+caller's cap (serve/kv/layout.py: what the prompt's KV can take) is refused before the buffer is allocated.
 
 Why not the standard library's blocking client in a worker thread (http.client, `readinto` the same one
 buffer; what this module did before): the two hops between the event loop and the thread cost 0.15-0.3 ms
@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubemoe_runtime.kv.handoff import ENGINE_ID, PrefilledKV
+from kubemoe_runtime.engines.torch.serve.kv.handoff import ENGINE_ID, PrefilledKV
 
 log = logging.getLogger("kubemoe_runtime.kv")
 PULL_TIMEOUT_S = 30.0  # the whole GET: connect, the request, the answer to its last byte

@@ -28,7 +28,7 @@ Ranks run in one or more pods: a pod runs `--data-parallel-size-local` ranks (th
 the rest as child processes); every rank joins the group through the TCP store at
 `--data-parallel-address:--data-parallel-rpc-port`, which rank 0 hosts.
 
-P/D disaggregation (kv/handoff.py): a prefill row with `export_kv` has its slot's cache copied out right
+P/D disaggregation (serve/kv/handoff.py): a prefill row with `export_kv` has its slot's cache copied out right
 after its forward (rows on other ranks send theirs to rank 0 with one gather_object, in steps that have
 any); a decode row with `kv_import` has the pulled cache written into its slot before its forward, so its
 first row is the first generated token at position n, not the prompt. The pulled KV reaches its rank
@@ -43,11 +43,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kubemoe_runtime.engines.torch.engine import TorchEngine
-from kubemoe_runtime.engines.torch.kv_cache import KVCache
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.sampling import SamplingParams, sample
-from kubemoe_runtime.kv.layout import KVLayout
+from kubemoe_runtime.engines.torch.model.engine import TorchEngine
+from kubemoe_runtime.engines.torch.model.kv_cache import KVCache
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
+from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
 
 
 @dataclass(frozen=True)

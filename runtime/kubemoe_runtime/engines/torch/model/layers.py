@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubemoe_runtime.engines.torch.kv_cache import LayerCache
-from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.model.kv_cache import LayerCache
 
 
 class RMSNorm(nn.Module):

@@ -18,7 +18,7 @@ from typing import Final
 
 import torch
 
-from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 
 _LAYER: Final = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT: Final = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")

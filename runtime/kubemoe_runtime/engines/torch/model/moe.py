@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.layers import MLP
-from kubemoe_runtime.engines.torch.packing import linear, pack
-from kubemoe_runtime.engines.torch.parallel import ExpertParallel
-from kubemoe_runtime.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.model.layers import MLP
+from kubemoe_runtime.engines.torch.model.packing import linear, pack
+from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 
 
 class Router(nn.Module):

@@ -1,4 +1,4 @@
-"""What a decode expects of a pulled KV: its model's cache fields per layer and dtype (kv/handoff.py).
+"""What a decode expects of a pulled KV: its model's cache fields per layer and dtype (serve/kv/handoff.py).
 
 A decode knows the prompt's length before it pulls, so it knows how many bytes the prefill's answer
 may take (`max_wire_bytes`, checked against the Content-Length before a buffer is allocated) and, once
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kubemoe_runtime.kv.handoff import KV, PrefilledKV
+from kubemoe_runtime.engines.torch.serve.kv.handoff import KV, PrefilledKV
 
 HEADER_SLACK_BYTES = 4096  # the header's metadata and padding
 HEADER_BYTES_PER_TENSOR = 256  # one tensor's entry: name, dtype, shape, offsets (about 70 bytes)

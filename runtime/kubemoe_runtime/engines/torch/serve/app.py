@@ -13,8 +13,8 @@ unsupported parameters and prompts longer than the context, 404 for an unknown m
 answer), 503 while loading or while the waiting queue is full. Request bodies are untrusted: every value
 the engine thread would act on is checked here first (protocol.py, `_check_prompt`, SamplingParams), so
 no request can stop the engine thread. kv_transfer_params are honoured only when the router signed them
-(kv/auth.py; 400 otherwise), and a pulled KV is checked against the model before it reaches the
-scheduler (kv/layout.py). A client that goes away from a non-streaming request has it aborted, as a
+(pod/kv_auth.py; 400 otherwise), and a pulled KV is checked against the model before it reaches the
+scheduler (serve/kv/layout.py). A client that goes away from a non-streaming request has it aborted, as a
 streaming one.
 
 Each request becomes a `GenerationRequest` for the scheduler, which runs on the engine thread and hands
@@ -41,14 +41,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from kubemoe_runtime.engines.torch.sampling import SamplingParams
-from kubemoe_runtime.engines.torch.scheduler import GenerationRequest, Output, QueueFull, Scheduler
-from kubemoe_runtime.kv.auth import KV_KEY_ENV, KVAuthError, KVSigner
-from kubemoe_runtime.kv.handoff import prompt_digest
-from kubemoe_runtime.kv.pull import KVPuller, KVPullError, wants_pull
-from kubemoe_runtime.metrics import ServingMetrics
-from kubemoe_runtime.server.disconnect import ClientGone, unless_disconnected
-from kubemoe_runtime.server.protocol import (
+from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.serve.kv.handoff import prompt_digest
+from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
+from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
+from kubemoe_runtime.engines.torch.serve.tokenizer import ChatTemplateError, TextTokenizer
+from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
+from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVAuthError, KVSigner
+from kubemoe_runtime.pod.metrics import ServingMetrics
+from kubemoe_runtime.pod.protocol import (
     ApiError,
     AssistantMessage,
     ChatChoice,
@@ -66,7 +67,6 @@ from kubemoe_runtime.server.protocol import (
     SamplingRequest,
     Usage,
 )
-from kubemoe_runtime.tokenizer import ChatTemplateError, TextTokenizer
 
 log = logging.getLogger("kubemoe_runtime.server")
 MAX_BODY_BYTES = 8 * 1024 * 1024

@@ -11,7 +11,7 @@ what the Hub ships), re-draws the weights so the model has a non-trivial output 
       model.safetensors.index.json     # tensor name -> shard
       tokenizer.json, tokenizer_config.json, chat_template.jinja   # byte-level BPE trained here
 
-Usage:  python -m kubemoe_runtime.checkpoints OUT_DIR --arch qwen3_moe
+Usage:  python -m kubemoe_runtime.tools.checkpoints OUT_DIR --arch qwen3_moe
 """
 
 from __future__ import annotations
