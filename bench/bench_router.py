@@ -45,7 +45,7 @@ from typing import Final
 
 from loopback import MODEL, log_dir, percentile, router, wait_ready
 
-from kubemoe_runtime.engines.torch.model.parallel import free_port
+from kubemoe_runtime.pod.ports import free_port
 from tests.runtime.serving import http_get
 
 ROUNDS: Final = 3

@@ -18,8 +18,8 @@ import urllib.request
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
-from e2e.cluster.procs import free_port
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.ports import free_port
 
 SERVING = {"deployment": "gpu-check", "role": "decode", "group": "0", "rank": "0"}
 

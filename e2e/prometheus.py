@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e.cluster.procs import free_port
+from kubemoe_runtime.pod.ports import free_port
 
 PACKAGE = "prometheus"
 

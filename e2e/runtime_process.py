@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from e2e.cluster.procs import free_port
+from kubemoe_runtime.pod.ports import free_port
 
 RUNTIME = Path(sys.executable).parent / "kubemoe-runtime"
 

@@ -33,7 +33,6 @@ import pytest
 
 from e2e import prometheus
 from e2e.cluster.handle import Cluster
-from e2e.cluster.procs import free_port
 from e2e.operator_process import (
     OPERATOR_NAMESPACE,
     OperatorProcess,
@@ -48,6 +47,7 @@ from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_ch
 from kubemoe_operator.api.status import ModelDeploymentStatus
 from kubemoe_operator.reconcile.status import status_apply
 from kubemoe_operator.run.settings import FIELD_MANAGER as OPERATOR_FIELD_MANAGER
+from kubemoe_runtime.pod.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "e2e" / "manifests" / "autoscaled.yaml"

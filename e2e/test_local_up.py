@@ -30,7 +30,7 @@ import openai
 import pytest
 import yaml
 
-from e2e.cluster.procs import free_port
+from kubemoe_runtime.pod.ports import free_port
 from tests import openai_calls
 
 REPO = Path(__file__).resolve().parents[1]

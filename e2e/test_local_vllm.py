@@ -30,8 +30,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from e2e.cluster.procs import free_port
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV
+from kubemoe_runtime.pod.ports import free_port
 from tests import openai_calls
 from tests.openai_calls import Answer
 

@@ -17,7 +17,8 @@ from e2e.cluster import build
 from e2e.cluster.handle import Cluster
 from e2e.cluster.lws import install_lws
 from e2e.cluster.nodes import GpuNodes, node_manifests
-from e2e.cluster.procs import free_port, stop_pidfile
+from e2e.cluster.procs import stop_pidfile
+from kubemoe_runtime.pod.ports import free_port
 
 
 @dataclass(frozen=True)

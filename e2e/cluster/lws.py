@@ -17,7 +17,8 @@ import yaml
 
 from e2e.cluster.certs import make_serving_cert
 from e2e.cluster.handle import Cluster
-from e2e.cluster.procs import free_port, start_daemon
+from e2e.cluster.procs import start_daemon
+from kubemoe_runtime.pod.ports import free_port
 
 
 def _lws_config(*, webhook_port: int, probe_port: int, cert_dir: Path) -> dict[str, Any]:

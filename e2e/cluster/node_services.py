@@ -26,8 +26,9 @@ from e2e.cluster.node_config import (
     kube_proxy_config,
     services_dir,
 )
-from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile, wait_for
+from e2e.cluster.procs import alive, start_daemon, stop_pidfile, wait_for
 from e2e.cluster.realnode import api_server_url, kwok_pki, log
+from kubemoe_runtime.pod.ports import free_port
 
 
 def _kubeconfig(cluster_name: str, cluster: Cluster, user: str, group: str | None = None) -> Path:

@@ -32,7 +32,8 @@ from e2e.cluster.node_config import (
     kubelet_config,
 )
 from e2e.cluster.node_images import image_archives
-from e2e.cluster.procs import alive, free_port, start_daemon, stop_pidfile, wait_for
+from e2e.cluster.procs import alive, start_daemon, stop_pidfile, wait_for
+from kubemoe_runtime.pod.ports import free_port
 
 
 def log(msg: str) -> None:

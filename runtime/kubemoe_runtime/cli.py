@@ -79,7 +79,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kubemoe_runtime.engines.torch.model.parallel import free_port
+    from kubemoe_runtime.pod.ports import free_port
 
     ep_size = args.data_parallel_size if args.enable_expert_parallel else 1
     if args.data_parallel_size > 1 and not args.enable_expert_parallel:

@@ -50,7 +50,6 @@ from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.engine import TorchEngine
 from kubemoe_runtime.engines.torch.model.parallel import (
     ExpertParallel,
-    free_port,
     init_expert_parallel,
     leave_process,
     shutdown_expert_parallel,
@@ -63,6 +62,7 @@ from kubemoe_runtime.engines.vllm import serve_vllm
 from kubemoe_runtime.engines.vllm.command import flags_given
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from kubemoe_runtime.pod.ports import free_port
 from kubemoe_runtime.pod.start_rank import AUTO, StartRankError, resolve_start_rank
 
 log = logging.getLogger("kubemoe_runtime.serve")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kubemoe_runtime.engines.torch.model.parallel import free_port
+from kubemoe_runtime.pod.ports import free_port
 from tests.runtime.serving import http_get
 
 

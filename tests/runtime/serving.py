@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubemoe_runtime.engines.torch.model.parallel import free_port
+from kubemoe_runtime.pod.ports import free_port
 
 LABEL_ENV = {"KUBEMOE_DEPLOYMENT": "tiny", "KUBEMOE_GROUP": "3"}
 

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.model.parallel import free_port
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.ports import free_port
 from tests.runtime.serving import Server, http_get, http_post
 
 MODEL = "tiny-qwen"

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine, init_expert_parallel
-from kubemoe_runtime.engines.torch.model.parallel import free_port, leave_process, shutdown_expert_parallel
+from kubemoe_runtime.engines.torch.model.parallel import leave_process, shutdown_expert_parallel
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.pod.ports import free_port
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 
 ATOL = 1e-4

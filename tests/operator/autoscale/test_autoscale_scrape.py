@@ -3,7 +3,6 @@ server, serving series named and labelled as the runtime names and labels them).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -15,6 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
 from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.autoscale.signals import RoleSelector
+from kubemoe_operator.local.layout import free_port
 
 LABELS = ("deployment", "role", "group", "rank")
 SEL = RoleSelector(namespace="default", deployment="ds", role="decode")
@@ -28,13 +28,6 @@ class Pod:
     ttft: Histogram
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _pod(group: str, rank: str, servers: list[WSGIServer], role: str = "decode") -> Pod:
     reg = CollectorRegistry()
     waiting = Gauge("kubemoe_requests_waiting", "q", LABELS, registry=reg)
@@ -42,7 +35,7 @@ def _pod(group: str, rank: str, servers: list[WSGIServer], role: str = "decode")
     ttft = Histogram(
         "kubemoe_time_to_first_token_seconds", "t", LABELS, buckets=(0.1, 0.5, 1.0), registry=reg
     )
-    port = _free_port()
+    port = free_port()
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=reg)
     labels = {"deployment": "ds", "role": role, "group": group, "rank": rank}
     servers.append(server)
@@ -106,7 +99,7 @@ async def test_latency_quantile_is_over_the_observations_since_the_last_scrape(p
 
 async def test_unreachable_pods_make_metrics_unavailable() -> None:
     async def targets(_: RoleSelector) -> list[str]:
-        return [f"http://127.0.0.1:{_free_port()}/metrics"]
+        return [f"http://127.0.0.1:{free_port()}/metrics"]
 
     async with httpx2.AsyncClient() as client:
         with pytest.raises(MetricsUnavailable, match="answered /metrics"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,14 +24,8 @@ from lightkube import AsyncClient
 from lightkube.resources.coordination_v1 import Lease
 
 from kubemoe_operator.kube.leader import LeaderElector, LeaseConfig
+from kubemoe_operator.local.layout import free_port
 from kubemoe_operator.run.health import Health, HealthServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str) -> tuple[int, str]:

@@ -54,7 +54,7 @@ METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
-class Upstream:
+class VllmUpstream:
     """The vLLM process this pod supervises and where it listens."""
 
     process: subprocess.Popen[bytes]
@@ -122,7 +122,7 @@ def invalid_request(message: str, *, param: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
 
-def front_app(upstream: Upstream, *, signer: KVSigner | None = None) -> Starlette:
+def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Starlette:
     """`signer`: the deployment's KV key (KVSigner.from_env() in a pod), to verify kv_transfer_params."""
     gpus = CollectorRegistry()  # DCGM_FI_* from NVML, as the torch server exports; none without a driver
     gpus.register(GpuCollector(upstream.labels.as_dict()))

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Final
 
 import uvicorn
 
-from kubemoe_runtime.engines.torch.model.parallel import free_port
 from kubemoe_runtime.engines.vllm.command import vllm_command, vllm_python
-from kubemoe_runtime.engines.vllm.front import Upstream, front_app
+from kubemoe_runtime.engines.vllm.front import VllmUpstream, front_app
 from kubemoe_runtime.pod.kv_auth import KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
+from kubemoe_runtime.pod.ports import free_port
 
 if TYPE_CHECKING:
     from kubemoe_runtime.serve import ServeSettings
@@ -131,7 +131,7 @@ def serve_vllm(
     # The same process group as this one: whoever ends the pod's group ends vLLM and its engines too.
     process = subprocess.Popen(argv)
     supervisor = Supervisor(process)
-    upstream = Upstream(
+    upstream = VllmUpstream(
         process=process,
         url=f"http://127.0.0.1:{port}",
         headless=settings.headless,

@@ -20,7 +20,7 @@ from kubemoe_runtime.engines.torch.model.packing import linear, pack
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 
 
-class Router(nn.Module):
+class TopKGate(nn.Module):
     """Pick K experts per token and their weights.
 
     softmax (Qwen3-MoE, Mixtral): probabilities over all experts, top-K, optionally renormalised.
@@ -179,7 +179,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel) -> None:
         super().__init__()
         self.ep = ep
-        self.router = Router(cfg)
+        self.router = TopKGate(cfg)
         self.experts = LocalExperts(
             dim=cfg.hidden_size, hidden=cfg.moe_intermediate_size, experts=ep.experts(cfg.n_routed_experts)
         )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -82,13 +81,6 @@ class ExpertParallel:
         dist.all_reduce(y_MD, op=dist.ReduceOp.SUM)
         start = self.rank * rows_per_rank
         return y_MD[start : start + n_local]
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (for tests and local multi-rank launches)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def init_expert_parallel(
