@@ -1,5 +1,5 @@
 """The generated CRD on a real kube-apiserver: it installs, accepts every example, and rejects
-each manifest in e2e/invalid/ with a message naming the field (its `# expect:` line)."""
+each manifest in examples/invalid/ with a message naming the field (its `# expect:` line)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kubemoe_operator.plan.planner import plan_manifest
 REPO = Path(__file__).resolve().parents[1]
 CRD_NAME = "modeldeployments.kubemoe.io"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-INVALID = sorted((REPO / "e2e" / "invalid").glob("*.yaml"))
+INVALID = sorted((REPO / "examples" / "invalid").glob("*.yaml"))
 
 
 def expected_field(path: Path) -> str:

@@ -11,7 +11,7 @@ from kubemoe_operator.api.resource import ModelDeployment
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-INVALID = sorted((REPO / "e2e" / "invalid").glob("*.yaml"))
+INVALID = sorted((REPO / "examples" / "invalid").glob("*.yaml"))
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 BASE: dict[str, Any] = {

@@ -3,7 +3,7 @@
 Rules that relate several fields are written twice, on purpose: as CEL
 (`x-kubernetes-validations`, enforced by the apiserver) and as Python in
 `kubemoe_operator.api.rules` (enforced by `kubemoe plan` and the operator).
-The invalid-manifest corpus in `e2e/invalid/` checks both agree.
+The invalid-manifest corpus in `examples/invalid/` checks both agree.
 """
 
 from __future__ import annotations

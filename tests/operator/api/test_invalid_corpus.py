@@ -1,4 +1,4 @@
-"""The invalid-manifest corpus (e2e/invalid) is rejected by the Python rules too, on the same field."""
+"""The invalid-manifest corpus (examples/invalid) is rejected by the Python rules too, on the same field."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The pure parts of a reconcile: autoscaler clamping, plan errors, events on transitions, leases."""
+"""The pure parts of a reconcile: autoscaler clamping, plan errors, events on transitions."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
@@ -11,11 +11,9 @@ from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.status import ModelDeploymentStatus, RoleStatus
 from kubemoe_operator.catalog import load_catalog
-from kubemoe_operator.kube.leader import lease_free_for
 from kubemoe_operator.reconcile.observe import WorkloadState
 from kubemoe_operator.reconcile.reconcile import plan_for, transition_events
 from kubemoe_operator.reconcile.status import Facts, compute_status
-from kubemoe_operator.run.settings import parse_settings
 from tests.operator.helpers import EXAMPLES
 
 DEEPSEEK = next(p for p in EXAMPLES if p.stem == "deepseek-v3")
@@ -70,57 +68,3 @@ def test_events_fire_on_transitions_only() -> None:
         ("Planned", False),
         ("LeaderWorkerSetMissing", True),
     ]
-
-
-def _ts(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@pytest.mark.parametrize(
-    ("spec", "free"),
-    [
-        ({}, True),
-        ({"holderIdentity": "me", "renewTime": _ts(T0), "leaseDurationSeconds": 15}, True),
-        ({"holderIdentity": "other", "renewTime": _ts(T0), "leaseDurationSeconds": 15}, False),
-        (
-            {
-                "holderIdentity": "other",
-                "renewTime": _ts(T0 - timedelta(seconds=16)),
-                "leaseDurationSeconds": 15,
-            },
-            True,
-        ),
-    ],
-)
-def test_lease_is_free_when_unheld_mine_or_expired(spec: dict[str, object], free: bool) -> None:
-    assert lease_free_for(spec, identity="me", now=T0) is free
-
-
-def test_settings_from_flags() -> None:
-    settings, verbose = parse_settings(
-        ["-n", "a", "-n", "b", "--resync-seconds", "5", "--no-leader-election"]
-    )
-    assert settings.namespaces == ("a", "b")
-    assert not settings.clusterwide
-    assert settings.resync_seconds == 5
-    assert settings.field_manager == "kubemoe-operator"
-    assert not settings.leader_election
-    assert settings.identity
-    assert not verbose
-
-
-def test_rbac_has_no_wildcards_and_covers_every_child_kind() -> None:
-    from kubemoe_operator.gen.rbac import CLUSTER_RULES, LEASE_RULES, cluster_role
-    from kubemoe_operator.kube.kinds import CHILD_KINDS
-
-    rules = [*CLUSTER_RULES, *LEASE_RULES]
-    for rule in rules:
-        assert "*" not in rule["verbs"]
-        assert "*" not in rule["resources"]
-        assert "*" not in rule["apiGroups"]
-    for kind in CHILD_KINDS:
-        group = kind.api_version.rpartition("/")[0]
-        plural = kind.plural
-        verbs = {v for r in rules if group in r["apiGroups"] and plural in r["resources"] for v in r["verbs"]}
-        assert {"list", "watch", "patch", "create", "delete"} <= verbs, kind.kind
-    assert cluster_role()["kind"] == "ClusterRole"
