@@ -220,45 +220,17 @@ class Api:
     async def completions(self, request: Request) -> Response:
         scheduler = self.state.ready_scheduler()
         body = await _parse(request, CompletionRequest)
-        model = self._model_name(body.model)
+        shape = _CompletionShape(model=self._model_name(body.model))
         prompt = body.single_prompt()
         prompt_ids = await self._encode(prompt) if isinstance(prompt, str) else prompt
         self._check_prompt(prompt_ids, param="prompt")
         generation = self._generation_request(body, prompt_ids, max_tokens=body.max_tokens, default_cap=True)
-        generation = await self._pull_kv(scheduler, generation)
-        outputs, request_id = self._submit(scheduler, generation)
-        stream = _Stream(scheduler, request_id, outputs)
-        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-            def chunk(text: str, reason: FinishReason | None) -> BaseModel:
-                choice = CompletionChoice(text=text, finish_reason=reason)
-                return Completion(id=completion_id, created=created, model=model, choices=[choice])
-
-            def usage_chunk(usage: Usage) -> BaseModel:
-                return Completion(id=completion_id, created=created, model=model, choices=[], usage=usage)
-
-            return _sse(stream.events(chunk, first=None, usage_chunk=usage_chunk if include_usage else None))
-        try:
-            text, last = await unless_disconnected(request, stream.collect())
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
-        response = Completion(
-            id=completion_id,
-            created=created,
-            model=model,
-            choices=[choice],
-            usage=_usage(last),
-            kv_transfer_params=_reachable(last.kv_transfer_params, request),
-        )
-        return JSONResponse(response.model_dump())
+        return await self._answer(request, scheduler, generation, body=body, shape=shape)
 
     async def chat_completions(self, request: Request) -> Response:
         scheduler = self.state.ready_scheduler()
         body = await _parse(request, ChatCompletionRequest)
-        model = self._model_name(body.model)
+        shape = _ChatShape(model=self._model_name(body.model))
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             prompt_text = self.state.tokenizer.apply_chat_template(messages)
@@ -269,44 +241,32 @@ class Api:
         generation = self._generation_request(
             body, prompt_ids, max_tokens=body.token_limit(), default_cap=False
         )
+        return await self._answer(request, scheduler, generation, body=body, shape=shape)
+
+    async def _answer(
+        self,
+        request: Request,
+        scheduler: Scheduler,
+        generation: GenerationRequest,
+        *,
+        body: CompletionRequest | ChatCompletionRequest,
+        shape: _Shape,
+    ) -> Response:
+        """Run `generation` (after pulling its KV, P/D) and answer in the endpoint's `shape`: a stream of
+        chunks, or the whole response once done (499 when the client left first)."""
         generation = await self._pull_kv(scheduler, generation)
         outputs, request_id = self._submit(scheduler, generation)
         stream = _Stream(scheduler, request_id, outputs)
-        chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-            def chunk(text: str, reason: FinishReason | None) -> BaseModel:
-                delta = ChatDelta(content=text if reason is None or text else None)
-                choice = ChatChunkChoice(delta=delta, finish_reason=reason)
-                return ChatCompletionChunk(id=chat_id, created=created, model=model, choices=[choice])
-
-            def usage_chunk(usage: Usage) -> BaseModel:
-                return ChatCompletionChunk(id=chat_id, created=created, model=model, choices=[], usage=usage)
-
-            opening = ChatCompletionChunk(
-                id=chat_id,
-                created=created,
-                model=model,
-                choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-            )
-            return _sse(
-                stream.events(chunk, first=opening, usage_chunk=usage_chunk if include_usage else None)
-            )
+            usage_chunk = shape.usage_chunk if include_usage else None
+            return _sse(stream.events(shape.chunk, first=shape.opening(), usage_chunk=usage_chunk))
         try:
             text, last = await unless_disconnected(request, stream.collect())
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
-        response = ChatCompletion(
-            id=chat_id,
-            created=created,
-            model=model,
-            choices=[choice],
-            usage=_usage(last),
-            kv_transfer_params=_reachable(last.kv_transfer_params, request),
-        )
-        return JSONResponse(response.model_dump())
+        whole = shape.whole(text, last, kv_transfer_params=_reachable(last.kv_transfer_params, request))
+        return JSONResponse(whole.model_dump())
 
     async def kv(self, request: Request) -> Response:
         """P/D: hand a prefilled prompt's KV to the decode that asks for it (once)."""
@@ -469,6 +429,81 @@ class _Stream:
         finally:
             if not finished:
                 self.scheduler.abort(self.request_id)
+
+
+class _Shape:
+    """How one endpoint words its answer: stream chunks, the usage chunk, the whole response."""
+
+    prefix = ""
+
+    def __init__(self, *, model: str) -> None:
+        self.model = model
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def chunk(self, text: str, reason: FinishReason | None) -> BaseModel:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        raise NotImplementedError
+
+    def opening(self) -> BaseModel | None:
+        return None
+
+    def whole(self, text: str, last: Output, *, kv_transfer_params: dict[str, Any] | None) -> BaseModel:
+        raise NotImplementedError
+
+
+class _CompletionShape(_Shape):
+    prefix = "cmpl"
+
+    def chunk(self, text: str, reason: FinishReason | None) -> BaseModel:
+        choice = CompletionChoice(text=text, finish_reason=reason)
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+    def whole(self, text: str, last: Output, *, kv_transfer_params: dict[str, Any] | None) -> BaseModel:
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=_usage(last),
+            kv_transfer_params=kv_transfer_params,
+        )
+
+
+class _ChatShape(_Shape):
+    prefix = "chatcmpl"
+
+    def chunk(self, text: str, reason: FinishReason | None) -> BaseModel:
+        delta = ChatDelta(content=text if reason is None or text else None)
+        choice = ChatChunkChoice(delta=delta, finish_reason=reason)
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
+        )
+
+    def opening(self) -> BaseModel | None:
+        """The first chunk names the assistant's role, as OpenAI's does."""
+        choice = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def whole(self, text: str, last: Output, *, kv_transfer_params: dict[str, Any] | None) -> BaseModel:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=_usage(last),
+            kv_transfer_params=kv_transfer_params,
+        )
 
 
 def _sse(events: AsyncIterator[BaseModel]) -> StreamingResponse:
