@@ -181,6 +181,19 @@ def delete_namespace(cluster: Cluster, name: str) -> None:
     )
 
 
+def operator_args(
+    namespace: str, *, resync_s: float = 3, lease_name: str | None = None, autoscale_s: float = 0
+) -> tuple[str, ...]:
+    """The flags the e2e operators share: one namespace, a short resync, a 4 s lease in the operator's
+    namespace (a standby takes over fast), and the autoscaler off unless `autoscale_s` is set (kwok's
+    pods serve no metrics; the autoscaler's own suite turns it on)."""
+    args = ["--namespace", namespace, "--resync-seconds", f"{resync_s:g}"]
+    args += ["--lease-namespace", OPERATOR_NAMESPACE, "--lease-seconds", "4"]
+    if lease_name is not None:
+        args += ["--lease-name", lease_name]
+    return (*args, "--autoscale-interval-seconds", f"{autoscale_s:g}")
+
+
 @contextlib.contextmanager
 def running_operator(
     cluster: Cluster, *, log: Path, args: tuple[str, ...], request: pytest.FixtureRequest

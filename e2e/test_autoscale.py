@@ -34,10 +34,10 @@ import pytest
 from e2e import prometheus
 from e2e.cluster.handle import Cluster
 from e2e.operator_process import (
-    OPERATOR_NAMESPACE,
     OperatorProcess,
     eventually,
     get_json,
+    operator_args,
     running_operator,
     scraping_operator,
     scratch_namespace,
@@ -120,20 +120,9 @@ def operator(
         operator_cluster,
         log=log,
         args=(
-            "--namespace",
-            namespace,
-            "--resync-seconds",
-            "3",
-            "--lease-namespace",
-            OPERATOR_NAMESPACE,
-            "--lease-name",
-            "kubemoe-operator-autoscale-e2e",
-            "--lease-seconds",
-            "4",
+            *operator_args(namespace, lease_name="kubemoe-operator-autoscale-e2e", autoscale_s=INTERVAL_S),
             "--prometheus-url",
             prom.url,
-            "--autoscale-interval-seconds",
-            str(INTERVAL_S),
             "--metrics-port",
             str(free_port()),
         ),

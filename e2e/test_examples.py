@@ -16,10 +16,10 @@ import pytest
 
 from e2e.cluster.handle import Cluster
 from e2e.operator_process import (
-    OPERATOR_NAMESPACE,
     OperatorProcess,
     get_json,
     model_volume,
+    operator_args,
     running_operator,
     scratch_namespace,
 )
@@ -50,18 +50,7 @@ def operator(
     with running_operator(
         operator_cluster,
         log=log,
-        args=(
-            "--namespace",
-            namespace,
-            "--resync-seconds",
-            "3",
-            "--lease-namespace",
-            OPERATOR_NAMESPACE,
-            "--lease-seconds",
-            "4",
-            "--autoscale-interval-seconds",
-            "0",
-        ),
+        args=operator_args(namespace),
         request=request,
     ) as proc:
         yield proc

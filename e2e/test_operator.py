@@ -23,12 +23,12 @@ import yaml
 from e2e.cluster.handle import Cluster
 from e2e.identity import service_account_user
 from e2e.operator_process import (
-    OPERATOR_NAMESPACE,
     OperatorProcess,
     eventually,
     get_json,
     get_or_none,
     model_volume,
+    operator_args,
     running_operator,
     scratch_namespace,
 )
@@ -60,20 +60,7 @@ def operator(
     with running_operator(
         operator_cluster,
         log=log,
-        args=(
-            "--namespace",
-            namespace,
-            "--resync-seconds",
-            str(RESYNC_S),
-            "--lease-namespace",
-            OPERATOR_NAMESPACE,
-            "--lease-seconds",
-            "4",
-            # The autoscaler has its own suite (test_autoscale.py); here kwok's pods serve no
-            # metrics, and its one MetricsUnavailable report would land at an arbitrary moment.
-            "--autoscale-interval-seconds",
-            "0",
-        ),
+        args=operator_args(namespace, resync_s=RESYNC_S),
         request=request,
     ) as proc:
         leading(proc, times=1)
