@@ -6,12 +6,19 @@ The operator renders the same argv for either engine (operator/kubemoe_operator/
         --host H --port P --dtype D --max-model-len N --tensor-parallel-size 1
         [--data-parallel-size N --data-parallel-size-local L --data-parallel-start-rank S|auto
          --data-parallel-address A --data-parallel-rpc-port R] [--enable-expert-parallel] [--headless]
-        [--kv-transfer-config JSON]
+        [--kv-transfer-config JSON] [--drain-timeout S]
 
 With the torch engine a pod runs ranks S .. S+L-1 of an expert-parallel group of N: rank S on an engine
 thread of this process, the others as child processes. Every rank joins the group through the TCP store
 at A:R (rank 0 hosts it; without R a single-pod group picks a free port). The pod holding rank 0 serves the
-OpenAI API and drives the group (engines/torch/group.py); `--headless` pods serve /health and /ready only.
+OpenAI API and drives the group (serve/group.py); `--headless` pods serve /health and /ready only.
+
+On SIGTERM the API-serving pod drains (pod/drain.py): /ready and new requests get 503, requests in flight
+finish (up to --drain-timeout), then the group ends; if the group fails meanwhile it exits at once. A
+`--headless` pod does not drain: it has no requests of its own, and a worker deleted alone has broken its
+group, which should fail fast (operator render/lifecycle.py). On SIGTERM it leaves the group at once,
+without waiting for rank 0 to end it, so that rank 0 notices the lost rank at its next collective or
+keepalive (KEEPALIVE_S) and fails.
 
 `auto` start ranks come from LeaderWorkerSet's worker index (start_rank.py). `--engine vllm` runs vLLM
 behind a thin front on the same port instead (engines/vllm/), handing it every flag serve does not know.
@@ -60,6 +67,13 @@ from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLi
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.engines.vllm import serve_vllm
 from kubemoe_runtime.engines.vllm.command import flags_given
+from kubemoe_runtime.pod.drain import (
+    SHUTDOWN_S,
+    Drain,
+    DrainingServer,
+    DrainMiddleware,
+    drain_timeout_default,
+)
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.pod.ports import free_port
@@ -97,6 +111,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="KV-cache slots per rank")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per step")
     parser.add_argument("--max-waiting-requests", type=int, default=256, help="bound of the waiting queue")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=drain_timeout_default(),
+        help="seconds in-flight requests may take to finish after SIGTERM (pod/drain.py); "
+        "--headless pods do not drain",
+    )
 
 
 class KVTransferConfig(BaseModel):
@@ -131,6 +152,7 @@ class ServeSettings(BaseModel):
     max_num_seqs: int = Field(ge=1)
     max_num_batched_tokens: int = Field(ge=1)
     max_waiting_requests: int = Field(ge=1)
+    drain_timeout: float = Field(default_factory=drain_timeout_default, ge=0, allow_inf_nan=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
@@ -160,6 +182,7 @@ class ServeSettings(BaseModel):
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting_requests=args.max_waiting_requests,
+            drain_timeout=args.drain_timeout,
         )
 
     @model_validator(mode="after")
@@ -223,9 +246,11 @@ def run_rank_process(job: RankJob, rank: int) -> None:
     leave_process(0)
 
 
-class _Server(uvicorn.Server):
+class _Server(DrainingServer):
     """uvicorn re-raises SIGTERM once it has shut down, which would end the pod before it stops its ranks.
-    Here a signal only asks the server to exit; `serve` then ends the group in order."""
+    Here a signal only starts the drain (pod/drain.py; with a timeout of 0, as a headless pod has, it
+    asks the server to exit at once), then the server exits; `serve` then ends the group in order. A
+    failed group (`_Pod.fail`) sets should_exit, which ends a drain at once too."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -246,6 +271,7 @@ class _Pod:
         self.stop = threading.Event()
         self.failure: str | None = None
         self.ready = False
+        self.ended_by_leader = False  # a headless pod: rank 0 sent Shutdown
         self.server: uvicorn.Server | None = None
         self.children: list[BaseProcess] = []
 
@@ -274,10 +300,10 @@ class _Pod:
             if not self.stop.is_set() and child.exitcode != 0:
                 self.fail(f"{child.name} exited with code {child.exitcode}")
 
-    def finish(self) -> int:
+    def finish(self, *, child_wait_s: float = 15) -> int:
         self.stop.set()
         for child in self.children:
-            child.join(timeout=15)
+            child.join(timeout=child_wait_s)
             if child.is_alive():
                 child.terminate()
                 child.join(timeout=5)
@@ -311,6 +337,7 @@ def serve(settings: ServeSettings) -> int:
     )
     pod = _Pod(settings, job)
     pod.start_children()
+    drain = Drain()
     if settings.headless:
         app = health_app(is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready)
         engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
@@ -319,18 +346,24 @@ def serve(settings: ServeSettings) -> int:
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
     config = uvicorn.Config(
-        app,
+        app if settings.headless else DrainMiddleware(app, drain),
         host=settings.host,
         port=settings.port,
         log_level="warning",
         access_log=False,
         lifespan="off",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_S,
     )
-    pod.server = _Server(config)
+    # A headless pod does not drain (timeout 0: uvicorn's own exit), see the module docstring.
+    pod.server = _Server(config, drain=drain, timeout=0 if settings.headless else settings.drain_timeout)
     engine_thread.start()
     pod.server.run()
     pod.stop.set()
+    if settings.headless and not pod.ended_by_leader:
+        # Stopped by a signal or a failure, not by rank 0's Shutdown: our ranks would follow rank 0 until
+        # it ends the group, keeping the group's sockets open (30 s and more). Leave now, so that rank 0
+        # notices the lost rank at its next collective or keepalive (KEEPALIVE_S).
+        leave_process(pod.finish(child_wait_s=0))
     engine_thread.join(timeout=30)
     code = pod.finish()
     if settings.data_parallel_size > 1:
@@ -410,6 +443,7 @@ def _follow(pod: _Pod) -> None:
         ep, runner = join_group(pod.job, rank=pod.settings.data_parallel_start_rank)
         pod.ready = True
         follow(runner, ep=ep)
+        pod.ended_by_leader = True
     except BaseException as err:  # recorded for /health and the exit code, then re-raised
         pod.fail(f"{type(err).__name__}: {err}")
         raise

@@ -49,8 +49,9 @@ class Server:
         log_dir: Path,
         name: str,
         env: Mapping[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = free_port() if port is None else port  # a replacement takes its predecessor's port
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "kubemoe_runtime.cli", "serve", "--model", str(model)]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", *args]

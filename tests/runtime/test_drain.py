@@ -1,7 +1,9 @@
 """Graceful drain (pod/drain.py) in real processes: after SIGTERM an engine server or a router answers
 /ready and new requests 503 (the router then ejects the engine at once and serves from another backend)
-while a request already in flight finishes normally, then exits 0; a drain ends at its timeout or on a
-second signal.
+while a request already in flight finishes normally (a stream to its last token), then exits 0; a drain
+ends at its timeout or on a second signal. A group over two pods: the leader drains, then ends the group
+(its headless worker exits 0); a headless worker does not drain but leaves its group at once, and the
+leader, noticing the lost rank, fails at once, drain or not.
 
 A request is "in flight" deterministically: it is sent with `Expect: 100-continue` and no body; the
 server answers `100 Continue` only once the app is running and asks for the body (`Held`)."""
@@ -21,9 +23,11 @@ from typing import Any
 import pytest
 
 from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain
-from tests.runtime.fake_backend import parse_response
+from kubemoe_runtime.pod.ports import free_port
+from kubemoe_runtime.serve import KEEPALIVE_S
+from tests.runtime.fake_backend import FakeBackend, parse_response, raw_post
 from tests.runtime.routing import RouterProcess
-from tests.runtime.serving import http_get, http_post
+from tests.runtime.serving import Server, http_get, http_post
 
 MODEL = "tiny-qwen"
 
@@ -86,6 +90,152 @@ def test_a_drain_ends_when_idle_for_the_quiet_period_or_at_its_deadline() -> Non
     idle = time.monotonic()
     assert not drain.done(idle + 0.1)  # a KV pull may follow the answer
     assert drain.done(idle + 0.6)
+
+
+# --- an engine, and the router in front of it --------------------------------------------------------
+
+STREAMED_TOKENS = 100
+STREAM = {
+    "model": MODEL,
+    "prompt": "hello world",
+    "max_tokens": STREAMED_TOKENS,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+
+
+def engine_args(*extra: str) -> list[str]:
+    return ["--served-model-name", MODEL, "--max-model-len", "128", "--drain-timeout", "60", *extra]
+
+
+def full_stream(status: int, body: bytes) -> None:
+    """A streamed completion answered in full: every token, then [DONE], no error event."""
+    assert status == 200, body
+    events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == STREAMED_TOKENS
+
+
+def test_an_engine_drains_and_the_router_ejects_it_at_once(qwen: Path, tmp_path: Path) -> None:
+    engine = Server(qwen, args=engine_args(), log_dir=tmp_path, name="engine")
+    spare = FakeBackend()
+    router: RouterProcess | None = None
+    try:
+        engine.wait_ready()
+        # The health loop probes once a minute: only the engine's 503 can eject it in this test.
+        service = f"127.0.0.1:{engine.port},{spare.address}"
+        router_args = ["--served-model-name", MODEL, "--policy", "round-robin", "--worker-service", service]
+        router = RouterProcess(args=[*router_args, "--health-interval", "60"], log_dir=tmp_path)
+        router.wait_ready()
+        held = Held(engine.port, "/v1/completions", STREAM)
+
+        engine.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: http_get(f"{engine.url}/ready")[0] == 503)
+        assert http_get(f"{engine.url}/ready") == (503, "draining")
+        assert http_get(f"{engine.url}/health")[0] == 200  # liveness must not restart a draining pod
+        assert http_get(f"{engine.url}/metrics")[0] == 200
+        refused_as_draining(f"{engine.url}/v1/completions", {**STREAM, "stream": False})
+        assert engine.process.poll() is None  # still there: a request is in flight
+
+        request = {"model": MODEL, "prompt": "hello world", "max_tokens": 5}
+        for _ in range(4):  # round robin: a request that meets the engine is retried on the spare
+            status, body = raw_post(f"{router.url}/v1/completions", request)
+            assert status == 200, body
+        assert spare.posts == 4
+        assert router.metric("kubemoe_router_backend_healthy", backend=f"127.0.0.1:{engine.port}") == 0
+
+        full_stream(*held.finish())  # the stream in flight when SIGTERM came is answered to its end
+        assert engine.process.wait(timeout=30) == 0, engine.log()
+        assert "draining: 1 request(s) in flight" in engine.log()
+    finally:
+        if router is not None:
+            router.stop()
+        engine.stop()
+        spare.close()
+
+
+class Group:
+    """One EP=2 serving group over two pods: the leader (rank 0, the API) and a headless worker (rank 1)."""
+
+    def __init__(self, qwen: Path, logs: Path) -> None:
+        group = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--enable-expert-parallel"]
+        group += ["--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
+        self.leader = Server(
+            qwen, args=engine_args(*group, "--data-parallel-start-rank", "0"), log_dir=logs, name="leader"
+        )
+        worker_args = engine_args(*group, "--data-parallel-start-rank", "1", "--headless")
+        self.worker = Server(qwen, args=worker_args, log_dir=logs, name="worker")
+
+    def wait_ready(self) -> None:
+        self.leader.wait_ready()
+        self.worker.wait_ready()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.leader.stop()
+
+
+def answers_ready(server: Server) -> bool:
+    try:
+        return http_get(f"{server.url}/ready")[0] == 200
+    except OSError:  # not listening any more
+        return False
+
+
+@pytest.fixture
+def group(qwen: Path, tmp_path: Path) -> Iterator[Group]:
+    g = Group(qwen, tmp_path)
+    try:
+        g.wait_ready()
+        yield g
+    finally:
+        g.stop()
+
+
+def test_a_group_leader_drains_then_ends_its_group(group: Group) -> None:
+    leader, worker = group.leader, group.worker
+    held = Held(leader.port, "/v1/completions", STREAM)
+    leader.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: http_get(f"{leader.url}/ready")[0] == 503)
+    refused_as_draining(f"{leader.url}/v1/completions", {**STREAM, "stream": False})
+    time.sleep(KEEPALIVE_S + 0.5)  # keepalives go on while draining: the group stays whole
+    assert leader.process.poll() is None
+    assert worker.process.poll() is None
+    full_stream(*held.finish())  # generated by both ranks, after SIGTERM
+    assert leader.process.wait(timeout=30) == 0, leader.log()
+    assert worker.process.wait(timeout=30) == 0, worker.log()  # rank 0's Shutdown: a normal end
+
+
+def test_a_headless_worker_leaves_its_group_at_once_and_the_leader_fails_fast(group: Group) -> None:
+    leader, worker = group.leader, group.worker
+    start = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=10) == 0, worker.log()  # no drain, no waiting on rank 0
+    left = time.monotonic() - start
+    assert left < 5, f"the headless worker took {left:.1f}s to leave"
+    assert "draining" not in worker.log()
+    wait_for(lambda: not answers_ready(leader), timeout=KEEPALIVE_S + 5)  # 503, or already gone
+    noticed = time.monotonic() - start
+    assert leader.process.wait(timeout=SHUTDOWN_S + 10) == 1  # a failed group ends the pod
+    print(f"headless worker left {left:.2f}s after SIGTERM; the leader noticed after {noticed:.2f}s")
+
+
+def test_a_draining_leader_whose_group_fails_exits_at_once(group: Group) -> None:
+    leader, worker = group.leader, group.worker
+    held = Held(leader.port, "/v1/completions", STREAM)  # never finished: the drain alone would wait 60 s
+    leader.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: http_get(f"{leader.url}/ready")[0] == 503)
+    start = time.monotonic()
+    worker.process.send_signal(signal.SIGKILL)  # its rank is lost
+    assert leader.process.wait(timeout=KEEPALIVE_S + SHUTDOWN_S + 10) == 1, leader.log()
+    assert time.monotonic() - start < KEEPALIVE_S + SHUTDOWN_S + 5
+    assert "Connection closed by peer" in leader.log() or "engine failed" in leader.log(), leader.log()
+    held.close()
 
 
 # --- the router -------------------------------------------------------------------------------------

@@ -1,9 +1,20 @@
-"""How a router pod ends: a preStop sleep, then the router's drain, inside the grace period.
+"""How a serving pod ends: a preStop sleep, then the runtime's drain, inside the grace period.
 
-Engine pods keep Kubernetes' defaults for now. Rendered for them too (leaders sleeping, the torch
-server draining), the real-node e2e found a deleted decode worker no longer ejected from the router
-within 5 s: the group's failure must reach the router before any drain, which needs the leader to
-notice a lost rank at once. Until that is built and measured, what follows applies to the router.
+Which pods: those that serve the API and can drain, namely the router's and the torch engine's
+API-serving pods (single-pod groups' Deployment pods and LeaderWorkerSet leaders; `drains`). The
+others keep Kubernetes' defaults (no preStop, no drain timeout, the default 30 s grace period):
+
+- a headless LeaderWorkerSet worker is in no Service and has no requests of its own, so its runtime
+  does not drain: on SIGTERM it leaves its group at once (kubemoe_runtime/serve.py). Its StatefulSet
+  is owned by the leader pod, so when a group goes as a whole (a rollout, a scale-down) the workers
+  outlive the leader's drain and stop when it ends the group; a worker deleted alone has broken its
+  group, which must fail fast, before the leader's own preStop sleep is over: its sockets closing
+  fail the leader's next collective or keepalive (2 s), the leader answers /ready 503 and exits, the
+  router ejects the group (e2e/test_real_serving.py: within 5 s; 2.9 s measured) and LeaderWorkerSet
+  recreates it. Measured on the real node: a worker that stayed in its group after SIGTERM (as it
+  did, waiting for rank 0, for up to 30 s) left the group serving past the leader's 5 s sleep.
+- a vLLM pod: the front (kubemoe_runtime/engines/vllm/) forwards SIGTERM to vLLM at once and has no
+  drain of its own, so a preStop sleep would only delay its end. Not rendered until the front drains.
 
 When a pod is deleted (a rolling update, a scale-down, a node drain) Kubernetes runs its preStop
 hook, then sends SIGTERM, then SIGKILL once terminationGracePeriodSeconds have passed since the start.
@@ -11,16 +22,12 @@ hook, then sends SIGTERM, then SIGKILL once terminationGracePeriodSeconds have p
 - preStop sleeps PRESTOP_SLEEP_S, with the kubelet's own `sleep` action (GA in Kubernetes 1.34, on
   by default since 1.30; the runtime images need no `sleep` binary): meanwhile the pod still serves
   while the EndpointSlice controller and kube-proxy take it out of the front Service, so clients'
-  new connections stop reaching it before it stops taking requests. Only pods that serve the API
-  (the router's, Deployment pods, LeaderWorkerSet leaders) sleep: a headless LeaderWorkerSet worker
-  is in no Service, and stops at once on SIGTERM: its StatefulSet is owned by the leader pod, so
-  when a group goes as a whole the garbage collector removes the workers once the leader has
-  drained and gone (the leader ending the group stops them first); a worker deleted alone has broken
-  its group, which should then fail fast (the router ejects it, LeaderWorkerSet recreates it).
+  new connections stop reaching it before it stops taking requests.
 - On SIGTERM the runtime drains (kubemoe_runtime/pod/drain.py): /ready and new requests answer
   503 (the router ejects such a backend at once and retries elsewhere; the role's headless Service
   publishes not-ready pods, so this, not the endpoints, is what stops the router), requests in
-  flight finish, for at most DRAIN_TIMEOUT_S ($KUBEMOE_DRAIN_TIMEOUT_S, set here on every pod).
+  flight finish, for at most DRAIN_TIMEOUT_S ($KUBEMOE_DRAIN_TIMEOUT_S, set here on every pod that
+  drains). A torch leader whose group fails while it drains exits at once.
 - EXIT_MARGIN_S covers what follows the drain: uvicorn's last 5 s, the engine thread's and the
   rank processes' teardown, the router's closing connections.
 
@@ -58,3 +65,9 @@ def container_lifecycle() -> dict[str, Any]:
 def pod_termination() -> dict[str, Any]:
     """The pod spec's grace period."""
     return {"terminationGracePeriodSeconds": GRACE_PERIOD_S}
+
+
+def drains(*, engine: str, leader: bool) -> bool:
+    """Whether an engine pod sleeps in preStop, drains and gets GRACE_PERIOD_S: the torch engine's
+    API-serving pod (`leader`), not a headless worker nor a vLLM pod (see the module docstring)."""
+    return leader and engine == "torch"

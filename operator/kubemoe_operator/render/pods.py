@@ -1,7 +1,7 @@
 """Pod templates: the runtime container with its arguments, resources, probes, model source and placement;
-the router's, with its API keys when spec.router.apiKeySecret names them, and how it ends (lifecycle.py).
-Engine pods do not drain yet: with a preStop sleep and the drain, deleting a decode worker on the real
-node left its group serving (not ejected within 5 s, e2e/test_real_serving.py); see lifecycle.py."""
+the router's, with its API keys when spec.router.apiKeySecret names them; and how each ends (lifecycle.py):
+the router and the torch engine's API-serving pods (Deployment pods, LeaderWorkerSet leaders) sleep in
+preStop and drain within their grace period; headless workers and vLLM pods keep Kubernetes' defaults."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.expansion import container_argv
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
 from kubemoe_operator.render.kv_key import kv_key_env
-from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, pod_termination
+from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, drains, pod_termination
 from kubemoe_operator.render.names import labels, workload_name
 from kubemoe_operator.render.placement import placement
 from kubemoe_operator.render.pod_options import with_options
@@ -67,7 +67,9 @@ def kv_transfer_env(plan: Plan) -> list[dict[str, Any]]:
 
 def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, Any]:
     """The template of one pod of a serving group: the leader (API server) or a headless worker.
-    Both are probed: a worker answers /health and /ready for its own ranks."""
+    Both are probed: a worker answers /health and /ready for its own ranks. Only a pod that drains
+    (lifecycle.drains) gets the preStop sleep, the drain timeout and the longer grace period."""
+    draining = drains(engine=ctx.plan.engine, leader=pod.leader)
     env, volumes, mounts = source_mounts(ctx.spec)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     env = [
@@ -75,6 +77,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *dirs_env,
         *kv_transfer_env(ctx.plan),
         *kv_key_env(ctx.owner, ctx.plan),
+        *(drain_env() if draining else []),
         *env,
     ]
     pod_sc, container_sc = security_context()
@@ -90,6 +93,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "volumeMounts": [*mounts, *dirs_mounts],
         "env": env,
         **engine_probes(),
+        **(container_lifecycle() if draining else {}),
     }
     pod_labels = labels(ctx.owner, role.role)
     pod_labels[LABEL_GROUP] = workload_name(ctx.owner, role.role)
@@ -99,6 +103,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "securityContext": pod_sc,
         "volumes": [*volumes, *dirs_volumes],
         "enableServiceLinks": False,
+        **(pod_termination() if draining else {}),
         **placement(ctx.spec, ctx.plan, accelerator=True),
     }
     return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)

@@ -18,12 +18,13 @@ a `DrainingServer`:
 - a second signal skips the rest of the drain (uvicorn then gives connections its own short
   timeout_graceful_shutdown), a third SIGINT forces the exit, as uvicorn does.
 
-A headless pod (ranks only, no API) has no requests of its own and so exits at once, as before: a
-LeaderWorkerSet's workers hang off the leader pod, so a group that goes as a whole loses its workers
-once the leader has drained and ended the group; a worker deleted on its own breaks its group, which
-should then fail fast (the router ejects it, LeaderWorkerSet recreates it) rather than keep taking
-requests it cannot finish. --drain-timeout defaults to $KUBEMOE_DRAIN_TIMEOUT_S (the operator
-sets it on every pod), else DRAIN_TIMEOUT_S.
+A headless pod (ranks only, no API) has no requests of its own and does not drain: it leaves its group
+at once (serve.py). A LeaderWorkerSet's workers hang off the leader pod, so a group that goes as a whole
+loses its workers once the leader has drained and ended the group; a worker deleted on its own breaks
+its group, which should then fail fast (the router ejects it, LeaderWorkerSet recreates it) rather than
+keep taking requests it cannot finish. --drain-timeout defaults to $KUBEMOE_DRAIN_TIMEOUT_S (the
+operator sets it on every pod that drains: the router's, the torch engine's API-serving pods), else
+DRAIN_TIMEOUT_S.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """How serving pods end (render/lifecycle.py) and the router's API keys (spec.router.apiKeySecret):
-every pod that serves the API (router, engine leaders) sleeps in preStop, every pod tells the runtime
-its drain timeout and has a grace period covering sleep + drain + margin; the keys come from the
-Secret as a mounted file."""
+every pod that serves the API and drains (the router, the torch engine's Deployment pods and
+LeaderWorkerSet leaders) sleeps in preStop, is told its drain timeout and has a grace period covering
+sleep + drain + margin; headless workers and vLLM pods keep Kubernetes' defaults; the keys come from
+the Secret as a mounted file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubemoe_operator.api.labels import LABEL_ROLE, ROUTER
+from kubemoe_operator.api.labels import LABEL_LEADER, LABEL_ROLE, ROUTER
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, lifecycle, render
@@ -43,32 +44,60 @@ def test_the_operator_and_the_runtime_agree_on_the_drain() -> None:
     )
 
 
+def drains(template: dict[str, Any]) -> bool:
+    """Whether a rendered pod template drains; asserts it has all of it or none of it."""
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    if "terminationGracePeriodSeconds" not in spec:  # Kubernetes' defaults: no preStop, no drain
+        assert "lifecycle" not in container
+        assert drain.DRAIN_TIMEOUT_ENV not in env
+        return False
+    assert spec["terminationGracePeriodSeconds"] == lifecycle.GRACE_PERIOD_S
+    assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": lifecycle.PRESTOP_SLEEP_S}}}
+    assert float(env[drain.DRAIN_TIMEOUT_ENV]) == drain.DRAIN_TIMEOUT_S
+    assert drain.drain_timeout_default({drain.DRAIN_TIMEOUT_ENV: env[drain.DRAIN_TIMEOUT_ENV]}) == 120
+    return True
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_the_router_drains_within_its_grace_period_engines_keep_the_defaults(
-    path: Any,
-) -> None:
+def test_the_router_and_torch_api_pods_drain_workers_and_vllm_keep_the_defaults(path: Any) -> None:
     md = load_manifest(path)
-    objs = render(
-        spec=md.spec, plan=plan_manifest(md), owner=Owner(name="m", namespace="ns", uid=UID), image="i"
-    )
+    plan = plan_manifest(md)
+    objs = render(spec=md.spec, plan=plan, owner=Owner(name="m", namespace="ns", uid=UID), image="i")
     templates = pod_templates(objs)
     assert {t["metadata"]["labels"][LABEL_ROLE] for t in templates} == {
-        *(r.role for r in plan_manifest(md).roles),
+        *(r.role for r in plan.roles),
         *([ROUTER] if md.spec.router.replicas else []),
     }
     for template in templates:
-        spec = template["spec"]
-        (container,) = spec["containers"]
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        if template["metadata"]["labels"][LABEL_ROLE] != ROUTER:  # engines: not yet (lifecycle.py)
-            assert "terminationGracePeriodSeconds" not in spec
-            assert "lifecycle" not in container
-            assert drain.DRAIN_TIMEOUT_ENV not in env
-            continue
-        assert spec["terminationGracePeriodSeconds"] == lifecycle.GRACE_PERIOD_S
-        assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": lifecycle.PRESTOP_SLEEP_S}}}
-        assert float(env[drain.DRAIN_TIMEOUT_ENV]) == drain.DRAIN_TIMEOUT_S
-        assert drain.drain_timeout_default({drain.DRAIN_TIMEOUT_ENV: env[drain.DRAIN_TIMEOUT_ENV]}) == 120
+        labels = template["metadata"]["labels"]
+        if labels[LABEL_ROLE] == ROUTER:
+            assert drains(template)
+        else:  # the pod holding rank 0 serves the API; a LeaderWorkerSet's workers are headless
+            api = labels[LABEL_LEADER] == "true"
+            assert drains(template) == (api and plan.engine == "torch"), (labels, plan.engine)
+            assert ("--headless" in template["spec"]["containers"][0]["args"]) == (not api)
+
+
+def test_a_torch_leader_worker_set_drains_its_leader_only() -> None:
+    md = load_manifest(next(p for p in EXAMPLES if p.stem == "tiny-moe"))
+    plan = plan_manifest(md)
+    assert plan.engine == "torch"
+    objs = render(spec=md.spec, plan=plan, owner=Owner(name="m", namespace="ns", uid=UID), image="i")
+    (lws,) = [o for o in objs if o["kind"] == "LeaderWorkerSet"]
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert drains(template["leaderTemplate"])
+    assert not drains(template["workerTemplate"])
+    (single,) = [
+        o["spec"]["template"]
+        for o in objs
+        if o["kind"] == "Deployment" and o["spec"]["template"]["metadata"]["labels"][LABEL_ROLE] != ROUTER
+    ]
+    assert drains(single)  # a single-pod group (the prefill) serves the API: it drains
+    assert lifecycle.drains(engine="torch", leader=True)
+    assert not lifecycle.drains(engine="torch", leader=False)
+    assert not lifecycle.drains(engine="vllm", leader=True)
 
 
 def test_the_drain_env_sets_the_runtime_default_and_a_flag_wins() -> None:
