@@ -22,17 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from kubemoe_runtime.pod.settings import DTYPE_NAMES
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The vLLM-named flags the torch engine understands."""
     parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     parser.add_argument("--data-parallel-size", type=int, default=1)
     parser.add_argument("--data-parallel-address", default="127.0.0.1")
     parser.add_argument("--data-parallel-rpc-port", type=int, default=0, help="0: pick a free port")
@@ -54,6 +51,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
     from tokenizers import Tokenizer
 
     from kubemoe_runtime.engines.torch import TorchEngine, init_expert_parallel
+    from kubemoe_runtime.engines.torch.model.engine import DTYPES
     from kubemoe_runtime.engines.torch.model.parallel import leave_process, shutdown_expert_parallel
 
     ep = init_expert_parallel(rank=rank, size=job.ep_size, address=job.address, port=job.port)

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from kubemoe_runtime.engines.torch.serve.pod import KEEPALIVE_S
 from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain
 from kubemoe_runtime.pod.ports import free_port
-from kubemoe_runtime.serve import KEEPALIVE_S
 from tests.runtime.fake_backend import FakeBackend, parse_response, raw_post
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server, http_get, http_post

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_runtime.serve import parse_args
+from kubemoe_runtime.pod.settings import parse_args
 from tests.operator.helpers import EXAMPLES
 
 

@@ -21,9 +21,9 @@ from kubemoe_runtime.engines.vllm.command import (
     vllm_args,
     vllm_command,
 )
+from kubemoe_runtime.pod.settings import parse_args
 from kubemoe_runtime.pod.start_rank import StartRankError, resolve_start_rank
 from kubemoe_runtime.serve import main as serve_main
-from kubemoe_runtime.serve import parse_args
 from tests.operator.helpers import EXAMPLES
 from tests.runtime.vllm_python import run_in_vllm
 

@@ -24,10 +24,9 @@ import json
 import os
 import sys
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-if TYPE_CHECKING:
-    from kubemoe_runtime.serve import ServeSettings
+from kubemoe_runtime.pod.settings import ServeSettings
 
 VLLM_PYTHON_ENV: Final = "KUBEMOE_VLLM_PYTHON"
 API_SERVER_MODULE: Final = "vllm.entrypoints.openai.api_server"

@@ -20,7 +20,7 @@ import subprocess
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import uvicorn
 
@@ -29,9 +29,7 @@ from kubemoe_runtime.engines.vllm.front import VllmUpstream, front_app
 from kubemoe_runtime.pod.kv_auth import KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
 from kubemoe_runtime.pod.ports import free_port
-
-if TYPE_CHECKING:
-    from kubemoe_runtime.serve import ServeSettings
+from kubemoe_runtime.pod.settings import ServeSettings
 
 log = logging.getLogger("kubemoe_runtime.vllm")
 

@@ -15,6 +15,9 @@ from kubemoe_runtime.engines.torch.model.packing import pack_model
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The weight dtypes the engine runs, by --dtype name (pod/settings.py's DTYPE_NAMES)."""
+
 
 class TorchEngine:
     """One rank's model. With expert parallelism every rank must make the same sequence of forward calls

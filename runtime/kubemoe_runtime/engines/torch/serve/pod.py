@@ -1,0 +1,306 @@
+"""The torch engine's pod: its ranks, its engine thread and its HTTP server, and how they end.
+
+A pod runs ranks S .. S+L-1 of an expert-parallel group of N: rank S on an engine thread of this process,
+the others as child processes. Every rank joins the group through the TCP store at A:R (rank 0 hosts it;
+without R a single-pod group picks a free port). The pod holding rank 0 serves the OpenAI API and drives
+the group (group.py); `--headless` pods serve /health and /ready only.
+
+On SIGTERM the API-serving pod drains (pod/drain.py): /ready and new requests get 503, requests in flight
+finish (up to --drain-timeout), then the group ends; if the group fails meanwhile it exits at once. A
+`--headless` pod does not drain: it has no requests of its own, and a worker deleted alone has broken its
+group, which should fail fast (operator render/lifecycle.py). On SIGTERM it leaves the group at once,
+without waiting for rank 0 to end it, so that rank 0 notices the lost rank at its next collective or
+keepalive (KEEPALIVE_S) and fails.
+
+    main thread     uvicorn: the API (leader) or health (headless)
+    engine thread   rank S: join the group, load weights, barrier; then the scheduler loop (rank 0) or
+                    follow rank 0's steps (others)
+    child processes ranks S+1 .. S+L-1, following rank 0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+
+from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.model.engine import DTYPES, TorchEngine
+from kubemoe_runtime.engines.torch.model.parallel import (
+    ExpertParallel,
+    init_expert_parallel,
+    leave_process,
+    shutdown_expert_parallel,
+)
+from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
+from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain, DrainingServer, DrainMiddleware
+from kubemoe_runtime.pod.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from kubemoe_runtime.pod.ports import free_port
+from kubemoe_runtime.pod.settings import ServeSettings
+
+log = logging.getLogger("kubemoe_runtime.serve")
+
+GROUP_TIMEOUT = timedelta(minutes=30)  # covers the slowest rank's weight loading
+KEEPALIVE_S = 2.0
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """Everything a rank needs to join its group and load its share (picklable for child processes)."""
+
+    model: Path
+    dtype: str
+    size: int
+    address: str
+    port: int
+    max_model_len: int
+    max_num_seqs: int
+
+
+def join_group(job: RankJob, *, rank: int) -> tuple[ExpertParallel, RankRunner]:
+    """Join the group, load this rank's weights, and wait until every rank has loaded."""
+    ep = init_expert_parallel(
+        rank=rank, size=job.size, address=job.address, port=job.port, timeout=GROUP_TIMEOUT
+    )
+    engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep)
+    runner = RankRunner(engine, slots=job.max_num_seqs, max_len=job.max_model_len)
+    if ep.size > 1:
+        torch.distributed.barrier()
+    return ep, runner
+
+
+def run_rank_process(job: RankJob, rank: int) -> None:
+    """A child process's life: one follower rank."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pod's main process decides when the group ends
+    ep, runner = join_group(job, rank=rank)
+    try:
+        follow(runner, ep=ep)
+    finally:
+        shutdown_expert_parallel(ep)
+    leave_process(0)
+
+
+class _Server(DrainingServer):
+    """uvicorn re-raises SIGTERM once it has shut down, which would end the pod before it stops its ranks.
+    Here a signal only starts the drain (pod/drain.py; with a timeout of 0, as a headless pod has, it
+    asks the server to exit at once), then the server exits; `serve` then ends the group in order. A
+    failed group (`_Pod.fail`) sets should_exit, which ends a drain at once too."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _Pod:
+    """This process: the engine thread, the child ranks and the HTTP server, and how they end."""
+
+    def __init__(self, settings: ServeSettings, job: RankJob) -> None:
+        self.settings = settings
+        self.job = job
+        self.stop = threading.Event()
+        self.failure: str | None = None
+        self.ready = False
+        self.ended_by_leader = False  # a headless pod: rank 0 sent Shutdown
+        self.server: uvicorn.Server | None = None
+        self.children: list[BaseProcess] = []
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+            log.error("kubemoe-runtime: %s", message)
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def start_children(self) -> None:
+        ctx = mp.get_context("spawn")
+        first = self.settings.data_parallel_start_rank
+        for rank in range(first + 1, first + self.settings.data_parallel_size_local):
+            child = ctx.Process(
+                target=run_rank_process, args=(self.job, rank), name=f"rank-{rank}", daemon=True
+            )
+            child.start()
+            self.children.append(child)
+        if self.children:
+            threading.Thread(target=self._watch_children, name="watch-ranks", daemon=True).start()
+
+    def _watch_children(self) -> None:
+        for sentinel in wait([c.sentinel for c in self.children]):
+            child = next(c for c in self.children if c.sentinel == sentinel)
+            if not self.stop.is_set() and child.exitcode != 0:
+                self.fail(f"{child.name} exited with code {child.exitcode}")
+
+    def finish(self, *, child_wait_s: float = 15) -> int:
+        self.stop.set()
+        for child in self.children:
+            child.join(timeout=child_wait_s)
+            if child.is_alive():
+                child.terminate()
+                child.join(timeout=5)
+        return 1 if self.failure is not None else 0
+
+
+def serve(settings: ServeSettings) -> int:
+    if settings.engine != "torch":
+        raise ValueError("serve() runs the torch engine; main() hands --engine vllm to serve_vllm()")
+    if problems := settings.torch_problems():
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    cfg = ModelConfig.load(settings.model)
+    max_model_len = settings.max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings:
+        print(
+            f"error: --max-model-len {max_model_len} exceeds the model's "
+            f"{cfg.max_position_embeddings} positions",
+            file=sys.stderr,
+        )
+        return 2
+    job = RankJob(
+        model=settings.model,
+        dtype=cfg.dtype if settings.dtype == "auto" else settings.dtype,
+        size=settings.data_parallel_size,
+        address=settings.data_parallel_address,
+        port=settings.data_parallel_rpc_port or free_port(),
+        max_model_len=max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+    )
+    pod = _Pod(settings, job)
+    pod.start_children()
+    drain = Drain()
+    if settings.headless:
+        app = health_app(is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready)
+        engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
+    else:
+        state = _server_state(settings, cfg=cfg, max_model_len=max_model_len)
+        app = build_app(state)
+        engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
+    config = uvicorn.Config(
+        app if settings.headless else DrainMiddleware(app, drain),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=SHUTDOWN_S,
+    )
+    # A headless pod does not drain (timeout 0: uvicorn's own exit), see the module docstring.
+    pod.server = _Server(config, drain=drain, timeout=0 if settings.headless else settings.drain_timeout)
+    engine_thread.start()
+    pod.server.run()
+    pod.stop.set()
+    if settings.headless and not pod.ended_by_leader:
+        # Stopped by a signal or a failure, not by rank 0's Shutdown: our ranks would follow rank 0 until
+        # it ends the group, keeping the group's sockets open (30 s and more). Leave now, so that rank 0
+        # notices the lost rank at its next collective or keepalive (KEEPALIVE_S).
+        leave_process(pod.finish(child_wait_s=0))
+    engine_thread.join(timeout=30)
+    code = pod.finish()
+    if settings.data_parallel_size > 1:
+        leave_process(code)  # our ranks are stopped and joined; skip the group's C++ teardown
+    return code
+
+
+def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:
+    labels = MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank)
+    metrics = ServingMetrics(labels)
+    metrics.registry.register(GpuCollector(labels.as_dict()))  # DCGM_FI_*; none without a driver
+    generation = _generation_defaults(settings.model)
+    eos = {*cfg.eos_token_ids, *_as_ids(generation.get("eos_token_id"))}
+    return ServerState(
+        served_names=settings.served_model_names,
+        model_path=str(settings.model),
+        max_model_len=max_model_len,
+        vocab_size=cfg.vocab_size,
+        eos_token_ids=tuple(sorted(eos)),
+        tokenizer=TextTokenizer.load(settings.model),
+        metrics=metrics,
+        default_temperature=float(generation.get("temperature", 1.0)),
+        default_top_p=float(generation.get("top_p", 1.0)),
+        created=int(time.time()),
+    )
+
+
+def _generation_defaults(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    loaded = json.loads(path.read_text()) if path.exists() else {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _as_ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value] if isinstance(value, list) else []
+
+
+def _lead(pod: _Pod, state: ServerState) -> None:
+    """Rank 0: join and load, then run the scheduler until the server stops."""
+    s = pod.settings
+    ep = ExpertParallel()
+    try:
+        ep, runner = join_group(pod.job, rank=0)
+        limits = SchedulerLimits(
+            max_model_len=pod.job.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            max_waiting=s.max_waiting_requests,
+            max_prefill_tokens=s.max_num_batched_tokens,
+        )
+        scheduler = Scheduler(
+            GroupLeader(runner, ep=ep),
+            tokenizer=state.tokenizer,
+            limits=limits,
+            eos_token_ids=state.eos_token_ids,
+            metrics=state.metrics,
+        )
+        state.scheduler = scheduler
+        pod.ready = True
+        log.warning("kubemoe-runtime: ready on %s:%d (group of %d ranks)", s.host, s.port, ep.size)
+        scheduler.run(pod.stop, keepalive_s=KEEPALIVE_S)
+    except BaseException as err:  # recorded for /health and the exit code, then re-raised
+        state.failure = f"{type(err).__name__}: {err}"
+        if state.scheduler is not None:
+            state.scheduler.abort_all()
+        pod.fail(state.failure)
+        raise
+    finally:
+        shutdown_expert_parallel(ep)
+
+
+def _follow(pod: _Pod) -> None:
+    """A headless pod's first rank: follow rank 0 until it shuts the group down, then stop the server."""
+    ep = ExpertParallel()
+    try:
+        ep, runner = join_group(pod.job, rank=pod.settings.data_parallel_start_rank)
+        pod.ready = True
+        follow(runner, ep=ep)
+        pod.ended_by_leader = True
+    except BaseException as err:  # recorded for /health and the exit code, then re-raised
+        pod.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        shutdown_expert_parallel(ep)
+        if pod.server is not None:
+            pod.server.should_exit = True
