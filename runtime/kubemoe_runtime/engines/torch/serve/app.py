@@ -42,7 +42,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
-from kubemoe_runtime.engines.torch.serve.kv.handoff import prompt_digest
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
 from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import ChatTemplateError, TextTokenizer
@@ -290,9 +289,7 @@ class Api:
             pulled = await self.puller.pull(
                 generation.kv_transfer_params, max_bytes=layout.max_wire_bytes(len(prompt))
             )
-            if pulled.prompt_tokens != len(prompt) or pulled.prompt_sha256 != prompt_digest(prompt):
-                raise KVPullError("the pulled KV is for another prompt")
-            layout.check(pulled, vocab_size=scheduler.vocab_size)
+            layout.check(pulled, prompt_ids=prompt, vocab_size=scheduler.vocab_size)
         except (KVPullError, ValueError) as err:
             log.warning("kubemoe-runtime: KV pull failed, prefilling here: %s", err)
             self.state.metrics.kv_pull_failures.inc()

@@ -144,13 +144,8 @@ class Scheduler:
             raise ValueError("the prompt is empty")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        if request.pulled is not None and (
-            request.pulled.prompt_tokens != n
-            or request.pulled.prompt_sha256 != prompt_digest(request.prompt_ids)
-        ):
-            raise ValueError("the pulled KV belongs to another prompt")
-        if request.pulled is not None:
-            self.kv_layout.check(request.pulled, vocab_size=self.vocab_size)  # ValueError: it does not fit
+        if request.pulled is not None:  # ValueError: another prompt's KV, or one that does not fit
+            self.kv_layout.check(request.pulled, prompt_ids=request.prompt_ids, vocab_size=self.vocab_size)
         if n + request.max_tokens > self.limits.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the context "

@@ -9,11 +9,12 @@ pull (the decode then prefills the prompt itself) and never reaches the engine t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kubemoe_runtime.engines.torch.serve.kv.handoff import KV, PrefilledKV
+from kubemoe_runtime.engines.torch.serve.kv.handoff import KV, PrefilledKV, prompt_digest
 
 HEADER_SLACK_BYTES = 4096  # the header's metadata and padding
 HEADER_BYTES_PER_TENSOR = 256  # one tensor's entry: name, dtype, shape, offsets (about 70 bytes)
@@ -35,9 +36,12 @@ class KVLayout:
         tensors = sum(len(layer) for layer in self.fields)
         return tokens * self.bytes_per_token + HEADER_SLACK_BYTES + HEADER_BYTES_PER_TENSOR * tensors
 
-    def check(self, pulled: PrefilledKV, *, vocab_size: int) -> None:
-        """ValueError, saying what differs, unless `pulled` fits this model: its first token in the
-        vocabulary, every layer's fields, and each tensor [prompt_tokens, *shape] of the cache's dtype."""
+    def check(self, pulled: PrefilledKV, *, prompt_ids: Sequence[int], vocab_size: int) -> None:
+        """ValueError, saying what differs, unless `pulled` is this prompt's (its length and digest) and fits
+        this model: its first token in the vocabulary, every layer's fields, and each tensor
+        [prompt_tokens, *shape] of the cache's dtype."""
+        if pulled.prompt_tokens != len(prompt_ids) or pulled.prompt_sha256 != prompt_digest(prompt_ids):
+            raise ValueError("the pulled KV belongs to another prompt")
         token = pulled.first_token
         if type(token) is not int or not 0 <= token < vocab_size:
             raise ValueError(f"first_token {token!r} is not a token id in [0, {vocab_size})")
