@@ -21,16 +21,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kubemoe_runtime.pod.drain import (
-    SHUTDOWN_S,
     Drain,
     DrainingServer,
     DrainMiddleware,
     drain_timeout_default,
 )
+from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backends, split_hostport
@@ -178,14 +177,7 @@ def main(argv: Sequence[str]) -> int:
         "router: %s, policy %s, listening on %s:%d", mode, settings.policy, settings.host, settings.port
     )
     drain = Drain()
-    config = uvicorn.Config(
-        DrainMiddleware(build_router_app(router), drain),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=SHUTDOWN_S,
-    )
+    app = DrainMiddleware(build_router_app(router), drain)
+    config = server_config(app, host=settings.host, port=settings.port, lifespan="on")
     DrainingServer(config, drain=drain, timeout=settings.drain_timeout).run()
     return 0

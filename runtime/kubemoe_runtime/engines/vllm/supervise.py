@@ -26,6 +26,7 @@ import uvicorn
 
 from kubemoe_runtime.engines.vllm.command import vllm_command, vllm_python
 from kubemoe_runtime.engines.vllm.front import VllmUpstream, front_app
+from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
 from kubemoe_runtime.pod.ports import free_port
@@ -135,15 +136,8 @@ def serve_vllm(
         headless=settings.headless,
         labels=MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank),
     )
-    config = uvicorn.Config(
-        front_app(upstream, signer=KVSigner.from_env()),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
+    front = front_app(upstream, signer=KVSigner.from_env())
+    config = server_config(front, host=settings.host, port=settings.port, lifespan="on")
     server = _FrontServer(config, supervisor=supervisor)
     threading.Thread(target=supervisor.watch, args=(server,), name="watch-vllm", daemon=True).start()
     try:

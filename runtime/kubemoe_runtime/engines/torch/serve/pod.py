@@ -51,8 +51,9 @@ from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, heal
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
-from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain, DrainingServer, DrainMiddleware
+from kubemoe_runtime.pod.drain import Drain, DrainingServer, DrainMiddleware
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.pod.ports import free_port
 from kubemoe_runtime.pod.settings import ServeSettings
@@ -198,15 +199,8 @@ def serve(settings: ServeSettings) -> int:
         state = _server_state(settings, cfg=cfg, max_model_len=max_model_len)
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
-    config = uvicorn.Config(
-        app if settings.headless else DrainMiddleware(app, drain),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=SHUTDOWN_S,
-    )
+    served = app if settings.headless else DrainMiddleware(app, drain)
+    config = server_config(served, host=settings.host, port=settings.port, lifespan="off")
     # A headless pod does not drain (timeout 0: uvicorn's own exit), see the module docstring.
     pod.server = _Server(config, drain=drain, timeout=0 if settings.headless else settings.drain_timeout)
     engine_thread.start()
