@@ -210,10 +210,16 @@ class Autoscaling(ApiModel):
     min_replicas: int = Field(1, ge=1, le=1024)
     max_replicas: int = Field(ge=1, le=1024)
     metrics: list[MetricTarget] = Field(default_factory=list, max_length=8)
-    scale_up_window_seconds: int = Field(0, ge=0, le=3600)
-    """Stabilisation window before scaling up."""
-    scale_down_window_seconds: int = Field(300, ge=0, le=3600)
-    """Stabilisation window before scaling down."""
+    scale_up_window_seconds: int = Field(60, ge=0, le=3600)
+    """Stabilisation window before scaling up: the load must have lasted this long. A minute, because
+    a new MoE group takes minutes to load its weights: a shorter burst is over before the group
+    serves, and the queue absorbs it."""
+    scale_down_window_seconds: int = Field(600, ge=0, le=3600)
+    """Stabilisation window before scaling down: the quiet must have lasted this long. Ten minutes,
+    because a group removed on a lull costs minutes of loading to bring back."""
+    cooldown_seconds: int = Field(120, ge=0, le=3600)
+    """No change within this long of the last one, so new groups load and take load before the next
+    decision builds on them. Raise it for models that load slower."""
     max_step: int = Field(1, ge=1, le=1024)
     """Most groups added or removed in one decision."""
 

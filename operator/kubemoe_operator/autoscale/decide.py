@@ -1,23 +1,32 @@
-"""The autoscaling decision: a pure function of (current replicas, samples, policy, history).
+"""The autoscaling decision: a pure function of (replicas, samples, policy, history, clock).
 
 Per metric, the recommendation is proportional, as in the Horizontal Pod Autoscaler:
-``ceil(current * value / target)``, left at ``current`` within a 10 % tolerance band. The
-largest recommendation over the metrics wins. Then, in order:
+``ceil(ready * value / target)``, left at ``current`` within a 10 % tolerance band. `value` is the
+mean over the groups that report, so the load it measures is carried by the `ready` groups, not by
+`current` (which counts groups still loading their weights): while new groups load, the old ones
+stay busy, and `current * value` would add groups every interval until the new ones report
+(2 -> 5 -> 8 in a probe); `ready * value` asks for the same groups again. The largest
+recommendation over the metrics wins. Then, in order:
 
 1. missing metrics never scale down: with any metric unavailable the decision is at least
    ``current``; with all unavailable it is exactly ``current``;
-2. stabilisation: scaling up takes the smallest recommendation of the scale-up window
+2. a full window first: a change needs readings covering its direction's window since `since`
+   (when this evaluator's unbroken run of readings began: after a start, a leader failover or a
+   metrics outage it knows nothing of what came before, and holds);
+3. stabilisation: scaling up takes the smallest recommendation of the scale-up window
    (the load must have lasted), scaling down the largest of the scale-down window (the
    quiet must have lasted) — so one noisy sample moves nothing, and nothing flaps;
-3. at most ``maxStep`` groups added or removed;
-4. clamped to ``minReplicas..maxReplicas``.
+4. a cooldown: no change within ``cooldownSeconds`` of the last one (new groups get time to
+   load and take load before the next decision builds on them);
+5. at most ``maxStep`` groups added or removed;
+6. clamped to ``minReplicas..maxReplicas``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubemoe_operator.api.spec import Autoscaling, MetricType
 
@@ -44,11 +53,11 @@ class Decision:
     """False when no metric could be read (then nothing changes)."""
 
 
-def _per_metric(current: int, value: float, target: float) -> int:
+def _per_metric(current: int, ready: int, value: float, target: float) -> int:
     ratio = value / target
     if abs(ratio - 1.0) <= TOLERANCE:
         return current
-    return max(1, math.ceil(current * ratio))
+    return max(1, math.ceil(ready * ratio))
 
 
 def decide(
@@ -58,9 +67,15 @@ def decide(
     policy: Autoscaling,
     history: Sequence[Recommendation],
     now: float,
+    ready: int | None = None,
+    since: float | None = None,
+    last_change: float | None = None,
 ) -> Decision:
     """The replicas a role should have now. ``samples`` maps each policy metric to its per-group
-    value, or None when it could not be read."""
+    value, or None when it could not be read; ``ready`` is the groups serving (None or 0: take
+    ``current``); ``since`` when the unbroken run of readings began (None: long enough);
+    ``last_change`` when this evaluator last changed the role (None: not since it started)."""
+    carrying = ready if ready else current
     wanted: list[tuple[int, str]] = []
     missing: list[str] = []
     for metric in policy.metrics:
@@ -70,7 +85,7 @@ def decide(
             continue
         wanted.append(
             (
-                _per_metric(current, value, metric.target),
+                _per_metric(current, carrying, value, metric.target),
                 f"{metric.type} {value:.3g} (target {metric.target:g})",
             )
         )
@@ -89,13 +104,25 @@ def decide(
         raw = max(raw, current)
     rec = Recommendation(now, raw)
     window = [*history, rec]
+    covered = math.inf if since is None else now - since
+    wait: str | None = None
     if raw > current:
         recent = [r.replicas for r in window if r.at >= now - policy.scale_up_window_seconds]
         stable = max(current, min(recent))
+        if covered < policy.scale_up_window_seconds:
+            wait = f"readings for {covered:.0f} of the {policy.scale_up_window_seconds} s scale-up window"
     elif raw < current:
         recent = [r.replicas for r in window if r.at >= now - policy.scale_down_window_seconds]
         stable = min(current, max(recent))
+        if covered < policy.scale_down_window_seconds:
+            wait = f"readings for {covered:.0f} of the {policy.scale_down_window_seconds} s scale-down window"
     else:
+        stable = current
+    cooling = last_change is not None and now - last_change < policy.cooldown_seconds
+    if wait is None and stable != current and cooling:
+        assert last_change is not None
+        wait = f"cooling down: last change {now - last_change:.0f} s ago of {policy.cooldown_seconds} s"
+    if wait is not None:
         stable = current
     stepped = max(current - policy.max_step, min(current + policy.max_step, stable))
     desired = _clamp(stepped, policy)
@@ -104,11 +131,15 @@ def decide(
         reason = f"scale up {current} -> {desired}: {because}"
     elif desired < current:
         reason = f"scale down {current} -> {desired}: {because}"
+    elif wait is not None:
+        reason = f"holding {current} (wants {raw}; {wait}): {because}"
     elif raw != current:
         held = "scale-up" if raw > current else "scale-down"
         reason = f"holding {current} (wants {raw}, within the {held} window or bounds): {because}"
     else:
         reason = f"steady at {current}: {because}"
+    if ready is not None and ready < current:
+        reason += f" ({current - ready} of {current} groups not ready yet)"
     if missing:
         reason += f"; unavailable: {', '.join(missing)} (no scale-down)"
     return Decision(desired, rec, reason, metrics_available=True)
@@ -122,3 +153,49 @@ def prune(history: Sequence[Recommendation], *, policy: Autoscaling, now: float)
     """Drop recommendations older than both windows: they can no longer matter."""
     horizon = max(policy.scale_up_window_seconds, policy.scale_down_window_seconds)
     return [r for r in history if r.at >= now - horizon]
+
+
+@dataclass
+class RoleMemory:
+    """What an evaluator remembers of one role between evaluations: its recent recommendations, when
+    its unbroken run of readings began, and when it last changed the role. In memory only: a new
+    leader starts with none, so it holds until its own readings cover a window."""
+
+    history: list[Recommendation] = field(default_factory=list)
+    since: float | None = None
+    last_change: float | None = None
+
+    def decide(
+        self,
+        *,
+        current: int,
+        ready: int | None,
+        samples: Mapping[MetricType, float | None],
+        policy: Autoscaling,
+        now: float,
+    ) -> Decision:
+        if self.since is None:
+            self.since = now
+        decision = decide(
+            current=current,
+            samples=samples,
+            policy=policy,
+            history=self.history,
+            now=now,
+            ready=ready,
+            since=self.since,
+            last_change=self.last_change,
+        )
+        self.history = prune([*self.history, decision.recommendation], policy=policy, now=now)
+        if not decision.metrics_available:
+            self.outage()
+        return decision
+
+    def outage(self) -> None:
+        """No reading: what came before says nothing about what comes after; start a new window."""
+        self.history = []
+        self.since = None
+
+    def changed(self, now: float) -> None:
+        """A new desired was written: the cooldown starts."""
+        self.last_change = now

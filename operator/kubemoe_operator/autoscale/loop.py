@@ -2,9 +2,12 @@
 read the role's samples, `decide`, and record the decision in status.roles.<role>.desired (the
 reconciler renders it, clamped to minReplicas..maxReplicas; spec is never written).
 
-- Prefill and decode are evaluated independently, each with its own history of recommendations
-  (kept in memory per ModelDeployment uid and role: a new leader starts with an empty history,
-  which only makes it more careful — scaling up waits for a full scale-up window).
+- Prefill and decode are evaluated independently, each with its own history of recommendations,
+  kept in memory per ModelDeployment uid and role with when its unbroken run of readings began and
+  when it last changed the role: a new leader, or any role after a metrics outage, starts with none
+  and changes nothing until its readings cover a full window (decide.py); each change starts a
+  cooldown. The recommendation counts the groups that are ready (status.roles.<role>.ready, from
+  the reconciler), so groups still loading are capacity on the way, not a reason to add more.
 - desired is written only when a decision differs from the replicas the role runs now (so a
   role whose load never moves keeps following spec.replicas), and each such write is an Event
   (reason Scaled, the decision's reason as the message).
@@ -41,7 +44,7 @@ from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import API_VERSION, KIND
 from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSpec
 from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, now_utc
-from kubemoe_operator.autoscale.decide import Decision, Recommendation, decide, prune
+from kubemoe_operator.autoscale.decide import Decision, RoleMemory
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
 from kubemoe_operator.autoscale.scrape import Targets
 from kubemoe_operator.autoscale.signals import RoleSelector
@@ -196,8 +199,8 @@ class Autoscaler:
     """Empty: every namespace."""
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     clock: Callable[[], float] = time.monotonic
-    history: dict[tuple[str, str], list[Recommendation]] = field(default_factory=dict)
-    """(ModelDeployment uid, role) -> recent recommendations."""
+    memory: dict[tuple[str, str], RoleMemory] = field(default_factory=dict)
+    """(ModelDeployment uid, role) -> what this autoscaler remembers of it (decide.py)."""
     series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = field(default_factory=dict)
     """ModelDeployment uid -> its gauges' series (gauge, label values)."""
 
@@ -243,8 +246,8 @@ class Autoscaler:
             for gauge, labels in self.series.pop(uid):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
-        for key in [k for k in self.history if k[0] not in keep]:
-            del self.history[key]
+        for key in [k for k in self.memory if k[0] not in keep]:
+            del self.memory[key]
 
     async def evaluate(self, body: Mapping[str, Any]) -> list[RoleOutcome]:
         """One evaluation of every autoscaled role of one ModelDeployment."""
@@ -284,6 +287,7 @@ class Autoscaler:
                     policy=policy,
                     current=current[role],
                     previous=old.roles[role].desired if old is not None and role in old.roles else None,
+                    ready=old.roles[role].ready if old is not None and role in old.roles else None,
                 )
                 for role, policy in policies.items()
             )
@@ -306,6 +310,9 @@ class Autoscaler:
             if not written:  # changed since it was read: decide again next time on what is there
                 log.info("autoscaler: %s/%s changed while it was evaluated; deciding again", namespace, name)
                 return list(outcomes)
+            for o in outcomes:
+                if o.new_desired is not None:
+                    self.memory.setdefault((uid, o.role), RoleMemory()).changed(self.clock())
             (cond,) = patch["conditions"]
             if cond["status"] == "False":
                 log.warning("autoscaler: %s/%s: %s", namespace, name, cond["message"])
@@ -313,9 +320,17 @@ class Autoscaler:
         return list(outcomes)
 
     async def _evaluate_role(
-        self, *, sel: RoleSelector, uid: str, policy: Autoscaling, current: int, previous: int | None
+        self,
+        *,
+        sel: RoleSelector,
+        uid: str,
+        policy: Autoscaling,
+        current: int,
+        previous: int | None,
+        ready: int | None,
     ) -> RoleOutcome:
         labels = (sel.namespace, sel.deployment, sel.role)
+        memory = self.memory.setdefault((uid, sel.role), RoleMemory())
         try:
             samples = await self.source.sample(sel, [m.type for m in policy.metrics])
         except Exception as err:  # MetricsUnavailable, or a source's bug: either way, no reading
@@ -326,16 +341,15 @@ class Autoscaler:
             error = (
                 str(err) if isinstance(err, MetricsUnavailable) else f"reading metrics failed: {err!r:.200}"
             )
+            memory.outage()
             return RoleOutcome(role=sel.role, current=current, previous=previous, error=error)
         series = self.series.setdefault(uid, set())
         for metric, value in samples.items():
             self.metrics.metric_value.labels(*labels, metric).set(math.nan if value is None else value)
             series.add((self.metrics.metric_value, (*labels, metric)))
-        now = self.clock()
-        key = (uid, sel.role)
-        history = self.history.get(key, [])
-        decision = decide(current=current, samples=samples, policy=policy, history=history, now=now)
-        self.history[key] = prune([*history, decision.recommendation], policy=policy, now=now)
+        decision = memory.decide(
+            current=current, ready=ready, samples=samples, policy=policy, now=self.clock()
+        )
         outcome = "decided" if decision.metrics_available else "unavailable"
         self.metrics.evaluations.labels(*labels, outcome).inc()
         if decision.metrics_available:

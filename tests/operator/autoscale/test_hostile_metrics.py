@@ -172,6 +172,6 @@ async def test_a_source_that_raises_anything_is_one_roles_unavailable_metrics() 
 
     scaler = Autoscaler(kube=None, source=Broken(), source_name="test", interval_s=1.0)  # type: ignore[arg-type]
     policy = Autoscaling(min_replicas=1, max_replicas=4, metrics=[MetricTarget(type="queue-depth", target=5)])
-    outcome = await scaler._evaluate_role(sel=SEL, uid="u", policy=policy, current=1, previous=None)
+    outcome = await scaler._evaluate_role(sel=SEL, uid="u", policy=policy, current=1, previous=None, ready=1)
     assert not outcome.available
     assert "ZeroDivisionError" in str(outcome.error)
