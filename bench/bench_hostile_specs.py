@@ -1,5 +1,5 @@
 """The planner on hostile specs: the examples with up to four fields set to any value the CRD admits
-(tests/operator/api/test_hostile_specs.py's strategy, 600 specs, a fixed draw), each parsed and planned
+(tests/operator/crd_strategy.py's hostile_specs, 600 specs, a fixed draw), each parsed and planned
 or refused, against the reference of planning the four example manifests as written, in this process.
 
 The operator plans on its event loop, so the slowest hostile spec is what one tenant could hold every
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.plan.planner import plan_manifest
-from tests.operator.api.test_hostile_specs import EXAMPLES, _base, hostile_specs
+from tests.operator.crd_strategy import EXAMPLES, base_spec, hostile_specs
 
 HEADER = {"apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "bench"}}
 SPECS = 600
@@ -52,7 +52,7 @@ def plan_seconds(spec: dict[str, Any]) -> tuple[float, bool]:
 
 def main() -> None:
     print(f"# {cpu()}")
-    bases = [_base(name) for name in EXAMPLES]
+    bases = [base_spec(name) for name in EXAMPLES]
     reference = [plan_seconds(spec)[0] for _ in range(REFERENCE_ROUNDS) for spec in bases]
     ref_ms = statistics.mean(reference) * 1e3
     hostile: list[tuple[float, bool]] = []

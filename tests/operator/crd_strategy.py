@@ -6,9 +6,15 @@ internal that 6.170 no longer has.)"""
 
 from __future__ import annotations
 
+import copy
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import yaml
 from hypothesis import strategies as st
+
+from kubemoe_operator.gen.crd import crd
 
 # Unbounded integers in the schema are int64 in the API server.
 INT64 = 2**63 - 1
@@ -71,3 +77,52 @@ def _object(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
         {k: s for k, s in fields.items() if k in required},
         optional={k: s for k, s in fields.items() if k not in required},
     )
+
+
+# --- hostile specs: the examples, mutated within the schema (tests and bench/bench_hostile_specs.py) ---
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ("tiny-moe", "deepseek-v3", "mixtral-8x7b", "qwen3-235b")
+"""The examples the hostile specs start from."""
+
+
+@cache
+def spec_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema["properties"]["spec"]  # type: ignore[no-any-return]
+
+
+def spec_leaves(
+    schema: dict[str, Any], path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Every settable field of the spec (each role name for the roles map)."""
+    if schema.get("type") == "object" and schema.get("properties"):
+        return [leaf for k, v in schema["properties"].items() for leaf in spec_leaves(v, (*path, k))]
+    if path and path[-1] == "roles":
+        return [
+            leaf
+            for r in ("prefill", "decode", "worker")
+            for leaf in spec_leaves(schema["additionalProperties"], (*path, r))
+        ]
+    return [(path, schema)]
+
+
+def base_spec(name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())["spec"]
+    return spec
+
+
+@st.composite
+def hostile_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """An example's spec with up to four fields replaced by any value their schema allows."""
+    spec = copy.deepcopy(base_spec(draw(st.sampled_from(EXAMPLES))))
+    leaves = spec_leaves(spec_schema())
+    for _ in range(draw(st.integers(1, 4))):
+        path, schema = draw(st.sampled_from(leaves))
+        node = spec
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = draw(from_crd_schema(schema))
+    return spec

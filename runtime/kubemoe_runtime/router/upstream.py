@@ -38,11 +38,11 @@ included), is closed, so the backend sees its client go.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
-IDLE_S = 4.0  # drop idle connections before the engines' uvicorn does (its keep-alive timeout is 5 s)
+from kubemoe_runtime.pod.keepalive import IdlePool
+
 READ_BYTES = 1 << 16
 READ_TIMEOUT_S = 600.0
 _ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
@@ -80,11 +80,9 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.idle_since = time.monotonic()
 
     def usable(self) -> bool:
-        fresh = time.monotonic() - self.idle_since < IDLE_S
-        return fresh and not self.reader.at_eof() and not self.writer.is_closing()
+        return not self.reader.at_eof() and not self.writer.is_closing()
 
     def close(self) -> None:
         self.writer.close()
@@ -153,7 +151,6 @@ class UpstreamResponse:
     async def aclose(self) -> None:
         """Give the connection back if the answer was read to its end, else close it."""
         if self._complete and self._reusable:
-            self._conn.idle_since = time.monotonic()
             self._pool.release(self._address, self._conn)
         else:
             self._conn.close()
@@ -165,8 +162,9 @@ class Upstream:
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.max_idle = max_idle  # per backend
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: IdlePool[str, _Connection] = IdlePool(
+            max_idle=max_idle, close=_Connection.close, usable=_Connection.usable
+        )
 
     async def post(
         self,
@@ -182,7 +180,7 @@ class Upstream:
         lines = [f"POST {path} HTTP/1.1", f"host: {address}", f"content-length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        while (conn := self._take(address)) is not None:
+        while (conn := self._idle.take(address)) is not None:
             try:
                 return await self._exchange(address, conn, request, deadline=deadline)
             except UpstreamError:
@@ -215,24 +213,8 @@ class Upstream:
             raise UpstreamError(f"connect: {type(err).__name__}: {err}") from err
         return _Connection(reader, writer)
 
-    def _take(self, address: str) -> _Connection | None:
-        idle = self._idle.get(address)
-        while idle:
-            conn = idle.pop()
-            if conn.usable():
-                return conn
-            conn.close()
-        return None
-
     def release(self, address: str, conn: _Connection) -> None:
-        idle = self._idle.setdefault(address, [])
-        if len(idle) < self.max_idle:
-            idle.append(conn)
-        else:
-            conn.close()
+        self._idle.give(address, conn)
 
     async def aclose(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
+        self._idle.close_all()

@@ -9,67 +9,18 @@ time per hostile spec is measured in bench/bench_hostile_specs.py."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
-from kubemoe_operator.gen.crd import crd
 from kubemoe_operator.plan.planner import plan_manifest
-from tests.operator.crd_strategy import from_crd_schema
+from tests.operator.crd_strategy import EXAMPLES, base_spec, hostile_specs, spec_leaves, spec_schema
 
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ("tiny-moe", "deepseek-v3", "mixtral-8x7b", "qwen3-235b")
 HANG_S = 1.0
-
-
-@cache
-def _spec_schema() -> dict[str, Any]:
-    schema: dict[str, Any] = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return schema["properties"]["spec"]  # type: ignore[no-any-return]
-
-
-def _leaves(
-    schema: dict[str, Any], path: tuple[str, ...] = ()
-) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
-    """Every settable field of the spec (each role name for the roles map)."""
-    if schema.get("type") == "object" and schema.get("properties"):
-        return [leaf for k, v in schema["properties"].items() for leaf in _leaves(v, (*path, k))]
-    if path and path[-1] == "roles":
-        return [
-            leaf
-            for r in ("prefill", "decode", "worker")
-            for leaf in _leaves(schema["additionalProperties"], (*path, r))
-        ]
-    return [(path, schema)]
-
-
-def _base(name: str) -> dict[str, Any]:
-    spec: dict[str, Any] = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())["spec"]
-    return spec
-
-
-@st.composite
-def hostile_specs(draw: st.DrawFn) -> dict[str, Any]:
-    spec = copy.deepcopy(_base(draw(st.sampled_from(EXAMPLES))))
-    leaves = _leaves(_spec_schema())
-    for _ in range(draw(st.integers(1, 4))):
-        path, schema = draw(st.sampled_from(leaves))
-        node = spec
-        for key in path[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[path[-1]] = draw(from_crd_schema(schema))
-    return spec
 
 
 def _plan_or_refuse(spec: dict[str, Any]) -> float:
@@ -81,9 +32,9 @@ def _plan_or_refuse(spec: dict[str, Any]) -> float:
 
 
 def test_the_mutations_reach_the_planner() -> None:
-    assert len(_leaves(_spec_schema())) > 60  # model config, engine, roles' parallelism, resources...
+    assert len(spec_leaves(spec_schema())) > 60  # model config, engine, roles' parallelism, resources...
     for name in EXAMPLES:
-        assert _plan_or_refuse(_base(name)) < HANG_S
+        assert _plan_or_refuse(base_spec(name)) < HANG_S
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -93,7 +44,7 @@ def test_any_spec_the_schema_admits_is_planned_or_refused(spec: dict[str, Any]) 
 
 
 def _tiny(**config: Any) -> dict[str, Any]:
-    spec = _base("tiny-moe")
+    spec = base_spec("tiny-moe")
     spec["model"]["config"].update(config)
     return spec
 
@@ -119,7 +70,7 @@ def test_the_reproduced_model_configs_are_refused_by_field(spec: dict[str, Any],
 
 @pytest.mark.parametrize("memory", ["lots", "1e400", "99999Ei", "-1Gi", ""])
 def test_a_quantity_kubernetes_would_refuse_is_refused_by_field(memory: str) -> None:
-    spec = _base("tiny-moe")
+    spec = base_spec("tiny-moe")
     spec["roles"]["decode"]["resources"]["requests"]["memory"] = memory
     manifest = {"apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "h"}}
     with pytest.raises(ManifestError, match=r"spec\.roles\.decode\.resources\.requests: memory"):

@@ -110,12 +110,15 @@ def _check_group(role: RolePlan, experts: int) -> None:
 @given(manifests())
 def test_any_valid_spec_plans_consistently(data: dict[str, Any]) -> None:
     plan: Plan = plan_manifest(parse_manifest(data))
-    experts = data["spec"]["model"]["config"]["numRoutedExperts"]
-    assert plan.devices == sum(r.replicas * sum(p.devices for p in r.pods) for r in plan.roles)
-    assert plan.pods == sum(r.replicas * len(r.pods) for r in plan.roles)
-    assert {r.role for r in plan.roles} == set(data["spec"]["roles"])
+    spec = data["spec"]
+    experts, per_pod = spec["model"]["config"]["numRoutedExperts"], spec["accelerator"]["perPod"]
+    assert {r.role for r in plan.roles} == set(spec["roles"])
+    # One device per rank, no pod over the node's share, and the totals are what the roles ask for.
+    assert plan.devices == sum(r.replicas * r.data * r.tensor for r in plan.roles)
     for role in plan.roles:
-        assert role.devices == role.replicas * role.devices_per_group
-        assert role.workload == ("LeaderWorkerSet" if len(role.pods) > 1 else "Deployment")
+        asked = spec["roles"][role.role]
+        assert role.replicas == asked.get("replicas", 1)
+        assert all(pod.devices <= per_pod for pod in role.pods)
+        assert (len(role.pods) > 1) == (role.workload == "LeaderWorkerSet")  # a multi-pod group is one LWS
         _check_group(role, experts)
     assert len(plan.layout.split()) == len(plan.roles)

@@ -4,9 +4,9 @@ The GET runs on the server's event loop on a plain non-blocking socket: the answ
 parsed (the status line, then the standard library's `http.client.parse_headers`), and the body goes from
 the socket straight into one buffer of its Content-Length (`loop.sock_recv_into`); `PrefilledKV.decode`
 then checks the untrusted header and makes the tensors views of that buffer. The kernel's copy is the only
-one, and no thread is involved. Connections are kept alive per prefill (at most MAX_IDLE, dropped after
-IDLE_S idle); one that the prefill has closed meanwhile fails before any byte of an answer, and the GET
-is sent once more on a new connection. Every other failure is a KVPullError.
+one, and no thread is involved. Connections are kept alive per prefill (pod/keepalive.py: at most
+MAX_IDLE, dropped after IDLE_S idle); one that the prefill has closed meanwhile fails before any byte of an
+answer, and the GET is sent once more on a new connection. Every other failure is a KVPullError.
 
 The parameters are untrusted too (serve/app.py verifies the router's signature first): `pull_target`
 takes a handle of HANDLE_CHARS only, a host that is an IP address or a DNS name, and a port in 1..65535,
@@ -40,17 +40,16 @@ import ipaddress
 import logging
 import re
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubemoe_runtime.engines.torch.serve.kv.handoff import ENGINE_ID, PrefilledKV
+from kubemoe_runtime.pod.keepalive import IdlePool
 
 log = logging.getLogger("kubemoe_runtime.kv")
 PULL_TIMEOUT_S = 30.0  # the whole GET: connect, the request, the answer to its last byte
-IDLE_S = 4.0  # below uvicorn's keep-alive timeout (5 s), so the prefill rarely closes one under us
-MAX_IDLE = 8  # idle connections kept per prefill
+MAX_IDLE = 8  # idle connections kept per prefill (pod/keepalive.py)
 MAX_KV_BYTES = 1 << 36  # refused before allocating whatever the caller's cap (64 GiB)
 MAX_HEAD_BYTES = 64 << 10
 HEAD_READ_BYTES = 64 << 10  # the first read: the head, and the start of the body with it
@@ -136,7 +135,7 @@ class KVPuller:
     def __init__(self, *, timeout_s: float = PULL_TIMEOUT_S, max_bytes: int = MAX_KV_BYTES) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self._idle: dict[Address, list[tuple[float, socket.socket]]] = {}
+        self._idle: IdlePool[Address, socket.socket] = IdlePool(max_idle=MAX_IDLE, close=socket.socket.close)
 
     async def pull(self, params: Mapping[str, Any], *, max_bytes: int | None = None) -> PrefilledKV:
         """The KV `params` point at, in at most `timeout_s` and `max_bytes` (and the puller's own cap)."""
@@ -150,7 +149,7 @@ class KVPuller:
         try:
             async with asyncio.timeout(self.timeout_s):
                 data: bytearray | None = None
-                if (idle := self._take(address)) is not None:
+                if (idle := self._idle.take(address)) is not None:
                     with contextlib.suppress(_Stale):  # closed by the prefill while idle: try a new one
                         data = await self._get(idle, address, request, url, limit=limit)
                 if data is None:
@@ -166,10 +165,7 @@ class KVPuller:
             raise KVPullError(f"GET {url}: {err}") from err
 
     def close(self) -> None:
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for _, sock in connections:
-                sock.close()
+        self._idle.close_all()
 
     async def _connect(self, address: Address, url: str) -> socket.socket:
         try:  # resolution and connect in a thread: rare, as connections are reused
@@ -225,32 +221,8 @@ class KVPuller:
         finally:
             if not keep:
                 sock.close()
-        self._release(address, sock)
+        self._idle.give(address, sock)
         return data
-
-    def _take(self, address: Address) -> socket.socket | None:
-        self._sweep()
-        idle = self._idle.get(address)
-        return idle.pop()[1] if idle else None
-
-    def _release(self, address: Address, sock: socket.socket) -> None:
-        self._sweep()
-        idle = self._idle.setdefault(address, [])
-        if len(idle) < MAX_IDLE:
-            idle.append((time.monotonic(), sock))
-        else:
-            sock.close()
-
-    def _sweep(self) -> None:
-        """Close the connections idle for IDLE_S or more (every prefill's: pods come and go)."""
-        deadline = time.monotonic() - IDLE_S
-        for address, idle in list(self._idle.items()):
-            for _, sock in (stale := [entry for entry in idle if entry[0] < deadline]):
-                sock.close()
-            if stale:
-                idle[:] = [entry for entry in idle if entry[0] >= deadline]
-            if not idle:
-                del self._idle[address]
 
 
 def _parse_head(head: bytes, url: str) -> tuple[int, http.client.HTTPMessage]:
