@@ -2,7 +2,9 @@
 
     python -m e2e.reliability_table [REPORT.xml ...] [--readme README.md]
 
-Reads every <testcase> that recorded an Outcome, in the reports' order, and prints a Markdown table:
+Reads every <testcase> that recorded an Outcome, in the reports' order (a later report's row for the
+same test replaces an earlier one, so a rerun of one suite can update a full run's table), and prints
+a Markdown table:
 the fault, what the client saw, requests lost, time to recover, and whether the test held (passed).
 With --readme the table replaces what stands between the README's two markers (RELIABILITY_START and
 RELIABILITY_END), so the README shows the last full run; `make reliability` runs it on `make test`'s
@@ -91,13 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not reports:
         print("error: no JUnit reports: run `make test` first, or name them", file=sys.stderr)
         return 2
-    found: list[Row] = []
+    by_test: dict[str, Row] = {}
     for report in reports:
         try:
-            found += rows(report)
+            by_test |= {row.test: row for row in rows(report)}
         except (OSError, ET.ParseError) as err:
             print(f"error: {report}: {err}", file=sys.stderr)
             return 2
+    found = list(by_test.values())
     if not found:
         print(f"error: no fault test recorded an outcome in {', '.join(map(str, reports))}", file=sys.stderr)
         return 1

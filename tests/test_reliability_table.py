@@ -86,3 +86,14 @@ def test_a_readme_without_markers_or_a_missing_report_is_an_error(tmp_path: Path
     missing = table_of(str(tmp_path / "nope.xml"))
     assert missing.returncode == 2
     assert "nope.xml" in missing.stderr
+
+
+def test_a_later_report_replaces_an_earlier_ones_row_for_the_same_test(tmp_path: Path) -> None:
+    first = run_suite(tmp_path)
+    rerun = tmp_path / "rerun.xml"
+    rerun.write_text(first.read_text().replace("0 of 4", "1 of 4"))
+    done = table_of(str(first), str(rerun))
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()[2:]
+    assert len(rows) == 2, rows
+    assert "| 1 of 4 |" in rows[0], "the rerun's values, in the first report's place"
