@@ -155,11 +155,35 @@ def test_metrics_pass_vllm_through_and_add_kubemoe_series(
     assert 'kubemoe_inter_token_latency_seconds_bucket{deployment="tiny",group="3",le="+Inf"' in text
 
 
-def test_sigterm_stops_vllm_and_the_pod_exits_zero(vllm_server: Started) -> None:
-    """Last in the module: the pod's normal end. vLLM and its engine processes go with it."""
+def test_sigterm_drains_then_stops_vllm_and_the_pod_exits_zero(
+    vllm_server: Started, client: openai.OpenAI
+) -> None:
+    """Last in the module: the pod's normal end. The front drains first (a stream in flight finishes,
+    a new request is a 503 the router retries elsewhere), then vLLM and its engine processes go."""
     server = vllm_server.server
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    first = next(chunks)
     server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=60) == 0, server.log()[-4000:]
+    time.sleep(0.5)  # the signal handler runs on the front's main thread
+    status, body = http_post(
+        f"{server.url}/v1/completions", {"model": MODEL, "prompt": "new", "max_tokens": 2}
+    )
+    assert status == 503, body
+    assert body["error"]["code"] == "draining"
+    assert http_get(f"{server.url}/ready")[0] == 503
+    rest = list(chunks)
+    usage = next(c.usage for c in reversed([first, *rest]) if c.usage is not None)
+    assert usage.completion_tokens == 200, "the stream in flight at SIGTERM finished"
+    assert server.process.wait(timeout=90) == 0, server.log()[-4000:]
     deadline = time.monotonic() + 30
     while _group_alive(server.process.pid) and time.monotonic() < deadline:
         time.sleep(0.2)

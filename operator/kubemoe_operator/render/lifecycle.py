@@ -1,8 +1,8 @@
 """How a serving pod ends: a preStop sleep, then the runtime's drain, inside the grace period.
 
-Which pods: those that serve the API and can drain, namely the router's and the torch engine's
-API-serving pods (single-pod groups' Deployment pods and LeaderWorkerSet leaders; `drains`). The
-others keep Kubernetes' defaults (no preStop, no drain timeout, the default 30 s grace period):
+Which pods: those that serve the API, namely the router's and the engines' API-serving pods
+(single-pod groups' Deployment pods and LeaderWorkerSet leaders, torch or vLLM; `drains`). Headless
+workers keep Kubernetes' defaults (no preStop, no drain timeout, the default 30 s grace period):
 
 - a headless LeaderWorkerSet worker is in no Service and has no requests of its own, so its runtime
   does not drain: on SIGTERM it leaves its group at once (kubemoe_runtime/serve.py). Its StatefulSet
@@ -13,8 +13,9 @@ others keep Kubernetes' defaults (no preStop, no drain timeout, the default 30 s
   router ejects the group (e2e/test_real_serving.py: within 5 s; 2.9 s measured) and LeaderWorkerSet
   recreates it. Measured on the real node: a worker that stayed in its group after SIGTERM (as it
   did, waiting for rank 0, for up to 30 s) left the group serving past the leader's 5 s sleep.
-- a vLLM pod: the front (kubemoe_runtime/engines/vllm/) forwards SIGTERM to vLLM at once and has no
-  drain of its own, so a preStop sleep would only delay its end. Not rendered until the front drains.
+- a vLLM pod's front (kubemoe_runtime/engines/vllm/supervise.py) drains as the torch server does,
+  then forwards SIGTERM to vLLM, which gets GRACE_S (25 s) to stop before it is killed; a headless
+  vLLM worker forwards it at once.
 
 When a pod is deleted (a rolling update, a scale-down, a node drain) Kubernetes runs its preStop
 hook, then sends SIGTERM, then SIGKILL once terminationGracePeriodSeconds have passed since the start.
@@ -29,7 +30,8 @@ hook, then sends SIGTERM, then SIGKILL once terminationGracePeriodSeconds have p
   flight finish, for at most DRAIN_TIMEOUT_S ($KUBEMOE_DRAIN_TIMEOUT_S, set here on every pod that
   drains). A torch leader whose group fails while it drains exits at once.
 - EXIT_MARGIN_S covers what follows the drain: uvicorn's last 5 s, the engine thread's and the
-  rank processes' teardown, the router's closing connections.
+  rank processes' teardown, vLLM's own stop (the front's GRACE_S, 25 s), the router's closing
+  connections.
 
 GRACE_PERIOD_S = PRESTOP_SLEEP_S + DRAIN_TIMEOUT_S + EXIT_MARGIN_S: a request that was in flight
 when the pod was deleted has the whole drain timeout, and nothing is SIGKILLed in normal operation.
@@ -45,7 +47,7 @@ about a second; 5 s leaves room on a busy control plane without slowing rollouts
 DRAIN_TIMEOUT_S: Final = 120
 """A few thousand tokens at tens of tokens a second; the runtime's default is the same
 (kubemoe_runtime.pod.drain.DRAIN_TIMEOUT_S, checked by a test)."""
-EXIT_MARGIN_S: Final = 15
+EXIT_MARGIN_S: Final = 30
 GRACE_PERIOD_S: Final = PRESTOP_SLEEP_S + DRAIN_TIMEOUT_S + EXIT_MARGIN_S
 DRAIN_TIMEOUT_ENV: Final = "KUBEMOE_DRAIN_TIMEOUT_S"
 """The runtime's --drain-timeout default (kubemoe_runtime.pod.drain.DRAIN_TIMEOUT_ENV). An
@@ -67,7 +69,7 @@ def pod_termination() -> dict[str, Any]:
     return {"terminationGracePeriodSeconds": GRACE_PERIOD_S}
 
 
-def drains(*, engine: str, leader: bool) -> bool:
-    """Whether an engine pod sleeps in preStop, drains and gets GRACE_PERIOD_S: the torch engine's
-    API-serving pod (`leader`), not a headless worker nor a vLLM pod (see the module docstring)."""
-    return leader and engine == "torch"
+def drains(*, leader: bool) -> bool:
+    """Whether an engine pod sleeps in preStop, drains and gets GRACE_PERIOD_S: an API-serving pod
+    (`leader`) of either engine (the torch server, the vLLM front), not a headless worker."""
+    return leader

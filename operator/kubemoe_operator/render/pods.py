@@ -69,7 +69,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     """The template of one pod of a serving group: the leader (API server) or a headless worker.
     Both are probed: a worker answers /health and /ready for its own ranks. Only a pod that drains
     (lifecycle.drains) gets the preStop sleep, the drain timeout and the longer grace period."""
-    draining = drains(engine=ctx.plan.engine, leader=pod.leader)
+    draining = drains(leader=pod.leader)
     env, volumes, mounts = source_mounts(ctx.spec)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     env = [

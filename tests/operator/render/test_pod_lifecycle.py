@@ -1,8 +1,7 @@
 """How serving pods end (render/lifecycle.py) and the router's API keys (spec.router.apiKeySecret):
-every pod that serves the API and drains (the router, the torch engine's Deployment pods and
-LeaderWorkerSet leaders) sleeps in preStop, is told its drain timeout and has a grace period covering
-sleep + drain + margin; headless workers and vLLM pods keep Kubernetes' defaults; the keys come from
-the Secret as a mounted file."""
+every pod that serves the API (the router, either engine's Deployment pods and LeaderWorkerSet
+leaders) sleeps in preStop, is told its drain timeout and has a grace period covering sleep + drain +
+margin; headless workers keep Kubernetes' defaults; the keys come from the Secret as a mounted file."""
 
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def drains(template: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_the_router_and_torch_api_pods_drain_workers_and_vllm_keep_the_defaults(path: Any) -> None:
+def test_the_router_and_api_pods_drain_and_workers_keep_the_defaults(path: Any) -> None:
     md = load_manifest(path)
     plan = plan_manifest(md)
     objs = render(spec=md.spec, plan=plan, owner=Owner(name="m", namespace="ns", uid=UID), image="i")
@@ -76,11 +75,11 @@ def test_the_router_and_torch_api_pods_drain_workers_and_vllm_keep_the_defaults(
             assert drains(template)
         else:  # the pod holding rank 0 serves the API; a LeaderWorkerSet's workers are headless
             api = labels[LABEL_LEADER] == "true"
-            assert drains(template) == (api and plan.engine == "torch"), (labels, plan.engine)
+            assert drains(template) == api, (labels, plan.engine)
             assert ("--headless" in template["spec"]["containers"][0]["args"]) == (not api)
 
 
-def test_a_torch_leader_worker_set_drains_its_leader_only() -> None:
+def test_a_leader_worker_set_drains_its_leader_only() -> None:
     md = load_manifest(next(p for p in EXAMPLES if p.stem == "tiny-moe"))
     plan = plan_manifest(md)
     assert plan.engine == "torch"
@@ -95,9 +94,8 @@ def test_a_torch_leader_worker_set_drains_its_leader_only() -> None:
         if o["kind"] == "Deployment" and o["spec"]["template"]["metadata"]["labels"][LABEL_ROLE] != ROUTER
     ]
     assert drains(single)  # a single-pod group (the prefill) serves the API: it drains
-    assert lifecycle.drains(engine="torch", leader=True)
-    assert not lifecycle.drains(engine="torch", leader=False)
-    assert not lifecycle.drains(engine="vllm", leader=True)
+    assert lifecycle.drains(leader=True)
+    assert not lifecycle.drains(leader=False)
 
 
 def test_the_drain_env_sets_the_runtime_default_and_a_flag_wins() -> None:
@@ -132,3 +130,10 @@ def test_no_api_keys_without_the_field() -> None:
     pod = router_pod(render_router())
     assert "--api-key-file" not in pod["containers"][0]["args"]
     assert "volumes" not in pod
+
+
+def test_the_grace_period_covers_vllms_own_stop_after_the_drain() -> None:
+    from kubemoe_runtime.engines.vllm.supervise import GRACE_S
+
+    after_drain = lifecycle.GRACE_PERIOD_S - lifecycle.PRESTOP_SLEEP_S - lifecycle.DRAIN_TIMEOUT_S
+    assert after_drain >= GRACE_S + 5, "vLLM is killed GRACE_S after its SIGTERM: before the kubelet's"

@@ -4,8 +4,11 @@
     watcher thread   waits for vLLM to exit, then stops the front
     vLLM             a child process (same process group), on 127.0.0.1:<free port>
 
-SIGTERM or SIGINT is forwarded to vLLM as SIGTERM (vLLM drains and stops its engines); the front keeps
-answering until vLLM has exited. If vLLM outlives GRACE_S, or a second signal comes, it is killed.
+On SIGTERM or SIGINT the pod that serves the API drains first (pod/drain.py, as the torch engine's does):
+the front answers new requests and /ready 503, so the router ejects it and sends them elsewhere, and the
+requests in flight finish (up to --drain-timeout). Then vLLM gets SIGTERM (it stops its engines); the
+front keeps answering /health until vLLM has exited. A `--headless` pod has no requests of its own and
+forwards the signal at once. If vLLM outlives GRACE_S after that, or a second signal comes, it is killed.
 Whenever vLLM exits the pod exits: with 0 after a requested stop, else with vLLM's code (1 if vLLM
 claimed success), so that Kubernetes restarts the pod. There is no restart in here.
 """
@@ -26,6 +29,7 @@ import uvicorn
 
 from kubemoe_runtime.engines.vllm.command import vllm_command, vllm_python
 from kubemoe_runtime.engines.vllm.front import VllmUpstream, front_app
+from kubemoe_runtime.pod.drain import Drain, DrainMiddleware
 from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
@@ -96,14 +100,31 @@ def _shell_code(code: int) -> int:
 
 
 class _FrontServer(uvicorn.Server):
-    """uvicorn, but a stop signal goes to vLLM first; the watcher stops the front once vLLM has exited."""
+    """uvicorn, but a stop signal drains the front, then goes to vLLM; the watcher stops the front once
+    vLLM has exited. With a drain timeout of 0 (headless) the signal goes to vLLM at once."""
 
-    def __init__(self, config: uvicorn.Config, *, supervisor: Supervisor) -> None:
+    def __init__(
+        self, config: uvicorn.Config, *, supervisor: Supervisor, drain: Drain, drain_timeout: float
+    ) -> None:
         super().__init__(config)
         self.supervisor = supervisor
+        self.drain = drain
+        self.drain_timeout = drain_timeout
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.supervisor.request_stop(signum)
+        if self.drain_timeout > 0 and not self.drain.draining:
+            self.drain.begin(self.drain_timeout)  # only sets attributes: safe in a signal handler
+            return
+        self.supervisor.request_stop(signum)  # headless, or a second signal: no more waiting
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain.draining and not self.supervisor.stopping and self.drain.done():
+            if self.drain.in_flight:
+                log.warning(
+                    "kubemoe-runtime: drain timeout: %d request(s) still in flight", self.drain.in_flight
+                )
+            self.supervisor.request_stop(signal.SIGTERM)
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -136,9 +157,12 @@ def serve_vllm(
         headless=settings.headless,
         labels=MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank),
     )
+    drain = Drain()
     front = front_app(upstream, signer=KVSigner.from_env())
-    config = server_config(front, host=settings.host, port=settings.port, lifespan="on")
-    server = _FrontServer(config, supervisor=supervisor)
+    served = front if settings.headless else DrainMiddleware(front, drain)
+    config = server_config(served, host=settings.host, port=settings.port, lifespan="on")
+    timeout = 0 if settings.headless else settings.drain_timeout
+    server = _FrontServer(config, supervisor=supervisor, drain=drain, drain_timeout=timeout)
     threading.Thread(target=supervisor.watch, args=(server,), name="watch-vllm", daemon=True).start()
     try:
         server.run()
