@@ -175,6 +175,10 @@ class Kube:
             self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
         self.created.add(key)
 
+    def forget_created(self, *, kind: str, namespace: str, name: str) -> None:
+        """The next create_once of this object creates it again (it was seen missing)."""
+        self.created = {k for k in self.created if k[:3] != (kind, namespace, name)}
+
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply with this operator's field manager, taking over conflicting fields."""
         kind, name = key_of(obj)

@@ -36,7 +36,7 @@ from kubemoe_operator.reconcile.status import (
     status_apply,
 )
 from kubemoe_operator.render import Owner, endpoint, render
-from kubemoe_operator.render.kv_key import kv_key_secret, needs_kv_key
+from kubemoe_operator.render.kv_key import kv_key_secret, kv_key_secret_name, missing_kv_key, needs_kv_key
 from kubemoe_operator.render.names import router_name, workload_name
 
 log = logging.getLogger("kubemoe.reconcile")
@@ -210,6 +210,8 @@ async def reconcile(
     apply_error: str | None = None
     apply_reason = REASON_APPLY_FAILED
     try:
+        if needs_kv_key(plan) and missing_kv_key(name, observed.pods):
+            kube.forget_created(kind="Secret", namespace=namespace, name=kv_key_secret_name(name))
         sync = await sync_children(
             kube=kube,
             desired=desired,

@@ -3,13 +3,15 @@
 The router signs the kv_transfer_params it sends and the prefill and decode pods verify them
 (runtime pod/kv_auth.py), so no client can make a decode pull KV from a host of its choosing. The key
 is random, made once: the reconciler creates the Secret if it is missing (`create`, never `get`:
-the operator cannot read Secrets), owned by the ModelDeployment so it goes with it. It is not part
-of the hashed render — a new key on every render would restart every pod.
+the operator cannot read Secrets), owned by the ModelDeployment so it goes with it. Deleted by
+someone, it is made again (a new key) once a pod cannot start for want of it (`missing_kv_key`).
+It is not part of the hashed render — a new key on every render would restart every pod.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from kubemoe_operator.plan.model import Plan
@@ -45,3 +47,15 @@ def kv_key_env(owner: str, plan: Plan) -> list[dict[str, Any]]:
         return []
     ref = {"secretKeyRef": {"name": kv_key_secret_name(owner), "key": SECRET_KEY}}
     return [{"name": KV_KEY_ENV, "valueFrom": ref}]
+
+
+def missing_kv_key(owner: str, pods: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a pod cannot start because the key's Secret is gone (the kubelet's
+    CreateContainerConfigError: 'secret "NAME" not found')."""
+    wanted = f'secret "{kv_key_secret_name(owner)}" not found'
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == "CreateContainerConfigError" and wanted in waiting.get("message", ""):
+                return True
+    return False

@@ -83,10 +83,15 @@ class MemoryKube(Kube):
         return copy.deepcopy(obj) if obj is not None else None
 
     async def create_once(self, obj: dict[str, Any]) -> None:
+        """As Kube's: created once per object and owner in this process, a 409 being fine."""
         meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"], meta["ownerReferences"][0]["uid"])
+        if key in self.created:
+            return
         if (obj["kind"], meta["namespace"], meta["name"]) not in self.objects:
             self.put(obj)
             self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
+        self.created.add(key)
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -153,3 +153,34 @@ async def test_ready_workloads_make_the_deployment_ready(settled: MemoryKube) ->
     await run(settled)
     assert settled.statuses[(NS, "t")]["phase"] == "Ready"
     assert conditions(settled)["Ready"]["status"] == "True"
+
+
+async def test_a_deleted_kv_key_secret_is_made_again_once_a_pod_needs_it(settled: MemoryKube) -> None:
+    key = settled.get("Secret", NS, "t-kv-key")["stringData"]["key"]
+    del settled.objects[("Secret", NS, "t-kv-key")]  # kubectl delete secret t-kv-key
+    await run(settled)
+    assert ("Secret", "t-kv-key") not in settled.kinds(NS), "not re-created on every resync"
+    settled.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "t-decode-0", "namespace": NS, "labels": {"kubemoe.io/deployment": "t"}},
+            "status": {
+                "containerStatuses": [
+                    {
+                        "name": "runtime",
+                        "state": {
+                            "waiting": {
+                                "reason": "CreateContainerConfigError",
+                                "message": 'secret "t-kv-key" not found',
+                            }
+                        },
+                    }
+                ]
+            },
+        }
+    )
+    await run(settled)
+    made = settled.get("Secret", NS, "t-kv-key")
+    assert made["stringData"]["key"] != key, "a new random key"
+    assert made["metadata"]["ownerReferences"][0]["uid"] == UID
