@@ -191,6 +191,53 @@ def test_pd_timing_headers(pd: PD) -> None:
     assert raw.headers["x-kubemoe-decode-backend"] == f"127.0.0.1:{pd.decode.port}"
 
 
+def test_short_prompts_skip_the_hand_off_when_asked(
+    pd: PD, tmp_path: Path, expected: dict[str, list[tuple[str, int]]]
+) -> None:
+    """--pd-min-prompt-tokens: a prompt estimated shorter goes to the decode alone, which prefills it
+    itself; a longer one takes the hand-off. Same answers either way. (Run after the P/D test above,
+    which counts the decode's prompt tokens from zero.)"""
+    router = RouterProcess(
+        args=[
+            "--served-model-name",
+            MODEL,
+            "--prefill-service",
+            f"127.0.0.1:{pd.prefill.port}",
+            "--decode-service",
+            f"127.0.0.1:{pd.decode.port}",
+            "--pd-min-prompt-tokens",
+            "64",
+        ],
+        log_dir=tmp_path,
+        env=KV_KEY,
+    )
+    try:
+        router.wait_ready()
+        c = client(router.url)
+        prefilled = decode_counter(pd.prefill, "kubemoe_prompt_tokens_total")
+        on_decode = decode_counter(pd.decode, "kubemoe_prompt_tokens_total")
+        raw = c.completions.with_raw_response.create(
+            model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS[1], temperature=0
+        )
+        answer = raw.parse()
+        assert answer.usage is not None
+        assert (answer.choices[0].text, answer.usage.completion_tokens) == expected["completion"][1]
+        assert raw.headers["x-kubemoe-path"] == "decode_only"
+        assert "x-kubemoe-prefill-ms" not in raw.headers
+        assert decode_counter(pd.prefill, "kubemoe_prompt_tokens_total") == prefilled
+        assert decode_counter(pd.decode, "kubemoe_prompt_tokens_total") > on_decode, "the decode prefilled"
+        long_ids = list(range(10, 90))  # 80 token ids: counted exactly, above the threshold
+        raw = c.completions.with_raw_response.create(
+            model=MODEL, prompt=long_ids, max_tokens=2, temperature=0
+        )
+        assert raw.headers["x-kubemoe-path"] == "prefill_decode"
+        assert decode_counter(pd.prefill, "kubemoe_prompt_tokens_total") == prefilled + 80
+        assert router.metric("kubemoe_router_pd_path_total", path="decode_only") == 1
+        assert router.metric("kubemoe_router_pd_path_total", path="prefill_decode") == 1
+    finally:
+        router.stop()
+
+
 def raw_post(
     url: str, body: bytes, *, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, object]]:

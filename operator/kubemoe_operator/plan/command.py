@@ -122,4 +122,6 @@ def router_command(*, plan: Plan, namespace: str) -> list[str]:
             f"--{role.role}-service",
             role_service_host(name=plan.name, namespace=namespace, role=role.role),
         ]
+    if plan.router.local_prefill_below_tokens and plan.mode == "disaggregated":
+        argv += ["--pd-min-prompt-tokens", str(plan.router.local_prefill_below_tokens)]
     return argv

@@ -104,6 +104,7 @@ class RolePlan(ApiModel):
 class RouterPlan(ApiModel):
     replicas: int
     policy: str
+    local_prefill_below_tokens: int = 0
 
 
 class Plan(ApiModel):

@@ -395,7 +395,11 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         devices=sum(r.devices for r in roles),
         pods=sum(r.replicas * r.pods_per_group for r in roles),
         roles=roles,
-        router=RouterPlan(replicas=spec.router.replicas, policy=spec.router.policy),
+        router=RouterPlan(
+            replicas=spec.router.replicas,
+            policy=spec.router.policy,
+            local_prefill_below_tokens=spec.router.local_prefill_below_tokens,
+        ),
         notes=notes,
     )
     return _with_commands(draft)

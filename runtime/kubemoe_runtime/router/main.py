@@ -3,7 +3,7 @@
     kubemoe-runtime serve --role router --served-model-name NAME --host H --port P --policy POLICY
         (--prefill-service HOST:PORT[,HOST:PORT] --decode-service HOST:PORT[,...] | --worker-service ...)
         [--api-key-file PATH] [--refresh-interval S] [--health-interval S] [--max-attempts N]
-        [--upstream-read-timeout S] [--request-timeout S] [--drain-timeout S]
+        [--upstream-read-timeout S] [--request-timeout S] [--drain-timeout S] [--pd-min-prompt-tokens N]
 
 A HOST is resolved again every --refresh-interval seconds (a headless Service's DNS answers are its
 ready pods); engine flags the operator may render for other roles are ignored with a warning.
@@ -53,6 +53,7 @@ class RouterSettings(BaseModel):
     max_attempts: int = Field(ge=1)
     upstream_read_timeout: float = Field(default=READ_TIMEOUT_S, gt=0)
     request_timeout: float = Field(default=REQUEST_TIMEOUT_S, gt=0)
+    pd_min_prompt_tokens: int = Field(default=0, ge=0)
     drain_timeout: float = Field(default_factory=drain_timeout_default, ge=0, allow_inf_nan=False)
 
     @property
@@ -103,6 +104,12 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         default=drain_timeout_default(),
         help="seconds requests in flight may take to finish after SIGTERM (pod/drain.py)",
     )
+    parser.add_argument(
+        "--pd-min-prompt-tokens",
+        type=int,
+        default=0,
+        help="disaggregated: prompts estimated shorter go to a decode alone (it prefills them); 0: all P/D",
+    )
     args, unknown = parser.parse_known_args(list(argv))
     services = {
         role: tuple(getattr(args, f"{role}_service"))
@@ -122,6 +129,7 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         upstream_read_timeout=args.upstream_read_timeout,
         request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout,
+        pd_min_prompt_tokens=args.pd_min_prompt_tokens,
     )
     return settings, unknown
 
@@ -151,6 +159,7 @@ def build(settings: RouterSettings, *, environ: Mapping[str, str] | None = None)
         kv_signer=signer,
         read_timeout=settings.upstream_read_timeout,
         request_timeout=settings.request_timeout,
+        pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
     )
     return Router(config, backends=backends, metrics=metrics)
 

@@ -36,6 +36,12 @@ class RouterMetrics:
         self.phase = Histogram(
             "kubemoe_router_phase_seconds", "Time per P/D phase", ["phase"], buckets=BUCKETS, registry=r
         )
+        self.pd_path = Counter(
+            "kubemoe_router_pd_path",
+            "Disaggregated requests by path: prefill_decode (the KV hand-off) or decode_only (short prompts)",
+            ["path"],
+            registry=r,
+        )
         self.backend_errors = Counter(
             "kubemoe_router_backend_errors", "Backend failures", ["role", "backend", "kind"], registry=r
         )

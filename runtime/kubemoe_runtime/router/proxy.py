@@ -91,6 +91,9 @@ class RouterConfig:
     kv_signer: KVSigner | None = None  # signs the kv_transfer_params it sends (disaggregated)
     read_timeout: float = READ_TIMEOUT_S  # the most seconds a backend may send nothing
     request_timeout: float = REQUEST_TIMEOUT_S
+    pd_min_prompt_tokens: int = 0
+    """Disaggregated: prompts estimated shorter than this go to a decode alone, which prefills them
+    itself (P/D's KV hand-off costs more than it saves on a short prompt). 0: every prompt P/D."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -200,7 +203,16 @@ class Router:
         headers = {"content-type": "application/json", "x-request-id": request_id}
         timing: dict[str, str] = {}
         send = functools.partial(self._send, endpoint=endpoint, key=key, headers=headers, deadline=deadline)
+        decode_only = self.config.disaggregated and (
+            prompt_tokens_estimate(body.get(prompt_field)) < self.config.pd_min_prompt_tokens
+        )
         if self.config.disaggregated:
+            path = "decode_only" if decode_only else "prefill_decode"
+            self.metrics.pd_path.labels(path=path).inc()
+            timing["x-kubemoe-path"] = path
+        if decode_only:
+            role = "decode"
+        elif self.config.disaggregated:
             prefill_start = time.monotonic()
             prefill = await send("prefill", _dumps(self._prefill_body(body)), stream=False)
             prefill_s = time.monotonic() - prefill_start
@@ -392,6 +404,31 @@ class Router:
             raise ApiError(400, "model: Input should be a valid string", param="model")
         if model is not None and self.config.served_names and model not in self.config.served_names:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def prompt_tokens_estimate(prompt: Any) -> int:
+    """A prompt's tokens, without a tokenizer: exact for token ids, else UTF-8 bytes / 4 (about what
+    BPE vocabularies give English text; code and other scripts give more tokens per byte, so the
+    estimate errs towards P/D). Messages count their text parts."""
+    if isinstance(prompt, str):
+        return len(prompt.encode()) // 4
+    if isinstance(prompt, list):
+        if all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        return sum(prompt_tokens_estimate(_text_of(item)) for item in prompt)
+    return 0
+
+
+def _text_of(item: Any) -> Any:
+    """A message's content (a string, or the text of its parts), or a batch entry as it is."""
+    if not isinstance(item, dict):
+        return item
+    content = item.get("content")
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return content if isinstance(content, str) else ""
 
 
 def _passthrough(upstream: _Upstream, timing: dict[str, str]) -> Response:

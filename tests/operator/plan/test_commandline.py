@@ -78,3 +78,24 @@ def test_tiny_example_runs_the_torch_engine_in_float32() -> None:
     assert "--enable-expert-parallel" not in prefill
     assert _flag(decode1, "--data-parallel-start-rank") == "1"
     assert "--enable-expert-parallel" in decode0
+
+
+def test_the_router_skips_the_hand_off_for_short_prompts_only_when_asked() -> None:
+    from kubemoe_operator.plan.command import router_command
+    from tests.operator.helpers import manifest
+
+    def flags(**router: object) -> list[str]:
+        plan = plan_manifest(manifest(router={"replicas": 1, **router}))
+        return router_command(plan=plan, namespace="ns")
+
+    assert "--pd-min-prompt-tokens" not in flags()  # 0: every prompt takes the hand-off
+    argv = flags(localPrefillBelowTokens=1024)
+    assert argv[argv.index("--pd-min-prompt-tokens") + 1] == "1024"
+    colocated = plan_manifest(
+        manifest(
+            router={"replicas": 1, "localPrefillBelowTokens": 1024},
+            serving={"mode": "colocated"},
+            roles={"worker": {"parallelism": {"data": 2}}},
+        )
+    )
+    assert "--pd-min-prompt-tokens" not in router_command(plan=colocated, namespace="ns")
