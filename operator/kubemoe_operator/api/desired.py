@@ -27,9 +27,9 @@ def effective_spec(spec: ModelDeploymentSpec, status: ModelDeploymentStatus | No
     for name, role in spec.roles.items():
         want = desired.get(name)
         scale = role.autoscaling
-        if scale is None or want is None:
+        if scale is None or want is None or not scale.operator_scaled:
             continue
-        clamped = min(max(want, scale.min_replicas), scale.max_replicas)
+        clamped = min(max(want, scale.min_replicas), scale.ceiling)
         if clamped != role.replicas:
             updates[name] = role.model_copy(update={"replicas": clamped})
     if not updates:

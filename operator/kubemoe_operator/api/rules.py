@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kubemoe_operator.api.engine_flags import extra_args_problems
 from kubemoe_operator.api.problems import Problem
-from kubemoe_operator.api.spec import RESERVED_LABEL_PREFIXES, ModelDeploymentSpec
+from kubemoe_operator.api.spec import RESERVED_LABEL_PREFIXES, Autoscaling, ModelDeploymentSpec
 
 
 def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
@@ -51,16 +51,8 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
                     fix=f"set expert: {par.ranks}, or omit it.",
                 )
             )
-        scale = role.autoscaling
-        if scale is not None and scale.min_replicas > scale.max_replicas:
-            problems.append(
-                Problem(
-                    field=f"{path}.autoscaling.minReplicas",
-                    message=f"minReplicas ({scale.min_replicas}) is above maxReplicas"
-                    f" ({scale.max_replicas}).",
-                    fix="make minReplicas <= maxReplicas.",
-                )
-            )
+        if role.autoscaling is not None:
+            problems += autoscaling_problems(role.autoscaling, role=name, path=f"{path}.autoscaling")
     for i, tol in enumerate(spec.scheduling.tolerations):
         if tol.operator == "Exists" and tol.value:
             problems.append(
@@ -71,6 +63,52 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
                 )
             )
     problems += reserved_label_problems(spec.pod.labels, field="spec.pod.labels")
+    return problems
+
+
+def autoscaling_problems(scale: Autoscaling, *, role: str, path: str) -> list[Problem]:
+    """The autoscaling block's own rules (twins of the CEL rules on Autoscaling and Roles)."""
+    problems: list[Problem] = []
+    if scale.max_replicas is not None and scale.min_replicas > scale.max_replicas:
+        problems.append(
+            Problem(
+                field=f"{path}.minReplicas",
+                message=f"minReplicas ({scale.min_replicas}) is above maxReplicas ({scale.max_replicas}).",
+                fix="make minReplicas <= maxReplicas.",
+            )
+        )
+    if scale.mode == "operator" and scale.max_replicas is None:
+        problems.append(
+            Problem(
+                field=f"{path}.maxReplicas",
+                message="maxReplicas is required when the operator scales the role (mode operator).",
+                fix="set maxReplicas, or mode: external to leave the replicas to an HPA or ScaledObject.",
+            )
+        )
+    if scale.mode == "external" and (scale.metrics or scale.per_decode):
+        problems.append(
+            Problem(
+                field=f"{path}.mode",
+                message="with mode external the HPA or ScaledObject holds the metrics, not this block.",
+                fix="remove metrics and perDecode, or set mode: operator.",
+            )
+        )
+    if scale.per_decode is not None and role != "prefill":
+        problems.append(
+            Problem(
+                field=f"{path}.perDecode",
+                message="perDecode ties prefill to decode: it is for roles.prefill.autoscaling only.",
+                fix="move perDecode to roles.prefill.autoscaling.",
+            )
+        )
+    if scale.per_decode is not None and scale.per_decode.min > scale.per_decode.max:
+        problems.append(
+            Problem(
+                field=f"{path}.perDecode.min",
+                message=f"perDecode.min ({scale.per_decode.min:g}) is above max ({scale.per_decode.max:g}).",
+                fix="make min <= max (equal for a fixed ratio).",
+            )
+        )
     return problems
 
 

@@ -194,6 +194,19 @@ class MetricTarget(ApiModel):
     """Target value per serving group."""
 
 
+class PerDecode(ApiModel):
+    """Prefill groups per decode group, kept within [min, max] whatever prefill's own metrics say."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.min <= self.max", "min must be less than or equal to max", field_path=".min")
+        )
+    )
+
+    min: float = Field(gt=0, le=64)
+    max: float = Field(gt=0, le=64)
+
+
 class Autoscaling(ApiModel):
     """Autoscaling policy for one role; the decision lands in status, never in spec."""
 
@@ -203,13 +216,38 @@ class Autoscaling(ApiModel):
                 "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
                 "minReplicas must be less than or equal to maxReplicas",
                 field_path=".minReplicas",
-            )
+            ),
+            cel(
+                "self.mode == 'external' || has(self.maxReplicas)",
+                "maxReplicas is required when the operator scales the role (mode operator)",
+                field_path=".maxReplicas",
+            ),
+            cel(
+                "self.mode != 'external' || ((!has(self.metrics) || size(self.metrics) == 0)"
+                " && !has(self.perDecode))",
+                "with mode external the HPA or ScaledObject holds the metrics: remove metrics and perDecode",
+                field_path=".mode",
+            ),
         )
     )
 
+    mode: Literal["operator", "external"] = "operator"
+    """operator: the operator scales the role on `metrics` (and `perDecode`). external: an HPA or a
+    KEDA ScaledObject on the role's workload (its Deployment or LeaderWorkerSet, through the scale
+    subresource) owns its replicas; the operator hands spec.replicas over and never writes it again,
+    and status.roles.<role>.replicas shows the groups in effect. minReplicas, maxReplicas and the
+    metrics then belong to that scaler."""
     min_replicas: int = Field(1, ge=1, le=1024)
-    max_replicas: int = Field(ge=1, le=1024)
+    max_replicas: int | None = Field(None, ge=1, le=1024)
+    """Required with mode operator."""
     metrics: list[MetricTarget] = Field(default_factory=list, max_length=8)
+    """The signals, in the order to prefer them: latency targets first (ttft-p90 for prefill,
+    itl-p90 for decode: what users feel), then kv-cache-usage and queue-depth (what builds up before
+    latency moves), gpu-utilization last (a duty cycle: a busy GPU may still have room). The largest
+    recommendation wins."""
+    per_decode: PerDecode | None = None
+    """Prefill only: keep prefill groups within [min, max] per decode group, so neither role starves
+    the other. Without metrics, prefill simply follows decode (min = max: a fixed ratio)."""
     scale_up_window_seconds: int = Field(60, ge=0, le=3600)
     """Stabilisation window before scaling up: the load must have lasted this long. A minute, because
     a new MoE group takes minutes to load its weights: a shorter burst is over before the group
@@ -222,6 +260,16 @@ class Autoscaling(ApiModel):
     decision builds on them. Raise it for models that load slower."""
     max_step: int = Field(1, ge=1, le=1024)
     """Most groups added or removed in one decision."""
+
+    @property
+    def ceiling(self) -> int:
+        """maxReplicas (set whenever the operator scales the role; the field's limit otherwise)."""
+        return self.max_replicas if self.max_replicas is not None else 1024
+
+    @property
+    def operator_scaled(self) -> bool:
+        """Whether the operator decides this role's replicas (on metrics, or following decode)."""
+        return self.mode == "operator" and bool(self.metrics or self.per_decode)
 
 
 class RoleSpec(ApiModel):
@@ -237,6 +285,20 @@ class RoleSpec(ApiModel):
 
 class Roles(ApiModel):
     """prefill and decode (disaggregated), or worker (colocated)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            *(
+                cel(
+                    f"!has(self.{role}) || !has(self.{role}.autoscaling)"
+                    f" || !has(self.{role}.autoscaling.perDecode)",
+                    "perDecode ties prefill to decode: set it on roles.prefill.autoscaling only",
+                    field_path=f".{role}.autoscaling.perDecode",
+                )
+                for role in ("decode", "worker")
+            )
+        )
+    )
 
     prefill: RoleSpec | None = None
     decode: RoleSpec | None = None

@@ -146,7 +146,7 @@ def decide(
 
 
 def _clamp(replicas: int, policy: Autoscaling) -> int:
-    return max(policy.min_replicas, min(policy.max_replicas, replicas))
+    return max(policy.min_replicas, min(policy.ceiling, replicas))
 
 
 def prune(history: Sequence[Recommendation], *, policy: Autoscaling, now: float) -> list[Recommendation]:

@@ -82,6 +82,19 @@ def _rank_key(ranks: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
+
+def autoscaling_bounds(auto: dict[str, Any] | None) -> str:
+    """The AUTOSCALING column: off, external, 1..4, or 1..4 with the prefill:decode bounds."""
+    if not auto:
+        return "off"
+    if auto.get("mode") == "external":
+        return "external"
+    bounds = f"{auto.get('minReplicas', 1)}..{auto.get('maxReplicas', '?')}"
+    ratio = auto.get("perDecode")
+    if ratio:
+        bounds += f" ({ratio.get('min')}-{ratio.get('max')} per decode)"
+    return bounds
+
 def render_status(
     md: dict[str, Any], pods: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]]
 ) -> str:
@@ -106,7 +119,7 @@ def render_status(
     for role in sorted(roles, key=lambda r: ROLE_ORDER.get(r, 9)):
         rs = roles[role]
         auto = (spec_roles.get(role) or {}).get("autoscaling")
-        bounds = f"{auto.get('minReplicas', 1)}..{auto['maxReplicas']}" if auto else "off"
+        bounds = autoscaling_bounds(auto)
         desired = rs.get("desired")
         role_rows.append(
             [
