@@ -47,6 +47,9 @@ class RoleStatus(ApiModel):
     """Groups whose every rank is ready."""
     desired: int | None = Field(None, ge=0)
     """The autoscaler's decision, clamped to minReplicas..maxReplicas; the reconciler renders it."""
+    decided_by: str | None = Field(None, max_length=32)
+    """What made the autoscaler's last change: the metric whose recommendation won (ttft-p90, ...),
+    or perDecode when prefill followed decode."""
 
 
 class ModelDeploymentStatus(ApiModel):

@@ -20,15 +20,18 @@ recommendation over the metrics wins. Then, in order:
    load and take load before the next decision builds on them);
 5. at most ``maxStep`` groups added or removed;
 6. clamped to ``minReplicas..maxReplicas``.
+
+For prefill with ``perDecode``, `couple` then keeps the decision within that many groups per decode
+group (the loop passes decode's own decision).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from kubemoe_operator.api.spec import Autoscaling, MetricType
+from kubemoe_operator.api.spec import Autoscaling, MetricType, PerDecode
 
 TOLERANCE = 0.1
 
@@ -51,6 +54,9 @@ class Decision:
     """Why, in plain words: for the Event and the status condition."""
     metrics_available: bool
     """False when no metric could be read (then nothing changes)."""
+    signal: str | None = None
+    """What decided: the metric whose recommendation won, "perDecode" when the coupling to decode
+    did (`couple`), None when nothing could (no metrics, none readable)."""
 
 
 def _per_metric(current: int, ready: int, value: float, target: float) -> int:
@@ -76,7 +82,7 @@ def decide(
     ``current``); ``since`` when the unbroken run of readings began (None: long enough);
     ``last_change`` when this evaluator last changed the role (None: not since it started)."""
     carrying = ready if ready else current
-    wanted: list[tuple[int, str]] = []
+    wanted: list[tuple[int, str, MetricType]] = []
     missing: list[str] = []
     for metric in policy.metrics:
         value = samples.get(metric.type)
@@ -87,6 +93,7 @@ def decide(
             (
                 _per_metric(current, carrying, value, metric.target),
                 f"{metric.type} {value:.3g} (target {metric.target:g})",
+                metric.type,
             )
         )
 
@@ -99,7 +106,7 @@ def decide(
         )
         return Decision(_clamp(current, policy), rec, why, metrics_available=not missing)
 
-    raw, because = max(wanted, key=lambda w: w[0])
+    raw, because, signal = max(wanted, key=lambda w: w[0])
     if missing:
         raw = max(raw, current)
     rec = Recommendation(now, raw)
@@ -118,10 +125,9 @@ def decide(
             wait = f"readings for {covered:.0f} of the {policy.scale_down_window_seconds} s scale-down window"
     else:
         stable = current
-    cooling = last_change is not None and now - last_change < policy.cooldown_seconds
-    if wait is None and stable != current and cooling:
-        assert last_change is not None
-        wait = f"cooling down: last change {now - last_change:.0f} s ago of {policy.cooldown_seconds} s"
+    since_change = math.inf if last_change is None else now - last_change
+    if wait is None and stable != current and since_change < policy.cooldown_seconds:
+        wait = f"cooling down: last change {since_change:.0f} s ago of {policy.cooldown_seconds} s"
     if wait is not None:
         stable = current
     stepped = max(current - policy.max_step, min(current + policy.max_step, stable))
@@ -142,7 +148,27 @@ def decide(
         reason += f" ({current - ready} of {current} groups not ready yet)"
     if missing:
         reason += f"; unavailable: {', '.join(missing)} (no scale-down)"
-    return Decision(desired, rec, reason, metrics_available=True)
+    return Decision(desired, rec, reason, metrics_available=True, signal=signal)
+
+
+def couple(
+    prefill: Decision, *, current: int, decode: int, ratio: PerDecode, policy: Autoscaling
+) -> Decision:
+    """Prefill's decision kept within ``ratio.min..ratio.max`` groups per decode group, where
+    ``decode`` is the groups decode will run (its own decision, already stabilised): prefill follows
+    decode at once, so neither role starves the other, and its own metrics move it only within the
+    bounds. Then clamped to prefill's minReplicas..maxReplicas, which win over the ratio."""
+    lo = max(1, math.ceil(ratio.min * decode - 1e-9))
+    hi = max(lo, math.floor(ratio.max * decode + 1e-9))
+    bounded = _clamp(min(max(prefill.desired, lo), hi), policy)
+    if bounded == prefill.desired:
+        return prefill
+    verb = "scale up" if bounded > current else "scale down" if bounded < current else "holding"
+    reason = (
+        f"{verb} {current} -> {bounded}: perDecode keeps prefill within {ratio.min:g}-{ratio.max:g}"
+        f" groups per decode group ({decode} decode); own signal: {prefill.reason}"
+    )
+    return replace(prefill, desired=bounded, reason=reason, signal="perDecode")
 
 
 def _clamp(replicas: int, policy: Autoscaling) -> int:

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -42,9 +43,9 @@ from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_RO
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import API_VERSION, KIND
-from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSpec
+from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSpec, RoleName
 from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, now_utc
-from kubemoe_operator.autoscale.decide import Decision, RoleMemory
+from kubemoe_operator.autoscale.decide import Decision, RoleMemory, couple
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
 from kubemoe_operator.autoscale.scrape import Targets
 from kubemoe_operator.autoscale.signals import RoleSelector
@@ -79,6 +80,8 @@ class RoleOutcome:
     """The replicas the role runs now (spec.replicas, or the desired already rendered)."""
     previous: int | None
     """status.roles.<role>.desired before this evaluation."""
+    previous_by: str | None = None
+    """status.roles.<role>.decidedBy before this evaluation."""
     decision: Decision | None = None
     error: str | None = None
     """Why the source could not be read; then there is no decision."""
@@ -147,9 +150,11 @@ def status_apply(
         )
     roles: dict[str, Any] = {}
     for o in outcomes:
-        desired = o.new_desired if o.new_desired is not None else o.previous
+        desired, by = o.previous, o.previous_by
+        if o.new_desired is not None and o.decision is not None:
+            desired, by = o.new_desired, o.decision.signal
         if desired is not None:
-            roles[o.role] = {"desired": desired}
+            roles[o.role] = {"desired": desired} | ({"decidedBy": by} if by else {})
     body: dict[str, Any] = {"conditions": [cond.model_dump(by_alias=True, mode="json", exclude_none=True)]}
     if roles:
         body["roles"] = roles
@@ -261,10 +266,10 @@ class Autoscaler:
         except ManifestError:
             return []  # the reconciler reports a spec that does not parse
         old = parse_status(body.get("status"))
-        policies = {  # autoscaling with no metrics has nothing to act on: that role is left alone
+        policies = {  # no metrics nor perDecode, or mode external: nothing for the operator to decide
             role: spec.autoscaling
             for role, spec in md.spec.roles.items()
-            if spec.autoscaling is not None and spec.autoscaling.metrics
+            if spec.autoscaling is not None and spec.autoscaling.operator_scaled
         }
         if not policies:
             if owns_status(body, FIELD_MANAGER):
@@ -279,6 +284,7 @@ class Autoscaler:
                 )
             return []
         current = _replicas(effective_spec(md.spec, old))
+        seen = old.roles if old is not None else {}
         outcomes = await asyncio.gather(
             *(
                 self._evaluate_role(
@@ -286,12 +292,14 @@ class Autoscaler:
                     uid=uid,
                     policy=policy,
                     current=current[role],
-                    previous=old.roles[role].desired if old is not None and role in old.roles else None,
-                    ready=old.roles[role].ready if old is not None and role in old.roles else None,
+                    previous=seen[role].desired if role in seen else None,
+                    previous_by=seen[role].decided_by if role in seen else None,
+                    ready=seen[role].ready if role in seen else None,
                 )
                 for role, policy in policies.items()
             )
         )
+        outcomes = coupled(outcomes, policies=policies, current=current)
         patch = status_apply(
             old=old,
             outcomes=outcomes,
@@ -328,11 +336,17 @@ class Autoscaler:
         current: int,
         previous: int | None,
         ready: int | None,
+        previous_by: str | None = None,
     ) -> RoleOutcome:
         labels = (sel.namespace, sel.deployment, sel.role)
         memory = self.memory.setdefault((uid, sel.role), RoleMemory())
-        try:
-            samples = await self.source.sample(sel, [m.type for m in policy.metrics])
+        outcome_of = functools.partial(
+            RoleOutcome, role=sel.role, current=current, previous=previous, previous_by=previous_by
+        )
+        try:  # a role that only follows decode (perDecode, no metrics) has nothing to read
+            samples = (
+                await self.source.sample(sel, [m.type for m in policy.metrics]) if policy.metrics else {}
+            )
         except Exception as err:  # MetricsUnavailable, or a source's bug: either way, no reading
             if not isinstance(err, MetricsUnavailable):
                 log.exception("autoscaler: %s/%s %s: reading metrics failed", *labels)
@@ -342,7 +356,7 @@ class Autoscaler:
                 str(err) if isinstance(err, MetricsUnavailable) else f"reading metrics failed: {err!r:.200}"
             )
             memory.outage()
-            return RoleOutcome(role=sel.role, current=current, previous=previous, error=error)
+            return outcome_of(error=error)
         series = self.series.setdefault(uid, set())
         for metric, value in samples.items():
             self.metrics.metric_value.labels(*labels, metric).set(math.nan if value is None else value)
@@ -360,7 +374,7 @@ class Autoscaler:
             self.metrics.desired.labels(*labels).set(decision.desired)
             series.add((self.metrics.desired, labels))
         log.debug("autoscaler: %s/%s %s: %s", *labels, decision.reason)
-        return RoleOutcome(role=sel.role, current=current, previous=previous, decision=decision)
+        return outcome_of(decision=decision)
 
     async def _announce(self, body: Mapping[str, Any], outcomes: Sequence[RoleOutcome]) -> None:
         stamp = now_utc().strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -379,6 +393,31 @@ class Autoscaler:
                     now=stamp,
                 )
             )
+
+
+def coupled(
+    outcomes: Sequence[RoleOutcome], *, policies: Mapping[RoleName, Autoscaling], current: Mapping[str, int]
+) -> list[RoleOutcome]:
+    """Prefill's outcome kept within its perDecode bounds of the groups decode will run: decode's new
+    decision when it has one, else the groups it runs now. Prefill's own decision must exist and
+    rest on readings (a metrics outage changes nothing, coupled or not)."""
+    out = list(outcomes)
+    ratio = policies["prefill"].per_decode if "prefill" in policies else None
+    if ratio is None or "decode" not in current:
+        return out
+    decode = next((o for o in out if o.role == "decode"), None)
+    decode_groups = (
+        decode.decision.desired
+        if decode is not None and decode.available and decode.decision is not None
+        else current["decode"]
+    )
+    for i, o in enumerate(out):
+        if o.role == "prefill" and o.available and o.decision is not None:
+            decision = couple(
+                o.decision, current=o.current, decode=decode_groups, ratio=ratio, policy=policies["prefill"]
+            )
+            out[i] = replace(o, decision=decision)
+    return out
 
 
 def _replicas(spec: ModelDeploymentSpec) -> dict[str, int]:

@@ -82,7 +82,6 @@ def _rank_key(ranks: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
-
 def autoscaling_bounds(auto: dict[str, Any] | None) -> str:
     """The AUTOSCALING column: off, external, 1..4, or 1..4 with the prefill:decode bounds."""
     if not auto:
@@ -94,6 +93,7 @@ def autoscaling_bounds(auto: dict[str, Any] | None) -> str:
     if ratio:
         bounds += f" ({ratio.get('min')}-{ratio.get('max')} per decode)"
     return bounds
+
 
 def render_status(
     md: dict[str, Any], pods: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]]

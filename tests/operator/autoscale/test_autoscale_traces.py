@@ -34,7 +34,7 @@ Demand = Callable[[float], float | None]
 
 
 def ideal(total: float) -> int:
-    return max(POLICY.min_replicas, min(POLICY.max_replicas, math.ceil(total / TARGET)))
+    return max(POLICY.min_replicas, min(POLICY.ceiling, math.ceil(total / TARGET)))
 
 
 @dataclass
