@@ -292,29 +292,68 @@ def post(url: str, body: dict[str, Any], *, timeout: float = 60) -> tuple[int, d
         return int(err.code), json.loads(err.read())
 
 
+def hand_off(prefill: Server, body: dict[str, Any]) -> dict[str, Any]:
+    """What the router does first: a one-token prefill that keeps its KV for the decode; the signed
+    kv_transfer_params the router then passes to the decode."""
+    signer = KVSigner(KV_KEY.encode())
+    status, answer = post(
+        f"{prefill.url}/v1/completions",
+        {**body, "max_tokens": 1, "kv_transfer_params": signer.sign(REMOTE_DECODE)},
+    )
+    assert status == 200, answer
+    return signer.sign(answer["kv_transfer_params"])
+
+
+def test_a_prefill_scaled_down_before_the_pull_waits_for_it(
+    pd: tuple[Server, Server], record_property: RecordProperty
+) -> None:
+    """Scale-down: SIGTERM (the pod's deletion) after the prefill answered, before the decode pulled
+    (its queue held the request). The prefill drains: new requests 503, but it stays up past its quiet
+    period while the KV waits, serves the pull, and only then exits 0. Without `Drain.pending` it
+    exited after QUIET_S (1 s) and the decode had to prefill the prompt again."""
+    prefill, decode = pd
+    body = {"model": MODEL, "prompt": "the prefill is scaled down", "max_tokens": 8, "temperature": 0}
+    status, live = post(
+        f"{decode.url}/v1/completions", {**body, "kv_transfer_params": hand_off(prefill, body)}
+    )
+    assert status == 200, live
+    failures, pulled = pull_failures(decode), pulled_tokens(decode)
+    params = hand_off(prefill, body)
+    prefill.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    wait_for(lambda: http_get(f"{prefill.url}/ready")[0] == 503, timeout=10, what="the prefill to drain")
+    time.sleep(3.0)  # three quiet periods: the KV, not a request in flight, is what keeps it up
+    assert prefill.process.poll() is None, prefill.log()
+    status, answer = post(f"{decode.url}/v1/completions", {**body, "kv_transfer_params": params})
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == live["choices"][0]["text"], (answer, live)
+    assert pull_failures(decode) == failures  # the pull was served: no prefill again
+    assert pulled_tokens(decode) > pulled
+    assert prefill.process.wait(timeout=15) == 0, prefill.log()
+    record(
+        record_property,
+        Outcome(
+            fault="a prefill scaled down (SIGTERM) between its answer and the decode's KV pull",
+            client_saw="HTTP 200, the same greedy answer from the pulled KV; the prefill exited 0 after it",
+            lost="0 of 1",
+            recover_s=time.monotonic() - signalled,
+        ),
+    )
+
+
 def test_a_prefill_dying_before_the_pull_is_prefilled_by_the_decode(
     pd: tuple[Server, Server], record_property: RecordProperty
 ) -> None:
     prefill, decode = pd
-    signer = KVSigner(KV_KEY.encode())
     body = {"model": MODEL, "prompt": "the prefill dies", "max_tokens": 8, "temperature": 0}
-
-    def handed_off() -> dict[str, Any]:
-        """What the router does first: a one-token prefill that keeps its KV for the decode."""
-        params = signer.sign(REMOTE_DECODE)
-        status, answer = post(
-            f"{prefill.url}/v1/completions",
-            {**body, "max_tokens": 1, "kv_transfer_params": params},
-        )
-        assert status == 200, answer
-        return signer.sign(answer["kv_transfer_params"])
-
     # The hand-off works while the prefill lives.
-    status, live = post(f"{decode.url}/v1/completions", {**body, "kv_transfer_params": handed_off()})
+    status, live = post(
+        f"{decode.url}/v1/completions", {**body, "kv_transfer_params": hand_off(prefill, body)}
+    )
     assert status == 200, live
     assert live["usage"]["completion_tokens"] == 8, live
     failures = pull_failures(decode)
-    params = handed_off()
+    params = hand_off(prefill, body)
     killed_at = kill(prefill, signal.SIGKILL)
     prefill.process.wait(timeout=10)
     status, answer = post(f"{decode.url}/v1/completions", {**body, "kv_transfer_params": params})
@@ -431,6 +470,10 @@ dripping_peer = _DrippingPeer()
 
 def pull_failures(server: Server) -> float:
     return sample(http_get(f"{server.url}/metrics")[1], "kubemoe_kv_pull_failures_total") or 0.0
+
+
+def pulled_tokens(server: Server) -> float:
+    return sample(http_get(f"{server.url}/metrics")[1], "kubemoe_kv_pulled_tokens_total") or 0.0
 
 
 def test_a_corrupt_shard_stops_the_engine_naming_the_file(

@@ -92,6 +92,18 @@ def test_a_drain_ends_when_idle_for_the_quiet_period_or_at_its_deadline() -> Non
     assert drain.done(idle + 0.6)
 
 
+def test_a_drain_waits_for_pending_kv_until_its_deadline() -> None:
+    waiting = [2]
+    drain = Drain(quiet_s=0.0, pending=lambda: waiting[0])
+    drain.begin(timeout=10)
+    now = time.monotonic()
+    assert not drain.done(now + 5)  # prefilled KV not yet pulled
+    waiting[0] = 0
+    assert drain.done(now + 5)
+    waiting[0] = 1
+    assert drain.done(now + 11)  # the deadline ends it regardless
+
+
 # --- an engine, and the router in front of it --------------------------------------------------------
 
 STREAMED_TOKENS = 100

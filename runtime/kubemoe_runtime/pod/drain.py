@@ -12,9 +12,12 @@ a `DrainingServer`:
   request elsewhere; /health stays 200 (the process is fine: liveness must not restart it) and
   /metrics stays open;
 - lets requests already in flight finish (streams included) and exits once none has been in flight
-  for QUIET_S, or once --drain-timeout seconds have passed, whichever comes first. QUIET_S covers a
-  decode pulling a prefill's KV (GET /v1/kv/...) right after the prefill answered: those pulls are
-  still served while draining, since they finish work already done, not new work;
+  for QUIET_S and no prefilled KV waits for its decode, or once --drain-timeout seconds have passed,
+  whichever comes first. A prefill's answer leaves KV behind that a decode pulls (GET /v1/kv/...)
+  when it gets to it (its queue may hold it a while): those pulls are still served while draining,
+  since they finish work already done, not new work, and `Drain.pending` (the torch engine's KV
+  store, whose entries expire after their TTL) keeps the pod up until they are taken. QUIET_S covers
+  the gap between an answer and its pull;
 - a second signal skips the rest of the drain (uvicorn then gives connections its own short
   timeout_graceful_shutdown), a third SIGINT forces the exit, as uvicorn does.
 
@@ -34,7 +37,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Final
 
@@ -73,8 +76,10 @@ def drain_timeout_default(environ: Mapping[str, str] | None = None) -> float:
 class Drain:
     """Whether the server is draining, and how many requests are in flight."""
 
-    def __init__(self, *, quiet_s: float = QUIET_S) -> None:
+    def __init__(self, *, quiet_s: float = QUIET_S, pending: Callable[[], int] = lambda: 0) -> None:
         self.quiet_s = quiet_s
+        self.pending = pending
+        """Work left besides requests in flight (prefilled KV not yet pulled): the drain waits for it."""
         self.draining = False
         self.in_flight = 0
         self.deadline: float | None = None
@@ -95,13 +100,14 @@ class Drain:
             self._idle_since = time.monotonic()
 
     def done(self, now: float | None = None) -> bool:
-        """Draining, and either nothing has been in flight for quiet_s or the deadline has passed."""
+        """Draining, and either the deadline has passed or nothing has been in flight for quiet_s and
+        nothing is pending."""
         if not self.draining:
             return False
         now = time.monotonic() if now is None else now
         if self.deadline is not None and now >= self.deadline:
             return True
-        return self.in_flight == 0 and now - self._idle_since >= self.quiet_s
+        return self.in_flight == 0 and now - self._idle_since >= self.quiet_s and self.pending() == 0
 
 
 _DRAINING_BODY: Final = json.dumps(
@@ -170,9 +176,10 @@ class DrainingServer(uvicorn.Server):
         if self.drain.draining and not self._announced:  # logged here: not from the signal handler
             self._announced = True
             log.warning(
-                "kubemoe-runtime: draining: %d request(s) in flight; new ones get 503; exiting when done "
-                "or in %.0fs",
+                "kubemoe-runtime: draining: %d request(s) in flight, %d prefilled KV waiting for its pull; "
+                "new requests get 503; exiting when done or in %.0fs",
                 self.drain.in_flight,
+                self.drain.pending(),
                 self.drain_timeout,
             )
         if self.drain.done():

@@ -199,6 +199,7 @@ def serve(settings: ServeSettings) -> int:
         state = _server_state(settings, cfg=cfg, max_model_len=max_model_len)
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
+        drain = Drain(pending=lambda: 0 if state.scheduler is None else len(state.scheduler.kv_store))
     served = app if settings.headless else DrainMiddleware(app, drain)
     config = server_config(served, host=settings.host, port=settings.port, lifespan="off")
     # A headless pod does not drain (timeout 0: uvicorn's own exit), see the module docstring.
