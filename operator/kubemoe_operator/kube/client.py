@@ -29,6 +29,10 @@ _CREATABLE: dict[str, Any] = {"Secret": Secret}
 
 RETRYABLE_CODES = frozenset({409, 429, 500, 502, 503, 504})
 
+REPLICAS_HANDOVER_MANAGER = "kubemoe-replicas-handover"
+"""The field manager that holds a workload's spec.replicas between the operator letting go of it and
+an external scaler (HPA, KEDA) taking it through the scale subresource (`Kube.hand_over_replicas`)."""
+
 
 class RetryableError(Exception):
     """The API failed in a way a retry can fix (conflict, throttling, server or network error)."""
@@ -98,6 +102,16 @@ def _status_code(err: Exception) -> int | None:
 def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     refs = obj.get("metadata", {}).get("ownerReferences") or []
     return any(ref.get("uid") == uid for ref in refs)
+
+
+def owns_replicas(obj: Mapping[str, Any], manager: str) -> bool:
+    """Whether `manager`'s server-side apply owns the object's spec.replicas (its managedFields)."""
+    for entry in obj.get("metadata", {}).get("managedFields") or []:
+        if entry.get("manager") != manager or entry.get("operation") != "Apply" or entry.get("subresource"):
+            continue
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -179,25 +193,45 @@ class Kube:
         """The next create_once of this object creates it again (it was seen missing)."""
         self.created = {k for k in self.created if k[:3] != (kind, namespace, name)}
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply with this operator's field manager, taking over conflicting fields."""
+    async def apply(
+        self, obj: dict[str, Any], *, field_manager: str | None = None, force: bool = True
+    ) -> dict[str, Any]:
+        """Server-side apply with this operator's field manager (or `field_manager`), taking over
+        conflicting fields unless `force` is False (a conflict is then a RetryableError: 409)."""
         kind, name = key_of(obj)
         namespace = obj["metadata"]["namespace"]
-        with _api(f"apply {kind} {namespace}/{name}"):
+        manager = field_manager or self.field_manager
+        with _api(f"apply {kind} {namespace}/{name} as {manager}"):
             out = await self.client.patch(
                 BY_KIND[kind].resource,
                 name,
                 obj,
                 namespace=namespace,
                 patch_type=PatchType.APPLY,
-                field_manager=self.field_manager,
-                force=True,
+                field_manager=manager,
+                force=force,
             )
-        self._wrote("apply", kind, namespace, name)
+        self._wrote("apply" if manager == self.field_manager else f"apply:{manager}", kind, namespace, name)
         applied = _as_dict(out)
         applied.setdefault("apiVersion", obj["apiVersion"])
         applied.setdefault("kind", kind)
         return applied
+
+    async def hand_over_replicas(self, live: Mapping[str, Any]) -> None:
+        """Make REPLICAS_HANDOVER_MANAGER co-own spec.replicas at its live value, so that the
+        operator's next apply, which leaves the field out, lets go of it without the API server
+        removing it (sole owner gone: reset to 1). The documented transfer of a field to an HPA
+        (Kubernetes' server-side apply: transferring ownership). Not forced: if a scaler changed
+        the value since `live` was read, the 409 retries the reconcile on a fresh read instead of
+        writing the stale count back."""
+        meta = live["metadata"]
+        body = {
+            "apiVersion": live["apiVersion"],
+            "kind": live["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+            "spec": {"replicas": live["spec"]["replicas"]},
+        }
+        await self.apply(body, field_manager=REPLICAS_HANDOVER_MANAGER, force=False)
 
     async def delete(self, *, kind: str, name: str, namespace: str) -> None:
         with _api(f"delete {kind} {namespace}/{name}", tolerate={404}) as call:
@@ -260,6 +294,18 @@ class Kube:
             found = self.client.list(POD.resource, namespace=namespace, labels=selector)
             pods = [_as_dict(o) async for o in found]
         return pods
+
+    async def annotate_pod(self, *, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
+        """Merge `annotations` into a pod's (a JSON merge patch: nothing else of the pod changes)."""
+        with _api(f"annotate pod {namespace}/{name}"):
+            await self.client.patch(
+                POD.resource,
+                name,
+                {"metadata": {"annotations": dict(annotations)}},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+            )
+        self._wrote("patch", "Pod", namespace, name)
 
 
 def event_body(

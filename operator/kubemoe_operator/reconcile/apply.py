@@ -6,6 +6,14 @@ left alone, so a resync with nothing to change sends no write at all; anything e
 deleted by someone, hash edited, `kubectl scale` or `edit` on a field the operator sets) is
 server-side applied with the operator's single field manager, forcing conflicts. A child's name
 held by an object this ModelDeployment does not own is never taken over (`refuse_taken_names`).
+
+A workload whose replicas an external scaler owns (autoscaling.mode external) renders without
+spec.replicas. Server-side apply deletes a field whose only owner stops naming it, so the operator
+hands it over first (`hand_over`): created with its initial count, or switched from operator mode
+with the count it runs, the workload's replicas are co-owned by a second field manager before the
+operator's apply lets go of them; an HPA's or `kubectl scale`'s update through /scale then takes
+them over. The operator never names the field again, so neither its applies nor its drift check
+touch the count.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 
 from kubemoe_operator.api.labels import ANNOTATION_HASH, LABEL_DEPLOYMENT
 from kubemoe_operator.api.quantity import parse_quantity
-from kubemoe_operator.kube.client import Kube, NameTakenError, Observed, owned_by
+from kubemoe_operator.kube.client import Kube, NameTakenError, Observed, owned_by, owns_replicas
 from kubemoe_operator.kube.kinds import ChildKey, key_of
 
 
@@ -153,6 +161,28 @@ async def refuse_taken_names(
         )
 
 
+def with_replicas(obj: Mapping[str, Any], replicas: int) -> dict[str, Any]:
+    """`obj` (a workload rendered without spec.replicas) with `replicas` set."""
+    out = copy.deepcopy(dict(obj))
+    out["spec"] = {"replicas": replicas, **out["spec"]}
+    return out
+
+
+async def hand_over(
+    *, kube: Kube, obj: dict[str, Any], seen: dict[str, Any] | None, initial: int
+) -> tuple[dict[str, Any], bool]:
+    """Before the operator's apply of `obj`, a workload an external scaler owns: create it if missing
+    (with `initial` replicas), and if the operator's field manager owns spec.replicas (just created,
+    or switched from mode operator), have the hand-over manager co-own the live count. Returns the
+    workload as it now is and whether the operator must apply `obj` (to let go of the field)."""
+    if seen is None:
+        seen = await kube.apply(with_replicas(obj, initial))
+    if not owns_replicas(seen, kube.field_manager):
+        return seen, False
+    await kube.hand_over_replicas(seen)
+    return seen, True
+
+
 async def sync_children(
     *,
     kube: Kube,
@@ -162,10 +192,13 @@ async def sync_children(
     uid: str,
     namespace: str,
     create_first: Sequence[dict[str, Any]] = (),
+    initial_replicas: Mapping[ChildKey, int] | None = None,
 ) -> SyncResult:
     """Refuse taken names; create `create_first` if missing (objects made once and never read back,
     such as the KV key Secret the pods read); apply what changed, in order; prune what is no longer
-    desired. Nothing is written when a name is taken."""
+    desired. Nothing is written when a name is taken. `initial_replicas`: the workloads an external
+    scaler owns (rendered without spec.replicas), with the count to create each with (`hand_over`)."""
+    initial_replicas = initial_replicas or {}
     result = SyncResult()
     stamped_objs = [stamped(obj) for obj in desired]
     await refuse_taken_names(kube=kube, desired=stamped_objs, observed=observed, uid=uid, namespace=namespace)
@@ -174,10 +207,13 @@ async def sync_children(
     for obj in stamped_objs:
         key = key_of(obj)
         seen = observed.children.get(key)
+        letting_go = False
+        if key in initial_replicas:
+            seen, letting_go = await hand_over(kube=kube, obj=obj, seen=seen, initial=initial_replicas[key])
         drifted = None if seen is None or needs_apply(obj, seen) else drift(obj, seen)
         if drifted is not None:
             result.restored[key] = drifted
-        if needs_apply(obj, seen) or drifted is not None:
+        if needs_apply(obj, seen) or drifted is not None or letting_go:
             result.current[key] = await kube.apply(obj)
             result.applied.append(key)
         elif seen is not None:

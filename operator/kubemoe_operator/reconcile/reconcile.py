@@ -7,7 +7,7 @@ handlers call `reconcile` and turn its decisions into Events and its errors into
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,6 +38,7 @@ from kubemoe_operator.reconcile.status import (
 from kubemoe_operator.render import Owner, endpoint, render
 from kubemoe_operator.render.kv_key import kv_key_secret, kv_key_secret_name, missing_kv_key, needs_kv_key
 from kubemoe_operator.render.names import router_name, workload_name
+from kubemoe_operator.render.workloads import initial_replicas
 
 log = logging.getLogger("kubemoe.reconcile")
 
@@ -113,11 +114,18 @@ def transition_events(old: ModelDeploymentStatus | None, new: ModelDeploymentSta
     return out
 
 
-def _scaled(plan: Plan, before: Mapping[tuple[str, str], dict[str, Any]], owner: str) -> list[Notice]:
+def _scaled(
+    plan: Plan,
+    before: Mapping[tuple[str, str], dict[str, Any]],
+    owner: str,
+    external: Collection[tuple[str, str]],
+) -> list[Notice]:
+    """The operator's own changes of replicas (not an external scaler's: `external`)."""
     out = []
     for role in plan.roles:
-        seen = before.get((role.workload, workload_name(owner, role.role)))
-        if seen is None:
+        key = (role.workload, workload_name(owner, role.role))
+        seen = before.get(key)
+        if seen is None or key in external:
             continue
         was = (seen.get("spec") or {}).get("replicas")
         if was is not None and was != role.replicas:
@@ -126,14 +134,22 @@ def _scaled(plan: Plan, before: Mapping[tuple[str, str], dict[str, Any]], owner:
 
 
 def role_states(
-    *, plan: Plan, current: Mapping[tuple[str, str], dict[str, Any]], owner: str
+    *,
+    plan: Plan,
+    current: Mapping[tuple[str, str], dict[str, Any]],
+    owner: str,
+    external: Collection[tuple[str, str]] = (),
 ) -> dict[str, WorkloadState]:
-    states: dict[str, WorkloadState] = {
-        role.role: workload_state(
-            current.get((role.workload, workload_name(owner, role.role))), wanted=role.replicas
-        )
-        for role in plan.roles
-    }
+    """Per role, and the router. A role an external scaler owns (`external`) wants what its workload's
+    spec.replicas says now (the scaler's count), not the spec's initial count."""
+    states: dict[str, WorkloadState] = {}
+    for role in plan.roles:
+        key = (role.workload, workload_name(owner, role.role))
+        live = current.get(key)
+        wanted = role.replicas
+        if key in external and live is not None and (live.get("spec") or {}).get("replicas") is not None:
+            wanted = int(live["spec"]["replicas"])
+        states[role.role] = workload_state(live, wanted=wanted)
     if plan.router.replicas > 0:
         states[ROUTER] = workload_state(
             current.get(("Deployment", router_name(owner))), wanted=plan.router.replicas
@@ -207,6 +223,7 @@ async def reconcile(
                 generation=generation, plan_error=_internal(err, "rendering"), plan_reason=REASON_PLAN_FAILED
             )
         )
+    external = initial_replicas(spec=spec, plan=plan, owner=name)
     apply_error: str | None = None
     apply_reason = REASON_APPLY_FAILED
     try:
@@ -220,6 +237,7 @@ async def reconcile(
             uid=uid,
             namespace=namespace,
             create_first=[kv_key_secret(owner)] if needs_kv_key(plan) else [],  # before the pods read it
+            initial_replicas=external,
         )
     except RejectedError as err:
         apply_error = str(err)
@@ -240,14 +258,14 @@ async def reconcile(
             )
         )
     unchanged = {k: v for k, v in observed.children.items() if k not in sync.restored}
-    result.decisions.extend(_scaled(plan, unchanged, name))
+    result.decisions.extend(_scaled(plan, unchanged, name, external))
     facts = Facts(
         generation=generation,
         layout=plan.layout,
         endpoint=endpoint(name=name, namespace=namespace),
         apply_error=apply_error,
         apply_reason=apply_reason,
-        roles=role_states(plan=plan, current=sync.current, owner=name),
+        roles=role_states(plan=plan, current=sync.current, owner=name, external=external),
         trouble=pod_trouble(observed.pods),
     )
     return await finish(facts)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from kubemoe_operator.api.labels import LABEL_LEADER
+from kubemoe_operator.api.spec import ModelDeploymentSpec
 from kubemoe_operator.plan.command import PORT
-from kubemoe_operator.plan.model import PodPlan, RolePlan
+from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.names import Owner, metadata, selector, workload_name
 from kubemoe_operator.render.pods import PodContext, pod_template
 
@@ -23,15 +24,30 @@ def any_worker(pod: PodPlan) -> PodPlan:
     return pod.model_copy(update={"command": argv})
 
 
-def leader_worker_set(*, owner: Owner, ctx: PodContext, role: RolePlan, replicas: int) -> dict[str, Any]:
-    """replicas = serving groups, size = pods per group; a dead rank restarts its whole group."""
+def externally_scaled(spec: ModelDeploymentSpec, role: str) -> bool:
+    """An HPA or a KEDA ScaledObject owns the role's replicas (autoscaling.mode external)."""
+    scale = next((r.autoscaling for name, r in spec.roles.items() if name == role), None)
+    return scale is not None and scale.mode == "external"
+
+
+def _replicas(replicas: int | None) -> dict[str, Any]:
+    """spec.replicas, or nothing when a scaler owns it: the operator's apply then never names the
+    field, so it neither sets it nor takes it back (reconcile/apply.py hands it over)."""
+    return {} if replicas is None else {"replicas": replicas}
+
+
+def leader_worker_set(
+    *, owner: Owner, ctx: PodContext, role: RolePlan, replicas: int | None
+) -> dict[str, Any]:
+    """replicas = serving groups (None: a scaler's), size = pods per group; a dead rank restarts its
+    whole group."""
     leader, worker = role.pods[0], any_worker(role.pods[1])
     return {
         "apiVersion": LWS_API_VERSION,
         "kind": LWS_KIND,
         "metadata": metadata(owner=owner, name=workload_name(owner.name, role.role), role=role.role),
         "spec": {
-            "replicas": replicas,
+            **_replicas(replicas),
             "startupPolicy": "LeaderCreated",
             "leaderWorkerTemplate": {
                 "size": role.pods_per_group,
@@ -44,15 +60,16 @@ def leader_worker_set(*, owner: Owner, ctx: PodContext, role: RolePlan, replicas
 
 
 def deployment(
-    *, owner: Owner, name: str, role: str, replicas: int, template: dict[str, Any]
+    *, owner: Owner, name: str, role: str, replicas: int | None, template: dict[str, Any]
 ) -> dict[str, Any]:
-    """One pod per serving group. Rolling updates never surge: accelerators are rarely spare."""
+    """One pod per serving group (replicas None: a scaler's). Rolling updates never surge:
+    accelerators are rarely spare."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata(owner=owner, name=name, role=role),
         "spec": {
-            "replicas": replicas,
+            **_replicas(replicas),
             "selector": {"matchLabels": selector(owner.name, role)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": template,
@@ -61,15 +78,29 @@ def deployment(
 
 
 def role_workload(*, owner: Owner, ctx: PodContext, role: RolePlan) -> dict[str, Any]:
+    """The role's LeaderWorkerSet or Deployment; without spec.replicas when an external scaler owns
+    them (the operator creates it with role.replicas, spec.roles.<role>.replicas: `initial_replicas`)."""
+    replicas = None if externally_scaled(ctx.spec, role.role) else role.replicas
     if role.workload == "LeaderWorkerSet":
-        return leader_worker_set(owner=owner, ctx=ctx, role=role, replicas=role.replicas)
+        return leader_worker_set(owner=owner, ctx=ctx, role=role, replicas=replicas)
     return deployment(
         owner=owner,
         name=workload_name(owner.name, role.role),
         role=role.role,
-        replicas=role.replicas,
+        replicas=replicas,
         template=pod_template(ctx=ctx, role=role, pod=role.pods[0]),
     )
+
+
+def initial_replicas(*, spec: ModelDeploymentSpec, plan: Plan, owner: str) -> dict[tuple[str, str], int]:
+    """(kind, name) -> the groups to create it with, for each workload an external scaler owns (its
+    render has no spec.replicas): spec.roles.<role>.replicas, the autoscaler's decisions never
+    applying to such a role (api/desired.py)."""
+    return {
+        (role.workload, workload_name(owner, role.role)): role.replicas
+        for role in plan.roles
+        if externally_scaled(spec, role.role)
+    }
 
 
 def headless_service(*, owner: Owner, role: str) -> dict[str, Any]:

@@ -3,9 +3,13 @@
 It keeps what the reconciler relies on from the real one, no more: objects by (kind, namespace, name);
 server-side apply that sets the fields the render sends and keeps the rest (status, fields another
 manager set); a uid and a resourceVersion on every object; create that refuses an existing name; a
-status subresource. Listing by label and owner is `Kube.observe`'s own job, so `observe` here filters
-the same way. The e2e suites run the same reconciler against a real kube-apiserver; this double makes
-the reconciler's rules (apply what changed, put drift back, refuse taken names, prune) fast to test.
+status subresource; and who owns a workload's spec.replicas (managedFields, for that field only): an
+apply that names it owns it (forced: alone, unless the value is the same; unforced: a 409 against
+another owner's different value), an apply that leaves it out lets go, and the field goes back to
+its default 1 when its last owner lets go; `scale` is an update through /scale. Listing by label and
+owner is `Kube.observe`'s own job, so `observe` here filters the same way. The e2e suites run the
+same reconciler against a real kube-apiserver; this double makes the reconciler's rules (apply what
+changed, put drift back, refuse taken names, prune, hand replicas over) fast to test.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from typing import Any, cast
 from lightkube import AsyncClient
 
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT
-from kubemoe_operator.kube.client import Kube, Observed, owned_by
+from kubemoe_operator.kube.client import Kube, Observed, RetryableError, owned_by
 from kubemoe_operator.kube.kinds import CHILD_KINDS, key_of
 
 Key = tuple[str, str, str]
 """(kind, namespace, name)"""
 CHILD_KIND_NAMES = frozenset(k.kind for k in CHILD_KINDS)
+SCALABLE = frozenset({"Deployment", "LeaderWorkerSet"})
 
 
 def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,6 +51,8 @@ class MemoryKube(Kube):
         self.events: list[dict[str, Any]] = []
         self.lws_served = lws_served
         self._versions = itertools.count(1)
+        self.replica_owners: dict[Key, dict[str, str]] = {}
+        """(kind, namespace, name) -> manager -> operation (Apply, Update), for spec.replicas."""
 
     # --- what tests use to set the scene ----------------------------------------------------------
 
@@ -57,6 +64,42 @@ class MemoryKube(Kube):
         meta["resourceVersion"] = str(next(self._versions))
         self.objects[(stored["kind"], meta["namespace"], meta["name"])] = stored
         return stored
+
+    def scale(self, kind: str, namespace: str, name: str, replicas: int, *, manager: str = "kubectl") -> None:
+        """`kubectl scale` or an HPA: an update through /scale, which takes spec.replicas over."""
+        key = (kind, namespace, name)
+        obj = copy.deepcopy(self.objects[key])
+        obj["spec"]["replicas"] = replicas
+        self.replica_owners[key] = {manager: "Update"}
+        obj["metadata"]["managedFields"] = self._managed_fields(key)
+        self.put(obj)
+
+    def _replicas_after(self, key: Key, obj: Mapping[str, Any], *, manager: str, force: bool) -> int:
+        """spec.replicas once `manager` applied `obj`, and who owns it then."""
+        owners = self.replica_owners.setdefault(key, {})
+        live = self.objects.get(key, {}).get("spec", {}).get("replicas")
+        want = obj["spec"].get("replicas")
+        if want is None:
+            if owners.pop(manager, None) is not None and not owners:
+                return 1  # its last owner let go: removed, then defaulted
+            return 1 if live is None else int(live)
+        if live is not None and want != live and set(owners) - {manager}:
+            if not force:
+                raise RetryableError(f"apply {key}: 409 Conflict: spec.replicas is owned by {sorted(owners)}")
+            owners.clear()
+        owners[manager] = "Apply"
+        return int(want)
+
+    def _managed_fields(self, key: Key) -> list[dict[str, Any]]:
+        return [
+            {
+                "manager": m,
+                "operation": op,
+                "fieldsV1": {"f:spec": {"f:replicas": {}}},
+                **({"subresource": "scale"} if op == "Update" else {}),
+            }
+            for m, op in sorted(self.replica_owners.get(key, {}).items())
+        ]
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         return self.objects[(kind, namespace, name)]
@@ -93,15 +136,23 @@ class MemoryKube(Kube):
             self._wrote("create", obj["kind"], meta["namespace"], meta["name"])
         self.created.add(key)
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    async def apply(
+        self, obj: dict[str, Any], *, field_manager: str | None = None, force: bool = True
+    ) -> dict[str, Any]:
         meta = obj["metadata"]
         key = (obj["kind"], meta["namespace"], meta["name"])
-        stored = self.put(_merge(self.objects.get(key, {}), obj))
-        self._wrote("apply", *key)
+        manager = field_manager or self.field_manager
+        stored = _merge(self.objects.get(key, {}), obj)
+        if obj["kind"] in SCALABLE:
+            stored["spec"]["replicas"] = self._replicas_after(key, obj, manager=manager, force=force)
+            stored["metadata"]["managedFields"] = self._managed_fields(key)
+        stored = self.put(stored)
+        self._wrote("apply" if manager == self.field_manager else f"apply:{manager}", *key)
         return copy.deepcopy(stored)
 
     async def delete(self, *, kind: str, name: str, namespace: str) -> None:
         self.objects.pop((kind, namespace, name), None)
+        self.replica_owners.pop((kind, namespace, name), None)
         self._wrote("delete", kind, namespace, name)
 
     async def post_event(self, event: dict[str, Any]) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubemoe_operator.api.labels import ANNOTATION_HASH, LABEL_DEPLOYMENT, LABEL_ROLE
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
+from kubemoe_operator.render.workloads import initial_replicas
 from tests.operator.helpers import BASE, EXAMPLES, GOLDEN, REPO
 
 IMAGE = "kubemoe/kubemoe-runtime:test"
@@ -181,3 +183,26 @@ def test_engine_pods_give_the_runtime_its_metric_labels(path: Path) -> None:
             assert env["KUBEMOE_GROUP"]["valueFrom"]["fieldRef"]["fieldPath"] == group
             args = container["args"]
             assert args[args.index("--role") + 1] == obj["metadata"]["labels"][LABEL_ROLE]
+
+
+@pytest.mark.parametrize(
+    ("example", "role", "kind"),
+    [("deepseek-v3", "decode", "LeaderWorkerSet"), ("mixtral-8x7b", "worker", "Deployment")],
+)
+def test_a_role_an_external_scaler_owns_renders_without_replicas(example: str, role: str, kind: str) -> None:
+    """autoscaling.mode external: the workload carries no spec.replicas (the operator's apply never
+    names it); the count to create it with is the spec's, in initial_replicas."""
+    data = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+    data["spec"]["roles"][role].update(replicas=3, autoscaling={"mode": "external"})
+    md = parse_manifest(data)
+    plan = plan_manifest(md)
+    owner = Owner(name="t", namespace="ns", uid=UID)
+    workloads = {
+        o["metadata"]["labels"][LABEL_ROLE]: o
+        for o in render(spec=md.spec, plan=plan, owner=owner, image=IMAGE)
+        if o["kind"] in ("LeaderWorkerSet", "Deployment")
+    }
+    assert workloads[role]["kind"] == kind
+    assert "replicas" not in workloads[role]["spec"]
+    assert all("replicas" in w["spec"] for r, w in workloads.items() if r != role), "the others keep theirs"
+    assert initial_replicas(spec=md.spec, plan=plan, owner="t") == {(kind, f"t-{role}"): 3}
