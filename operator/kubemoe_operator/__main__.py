@@ -13,6 +13,7 @@ from lightkube import AsyncClient
 
 from kubemoe_operator.autoscale.loop import Autoscaler, Source, pod_targets
 from kubemoe_operator.autoscale.prometheus import PrometheusSource
+from kubemoe_operator.autoscale.removal import LeastLoaded, pod_leaders
 from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
 from kubemoe_operator.kube.client import Kube
@@ -44,6 +45,7 @@ def autoscaler(
         interval_s=settings.autoscale_interval_seconds,
         namespaces=settings.namespaces,
         metrics=metrics,
+        removal=LeastLoaded(kube=kube, leaders=pod_leaders(kube), client=http),
     )
 
 

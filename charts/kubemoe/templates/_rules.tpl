@@ -26,7 +26,7 @@
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: ['']
   resources: [pods]
-  verbs: [list]
+  verbs: [list, patch]
 - apiGroups: ['']
   resources: [secrets]
   verbs: [create]

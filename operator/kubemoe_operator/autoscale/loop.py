@@ -8,6 +8,8 @@ reconciler renders it, clamped to minReplicas..maxReplicas; spec is never writte
   and changes nothing until its readings cover a full window (decide.py); each change starts a
   cooldown. The recommendation counts the groups that are ready (status.roles.<role>.ready, from
   the reconciler), so groups still loading are capacity on the way, not a reason to add more.
+- Before a scale-down is written, each one-pod group of the role gets its load as its deletion cost,
+  so that the Deployment removes the least loaded (removal.py); the group removed then drains.
 - desired is written only when a decision differs from the replicas the role runs now (so a
   role whose load never moves keeps following spec.replicas), and each such write is an Event
   (reason Scaled, the decision's reason as the message).
@@ -39,7 +41,6 @@ from typing import Any, Literal, Protocol
 from prometheus_client import Gauge
 
 from kubemoe_operator.api.desired import effective_spec, parse_status
-from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import API_VERSION, KIND
@@ -47,10 +48,10 @@ from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSp
 from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, now_utc
 from kubemoe_operator.autoscale.decide import Decision, RoleMemory, couple
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
+from kubemoe_operator.autoscale.removal import LeastLoaded, pod_leaders
 from kubemoe_operator.autoscale.scrape import Targets
 from kubemoe_operator.autoscale.signals import RoleSelector
 from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, event_body
-from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.run.metrics import OperatorMetrics
 
 log = logging.getLogger("kubemoe.autoscale")
@@ -175,20 +176,10 @@ def owns_status(body: Mapping[str, Any], manager: str) -> bool:
 
 def pod_targets(kube: Kube) -> Targets:
     """ScrapeSource targets: /metrics of the role's running API pods (group leaders), by pod IP."""
+    leaders = pod_leaders(kube)
 
     async def targets(sel: RoleSelector) -> list[str]:
-        pods = await kube.list_pods(
-            namespace=sel.namespace,
-            labels={LABEL_DEPLOYMENT: sel.deployment, LABEL_ROLE: sel.role, LABEL_LEADER: "true"},
-        )
-        out = []
-        for pod in pods:
-            st = pod.get("status") or {}
-            ip = st.get("podIP")
-            if ip and st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-                host = f"[{ip}]" if ":" in ip else ip
-                out.append(f"http://{host}:{PORT}/metrics")
-        return sorted(out)
+        return [leader.url for leader in await leaders(sel)]
 
     return targets
 
@@ -204,6 +195,9 @@ class Autoscaler:
     """Empty: every namespace."""
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     clock: Callable[[], float] = time.monotonic
+    removal: LeastLoaded | None = None
+    """Marks the least loaded group before a scale-down (removal.py); None: leave the choice to the
+    workload controller."""
     memory: dict[tuple[str, str], RoleMemory] = field(default_factory=dict)
     """(ModelDeployment uid, role) -> what this autoscaler remembers of it (decide.py)."""
     series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = field(default_factory=dict)
@@ -308,6 +302,9 @@ class Autoscaler:
             now=now_utc(),
         )
         if patch is not None:
+            for o in outcomes:
+                if self.removal is not None and o.new_desired is not None and o.new_desired < o.current:
+                    await self.removal.mark(RoleSelector(namespace=namespace, deployment=name, role=o.role))
             written = await self.kube.apply_status(
                 name=name,
                 namespace=namespace,

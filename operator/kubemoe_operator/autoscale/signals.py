@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from kubemoe_operator.api.spec import MetricType
 
 QUEUE = "kubemoe_requests_waiting"
+RUNNING = "kubemoe_requests_running"
 KV_USAGE = "kubemoe_kv_cache_usage_ratio"
 GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
 TTFT = "kubemoe_time_to_first_token_seconds"

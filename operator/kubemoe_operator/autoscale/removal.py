@@ -1,0 +1,137 @@
+"""Which group a scale-down removes: the least loaded, chosen before the change is written.
+
+A Deployment's ReplicaSet removes the pods with the lowest `controller.kubernetes.io/pod-deletion-cost`
+first (after any pod not yet scheduled, running or ready: those always go first). So before the
+autoscaler writes a lower desired for a role of one-pod groups, it sets each running group leader's
+cost to its load, requests running plus waiting, read from the pod's own /metrics: the group with
+the least to finish is the one removed. A LeaderWorkerSet always removes its highest-index groups;
+there is nothing to choose there, and its pods are left alone.
+
+The removed group then drains (render/lifecycle.py's preStop, pod/drain.py): the router ejects it on
+its /ready 503, requests in flight finish, prefilled KV waits for its decode's pull, bounded by the
+drain timeout. The choice only shortens that drain, so it is best effort: a pod that does not answer
+keeps the cost it had (a fresh pod has none: 0), a failed patch is logged, and the scale-down goes
+ahead either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx2
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
+from kubemoe_operator.autoscale.signals import QUEUE, RUNNING, RoleSelector
+from kubemoe_operator.kube.client import Kube
+from kubemoe_operator.plan.command import PORT
+
+log = logging.getLogger("kubemoe.autoscale")
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+MAX_PAGE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Leader:
+    """A running group leader: its pod and where its /metrics answers."""
+
+    pod: Mapping[str, Any]
+    url: str
+
+    @property
+    def name(self) -> str:
+        return str(self.pod["metadata"]["name"])
+
+    @property
+    def in_replica_set(self) -> bool:
+        """Whether a ReplicaSet (a Deployment) owns the pod, and so reads its deletion cost."""
+        refs = self.pod["metadata"].get("ownerReferences") or []
+        return any(r.get("kind") == "ReplicaSet" and r.get("controller") for r in refs)
+
+
+Leaders = Callable[[RoleSelector], Awaitable[list[Leader]]]
+
+
+def pod_leaders(kube: Kube) -> Leaders:
+    """A role's running group leaders (not being deleted), by pod IP, in name order."""
+
+    async def leaders(sel: RoleSelector) -> list[Leader]:
+        pods = await kube.list_pods(
+            namespace=sel.namespace,
+            labels={LABEL_DEPLOYMENT: sel.deployment, LABEL_ROLE: sel.role, LABEL_LEADER: "true"},
+        )
+        out = []
+        for pod in pods:
+            st = pod.get("status") or {}
+            ip = st.get("podIP")
+            if ip and st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                host = f"[{ip}]" if ":" in ip else ip
+                out.append(Leader(pod=pod, url=f"http://{host}:{PORT}/metrics"))
+        return sorted(out, key=lambda leader: leader.name)
+
+    return leaders
+
+
+class PodAnnotator(Protocol):
+    async def annotate_pod(self, *, namespace: str, name: str, annotations: Mapping[str, str]) -> None: ...
+
+
+def load_of(text: str, sel: RoleSelector) -> float:
+    """Requests running plus waiting on one pod's page, for `sel`'s role; ValueError if unreadable."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name not in (QUEUE, RUNNING):
+                continue
+            if s.labels.get("deployment") != sel.deployment or s.labels.get("role") != sel.role:
+                continue
+            if not math.isfinite(s.value) or s.value < 0:
+                raise ValueError(f"{s.name} is {s.value}")
+            total += s.value
+    return total
+
+
+@dataclass
+class LeastLoaded:
+    """Marks a role's one-pod groups so that a scale-down removes the least loaded (module docstring)."""
+
+    kube: PodAnnotator
+    leaders: Leaders
+    client: httpx2.AsyncClient
+
+    async def mark(self, sel: RoleSelector) -> dict[str, int]:
+        """Set each ReplicaSet-owned leader's deletion cost to its load; the costs set, by pod."""
+        found = [leader for leader in await self.leaders(sel) if leader.in_replica_set]
+        loads = await asyncio.gather(*(self._load(leader, sel) for leader in found))
+        costs: dict[str, int] = {}
+        for leader, load in zip(found, loads, strict=True):
+            if load is None:
+                continue
+            cost = min(round(load), 2**31 - 1)
+            annotations = leader.pod["metadata"].get("annotations") or {}
+            if annotations.get(DELETION_COST) != str(cost):
+                try:
+                    await self.kube.annotate_pod(
+                        namespace=sel.namespace, name=leader.name, annotations={DELETION_COST: str(cost)}
+                    )
+                except Exception as err:  # best effort: the drain protects the requests either way
+                    log.warning("autoscaler: could not set %s on %s: %s", DELETION_COST, leader.name, err)
+                    continue
+            costs[leader.name] = cost
+        return costs
+
+    async def _load(self, leader: Leader, sel: RoleSelector) -> float | None:
+        try:
+            resp = await self.client.get(leader.url, timeout=3.0)
+            if resp.status_code != 200 or len(resp.content) > MAX_PAGE_BYTES:
+                return None
+            return load_of(resp.text, sel)
+        except (httpx2.HTTPError, ValueError, TypeError, KeyError, IndexError) as err:
+            log.debug("autoscaler: no load from %s: %s", leader.url, err)
+            return None
