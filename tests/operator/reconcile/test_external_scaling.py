@@ -10,8 +10,10 @@ import copy
 from typing import Any
 
 import pytest
+import yaml
 
 from kubemoe_operator.kube.client import REPLICAS_HANDOVER_MANAGER, RetryableError, owns_replicas
+from tests.operator.helpers import REPO
 from tests.operator.reconcile.memory_kube import MemoryKube
 from tests.operator.reconcile.test_reconcile import NS, SPEC, conditions, reasons, run
 
@@ -117,3 +119,16 @@ async def test_a_count_changed_since_it_was_read_is_not_handed_over() -> None:
     with pytest.raises(RetryableError):
         await kube.hand_over_replicas(stale)
     assert kube.get(*DECODE)["spec"]["replicas"] == 6
+
+
+async def test_a_deployment_role_is_handed_over_too() -> None:
+    """A colocated worker role in one pod per group: a Deployment, handed over the same way."""
+    spec = yaml.safe_load((REPO / "examples" / "mixtral-8x7b.yaml").read_text())["spec"]
+    spec["roles"]["worker"]["replicas"] = 3
+    kube = MemoryKube()
+    await run(kube, spec)
+    worker = ("Deployment", NS, "t-worker")
+    spec["roles"]["worker"]["autoscaling"] = {"mode": "external"}
+    await run(kube, spec, generation=2)
+    assert kube.get(*worker)["spec"]["replicas"] == 3
+    assert kube.replica_owners[worker] == {REPLICAS_HANDOVER_MANAGER: "Apply"}

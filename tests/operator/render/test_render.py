@@ -206,3 +206,19 @@ def test_a_role_an_external_scaler_owns_renders_without_replicas(example: str, r
     assert "replicas" not in workloads[role]["spec"]
     assert all("replicas" in w["spec"] for r, w in workloads.items() if r != role), "the others keep theirs"
     assert initial_replicas(spec=md.spec, plan=plan, owner="t") == {(kind, f"t-{role}"): 3}
+
+
+def test_the_external_scaling_examples_hpa_targets_the_workload_the_operator_renders() -> None:
+    """examples/autoscaling-external: the HPA's scaleTargetRef names the decode workload (kind,
+    apiVersion and name) that the ModelDeployment renders, without spec.replicas."""
+    folder = REPO / "examples" / "autoscaling-external"
+    md = load_manifest(folder / "modeldeployment.yaml")
+    hpa = yaml.safe_load((folder / "hpa.yaml").read_text())
+    owner = Owner(name=md.metadata.name, namespace="ns", uid=UID)
+    objs = render(spec=md.spec, plan=plan_manifest(md), owner=owner, image=IMAGE)
+    target = hpa["spec"]["scaleTargetRef"]
+    (workload,) = [o for o in objs if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
+    assert workload["apiVersion"] == target["apiVersion"]
+    assert workload["metadata"]["labels"][LABEL_ROLE] == "decode"
+    assert "replicas" not in workload["spec"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
