@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +82,24 @@ def the_charts_rbac_is_enough(operator: OperatorProcess) -> Iterator[None]:
     assert refused == [], refused[:5]
 
 
-def deploy(cluster: Cluster, ns: str, name: str, *, decode: dict[str, Any]) -> None:
-    spec = copy.deepcopy(SPEC)
-    spec["roles"]["decode"].update(decode)
-    md = {"apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}}
-    cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps({**md, "spec": spec}))
+Deploy = Callable[..., str]
 
 
 @pytest.fixture
-def deployed(cluster: Cluster, namespace: str, operator: OperatorProcess) -> Iterator[list[str]]:
-    """Names of the ModelDeployments a test deploys, deleted after it (their GPUs freed)."""
+def deploy(cluster: Cluster, namespace: str, operator: OperatorProcess) -> Iterator[Deploy]:
+    """deploy(name, decode={...}): SPEC with decode's fields updated, as ModelDeployment `name` in
+    `namespace`; deleted after the test (its GPUs freed). Returns the name."""
     names: list[str] = []
-    yield names
+
+    def apply(name: str, *, decode: dict[str, Any]) -> str:
+        spec = copy.deepcopy(SPEC)
+        spec["roles"]["decode"].update(decode)
+        md = {"apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps({**md, "spec": spec}))
+        names.append(name)
+        return name
+
+    yield apply
     for name in names:
         cluster.kubectl("delete", "md", name, "-n", namespace, "--wait=true", "--timeout=60s")
     eventually(
@@ -171,14 +177,12 @@ def reapplied(cluster: Cluster, operator: OperatorProcess, ns: str, name: str, n
 
 
 def test_an_hpas_count_holds_and_is_reported(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, deployed: list[str]
+    cluster: Cluster, namespace: str, operator: OperatorProcess, deploy: Deploy
 ) -> None:
     """Created with the spec's 2 groups and handed over; a real HPA (minReplicas 3: the HPA
     controller raises a target below its minimum without reading any metric) scales it to 3 through
     /scale; the operator applies it again and resyncs, and the 3 holds and is what status reports."""
-    ns, name = namespace, "ext-hpa"
-    deployed.append(name)
-    deploy(cluster, ns, name, decode={"autoscaling": {"mode": "external"}})
+    ns, name = namespace, deploy("ext-hpa", decode={"autoscaling": {"mode": "external"}})
     eventually(lambda: handed_over(cluster, ns, name), timeout=60, what="decode created and handed over")
     created = lws(cluster, ns, name)
     assert created["spec"]["replicas"] == 2, "created with spec.roles.decode.replicas"
@@ -207,13 +211,11 @@ def test_an_hpas_count_holds_and_is_reported(
 
 
 def test_a_role_switched_to_external_keeps_its_count_and_then_the_scalers(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, deployed: list[str]
+    cluster: Cluster, namespace: str, operator: OperatorProcess, deploy: Deploy
 ) -> None:
     """Operator mode with 3 groups, then mode external: still 3 (not the default 1), owned by the
     hand-over manager alone; `kubectl scale` to 1 then holds through an apply and resyncs."""
-    ns, name = namespace, "ext-switch"
-    deployed.append(name)
-    deploy(cluster, ns, name, decode={"replicas": 3})
+    ns, name = namespace, deploy("ext-switch", decode={"replicas": 3})
     reported(cluster, ns, name, 3)
     assert replica_owners(lws(cluster, ns, name)) == {OPERATOR}
 
@@ -232,11 +234,9 @@ def test_a_role_switched_to_external_keeps_its_count_and_then_the_scalers(
 
 
 def test_switched_back_to_operator_mode_the_operator_takes_the_count_back(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, deployed: list[str]
+    cluster: Cluster, namespace: str, operator: OperatorProcess, deploy: Deploy
 ) -> None:
-    ns, name = namespace, "ext-back"
-    deployed.append(name)
-    deploy(cluster, ns, name, decode={"replicas": 1, "autoscaling": {"mode": "external"}})
+    ns, name = namespace, deploy("ext-back", decode={"replicas": 1, "autoscaling": {"mode": "external"}})
     eventually(lambda: handed_over(cluster, ns, name), timeout=60, what="decode created and handed over")
     cluster.kubectl("scale", "lws", f"{name}-decode", "-n", ns, "--replicas=3")
     reported(cluster, ns, name, 3)

@@ -36,7 +36,9 @@ class RecordingKube(Kube):
     async def create_once(self, obj: dict[str, Any]) -> None:
         self.calls.append(f"create {obj['kind']}")
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    async def apply(
+        self, obj: dict[str, Any], *, field_manager: str | None = None, force: bool = True
+    ) -> dict[str, Any]:
         self.calls.append(f"apply {obj['kind']}")
         return obj
 
