@@ -3,7 +3,9 @@ replicas through the scale subresource, and the operator (as the chart's Service
 field over by server-side apply and never takes it back while the role stays external.
 
 Each test deploys its own ModelDeployment (Mixtral disaggregated on the simulated H200 nodes, each
-role a LeaderWorkerSet of 2-pod groups) and removes it after. "The operator never reverts it" is
+role a LeaderWorkerSet of 2-pod groups, or decode a Deployment of one-pod groups for the HPA: the
+HPA controller resolves a LeaderWorkerSet only once its discovery has caught up, a resync or two
+later) and removes it after. "The operator never reverts it" is
 checked after the operator has applied the LeaderWorkerSet again (a pod annotation added to the spec)
 and two more resyncs have run. The examples in examples/autoscaling-external/ are checked by a
 server-side dry run.
@@ -109,14 +111,15 @@ def deploy(cluster: Cluster, namespace: str, operator: OperatorProcess) -> Itera
     )
 
 
-def lws(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = get_json(cluster, "lws", f"{name}-decode", "-n", ns, "--show-managed-fields")
+def workload(cluster: Cluster, ns: str, name: str, kind: str = "lws") -> dict[str, Any]:
+    """The decode role's LeaderWorkerSet (or `kind`), with its managedFields."""
+    obj: dict[str, Any] = get_json(cluster, kind, f"{name}-decode", "-n", ns, "--show-managed-fields")
     return obj
 
 
-def handed_over(cluster: Cluster, ns: str, name: str) -> bool:
-    """The decode LeaderWorkerSet exists and the operator's field manager no longer owns its replicas."""
-    obj = get_or_none(cluster, "lws", f"{name}-decode", "-n", ns, "--show-managed-fields")
+def handed_over(cluster: Cluster, ns: str, name: str, kind: str = "lws") -> bool:
+    """The decode workload exists and the operator's field manager no longer owns its replicas."""
+    obj = get_or_none(cluster, kind, f"{name}-decode", "-n", ns, "--show-managed-fields")
     return obj is not None and OPERATOR not in replica_owners(obj)
 
 
@@ -161,49 +164,58 @@ def resyncs(operator: OperatorProcess, *, after: int, count: int) -> None:
     eventually(seen, timeout=60, what=f"{count} resyncs")
 
 
-def reapplied(cluster: Cluster, operator: OperatorProcess, ns: str, name: str, note: str) -> None:
-    """Change the spec so that the operator applies the decode LeaderWorkerSet again (a pod
-    annotation), wait until it has, then for two more resyncs."""
+def reapplied(
+    cluster: Cluster, operator: OperatorProcess, ns: str, name: str, *, note: str, kind: str = "lws"
+) -> None:
+    """Change the spec so that the operator applies the decode workload again (a pod annotation),
+    wait until it has, then for two more resyncs."""
     start = len(operator.cluster.audit_events(user=service_account_user(operator.cluster)))
     patch = {"spec": {"pod": {"annotations": {"example.com/note": note}}}}
     cluster.kubectl("patch", "md", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
 
     def applied() -> bool:
-        template = lws(cluster, ns, name)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+        spec = workload(cluster, ns, name, kind)["spec"]
+        template = (
+            spec["template"] if kind == "deployment" else spec["leaderWorkerTemplate"]["leaderTemplate"]
+        )
         return bool((template["metadata"].get("annotations") or {}).get("example.com/note") == note)
 
-    eventually(applied, timeout=60, what="the operator to apply the decode LeaderWorkerSet again")
+    eventually(applied, timeout=60, what="the operator to apply the decode workload again")
     resyncs(operator, after=start, count=3)
 
 
 def test_an_hpas_count_holds_and_is_reported(
     cluster: Cluster, namespace: str, operator: OperatorProcess, deploy: Deploy
 ) -> None:
-    """Created with the spec's 2 groups and handed over; a real HPA (minReplicas 3: the HPA
-    controller raises a target below its minimum without reading any metric) scales it to 3 through
-    /scale; the operator applies it again and resyncs, and the 3 holds and is what status reports."""
-    ns, name = namespace, deploy("ext-hpa", decode={"autoscaling": {"mode": "external"}})
-    eventually(lambda: handed_over(cluster, ns, name), timeout=60, what="decode created and handed over")
-    created = lws(cluster, ns, name)
+    """Decode in one pod per group (a Deployment), created with the spec's 2 groups and handed over;
+    the example's HPA, with minReplicas 3 (the HPA controller raises a target below its minimum
+    without reading any metric), scales it to 3 through /scale; the operator applies it again and
+    resyncs, and the 3 holds and is what status reports."""
+    single_pod = {"tensor": 1, "data": 1, "expert": 1}
+    decode = {"parallelism": single_pod, "autoscaling": {"mode": "external"}}
+    ns, name = namespace, deploy("ext-hpa", decode=decode)
+    eventually(
+        lambda: handed_over(cluster, ns, name, "deployment"),
+        timeout=60,
+        what="decode created and handed over",
+    )
+    created = workload(cluster, ns, name, "deployment")
     assert created["spec"]["replicas"] == 2, "created with spec.roles.decode.replicas"
     assert replica_owners(created) == {HANDOVER}
     reported(cluster, ns, name, 2)
 
     hpa = yaml.safe_load((EXAMPLE / "hpa.yaml").read_text())
-    hpa["metadata"]["name"] = f"{name}-decode"
-    hpa["spec"]["scaleTargetRef"] = {
-        "apiVersion": "leaderworkerset.x-k8s.io/v1",
-        "kind": "LeaderWorkerSet",
-        "name": f"{name}-decode",
-    }
+    hpa["metadata"]["name"] = hpa["spec"]["scaleTargetRef"]["name"] = f"{name}-decode"
     hpa["spec"].update(minReplicas=3, maxReplicas=4)
     cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(hpa))
     eventually(
-        lambda: lws(cluster, ns, name)["spec"]["replicas"] == 3, timeout=60, what="the HPA to scale to 3"
+        lambda: workload(cluster, ns, name, "deployment")["spec"]["replicas"] == 3,
+        timeout=60,
+        what="the HPA to scale to 3",
     )
     reported(cluster, ns, name, 3)
-    reapplied(cluster, operator, ns, name, "hpa")
-    after = lws(cluster, ns, name)
+    reapplied(cluster, operator, ns, name, note="hpa", kind="deployment")
+    after = workload(cluster, ns, name, "deployment")
     assert after["spec"]["replicas"] == 3, "the operator put its count back"
     assert OPERATOR not in replica_owners(after)
     assert HANDOVER not in replica_owners(after), "the HPA's update through /scale took the field"
@@ -217,19 +229,19 @@ def test_a_role_switched_to_external_keeps_its_count_and_then_the_scalers(
     hand-over manager alone; `kubectl scale` to 1 then holds through an apply and resyncs."""
     ns, name = namespace, deploy("ext-switch", decode={"replicas": 3})
     reported(cluster, ns, name, 3)
-    assert replica_owners(lws(cluster, ns, name)) == {OPERATOR}
+    assert replica_owners(workload(cluster, ns, name)) == {OPERATOR}
 
     patch = {"spec": {"roles": {"decode": {"autoscaling": {"mode": "external"}}}}}
     cluster.kubectl("patch", "md", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
     eventually(lambda: handed_over(cluster, ns, name), timeout=60, what="the decode replicas handed over")
-    handed = lws(cluster, ns, name)
+    handed = workload(cluster, ns, name)
     assert handed["spec"]["replicas"] == 3, "not reset to 1"
     assert replica_owners(handed) == {HANDOVER}
 
     cluster.kubectl("scale", "lws", f"{name}-decode", "-n", ns, "--replicas=1")
     reported(cluster, ns, name, 1)
-    reapplied(cluster, operator, ns, name, "scaled")
-    assert lws(cluster, ns, name)["spec"]["replicas"] == 1, "the operator put its count back"
+    reapplied(cluster, operator, ns, name, note="scaled")
+    assert workload(cluster, ns, name)["spec"]["replicas"] == 1, "the operator put its count back"
     assert decode_status(cluster, ns, name) == {"replicas": 1, "ready": 1}
 
 
@@ -244,11 +256,11 @@ def test_switched_back_to_operator_mode_the_operator_takes_the_count_back(
     body = [{"op": "remove", "path": "/spec/roles/decode/autoscaling"}]  # mode operator, not autoscaled
     cluster.kubectl("patch", "md", name, "-n", ns, "--type=json", "-p", json.dumps(body))
     eventually(
-        lambda: lws(cluster, ns, name)["spec"]["replicas"] == 1,
+        lambda: workload(cluster, ns, name)["spec"]["replicas"] == 1,
         timeout=60,
         what="the operator to set spec.roles.decode.replicas again",
     )
-    assert OPERATOR in replica_owners(lws(cluster, ns, name))
+    assert OPERATOR in replica_owners(workload(cluster, ns, name))
     reported(cluster, ns, name, 1)
 
 
