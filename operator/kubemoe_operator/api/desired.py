@@ -27,7 +27,7 @@ def effective_spec(spec: ModelDeploymentSpec, status: ModelDeploymentStatus | No
     for name, role in spec.roles.items():
         want = desired.get(name)
         scale = role.autoscaling
-        if scale is None or want is None or not scale.operator_scaled:
+        if scale is None or want is None or scale.mode == "external":
             continue
         clamped = min(max(want, scale.min_replicas), scale.ceiling)
         if clamped != role.replicas:
