@@ -23,10 +23,14 @@ aiohttp adds 0.1-0.5 ms at p50 (0.17-0.21 ms on the one-stream rows) and 175-430
 on a box shared with other work). In-process, aiohttp's `_request` alone costs about 2.5x this client's
 CPU a request. So this client stays.
 
-A connection goes back to its backend's idle list only once its answer was read to the end. An idle
-connection the backend has since closed is dropped when taken; if a kept-alive connection fails before
-any byte of an answer (the backend closed it as the request went out), the request is sent once more on
-a new connection. Every other failure is an `UpstreamError`, which the router treats as the backend's.
+The HTTP/1.1 itself (the request's head, the answer's head and framing, the kept-alive connections, the
+retry of a request whose kept-alive connection the backend had closed) is pod/http_client.py's, shared
+with the decode's KV pull; this module keeps what is the router's: its timeouts and deadline, and its
+errors. A connection goes back to its backend's idle list only once its answer was read to the end. An
+idle connection the backend has since closed is dropped when taken; if a kept-alive connection fails
+before any byte of an answer (the backend closed it as the request went out), the request is sent once
+more on another connection. Every other failure is an `UpstreamError`, which the router treats as the
+backend's.
 
 Every read is bounded: by `read_timeout` (the most seconds a backend may send nothing: the head of a
 non-streaming answer comes only once it is generated) and by the request's deadline, if it has one.
@@ -41,9 +45,15 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
-from kubemoe_runtime.pod.keepalive import IdlePool
+from kubemoe_runtime.pod.http_client import (
+    IdlePool,
+    ResponseHead,
+    Stale,
+    StreamConnection,
+    request_head,
+    send_pooled,
+)
 
-READ_BYTES = 1 << 16
 READ_TIMEOUT_S = 600.0
 _ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 T = TypeVar("T")
@@ -76,81 +86,45 @@ async def _bounded(read: Awaitable[T], *, read_timeout: float, deadline: float |
         raise UpstreamTimeout(f"the backend sent nothing for {read_timeout:g} s") from err
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    def usable(self) -> bool:
-        return not self.reader.at_eof() and not self.writer.is_closing()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class UpstreamResponse:
     def __init__(
-        self, pool: Upstream, address: str, conn: _Connection, head: bytes, *, deadline: float | None
+        self,
+        pool: Upstream,
+        address: str,
+        conn: StreamConnection,
+        head: ResponseHead,
+        *,
+        deadline: float | None,
     ) -> None:
         self._pool, self._address, self._conn = pool, address, conn
         self._deadline = deadline
-        status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-        version, code = status_line.split(" ", 2)[:2]
-        self.status = int(code)
-        self.headers: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        length = self.headers.get("content-length")
-        self._remaining = 0 if self.status in (204, 304) else (int(length) if length is not None else None)
-        self._reusable = (
-            version == "HTTP/1.1"
-            and self.headers.get("connection", "").lower() != "close"
-            and (self._chunked or self._remaining is not None)
-        )
-        self._complete = False
+        self.status = head.status
+        self.headers = head.headers
 
     def _bounded(self, read: Awaitable[T]) -> Awaitable[T]:
         return _bounded(read, read_timeout=self._pool.read_timeout, deadline=self._deadline)
 
     async def read(self) -> bytes:
         """The whole body."""
-        if not self._chunked and self._remaining is not None:
+        if self._conn.sized:
             try:
-                data = await self._bounded(self._conn.reader.readexactly(self._remaining))
+                return await self._bounded(self._conn.read_rest())
             except _ERRORS as err:
                 raise UpstreamError(f"answer cut short: {type(err).__name__}") from err
-            self._complete = True
-            return data
         return b"".join([chunk async for chunk in self.iter_raw()])
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives (chunked framing removed)."""
-        reader = self._conn.reader
+        conn = self._conn
         try:
-            if self._chunked:
-                while size := int((await self._bounded(reader.readuntil(b"\r\n"))).split(b";", 1)[0], 16):
-                    yield (await self._bounded(reader.readexactly(size + 2)))[:-2]
-                while await self._bounded(reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass  # trailers
-            elif self._remaining is not None:
-                while self._remaining:
-                    chunk = await self._bounded(reader.read(min(self._remaining, READ_BYTES)))
-                    if not chunk:
-                        raise EOFError("closed before the end of the body")
-                    self._remaining -= len(chunk)
-                    yield chunk
-            else:
-                while chunk := await self._bounded(reader.read(READ_BYTES)):
-                    yield chunk
+            while chunk := await self._bounded(conn.read_piece()):
+                yield chunk
         except _ERRORS as err:
             raise UpstreamError(f"answer cut short: {type(err).__name__}: {err}") from err
-        self._complete = True
 
     async def aclose(self) -> None:
         """Give the connection back if the answer was read to its end, else close it."""
-        if self._complete and self._reusable:
+        if self._conn.reusable:
             self._pool.release(self._address, self._conn)
         else:
             self._conn.close()
@@ -162,8 +136,8 @@ class Upstream:
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._idle: IdlePool[str, _Connection] = IdlePool(
-            max_idle=max_idle, close=_Connection.close, usable=_Connection.usable
+        self._idle: IdlePool[str, StreamConnection] = IdlePool(
+            max_idle=max_idle, close=StreamConnection.close, usable=StreamConnection.usable
         )
 
     async def post(
@@ -177,43 +151,35 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send the request and read the answer's status and headers; the body is the caller's to read
         (the same deadline, on the event loop's clock, bounds it)."""
-        lines = [f"POST {path} HTTP/1.1", f"host: {address}", f"content-length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        while (conn := self._idle.take(address)) is not None:
+        request = request_head("POST", path, host=address, fields=headers, body_length=len(body)) + body
+
+        async def send(conn: StreamConnection) -> UpstreamResponse:
             try:
-                return await self._exchange(address, conn, request, deadline=deadline)
-            except UpstreamError:
-                continue  # closed by the backend while idle: no answer, nothing done; try another
-        return await self._exchange(address, await self._connect(address), request, deadline=deadline)
-
-    async def _exchange(
-        self, address: str, conn: _Connection, request: bytes, *, deadline: float | None
-    ) -> UpstreamResponse:
-        try:
-            conn.writer.write(request)
-            head = await _bounded(
-                conn.reader.readuntil(b"\r\n\r\n"), read_timeout=self.read_timeout, deadline=deadline
-            )
+                head = await _bounded(
+                    conn.exchange(request), read_timeout=self.read_timeout, deadline=deadline
+                )
+            except Stale:
+                raise  # closed by the backend while idle: no answer, nothing done; send_pooled tries another
+            except _ERRORS as err:
+                raise UpstreamError(f"{type(err).__name__}: {err}") from err
             return UpstreamResponse(self, address, conn, head, deadline=deadline)
-        except _ERRORS as err:
-            conn.close()
-            raise UpstreamError(f"{type(err).__name__}: {err}") from err
-        except BaseException:  # a timeout, or the request cancelled: the backend must see us go
-            conn.close()
-            raise
 
-    async def _connect(self, address: str) -> _Connection:
+        try:
+            return await send_pooled(self._idle, address, send, lambda: self._connect(address))
+        except Stale as err:  # a new connection, closed before any answer
+            cause = err.__cause__ or err
+            raise UpstreamError(f"{type(cause).__name__}: {cause}") from cause
+
+    async def _connect(self, address: str) -> StreamConnection:
         host, _, port = address.rpartition(":")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port)), self.connect_timeout
+            return await asyncio.wait_for(
+                StreamConnection.open(host.strip("[]"), int(port)), self.connect_timeout
             )
         except (OSError, TimeoutError) as err:
             raise UpstreamError(f"connect: {type(err).__name__}: {err}") from err
-        return _Connection(reader, writer)
 
-    def release(self, address: str, conn: _Connection) -> None:
+    def release(self, address: str, conn: StreamConnection) -> None:
         self._idle.give(address, conn)
 
     async def aclose(self) -> None:

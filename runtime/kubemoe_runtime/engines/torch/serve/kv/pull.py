@@ -1,12 +1,13 @@
 """The decode side of the KV hand-off: fetch a prefill's KV over HTTP (see handoff.py).
 
-The GET runs on the server's event loop on a plain non-blocking socket: the answer's head is read and
-parsed (the status line, then the standard library's `http.client.parse_headers`), and the body goes from
-the socket straight into one buffer of its Content-Length (`loop.sock_recv_into`); `PrefilledKV.decode`
-then checks the untrusted header and makes the tensors views of that buffer. The kernel's copy is the only
-one, and no thread is involved. Connections are kept alive per prefill (pod/keepalive.py: at most
-MAX_IDLE, dropped after IDLE_S idle); one that the prefill has closed meanwhile fails before any byte of an
-answer, and the GET is sent once more on a new connection. Every other failure is a KVPullError.
+The GET runs on the server's event loop on a plain non-blocking socket (pod/http_client.py's
+SocketConnection, whose head parser and keep-alive pool the router shares): the answer's head is read and
+checked, and the body goes from the socket straight into one buffer of its Content-Length
+(`loop.sock_recv_into`); `PrefilledKV.decode` then checks the untrusted header and makes the tensors views
+of that buffer. The kernel's copy is the only one, and no thread is involved. Connections are kept alive
+per prefill (at most MAX_IDLE, dropped after pod/http_client.py's IDLE_S idle); one that the prefill has
+closed meanwhile fails before any byte of an answer, and the GET is sent once more on another connection.
+Every other failure is a KVPullError.
 
 The parameters are untrusted too (serve/app.py verifies the router's signature first): `pull_target`
 takes a handle of HANDLE_CHARS only, a host that is an IP address or a DNS name, and a port in 1..65535,
@@ -33,26 +34,20 @@ own, which always answers a KV with a Content-Length.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import http.client
-import io
 import ipaddress
 import logging
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubemoe_runtime.engines.torch.serve.kv.handoff import ENGINE_ID, PrefilledKV
-from kubemoe_runtime.pod.keepalive import IdlePool
+from kubemoe_runtime.pod.http_client import IdlePool, SocketConnection, Stale, request_head, send_pooled
 
 log = logging.getLogger("kubemoe_runtime.kv")
 PULL_TIMEOUT_S = 30.0  # the whole GET: connect, the request, the answer to its last byte
-MAX_IDLE = 8  # idle connections kept per prefill (pod/keepalive.py)
+MAX_IDLE = 8  # idle connections kept per prefill (pod/http_client.py's IdlePool)
 MAX_KV_BYTES = 1 << 36  # refused before allocating whatever the caller's cap (64 GiB)
-MAX_HEAD_BYTES = 64 << 10
-HEAD_READ_BYTES = 64 << 10  # the first read: the head, and the start of the body with it
 
 Address = tuple[str, int]
 HANDLE_CHARS = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what KVStore hands out: secrets.token_urlsafe
@@ -62,10 +57,6 @@ _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 
 class KVPullError(RuntimeError):
     """The KV could not be fetched or parsed; the decode prefills the prompt itself."""
-
-
-class _Stale(Exception):
-    """A kept-alive connection was closed before any byte of the answer: nothing was served."""
 
 
 def wants_pull(params: Mapping[str, Any] | None) -> bool:
@@ -135,7 +126,9 @@ class KVPuller:
     def __init__(self, *, timeout_s: float = PULL_TIMEOUT_S, max_bytes: int = MAX_KV_BYTES) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self._idle: IdlePool[Address, socket.socket] = IdlePool(max_idle=MAX_IDLE, close=socket.socket.close)
+        self._idle: IdlePool[Address, SocketConnection] = IdlePool(
+            max_idle=MAX_IDLE, close=SocketConnection.close, usable=SocketConnection.usable
+        )
 
     async def pull(self, params: Mapping[str, Any], *, max_bytes: int | None = None) -> PrefilledKV:
         """The KV `params` point at, in at most `timeout_s` and `max_bytes` (and the puller's own cap)."""
@@ -144,21 +137,37 @@ class KVPuller:
         except ValueError as err:
             raise KVPullError(f"kv_transfer_params: {err}") from err
         url, address = target.url, (target.host, target.port)
-        request = f"GET /v1/kv/{target.handle} HTTP/1.1\r\nHost: {target.authority}\r\n\r\n".encode()
+        request = request_head("GET", f"/v1/kv/{target.handle}", host=target.authority, body_length=None)
         limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
+
+        async def get(conn: SocketConnection) -> bytearray:
+            head = await conn.exchange(request)
+            if head.status != 200:
+                conn.close()
+                raise KVPullError(f"GET {url}: HTTP {head.status}")
+            try:
+                length = head.length(limit)
+            except ValueError:
+                conn.close()
+                raise
+            data = await conn.read_into(length)
+            if head.keep_alive:
+                self._idle.give(address, conn)
+            else:
+                conn.close()
+            return data
+
         try:
             async with asyncio.timeout(self.timeout_s):
-                data: bytearray | None = None
-                if (idle := self._idle.take(address)) is not None:
-                    with contextlib.suppress(_Stale):  # closed by the prefill while idle: try a new one
-                        data = await self._get(idle, address, request, url, limit=limit)
-                if data is None:
-                    sock = await self._connect(address, url)
-                    data = await self._get(sock, address, request, url, limit=limit)
+                data = await send_pooled(self._idle, address, get, lambda: self._connect(address, url))
         except TimeoutError as err:
             raise KVPullError(f"GET {url}: not complete in {self.timeout_s:g} s") from err
-        except _Stale as err:
+        except Stale as err:
             raise KVPullError(f"GET {url}: closed before any answer ({err})") from err
+        except (OSError, EOFError) as err:
+            raise KVPullError(f"GET {url}: {type(err).__name__}: {err}") from err
+        except ValueError as err:  # the answer's head or framing (http_client.HeadError)
+            raise KVPullError(f"GET {url}: {err}") from err
         try:
             return PrefilledKV.decode(data)
         except ValueError as err:
@@ -167,83 +176,8 @@ class KVPuller:
     def close(self) -> None:
         self._idle.close_all()
 
-    async def _connect(self, address: Address, url: str) -> socket.socket:
-        try:  # resolution and connect in a thread: rare, as connections are reused
-            sock = await asyncio.to_thread(socket.create_connection, address, self.timeout_s)
+    async def _connect(self, address: Address, url: str) -> SocketConnection:
+        try:
+            return await SocketConnection.open(address, timeout=self.timeout_s)
         except OSError as err:
             raise KVPullError(f"GET {url}: connect: {type(err).__name__}: {err}") from err
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    async def _get(
-        self, sock: socket.socket, address: Address, request: bytes, url: str, *, limit: int
-    ) -> bytearray:
-        """Send the GET and read the answer's body into one buffer (the caller bounds the time). _Stale if
-        the connection closed before any byte of the answer came (the caller then tries a new one, once).
-        The connection goes back to the idle list only once the answer was read to its end."""
-        loop = asyncio.get_running_loop()
-        head = bytearray()
-        keep = False
-        try:
-            try:
-                await loop.sock_sendall(sock, request)
-                while (end := head.find(b"\r\n\r\n")) < 0:
-                    if len(head) > MAX_HEAD_BYTES:
-                        raise KVPullError(f"GET {url}: no end of the answer's head in {len(head)} bytes")
-                    chunk = await loop.sock_recv(sock, HEAD_READ_BYTES)
-                    if not chunk:
-                        raise EOFError("closed by the prefill")
-                    head += chunk
-            except (OSError, EOFError) as err:
-                if not head:
-                    raise _Stale(f"{type(err).__name__}: {err}") from err
-                raise
-            status, headers = _parse_head(bytes(head[:end]), url)
-            if status != 200:
-                raise KVPullError(f"GET {url}: HTTP {status}")
-            length = _content_length(headers, url, limit=limit)
-            start = head[end + 4 :]
-            if len(start) > length:
-                raise KVPullError(f"GET {url}: {len(start) - length} bytes past the Content-Length")
-            data = bytearray(length)
-            view = memoryview(data)
-            got = len(start)
-            view[:got] = start
-            while got < length:
-                n = await loop.sock_recv_into(sock, view[got:])
-                if not n:
-                    raise KVPullError(f"GET {url}: the body ends after {got} of {length} bytes")
-                got += n
-            keep = headers.get("connection", "").lower() != "close"
-        except (OSError, EOFError, http.client.HTTPException) as err:
-            raise KVPullError(f"GET {url}: {type(err).__name__}: {err}") from err
-        finally:
-            if not keep:
-                sock.close()
-        self._idle.give(address, sock)
-        return data
-
-
-def _parse_head(head: bytes, url: str) -> tuple[int, http.client.HTTPMessage]:
-    """The status code and the headers of an HTTP/1.x answer's head (without its blank line)."""
-    status_line, _, fields = head.partition(b"\r\n")
-    version, _, rest = status_line.partition(b" ")
-    code = rest[:3]
-    if not version.startswith(b"HTTP/1.") or not code.isdigit():
-        raise KVPullError(f"GET {url}: not an HTTP/1.x answer: {status_line[:80]!r}")
-    headers = http.client.parse_headers(io.BytesIO(fields + b"\r\n\r\n"))
-    return int(code), headers
-
-
-def _content_length(headers: http.client.HTTPMessage, url: str, *, limit: int) -> int:
-    if headers.get("transfer-encoding"):
-        raise KVPullError(
-            f"GET {url}: Transfer-Encoding {headers['transfer-encoding']}, not a Content-Length"
-        )
-    lengths = set(headers.get_all("content-length") or [])
-    if len(lengths) != 1 or not (value := lengths.pop().strip()).isdigit():
-        raise KVPullError(f"GET {url}: Content-Length {headers.get_all('content-length')} is not one length")
-    if int(value) > limit:
-        raise KVPullError(f"GET {url}: Content-Length {value} is above {limit}")
-    return int(value)
