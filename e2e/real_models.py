@@ -137,6 +137,7 @@ def models_namespace(
     prefix: str,
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
+    operator_args: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, Path]]:
     """A namespace pinned to the real nodes with the tiny checkpoint as claim `models` (and its
     path here), the runtime image imported, and the operator (as the chart's identity) watching it
@@ -147,7 +148,8 @@ def models_namespace(
     with pinned_to_real_nodes(cluster, prefix=prefix) as ns:  # skips first if there is no real node
         runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
         cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns, host_path=str(root), size="1Gi"))
-        args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
+        base = ("--namespace", ns, "--image", runtime, "--resync-seconds", "5", "--no-leader-election")
+        args = (*base, *operator_args)
         with running_operator(operator_cluster, log=log, args=args, request=request):
             yield ns, checkpoint
         cluster.kubectl("delete", "pv", f"models-{ns}", "--wait=false", check=False)
