@@ -104,7 +104,7 @@ class RolePlan(ApiModel):
 class RouterPlan(ApiModel):
     replicas: int
     policy: str
-    local_prefill_below_tokens: int = 0
+    local_prefill_below_tokens: int = 1024
 
 
 class Plan(ApiModel):

@@ -80,7 +80,7 @@ def test_tiny_example_runs_the_torch_engine_in_float32() -> None:
     assert "--enable-expert-parallel" in decode0
 
 
-def test_the_router_skips_the_hand_off_for_short_prompts_only_when_asked() -> None:
+def test_the_router_skips_the_hand_off_for_short_prompts_unless_told_not_to() -> None:
     from kubemoe_operator.plan.command import router_command
     from tests.operator.helpers import manifest
 
@@ -88,9 +88,11 @@ def test_the_router_skips_the_hand_off_for_short_prompts_only_when_asked() -> No
         plan = plan_manifest(manifest(router={"replicas": 1, **router}))
         return router_command(plan=plan, namespace="ns")
 
-    assert "--pd-min-prompt-tokens" not in flags()  # 0: every prompt takes the hand-off
-    argv = flags(localPrefillBelowTokens=1024)
+    argv = flags()  # the measured default
     assert argv[argv.index("--pd-min-prompt-tokens") + 1] == "1024"
+    assert "--pd-min-prompt-tokens" not in flags(localPrefillBelowTokens=0)  # every prompt hands off
+    argv = flags(localPrefillBelowTokens=4096)
+    assert argv[argv.index("--pd-min-prompt-tokens") + 1] == "4096"
     colocated = plan_manifest(
         manifest(
             router={"replicas": 1, "localPrefillBelowTokens": 1024},
