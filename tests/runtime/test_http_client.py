@@ -37,6 +37,7 @@ from kubemoe_runtime.pod.http_client import (
         (b"HTTP/2 200 OK\r\n\r\n", "not an HTTP/1.x answer"),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x answer"),
         (b"HTTP/1.1 200 OK\r\ncontent-length 5\r\n\r\n", "not a header field"),  # no colon
+        (b"HTTP/1.1 200 OK\r\nx-no-value\r\n\r\n", "not a header field"),  # no colon, a name alone
         (b"HTTP/1.1 200 OK\r\n: 5\r\n\r\n", "not a header field"),  # no name
         (b"HTTP/1.1 200 OK\r\ncontent-length : 5\r\n\r\n", "not a header field"),  # space before the colon
         (b"HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\n\r\n", "not a header field"),  # obsolete line folding

@@ -6,8 +6,8 @@ checked, and the body goes from the socket straight into one buffer of its Conte
 (`loop.sock_recv_into`); `PrefilledKV.decode` then checks the untrusted header and makes the tensors views
 of that buffer. The kernel's copy is the only one, and no thread is involved. Connections are kept alive
 per prefill (at most MAX_IDLE, dropped after pod/http_client.py's IDLE_S idle); one that the prefill has
-closed meanwhile fails before any byte of an answer, and the GET is sent once more on another connection.
-Every other failure is a KVPullError.
+closed meanwhile is mostly found so as it is taken (a non-blocking peek), else it fails before any byte of
+an answer, and the GET is sent once more on another connection. Every other failure is a KVPullError.
 
 The parameters are untrusted too (serve/app.py verifies the router's signature first): `pull_target`
 takes a handle of HANDLE_CHARS only, a host that is an IP address or a DNS name, and a port in 1..65535,
