@@ -22,6 +22,7 @@ Scaling up, the load that holds it and the stale write are staged inside the tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -29,7 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e import prometheus
 from e2e.cluster.handle import Cluster
@@ -44,7 +47,10 @@ from e2e.operator_process import (
 )
 from e2e.reliability import Outcome, RecordProperty, record
 from e2e.runtime_process import LoadGenerator, RuntimeProcess, http_get, tiny_checkpoint
+from kubemoe_operator.api.spec import MetricType
 from kubemoe_operator.api.status import ModelDeploymentStatus
+from kubemoe_operator.autoscale.prometheus import PrometheusSource
+from kubemoe_operator.autoscale.signals import HISTOGRAMS, RoleSelector, histogram_quantile
 from kubemoe_operator.reconcile.status import status_apply
 from kubemoe_operator.run.settings import FIELD_MANAGER as OPERATOR_FIELD_MANAGER
 from kubemoe_runtime.pod.ports import free_port
@@ -261,6 +267,50 @@ def scale_decode_up(cluster: Cluster, ns: str, runtimes: dict[str, RuntimeProces
             what="decode to scale up",
         )
     return decode_groups(cluster, ns)
+
+
+def _direct_p90(text: str, series: str) -> float | None:
+    """The p90 of one role's histogram on a runtime's /metrics page, over every observation so far."""
+    buckets = [
+        (float(s.labels["le"]), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == f"{series}_bucket" and s.labels.get("role") == "prefill"
+    ]
+    return histogram_quantile(0.9, buckets)
+
+
+def test_latency_signals_are_the_engines_histograms_through_prometheus(
+    runtimes: dict[str, RuntimeProcess], prom: prometheus.PrometheusServer
+) -> None:
+    """ttft-p90 and itl-p90, the primary signals, as the operator's Prometheus source reads them (its
+    own queries over the torch engine's histograms, scraped by the real Prometheus) equal the same
+    quantile taken straight from the runtime's /metrics over the same requests. Prefill's runtime is
+    used because no other test loads it: every observation in its histograms is this test's."""
+    prefill = runtimes["prefill"]
+    with LoadGenerator(prefill.url, clients=2, max_tokens=16, max_requests=12) as load:
+        pass
+    assert load.failures == []
+    status, page = http_get(f"{prefill.url}/metrics")
+    assert status == 200
+    latency: list[MetricType] = ["ttft-p90", "itl-p90"]
+    direct = {m: _direct_p90(page, HISTOGRAMS[m]) for m in latency}
+    assert all(v is not None and v > 0 for v in direct.values()), direct
+    scraped = f'sum(kubemoe_time_to_first_token_seconds_count{{deployment="{NAME}",role="prefill"}})'
+    eventually(lambda: prom.value(scraped) == load.sent, timeout=30, what="Prometheus to scrape the load")
+
+    async def read() -> dict[MetricType, float | None]:
+        async with httpx2.AsyncClient() as client:
+            source = PrometheusSource(prom.url, client=client, rate_window="5m")
+            sel = RoleSelector(namespace="any", deployment=NAME, role="prefill")
+            return await source.sample(sel, latency)
+
+    via_prometheus = asyncio.run(read())
+    for metric, expected in direct.items():
+        got = via_prometheus[metric]
+        assert got is not None, (metric, via_prometheus)
+        assert expected is not None
+        assert abs(got - expected) <= 0.02 * expected, (metric, got, expected)
 
 
 def test_runtime_metrics_carry_the_labels_and_no_gpu_series_without_a_driver(
