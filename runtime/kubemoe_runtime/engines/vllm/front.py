@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,6 +36,10 @@ from kubemoe_runtime.pod.metrics import MetricLabels
 
 PROBE_TIMEOUT_S: Final = 5.0
 KV_PARAMS_FIELD: Final = "kv_transfer_params"
+KV_HOLD_S: Final = 30.0
+"""How long a draining prefill stays up after its last KV hand-off: a decode pulls at once unless its
+queue holds the request, and 30 s of queue is already a role that needs more groups. (vLLM itself
+frees KV nobody pulled after its own abort timeout, minutes.)"""
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the two HTTP stacks recompute.
 _NOT_FORWARDED: Final = frozenset(
     {
@@ -63,6 +68,16 @@ class VllmUpstream:
     labels: MetricLabels
     was_ready: bool = False
     session: httpx2.AsyncClient | None = field(default=None, repr=False)
+    handed_off_at: float | None = None
+    """When this prefill last answered a request whose KV a decode is to pull (do_remote_decode)."""
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def kv_waiting(self) -> int:
+        """1 while KV this prefill handed off may still be waiting for its decode's pull, else 0:
+        vLLM's connector reads it engine to engine (NIXL), out of this front's sight, so a drain
+        (Drain.pending) holds the pod for KV_HOLD_S after the last such answer instead."""
+        at = self.handed_off_at
+        return int(at is not None and self.clock() - at < KV_HOLD_S)
 
     def exit_code(self) -> int | None:
         return self.process.poll()
@@ -94,8 +109,9 @@ def _openai_error(status: int, message: str, *, code: str) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def verified_body(body: bytes, signer: KVSigner | None) -> bytes | JSONResponse:
-    """The request body with its kv_transfer_params verified and unsigned, or a 400 saying why not."""
+def verified_body(body: bytes, signer: KVSigner | None) -> tuple[bytes, dict[str, Any] | None] | JSONResponse:
+    """The request body with its kv_transfer_params verified and unsigned, and those parameters (None
+    when it has none); or a 400 saying why not."""
     try:
         request = json.loads(body)
     except ValueError:
@@ -104,18 +120,19 @@ def verified_body(body: bytes, signer: KVSigner | None) -> bytes | JSONResponse:
         )  # vLLM would refuse it too; never forward what was not checked
     params = request.get(KV_PARAMS_FIELD) if isinstance(request, dict) else None
     if params is None:
-        return body
+        return body, None
     try:
         if signer is None:
             raise KVAuthError(f"this pod has no key to verify them ({KV_KEY_ENV} is not set)")
         if not isinstance(params, dict):
             raise KVAuthError("must be an object")
-        request[KV_PARAMS_FIELD] = signer.verify(params)
+        verified = signer.verify(params)
     except KVAuthError as err:
         return JSONResponse(
             invalid_request(f"{KV_PARAMS_FIELD}: {err}", param=KV_PARAMS_FIELD), status_code=400
         )
-    return json.dumps(request).encode()
+    request[KV_PARAMS_FIELD] = verified
+    return json.dumps(request).encode(), verified
 
 
 def invalid_request(message: str, *, param: str | None) -> dict[str, Any]:
@@ -168,11 +185,13 @@ def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Star
             url += f"?{request.url.query}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         body = await request.body()
+        hands_off = False
         if KV_PARAMS_FIELD.encode() in body:
             checked = verified_body(body, signer)
             if isinstance(checked, Response):
                 return checked
-            body = checked
+            body, params = checked
+            hands_off = params is not None and params.get("do_remote_decode") is True
         client = upstream.client()
         outgoing = client.build_request(request.method, url, headers=headers, content=body)
         try:
@@ -189,6 +208,8 @@ def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Star
                     yield chunk
             finally:
                 await response.aclose()
+                if hands_off and response.status_code == 200:  # KV now waits for a decode's pull
+                    upstream.handed_off_at = upstream.clock()
 
         # Closing the upstream response (also when the client goes away mid-stream) makes vLLM abort it.
         return StreamingResponse(

@@ -157,7 +157,7 @@ def serve_vllm(
         headless=settings.headless,
         labels=MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank),
     )
-    drain = Drain()
+    drain = Drain(pending=upstream.kv_waiting)  # a prefill's KV waits for its decode's pull
     front = front_app(upstream, signer=KVSigner.from_env())
     served = front if settings.headless else DrainMiddleware(front, drain)
     config = server_config(served, host=settings.host, port=settings.port, lifespan="on")
