@@ -17,7 +17,15 @@ from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import REAL_NODE_LABEL
 from e2e.cluster.nodes import GpuNodes
 from e2e.identity import install_operator_identity
-from e2e.operator_process import OPERATOR_NAMESPACE, delete_namespace, install_crd
+from e2e.operator_process import (
+    OPERATOR_NAMESPACE,
+    OperatorProcess,
+    delete_namespace,
+    install_crd,
+    leading,
+    operator_args,
+    running_operator,
+)
 
 # KUBEMOE_E2E_CLUSTER_NAME lets two suites run side by side (each control plane on ports of its own).
 E2E_CLUSTER_NAME = os.environ.get("KUBEMOE_E2E_CLUSTER_NAME", "kubemoe-e2e")
@@ -70,6 +78,33 @@ def operator_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
     in OPERATOR_NAMESPACE."""
     out = tmp_path_factory.mktemp("identity") / "operator-kubeconfig.yaml"
     return install_operator_identity(cluster, release="kubemoe", namespace=OPERATOR_NAMESPACE, out=out)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    operator_cluster: Cluster,
+    namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[OperatorProcess]:
+    """The operator as the Helm chart's ServiceAccount (every scenario also proves the chart's RBAC),
+    watching the module's own module-scoped `namespace`, leading before the first test. A module sets
+    operator_args' keywords in OPERATOR_FLAGS."""
+    flags = getattr(request.module, "OPERATOR_FLAGS", {})
+    log = tmp_path_factory.mktemp(f"operator-{request.module.__name__.rsplit('.', 1)[-1]}") / "operator.log"
+    args = operator_args(namespace, **flags)
+    with running_operator(operator_cluster, log=log, args=args, request=request) as proc:
+        leading(proc)
+        yield proc
+
+
+@pytest.fixture
+def the_charts_rbac_is_enough(operator: OperatorProcess) -> Iterator[None]:
+    """After the test: the operator (as the chart's ServiceAccount) was never refused by the apiserver.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("the_charts_rbac_is_enough")`."""
+    yield
+    refused = [line for line in operator.text().splitlines() if "Forbidden" in line or " 403" in line]
+    assert refused == [], refused[:5]
 
 
 REAL_NODE_TOLERATION = {"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}

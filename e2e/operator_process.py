@@ -194,6 +194,14 @@ def operator_args(
     return (*args, "--autoscale-interval-seconds", f"{autoscale_s:g}")
 
 
+def leading(proc: OperatorProcess, *, times: int = 1) -> None:
+    """Wait until `proc` has taken the Lease `times` times (its log is appended to across restarts):
+    only the Lease holder reconciles."""
+    eventually(
+        lambda: proc.text().count("leading as") >= times, timeout=90, what="the operator to take the Lease"
+    )
+
+
 @contextlib.contextmanager
 def running_operator(
     cluster: Cluster, *, log: Path, args: tuple[str, ...], request: pytest.FixtureRequest

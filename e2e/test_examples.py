@@ -19,8 +19,6 @@ from e2e.operator_process import (
     OperatorProcess,
     get_json,
     model_volume,
-    operator_args,
-    running_operator,
     scratch_namespace,
 )
 from e2e.waiting import eventually
@@ -37,23 +35,6 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     with scratch_namespace(cluster, prefix="ex") as ns:
         cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns))  # for pvc:// sources
         yield ns
-
-
-@pytest.fixture(scope="module")
-def operator(
-    operator_cluster: Cluster,
-    namespace: str,
-    tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
-) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator-examples") / "operator.log"
-    with running_operator(
-        operator_cluster,
-        log=log,
-        args=operator_args(namespace),
-        request=request,
-    ) as proc:
-        yield proc
 
 
 def _phase(cluster: Cluster, ns: str, name: str, phase: str = "Ready") -> dict[str, Any] | None:

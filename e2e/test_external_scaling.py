@@ -29,14 +29,14 @@ from e2e.operator_process import (
     eventually,
     get_json,
     get_or_none,
-    operator_args,
-    running_operator,
     scratch_namespace,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "autoscaling-external"
 RESYNC_S = 2
+OPERATOR_FLAGS = {"resync_s": RESYNC_S, "lease_name": "kubemoe-e2e-external"}  # e2e/conftest.py
+pytestmark = pytest.mark.usefixtures("the_charts_rbac_is_enough")  # e2e/conftest.py
 OPERATOR = "kubemoe-operator"
 HANDOVER = "kubemoe-replicas-handover"
 
@@ -61,27 +61,6 @@ SPEC: dict[str, Any] = {
 def namespace(cluster: Cluster) -> Iterator[str]:
     with scratch_namespace(cluster, prefix="ext") as ns:
         yield ns
-
-
-@pytest.fixture(scope="module")
-def operator(
-    operator_cluster: Cluster,
-    namespace: str,
-    tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
-) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator-external") / "operator.log"
-    args = operator_args(namespace, resync_s=RESYNC_S, lease_name="kubemoe-e2e-external")
-    with running_operator(operator_cluster, log=log, args=args, request=request) as proc:
-        eventually(lambda: "leading as" in proc.text(), timeout=90, what="the operator to take the Lease")
-        yield proc
-
-
-@pytest.fixture(autouse=True)
-def the_charts_rbac_is_enough(operator: OperatorProcess) -> Iterator[None]:
-    yield
-    refused = [line for line in operator.text().splitlines() if "Forbidden" in line or " 403" in line]
-    assert refused == [], refused[:5]
 
 
 Deploy = Callable[..., str]

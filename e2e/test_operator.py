@@ -27,9 +27,8 @@ from e2e.operator_process import (
     eventually,
     get_json,
     get_or_none,
+    leading,
     model_volume,
-    operator_args,
-    running_operator,
     scratch_namespace,
 )
 from e2e.reliability import Outcome, RecordProperty, record
@@ -38,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSEEK = REPO / "examples" / "deepseek-v3.yaml"
 MIXTRAL = REPO / "e2e" / "manifests" / "mixtral-h200.yaml"
 RESYNC_S = 3
+OPERATOR_FLAGS = {"resync_s": RESYNC_S}  # for the operator fixture (e2e/conftest.py)
+pytestmark = pytest.mark.usefixtures("the_charts_rbac_is_enough")  # e2e/conftest.py
 LABEL = "kubemoe.io/deployment"
 OPERATOR_MANAGER = "kubemoe-operator"
 
@@ -46,41 +47,6 @@ OPERATOR_MANAGER = "kubemoe-operator"
 def namespace(cluster: Cluster) -> Iterator[str]:
     with scratch_namespace(cluster, prefix="op") as ns:
         yield ns
-
-
-@pytest.fixture(scope="module")
-def operator(
-    operator_cluster: Cluster,
-    namespace: str,
-    tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
-) -> Iterator[OperatorProcess]:
-    """The operator, as the Helm chart's ServiceAccount: every scenario here also proves the chart's RBAC."""
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    with running_operator(
-        operator_cluster,
-        log=log,
-        args=operator_args(namespace, resync_s=RESYNC_S),
-        request=request,
-    ) as proc:
-        leading(proc, times=1)
-        yield proc
-
-
-@pytest.fixture(autouse=True)
-def the_charts_rbac_is_enough(operator: OperatorProcess) -> Iterator[None]:
-    """After every test: the operator (as the chart's ServiceAccount) was never refused by the apiserver."""
-    yield
-    refused = [line for line in operator.text().splitlines() if "Forbidden" in line or " 403" in line]
-    assert refused == [], refused[:5]
-
-
-def leading(proc: OperatorProcess, *, times: int) -> None:
-    """Wait until `proc` has taken the Lease `times` times (its log is appended to across restarts):
-    only the Lease holder reconciles."""
-    eventually(
-        lambda: proc.text().count("leading as") >= times, timeout=90, what="the operator to take the Lease"
-    )
 
 
 def restart(proc: OperatorProcess) -> None:

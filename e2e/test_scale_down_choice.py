@@ -16,13 +16,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import httpx2
 import pytest
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
-from prometheus_client import start_http_server
 
 from e2e.cluster.handle import Cluster
 from e2e.waiting import eventually
@@ -30,8 +28,7 @@ from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_RO
 from kubemoe_operator.autoscale.removal import DELETION_COST, Leader, LeastLoaded, pod_leaders
 from kubemoe_operator.autoscale.signals import RoleSelector
 from kubemoe_operator.kube.client import Kube
-from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
-from kubemoe_runtime.pod.ports import free_port
+from tests.operator.autoscale.load_pages import load_pages
 
 LOADS = (5, 0, 12)
 DEPLOYMENT = "md"
@@ -70,19 +67,8 @@ def _live(cluster: Cluster, namespace: str) -> set[str]:
 
 @pytest.fixture
 def pages() -> Iterator[list[str]]:
-    servers: list[WSGIServer] = []
-    urls = []
-    for group, load in enumerate(LOADS):
-        metrics = ServingMetrics(MetricLabels(deployment=DEPLOYMENT, role="decode", group=str(group)))
-        metrics.running.set(load // 2)
-        metrics.waiting.set(load - load // 2)
-        port = free_port()
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
-        servers.append(server)
-        urls.append(f"http://127.0.0.1:{port}/metrics")
-    yield urls
-    for server in servers:
-        server.shutdown()
+    with load_pages(LOADS, deployment=DEPLOYMENT) as urls:
+        yield urls
 
 
 async def _mark(kubeconfig: Path, namespace: str, pages: list[str]) -> dict[str, int]:

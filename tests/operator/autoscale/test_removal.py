@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import httpx2
 import pytest
-from prometheus_client import start_http_server
 
 from kubemoe_operator.autoscale.removal import DELETION_COST, Leader, LeastLoaded, load_of
 from kubemoe_operator.autoscale.signals import RoleSelector
 from kubemoe_operator.local.layout import free_port
-from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from tests.operator.autoscale.load_pages import load_pages
 
 SEL = RoleSelector(namespace="ns", deployment="ds", role="decode")
 
@@ -45,20 +43,9 @@ class Annotations:
 
 @pytest.fixture
 def pages() -> Iterator[list[str]]:
-    """Three runtime pods' /metrics: (running, waiting) = (3, 2), (0, 0), (8, 4)."""
-    servers: list[WSGIServer] = []
-    urls = []
-    for group, (running, waiting) in enumerate([(3, 2), (0, 0), (8, 4)]):
-        metrics = ServingMetrics(MetricLabels(deployment="ds", role="decode", group=str(group)))
-        metrics.running.set(running)
-        metrics.waiting.set(waiting)
-        port = free_port()
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
-        servers.append(server)
-        urls.append(f"http://127.0.0.1:{port}/metrics")
-    yield urls
-    for server in servers:
-        server.shutdown()
+    """Three runtime pods' /metrics, with loads (requests running + waiting) 5, 0 and 12."""
+    with load_pages([5, 0, 12], deployment="ds") as urls:
+        yield urls
 
 
 async def test_each_group_leaders_cost_is_its_load(pages: list[str]) -> None:
