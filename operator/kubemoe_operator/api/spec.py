@@ -314,6 +314,37 @@ class Roles(ApiModel):
         return [(name, role) for name, role in named if role is not None]
 
 
+MAX_REDUNDANT_EXPERTS = 1024
+"""The most redundant expert slots per serving group."""
+
+
+class RebalanceSpec(ApiModel):
+    """When the operator moves experts between the ranks of a serving group."""
+
+    interval_seconds: int = Field(600, ge=60, le=86400)
+    """How often the operator gathers each group's expert load and computes a new placement. Ten
+    minutes by default: routing skew changes with the traffic's mix, over minutes rather than
+    seconds, and each change loads expert copies on some ranks."""
+    min_improvement: float = Field(0.05, ge=0, le=1)
+    """Apply a new placement only when it lowers the predicted busiest-rank load (over the mean rank
+    load) by at least this fraction of the current one: 0.05 is 5 %. 0 applies every improvement."""
+
+
+class ExpertsSpec(ApiModel):
+    """Expert placement within each expert-parallel serving group: redundant copies of hot experts, and
+    rebalancing from the load each rank reports. Absent: each rank keeps its contiguous block of
+    experts (E / EP of them) and nothing is rebalanced."""
+
+    redundant: int = Field(0, ge=0, le=MAX_REDUNDANT_EXPERTS)
+    """Extra expert slots per serving group, spread evenly over its expert-parallel ranks (so a
+    multiple of every role's EP size; the planner checks it): each rank holds E / EP + redundant /
+    EP experts, and its expert weights grow by that share (`kubemoe plan` shows it). The slots hold
+    copies of the hottest experts, whose tokens are split among their copies. Roles without expert
+    parallelism ignore it."""
+    rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    """When to compute and apply a new placement."""
+
+
 CIDR_PATTERN = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"
 
 
@@ -495,3 +526,5 @@ class ModelDeploymentSpec(ApiModel):
     router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
     pod: PodOptions = Field(default_factory=PodOptions, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    experts: ExpertsSpec | None = None
+    """Redundant experts and rebalancing for expert-parallel groups; absent: fixed contiguous blocks."""
