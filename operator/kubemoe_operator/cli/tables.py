@@ -26,6 +26,12 @@ def _experts(role: RolePlan, *, first: int, count: int) -> str:
     return f"{first}-{first + count - 1}"
 
 
+def _slots(role: RolePlan) -> str:
+    """Experts per rank: its own block, plus its share of the group's redundant slots ("16+2")."""
+    extra = role.slots_per_rank - role.experts_per_rank
+    return f"{role.experts_per_rank}+{extra}" if extra > 0 else str(role.experts_per_rank)
+
+
 def render_table(plan: Plan) -> str:
     device = "GPU" if plan.resource else "RANK"
     lines = [
@@ -63,7 +69,7 @@ def render_table(plan: Plan) -> str:
                 str(r.pods_per_group),
                 str(r.devices_per_pod),
                 r.workload,
-                str(r.experts_per_rank),
+                _slots(r),
                 _gib(m.weights_gib),
                 _gib(m.kv_budget_gib),
                 _tokens(m.kv_tokens),
@@ -95,18 +101,27 @@ def render_table(plan: Plan) -> str:
     lines += grid(
         ["ROLE", "POD", "KIND", "RANKS", "DP START", "DP LOCAL", "LEADER ADDRESS", "ROUTED EXPERTS"], pod_rows
     )
+    redundant = [r for r in plan.roles if r.redundant_experts]
     lines += [
         "",
-        "Memory per rank: dense weights / TP + routed experts / EP;"
-        " KV = memory x utilisation - reserve - weights.",
+        "Memory per rank: dense weights / TP + routed experts / EP"
+        + (" (+ redundant slots / EP)" if redundant else "")
+        + "; KV = memory x utilisation - reserve - weights.",
     ]
     for r in plan.roles:
         m = r.memory
         lines.append(
             f"  {r.role}: {_gib(m.device_gib)} x {m.utilization:g} - {m.reserve_gib:g} GiB reserve - "
             f"{_gib(m.dense_weights_gib)} dense - {_gib(m.expert_weights_gib)} experts"
-            f" = {_gib(m.kv_budget_gib)} KV "
+            + (f" ({_gib(m.redundant_weights_gib)} in redundant slots)" if r.redundant_experts else "")
+            + f" = {_gib(m.kv_budget_gib)} KV "
             f"at {m.kv_bytes_per_token / 1024:.1f} KiB/token"
+        )
+    for r in redundant:
+        lines.append(
+            f"  {r.role}: {r.redundant_experts} redundant expert slots per group, {r.slots_per_rank} expert"
+            f" slots per rank ({r.experts_per_rank} own + {r.slots_per_rank - r.experts_per_rank} copies"
+            " of hot experts)."
         )
     if plan.notes:
         lines += ["", "Notes:", *(f"  - {n}" for n in plan.notes)]

@@ -4,4 +4,5 @@ model.py        the plan: roles, pods, ranks, memory; what render/ and `kubemoe 
 planner.py      spec + catalog -> plan, or a ManifestError naming the field and the fix
 command.py      the runtime's argv for one pod (both engines take the same flags)
 host_sizing.py  CPU, memory and /dev/shm a serving pod needs besides its accelerators
+experts.py      expert placement: hot experts replicated into redundant slots, packed over the EP ranks
 """

@@ -9,11 +9,13 @@ stable within apiVersion kubemoe.io/v1alpha1 (fields are added, never renamed or
   pods, roles[], router, notes[].
 - roles[]: role, replicas (serving groups), tensor, data, expert (EP size), expertParallel,
   ranks (per group), podsPerGroup, devicesPerPod, devicesPerGroup, devices (all groups),
-  workload (LeaderWorkerSet | Deployment), expertsPerRank, suggested (parallelism chosen by
-  the planner), memory{...}, host{cpu, memory, shm} (per pod, besides the accelerators),
-  pods[] (one group; every group is alike).
-- memory: deviceGiB, utilization, reserveGiB, denseWeightsGiB, expertWeightsGiB, weightsGiB,
-  kvBudgetGiB, kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen — all per rank.
+  workload (LeaderWorkerSet | Deployment), expertsPerRank, redundantExperts (extra expert slots
+  per group, spec.experts.redundant), slotsPerRank (expert slots per rank: expertsPerRank +
+  redundantExperts / EP), suggested (parallelism chosen by the planner), memory{...},
+  host{cpu, memory, shm} (per pod, besides the accelerators), pods[] (one group; every group is alike).
+- memory: deviceGiB, utilization, reserveGiB, denseWeightsGiB, expertWeightsGiB (redundant
+  slots included), redundantWeightsGiB (their share of it), weightsGiB, kvBudgetGiB,
+  kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen — all per rank.
 - pods[]: index, leader, startRank (data-parallel), dataLocal, devices, address (leader's
   address for multi-pod groups), ranks[] {rank, dataRank, tensorRank, device, firstExpert,
   expertCount}, command (argv with vLLM's flag names).
@@ -62,6 +64,9 @@ class MemoryPlan(ApiModel):
     reserve_gib: float = Field(alias="reserveGiB")
     dense_weights_gib: float = Field(alias="denseWeightsGiB")
     expert_weights_gib: float = Field(alias="expertWeightsGiB")
+    """Routed experts per rank, the redundant slots' copies included."""
+    redundant_weights_gib: float = Field(0.0, alias="redundantWeightsGiB")
+    """The redundant slots' share of expert_weights_gib."""
     weights_gib: float = Field(alias="weightsGiB")
     kv_budget_gib: float = Field(alias="kvBudgetGiB")
     kv_bytes_per_token: float
@@ -95,6 +100,11 @@ class RolePlan(ApiModel):
     devices: int
     workload: Literal["LeaderWorkerSet", "Deployment"]
     experts_per_rank: int
+    """Routed experts each rank owns (its contiguous block; all of them with EP off)."""
+    redundant_experts: int = 0
+    """Extra expert slots per group (spec.experts.redundant; 0 with EP off)."""
+    slots_per_rank: int = 0
+    """Expert slots per rank: experts_per_rank + redundant_experts / EP."""
     suggested: bool
     memory: MemoryPlan
     host: HostPlan

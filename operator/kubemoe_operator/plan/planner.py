@@ -2,8 +2,9 @@
 
 Per role, one serving group holds data x tensor ranks (with expert parallelism, vLLM's EP size
 is data x tensor) spread over ceil(ranks / perPod) pods. Each rank holds the dense weights
-split by tensor parallelism and its share of the routed experts; what is left of
-`gpuMemoryUtilization` x memory, less a runtime reserve, is the KV cache.
+split by tensor parallelism and its share of the routed experts, plus its share of the group's
+redundant expert slots (`spec.experts.redundant`: E / EP + redundant / EP experts per rank); what
+is left of `gpuMemoryUtilization` x memory, less a runtime reserve, is the KV cache.
 """
 
 from __future__ import annotations
@@ -56,11 +57,15 @@ def _size(
     utilization: float,
     reserve_gib: float,
     max_len: int,
+    redundant: int = 0,
 ) -> _Sizing:
+    """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank."""
     tp, ep = par.tensor, par.expert_size
     expert_shards = ep if par.expert_parallel else tp
     dense = model.dense_params * DTYPE_BYTES[model.weight_dtype] / tp / GIB
-    experts = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype] / expert_shards / GIB
+    routed_bytes = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype]
+    extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
+    experts = routed_bytes / expert_shards / GIB + extra
     usable = device_gib * utilization - reserve_gib
     budget = max(0.0, usable - dense - experts)
     per_token = model.kv_bytes_per_token(tensor=tp)
@@ -71,6 +76,7 @@ def _size(
         reserve_gib=reserve_gib,
         dense_weights_gib=round(dense, 4),
         expert_weights_gib=round(experts, 4),
+        redundant_weights_gib=round(extra, 4),
         weights_gib=round(dense + experts, 4),
         kv_budget_gib=round(budget, 4),
         kv_bytes_per_token=per_token,
@@ -81,18 +87,52 @@ def _size(
     return _Sizing(memory=memory, weights_fit=dense + experts < usable)
 
 
+def _fits(sizing: _Sizing, max_len: int) -> bool:
+    return sizing.weights_fit and sizing.memory.kv_tokens >= max_len
+
+
+def _redundant_too_big(
+    sizing: _Sizing, *, role: RoleName, ep: int, redundant: int, fits: int, gpu: GpuFacts
+) -> Problem:
+    """The problem when the model fits a role's ranks without its redundant slots but not with them."""
+    mem = sizing.memory
+    usable = mem.device_gib * mem.utilization - mem.reserve_gib
+    short = (
+        f"leave KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={mem.max_model_len}"
+        if sizing.weights_fit
+        else f"pass the {usable:.1f} GiB {gpu.name} leaves"
+    )
+    return Problem(
+        field=REDUNDANT_FIELD,
+        message=f"{redundant} redundant expert slots put {redundant // ep} more experts on each of the"
+        f" EP={ep} ranks of {role} ({mem.redundant_weights_gib:.2f} GiB), so its {mem.weights_gib:.1f} GiB"
+        f" of weights {short}.",
+        fix=f"set experts.redundant <= {fits} (a multiple of {ep}), or spread the model over more ranks.",
+    )
+
+
 def _layout_ok(ranks: int, per_pod: int) -> bool:
     return ranks <= per_pod or ranks % per_pod == 0
 
 
 def suggest_parallelism(
-    *, model: ModelFacts, gpu: GpuFacts, role: RoleSpec, per_pod: int, utilization: float, max_len: int
+    *,
+    model: ModelFacts,
+    gpu: GpuFacts,
+    role: RoleSpec,
+    per_pod: int,
+    utilization: float,
+    max_len: int,
+    redundant: int = 0,
 ) -> Parallelism | None:
-    """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV."""
+    """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV, and whose
+    ranks share `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots)."""
     for ep in _divisors(model.num_routed_experts):
         if ep > MAX_DATA_PARALLEL:
             break
         if not _layout_ok(ep, per_pod):
+            continue
+        if ep > 1 and _redundant_problem(redundant, ep=ep, experts=model.num_routed_experts) is not None:
             continue
         par = Parallelism(tensor=1, data=ep)
         device = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=min(per_pod, ep))
@@ -105,9 +145,35 @@ def suggest_parallelism(
             utilization=utilization,
             reserve_gib=gpu.reserve_gib,
             max_len=max_len,
+            redundant=redundant,
         )
         if sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len:
             return par
+    return None
+
+
+REDUNDANT_FIELD = "spec.experts.redundant"
+
+
+def _redundant_problem(redundant: int, *, ep: int, experts: int, role: str = "") -> Problem | None:
+    """Redundant slots EP ranks cannot share evenly, or more than a copy of every expert on every rank."""
+    if redundant % ep:
+        lower, upper = redundant // ep * ep, (redundant // ep + 1) * ep
+        return Problem(
+            field=REDUNDANT_FIELD,
+            message=f"redundant={redundant} expert slots do not spread evenly over the EP={ep} ranks"
+            + (f" of {role}." if role else "."),
+            fix=f"use a multiple of {ep} (every expert-parallel role's EP size),"
+            f" e.g. {lower or upper} or {upper}.",
+        )
+    most = experts * (ep - 1)
+    if redundant > most:
+        return Problem(
+            field=REDUNDANT_FIELD,
+            message=f"redundant={redundant} is more than a copy of each of the {experts} experts on every"
+            f" one of the {ep} ranks" + (f" of {role}" if role else "") + f" ({most}).",
+            fix=f"use at most {most}.",
+        )
     return None
 
 
@@ -228,10 +294,31 @@ def _plan_role(
     per_pod = spec.accelerator.per_pod
     utilization = spec.engine.gpu_memory_utilization
     par = role.parallelism
-    if par is None:
-        par = suggest_parallelism(
-            model=model, gpu=gpu, role=role, per_pod=per_pod, utilization=utilization, max_len=max_len
+    wanted = spec.experts.redundant if spec.experts is not None else 0
+
+    def suggest() -> Parallelism | None:
+        return suggest_parallelism(
+            model=model,
+            gpu=gpu,
+            role=role,
+            per_pod=per_pod,
+            utilization=utilization,
+            max_len=max_len,
+            redundant=wanted,
         )
+
+    if par is None:
+        par = suggest()
+        if par is None and wanted:
+            return None, [
+                Problem(
+                    field=REDUNDANT_FIELD,
+                    message=f"no expert-parallel size up to {model.num_routed_experts} that shares {wanted}"
+                    f" redundant expert slots evenly fits {model.name} on {gpu.name} with KV for"
+                    f" {SUGGEST_HEADROOM_SEQUENCES} sequences of {max_len} tokens.",
+                    fix=f"lower experts.redundant, or set {path}.parallelism.",
+                )
+            ]
         if par is None:
             return None, [
                 Problem(
@@ -248,6 +335,11 @@ def _plan_role(
     problems = _check_shape(model=model, par=par, per_pod=per_pod, path=f"{path}.parallelism")
     if problems:
         return None, problems
+    redundant = wanted if par.expert_parallel else 0
+    if redundant:
+        bad = _redundant_problem(redundant, ep=par.expert_size, experts=model.num_routed_experts, role=name)
+        if bad is not None:
+            return None, [bad]
     devices_per_pod = min(per_pod, par.ranks)
     device_gib = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
     if device_gib is None:
@@ -258,22 +350,29 @@ def _plan_role(
                 fix="set resources.requests.memory (e.g. 2Gi).",
             )
         ]
-    sizing = _size(
-        model=model,
-        par=par,
-        device_gib=device_gib,
-        utilization=utilization,
-        reserve_gib=gpu.reserve_gib,
-        max_len=max_len,
-    )
+
+    def size(slots: int) -> _Sizing:
+        return _size(
+            model=model,
+            par=par,
+            device_gib=device_gib,
+            utilization=utilization,
+            reserve_gib=gpu.reserve_gib,
+            max_len=max_len,
+            redundant=slots,
+        )
+
+    sizing = size(redundant)
     mem = sizing.memory
+    if redundant and not _fits(sizing, max_len) and _fits(size(0), max_len):
+        ep = par.expert_size
+        fits = max(k * ep for k in range(redundant // ep) if _fits(size(k * ep), max_len))
+        return None, [_redundant_too_big(sizing, role=name, ep=ep, redundant=redundant, fits=fits, gpu=gpu)]
     usable = mem.device_gib * utilization - mem.reserve_gib
     shards = f"EP{par.expert_size}" if par.expert_parallel else f"TP{par.tensor}"
 
     def hint() -> str:
-        better = suggest_parallelism(
-            model=model, gpu=gpu, role=role, per_pod=per_pod, utilization=utilization, max_len=max_len
-        )
+        better = suggest()
         if better is not None and better.expert_size > par.expert_size:
             return f"set parallelism {{tensor: 1, data: {better.data}}} (EP{better.expert_size})"
         return "spread the model over more ranks (data or tensor)"
@@ -316,6 +415,8 @@ def _plan_role(
         devices=role.replicas * par.ranks,
         workload="LeaderWorkerSet" if len(pods) > 1 else "Deployment",
         experts_per_rank=pods[0].ranks[0].expert_count,
+        redundant_experts=redundant,
+        slots_per_rank=pods[0].ranks[0].expert_count + redundant // par.expert_size,
         suggested=suggested,
         memory=mem,
         host=host_plan(role=role, gpu=gpu, devices_per_pod=devices_per_pod),
@@ -355,6 +456,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
                 f"{r.role}: parallelism suggested (smallest EP with KV for {SUGGEST_HEADROOM_SEQUENCES} "
                 f"sequences of {max_len} tokens): data={r.data}, EP{r.expert}."
             )
+        if spec.experts is not None and spec.experts.redundant and not r.expert_parallel:
+            notes.append(f"{r.role}: no expert parallelism, so experts.redundant does not apply.")
         if r.devices_per_pod < spec.accelerator.per_pod:
             notes.append(
                 f"{r.role}: a group needs {r.ranks} of the {spec.accelerator.per_pod} devices per pod."

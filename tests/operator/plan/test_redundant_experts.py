@@ -1,0 +1,125 @@
+"""spec.experts.redundant in the planner: extra expert slots per rank, their memory, refusals, the table."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.cli.tables import render_table
+from kubemoe_operator.plan.model import Plan
+from kubemoe_operator.plan.planner import plan_manifest
+from tests.operator.helpers import REPO, manifest
+
+FIELD = "spec.experts.redundant"
+
+
+def planned(**spec: object) -> Plan:
+    return plan_manifest(manifest(**spec))
+
+
+def refusal(**spec: object) -> ManifestError:
+    with pytest.raises(ManifestError) as err:
+        planned(**spec)
+    return err.value
+
+
+def test_absent_is_todays_layout() -> None:
+    plain = planned()
+    for role in plain.roles:
+        assert role.redundant_experts == 0
+        assert role.slots_per_rank == role.experts_per_rank
+        assert role.memory.redundant_weights_gib == 0
+    assert planned(experts={}) == plain  # redundant 0 by default: nothing changes
+    assert "redundant" not in render_table(plain)
+
+
+def test_redundant_slots_grow_each_ranks_experts() -> None:
+    plain, extra = planned(), planned(experts={"redundant": 8})
+    # BASE: Qwen3-30B-A3B (128 experts), prefill EP2, decode EP4
+    for name, ep in (("prefill", 2), ("decode", 4)):
+        before, after = plain.role(name), extra.role(name)
+        assert after.redundant_experts == 8
+        assert after.experts_per_rank == before.experts_per_rank == 128 // ep
+        assert after.slots_per_rank == 128 // ep + 8 // ep
+        per_expert = before.memory.expert_weights_gib / (128 // ep)
+        assert after.memory.redundant_weights_gib == pytest.approx(per_expert * 8 / ep, abs=1e-3)
+        assert after.memory.expert_weights_gib == pytest.approx(
+            before.memory.expert_weights_gib + after.memory.redundant_weights_gib, abs=1e-3
+        )
+        assert after.memory.kv_budget_gib == pytest.approx(
+            before.memory.kv_budget_gib - after.memory.redundant_weights_gib, abs=1e-3
+        )
+        assert after.memory.kv_tokens < before.memory.kv_tokens
+        # the ranks' own blocks, and so every pod's command, are today's (the engine is told later)
+        assert after.pods == before.pods
+
+
+def test_the_plan_table_shows_the_slots() -> None:
+    table = render_table(planned(experts={"redundant": 8}))
+    assert "EXPERTS/RANK" in table
+    assert "64+4" in table
+    assert "32+2" in table
+    assert "in redundant slots)" in table
+    assert "decode: 8 redundant expert slots per group, 34 expert slots per rank (32 own + 2 copies" in table
+
+
+def test_not_a_multiple_of_every_ep_size_is_refused_per_role() -> None:
+    err = refusal(experts={"redundant": 6})  # a multiple of prefill's EP2, not of decode's EP4
+    assert [p.field for p in err.problems] == [FIELD]
+    assert "EP=4 ranks of decode" in err.problems[0].message
+    assert "multiple of 4" in err.problems[0].fix
+
+
+def test_more_than_a_copy_of_everything_everywhere_is_refused() -> None:
+    err = refusal(
+        roles={"prefill": {"parallelism": {"data": 2}}, "decode": {"parallelism": {"data": 2}}},
+        experts={"redundant": 130},
+    )
+    assert {p.field for p in err.problems} == {FIELD}
+    assert "use at most 128" in err.problems[0].fix
+
+
+def test_what_does_not_fit_is_refused_naming_the_field_and_the_most_that_fits() -> None:
+    deepseek = (REPO / "examples" / "deepseek-v3.yaml").read_text()
+
+    data = yaml.safe_load(deepseek)
+    data["spec"]["experts"] = {"redundant": 512}
+    with pytest.raises(ManifestError) as err:
+        plan_manifest(parse_manifest(data))
+    problems = err.value.problems
+    assert {p.field for p in problems} == {FIELD}
+    assert "32 more experts on each of the EP=16 ranks of prefill" in problems[0].message
+    fix = problems[0].fix
+    assert fix.startswith("set experts.redundant <= ")
+    most = int(fix.removeprefix("set experts.redundant <= ").split()[0])
+    assert most % 16 == 0
+    assert 0 < most < 512
+    data["spec"]["experts"] = {"redundant": most}
+    fitted = plan_manifest(parse_manifest(data))  # the fix is true: the most that fits does
+    assert fitted.role("decode").slots_per_rank == 16 + most // 16
+    data["spec"]["experts"] = {"redundant": most + 16}
+    with pytest.raises(ManifestError):
+        plan_manifest(parse_manifest(data))
+
+
+def test_roles_without_expert_parallelism_ignore_it_with_a_note() -> None:
+    p = planned(
+        roles={
+            "prefill": {"parallelism": {"data": 2, "expert": 1}},  # experts sharded by TP: nothing to balance
+            "decode": {"parallelism": {"data": 4}},
+        },
+        experts={"redundant": 4},
+    )
+    assert p.role("prefill").redundant_experts == 0
+    assert p.role("prefill").slots_per_rank == p.role("prefill").experts_per_rank
+    assert p.role("decode").redundant_experts == 4
+    assert any("prefill: no expert parallelism" in n for n in p.notes)
+
+
+def test_suggested_parallelism_shares_the_slots_evenly() -> None:
+    p = planned(roles={"prefill": {}, "decode": {}}, experts={"redundant": 6})
+    for role in p.roles:
+        assert role.suggested
+        assert not role.expert_parallel or 6 % role.expert == 0
