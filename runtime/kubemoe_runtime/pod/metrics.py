@@ -15,6 +15,14 @@ Every series carries the labels the operator's autoscaler groups by: `deployment
     kubemoe_kv_pull_failures_total       counter    P/D decode: pulls that failed (prompt prefilled locally)
     kubemoe_requests_finished_total      counter    by finish_reason (stop, length, abort)
     kubemoe_requests_rejected_total      counter    turned away because the waiting queue was full
+    kubemoe_expert_load_imbalance        gauge      torch engine, per MoE `layer`: busiest EP rank's routed
+                                                    tokens over the mean rank's, over the load window
+    kubemoe_expert_load_imbalance_max    gauge      the same, the largest over the layers
+    kubemoe_expert_load_hottest_ratio    gauge      busiest expert's tokens over the mean expert's, the
+                                                    largest over the layers (skew whatever the placement)
+
+The expert-load gauges are set from the engine's window at each scrape (docs/expert-load.md); one series
+per MoE layer at most, never one per expert.
 """
 
 from __future__ import annotations
@@ -109,6 +117,32 @@ class ServingMetrics:
         self.rejected = Counter(
             "kubemoe_requests_rejected", "Requests refused: waiting queue full", LABELS, registry=r
         ).labels(**values)
+
+        self._imbalance = Gauge(
+            "kubemoe_expert_load_imbalance",
+            "Busiest expert-parallel rank's routed tokens over the mean rank's, per MoE layer",
+            [*LABELS, "layer"],
+            registry=r,
+        )
+        self.imbalance_max = Gauge(
+            "kubemoe_expert_load_imbalance_max",
+            "Largest per-layer expert-parallel rank imbalance",
+            LABELS,
+            registry=r,
+        )
+        self.hottest_ratio = Gauge(
+            "kubemoe_expert_load_hottest_ratio",
+            "Busiest expert's routed tokens over the mean expert's, largest over the MoE layers",
+            LABELS,
+            registry=r,
+        )
+
+    def expert_load(self, imbalance: Mapping[int, float], *, hottest_ratio: float) -> None:
+        """Set the expert-load gauges: imbalance by MoE layer index, and the hottest expert's ratio."""
+        for layer, value in imbalance.items():
+            self._imbalance.labels(**self._labels, layer=str(layer)).set(value)
+        self.imbalance_max.labels(**self._labels).set(max(imbalance.values(), default=1.0))
+        self.hottest_ratio.labels(**self._labels).set(hottest_ratio)
 
     def finished(self, reason: str) -> None:
         self._finished.labels(**self._labels, finish_reason=reason).inc()

@@ -9,8 +9,15 @@ import torch
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.load.weight_map import expert_stacks, to_engine_state_dict
-from kubemoe_runtime.engines.torch.load.weights import LoadReport, checkpoint_shapes, load_rank_weights
+from kubemoe_runtime.engines.torch.load.weights import (
+    LoadReport,
+    checkpoint_shapes,
+    expert_range,
+    load_rank_weights,
+)
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
+from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
+from kubemoe_runtime.engines.torch.model.moe import MoE
 from kubemoe_runtime.engines.torch.model.packing import pack_model
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
@@ -21,7 +28,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class TorchEngine:
     """One rank's model. With expert parallelism every rank must make the same sequence of forward calls
-    (the MoE layers run collectives), though each may pass its own tokens."""
+    (the MoE layers run collectives), though each may pass its own tokens. `expert_load` counts the
+    tokens its MoE layers route to each expert (expert_load.py)."""
 
     def __init__(
         self, model: Transformer, *, ep: ExpertParallel, dtype: torch.dtype, load_report: LoadReport
@@ -31,6 +39,23 @@ class TorchEngine:
         self.ep = ep
         self.dtype = dtype
         self.load_report = load_report
+        self.expert_load = self._count_expert_load()
+
+    def _count_expert_load(self) -> ExpertLoad:
+        """One ExpertLoad over every MoE layer, attached to each (it counts from their next forward)."""
+        moe = [(i, block.ffn) for i, block in enumerate(self.model.blocks()) if isinstance(block.ffn, MoE)]
+        n = self.cfg.n_routed_experts
+        load = ExpertLoad(
+            layers=[i for i, _ in moe],
+            n_experts=n,
+            experts_per_rank=[
+                len(expert_range(n_experts=n, ep_rank=r, ep_size=self.ep.size)) for r in range(self.ep.size)
+            ],
+            device=self.model.embed.weight.device,
+        )
+        for index, (_, layer) in enumerate(moe):
+            layer.load, layer.load_index = load, index
+        return load
 
     @classmethod
     def load(

@@ -15,6 +15,7 @@ from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.layers import MLP
 from kubemoe_runtime.engines.torch.model.packing import linear, pack
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
@@ -176,9 +177,15 @@ class LocalExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Route, dispatch, experts, combine, shared (parallel.py). With `load` set (TorchEngine does), each
+    forward adds the gathered expert ids — the whole group's routing, every logical expert — to the
+    layer's counts `load_index` (expert_load.py): one scatter_add_ on the device, no sync."""
+
     def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel) -> None:
         super().__init__()
         self.ep = ep
+        self.load: ExpertLoad | None = None
+        self.load_index = 0
         self.router = TopKGate(cfg)
         self.experts = LocalExperts(
             dim=cfg.hidden_size, hidden=cfg.moe_intermediate_size, experts=ep.experts(cfg.n_routed_experts)
@@ -196,6 +203,8 @@ class MoE(nn.Module):
         ids_NK, w_NK = self.router(x_ND)
         # 2. dispatch: all ranks' tokens, padded to the same count per rank.
         x_MD, ids_MK, w_MK, rows_per_rank = self.ep.dispatch(x_ND, ids_NK, w_NK)
+        if self.load is not None:  # the gathered ids: every rank's tokens, so every logical expert's load
+            self.load.count(self.load_index, ids_MK)
         # 3. experts: this rank's experts over every gathered token.
         y_MD = self.experts(x_MD, ids_MK, w_MK)
         # 4. combine: sum the ranks' partial outputs, keep this rank's rows.

@@ -7,6 +7,8 @@
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
     POST /v1/chat/completions   messages through the checkpoint's chat template; streaming or not
     GET  /v1/kv/{handle}        P/D: a prefilled prompt's KV (safetensors bytes), read once (kv/handoff.py)
+    GET  /v1/experts/load       tokens routed to each expert per MoE layer over a sliding window, and each
+                                layer's rank imbalance (model/expert_load.py, docs/expert-load.md)
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
 unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
@@ -131,6 +133,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/kv/{handle}", api.kv, methods=["GET"]),
+        Route("/v1/experts/load", api.experts_load, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -202,6 +205,12 @@ class Api:
         return PlainTextResponse("ready")
 
     async def metrics(self, _: Request) -> Response:
+        if self.state.scheduler is not None:  # the expert-load gauges, from the window as it is now
+            window = self.state.scheduler.leader.runner.engine.expert_load.window()
+            self.state.metrics.expert_load(
+                {layer: window.imbalance(i) for i, layer in enumerate(window.layers)},
+                hottest_ratio=max((window.hottest_ratio(i) for i in range(len(window.layers))), default=1.0),
+            )
         return Response(self.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, _: Request) -> Response:
@@ -266,6 +275,11 @@ class Api:
             return Response(status_code=CLIENT_GONE)
         whole = shape.whole(text, last, kv_transfer_params=_reachable(last.kv_transfer_params, request))
         return JSONResponse(whole.model_dump())
+
+    async def experts_load(self, _: Request) -> Response:
+        """The group's expert load over the window, as rank 0 counts it (it sees every rank's routing)."""
+        window = self.state.ready_scheduler().leader.runner.engine.expert_load.window()
+        return JSONResponse(window.as_json())
 
     async def kv(self, request: Request) -> Response:
         """P/D: hand a prefilled prompt's KV to the decode that asks for it (once)."""

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from kubemoe_runtime.engines.torch.model.engine import TorchEngine
+from kubemoe_runtime.engines.torch.model.expert_load import valid_tokens
 from kubemoe_runtime.engines.torch.model.kv_cache import KVCache
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
@@ -175,6 +176,12 @@ class GroupLeader:
     def run(self, step: Step) -> list[list[int]]:
         """Sampled tokens per rank, in the order of `step.rows[rank]`."""
         released = step.released or [[] for _ in range(self.size)]
+        # Expert load (model/expert_load.py): rank 0 sees every rank's routing; it counts only real tokens.
+        load = self.runner.engine.expert_load
+        load.valid_M = valid_tokens(
+            [[len(r.tokens) for r in rows] for rows in step.rows], device=load.counts_LE.device
+        )
+        load.tick()
         if self.size == 1:
             sampled = [self.runner.run(step.rows[0], released=released[0])]
             self._exports.update(self.runner.take_exports())
@@ -196,6 +203,7 @@ class GroupLeader:
         return exports
 
     def keepalive(self) -> None:
+        self.runner.engine.expert_load.tick()  # idle: the load window still moves
         if self.size > 1:
             _broadcast(Keepalive())
 
