@@ -80,7 +80,7 @@ def _imbalance(rank_loads: Sequence[float]) -> float:
     total = math.fsum(rank_loads)
     if total <= 0:
         return 1.0
-    return max(rank_loads) / (total / len(rank_loads))
+    return max(rank_loads) * len(rank_loads) / total  # not max / (total / n): a tiny total underflows
 
 
 def _check_shape(*, n_experts: int, ranks: int, redundant: int) -> int:

@@ -259,3 +259,9 @@ def test_hostile_input_refused(load: list[object], ranks: object, redundant: obj
 def test_bad_placement_refused(slots: list[int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         rank_loads([1.0, 1.0, 1.0, 1.0], slots, ranks=2)
+
+
+def test_a_vanishingly_small_load_still_has_an_imbalance() -> None:
+    """A total load of one denormal: max / (total / ranks) would divide by an underflowed zero."""
+    p = balance_layer([5e-324, 0.0, 0.0, 0.0], ranks=2, redundant=0)
+    assert p.imbalance == pytest.approx(2.0)
