@@ -46,6 +46,12 @@ def plan_configmap_name(owner: str) -> str:
     return f"{owner}-plan"
 
 
+def experts_configmap_name(owner: str, role: str) -> str:
+    """A role's expert placement (placement.json, which its pods load at start) and the record of its
+    last rebalance; written by the operator's rebalance loop, not by render."""
+    return f"{owner}-{role}-experts"
+
+
 def selector(owner: str, role: str) -> dict[str, str]:
     """Every pod of one role of one ModelDeployment."""
     return {LABEL_DEPLOYMENT: owner, LABEL_ROLE: role}
