@@ -127,6 +127,19 @@ def identity_slots(n_experts: int, ranks: int) -> tuple[int, ...]:
     return tuple(range(n_experts))
 
 
+def default_slots(n_experts: int, ranks: int, redundant: int = 0) -> tuple[int, ...]:
+    """The placement a group starts with before any rebalance (the torch engine's own default): rank r
+    holds its contiguous block of E/R experts, then redundant/R slots with copies of its own first
+    experts (a copy on the same rank moves no load). With redundant = 0, `identity_slots`."""
+    _check_shape(n_experts=n_experts, ranks=ranks, redundant=redundant)
+    block, extra = n_experts // ranks, redundant // ranks
+    return tuple(
+        e
+        for r in range(ranks)
+        for e in (*range(r * block, (r + 1) * block), *(r * block + k % block for k in range(extra)))
+    )
+
+
 def rank_loads(load: Sequence[float], slots: Sequence[int], *, ranks: int) -> tuple[float, ...]:
     """Each rank's load under `slots`, a replicated expert's load split evenly among its copies."""
     values = _check_load(load)

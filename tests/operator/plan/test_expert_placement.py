@@ -16,6 +16,7 @@ from kubemoe_operator.plan.experts import (
     LayerPlacement,
     balance,
     balance_layer,
+    default_slots,
     identity_slots,
     imbalance,
     rank_loads,
@@ -265,3 +266,13 @@ def test_a_vanishingly_small_load_still_has_an_imbalance() -> None:
     """A total load of one denormal: max / (total / ranks) would divide by an underflowed zero."""
     p = balance_layer([5e-324, 0.0, 0.0, 0.0], ranks=2, redundant=0)
     assert p.imbalance == pytest.approx(2.0)
+
+
+def test_default_slots_are_each_ranks_block_then_copies_of_its_own_first_experts() -> None:
+    assert default_slots(8, 2) == identity_slots(8, 2)
+    assert default_slots(8, 2, 4) == (0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5)
+    # a copy on its own rank moves no load: the default predicts what the contiguous blocks do
+    load = [9, 1, 1, 1, 1, 1, 1, 1]
+    assert imbalance(load, default_slots(8, 2, 4), ranks=2) == imbalance(load, identity_slots(8, 2), ranks=2)
+    with pytest.raises(ValueError, match="multiple"):
+        default_slots(8, 2, 3)
