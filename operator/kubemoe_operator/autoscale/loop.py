@@ -294,6 +294,7 @@ class Autoscaler:
             )
         )
         outcomes = coupled(outcomes, policies=policies, current=current)
+        self._record_decisions(namespace, name, uid, outcomes)
         patch = status_apply(
             old=old,
             outcomes=outcomes,
@@ -323,6 +324,20 @@ class Autoscaler:
                 log.warning("autoscaler: %s/%s: %s", namespace, name, cond["message"])
             await self._announce({**body, "apiVersion": API_VERSION, "kind": KIND}, outcomes)
         return list(outcomes)
+
+    def _record_decisions(self, namespace: str, name: str, uid: str, outcomes: Sequence[RoleOutcome]) -> None:
+        """Each role's decision in the operator's metrics: after the coupling, so prefill's series show
+        what it will run (perDecode's bound), not its own metrics' wish."""
+        series = self.series.setdefault(uid, set())
+        for o in outcomes:
+            if o.decision is None or not o.decision.metrics_available:
+                continue
+            labels = (namespace, name, o.role)
+            desired = o.decision.desired
+            direction = "up" if desired > o.current else "down" if desired < o.current else "hold"
+            self.metrics.decisions.labels(*labels, direction).inc()
+            self.metrics.desired.labels(*labels).set(desired)
+            series.add((self.metrics.desired, labels))
 
     async def _evaluate_role(
         self,
@@ -363,13 +378,6 @@ class Autoscaler:
         )
         outcome = "decided" if decision.metrics_available else "unavailable"
         self.metrics.evaluations.labels(*labels, outcome).inc()
-        if decision.metrics_available:
-            direction = (
-                "up" if decision.desired > current else "down" if decision.desired < current else "hold"
-            )
-            self.metrics.decisions.labels(*labels, direction).inc()
-            self.metrics.desired.labels(*labels).set(decision.desired)
-            series.add((self.metrics.desired, labels))
         log.debug("autoscaler: %s/%s %s: %s", *labels, decision.reason)
         return outcome_of(decision=decision)
 

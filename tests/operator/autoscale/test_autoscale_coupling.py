@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from kubemoe_operator.api.spec import Autoscaling, MetricTarget, MetricType, PerDecode, RoleName
 from kubemoe_operator.api.status import now_utc
 from kubemoe_operator.autoscale.decide import Decision, couple, decide
-from kubemoe_operator.autoscale.loop import RoleOutcome, coupled, status_apply
+from kubemoe_operator.autoscale.loop import Autoscaler, RoleOutcome, coupled, status_apply
+from kubemoe_operator.autoscale.signals import RoleSelector
+from tests.operator.reconcile.memory_kube import MemoryKube
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 QUEUE = [MetricTarget(type="queue-depth", target=4)]
 
@@ -116,3 +124,58 @@ def test_decode_unreadable_couples_to_the_groups_decode_runs_and_prefill_unreada
     )
     assert out[0].new_desired is None
     assert out[1].new_desired is not None
+
+
+async def test_the_operators_metrics_show_prefills_coupled_decision_not_its_own_wish() -> None:
+    """decode's queue asks for 4 groups; prefill (1 per decode group) is idle and alone would hold at 1:
+    the desired-replicas gauge and the decisions counter must say 4 and "up" for prefill."""
+    manifest = yaml.safe_load((EXAMPLES / "tiny-moe.yaml").read_text())
+    manifest["metadata"].update(namespace="ns", uid="u-1", generation=1, resourceVersion="1")
+    roles = manifest["spec"]["roles"]
+    roles["decode"]["autoscaling"] = {
+        "minReplicas": 1,
+        "maxReplicas": 8,
+        "maxStep": 4,
+        "scaleUpWindowSeconds": 0,
+        "metrics": [{"type": "queue-depth", "target": 4}],
+    }
+    roles["prefill"]["autoscaling"] = {
+        "minReplicas": 1,
+        "maxReplicas": 8,
+        "maxStep": 4,
+        "scaleUpWindowSeconds": 0,
+        "metrics": [{"type": "queue-depth", "target": 4}],
+        "perDecode": {"min": 1, "max": 1},
+    }
+
+    class Queues:
+        async def sample(
+            self, sel: RoleSelector, metrics: list[MetricType]
+        ) -> dict[MetricType, float | None]:
+            return {"queue-depth": 16.0 if sel.role == "decode" else 0.0}
+
+    scaler = Autoscaler(kube=MemoryKube(), source=Queues(), source_name="test", interval_s=1.0)
+    outcomes = {o.role: o for o in await scaler.evaluate(manifest)}
+    assert outcomes["decode"].decision is not None
+    assert outcomes["decode"].decision.desired == 4
+    assert outcomes["prefill"].decision is not None
+    assert outcomes["prefill"].decision.desired == 4
+    metrics = scaler.metrics.registry
+    assert (
+        metrics.get_sample_value(
+            "kubemoe_operator_autoscale_desired_replicas",
+            {"namespace": "ns", "deployment": "tiny-moe", "role": "prefill"},
+        )
+        == 4
+    )
+    labels = {"namespace": "ns", "deployment": "tiny-moe", "role": "prefill"}
+    assert (
+        metrics.get_sample_value("kubemoe_operator_autoscale_decisions_total", {**labels, "direction": "up"})
+        == 1
+    )
+    assert (
+        metrics.get_sample_value(
+            "kubemoe_operator_autoscale_decisions_total", {**labels, "direction": "hold"}
+        )
+        is None
+    )
