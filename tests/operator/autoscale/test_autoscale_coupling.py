@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -150,7 +151,7 @@ async def test_the_operators_metrics_show_prefills_coupled_decision_not_its_own_
 
     class Queues:
         async def sample(
-            self, sel: RoleSelector, metrics: list[MetricType]
+            self, sel: RoleSelector, metrics: Sequence[MetricType]
         ) -> dict[MetricType, float | None]:
             return {"queue-depth": 16.0 if sel.role == "decode" else 0.0}
 
