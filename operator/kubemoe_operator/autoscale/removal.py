@@ -21,38 +21,19 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
 from kubemoe_operator.autoscale.signals import QUEUE, RUNNING, RoleSelector
 from kubemoe_operator.kube.client import Kube
-from kubemoe_operator.plan.command import PORT
+from kubemoe_operator.kube.pods import Leader, running_leaders
 
 log = logging.getLogger("kubemoe.autoscale")
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 MAX_PAGE_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class Leader:
-    """A running group leader: its pod and where its /metrics answers."""
-
-    pod: Mapping[str, Any]
-    url: str
-
-    @property
-    def name(self) -> str:
-        return str(self.pod["metadata"]["name"])
-
-    @property
-    def in_replica_set(self) -> bool:
-        """Whether a ReplicaSet (a Deployment) owns the pod, and so reads its deletion cost."""
-        refs = self.pod["metadata"].get("ownerReferences") or []
-        return any(r.get("kind") == "ReplicaSet" and r.get("controller") for r in refs)
 
 
 Leaders = Callable[[RoleSelector], Awaitable[list[Leader]]]
@@ -62,18 +43,7 @@ def pod_leaders(kube: Kube) -> Leaders:
     """A role's running group leaders (not being deleted), by pod IP, in name order."""
 
     async def leaders(sel: RoleSelector) -> list[Leader]:
-        pods = await kube.list_pods(
-            namespace=sel.namespace,
-            labels={LABEL_DEPLOYMENT: sel.deployment, LABEL_ROLE: sel.role, LABEL_LEADER: "true"},
-        )
-        out = []
-        for pod in pods:
-            st = pod.get("status") or {}
-            ip = st.get("podIP")
-            if ip and st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-                host = f"[{ip}]" if ":" in ip else ip
-                out.append(Leader(pod=pod, url=f"http://{host}:{PORT}/metrics"))
-        return sorted(out, key=lambda leader: leader.name)
+        return await running_leaders(kube, namespace=sel.namespace, deployment=sel.deployment, role=sel.role)
 
     return leaders
 
