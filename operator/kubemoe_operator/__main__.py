@@ -18,6 +18,7 @@ from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
 from kubemoe_operator.kube.client import Kube
 from kubemoe_operator.kube.leader import LeaderElector, LeaseConfig
+from kubemoe_operator.rebalance.loop import Rebalancer
 from kubemoe_operator.reconcile.handlers import OperatorState, build_registry
 from kubemoe_operator.reconcile.reconcile import ReconcileContext
 from kubemoe_operator.run.health import Health, HealthServer
@@ -116,6 +117,15 @@ async def run(settings: OperatorSettings) -> int:
 
             scaling.add_done_callback(scaling_ended)
             tasks.append(scaling)
+        if settings.rebalance_tick_seconds > 0:
+            rebalancer = Rebalancer(
+                kube=kube,
+                client=http,
+                tick_s=settings.rebalance_tick_seconds,
+                interval_override_s=settings.rebalance_interval_seconds,
+                namespaces=settings.namespaces,
+            )
+            tasks.append(asyncio.create_task(rebalancer.run_forever(), name="rebalancer"))
         if elector is not None:
             tasks.append(asyncio.create_task(elector.hold(lost)))
 

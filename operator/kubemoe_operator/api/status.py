@@ -52,6 +52,21 @@ class RoleStatus(ApiModel):
     or perDecode when prefill followed decode."""
 
 
+class ExpertsStatus(ApiModel):
+    """Expert placement of one expert-parallel role (the rebalancer: spec.experts)."""
+
+    generation: int = Field(0, ge=0)
+    """The placement the role's groups run: 0 is the default (contiguous blocks), each rebalance adds one."""
+    imbalance: float | None = Field(None, ge=0)
+    """At the last check: the busiest rank's load over the mean rank load, summed over the MoE layers
+    (1.0 is perfectly even; an expert-parallel step waits for the busiest rank at every layer)."""
+    predicted_imbalance: float | None = Field(None, ge=0)
+    """What the last applied placement predicted from the load it was computed from."""
+    last_rebalance_time: datetime | None = None
+    message: str = Field("", max_length=1024)
+    """The last check's outcome, in words."""
+
+
 class ModelDeploymentStatus(ApiModel):
     """The observed state of a ModelDeployment."""
 
@@ -66,5 +81,7 @@ class ModelDeploymentStatus(ApiModel):
     """The planned layout, e.g. "P1x(EP16) D2x(EP16)"."""
     roles: dict[str, RoleStatus] = Field(default_factory=dict)
     """Per role (prefill, decode, worker, router)."""
+    experts: dict[str, ExpertsStatus] = Field(default_factory=dict)
+    """Per expert-parallel role with spec.experts: its expert placement."""
     endpoint: str | None = Field(None, max_length=512)
     """The OpenAI-compatible base URL, e.g. http://NAME.NAMESPACE.svc:8000/v1."""

@@ -36,6 +36,10 @@ class OperatorSettings:
     """Port of /healthz and /readyz (health.py), served from process start; None: not served."""
     autoscale_interval_seconds: float = 15.0
     """How often the autoscaler evaluates every autoscaled role; 0 turns the autoscaler off."""
+    rebalance_tick_seconds: float = 15.0
+    """How often the expert rebalancer looks for roles due a check (rebalance/loop.py); 0 turns it off."""
+    rebalance_interval_seconds: float | None = None
+    """Every role's rebalance interval instead of spec.experts.rebalance.intervalSeconds (tests, demos)."""
     prometheus_url: str | None = None
     """The Prometheus HTTP API the autoscaler queries; None: scrape the serving pods directly."""
     metrics_port: int | None = None
@@ -73,6 +77,19 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=15.0,
         help="seconds between autoscaler evaluations (0: no autoscaling)",
+    )
+    p.add_argument(
+        "--rebalance-tick-seconds",
+        type=float,
+        default=15.0,
+        help="seconds between the expert rebalancer's looks for roles due a check (0: no rebalancing)",
+    )
+    p.add_argument(
+        "--rebalance-interval-seconds",
+        type=float,
+        default=None,
+        help="check every expert-parallel role this often instead of its spec.experts.rebalance."
+        "intervalSeconds (for tests and demos)",
     )
     p.add_argument(
         "--prometheus-url",
@@ -145,6 +162,8 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
         health_port=args.health_port,
         autoscale_interval_seconds=args.autoscale_interval_seconds,
+        rebalance_tick_seconds=args.rebalance_tick_seconds,
+        rebalance_interval_seconds=args.rebalance_interval_seconds,
         prometheus_url=args.prometheus_url or None,
         metrics_port=args.metrics_port,
         pod_defaults=pod_defaults(args),
