@@ -2,6 +2,9 @@
 
 - `kubectl moe status NAME [-n NS]`: roles, groups, ranks per pod, readiness, the
   autoscaler's decisions and the endpoint of one ModelDeployment.
+- `kubectl moe experts NAME [-n NS] [--role ROLE] [--top K] [--plot FILE.png]`: per expert-parallel
+  role, each layer's imbalance (now, and before/predicted at the last rebalance) and its hottest
+  experts with the ranks holding their copies (cli/experts.py; the heatmaps: cli/plot.py).
 - `kubectl moe plan FILE [-o table|json|yaml]`: the same as `kubemoe plan`.
 
 It reads the cluster through the real kubectl (the one that invoked it, found on PATH), so
@@ -17,10 +20,23 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from kubemoe_operator.cli import kubemoe as cli
+from kubemoe_operator.cli.experts import (
+    DEFAULT_TOP,
+    ROLES,
+    ExpertsError,
+    build_report,
+    report_data,
+    select_roles,
+)
+from kubemoe_operator.cli.experts import render_report as render_experts
 from kubemoe_operator.grid import grid
+from kubemoe_operator.render.names import experts_configmap_name
 
 ROLE_LABEL = "kubemoe.io/role"
 GROUP_LABEL = "kubemoe.io/group"
@@ -175,11 +191,11 @@ def _kubectl(base: Sequence[str], *args: str) -> Any:
     return json.loads(proc.stdout)
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _kubectl_base(args: argparse.Namespace) -> list[str] | None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         print("kubectl moe: kubectl not found on PATH", file=sys.stderr)
-        return 1
+        return None
     base = [kubectl]
     if args.kubeconfig:
         base += ["--kubeconfig", args.kubeconfig]
@@ -187,6 +203,29 @@ def _cmd_status(args: argparse.Namespace) -> int:
         base += ["--context", args.context]
     if args.namespace:
         base += ["--namespace", args.namespace]
+    return base
+
+
+def _get_optional(base: Sequence[str], resource: str, name: str) -> Any:
+    """The object, or None when it does not exist."""
+    proc = subprocess.run(
+        [*base, "get", resource, name, "--ignore-not-found", "-o", "json"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise KubectlError(lines[-1] if lines else f"kubectl get {resource} {name} failed")
+    if not proc.stdout.strip():
+        return None
+    obj = json.loads(proc.stdout)
+    if obj.get("kind") == "List" and not obj.get("items"):
+        return None  # kubectl versions that print an empty List for an ignored NotFound
+    return obj
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    base = _kubectl_base(args)
+    if base is None:
+        return 1
     try:
         md = _kubectl(base, "get", "modeldeployments.kubemoe.io", args.name)
         pods = _kubectl(base, "get", "pods", "-l", f"{DEPLOYMENT_LABEL}={args.name}")["items"]
@@ -207,16 +246,86 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experts(args: argparse.Namespace) -> int:
+    try:
+        if args.top < 0:
+            raise ExpertsError(f"--top must be 0 or more, not {args.top}")
+        if args.plot:
+            from kubemoe_operator.cli.plot import require_matplotlib
+
+            require_matplotlib()
+        base = _kubectl_base(args)
+        if base is None:
+            return 1
+        md = _get_optional(base, "modeldeployments.kubemoe.io", args.name)
+        if md is None:
+            where = f"namespace {args.namespace}" if args.namespace else "the current namespace"
+            raise ExpertsError(f"ModelDeployment {args.name} not found in {where}")
+        roles = select_roles(md, args.role)
+        namespace = md["metadata"].get("namespace")
+        scoped = [*base, "--namespace", namespace] if namespace and not args.namespace else base
+        config_maps = {
+            role: _get_optional(scoped, "configmaps", experts_configmap_name(args.name, role))
+            for role in roles
+        }
+        report = build_report(md, config_maps, roles=roles, top=args.top)
+        if args.plot:
+            from kubemoe_operator.cli.plot import write_plot
+
+            write_plot(report, Path(args.plot))
+    except (ExpertsError, KubectlError) as err:
+        print(f"kubectl moe experts: {err}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(report_data(report), indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(report_data(report), sort_keys=False, width=120), end="")
+    else:
+        sys.stdout.write(render_experts(report))
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cluster_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    cmd.add_argument("--context", help="kubeconfig context")
+    cmd.add_argument("--kubeconfig", help="kubeconfig file")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kubectl moe", description="Inspect kubemoe ModelDeployments.")
     sub = root.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="roles, groups, ranks per pod, readiness, autoscaling, endpoint")
     status.add_argument("name", help="ModelDeployment name")
-    status.add_argument("-n", "--namespace", help="namespace (default: the context's)")
-    status.add_argument("--context", help="kubeconfig context")
-    status.add_argument("--kubeconfig", help="kubeconfig file")
+    _cluster_flags(status)
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     status.set_defaults(run=_cmd_status)
+    experts = sub.add_parser(
+        "experts",
+        help="expert load per layer: imbalance now and at the last rebalance, the hottest experts and"
+        " the ranks holding their copies; --plot draws heatmaps",
+        description="Expert load of each expert-parallel role, from the ConfigMap NAME-ROLE-experts the"
+        " operator's rebalance loop writes. Imbalance is the busiest rank's load over the mean rank load.",
+    )
+    experts.add_argument("name", help="ModelDeployment name")
+    _cluster_flags(experts)
+    experts.add_argument("--role", choices=ROLES, help="one role only (default: every expert-parallel role)")
+    experts.add_argument(
+        "--top",
+        type=int,
+        default=DEFAULT_TOP,
+        metavar="K",
+        help=f"hottest experts per layer (default {DEFAULT_TOP})",
+    )
+    experts.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw layer x expert load and layer x rank load before/after the last rebalance"
+        " (needs matplotlib: pip install 'kubemoe-operator[plot]')",
+    )
+    experts.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    experts.set_defaults(run=_cmd_experts)
     plan = sub.add_parser("plan", help="print the plan for a manifest (same as `kubemoe plan`)")
     plan.add_argument("file")
     plan.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
