@@ -109,6 +109,9 @@ class Values(ChartModel):
     empty: it scrapes the serving pods' /metrics directly."""
     autoscale_interval_seconds: int = Field(15, ge=0)
     """Seconds between autoscaler evaluations of every autoscaled role; 0 turns the autoscaler off."""
+    rebalance_tick_seconds: int = Field(15, ge=0)
+    """Seconds between the expert rebalancer's looks for roles due a check (each role is checked every
+    spec.experts.rebalance.intervalSeconds); 0 turns expert rebalancing off."""
     runtime_image: str = Field("kubemoe/kubemoe-runtime:0.1.0", min_length=1)
     """Runtime image for ModelDeployments whose engine names none (build it from runtime/Dockerfile)."""
     runtime_image_pull_secrets: list[str] = Field(
