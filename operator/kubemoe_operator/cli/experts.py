@@ -207,6 +207,8 @@ class Report:
     """(role, ConfigMap name) of the roles with no ConfigMap yet."""
     interval_seconds: int | None
     """spec.experts.rebalance.intervalSeconds; None when spec.experts is not set."""
+    engine: str = "torch"
+    """spec.engine.kind."""
 
 
 def copy_ranks(slots: Sequence[int], expert: int, *, ranks: int) -> tuple[int, ...]:
@@ -334,16 +336,26 @@ def select_roles(md: Mapping[str, Any], role: str | None) -> list[str]:
     return [role]
 
 
-def no_load_message(name: str, missing: Sequence[str], interval: int | None) -> str:
-    """The line for roles whose ConfigMap does not exist yet."""
+def no_load_message(name: str, missing: Sequence[str], interval: int | None, engine: str = "torch") -> str:
+    """The line for roles whose ConfigMap does not exist yet (`interval` None: spec.experts is not set)."""
     when = f"{interval} s" if interval is not None else "600 s by default"
     line = (
         f"no expert load yet: the operator writes {', '.join(missing)} at its first rebalance interval"
         f" (spec.experts.rebalance.intervalSeconds, {when})"
     )
-    if interval is None:
+    if engine != "torch":
+        line += (
+            f"; but {name} runs the {engine} engine, which balances its own experts: the operator"
+            " rebalances, and writes it, for the torch engine only"
+        )
+    elif interval is None:
         line += f"; spec.experts is not set on {name}, and without it nothing is rebalanced"
     return line
+
+
+def _engine(md: Mapping[str, Any]) -> str:
+    engine = ((md.get("spec") or {}).get("engine") or {}).get("kind") or "vllm"
+    return str(engine)
 
 
 def build_report(
@@ -378,13 +390,14 @@ def build_report(
         )
         reports.append(role_report(load, top=top))
     if not reports:
-        raise ExpertsError(no_load_message(name, [m for _, m in missing], _interval(md)))
+        raise ExpertsError(no_load_message(name, [m for _, m in missing], _interval(md), _engine(md)))
     return Report(
         name=name,
         namespace=namespace,
         roles=tuple(reports),
         missing=tuple(missing),
         interval_seconds=_interval(md),
+        engine=_engine(md),
     )
 
 
@@ -412,11 +425,10 @@ def render_report(report: Report) -> str:
         if rb is None:
             lines.append("  last rebalance: none yet (the default placement)")
         else:
-            window = f" over a {rb.window_seconds:g} s window" if rb.window_seconds else ""
+            window = f" ({rb.window_seconds:g} s window)" if rb.window_seconds else ""
             lines.append(
-                f"  last rebalance: generation {rb.generation} at {rb.time or '?'}{window}: busiest rank"
+                f"  last rebalance: generation {rb.generation} at {rb.time or '?'}{window}: worst layer"
                 f" {_ratio(_max(rb.imbalance_before))} -> {_ratio(_max(rb.imbalance_predicted))} predicted"
-                " (over the mean, worst layer)"
             )
         obs = load.observed
         if obs is None:
@@ -424,13 +436,13 @@ def render_report(report: Report) -> str:
         else:
             gen = "" if obs.generation is None else f" under generation {obs.generation}"
             lines.append(
-                f"  observed:       {obs.time or '?'}{gen}: busiest rank"
-                f" {_ratio(_max([r.imbalance for r in rr.rows]))} (over the mean, worst layer)"
+                f"  observed:       {obs.time or '?'}{gen}: worst layer"
+                f" {_ratio(_max([r.imbalance for r in rr.rows]))}"
             )
             if obs.generation is not None and obs.generation != p.generation:
                 lines.append(
-                    f"  note: the load was observed under generation {obs.generation}, the placement is"
-                    f" generation {p.generation} (the pods may still be loading it)"
+                    f"  note: observed under generation {obs.generation}, before the move to generation"
+                    f" {p.generation}: NOW is the old placement's until the next check"
                 )
         if load.status.get("message"):
             lines.append(f"  status:         {load.status['message']}")
@@ -458,7 +470,9 @@ def render_report(report: Report) -> str:
         ]
         lines.append("")
     for role, _cm in report.missing:
-        lines.append(f"{role}: " + no_load_message(report.name, [_cm], report.interval_seconds))
+        lines.append(
+            f"{role}: " + no_load_message(report.name, [_cm], report.interval_seconds, report.engine)
+        )
     lines.append("NOW, BEFORE, PREDICTED: the busiest rank's load over the mean rank load (1.00 is even).")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -504,7 +518,7 @@ def report_data(report: Report) -> dict[str, Any]:
             {
                 "role": role,
                 "configMap": cm,
-                "message": no_load_message(report.name, [cm], report.interval_seconds),
+                "message": no_load_message(report.name, [cm], report.interval_seconds, report.engine),
             }
             for role, cm in report.missing
         ],

@@ -45,10 +45,10 @@ def test_table_numbers_from_the_configmap() -> None:
     assert (
         "decode: placement generation 1, 2 ranks x 5 slots  (ConfigMap prod/tiny-moe-decode-experts)" in out
     )
-    assert "last rebalance: generation 1 at 2026-11-29T06:00:00Z over a 300 s window" in out
+    assert "last rebalance: generation 1 at 2026-11-29T06:00:00Z (300 s window)" in out
     worst_before = max(objs.busiest_over_mean(t, s) for t, s in zip(objs.TOKENS, objs.PREVIOUS, strict=True))
     worst_after = max(objs.busiest_over_mean(t, s) for t, s in zip(objs.TOKENS, objs.SLOTS, strict=True))
-    assert f"busiest rank {worst_before:.2f} -> {worst_after:.2f} predicted" in out
+    assert f"worst layer {worst_before:.2f} -> {worst_after:.2f} predicted" in out
     assert "status:         generation 1 applied on every decode group" in out  # status.experts.decode
 
 
@@ -81,7 +81,7 @@ def test_hottest_falls_back_to_the_rebalance_load_and_top_limits_it() -> None:
 def test_an_observation_under_an_older_generation_is_flagged() -> None:
     cm = objs.config_map(placement=objs.placement(generation=2))
     out = render_report(build_report(objs.deployment(), {"decode": cm}, roles=["decode"]))
-    assert "observed under generation 1, the placement is generation 2" in out
+    assert "observed under generation 1, before the move to generation 2" in out
 
 
 @pytest.mark.parametrize(
@@ -133,6 +133,10 @@ def test_no_configmap_yet_names_it_and_the_interval() -> None:
     )
     with pytest.raises(ExpertsError, match=r"spec\.experts is not set on tiny-moe"):
         build_report(objs.deployment(experts={}), {"decode": None}, roles=["decode"])
+    vllm = objs.deployment()
+    vllm["spec"]["engine"]["kind"] = "vllm"
+    with pytest.raises(ExpertsError, match=r"runs the vllm engine, which balances its own experts"):
+        build_report(vllm, {"decode": None}, roles=["decode"])
 
 
 # --- the command, through a stand-in kubectl on PATH -------------------------------------------------
