@@ -25,9 +25,10 @@ from lightkube.config.kubeconfig import KubeConfig
 from e2e.cluster.handle import Cluster
 from e2e.waiting import eventually
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
-from kubemoe_operator.autoscale.removal import DELETION_COST, Leader, LeastLoaded, pod_leaders
+from kubemoe_operator.autoscale.removal import DELETION_COST, LeastLoaded, pod_leaders
 from kubemoe_operator.autoscale.signals import RoleSelector
 from kubemoe_operator.kube.client import Kube
+from kubemoe_operator.kube.pods import Leader
 from tests.operator.autoscale.load_pages import load_pages
 
 LOADS = (5, 0, 12)

@@ -9,8 +9,9 @@ from typing import Any
 import httpx2
 import pytest
 
-from kubemoe_operator.autoscale.removal import DELETION_COST, Leader, LeastLoaded, load_of
+from kubemoe_operator.autoscale.removal import DELETION_COST, LeastLoaded, load_of
 from kubemoe_operator.autoscale.signals import RoleSelector
+from kubemoe_operator.kube.pods import Leader
 from kubemoe_operator.local.layout import free_port
 from tests.operator.autoscale.load_pages import load_pages
 
