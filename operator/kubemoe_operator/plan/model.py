@@ -14,8 +14,9 @@ stable within apiVersion kubemoe.io/v1alpha1 (fields are added, never renamed or
   redundantExperts / EP), suggested (parallelism chosen by the planner), memory{...},
   host{cpu, memory, shm} (per pod, besides the accelerators), pods[] (one group; every group is alike).
 - memory: deviceGiB, utilization, reserveGiB, denseWeightsGiB, expertWeightsGiB (redundant
-  slots included), redundantWeightsGiB (their share of it), weightsGiB, kvBudgetGiB,
-  kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen — all per rank.
+  slots included), redundantWeightsGiB (their share of it), weightsGiB, eplbBuffersGiB (vLLM's
+  expert load balancing), kvBudgetGiB, kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen —
+  all per rank.
 - pods[]: index, leader, startRank (data-parallel), dataLocal, devices, address (leader's
   address for multi-pod groups), ranks[] {rank, dataRank, tensorRank, device, firstExpert,
   expertCount}, command (argv with vLLM's flag names).
@@ -68,6 +69,10 @@ class MemoryPlan(ApiModel):
     redundant_weights_gib: float = Field(0.0, alias="redundantWeightsGiB")
     """The redundant slots' share of expert_weights_gib."""
     weights_gib: float = Field(alias="weightsGiB")
+    eplb_buffers_gib: float = Field(0.0, alias="eplbBuffersGiB")
+    """vLLM's expert load balancing (spec.experts on a vLLM expert-parallel role): the buffer one MoE
+    layer's expert slots move through, and the window of per-step expert loads; 0 otherwise. Not
+    weights, but taken from the KV budget like them."""
     kv_budget_gib: float = Field(alias="kvBudgetGiB")
     kv_bytes_per_token: float
     kv_tokens: int

@@ -3,8 +3,9 @@
 Per role, one serving group holds data x tensor ranks (with expert parallelism, vLLM's EP size
 is data x tensor) spread over ceil(ranks / perPod) pods. Each rank holds the dense weights
 split by tensor parallelism and its share of the routed experts, plus its share of the group's
-redundant expert slots (`spec.experts.redundant`: E / EP + redundant / EP experts per rank); what
-is left of `gpuMemoryUtilization` x memory, less a runtime reserve, is the KV cache.
+redundant expert slots (`spec.experts.redundant`: E / EP + redundant / EP experts per rank) and, on
+vLLM with spec.experts, the buffers of vLLM's expert load balancing (EPLB); what is left of
+`gpuMemoryUtilization` x memory, less a runtime reserve, is the KV cache.
 """
 
 from __future__ import annotations
@@ -24,6 +25,37 @@ from kubemoe_operator.plan.model import MemoryPlan, Plan, PodPlan, RankPlan, Rol
 
 # A suggested layout must leave KV for at least this many maximum-length sequences per rank.
 SUGGEST_HEADROOM_SEQUENCES = 4
+
+VLLM_EPLB_WINDOW_STEPS = 1000
+"""Engine steps of expert load vLLM's EPLB keeps (its own default). Rendered explicitly, so the
+window counted in eplb_buffers_gib is the one vLLM allocates."""
+VLLM_NOMINAL_STEPS_PER_SECOND = 5
+"""vLLM's EPLB rearranges experts every so many engine steps, never after so many seconds, so
+spec.experts.rebalance.intervalSeconds is rendered as that many seconds of steps at this nominal rate
+(a 200 ms step): the default ten minutes is vLLM's own default, 3000 steps. An engine that steps
+faster (short decode steps) rearranges sooner; an idle one, whose load does not change, not at all."""
+EPLB_LOAD_BYTES = 4
+"""vLLM's EPLB counts each physical expert's tokens per step and MoE layer in int32."""
+
+
+def vllm_eplb(spec: ModelDeploymentSpec) -> bool:
+    """Whether vLLM's expert-parallel roles run vLLM's expert load balancing: spec.experts on vLLM."""
+    return spec.engine.kind == "vllm" and spec.experts is not None
+
+
+def vllm_eplb_step_interval(interval_seconds: int) -> int:
+    """vLLM's eplb_config.step_interval for spec.experts.rebalance.intervalSeconds."""
+    return interval_seconds * VLLM_NOMINAL_STEPS_PER_SECOND
+
+
+def _eplb_buffers_gib(model: ModelFacts, par: Parallelism, redundant: int) -> float:
+    """vLLM's EPLB state on one rank (vllm/distributed/eplb/eplb_state.py): a buffer shaped like one MoE
+    layer's expert weights on the rank ((E + N) / EP slots), through which rearranged experts move, and
+    the int32 load of every physical expert of every MoE layer for the window's steps and the current one."""
+    physical = model.num_routed_experts + redundant
+    layer = physical // par.expert_size * model.params_per_expert * DTYPE_BYTES[model.expert_weight_dtype]
+    loads = (VLLM_EPLB_WINDOW_STEPS + 1) * model.moe_layers * physical * EPLB_LOAD_BYTES
+    return (layer + loads) / GIB
 
 
 @dataclass(frozen=True)
@@ -58,16 +90,19 @@ def _size(
     reserve_gib: float,
     max_len: int,
     redundant: int = 0,
+    eplb: bool = False,
 ) -> _Sizing:
-    """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank."""
+    """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank,
+    and `eplb` (vLLM's expert load balancing) its buffers, on an expert-parallel rank."""
     tp, ep = par.tensor, par.expert_size
     expert_shards = ep if par.expert_parallel else tp
     dense = model.dense_params * DTYPE_BYTES[model.weight_dtype] / tp / GIB
     routed_bytes = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype]
     extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
     experts = routed_bytes / expert_shards / GIB + extra
+    buffers = _eplb_buffers_gib(model, par, redundant) if eplb and par.expert_parallel else 0.0
     usable = device_gib * utilization - reserve_gib
-    budget = max(0.0, usable - dense - experts)
+    budget = max(0.0, usable - dense - experts - buffers)
     per_token = model.kv_bytes_per_token(tensor=tp)
     tokens = int(budget * GIB // per_token)
     memory = MemoryPlan(
@@ -78,13 +113,14 @@ def _size(
         expert_weights_gib=round(experts, 4),
         redundant_weights_gib=round(extra, 4),
         weights_gib=round(dense + experts, 4),
+        eplb_buffers_gib=round(buffers, 4),
         kv_budget_gib=round(budget, 4),
         kv_bytes_per_token=per_token,
         kv_tokens=tokens,
         max_model_len=max_len,
         sequences_at_max_len=round(tokens / max_len, 2),
     )
-    return _Sizing(memory=memory, weights_fit=dense + experts < usable)
+    return _Sizing(memory=memory, weights_fit=dense + experts + buffers < usable)
 
 
 def _fits(sizing: _Sizing, max_len: int) -> bool:
@@ -102,12 +138,24 @@ def _redundant_too_big(
         if sizing.weights_fit
         else f"pass the {usable:.1f} GiB {gpu.name} leaves"
     )
+    buffers = f" (and {mem.eplb_buffers_gib:.2f} GiB of vLLM's EPLB buffers)" if mem.eplb_buffers_gib else ""
     return Problem(
         field=REDUNDANT_FIELD,
         message=f"{redundant} redundant expert slots put {redundant // ep} more experts on each of the"
         f" EP={ep} ranks of {role} ({mem.redundant_weights_gib:.2f} GiB), so its {mem.weights_gib:.1f} GiB"
-        f" of weights {short}.",
+        f" of weights{buffers} {short}.",
         fix=f"set experts.redundant <= {fits} (a multiple of {ep}), or spread the model over more ranks.",
+    )
+
+
+def _eplb_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int) -> Problem:
+    """The problem when a role fits without vLLM's EPLB buffers, but not with them."""
+    return Problem(
+        field=EXPERTS_FIELD,
+        message=f"vLLM's expert load balancing (EPLB), which spec.experts turns on, needs"
+        f" {mem.eplb_buffers_gib:.2f} GiB on each rank of {role}, which leaves KV for {mem.kv_tokens} tokens,"
+        f" less than one sequence of maxModelLen={max_len}.",
+        fix="remove experts, lower engine.maxModelLen, or spread the model over more ranks.",
     )
 
 
@@ -124,9 +172,11 @@ def suggest_parallelism(
     utilization: float,
     max_len: int,
     redundant: int = 0,
+    eplb: bool = False,
 ) -> Parallelism | None:
     """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV, and whose
-    ranks share `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots)."""
+    ranks share `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots),
+    with vLLM's EPLB buffers when `eplb`."""
     for ep in _divisors(model.num_routed_experts):
         if ep > MAX_DATA_PARALLEL:
             break
@@ -146,6 +196,7 @@ def suggest_parallelism(
             reserve_gib=gpu.reserve_gib,
             max_len=max_len,
             redundant=redundant,
+            eplb=eplb,
         )
         if sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len:
             return par
@@ -153,6 +204,7 @@ def suggest_parallelism(
 
 
 REDUNDANT_FIELD = "spec.experts.redundant"
+EXPERTS_FIELD = "spec.experts"
 
 
 def _redundant_problem(redundant: int, *, ep: int, experts: int, role: str = "") -> Problem | None:
@@ -295,6 +347,7 @@ def _plan_role(
     utilization = spec.engine.gpu_memory_utilization
     par = role.parallelism
     wanted = spec.experts.redundant if spec.experts is not None else 0
+    eplb = vllm_eplb(spec)
 
     def suggest() -> Parallelism | None:
         return suggest_parallelism(
@@ -305,6 +358,7 @@ def _plan_role(
             utilization=utilization,
             max_len=max_len,
             redundant=wanted,
+            eplb=eplb,
         )
 
     if par is None:
@@ -351,7 +405,7 @@ def _plan_role(
             )
         ]
 
-    def size(slots: int) -> _Sizing:
+    def size(slots: int, *, balancing: bool = eplb) -> _Sizing:
         return _size(
             model=model,
             par=par,
@@ -360,6 +414,7 @@ def _plan_role(
             reserve_gib=gpu.reserve_gib,
             max_len=max_len,
             redundant=slots,
+            eplb=balancing,
         )
 
     sizing = size(redundant)
@@ -368,6 +423,8 @@ def _plan_role(
         ep = par.expert_size
         fits = max(k * ep for k in range(redundant // ep) if _fits(size(k * ep), max_len))
         return None, [_redundant_too_big(sizing, role=name, ep=ep, redundant=redundant, fits=fits, gpu=gpu)]
+    if mem.eplb_buffers_gib and not _fits(size(0), max_len) and _fits(size(0, balancing=False), max_len):
+        return None, [_eplb_too_big(size(0).memory, role=name, max_len=max_len)]
     usable = mem.device_gib * utilization - mem.reserve_gib
     shards = f"EP{par.expert_size}" if par.expert_parallel else f"TP{par.tensor}"
 
@@ -378,12 +435,13 @@ def _plan_role(
         return "spread the model over more ranks (data or tensor)"
 
     if not sizing.weights_fit:
+        buffers = f" + {mem.eplb_buffers_gib:.1f} vLLM EPLB buffers" if mem.eplb_buffers_gib else ""
         problems.append(
             Problem(
                 field=f"{path}.parallelism",
                 message=f"weights need {mem.weights_gib:.1f} GiB per rank ({mem.dense_weights_gib:.1f} dense"
-                f" / TP{par.tensor} + {mem.expert_weights_gib:.1f} experts / {shards}) but {gpu.name}"
-                f" leaves {usable:.1f} GiB "
+                f" / TP{par.tensor} + {mem.expert_weights_gib:.1f} experts / {shards}{buffers})"
+                f" but {gpu.name} leaves {usable:.1f} GiB "
                 f"({mem.device_gib:.1f} GiB x {utilization:g} - {mem.reserve_gib:g} GiB reserve).",
                 fix=f"{hint()}, or use a larger accelerator.",
             )
@@ -425,6 +483,26 @@ def _plan_role(
     return role_plan, []
 
 
+def _eplb_on_cpu(roles: list[RoleName]) -> Problem:
+    return Problem(
+        field=EXPERTS_FIELD,
+        message=f"spec.experts turns on vLLM's expert load balancing (EPLB) for {', '.join(roles)}, and"
+        " vLLM runs it only on CUDA, ROCm and XPU devices, not on cpu.",
+        fix="remove experts, or set engine.kind: torch (kubemoe's engine places and rebalances"
+        " experts on cpu).",
+    )
+
+
+def _eplb_note(role: RoleName, interval: int) -> str:
+    steps = vllm_eplb_step_interval(interval)
+    return (
+        f"{role}: vLLM balances its experts itself (--enable-eplb): it rearranges them every {steps} engine"
+        f" steps (experts.rebalance.intervalSeconds={interval} at a nominal {VLLM_NOMINAL_STEPS_PER_SECOND}"
+        f" steps/s) from the last {VLLM_EPLB_WINDOW_STEPS} steps' load; experts.rebalance.minImprovement"
+        " does not apply."
+    )
+
+
 def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFacts, name: str = "") -> Plan:
     """The layout for `spec`, or ManifestError listing every reason it cannot fit."""
     max_len = spec.engine.max_model_len or model_facts.max_position_embeddings
@@ -447,6 +525,9 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         problems += role_problems
         if role_plan is not None:
             roles.append(role_plan)
+    balanced = [r.role for r in roles if r.expert_parallel] if vllm_eplb(spec) else []
+    if balanced and gpu_facts.is_cpu:
+        problems.append(_eplb_on_cpu(balanced))
     if problems:
         raise ManifestError(problems)
     notes = []
@@ -458,6 +539,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
             )
         if spec.experts is not None and spec.experts.redundant and not r.expert_parallel:
             notes.append(f"{r.role}: no expert parallelism, so experts.redundant does not apply.")
+        if r.role in balanced and spec.experts is not None:
+            notes.append(_eplb_note(r.role, spec.experts.rebalance.interval_seconds))
         if r.devices_per_pod < spec.accelerator.per_pod:
             notes.append(
                 f"{r.role}: a group needs {r.ranks} of the {spec.accelerator.per_pod} devices per pod."

@@ -13,6 +13,7 @@ from kubemoe_operator.plan.planner import plan_manifest
 from tests.operator.helpers import REPO, manifest
 
 FIELD = "spec.experts.redundant"
+TORCH = {"kind": "torch", "maxModelLen": 8192}
 
 
 def planned(**spec: object) -> Plan:
@@ -31,7 +32,9 @@ def test_absent_is_todays_layout() -> None:
         assert role.redundant_experts == 0
         assert role.slots_per_rank == role.experts_per_rank
         assert role.memory.redundant_weights_gib == 0
-    assert planned(experts={}) == plain  # redundant 0 by default: nothing changes
+    # redundant 0 by default: on the torch engine nothing changes (on vLLM its balancer's buffers
+    # do, test_vllm_eplb.py)
+    assert planned(engine=TORCH, experts={}) == planned(engine=TORCH)
     assert "redundant" not in render_table(plain)
 
 
@@ -48,8 +51,12 @@ def test_redundant_slots_grow_each_ranks_experts() -> None:
         assert after.memory.expert_weights_gib == pytest.approx(
             before.memory.expert_weights_gib + after.memory.redundant_weights_gib, abs=1e-3
         )
+        # BASE runs vLLM, so spec.experts also turns on vLLM's balancer, whose buffers come from KV too
+        assert before.memory.eplb_buffers_gib == 0
+        assert after.memory.eplb_buffers_gib > 0
         assert after.memory.kv_budget_gib == pytest.approx(
-            before.memory.kv_budget_gib - after.memory.redundant_weights_gib, abs=1e-3
+            before.memory.kv_budget_gib - after.memory.redundant_weights_gib - after.memory.eplb_buffers_gib,
+            abs=1e-3,
         )
         assert after.memory.kv_tokens < before.memory.kv_tokens
         # the ranks' own blocks, and so every pod's command, are today's (the engine is told later)
