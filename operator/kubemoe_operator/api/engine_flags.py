@@ -20,8 +20,10 @@ from typing import Final
 from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import RESERVED_FLAGS
 
-# Long flags the plan sets or that would contradict it (the CEL list, plus the rest of the layout and
-# the runtime's own --engine/--role/--model), and --config, which could set any of them from a file.
+# Long flags the plan sets or that would contradict it (the CEL list, plus the rest of the layout, the
+# runtime's own --engine/--role/--model, and the expert placement spec.experts sets: vLLM's EPLB, the
+# torch engine's slots and placement file, render/experts.py), and --config, which could set any of them
+# from a file.
 PLAN_FLAGS: Final = (
     *RESERVED_FLAGS,
     "pipeline-parallel-size",
@@ -32,6 +34,10 @@ PLAN_FLAGS: Final = (
     "model",
     "engine",
     "role",
+    "enable-eplb",
+    "eplb-config",
+    "redundant-experts",
+    "expert-placement",
     "config",
 )
 
@@ -52,7 +58,8 @@ ALIASES: Final[dict[str, str]] = {
 
 FIX: Final = (
     "remove it: set roles.<role>.parallelism for the layout, spec.serving for KV transfer, "
-    "spec.model for the model; --config cannot be used (put its flags in extraArgs)."
+    "spec.model for the model, spec.experts for redundant experts and their balancing; --config "
+    "cannot be used (put its flags in extraArgs)."
 )
 
 
@@ -89,7 +96,10 @@ def refusal(arg: str) -> str | None:
         return None
     if flag == "config":
         return f"{arg!r} reads flags from a file, which could set the flags the plan owns."
-    return f"{arg!r} would set --{flag}, which the plan owns (parallelism, ports, model, KV transfer)."
+    return (
+        f"{arg!r} would set --{flag}, which the plan owns (parallelism, ports, model, KV transfer,"
+        " expert placement)."
+    )
 
 
 def extra_args_problems(extra_args: list[str], *, field: str) -> list[Problem]:

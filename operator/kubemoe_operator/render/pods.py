@@ -13,6 +13,7 @@ from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.expansion import container_argv
+from kubemoe_operator.render.experts import expert_args, expert_volumes, with_expert_args
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
 from kubemoe_operator.render.kv_key import kv_key_env
 from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, drains, pod_termination
@@ -68,9 +69,11 @@ def kv_transfer_env(plan: Plan) -> list[dict[str, Any]]:
 def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, Any]:
     """The template of one pod of a serving group: the leader (API server) or a headless worker.
     Both are probed: a worker answers /health and /ready for its own ranks. Only a pod that drains
-    (lifecycle.drains) gets the preStop sleep, the drain timeout and the longer grace period."""
+    (lifecycle.drains) gets the preStop sleep, the drain timeout and the longer grace period. Every
+    pod of an expert-parallel group gets spec.experts' flags (and the torch engine's placement file)."""
     draining = drains(leader=pod.leader)
     env, volumes, mounts = source_mounts(ctx.spec)
+    experts_volumes, experts_mounts = expert_volumes(owner=ctx.owner, spec=ctx.spec, role=role)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     env = [
         *metric_label_env(owner=ctx.owner, role=role),
@@ -81,7 +84,8 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *env,
     ]
     pod_sc, container_sc = security_context()
-    argv = container_argv(pod.command)
+    command = with_expert_args(pod.command, extra=ctx.plan.extra_args, args=expert_args(ctx.spec, role))
+    argv = container_argv(command)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": ctx.image,
@@ -90,7 +94,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "resources": container_resources(spec=ctx.spec, plan=ctx.plan, role=role),
         "securityContext": container_sc,
-        "volumeMounts": [*mounts, *dirs_mounts],
+        "volumeMounts": [*mounts, *dirs_mounts, *experts_mounts],
         "env": env,
         **engine_probes(),
         **(container_lifecycle() if draining else {}),
@@ -101,7 +105,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     spec: dict[str, Any] = {
         "containers": [container],
         "securityContext": pod_sc,
-        "volumes": [*volumes, *dirs_volumes],
+        "volumes": [*volumes, *dirs_volumes, *experts_volumes],
         "enableServiceLinks": False,
         **(pod_termination() if draining else {}),
         **placement(ctx.spec, ctx.plan, accelerator=True),

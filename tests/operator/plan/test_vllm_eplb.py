@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
@@ -120,3 +120,11 @@ def test_vllm_balancing_on_cpu_is_refused_naming_spec_experts() -> None:
     no_ep["spec"]["roles"]["decode"]["parallelism"] = {"tensor": 1, "data": 2, "expert": 1}
     no_ep["spec"]["experts"] = {}
     assert not plan_manifest(parse_manifest(no_ep)).role("decode").expert_parallel
+
+
+def test_the_example_plans_with_its_copies_and_buffers() -> None:
+    p = plan_manifest(load_manifest(REPO / "examples" / "experts-redundant.yaml"))
+    for role in p.roles:
+        assert (role.expert, role.redundant_experts, role.slots_per_rank) == (16, 32, 18)
+        assert role.memory.redundant_weights_gib > 4  # two DeepSeek-V3 experts of 58 fp8 layers
+        assert 0.5 < role.memory.eplb_buffers_gib < 1.5
