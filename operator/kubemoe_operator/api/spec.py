@@ -319,30 +319,51 @@ MAX_REDUNDANT_EXPERTS = 1024
 
 
 class RebalanceSpec(ApiModel):
-    """When the operator moves experts between the ranks of a serving group."""
+    """When experts move between the ranks of a serving group: the operator moves them on the torch
+    engine, vLLM itself on vLLM (its EPLB)."""
 
     interval_seconds: int = Field(600, ge=60, le=86400)
     """How often the operator gathers each group's expert load and computes a new placement. Ten
     minutes by default: routing skew changes with the traffic's mix, over minutes rather than
-    seconds, and each change loads expert copies on some ranks."""
+    seconds, and each change loads expert copies on some ranks. vLLM rearranges every so many engine
+    steps instead, never after so many seconds: it gets intervalSeconds x 5 steps (a nominal 200 ms
+    step; the default is vLLM's own 3000 steps) as --eplb-config's step_interval, from the load of the
+    last 1000 steps (its window_size). An engine that steps faster rearranges sooner; an idle one, whose
+    load does not change, not at all."""
     min_improvement: float = Field(0.05, ge=0, le=1)
     """Apply a new placement only when it lowers the predicted busiest-rank load (over the mean rank
-    load) by at least this fraction of the current one: 0.05 is 5 %. 0 applies every improvement."""
+    load) by at least this fraction of the current one: 0.05 is 5 %. 0 applies every improvement.
+    Torch engine only: vLLM 0.32 has no such setting (it applies each rearrangement it computes; only
+    on ROCm does it skip one that gains under a fixed 5 %)."""
 
 
 class ExpertsSpec(ApiModel):
     """Expert placement within each expert-parallel serving group: redundant copies of hot experts, and
     rebalancing from the load each rank reports. Absent: each rank keeps its contiguous block of
-    experts (E / EP of them) and nothing is rebalanced."""
+    experts (E / EP of them) and nothing is rebalanced. Roles without expert parallelism ignore it.
+
+    Torch engine: each pod starts with --redundant-experts and the placement in the ConfigMap
+    <name>-<role>-experts, mounted at /etc/kubemoe/experts (until the operator first writes it, pods
+    start from contiguous blocks); the operator gathers the groups' load and rewrites the placement.
+    vLLM: each pod runs vLLM's own expert load balancing, --enable-eplb with --eplb-config
+    {num_redundant_experts, window_size, step_interval}; vLLM measures and rearranges by itself, and
+    the planner counts its buffers (one MoE layer of a rank's expert slots and the load window,
+    eplbBuffersGiB) besides the copies. vLLM runs it only on CUDA, ROCm and XPU devices, so on cpu
+    accelerators this is refused for vLLM (use engine.kind torch)."""
 
     redundant: int = Field(0, ge=0, le=MAX_REDUNDANT_EXPERTS)
     """Extra expert slots per serving group, spread evenly over its expert-parallel ranks (so a
     multiple of every role's EP size; the planner checks it): each rank holds E / EP + redundant /
     EP experts, and its expert weights grow by that share (`kubemoe plan` shows it). The slots hold
     copies of the hottest experts, whose tokens are split among their copies. Roles without expert
-    parallelism ignore it."""
+    parallelism ignore it. 0 still rebalances: experts move between ranks, none is copied. vLLM
+    gets it as num_redundant_experts."""
     rebalance: RebalanceSpec = Field(default_factory=RebalanceSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
-    """When to compute and apply a new placement."""
+    """When to compute and apply a new placement. Torch engine: the operator computes it and writes it
+    to the ConfigMap <name>-<role>-experts, which the role's pods load at start (mounted at
+    /etc/kubemoe/experts). vLLM: vLLM's own expert load balancing (--enable-eplb) computes and applies
+    it inside the engine; the planner counts its buffers (eplbBuffersGiB). vLLM runs it only on CUDA,
+    ROCm and XPU devices: on a cpu accelerator spec.experts is refused for vLLM."""
 
 
 CIDR_PATTERN = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"
