@@ -4,7 +4,8 @@ Subcommands so far:
     tiny-checkpoint OUT_DIR --arch ARCH      write a random tiny checkpoint (see checkpoints.py)
     generate --model PATH --prompt TEXT      greedy completion with the torch engine; with
                                              --data-parallel-size N --enable-expert-parallel it runs N
-                                             local expert-parallel ranks (gloo) and prints rank 0's output
+                                             local expert-parallel ranks (gloo) and prints rank 0's output;
+                                             --redundant-experts and --expert-placement as `serve` takes them
 
     serve --model PATH ...                   one pod of a serving group: the OpenAI API on the torch
                                              engine (see serve.py for the flags, vLLM's names)
@@ -21,9 +22,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubemoe_runtime.pod.settings import DTYPE_NAMES
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+
+if TYPE_CHECKING:  # the engine is imported only where it runs
+    from kubemoe_runtime.engines.torch.model.placement import Placement
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +39,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-parallel-address", default="127.0.0.1")
     parser.add_argument("--data-parallel-rpc-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--enable-expert-parallel", action="store_true")
+    parser.add_argument("--redundant-experts", type=int, default=0, help="extra expert slots (see serve)")
+    parser.add_argument("--expert-placement", type=Path, default=None, help="a placement file (see serve)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class GenerateJob:
     ep_size: int
     address: str
     port: int
+    placement: Placement | None = None
 
 
 def _generate_rank(rank: int, job: GenerateJob) -> None:
@@ -57,7 +65,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
     ep = init_expert_parallel(rank=rank, size=job.ep_size, address=job.address, port=job.port)
     try:
         tokenizer = Tokenizer.from_file(str(job.model / "tokenizer.json"))
-        engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep)
+        engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep, placement=job.placement)
         prompt_ids = tokenizer.encode(job.prompt).ids
         [out] = engine.generate_greedy(
             [prompt_ids], max_new_tokens=job.max_tokens, stop_token_ids=engine.cfg.eos_token_ids
@@ -66,7 +74,7 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
             report = engine.load_report
             print(tokenizer.decode(out))
             print(
-                f"# ep={job.ep_size} experts {report.experts.start}..{report.experts.stop - 1} "
+                f"# ep={job.ep_size} experts {_ids(report.experts)} "
                 f"read {report.bytes_read} bytes ({report.routed_expert_bytes} routed-expert)",
                 file=sys.stderr,
             )
@@ -76,12 +84,38 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
         leave_process(0)
 
 
+def _ids(experts: Sequence[int]) -> str:
+    """Expert ids shortly: `0..3` for a contiguous run, else the list."""
+    if list(experts) == list(range(experts[0], experts[0] + len(experts))):
+        return f"{experts[0]}..{experts[-1]}"
+    return ",".join(map(str, experts))
+
+
 def _generate(args: argparse.Namespace) -> int:
+    from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+    from kubemoe_runtime.engines.torch.model.placement import (
+        check_redundant,
+        default_placement,
+        read_placement_file,
+    )
     from kubemoe_runtime.pod.ports import free_port
 
     ep_size = args.data_parallel_size if args.enable_expert_parallel else 1
     if args.data_parallel_size > 1 and not args.enable_expert_parallel:
         print("error: plain data parallelism is not supported by `generate`; add --enable-expert-parallel")
+        return 2
+    cfg = ModelConfig.load(Path(args.model))
+    shape = {"n_experts": cfg.n_routed_experts, "ranks": ep_size, "redundant": args.redundant_experts}
+    layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]
+    try:
+        check_redundant(**shape)
+        placement = (
+            read_placement_file(args.expert_placement, layers=layers, **shape)
+            if args.expert_placement is not None
+            else default_placement(layers=layers, **shape)
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     job = GenerateJob(
         model=Path(args.model),
@@ -91,6 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
         ep_size=ep_size,
         address=args.data_parallel_address,
         port=args.data_parallel_rpc_port or free_port(),
+        placement=placement,
     )
     if ep_size == 1:
         _generate_rank(0, job)

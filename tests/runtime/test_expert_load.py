@@ -19,6 +19,7 @@ from kubemoe_runtime.engines.torch.model.parallel import (
     leave_process,
     shutdown_expert_parallel,
 )
+from kubemoe_runtime.engines.torch.model.placement import Placement, default_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, Row, Step
 from kubemoe_runtime.pod.ports import free_port
@@ -109,7 +110,12 @@ class Clock:
 def test_the_window_ages_old_traffic_out() -> None:
     clock = Clock()
     load = ExpertLoad(
-        layers=[1], n_experts=4, experts_per_rank=[2, 2], window_s=60, interval_s=10, clock=clock
+        layers=[1],
+        n_experts=4,
+        placement=default_placement(n_experts=4, ranks=2, layers=[1]),
+        window_s=60,
+        interval_s=10,
+        clock=clock,
     )
     load.count(0, torch.tensor([[0, 1], [0, -1]]))  # -1: a padding row of the dispatch
     assert load.window().tokens == [[2, 1, 0, 0]]
@@ -131,7 +137,7 @@ def test_the_window_ages_old_traffic_out() -> None:
 
 
 def test_a_valid_mask_of_another_shape_is_ignored() -> None:
-    load = ExpertLoad(layers=[0], n_experts=2, experts_per_rank=[2])
+    load = ExpertLoad(layers=[0], n_experts=2, placement=default_placement(n_experts=2, ranks=1, layers=[0]))
     load.valid_M = torch.tensor([1, 0])
     load.count(0, torch.tensor([[0], [1]]))
     load.count(0, torch.tensor([[1], [1], [0]]))  # not the step the mask was made for: all count
@@ -144,7 +150,7 @@ def test_imbalance_and_json() -> None:
         span_seconds=12.5,
         layers=(1, 2),
         tokens=[[3, 1, 0, 0], [0, 0, 0, 0]],
-        experts_per_rank=(2, 2),
+        placement=default_placement(n_experts=4, ranks=2, layers=[1, 2]),
     )
     assert window.rank_loads(0) == [4, 0]
     assert window.imbalance(0) == 2.0
@@ -154,14 +160,48 @@ def test_imbalance_and_json() -> None:
         "window_seconds": 300.0,
         "span_seconds": 12.5,
         "layers": [
-            {"layer": 1, "tokens": [3, 1, 0, 0], "imbalance": 2.0},
-            {"layer": 2, "tokens": [0, 0, 0, 0], "imbalance": 1.0},
+            {"layer": 1, "tokens": [3, 1, 0, 0], "imbalance": 2.0, "slots": [0, 1, 2, 3]},
+            {"layer": 2, "tokens": [0, 0, 0, 0], "imbalance": 1.0, "slots": [0, 1, 2, 3]},
         ],
-        "placement": {"ranks": 2, "experts_per_rank": 2},
+        "placement": {
+            "ranks": 2,
+            "experts_per_rank": 2,
+            "slots_per_rank": 2,
+            "redundant": 0,
+            "generation": 0,
+            "pending_generation": None,
+            "error": None,
+        },
     }
-    uneven = Window(300.0, 1.0, (0,), [[1, 1, 1]], (2, 1))
-    assert uneven.as_json()["placement"] == {"ranks": 2, "experts_per_rank": [2, 1]}
+    uneven = Window(300.0, 1.0, (0,), [[1, 1, 1]], default_placement(n_experts=3, ranks=2, layers=[0]))
+    placement = uneven.as_json(pending_generation=4)["placement"]
+    assert isinstance(placement, dict)
+    assert placement["experts_per_rank"] == [2, 1]
+    assert placement["slots_per_rank"] == [2, 1]
+    assert placement["pending_generation"] == 4
     assert uneven.imbalance(0) == pytest.approx(2 / 1.5)
+
+
+def test_imbalance_splits_a_replicated_experts_tokens_among_its_copies() -> None:
+    """Expert 0 (hot) has a copy on each rank: its 6 tokens count 3 on each, so the ranks are even."""
+    placement = Placement(
+        generation=2, n_experts=4, rank_sizes=(3, 3), layers=(1,), slots=((0, 1, 2, 0, 3, 3),)
+    )
+    window = Window(300.0, 1.0, (1,), [[6, 1, 1, 2]], placement)
+    assert window.rank_loads(0) == [3 + 1 + 1, 3 + 1 + 1]  # expert 3's two copies on rank 1 share its 2
+    assert window.imbalance(0) == 1.0
+    contiguous = Window(300.0, 1.0, (1,), [[6, 1, 1, 2]], default_placement(n_experts=4, ranks=2, layers=[1]))
+    assert contiguous.imbalance(0) == pytest.approx(7 * 2 / 10)
+    body = window.as_json()
+    assert body["placement"] == {
+        "ranks": 2,
+        "experts_per_rank": 2,
+        "slots_per_rank": 3,
+        "redundant": 2,
+        "generation": 2,
+        "pending_generation": None,
+        "error": None,
+    }
 
 
 def _ep_worker(rank: int, port: int, path: Path, out_dir: Path) -> None:
@@ -232,7 +272,15 @@ def test_the_endpoint_and_the_gauges_through_a_server(ep2_server: Server, qwen: 
     assert status == 200, body
     load: dict[str, Any] = json.loads(body)
     assert load["window_seconds"] == 300.0
-    assert load["placement"] == {"ranks": 2, "experts_per_rank": E // 2}
+    assert load["placement"] == {
+        "ranks": 2,
+        "experts_per_rank": E // 2,
+        "slots_per_rank": E // 2,
+        "redundant": 0,
+        "generation": 0,
+        "pending_generation": None,
+        "error": None,
+    }
     moe = [i for i in range(int(cfg["num_hidden_layers"])) if i not in cfg.get("mlp_only_layers", [])]
     assert [layer["layer"] for layer in load["layers"]] == moe
     # The prompt, then 4 decode steps (the 5th token ends the request). Rank 1 ran a dummy row in each

@@ -1,8 +1,10 @@
 """Hugging Face checkpoint names -> this engine's parameters.
 
-Most tensors map one to one after a prefix rename. Routed experts are stacked: for each owned expert e,
-the checkpoint's `...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry `e - first` of
-`w_gate_up_E2FD` (gate rows, then up rows), and `{down_proj|w2}` entry `e - first` of `w_down_EDF`.
+Most tensors map one to one after a prefix rename. Routed experts are stacked by slot: a MoE layer's
+slots hold logical experts (`experts`: the same list for every layer, or each layer's own by layer
+index; model/placement.py), and for slot j holding expert e the checkpoint's
+`...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry j of `w_gate_up_E2FD` (gate rows,
+then up rows), and `{down_proj|w2}` entry j of `w_down_EDF`. An expert in two slots is copied into both.
 Grouped-query attention's `q_proj`, `k_proj` and `v_proj` become one `qkv_proj` (their rows in that order).
 
 `expert_stacks` makes the stacked parameters before loading, with each expert tensor's place in them, so
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import torch
@@ -35,6 +37,15 @@ _PARTS: Final = {"w_gate_up_E2FD": 2, "w_down_EDF": 1}
 _QKV: Final = re.compile(r"^(layers\.\d+\.attn\.)([qkv])_proj\.weight$")
 _TOP: Final = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
 
+Slots = Sequence[int] | Mapping[int, Sequence[int]]
+"""Slot experts: one list for every MoE layer, or each MoE layer's own by layer index."""
+
+
+def layer_slots(experts: Slots, layer: int) -> Sequence[int]:
+    if isinstance(experts, Mapping):
+        return experts.get(layer, ())
+    return experts
+
 
 def _layer_param(cfg: ModelConfig, layer: int, rest: str) -> str:
     moe = cfg.moe_layers[layer]
@@ -53,22 +64,26 @@ def _layer_param(cfg: ModelConfig, layer: int, rest: str) -> str:
 
 
 def expert_stacks(
-    shapes: Mapping[str, tuple[int, ...]], *, experts: range, dtype: torch.dtype
+    shapes: Mapping[str, tuple[int, ...]], *, experts: Slots, dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Empty stacked expert parameters for the routed experts `experts`, by parameter name, and each
-    checkpoint expert tensor's slice of them, by checkpoint name (`shapes`: checkpoint name -> shape)."""
+    """Empty stacked expert parameters for the slot experts `experts`, by parameter name, and each
+    checkpoint expert tensor's place in them (its first slot), by checkpoint name (`shapes`: checkpoint
+    name -> shape)."""
     stacks: dict[str, torch.Tensor] = {}
     places: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         layer = _LAYER.match(name)
         expert = _EXPERT.match(layer.group(2)) if layer else None
-        if layer is None or expert is None or int(expert.group(1)) not in experts:
+        if layer is None or expert is None:
+            continue
+        slots = list(layer_slots(experts, int(layer.group(1))))
+        if int(expert.group(1)) not in slots:
             continue
         param, part = _STACKED[expert.group(2)]
         key, (rows, cols) = f"layers.{layer.group(1)}.ffn.experts.{param}", shape
         if key not in stacks:
-            stacks[key] = torch.empty((len(experts), _PARTS[param] * rows, cols), dtype=dtype)
-        places[name] = stacks[key][int(expert.group(1)) - experts.start, part * rows : (part + 1) * rows]
+            stacks[key] = torch.empty((len(slots), _PARTS[param] * rows, cols), dtype=dtype)
+        places[name] = stacks[key][slots.index(int(expert.group(1))), part * rows : (part + 1) * rows]
     return stacks, places
 
 
@@ -76,7 +91,7 @@ def to_engine_state_dict(
     tensors: dict[str, torch.Tensor],
     *,
     cfg: ModelConfig,
-    experts: range,
+    experts: Slots,
     dtype: torch.dtype,
     stacks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -100,7 +115,7 @@ def to_engine_state_dict(
         expert = _EXPERT.match(rest)
         if expert is not None:
             e, (param, part) = int(expert.group(1)), _STACKED[expert.group(2)]
-            parts_by_key[f"layers.{layer}.ffn.experts.{param}"][(e - experts.start, part)] = tensor
+            parts_by_key[f"layers.{layer}.ffn.experts.{param}"][(e, part)] = tensor
             continue
         key = _layer_param(cfg, layer, rest)
         if not cfg.uses_mla and (projection := _QKV.match(key)) is not None:
@@ -110,7 +125,8 @@ def to_engine_state_dict(
         keep_fp32 = cfg.scoring == "sigmoid" and ".ffn.router." in key
         out[key] = tensor.to(torch.float32 if keep_fp32 else dtype)
     for key, parts in parts_by_key.items():
-        out[key] = _stack(key, parts, experts=experts, dtype=dtype, out=(stacks or {}).get(key))
+        slots = layer_slots(experts, int(key.split(".")[1]))
+        out[key] = _stack(key, parts, slots=slots, dtype=dtype, out=(stacks or {}).get(key))
     for prefix, projections in qkv.items():
         if sorted(projections) != ["k", "q", "v"]:
             raise KeyError(f"{prefix}: expected q_proj, k_proj and v_proj, got {sorted(projections)}")
@@ -124,39 +140,33 @@ def _stack(
     key: str,
     parts: dict[tuple[int, int], torch.Tensor],
     *,
-    experts: range,
+    slots: Sequence[int],
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One [E, parts * rows, cols] tensor from each expert's parts, copied once into place (into `out`
-    when it has that shape and dtype; a part already there is not copied)."""
+    """One [S, parts * rows, cols] tensor from each slot's expert's parts (`parts`: by expert id and
+    part), copied once into place (into `out` when it has that shape and dtype; a part already there is
+    not copied)."""
     n_parts = _PARTS[key.rsplit(".", 1)[1]]
+    wanted = sorted(set(slots))
     found = sorted({e for e, _ in parts})
-    if found != list(range(len(experts))) or len(parts) != len(experts) * n_parts:
-        missing = [
-            f"expert {experts.start + e} part {p}"
-            for e in range(len(experts))
-            for p in range(n_parts)
-            if (e, p) not in parts
-        ]
+    if found != wanted or len(parts) != len(wanted) * n_parts:
+        missing = [f"expert {e} part {p}" for e in wanted for p in range(n_parts) if (e, p) not in parts]
         raise KeyError(
-            f"{key}: expected experts {experts.start}..{experts.stop - 1}"
-            + (
-                f", missing {', '.join(missing[:4])}"
-                if missing
-                else f", got {[experts.start + e for e in found]}"
-            )
+            f"{key}: expected experts {wanted}"
+            + (f", missing {', '.join(missing[:4])}" if missing else f", got {found}")
         )
-    rows, cols = parts[(0, 0)].shape
-    shape = (len(experts), n_parts * rows, cols)
+    rows, cols = parts[(wanted[0], 0)].shape
+    shape = (len(slots), n_parts * rows, cols)
     if out is None or tuple(out.shape) != shape or out.dtype != dtype:
         out = torch.empty(shape, dtype=dtype)
-    for (e, p), tensor in parts.items():
+    for (e, _), tensor in parts.items():
         if tensor.shape != (rows, cols):
-            raise KeyError(
-                f"{key}: expert {experts.start + e} has shape {tuple(tensor.shape)}, not {(rows, cols)}"
-            )
-        place = out[e, p * rows : (p + 1) * rows]
-        if place.data_ptr() != tensor.data_ptr() or place.dtype != tensor.dtype:
-            place.copy_(tensor)
+            raise KeyError(f"{key}: expert {e} has shape {tuple(tensor.shape)}, not {(rows, cols)}")
+    for j, e in enumerate(slots):
+        for p in range(n_parts):
+            tensor = parts[(e, p)]
+            place = out[j, p * rows : (p + 1) * rows]
+            if place.data_ptr() != tensor.data_ptr() or place.dtype != tensor.dtype:
+                place.copy_(tensor)
     return out

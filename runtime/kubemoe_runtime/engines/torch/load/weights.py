@@ -2,9 +2,12 @@
 
 A Hugging Face checkpoint is a set of shards plus `model.safetensors.index.json` (tensor name -> shard).
 An expert-parallel (EP) rank needs every dense, attention, norm, router and shared-expert tensor, but only
-the routed experts it owns. Ownership is contiguous: with E experts over N ranks, rank r owns
-`expert_range(n_experts=E, ep_rank=r, ep_size=N)` (the first E % N ranks own one extra when N does not
-divide E), the same split vLLM uses, so a token's expert id alone says which rank computes it.
+the routed experts of its slots. By default ownership is contiguous: with E experts over N ranks, rank r
+owns `expert_range(n_experts=E, ep_rank=r, ep_size=N)` (the first E % N ranks own one extra when N does
+not divide E), the same split vLLM uses. A placement (model/placement.py) gives each MoE layer its own
+list of slot experts instead (`slots`); an expert a rank holds in two slots is read once (the caller
+copies it into each slot). `load_expert_tensors` reads just some layers' routed experts: what a rank
+newly holds when the placement changes while it serves.
 
 `load_rank_weights` plans from the index and the config, checks each shard's header (present, not
 truncated, every needed tensor present with the shape config.json implies and the checkpoint's dtype)
@@ -27,7 +30,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -53,9 +56,11 @@ __all__ = [
     "WeightLoadError",
     "checkpoint_shapes",
     "expert_range",
+    "load_expert_tensors",
     "load_rank_weights",
     "read_weight_map",
     "routed_expert_id",
+    "routed_expert_names",
     "select_tensors",
 ]
 
@@ -75,6 +80,7 @@ SAFETENSORS_DTYPES: Final[dict[str, torch.dtype]] = {
 }
 
 _ROUTED_EXPERT: Final = re.compile(r"\.experts\.(\d+)\.")
+_LAYER_INDEX: Final = re.compile(r"^model\.layers\.(\d+)\.")
 
 # Tensors a checkpoint may keep in float32 whatever its main dtype (DeepSeek-V3 ships its routing bias so).
 _FP32_ALLOWED: Final = ("e_score_correction_bias",)
@@ -98,6 +104,22 @@ def routed_expert_id(name: str) -> int | None:
     """
     match = _ROUTED_EXPERT.search(name)
     return int(match.group(1)) if match else None
+
+
+def routed_expert_names(cfg: ModelConfig, layer: int, expert: int) -> tuple[str, str, str]:
+    """The checkpoint names of routed expert `expert` of MoE layer `layer`: gate, up and down projections."""
+    if cfg.arch == "mixtral":
+        prefix, names = f"model.layers.{layer}.block_sparse_moe.experts.{expert}", ("w1", "w3", "w2")
+    else:
+        prefix, names = f"model.layers.{layer}.mlp.experts.{expert}", ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = (f"{prefix}.{name}.weight" for name in names)
+    return gate, up, down
+
+
+def default_slots(cfg: ModelConfig, *, ep_rank: int, ep_size: int) -> dict[int, range]:
+    """Each MoE layer's slot experts under the contiguous default: this rank's `expert_range`."""
+    experts = expert_range(n_experts=cfg.n_routed_experts, ep_rank=ep_rank, ep_size=ep_size)
+    return {layer: experts for layer, moe in enumerate(cfg.moe_layers) if moe}
 
 
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -145,15 +167,14 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if not cfg.moe_layers[i]:
             mlp(f"{p}.mlp", cfg.dense_intermediate_size, ("gate_proj", "up_proj", "down_proj"))
             continue
-        if cfg.arch == "mixtral":
-            moe, expert_names = f"{p}.block_sparse_moe", ("w1", "w3", "w2")
-        else:
-            moe, expert_names = f"{p}.mlp", ("gate_proj", "up_proj", "down_proj")
+        moe = f"{p}.block_sparse_moe" if cfg.arch == "mixtral" else f"{p}.mlp"
         shapes[f"{moe}.gate.weight"] = (cfg.n_routed_experts, d)
         if cfg.scoring == "sigmoid":
             shapes[f"{moe}.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+        f = cfg.moe_intermediate_size
         for e in range(cfg.n_routed_experts):
-            mlp(f"{moe}.experts.{e}", cfg.moe_intermediate_size, expert_names)
+            gate, up, down = routed_expert_names(cfg, i, e)
+            shapes[gate], shapes[up], shapes[down] = (f, d), (f, d), (d, f)
         if cfg.n_shared_experts:
             mlp(
                 f"{moe}.shared_experts",
@@ -177,11 +198,11 @@ def read_weight_map(model_dir: Path) -> dict[str, str]:
 
 @dataclass
 class LoadReport:
-    """What one rank read: bytes by kind, which experts, which files, how long."""
+    """What one rank read: bytes by kind, which experts (in any layer, ascending), which files, how long."""
 
     ep_rank: int
     ep_size: int
-    experts: range
+    experts: tuple[int, ...]
     bytes_read: int = 0
     routed_expert_bytes: int = 0
     tensors_read: int = 0
@@ -200,14 +221,24 @@ def _expected_dtype(name: str, checkpoint_dtype: torch.dtype) -> tuple[torch.dty
     return (checkpoint_dtype,)
 
 
-def select_tensors(names: Iterable[str], *, experts: range, n_experts: int) -> list[str]:
-    """The names this rank loads: everything but routed experts outside `experts`."""
+def select_tensors(
+    names: Iterable[str], *, experts: Container[int] | Mapping[int, Container[int]], n_experts: int
+) -> list[str]:
+    """The names this rank loads: everything but routed experts outside `experts` (the same experts in
+    every layer, or each MoE layer's own, by layer index)."""
     selected = []
     for name in names:
         expert = routed_expert_id(name)
         if expert is not None and expert >= n_experts:
             raise WeightLoadError(f"tensor {name!r} names expert {expert} but config.json has {n_experts}")
-        if expert is None or expert in experts:
+        if expert is None:
+            selected.append(name)
+            continue
+        held: Container[int] = experts
+        if isinstance(experts, Mapping):
+            layer = _LAYER_INDEX.match(name)
+            held = experts.get(int(layer.group(1)), ()) if layer else ()
+        if expert in held:
             selected.append(name)
     return selected
 
@@ -219,22 +250,24 @@ def load_rank_weights(
     ep_rank: int = 0,
     ep_size: int = 1,
     into: Mapping[str, torch.Tensor] | None = None,
+    slots: Mapping[int, Sequence[int]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Read the tensors EP rank `ep_rank` of `ep_size` needs, validated against config.json.
 
-    Returns tensors in the checkpoint's dtype, keyed by their Hugging Face names, and a `LoadReport`.
-    `into` maps names to destinations: a contiguous CPU tensor of the tensor's shape and stored dtype is
-    read into and returned as itself; one that does not fit is ignored (that tensor is read as usual).
+    `slots` gives each MoE layer's slot experts (by layer index; default: `default_slots`); an expert
+    in several slots is read once. Returns tensors in the checkpoint's dtype, keyed by their Hugging
+    Face names, and a `LoadReport`. `into` maps names to destinations: a contiguous CPU tensor of the
+    tensor's shape and stored dtype is read into and returned as itself; one that does not fit is ignored
+    (that tensor is read as usual).
     """
     started = time.perf_counter()
     root = Path(model_dir)
-    experts = expert_range(n_experts=cfg.n_routed_experts, ep_rank=ep_rank, ep_size=ep_size)
-    report = LoadReport(ep_rank=ep_rank, ep_size=ep_size, experts=experts)
+    held = {
+        layer: frozenset(experts)
+        for layer, experts in (slots or default_slots(cfg, ep_rank=ep_rank, ep_size=ep_size)).items()
+    }
+    report = LoadReport(ep_rank=ep_rank, ep_size=ep_size, experts=tuple(sorted(set().union(*held.values()))))
     expected = checkpoint_shapes(cfg)
-    checkpoint_dtype = getattr(torch, cfg.dtype, None)
-    if not isinstance(checkpoint_dtype, torch.dtype):
-        raise WeightLoadError(f"{root / 'config.json'}: unknown dtype {cfg.dtype!r}")
-
     weight_map = read_weight_map(root)
     for name in expected:
         if name not in weight_map:
@@ -242,8 +275,63 @@ def load_rank_weights(
                 f"{root / INDEX_FILE}: tensor {name!r} is missing from the checkpoint index"
             )
     report.skipped_tensors = sorted(set(weight_map) - set(expected))
-    wanted = select_tensors(expected, experts=experts, n_experts=cfg.n_routed_experts)
+    wanted = select_tensors(expected, experts=held, n_experts=cfg.n_routed_experts)
+    tensors = _read_checked(
+        root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, into=into, report=report
+    )
+    report.seconds = time.perf_counter() - started
+    return tensors, report
 
+
+def load_expert_tensors(
+    model_dir: Path | str, *, cfg: ModelConfig, experts: Mapping[int, Iterable[int]]
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Only routed experts: for each MoE layer index in `experts`, those expert ids (gate, up and down),
+    validated as `load_rank_weights` validates them; the index is read again (the checkpoint as it is now)."""
+    started = time.perf_counter()
+    root = Path(model_dir)
+    wanted = [
+        name
+        for layer, ids in sorted(experts.items())
+        for expert in sorted(set(ids))
+        for name in routed_expert_names(cfg, layer, expert)
+    ]
+    report = LoadReport(
+        ep_rank=-1, ep_size=0, experts=tuple(sorted({e for ids in experts.values() for e in ids}))
+    )
+    if not wanted:
+        return {}, report
+    expected = checkpoint_shapes(cfg)
+    for name in wanted:
+        if name not in expected:
+            raise WeightLoadError(f"{name!r} is not a routed expert tensor of this model")
+    weight_map = read_weight_map(root)
+    for name in wanted:
+        if name not in weight_map:
+            raise WeightLoadError(
+                f"{root / INDEX_FILE}: tensor {name!r} is missing from the checkpoint index"
+            )
+    tensors = _read_checked(
+        root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, into=None, report=report
+    )
+    report.seconds = time.perf_counter() - started
+    return tensors, report
+
+
+def _read_checked(
+    root: Path,
+    wanted: list[str],
+    *,
+    cfg: ModelConfig,
+    expected: Mapping[str, tuple[int, ...]],
+    weight_map: Mapping[str, str],
+    into: Mapping[str, torch.Tensor] | None,
+    report: LoadReport,
+) -> dict[str, torch.Tensor]:
+    """Check every shard header `wanted` needs, then read those tensors, counting them in `report`."""
+    checkpoint_dtype = getattr(torch, cfg.dtype, None)
+    if not isinstance(checkpoint_dtype, torch.dtype):
+        raise WeightLoadError(f"{root / 'config.json'}: unknown dtype {cfg.dtype!r}")
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in wanted:
         by_file[weight_map[name]].append(name)
@@ -282,8 +370,7 @@ def load_rank_weights(
             if routed_expert_id(name) is not None:
                 report.routed_expert_bytes += infos[name].nbytes
         report.files.append(file_name)
-    report.seconds = time.perf_counter() - started
-    return tensors, report
+    return tensors
 
 
 def _fits(dest: torch.Tensor | None, info: TensorInfo) -> bool:

@@ -24,16 +24,21 @@ from kubemoe_runtime.engines.torch.model.kv_cache import KVCache, LayerCache
 from kubemoe_runtime.engines.torch.model.layers import MLP, Attention, LatentAttention, Positions, RMSNorm
 from kubemoe_runtime.engines.torch.model.moe import MoE
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.model.placement import Placement
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, layer: int, ep: ExpertParallel) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, layer: int, ep: ExpertParallel, placement: Placement | None = None
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.attn: Attention | LatentAttention = LatentAttention(cfg) if cfg.uses_mla else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn: MoE | MLP = (
-            MoE(cfg, ep=ep) if cfg.moe_layers[layer] else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+            MoE(cfg, ep=ep, placement=placement, layer=layer)
+            if cfg.moe_layers[layer]
+            else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
         )
 
     def forward(self, x_BTD: torch.Tensor, *, at: Positions, cache: LayerCache | None) -> torch.Tensor:
@@ -44,11 +49,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel) -> None:
+    def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel, placement: Placement | None = None) -> None:
+        """`placement`: which experts each MoE layer's slots hold (placement.py); default: contiguous
+        blocks."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, layer=i, ep=ep) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, layer=i, ep=ep, placement=placement) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

@@ -1,8 +1,15 @@
-"""Load a checkpoint for one expert-parallel rank and run it: teacher-forced logits, greedy generation."""
+"""Load a checkpoint for one expert-parallel rank and run it: teacher-forced logits, greedy generation.
+
+The rank's routed experts follow a placement (placement.py): at load, and later by `stage_placement`
+(any thread: reads the experts newly held here from the checkpoint, builds the next slots) and
+`apply_placement` (the engine thread, between forwards: swaps them in). Every rank of a group must apply
+the same placement before the same forward (serve/group.py does that).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,45 +19,77 @@ from kubemoe_runtime.engines.torch.load.weight_map import expert_stacks, to_engi
 from kubemoe_runtime.engines.torch.load.weights import (
     LoadReport,
     checkpoint_shapes,
-    expert_range,
+    load_expert_tensors,
     load_rank_weights,
+    routed_expert_names,
 )
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
-from kubemoe_runtime.engines.torch.model.moe import MoE
+from kubemoe_runtime.engines.torch.model.moe import MoE, SlotRoute, StagedSlots
 from kubemoe_runtime.engines.torch.model.packing import pack_model
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.model.placement import Placement, default_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """The weight dtypes the engine runs, by --dtype name (pod/settings.py's DTYPE_NAMES)."""
 
 
+class PlacementCancelled(Exception):
+    """`stage_placement` stopped because its caller no longer wants the result."""
+
+
+@dataclass(frozen=True)
+class StagedPlacement:
+    """A placement's slots for this rank, ready to swap in (`TorchEngine.apply_placement`)."""
+
+    placement: Placement
+    layers: tuple[StagedSlots, ...]  # one per MoE layer, in order
+    fresh_bytes: int  # routed-expert bytes read from the checkpoint for it
+
+
+def moe_layer_indexes(cfg: ModelConfig) -> list[int]:
+    return [i for i, moe in enumerate(cfg.moe_layers) if moe]
+
+
 class TorchEngine:
     """One rank's model. With expert parallelism every rank must make the same sequence of forward calls
     (the MoE layers run collectives), though each may pass its own tokens. `expert_load` counts the
-    tokens its MoE layers route to each expert (expert_load.py)."""
+    tokens its MoE layers route to each expert (expert_load.py); `placement` is where the group's
+    experts are now."""
 
     def __init__(
-        self, model: Transformer, *, ep: ExpertParallel, dtype: torch.dtype, load_report: LoadReport
+        self,
+        model: Transformer,
+        *,
+        ep: ExpertParallel,
+        dtype: torch.dtype,
+        load_report: LoadReport,
+        placement: Placement | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.cfg = model.cfg
         self.ep = ep
         self.dtype = dtype
         self.load_report = load_report
+        self.model_dir = model_dir
+        self.placement = placement or default_placement(
+            n_experts=self.cfg.n_routed_experts, ranks=ep.size, layers=moe_layer_indexes(self.cfg)
+        )
         self.expert_load = self._count_expert_load()
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        """(decoder layer index, MoE block) of every MoE layer, in order."""
+        return [(i, block.ffn) for i, block in enumerate(self.model.blocks()) if isinstance(block.ffn, MoE)]
 
     def _count_expert_load(self) -> ExpertLoad:
         """One ExpertLoad over every MoE layer, attached to each (it counts from their next forward)."""
-        moe = [(i, block.ffn) for i, block in enumerate(self.model.blocks()) if isinstance(block.ffn, MoE)]
-        n = self.cfg.n_routed_experts
+        moe = self.moe_layers()
         load = ExpertLoad(
             layers=[i for i, _ in moe],
-            n_experts=n,
-            experts_per_rank=[
-                len(expert_range(n_experts=n, ep_rank=r, ep_size=self.ep.size)) for r in range(self.ep.size)
-            ],
+            n_experts=self.cfg.n_routed_experts,
+            placement=self.placement,
             device=self.model.embed.weight.device,
         )
         for index, (_, layer) in enumerate(moe):
@@ -65,27 +104,81 @@ class TorchEngine:
         dtype: torch.dtype = torch.bfloat16,
         ep: ExpertParallel | None = None,
         pack: bool = True,
+        placement: Placement | None = None,
     ) -> TorchEngine:
-        """Load this rank's weights; with `pack`, bf16 weights on a CPU that supports it are packed for
-        its matmuls (packing.py)."""
+        """Load this rank's weights: its slots of `placement` (default: its contiguous block of experts);
+        with `pack`, bf16 weights on a CPU that supports it are packed for its matmuls (packing.py)."""
         ep = ep or ExpertParallel()
         cfg = ModelConfig.load(model_dir)
-        experts = ep.experts(cfg.n_routed_experts)
+        layers = moe_layer_indexes(cfg)
+        placement = placement or default_placement(
+            n_experts=cfg.n_routed_experts, ranks=ep.size, layers=layers
+        )
+        _check_fits(placement, cfg=cfg, ep=ep)
+        slots = {layer: placement.rank_slots(i, ep.rank) for i, layer in enumerate(layers)}
         # Experts are read straight into the stacked parameters when no dtype conversion is needed.
         stacks, places = (
-            expert_stacks(checkpoint_shapes(cfg), experts=experts, dtype=dtype)
+            expert_stacks(checkpoint_shapes(cfg), experts=slots, dtype=dtype)
             if getattr(torch, cfg.dtype, None) == dtype
             else ({}, {})
         )
-        tensors, report = load_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size, into=places)
-        state = to_engine_state_dict(tensors, cfg=cfg, experts=experts, dtype=dtype, stacks=stacks)
+        tensors, report = load_rank_weights(
+            model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size, into=places, slots=slots
+        )
+        state = to_engine_state_dict(tensors, cfg=cfg, experts=slots, dtype=dtype, stacks=stacks)
         with torch.device("meta"):
-            model = Transformer(cfg, ep=ep)
+            model = Transformer(cfg, ep=ep, placement=placement)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
         if pack:
             pack_model(model)
-        return cls(model, ep=ep, dtype=dtype, load_report=report)
+        return cls(
+            model, ep=ep, dtype=dtype, load_report=report, placement=placement, model_dir=Path(model_dir)
+        )
+
+    def stage_placement(
+        self, placement: Placement, *, cancelled: Callable[[], bool] = lambda: False
+    ) -> StagedPlacement:
+        """This rank's slots of `placement`, built without touching the running model (any thread): the
+        experts it newly holds are read from the checkpoint (WeightLoadError if they cannot be), the others
+        copied from the slots holding them now. Raises PlacementCancelled once `cancelled()` is true."""
+        _check_fits(placement, cfg=self.cfg, ep=self.ep)
+        if self.model_dir is None:
+            raise ValueError(
+                "this engine was not loaded from a checkpoint folder: it cannot read new experts"
+            )
+        moe = self.moe_layers()
+        rank = self.ep.rank
+        wanted = {
+            layer: sorted(set(placement.rank_slots(i, rank)) - set(block.experts.experts))
+            for i, (layer, block) in enumerate(moe)
+        }
+        tensors, report = load_expert_tensors(
+            self.model_dir, cfg=self.cfg, experts={layer: ids for layer, ids in wanted.items() if ids}
+        )
+        staged = []
+        for i, (layer, block) in enumerate(moe):
+            if cancelled():
+                raise PlacementCancelled
+            fresh = {}
+            for e in wanted[layer]:
+                gate, up, down = (tensors.pop(name) for name in routed_expert_names(self.cfg, layer, e))
+                fresh[e] = (torch.cat([gate, up]), down)
+            route = SlotRoute.of_layer(placement, i, rank=rank)
+            staged.append(block.experts.stage(placement.rank_slots(i, rank), route, fresh))
+        return StagedPlacement(
+            placement=placement, layers=tuple(staged), fresh_bytes=report.routed_expert_bytes
+        )
+
+    def apply_placement(self, staged: StagedPlacement) -> None:
+        """Swap staged slots in (the engine thread, between forwards; every rank before the same forward)."""
+        moe = self.moe_layers()
+        if len(staged.layers) != len(moe):
+            raise ValueError(f"staged {len(staged.layers)} MoE layers, the model has {len(moe)}")
+        for (_, block), slots in zip(moe, staged.layers, strict=True):
+            block.experts.install(slots)
+        self.placement = staged.placement
+        self.expert_load.placement = staged.placement
 
     @torch.inference_mode()
     def logits(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -151,3 +244,18 @@ class TorchEngine:
             next_B = choose(logits_BTV[:, -1])
             position_B = position_B + 1
         return outputs
+
+
+def _check_fits(placement: Placement, *, cfg: ModelConfig, ep: ExpertParallel) -> None:
+    """ValueError for a placement made for another model or group."""
+    layers = tuple(moe_layer_indexes(cfg))
+    if (
+        placement.n_experts != cfg.n_routed_experts
+        or placement.ranks != ep.size
+        or placement.layers != layers
+    ):
+        raise ValueError(
+            f"the placement is for {placement.n_experts} experts over {placement.ranks} ranks in MoE "
+            f"layers {list(placement.layers)}; this group has {cfg.n_routed_experts} over {ep.size} in "
+            f"{list(layers)}"
+        )

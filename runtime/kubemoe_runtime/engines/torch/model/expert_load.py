@@ -6,7 +6,8 @@ The dispatch is an all-gather, so every rank — rank 0, the API pod, included �
 for every token of the whole group: the per-logical-expert load is fully known on rank 0 and nothing has
 to be gathered from the other ranks. Logical experts, not this rank's slots: the operator plans
 replication from the load of each logical expert, which does not depend on where experts are placed
-now; the load of a placement (and its imbalance) follows from it (`Window.imbalance`).
+now; the load of a placement (and its imbalance) follows from it (`Window.imbalance`): a rank's load is
+the sum over its slots of each expert's tokens over its copy count (placement.py).
 
 Tokens that are not traffic are not counted: the dispatch's padding rows (expert id -1), and — when the
 group leader says which gathered rows are real (`valid_M`, set per step by group.py) — the padding
@@ -35,53 +36,71 @@ from dataclasses import dataclass
 
 import torch
 
+from kubemoe_runtime.engines.torch.load.weights import expert_range
+from kubemoe_runtime.engines.torch.model.placement import Placement
+
 WINDOW_S = 300.0  # five minutes of traffic
 INTERVAL_S = 5.0  # the window moves in steps of this many seconds
 
 
 @dataclass(frozen=True)
 class Window:
-    """The load over one window: `tokens[i][e]` tokens of MoE layer `layers[i]` routed to expert e."""
+    """The load over one window: `tokens[i][e]` tokens of MoE layer `layers[i]` routed to expert e, and the
+    placement it is judged under (the current one)."""
 
     window_seconds: float
     span_seconds: float
     layers: tuple[int, ...]
     tokens: list[list[int]]
-    experts_per_rank: tuple[int, ...]  # the current placement: rank r owns the next experts_per_rank[r]
+    placement: Placement
 
-    def rank_loads(self, i: int) -> list[int]:
-        """Tokens per rank in layer index `i`, under the current (contiguous) placement."""
-        loads, start = [], 0
-        for n in self.experts_per_rank:
-            loads.append(sum(self.tokens[i][start : start + n]))
-            start += n
-        return loads
+    def rank_loads(self, i: int) -> list[float]:
+        """Tokens per rank in layer index `i` under the placement (a replicated expert's split among its
+        copies)."""
+        return self.placement.rank_loads(i, self.tokens[i])
 
     def imbalance(self, i: int) -> float:
         """Busiest rank's load over the mean rank load; 1.0 when the window holds no tokens."""
         loads = self.rank_loads(i)
         total = sum(loads)
-        return max(loads) * len(loads) / total if total else 1.0
+        return max(loads) * len(loads) / total if total > 0 else 1.0
 
     def hottest_ratio(self, i: int) -> float:
         """Busiest expert's load over the mean expert load in layer index `i` (1.0 with no tokens)."""
         total = sum(self.tokens[i])
         return max(self.tokens[i]) * len(self.tokens[i]) / total if total else 1.0
 
-    def as_json(self) -> dict[str, object]:
-        """GET /v1/experts/load's answer (docs/expert-load.md)."""
-        sizes = set(self.experts_per_rank)
+    def as_json(
+        self, *, pending_generation: int | None = None, error: str | None = None
+    ) -> dict[str, object]:
+        """GET /v1/experts/load's answer (docs/expert-load.md); `pending_generation` and `error` come from
+        the group leader's placement switch (serve/placement_switch.py)."""
+        p = self.placement
+        blocks = [
+            len(expert_range(n_experts=p.n_experts, ep_rank=r, ep_size=p.ranks)) for r in range(p.ranks)
+        ]
+        experts_per_rank: int | list[int] = blocks[0] if len(set(blocks)) == 1 else blocks
         return {
             "window_seconds": self.window_seconds,
             "span_seconds": round(self.span_seconds, 3),
             "layers": [
-                {"layer": layer, "tokens": self.tokens[i], "imbalance": round(self.imbalance(i), 4)}
+                {
+                    "layer": layer,
+                    "tokens": self.tokens[i],
+                    "imbalance": round(self.imbalance(i), 4),
+                    "slots": list(p.slots[i]),
+                }
                 for i, layer in enumerate(self.layers)
             ],
             "placement": {
-                "ranks": len(self.experts_per_rank),
-                # one number when every rank holds as many experts, else one per rank
-                "experts_per_rank": sizes.pop() if len(sizes) == 1 else list(self.experts_per_rank),
+                "ranks": p.ranks,
+                # the contiguous block each rank owns without redundant slots (one per rank when they differ)
+                "experts_per_rank": experts_per_rank,
+                "slots_per_rank": p.slots_per_rank,
+                "redundant": p.redundant,
+                "generation": p.generation,
+                "pending_generation": pending_generation,
+                "error": error,
             },
         }
 
@@ -98,7 +117,7 @@ class ExpertLoad:
         *,
         layers: Sequence[int],
         n_experts: int,
-        experts_per_rank: Sequence[int],
+        placement: Placement,
         device: torch.device | str = "cpu",
         window_s: float = WINDOW_S,
         interval_s: float = INTERVAL_S,
@@ -108,7 +127,7 @@ class ExpertLoad:
             raise ValueError("window_s and interval_s must be positive")
         self.layers = tuple(layers)
         self.n_experts = n_experts
-        self.experts_per_rank = tuple(experts_per_rank)
+        self.placement = placement  # the current one: the engine thread replaces it at a switch
         self.window_s, self.interval_s = window_s, interval_s
         self.clock = clock
         # Column 0 takes the slots that are not counted (padding: expert id -1, or not valid).
@@ -142,8 +161,9 @@ class ExpertLoad:
             while len(self._ring) > 1 and self._ring[1][0] <= cutoff:
                 self._ring.popleft()  # the next one is old enough to be the window's start
 
-    def window(self) -> Window:
-        """Tokens per expert per layer over the last `window_s` seconds (any thread; reads the device)."""
+    def window(self, placement: Placement | None = None) -> Window:
+        """Tokens per expert per layer over the last `window_s` seconds (any thread; reads the device),
+        judged under `placement` (default: the current one)."""
         now = self.clock()
         current = self.counts_LE.clone()
         cutoff = now - self.window_s
@@ -159,7 +179,7 @@ class ExpertLoad:
             span_seconds=now - start,
             layers=self.layers,
             tokens=tokens,
-            experts_per_rank=self.experts_per_rank,
+            placement=placement or self.placement,
         )
 
 

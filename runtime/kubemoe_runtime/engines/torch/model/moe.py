@@ -1,13 +1,21 @@
 """The mixture-of-experts block: route, dispatch, experts, combine, shared.
 
 Shape suffixes: N tokens on this rank, M tokens gathered over the expert-parallel group, D hidden,
-E routed experts (all, for the router; this rank's, for weights), F one expert's hidden size,
+E routed experts (all, for the router; this rank's slots, for weights), F one expert's hidden size,
 K experts per token.
+
+Placement (placement.py): each rank holds S physical slots, each a copy of one logical expert. The gate
+picks logical experts; `SlotRoute` says which slot computes each gathered (token, choice). A replicated
+expert's pairs go to its copies in turn, in the gathered order: the j-th pair that picked expert e goes to
+copy j mod c_e (copies in physical slot order). Every rank gathers the same ids, so every rank computes the
+same assignment, and each pair is computed by exactly one slot in the group.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,7 @@ from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.layers import MLP
 from kubemoe_runtime.engines.torch.model.packing import linear, pack
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
+from kubemoe_runtime.engines.torch.model.placement import Placement
 
 
 class TopKGate(nn.Module):
@@ -66,8 +75,92 @@ class TopKGate(nn.Module):
         return ids_NK, w_NK * self.scaling
 
 
+class SlotRoute:
+    """Which of this rank's slots computes each gathered (token, choice) of one MoE layer.
+
+    Three forms, fastest first: a contiguous block of experts with no copies elsewhere (the default
+    placement without redundant slots: an offset), any placement without copies (a lookup table), and a
+    placement with copies (a lookup, and a counter per replicated expert: module docstring).
+    """
+
+    __slots__ = ("copies", "count", "first", "table")
+
+    def __init__(
+        self,
+        *,
+        count: int,
+        first: int = 0,
+        table: list[int] | None = None,
+        copies: list[tuple[int, ...]] | None = None,
+    ) -> None:
+        self.count = count  # this rank's slots
+        self.first = first  # contiguous form: slot j holds expert first + j
+        self.table = table  # expert id -> local slot, or -1; table[-1] (padding id -1) is -1
+        self.copies = copies  # expert id -> its copies' local slots in physical order, -1 on another rank
+
+    @classmethod
+    def owned(cls, experts: Sequence[int]) -> SlotRoute:
+        """Slot j holds `experts[j]`, and no other rank holds these experts (a standalone rank's view)."""
+        if len(set(experts)) == len(experts) and list(experts) == list(
+            range(experts[0], experts[0] + len(experts))
+        ):
+            return cls(count=len(experts), first=experts[0])
+        size = max(experts) + 2
+        table = [-1] * size
+        for j, e in enumerate(experts):
+            table[e] = j
+        return cls(count=len(experts), table=table)
+
+    @classmethod
+    def of_layer(cls, placement: Placement, i: int, *, rank: int) -> SlotRoute:
+        """Rank `rank`'s route in MoE layer number i of `placement`."""
+        mine = placement.rank_slots(i, rank)
+        if max(placement.copies(i)) == 1:
+            return cls.owned(mine)
+        first = placement.first_slot(rank)
+        copies: list[list[int]] = [[] for _ in range(placement.n_experts)]
+        for p, e in enumerate(placement.slots[i]):
+            copies[e].append(p - first if first <= p < first + len(mine) else -1)
+        return cls(count=len(mine), copies=[tuple(c) for c in copies])
+
+    def local(self, ids: Iterable[int]) -> list[int]:
+        """Each flattened (token, choice)'s local slot; outside 0 .. count - 1 where another rank computes it
+        (or it is a padding row, id -1)."""
+        if self.copies is None:
+            if self.table is None:
+                first = self.first
+                return [e - first for e in ids]
+            table = self.table
+            return [table[e] for e in ids]
+        copies, seen = self.copies, [0] * len(self.copies)
+        local: list[int] = []
+        for e in ids:
+            if e < 0:
+                local.append(-1)
+                continue
+            of_e = copies[e]
+            if len(of_e) == 1:
+                local.append(of_e[0])
+            else:
+                local.append(of_e[seen[e] % len(of_e)])
+                seen[e] += 1
+        return local
+
+
+@dataclass(frozen=True)
+class StagedSlots:
+    """A LocalExperts' next slots, built off the engine thread (`LocalExperts.stage`), swapped in at once."""
+
+    experts: tuple[int, ...]
+    route: SlotRoute
+    w_gate_up_E2FD: torch.Tensor | None  # None: unchanged (only the route changes)
+    w_down_EDF: torch.Tensor | None
+    packed: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
 class LocalExperts(nn.Module):
-    """The routed experts this rank owns, stacked: ids `first .. first + E - 1`.
+    """The routed experts of this rank's slots, stacked: slot j holds logical expert `experts[j]`; `route`
+    says which slot computes each gathered (token, choice) (default: `experts` are this rank's alone).
 
     Gate and up projections are one matrix per expert (`w_gate_up_E2FD`: gate rows, then up rows), so an
     expert is two matmuls. The forward groups the (token, choice) slots by expert on the host (one sync),
@@ -94,13 +187,15 @@ class LocalExperts(nn.Module):
     # expert; at 256 the kernel takes 1.11x as long)
     KERNEL_MAX_ROWS = 64
 
-    def __init__(self, *, dim: int, hidden: int, experts: range) -> None:
+    def __init__(self, *, dim: int, hidden: int, experts: Sequence[int]) -> None:
         super().__init__()
         self.experts = experts
+        self.route = SlotRoute.owned(experts)
         n = len(experts)
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(n, 2 * hidden, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(n, dim, hidden))
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert: gate_up, down
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per slot: gate_up, down
+        self.packed_dtype: torch.dtype | None = None
         self.kernel = False
 
     def pack(self) -> None:
@@ -114,6 +209,7 @@ class LocalExperts(nn.Module):
 
     def pack_experts(self) -> None:
         """Pack each expert's two matrices (packing.py) and drop the stacked row-major copies."""
+        self.packed_dtype = self.w_down_EDF.dtype
         self.packed = [
             (pack(gate_up), pack(down))
             for gate_up, down in zip(self.w_gate_up_E2FD, self.w_down_EDF, strict=True)
@@ -121,13 +217,60 @@ class LocalExperts(nn.Module):
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(0), requires_grad=False)
         self.w_down_EDF = nn.Parameter(torch.empty(0), requires_grad=False)
 
+    def stage(
+        self,
+        experts: Sequence[int],
+        route: SlotRoute,
+        fresh: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> StagedSlots:
+        """The next slots, slot j holding `experts[j]`: copied from the slot that holds it now, or from
+        `fresh[e]` (gate_up [2F, D] and down [D, F], any dtype) for an expert new here. Any thread: it only
+        reads this module. Unchanged slots keep their weights (only the route is new); packed experts
+        share the packed matrices they already have."""
+        experts = tuple(experts)
+        if experts == tuple(self.experts):
+            return StagedSlots(experts, route, None, None, None)
+        held: dict[int, int] = {}
+        for j, e in enumerate(self.experts):
+            held.setdefault(e, j)
+        if self.packed is not None:
+            assert self.packed_dtype is not None
+            dtype = self.packed_dtype
+            packed = [
+                self.packed[held[e]]
+                if e in held
+                else (pack(fresh[e][0].to(dtype)), pack(fresh[e][1].to(dtype)))
+                for e in experts
+            ]
+            return StagedSlots(experts, route, None, None, packed)
+        old_gu, old_down = self.w_gate_up_E2FD.detach(), self.w_down_EDF.detach()
+        gate_up = torch.empty((len(experts), *old_gu.shape[1:]), dtype=old_gu.dtype, device=old_gu.device)
+        down = torch.empty((len(experts), *old_down.shape[1:]), dtype=old_down.dtype, device=old_down.device)
+        with torch.no_grad():
+            for j, e in enumerate(experts):
+                source = (old_gu[held[e]], old_down[held[e]]) if e in held else fresh[e]
+                gate_up[j].copy_(source[0])
+                down[j].copy_(source[1])
+        return StagedSlots(experts, route, gate_up, down, None)
+
+    def install(self, staged: StagedSlots) -> None:
+        """Swap staged slots in (the engine thread, between forwards): references only, no copy."""
+        if staged.packed is not None:
+            self.packed = staged.packed
+        elif staged.w_gate_up_E2FD is not None and staged.w_down_EDF is not None:
+            self.w_gate_up_E2FD = nn.Parameter(staged.w_gate_up_E2FD, requires_grad=False)
+            self.w_down_EDF = nn.Parameter(staged.w_down_EDF, requires_grad=False)
+        self.experts = staged.experts
+        self.route = staged.route
+
     def forward(self, x_MD: torch.Tensor, ids_MK: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
-        """Partial output: the weighted sum over this rank's experts (zero rows where none was picked)."""
+        """Partial output: the weighted sum over this rank's slots (zero rows where none was picked)."""
         M, K = ids_MK.shape
-        E, first = len(self.experts), self.experts.start
-        # Slot s = token * K + choice. Grouped by expert on the host — one sync, and fewer ops than a sort
-        # on the device for decode's few slots; slots of other ranks' experts drop out.
-        local = [expert - first for expert in itertools.chain.from_iterable(ids_MK.tolist())]
+        E = self.route.count
+        # Slot s = token * K + choice (here "slot" is such a pair; the experts' slots are "local"). Grouped
+        # by local expert slot on the host — one sync, and fewer ops than a sort on the device for decode's
+        # few pairs; pairs other ranks compute drop out.
+        local = self.route.local(itertools.chain.from_iterable(ids_MK.tolist()))
         slots = sorted((s for s, e in enumerate(local) if 0 <= e < E), key=local.__getitem__)
         if not slots:
             return x_MD.new_zeros(M, x_MD.shape[1])
@@ -181,15 +324,22 @@ class MoE(nn.Module):
     forward adds the gathered expert ids — the whole group's routing, every logical expert — to the
     layer's counts `load_index` (expert_load.py): one scatter_add_ on the device, no sync."""
 
-    def __init__(self, cfg: ModelConfig, *, ep: ExpertParallel) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, ep: ExpertParallel, placement: Placement | None = None, layer: int = 0
+    ) -> None:
+        """This rank's slots of decoder layer `layer` in `placement` (default: its contiguous block)."""
         super().__init__()
         self.ep = ep
         self.load: ExpertLoad | None = None
         self.load_index = 0
         self.router = TopKGate(cfg)
-        self.experts = LocalExperts(
-            dim=cfg.hidden_size, hidden=cfg.moe_intermediate_size, experts=ep.experts(cfg.n_routed_experts)
-        )
+        dim, hidden = cfg.hidden_size, cfg.moe_intermediate_size
+        if placement is None:
+            self.experts = LocalExperts(dim=dim, hidden=hidden, experts=ep.experts(cfg.n_routed_experts))
+        else:
+            i = placement.layers.index(layer)
+            self.experts = LocalExperts(dim=dim, hidden=hidden, experts=placement.rank_slots(i, ep.rank))
+            self.experts.route = SlotRoute.of_layer(placement, i, rank=ep.rank)
         self.shared = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts
