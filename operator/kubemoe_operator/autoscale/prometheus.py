@@ -36,7 +36,7 @@ def promql(metric: MetricType, sel: RoleSelector, *, rate_window: str = "1m") ->
     if metric == "kv-cache-usage":
         return f"avg by (group) ({KV_USAGE}{{{m}}})"
     if metric == "gpu-utilization":
-        return f"avg by (group) ({GPU_UTIL}{{{m}}}) / 100"
+        return f"avg by (group) ({GPU_UTIL}{{{m}}})"
     series = HISTOGRAMS[metric]
     return f"histogram_quantile(0.9, sum by (le) (rate({series}_bucket{{{m}}}[{rate_window}])))"
 

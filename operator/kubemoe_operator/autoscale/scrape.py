@@ -86,8 +86,7 @@ class ScrapeSource:
             elif metric == "kv-cache-usage":
                 out[metric] = mean_over_groups({g: sum(v) / len(v) for g, v in gauges[KV_USAGE].items()})
             elif metric == "gpu-utilization":
-                util = mean_over_groups({g: sum(v) / len(v) for g, v in gauges[GPU_UTIL].items()})
-                out[metric] = None if util is None else util / 100
+                out[metric] = mean_over_groups({g: sum(v) / len(v) for g, v in gauges[GPU_UTIL].items()})
             else:
                 out[metric] = self._quantile_since_last(
                     sel, HISTOGRAMS[metric], histograms.get(HISTOGRAMS[metric])

@@ -1,9 +1,9 @@
 """Which runtime series each autoscaling metric reads, and how per-pod samples become one
 per-group value for a role. Shared by the Prometheus source and the direct scrape.
 
-The runtime labels every serving series with deployment, role, group and rank (and the GPU
-exporter its DCGM series the same way); vLLM's own series are re-exported under these names
-by the runtime, so one set of queries fits both engines.
+The runtime labels every serving series with deployment, role, group and rank (and its NVML
+collector the `kubemoe_gpu_*` series the same way); vLLM's own series are re-exported under these
+names by the runtime, so one set of queries fits both engines.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from kubemoe_operator.api.spec import MetricType
 QUEUE = "kubemoe_requests_waiting"
 RUNNING = "kubemoe_requests_running"
 KV_USAGE = "kubemoe_kv_cache_usage_ratio"
-GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
+GPU_UTIL = "kubemoe_gpu_utilization_ratio"
+"""0..1, per GPU: the runtime's NVML collector (not dcgm-exporter's DCGM_FI_DEV_GPU_UTIL, a percentage)."""
 TTFT = "kubemoe_time_to_first_token_seconds"
 ITL = "kubemoe_inter_token_latency_seconds"
 

@@ -1,8 +1,22 @@
-"""GPU metrics through NVML (nvidia-ml-py), under the names dcgm-exporter uses.
+"""GPU metrics through NVML (nvidia-ml-py), as `kubemoe_gpu_*` series in base units.
 
-Existing DCGM dashboards and alerts work unchanged: utilisation, framebuffer used/free/total,
-power, temperature and SM clock, each labelled with gpu (index), UUID, device and modelName,
-plus the serving labels (deployment, role, group, rank) so the autoscaler can select a role.
+Utilisation as a ratio (0..1), memory in bytes, power in watts, temperature in degrees Celsius and the
+SM clock in hertz (Prometheus' naming conventions), each labelled with dcgm-exporter's GPU labels
+(`gpu` index, `UUID`, `device`, `modelName`) plus the serving labels (deployment, role, group, rank)
+so the autoscaler and the dashboard can select a role:
+
+    kubemoe_gpu_info                     1 per GPU: which deployment, role, group and rank use it
+    kubemoe_gpu_utilization_ratio        share of the last sample period a kernel ran (NVML, 0..1)
+    kubemoe_gpu_memory_used_bytes        framebuffer memory in use
+    kubemoe_gpu_memory_free_bytes        framebuffer memory free (total - used)
+    kubemoe_gpu_memory_total_bytes       framebuffer memory
+    kubemoe_gpu_power_watts              power draw
+    kubemoe_gpu_temperature_celsius      GPU temperature
+    kubemoe_gpu_sm_clock_hertz           SM clock
+
+Names of our own, not dcgm-exporter's `DCGM_FI_*`: on a cluster that also runs dcgm-exporter a sum
+over `DCGM_FI_DEV_POWER_USAGE` would otherwise count every GPU twice. The labels are dcgm-exporter's,
+so its series join ours on `UUID` (`kubemoe_gpu_info` gives them the serving labels; docs/monitoring.md).
 
 With no NVIDIA driver (a CPU node, a laptop) the collector yields nothing and one log line
 says why; nothing fails.
@@ -20,59 +34,76 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
+PREFIX = "kubemoe_gpu_"
+INFO = "kubemoe_gpu_info"
+GPU_LABELS = ("gpu", "UUID", "device", "modelName")
+"""dcgm-exporter's label names, so that its series and ours join on UUID."""
+
 
 @dataclass(frozen=True)
 class GpuReading:
     index: int
     uuid: str
     name: str
-    util_percent: float
-    fb_used_mib: float
-    fb_total_mib: float
+    utilization_ratio: float
+    memory_used_bytes: float
+    memory_total_bytes: float
     power_watts: float
-    temperature_c: float
-    sm_clock_mhz: float
+    temperature_celsius: float
+    sm_clock_hertz: float
 
 
-# (DCGM field name, help, reading attribute) — units as dcgm-exporter reports them.
+# (series name, help, reading attribute)
 FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "util_percent"),
-    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", "fb_used_mib"),
-    ("DCGM_FI_DEV_FB_TOTAL", "Framebuffer memory total (in MiB).", "fb_total_mib"),
-    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "power_watts"),
-    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "temperature_c"),
-    ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock_mhz"),
+    (
+        "kubemoe_gpu_utilization_ratio",
+        "Fraction of the last sample period in which a kernel ran on the GPU (NVML utilization.gpu, 0..1)",
+        "utilization_ratio",
+    ),
+    ("kubemoe_gpu_memory_used_bytes", "Framebuffer memory in use, in bytes", "memory_used_bytes"),
+    ("kubemoe_gpu_memory_total_bytes", "Framebuffer memory, in bytes", "memory_total_bytes"),
+    ("kubemoe_gpu_power_watts", "Power draw, in watts", "power_watts"),
+    ("kubemoe_gpu_temperature_celsius", "GPU temperature, in degrees Celsius", "temperature_celsius"),
+    ("kubemoe_gpu_sm_clock_hertz", "SM clock frequency, in hertz", "sm_clock_hertz"),
 )
-FB_FREE = ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).")
+MEMORY_FREE = ("kubemoe_gpu_memory_free_bytes", "Framebuffer memory free (total - used), in bytes")
+INFO_HELP = "1 for each GPU this pod uses, labelled with the deployment, role, group and rank using it"
+
+
+def describe(serving_labels: Iterable[str]) -> list[GaugeMetricFamily]:
+    """The families the collector exports, with no samples: what a reference or a dashboard check
+    needs to know without a GPU."""
+    return families((), dict.fromkeys(serving_labels, ""))
 
 
 def families(readings: Iterable[GpuReading], serving: Mapping[str, str]) -> list[GaugeMetricFamily]:
     """Readings -> metric families (pure: tested without a GPU)."""
-    keys = ["gpu", "UUID", "device", "modelName", *serving]
-    out = {name: GaugeMetricFamily(name, doc, labels=keys) for name, doc, _ in FIELDS}
-    out[FB_FREE[0]] = GaugeMetricFamily(FB_FREE[0], FB_FREE[1], labels=keys)
+    keys = [*GPU_LABELS, *serving]
+    out = {INFO: GaugeMetricFamily(INFO, INFO_HELP, labels=keys)}
+    out |= {name: GaugeMetricFamily(name, doc, labels=keys) for name, doc, _ in FIELDS}
+    out[MEMORY_FREE[0]] = GaugeMetricFamily(MEMORY_FREE[0], MEMORY_FREE[1], labels=keys)
     for r in readings:
         values = [str(r.index), r.uuid, f"nvidia{r.index}", r.name, *serving.values()]
+        out[INFO].add_metric(values, 1.0)
         for name, _doc, attr in FIELDS:
             out[name].add_metric(values, float(getattr(r, attr)))
-        out[FB_FREE[0]].add_metric(values, r.fb_total_mib - r.fb_used_mib)
+        out[MEMORY_FREE[0]].add_metric(values, r.memory_total_bytes - r.memory_used_bytes)
     return list(out.values())
 
 
 def _read(index: int) -> GpuReading:
     h = pynvml.nvmlDeviceGetHandleByIndex(index)
     mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-    mib = 1024 * 1024
     return GpuReading(
         index=index,
         uuid=str(pynvml.nvmlDeviceGetUUID(h)),
         name=str(pynvml.nvmlDeviceGetName(h)),
-        util_percent=float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
-        fb_used_mib=mem.used / mib,
-        fb_total_mib=mem.total / mib,
-        power_watts=pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
-        temperature_c=float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
-        sm_clock_mhz=float(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
+        utilization_ratio=float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu) / 100.0,
+        memory_used_bytes=float(mem.used),
+        memory_total_bytes=float(mem.total),
+        power_watts=pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,  # NVML: milliwatts
+        temperature_celsius=float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
+        sm_clock_hertz=float(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)) * 1e6,  # NVML: MHz
     )
 
 
@@ -86,7 +117,7 @@ class GpuCollector(Collector):
             pynvml.nvmlInit()
             self.count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as err:
-            log.warning("GPU metrics off: NVML unavailable (%s); no DCGM_FI_* series are exported", err)
+            log.warning("GPU metrics off: NVML unavailable (%s); no %s* series are exported", err, PREFIX)
             return
         log.info("GPU metrics on: %d GPU(s) through NVML", self.count)
 

@@ -17,7 +17,7 @@ def test_queries_select_the_role_and_aggregate_per_group() -> None:
     m = 'deployment="ds",role="decode",namespace=~"prod|"'
     assert promql("queue-depth", SEL) == f"sum by (group) (kubemoe_requests_waiting{{{m}}})"
     assert promql("kv-cache-usage", SEL) == f"avg by (group) (kubemoe_kv_cache_usage_ratio{{{m}}})"
-    assert promql("gpu-utilization", SEL) == f"avg by (group) (DCGM_FI_DEV_GPU_UTIL{{{m}}}) / 100"
+    assert promql("gpu-utilization", SEL) == f"avg by (group) (kubemoe_gpu_utilization_ratio{{{m}}})"
     assert promql("ttft-p90", SEL, rate_window="2m") == (
         f"histogram_quantile(0.9, sum by (le) (rate(kubemoe_time_to_first_token_seconds_bucket{{{m}}}[2m])))"
     )

@@ -111,7 +111,7 @@ async def test_a_good_page_still_reads(pod_url: str) -> None:
                     [
                         "kubemoe_requests_waiting",
                         "kubemoe_kv_cache_usage_ratio",
-                        "DCGM_FI_DEV_GPU_UTIL",
+                        "kubemoe_gpu_utilization_ratio",
                         "kubemoe_time_to_first_token_seconds_bucket",
                         "# TYPE kubemoe_time_to_first_token_seconds histogram\n"
                         "kubemoe_time_to_first_token_seconds_bucket",
