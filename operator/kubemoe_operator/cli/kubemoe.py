@@ -1,5 +1,6 @@
 """`kubemoe`: the command line. `kubemoe plan FILE`, `kubemoe crd`, and local runs: `kubemoe up FILE`,
-`kubemoe status`, `kubemoe down` (local/)."""
+`kubemoe status`, `kubemoe down` (local/); `kubemoe completion bash|zsh`; `kubemoe --version`.
+Errors are one line, never a traceback (cli/errors.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import yaml
 
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.cli.completion import FILES, add_completion
+from kubemoe_operator.cli.errors import add_version, run_main
 from kubemoe_operator.cli.tables import render_table
 from kubemoe_operator.gen.crd import crd_yaml
+from kubemoe_operator.local.commands import RUNS_DIR, problem_lines
 from kubemoe_operator.local.commands import add_commands as add_local_commands
 from kubemoe_operator.plan.planner import plan_manifest
 
@@ -29,12 +33,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     try:
         plan = plan_manifest(load_manifest(path))
     except ManifestError as err:
-        count = len(err.problems)
-        print(f"{path}: cannot plan ({count} problem{'s' if count != 1 else ''}):", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem.field}: {problem.message}", file=sys.stderr)
-            if problem.fix:
-                print(f"    fix: {problem.fix}", file=sys.stderr)
+        print("\n".join(problem_lines(path, err)), file=sys.stderr)
         return EXIT_INVALID
     data = plan.model_dump(by_alias=True, mode="json")
     if args.output == "json":
@@ -55,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="kubemoe", description="Deploy Mixture-of-Experts models on Kubernetes."
     )
+    add_version(root)
     sub = root.add_subparsers(dest="command", required=True)
     plan = sub.add_parser(
         "plan", help="print the layout a ModelDeployment manifest would get, or why it cannot fit"
@@ -65,13 +65,27 @@ def parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crd", help="print the ModelDeployment CustomResourceDefinition")
     crd.set_defaults(run=_cmd_crd)
     add_local_commands(sub)
+    add_completion(sub, command="kubemoe", root=parser, hooks=COMPLETION_HOOKS)
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# What the completion script offers for these arguments' values (cli/completion.py).
+COMPLETION_HOOKS = {
+    "file": FILES,
+    "model": FILES,
+    "run_dir": FILES,
+    "name": f'compgen -W "$(ls {RUNS_DIR} 2>/dev/null)" -- "$cur"',  # local runs, for down and status
+}
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     code: int = args.run(args)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("kubemoe", _main, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from typing import TextIO
 
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
-from kubemoe_operator.local.model import ModelSourceError, ensure_model, local_model_path
+from kubemoe_operator.api.resource import ModelDeployment
+from kubemoe_operator.local.model import (
+    ModelSourceError,
+    checkpoint_config,
+    ensure_model,
+    local_model_path,
+    with_checkpoint_facts,
+)
 from kubemoe_operator.local.runner import (
     STATE_FILE,
     LocalRunError,
@@ -26,6 +33,7 @@ from kubemoe_operator.local.runner import (
     stop_run,
     wait_ready,
 )
+from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
 
 RUNS_DIR = Path(".run") / "up"
@@ -71,15 +79,43 @@ def find_run_dir(name: str | None, run_dir: str | None) -> Path:
     raise LocalRunError(f"several runs under {RUNS_DIR}/: name one ({', '.join(p.name for p in runs)})")
 
 
+def problem_lines(path: Path, err: ManifestError) -> list[str]:
+    """Why a manifest cannot be planned: each problem's field and message, and its fix (`kubemoe plan`
+    and `kubemoe up` print the same)."""
+    count = len(err.problems)
+    lines = [f"{path}: cannot plan ({count} problem{'s' if count != 1 else ''}):"]
+    for problem in err.problems:
+        lines.append(f"  {problem.field}: {problem.message}")
+        if problem.fix:
+            lines.append(f"    fix: {problem.fix}")
+    return lines
+
+
+def plan_local(md: ModelDeployment, model: Path) -> tuple[Plan, list[str]]:
+    """The plan of a local run: the manifest with the model facts of the checkpoint's own config.json
+    (under the manifest's inline values), planned as the operator plans; and notes for the user (inline
+    values config.json contradicts). ManifestError when it cannot be planned."""
+    facts = checkpoint_config(model)
+    notes: list[str] = []
+    if facts is not None:
+        md, conflicts = with_checkpoint_facts(md, facts)
+        if conflicts:
+            notes.append(
+                f"note: spec.model.config differs from {model / 'config.json'}: {', '.join(conflicts)};"
+                " planning with the manifest's values"
+            )
+    return plan_manifest(md), notes
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     path = Path(args.file)
+    if not path.is_file():
+        print(f"kubemoe up: {path}: no such file", file=sys.stderr)
+        return EXIT_INVALID
     try:
         md = load_manifest(path)
-        plan = plan_manifest(md)
     except ManifestError as err:
-        print(f"{path}: cannot plan:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem.field}: {problem.message}", file=sys.stderr)
+        print("\n".join(problem_lines(path, err)), file=sys.stderr)
         return EXIT_INVALID
     try:
         runtime = runtime_command()
@@ -90,9 +126,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"generating the tiny random checkpoint {md.spec.model.name} at {model} ...", file=sys.stderr
             )
         ensure_model(model, model_name=md.spec.model.name, architecture=architecture, runtime=runtime)
+        plan, notes = plan_local(md, model)
+    except ManifestError as err:
+        print("\n".join(problem_lines(path, err)), file=sys.stderr)
+        return EXIT_INVALID
     except (ModelSourceError, LocalRunError) as err:
         print(f"kubemoe up: {err}", file=sys.stderr)
         return EXIT_INVALID
+    for note in notes:
+        print(note, file=sys.stderr)
     run_dir = Path(args.run_dir) if args.run_dir else RUNS_DIR / plan.name
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     state: RunState | None = None
@@ -108,8 +150,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             wait_ready(state, timeout=args.timeout, progress=progress)
         finally:
             progress.done()
-        print(_ready_summary(state), file=sys.stderr)
-        print(state.endpoint, flush=True)
+        announce_ready(state, out=sys.stdout, err=sys.stderr)
         if args.detach:
             keep = True
             print(
@@ -139,13 +180,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"stopped {state.name}" + (f"; still alive: {left}" if left else ""), file=sys.stderr)
 
 
-def _ready_summary(state: RunState) -> str:
+def ready_summary(state: RunState) -> str:
     by_role: dict[str, float] = {}
     for p in state.processes:
         if p.ready_s is not None:
             by_role[p.process.role] = max(by_role.get(p.process.role, 0.0), p.ready_s)
     timings = ", ".join(f"{role} {seconds:.1f}s" for role, seconds in by_role.items())
-    return f"ready ({timings}); OpenAI endpoint:"
+    return f"ready ({timings}); OpenAI endpoint: {state.endpoint}"
+
+
+def announce_ready(state: RunState, *, out: TextIO, err: TextIO) -> None:
+    """The ready line with the endpoint on stderr, for the person; and the endpoint alone on stdout for
+    a program reading it (`make demo`, scripts; the line that says `kubemoe up` is ready), unless stdout
+    is the same terminal, where the person has just read it."""
+    print(ready_summary(state), file=err, flush=True)
+    if not out.isatty():
+        print(state.endpoint, file=out, flush=True)
 
 
 def cmd_down(args: argparse.Namespace) -> int:

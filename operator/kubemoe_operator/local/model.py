@@ -1,10 +1,23 @@
 """The model a local run loads: a file:// source or a plain path; the tiny example's checkpoint is
-generated on first use (by `kubemoe-runtime tiny-checkpoint`: the operator never imports the runtime)."""
+generated on first use (by `kubemoe-runtime tiny-checkpoint`: the operator never imports the runtime).
+
+The checkpoint's config.json also gives the planner the model's facts (`checkpoint_config`), so a
+manifest for a local folder needs no inline spec.model.config. The operator cannot import the runtime's
+config.json reader (engines/torch/load/model_config.py), and wants other facts (sizes, not kernels), so
+it has its own small mapping onto spec.model.config, whose fields name the keys they come from."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubemoe_operator.api.model_config import ModelConfig
+from kubemoe_operator.api.resource import ModelDeployment
 
 # config.json architectures the runtime's tiny-checkpoint generator writes.
 TINY_ARCHITECTURES = {
@@ -46,3 +59,109 @@ def ensure_model(path: Path, *, model_name: str, architecture: str | None, runti
     if result.returncode != 0:
         raise ModelSourceError(f"generating the tiny checkpoint at {path} failed:\n{result.stderr[-2000:]}")
     return True
+
+
+# --- the checkpoint's own config.json -> spec.model.config ----------------------------------------
+
+# ModelConfig field <- the config.json keys it comes from, first present wins (api/model_config.py
+# documents the same keys per field). Keys a model family spells its own way are handled below.
+_KEYS: dict[str, tuple[str, ...]] = {
+    "num_layers": ("num_hidden_layers",),
+    "hidden_size": ("hidden_size",),
+    "num_attention_heads": ("num_attention_heads",),
+    "num_key_value_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "q_lora_rank": ("q_lora_rank",),
+    "kv_lora_rank": ("kv_lora_rank",),
+    "qk_rope_head_dim": ("qk_rope_head_dim",),
+    "qk_nope_head_dim": ("qk_nope_head_dim",),
+    "v_head_dim": ("v_head_dim",),
+    "num_routed_experts": ("n_routed_experts", "num_experts", "num_local_experts"),
+    "num_shared_experts": ("n_shared_experts",),
+    "experts_per_token": ("num_experts_per_tok",),
+    "num_dense_layers": ("first_k_dense_replace",),
+    "moe_layer_step": ("interleave_moe_layer_step", "moe_layer_freq", "decoder_sparse_step"),
+    "vocab_size": ("vocab_size",),
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "max_position_embeddings": ("max_position_embeddings",),
+}
+_QUANTIZED = {"fp8": "fp8", "mxfp4": "mxfp4"}  # quantization_config.quant_method -> weight dtype
+
+
+def _first(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+
+def facts_from_config_json(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec.model.config fields (snake_case) a Hugging Face config.json states; what it leaves out
+    is left out here too (the catalog or the defaults fill it in, as for an inline config)."""
+    if isinstance(cfg.get("text_config"), Mapping):  # multimodal (Llama 4): the language model's part
+        cfg = {**cfg, **cfg["text_config"]}
+    facts: dict[str, Any] = {}
+    architectures = cfg.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        facts["architecture"] = architectures[0]
+    for name, keys in _KEYS.items():
+        if (value := _first(cfg, keys)) is not None:
+            facts[name] = value
+    # The width of one routed expert: moe_intermediate_size where the model has dense layers too
+    # (DeepSeek, Qwen3: intermediate_size is then theirs); Llama 4 names the dense one
+    # intermediate_size_mlp; Mixtral and gpt-oss have only intermediate_size, the experts'.
+    if cfg.get("moe_intermediate_size") is not None:
+        facts["moe_intermediate_size"] = cfg["moe_intermediate_size"]
+        if cfg.get("intermediate_size") is not None:
+            facts["intermediate_size"] = cfg["intermediate_size"]
+    elif cfg.get("intermediate_size_mlp") is not None:
+        facts["moe_intermediate_size"] = cfg.get("intermediate_size")
+        facts["intermediate_size"] = cfg["intermediate_size_mlp"]
+    elif cfg.get("intermediate_size") is not None:
+        facts["moe_intermediate_size"] = cfg["intermediate_size"]
+    # Qwen3-MoE lists its dense layers (mlp_only_layers); the planner counts layers, so a count does.
+    dense = cfg.get("mlp_only_layers")
+    if isinstance(dense, list) and dense and "num_dense_layers" not in facts:
+        facts["num_dense_layers"] = len(set(dense))
+    dtype = _first(cfg, ("dtype", "torch_dtype"))
+    if dtype in ("float32", "bfloat16", "float16"):
+        facts["dtype"] = dtype
+    quant = cfg.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, Mapping) else None
+    if method in _QUANTIZED:
+        facts["expert_weight_dtype" if method == "mxfp4" else "weight_dtype"] = _QUANTIZED[method]
+    return facts
+
+
+def checkpoint_config(path: Path) -> ModelConfig | None:
+    """spec.model.config as the checkpoint at `path` states it (its config.json), or None when it has
+    no config.json yet. ModelSourceError naming the file when it is not JSON or a value is out of range."""
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        return None
+    try:
+        raw = json.loads(config_json.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelSourceError(f"{config_json}: cannot read it ({err})") from None
+    if not isinstance(raw, dict):
+        raise ModelSourceError(f"{config_json}: not a JSON object")
+    try:
+        return ModelConfig.model_validate(facts_from_config_json(raw))
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        field = ModelConfig.model_fields[name].alias or name if name in ModelConfig.model_fields else name
+        raise ModelSourceError(f"{config_json}: {field} {first.get('input')!r}: {first['msg']}") from None
+
+
+def with_checkpoint_facts(md: ModelDeployment, facts: ModelConfig) -> tuple[ModelDeployment, list[str]]:
+    """The manifest with spec.model.config filled in from the checkpoint's config.json: the catalog
+    entry, then config.json, then the manifest's own inline values (each overrides the one before, as
+    inline values override the catalog). Also, one line per inline value config.json disagrees with."""
+    inline = md.spec.model.config.model_dump(exclude_none=True) if md.spec.model.config else {}
+    from_file = facts.model_dump(exclude_none=True)
+    conflicts = [
+        f"{ModelConfig.model_fields[k].alias or k} {inline[k]} (config.json: {v})"
+        for k, v in from_file.items()
+        if k in inline and inline[k] != v
+    ]
+    merged = ModelConfig.model_validate(from_file | inline)
+    model = md.spec.model.model_copy(update={"config": merged})
+    return md.model_copy(update={"spec": md.spec.model_copy(update={"model": model})}), conflicts

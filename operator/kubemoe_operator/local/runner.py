@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,11 +98,14 @@ def default_env() -> dict[str, str]:
 
 
 def port_is_free(port: int) -> bool:
-    import socket
-
+    """Whether a server could listen on LOOPBACK:port now. The probe binds with SO_REUSEADDR, as the
+    router's server (uvicorn) does: connections of an earlier run that linger in TIME_WAIT (a minute on
+    Linux) do not stop that server, so they must not stop the probe; a socket listening there does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
+            s.listen(1)  # Linux lets a SO_REUSEADDR bind share a port bound (not listening) elsewhere
         except OSError:
             return False
     return True

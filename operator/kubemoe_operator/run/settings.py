@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 
 from pydantic import ValidationError
 
@@ -15,6 +16,15 @@ from kubemoe_operator.api.spec import PodOptions
 
 FIELD_MANAGER = "kubemoe-operator"
 DEFAULT_IMAGE = "kubemoe/kubemoe-runtime:0.1.0"
+DISTRIBUTION = "kubemoe-operator"
+
+
+def package_version() -> str:
+    """The installed kubemoe-operator's version (`--version` of kubemoe, kubectl-moe and the operator)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +64,7 @@ class OperatorSettings:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubemoe-operator", description="Reconcile ModelDeployments.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument(
         "-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable)"
     )
