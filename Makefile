@@ -105,6 +105,7 @@ crds: setup
 	cp crds/kubemoe.io_modeldeployments.yaml charts/kubemoe/crds/
 	$(PY) -m kubemoe_operator.gen.chart_values charts/kubemoe
 	$(PY) -m kubemoe_operator.gen.spec_reference docs/spec-reference.md
+	$(PY) -m kubemoe_runtime.metrics_catalog | $(PY) -m kubemoe_operator.gen.metrics_reference docs/metrics-reference.md
 	$(PY) -m kubemoe_operator.gen.rbac charts/kubemoe/templates/_rules.tpl
 
 bench: setup
