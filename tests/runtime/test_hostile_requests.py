@@ -101,6 +101,12 @@ BAD: list[tuple[dict[str, Any], str | None]] = [
     ({"stop_token_ids": [1] * 2000}, "stop_token_ids"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"logprobs": 5}, "logprobs"),
+    ({"logit_bias": {"1": 100}}, "logit_bias"),  # refused, never silently ignored (#20)
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": "text"}, "response_format"),
+    ({"min_p": 0.5}, "min_p"),
+    ({"use_beam_search": 1}, "use_beam_search"),
+    ({"echo": 1}, "echo"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
     ({"prompt": [2**70]}, "prompt"),
@@ -154,6 +160,9 @@ GOOD: list[dict[str, Any]] = [
     {"prompt": [[1, 2, 3]]},
     {"user": "x" * 100_000},
     {"unknown": [[[[{"deep": None}]]]]},
+    {"logit_bias": {}, "response_format": {"type": "text"}, "n": 1, "best_of": 1, "echo": False},
+    {"logit_bias": None, "repetition_penalty": 1, "min_p": 0.0, "skip_special_tokens": True},
+    {"metadata": {"k": "v"}, "store": False, "service_tier": "auto", "priority": 3},  # change no output
 ]
 
 
@@ -226,7 +235,8 @@ def test_a_client_that_leaves_a_non_streaming_request_has_it_aborted(worker: Ser
 FIELDS = [
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream",
     "stream_options", "logprobs", "echo", "best_of", "suffix", "presence_penalty", "frequency_penalty",
-    "user", "stop_token_ids", "ignore_eos", "kv_transfer_params",
+    "user", "stop_token_ids", "ignore_eos", "kv_transfer_params", "logit_bias", "response_format",
+    "min_p", "repetition_penalty", "use_beam_search", "guided_json", "add_special_tokens",
 ]  # fmt: skip
 SCALARS = (
     st.none()
