@@ -278,10 +278,20 @@ def test_malformed_requests_get_openai_errors(pd: PD, body: bytes, status: int, 
     assert error["param"] == param
 
 
-def test_unknown_path_is_an_openai_404(pd: PD) -> None:
-    code, answer = raw_post(f"{pd.router.url}/v1/embeddings", b"{}")
-    assert code == 404
-    assert "error" in answer
+def test_other_paths_go_to_a_decode_and_models_say_its_max_model_len(pd: PD) -> None:
+    """Disaggregated, a forwarded path (here vLLM's /v1/embeddings, which the torch engine does not serve)
+    goes to a decode, which holds the whole model: its own OpenAI-shaped 404 comes back. /v1/models says
+    the decode's max_model_len."""
+    c = client(pd.router.url)
+    prefilled = decode_counter(pd.prefill, "kubemoe_prompt_tokens_total")
+    with pytest.raises(openai.NotFoundError) as err:
+        c.embeddings.create(model=MODEL, input="experts")
+    assert err.value.response.headers["x-kubemoe-decode-backend"] == f"127.0.0.1:{pd.decode.port}"
+    assert "x-kubemoe-prefill-backend" not in err.value.response.headers
+    assert err.value.type == "not_found_error"
+    assert decode_counter(pd.prefill, "kubemoe_prompt_tokens_total") == prefilled
+    [card] = c.models.list().data
+    assert card.model_dump()["max_model_len"] == MAX_MODEL_LEN
 
 
 # --- colocated ------------------------------------------------------------------------------------

@@ -3,9 +3,17 @@
     GET  /health                200 while the router runs
     GET  /ready                 200 once every role has a healthy backend, else 503
     GET  /metrics               the router's Prometheus series (metrics.py)
-    GET  /v1/models             the served model names
+    GET  /v1/models             the served model names, with the backends' max_model_len (asked of one
+                                and kept for MODELS_TTL_S, as the operator does not pass it to the router;
+                                null until a backend has answered)
+    GET  /v1/models/{model}     one of them (404 for another name)
     POST /v1/completions        proxied; streaming (SSE, passed through byte for byte) or not
     POST /v1/chat/completions   proxied likewise
+    any  /v1/*, /tokenize,      forwarded to one backend (`forward`): GET, POST, PUT, PATCH or DELETE,
+         /detokenize, /version  the path and query as sent, the answer (status, headers, body) streamed
+                                back as it comes; what the backend does not serve is its own 404
+    any  /v1/experts/*, /v1/kv/*  404: not forwarded (the operator's expert load and placement; the KV
+                                hand-off between pods). Nor are the backends' /metrics, /ready, /health.
 
 Colocated (`--worker-service`): the request goes to one worker, chosen by the policy.
 
@@ -29,7 +37,21 @@ quiet, or ended without `data: [DONE]`) ends with an OpenAI-shaped error event `
 and `data: [DONE]`, not a silent truncation. A client that goes away before a non-streaming answer has
 its upstream request cancelled (the connection closed, which the engine sees as its client leaving).
 The router checks only what it must read (a JSON object, the prompt or messages, `stream`, the model
-name); the engines validate the rest and their 4xx answers pass through unchanged.
+name); the engines validate the rest and their 4xx answers pass through unchanged (the torch engine
+refuses the options it does not implement, naming them: pod/protocol.py).
+
+Forwarded paths (vLLM's /v1/embeddings, /v1/responses, /tokenize, /version, ...) go to a backend the role's
+policy picks, keyed by the body's prompt, messages or input: colocated, any healthy worker; disaggregated,
+a decode (it holds the whole model and prefills what it is sent without a hand-off; a prefill is only ever
+asked for KV). The API key is checked as for the completions; the request body is read whole first, up to
+the same MAX_BODY_BYTES (413 past it), so that a backend which refuses the connection or answers 503 can
+be replaced by another as for the completions; the answer is not read first but relayed as it arrives
+(SSE included), under the same read timeout and deadline. A backend that fails mid-answer ends an SSE
+answer with an error event, and any other answer with a broken connection (never a silent truncation).
+HEAD is refused (405), as vLLM does. Headers go up except hop-by-hop ones, Host, Authorization (the
+router's key), Cookie and Accept-Encoding (the answer comes back unencoded). A forwarded request counts in
+kubemoe_router_requests_total{endpoint="/tokenize"|"/detokenize"|"/version"|"/v1/*"} and in flight, not in
+the request latency histogram (the completions').
 Answers carry timing headers: x-kubemoe-prefill-ms / x-kubemoe-decode-ms (P/D) and the backends used.
 """
 
@@ -39,6 +61,8 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
+import posixpath
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -50,6 +74,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Send
 
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
@@ -66,11 +91,23 @@ from kubemoe_runtime.router.upstream import (
     UpstreamTimeout,
 )
 
+log = logging.getLogger("kubemoe_runtime.router")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 PREFIX_KEY_CHARS = 512  # what prefix-hash hashes: the start of the prompt
 RETRY_STATUS = frozenset({502, 503, 504})
 REQUEST_TIMEOUT_S = 1800.0  # a request's deadline, streaming included
 CLIENT_GONE = 499  # counted for a request whose client left before its answer
+MODELS_TTL_S = 30.0  # how long a backend's max_model_len is kept before it is asked again
+MODELS_PROBE_S = 5.0  # the most a backend may take to answer the router's own GET /v1/models
+ENGINE_PATHS = ("/tokenize", "/detokenize", "/version")  # vLLM's, outside /v1: forwarded
+NOT_FORWARDED = ("/v1/experts", "/v1/kv")  # the operator's expert load and placement; the KV hand-off
+FORWARD_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer"}
+    | {"transfer-encoding", "upgrade", "content-length", "host"}
+)
+_NOT_SENT_UP = _HOP_BY_HOP | {"authorization", "cookie", "expect", "accept-encoding"}
+_NOT_SENT_BACK = _HOP_BY_HOP | {"date", "server"}  # the router's own server writes those
 REMOTE_DECODE = {
     "do_remote_decode": True,
     "do_remote_prefill": False,
@@ -116,6 +153,9 @@ class Router:
         self.backends = backends
         self.metrics = metrics
         self.upstream = Upstream(connect_timeout=5.0, read_timeout=config.read_timeout)
+        self._max_model_len: int | None = None
+        self._max_model_len_at = 0.0
+        self._max_model_len_lock = asyncio.Lock()
 
     # --- endpoints ----------------------------------------------------------------------------------
 
@@ -133,17 +173,167 @@ class Router:
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        cards = [
-            ModelCard(id=name, created=self.config.created, root=name, max_model_len=0)
+        return JSONResponse(ModelList(data=await self._cards()).model_dump())
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        name = request.path_params["model"]
+        card = next((c for c in await self._cards() if c.id == name), None)
+        if card is None:
+            shown = name if len(name) <= 256 else f"{name[:256]}..."
+            raise ApiError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
+        return JSONResponse(card.model_dump())
+
+    async def _cards(self) -> list[ModelCard]:
+        max_model_len = await self.max_model_len()
+        return [
+            ModelCard(id=name, created=self.config.created, root=name, max_model_len=max_model_len)
             for name in self.config.served_names
         ]
-        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def max_model_len(self) -> int | None:
+        """The backends' max_model_len, from a backend's own /v1/models, kept MODELS_TTL_S; while no backend
+        answers, the last one learned (None, shown as null, until one has)."""
+        async with self._max_model_len_lock:
+            if self._max_model_len is None or time.monotonic() - self._max_model_len_at >= MODELS_TTL_S:
+                learned = await self._ask_max_model_len()
+                if learned is not None:
+                    self._max_model_len, self._max_model_len_at = learned, time.monotonic()
+            return self._max_model_len
+
+    async def _ask_max_model_len(self) -> int | None:
+        role = self.forward_role
+        tried: set[str] = set()
+        for _ in range(self.config.max_attempts):
+            backend = self._pick(role, key="", exclude=tried)
+            if backend is None:
+                return None
+            tried.add(backend.address)
+            deadline = asyncio.get_running_loop().time() + MODELS_PROBE_S
+            try:
+                response = await self.upstream.request(
+                    "GET",
+                    backend.address,
+                    "/v1/models",
+                    b"",
+                    {"accept": "application/json"},
+                    deadline=deadline,
+                )
+                try:
+                    data = await response.read()
+                finally:
+                    await response.aclose()
+            except (UpstreamError, UpstreamTimeout) as err:
+                log.warning("router: GET /v1/models of %s failed: %s", backend.address, err)
+                continue
+            if response.status == 200 and (found := _max_model_len(data, self.config.served_names)):
+                return found
+            log.warning(
+                "router: %s's /v1/models (%d) names no max_model_len", backend.address, response.status
+            )
+        return None
+
+    @property
+    def forward_role(self) -> str:
+        """Where a forwarded request goes: disaggregated, a decode (it holds the whole model and serves a
+        request alone, prefilling it itself); colocated, a worker."""
+        return "decode" if self.config.disaggregated else "worker"
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, endpoint="/v1/completions", prompt_field="prompt")
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, endpoint="/v1/chat/completions", prompt_field="messages")
+
+    async def forward(self, request: Request) -> Response:
+        """Any other /v1/* path, and the engine paths: to one backend, the answer streamed back."""
+        path = request.url.path
+        if not_forwarded(path):
+            raise ApiError(
+                404,
+                f"{path[:200]} is not served through the router (the operator's and the pods' own path)",
+                type="not_found_error",
+            )
+        if request.method == "HEAD":
+            raise ApiError(405, "HEAD is not forwarded; use GET")
+        endpoint = path if path in ENGINE_PATHS else "/v1/*"  # bounded label values
+        start = time.monotonic()
+        self.metrics.in_flight.inc()
+        response: Response | None = None
+        code = 500
+        try:
+            self._authorize(request)
+            body = await _read_body(request)
+            raw_path = request.scope.get("raw_path")
+            target = raw_path.decode("latin-1") if isinstance(raw_path, bytes) and raw_path else path
+            if query := request.scope.get("query_string", b""):
+                target += "?" + query.decode("latin-1")
+            headers = {k: v for k, v in request.headers.items() if k not in _NOT_SENT_UP}
+            headers.setdefault("x-request-id", uuid.uuid4().hex)
+            deadline = asyncio.get_running_loop().time() + self.config.request_timeout
+            role = self.forward_role
+            work = self._send(
+                role,
+                body,
+                method=request.method,
+                endpoint=target,
+                key=_forward_key(body, request.headers.get("content-type", "")),
+                headers=headers,
+                stream=True,
+                relay_any_status=True,
+                deadline=deadline,
+            )
+            upstream = await unless_disconnected(request, work)
+            code = upstream.status
+            back = {k: v for k, v in upstream.response.headers.items() if k not in _NOT_SENT_BACK}
+            back[f"x-kubemoe-{role}-backend"] = upstream.backend.address
+            if upstream.body is not None:
+                response = Response(upstream.body, status_code=upstream.status, headers=back)
+            else:
+                response = _CutStreamingResponse(
+                    self._pipe(upstream, endpoint=endpoint, start=start),
+                    status_code=upstream.status,
+                    headers=back,
+                )
+            return response
+        except ApiError as err:
+            code = err.status
+            return JSONResponse(err.body(), status_code=err.status)
+        except UpstreamTimeout as err:
+            code = 504
+            return JSONResponse(ApiError(504, str(err), type="server_error", code="timeout").body(), 504)
+        except ClientGone:
+            code = CLIENT_GONE
+            return Response(status_code=CLIENT_GONE)
+        finally:
+            if not isinstance(response, StreamingResponse):  # else _pipe counts it when the answer ends
+                self._done(endpoint=endpoint, code=code, start=start, latency=False)
+
+    async def _pipe(self, upstream: _Upstream, *, endpoint: str, start: float) -> AsyncIterator[bytes]:
+        """A forwarded answer's body as it comes. A backend that fails or goes quiet mid-answer ends an SSE
+        answer with an OpenAI-shaped error event, and any other answer by breaking the connection (raising:
+        the client sees the body cut, never a complete-looking answer)."""
+        code = upstream.status
+        sse = upstream.response.headers.get("content-type", "").startswith("text/event-stream")
+        try:
+            try:
+                async for chunk in upstream.response.iter_raw():
+                    yield chunk
+            except (UpstreamError, UpstreamTimeout) as err:
+                if isinstance(err, UpstreamError):
+                    self.backends.eject(upstream.backend, reason=f"stream {err.kind}")
+                    error = _stream_error(f"the backend failed mid-answer: {err}", "backend_failed")
+                else:
+                    error = _stream_error(str(err), "timeout")
+                code = error.status
+                if not sse:
+                    log.warning("router: %s; the client's connection is closed", error.detail.message)
+                    raise _Cut from err
+                yield f"\n\ndata: {json.dumps(error.body(), separators=(',', ':'))}\n\n".encode()
+        finally:
+            upstream.backend.outstanding -= 1
+            await upstream.response.aclose()
+            self._done(endpoint=endpoint, code=code, start=start, latency=False)
 
     # --- the proxy ----------------------------------------------------------------------------------
 
@@ -264,10 +454,13 @@ class Router:
         prefill.pop("stream_options", None)
         return prefill
 
-    def _done(self, *, endpoint: str, code: int, start: float) -> None:
+    def _done(self, *, endpoint: str, code: int, start: float, latency: bool = True) -> None:
+        """Count a finished request; `latency`: in the request latency histogram too (the completions'; a
+        forwarded /version or /tokenize would only blur it)."""
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(endpoint=endpoint, code=str(code)).inc()
-        self.metrics.latency.observe(time.monotonic() - start)
+        if latency:
+            self.metrics.latency.observe(time.monotonic() - start)
 
     async def _relay(
         self, upstream: _Upstream, *, start: float, decode_start: float, endpoint: str
@@ -329,9 +522,13 @@ class Router:
         headers: dict[str, str],
         stream: bool,
         deadline: float,
+        method: str = "POST",
+        relay_any_status: bool = False,
     ) -> _Upstream:
-        """POST to a backend of `role`, moving on to another one after a transport failure or a 503 (either
-        ejects the backend at once: it is down, terminating or overloaded; a health probe re-admits it)."""
+        """POST (or `method`) to a backend of `role`, moving on to another one after a transport failure or
+        a 503 (either ejects the backend at once: it is down, terminating or overloaded; a health probe
+        re-admits it). `stream`: a 200 answer comes back open, its body unread (and, `relay_any_status`, any
+        answer not retried)."""
         tried: set[str] = set()
         last: _Upstream | None = None
         for _ in range(self.config.max_attempts):
@@ -342,10 +539,12 @@ class Router:
             backend.outstanding += 1
             keep_open = False
             try:
-                response = await self.upstream.post(
-                    backend.address, endpoint, content, headers, deadline=deadline
+                response = await self.upstream.request(
+                    method, backend.address, endpoint, content, headers, deadline=deadline
                 )
-                if stream and response.status == 200:
+                if stream and (
+                    response.status == 200 or (relay_any_status and response.status not in RETRY_STATUS)
+                ):
                     keep_open = True  # _relay releases the backend when the stream ends
                     return _Upstream(backend, response, body=None)
                 try:
@@ -475,8 +674,58 @@ def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-async def _read_json(request: Request) -> tuple[dict[str, Any], bytes]:
-    """The body as a JSON object, and as it came (what goes upstream when the router changes nothing)."""
+class _Cut(Exception):
+    """A forwarded answer's backend failed mid-body: the client's connection is to be closed."""
+
+
+class _CutStreamingResponse(StreamingResponse):
+    """A forwarded answer, relayed as it comes; one cut mid-body (`_Cut`) ends without its last chunk, the
+    connection closed (uvicorn: "returned without completing response"), so the client sees it cut."""
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                data = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except _Cut:
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def not_forwarded(path: str) -> bool:
+    """A path the router never forwards: under NOT_FORWARDED, however spelt (`/v1//experts/../experts`)."""
+    normal = posixpath.normpath("/" + path.lstrip("/"))
+    return any(p == root or p.startswith(root + "/") for p in (path, normal) for root in NOT_FORWARDED)
+
+
+def _max_model_len(data: bytes, names: Sequence[str]) -> int | None:
+    """max_model_len from a /v1/models answer: the served name's card, else the first card that has one."""
+    cards = _json_object(data).get("data")
+    if not isinstance(cards, list):
+        return None
+    cards = [c for c in cards if isinstance(c, dict)]
+    ordered = [c for c in cards if c.get("id") in names] + cards
+    for card in ordered:
+        value = card.get("max_model_len")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _forward_key(body: bytes, content_type: str) -> str:
+    """What prefix-hash hashes for a forwarded request: a JSON body's prompt, messages or input."""
+    if "json" not in content_type or not body:
+        return ""
+    found = _json_object(body)
+    for name in ("prompt", "messages", "input"):
+        if name in found:
+            return _prefix_key(found[name])
+    return ""
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, at most MAX_BODY_BYTES (413 past it)."""
     declared = request.headers.get("content-length", "0")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
@@ -487,7 +736,12 @@ async def _read_json(request: Request) -> tuple[dict[str, Any], bytes]:
         size += len(part)
         if size > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
-    data = b"".join(parts)
+    return b"".join(parts)
+
+
+async def _read_json(request: Request) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object, and as it came (what goes upstream when the router changes nothing)."""
+    data = await _read_body(request)
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -512,8 +766,11 @@ def build_router_app(router: Router) -> Starlette:
         Route("/ready", router.ready, methods=["GET"]),
         Route("/metrics", router.metrics_endpoint, methods=["GET"]),
         Route("/v1/models", router.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", router.model, methods=["GET"]),
         Route("/v1/completions", router.completions, methods=["POST"]),
         Route("/v1/chat/completions", router.chat_completions, methods=["POST"]),
+        *(Route(path, router.forward, methods=FORWARD_METHODS) for path in ENGINE_PATHS),
+        Route("/v1/{rest:path}", router.forward, methods=FORWARD_METHODS),
     ]
     return Starlette(
         routes=routes,

@@ -1,9 +1,9 @@
 """The router's HTTP/1.1 client to the engines: kept-alive connections per backend, one write a request.
 
-All the router asks of a client: POST a JSON body, read the status and headers, then the body whole or as
-it arrives (Content-Length, chunked, or up to the close). httpx2 (httpcore2, anyio and h11 under it) did
-that for about 0.9 ms of CPU a request on a 2-core box, two thirds of the router's own work
-(bench/bench_router.py); on asyncio streams it is a small part of that.
+All the router asks of a client: send a request (mostly a POST of a JSON body), read the status and
+headers, then the body whole or as it arrives (Content-Length, chunked, or up to the close). httpx2
+(httpcore2, anyio and h11 under it) did that for about 0.9 ms of CPU a request on a 2-core box, two
+thirds of the router's own work (bench/bench_router.py); on asyncio streams it is a small part of that.
 
 Why not aiohttp's ClientSession (3.14.5; one session, a TCPConnector with no limit and a 4 s keep-alive,
 no decompression, a dummy cookie jar, the same retry of a request whose kept-alive connection was found
@@ -151,7 +151,24 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send the request and read the answer's status and headers; the body is the caller's to read
         (the same deadline, on the event loop's clock, bounds it)."""
-        request = request_head("POST", path, host=address, fields=headers, body_length=len(body)) + body
+        return await self.request("POST", address, path, body, headers, deadline=deadline)
+
+    async def request(
+        self,
+        method: str,
+        address: str,
+        target: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+    ) -> UpstreamResponse:
+        """`post` with any method but HEAD (whose answer has no body to read), to `target` (a path and
+        query); a GET or DELETE without a body goes out without a Content-Length."""
+        if method == "HEAD":
+            raise ValueError("HEAD is not sent upstream: its answer's framing describes no body")
+        length = None if not body and method in ("GET", "DELETE") else len(body)
+        request = request_head(method, target, host=address, fields=headers, body_length=length) + body
 
         async def send(conn: StreamConnection) -> UpstreamResponse:
             try:
