@@ -66,6 +66,19 @@ class Metrics(ChartModel):
     """Prometheus-operator integration."""
 
 
+class Dashboards(ChartModel):
+    enabled: bool = False
+    """Create a ConfigMap holding the Grafana dashboard (the chart's dashboards/kubemoe.json), labelled
+    grafana_dashboard: "1" so Grafana's dashboard sidecar (kube-prometheus-stack's, the grafana chart's)
+    loads it. See docs/monitoring.md."""
+    namespace: str = Field("", max_length=63, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
+    """Namespace of the ConfigMap; empty means the release's. The sidecar may watch only Grafana's."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels added to the ConfigMap; one named grafana_dashboard replaces the default "1"."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations on the ConfigMap, e.g. the sidecar's folder annotation."""
+
+
 class ResourceList(ChartModel):
     cpu: str | None = None
     """CPU, e.g. 100m."""
@@ -134,6 +147,9 @@ class Values(ChartModel):
     """The identity the operator runs as; the chart's ClusterRole is bound to it."""
     metrics: Metrics = Field(default_factory=Metrics)
     """The operator's metrics Service."""
+    dashboards: Dashboards = Field(default_factory=Dashboards)
+    """The Grafana dashboard of a ModelDeployment (requests, latency, tokens, KV cache, autoscaler, GPUs,
+    experts), as a ConfigMap for Grafana's sidecar."""
     resources: Resources = Field(default_factory=Resources)
     """Operator container resources."""
     pod_annotations: dict[str, str] = Field(default_factory=dict)
