@@ -26,6 +26,18 @@ def _kubemoe() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The demo, with errors as one line (the demo's own; `kubemoe up` and `down` print theirs)."""
+    try:
+        return _demo(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # the OpenAI client's, a status that is not JSON: one line, no traceback
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"kubemoe demo: error: {text}", file=sys.stderr)
+        return 1
+
+
+def _demo(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="kubemoe demo", description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", default="examples/tiny-moe.yaml")
     parser.add_argument("--port", type=int, default=8000)

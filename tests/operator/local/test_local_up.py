@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -385,3 +386,19 @@ def test_a_port_with_time_wait_connections_is_free_a_listening_one_is_not() -> N
         else:
             pytest.skip("this kernel lets a plain bind reuse a TIME_WAIT port: nothing to show")
     assert port_is_free(port)
+
+
+def test_the_demo_passes_on_kubemoe_ups_one_line_error(tmp_path: Path) -> None:
+    """`make demo` with a manifest that is not there: `kubemoe up`'s one line, its exit status, no more."""
+    pytest.importorskip("openai")
+    missing = tmp_path / "missing.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "kubemoe_operator.local.demo", str(missing)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"kubemoe up: {missing}: no such file\n"
+    assert result.stdout == ""
