@@ -32,7 +32,7 @@
   verbs: [create]
 - apiGroups: ['']
   resources: [events]
-  verbs: [create]
+  verbs: [create, patch]
 {{- end -}}
 {{- define "kubemoe.observeRules" -}}
 - apiGroups: ['']

@@ -12,7 +12,8 @@ Why each rule:
 - pods: listed to explain Pending / failing pods in conditions.
 - secrets (create only): the KV hand-off key of a disaggregated deployment (render/kv_key.py),
   made once; the operator never reads a Secret.
-- events: one Event per decision (created only).
+- events: an Event per decision, created, then patched (count, lastTimestamp) when the same or
+  similar ones follow (kube/events.py, as client-go aggregates them).
 - leases (in the operator's namespace only): leader election.
 - namespaces, customresourcedefinitions (list/watch, cluster-wide even for one namespace): kopf's
   own observation of the namespaces and resources it serves.
@@ -42,7 +43,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]},  # patch: deletion cost
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 
 OBSERVE_RULES: list[dict[str, Any]] = [

@@ -21,6 +21,7 @@ from lightkube.types import CascadeType, PatchType
 
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT
 from kubemoe_operator.api.resource import API_VERSION, KIND
+from kubemoe_operator.kube.events import CreateEvent, EventCorrelator, PatchEvent
 from kubemoe_operator.kube.kinds import BY_KIND, CHILD_KINDS, POD, ChildKey, ModelDeploymentResource, key_of
 
 log = logging.getLogger("kubemoe.kube")
@@ -129,6 +130,7 @@ class Kube:
         self.field_manager = field_manager
         self.writes: Counter[str] = Counter()
         self.created: set[tuple[str, str, str, str]] = set()
+        self.event_correlator = EventCorrelator()
 
     def _wrote(self, verb: str, kind: str, namespace: str, name: str) -> None:
         self.writes[verb] += 1
@@ -242,14 +244,37 @@ class Kube:
             self._wrote("delete", kind, namespace, name)
 
     async def post_event(self, event: dict[str, Any]) -> None:
-        """Create an Event; losing one is not worth failing a reconcile for, so errors are logged."""
-        namespace = event["metadata"]["namespace"]
+        """Post an Event, aggregated as client-go does (kube/events.py): the same one again within ten
+        minutes, or the tenth of similar ones, PATCHes the count of the Event this process created
+        instead of creating another. Losing one is not worth failing a reconcile for: errors are logged."""
+        action = self.event_correlator.observe(event)
         try:
-            await self.client.create(cast(CoreEvent, CoreEvent.from_dict(event)))
-        except (ApiError, httpx2.HTTPError) as err:
+            if isinstance(action, PatchEvent):
+                if await self._patch_event(namespace=action.namespace, name=action.name, patch=action.patch):
+                    self.event_correlator.patched(action)
+                    self._wrote("patch", "Event", action.namespace, action.name)
+                    return
+                self.event_correlator.forget(action.key)  # expired or deleted: post it anew
+                action = self.event_correlator.observe(event)
+                assert isinstance(action, CreateEvent)
+            namespace = action.body["metadata"]["namespace"]
+            name = await self._create_event(action.body)
+        except (ApiError, httpx2.HTTPError, RetryableError, RejectedError) as err:
             log.warning("could not post event %s: %s", event.get("reason"), err)
             return
+        self.event_correlator.created(action.key, namespace=namespace, name=name)
         self._wrote("create", "Event", namespace, event["involvedObject"]["name"])
+
+    async def _create_event(self, body: dict[str, Any]) -> str:
+        """POST an Event; the name the API server gave it."""
+        created = await self.client.create(cast(CoreEvent, CoreEvent.from_dict(body)))
+        return str(created.metadata.name if created.metadata else "")
+
+    async def _patch_event(self, *, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch an Event; False when it is gone (404)."""
+        with _api(f"patch Event {namespace}/{name}", tolerate={404}) as call:
+            await self.client.patch(CoreEvent, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
+        return not call.tolerated
 
     async def apply_status(
         self,

@@ -155,8 +155,26 @@ class MemoryKube(Kube):
         self.replica_owners.pop((kind, namespace, name), None)
         self._wrote("delete", kind, namespace, name)
 
-    async def post_event(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+    # Events: Kube.post_event's own aggregation runs; only the two API calls are in memory.
+
+    async def _create_event(self, body: dict[str, Any]) -> str:
+        """As the API server: a name from generateName and a random suffix, a uid, a resourceVersion."""
+        stored = copy.deepcopy(body)
+        meta = stored["metadata"]
+        meta["name"] = meta.pop("generateName", "") + uuid.uuid4().hex[:5]
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = str(next(self._versions))
+        self.events.append(stored)
+        return str(meta["name"])
+
+    async def _patch_event(self, *, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """A merge patch of the Event; False (the API's 404) when there is none of that name."""
+        for event in self.events:
+            if event["metadata"]["namespace"] == namespace and event["metadata"]["name"] == name:
+                event.update(copy.deepcopy(patch))
+                event["metadata"]["resourceVersion"] = str(next(self._versions))
+                return True
+        return False
 
     async def apply_status(
         self,
