@@ -85,7 +85,7 @@ def bash_script(parser: argparse.ArgumentParser, *, command: str, hooks: Mapping
         '            *) sub="${COMP_WORDS[i]}"; break ;;',
         "        esac",
         "    done",
-        '    local options="" values="" positional=""',
+        '    local options="" positional=""',
         '    case "$sub" in',
     ]
 
