@@ -106,7 +106,9 @@ def render_table(plan: Plan) -> str:
         "",
         "Memory per rank: dense weights / TP + routed experts / EP"
         + (" (+ redundant slots / EP)" if redundant else "")
-        + "; KV = memory x utilisation - reserve - weights.",
+        + "; KV = memory x utilisation - reserve - weights"
+        + (" - EPLB buffers" if any(r.memory.eplb_buffers_gib for r in plan.roles) else "")
+        + ".",
     ]
     for r in plan.roles:
         m = r.memory
@@ -114,6 +116,7 @@ def render_table(plan: Plan) -> str:
             f"  {r.role}: {_gib(m.device_gib)} x {m.utilization:g} - {m.reserve_gib:g} GiB reserve - "
             f"{_gib(m.dense_weights_gib)} dense - {_gib(m.expert_weights_gib)} experts"
             + (f" ({_gib(m.redundant_weights_gib)} in redundant slots)" if r.redundant_experts else "")
+            + (f" - {_gib(m.eplb_buffers_gib)} vLLM EPLB buffers" if m.eplb_buffers_gib else "")
             + f" = {_gib(m.kv_budget_gib)} KV "
             f"at {m.kv_bytes_per_token / 1024:.1f} KiB/token"
         )

@@ -69,6 +69,13 @@ def test_the_plan_table_shows_the_slots() -> None:
     assert "64+4" in table
     assert "32+2" in table
     assert "in redundant slots)" in table
+    # vLLM's EPLB buffers come out of the KV budget: the line says so, and its terms add up
+    plan = planned(experts={"redundant": 8})
+    decode = next(r for r in plan.roles if r.role == "decode")
+    assert decode.memory.eplb_buffers_gib > 0
+    assert "vLLM EPLB buffers = " in table
+    assert "KV = memory x utilisation - reserve - weights - EPLB buffers." in table
+    assert "vLLM EPLB buffers" not in render_table(planned(engine=TORCH, experts={"redundant": 8}))
     assert "decode: 8 redundant expert slots per group, 34 expert slots per rank (32 own + 2 copies" in table
 
 
