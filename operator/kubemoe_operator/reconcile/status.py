@@ -195,7 +195,7 @@ def owned(status: ModelDeploymentStatus) -> ModelDeploymentStatus:
         (c for c in status.conditions if c.type in OWN_CONDITIONS), key=lambda c: OWN_CONDITIONS.index(c.type)
     )
     roles = {name: role.model_copy(update={"desired": None}) for name, role in status.roles.items()}
-    return status.model_copy(update={"conditions": conds, "roles": roles})
+    return status.model_copy(update={"conditions": conds, "roles": roles, "experts": {}})
 
 
 def status_apply(*, old: ModelDeploymentStatus | None, new: ModelDeploymentStatus) -> dict[str, Any] | None:
@@ -207,4 +207,5 @@ def status_apply(*, old: ModelDeploymentStatus | None, new: ModelDeploymentStatu
     new = owned(new)
     if old is not None and owned(old) == new:
         return None
-    return new.model_dump(by_alias=True, mode="json", exclude_none=True)
+    # status.experts is the rebalancer's (rebalance/loop.py): never named here, so never taken over
+    return new.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"experts"})
