@@ -3,7 +3,7 @@
     python -m e2e.gpu_metrics_check [--seconds 8]
 
 Serves the runtime's GpuCollector on a prometheus_client endpoint (as `serve` does on /metrics),
-reads DCGM_FI_DEV_GPU_UTIL over HTTP while idle, then while a torch matmul loop keeps GPU 0
+reads kubemoe_gpu_utilization_ratio (0..1) over HTTP while idle, then while a torch matmul loop keeps GPU 0
 busy, and exits 0 only if utilisation rose. Prints every reading.
 """
 
@@ -28,7 +28,7 @@ def gpu_util(url: str) -> float | None:
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
-        if line.startswith("DCGM_FI_DEV_GPU_UTIL{") and 'gpu="0"' in line:
+        if line.startswith("kubemoe_gpu_utilization_ratio{") and 'gpu="0"' in line:
             return float(line.rsplit(" ", 1)[1])
     return None
 
@@ -59,7 +59,7 @@ def main() -> int:
         for _ in range(3):
             time.sleep(0.5)
             idle.append(gpu_util(url))
-        print("idle   DCGM_FI_DEV_GPU_UTIL:", idle)
+        print("idle   kubemoe_gpu_utilization_ratio:", idle)
         stop = threading.Event()
         worker = threading.Thread(target=matmul_load, args=(stop,))
         worker.start()
@@ -68,15 +68,19 @@ def main() -> int:
         while time.monotonic() < end:
             time.sleep(1.0)
             busy.append(gpu_util(url))
-            print(f"loaded DCGM_FI_DEV_GPU_UTIL: {busy[-1]}")
+            print(f"loaded kubemoe_gpu_utilization_ratio: {busy[-1]}")
         stop.set()
         worker.join()
         with urllib.request.urlopen(url, timeout=5) as resp:
-            print("\n".join(line for line in resp.read().decode().splitlines() if line.startswith("DCGM_")))
+            print(
+                "\n".join(
+                    line for line in resp.read().decode().splitlines() if line.startswith("kubemoe_gpu_")
+                )
+            )
     finally:
         server.shutdown()
         thread.join(timeout=5)
-    rose = max(v or 0.0 for v in busy) > max(v or 0.0 for v in idle) + 20
+    rose = max(v or 0.0 for v in busy) > max(v or 0.0 for v in idle) + 0.2
     print("GPU utilisation rose under load" if rose else "GPU utilisation did NOT rise")
     return 0 if rose else 1
 

@@ -318,7 +318,7 @@ def test_runtime_metrics_carry_the_labels_and_no_gpu_series_without_a_driver(
 ) -> None:
     text = runtimes["decode"].metrics()
     assert 'kubemoe_requests_waiting{deployment="autoscaled",group="0",rank="0",role="decode"}' in text
-    assert "DCGM_FI_" not in text  # this machine has no NVIDIA driver: the GPU gauges are absent
+    assert "kubemoe_gpu_" not in text  # this machine has no NVIDIA driver: the GPU gauges are absent
     assert runtimes["decode"].log().count("GPU metrics off") == 1
 
 
