@@ -7,6 +7,7 @@ The operator renders the same argv for either engine (operator/kubemoe_operator/
         [--data-parallel-size N --data-parallel-size-local L --data-parallel-start-rank S|auto
          --data-parallel-address A --data-parallel-rpc-port R] [--enable-expert-parallel] [--headless]
         [--kv-transfer-config JSON] [--drain-timeout S]
+        [--redundant-experts N --expert-placement PATH]   (torch engine, expert-parallel roles)
 
 `auto` start ranks come from LeaderWorkerSet's worker index (start_rank.py). The torch engine runs them
 (engines/torch/serve/pod.py); vLLM gets them, and every flag these settings do not know (engines/vllm/).
@@ -55,6 +56,19 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per step")
     parser.add_argument("--max-waiting-requests", type=int, default=256, help="bound of the waiting queue")
     parser.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="extra expert slots per MoE layer over the group (a multiple of the expert-parallel size): "
+        "each rank holds (experts + N) / ranks slots (torch engine; docs/expert-load.md)",
+    )
+    parser.add_argument(
+        "--expert-placement",
+        default=None,
+        help="a placement document to start with (the group leader's is used; no file: the default "
+        "placement) (torch engine; docs/expert-load.md)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=drain_timeout_default(),
@@ -96,6 +110,8 @@ class ServeSettings(BaseModel):
     max_num_batched_tokens: int = Field(ge=1)
     max_waiting_requests: int = Field(ge=1)
     drain_timeout: float = Field(default_factory=drain_timeout_default, ge=0, allow_inf_nan=False)
+    redundant_experts: int = Field(default=0, ge=0)
+    expert_placement: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
@@ -126,6 +142,8 @@ class ServeSettings(BaseModel):
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting_requests=args.max_waiting_requests,
             drain_timeout=args.drain_timeout,
+            redundant_experts=args.redundant_experts,
+            expert_placement=Path(args.expert_placement) if args.expert_placement else None,
         )
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ class SlotRoute:
     placement with copies (a lookup, and a counter per replicated expert: module docstring).
     """
 
-    __slots__ = ("copies", "count", "first", "table")
+    __slots__ = ("bounded", "copies", "count", "first", "table")
 
     def __init__(
         self,
@@ -97,26 +98,30 @@ class SlotRoute:
         self.first = first  # contiguous form: slot j holds expert first + j
         self.table = table  # expert id -> local slot, or -1; table[-1] (padding id -1) is -1
         self.copies = copies  # expert id -> its copies' local slots in physical order, -1 on another rank
+        self.bounded = True  # the table covers every expert id
 
     @classmethod
-    def owned(cls, experts: Sequence[int]) -> SlotRoute:
-        """Slot j holds `experts[j]`, and no other rank holds these experts (a standalone rank's view)."""
+    def owned(cls, experts: Sequence[int], *, n_experts: int | None = None) -> SlotRoute:
+        """Slot j holds `experts[j]`, and no other rank holds these experts; `n_experts`: how many the gate
+        picks from (default: the table grows to the largest id it meets)."""
         if len(set(experts)) == len(experts) and list(experts) == list(
             range(experts[0], experts[0] + len(experts))
         ):
             return cls(count=len(experts), first=experts[0])
-        size = max(experts) + 2
+        size = (max(experts) + 1 if n_experts is None else n_experts) + 1  # the last entry: id -1
         table = [-1] * size
         for j, e in enumerate(experts):
             table[e] = j
-        return cls(count=len(experts), table=table)
+        route = cls(count=len(experts), table=table)
+        route.bounded = n_experts is not None
+        return route
 
     @classmethod
     def of_layer(cls, placement: Placement, i: int, *, rank: int) -> SlotRoute:
         """Rank `rank`'s route in MoE layer number i of `placement`."""
         mine = placement.rank_slots(i, rank)
         if max(placement.copies(i)) == 1:
-            return cls.owned(mine)
+            return cls.owned(mine, n_experts=placement.n_experts)
         first = placement.first_slot(rank)
         copies: list[list[int]] = [[] for _ in range(placement.n_experts)]
         for p, e in enumerate(placement.slots[i]):
@@ -131,6 +136,10 @@ class SlotRoute:
                 first = self.first
                 return [e - first for e in ids]
             table = self.table
+            if not self.bounded:  # a standalone rank's view: the table grows to the largest id it meets
+                ids = list(ids)
+                if len(table) <= max(ids, default=0) + 1:
+                    table = self.table = [*table[:-1], *[-1] * (max(ids) + 2 - len(table)), -1]
             return [table[e] for e in ids]
         copies, seen = self.copies, [0] * len(self.copies)
         local: list[int] = []
@@ -141,9 +150,11 @@ class SlotRoute:
             of_e = copies[e]
             if len(of_e) == 1:
                 local.append(of_e[0])
-            else:
+            elif of_e:
                 local.append(of_e[seen[e] % len(of_e)])
                 seen[e] += 1
+            else:  # no slot at all (a document cannot say so; a hand-made Placement can)
+                local.append(-1)
         return local
 
 
@@ -189,7 +200,9 @@ class LocalExperts(nn.Module):
 
     def __init__(self, *, dim: int, hidden: int, experts: Sequence[int]) -> None:
         super().__init__()
-        self.experts = experts
+        # Logical expert of each slot: the range given (a contiguous block) until a placement is installed,
+        # then a tuple. Any: callers of the contiguous form use range's `start`.
+        self.experts: Any = experts
         self.route = SlotRoute.owned(experts)
         n = len(experts)
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(n, 2 * hidden, dim))

@@ -7,8 +7,11 @@
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
     POST /v1/chat/completions   messages through the checkpoint's chat template; streaming or not
     GET  /v1/kv/{handle}        P/D: a prefilled prompt's KV (safetensors bytes), read once (kv/handoff.py)
-    GET  /v1/experts/load       tokens routed to each expert per MoE layer over a sliding window, and each
-                                layer's rank imbalance (model/expert_load.py, docs/expert-load.md)
+    GET  /v1/experts/load       tokens routed to each expert per MoE layer over a sliding window, each
+                                layer's rank imbalance and slots, the placement's generation (model/
+                                expert_load.py, docs/expert-load.md)
+    POST /v1/experts/placement  a new expert placement for the group: 202 while it loads, 200 if it is the
+                                one applied, 409 while another loads (serve/placement_switch.py)
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
 unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
@@ -43,8 +46,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from kubemoe_runtime.engines.torch.model.placement import PlacementError, parse_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
+from kubemoe_runtime.engines.torch.serve.placement_switch import PlacementConflict
 from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import ChatTemplateError, TextTokenizer
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
@@ -71,6 +76,7 @@ from kubemoe_runtime.pod.protocol import (
 
 log = logging.getLogger("kubemoe_runtime.server")
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_PLACEMENT_BYTES = 4 * 1024 * 1024  # DeepSeek-V3's 58 layers of 256 + 256 slots: about 200 kB
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat fills the context
 INLINE_TOKENIZE_CHARS = 1 << 16  # a longer prompt is tokenized off the event loop (8 MB take seconds)
 CLIENT_GONE = 499  # what is logged for a request whose client left (no one reads the answer)
@@ -134,6 +140,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/kv/{handle}", api.kv, methods=["GET"]),
         Route("/v1/experts/load", api.experts_load, methods=["GET"]),
+        Route("/v1/experts/placement", api.experts_placement, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,
@@ -206,7 +213,8 @@ class Api:
 
     async def metrics(self, _: Request) -> Response:
         if self.state.scheduler is not None:  # the expert-load gauges, from the window as it is now
-            window = self.state.scheduler.leader.runner.engine.expert_load.window()
+            leader = self.state.scheduler.leader
+            window = leader.runner.engine.expert_load.window(leader.switch.view().applied)
             self.state.metrics.expert_load(
                 {layer: window.imbalance(i) for i, layer in enumerate(window.layers)},
                 hottest_ratio=max((window.hottest_ratio(i) for i in range(len(window.layers))), default=1.0),
@@ -277,9 +285,43 @@ class Api:
         return JSONResponse(whole.model_dump())
 
     async def experts_load(self, _: Request) -> Response:
-        """The group's expert load over the window, as rank 0 counts it (it sees every rank's routing)."""
-        window = self.state.ready_scheduler().leader.runner.engine.expert_load.window()
-        return JSONResponse(window.as_json())
+        """The group's expert load over the window, as rank 0 counts it (it sees every rank's routing),
+        under the placement applied now."""
+        leader = self.state.ready_scheduler().leader
+        view = leader.switch.view()  # one snapshot: the applied placement and the one loading agree
+        window = leader.runner.engine.expert_load.window(view.applied)
+        return JSONResponse(window.as_json(pending_generation=view.pending_generation, error=view.error))
+
+    async def experts_placement(self, request: Request) -> Response:
+        """A new expert placement for the group (docs/expert-load.md): checked here, loaded by every rank
+        in the background, switched to at one step by all of them."""
+        scheduler = self.state.ready_scheduler()
+        body = await _read_body(request, limit=MAX_PLACEMENT_BYTES, param="body")
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, 5000-digit numbers, deep nesting
+            raise ApiError(400, f"the body is not a JSON placement document: {err}", param="body") from err
+        engine = scheduler.leader.runner.engine
+        current = engine.placement
+        try:
+            placement = parse_placement(
+                doc,
+                n_experts=current.n_experts,
+                ranks=current.ranks,
+                layers=current.layers,
+                redundant=current.redundant,
+            )
+        except PlacementError as err:
+            raise ApiError(400, str(err), param=err.field) from err
+        try:
+            state = scheduler.leader.switch.request(placement)
+        except PlacementConflict as err:
+            raise ApiError(409, str(err), type="conflict_error", code="placement_loading") from err
+        scheduler.wake()
+        return JSONResponse(
+            {"generation": placement.generation, "state": state},
+            status_code=202 if state == "loading" else 200,
+        )
 
     async def kv(self, request: Request) -> Response:
         """P/D: hand a prefilled prompt's KV to the decode that asks for it (once)."""
@@ -541,16 +583,22 @@ def _usage(output: Output) -> Usage:
     )
 
 
-async def _parse(request: Request, model: type[RequestT]) -> RequestT:
-    too_large = ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+async def _read_body(request: Request, *, limit: int, param: str | None = None) -> bytes:
+    """The request body, or 413 once it exceeds `limit` bytes (declared or sent)."""
+    too_large = ApiError(413, f"the request body exceeds {limit} bytes", param=param)
     declared = request.headers.get("content-length", "0")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = b""
     async for part in request.stream():
         body += part
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) > limit:
             raise too_large
+    return body
+
+
+async def _parse(request: Request, model: type[RequestT]) -> RequestT:
+    body = await _read_body(request, limit=MAX_BODY_BYTES)
     try:
         return model.model_validate_json(body)
     except ValidationError as err:

@@ -24,6 +24,11 @@ MoE, as vLLM's `--data-parallel-size N --enable-expert-parallel`):
     between steps    while idle, rank 0 broadcasts a `Keepalive` every few seconds, so followers blocked
                      in step 1 never reach the process group's timeout; `Shutdown` ends the followers
 
+Expert placement (placement_switch.py): a Step or Keepalive may carry a placement control; every rank
+acts on it before the step's forward (Begin: start loading; Switch: swap the staged slots in; Abort: drop
+them) and after it (Poll: one all_gather of each rank's loader state; Abort: one gather_object of the
+errors to rank 0). Steps are numbered: a Switch takes effect at the step whose message carries it.
+
 Ranks run in one or more pods: a pod runs `--data-parallel-size-local` ranks (the first in its own process,
 the rest as child processes); every rank joins the group through the TCP store at
 `--data-parallel-address:--data-parallel-rpc-port`, which rank 0 hosts.
@@ -49,6 +54,14 @@ from kubemoe_runtime.engines.torch.model.kv_cache import KVCache
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
 from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
+from kubemoe_runtime.engines.torch.serve.placement_switch import (
+    Abort,
+    Control,
+    PlacementSwitch,
+    Poll,
+    RankPlacement,
+    Switch,
+)
 
 
 @dataclass(frozen=True)
@@ -69,11 +82,13 @@ class Row:
 class Step:
     rows: list[list[Row]]  # per rank
     released: list[list[int]] = field(default_factory=list)  # per rank: request ids it may forget
+    number: int = 0  # the leader's step count (set by GroupLeader.run)
+    placement: Control | None = None  # set by GroupLeader.run
 
 
 @dataclass(frozen=True)
 class Keepalive:
-    pass
+    placement: Control | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ class RankRunner:
         self.cache: KVCache = engine.model.new_cache(slots=slots + 1, max_len=max_len + 1, dtype=engine.dtype)
         self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
         self.exports: dict[int, list[dict[str, torch.Tensor]]] = {}  # request id -> KV, for rank 0 to take
+        self.placement = RankPlacement(engine)
 
     @torch.inference_mode()
     def run(self, rows: list[Row], *, released: list[int]) -> list[int]:
@@ -168,6 +184,8 @@ class GroupLeader:
         self.runner = runner
         self.ep = ep
         self._exports: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self.switch = PlacementSwitch(runner.engine.placement)
+        self.steps = 0  # steps run so far: the next step's number
 
     @property
     def size(self) -> int:
@@ -175,6 +193,10 @@ class GroupLeader:
 
     def run(self, step: Step) -> list[list[int]]:
         """Sampled tokens per rank, in the order of `step.rows[rank]`."""
+        step = Step(
+            rows=step.rows, released=step.released, number=self.steps, placement=self.switch.next_control()
+        )
+        self.steps += 1
         released = step.released or [[] for _ in range(self.size)]
         # Expert load (model/expert_load.py): rank 0 sees every rank's routing; it counts only real tokens.
         load = self.runner.engine.expert_load
@@ -183,10 +205,13 @@ class GroupLeader:
         )
         load.tick()
         if self.size == 1:
+            self.runner.placement.before_step(step.placement)
             sampled = [self.runner.run(step.rows[0], released=released[0])]
             self._exports.update(self.runner.take_exports())
+            self._after(step.placement, step=step.number)
             return sampled
         _broadcast(step)
+        self.runner.placement.before_step(step.placement)
         mine = self.runner.run(step.rows[0], released=released[0])
         sampled = _gather_tokens(mine, rows=step.rows, size=self.size)
         self._exports.update(self.runner.take_exports())
@@ -195,7 +220,20 @@ class GroupLeader:
             dist.gather_object({}, parts, dst=0)
             for part in parts[1:]:
                 self._exports.update(part)
+        self._after(step.placement, step=step.number)
         return sampled
+
+    def _after(self, control: Control | None, *, step: int) -> None:
+        """The placement control's collectives after a message (every rank runs `_after_step` alike)."""
+        if control is None:
+            return
+        result = _after_step(control, self.runner.placement, size=self.size)
+        if isinstance(control, Poll):
+            self.switch.polled(result)
+        elif isinstance(control, Switch):
+            self.switch.switched(step=step)
+        elif isinstance(control, Abort):
+            self.switch.aborted(result)
 
     def take_exports(self) -> dict[int, list[dict[str, torch.Tensor]]]:
         """The KV copied out by this step's `export_kv` rows, by request id."""
@@ -204,8 +242,11 @@ class GroupLeader:
 
     def keepalive(self) -> None:
         self.runner.engine.expert_load.tick()  # idle: the load window still moves
+        control = self.switch.next_control()
         if self.size > 1:
-            _broadcast(Keepalive())
+            _broadcast(Keepalive(placement=control))
+        self.runner.placement.before_step(control)
+        self._after(control, step=self.steps)  # idle: before the next step
 
     def shutdown(self) -> None:
         if self.size > 1:
@@ -218,14 +259,35 @@ def follow(runner: RankRunner, *, ep: ExpertParallel) -> None:
         message = _receive()
         if isinstance(message, Shutdown):
             return
-        if isinstance(message, Keepalive):
-            continue
-        released = message.released[ep.rank] if message.released else []
-        mine = runner.run(message.rows[ep.rank], released=released)
-        _gather_tokens(mine, rows=message.rows, size=ep.size)
-        exports = runner.take_exports()
-        if _exports_elsewhere(message):
-            dist.gather_object(exports, None, dst=0)
+        runner.placement.before_step(message.placement)
+        if isinstance(message, Step):
+            released = message.released[ep.rank] if message.released else []
+            mine = runner.run(message.rows[ep.rank], released=released)
+            _gather_tokens(mine, rows=message.rows, size=ep.size)
+            exports = runner.take_exports()
+            if _exports_elsewhere(message):
+                dist.gather_object(exports, None, dst=0)
+        if message.placement is not None:
+            _after_step(message.placement, runner.placement, size=ep.size)
+
+
+def _after_step(control: Control, placement: RankPlacement, *, size: int) -> list[Any]:
+    """After a message with a placement control, on every rank: Poll all_gathers each rank's loader state
+    (returned on every rank); Abort gathers each rank's error to rank 0 (returned there)."""
+    if isinstance(control, Poll):
+        mine = placement.status(control.generation)
+        if size == 1:
+            return [mine]
+        states = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+        dist.all_gather(states, torch.tensor([mine], dtype=torch.int64))
+        return [int(s) for s in states]
+    if isinstance(control, Abort):
+        if size == 1:
+            return [placement.aborted_error]
+        errors: list[Any] = [None] * size if dist.get_rank() == 0 else []
+        dist.gather_object(placement.aborted_error, errors if dist.get_rank() == 0 else None, dst=0)
+        return errors
+    return []
 
 
 def _exports_elsewhere(step: Step) -> bool:

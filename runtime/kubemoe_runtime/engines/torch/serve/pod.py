@@ -47,6 +47,12 @@ from kubemoe_runtime.engines.torch.model.parallel import (
     leave_process,
     shutdown_expert_parallel,
 )
+from kubemoe_runtime.engines.torch.model.placement import (
+    Placement,
+    check_redundant,
+    default_placement,
+    read_placement_file,
+)
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
@@ -75,14 +81,22 @@ class RankJob:
     port: int
     max_model_len: int
     max_num_seqs: int
+    placement: Placement | None = None  # the expert placement to start with (read by the API pod)
 
 
 def join_group(job: RankJob, *, rank: int) -> tuple[ExpertParallel, RankRunner]:
-    """Join the group, load this rank's weights, and wait until every rank has loaded."""
+    """Join the group, load this rank's weights, and wait until every rank has loaded. Every rank loads
+    rank 0's placement (broadcast here): the pods of a group may see different versions of the placement
+    file (a ConfigMap reaches each node in its own time), and a group must run one placement."""
     ep = init_expert_parallel(
         rank=rank, size=job.size, address=job.address, port=job.port, timeout=GROUP_TIMEOUT
     )
-    engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep)
+    placement = job.placement
+    if ep.size > 1:
+        box: list[Placement | None] = [placement if ep.rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        placement = box[0]
+    engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep, placement=placement)
     runner = RankRunner(engine, slots=job.max_num_seqs, max_len=job.max_model_len)
     if ep.size > 1:
         torch.distributed.barrier()
@@ -180,6 +194,13 @@ def serve(settings: ServeSettings) -> int:
             file=sys.stderr,
         )
         return 2
+    placement = None
+    if not settings.headless:  # the API pod's placement is the group's (join_group)
+        try:
+            placement = start_placement(settings, cfg)
+        except ValueError as err:  # PlacementError names the file and the field
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     job = RankJob(
         model=settings.model,
         dtype=cfg.dtype if settings.dtype == "auto" else settings.dtype,
@@ -188,6 +209,7 @@ def serve(settings: ServeSettings) -> int:
         port=settings.data_parallel_rpc_port or free_port(),
         max_model_len=max_model_len,
         max_num_seqs=settings.max_num_seqs,
+        placement=placement,
     )
     pod = _Pod(settings, job)
     pod.start_children()
@@ -217,6 +239,19 @@ def serve(settings: ServeSettings) -> int:
     if settings.data_parallel_size > 1:
         leave_process(code)  # our ranks are stopped and joined; skip the group's C++ teardown
     return code
+
+
+def start_placement(settings: ServeSettings, cfg: ModelConfig) -> Placement:
+    """The placement a group starts with: --expert-placement's file, or the default for
+    --redundant-experts when there is none; ValueError (naming the flag, or the file and the field)."""
+    n, ranks, redundant = cfg.n_routed_experts, settings.data_parallel_size, settings.redundant_experts
+    layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]
+    check_redundant(n_experts=n, ranks=ranks, redundant=redundant)
+    if settings.expert_placement is None:
+        return default_placement(n_experts=n, ranks=ranks, layers=layers, redundant=redundant)
+    return read_placement_file(
+        settings.expert_placement, n_experts=n, ranks=ranks, layers=layers, redundant=redundant
+    )
 
 
 def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:

@@ -9,7 +9,8 @@
                  3. run     GroupLeader.run: one forward per rank, sampled tokens back (group.py)
                  4. finish  per row: stop token ids (EOS unless ignore_eos), stop strings, max_tokens;
                             stream the text delta to the request's sink; free finished slots
-    run()      the engine thread's loop: step while there is work, else wait (and keep followers alive)
+    run()      the engine thread's loop: step while there is work, else wait (and keep followers alive;
+               while an expert placement loads, poll the ranks every POLL_S: placement_switch.py)
 
 Sinks are called on the engine thread; the server hands outputs to its event loop thread-safely.
 
@@ -40,6 +41,7 @@ from kubemoe_runtime.engines.torch.serve.kv.handoff import (
     remote_prefill_params,
 )
 from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
+from kubemoe_runtime.engines.torch.serve.placement_switch import POLL_S
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextStream, TextTokenizer
 from kubemoe_runtime.pod.metrics import ServingMetrics
 
@@ -165,6 +167,10 @@ class Scheduler:
         self._wakeup.set()
         return request_id
 
+    def wake(self) -> None:
+        """Have the engine thread look again now (an expert placement was posted)."""
+        self._wakeup.set()
+
     def abort(self, request_id: int) -> None:
         with self._lock:
             self._aborts.add(request_id)
@@ -181,6 +187,9 @@ class Scheduler:
         while not stop.is_set():
             if self.has_work():
                 self.step()
+            elif self.leader.switch.busy():  # a placement is loading: drive it on while idle
+                self.leader.keepalive()
+                self._wakeup.wait(timeout=POLL_S)
             elif not self._wakeup.wait(timeout=keepalive_s):
                 self.leader.keepalive()
             self._wakeup.clear()
