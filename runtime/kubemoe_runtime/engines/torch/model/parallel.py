@@ -8,8 +8,9 @@ Scheme (all-gather dispatch, all-reduce combine), for EP size P:
                   x, ids and w (packed byte-wise into one tensor, one collective):
                   x_MD with M = P * N_max (rank q's rows at [q*N_max, q*N_max + N_q));
                   padding rows carry expert id -1, which no expert matches
-    3. experts    each rank runs only the experts it owns (a contiguous id block) over all M rows,
-                  accumulating a partial output y_MD (zero where none of its experts was picked)
+    3. experts    each rank runs only the experts of its slots (a contiguous id block by default; any
+                  placement, with copies, moe.py and placement.py) over all M rows, accumulating a
+                  partial output y_MD (zero where none of its slots computes a row's choice)
     4. combine    all_reduce(SUM) y_MD over the group — every rank now has every row's full expert sum —
                   and each rank keeps its own rows [r*N_max, r*N_max + N_r)
                   (on NCCL a reduce_scatter over the same padded layout moves 1/P of the bytes; gloo on
@@ -42,7 +43,7 @@ class ExpertParallel:
     size: int = 1
 
     def experts(self, n_experts: int) -> range:
-        """The contiguous block of routed-expert ids this rank owns."""
+        """The contiguous block of routed-expert ids this rank owns in the default placement."""
         return expert_range(n_experts=n_experts, ep_rank=self.rank, ep_size=self.size)
 
     def dispatch(
