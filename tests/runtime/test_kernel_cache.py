@@ -43,7 +43,8 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def kernel_runs_here(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """load() past its CPU check (these tests are about the cache, not the CPU), uncached around the test."""
     monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
-    monkeypatch.setattr(moe_kernel, "cpu_flags", lambda: moe_kernel.CPU_FLAGS)
+    monkeypatch.delenv(moe_kernel.FORCE_ENV, raising=False)
+    monkeypatch.setattr(moe_kernel, "cpu_flags", lambda: moe_kernel.CPU_FLAGS)  # the AVX512-BF16 kernel
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     moe_kernel.load.cache_clear()
     yield

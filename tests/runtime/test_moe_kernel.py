@@ -1,8 +1,11 @@
-"""The MoE kernel (kernels/moe_bf16.c): its answers against a float64 reference, the torch path, its build."""
+"""The MoE kernels (kernels/moe_bf16.c, one per instruction set) and the torch path they replace: each
+against a float64 reference, on whatever CPU runs this; a path this CPU cannot run skips and says why."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,24 @@ from kubemoe_runtime.engines.torch.kernels import build
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 
-needs_kernel = pytest.mark.skipif(
-    moe_kernel.load() is None,
-    reason="the MoE kernel needs x86-64 with AVX512-BF16 and a C compiler; this machine lacks one",
-)
+# Every kernel, each run (or skipped with its reason) on this CPU, whatever path the engine would choose.
+KERNELS = [
+    pytest.param(
+        path,
+        marks=pytest.mark.skipif(moe_kernel.kernel(path) is None, reason=f"{moe_kernel.why_not(path)}"),
+        id=path,
+    )
+    for path in moe_kernel.PATHS
+]
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch's (and so the kernel's) thread count for one test; conftest's 1 otherwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def grouped(ids_MK: torch.Tensor, experts: range) -> tuple[list[int], list[int], list[int]]:
@@ -58,44 +75,104 @@ def random_layer(E: int, D: int, F_: int, seed: int) -> tuple[torch.Tensor, torc
     return w13, w2
 
 
-@needs_kernel
-@pytest.mark.parametrize(
-    ("M", "K", "E", "experts"),
-    [
-        (1, 4, 32, range(32)),  # decode, batch 1
-        (16, 4, 32, range(32)),  # decode, batch 16: most experts picked, a few rows each
-        (37, 2, 4, range(4)),  # prefill-like: > 8 rows an expert (the kernel's row blocking)
-        (9, 2, 8, range(4, 8)),  # expert parallel: this rank owns experts 4..7, other slots drop
-    ],
-)
-def test_kernel_matches_float64_reference(M: int, K: int, E: int, experts: range) -> None:
-    D, F_ = 128, 64
-    w13, w2 = random_layer(len(experts), D, F_, seed=M)
-    gen = torch.Generator().manual_seed(M + 1)
-    x = torch.randn(M, D, generator=gen).bfloat16()
-    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)])
-    w = torch.softmax(torch.randn(M, K, generator=gen), dim=-1)
-    slots, picked, starts = grouped(ids, experts)
+@dataclass(frozen=True)
+class Case:
+    M: int  # rows (tokens)
+    K: int  # top-K
+    E: int  # experts
+    experts: range  # this rank's
+    D: int  # hidden size
+    F: int  # expert size
 
-    got = moe_kernel.routed_experts(x, w13, w2, w, slots=slots, experts=picked, starts=starts)
+    def __str__(self) -> str:
+        ep = "-ep" if len(self.experts) < self.E else ""
+        return f"M{self.M}-K{self.K}-E{self.E}-D{self.D}-F{self.F}{ep}"
 
-    want = reference(x, (w13, w2), ids, w, experts)
+    def inputs(
+        self, *, zeros: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """x [M, D], the layer, ids [M, K] (distinct experts a token) and weights [M, K]: with `zeros`,
+        every third slot's weight is 0, and from 2 rows all of the last token's (its output must be 0)."""
+        layer = random_layer(len(self.experts), self.D, self.F, seed=self.M + self.D)
+        gen = torch.Generator().manual_seed(self.M)
+        x = torch.randn(self.M, self.D, generator=gen).bfloat16()
+        ids = torch.stack([torch.randperm(self.E, generator=gen)[: self.K] for _ in range(self.M)])
+        w = torch.softmax(torch.randn(self.M, self.K, generator=gen), dim=-1)
+        if zeros:
+            w.view(-1)[::3] = 0.0
+            if self.M > 1:
+                w[-1] = 0.0
+        return x, layer, ids, w
+
+
+# Decode at batch 1, 4, 16 and 64 (a few rows an expert); 64 rows on 4 experts (dozens of rows an expert:
+# the kernels' row blocks and their tails); expert parallel (other ranks' slots drop); sizes multiples of
+# 32 but not all of 64.
+CASES = [
+    Case(1, 4, 32, range(32), 128, 64),
+    Case(4, 4, 32, range(32), 128, 64),
+    Case(16, 8, 64, range(64), 96, 160),
+    Case(64, 4, 32, range(32), 128, 64),
+    Case(64, 3, 4, range(4), 160, 96),
+    Case(16, 2, 8, range(4, 8), 128, 32),
+]
+ZEROS = pytest.mark.parametrize("zeros", [False, True], ids=["weights", "zero-weights"])
+
+
+@pytest.mark.parametrize("path", KERNELS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@ZEROS
+@pytest.mark.parametrize("threads", [1, 3], indirect=True, ids=["1-thread", "3-threads"])
+def test_kernel_matches_float64_reference(path: str, case: Case, zeros: bool, threads: int) -> None:
+    x, (w13, w2), ids, w = case.inputs(zeros=zeros)
+    slots, picked, starts = grouped(ids, case.experts)
+
+    got = moe_kernel.routed_experts(x, w13, w2, w, slots=slots, experts=picked, starts=starts, path=path)
+
+    want = reference(x, (w13, w2), ids, w, case.experts)
     assert got.dtype == torch.bfloat16
-    assert got.shape == (M, D)
+    assert got.shape == (case.M, case.D)
+    assert want.abs().max() > 0.1, "a reference of zeros would test nothing"
     # float sums of exact bf16 products, then one rounding to bf16: within bf16's half-ulp (2^-9)
     torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2**-8)
-    for m in range(M):  # a token none of whose choices is this rank's gets zeros
-        if not any(int(e) in experts for e in ids[m]):
+    for m in range(case.M):  # a token none of whose choices is this rank's, or all weighted 0, gets zeros
+        if not any(int(e) in case.experts and float(w[m, k]) != 0 for k, e in enumerate(ids[m])):
             assert got[m].abs().max() == 0
 
 
-@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=str)
+@ZEROS
+def test_torch_path_matches_float64_reference(case: Case, zeros: bool) -> None:
+    """LocalExperts with neither kernel nor packing: what runs without AVX2, or with KUBEMOE_MOE_KERNEL=torch
+    (its batched form at decode, its looped form at prefill)."""
+    x, (w13, w2), ids, w = case.inputs(zeros=zeros)
+    module = LocalExperts(dim=case.D, hidden=case.F, experts=case.experts)
+    module.w_gate_up_E2FD.data, module.w_down_EDF.data = w13, w2
+    module.requires_grad_(False)
+    assert not module.kernel
+    assert module.packed is None
+
+    with torch.inference_mode():
+        got = module(x, ids, w)
+
+    want = reference(x, (w13, w2), ids, w, case.experts)
+    assert got.dtype == torch.bfloat16
+    assert got.shape == (case.M, case.D)
+    # bf16 all the way: h, each expert's output and the weighted sum are each rounded to bf16
+    torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("path", KERNELS)
 @pytest.mark.parametrize(("M", "kernel_runs"), [(6, True), (400, False)])
 def test_local_experts_kernel_matches_torch_path(
-    M: int, kernel_runs: bool, monkeypatch: pytest.MonkeyPatch
+    path: str, M: int, kernel_runs: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """LocalExperts on the kernel against the same module on its torch path. Long prefills (many rows an
-    expert) go to the torch path on the same weights: a spy on the real kernel records which ran."""
+    """LocalExperts on each kernel (forced as KUBEMOE_MOE_KERNEL does) against the same module on its torch
+    path. Long prefills (many rows an expert) go to the torch path on the same weights: a spy on the real
+    kernel records which ran."""
+    monkeypatch.setenv(moe_kernel.FORCE_ENV, path)
+    moe_kernel.load.cache_clear()
+    assert moe_kernel.path() == path
     D, F_, E, K = 64, 32, 8, 2
     fast, slow = (LocalExperts(dim=D, hidden=F_, experts=range(E)) for _ in range(2))
     w13, w2 = random_layer(E, D, F_, seed=3)
@@ -117,7 +194,10 @@ def test_local_experts_kernel_matches_torch_path(
     ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)])
     w = torch.softmax(torch.randn(M, K, generator=gen), dim=-1)
 
-    got, want = fast(x, ids, w), slow(x, ids, w)
+    try:
+        got, want = fast(x, ids, w), slow(x, ids, w)
+    finally:
+        moe_kernel.load.cache_clear()  # the next test chooses again, without the forced path
     assert bool(calls) == kernel_runs
     # the torch path rounds each expert's output to bf16 before the weighted sum; the kernel does not
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
@@ -129,7 +209,7 @@ def test_kernel_refuses_shapes_it_cannot_run() -> None:
     assert not moe_kernel.fits(1024, 48)
 
 
-@needs_kernel
+@pytest.mark.parametrize("path", KERNELS)
 @pytest.mark.parametrize(
     ("slots", "experts", "starts"),
     [
@@ -140,34 +220,36 @@ def test_kernel_refuses_shapes_it_cannot_run() -> None:
     ],
 )
 def test_kernel_checks_indexes_before_touching_memory(
-    slots: list[int], experts: list[int], starts: list[int]
+    path: str, slots: list[int], experts: list[int], starts: list[int]
 ) -> None:
     w13, w2 = random_layer(4, 64, 32, seed=0)
     x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.full((2, 2), 0.5)
     with pytest.raises(ValueError, match="out of range"):
-        moe_kernel.routed_experts(x, w13, w2, w, slots=slots, experts=experts, starts=starts)
+        moe_kernel.routed_experts(x, w13, w2, w, slots=slots, experts=experts, starts=starts, path=path)
     with pytest.raises(ValueError, match="shapes do not agree"):
-        moe_kernel.routed_experts(x[:1], w13, w2, w, slots=[0], experts=[0], starts=[0, 1])
+        moe_kernel.routed_experts(x[:1], w13, w2, w, slots=[0], experts=[0], starts=[0, 1], path=path)
 
 
-@needs_kernel
-def test_kernel_shares_torchs_openmp_runtime() -> None:
+@pytest.mark.parametrize("path", KERNELS)
+def test_kernel_shares_torchs_openmp_runtime(path: str) -> None:
     """Two OpenMP runtimes in one process would each keep a spinning thread pool on the same cores."""
+    assert moe_kernel.kernel(path) is not None
     maps = Path("/proc/self/maps").read_text().splitlines()
     runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
 
 
-def test_build_is_cached_and_versioned(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", build.KERNELS)
+def test_build_is_cached_and_versioned(tmp_path: Path, name: str) -> None:
     if build.compiler() is None:
         pytest.skip("no C compiler on this machine")
-    first = build.build("moe_bf16", tmp_path)
+    first = build.build(name, tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert build.build("moe_bf16", tmp_path) == first
+    assert build.build(name, tmp_path) == first
     assert first.stat().st_mtime_ns == stamp
-    assert first.name.startswith("moe_bf16-")
-    assert len(first.stem) == len("moe_bf16-") + 16
-    assert list(tmp_path.glob(".moe_bf16-*")) == [], "a temporary file was left behind"
+    assert first.name.startswith(f"{name}-")
+    assert len(first.stem) == len(f"{name}-") + 16
+    assert list(tmp_path.glob(f".{name}-*")) == [], "a temporary file was left behind"
 
 
 def test_build_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,11 +265,14 @@ def test_a_kernel_that_cannot_be_loaded_leaves_the_torch_path(
     if moe_kernel.load() is None:
         pytest.skip("the kernel does not run on this machine in the first place")
     monkeypatch.setenv("KUBEMOE_KERNEL_DIR", str(tmp_path))
-    build.library_path("moe_bf16").write_bytes(b"not an ELF file")  # a damaged cache entry
+    monkeypatch.delenv(moe_kernel.FORCE_ENV, raising=False)
+    for name in moe_kernel.LIBRARIES.values():  # every kernel's cache entry damaged
+        build.library_path(name).write_bytes(b"not an ELF file")
     moe_kernel.load.cache_clear()
     try:
         assert moe_kernel.load() is None
-        assert "MoE kernel off" in caplog.text
+        assert moe_kernel.path() == "torch"
+        assert "MoE kernel off (avx2)" in caplog.text
         experts = LocalExperts(dim=64, hidden=32, experts=range(4))
         experts.w_gate_up_E2FD.data = experts.w_gate_up_E2FD.data.bfloat16()
         experts.w_down_EDF.data = experts.w_down_EDF.data.bfloat16()

@@ -1,7 +1,10 @@
 """Compile the engine's C kernels once per source version into a cache, with the system's C compiler.
 
-A kernel is one C file next to this module, built into `<cache>/<name>-<digest>.so`, where the digest
-covers the source and the compiler flags, so an edited kernel is rebuilt and an unchanged one never is.
+A kernel is a C file next to this module built with its flags into `<cache>/<name>-<digest>.so`, where the
+digest covers the source and the compiler flags, so an edited kernel is rebuilt and an unchanged one never
+is. One source may make several kernels, one per instruction set (moe_bf16.c: AVX512-BF16 and AVX2+FMA);
+each is built for the instruction set its flags name, never -march=native, so that a library built on one
+machine (an image's build stage) runs on every CPU that has that instruction set.
 The cache is `$KUBEMOE_KERNEL_DIR`, else `$XDG_CACHE_HOME/kubemoe/kernels` (`~/.cache/...`). A build
 writes a temporary file and renames it into place, so ranks building at once never load half a file.
 
@@ -34,11 +37,14 @@ SHARED_DIR_MODE: Final = 0o755  # `--out`: a directory an image ships to another
 
 log = logging.getLogger(__name__)
 
-# name -> compiler flags. -fopenmp links libgomp.so.1: in a process that imported torch (whose wheel
-# ships libgomp.so.1) the loader reuses that library, so kernels and torch share one OpenMP thread pool.
+# name -> compiler flags; the source is SOURCES[name] (default: the name). -fopenmp links libgomp.so.1: in a
+# process that imported torch (whose wheel ships libgomp.so.1) the loader reuses that library, so kernels
+# and torch share one OpenMP thread pool.
 KERNELS: Final[dict[str, tuple[str, ...]]] = {
     "moe_bf16": ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"),
+    "moe_bf16_avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp"),
 }
+SOURCES: Final[dict[str, str]] = {"moe_bf16_avx2": "moe_bf16"}
 
 
 class KernelBuildError(RuntimeError):
@@ -56,8 +62,12 @@ def cache_dir() -> Path:
     return Path(base) / "kubemoe" / "kernels"
 
 
+def source_path(name: str) -> Path:
+    return HERE / f"{SOURCES.get(name, name)}.c"
+
+
 def library_path(name: str, directory: Path | None = None) -> Path:
-    source = (HERE / f"{name}.c").read_bytes()
+    source = source_path(name).read_bytes()
     digest = hashlib.sha256(source + "\0".join(KERNELS[name]).encode()).hexdigest()[:16]
     return (directory or cache_dir()) / f"{name}-{digest}.so"
 
@@ -126,7 +136,7 @@ def _compile(name: str, target: Path) -> Path:
         raise KernelBuildError(f"no C compiler to build the {name} kernel (set CC, or install gcc)")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [cc, *KERNELS[name], "-shared", "-fPIC", "-o", tmp, str(HERE / f"{name}.c")]
+    command = [cc, *KERNELS[name], "-shared", "-fPIC", "-o", tmp, str(source_path(name))]
     try:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)

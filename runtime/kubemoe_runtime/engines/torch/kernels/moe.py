@@ -1,4 +1,4 @@
-"""The routed experts of a MoE layer in one call of the `moe_bf16.c` kernel (bf16, x86 with AVX512-BF16).
+"""The routed experts of a MoE layer in one call of the `moe_bf16.c` kernel (bf16 weights, x86-64).
 
 Why: at decode's few rows per expert, two oneDNN GEMM calls per picked expert stream the weights at about
 half the memory bandwidth, each call paying its own parallel fork/join and ramp-up; the kernel runs the
@@ -7,9 +7,19 @@ whole layer — gate/up, SiLU, down, the routing-weighted sum — in one OpenMP 
 blocked GEMM is as fast or faster, and LocalExperts uses that instead, on the same weights: the kernel
 reads the engine's own row-major expert stacks, so the experts need no second, packed copy.
 
-`load()` is None, and the engine keeps its torch path, off x86 Linux, on a CPU without AVX512-BF16, with
-`KUBEMOE_KERNELS=0`, or where the kernel cannot be built or loaded (a warning says why). Only a library
-from a cache no other user can write is loaded (build.py); an unusable cache never stops the engine.
+The kernel has one form per instruction set, chosen at run time, the fastest this CPU runs first:
+
+    avx512bf16   AVX512-BF16's bf16 dot products (library moe_bf16)
+    avx2         AVX2 + FMA: bf16 weights widened to float in registers, float FMAs (moe_bf16_avx2); it
+                 also runs on every AVX-512 CPU (a subset), so CI on either kind of machine tests it
+    torch        no kernel: LocalExperts' torch path
+
+`KUBEMOE_MOE_KERNEL=avx512bf16|avx2|torch` forces one (tests, benchmarks; a forced path this CPU cannot run
+is refused with a warning, and the torch path runs, rather than another kernel in its place), and
+`KUBEMOE_KERNELS=0` turns every kernel off. A kernel that cannot be built or loaded (a warning says why) is
+skipped for the next one. `load()` is the chosen kernel's entry point (None: the torch path), `path()` its
+name, `describe()` a line for logs and benchmarks. Only a library from a cache no other user can write is
+loaded (build.py); an unusable cache never stops the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import torch
 
@@ -29,10 +40,20 @@ from kubemoe_runtime.engines.torch.kernels.build import KernelBuildError, build
 
 log = logging.getLogger(__name__)
 
-CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+PATHS: Final = ("avx512bf16", "avx2")  # the kernels, fastest first; "torch" is the engine's own path
+TORCH: Final = "torch"
+LIBRARIES: Final = {"avx512bf16": "moe_bf16", "avx2": "moe_bf16_avx2"}
+NEEDS: Final = {  # /proc/cpuinfo flags each kernel needs
+    "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+    "avx2": frozenset({"avx2", "fma"}),
+}
+CPU_FLAGS: Final = NEEDS["avx512bf16"]  # the fastest kernel's
+SHOWN_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+FORCE_ENV: Final = "KUBEMOE_MOE_KERNEL"
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _I)
+_in_use: dict[str, str] = {}  # "path": the name of what load() returned (set by load())
 
 
 def cpu_flags() -> frozenset[str]:
@@ -46,27 +67,102 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.cache
-def load() -> Callable[..., int] | None:
-    """The kernel's entry point, built on first use; None where it cannot run here (logged once)."""
-    if os.environ.get("KUBEMOE_KERNELS") == "0":
-        return None
-    if platform.machine() != "x86_64" or not cpu_flags() >= CPU_FLAGS:
-        log.info("MoE kernel off: needs an x86-64 CPU with %s", ", ".join(sorted(CPU_FLAGS)))
-        return None
+def unsupported(path: str) -> str | None:
+    """Why this CPU cannot run kernel `path`; None if it can (the build may still fail)."""
+    if path not in NEEDS:
+        return f"no kernel {path!r} (kernels: {', '.join(PATHS)})"
+    if platform.machine() != "x86_64":
+        return f"the {path} kernel needs an x86-64 CPU, this is {platform.machine()}"
+    if missing := NEEDS[path] - cpu_flags():
+        needs = ", ".join(sorted(NEEDS[path]))
+        return f"the {path} kernel needs CPU flags {needs}; this CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def _open(path: str) -> tuple[Callable[..., int] | None, str | None]:
+    """Kernel `path` built (once per version, build.py) and loaded; else None and why (not logged)."""
+    if why := unsupported(path):
+        return None, why
     try:
-        path = build("moe_bf16")
+        library = build(LIBRARIES[path])
     except (KernelBuildError, OSError) as err:  # build() wraps OSError; this is the last line of defence
-        log.warning("MoE kernel off, the torch path runs instead (slower at decode): %s", err)
-        return None
+        return None, str(err)
     try:
-        fn = ctypes.CDLL(str(path)).kubemoe_moe_bf16
+        fn = ctypes.CDLL(str(library)).kubemoe_moe_bf16
     except (OSError, AttributeError) as err:  # e.g. no libgomp.so.1 where it runs, or a stale file
-        log.warning("MoE kernel off, the torch path runs instead (slower at decode): %s: %s", path, err)
-        return None
+        return None, f"{library}: {err}"
     fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
     kernel: Callable[..., int] = fn
-    return kernel
+    return kernel, None
+
+
+@functools.cache
+def kernel(path: str) -> Callable[..., int] | None:
+    """Kernel `path` ("avx512bf16", "avx2") whatever the environment says (tests, benchmarks); None where it
+    cannot run here: `why_not(path)` says why."""
+    return _open(path)[0]
+
+
+@functools.cache
+def why_not(path: str) -> str | None:
+    """Why kernel(path) is None on this machine; None when it runs."""
+    return _open(path)[1]
+
+
+def forced() -> str | None:
+    """The path the environment asks for: "torch" with KUBEMOE_KERNELS=0, else KUBEMOE_MOE_KERNEL if set."""
+    if os.environ.get("KUBEMOE_KERNELS") == "0":
+        return TORCH
+    choice = os.environ.get(FORCE_ENV, "").strip().lower()
+    if not choice:
+        return None
+    if choice != TORCH and choice not in PATHS:
+        log.warning("%s=%s is none of %s; choosing by CPU", FORCE_ENV, choice, ", ".join((*PATHS, TORCH)))
+        return None
+    return choice
+
+
+@functools.cache
+def load() -> Callable[..., int] | None:
+    """The entry point of the kernel this process uses, built on first use; None: the torch path (logged
+    once). A kernel that cannot be built or loaded is skipped for the next one this CPU runs."""
+    _in_use["path"] = TORCH
+    choice = forced()
+    if choice == TORCH:
+        return None
+    for path in (choice,) if choice else PATHS:
+        if choice is None and unsupported(path):
+            continue
+        fn, why = _open(path)
+        if fn is not None:
+            _in_use["path"] = path
+            log.info("MoE kernel: %s", path)
+            return fn
+        # A forced kernel that cannot run means the torch path, not another kernel in its place.
+        after = "the torch path runs instead" if choice else "trying the next one"
+        log.warning("MoE kernel off (%s), %s (slower at decode): %s", path, after, why)
+    if choice is None:
+        log.info("MoE kernel off: this CPU runs none of %s; the torch path runs", ", ".join(PATHS))
+    return None
+
+
+def path() -> str:
+    """The routed experts' path in this process: "avx512bf16", "avx2" or "torch" (no kernel)."""
+    load()
+    return _in_use["path"]
+
+
+def describe() -> str:
+    """One line: the path in use, why, and the CPU flags it was chosen by."""
+    flags = cpu_flags()
+    shown = " ".join(f for f in SHOWN_FLAGS if f in flags) or "none of " + " ".join(SHOWN_FLAGS)
+    if os.environ.get("KUBEMOE_KERNELS") == "0":
+        how = "KUBEMOE_KERNELS=0"
+    elif choice := forced():
+        how = f"{FORCE_ENV}={choice}"
+    else:
+        how = "chosen by CPU"
+    return f"MoE routed experts: {path()} ({how}); CPU {platform.machine()} flags: {shown}"
 
 
 def fits(dim: int, hidden: int) -> bool:
@@ -83,11 +179,13 @@ def routed_experts(
     slots: list[int],
     experts: list[int],
     starts: list[int],
+    path: str | None = None,
 ) -> torch.Tensor:
     """Each token's routing-weighted sum over its slots `slots` (token * K + choice), grouped by expert:
-    local expert `experts[p]` owns `slots[starts[p]:starts[p + 1]]`. Returns [M, D] bf16."""
-    fn = load()
-    assert fn is not None, "routed_experts needs the kernel (check load() first)"
+    local expert `experts[p]` owns `slots[starts[p]:starts[p + 1]]`. Returns [M, D] bf16. On the kernel
+    in use (load()), or on kernel `path` (tests, benchmarks)."""
+    fn = load() if path is None else kernel(path)
+    assert fn is not None, f"routed_experts needs a kernel: {why_not(path) if path else 'load() is None'}"
     (M, K), D, F = w_MK.shape, x_MD.shape[1], w_down_EDF.shape[2]
     for name, t in (("x", x_MD), ("w_gate_up", w_gate_up_E2FD), ("w_down", w_down_EDF)):
         if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu":

@@ -12,8 +12,17 @@
  *               down row d is read once and dotted with the expert's h rows; acc[token(r), d] +=
  *               weight(r) * dot, in float, then y = bf16(acc); no two threads write one element
  *
- * Dots use AVX512-BF16 (vdpbf16ps: 32 bf16 products a step into 16 float lanes). Weights are the
- * engine's row-major stacks: w_gate_up [E, 2F, D], w_down [E, D, F]. D and F must be multiples of 32.
+ * Weights are the engine's row-major stacks: w_gate_up [E, 2F, D], w_down [E, D, F]. D and F must be
+ * multiples of 32. One source, two libraries (build.py), which differ only in the dot products:
+ *
+ *   -mavx512bf16        (moe_bf16)       vdpbf16ps: 32 bf16 products a step into 16 float lanes
+ *   -mavx2 -mfma        (moe_bf16_avx2)  16 bf16 a step widened to float in registers: a bf16 is the high
+ *                                        half of a float, so a 32-bit lane's low element shifted left 16
+ *                                        is one float (the even elements) and the lane masked to its high
+ *                                        16 bits the other (the odd ones); both sides of a dot are split
+ *                                        the same way, so float FMAs sum the same products in another order
+ *
+ * Everything else (the indexing, the work split, the rounding) is this one code for both.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -23,11 +32,8 @@
 
 #define FB 16  /* hidden units per gate/up work item */
 #define DB 32  /* the down loop splits the output columns between threads in blocks of DB */
-#define ROWS 8 /* rows dotted against one loaded weight row at a time */
 #define PF 2   /* prefetch the weight row PF rows ahead: the hardware prefetcher stops at each 4 KiB page,
                   and a software prefetch does not (decode at batch 16: 18 -> 25 GB/s, 27 GB/s the bound) */
-
-static inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
     uint32_t u;
@@ -36,6 +42,12 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+
+#define ROWS 8 /* rows dotted against one loaded weight row at a time */
+
+static inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
 
@@ -71,6 +83,102 @@ static inline void dots2(const uint16_t *wg, const uint16_t *wu, const uint16_t 
         up[r] = reduce(au[r]);
     }
 }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+/* 16 ymm registers (AVX-512 has 32): at most 4 rows against a weight row, and their accumulators, the
+   widened weights and one widened x row must all stay in registers. */
+#define ROWS 4
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256i load16(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+INLINE __m256 odd_f32(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+INLINE float reduce(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* out[r] = dot(w, x[r]) for N rows (a constant: the loops unroll and the accumulators are registers).
+   Even and odd products go to separate accumulators: two FMA chains a row hide the FMA's latency at the
+   one row of batch-1 decode. */
+INLINE void dots_n(const uint16_t *w, const uint16_t *const *x, const int N, int len, float *out) {
+    __m256 ae[ROWS], ao[ROWS];
+    for (int r = 0; r < N; r++) ae[r] = ao[r] = _mm256_setzero_ps();
+    for (int k = 0; k < len; k += 32) {
+        _mm_prefetch((const char *)(w + k + PF * len), _MM_HINT_T0); /* one 64-byte line a step */
+        for (int half = 0; half < 32; half += 16) {
+            const __m256i wk = load16(w + k + half);
+            const __m256 we = even_f32(wk), wo = odd_f32(wk);
+            for (int r = 0; r < N; r++) {
+                const __m256i xk = load16(x[r] + k + half);
+                ae[r] = _mm256_fmadd_ps(we, even_f32(xk), ae[r]);
+                ao[r] = _mm256_fmadd_ps(wo, odd_f32(xk), ao[r]);
+            }
+        }
+    }
+    for (int r = 0; r < N; r++) out[r] = reduce(_mm256_add_ps(ae[r], ao[r]));
+}
+
+/* As dots_n for the gate row and the up row at once. From 3 rows, even and odd share an accumulator (there
+   are not registers for 4 a row), and the rows' chains are enough to hide the latency. */
+INLINE void dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, const int N, int len,
+                    float *gate, float *up) {
+    enum { SPLIT = 2 };
+    const int split = N <= 2; /* separate even/odd accumulators */
+    __m256 ag[ROWS][SPLIT], au[ROWS][SPLIT];
+    for (int r = 0; r < N; r++)
+        for (int c = 0; c < SPLIT; c++) ag[r][c] = au[r][c] = _mm256_setzero_ps();
+    for (int k = 0; k < len; k += 32) {
+        _mm_prefetch((const char *)(wg + k + PF * len), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wu + k + PF * len), _MM_HINT_T0);
+        for (int half = 0; half < 32; half += 16) {
+            const __m256i g = load16(wg + k + half), u = load16(wu + k + half);
+            const __m256 ge = even_f32(g), go = odd_f32(g), ue = even_f32(u), uo = odd_f32(u);
+            for (int r = 0; r < N; r++) {
+                const __m256i xk = load16(x[r] + k + half);
+                const __m256 xe = even_f32(xk), xo = odd_f32(xk);
+                ag[r][0] = _mm256_fmadd_ps(ge, xe, ag[r][0]);
+                au[r][0] = _mm256_fmadd_ps(ue, xe, au[r][0]);
+                ag[r][split] = _mm256_fmadd_ps(go, xo, ag[r][split]);
+                au[r][split] = _mm256_fmadd_ps(uo, xo, au[r][split]);
+            }
+        }
+    }
+    for (int r = 0; r < N; r++) {
+        gate[r] = reduce(split ? _mm256_add_ps(ag[r][0], ag[r][1]) : ag[r][0]);
+        up[r] = reduce(split ? _mm256_add_ps(au[r][0], au[r][1]) : au[r][0]);
+    }
+}
+
+/* The runtime row count to a constant one, so that each case compiles to its own unrolled loop. */
+static void dots(const uint16_t *w, const uint16_t *const *x, int n, int len, float *out) {
+    switch (n) {
+    case 1: dots_n(w, x, 1, len, out); break;
+    case 2: dots_n(w, x, 2, len, out); break;
+    case 3: dots_n(w, x, 3, len, out); break;
+    default: dots_n(w, x, 4, len, out); break;
+    }
+}
+
+static void dots2(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, int n, int len,
+                  float *gate, float *up) {
+    switch (n) {
+    case 1: dots2_n(wg, wu, x, 1, len, gate, up); break;
+    case 2: dots2_n(wg, wu, x, 2, len, gate, up); break;
+    case 3: dots2_n(wg, wu, x, 3, len, gate, up); break;
+    default: dots2_n(wg, wu, x, 4, len, gate, up); break;
+    }
+}
+
+#else
+#error "build with -mavx512bf16 (and -mavx512f -mavx512bw -mavx512vl) or with -mavx2 -mfma"
+#endif
 
 /*
  * x [M, D]: the layer's tokens. slot[0..S-1]: the (token, choice) slots this rank computes, token * K +
