@@ -267,6 +267,10 @@ def test_metrics_carry_serving_series_and_labels(ep1: Server) -> None:
     }
     assert values["kubemoe_generation_tokens_total"] >= 4
     assert values["kubemoe_time_to_first_token_seconds_count"] >= 1
+    # vLLM's names carry the served model's name, as vLLM labels them (so vLLM dashboards match it)
+    vllm = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total{")]
+    assert vllm, "no vllm:generation_tokens_total"
+    assert all(f'model_name="{MODEL}"' in line for line in vllm), vllm
 
 
 @pytest.mark.slow

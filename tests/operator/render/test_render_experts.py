@@ -4,7 +4,6 @@ read by vLLM's own parser the way a pod hands them over (through `kubemoe-runtim
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -19,7 +18,7 @@ from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
 from kubemoe_operator.render.experts import EXPERTS_DIR, PLACEMENT_PATH, with_expert_args
 from kubemoe_runtime.engines.vllm.command import flags_given, vllm_args
-from kubemoe_runtime.pod.settings import add_serve_flags, parse_args
+from kubemoe_runtime.pod.settings import parse_args
 from tests.operator.helpers import BASE, REPO
 from tests.runtime.vllm_python import run_in_vllm
 
@@ -117,26 +116,14 @@ def test_without_spec_experts_nothing_is_added() -> None:
             assert "experts" not in {v["name"] for v in pod["volumes"]}
 
 
-def runtime_knows_the_expert_flags() -> bool:
-    parser = argparse.ArgumentParser()
-    add_serve_flags(parser)
-    return {"--redundant-experts", "--expert-placement"} <= set(parser._option_string_actions)
-
-
-@pytest.mark.xfail(
-    not runtime_knows_the_expert_flags(),
-    reason="kubemoe-runtime serve does not take --redundant-experts / --expert-placement yet"
-    " (#17, runtime side); it runs for real once the runtime's parser has them",
-    strict=True,
-)
 def test_the_runtime_reads_the_torch_expert_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LWS_WORKER_INDEX", "1")  # the worker template's `auto` start rank
     for role, _, pod in engine_pods(rendered(tiny_torch(redundant=2))):
         settings, unknown = parse_args(argv(pod)[2:])
         assert unknown == [], role
         if role == "decode":
-            assert getattr(settings, "redundant_experts", None) == 2
-            assert str(getattr(settings, "expert_placement", None)) == PLACEMENT_PATH
+            assert settings.redundant_experts == 2
+            assert str(settings.expert_placement) == PLACEMENT_PATH
 
 
 # -- vLLM ----------------------------------------------------------------------------------------

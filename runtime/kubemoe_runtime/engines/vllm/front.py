@@ -141,7 +141,7 @@ def invalid_request(message: str, *, param: str | None) -> dict[str, Any]:
 
 def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Starlette:
     """`signer`: the deployment's KV key (KVSigner.from_env() in a pod), to verify kv_transfer_params."""
-    gpus = CollectorRegistry()  # DCGM_FI_* from NVML, as the torch server exports; none without a driver
+    gpus = CollectorRegistry()  # kubemoe_gpu_* from NVML, as the torch server exports; none without a driver
     gpus.register(GpuCollector(upstream.labels.as_dict()))
 
     @contextlib.asynccontextmanager

@@ -256,8 +256,8 @@ def start_placement(settings: ServeSettings, cfg: ModelConfig) -> Placement:
 
 def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:
     labels = MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank)
-    metrics = ServingMetrics(labels)
-    metrics.registry.register(GpuCollector(labels.as_dict()))  # DCGM_FI_*; none without a driver
+    metrics = ServingMetrics(labels, model_name=settings.served_model_names[0])
+    metrics.registry.register(GpuCollector(labels.as_dict()))  # kubemoe_gpu_*; none without a driver
     generation = _generation_defaults(settings.model)
     eos = {*cfg.eos_token_ids, *_as_ids(generation.get("eos_token_id"))}
     return ServerState(
