@@ -1,17 +1,36 @@
-"""The routed experts of one MoE layer: the C kernel (kernels/moe_bf16.c) against the torch path it replaces.
+"""The routed experts of one MoE layer, on every path this CPU runs, at decode's row counts, in one run.
 
-Both run through `LocalExperts.forward` on the benchmark layout's expert shapes (32 experts of 512,
-hidden 1024, top-4, bf16), over 8 layers' worth of distinct weights in turn so that no layer's experts are
-still in cache when it runs again, as in a real decode step. Rows are tokens; each is routed uniformly at
-random. Printed: ms per layer, the expert weight bytes read per second (against the read bandwidth
-measured here), and the kernel's speed-up over packed oneDNN GEMMs (the engine's path before the kernel).
+Paths (kernels/moe.py): each C kernel this CPU can run (avx512bf16: AVX512-BF16 dot products; avx2:
+bf16 widened in registers, float FMAs), the torch path (LocalExperts on its row-major bf16 stacks, as a
+CPU without the kernels runs it), and where oneDNN does bf16, its packed GEMMs (the engine's path before
+the kernel). All run through `LocalExperts.forward`, on the same weights, interleaved repeat by repeat
+(so a noisy moment hits every path), best of the repeats kept. Two layer shapes:
+
+    bench model    32 experts of 512, hidden 1024, top-4 (bigmoe.py's 425 M model): 8 layers of distinct
+                   weights in turn, so that no layer's experts are still in cache when it runs again
+    Qwen3-30B-A3B  128 experts of 768, hidden 2048, top-8: 2 layers (1.2 GB of experts each)
+
+Rows are tokens, each routed uniformly at random. Printed: the CPU's flags and the path the engine would
+choose here; per rows and path: ms per layer, the expert weight bytes read per second, their share of
+the read bandwidth (a torch sum over 1 GiB, timed in the same repeats as the paths, best kept: the bound
+of the same moments, on a machine whose bandwidth others share), and the speed-up over the torch path in
+this run. A machine with
+AVX-512 shows an AVX2 machine's torch path too when torch's and oneDNN's instruction sets are capped
+(oneDNN then does no bf16, as on AVX2, and the packed path drops out):
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_moe_kernel.py
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=$PWD .venv/bin/python \
+        bench/bench_moe_kernel.py
+
+Env: BENCH_MOE_SHAPES=bench,qwen3 (which shapes), BENCH_MOE_ROWS=1,4,16,64.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
+from dataclasses import dataclass
 from typing import Final
 
 import torch
@@ -19,72 +38,154 @@ from bigmoe import Layout, read_bandwidth_gbs, threads
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.packing import can_pack
 
-ROWS: Final = (1, 4, 16, 64, 256, 2048)
-LAYERS: Final = 8
+ROWS: Final = tuple(int(r) for r in os.environ.get("BENCH_MOE_ROWS", "1,4,16,64").split(","))
+TORCH: Final = "torch"
+ONEDNN: Final = "oneDNN packed"
 
 
-def make_layers(layout: Layout, *, kernel: bool) -> list[LocalExperts]:
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    experts: int
+    expert_hidden: int
+    hidden: int
+    top_k: int
+    layers: int  # of distinct weights, run in turn
+
+    def expert_bytes(self) -> int:
+        return 3 * self.hidden * self.expert_hidden * 2
+
+
+BENCH: Final = Layout()
+SHAPES: Final = {
+    "bench": Shape("bench model", BENCH.experts, BENCH.expert_hidden, BENCH.hidden, BENCH.top_k, 8),
+    "qwen3": Shape("Qwen3-30B-A3B", 128, 768, 2048, 8, 2),
+}
+
+
+def make_layers(shape: Shape) -> list[LocalExperts]:
+    """Row-major bf16 layers (the kernels and the torch path read these), filled expert by expert."""
     layers = []
-    for seed in range(LAYERS):
+    for seed in range(shape.layers):
         gen = torch.Generator().manual_seed(seed)
-        experts = LocalExperts(dim=layout.hidden, hidden=layout.expert_hidden, experts=range(layout.experts))
-        shape13, shape2 = experts.w_gate_up_E2FD.shape, experts.w_down_EDF.shape
-        experts.w_gate_up_E2FD.data = (torch.randn(shape13, generator=gen) * 0.03).bfloat16()
-        experts.w_down_EDF.data = (torch.randn(shape2, generator=gen) * 0.04).bfloat16()
-        experts.requires_grad_(False)
-        if kernel:
-            experts.pack()
-            assert experts.kernel
-            experts.KERNEL_MAX_ROWS = 1 << 30  # the kernel at every size (the engine: to 64 rows an expert)
-        else:
-            experts.pack_experts()  # the packed path (pack() would pick the kernel)
-        layers.append(experts)
+        layer = LocalExperts(dim=shape.hidden, hidden=shape.expert_hidden, experts=range(shape.experts))
+        layer.w_gate_up_E2FD.data = torch.empty(layer.w_gate_up_E2FD.shape, dtype=torch.bfloat16)
+        layer.w_down_EDF.data = torch.empty(layer.w_down_EDF.shape, dtype=torch.bfloat16)
+        for e in range(shape.experts):
+            layer.w_gate_up_E2FD.data[e].normal_(0, 0.03, generator=gen)
+            layer.w_down_EDF.data[e].normal_(0, 0.04, generator=gen)
+        layer.requires_grad_(False)
+        layers.append(layer)
     return layers
 
 
-def per_layer_seconds(layers: list[LocalExperts], rows: int, layout: Layout) -> tuple[float, float]:
-    """Best time of a pass over the layers, per layer; and the distinct experts a layer read on average."""
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, layout.hidden, generator=gen).bfloat16()
-    routes = [
-        torch.stack([torch.randperm(layout.experts, generator=gen)[: layout.top_k] for _ in range(rows)])
-        for _ in layers
-    ]
-    w = torch.softmax(torch.randn(rows, layout.top_k, generator=gen), dim=-1)
-    repeats = 10 if rows <= 64 else 2
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            for layer, ids in zip(layers, routes, strict=True):
-                layer(x, ids, w)
-            best = min(best, time.perf_counter() - started)
-    distinct = sum(len(set(ids.flatten().tolist())) for ids in routes) / len(routes)
-    return best / len(layers), distinct
+def packed_copies(layers: list[LocalExperts]) -> list[LocalExperts]:
+    copies = []
+    for layer in layers:
+        dim, hidden = layer.w_down_EDF.shape[1:]
+        copy = LocalExperts(dim=dim, hidden=hidden, experts=layer.experts)
+        copy.w_gate_up_E2FD.data, copy.w_down_EDF.data = layer.w_gate_up_E2FD.data, layer.w_down_EDF.data
+        copy.requires_grad_(False)
+        copy.pack_experts()  # drops its references to the shared row-major stacks
+        copies.append(copy)
+    return copies
+
+
+def use(path: str, layers: list[LocalExperts]) -> None:
+    """Route these layers to `path` as the engine would: the kernel through load(), forced by env."""
+    if path in moe_kernel.PATHS:
+        os.environ[moe_kernel.FORCE_ENV] = path
+        moe_kernel.load.cache_clear()
+        assert moe_kernel.path() == path, moe_kernel.describe()
+    for layer in layers:
+        layer.kernel = path in moe_kernel.PATHS
+
+
+def run_shape(shape: Shape, paths: list[str], probe: torch.Tensor) -> None:
+    layers = make_layers(shape)
+    packed = packed_copies(layers) if ONEDNN in paths else []
+    total = shape.layers * shape.experts * shape.expert_bytes() / 1e9
+    print(
+        f"\n## {shape.name}: {shape.experts} experts of {shape.expert_hidden}, hidden {shape.hidden}, "
+        f"top-{shape.top_k}, bf16; {shape.layers} layers of distinct weights ({total:.1f} GB)"
+    )
+    head = ("rows", 5), ("experts", 7), ("path", 13), ("ms/layer", 9), ("GB/s", 6), ("of bound", 8)
+    print(" ".join(f"{name:>{width}}" for name, width in head), f"{'vs torch':>8}")
+    for rows in ROWS:
+        gen = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, shape.hidden, generator=gen).bfloat16()
+        routes = [
+            torch.stack([torch.randperm(shape.experts, generator=gen)[: shape.top_k] for _ in range(rows)])
+            for _ in layers
+        ]
+        w = torch.softmax(torch.randn(rows, shape.top_k, generator=gen), dim=-1)
+        distinct = sum(len(set(ids.flatten().tolist())) for ids in routes) / len(routes)
+        best = dict.fromkeys(paths, float("inf"))
+        read = float("inf")
+        with torch.inference_mode():
+            for repeat in range(6 if rows <= 16 else 4):  # the first is a warm-up: not kept
+                started = time.perf_counter()
+                probe.sum()
+                read = min(read, time.perf_counter() - started)
+                for path in paths:
+                    on = packed if path == ONEDNN else layers
+                    use(path, on)
+                    started = time.perf_counter()
+                    for layer, ids in zip(on, routes, strict=True):
+                        layer(x, ids, w)
+                    if repeat:
+                        best[path] = min(best[path], (time.perf_counter() - started) / len(on))
+        gb = distinct * shape.expert_bytes() / 1e9
+        bandwidth = probe.numel() * probe.element_size() / read / 1e9
+        print(f"{rows:>5} {distinct:>7.1f} {'read bound':>13} {'':>9} {bandwidth:>6.1f} {'100%':>8}")
+        for path in paths:
+            t = best[path]
+            print(
+                f"{rows:>5} {distinct:>7.1f} {path:>13} {t * 1e3:>9.3f} {gb / t:>6.1f} "
+                f"{gb / t / bandwidth:>8.0%} {best[TORCH] / t:>7.2f}x"
+            )
 
 
 def main() -> None:
-    layout = Layout()
-    if moe_kernel.load() is None or not moe_kernel.fits(layout.hidden, layout.expert_hidden):
-        print("# skipped: the MoE kernel is off (needs x86-64 AVX512-BF16, a C compiler, KUBEMOE_KERNELS!=0)")
-        return  # not a failure: `make bench` goes on to the other benchmarks
     torch.set_num_threads(threads())
-    bandwidth = read_bandwidth_gbs()
-    shape = f"{layout.experts}x{layout.expert_hidden}, hidden {layout.hidden}, top-{layout.top_k}"
-    print(f"# experts {shape}, bf16;")
-    print(f"# {threads()} threads; {LAYERS} layers of distinct weights; read bandwidth {bandwidth:.1f} GB/s")
-    kernel, packed = make_layers(layout, kernel=True), make_layers(layout, kernel=False)
-    head = ("rows", 5), ("experts", 7), ("kernel ms", 9), ("GB/s", 6), ("packed ms", 9), ("GB/s", 6)
-    print(" ".join(f"{name:>{width}}" for name, width in head), f"{'speed-up':>8}")
-    for rows in ROWS:
-        t_kernel, distinct = per_layer_seconds(kernel, rows, layout)
-        t_packed, _ = per_layer_seconds(packed, rows, layout)
-        gb = distinct * layout.expert_bytes() / 1e9
-        print(
-            f"{rows:>5} {distinct:>7.1f} {t_kernel * 1e3:>9.3f} {gb / t_kernel:>6.1f} "
-            f"{t_packed * 1e3:>9.3f} {gb / t_packed:>6.1f} {t_packed / t_kernel:>7.2f}x"
-        )
+    flags = moe_kernel.cpu_flags()
+    shown = " ".join(f for f in moe_kernel.SHOWN_FLAGS if f in flags)
+    capped = " ".join(
+        f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ
+    )
+    onednn_bf16 = can_pack(torch.bfloat16, torch.device("cpu"))
+    print(f"# CPU {platform.machine()}, flags: {shown or 'none of ' + ' '.join(moe_kernel.SHOWN_FLAGS)}")
+    print(
+        f"# torch {torch.__version__}: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 "
+        f"{'yes' if onednn_bf16 else 'no'}{' (' + capped + ')' if capped else ''}; {threads()} threads"
+    )
+    print(f"# the engine here: {moe_kernel.describe()}")
+    kernels = []
+    for path in moe_kernel.PATHS:
+        if moe_kernel.kernel(path) is None:
+            print(f"# {path} kernel skipped: {moe_kernel.why_not(path)}")
+        else:
+            kernels.append(path)
+    paths = [*kernels, TORCH, *([ONEDNN] if onednn_bf16 else [])]
+    start = read_bandwidth_gbs()
+    probe = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB: the read bound, timed with the paths
+    chosen = os.environ.get("BENCH_MOE_SHAPES", "bench,qwen3").split(",")
+    forced = os.environ.get(moe_kernel.FORCE_ENV)
+    try:
+        for name in chosen:
+            run_shape(SHAPES[name], paths, probe)
+    finally:
+        if forced is None:
+            os.environ.pop(moe_kernel.FORCE_ENV, None)
+        else:
+            os.environ[moe_kernel.FORCE_ENV] = forced
+        moe_kernel.load.cache_clear()
+    print(
+        f"\n# read bandwidth (torch sum over 1 GiB, best of 5): {start:.1f} GB/s at the start, "
+        f"{read_bandwidth_gbs():.1f} at the end; each table's 'read bound' is timed with its rows' repeats"
+    )
 
 
 if __name__ == "__main__":
