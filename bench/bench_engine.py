@@ -12,6 +12,10 @@ prefix caching off) in its own interpreter ($KUBEMOE_VLLM_PYTHON or .venv-vllm).
 the best of REPEATS is kept. The memory-bandwidth bound of a decode step is the weight bytes it reads
 (dense weights + the distinct experts its tokens pick) over the read bandwidth measured here.
 
+The torch engine's lines say which path each hot part runs on this CPU: its flags, each MoE layer's
+routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on row-major weights), and
+how many dense projections (attention, dense MLPs, LM head) oneDNN packed.
+
 Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 32), BENCH_SKIP_VLLM=1.
 """
 
@@ -30,6 +34,9 @@ import torch
 from bigmoe import Layout, checkpoint, layout_from_env, read_bandwidth_gbs, threads
 
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.model.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.packing import PackedLinear
 
 PROMPT_LEN: Final = 128
 BATCHES: Final = (1, 16)
@@ -67,8 +74,25 @@ def measure(generate: Callable[[list[list[int]], int], object]) -> Rates:
     return rates
 
 
+def print_paths(engine: TorchEngine) -> None:
+    """Which path each MoE layer's routed experts and the dense projections take in this engine."""
+    print(f"# torch engine: {moe_kernel.describe()}; torch ATen {torch.backends.cpu.get_cpu_capability()}")
+    experts = [m for m in engine.model.modules() if isinstance(m, LocalExperts)]
+    paths = [
+        f"{moe_kernel.path()} kernel" if m.kernel else "oneDNN packed" if m.packed is not None else "torch"
+        for m in experts
+    ]
+    runs = [f"{path} x{n}" for path, n in {p: paths.count(p) for p in dict.fromkeys(paths)}.items()]
+    print(f"# torch engine, routed experts of its {len(experts)} MoE layers: {', '.join(runs) or 'none'}")
+    print(f"#   per layer: {' | '.join(paths)}")
+    packed = sum(isinstance(m, PackedLinear) for m in engine.model.modules())
+    plain = sum(isinstance(m, torch.nn.Linear) for m in engine.model.modules())
+    print(f"# torch engine, dense projections: {packed} oneDNN packed, {plain} torch linear (row-major)")
+
+
 def torch_engine(model_dir: Path) -> Rates:
     engine = TorchEngine.load(model_dir, dtype=torch.bfloat16)
+    print_paths(engine)
     return measure(lambda ids, n: engine.generate(ids, max_new_tokens=n))
 
 
