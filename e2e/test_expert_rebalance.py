@@ -35,6 +35,7 @@ from e2e.real_models import (
     tiny_manifest,
     wait_ready,
 )
+from e2e.reliability import Outcome, RecordProperty, record
 from e2e.waiting import eventually
 
 NAME = "experts"
@@ -184,3 +185,15 @@ def test_skewed_traffic_is_rebalanced_live_without_a_failed_request(
     shown = _kubectl_moe(cluster, "experts", NAME, "-n", ns)
     assert shown.returncode == 0, shown.stderr
     assert "decode" in shown.stdout
+    record(
+        record_property,
+        Outcome(
+            fault="experts moved live under skewed traffic on the real node (decode EP2, 2 redundant slots)",
+            client_saw=(
+                f"every stream answered in full; greedy answers unchanged; imbalance {status['imbalance']}"
+                f" -> {status['predictedImbalance']} predicted"
+            ),
+            lost=f"0 of {done[0]}",
+            recover_s=None,
+        ),
+    )
