@@ -102,7 +102,7 @@ def _kubectl_moe(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[st
 
 
 def test_skewed_traffic_is_rebalanced_live_without_a_failed_request(
-    cluster: Cluster, experts_ns: str
+    cluster: Cluster, experts_ns: str, record_property: RecordProperty
 ) -> None:
     ns = experts_ns
     errors: list[str] = []
