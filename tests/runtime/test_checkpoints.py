@@ -38,6 +38,35 @@ def test_deepseek_checkpoint_uses_mla_shared_expert_and_group_routing(checkpoint
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
 
 
+def test_kimi_k2_checkpoint_is_deepseek_v3_under_its_own_model_type(checkpoints: dict[str, Path]) -> None:
+    """As on the Hub: `model_type: kimi_k2`, DeepseekV3ForCausalLM's tensors, one expert group (no
+    group-limited routing), sigmoid scoring scaled by 2.827."""
+    raw = json.loads((checkpoints["kimi_k2"] / "config.json").read_text())
+    assert raw["model_type"] == "kimi_k2"
+    assert raw["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (raw["scoring_func"], raw["topk_method"]) == ("sigmoid", "noaux_tc")
+    cfg = ModelConfig.load(checkpoints["kimi_k2"])
+    assert cfg.arch == "kimi_k2"
+    assert cfg.uses_mla
+    assert (cfg.n_group, cfg.topk_group, cfg.scoring) == (1, 1, "sigmoid")
+    assert cfg.routed_scaling_factor == pytest.approx(2.827)
+    assert cfg.moe_layers == (False, True, True)  # first_k_dense_replace 1
+    deepseek = json.loads((checkpoints["deepseek_v3"] / "model.safetensors.index.json").read_text())
+    kimi = json.loads((checkpoints["kimi_k2"] / "model.safetensors.index.json").read_text())
+    assert set(kimi["weight_map"]) == set(deepseek["weight_map"])
+
+
+def test_a_deepseek_router_other_than_sigmoid_noaux_tc_is_refused(checkpoints: dict[str, Path]) -> None:
+    from kubemoe_runtime.engines.torch.load.model_config import ConfigError
+
+    raw = json.loads((checkpoints["kimi_k2"] / "config.json").read_text())
+    assert ModelConfig.from_dict(raw).scoring == "sigmoid"
+    with pytest.raises(ConfigError, match="scoring_func 'softmax'"):
+        ModelConfig.from_dict({**raw, "scoring_func": "softmax"})
+    with pytest.raises(ConfigError, match="topk_method 'greedy'"):
+        ModelConfig.from_dict({**raw, "topk_method": "greedy"})
+
+
 def test_tokenizer_has_chat_template(checkpoints: dict[str, Path]) -> None:
     from transformers import AutoTokenizer
 

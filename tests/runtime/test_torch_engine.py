@@ -6,6 +6,7 @@ flat logits, so a lower precision could flip greedy choices between any two corr
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import subprocess
 import sys
@@ -42,14 +43,29 @@ def _hf_greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
     return seq[len(prompt) :]
 
 
+# Model types transformers knows by another name: Kimi K2 is DeepSeek-V3's architecture (its Hub checkpoint
+# ships DeepSeek-V3's modeling code as remote code), so transformers' DeepSeek-V3 is its reference.
+HF_MODEL_TYPES = {"kimi_k2": "deepseek_v3"}
+
+
+def hf_model(path: Path) -> Any:
+    """transformers' float32 model of a checkpoint, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads((path / "config.json").read_text())
+    kwargs: dict[str, Any] = {}
+    if raw["model_type"] in HF_MODEL_TYPES:
+        rest = {k: v for k, v in raw.items() if k != "model_type"}
+        kwargs["config"] = AutoConfig.for_model(HF_MODEL_TYPES[raw["model_type"]], **rest)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def references(checkpoints: dict[str, Path]) -> dict[str, Reference]:
-    from transformers import AutoModelForCausalLM
-
     refs = {}
     for arch, path in checkpoints.items():
-        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        model.eval()
+        model = hf_model(path)
         with torch.inference_mode():
             logits = model(torch.tensor([PROMPT])).logits[0]
             greedy = [_hf_greedy(model, PROMPT), _hf_greedy(model, SHORT_PROMPT)]

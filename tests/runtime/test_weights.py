@@ -32,7 +32,7 @@ def test_routed_expert_id_ignores_shared_experts() -> None:
     assert routed_expert_id("model.layers.3.mlp.gate.weight") is None
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2"])
 def test_each_ep_rank_reads_half_the_routed_expert_bytes(checkpoints: dict[str, Path], arch: str) -> None:
     ckpt = checkpoints[arch]
     cfg = ModelConfig.load(ckpt)
@@ -153,7 +153,7 @@ def test_shard_gone_between_header_check_and_read_names_file_and_tensor(tmp_path
         _read_tensors(gone, [("a.weight", TensorInfo(dtype="BF16", shape=(2,), begin=8, end=12))])
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2"])
 def test_experts_are_read_straight_into_the_engine_stacks(checkpoints: dict[str, Path], arch: str) -> None:
     """`into`: the loader fills the stacked expert parameters itself, and stacking then copies nothing."""
     import torch

@@ -11,6 +11,10 @@ what the Hub ships), re-draws the weights so the model has a non-trivial output 
       model.safetensors.index.json     # tensor name -> shard
       tokenizer.json, tokenizer_config.json, chat_template.jinja   # byte-level BPE trained here
 
+Kimi K2 is DeepSeek-V3's architecture under its own model type: its checkpoint is written by
+DeepseekV3ForCausalLM (as transformers loads Kimi K2) with Kimi's routing (one expert group, sigmoid,
+routed_scaling_factor 2.827), and its config.json says `model_type: kimi_k2`, as the Hub's does.
+
 Usage:  python -m kubemoe_runtime.tools.checkpoints OUT_DIR --arch qwen3_moe
 """
 
@@ -25,7 +29,7 @@ from typing import Any, Final
 
 import torch
 
-ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3")
+ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2")
 
 SPECIAL_TOKENS: Final = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -165,6 +169,31 @@ def tiny_config(arch: str, *, vocab_size: int, eos_token_id: int, pad_token_id: 
             v_head_dim=32,
             rope_interleave=True,
         )
+    if arch == "kimi_k2":
+        from transformers import DeepseekV3Config
+
+        # Kimi K2's shape at tiny size: half DeepSeek-V3's heads, more experts per token than DeepSeek's
+        # tiny one, one expert group (no group-limited routing), its scaling factor and rope theta.
+        return DeepseekV3Config(
+            **{**common, "num_attention_heads": 2},
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=4,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.827,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=32,
+            rope_interleave=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+        )
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
@@ -186,9 +215,14 @@ def _redraw_weights(model: torch.nn.Module, *, seed: int) -> None:
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
 
 
-def _add_legacy_config_keys(config_path: Path) -> None:
-    """Older readers (vLLM's pinned transformers, other engines) look for v4 key names; add them."""
+def _add_legacy_config_keys(config_path: Path, *, arch: str) -> None:
+    """Older readers (vLLM's pinned transformers, other engines) look for v4 key names; add them. A Kimi
+    K2 checkpoint gets its own model type and the router keys its config.json states."""
     cfg = json.loads(config_path.read_text())
+    if arch == "kimi_k2":
+        cfg["model_type"] = "kimi_k2"
+        cfg.setdefault("scoring_func", "sigmoid")
+        cfg.setdefault("topk_method", "noaux_tc")
     rope = cfg.get("rope_parameters") or {}
     if "rope_theta" in rope:
         cfg.setdefault("rope_theta", rope["rope_theta"])
@@ -221,7 +255,7 @@ def write_tiny_checkpoint(
     _redraw_weights(model, seed=seed)
     model = model.to(dtype)
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
-    _add_legacy_config_keys(out / "config.json")
+    _add_legacy_config_keys(out / "config.json", arch=arch)
     return out
 
 

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3")
+SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2")
+
+# Model types that are DeepSeek-V3's architecture under another name: Kimi K2's config.json says
+# `model_type: kimi_k2` (its remote code is DeepSeek-V3's; transformers loads it as DeepseekV3ForCausalLM).
+DEEPSEEK_V3_TYPES: Final = ("deepseek_v3", "kimi_k2")
 
 Scoring = Literal["softmax", "sigmoid"]
 
@@ -157,7 +161,14 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
             qk_norm=False,
             rope_interleave=False,
         )
-    # deepseek_v3
+    # deepseek_v3 and kimi_k2 (DEEPSEEK_V3_TYPES)
+    scoring = cfg.get("scoring_func", "sigmoid")
+    topk_method = cfg.get("topk_method", "noaux_tc")
+    if scoring != "sigmoid" or topk_method != "noaux_tc":
+        raise ConfigError(
+            f"scoring_func {scoring!r} with topk_method {topk_method!r} is not supported "
+            "(DeepSeek-V3's router: sigmoid, noaux_tc)"
+        )
     first_dense = int(cfg.get("first_k_dense_replace", 0))
     freq = int(cfg.get("moe_layer_freq", 1))
     rope_dim = int(cfg["qk_rope_head_dim"])

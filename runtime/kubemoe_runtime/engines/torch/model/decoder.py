@@ -1,4 +1,4 @@
-"""The decoder: Qwen3-MoE, Mixtral and DeepSeek-V3 as one pre-norm transformer with swappable parts.
+"""The decoder: Qwen3-MoE, Mixtral, DeepSeek-V3 and Kimi K2 as one pre-norm transformer with swappable parts.
 
 Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_down_EDF; 2F: gate and up side by side):
     B  batch rows (sequences in this step)    T  new tokens per row       S  attended key positions
@@ -12,6 +12,7 @@ Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_down_EDF; 2F:
     Mixtral      Attention + MoE(softmax top-K, renormalised)
     DeepSeek-V3  LatentAttention + MoE(sigmoid, group-limited, biased choice, shared expert);
                  dense MLP in the first `first_k_dense_replace` layers
+    Kimi K2      DeepSeek-V3's architecture (model_type kimi_k2): one expert group, so no group limit
 """
 
 from __future__ import annotations
