@@ -58,7 +58,7 @@ def _tiny(**config: Any) -> dict[str, Any]:
         (_tiny(hiddenSize=66, numAttentionHeads=4, headDim=None), "headDim"),
         (_tiny(numKeyValueHeads=3), "numKeyValueHeads"),
         (_tiny(expertsPerToken=9), "expertsPerToken"),
-        (_tiny(numDenseLayers=3), "numDenseLayers"),
+        (_tiny(numDenseLayers=4), "numDenseLayers"),  # tiny-moe has 3 layers
     ],
 )
 def test_the_reproduced_model_configs_are_refused_by_field(spec: dict[str, Any], field: str) -> None:
