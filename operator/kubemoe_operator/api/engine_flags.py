@@ -56,6 +56,63 @@ ALIASES: Final[dict[str, str]] = {
     "r": "node-rank",
 }
 
+# SGLang's server flags the plan sets (plan/command.py: sglang_command), with its own aliases; its parser is
+# argparse (prefixes and `=` as above). `--config` reads flags from a YAML file.
+SGLANG_PLAN_FLAGS: Final = (
+    "model-path",
+    "model",
+    "served-model-name",
+    "host",
+    "port",
+    "tp-size",
+    "tensor-parallel-size",
+    "dp-size",
+    "data-parallel-size",
+    "attn-dp-size",
+    "attention-data-parallel-size",
+    "enable-dp-attention",
+    "ep-size",
+    "expert-parallel-size",
+    "ep",
+    "pp-size",
+    "pipeline-parallel-size",
+    "nnodes",
+    "node-rank",
+    "dist-init-addr",
+    "nccl-init-addr",
+    "disaggregation-mode",
+    "disaggregation-transfer-backend",
+    "disaggregation-bootstrap-port",
+    "context-length",
+    "device",
+    "config",
+)
+SGLANG_ALIASES: Final[dict[str, str]] = {"tp": "tp-size", "dp": "dp-size"}
+
+# TGI's launcher (clap: exact long names, `=` values, and -p for --port) flags the plan sets
+# (plan/command.py: tgi_command), and the ones that would split or move the shards.
+TGI_PLAN_FLAGS: Final = (
+    "model-id",
+    "hostname",
+    "port",
+    "num-shard",
+    "sharded",
+    "max-input-tokens",
+    "max-input-length",
+    "max-total-tokens",
+    "master-addr",
+    "master-port",
+    "shard-uds-path",
+)
+TGI_ALIASES: Final[dict[str, str]] = {"p": "port"}
+
+FLAGS_BY_ENGINE: Final[dict[str, tuple[tuple[str, ...], dict[str, str]]]] = {
+    "vllm": (PLAN_FLAGS, ALIASES),
+    "torch": (PLAN_FLAGS, ALIASES),
+    "sglang": (SGLANG_PLAN_FLAGS, SGLANG_ALIASES),
+    "tgi": (TGI_PLAN_FLAGS, TGI_ALIASES),
+}
+
 FIX: Final = (
     "remove it: set roles.<role>.parallelism for the layout, spec.serving for KV transfer, "
     "spec.model for the model, spec.experts for redundant experts and their balancing; --config "
@@ -68,19 +125,20 @@ def normalised(arg: str) -> str:
     return arg.lstrip("-").split("=", 1)[0].split(".", 1)[0].replace("_", "-")
 
 
-def _owned(name: str) -> str | None:
+def _owned(name: str, engine: str = "vllm") -> str | None:
     """The plan-owned flag a normalised name equals or abbreviates (as itself or as an alias)."""
-    for flag in PLAN_FLAGS:
+    flags, aliases = FLAGS_BY_ENGINE[engine]
+    for flag in flags:
         if flag.startswith(name):
             return flag
-    for alias, flag in ALIASES.items():
+    for alias, flag in aliases.items():
         if alias.startswith(name):
             return flag
     return None
 
 
-def refusal(arg: str) -> str | None:
-    """Why user argument `arg` may not reach the engine; None when it may."""
+def refusal(arg: str, engine: str = "vllm") -> str | None:
+    """Why user argument `arg` may not reach `engine`; None when it may."""
     if not arg.startswith("-") or arg == "-":
         return None  # a value, or "-" (stdin), which argparse takes as a value
     if arg == "--":
@@ -88,10 +146,15 @@ def refusal(arg: str) -> str | None:
     name = normalised(arg)
     if not name:
         return f"{arg!r} names no flag."
+    aliases = FLAGS_BY_ENGINE[engine][1]
     flag = None
-    if not arg.startswith("--") and len(name) > 1 and name[0] in ALIASES:
-        flag = ALIASES[name[0]]  # -n2: a one-letter alias with its value attached
-    flag = flag or _owned(name) or (_owned(name.removeprefix("no-")) if name.startswith("no-") else None)
+    if not arg.startswith("--") and len(name) > 1 and name[0] in aliases:
+        flag = aliases[name[0]]  # -n2: a one-letter alias with its value attached
+    flag = (
+        flag
+        or _owned(name, engine)
+        or (_owned(name.removeprefix("no-"), engine) if name.startswith("no-") else None)
+    )
     if flag is None:
         return None
     if flag == "config":
@@ -102,10 +165,10 @@ def refusal(arg: str) -> str | None:
     )
 
 
-def extra_args_problems(extra_args: list[str], *, field: str) -> list[Problem]:
-    """One Problem per user argument that would set a flag the plan owns."""
+def extra_args_problems(extra_args: list[str], *, field: str, engine: str = "vllm") -> list[Problem]:
+    """One Problem per user argument that would set a flag the plan owns for `engine`."""
     return [
         Problem(field=f"{field}[{i}]", message=message, fix=FIX)
         for i, arg in enumerate(extra_args)
-        if (message := refusal(arg)) is not None
+        if (message := refusal(arg, engine)) is not None
     ]

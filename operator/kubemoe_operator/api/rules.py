@@ -4,6 +4,7 @@ the complete check, `api/engine_flags.py`; its CEL twin is a coarser first filte
 from __future__ import annotations
 
 from kubemoe_operator.api.engine_flags import extra_args_problems
+from kubemoe_operator.api.engines import engine_problems
 from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import RESERVED_LABEL_PREFIXES, Autoscaling, ModelDeploymentSpec
 
@@ -38,7 +39,10 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
                 fix="set router.replicas: 1 or more.",
             )
         )
-    problems += extra_args_problems(spec.engine.extra_args, field="spec.engine.extraArgs")
+    problems += extra_args_problems(
+        spec.engine.extra_args, field="spec.engine.extraArgs", engine=spec.engine.kind
+    )
+    problems += engine_problems(spec)
     for name, role in roles.items():
         path = f"spec.roles.{name}"
         par = role.parallelism

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubemoe_operator.api.base import ApiModel, cel, validations
+from kubemoe_operator.api.engines import EngineKind, cel_rules
 from kubemoe_operator.api.model_config import ModelConfig
 from kubemoe_operator.api.quantity import parse_quantity
 
@@ -80,10 +81,14 @@ class EngineSpec(ApiModel):
         )
     )
 
-    kind: Literal["vllm", "torch"] = "vllm"
-    """vllm, or the built-in torch engine (CPU, tests, local mode)."""
+    kind: EngineKind = "vllm"
+    """vllm; sglang (SGLang's own server); tgi (Hugging Face TGI's launcher: one pod per group, tensor
+    parallelism only, colocated); or torch, kubemoe's built-in engine (cpu, tests, local mode). What
+    each supports is the admission table in the spec reference (api/engines.py)."""
     image: str | None = Field(None, max_length=512)
-    """Runtime container image; the operator's default when empty."""
+    """Container image of the serving pods; the operator's runtime image when empty (vllm, torch).
+    sglang and tgi need their own engine's image here (e.g. an SGLang or TGI release image); routers
+    keep the operator's runtime image, and an SGLang P/D router runs sglang-router from this image."""
     max_model_len: int | None = Field(None, ge=1)
     """Longest sequence (prompt + output) in tokens; defaults to the model's context length."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -106,8 +111,10 @@ class AcceleratorSpec(ApiModel):
 class KvTransferSpec(ApiModel):
     """How prefill hands its KV cache to decode."""
 
-    connector: Literal["nixl", "lmcache", "example"] = "nixl"
-    """nixl (NixlConnector), lmcache (LMCacheConnectorV1) or example (ExampleConnector; CPU, tests)."""
+    connector: Literal["nixl", "lmcache", "example", "mooncake"] = "nixl"
+    """nixl (vLLM's NixlConnector, SGLang's nixl transfer backend), lmcache (vLLM's LMCacheConnectorV1),
+    example (vLLM's ExampleConnector; CPU, tests) or mooncake (SGLang's mooncake transfer backend). The
+    torch engine moves KV its own way and ignores it."""
 
 
 class ServingSpec(ApiModel):
@@ -536,6 +543,7 @@ class ModelDeploymentSpec(ApiModel):
                 "disaggregated mode needs at least one router replica",
                 field_path=".router.replicas",
             ),
+            *cel_rules(),
         )
     )
 

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import Field
 
 from kubemoe_operator.api.base import ApiModel
+from kubemoe_operator.api.engines import EngineKind
 from kubemoe_operator.api.spec import RoleName
 
 
@@ -130,7 +131,7 @@ class Plan(ApiModel):
     source: str
     architecture: str
     reference: str
-    engine: Literal["vllm", "torch"]
+    engine: EngineKind
     dtype: str
     accelerator: str
     resource: str | None

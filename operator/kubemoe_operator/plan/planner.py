@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kubemoe_operator.api.engines import expert_default, support
 from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.api.quantity import parse_quantity
 from kubemoe_operator.api.resource import ModelDeployment
@@ -203,6 +204,34 @@ def suggest_parallelism(
     return None
 
 
+def suggest_tensor(
+    *, model: ModelFacts, gpu: GpuFacts, role: RoleSpec, per_pod: int, utilization: float, max_len: int
+) -> Parallelism | None:
+    """For engines without expert parallelism (tgi): the smallest tensor-parallel size within one pod
+    (dividing the attention heads and perPod) that fits with SUGGEST_HEADROOM_SEQUENCES of KV."""
+    for tp in _divisors(per_pod):
+        if model.num_attention_heads % tp:
+            continue
+        kv = model.num_key_value_heads
+        if not model.mla and kv % tp and tp % kv:
+            continue
+        par = Parallelism(tensor=tp, data=1, expert=1)
+        device = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=tp)
+        if device is None:
+            return None
+        sizing = _size(
+            model=model,
+            par=par,
+            device_gib=device,
+            utilization=utilization,
+            reserve_gib=gpu.reserve_gib,
+            max_len=max_len,
+        )
+        if sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len:
+            return par
+    return None
+
+
 REDUNDANT_FIELD = "spec.experts.redundant"
 EXPERTS_FIELD = "spec.experts"
 
@@ -349,7 +378,13 @@ def _plan_role(
     wanted = spec.experts.redundant if spec.experts is not None else 0
     eplb = vllm_eplb(spec)
 
+    engine = support(spec.engine.kind)
+
     def suggest() -> Parallelism | None:
+        if not engine.expert:
+            return suggest_tensor(
+                model=model, gpu=gpu, role=role, per_pod=per_pod, utilization=utilization, max_len=max_len
+            )
         return suggest_parallelism(
             model=model,
             gpu=gpu,
@@ -373,6 +408,17 @@ def _plan_role(
                     fix=f"lower experts.redundant, or set {path}.parallelism.",
                 )
             ]
+        if par is None and not engine.expert:
+            return None, [
+                Problem(
+                    field=f"{path}.parallelism",
+                    message=f"no tensor-parallel size within one pod (accelerator.perPod={per_pod}) fits"
+                    f" {model.name} on {gpu.name} with KV for {SUGGEST_HEADROOM_SEQUENCES} sequences of"
+                    f" {max_len} tokens, and engine {spec.engine.kind} serves a group from one pod.",
+                    fix=f"raise accelerator.perPod, use a larger accelerator or a smaller"
+                    f" engine.maxModelLen, or use {engine.instead} (groups over several pods).",
+                )
+            ]
         if par is None:
             return None, [
                 Problem(
@@ -386,6 +432,7 @@ def _plan_role(
         suggested = True
     else:
         suggested = False
+    par = expert_default(spec.engine.kind, par)
     problems = _check_shape(model=model, par=par, per_pod=per_pod, path=f"{path}.parallelism")
     if problems:
         return None, problems

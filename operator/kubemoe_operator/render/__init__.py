@@ -15,6 +15,7 @@ from kubemoe_operator.api.labels import LABEL_LEADER, ROUTER
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT, router_command
 from kubemoe_operator.plan.model import Plan
+from kubemoe_operator.render.engines import router_access, sglang_router, sglang_router_command
 from kubemoe_operator.render.names import (
     Owner,
     metadata,
@@ -69,11 +70,16 @@ def render(
     owner: Owner,
     image: str,
     pod_defaults: PodOptions | None = None,
+    runtime_image: str = "",
 ) -> list[dict[str, Any]]:
-    """Every child of the ModelDeployment `owner` for `plan`, in apply order. `pod_defaults`: the
-    operator's pod annotations, labels and image pull secrets, under spec.pod."""
+    """Every child of the ModelDeployment `owner` for `plan`, in apply order. `image`: the serving
+    pods' (spec.engine.image, or the operator's runtime image); `runtime_image`: the operator's
+    runtime image, which kubemoe's router runs (`image` when empty). `pod_defaults`: the operator's
+    pod annotations, labels and image pull secrets, under spec.pod."""
     options = merged(pod_defaults or PodOptions(), spec.pod)
-    ctx = PodContext(owner=owner.name, spec=spec, plan=plan, image=image, options=options)
+    ctx = PodContext(
+        owner=owner.name, spec=spec, plan=plan, image=image, options=options, router_image=runtime_image
+    )
     services = [headless_service(owner=owner, role=r.role) for r in plan.roles]
     budgets = [
         disruption_budget(owner=owner, name=workload_name(owner.name, r.role), role=r.role)
@@ -81,8 +87,12 @@ def render(
     ]
     workloads = [role_workload(owner=owner, ctx=ctx, role=r) for r in plan.roles]
     router: list[dict[str, Any]] = []
+    access: list[dict[str, Any]] = []
     if plan.router.replicas > 0:
         argv = router_command(plan=plan, namespace=owner.namespace)
+        if sglang_router(plan):
+            argv = sglang_router_command(plan=plan, owner=owner.name, namespace=owner.namespace)
+            access = router_access(owner=owner)
         services.append(front_service(owner=owner, target_role=ROUTER))
         budgets.append(disruption_budget(owner=owner, name=router_name(owner.name), role=ROUTER))
         router.append(
@@ -97,4 +107,12 @@ def render(
     else:
         services.append(front_service(owner=owner, target_role=plan.roles[0].role))
     policies = network_policies(owner=owner, spec=spec, plan=plan)
-    return [plan_configmap(owner=owner, plan=plan), *policies, *services, *budgets, *workloads, *router]
+    return [
+        plan_configmap(owner=owner, plan=plan),
+        *policies,
+        *access,
+        *services,
+        *budgets,
+        *workloads,
+        *router,
+    ]

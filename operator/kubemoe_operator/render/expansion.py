@@ -3,15 +3,20 @@
 The kubelet expands `$(VAR)` in a container's command and args (and turns `$$` into `$`), so an
 extraArgs entry, model name or path that holds `$(...)` would reach the process changed, or carrying
 another variable's value. Every `$` is doubled, which the kubelet turns back into the `$` written; the
-one reference the operator means to expand, LeaderWorkerSet's $(LWS_LEADER_ADDRESS) after
---data-parallel-address, is kept.
+references the operator means to expand are kept: LeaderWorkerSet's $(LWS_LEADER_ADDRESS) after
+--data-parallel-address (vLLM) and in --dist-init-addr (SGLang), and $(LWS_WORKER_INDEX) after
+--node-rank (SGLang).
 """
 
 from __future__ import annotations
 
-from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS
+from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS, LWS_WORKER_INDEX, SGLANG_DIST_INIT_PORT
 
-OPERATOR_REFERENCES = {"--data-parallel-address": LWS_LEADER_ADDRESS}
+OPERATOR_REFERENCES = {
+    "--data-parallel-address": LWS_LEADER_ADDRESS,
+    "--dist-init-addr": f"{LWS_LEADER_ADDRESS}:{SGLANG_DIST_INIT_PORT}",
+    "--node-rank": LWS_WORKER_INDEX,
+}
 
 
 def literal(value: str) -> str:

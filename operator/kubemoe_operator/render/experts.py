@@ -47,7 +47,7 @@ def eplb_config(*, redundant: int, interval_seconds: int) -> str:
 
 def expert_args(spec: ModelDeploymentSpec, role: RolePlan) -> list[str]:
     """The engine flags spec.experts sets for `role`: none unless it is expert-parallel."""
-    if spec.experts is None or not role.expert_parallel:
+    if spec.experts is None or not role.expert_parallel or spec.engine.kind not in ("vllm", "torch"):
         return []
     if spec.engine.kind == "vllm":
         interval = spec.experts.rebalance.interval_seconds

@@ -12,12 +12,20 @@ from kubemoe_operator.api.labels import LABEL_GROUP, LABEL_LEADER
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
+from kubemoe_operator.render.engines import (
+    bootstrap,
+    engine_env,
+    own_probes,
+    own_server,
+    sglang_router,
+    sglang_router_probes,
+)
 from kubemoe_operator.render.expansion import container_argv
 from kubemoe_operator.render.experts import expert_args, expert_volumes, with_expert_args
 from kubemoe_operator.render.filesystem import security_context, writable_dirs
 from kubemoe_operator.render.kv_key import kv_key_env
 from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, drains, pod_termination
-from kubemoe_operator.render.names import labels, workload_name
+from kubemoe_operator.render.names import labels, router_name, workload_name
 from kubemoe_operator.render.placement import placement
 from kubemoe_operator.render.pod_options import with_options
 from kubemoe_operator.render.probes import engine_probes, router_probes
@@ -43,6 +51,9 @@ class PodContext:
     image: str
     options: PodOptions
     """Annotations, labels and image pull secrets of every pod (pod_options.merged)."""
+    router_image: str = ""
+    """The router's image when it is kubemoe's router; `image` when empty. (sglang-router, SGLang's
+    P/D router, comes with the SGLang image, `image`.)"""
 
 
 def metric_label_env(*, owner: str, role: RolePlan) -> list[dict[str, Any]]:
@@ -71,6 +82,8 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     Both are probed: a worker answers /health and /ready for its own ranks. Only a pod that drains
     (lifecycle.drains) gets the preStop sleep, the drain timeout and the longer grace period. Every
     pod of an expert-parallel group gets spec.experts' flags (and the torch engine's placement file)."""
+    if own_server(ctx.plan):
+        return own_server_pod_template(ctx=ctx, role=role, pod=pod)
     draining = drains(leader=pod.leader)
     env, volumes, mounts = source_mounts(ctx.spec)
     experts_volumes, experts_mounts = expert_volumes(owner=ctx.owner, spec=ctx.spec, role=role)
@@ -113,6 +126,45 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
 
 
+def own_server_pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, Any]:
+    """A pod of an engine that is its own server (render/engines.py): the engine's command, its
+    /health probes, the model source and writable directories; none of the runtime's own settings
+    (metric labels, drain timeout, KV hand-off key), which such a server does not read."""
+    env, volumes, mounts = source_mounts(ctx.spec)
+    dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
+    bootstrap_ports, annotations = bootstrap(ctx.plan, role.role)
+    pod_sc, container_sc = security_context()
+    argv = container_argv(pod.command)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": ctx.image,
+        "command": argv[:1],
+        "args": argv[1:],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}, *bootstrap_ports],
+        "resources": container_resources(spec=ctx.spec, plan=ctx.plan, role=role),
+        "securityContext": container_sc,
+        "volumeMounts": [*mounts, *dirs_mounts],
+        "env": [*dirs_env, *engine_env(ctx.plan), *env],
+        **own_probes(),
+        **(container_lifecycle() if pod.leader else {}),
+    }
+    pod_labels = labels(ctx.owner, role.role)
+    pod_labels[LABEL_GROUP] = workload_name(ctx.owner, role.role)
+    pod_labels[LABEL_LEADER] = "true" if pod.leader else "false"
+    metadata: dict[str, Any] = {"labels": pod_labels}
+    if annotations:
+        metadata["annotations"] = annotations
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": pod_sc,
+        "volumes": [*volumes, *dirs_volumes],
+        "enableServiceLinks": False,
+        **(pod_termination() if pod.leader else {}),
+        **placement(ctx.spec, ctx.plan, accelerator=True),
+    }
+    return with_options({"metadata": metadata, "spec": spec}, ctx.options)
+
+
 def api_keys(secret: str | None) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
     """(args, volumes, volumeMounts) giving the router its API keys from `secret` (none without one).
     A mounted file rather than an environment variable: the router re-reads it when the kubelet
@@ -131,13 +183,16 @@ def api_keys(secret: str | None) -> tuple[list[str], list[dict[str, Any]], list[
 
 
 def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[str, Any]:
-    """The router's pod: CPU only, same image, no accelerator placement."""
+    """The router's pod: CPU only, no accelerator placement; kubemoe's router (the runtime image), or
+    for SGLang P/D sglang-router (the SGLang image), which reads pods through its ServiceAccount."""
+    if sglang_router(ctx.plan):
+        return sglang_router_pod_template(ctx=ctx, argv=argv, role=role)
     pod_sc, container_sc = security_context()
     key_args, key_volumes, key_mounts = api_keys(ctx.spec.router.api_key_secret)
     argv = container_argv([*argv, *key_args])
     container: dict[str, Any] = {
         "name": role,
-        "image": ctx.image,
+        "image": ctx.router_image or ctx.image,
         "command": argv[:1],
         "args": argv[1:],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
@@ -160,4 +215,34 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
     }
     if key_volumes:
         spec["volumes"] = key_volumes
+    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
+
+
+def sglang_router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[str, Any]:
+    """sglang-router's pod (render/engines.py): the SGLang image, its ServiceAccount's token mounted
+    (its service discovery reads the namespace's pods), the preStop sleep and grace period."""
+    pod_sc, container_sc = security_context()
+    argv = container_argv(argv)
+    container: dict[str, Any] = {
+        "name": role,
+        "image": ctx.image,
+        "command": argv[:1],
+        "args": argv[1:],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "resources": router_resources(ctx.spec),
+        "securityContext": container_sc,
+        **sglang_router_probes(),
+        **container_lifecycle(),
+    }
+    pod_labels = labels(ctx.owner, role)
+    pod_labels[LABEL_LEADER] = "true"
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "serviceAccountName": router_name(ctx.owner),
+        "automountServiceAccountToken": True,
+        "securityContext": pod_sc,
+        "enableServiceLinks": False,
+        **pod_termination(),
+        **placement(ctx.spec, ctx.plan, accelerator=False),
+    }
     return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)

@@ -8,6 +8,7 @@ from kubemoe_operator.api.labels import LABEL_LEADER
 from kubemoe_operator.api.spec import ModelDeploymentSpec
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
+from kubemoe_operator.render.engines import any_sglang_worker
 from kubemoe_operator.render.names import Owner, metadata, selector, workload_name
 from kubemoe_operator.render.pods import PodContext, pod_template
 
@@ -18,7 +19,10 @@ LWS_KIND = "LeaderWorkerSet"
 def any_worker(pod: PodPlan) -> PodPlan:
     """One template serves every worker of a group, so its start rank cannot be a number: with
     `--data-parallel-start-rank auto` the runtime takes LWS_WORKER_INDEX x --data-parallel-size-local
-    (every pod of a group runs the same number of local ranks; the planner guarantees it)."""
+    (every pod of a group runs the same number of local ranks; the planner guarantees it). SGLang's
+    pods differ by --node-rank, the worker index (engines.any_sglang_worker)."""
+    if "--node-rank" in pod.command:
+        return any_sglang_worker(pod)
     argv = list(pod.command)
     argv[argv.index("--data-parallel-start-rank") + 1] = "auto"
     return pod.model_copy(update={"command": argv})

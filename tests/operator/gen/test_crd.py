@@ -78,7 +78,10 @@ def test_cel_rules_are_present() -> None:
         for path, node in _nodes(_schema())
         if "x-kubernetes-validations" in node
     }
-    assert len(rules[".spec"]) == 3
+    from kubemoe_operator.api.engines import cel_rules  # the admission table's (issue #18)
+
+    assert len(rules[".spec"]) == 3 + len(cel_rules())
+    assert any("self.engine.kind != 'tgi'" in r for r in rules[".spec"])
     assert any("minReplicas <= self.maxReplicas" in r for r in rules[".spec.roles.decode.autoscaling"])
     assert any("self.expert" in r for r in rules[".spec.roles.prefill.parallelism"])
     assert ".spec.engine" in rules

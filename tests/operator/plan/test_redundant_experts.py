@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.cli.tables import render_table
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
-from tests.operator.helpers import REPO, manifest
+from tests.operator.helpers import BASE, REPO, manifest
 
 FIELD = "spec.experts.redundant"
 TORCH = {"kind": "torch", "maxModelLen": 8192}
+
+
+def planned_torch(**spec: object) -> Plan:
+    """BASE (Qwen3-30B-A3B on H100, hf://) planned for the torch engine, the admission table's rules
+    (torch: cpu and pvc:// or file:// only, api/engines.py) skipped: the planner's memory sums only."""
+    data = copy.deepcopy(BASE)
+    data["spec"].update(copy.deepcopy(spec))
+    data["spec"]["engine"] = {**TORCH, **data["spec"].get("engine", {})}
+    return plan_manifest(ModelDeployment.model_validate(data))
 
 
 def planned(**spec: object) -> Plan:
@@ -34,7 +46,7 @@ def test_absent_is_todays_layout() -> None:
         assert role.memory.redundant_weights_gib == 0
     # redundant 0 by default: on the torch engine nothing changes (on vLLM its balancer's buffers
     # do, test_vllm_eplb.py)
-    assert planned(engine=TORCH, experts={}) == planned(engine=TORCH)
+    assert planned_torch(experts={}) == planned_torch()
     assert "redundant" not in render_table(plain)
 
 
@@ -75,7 +87,7 @@ def test_the_plan_table_shows_the_slots() -> None:
     assert decode.memory.eplb_buffers_gib > 0
     assert "vLLM EPLB buffers = " in table
     assert "KV = memory x utilisation - reserve - weights - EPLB buffers." in table
-    assert "vLLM EPLB buffers" not in render_table(planned(engine=TORCH, experts={"redundant": 8}))
+    assert "vLLM EPLB buffers" not in render_table(planned_torch(experts={"redundant": 8}))
     assert "decode: 8 redundant expert slots per group, 34 expert slots per rank (32 own + 2 copies" in table
 
 

@@ -11,12 +11,23 @@ import yaml
 
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
-from tests.operator.helpers import REPO, manifest
+from tests.operator.helpers import BASE, REPO, manifest
 
 GIB = 1024**3
 TORCH = {"kind": "torch", "maxModelLen": 8192}
+
+
+def planned_torch(**spec: object) -> Plan:
+    """BASE (Qwen3-30B-A3B on H100, hf://) planned for the torch engine, the admission table's rules
+    (torch: cpu and pvc:// or file:// only, api/engines.py) skipped: the planner's memory sums only."""
+    data = copy.deepcopy(BASE)
+    data["spec"].update(copy.deepcopy(spec))
+    data["spec"]["engine"] = {**TORCH, **data["spec"].get("engine", {})}
+    return plan_manifest(ModelDeployment.model_validate(data))
+
 
 # BASE's model, Qwen3-30B-A3B (its config.json): 48 layers, every one MoE, 128 routed experts of a gated
 # FFN 2048 -> 768 -> 2048, bf16.
@@ -35,7 +46,7 @@ def expected_buffers_gib(*, ep: int, redundant: int) -> float:
 
 
 def test_vllm_roles_count_the_balancers_buffers_and_torch_roles_do_not() -> None:
-    vllm, torch = planned(experts={"redundant": 8}), planned(engine=TORCH, experts={"redundant": 8})
+    vllm, torch = planned(experts={"redundant": 8}), planned_torch(experts={"redundant": 8})
     for name, ep in (("prefill", 2), ("decode", 4)):
         v, t = vllm.role(name).memory, torch.role(name).memory
         assert t.eplb_buffers_gib == 0
@@ -77,7 +88,7 @@ def test_the_note_gives_the_interval_in_vllms_engine_steps(interval: int | None,
     assert f"every {steps} engine steps" in note
     assert f"intervalSeconds={interval or 600}" in note
     assert "minImprovement does not apply" in note
-    assert not any("vLLM balances" in n for n in planned(engine=TORCH, experts={"redundant": 8}).notes)
+    assert not any("vLLM balances" in n for n in planned_torch(experts={"redundant": 8}).notes)
 
 
 def test_buffers_that_leave_no_sequence_of_kv_are_refused_naming_spec_experts() -> None:
@@ -91,7 +102,7 @@ def test_buffers_that_leave_no_sequence_of_kv_are_refused_naming_spec_experts() 
     assert "vLLM's expert load balancing (EPLB)" in problem.message
     assert f"less than one sequence of maxModelLen={tightest}" in problem.message
     assert "remove experts" in problem.fix
-    planned(engine={"kind": "torch", "maxModelLen": tightest}, experts={})  # torch has no such buffers
+    planned_torch(engine={"maxModelLen": tightest}, experts={})  # torch has no such buffers
 
 
 def tiny(**engine: Any) -> dict[str, Any]:
