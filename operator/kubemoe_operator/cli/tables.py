@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kubemoe_operator.api.engines import describe, support
 from kubemoe_operator.grid import grid
 from kubemoe_operator.plan.model import Plan, RolePlan
 
@@ -41,6 +42,8 @@ def render_table(plan: Plan) -> str:
         + f", accelerator {plan.accelerator}, router {plan.router.replicas}x {plan.router.policy}",
         f"  layout {plan.layout}: {plan.devices} {'GPUs' if plan.resource else 'rank processes'}"
         f" in {plan.pods} pods",
+        f"  {plan.engine} supports: "
+        + "; ".join(f"{what} {value}" for what, value in describe(support(plan.engine))[:10]),
         "",
     ]
     header = [
