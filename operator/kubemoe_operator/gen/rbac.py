@@ -9,7 +9,12 @@ Why each rule:
 - configmaps, services, networkpolicies, poddisruptionbudgets, deployments, leaderworkersets: the
   children: listed by label (observe), watched (kopf re-reconciles the owner), server-side
   applied (patch; create when applying a new object) and deleted (prune).
-- pods: listed to explain Pending / failing pods in conditions.
+- pods: listed to explain Pending / failing pods in conditions, and to find group leaders (the
+  autoscaler, the rebalancer); patched with a deletion cost; get/watch only because the Role
+  below grants them and Kubernetes lets no one grant what it does not hold.
+- serviceaccounts, roles, rolebindings: the children of an SGLang P/D deployment, whose
+  sglang-router discovers its pods through the API (render/engines.py: get/list/watch pods in the
+  namespace, nothing else).
 - secrets (create only): the KV hand-off key of a disaggregated deployment (render/kv_key.py),
   made once; the operator never reads a Secret.
 - events: an Event per decision, created, then patched (count, lastTimestamp) when the same or
@@ -41,7 +46,14 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": CHILD_VERBS},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILD_VERBS},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]},  # patch: deletion cost
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": CHILD_VERBS},
+    {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["roles", "rolebindings"],
+        "verbs": CHILD_VERBS,
+    },
+    # list: observe; patch: deletion cost; get and watch: held so that sglang-router's Role may grant them
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
 ]

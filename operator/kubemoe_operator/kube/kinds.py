@@ -7,9 +7,10 @@ from typing import Any
 
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Pod, Service
+from lightkube.resources.core_v1 import ConfigMap, Pod, Service, ServiceAccount
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
+from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 
 from kubemoe_operator.api.resource import GROUP, KIND, PLURAL, VERSION
 
@@ -32,6 +33,10 @@ class ChildKind:
 
 CHILD_KINDS: tuple[ChildKind, ...] = (
     ChildKind("v1", "ConfigMap", "configmaps", ConfigMap),
+    # sglang-router's identity for SGLang P/D (render/engines.py): it reads the role's pods
+    ChildKind("v1", "ServiceAccount", "serviceaccounts", ServiceAccount),
+    ChildKind("rbac.authorization.k8s.io/v1", "Role", "roles", Role),
+    ChildKind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", RoleBinding),
     ChildKind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", NetworkPolicy),
     ChildKind("v1", "Service", "services", Service),
     ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", PodDisruptionBudget),

@@ -215,6 +215,7 @@ async def reconcile(
             owner=owner,
             image=spec.engine.image or context.image,
             pod_defaults=context.pod_defaults,
+            runtime_image=context.image,  # kubemoe's router runs ours, whatever engine.image is
         )
     except Exception as err:  # as for planning: this object reports it, the operator goes on
         log.exception("rendering %s/%s failed", namespace, name)

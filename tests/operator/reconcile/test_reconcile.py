@@ -184,3 +184,28 @@ async def test_a_deleted_kv_key_secret_is_made_again_once_a_pod_needs_it(settled
     made = settled.get("Secret", NS, "t-kv-key")
     assert made["stringData"]["key"] != key, "a new random key"
     assert made["metadata"]["ownerReferences"][0]["uid"] == UID
+
+
+async def test_kubemoes_router_runs_the_operators_image_whatever_the_engines_image() -> None:
+    """SGLang colocated: the workers run engine.image (SGLang's own server), kubemoe's router the
+    operator's runtime image (it is not in the engine's)."""
+    spec = yaml.safe_load((REPO / "examples" / "engines" / "sglang-qwen3-30b.yaml").read_text())["spec"]
+    kube = MemoryKube()
+    await run(kube, spec)
+    images = {
+        name: [c["image"] for c in kube.get(kind, NS, name)["spec"]["template"]["spec"]["containers"]]
+        for kind, name in kube.kinds(NS)
+        if kind == "Deployment"
+    }
+    assert images["t-router"] == ["runtime:test"]
+    assert images["t-worker"] == [spec["engine"]["image"]]
+
+
+async def test_sglang_pd_creates_the_routers_identity() -> None:
+    spec = yaml.safe_load((REPO / "examples" / "engines" / "sglang-deepseek-v3.yaml").read_text())["spec"]
+    kube = MemoryKube()
+    await run(kube, spec)
+    kinds = {k for k, _ in kube.kinds(NS)}
+    assert {"ServiceAccount", "Role", "RoleBinding"} <= kinds
+    role = kube.get("Role", NS, "t-router")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
