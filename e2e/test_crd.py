@@ -10,15 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from e2e.cluster.handle import Cluster
+from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.plan.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_NAME = "modeldeployments.kubemoe.io"
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = sorted([*(REPO / "examples").glob("*.yaml"), *(REPO / "examples" / "engines").glob("*.yaml")])
 INVALID = sorted((REPO / "examples" / "invalid").glob("*.yaml"))
+PLANNED_INVALID = sorted((REPO / "examples" / "invalid" / "planned").glob("*.yaml"))
+"""Manifests the API server admits (their rule needs the plan) and the planner refuses."""
 
 
 def expected_field(path: Path) -> str:
@@ -61,6 +66,19 @@ def test_invalid_manifest_is_rejected_naming_the_field(
     )
     assert proc.returncode != 0, f"{path.name} was accepted:\n{proc.stdout}"
     assert expected_field(path) in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("path", PLANNED_INVALID, ids=lambda p: p.stem)
+def test_a_rule_that_needs_the_plan_is_admitted_then_refused_by_the_planner(
+    crd_installed: Cluster, namespace: str, path: Path
+) -> None:
+    proc = crd_installed.kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", str(path), check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(ManifestError) as refused:
+        plan_manifest(parse_manifest(yaml.safe_load(path.read_text())))
+    assert any(p.field.startswith(expected_field(path)) for p in refused.value.problems), refused.value
 
 
 def test_defaults_status_and_printer_columns(crd_installed: Cluster, namespace: str) -> None:
