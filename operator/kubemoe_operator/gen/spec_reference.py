@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubemoe_operator.api.engines import ENGINES, describe
 from kubemoe_operator.gen.crd import crd
 
 
@@ -92,9 +93,29 @@ def reference() -> str:
         "Generated from the pydantic models by `make crds`; do not edit by hand.",
         "Every field is camelCase; unknown fields are rejected.",
     ]
+    out += _engines()
     for part in ("spec", "status"):
         _sections(part, schema["properties"][part], out)
     return "\n".join(out) + "\n"
+
+
+def _engines() -> list[str]:
+    """What each engine.kind supports (api/engines.py: the same table the CRD's rules and the planner
+    enforce, and `kubemoe plan` prints)."""
+    rows = [describe(e) for e in ENGINES]
+    out = [
+        "",
+        "## Engines",
+        "",
+        "What each `engine.kind` supports; a manifest asking for more is refused by the API server or",
+        "reported as `Planned=False`, naming the field and the fix.",
+        "",
+        "| | " + " | ".join(f"`{e.kind}`" for e in ENGINES) + " |",
+        "|---|" + "---|" * len(ENGINES),
+    ]
+    for i, (what, _) in enumerate(rows[0]):
+        out.append(f"| {what} | " + " | ".join(_cell(row[i][1]) for row in rows) + " |")
+    return out
 
 
 if __name__ == "__main__":
