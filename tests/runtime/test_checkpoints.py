@@ -21,8 +21,14 @@ def test_checkpoint_is_sharded_hf_layout(checkpoints: dict[str, Path], arch: str
     cfg = ModelConfig.load(ckpt)
     assert cfg.arch == arch
     assert any(cfg.moe_layers)
-    experts = [n for n in index["weight_map"] if ".experts.0." in n]
-    assert experts, "routed experts are stored one tensor per expert, as on the Hub"
+    if cfg.fused_experts:  # Llama 4, as on the Hub: a MoE layer's experts in two tensors
+        fused = [
+            n for n in index["weight_map"] if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        ]
+        assert len(fused) == 2 * sum(cfg.moe_layers)
+    else:
+        experts = [n for n in index["weight_map"] if ".experts.0." in n]
+        assert experts, "routed experts are stored one tensor per expert, as on the Hub"
 
 
 def test_deepseek_checkpoint_uses_mla_shared_expert_and_group_routing(checkpoints: dict[str, Path]) -> None:

@@ -32,7 +32,7 @@ def test_routed_expert_id_ignores_shared_experts() -> None:
     assert routed_expert_id("model.layers.3.mlp.gate.weight") is None
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "llama4_text"])
 def test_each_ep_rank_reads_half_the_routed_expert_bytes(checkpoints: dict[str, Path], arch: str) -> None:
     ckpt = checkpoints[arch]
     cfg = ModelConfig.load(ckpt)

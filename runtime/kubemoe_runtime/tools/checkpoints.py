@@ -15,6 +15,11 @@ Kimi K2 is DeepSeek-V3's architecture under its own model type: its checkpoint i
 DeepseekV3ForCausalLM (as transformers loads Kimi K2) with Kimi's routing (one expert group, sigmoid,
 routed_scaling_factor 2.827), and its config.json says `model_type: kimi_k2`, as the Hub's does.
 
+Llama 4 is its text model alone (Llama4ForCausalLM, `model_type: llama4_text`; the Hub's checkpoints are
+Llama4ForConditionalGeneration, the same language model beside a vision encoder), sized so that every
+per-layer variant shows within a short prompt: MoE every other layer, a layer without rotary embeddings,
+attention chunks of 8 positions, temperature tuning from position 3 on, Llama 3 rope scaling.
+
 Usage:  python -m kubemoe_runtime.tools.checkpoints OUT_DIR --arch qwen3_moe
 """
 
@@ -29,7 +34,7 @@ from typing import Any, Final
 
 import torch
 
-ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2")
+ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "llama4_text")
 
 SPECIAL_TOKENS: Final = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -194,14 +199,49 @@ def tiny_config(arch: str, *, vocab_size: int, eos_token_id: int, pad_token_id: 
             rope_interleave=True,
             rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
         )
+    if arch == "llama4_text":
+        from transformers import Llama4TextConfig
+
+        llama4 = {k: v for k, v in common.items() if k != "moe_intermediate_size"}
+        return Llama4TextConfig(
+            **{**llama4, "intermediate_size": 32},  # one routed expert's (and the shared expert's) width
+            intermediate_size_mlp=96,  # the dense layers'
+            num_hidden_layers=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,  # MoE in layers 1 and 3 (Maverick's interleaving)
+            no_rope_layer_interval=3,  # layer 2 has no rotary embeddings
+            attention_chunk_size=8,
+            use_qk_norm=True,
+            attn_temperature_tuning=True,
+            floor_scale=4,
+            attn_scale=0.1,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                # With head_dim 32 some pairs keep their frequency, one is interpolated, the rest scaled.
+                "original_max_position_embeddings": 32,
+            },
+        )
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
 def _model_class(arch: str) -> Any:
     import transformers
 
-    names = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
-    return getattr(transformers, names.get(arch, "DeepseekV3ForCausalLM"))
+    names = {
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM",
+        "kimi_k2": "DeepseekV3ForCausalLM",  # Kimi K2 is DeepSeek-V3's architecture
+        "llama4_text": "Llama4ForCausalLM",
+    }
+    return getattr(transformers, names[arch])
 
 
 def _redraw_weights(model: torch.nn.Module, *, seed: int) -> None:

@@ -3,6 +3,11 @@
 config.json spells the same idea differently per family (`num_experts`, `num_local_experts`,
 `n_routed_experts`; `rope_theta` at the top level or inside `rope_parameters`) and across transformers
 versions. `ModelConfig.from_dict` is the one place that knows those spellings.
+
+Llama 4's text model (`model_type: llama4_text`, transformers' Llama4ForCausalLM) is read as transformers'
+Llama4TextConfig reads it, defaults included: MoE layers every `interleave_moe_layer_step` (or the
+`moe_layers` list), layers without rotary embeddings every `no_rope_layer_interval` (`no_rope_layers`:
+1 where a layer HAS rotary embeddings), chunked attention in the layers with them (`layer_types`).
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2")
+SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "llama4_text")
 
 # Model types that are DeepSeek-V3's architecture under another name: Kimi K2's config.json says
 # `model_type: kimi_k2` (its remote code is DeepSeek-V3's; transformers loads it as DeepseekV3ForCausalLM).
 DEEPSEEK_V3_TYPES: Final = ("deepseek_v3", "kimi_k2")
 
-Scoring = Literal["softmax", "sigmoid"]
+Scoring = Literal["softmax", "sigmoid", "sigmoid_top"]
+"""How the gate weighs experts: softmax over all, then top-K (Qwen3-MoE, Mixtral); sigmoid, biased and
+group-limited choice (DeepSeek-V3, Kimi K2); sigmoid of each of the top-K logits (Llama 4)."""
 
 
 class ConfigError(ValueError):
@@ -66,10 +73,27 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # Llama 3 rope scaling (Llama 4): factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings; None: plain rotary frequencies.
+    rope_llama3: tuple[float, float, float, float] | None = None
+    # Llama 4; empty / off elsewhere.
+    nope_layers: tuple[int, ...] = ()  # layers without rotary embeddings
+    chunked_layers: tuple[int, ...] = ()  # layers attending only within their chunk of positions
+    attention_chunk_size: int = 0
+    qk_l2_norm: bool = False  # queries and keys L2-normalised (no weight) after rotary, in rotary layers
+    attn_temperature_tuning: bool = False  # no-rotary layers scale queries up with the position
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    expert_input_weighted: bool = False  # the routing weight scales an expert's input, not its output
 
     @property
     def uses_mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    @property
+    def fused_experts(self) -> bool:
+        """Each MoE layer stores every routed expert in two tensors (Llama 4), not three per expert."""
+        return self.arch == "llama4_text"
 
     @classmethod
     def load(cls, model_dir: Path | str) -> ModelConfig:
@@ -102,9 +126,18 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
     hidden = int(cfg["hidden_size"])
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ConfigError(f"rope type {rope_type!r} is not supported yet (only default RoPE)")
-    rope_theta = float(_first(cfg, "rope_theta", default=rope.get("rope_theta", 10000.0)))
+    if rope_type not in ("default", "llama3", None):
+        raise ConfigError(f"rope type {rope_type!r} is not supported yet (only default and llama3 RoPE)")
+    rope_llama3 = None
+    if rope_type == "llama3":
+        rope_llama3 = (
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            float(rope["original_max_position_embeddings"]),
+        )
+    default_theta = 500000.0 if arch == "llama4_text" else 10000.0  # transformers' defaults
+    rope_theta = float(_first(cfg, "rope_theta", default=rope.get("rope_theta", default_theta)))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     common: dict[str, Any] = {
@@ -121,6 +154,7 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
         "dtype": str(_first(cfg, "dtype", "torch_dtype", default="bfloat16")),
         "eos_token_ids": eos_ids,
         "top_k": int(cfg["num_experts_per_tok"]),
+        "rope_llama3": rope_llama3,
     }
     if arch == "qwen3_moe":
         n_experts = int(_first(cfg, "num_experts", "num_local_experts"))
@@ -161,6 +195,8 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
             qk_norm=False,
             rope_interleave=False,
         )
+    if arch == "llama4_text":
+        return _parse_llama4_text(cfg, common)
     # deepseek_v3 and kimi_k2 (DEEPSEEK_V3_TYPES)
     scoring = cfg.get("scoring_func", "sigmoid")
     topk_method = cfg.get("topk_method", "noaux_tc")
@@ -192,4 +228,57 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
         qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
         qk_rope_head_dim=rope_dim,
         v_head_dim=int(cfg["v_head_dim"]),
+    )
+
+
+def _parse_llama4_text(cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+    """Llama4TextConfig's reading of config.json (its __post_init__ defaults where a key is absent)."""
+    num_layers = int(cfg["num_hidden_layers"])
+    step = int(cfg.get("interleave_moe_layer_step", 1))
+    moe = cfg.get("moe_layers")
+    moe_set = set(range(step - 1, num_layers, step)) if moe is None else {int(i) for i in moe}
+    interval = int(cfg.get("no_rope_layer_interval", 4))
+    # no_rope_layers[i] is 1 where layer i HAS rotary embeddings (transformers' name); empty: the default.
+    rope_flags = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(rope_flags) != num_layers:
+        raise ConfigError(f"no_rope_layers has {len(rope_flags)} entries for {num_layers} layers")
+    chunk = cfg.get("attention_chunk_size")
+    layer_types = cfg.get("layer_types") or [
+        "chunked_attention" if flag and chunk is not None else "full_attention" for flag in rope_flags
+    ]
+    unknown = sorted(set(layer_types) - {"chunked_attention", "full_attention"})
+    if unknown or len(layer_types) != num_layers:
+        raise ConfigError(
+            f"layer_types {layer_types!r}: expected chunked_attention or full_attention for each layer"
+        )
+    chunked = tuple(i for i, kind in enumerate(layer_types) if kind == "chunked_attention")
+    chunk_size = int(chunk or 0)
+    if chunked and chunk_size <= 0:
+        raise ConfigError("layer_types has chunked_attention layers but attention_chunk_size is not set")
+    if cfg.get("attention_bias"):
+        raise ConfigError("attention_bias is not supported")
+    hidden, num_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    return ModelConfig(
+        **{**common, "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-5))},
+        head_dim=int(_first(cfg, "head_dim", default=hidden // num_heads)),
+        dense_intermediate_size=int(cfg["intermediate_size_mlp"]),
+        moe_intermediate_size=int(cfg["intermediate_size"]),
+        n_routed_experts=int(cfg["num_local_experts"]),
+        n_shared_experts=1,  # every Llama 4 MoE layer has one shared expert of the routed experts' size
+        moe_layers=tuple(i in moe_set for i in range(num_layers)),
+        scoring="sigmoid_top",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        qk_norm=False,
+        rope_interleave=True,  # rotary pairs are adjacent dims (transformers' complex form)
+        nope_layers=tuple(i for i, flag in enumerate(rope_flags) if not flag),
+        chunked_layers=chunked,
+        attention_chunk_size=chunk_size if chunked else 0,
+        qk_l2_norm=bool(cfg.get("use_qk_norm", True)),
+        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+        floor_scale=float(cfg.get("floor_scale", 8192)),
+        attn_scale=float(cfg.get("attn_scale", 0.1)),
+        expert_input_weighted=True,
     )

@@ -6,6 +6,8 @@ index; model/placement.py), and for slot j holding expert e the checkpoint's
 `...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry j of `w_gate_up_E2FD` (gate rows,
 then up rows), and `{down_proj|w2}` entry j of `w_down_EDF`. An expert in two slots is copied into both.
 Grouped-query attention's `q_proj`, `k_proj` and `v_proj` become one `qkv_proj` (their rows in that order).
+Fused experts (Llama 4) come as each expert's pieces (weights.py): `...experts.{e}.gate_up_proj` [D, 2F]
+(gate columns, then up) and `...experts.{e}.down_proj` [F, D], transposed into the same stacks.
 
 `expert_stacks` makes the stacked parameters before loading, with each expert tensor's place in them, so
 the loader reads experts straight into place (`load_rank_weights(into=...)`) and stacking copies nothing.
@@ -21,9 +23,11 @@ from typing import Final
 import torch
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.weights import routed_expert_names
 
 _LAYER: Final = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT: Final = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_FUSED_PIECE: Final = re.compile(r"^feed_forward\.experts\.(\d+)\.(gate_up_proj|down_proj)$")
 # checkpoint projection -> (stacked parameter, which of its parts)
 _STACKED: Final = {
     "gate_proj": ("w_gate_up_E2FD", 0),
@@ -57,6 +61,9 @@ def _layer_param(cfg: ModelConfig, layer: int, rest: str) -> str:
         ("mlp.gate." if moe else "\0", "ffn.router."),
         ("mlp.shared_experts.", "ffn.shared."),
         ("mlp.", "ffn."),
+        ("feed_forward.router.", "ffn.router."),
+        ("feed_forward.shared_expert.", "ffn.shared."),
+        ("feed_forward.", "ffn."),
     ):
         if rest.startswith(hf):
             return f"layers.{layer}.{ours}{rest[len(hf) :]}"
@@ -117,6 +124,15 @@ def to_engine_state_dict(
             e, (param, part) = int(expert.group(1)), _STACKED[expert.group(2)]
             parts_by_key[f"layers.{layer}.ffn.experts.{param}"][(e, part)] = tensor
             continue
+        piece = _FUSED_PIECE.match(rest)
+        if piece is not None:
+            e, experts_key = int(piece.group(1)), f"layers.{layer}.ffn.experts."
+            if piece.group(2) == "gate_up_proj":
+                gate_FD, up_FD = tensor.t().chunk(2)
+                parts_by_key[experts_key + "w_gate_up_E2FD"].update({(e, 0): gate_FD, (e, 1): up_FD})
+            else:
+                parts_by_key[experts_key + "w_down_EDF"][(e, 0)] = tensor.t()
+            continue
         key = _layer_param(cfg, layer, rest)
         if not cfg.uses_mla and (projection := _QKV.match(key)) is not None:
             qkv[projection.group(1)][projection.group(2)] = tensor
@@ -134,6 +150,19 @@ def to_engine_state_dict(
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out
+
+
+def routed_expert_weights(
+    tensors: dict[str, torch.Tensor], *, cfg: ModelConfig, layer: int, expert: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take (pop) one routed expert's checkpoint tensors from `tensors` and return it as the engine
+    stacks it: gate_up [2F, D] (gate rows, then up rows) and down [D, F]."""
+    names = routed_expert_names(cfg, layer, expert)
+    if cfg.fused_experts:
+        gate_up_D2F, down_FD = (tensors.pop(name) for name in names)
+        return gate_up_D2F.t().contiguous(), down_FD.t().contiguous()
+    gate, up, down = (tensors.pop(name) for name in names)
+    return torch.cat([gate, up]), down
 
 
 def _stack(

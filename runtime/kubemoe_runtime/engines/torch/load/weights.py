@@ -9,6 +9,12 @@ list of slot experts instead (`slots`); an expert a rank holds in two slots is r
 copies it into each slot). `load_expert_tensors` reads just some layers' routed experts: what a rank
 newly holds when the placement changes while it serves.
 
+Fused experts (Llama 4): a MoE layer stores all its experts in two tensors, `...experts.gate_up_proj`
+[E, D, 2F] and `...experts.down_proj` [E, F, D]. Expert e's part of each is one contiguous span of the
+tensor's bytes, so a rank still reads only its own experts: the loader names each expert's part a piece,
+`...experts.{e}.gate_up_proj` (`fused_source` maps it back), selects and reads pieces as it does any
+tensor, and validates the whole tensor's header entry.
+
 `load_rank_weights` plans from the index and the config, checks each shard's header (present, not
 truncated, every needed tensor present with the shape config.json implies and the checkpoint's dtype)
 before reading a byte of data, then reads only the selected tensors and reports the bytes it read.
@@ -56,8 +62,10 @@ __all__ = [
     "WeightLoadError",
     "checkpoint_shapes",
     "expert_range",
+    "fused_source",
     "load_expert_tensors",
     "load_rank_weights",
+    "loadable_names",
     "read_weight_map",
     "routed_expert_id",
     "routed_expert_names",
@@ -80,6 +88,8 @@ SAFETENSORS_DTYPES: Final[dict[str, torch.dtype]] = {
 }
 
 _ROUTED_EXPERT: Final = re.compile(r"\.experts\.(\d+)\.")
+_FUSED: Final = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)$")  # every expert of a layer
+_FUSED_PIECE: Final = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")  # one expert's part
 _LAYER_INDEX: Final = re.compile(r"^model\.layers\.(\d+)\.")
 
 # Tensors a checkpoint may keep in float32 whatever its main dtype (DeepSeek-V3 ships its routing bias so).
@@ -106,14 +116,45 @@ def routed_expert_id(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def routed_expert_names(cfg: ModelConfig, layer: int, expert: int) -> tuple[str, str, str]:
-    """The checkpoint names of routed expert `expert` of MoE layer `layer`: gate, up and down projections."""
-    if cfg.arch == "mixtral":
-        prefix, names = f"model.layers.{layer}.block_sparse_moe.experts.{expert}", ("w1", "w3", "w2")
-    else:
-        prefix, names = f"model.layers.{layer}.mlp.experts.{expert}", ("gate_proj", "up_proj", "down_proj")
-    gate, up, down = (f"{prefix}.{name}.weight" for name in names)
-    return gate, up, down
+def fused_source(name: str) -> tuple[str, int] | None:
+    """A fused expert tensor's piece (`...experts.3.gate_up_proj`: expert 3's part of
+    `...experts.gate_up_proj`) -> (the stored tensor's name, the expert); None for any other name."""
+    match = _FUSED_PIECE.match(name)
+    return (f"{match.group(1)}.{match.group(3)}", int(match.group(2))) if match else None
+
+
+def _stored(name: str) -> str:
+    """The checkpoint tensor that holds `name`'s bytes: itself, or a piece's fused tensor."""
+    source = fused_source(name)
+    return name if source is None else source[0]
+
+
+def loadable_names(expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What a rank chooses from: every checkpoint tensor, a fused expert tensor as one piece per expert."""
+    names: list[str] = []
+    for name, shape in expected.items():
+        fused = _FUSED.match(name)
+        if fused is None:
+            names.append(name)
+        else:
+            names += [f"{fused.group(1)}.{e}.{fused.group(2)}" for e in range(shape[0])]
+    return names
+
+
+def _ffn(cfg: ModelConfig, layer: int) -> str:
+    """The checkpoint prefix of a layer's MLP or MoE block."""
+    block = {"mixtral": "block_sparse_moe", "llama4_text": "feed_forward"}.get(cfg.arch, "mlp")
+    return f"model.layers.{layer}.{block}"
+
+
+def routed_expert_names(cfg: ModelConfig, layer: int, expert: int) -> tuple[str, ...]:
+    """The checkpoint names of routed expert `expert` of MoE layer `layer`: gate, up and down projections;
+    with fused experts (Llama 4) the expert's pieces of gate_up_proj and down_proj."""
+    prefix = f"{_ffn(cfg, layer)}.experts"
+    if cfg.fused_experts:
+        return f"{prefix}.{expert}.gate_up_proj", f"{prefix}.{expert}.down_proj"
+    names = ("w1", "w3", "w2") if cfg.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    return tuple(f"{prefix}.{expert}.{name}.weight" for name in names)
 
 
 def default_slots(cfg: ModelConfig, *, ep_rank: int, ep_size: int) -> dict[int, range]:
@@ -164,23 +205,26 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if cfg.qk_norm:
                 shapes[f"{a}.q_norm.weight"] = (hd,)
                 shapes[f"{a}.k_norm.weight"] = (hd,)
+        ffn = _ffn(cfg, i)
         if not cfg.moe_layers[i]:
-            mlp(f"{p}.mlp", cfg.dense_intermediate_size, ("gate_proj", "up_proj", "down_proj"))
+            mlp(ffn, cfg.dense_intermediate_size, ("gate_proj", "up_proj", "down_proj"))
             continue
-        moe = f"{p}.block_sparse_moe" if cfg.arch == "mixtral" else f"{p}.mlp"
-        shapes[f"{moe}.gate.weight"] = (cfg.n_routed_experts, d)
+        f, n = cfg.moe_intermediate_size, cfg.n_routed_experts
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        if cfg.fused_experts:  # Llama 4: a router, every expert in two tensors, one shared expert
+            shapes[f"{ffn}.router.weight"] = (n, d)
+            shapes[f"{ffn}.experts.gate_up_proj"] = (n, d, 2 * f)
+            shapes[f"{ffn}.experts.down_proj"] = (n, f, d)
+            mlp(f"{ffn}.shared_expert", shared, ("gate_proj", "up_proj", "down_proj"))
+            continue
+        shapes[f"{ffn}.gate.weight"] = (n, d)
         if cfg.scoring == "sigmoid":
-            shapes[f"{moe}.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
-        f = cfg.moe_intermediate_size
-        for e in range(cfg.n_routed_experts):
+            shapes[f"{ffn}.gate.e_score_correction_bias"] = (n,)
+        for e in range(n):
             gate, up, down = routed_expert_names(cfg, i, e)
             shapes[gate], shapes[up], shapes[down] = (f, d), (f, d), (d, f)
         if cfg.n_shared_experts:
-            mlp(
-                f"{moe}.shared_experts",
-                cfg.moe_intermediate_size * cfg.n_shared_experts,
-                ("gate_proj", "up_proj", "down_proj"),
-            )
+            mlp(f"{ffn}.shared_experts", shared, ("gate_proj", "up_proj", "down_proj"))
     return shapes
 
 
@@ -275,7 +319,7 @@ def load_rank_weights(
                 f"{root / INDEX_FILE}: tensor {name!r} is missing from the checkpoint index"
             )
     report.skipped_tensors = sorted(set(weight_map) - set(expected))
-    wanted = select_tensors(expected, experts=held, n_experts=cfg.n_routed_experts)
+    wanted = select_tensors(loadable_names(expected), experts=held, n_experts=cfg.n_routed_experts)
     tensors = _read_checked(
         root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, into=into, report=report
     )
@@ -303,13 +347,13 @@ def load_expert_tensors(
         return {}, report
     expected = checkpoint_shapes(cfg)
     for name in wanted:
-        if name not in expected:
+        if _stored(name) not in expected:
             raise WeightLoadError(f"{name!r} is not a routed expert tensor of this model")
     weight_map = read_weight_map(root)
     for name in wanted:
-        if name not in weight_map:
+        if _stored(name) not in weight_map:
             raise WeightLoadError(
-                f"{root / INDEX_FILE}: tensor {name!r} is missing from the checkpoint index"
+                f"{root / INDEX_FILE}: tensor {_stored(name)!r} is missing from the checkpoint index"
             )
     tensors = _read_checked(
         root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, into=None, report=report
@@ -328,35 +372,40 @@ def _read_checked(
     into: Mapping[str, torch.Tensor] | None,
     report: LoadReport,
 ) -> dict[str, torch.Tensor]:
-    """Check every shard header `wanted` needs, then read those tensors, counting them in `report`."""
+    """Check every shard header `wanted` needs, then read those tensors (a fused expert tensor's pieces: only
+    their spans), counting them in `report`."""
     checkpoint_dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(checkpoint_dtype, torch.dtype):
         raise WeightLoadError(f"{root / 'config.json'}: unknown dtype {cfg.dtype!r}")
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in wanted:
-        by_file[weight_map[name]].append(name)
+        by_file[weight_map[_stored(name)]].append(name)
 
     # Pass 1: validate every header before reading any data, so a bad shard fails fast and by name.
-    headers: dict[str, dict[str, TensorInfo]] = {}
+    headers: dict[str, dict[str, TensorInfo]] = {}  # by file: each wanted name's bytes
     for file_name, names in sorted(by_file.items()):
         path = root / file_name
-        infos = read_header(path, needed=names[0])
+        infos = read_header(path, needed=_stored(names[0]))
+        spans: dict[str, TensorInfo] = {}
         for name in names:
-            info = infos.get(name)
+            stored = _stored(name)
+            info = infos.get(stored)
             if info is None:
-                raise WeightLoadError(f"{path}: tensor {name!r} is missing (the index says it is here)")
-            if info.shape != expected[name]:
+                raise WeightLoadError(f"{path}: tensor {stored!r} is missing (the index says it is here)")
+            if info.shape != expected[stored]:
                 raise WeightLoadError(
-                    f"{path}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
-                    f"{list(expected[name])}"
+                    f"{path}: tensor {stored!r} has shape {list(info.shape)} but config.json implies "
+                    f"{list(expected[stored])}"
                 )
             dtype = SAFETENSORS_DTYPES.get(info.dtype)
-            allowed = _expected_dtype(name, checkpoint_dtype)
+            allowed = _expected_dtype(stored, checkpoint_dtype)
             if dtype not in allowed:
                 raise WeightLoadError(
-                    f"{path}: tensor {name!r} has dtype {info.dtype} but config.json says {cfg.dtype}"
+                    f"{path}: tensor {stored!r} has dtype {info.dtype} but config.json says {cfg.dtype}"
                 )
-        headers[file_name] = infos
+            source = fused_source(name)
+            spans[name] = info if source is None else _piece(info, source[1])
+        headers[file_name] = spans
 
     # Pass 2: read only the selected tensors.
     tensors: dict[str, torch.Tensor] = {}
@@ -371,6 +420,14 @@ def _read_checked(
                 report.routed_expert_bytes += infos[name].nbytes
         report.files.append(file_name)
     return tensors
+
+
+def _piece(info: TensorInfo, index: int) -> TensorInfo:
+    """Row `index` of a tensor (its first dimension): one contiguous span of its bytes."""
+    rows = info.shape[0]
+    size = info.nbytes // rows  # the header check made nbytes exactly rows x the rest
+    begin = info.begin + index * size
+    return TensorInfo(dtype=info.dtype, shape=info.shape[1:], begin=begin, end=begin + size)
 
 
 def _fits(dest: torch.Tensor | None, info: TensorInfo) -> bool:

@@ -1,4 +1,5 @@
-"""The decoder: Qwen3-MoE, Mixtral, DeepSeek-V3 and Kimi K2 as one pre-norm transformer with swappable parts.
+"""The decoder: Qwen3-MoE, Mixtral, DeepSeek-V3, Kimi K2 and Llama 4 (text) as one pre-norm transformer with
+swappable parts.
 
 Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_down_EDF; 2F: gate and up side by side):
     B  batch rows (sequences in this step)    T  new tokens per row       S  attended key positions
@@ -13,6 +14,9 @@ Shape-suffix legend (tensor names end in their dims, e.g. x_BTD, w_down_EDF; 2F:
     DeepSeek-V3  LatentAttention + MoE(sigmoid, group-limited, biased choice, shared expert);
                  dense MLP in the first `first_k_dense_replace` layers
     Kimi K2      DeepSeek-V3's architecture (model_type kimi_k2): one expert group, so no group limit
+    Llama 4      Attention(per layer: rotary + L2 q/k norm + chunked, or no rotary + temperature tuning)
+                 + MoE(sigmoid of the top-K logits scaling the experts' input, shared expert) every
+                 `interleave_moe_layer_step`-th layer; dense MLP (intermediate_size_mlp) in the others
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.attn: Attention | LatentAttention = LatentAttention(cfg) if cfg.uses_mla else Attention(cfg)
+        self.attn: Attention | LatentAttention = (
+            LatentAttention(cfg) if cfg.uses_mla else Attention(cfg, layer=layer)
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn: MoE | MLP = (
             MoE(cfg, ep=ep, placement=placement, layer=layer)
@@ -96,6 +102,8 @@ class Transformer(nn.Module):
             theta=cfg.rope_theta,
             dtype=x_BTD.dtype,
             cached=cache is not None,
+            llama3=cfg.rope_llama3,
+            chunk=cfg.attention_chunk_size or None,
         )
         for i, block in enumerate(self.blocks()):
             x_BTD = block(x_BTD, at=at, cache=cache.layers[i] if cache is not None else None)

@@ -15,13 +15,16 @@ from pathlib import Path
 import torch
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weight_map import expert_stacks, to_engine_state_dict
+from kubemoe_runtime.engines.torch.load.weight_map import (
+    expert_stacks,
+    routed_expert_weights,
+    to_engine_state_dict,
+)
 from kubemoe_runtime.engines.torch.load.weights import (
     LoadReport,
     checkpoint_shapes,
     load_expert_tensors,
     load_rank_weights,
-    routed_expert_names,
 )
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
@@ -160,10 +163,9 @@ class TorchEngine:
         for i, (layer, block) in enumerate(moe):
             if cancelled():
                 raise PlacementCancelled
-            fresh = {}
-            for e in wanted[layer]:
-                gate, up, down = (tensors.pop(name) for name in routed_expert_names(self.cfg, layer, e))
-                fresh[e] = (torch.cat([gate, up]), down)
+            fresh = {
+                e: routed_expert_weights(tensors, cfg=self.cfg, layer=layer, expert=e) for e in wanted[layer]
+            }
             route = SlotRoute.of_layer(placement, i, rank=rank)
             staged.append(block.experts.stage(placement.rank_slots(i, rank), route, fresh))
         return StagedPlacement(

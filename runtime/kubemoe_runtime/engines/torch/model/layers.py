@@ -1,11 +1,16 @@
 """Dense building blocks: RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query and latent attention.
 
+Grouped-query attention also takes Llama 4's per-layer variants: layers without rotary embeddings whose
+queries grow with the position (temperature tuning), queries and keys L2-normalised after rotary, and
+chunked attention (a query attends only keys of its own chunk of `attention_chunk_size` positions).
+
 Shape suffixes (see model.py for the full legend): B batch rows, T new tokens per row, S attended key
 positions, D hidden, H query heads, G key/value heads, C head dim, R rotary dims, L latent rank.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +47,31 @@ class MLP(nn.Module):
         return out
 
 
+def rope_inv_freq(
+    *, dim: int, theta: float, llama3: tuple[float, float, float, float] | None = None
+) -> torch.Tensor:
+    """Each rotary pair's angle per position, float32 [dim / 2]. `llama3` (factor, low_freq_factor,
+    high_freq_factor, original context): Llama 3's scaling, as transformers computes it — wavelengths
+    beyond the original context divided by `factor`, those within it by its high-frequency share kept,
+    those between interpolated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if llama3 is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, context = llama3
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high_freq_factor) * ~(wavelen > context / low_freq_factor)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_cos_sin(
-    pos_BT: torch.Tensor, *, dim: int, theta: float, dtype: torch.dtype
+    pos_BT: torch.Tensor, *, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation of each position, full width and ready to broadcast over heads: two [B, T, 1, dim],
     `cos` of each angle twice ([cos, cos]) and `sin` signed for the rotate-half form ([-sin, sin]);
-    the angles are computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    the angles are computed in float32 (`inv_freq`: rope_inv_freq)."""
     angles_BT1c = (pos_BT.float()[..., None] * inv_freq)[:, :, None]
     cos, sin = angles_BT1c.cos(), angles_BT1c.sin()
     return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
@@ -70,9 +93,13 @@ def apply_rope(
     return x_BTHC * cos + x_BTHC.roll(x_BTHC.shape[-1] // 2, dims=-1) * sin
 
 
-def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor) -> torch.Tensor:
-    """True where a query may attend a key: the key's position is not after the query's. [B, 1, T, S]."""
-    return (key_pos_BS[:, None, :] <= pos_BT[:, :, None])[:, None]
+def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+    """True where a query may attend a key: the key's position is not after the query's, and with `chunk`
+    both are in the same chunk of that many positions (Llama 4's chunked attention). [B, 1, T, S]."""
+    mask_BTS = key_pos_BS[:, None, :] <= pos_BT[:, :, None]
+    if chunk is not None:
+        mask_BTS &= key_pos_BS[:, None, :] // chunk == pos_BT[:, :, None] // chunk
+    return mask_BTS[:, None]
 
 
 @dataclass(frozen=True)
@@ -83,6 +110,7 @@ class Positions:
     cos_sin     rope_cos_sin(pos_BT)                 length     S, the cached positions to attend
     mask_B1TS   which keys each query may attend: positions 0 .. S-1 of its cache slot, or, without a
                 cache (length None), the step's own tokens
+    chunk_mask_B1TS  the same within each query's chunk of positions (chunked attention), or None
     rows        the slots as a slice when they are consecutive (decode's usual case): cache reads are then
                 views, not copies
     """
@@ -91,6 +119,7 @@ class Positions:
     slots_B: torch.Tensor
     cos_sin: tuple[torch.Tensor, torch.Tensor]
     mask_B1TS: torch.Tensor
+    chunk_mask_B1TS: torch.Tensor | None
     length: int | None
     rows: slice | None
 
@@ -104,7 +133,10 @@ class Positions:
         theta: float,
         dtype: torch.dtype,
         cached: bool,
+        llama3: tuple[float, float, float, float] | None = None,
+        chunk: int | None = None,
     ) -> Positions:
+        """`llama3`: Llama 3 rope scaling (rope_inv_freq); `chunk`: also make the chunked mask."""
         B = pos_BT.shape[0]
         length = int(pos_BT.max()) + 1 if cached else None
         key_pos_BS = pos_BT if length is None else torch.arange(length).expand(B, length)
@@ -113,18 +145,27 @@ class Positions:
         return cls(
             pos_BT=pos_BT,
             slots_B=slots_B,
-            cos_sin=rope_cos_sin(pos_BT, dim=rope_dim, theta=theta, dtype=dtype),
+            cos_sin=rope_cos_sin(
+                pos_BT, inv_freq=rope_inv_freq(dim=rope_dim, theta=theta, llama3=llama3), dtype=dtype
+            ),
             mask_B1TS=causal_mask(pos_BT, key_pos_BS),
+            chunk_mask_B1TS=None if chunk is None else causal_mask(pos_BT, key_pos_BS, chunk=chunk),
             length=length,
             rows=slice(slots[0], slots[0] + B) if consecutive else None,
         )
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Qwen3-MoE with per-head q/k RMSNorm, Mixtral without); queries, keys and
-    values come from one projection (`qkv_proj`, the checkpoint's three stacked: weight_map.py)."""
+    """Grouped-query attention (Qwen3-MoE with per-head q/k RMSNorm, Mixtral without, Llama 4 per layer:
+    see the module docstring) of decoder layer `layer`; queries, keys and values come from one projection
+    (`qkv_proj`, the checkpoint's three stacked: weight_map.py).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Llama 4, as transformers' Llama4TextAttention: rotary (adjacent pairs), then the L2 norm in rotary
+    layers; in the others no rotary, and queries times log1p(floor((pos + 1) / floor_scale)) * attn_scale
+    + 1. The rotary form permutes the head dims (apply_rope), which neither the L2 norm nor q.k sees.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
@@ -133,6 +174,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
         self.q_norm = RMSNorm(c, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(c, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rope = layer not in cfg.nope_layers
+        self.interleaved = cfg.rope_interleave
+        self.l2_norm_eps = cfg.rms_norm_eps if cfg.qk_l2_norm and self.rope else None
+        self.temperature = (
+            (cfg.floor_scale, cfg.attn_scale) if cfg.attn_temperature_tuning and not self.rope else None
+        )
+        self.chunked = layer in cfg.chunked_layers
 
     def cache_fields(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
@@ -145,8 +193,16 @@ class Attention(nn.Module):
         )
         if self.q_norm is not None and self.k_norm is not None:
             q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
-        q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=False)
-        k_BTGC = apply_rope(k_BTGC, at.cos_sin, interleaved=False)
+        if self.rope:
+            q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=self.interleaved)
+            k_BTGC = apply_rope(k_BTGC, at.cos_sin, interleaved=self.interleaved)
+        if self.l2_norm_eps is not None:
+            q_BTHC = F.rms_norm(q_BTHC, (self.head_dim,), eps=self.l2_norm_eps)
+            k_BTGC = F.rms_norm(k_BTGC, (self.head_dim,), eps=self.l2_norm_eps)
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            scale_BT = torch.log1p(torch.floor((at.pos_BT.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q_BTHC = (q_BTHC * scale_BT[:, :, None, None]).to(q_BTHC.dtype)
 
         if cache is None or at.length is None:
             k_BSGC, v_BSGC = k_BTGC, v_BTGC
@@ -160,7 +216,7 @@ class Attention(nn.Module):
             q_BTHC.transpose(1, 2),
             k_BSGC.transpose(1, 2),
             v_BSGC.transpose(1, 2),
-            attn_mask=at.mask_B1TS,
+            attn_mask=at.chunk_mask_B1TS if self.chunked else at.mask_B1TS,
             scale=self.head_dim**-0.5,
             enable_gqa=self.n_heads != self.n_kv_heads,
         )

@@ -38,6 +38,8 @@ class TopKGate(nn.Module):
     sigmoid (DeepSeek-V3): independent scores; the choice adds `e_score_correction_bias` and is limited to
     the `topk_group` best of `n_group` expert groups (a group scores the sum of its two best); the weights
     are the unbiased scores of the chosen experts, renormalised and scaled by `routed_scaling_factor`.
+    sigmoid_top (Llama 4): the top-K raw logits (in the weights' dtype, as transformers' router computes
+    them), each weighted by its sigmoid.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -53,6 +55,9 @@ class TopKGate(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns expert ids [N, K] (int64) and weights [N, K] (float32)."""
+        if self.scoring == "sigmoid_top":
+            top_NK, ids_NK = torch.topk(F.linear(x_ND, self.weight), self.top_k, dim=-1)
+            return ids_NK, top_NK.float().sigmoid()
         if self.scoring == "softmax":
             probs_NE = F.softmax(F.linear(x_ND, self.weight).float(), dim=-1)
             w_NK, ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
@@ -335,7 +340,12 @@ class LocalExperts(nn.Module):
 class MoE(nn.Module):
     """Route, dispatch, experts, combine, shared (parallel.py). With `load` set (TorchEngine does), each
     forward adds the gathered expert ids — the whole group's routing, every logical expert — to the
-    layer's counts `load_index` (expert_load.py): one scatter_add_ on the device, no sync."""
+    layer's counts `load_index` (expert_load.py): one scatter_add_ on the device, no sync.
+
+    Llama 4 (`expert_input_weighted`) weighs an expert's input, expert(w * x), where the others weigh its
+    output, w * expert(x): each gathered (token, choice) becomes a row of its own, scaled by its weight,
+    and the experts run on those rows with weight 1 (exact), one choice a row (for K = 1 the same rows).
+    """
 
     def __init__(
         self, cfg: ModelConfig, *, ep: ExpertParallel, placement: Placement | None = None, layer: int = 0
@@ -346,6 +356,7 @@ class MoE(nn.Module):
         self.load: ExpertLoad | None = None
         self.load_index = 0
         self.router = TopKGate(cfg)
+        self.input_weighted = cfg.expert_input_weighted
         dim, hidden = cfg.hidden_size, cfg.moe_intermediate_size
         if placement is None:
             self.experts = LocalExperts(dim=dim, hidden=hidden, experts=ep.experts(cfg.n_routed_experts))
@@ -369,10 +380,23 @@ class MoE(nn.Module):
         if self.load is not None:  # the gathered ids: every rank's tokens, so every logical expert's load
             self.load.count(self.load_index, ids_MK)
         # 3. experts: this rank's experts over every gathered token.
-        y_MD = self.experts(x_MD, ids_MK, w_MK)
+        y_MD = (
+            self._weighted_input(x_MD, ids_MK, w_MK)
+            if self.input_weighted
+            else self.experts(x_MD, ids_MK, w_MK)
+        )
         # 4. combine: sum the ranks' partial outputs, keep this rank's rows.
         y_ND = self.ep.combine(y_MD, rows_per_rank=rows_per_rank, n_local=B * T)
         # 5. shared: experts every token goes through, computed locally.
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         return y_ND.view(B, T, D)
+
+    def _weighted_input(self, x_MD: torch.Tensor, ids_MK: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
+        """The experts on their weighted inputs (class docstring); each weight rounded to the activations'
+        dtype first, as transformers' Llama4TextMoe does."""
+        M, K = ids_MK.shape
+        x_SD = (x_MD[:, None, :] * w_MK.to(x_MD.dtype)[:, :, None]).reshape(M * K, -1)
+        ones_S1 = torch.ones(M * K, 1, dtype=w_MK.dtype, device=w_MK.device)
+        y_SD: torch.Tensor = self.experts(x_SD, ids_MK.reshape(M * K, 1), ones_S1)
+        return y_SD.view(M, K, -1).sum(dim=1)
