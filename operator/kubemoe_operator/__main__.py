@@ -97,7 +97,10 @@ async def run(settings: OperatorSettings) -> int:
         state = OperatorState(
             kube=kube,
             context=ReconcileContext(
-                catalog=load_catalog(), image=settings.image, pod_defaults=settings.pod_defaults
+                catalog=load_catalog(),
+                image=settings.image,
+                pod_defaults=settings.pod_defaults,
+                pod_monitors=settings.pod_monitors,
             ),
             settings=settings,
             metrics=metrics,

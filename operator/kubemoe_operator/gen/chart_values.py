@@ -64,6 +64,9 @@ class Metrics(ChartModel):
     """Port of the operator's /metrics endpoint."""
     service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
     """Prometheus-operator integration."""
+    pod_monitors: bool = True
+    """Give each ModelDeployment a PodMonitor for its API pods and routers where the cluster serves the
+    PodMonitor CRD (else, and when false, scrape annotations on those pods). docs/monitoring.md."""
 
 
 class Dashboards(ChartModel):

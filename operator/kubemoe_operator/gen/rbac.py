@@ -9,6 +9,8 @@ Why each rule:
 - configmaps, services, networkpolicies, poddisruptionbudgets, deployments, leaderworkersets: the
   children: listed by label (observe), watched (kopf re-reconciles the owner), server-side
   applied (patch; create when applying a new object) and deleted (prune).
+- podmonitors: one per deployment where the Prometheus operator's CRD is installed
+  (render/monitoring.py), applied and pruned like the other children.
 - pods: listed to explain Pending / failing pods in conditions, and to find group leaders (the
   autoscaler, the rebalancer); patched with a deletion cost; get/watch only because the Role
   below grants them and Kubernetes lets no one grant what it does not hold.
@@ -46,6 +48,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": CHILD_VERBS},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILD_VERBS},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["monitoring.coreos.com"], "resources": ["podmonitors"], "verbs": CHILD_VERBS},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": CHILD_VERBS},
     {
         "apiGroups": ["rbac.authorization.k8s.io"],

@@ -69,6 +69,8 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     lws_served: bool = True
     """False when the API does not serve LeaderWorkerSets (the CRD is not installed)."""
+    pod_monitors_served: bool = True
+    """False when the API does not serve PodMonitors (no Prometheus operator's CRDs)."""
 
 
 @dataclass
@@ -161,6 +163,9 @@ class Kube:
             except httpx2.HTTPError as err:  # ApiError too; an unserved resource is a plain-text 404
                 if kind.kind == "LeaderWorkerSet" and _status_code(err) == 404:
                     seen.lws_served = False
+                    continue
+                if kind.kind == "PodMonitor" and _status_code(err) == 404:
+                    seen.pod_monitors_served = False
                     continue
                 raise classify(err, what=f"list {kind.kind} in {namespace}") from err
             for obj in items:

@@ -19,6 +19,8 @@ LeaderWorkerSet = create_namespaced_resource(
     "leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets"
 )
 
+PodMonitor = create_namespaced_resource("monitoring.coreos.com", "v1", "PodMonitor", "podmonitors")
+
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 
 
@@ -42,6 +44,7 @@ CHILD_KINDS: tuple[ChildKind, ...] = (
     ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", PodDisruptionBudget),
     ChildKind("apps/v1", "Deployment", "deployments", Deployment),
     ChildKind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets", LeaderWorkerSet),
+    ChildKind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors", PodMonitor),
 )
 BY_KIND = {k.kind: k for k in CHILD_KINDS}
 POD = ChildKind("v1", "Pod", "pods", Pod)

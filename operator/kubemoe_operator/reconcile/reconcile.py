@@ -59,6 +59,8 @@ class ReconcileContext:
     """Runtime image when spec.engine.image is empty."""
     pod_defaults: PodOptions = field(default_factory=PodOptions)
     """Annotations, labels and image pull secrets of every pod, under spec.pod."""
+    pod_monitors: bool = True
+    """A PodMonitor per deployment where the API serves PodMonitors (else scrape annotations)."""
 
 
 @dataclass
@@ -216,6 +218,7 @@ async def reconcile(
             image=spec.engine.image or context.image,
             pod_defaults=context.pod_defaults,
             runtime_image=context.image,  # kubemoe's router runs ours, whatever engine.image is
+            pod_monitor=context.pod_monitors and observed.pod_monitors_served,
         )
     except Exception as err:  # as for planning: this object reports it, the operator goes on
         log.exception("rendering %s/%s failed", namespace, name)

@@ -16,6 +16,7 @@ from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT, router_command
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.engines import router_access, sglang_router, sglang_router_command
+from kubemoe_operator.render.monitoring import pod_monitor_of, with_scrape_annotations
 from kubemoe_operator.render.names import (
     Owner,
     metadata,
@@ -71,11 +72,13 @@ def render(
     image: str,
     pod_defaults: PodOptions | None = None,
     runtime_image: str = "",
+    pod_monitor: bool = False,
 ) -> list[dict[str, Any]]:
     """Every child of the ModelDeployment `owner` for `plan`, in apply order. `image`: the serving
     pods' (spec.engine.image, or the operator's runtime image); `runtime_image`: the operator's
     runtime image, which kubemoe's router runs (`image` when empty). `pod_defaults`: the operator's
-    pod annotations, labels and image pull secrets, under spec.pod."""
+    pod annotations, labels and image pull secrets, under spec.pod. `pod_monitor`: a PodMonitor for
+    the pods that serve /metrics (where the CRD is served), else scrape annotations on them."""
     options = merged(pod_defaults or PodOptions(), spec.pod)
     ctx = PodContext(
         owner=owner.name, spec=spec, plan=plan, image=image, options=options, router_image=runtime_image
@@ -107,6 +110,8 @@ def render(
     else:
         services.append(front_service(owner=owner, target_role=plan.roles[0].role))
     policies = network_policies(owner=owner, spec=spec, plan=plan)
+    if not pod_monitor:
+        workloads, router = with_scrape_annotations(workloads), with_scrape_annotations(router)
     return [
         plan_configmap(owner=owner, plan=plan),
         *policies,
@@ -115,4 +120,5 @@ def render(
         *budgets,
         *workloads,
         *router,
+        *([pod_monitor_of(owner=owner)] if pod_monitor else []),
     ]

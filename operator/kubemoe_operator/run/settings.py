@@ -52,6 +52,8 @@ class OperatorSettings:
     """Every role's rebalance interval instead of spec.experts.rebalance.intervalSeconds (tests, demos)."""
     prometheus_url: str | None = None
     """The Prometheus HTTP API the autoscaler queries; None: scrape the serving pods directly."""
+    pod_monitors: bool = True
+    """A PodMonitor per ModelDeployment where the CRD is served (render/monitoring.py)."""
     metrics_port: int | None = None
     """Port of the operator's own /metrics; None: not served."""
     pod_defaults: PodOptions = field(default_factory=PodOptions)
@@ -101,6 +103,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="check every expert-parallel role this often instead of its spec.experts.rebalance."
         "intervalSeconds (for tests and demos)",
+    )
+    p.add_argument(
+        "--no-pod-monitors",
+        action="store_true",
+        help="never render PodMonitors: put scrape annotations on the pods that serve /metrics instead",
     )
     p.add_argument(
         "--prometheus-url",
@@ -176,6 +183,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         rebalance_tick_seconds=args.rebalance_tick_seconds,
         rebalance_interval_seconds=args.rebalance_interval_seconds,
         prometheus_url=args.prometheus_url or None,
+        pod_monitors=not args.no_pod_monitors,
         metrics_port=args.metrics_port,
         pod_defaults=pod_defaults(args),
     )

@@ -44,12 +44,13 @@ def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class MemoryKube(Kube):
-    def __init__(self, *, lws_served: bool = True) -> None:
+    def __init__(self, *, lws_served: bool = True, pod_monitors_served: bool = False) -> None:
         super().__init__(cast(AsyncClient, None), field_manager="kubemoe-operator")
         self.objects: dict[Key, dict[str, Any]] = {}
         self.statuses: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.lws_served = lws_served
+        self.pod_monitors_served = pod_monitors_served
         self._versions = itertools.count(1)
         self.replica_owners: dict[Key, dict[str, str]] = {}
         """(kind, namespace, name) -> manager -> operation (Apply, Update), for spec.replicas."""
@@ -110,7 +111,7 @@ class MemoryKube(Kube):
     # --- Kube ---------------------------------------------------------------------------------------
 
     async def observe(self, *, name: str, namespace: str, uid: str) -> Observed:
-        seen = Observed(lws_served=self.lws_served)
+        seen = Observed(lws_served=self.lws_served, pod_monitors_served=self.pod_monitors_served)
         for (kind, ns, _), obj in self.objects.items():
             labels = obj["metadata"].get("labels") or {}
             if ns != namespace or labels.get(LABEL_DEPLOYMENT) != name:

@@ -45,7 +45,15 @@ def test_every_pod_carries_the_defaults_with_the_spec_on_top() -> None:
         labels={"team": "platform", "env": "prod"},
         image_pull_secrets=["shared", "registry"],
     )
-    objs = render(spec=md.spec, plan=plan_manifest(md), owner=OWNER, image="img", pod_defaults=defaults)
+    # a PodMonitor (not scrape annotations): only the options' annotations on the pods
+    objs = render(
+        spec=md.spec,
+        plan=plan_manifest(md),
+        owner=OWNER,
+        image="img",
+        pod_defaults=defaults,
+        pod_monitor=True,
+    )
     templates = pod_templates(objs)
     assert len(templates) == 3  # prefill, decode, router
     for template in templates:
@@ -59,7 +67,8 @@ def test_every_pod_carries_the_defaults_with_the_spec_on_top() -> None:
 
 def test_without_options_pods_carry_no_annotations_or_pull_secrets() -> None:
     md = manifest()
-    for template in pod_templates(render(spec=md.spec, plan=plan_manifest(md), owner=OWNER, image="img")):
+    objs = render(spec=md.spec, plan=plan_manifest(md), owner=OWNER, image="img", pod_monitor=True)
+    for template in pod_templates(objs):
         assert "annotations" not in template["metadata"]
         assert "imagePullSecrets" not in template["spec"]
 
