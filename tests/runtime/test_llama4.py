@@ -1,5 +1,6 @@
-"""Llama 4 (text) in the torch engine: config.json read as transformers reads it, the fused experts loaded
-piece by piece per EP rank, and top-2 routing (the tiny checkpoint routes top-1) against transformers.
+"""Llama 4 in the torch engine: config.json read as transformers reads it, the fused experts loaded piece
+by piece per EP rank, top-2 routing (the tiny checkpoint routes top-1) against transformers, and the Hub's
+multimodal layout (Llama4ForConditionalGeneration: its language model served, its vision encoder skipped).
 
 test_torch_engine.py proves the tiny checkpoint itself (logits and greedy tokens at EP=1 and EP=2);
 test_expert_load.py and test_expert_placement_live.py run it through the load counts and live placement.
@@ -267,3 +268,77 @@ def test_top2_routing_matches_transformers(tmp_path: Path) -> None:
     moe = [block.ffn for block in engine.model.blocks() if isinstance(block.ffn, MoE)]
     assert moe
     assert all(m.input_weighted for m in moe)
+
+
+# --- the Hub's layout: Llama4ForConditionalGeneration --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """The tiny Llama 4 language model inside a Llama4ForConditionalGeneration with a tiny vision encoder,
+    saved as the Hub's checkpoints are (`model_type: llama4`, `language_model.` tensors), and the model."""
+    import transformers
+
+    eos, pad = SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")
+    text = tiny_config("llama4_text", vocab_size=512, eos_token_id=eos, pad_token_id=pad)
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "image_size": 28,
+        "patch_size": 14,
+        "vision_output_dim": 32,
+        "projector_input_dim": 32,
+        "projector_output_dim": 64,
+    }
+    config = transformers.Llama4Config(text_config=text.to_dict(), vision_config=vision)
+    torch.manual_seed(2)
+    model: Any = transformers.Llama4ForConditionalGeneration(config)
+    model.eval()
+    path = tmp_path_factory.mktemp("llama4-multimodal")
+    model.save_pretrained(str(path), max_shard_size="150KB")
+    return path, model
+
+
+def test_a_multimodal_checkpoint_serves_its_language_model(multimodal: tuple[Path, Any]) -> None:
+    path, model = multimodal
+    raw = json.loads((path / "config.json").read_text())
+    assert (raw["model_type"], raw["architectures"]) == ("llama4", ["Llama4ForConditionalGeneration"])
+    cfg = ModelConfig.load(path)
+    assert (cfg.arch, cfg.weight_prefix) == ("llama4", "language_model.")
+    assert cfg.moe_layers == (False, True, False, True)
+    assert (cfg.nope_layers, cfg.chunked_layers, cfg.rope_llama3) == ((2,), (0, 1, 3), (8.0, 1.0, 4.0, 32.0))
+
+    engine = TorchEngine.load(path, dtype=torch.float32)
+    skipped = engine.load_report.skipped_tensors
+    assert skipped
+    assert all(name.startswith(("vision_model.", "multi_modal_projector.")) for name in skipped)
+    # The reference is the model's own Llama4ForCausalLM: transformers 5.24's multimodal forward fails on
+    # text alone (its output class lacks `image_outputs`), and without images it runs just that model.
+    language_model = model.language_model
+    with torch.inference_mode():
+        want = language_model(input_ids=torch.tensor([PROMPT])).logits[0]
+        greedy = []
+        for prompt in (PROMPT, PROMPT[:5]):
+            seq = list(prompt)
+            for _ in range(10):
+                seq.append(int(language_model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            greedy.append(seq[len(prompt) :])
+    diff = (engine.logits(PROMPT) - want).abs().max().item()
+    print(f"llama4 (multimodal checkpoint) EP=1 max |logit diff| = {diff:.3g}")
+    assert diff <= 1e-4
+    assert engine.generate_greedy([PROMPT, PROMPT[:5]], max_new_tokens=10) == greedy
+
+
+def test_a_multimodal_checkpoints_ranks_read_only_their_experts(multimodal: tuple[Path, Any]) -> None:
+    path, _ = multimodal
+    cfg = ModelConfig.load(path)
+    _, full = load_rank_weights(path, cfg=cfg)
+    for rank in range(2):
+        tensors, report = load_rank_weights(path, cfg=cfg, ep_rank=rank, ep_size=2)
+        assert {routed_expert_id(n) for n in tensors if fused_source(n)} == set(range(4 * rank, 4 * rank + 4))
+        assert all(n.startswith("language_model.") for n in tensors)
+        assert report.routed_expert_bytes * 2 == full.routed_expert_bytes
+        assert report.other_bytes == full.other_bytes
+        assert report.skipped_tensors == full.skipped_tensors

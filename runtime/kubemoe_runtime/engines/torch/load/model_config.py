@@ -7,17 +7,23 @@ versions. `ModelConfig.from_dict` is the one place that knows those spellings.
 Llama 4's text model (`model_type: llama4_text`, transformers' Llama4ForCausalLM) is read as transformers'
 Llama4TextConfig reads it, defaults included: MoE layers every `interleave_moe_layer_step` (or the
 `moe_layers` list), layers without rotary embeddings every `no_rope_layer_interval` (`no_rope_layers`:
-1 where a layer HAS rotary embeddings), chunked attention in the layers with them (`layer_types`).
+1 where a layer HAS rotary embeddings), chunked attention in the layers with them (`layer_types`). A
+multimodal Llama 4 config.json (`model_type: llama4`) is read as its `text_config`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "llama4_text")
+SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "llama4_text", "llama4")
+
+# Llama 4's text model alone (Llama4ForCausalLM), and the Hub's multimodal checkpoints
+# (Llama4ForConditionalGeneration: the language model's config in `text_config`, its tensors under
+# `language_model.`, beside a vision encoder the torch engine does not load).
+LLAMA4_TYPES: Final = ("llama4_text", "llama4")
 
 # Model types that are DeepSeek-V3's architecture under another name: Kimi K2's config.json says
 # `model_type: kimi_k2` (its remote code is DeepSeek-V3's; transformers loads it as DeepseekV3ForCausalLM).
@@ -85,6 +91,7 @@ class ModelConfig:
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
     expert_input_weighted: bool = False  # the routing weight scales an expert's input, not its output
+    weight_prefix: str = ""  # before every checkpoint tensor name ("language_model." in a multimodal one)
 
     @property
     def uses_mla(self) -> bool:
@@ -93,7 +100,7 @@ class ModelConfig:
     @property
     def fused_experts(self) -> bool:
         """Each MoE layer stores every routed expert in two tensors (Llama 4), not three per expert."""
-        return self.arch == "llama4_text"
+        return self.arch in LLAMA4_TYPES
 
     @classmethod
     def load(cls, model_dir: Path | str) -> ModelConfig:
@@ -115,6 +122,8 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         try:
+            if arch == "llama4":
+                return _parse_llama4_multimodal(cfg)
             return _parse(arch, cfg)
         except KeyError as err:
             raise ConfigError(f"{source}: missing key {err.args[0]!r} for model_type {arch!r}") from err
@@ -136,7 +145,7 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
             float(rope["high_freq_factor"]),
             float(rope["original_max_position_embeddings"]),
         )
-    default_theta = 500000.0 if arch == "llama4_text" else 10000.0  # transformers' defaults
+    default_theta = 500000.0 if arch in LLAMA4_TYPES else 10000.0  # transformers' defaults
     rope_theta = float(_first(cfg, "rope_theta", default=rope.get("rope_theta", default_theta)))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -282,3 +291,14 @@ def _parse_llama4_text(cfg: dict[str, Any], common: dict[str, Any]) -> ModelConf
         attn_scale=float(cfg.get("attn_scale", 0.1)),
         expert_input_weighted=True,
     )
+
+
+def _parse_llama4_multimodal(cfg: dict[str, Any]) -> ModelConfig:
+    """Llama4ForConditionalGeneration's config.json: its language model, from `text_config` (top-level
+    keys such as tie_word_embeddings and torch_dtype where text_config lacks them)."""
+    text = cfg["text_config"]
+    if not isinstance(text, dict):
+        raise ConfigError("text_config is not an object")
+    outer = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    merged = {**outer, **{k: v for k, v in text.items() if v is not None}, "model_type": "llama4_text"}
+    return replace(_parse("llama4_text", merged), arch="llama4", weight_prefix="language_model.")

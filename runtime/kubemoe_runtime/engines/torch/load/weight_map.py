@@ -108,7 +108,8 @@ def to_engine_state_dict(
     out: dict[str, torch.Tensor] = {}
     parts_by_key: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
     qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # "layers.i.attn." -> q, k, v
-    for name, tensor in tensors.items():
+    for prefixed, tensor in tensors.items():
+        name = prefixed.removeprefix(cfg.weight_prefix)  # a multimodal checkpoint's language model
         if name in _TOP:
             out[_TOP[name]] = tensor.to(dtype)
             continue

@@ -51,7 +51,7 @@ from kubemoe_runtime.engines.torch.load.checkpoint_files import (
     read_index,
     shard_path,
 )
-from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.model_config import LLAMA4_TYPES, ModelConfig
 
 __all__ = [
     "INDEX_FILE",
@@ -90,7 +90,7 @@ SAFETENSORS_DTYPES: Final[dict[str, torch.dtype]] = {
 _ROUTED_EXPERT: Final = re.compile(r"\.experts\.(\d+)\.")
 _FUSED: Final = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)$")  # every expert of a layer
 _FUSED_PIECE: Final = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")  # one expert's part
-_LAYER_INDEX: Final = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER_INDEX: Final = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
 
 # Tensors a checkpoint may keep in float32 whatever its main dtype (DeepSeek-V3 ships its routing bias so).
 _FP32_ALLOWED: Final = ("e_score_correction_bias",)
@@ -143,8 +143,10 @@ def loadable_names(expected: Mapping[str, tuple[int, ...]]) -> list[str]:
 
 def _ffn(cfg: ModelConfig, layer: int) -> str:
     """The checkpoint prefix of a layer's MLP or MoE block."""
-    block = {"mixtral": "block_sparse_moe", "llama4_text": "feed_forward"}.get(cfg.arch, "mlp")
-    return f"model.layers.{layer}.{block}"
+    block = (
+        "feed_forward" if cfg.arch in LLAMA4_TYPES else {"mixtral": "block_sparse_moe"}.get(cfg.arch, "mlp")
+    )
+    return f"{cfg.weight_prefix}model.layers.{layer}.{block}"
 
 
 def routed_expert_names(cfg: ModelConfig, layer: int, expert: int) -> tuple[str, ...]:
@@ -164,11 +166,16 @@ def default_slots(cfg: ModelConfig, *, ep_rank: int, ep_size: int) -> dict[int, 
 
 
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the checkpoint must hold, by Hugging Face name, with the shape config.json implies."""
+    """Every tensor the checkpoint must hold, by Hugging Face name, with the shape config.json implies (a
+    multimodal checkpoint's other tensors, e.g. a vision encoder, are not needed: LoadReport.skipped)."""
     d, v = cfg.hidden_size, cfg.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    top = cfg.weight_prefix
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{top}model.embed_tokens.weight": (v, d),
+        f"{top}model.norm.weight": (d,),
+    }
     if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
+        shapes[f"{top}lm_head.weight"] = (v, d)
 
     def mlp(prefix: str, hidden: int, names: tuple[str, str, str]) -> None:
         gate, up, down = names
@@ -177,7 +184,7 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{prefix}.{down}.weight"] = (d, hidden)
 
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
+        p = f"{top}model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = (d,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
         a = f"{p}.self_attn"
