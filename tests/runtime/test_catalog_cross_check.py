@@ -9,9 +9,8 @@ config.json) or from a checkpoint's config.json (local/model.py); the runtime re
   DeepSeek-V3, Mixtral and Qwen3), and the runtime reads the same architecture from it;
 - every tiny checkpoint the runtime generates: the planner's reading of its config.json is the runtime's.
 
-Known gap: the planner's reading of a Llama 4 config.json counts no shared expert (config.json has no key
-for it: every Llama 4 MoE layer has one), while the catalog and the runtime count one; that check is a
-strict xfail until the operator's local/model.py counts it.
+A Llama 4 config.json has no key for its shared expert (every MoE layer has one): the operator's reader
+counts one, as the catalog and the runtime do.
 """
 
 from __future__ import annotations
@@ -222,11 +221,6 @@ def test_a_tiny_checkpoint_plans_as_the_runtime_reads_it(checkpoints: dict[str, 
         assert facts.num_shared_experts == cfg.n_shared_experts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operator local/model.py reads no shared expert from a Llama 4 config.json (it has no key for "
-    "it); the catalog and the runtime count one per MoE layer",
-)
 def test_the_planner_counts_llama4s_shared_expert_from_config_json(checkpoints: dict[str, Path]) -> None:
     tiny = json.loads((checkpoints["llama4_text"] / "config.json").read_text())
     assert [_planned(c).num_shared_experts for c in (tiny, *(PUBLIC[n] for n in LLAMA4))] == [1, 1, 1]

@@ -24,6 +24,7 @@ TINY_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Llama4ForCausalLM": "llama4_text",
 }
 TINY_PREFIX = "tiny-"
 
@@ -114,6 +115,8 @@ def facts_from_config_json(cfg: Mapping[str, Any]) -> dict[str, Any]:
     elif cfg.get("intermediate_size_mlp") is not None:
         facts["moe_intermediate_size"] = cfg.get("intermediate_size")
         facts["intermediate_size"] = cfg["intermediate_size_mlp"]
+        # Llama 4: every MoE layer has one shared expert, which its config.json has no key for
+        facts.setdefault("num_shared_experts", 1)
     elif cfg.get("intermediate_size") is not None:
         facts["moe_intermediate_size"] = cfg["intermediate_size"]
     # Qwen3-MoE lists its dense layers (mlp_only_layers); the planner counts layers, so a count does.
