@@ -10,15 +10,28 @@ with -n). zsh runs the same function through its bash compatibility layer (bashc
 
     source <(kubemoe completion bash)          # ~/.bashrc
     source <(kubemoe completion zsh)           # ~/.zshrc
+
+Inside kubectl (`kubectl moe <Tab>`, kubectl 1.26+ with its own completion loaded), kubectl runs an
+executable named `kubectl_complete-moe` from PATH (the console script `kubectl_complete_moe` below) with
+the words after `kubectl moe`, the last one the word being completed ('' for a new one), and reads one
+candidate a line and a last line `:DIRECTIVE`, a cobra ShellCompDirective (kubectl's
+pkg/cmd/plugin/plugin_completion.go). The candidates come from the same parser and hooks as the script.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
-from collections.abc import Callable, Iterable, Mapping
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from kubemoe_operator.cli.errors import DEBUG_ENV
 
 SHELLS = ("bash", "zsh")
 
@@ -26,19 +39,40 @@ FILES = 'compgen -f -- "$cur"'
 """A shell snippet that prints candidate words: file names."""
 
 
+# cobra's ShellCompDirective values, the last line `:N` of a completion executable's answer.
+DIRECTIVE_DEFAULT = 0
+"""No candidates: the shell completes file names."""
+DIRECTIVE_ERROR = 1
+DIRECTIVE_NO_FILE_COMP = 4
+"""These candidates only: no file names."""
+
+
+def _words(choices: Iterable[object]) -> str:
+    return "compgen -W " + shlex.quote(" ".join(map(str, choices))) + ' -- "$cur"'
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the candidates for a value come from: fixed choices, or a hook (a shell snippet printing
+    them, e.g. FILES); neither: a free value, nothing to offer."""
+
+    choices: tuple[str, ...] | None = None
+    hook: str = ""
+
+    def snippet(self) -> str:
+        """The shell snippet printing the candidates ('' for none)."""
+        return _words(self.choices) if self.choices is not None else self.hook
+
+
 @dataclass
 class Command:
     """What the script needs to know of one (sub)command."""
 
     options: list[str] = field(default_factory=list)
-    values: dict[str, str] = field(default_factory=dict)
-    """option string -> snippet printing the candidates for its value ('' for none: a free value)."""
-    positional: str = ""
-    """Snippet printing the candidates for a positional argument ('' for none)."""
-
-
-def _words(choices: Iterable[object]) -> str:
-    return "compgen -W " + shlex.quote(" ".join(map(str, choices))) + ' -- "$cur"'
+    values: dict[str, Source] = field(default_factory=dict)
+    """option string -> the candidates for its value."""
+    positional: Source = field(default_factory=Source)
+    """The candidates for a positional argument."""
 
 
 def _command(parser: argparse.ArgumentParser, hooks: Mapping[str, str]) -> tuple[Command, dict[str, Command]]:
@@ -54,14 +88,18 @@ def _command(parser: argparse.ArgumentParser, hooks: Mapping[str, str]) -> tuple
             cmd.options.extend(action.option_strings)
             if action.nargs == 0:
                 continue  # a flag: no value
-            choices = action.choices
-            snippet = _words(choices) if choices is not None else hooks.get(action.dest, "")
+            source = _source(action, hooks)
             for option in action.option_strings:
-                cmd.values[option] = snippet
-        elif not cmd.positional:
-            choices = action.choices
-            cmd.positional = _words(choices) if choices is not None else hooks.get(action.dest, "")
+                cmd.values[option] = source
+        elif not cmd.positional.snippet():
+            cmd.positional = _source(action, hooks)
     return cmd, subs
+
+
+def _source(action: argparse.Action, hooks: Mapping[str, str]) -> Source:
+    if action.choices is not None:
+        return Source(choices=tuple(map(str, action.choices)))
+    return Source(hook=hooks.get(action.dest, ""))
 
 
 def _function_name(prog: str) -> str:
@@ -94,7 +132,8 @@ def bash_script(parser: argparse.ArgumentParser, *, command: str, hooks: Mapping
         lines.append(f"            options={shlex.quote(' '.join(cmd.options))}")
         if cmd.values:
             lines.append('            case "$prev" in')
-            for opt, snippet in cmd.values.items():
+            for opt, source in cmd.values.items():
+                snippet = source.snippet()
                 body = f"COMPREPLY=($({snippet}))" if snippet else "COMPREPLY=()"
                 lines.append(f"                {shlex.quote(opt)}) {body}; return 0 ;;")
             lines.append("            esac")
@@ -102,9 +141,9 @@ def bash_script(parser: argparse.ArgumentParser, *, command: str, hooks: Mapping
             lines.append(f"            positional={shlex.quote(positional)}")
         lines.append("            ;;")
 
-    branch('""', root, _words(subs) if subs else root.positional)
+    branch('""', root, _words(subs) if subs else root.positional.snippet())
     for name, cmd in subs.items():
-        branch(shlex.quote(name), cmd, cmd.positional)
+        branch(shlex.quote(name), cmd, cmd.positional.snippet())
     lines += [
         "    esac",
         '    if [[ "$cur" == -* ]]; then',
@@ -158,3 +197,88 @@ def add_completion(
         return 0
 
     p.set_defaults(run=run)
+
+
+def _hook_candidates(snippet: str, words: Sequence[str], cur: str) -> list[str]:
+    """What a hook snippet prints, run by bash as the script runs it (COMP_WORDS, COMP_CWORD, cur set);
+    nothing if bash is missing, fails, or takes over 10 s (a cluster that does not answer)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        return []
+    program = (
+        f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
+        f"cur={shlex.quote(cur)}; {snippet}"
+    )
+    try:
+        done = subprocess.run(
+            [bash, "--norc", "--noprofile", "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line for line in done.stdout.splitlines() if line] if done.returncode == 0 else []
+
+
+def _candidates(source: Source, words: Sequence[str], cur: str) -> tuple[list[str], int]:
+    if source.choices is not None:
+        return [c for c in source.choices if c.startswith(cur)], DIRECTIVE_NO_FILE_COMP
+    if source.hook == FILES:
+        return [], DIRECTIVE_DEFAULT  # the shell completes file names better than we can (dirs, ~)
+    if source.hook:
+        return _hook_candidates(source.hook, words, cur), DIRECTIVE_NO_FILE_COMP
+    return [], DIRECTIVE_NO_FILE_COMP  # a free value
+
+
+def complete(
+    parser: argparse.ArgumentParser, args: Sequence[str], *, command: str, hooks: Mapping[str, str]
+) -> tuple[list[str], int]:
+    """The candidates for the last of `args` (the words after `command`; '' starts a new word) and
+    cobra's directive: what the bash script would offer, from the same parser and hooks."""
+    args = list(args) or [""]
+    words = [command, *args]
+    cur, prev = words[-1], words[-2]
+    root, subs = _command(parser, hooks)
+    sub = next((w for w in words[1:-1] if not w.startswith("-")), "")
+    if not sub:
+        cmd, positional = root, Source(choices=tuple(subs)) if subs else root.positional
+    elif sub in subs:
+        cmd = subs[sub]
+        positional = cmd.positional
+    else:
+        return [], DIRECTIVE_NO_FILE_COMP
+    if prev in cmd.values:
+        return _candidates(cmd.values[prev], words, cur)
+    option, eq, value = cur.partition("=")
+    if cur.startswith("--") and eq and option in cmd.values:  # --output=j
+        found, directive = _candidates(cmd.values[option], [*words[:-1], value], value)
+        return [f"{option}={c}" for c in found], directive
+    if cur.startswith("-"):
+        return [o for o in cmd.options if o.startswith(cur)], DIRECTIVE_NO_FILE_COMP
+    return _candidates(positional, words, cur)
+
+
+def kubectl_complete_moe(argv: Sequence[str] | None = None) -> int:
+    """`kubectl_complete-moe WORD... CUR`: kubectl's plugin completion protocol for `kubectl moe`.
+
+    Prints one candidate a line, then `:DIRECTIVE`. A leading `__complete` (cobra's own request name,
+    as a cobra plugin's completion script passes it) is dropped. Never an error line: stderr reaches
+    the user's terminal mid-line, so a failure answers `:1` (cobra's error directive: offer nothing);
+    KUBEMOE_DEBUG=1 prints the traceback."""
+    from kubemoe_operator.cli import kubectl_moe  # here: kubectl_moe imports this module
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["__complete"]:
+        args = args[1:]
+    try:
+        found, directive = complete(
+            kubectl_moe.parser(), args, command="kubectl-moe", hooks=kubectl_moe.COMPLETION_HOOKS
+        )
+    except Exception:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        found, directive = [], DIRECTIVE_ERROR
+    sys.stdout.write("".join(f"{c}\n" for c in found) + f":{directive}\n")
+    return 0
