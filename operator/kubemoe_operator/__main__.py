@@ -1,10 +1,19 @@
-"""`kubemoe-operator` / `python -m kubemoe_operator`: run the operator (leader-elected) with kopf."""
+"""`kubemoe-operator` / `python -m kubemoe_operator`: run the operator (leader-elected) with kopf.
+
+What stops it from starting is one line on stderr and exit 1, never a traceback (as `kubemoe`'s errors,
+cli/errors.py; KUBEMOE_DEBUG=1 adds the traceback): a bad flag (argparse's usage line, exit 2), no
+Kubernetes configuration, a port already taken. Once it runs, a failure is logged with its traceback,
+as kopf logs a handler's: that log is what is left of it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import httpx2
@@ -26,6 +35,48 @@ from kubemoe_operator.run.metrics import MetricsServer, OperatorMetrics
 from kubemoe_operator.run.settings import OperatorSettings, parse_settings
 
 log = logging.getLogger("kubemoe.operator")
+
+PROG = "kubemoe-operator"
+DEBUG_ENV = "KUBEMOE_DEBUG"  # as cli/errors.py's (the cli stage is above this one)
+EXIT_INTERRUPTED = 130
+
+
+class StartupError(Exception):
+    """The operator cannot start: its message is the one line `kubemoe-operator: error: ...`."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, OSError) and err.errno:
+        text = os.strerror(err.errno)  # not "[Errno 98] Address already in use", nor asyncio's long form
+    return text or type(err).__name__
+
+
+def kube_client(settings: OperatorSettings) -> AsyncClient:
+    """The API client from the kubeconfig ($KUBECONFIG, ~/.kube/config) or the pod's ServiceAccount."""
+    try:
+        return AsyncClient(field_manager=settings.field_manager)
+    except Exception as err:  # lightkube's ConfigError; a kubeconfig that is not YAML, a missing cert file
+        raise StartupError(
+            f"no usable Kubernetes configuration: {_one_line(err)} (set KUBECONFIG, or run in a pod "
+            "with a ServiceAccount)"
+        ) from err
+
+
+def metrics_server(settings: OperatorSettings, metrics: OperatorMetrics) -> MetricsServer | None:
+    if not settings.metrics_port:
+        return None
+    try:
+        return MetricsServer.start(metrics, port=settings.metrics_port)
+    except OSError as err:
+        raise StartupError(f"--metrics-port {settings.metrics_port}: {_one_line(err)}") from err
+
+
+async def start_health(server: HealthServer, port: int) -> None:
+    try:
+        await server.start()
+    except OSError as err:
+        raise StartupError(f"--health-port {port}: {_one_line(err)}") from err
 
 
 def autoscaler(
@@ -55,20 +106,22 @@ async def run(settings: OperatorSettings) -> int:
 
     Only the leader reconciles and autoscales; every replica serves its /metrics, and /healthz and
     /readyz from the start (a standby is alive and ready: see health.py)."""
-    client = AsyncClient(field_manager=settings.field_manager)
-    http = httpx2.AsyncClient()
     metrics = OperatorMetrics()
     metrics.leader.set(0)
-    server = MetricsServer.start(metrics, port=settings.metrics_port) if settings.metrics_port else None
+    server = metrics_server(settings, metrics)
     health = Health(leader_election=settings.leader_election)
     health_server = HealthServer(health, port=settings.health_port) if settings.health_port else None
     elector: LeaderElector | None = None
+    client: AsyncClient | None = None
+    http: httpx2.AsyncClient | None = None
     lost = asyncio.Event()
     stop = asyncio.Event()
     failed = False
     try:
-        if health_server is not None:
-            await health_server.start()
+        if health_server is not None and settings.health_port:
+            await start_health(health_server, settings.health_port)
+        client = kube_client(settings)
+        http = httpx2.AsyncClient()
         if settings.leader_election:
             elector = LeaderElector(
                 client,
@@ -161,8 +214,10 @@ async def run(settings: OperatorSettings) -> int:
         if elector is not None and not lost.is_set():
             await elector.release()
     finally:
-        await client.close()
-        await http.aclose()
+        if client is not None:
+            await client.close()
+        if http is not None:
+            await http.aclose()
         if server is not None:
             server.stop()
         if health_server is not None:
@@ -171,12 +226,24 @@ async def run(settings: OperatorSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, verbose = parse_settings(argv)
+    settings, verbose = parse_settings(argv)  # a bad flag: argparse's usage and one error line, exit 2
     kopf.configure(verbose=verbose)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     if not verbose:  # kopf logs every successful watch-event handler at INFO
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    return asyncio.run(run(settings))
+    try:
+        return asyncio.run(run(settings))
+    except StartupError as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        with contextlib.suppress(OSError):
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception:  # while running: the log keeps the whole story
+        log.critical("the operator stopped on an unexpected error", exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":

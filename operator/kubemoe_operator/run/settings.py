@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -64,42 +65,85 @@ class OperatorSettings:
         return not self.namespaces
 
 
+def _port(text: str) -> int:
+    """A TCP port, or 0 for "not served"; argparse turns the error into one usage line naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535, 0: off)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (1-65535, 0: off)")
+    return value
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """A finite number of seconds, above 0 (or 0 too where `zero`: the flag's "off")."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"{text} seconds: give a number {'>=' if zero else '>'} 0")
+        return value
+
+    return parse
+
+
+def _lease_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} seconds: give at least 1")
+    return value
+
+
+def _url(text: str) -> str:
+    """An http(s) URL, or '' (unset), as the chart's schema has it."""
+    if (text and not text.startswith(("http://", "https://"))) or text in ("http://", "https://"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give an http:// or https:// URL")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubemoe-operator", description="Reconcile ModelDeployments.")
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument(
         "-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable)"
     )
-    p.add_argument("--resync-seconds", type=float, default=60.0)
+    p.add_argument("--resync-seconds", type=_seconds(zero=False), default=60.0)
     p.add_argument("--field-manager", default=FIELD_MANAGER)
     p.add_argument("--image", default=os.environ.get("KUBEMOE_RUNTIME_IMAGE", DEFAULT_IMAGE))
     p.add_argument("--no-leader-election", action="store_true")
     p.add_argument("--lease-name", default="kubemoe-operator")
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
-    p.add_argument("--lease-seconds", type=int, default=15)
+    p.add_argument("--lease-seconds", type=_lease_seconds, default=15)
     p.add_argument("--identity", default=os.environ.get("POD_NAME", ""))
     p.add_argument(
         "--health-port",
-        type=int,
+        type=_port,
         default=None,
         help="serve /healthz (alive) and /readyz (watching: the Lease as a standby, the resources as "
         "the leader) here, from process start",
     )
     p.add_argument(
         "--autoscale-interval-seconds",
-        type=float,
+        type=_seconds(zero=True),
         default=15.0,
         help="seconds between autoscaler evaluations (0: no autoscaling)",
     )
     p.add_argument(
         "--rebalance-tick-seconds",
-        type=float,
+        type=_seconds(zero=True),
         default=15.0,
         help="seconds between the expert rebalancer's looks for roles due a check (0: no rebalancing)",
     )
     p.add_argument(
         "--rebalance-interval-seconds",
-        type=float,
+        type=_seconds(zero=False),
         default=None,
         help="check every expert-parallel role this often instead of its spec.experts.rebalance."
         "intervalSeconds (for tests and demos)",
@@ -111,11 +155,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prometheus-url",
+        type=_url,
         default=None,
         help="Prometheus HTTP API for autoscaling metrics, e.g. http://prometheus.monitoring:9090; "
         "unset: scrape the serving pods' /metrics directly",
     )
-    p.add_argument("--metrics-port", type=int, default=None, help="serve the operator's /metrics here")
+    p.add_argument("--metrics-port", type=_port, default=None, help="serve the operator's /metrics here")
     p.add_argument(
         "--pod-annotation",
         action="append",
