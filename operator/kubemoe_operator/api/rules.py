@@ -6,7 +6,19 @@ from __future__ import annotations
 from kubemoe_operator.api.engine_flags import extra_args_problems
 from kubemoe_operator.api.engines import engine_problems
 from kubemoe_operator.api.problems import Problem
-from kubemoe_operator.api.spec import RESERVED_LABEL_PREFIXES, Autoscaling, ModelDeploymentSpec
+from kubemoe_operator.api.spec import (
+    ACCELERATOR_RESOURCE_PREFIXES,
+    ACCELERATOR_RESOURCES,
+    RESERVED_ENV_NAMES,
+    RESERVED_ENV_PREFIXES,
+    RESERVED_LABEL_PREFIXES,
+    RESERVED_MOUNT_PATHS,
+    RESERVED_VOLUMES,
+    Autoscaling,
+    ModelDeploymentSpec,
+    PodTemplateOptions,
+    Resources,
+)
 
 
 def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
@@ -57,6 +69,30 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
             )
         if role.autoscaling is not None:
             problems += autoscaling_problems(role.autoscaling, role=name, path=f"{path}.autoscaling")
+        if role.resources is not None:
+            problems += accelerator_resource_problems(role.resources, field=f"{path}.resources")
+        if role.pod is not None:
+            problems += pod_template_problems(role.pod, field=f"{path}.pod")
+            problems += node_selector_conflicts(
+                role.pod.node_selector, spec.scheduling.node_selector, field=f"{path}.pod.nodeSelector"
+            )
+    if spec.router.resources is not None:
+        problems += accelerator_resource_problems(spec.router.resources, field="spec.router.resources")
+    if spec.router.pod is not None:
+        problems += pod_template_problems(spec.router.pod, field="spec.router.pod")
+        if (
+            spec.engine.kind == "sglang"
+            and spec.serving.mode == "disaggregated"
+            and spec.router.pod.service_account_name is not None
+        ):
+            problems.append(
+                Problem(
+                    field="spec.router.pod.serviceAccountName",
+                    message="SGLang's P/D router runs as the ServiceAccount the operator gives it "
+                    "(its service discovery reads the namespace's pods).",
+                    fix="remove router.pod.serviceAccountName.",
+                )
+            )
     for i, tol in enumerate(spec.scheduling.tolerations):
         if tol.operator == "Exists" and tol.value:
             problems.append(
@@ -127,4 +163,125 @@ def reserved_label_problems(labels: dict[str, str], *, field: str) -> list[Probl
         for key in labels
         for prefix in RESERVED_LABEL_PREFIXES
         if key.startswith(prefix)
+    ]
+
+
+def accelerator_resource_problems(resources: Resources, *, field: str) -> list[Problem]:
+    """Accelerators in a container's resources: the plan sets their count (twin of the CEL rule on
+    Resources)."""
+    return [
+        Problem(
+            field=f"{field}.{kind}[{name}]",
+            message=f"{name} is an accelerator: the plan requests accelerator.perPod of them per pod.",
+            fix="remove it and set accelerator.type and perPod; other extended resources (e.g. rdma/hca) "
+            "may stay.",
+        )
+        for kind, given in (("requests", resources.requests), ("limits", resources.limits))
+        for name in given
+        if name in ACCELERATOR_RESOURCES or name.startswith(ACCELERATOR_RESOURCE_PREFIXES)
+    ]
+
+
+def reserved_mount_path(path: str) -> str | None:
+    """The operator's mount point `path` is at or under, if any."""
+    return next((p for p in RESERVED_MOUNT_PATHS if path == p or path.startswith(p + "/")), None)
+
+
+def pod_template_problems(pod: PodTemplateOptions, *, field: str) -> list[Problem]:
+    """spec.roles.<role>.pod or spec.router.pod touching what the operator owns (twins of the CEL rules
+    on PodTemplateOptions), and duplicate names the API server's list maps refuse."""
+    problems = reserved_label_problems(pod.labels, field=f"{field}.labels")
+    for i, var in enumerate(pod.env):
+        if var.name.startswith(RESERVED_ENV_PREFIXES) or var.name in RESERVED_ENV_NAMES:
+            problems.append(
+                Problem(
+                    field=f"{field}.env[{i}].name",
+                    message=f"{var.name} is the operator's (KUBEMOE_* and LWS_* are the runtime's and "
+                    "LeaderWorkerSet's; HOME, HF_HOME, HUGGINGFACE_HUB_CACHE and "
+                    "VLLM_NIXL_SIDE_CHANNEL_HOST it sets; HF_TOKEN and AWS_* come from "
+                    "model.credentialsSecret).",
+                    fix="rename the variable, or put model credentials in model.credentialsSecret.",
+                )
+            )
+    for i, source in enumerate(pod.env_from):
+        if source.prefix is not None and source.prefix.startswith(RESERVED_ENV_PREFIXES):
+            problems.append(
+                Problem(
+                    field=f"{field}.envFrom[{i}].prefix",
+                    message=f"prefix {source.prefix!r} starts like the runtime's (KUBEMOE_) or "
+                    "LeaderWorkerSet's (LWS_) variables.",
+                    fix="choose another prefix.",
+                )
+            )
+    names = [v.name for v in pod.volumes]
+    for i, name in enumerate(names):
+        if name in RESERVED_VOLUMES:
+            problems.append(
+                Problem(
+                    field=f"{field}.volumes[{i}].name",
+                    message=f"volume {name!r} is the operator's ({', '.join(RESERVED_VOLUMES)}).",
+                    fix="choose another name (and use it in volumeMounts).",
+                )
+            )
+        elif name in names[:i]:
+            problems.append(
+                Problem(
+                    field=f"{field}.volumes[{i}].name",
+                    message=f"volume {name!r} is given twice.",
+                    fix="give each volume its own name.",
+                )
+            )
+    paths = [m.mount_path for m in pod.volume_mounts]
+    for i, mount in enumerate(pod.volume_mounts):
+        owner = reserved_mount_path(mount.mount_path)
+        if owner is not None:
+            problems.append(
+                Problem(
+                    field=f"{field}.volumeMounts[{i}].mountPath",
+                    message=f"{mount.mount_path} is at or under {owner}, one of the operator's mount points "
+                    f"({', '.join(RESERVED_MOUNT_PATHS)}).",
+                    fix="mount it elsewhere (e.g. /mnt/data).",
+                )
+            )
+        elif mount.mount_path in paths[:i]:
+            problems.append(
+                Problem(
+                    field=f"{field}.volumeMounts[{i}].mountPath",
+                    message=f"{mount.mount_path} is mounted twice.",
+                    fix="give each mount its own path.",
+                )
+            )
+        if mount.name not in names:
+            problems.append(
+                Problem(
+                    field=f"{field}.volumeMounts[{i}].name",
+                    message=f"volume {mount.name!r} is not among this pod template's volumes.",
+                    fix=f"add a volume named {mount.name} to {field}.volumes, or fix the name.",
+                )
+            )
+    seen: set[str] = set()
+    for i, var in enumerate(pod.env):
+        if var.name in seen:
+            problems.append(
+                Problem(
+                    field=f"{field}.env[{i}].name",
+                    message=f"{var.name} is given twice.",
+                    fix="keep one entry per variable.",
+                )
+            )
+        seen.add(var.name)
+    return problems
+
+
+def node_selector_conflicts(own: dict[str, str], shared: dict[str, str], *, field: str) -> list[Problem]:
+    """A role's nodeSelector giving a key of scheduling.nodeSelector another value (no node has both)."""
+    return [
+        Problem(
+            field=f"{field}[{key}]",
+            message=f"{key}={value} contradicts scheduling.nodeSelector's {key}={shared[key]}: "
+            "no node has both.",
+            fix="keep one value: drop the key here or in scheduling.nodeSelector.",
+        )
+        for key, value in own.items()
+        if key in shared and shared[key] != value
     ]

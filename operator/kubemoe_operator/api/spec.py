@@ -175,8 +175,92 @@ QUANTITY_PATTERN = (
 Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
 
 
+# --- Pod templates per role and for the router (spec.roles.<role>.pod, spec.router.pod) ---
+
+RESERVED_ENV_PREFIXES = ("KUBEMOE_", "LWS_")
+"""The runtime's settings and LeaderWorkerSet's group facts (LWS_LEADER_ADDRESS, LWS_WORKER_INDEX...)."""
+RESERVED_ENV_NAMES = (
+    "HOME",
+    "HF_HOME",
+    "HUGGINGFACE_HUB_CACHE",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+)
+"""Variables the operator sets in a pod: writable directories, the KV side channel, the model's
+credentials (from model.credentialsSecret)."""
+RESERVED_VOLUMES = ("model", "hf-cache", "home", "cache", "dshm", "experts", "api-keys")
+"""Volume names the operator's pods use (render/sources.py, filesystem.py, experts.py, pods.py)."""
+RESERVED_MOUNT_PATHS = ("/mnt/models", "/cache", "/home/kubemoe", "/dev/shm", "/etc/kubemoe")
+"""The operator's mount points: the model claim, the model cache, HOME, /dev/shm, the expert
+placement and the router's API keys (under /etc/kubemoe). A mount at or under one is refused."""
+ACCELERATOR_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
+"""The accelerators' extended resources (catalog/gpus.yaml): the plan sets their count."""
+ACCELERATOR_RESOURCE_PREFIXES = ("nvidia.com/mig-",)
+VOLUME_SOURCES = (
+    "hostPath",
+    "emptyDir",
+    "secret",
+    "configMap",
+    "persistentVolumeClaim",
+    "projected",
+    "downwardAPI",
+    "csi",
+    "ephemeral",
+    "image",
+    "nfs",
+    "iscsi",
+    "fc",
+    "rbd",
+    "cephfs",
+    "cinder",
+    "flexVolume",
+    "azureFile",
+    "azureDisk",
+    "gcePersistentDisk",
+    "awsElasticBlockStore",
+    "vsphereVolume",
+    "portworxVolume",
+    "glusterfs",
+)
+"""Kubernetes' volume sources (core/v1 VolumeSource)."""
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_POD_LIST = 32
+MAX_ENV = 64
+
+
+def _cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _cel_prefixes(var: str, prefixes: tuple[str, ...]) -> str:
+    return " && ".join(f"!{var}.startsWith('{p}')" for p in prefixes)
+
+
+def _accelerator_rule(field: str) -> dict[str, Any]:
+    prefixes = _cel_prefixes("k", ACCELERATOR_RESOURCE_PREFIXES)
+    return cel(
+        f"!has(self.{field}) || self.{field}.all(k, !(k in {_cel_list(ACCELERATOR_RESOURCES)})"
+        f" && {prefixes})",
+        "accelerators (nvidia.com/gpu, amd.com/gpu, MIG slices) are the plan's: set accelerator.type and "
+        "perPod instead; give other extended resources (e.g. rdma/hca) here",
+        field_path=f".{field}",
+    )
+
+
 class Resources(ApiModel):
-    """Container resources per pod; accelerators are added from the plan."""
+    """Container resources per pod; accelerators are added from the plan. Other extended resources
+    (rdma/hca, an SR-IOV network's VFs) pass through; one given only in requests is limited alike
+    (Kubernetes requires it)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(_accelerator_rule("requests"), _accelerator_rule("limits"))
+    )
 
     requests: dict[str, Quantity] = Field(default_factory=dict, max_length=32)
     limits: dict[str, Quantity] = Field(default_factory=dict, max_length=32)
@@ -190,6 +274,324 @@ class Resources(ApiModel):
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         return value
+
+
+def _label_rule() -> str:
+    prefixes = " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES)
+    return f"!has(self.labels) || self.labels.all(k, {prefixes})"
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists",
+                field_path=".value",
+            )
+        )
+    )
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class KeyRef(ApiModel):
+    """A key of a ConfigMap or Secret in the ModelDeployment's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    key: str = Field(min_length=1, max_length=253)
+    optional: bool | None = None
+
+
+class FieldRef(ApiModel):
+    """A field of the pod (metadata.name, status.podIP, ...)."""
+
+    field_path: str = Field(min_length=1, max_length=256)
+    api_version: str | None = Field(None, max_length=64)
+
+
+class ResourceFieldRef(ApiModel):
+    """A resource of the container (requests.cpu, limits.memory, ...)."""
+
+    resource: str = Field(min_length=1, max_length=256)
+    container_name: str | None = Field(None, max_length=63)
+    divisor: str | None = Field(None, max_length=64, pattern=QUANTITY_PATTERN)
+
+
+class EnvVarSource(ApiModel):
+    """Exactly one of fieldRef, resourceFieldRef, configMapKeyRef, secretKeyRef."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(has(self.fieldRef) ? 1 : 0) + (has(self.resourceFieldRef) ? 1 : 0)"
+                " + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) == 1",
+                "valueFrom takes exactly one of fieldRef, resourceFieldRef, configMapKeyRef, secretKeyRef",
+            )
+        )
+    )
+
+    field_ref: FieldRef | None = None
+    resource_field_ref: ResourceFieldRef | None = None
+    config_map_key_ref: KeyRef | None = None
+    secret_key_ref: KeyRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:  # the CEL rule above
+        given = [self.field_ref, self.resource_field_ref, self.config_map_key_ref, self.secret_key_ref]
+        if sum(x is not None for x in given) != 1:
+            raise ValueError(
+                "valueFrom takes exactly one of fieldRef, resourceFieldRef, configMapKeyRef, secretKeyRef"
+            )
+        return self
+
+
+class EnvVar(ApiModel):
+    """A Kubernetes EnvVar: a value, or valueFrom."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("!has(self.value) || !has(self.valueFrom)", "give value or valueFrom, not both")
+        )
+    )
+
+    name: str = Field(max_length=256, pattern=ENV_NAME_PATTERN)
+    value: str | None = Field(None, max_length=32768)
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> EnvVar:  # the CEL rule above
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("give value or valueFrom, not both")
+        return self
+
+
+class EnvSourceRef(ApiModel):
+    """A ConfigMap or Secret in the ModelDeployment's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    optional: bool | None = None
+
+
+class EnvFromSource(ApiModel):
+    """Every key of a ConfigMap or Secret as a variable (optionally prefixed). Variables the
+    operator sets win over these (Kubernetes: env over envFrom)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.configMapRef) != has(self.secretRef)",
+                "envFrom entries take exactly one of configMapRef, secretRef",
+            )
+        )
+    )
+
+    prefix: str | None = Field(None, max_length=256)
+    config_map_ref: EnvSourceRef | None = None
+    secret_ref: EnvSourceRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvFromSource:  # the CEL rule above
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("envFrom entries take exactly one of configMapRef, secretRef")
+        return self
+
+
+class NodeSelectorRequirement(ApiModel):
+    """key operator values, as in a Kubernetes node selector term."""
+
+    key: str = Field(min_length=1, max_length=316)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
+
+
+class NodeSelectorTerm(ApiModel):
+    """Requirements that must all hold (Kubernetes' NodeSelectorTerm)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=16)
+    match_fields: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=16)
+
+
+class RequiredNodeSelector(ApiModel):
+    """Terms of which at least one must hold."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=16)
+
+
+class PreferredSchedulingTerm(ApiModel):
+    weight: int = Field(ge=1, le=100)
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(ApiModel):
+    """Kubernetes' NodeAffinity. The operator ANDs its accelerator term into every required term."""
+
+    required_during_scheduling_ignored_during_execution: RequiredNodeSelector | None = None
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=16
+    )
+
+
+OPEN_OBJECT: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class Affinity(ApiModel):
+    """Kubernetes' Affinity. nodeAffinity is typed (the operator merges its own into it); podAffinity
+    and podAntiAffinity pass through as written and the API server checks them when the operator
+    creates the pods' workload (their full schema would repeat 12 KB in the CRD for every role)."""
+
+    node_affinity: NodeAffinity | None = None
+    pod_affinity: dict[str, Any] | None = Field(None, json_schema_extra=OPEN_OBJECT)
+    """Kubernetes' PodAffinity (requiredDuringSchedulingIgnoredDuringExecution, preferred...)."""
+    pod_anti_affinity: dict[str, Any] | None = Field(None, json_schema_extra=OPEN_OBJECT)
+    """Kubernetes' PodAntiAffinity."""
+
+
+class Volume(ApiModel):
+    """A Kubernetes Volume: a name and one volume source (hostPath, emptyDir, configMap, secret,
+    persistentVolumeClaim, csi, ...), passed through as written; the API server checks the source
+    when the operator creates the pods' workload."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        sources = sorted((self.model_extra or {}).keys())
+        if len(sources) != 1 or sources[0] not in VOLUME_SOURCES:
+            raise ValueError(
+                f"a volume takes a name and exactly one source ({', '.join(VOLUME_SOURCES[:5])}, ...); "
+                f"got {sources or 'none'}"
+            )
+        if not isinstance((self.model_extra or {})[sources[0]], dict):
+            raise ValueError(f"{sources[0]} must be an object (e.g. {sources[0]}: {{}})")
+        return self
+
+
+class VolumeMount(ApiModel):
+    """A Kubernetes VolumeMount of one of this pod template's own volumes."""
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    mount_path: str = Field(min_length=2, max_length=1024, pattern=r"^/")
+    read_only: bool | None = None
+    sub_path: str | None = Field(None, max_length=1024)
+    sub_path_expr: str | None = Field(None, max_length=1024)
+    mount_propagation: Literal["None", "HostToContainer", "Bidirectional"] | None = None
+
+
+def _mount_rule() -> str:
+    reserved = " && ".join(
+        f"m.mountPath != '{p}' && !m.mountPath.startsWith('{p}/')" for p in RESERVED_MOUNT_PATHS
+    )
+    return f"!has(self.volumeMounts) || self.volumeMounts.all(m, {reserved})"
+
+
+def _pod_template_rules() -> dict[str, Any]:
+    env_prefixes = _cel_prefixes("e.name", RESERVED_ENV_PREFIXES)
+    from_prefixes = _cel_prefixes("s.prefix", RESERVED_ENV_PREFIXES)
+    return validations(
+        cel(
+            _label_rule(),
+            "labels must not use the prefixes kubemoe.io/, app.kubernetes.io/ or "
+            "leaderworkerset.sigs.k8s.io/ (the operator's and LeaderWorkerSet's own)",
+            field_path=".labels",
+        ),
+        cel(
+            f"!has(self.env) || self.env.all(e, {env_prefixes}"
+            f" && !(e.name in {_cel_list(RESERVED_ENV_NAMES)}))",
+            "env must not set KUBEMOE_*, LWS_* or the variables the operator sets (HOME, HF_HOME, "
+            "HUGGINGFACE_HUB_CACHE, VLLM_NIXL_SIDE_CHANNEL_HOST, HF_TOKEN, AWS_*): rename the variable; "
+            "model credentials go in model.credentialsSecret",
+            field_path=".env",
+        ),
+        cel(
+            f"!has(self.envFrom) || self.envFrom.all(s, !has(s.prefix) || ({from_prefixes}))",
+            "envFrom prefix must not start with KUBEMOE_ or LWS_ (the runtime's and LeaderWorkerSet's)",
+            field_path=".envFrom",
+        ),
+        cel(
+            f"!has(self.volumes) || self.volumes.all(v, !(v.name in {_cel_list(RESERVED_VOLUMES)}))",
+            "volumes must not be named like the operator's own (model, hf-cache, home, cache, dshm, "
+            "experts, api-keys): choose another name",
+            field_path=".volumes",
+        ),
+        cel(
+            _mount_rule(),
+            "volumeMounts must not be at or under the operator's mount points (/mnt/models, /cache, "
+            "/home/kubemoe, /dev/shm, /etc/kubemoe): mount elsewhere",
+            field_path=".volumeMounts",
+        ),
+        cel(
+            "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes)"
+            " && self.volumes.exists(v, v.name == m.name))",
+            "each volumeMount must name a volume of this pod template's volumes",
+            field_path=".volumeMounts",
+        ),
+    )
+
+
+def _list_map(*keys: str) -> dict[str, Any]:
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+class PodTemplateOptions(ApiModel):
+    """What one role's pods (both the leader and the worker template of a LeaderWorkerSet, or a
+    Deployment's pods), or the router's, carry besides the operator's own, e.g. for wide expert
+    parallelism on an RDMA fabric: a Multus network annotation, NCCL/UCX variables, hostPath or
+    emptyDir volumes. Extended resources (rdma/hca, SR-IOV VFs) go in the role's resources. The
+    operator's own parts are protected: its labels, variables, volumes and mount points are refused
+    here, the engine's arguments are spec.engine's, and its accelerator node affinity always holds."""
+
+    model_config = ConfigDict(json_schema_extra=_pod_template_rules())
+
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=MAX_POD_METADATA)
+    """Pod annotations (e.g. k8s.v1.cni.cncf.io/networks for Multus); over spec.pod's on the same key."""
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_POD_METADATA)
+    """Pod labels, over spec.pod's on the same key; not under kubemoe.io/, app.kubernetes.io/ or
+    leaderworkerset.sigs.k8s.io/."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=MAX_ENV, json_schema_extra=_list_map("name"))
+    """Environment variables of the container (e.g. NCCL_IB_HCA, UCX_NET_DEVICES), after the
+    operator's. Not KUBEMOE_*, LWS_* or a variable the operator sets (HOME, HF_HOME,
+    HUGGINGFACE_HUB_CACHE, VLLM_NIXL_SIDE_CHANNEL_HOST; HF_TOKEN and AWS_* come from
+    model.credentialsSecret)."""
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=16)
+    """ConfigMaps and Secrets whose keys become variables; the operator's variables win over them."""
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    """Node labels the pods require, with scheduling.nodeSelector's (the same key with another value is
+    refused); naming the accelerator's node label (e.g. nvidia.com/gpu.product) replaces the operator's
+    choice, as there."""
+    affinity: Affinity | None = None
+    """Node affinity, pod affinity and pod anti-affinity. The operator's required node affinity for the
+    accelerator (when it has one) is ANDed into each required node selector term, never replaced."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Added to scheduling.tolerations."""
+    volumes: list[Volume] = Field(
+        default_factory=list, max_length=MAX_POD_LIST, json_schema_extra=_list_map("name")
+    )
+    """Pod volumes: each a name and one Kubernetes volume source, as in a pod spec (the API server checks
+    the source). Not named like the operator's (model, hf-cache, home, cache, dshm, experts, api-keys)."""
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list, max_length=MAX_POD_LIST, json_schema_extra=_list_map("mountPath")
+    )
+    """Mounts of these volumes into the container; not at or under /mnt/models, /cache, /home/kubemoe,
+    /dev/shm or /etc/kubemoe (the operator's)."""
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """PriorityClass of these pods; replaces scheduling.priorityClassName."""
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """ServiceAccount the pods run as (e.g. for a cloud identity); the namespace's default when absent.
+    Not for SGLang's P/D router, which runs as its own (it reads the namespace's pods)."""
 
 
 class MetricTarget(ApiModel):
@@ -288,6 +690,9 @@ class RoleSpec(ApiModel):
     """Omit to let the planner suggest one (the smallest EP that fits)."""
     resources: Resources | None = None
     autoscaling: Autoscaling | None = None
+    pod: PodTemplateOptions | None = None
+    """This role's pods only: environment, annotations, labels, volumes, affinity, tolerations, node
+    selector, priority class, ServiceAccount, merged into what the operator renders."""
 
 
 class Roles(ApiModel):
@@ -453,17 +858,15 @@ class RouterSpec(ApiModel):
     """A Secret in this namespace whose key `api-key` holds the API keys, one per line; the router
     then answers 401 to requests without `Authorization: Bearer KEY` (/health, /ready and /metrics
     stay open) and re-reads the keys when the Secret changes. Needs replicas >= 1."""
+    pod: PodTemplateOptions | None = None
+    """The router's pods only: environment, annotations, labels, volumes, affinity, tolerations, node
+    selector, priority class, ServiceAccount (not for SGLang's P/D router, which has its own)."""
 
     @model_validator(mode="after")
     def _keys_need_a_router(self) -> RouterSpec:  # the CEL rule above, for `kubemoe plan` and the operator
         if self.api_key_secret is not None and self.replicas < 1:
             raise ValueError("apiKeySecret needs a router (replicas >= 1): the workers do not check API keys")
         return self
-
-
-def _label_rule() -> str:
-    prefixes = " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES)
-    return f"!has(self.labels) || self.labels.all(k, {prefixes})"
 
 
 class PodOptions(ApiModel):
@@ -493,30 +896,12 @@ class PodOptions(ApiModel):
     """Secrets in the ModelDeployment's namespace for pulling the runtime image (a private registry)."""
 
 
-class Toleration(ApiModel):
-    """A Kubernetes toleration."""
-
-    model_config = ConfigDict(
-        json_schema_extra=validations(
-            cel(
-                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                "value must be empty when operator is Exists",
-                field_path=".value",
-            )
-        )
-    )
-
-    key: str | None = Field(None, max_length=316)
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(None, max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
 class SchedulingSpec(ApiModel):
     """Where the pods may run."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     priority_class_name: str | None = Field(None, max_length=253)
 
@@ -542,6 +927,25 @@ class ModelDeploymentSpec(ApiModel):
                 "self.serving.mode != 'disaggregated' || self.router.replicas >= 1",
                 "disaggregated mode needs at least one router replica",
                 field_path=".router.replicas",
+            ),
+            cel(
+                "self.engine.kind != 'sglang' || self.serving.mode != 'disaggregated'"
+                " || !has(self.router.pod) || !has(self.router.pod.serviceAccountName)",
+                "SGLang's P/D router runs as the ServiceAccount the operator gives it (it reads the "
+                "namespace's pods): remove router.pod.serviceAccountName",
+                field_path=".router.pod.serviceAccountName",
+            ),
+            *(
+                cel(
+                    f"!has(self.roles.{role}) || !has(self.roles.{role}.pod)"
+                    f" || !has(self.roles.{role}.pod.nodeSelector) || !has(self.scheduling.nodeSelector)"
+                    f" || self.roles.{role}.pod.nodeSelector.all(k, !(k in self.scheduling.nodeSelector)"
+                    f" || self.scheduling.nodeSelector[k] == self.roles.{role}.pod.nodeSelector[k])",
+                    f"roles.{role}.pod.nodeSelector gives a key of scheduling.nodeSelector another value: "
+                    "keep one value per key (a pod cannot be on both)",
+                    field_path=f".roles.{role}.pod.nodeSelector",
+                )
+                for role in ("prefill", "decode", "worker")
             ),
             *cel_rules(),
         )

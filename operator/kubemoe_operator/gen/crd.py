@@ -4,7 +4,8 @@ Pydantic's JSON Schema becomes a structural OpenAPI v3 schema: `$defs` are inlin
 dropped, `X | None` becomes plain X (the apiserver prunes nulls of non-nullable fields, which
 matches None meaning "absent"), `int | str` becomes `x-kubernetes-int-or-string`,
 `additionalProperties: false` is dropped (the apiserver rejects unknown fields under strict
-field validation and prunes them otherwise), and JSON Schema 2020's numeric
+field validation and prunes them otherwise), `additionalProperties: true` (a model with extra="allow")
+only beside `x-kubernetes-preserve-unknown-fields`, and JSON Schema 2020's numeric
 `exclusiveMinimum` becomes OpenAPI's boolean form. Anything else unexpected is an error, so a
 new pydantic construct cannot slip through unconverted.
 """
@@ -103,6 +104,10 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "additionalProperties" and value is False:
             continue
+        if key == "additionalProperties" and value is True:
+            if not node.get("x-kubernetes-preserve-unknown-fields"):
+                raise ValueError("an open object (extra='allow') needs x-kubernetes-preserve-unknown-fields")
+            continue  # kept as written: the apiserver keeps the unknown fields
         if key == "const":
             out["enum"] = [value]
         elif key == "exclusiveMinimum" and not isinstance(value, bool):

@@ -1,4 +1,5 @@
-"""Pod templates: the runtime container with its arguments, resources, probes, model source and placement;
+"""Pod templates: the runtime container with its arguments, resources, probes, model source and placement,
+and what the role's (or router's) pod template options add (pod_options.py, placement.py);
 the router's, with its API keys when spec.router.apiKeySecret names them; and how each ends (lifecycle.py):
 the router and the torch engine's API-serving pods (Deployment pods, LeaderWorkerSet leaders) sleep in
 preStop and drain within their grace period; headless workers and vLLM pods keep Kubernetes' defaults."""
@@ -27,7 +28,7 @@ from kubemoe_operator.render.kv_key import kv_key_env
 from kubemoe_operator.render.lifecycle import container_lifecycle, drain_env, drains, pod_termination
 from kubemoe_operator.render.names import labels, router_name, workload_name
 from kubemoe_operator.render.placement import placement
-from kubemoe_operator.render.pod_options import with_options
+from kubemoe_operator.render.pod_options import role_pod, with_options
 from kubemoe_operator.render.probes import engine_probes, router_probes
 from kubemoe_operator.render.resources import container_resources, router_resources
 from kubemoe_operator.render.sources import source_mounts
@@ -84,6 +85,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     pod of an expert-parallel group gets spec.experts' flags (and the torch engine's placement file)."""
     if own_server(ctx.plan):
         return own_server_pod_template(ctx=ctx, role=role, pod=pod)
+    own = role_pod(ctx.spec, role.role)
     draining = drains(leader=pod.leader)
     env, volumes, mounts = source_mounts(ctx.spec)
     experts_volumes, experts_mounts = expert_volumes(owner=ctx.owner, spec=ctx.spec, role=role)
@@ -121,15 +123,16 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         "volumes": [*volumes, *dirs_volumes, *experts_volumes],
         "enableServiceLinks": False,
         **(pod_termination() if draining else {}),
-        **placement(ctx.spec, ctx.plan, accelerator=True),
+        **placement(ctx.spec, ctx.plan, accelerator=True, own=own),
     }
-    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
+    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options, own)
 
 
 def own_server_pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, Any]:
     """A pod of an engine that is its own server (render/engines.py): the engine's command, its
     /health probes, the model source and writable directories; none of the runtime's own settings
     (metric labels, drain timeout, KV hand-off key), which such a server does not read."""
+    own = role_pod(ctx.spec, role.role)
     env, volumes, mounts = source_mounts(ctx.spec)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     bootstrap_ports, annotations = bootstrap(ctx.plan, role.role)
@@ -160,9 +163,9 @@ def own_server_pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) ->
         "volumes": [*volumes, *dirs_volumes],
         "enableServiceLinks": False,
         **(pod_termination() if pod.leader else {}),
-        **placement(ctx.spec, ctx.plan, accelerator=True),
+        **placement(ctx.spec, ctx.plan, accelerator=True, own=own),
     }
-    return with_options({"metadata": metadata, "spec": spec}, ctx.options)
+    return with_options({"metadata": metadata, "spec": spec}, ctx.options, own)
 
 
 def api_keys(secret: str | None) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -187,6 +190,7 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
     for SGLang P/D sglang-router (the SGLang image), which reads pods through its ServiceAccount."""
     if sglang_router(ctx.plan):
         return sglang_router_pod_template(ctx=ctx, argv=argv, role=role)
+    own = ctx.spec.router.pod
     pod_sc, container_sc = security_context()
     key_args, key_volumes, key_mounts = api_keys(ctx.spec.router.api_key_secret)
     argv = container_argv([*argv, *key_args])
@@ -211,16 +215,17 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
         "securityContext": pod_sc,
         "enableServiceLinks": False,
         **pod_termination(),
-        **placement(ctx.spec, ctx.plan, accelerator=False),
+        **placement(ctx.spec, ctx.plan, accelerator=False, own=own),
     }
     if key_volumes:
         spec["volumes"] = key_volumes
-    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
+    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options, own)
 
 
 def sglang_router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[str, Any]:
     """sglang-router's pod (render/engines.py): the SGLang image, its ServiceAccount's token mounted
     (its service discovery reads the namespace's pods), the preStop sleep and grace period."""
+    own = ctx.spec.router.pod
     pod_sc, container_sc = security_context()
     argv = container_argv(argv)
     container: dict[str, Any] = {
@@ -243,6 +248,6 @@ def sglang_router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -
         "securityContext": pod_sc,
         "enableServiceLinks": False,
         **pod_termination(),
-        **placement(ctx.spec, ctx.plan, accelerator=False),
+        **placement(ctx.spec, ctx.plan, accelerator=False, own=own),
     }
-    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options)
+    return with_options({"metadata": {"labels": pod_labels}, "spec": spec}, ctx.options, own)

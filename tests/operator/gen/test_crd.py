@@ -80,7 +80,13 @@ def test_cel_rules_are_present() -> None:
     }
     from kubemoe_operator.api.engines import cel_rules  # the admission table's (issue #18)
 
-    assert len(rules[".spec"]) == 3 + len(cel_rules())
+    pod_templates = 1 + 3  # the SGLang router's ServiceAccount; each role's nodeSelector (issue #20)
+    assert len(rules[".spec"]) == 3 + pod_templates + len(cel_rules())
+    assert any("self.router.pod.serviceAccountName" in r for r in rules[".spec"])
+    for path in (".spec.roles.prefill.pod", ".spec.roles.worker.pod", ".spec.router.pod"):
+        assert any("KUBEMOE_" in r for r in rules[path]), path
+        assert any("/dev/shm" in r for r in rules[path]), path
+    assert any("nvidia.com/gpu" in r for r in rules[".spec.roles.decode.resources"])
     assert any("self.engine.kind != 'tgi'" in r for r in rules[".spec"])
     assert any("minReplicas <= self.maxReplicas" in r for r in rules[".spec.roles.decode.autoscaling"])
     assert any("self.expert" in r for r in rules[".spec.roles.prefill.parallelism"])
