@@ -12,13 +12,20 @@ Subcommands so far:
     serve --role router ...                  the router: OpenAI front door, P/D proxy (router/main.py)
 
 Engine flags use vLLM's names so one rendered pod command fits either engine.
+
+Errors are one line on stderr, never a traceback (`kubemoe-runtime: error: ...`, exit 1; a bad flag or
+input: exit 2); KUBEMOE_DEBUG=1 adds the traceback. `serve` reports its own start-up errors the same
+way (serve.py, router/main.py); once it serves, its log keeps whatever stops it, traceback included.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,32 @@ from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoi
 
 if TYPE_CHECKING:  # the engine is imported only where it runs
     from kubemoe_runtime.engines.torch.model.placement import Placement
+
+PROG = "kubemoe-runtime"
+DEBUG_ENV = "KUBEMOE_DEBUG"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Flags or input that cannot work: one line, exit 2."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message's lines joined; its type's name when it has no message."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"  # not "[Errno 2] No such file or directory: 'x'"
+    return text or type(err).__name__
+
+
+def report(prog: str, err: BaseException) -> None:
+    """`PROG: error: ...` on stderr; the traceback first with KUBEMOE_DEBUG=1."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(err)
+    with contextlib.suppress(OSError):  # stderr is gone too: nothing left to tell
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +117,15 @@ def _generate_rank(rank: int, job: GenerateJob) -> None:
         leave_process(0)
 
 
+def _rank_process(rank: int, job: GenerateJob) -> None:
+    """One expert-parallel rank of `generate` in its own process: a failure is one line naming the rank."""
+    try:
+        _generate_rank(rank, job)
+    except Exception as err:
+        report(f"{PROG} generate: rank {rank}", err)
+        sys.exit(EXIT_ERROR)
+
+
 def _ids(experts: Sequence[int]) -> str:
     """Expert ids shortly: `0..3` for a contiguous run, else the list."""
     if list(experts) == list(range(experts[0], experts[0] + len(experts))):
@@ -101,10 +143,20 @@ def _generate(args: argparse.Namespace) -> int:
     from kubemoe_runtime.pod.ports import free_port
 
     ep_size = args.data_parallel_size if args.enable_expert_parallel else 1
+    if args.data_parallel_size < 1:
+        raise UsageError(f"--data-parallel-size {args.data_parallel_size}: give 1 or more")
     if args.data_parallel_size > 1 and not args.enable_expert_parallel:
-        print("error: plain data parallelism is not supported by `generate`; add --enable-expert-parallel")
-        return 2
-    cfg = ModelConfig.load(Path(args.model))
+        raise UsageError(
+            "plain data parallelism is not supported by `generate`; add --enable-expert-parallel"
+        )
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens {args.max_tokens}: give 1 or more")
+    try:
+        cfg = ModelConfig.load(Path(args.model))
+    except (ValueError, OSError) as err:  # ConfigError: no config.json, not JSON, a model it cannot run
+        raise UsageError(f"--model: {one_line(err)}") from err
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        raise UsageError(f"--model {args.model}: no tokenizer.json")
     shape = {"n_experts": cfg.n_routed_experts, "ranks": ep_size, "redundant": args.redundant_experts}
     layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]
     try:
@@ -115,8 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
             else default_placement(layers=layers, **shape)
         )
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(one_line(err)) from err
     job = GenerateJob(
         model=Path(args.model),
         dtype=args.dtype,
@@ -131,15 +182,19 @@ def _generate(args: argparse.Namespace) -> int:
         _generate_rank(0, job)
         return 0
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_generate_rank, args=(rank, job)) for rank in range(ep_size)]
+    procs = [ctx.Process(target=_rank_process, args=(rank, job)) for rank in range(ep_size)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
     failed = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode != 0}
     if failed:
-        print(f"error: expert-parallel ranks failed (rank: exit code) {failed}", file=sys.stderr)
-        return 1
+        with contextlib.suppress(OSError):
+            print(
+                f"{PROG} generate: error: expert-parallel ranks failed (rank: exit code) {failed}",
+                file=sys.stderr,
+            )
+        return EXIT_ERROR
     return 0
 
 
@@ -155,14 +210,32 @@ def _role(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"] and _role(argv[1:]) == "router":
+    if argv[:1] == ["serve"]:  # a server: it reports its own start-up errors; later, its log has the rest
+        return _serve(argv[1:])
+    try:
+        return _tools(argv)
+    except UsageError as err:
+        report(f"{PROG} {argv[0]}" if argv else PROG, err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        report(PROG, err)
+        return EXIT_ERROR
+
+
+def _serve(argv: list[str]) -> int:
+    if _role(argv) == "router":
         from kubemoe_runtime.router.main import main as router_main
 
-        return router_main(argv[1:])
-    if argv[:1] == ["serve"]:  # its own parser: a pod's argv may carry vLLM flags the torch engine ignores
-        from kubemoe_runtime.serve import main as serve_main
+        return router_main(argv)
+    # its own parser: a pod's argv may carry vLLM flags the torch engine ignores
+    from kubemoe_runtime.serve import main as serve_main
 
-        return serve_main(argv[1:])
+    return serve_main(argv)
+
+
+def _tools(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kubemoe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
