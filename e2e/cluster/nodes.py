@@ -23,7 +23,11 @@ def node_manifests(spec: GpuNodes) -> list[dict[str, Any]]:
     gpu_labels = {}
     if spec.gpus_per_node:
         resources["nvidia.com/gpu"] = str(spec.gpus_per_node)
+        # a shared RDMA device and the fabric label, as an InfiniBand cluster's GPU nodes carry them
+        # (examples/wide-ep-rdma.yaml asks for both)
+        resources["rdma/rdma_shared_device_a"] = "64"
         gpu_labels = {
+            "network.example.com/fabric": "infiniband",
             "nvidia.com/gpu.present": "true",
             "nvidia.com/gpu.product": spec.gpu_product,
             "nvidia.com/gpu.memory": str(spec.gpu_memory_mib),
