@@ -9,26 +9,31 @@ import pytest
 from pydantic import ValidationError
 
 from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.plan.command import S3_LOAD_FORMAT
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_runtime.pod.settings import parse_args
 from tests.operator.helpers import EXAMPLES
 
 
-def pod_commands() -> list[tuple[str, list[str]]]:
+def pod_commands() -> list[tuple[str, list[str], list[str]]]:
+    """(name, argv, the flags serve hands to vLLM unread: --load-format for s3://, then extraArgs)."""
     commands = []
     for path in EXAMPLES:
         plan = plan_manifest(load_manifest(path))
+        for_vllm = ["--load-format", S3_LOAD_FORMAT] if plan.source.startswith("s3://") else []
         commands += [
-            (f"{path.stem}/{role.role}/{pod.index}", pod.command) for role in plan.roles for pod in role.pods
+            (f"{path.stem}/{role.role}/{pod.index}", pod.command, [*for_vllm, *plan.extra_args])
+            for role in plan.roles
+            for pod in role.pods
         ]
     return commands
 
 
-@pytest.mark.parametrize(("name", "argv"), pod_commands(), ids=[n for n, _ in pod_commands()])
-def test_every_rendered_pod_command_parses(name: str, argv: list[str]) -> None:
+@pytest.mark.parametrize(("name", "argv", "for_vllm"), pod_commands(), ids=[n for n, _, _ in pod_commands()])
+def test_every_rendered_pod_command_parses(name: str, argv: list[str], for_vllm: list[str]) -> None:
     assert argv[:2] == ["kubemoe-runtime", "serve"]
     settings, unknown = parse_args(argv[2:])
-    assert unknown == []
+    assert unknown == for_vllm
     flag = dict(zip(argv, [*argv[1:], ""], strict=True))
     assert settings.engine == flag["--engine"]
     assert settings.role == flag["--role"]
@@ -41,7 +46,7 @@ def test_every_rendered_pod_command_parses(name: str, argv: list[str]) -> None:
 
 
 def test_the_tiny_example_runs_on_the_torch_engine() -> None:
-    torch_pods = [(n, argv) for n, argv in pod_commands() if "torch" in argv]
+    torch_pods = [(n, argv) for n, argv, _ in pod_commands() if "torch" in argv]
     assert torch_pods, "examples/tiny-moe.yaml should use the torch engine"
     settings = [parse_args(argv[2:])[0] for _, argv in torch_pods]
     headless = [s for s in settings if s.headless]
