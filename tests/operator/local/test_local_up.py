@@ -257,8 +257,8 @@ def test_kubemoe_up_names_inline_facts_the_checkpoint_contradicts(
     err = capsys.readouterr().err
     assert code == 1
     assert (
-        f"note: spec.model.config differs from {checkpoint / 'config.json'}: dtype float32 (config.json: bfloat16);"
-        " planning with the manifest's values"
+        f"note: spec.model.config differs from {checkpoint / 'config.json'}:"
+        " dtype float32 (config.json: bfloat16); planning with the manifest's values"
     ) in err.splitlines()
 
 
