@@ -124,6 +124,20 @@ ZEROS = pytest.mark.parametrize("zeros", [False, True], ids=["weights", "zero-we
 @ZEROS
 @pytest.mark.parametrize("threads", [1, 3], indirect=True, ids=["1-thread", "3-threads"])
 def test_kernel_matches_float64_reference(path: str, case: Case, zeros: bool, threads: int) -> None:
+    check_kernel(path, case, zeros=zeros)
+
+
+# Each row count an expert can have, up to two full row blocks and a tail, on one expert that every token
+# picks: the AVX-512 kernel dots up to 8 rows against a weight row, the AVX2 one 4, and each count below
+# that is its own unrolled code (ROW_CASES in moe_bf16.c); the random routing of CASES may miss some.
+@pytest.mark.parametrize("path", KERNELS)
+@pytest.mark.parametrize("rows", range(1, 18))
+def test_kernel_matches_float64_reference_at_every_row_count(path: str, rows: int) -> None:
+    check_kernel(path, Case(rows, 1, 1, range(1), 64, 32), zeros=False)
+
+
+def check_kernel(path: str, case: Case, *, zeros: bool) -> None:
+    """Kernel `path` against the float64 reference on `case`'s inputs."""
     x, (w13, w2), ids, w = case.inputs(zeros=zeros)
     slots, picked, starts = grouped(ids, case.experts)
 

@@ -35,6 +35,8 @@
 #define PF 2   /* prefetch the weight row PF rows ahead: the hardware prefetcher stops at each 4 KiB page,
                   and a software prefetch does not (decode at batch 16: 18 -> 25 GB/s, 27 GB/s the bound) */
 
+#define INLINE static inline __attribute__((always_inline))
+
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -47,38 +49,38 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
 
 #define ROWS 8 /* rows dotted against one loaded weight row at a time */
 
-static inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
+INLINE float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
+INLINE __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
 
-/* out[r] = dot(w, x[r]) for n rows x[0..n-1] of length len (a multiple of 32). */
-static inline void dots(const uint16_t *w, const uint16_t *const *x, int n, int len, float *out) {
+/* out[r] = dot(w, x[r]) for N rows x[0..N-1] of length len (a multiple of 32). */
+INLINE void dots_n(const uint16_t *w, const uint16_t *const *x, const int N, int len, float *out) {
     __m512 acc[ROWS];
-    for (int r = 0; r < n; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < N; r++) acc[r] = _mm512_setzero_ps();
     for (int k = 0; k < len; k += 32) {
         _mm_prefetch((const char *)(w + k + PF * len), _MM_HINT_T0);
         __m512bh wk = load_bh(w + k);
-        for (int r = 0; r < n; r++) acc[r] = _mm512_dpbf16_ps(acc[r], wk, load_bh(x[r] + k));
+        for (int r = 0; r < N; r++) acc[r] = _mm512_dpbf16_ps(acc[r], wk, load_bh(x[r] + k));
     }
-    for (int r = 0; r < n; r++) out[r] = reduce(acc[r]);
+    for (int r = 0; r < N; r++) out[r] = reduce(acc[r]);
 }
 
-/* As dots, for the gate row and the up row at once (both against the same x rows). */
-static inline void dots2(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, int n, int len,
-                         float *gate, float *up) {
+/* As dots_n, for the gate row and the up row at once (both against the same x rows). */
+INLINE void dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, const int N, int len,
+                    float *gate, float *up) {
     __m512 ag[ROWS], au[ROWS];
-    for (int r = 0; r < n; r++) ag[r] = au[r] = _mm512_setzero_ps();
+    for (int r = 0; r < N; r++) ag[r] = au[r] = _mm512_setzero_ps();
     for (int k = 0; k < len; k += 32) {
         _mm_prefetch((const char *)(wg + k + PF * len), _MM_HINT_T0);
         _mm_prefetch((const char *)(wu + k + PF * len), _MM_HINT_T0);
         __m512bh g = load_bh(wg + k), u = load_bh(wu + k);
-        for (int r = 0; r < n; r++) {
+        for (int r = 0; r < N; r++) {
             __m512bh xr = load_bh(x[r] + k);
             ag[r] = _mm512_dpbf16_ps(ag[r], g, xr);
             au[r] = _mm512_dpbf16_ps(au[r], u, xr);
         }
     }
-    for (int r = 0; r < n; r++) {
+    for (int r = 0; r < N; r++) {
         gate[r] = reduce(ag[r]);
         up[r] = reduce(au[r]);
     }
@@ -89,7 +91,6 @@ static inline void dots2(const uint16_t *wg, const uint16_t *wu, const uint16_t 
 /* 16 ymm registers (AVX-512 has 32): at most 4 rows against a weight row, and their accumulators, the
    widened weights and one widened x row must all stay in registers. */
 #define ROWS 4
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE __m256i load16(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
@@ -156,29 +157,32 @@ INLINE void dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *cons
     }
 }
 
-/* The runtime row count to a constant one, so that each case compiles to its own unrolled loop. */
+#else
+#error "build with -mavx512bf16 (and -mavx512f -mavx512bw -mavx512vl) or with -mavx2 -mfma"
+#endif
+
+/* The runtime row count (1..ROWS) to a constant, so that each case compiles to its own unrolled loop with
+   its accumulators in registers. */
+#if ROWS == 8
+#define ROW_CASES(CALL) CALL(1) CALL(2) CALL(3) CALL(4) CALL(5) CALL(6) CALL(7)
+#elif ROWS == 4
+#define ROW_CASES(CALL) CALL(1) CALL(2) CALL(3)
+#endif
+
 static void dots(const uint16_t *w, const uint16_t *const *x, int n, int len, float *out) {
-    switch (n) {
-    case 1: dots_n(w, x, 1, len, out); break;
-    case 2: dots_n(w, x, 2, len, out); break;
-    case 3: dots_n(w, x, 3, len, out); break;
-    default: dots_n(w, x, 4, len, out); break;
-    }
+#define DOTS(N) case N: dots_n(w, x, N, len, out); return;
+    switch (n) { ROW_CASES(DOTS) }
+#undef DOTS
+    dots_n(w, x, ROWS, len, out);
 }
 
 static void dots2(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, int n, int len,
                   float *gate, float *up) {
-    switch (n) {
-    case 1: dots2_n(wg, wu, x, 1, len, gate, up); break;
-    case 2: dots2_n(wg, wu, x, 2, len, gate, up); break;
-    case 3: dots2_n(wg, wu, x, 3, len, gate, up); break;
-    default: dots2_n(wg, wu, x, 4, len, gate, up); break;
-    }
+#define DOTS2(N) case N: dots2_n(wg, wu, x, N, len, gate, up); return;
+    switch (n) { ROW_CASES(DOTS2) }
+#undef DOTS2
+    dots2_n(wg, wu, x, ROWS, len, gate, up);
 }
-
-#else
-#error "build with -mavx512bf16 (and -mavx512f -mavx512bw -mavx512vl) or with -mavx2 -mfma"
-#endif
 
 /*
  * x [M, D]: the layer's tokens. slot[0..S-1]: the (token, choice) slots this rank computes, token * K +
