@@ -56,30 +56,38 @@ def get_or_none(cluster: Cluster, *args: str) -> Any:
     return json.loads(proc.stdout)
 
 
-def model_volume(ns: str, *, host_path: str = "/srv/models", size: str = "100Gi") -> str:
-    """A hostPath PersistentVolume bound to claim `models` in `ns` (the pvc:// source a manifest
-    names), as a kubectl List. On kwok nodes the path need not exist; on a real node it must."""
+def model_volume(
+    ns: str,
+    *,
+    host_path: str = "/srv/models",
+    size: str = "100Gi",
+    claim: str = "models",
+    access: str = "ReadOnlyMany",
+) -> str:
+    """A hostPath PersistentVolume bound to claim `claim` in `ns` (the pvc:// source a manifest
+    names; model-cache, ReadWriteMany, for model.cache), as a kubectl List. On kwok nodes the path
+    need not exist; on a real node it must."""
     pv = {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
-        "metadata": {"name": f"models-{ns}"},
+        "metadata": {"name": f"{claim}-{ns}"},
         "spec": {
             "capacity": {"storage": size},
-            "accessModes": ["ReadOnlyMany"],
+            "accessModes": [access],
             "storageClassName": "",
             "persistentVolumeReclaimPolicy": "Retain",
             "hostPath": {"path": host_path},
-            "claimRef": {"namespace": ns, "name": "models"},
+            "claimRef": {"namespace": ns, "name": claim},
         },
     }
     pvc = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "models", "namespace": ns},
+        "metadata": {"name": claim, "namespace": ns},
         "spec": {
-            "accessModes": ["ReadOnlyMany"],
+            "accessModes": [access],
             "storageClassName": "",
-            "volumeName": f"models-{ns}",
+            "volumeName": f"{claim}-{ns}",
             "resources": {"requests": {"storage": size}},
         },
     }

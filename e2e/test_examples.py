@@ -34,6 +34,8 @@ LABEL = "kubemoe.io/deployment"
 def namespace(cluster: Cluster) -> Iterator[str]:
     with scratch_namespace(cluster, prefix="ex") as ns:
         cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns))  # for pvc:// sources
+        cache = model_volume(ns, host_path="/srv/model-cache", claim="model-cache", access="ReadWriteMany")
+        cluster.kubectl("apply", "-f", "-", stdin=cache)  # for model.cache.claim (kwok completes the Job)
         yield ns
 
 
@@ -75,7 +77,9 @@ def test_example_deploys_to_ready(
             if kind == "leaderworkersets":
                 assert workload["spec"]["leaderWorkerTemplate"]["size"] == role.pods_per_group
             expected_pods += role.replicas * role.pods_per_group
-        pods = get_json(cluster, "pods", "-n", namespace, "-l", selector)["items"]
+        pods = get_json(cluster, "pods", "-n", namespace, "-l", f"{selector},kubemoe.io/role!=model-cache")[
+            "items"
+        ]
         assert len(pods) == expected_pods
         assert all(p["status"]["phase"] == "Running" for p in pods)
         gpus = sum(
@@ -84,6 +88,12 @@ def test_example_deploys_to_ready(
             for c in p["spec"]["containers"]
         )
         assert gpus == (0 if plan.accelerator == "cpu" else plan.devices)
+        fills = get_json(cluster, "pods", "-n", namespace, "-l", f"{selector},kubemoe.io/role=model-cache")
+        if "model.cache" in " ".join(plan.notes):  # the serving pods started after the fill succeeded
+            assert [p["status"]["phase"] for p in fills["items"]] == ["Succeeded"]
+            assert md["status"]["cache"]["phase"] == "Filled"
+        else:
+            assert fills["items"] == []
     finally:
         cluster.kubectl("delete", "md", plan.name, "-n", namespace, "--wait=true", "--timeout=60s")
         eventually(

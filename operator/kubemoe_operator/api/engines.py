@@ -256,11 +256,13 @@ def engine_rules(e: EngineSupport) -> list[Rule]:
             )
         )
     schemes = " || ".join(f"self.model.source.startsWith('{s}://')" for s in e.sources)
+    if _cache_loads(e):
+        schemes += " || has(self.model.cache)"
     rules.append(
         Rule(
             cel=f"{is_engine} || {schemes}",
             field=".model.source",
-            message=f"engine {e.kind} loads weights from {_words(tuple(s + '://' for s in e.sources))} only.",
+            message=f"engine {e.kind} loads weights from {_source_words(e)} only.",
             fix=_source_fix(e),
         )
     )
@@ -297,10 +299,21 @@ def engine_rules(e: EngineSupport) -> list[Rule]:
     return rules
 
 
+def _cache_loads(e: EngineSupport) -> bool:
+    """model.cache turns an hf:// source into a claim the pods mount: any engine that loads pvc://."""
+    return "pvc" in e.sources and "hf" not in e.sources
+
+
+def _source_words(e: EngineSupport) -> str:
+    words = _words(tuple(s + "://" for s in e.sources))
+    return f"{words}, or hf:// with model.cache" if _cache_loads(e) else words
+
+
 def _source_fix(e: EngineSupport) -> str:
     if e.sources == ("pvc", "file"):
         return (
-            "put the checkpoint on a PersistentVolumeClaim (pvc://CLAIM/PATH), or file://PATH for kubemoe up."
+            "put the checkpoint on a PersistentVolumeClaim (pvc://CLAIM/PATH), fill one from the Hub with"
+            " model.cache (hf://ORG/NAME), or use file://PATH for kubemoe up."
         )
     if "file" not in e.sources:
         return (
@@ -356,7 +369,8 @@ def engine_problems(spec: ModelDeploymentSpec) -> list[Problem]:
         add(by_field[".serving.kvTransfer.connector"])
     if e.accelerators is not None and spec.accelerator.type.lower() not in e.accelerators:
         add(by_field[".accelerator.type"])
-    if not any(spec.model.source.startswith(f"{s}://") for s in e.sources):
+    cached = _cache_loads(e) and spec.model.cache is not None
+    if not cached and not any(spec.model.source.startswith(f"{s}://") for s in e.sources):
         add(by_field[".model.source"])
     if not e.experts and spec.experts is not None:
         add(by_field[".experts"])
@@ -389,7 +403,7 @@ def describe(e: EngineSupport) -> list[tuple[str, str]]:
             else _words(e.connectors),
         ),
         ("accelerators", "any" if e.accelerators is None else _words(e.accelerators)),
-        ("model sources", _words(tuple(s + "://" for s in e.sources))),
+        ("model sources", _source_words(e)),
         ("spec.experts", yes(e.experts)),
         ("engine.image", "required" if e.image_required else "optional (the runtime image)"),
         ("router", e.router),

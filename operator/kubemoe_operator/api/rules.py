@@ -9,6 +9,8 @@ from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import (
     ACCELERATOR_RESOURCE_PREFIXES,
     ACCELERATOR_RESOURCES,
+    CACHE_CLAIM_MESSAGE,
+    CACHE_SOURCE_MESSAGE,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
     RESERVED_LABEL_PREFIXES,
@@ -19,6 +21,28 @@ from kubemoe_operator.api.spec import (
     PodTemplateOptions,
     Resources,
 )
+
+
+def model_cache_problems(spec: ModelDeploymentSpec) -> list[Problem]:
+    """model.cache's CEL rules (on ModelSpec) in Python."""
+    model, out = spec.model, []
+    if model.cache is not None and not model.source.startswith("hf://"):
+        out.append(
+            Problem(
+                field="spec.model.cache",
+                message=CACHE_SOURCE_MESSAGE + ".",
+                fix="remove model.cache, or set model.source to hf://ORG/NAME.",
+            )
+        )
+    if model.cache is not None and model.cache_claim is not None:
+        out.append(
+            Problem(
+                field="spec.model.cache",
+                message=CACHE_CLAIM_MESSAGE + ".",
+                fix="remove model.cacheClaim (model.cache.claim can name the same claim).",
+            )
+        )
+    return out
 
 
 def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
@@ -55,6 +79,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
         spec.engine.extra_args, field="spec.engine.extraArgs", engine=spec.engine.kind
     )
     problems += engine_problems(spec)
+    problems += model_cache_problems(spec)
     for name, role in roles.items():
         path = f"spec.roles.{name}"
         par = role.parallelism

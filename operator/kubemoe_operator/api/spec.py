@@ -43,6 +43,13 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 
 EMPTY_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
 
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+"""resource.Quantity's form, as controller-gen writes it into CRDs (the API server checks it)."""
+Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
+
 # Label prefixes the operator and LeaderWorkerSet own on pods (selectors, groups, metrics).
 RESERVED_LABEL_PREFIXES = ("kubemoe.io/", "app.kubernetes.io/", "leaderworkerset.sigs.k8s.io/")
 MAX_POD_METADATA = 64
@@ -51,8 +58,63 @@ RoleName = Literal["prefill", "decode", "worker"]
 MetricType = Literal["gpu-utilization", "kv-cache-usage", "queue-depth", "ttft-p90", "itl-p90"]
 
 
+CACHE_SOURCE_MESSAGE = (
+    "model.cache fills a claim from hf:// only (a pvc:// source is a claim already; vLLM streams s3://)"
+)
+CACHE_CLAIM_MESSAGE = "give model.cache or model.cacheClaim, not both (the cache holds the model itself)"
+HUB_ENDPOINT_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+
+
+class ModelCacheSpec(ApiModel):
+    """A claim the operator fills with the model once (a Job), which every serving pod then loads from."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.claim) != has(self.size)",
+                "give claim (an existing claim) or size (the operator creates one), exactly one",
+            )
+        )
+    )
+
+    claim: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """An existing PersistentVolumeClaim in the namespace (ReadWriteMany when the groups span nodes);
+    the model goes under kubemoe-cache/ORG/NAME in it."""
+    size: str | None = Field(None, max_length=64, pattern=QUANTITY_PATTERN)
+    """The operator creates the claim NAME-model-cache of this size (ReadWriteMany), owned by the
+    ModelDeployment: deleting the deployment deletes the cache."""
+    storage_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Storage class of the claim the operator creates; the cluster's default when empty."""
+    hub_endpoint: str | None = Field(None, max_length=2048, pattern=HUB_ENDPOINT_PATTERN)
+    """The Hub's address (HF_ENDPOINT) for the fill, e.g. a mirror; https://huggingface.co when empty."""
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_quantity(cls, value: str | None) -> str | None:
+        if value is not None and parse_quantity(value) <= 0:
+            raise ValueError("size must be a positive quantity, e.g. 800Gi")
+        return value
+
+    @model_validator(mode="after")
+    def _claim_or_size(self) -> ModelCacheSpec:  # the CEL rule above
+        if (self.claim is None) == (self.size is None):
+            raise ValueError("give claim (an existing claim) or size (the operator creates one), exactly one")
+        return self
+
+
 class ModelSpec(ApiModel):
     """Which model to serve and where its weights live."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.cache) || self.source.startsWith('hf://')",
+                CACHE_SOURCE_MESSAGE,
+                field_path=".cache",
+            ),
+            cel("!has(self.cache) || !has(self.cacheClaim)", CACHE_CLAIM_MESSAGE, field_path=".cache"),
+        )
+    )
 
     name: str = Field(min_length=1, max_length=253)
     """Served model name; also the catalog key (e.g. deepseek-ai/DeepSeek-V3)."""
@@ -66,6 +128,9 @@ class ModelSpec(ApiModel):
     AWS_ENDPOINT_URL optional) for s3://. Never copied into arguments, ConfigMaps or status."""
     cache_claim: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """PersistentVolumeClaim (ReadWriteMany) every pod mounts as the Hugging Face cache (hf:// only)."""
+    cache: ModelCacheSpec | None = None
+    """Fill a claim once from hf:// with a Job before the serving groups start; every pod then loads
+    the model from the claim, read-only, and never reaches the Hub (render/model_cache.py)."""
 
 
 class EngineSpec(ApiModel):
@@ -165,14 +230,6 @@ class Parallelism(ApiModel):
     def expert_parallel(self) -> bool:
         """Whether vLLM's --enable-expert-parallel is on."""
         return self.expert_size > 1
-
-
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-"""resource.Quantity's form, as controller-gen writes it into CRDs (the API server checks it)."""
-Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
 
 
 # --- Pod templates per role and for the router (spec.roles.<role>.pod, spec.router.pod) ---

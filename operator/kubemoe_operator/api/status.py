@@ -67,6 +67,22 @@ class ExpertsStatus(ApiModel):
     """The last check's outcome, in words."""
 
 
+class ModelCacheStatus(ApiModel):
+    """model.cache: the Job that fills the claim, and how far it has got."""
+
+    phase: Literal["Filling", "Filled", "Failed"]
+    """Filled once the Job has succeeded: the serving groups start (or roll) then."""
+    job: str = Field(max_length=253)
+    claim: str = Field(max_length=253)
+    bytes: int | None = Field(None, ge=0)
+    """Bytes in the claim so far (the fill pod's own count, while it runs)."""
+    bytes_total: int | None = Field(None, ge=0)
+    files: int | None = Field(None, ge=0)
+    files_total: int | None = Field(None, ge=0)
+    message: str = Field("", max_length=1024)
+    """Progress or the last failure, in words."""
+
+
 class ModelDeploymentStatus(ApiModel):
     """The observed state of a ModelDeployment."""
 
@@ -83,5 +99,7 @@ class ModelDeploymentStatus(ApiModel):
     """Per role (prefill, decode, worker, router)."""
     experts: dict[str, ExpertsStatus] = Field(default_factory=dict)
     """Per expert-parallel role with spec.experts: its expert placement."""
+    cache: ModelCacheStatus | None = None
+    """model.cache: the fill Job's progress."""
     endpoint: str | None = Field(None, max_length=512)
     """The OpenAI-compatible base URL, e.g. http://NAME.NAMESPACE.svc:8000/v1."""

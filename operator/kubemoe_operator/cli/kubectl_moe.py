@@ -164,8 +164,11 @@ def render_status(
         ),
         f"  layout:   {status.get('layout') or '-'}",
         f"  endpoint: {status.get('endpoint') or '-'}",
-        "",
     ]
+    cache = status.get("cache")
+    if isinstance(cache, dict):  # model.cache: the fill's phase and progress, in the operator's words
+        lines.append(f"  cache:    {cache.get('phase', '?')}: {cache.get('message') or '-'}")
+    lines.append("")
     roles = status.get("roles", {})
     spec_roles = spec.get("roles", {})
     role_rows = []

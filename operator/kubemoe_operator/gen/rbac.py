@@ -9,6 +9,8 @@ Why each rule:
 - configmaps, services, networkpolicies, poddisruptionbudgets, deployments, leaderworkersets: the
   children: listed by label (observe), watched (kopf re-reconciles the owner), server-side
   applied (patch; create when applying a new object) and deleted (prune).
+- persistentvolumeclaims, jobs: model.cache's claim (when the operator creates it) and the Job that
+  fills it (render/model_cache.py), applied and pruned like the other children.
 - podmonitors: one per deployment where the Prometheus operator's CRD is installed
   (render/monitoring.py), applied and pruned like the other children.
 - pods: listed to explain Pending / failing pods in conditions, and to find group leaders (the
@@ -49,6 +51,8 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILD_VERBS},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": CHILD_VERBS},
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["podmonitors"], "verbs": CHILD_VERBS},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": CHILD_VERBS},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": CHILD_VERBS},
     {
         "apiGroups": ["rbac.authorization.k8s.io"],

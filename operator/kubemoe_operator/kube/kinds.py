@@ -7,7 +7,8 @@ from typing import Any
 
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Pod, Service, ServiceAccount
+from lightkube.resources.batch_v1 import Job
+from lightkube.resources.core_v1 import ConfigMap, PersistentVolumeClaim, Pod, Service, ServiceAccount
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
@@ -40,6 +41,9 @@ CHILD_KINDS: tuple[ChildKind, ...] = (
     ChildKind("rbac.authorization.k8s.io/v1", "Role", "roles", Role),
     ChildKind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", RoleBinding),
     ChildKind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", NetworkPolicy),
+    # model.cache (render/model_cache.py): the claim the operator creates, and the Job that fills it
+    ChildKind("v1", "PersistentVolumeClaim", "persistentvolumeclaims", PersistentVolumeClaim),
+    ChildKind("batch/v1", "Job", "jobs", Job),
     ChildKind("v1", "Service", "services", Service),
     ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", PodDisruptionBudget),
     ChildKind("apps/v1", "Deployment", "deployments", Deployment),

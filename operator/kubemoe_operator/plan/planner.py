@@ -20,6 +20,7 @@ from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
 from kubemoe_operator.catalog import Catalog, load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
+from kubemoe_operator.plan.cache import cache_claim_name, cache_path, served_source
 from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS, pod_command
 from kubemoe_operator.plan.host_sizing import host_plan
 from kubemoe_operator.plan.model import MemoryPlan, Plan, PodPlan, RankPlan, RolePlan, RouterPlan
@@ -602,6 +603,12 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
             " (experts); "
             "quantisation scales and higher-precision embeddings add a little."
         )
+    claim = cache_claim_name(name, spec)
+    if claim is not None:
+        notes.append(
+            f"model.cache: a Job fills claim {claim} ({cache_path(spec.model.source)}) from"
+            f" {spec.model.source} once; the serving groups start when it has, and load from the claim."
+        )
     if not gpu_facts.is_cpu and gpu_facts.label_key is None:
         notes.append(
             f"{gpu_facts.name} is not in the accelerator catalog, so pods get no node selector for it: "
@@ -611,7 +618,7 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
     draft = Plan(
         name=name,
         model=spec.model.name,
-        source=spec.model.source,
+        source=served_source(name, spec),
         architecture=f"{model_facts.num_layers} layers, {model_facts.num_routed_experts} experts top-"
         f"{model_facts.experts_per_token}, {_params(model_facts.total_params)} params",
         reference=model_facts.reference,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,10 +107,16 @@ def drift(want: Any, have: Any, path: str = "") -> str | None:
 
 
 def select_prunable(
-    *, observed: Iterable[Mapping[str, Any]], desired: Iterable[Mapping[str, Any]], owner: str, uid: str
+    *,
+    observed: Iterable[Mapping[str, Any]],
+    desired: Iterable[Mapping[str, Any]],
+    owner: str,
+    uid: str,
+    keep: Collection[ChildKey] = (),
 ) -> list[ChildKey]:
-    """Children labelled for `owner` and owned by `uid` that the desired set no longer has."""
-    wanted = {key_of(dict(obj)) for obj in desired}
+    """Children labelled for `owner` and owned by `uid` that the desired set no longer has (and that
+    are not in `keep`)."""
+    wanted = {key_of(dict(obj)) for obj in desired} | set(keep)
     out: list[ChildKey] = []
     for obj in observed:
         labels = obj.get("metadata", {}).get("labels") or {}
@@ -193,11 +199,13 @@ async def sync_children(
     namespace: str,
     create_first: Sequence[dict[str, Any]] = (),
     initial_replicas: Mapping[ChildKey, int] | None = None,
+    keep: Collection[ChildKey] = (),
 ) -> SyncResult:
     """Refuse taken names; create `create_first` if missing (objects made once and never read back,
     such as the KV key Secret the pods read); apply what changed, in order; prune what is no longer
     desired. Nothing is written when a name is taken. `initial_replicas`: the workloads an external
-    scaler owns (rendered without spec.replicas), with the count to create each with (`hand_over`)."""
+    scaler owns (rendered without spec.replicas), with the count to create each with (`hand_over`).
+    `keep`: children left as they are, neither applied nor pruned (workloads held for model.cache)."""
     initial_replicas = initial_replicas or {}
     result = SyncResult()
     stamped_objs = [stamped(obj) for obj in desired]
@@ -218,8 +226,11 @@ async def sync_children(
             result.applied.append(key)
         elif seen is not None:
             result.current[key] = seen
+    for key in keep:
+        if key in observed.children:
+            result.current[key] = observed.children[key]
     for kind, name in select_prunable(
-        observed=observed.children.values(), desired=stamped_objs, owner=owner, uid=uid
+        observed=observed.children.values(), desired=stamped_objs, owner=owner, uid=uid, keep=keep
     ):
         await kube.delete(kind=kind, name=name, namespace=namespace)
         result.pruned.append((kind, name))

@@ -18,13 +18,16 @@ from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import API_VERSION, KIND
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
-from kubemoe_operator.api.status import ModelDeploymentStatus, now_utc
+from kubemoe_operator.api.status import ModelCacheStatus, ModelDeploymentStatus, now_utc
 from kubemoe_operator.catalog import Catalog
 from kubemoe_operator.kube.client import Kube, NameTakenError, RejectedError
+from kubemoe_operator.kube.kinds import key_of
+from kubemoe_operator.plan.cache import cache_claim_name
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.reconcile.apply import SyncResult, sync_children
 from kubemoe_operator.reconcile.cluster_rules import NotForClusterError, check_for_cluster
+from kubemoe_operator.reconcile.model_cache import ProgressReader, cache_status, fill_job_of, held
 from kubemoe_operator.reconcile.observe import WorkloadState, pod_trouble, workload_state
 from kubemoe_operator.reconcile.status import (
     REASON_APPLY_FAILED,
@@ -61,6 +64,8 @@ class ReconcileContext:
     """Annotations, labels and image pull secrets of every pod, under spec.pod."""
     pod_monitors: bool = True
     """A PodMonitor per deployment where the API serves PodMonitors (else scrape annotations)."""
+    read_progress: ProgressReader | None = None
+    """GET /progress of a model.cache fill pod by its IP (None: status.cache without byte counts)."""
 
 
 @dataclass
@@ -227,6 +232,20 @@ async def reconcile(
                 generation=generation, plan_error=_internal(err, "rendering"), plan_reason=REASON_PLAN_FAILED
             )
         )
+    cache: ModelCacheStatus | None = None
+    keep: set[tuple[str, str]] = set()
+    job = fill_job_of(desired)
+    claim = cache_claim_name(name, spec)
+    if job is not None and claim is not None:
+        cache = await cache_status(
+            job=job,
+            live=observed.children.get(key_of(dict(job))),
+            claim=claim,
+            pods=observed.pods,
+            read_progress=context.read_progress,
+        )
+        if cache.phase != "Filled":
+            desired, keep = held(desired, observed.children)
     external = initial_replicas(spec=spec, plan=plan, owner=name)
     apply_error: str | None = None
     apply_reason = REASON_APPLY_FAILED
@@ -242,6 +261,7 @@ async def reconcile(
             namespace=namespace,
             create_first=[kv_key_secret(owner)] if needs_kv_key(plan) else [],  # before the pods read it
             initial_replicas=external,
+            keep=keep,
         )
     except RejectedError as err:
         apply_error = str(err)
@@ -271,5 +291,6 @@ async def reconcile(
         apply_reason=apply_reason,
         roles=role_states(plan=plan, current=sync.current, owner=name, external=external),
         trouble=pod_trouble(observed.pods),
+        cache=cache,
     )
     return await finish(facts)

@@ -1,13 +1,13 @@
 """Status from what a reconcile learned, pure: conditions after the Kubernetes API conventions.
 
 Conditions: Planned (the planner accepted the spec), Ready (every group of every role and the
-router ready), Progressing (the children are moving towards the spec), Degraded (a role that
-served lost all its groups, or pods are failing). lastTransitionTime changes only when a
-condition's status does.
+router ready; ModelCaching while model.cache fills), Progressing (the children are moving towards
+the spec), Degraded (a role that served lost all its groups, or pods are failing).
+lastTransitionTime changes only when a condition's status does.
 
 Status has two writers, each owning its fields by server-side apply (conditions are a list-map
 keyed by type, roles a map): the reconciler owns these four conditions, phase, layout, endpoint,
-observedGeneration and roles.*.{replicas,ready}; the autoscaler owns MetricsAvailable and
+observedGeneration, cache and roles.*.{replicas,ready}; the autoscaler owns MetricsAvailable and
 roles.*.desired. Each apply names only its owner's fields, so a writer that read status before the
 other changed it cannot write the other's fields back: a stale writer is impossible by
 construction, not repaired afterwards.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, Phase, RoleStatus
+from kubemoe_operator.api.status import Condition, ModelCacheStatus, ModelDeploymentStatus, Phase, RoleStatus
 from kubemoe_operator.reconcile.observe import PodTrouble, WorkloadState
 
 Status = Literal["True", "False", "Unknown"]
@@ -40,6 +40,8 @@ REASON_DEGRADED = "GroupsUnavailable"
 REASON_FAILING = "PodsFailing"
 REASON_AS_EXPECTED = "AsExpected"
 REASON_BLOCKED = "Blocked"
+REASON_CACHING = "ModelCaching"
+REASON_CACHE_FAILED = "ModelCacheFailed"
 
 OWN_CONDITIONS = ("Ready", "Planned", "Progressing", "Degraded")
 """The condition types the reconciler owns, in the order status lists them."""
@@ -68,6 +70,8 @@ class Facts:
     roles: dict[str, WorkloadState] = field(default_factory=dict)
     """Per role, including the router."""
     trouble: PodTrouble = field(default_factory=lambda: PodTrouble(pending={}, failing={}, reasons=()))
+    cache: ModelCacheStatus | None = None
+    """model.cache's fill: until Filled, the serving groups wait for it (reconcile/model_cache.py)."""
 
 
 def set_condition(
@@ -142,13 +146,22 @@ def compute_status(
         all_ready = all(s.settled for s in facts.roles.values())
         trouble = facts.trouble
         lost = [n for n, s in facts.roles.items() if s.wanted > 0 and s.ready == 0 and _was_serving(old, n)]
+        caching = facts.cache is not None and facts.cache.phase != "Filled"
         if facts.apply_error is not None:
             put("Ready", "False", facts.apply_reason, facts.apply_error)
+        elif facts.cache is not None and facts.cache.phase == "Failed":
+            put("Ready", "False", REASON_CACHE_FAILED, facts.cache.message)
+        elif caching and not all_ready:
+            assert facts.cache is not None
+            put("Ready", "False", REASON_CACHING, facts.cache.message)
         elif all_ready:
             put("Ready", "True", REASON_READY, _role_summary(facts.roles))
         else:
             put("Ready", "False", REASON_NOT_READY, _role_summary(facts.roles))
-        if all_ready and facts.apply_error is None:
+        if caching:
+            assert facts.cache is not None
+            put("Progressing", "True", REASON_CACHING, facts.cache.message)
+        elif all_ready and facts.apply_error is None:
             put("Progressing", "False", REASON_STABLE, "every group is ready on the current spec")
         elif trouble.pending:
             counts = ", ".join(f"{n} {role}" for role, n in sorted(trouble.pending.items()))
@@ -167,7 +180,7 @@ def compute_status(
         else:
             put("Degraded", "False", REASON_AS_EXPECTED, "no role lost its groups")
         degraded = any(c.type == "Degraded" and c.status == "True" for c in conds)
-        if facts.apply_error is not None:
+        if facts.apply_error is not None or (facts.cache is not None and facts.cache.phase == "Failed"):
             phase = "Failed"
         elif all_ready:
             phase = "Ready"
@@ -185,6 +198,9 @@ def compute_status(
         layout=layout,
         roles=roles,
         endpoint=endpoint,
+        cache=facts.cache
+        if facts.plan_error is None and not facts.lws_missing
+        else (old.cache if old else None),
     )
 
 

@@ -1,8 +1,9 @@
 """`render(...) -> [k8s objects]`: the children of one ModelDeployment, pure (docs/architecture.md).
 
 Objects come out in apply order: the plan ConfigMap, the NetworkPolicies (in place before any
-pod they protect starts), Services (a role's headless Service must exist before its
-LeaderWorkerSet, which adopts it as its subdomain), disruption budgets, then the workloads and
+pod they protect starts), model.cache's claim and the Job that fills it, Services (a role's
+headless Service must exist before its LeaderWorkerSet, which adopts it as its subdomain),
+disruption budgets, then the workloads and
 the router.
 """
 
@@ -16,6 +17,7 @@ from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT, router_command
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.engines import router_access, sglang_router, sglang_router_command
+from kubemoe_operator.render.model_cache import cache_claim, fill_job
 from kubemoe_operator.render.monitoring import pod_monitor_of, with_scrape_annotations
 from kubemoe_operator.render.names import (
     Owner,
@@ -109,12 +111,16 @@ def render(
         )
     else:
         services.append(front_service(owner=owner, target_role=plan.roles[0].role))
+    claim = cache_claim(owner=owner, spec=spec)
+    fill = fill_job(owner=owner, spec=spec, image=runtime_image or image, options=options)
     policies = network_policies(owner=owner, spec=spec, plan=plan)
     if not pod_monitor:
         workloads, router = with_scrape_annotations(workloads), with_scrape_annotations(router)
     return [
         plan_configmap(owner=owner, plan=plan),
         *policies,
+        *([claim] if claim else []),
+        *([fill] if fill else []),
         *access,
         *services,
         *budgets,

@@ -87,7 +87,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         return own_server_pod_template(ctx=ctx, role=role, pod=pod)
     own = role_pod(ctx.spec, role.role)
     draining = drains(leader=pod.leader)
-    env, volumes, mounts = source_mounts(ctx.spec)
+    env, volumes, mounts = source_mounts(ctx.spec, ctx.plan.source)
     experts_volumes, experts_mounts = expert_volumes(owner=ctx.owner, spec=ctx.spec, role=role)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     env = [
@@ -133,7 +133,7 @@ def own_server_pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) ->
     /health probes, the model source and writable directories; none of the runtime's own settings
     (metric labels, drain timeout, KV hand-off key), which such a server does not read."""
     own = role_pod(ctx.spec, role.role)
-    env, volumes, mounts = source_mounts(ctx.spec)
+    env, volumes, mounts = source_mounts(ctx.spec, ctx.plan.source)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     bootstrap_ports, annotations = bootstrap(ctx.plan, role.role)
     pod_sc, container_sc = security_context()

@@ -22,15 +22,16 @@ def _secret_env(secret: str, key: str, *, optional: bool) -> dict[str, Any]:
 
 
 def source_mounts(
-    spec: ModelDeploymentSpec,
+    spec: ModelDeploymentSpec, source: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(env, volumes, volumeMounts) for the model source, the way each engine loads it.
+    """(env, volumes, volumeMounts) for the model `source` the plan serves (spec.model.source, or the
+    cache claim's folder as pvc:// with model.cache), the way each engine loads it.
 
     hf:// the engine downloads (token from the Secret, optional shared cache claim); pvc:// is
     mounted read-only at MODEL_MOUNT; s3:// streams with credentials from the Secret. Secrets
     reach the container only as `secretKeyRef` environment variables.
     """
-    source, secret = spec.model.source, spec.model.credentials_secret
+    secret = spec.model.credentials_secret
     env: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []

@@ -106,3 +106,11 @@ def test_status_report_flags_an_unobserved_generation() -> None:
     assert "(generation 5, observed 4)" in out
     assert "no pods yet" in out
     assert "Autoscaler decisions: none yet" in out
+
+
+def test_status_report_shows_the_model_cache_fill() -> None:
+    message = "filling the model cache in claim c (Job j): 3.0 GiB of 12.0 GiB (25%), 3/9 files"
+    cache = {"phase": "Filling", "message": message}
+    md = {"metadata": {"name": "x"}, "spec": {}, "status": {"cache": cache}}
+    assert f"  cache:    Filling: {message}" in render_status(md, [], []).splitlines()
+    assert "cache:" not in render_status({"metadata": {"name": "x"}, "spec": {}, "status": {}}, [], [])

@@ -1,0 +1,180 @@
+"""model.cache in a reconcile: has the fill Job succeeded, how far has it got, and what waits for it.
+
+Until the Job has succeeded, the serving workloads are held: not created (the first start), or kept
+as they run (a new source is filling: the groups serve the old one until the new one is complete,
+then roll). Everything else (Services, the router, the claim, the Job) is applied as usual.
+Progress comes from the fill pod itself (GET /progress on render/model_cache.FILL_PORT, what
+`kubemoe-runtime fill-cache` serves), read by the operator while the pod runs; the pod's
+termination message says why a try failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import httpx2
+
+from kubemoe_operator.api.labels import LABEL_ROLE, ROUTER
+from kubemoe_operator.api.status import ModelCacheStatus
+from kubemoe_operator.kube.kinds import ChildKey, key_of
+from kubemoe_operator.render.model_cache import CACHE_ROLE, FILL_CONTAINER, FILL_PORT
+
+ProgressReader = Callable[[str], Awaitable[Mapping[str, Any] | None]]
+"""GET /progress of the fill pod at this IP: its JSON object, or None when it cannot be read."""
+
+WORKLOAD_KINDS = frozenset({"Deployment", "LeaderWorkerSet"})
+MAX_PROGRESS_BODY = 64 << 10
+
+
+def progress_reader(http: httpx2.AsyncClient, *, timeout: float = 2.0) -> ProgressReader:
+    """Reads a fill pod's GET /progress; an answer that is slow, large, not 200 or not a JSON object
+    is None (the status then shows no counts, and the next reconcile tries again)."""
+
+    async def read(ip: str) -> Mapping[str, Any] | None:
+        host = f"[{ip}]" if ":" in ip else ip
+        try:
+            async with http.stream("GET", f"http://{host}:{FILL_PORT}/progress", timeout=timeout) as resp:
+                if resp.status_code != 200:
+                    return None
+                raw = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_PROGRESS_BODY:
+                        return None
+            body = json.loads(raw)
+        except (httpx2.HTTPError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    return read
+
+
+def fill_job_of(desired: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((obj for obj in desired if obj["kind"] == "Job"), None)
+
+
+def _condition(job: Mapping[str, Any], type: str) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == type and c.get("status") == "True" for c in conditions)
+
+
+def job_phase(job: Mapping[str, Any] | None) -> str:
+    """Filled (the Job completed), Failed (it gave up) or Filling (anything else, not created too)."""
+    if job is None:
+        return "Filling"
+    if _condition(job, "Complete") or ((job.get("status") or {}).get("succeeded") or 0) > 0:
+        return "Filled"
+    if _condition(job, "Failed"):
+        return "Failed"
+    return "Filling"
+
+
+def held(
+    desired: list[dict[str, Any]], observed: Mapping[ChildKey, Any]
+) -> tuple[list[dict[str, Any]], set[ChildKey]]:
+    """(`desired` without the serving workloads, the keys of those that exist: kept from pruning)."""
+    out, keep = [], set()
+    for obj in desired:
+        role = (obj["metadata"].get("labels") or {}).get(LABEL_ROLE)
+        if obj["kind"] in WORKLOAD_KINDS and role != ROUTER:
+            if key_of(obj) in observed:
+                keep.add(key_of(obj))
+            continue
+        out.append(obj)
+    return out, keep
+
+
+def fill_pods(job: str, pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The Job's pods among the deployment's, newest first."""
+    mine = [
+        p
+        for p in pods
+        if (p.get("metadata", {}).get("labels") or {}).get(LABEL_ROLE) == CACHE_ROLE
+        and (p.get("metadata", {}).get("labels") or {}).get("job-name") == job
+    ]
+    return sorted(mine, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
+
+
+def last_failure(pods: Iterable[Mapping[str, Any]]) -> str | None:
+    """The newest termination message of a failed fill container (its one-line error)."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != FILL_CONTAINER:
+                continue
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                done = state.get("terminated") or {}
+                if done.get("exitCode") not in (None, 0) and done.get("message"):
+                    return str(done["message"]).strip().splitlines()[-1][:512]
+    return None
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer from the fill pod's JSON (untrusted): anything else is None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value < 0 or value > 2**62:
+        return None
+    return int(value)
+
+
+def progress_fields(body: Mapping[str, Any] | None) -> dict[str, Any]:
+    """bytes, bytesTotal, files, filesTotal from GET /progress, each only when it is a sane count."""
+    if not isinstance(body, Mapping):
+        return {}
+    out = {}
+    for key, field in (
+        ("bytes", "bytes"),
+        ("bytesTotal", "bytes_total"),
+        ("files", "files"),
+        ("filesTotal", "files_total"),
+    ):
+        n = _count(body.get(key))
+        if n is not None:
+            out[field] = n
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(cache: ModelCacheStatus) -> str:
+    """One line for conditions and `kubectl moe status`: what the fill is doing, with its numbers."""
+    if cache.phase == "Filled":
+        return f"model cached in claim {cache.claim}"
+    if cache.phase == "Failed":
+        return f"filling the model cache failed (Job {cache.job}): {cache.message or 'see its pod logs'}"
+    parts = []
+    if cache.bytes_total:
+        share = 100 * (cache.bytes or 0) / cache.bytes_total
+        parts.append(f"{_gib(cache.bytes or 0)} of {_gib(cache.bytes_total)} ({share:.0f}%)")
+    if cache.files_total:
+        parts.append(f"{cache.files or 0}/{cache.files_total} files")
+    done = ", ".join(parts) if parts else "starting"
+    return f"filling the model cache in claim {cache.claim} (Job {cache.job}): {done}"
+
+
+async def cache_status(
+    *,
+    job: Mapping[str, Any],
+    live: Mapping[str, Any] | None,
+    claim: str,
+    pods: Iterable[Mapping[str, Any]],
+    read_progress: ProgressReader | None,
+) -> ModelCacheStatus:
+    """status.cache from the Job as the cluster holds it (`live`, None before it exists) and its pods."""
+    name = str(job["metadata"]["name"])
+    phase = job_phase(live)
+    mine = fill_pods(name, pods)
+    fields: dict[str, Any] = {}
+    if phase == "Filling" and read_progress is not None:
+        running = [p for p in mine if (p.get("status") or {}).get("phase") == "Running"]
+        ip = (running[0].get("status") or {}).get("podIP") if running else None
+        if ip:
+            fields = progress_fields(await read_progress(str(ip)))
+    message = last_failure(mine) if phase != "Filled" else None
+    cache = ModelCacheStatus(phase=phase, job=name, claim=claim, message=message or "", **fields)
+    return cache.model_copy(update={"message": describe(cache)})
