@@ -29,14 +29,21 @@ tensors are views of. Memory is touched once, as a plain read() of those bytes t
 shard is one read, and at EP=N a rank's experts are one read per contiguous block. A caller may give
 destinations (`into`): a tensor with one is read straight into it, e.g. into its slice of the engine's
 stacked experts, so those bytes are never copied again.
+
+Progress (#20): a `LoadProgress` given to `load_rank_weights` learns the bytes the rank will read once the
+headers are checked (before a byte of data), then counts each readinto(); it logs bytes done/total and the
+percentage at least every LOG_EVERY_S seconds or every LOG_EVERY_FRACTION of the total, whichever comes
+first, and any thread may read it (the pod's `/ready` answers with it while the rank loads).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -52,11 +59,13 @@ from kubemoe_runtime.engines.torch.load.checkpoint_files import (
     shard_path,
 )
 from kubemoe_runtime.engines.torch.load.model_config import LLAMA4_TYPES, ModelConfig
+from kubemoe_runtime.pod.messages import human_bytes
 
 __all__ = [
     "INDEX_FILE",
     "SAFETENSORS_DTYPES",
     "SINGLE_FILE",
+    "LoadProgress",
     "LoadReport",
     "TensorInfo",
     "WeightLoadError",
@@ -72,7 +81,11 @@ __all__ = [
     "select_tensors",
 ]
 
+log = logging.getLogger("kubemoe_runtime.load")
+
 READ_CHUNK: Final = 16 << 20  # bytes per readinto() call
+LOG_EVERY_S: Final = 5.0  # LoadProgress logs at least this often while bytes arrive ...
+LOG_EVERY_FRACTION: Final = 0.1  # ... and at each further tenth of the total
 SINGLE_FILE: Final = "model.safetensors"
 
 # safetensors dtype tags -> torch dtypes (only those a checkpoint we serve may hold).
@@ -266,6 +279,72 @@ class LoadReport:
         return self.bytes_read - self.routed_expert_bytes
 
 
+class LoadProgress:
+    """How far one rank's load has got: bytes read of the bytes it plans to read (0 of 0 until the plan is
+    known). Written by the loading thread (`plan`, `advance`), read by any (`snapshot`, `as_json`); it
+    logs progress as it goes (the module docstring says how often)."""
+
+    def __init__(
+        self,
+        *,
+        label: str = "rank 0",
+        log_every_s: float = LOG_EVERY_S,
+        log_every_fraction: float = LOG_EVERY_FRACTION,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.log_every_s = log_every_s
+        self.log_every_fraction = log_every_fraction
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._total = 0
+        self._logged_at = 0.0
+        self._logged_bytes = 0
+        self._started = 0.0
+
+    def plan(self, total: int) -> None:
+        """The load will read `total` bytes (nothing read yet)."""
+        with self._lock:
+            self._bytes, self._total = 0, total
+            self._started = self._logged_at = self.clock()
+            self._logged_bytes = 0
+        log.warning("kubemoe-runtime: %s: loading weights: %s to read", self.label, human_bytes(total))
+
+    def advance(self, n: int) -> None:
+        """`n` more bytes were read; logs when a tenth more of the total or LOG_EVERY_S have passed."""
+        with self._lock:
+            self._bytes = min(self._bytes + n, self._total)
+            done, total, now = self._bytes, self._total, self.clock()
+            step = max(1, int(total * self.log_every_fraction))
+            due = (
+                done == total
+                or done - self._logged_bytes >= step
+                or now - self._logged_at >= self.log_every_s
+            )
+            if due:
+                self._logged_at, self._logged_bytes = now, done
+            elapsed = now - self._started
+        if due:
+            log.warning(
+                "kubemoe-runtime: %s: loading weights: %s of %s (%d%%) in %.1f s",
+                self.label,
+                human_bytes(done),
+                human_bytes(total),
+                100 * done // max(total, 1),
+                elapsed,
+            )
+
+    def snapshot(self) -> tuple[int, int]:
+        """(bytes read, bytes planned)."""
+        with self._lock:
+            return self._bytes, self._total
+
+    def as_json(self) -> dict[str, int]:
+        done, total = self.snapshot()
+        return {"bytes": done, "bytesTotal": total}
+
+
 def _expected_dtype(name: str, checkpoint_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     if name.endswith(_FP32_ALLOWED):
         return (checkpoint_dtype, torch.float32)
@@ -302,6 +381,7 @@ def load_rank_weights(
     ep_size: int = 1,
     into: Mapping[str, torch.Tensor] | None = None,
     slots: Mapping[int, Sequence[int]] | None = None,
+    progress: LoadProgress | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Read the tensors EP rank `ep_rank` of `ep_size` needs, validated against config.json.
 
@@ -309,7 +389,8 @@ def load_rank_weights(
     in several slots is read once. Returns tensors in the checkpoint's dtype, keyed by their Hugging
     Face names, and a `LoadReport`. `into` maps names to destinations: a contiguous CPU tensor of the
     tensor's shape and stored dtype is read into and returned as itself; one that does not fit is ignored
-    (that tensor is read as usual).
+    (that tensor is read as usual). `progress` learns the bytes to read once the headers are checked,
+    then each read.
     """
     started = time.perf_counter()
     root = Path(model_dir)
@@ -328,7 +409,14 @@ def load_rank_weights(
     report.skipped_tensors = sorted(set(weight_map) - set(expected))
     wanted = select_tensors(loadable_names(expected), experts=held, n_experts=cfg.n_routed_experts)
     tensors = _read_checked(
-        root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, into=into, report=report
+        root,
+        wanted,
+        cfg=cfg,
+        expected=expected,
+        weight_map=weight_map,
+        into=into,
+        report=report,
+        progress=progress,
     )
     report.seconds = time.perf_counter() - started
     return tensors, report
@@ -378,9 +466,10 @@ def _read_checked(
     weight_map: Mapping[str, str],
     into: Mapping[str, torch.Tensor] | None,
     report: LoadReport,
+    progress: LoadProgress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Check every shard header `wanted` needs, then read those tensors (a fused expert tensor's pieces: only
-    their spans), counting them in `report`."""
+    their spans), counting them in `report` and `progress`."""
     checkpoint_dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(checkpoint_dtype, torch.dtype):
         raise WeightLoadError(f"{root / 'config.json'}: unknown dtype {cfg.dtype!r}")
@@ -413,13 +502,15 @@ def _read_checked(
             source = fused_source(name)
             spans[name] = info if source is None else _piece(info, source[1])
         headers[file_name] = spans
+    if progress is not None:
+        progress.plan(sum(info.nbytes for spans in headers.values() for info in spans.values()))
 
     # Pass 2: read only the selected tensors.
     tensors: dict[str, torch.Tensor] = {}
     for file_name, names in sorted(by_file.items()):
         infos = headers[file_name]
         wanted_here = [(name, infos[name]) for name in names]
-        tensors.update(_read_tensors(root / file_name, wanted_here, into=into))
+        tensors.update(_read_tensors(root / file_name, wanted_here, into=into, progress=progress))
         for name in names:
             report.bytes_read += infos[name].nbytes
             report.tensors_read += 1
@@ -448,10 +539,15 @@ def _fits(dest: torch.Tensor | None, info: TensorInfo) -> bool:
 
 
 def _read_tensors(
-    path: Path, wanted: list[tuple[str, TensorInfo]], *, into: Mapping[str, torch.Tensor] | None = None
+    path: Path,
+    wanted: list[tuple[str, TensorInfo]],
+    *,
+    into: Mapping[str, torch.Tensor] | None = None,
+    progress: LoadProgress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read tensors from one shard, in file order: a tensor with a destination in `into` straight into
-    it; each run of adjacent others into one buffer they are views of."""
+    it; each run of adjacent others into one buffer they are views of. Each readinto() counts in
+    `progress`."""
     into = into or {}
     runs: list[list[tuple[str, TensorInfo]]] = []  # a placed tensor is a run of its own
     placed = {name for name, info in wanted if _fits(into.get(name), info)}
@@ -477,6 +573,8 @@ def _read_tensors(
                 got = 0
                 while got < len(view) and (n := f.readinto(view[got : got + READ_CHUNK])):
                     got += n
+                    if progress is not None:
+                        progress.advance(n)
                 for name, info in run:
                     if info.end - begin > got:
                         raise WeightLoadError(f"{path}: truncated while reading tensor {name!r}")

@@ -21,6 +21,7 @@ from kubemoe_runtime.engines.torch.load.weight_map import (
     to_engine_state_dict,
 )
 from kubemoe_runtime.engines.torch.load.weights import (
+    LoadProgress,
     LoadReport,
     checkpoint_shapes,
     load_expert_tensors,
@@ -108,9 +109,11 @@ class TorchEngine:
         ep: ExpertParallel | None = None,
         pack: bool = True,
         placement: Placement | None = None,
+        progress: LoadProgress | None = None,
     ) -> TorchEngine:
         """Load this rank's weights: its slots of `placement` (default: its contiguous block of experts);
-        with `pack`, bf16 weights on a CPU that supports it are packed for its matmuls (packing.py)."""
+        with `pack`, bf16 weights on a CPU that supports it are packed for its matmuls (packing.py).
+        `progress` counts the bytes read (load/weights.py)."""
         ep = ep or ExpertParallel()
         cfg = ModelConfig.load(model_dir)
         layers = moe_layer_indexes(cfg)
@@ -126,7 +129,13 @@ class TorchEngine:
             else ({}, {})
         )
         tensors, report = load_rank_weights(
-            model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size, into=places, slots=slots
+            model_dir,
+            cfg=cfg,
+            ep_rank=ep.rank,
+            ep_size=ep.size,
+            into=places,
+            slots=slots,
+            progress=progress,
         )
         state = to_engine_state_dict(tensors, cfg=cfg, experts=slots, dtype=dtype, stacks=stacks)
         with torch.device("meta"):

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn) in front of the torch engine's scheduler.
 
     GET  /health                200 while the process and its engine thread live (500 once it failed)
-    GET  /ready                 200 once every rank of the group has loaded its weights, else 503
+    GET  /ready                 200 once every rank of the group has loaded its weights, else 503; while
+                                loading the body is {"status": "loading", "bytes", "bytesTotal"}: what
+                                this pod's first rank has read of its weights (load/weights.py)
     GET  /metrics               Prometheus text from the server's own registry
     GET  /v1/models             the served model names
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
@@ -46,6 +48,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from kubemoe_runtime.engines.torch.load.weights import LoadProgress
 from kubemoe_runtime.engines.torch.model.placement import PlacementError, parse_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
@@ -99,6 +102,7 @@ class ServerState:
     scheduler: Scheduler | None = None
     failure: str | None = None
     created: int = 0
+    load_progress: LoadProgress | None = None  # this pod's rank's load, for /ready until ready
 
     def ready_scheduler(self) -> Scheduler:
         if self.failure is not None:
@@ -148,16 +152,29 @@ def build_app(state: ServerState) -> Starlette:
     )
 
 
-def health_app(*, is_alive: Callable[[], bool], is_ready: Callable[[], bool]) -> Starlette:
+def health_app(
+    *, is_alive: Callable[[], bool], is_ready: Callable[[], bool], progress: LoadProgress | None = None
+) -> Starlette:
     """A headless pod's endpoints: it runs ranks but serves no API."""
 
     async def health(_: Request) -> Response:
         return PlainTextResponse("ok" if is_alive() else "failed", status_code=200 if is_alive() else 500)
 
     async def ready(_: Request) -> Response:
-        return PlainTextResponse("ready" if is_ready() else "loading", status_code=200 if is_ready() else 503)
+        if is_ready():
+            return PlainTextResponse("ready")
+        return not_ready(progress, failure=None if is_alive() else "a rank of this pod failed")
 
     return Starlette(routes=[Route("/health", health), Route("/ready", ready)])
+
+
+def not_ready(progress: LoadProgress | None, *, failure: str | None) -> Response:
+    """/ready before the group is ready: 503 with how far this pod's rank has loaded its weights, or why
+    it never will be. Probes look at the status code only; people and the operator read the body."""
+    if failure is not None:
+        return JSONResponse({"status": "failed", "message": failure}, status_code=503)
+    loaded = progress.as_json() if progress is not None else {"bytes": 0, "bytesTotal": 0}
+    return JSONResponse({"status": "loading", **loaded}, status_code=503)
 
 
 async def _api_error(_: Request, err: ApiError) -> Response:
@@ -208,7 +225,7 @@ class Api:
 
     async def ready(self, _: Request) -> Response:
         if self.state.scheduler is None or self.state.failure is not None:
-            return PlainTextResponse("loading", status_code=503)
+            return not_ready(self.state.load_progress, failure=self.state.failure)
         return PlainTextResponse("ready")
 
     async def metrics(self, _: Request) -> Response:

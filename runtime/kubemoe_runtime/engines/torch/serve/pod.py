@@ -40,6 +40,7 @@ import torch
 import uvicorn
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.weights import LoadProgress
 from kubemoe_runtime.engines.torch.model.engine import DTYPES, TorchEngine
 from kubemoe_runtime.engines.torch.model.parallel import (
     ExpertParallel,
@@ -84,10 +85,13 @@ class RankJob:
     placement: Placement | None = None  # the expert placement to start with (read by the API pod)
 
 
-def join_group(job: RankJob, *, rank: int) -> tuple[ExpertParallel, RankRunner]:
-    """Join the group, load this rank's weights, and wait until every rank has loaded. Every rank loads
-    rank 0's placement (broadcast here): the pods of a group may see different versions of the placement
-    file (a ConfigMap reaches each node in its own time), and a group must run one placement."""
+def join_group(
+    job: RankJob, *, rank: int, progress: LoadProgress | None = None
+) -> tuple[ExpertParallel, RankRunner]:
+    """Join the group, load this rank's weights (counted in `progress`: the pod's /ready shows it), and
+    wait until every rank has loaded. Every rank loads rank 0's placement (broadcast here): the pods of a
+    group may see different versions of the placement file (a ConfigMap reaches each node in its own
+    time), and a group must run one placement."""
     ep = init_expert_parallel(
         rank=rank, size=job.size, address=job.address, port=job.port, timeout=GROUP_TIMEOUT
     )
@@ -96,7 +100,9 @@ def join_group(job: RankJob, *, rank: int) -> tuple[ExpertParallel, RankRunner]:
         box: list[Placement | None] = [placement if ep.rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
         placement = box[0]
-    engine = TorchEngine.load(job.model, dtype=DTYPES[job.dtype], ep=ep, placement=placement)
+    engine = TorchEngine.load(
+        job.model, dtype=DTYPES[job.dtype], ep=ep, placement=placement, progress=progress
+    )
     runner = RankRunner(engine, slots=job.max_num_seqs, max_len=job.max_model_len)
     if ep.size > 1:
         torch.distributed.barrier()
@@ -104,9 +110,9 @@ def join_group(job: RankJob, *, rank: int) -> tuple[ExpertParallel, RankRunner]:
 
 
 def run_rank_process(job: RankJob, rank: int) -> None:
-    """A child process's life: one follower rank."""
+    """A child process's life: one follower rank (its load logs its own progress)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pod's main process decides when the group ends
-    ep, runner = join_group(job, rank=rank)
+    ep, runner = join_group(job, rank=rank, progress=LoadProgress(label=f"rank {rank}"))
     try:
         follow(runner, ep=ep)
     finally:
@@ -139,6 +145,8 @@ class _Pod:
         self.stop = threading.Event()
         self.failure: str | None = None
         self.ready = False
+        # the load of this process's rank (the first of the pod's): /ready shows it until ready
+        self.progress = LoadProgress(label=f"rank {settings.data_parallel_start_rank}")
         self.ended_by_leader = False  # a headless pod: rank 0 sent Shutdown
         self.server: uvicorn.Server | None = None
         self.children: list[BaseProcess] = []
@@ -215,10 +223,13 @@ def serve(settings: ServeSettings) -> int:
     pod.start_children()
     drain = Drain()
     if settings.headless:
-        app = health_app(is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready)
+        app = health_app(
+            is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready, progress=pod.progress
+        )
         engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
     else:
         state = _server_state(settings, cfg=cfg, max_model_len=max_model_len)
+        state.load_progress = pod.progress
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
         drain = Drain(pending=lambda: 0 if state.scheduler is None else len(state.scheduler.kv_store))
@@ -291,7 +302,7 @@ def _lead(pod: _Pod, state: ServerState) -> None:
     s = pod.settings
     ep = ExpertParallel()
     try:
-        ep, runner = join_group(pod.job, rank=0)
+        ep, runner = join_group(pod.job, rank=0, progress=pod.progress)
         limits = SchedulerLimits(
             max_model_len=pod.job.max_model_len,
             max_num_seqs=s.max_num_seqs,
@@ -323,7 +334,7 @@ def _follow(pod: _Pod) -> None:
     """A headless pod's first rank: follow rank 0 until it shuts the group down, then stop the server."""
     ep = ExpertParallel()
     try:
-        ep, runner = join_group(pod.job, rank=pod.settings.data_parallel_start_rank)
+        ep, runner = join_group(pod.job, rank=pod.settings.data_parallel_start_rank, progress=pod.progress)
         pod.ready = True
         follow(runner, ep=ep)
         pod.ended_by_leader = True
