@@ -29,7 +29,7 @@ from kubemoe_operator.kube.client import Kube
 from kubemoe_operator.kube.leader import LeaderElector, LeaseConfig
 from kubemoe_operator.rebalance.loop import Rebalancer
 from kubemoe_operator.reconcile.handlers import OperatorState, build_registry
-from kubemoe_operator.reconcile.model_cache import progress_reader
+from kubemoe_operator.reconcile.pod_http import pod_reader
 from kubemoe_operator.reconcile.reconcile import ReconcileContext
 from kubemoe_operator.run.health import Health, HealthServer
 from kubemoe_operator.run.metrics import MetricsServer, OperatorMetrics
@@ -155,7 +155,7 @@ async def run(settings: OperatorSettings) -> int:
                 image=settings.image,
                 pod_defaults=settings.pod_defaults,
                 pod_monitors=settings.pod_monitors,
-                read_progress=progress_reader(http),
+                read_pod=pod_reader(http),
             ),
             settings=settings,
             metrics=metrics,

@@ -10,46 +10,16 @@ termination message says why a try failed.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
-
-import httpx2
 
 from kubemoe_operator.api.labels import LABEL_ROLE, ROUTER
 from kubemoe_operator.api.status import ModelCacheStatus
 from kubemoe_operator.kube.kinds import ChildKey, key_of
+from kubemoe_operator.reconcile.pod_http import PodReader, count, human_bytes
 from kubemoe_operator.render.model_cache import CACHE_ROLE, FILL_CONTAINER, FILL_PORT
 
-ProgressReader = Callable[[str], Awaitable[Mapping[str, Any] | None]]
-"""GET /progress of the fill pod at this IP: its JSON object, or None when it cannot be read."""
-
 WORKLOAD_KINDS = frozenset({"Deployment", "LeaderWorkerSet"})
-MAX_PROGRESS_BODY = 64 << 10
-
-
-def progress_reader(http: httpx2.AsyncClient, *, timeout: float = 2.0) -> ProgressReader:
-    """Reads a fill pod's GET /progress; an answer that is slow, large, not 200 or not a JSON object
-    is None (the status then shows no counts, and the next reconcile tries again)."""
-
-    async def read(ip: str) -> Mapping[str, Any] | None:
-        host = f"[{ip}]" if ":" in ip else ip
-        try:
-            async with http.stream("GET", f"http://{host}:{FILL_PORT}/progress", timeout=timeout) as resp:
-                if resp.status_code != 200:
-                    return None
-                raw = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > MAX_PROGRESS_BODY:
-                        return None
-            body = json.loads(raw)
-        except (httpx2.HTTPError, ValueError):
-            return None
-        return body if isinstance(body, dict) else None
-
-    return read
 
 
 def fill_job_of(desired: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -111,15 +81,6 @@ def last_failure(pods: Iterable[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _count(value: Any) -> int | None:
-    """A non-negative integer from the fill pod's JSON (untrusted): anything else is None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if not math.isfinite(value) or value < 0 or value > 2**62:
-        return None
-    return int(value)
-
-
 def progress_fields(body: Mapping[str, Any] | None) -> dict[str, Any]:
     """bytes, bytesTotal, files, filesTotal from GET /progress, each only when it is a sane count."""
     if not isinstance(body, Mapping):
@@ -131,14 +92,10 @@ def progress_fields(body: Mapping[str, Any] | None) -> dict[str, Any]:
         ("files", "files"),
         ("filesTotal", "files_total"),
     ):
-        n = _count(body.get(key))
+        n = count(body.get(key))
         if n is not None:
             out[field] = n
     return out
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def describe(cache: ModelCacheStatus) -> str:
@@ -150,7 +107,7 @@ def describe(cache: ModelCacheStatus) -> str:
     parts = []
     if cache.bytes_total:
         share = 100 * (cache.bytes or 0) / cache.bytes_total
-        parts.append(f"{_gib(cache.bytes or 0)} of {_gib(cache.bytes_total)} ({share:.0f}%)")
+        parts.append(f"{human_bytes(cache.bytes or 0)} of {human_bytes(cache.bytes_total)} ({share:.0f}%)")
     if cache.files_total:
         parts.append(f"{cache.files or 0}/{cache.files_total} files")
     done = ", ".join(parts) if parts else "starting"
@@ -163,18 +120,18 @@ async def cache_status(
     live: Mapping[str, Any] | None,
     claim: str,
     pods: Iterable[Mapping[str, Any]],
-    read_progress: ProgressReader | None,
+    read_pod: PodReader | None,
 ) -> ModelCacheStatus:
     """status.cache from the Job as the cluster holds it (`live`, None before it exists) and its pods."""
     name = str(job["metadata"]["name"])
     phase = job_phase(live)
     mine = fill_pods(name, pods)
     fields: dict[str, Any] = {}
-    if phase == "Filling" and read_progress is not None:
+    if phase == "Filling" and read_pod is not None:
         running = [p for p in mine if (p.get("status") or {}).get("phase") == "Running"]
         ip = (running[0].get("status") or {}).get("podIP") if running else None
         if ip:
-            fields = progress_fields(await read_progress(str(ip)))
+            fields = progress_fields(await read_pod(str(ip), FILL_PORT, "/progress"))
     message = last_failure(mine) if phase != "Filled" else None
     cache = ModelCacheStatus(phase=phase, job=name, claim=claim, message=message or "", **fields)
     return cache.model_copy(update={"message": describe(cache)})

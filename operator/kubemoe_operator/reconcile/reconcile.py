@@ -27,8 +27,10 @@ from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.reconcile.apply import SyncResult, sync_children
 from kubemoe_operator.reconcile.cluster_rules import NotForClusterError, check_for_cluster
-from kubemoe_operator.reconcile.model_cache import ProgressReader, cache_status, fill_job_of, held
+from kubemoe_operator.reconcile.loading import loading_progress
+from kubemoe_operator.reconcile.model_cache import cache_status, fill_job_of, held
 from kubemoe_operator.reconcile.observe import WorkloadState, pod_trouble, workload_state
+from kubemoe_operator.reconcile.pod_http import PodReader
 from kubemoe_operator.reconcile.status import (
     REASON_APPLY_FAILED,
     REASON_NAME_TAKEN,
@@ -64,8 +66,9 @@ class ReconcileContext:
     """Annotations, labels and image pull secrets of every pod, under spec.pod."""
     pod_monitors: bool = True
     """A PodMonitor per deployment where the API serves PodMonitors (else scrape annotations)."""
-    read_progress: ProgressReader | None = None
-    """GET /progress of a model.cache fill pod by its IP (None: status.cache without byte counts)."""
+    read_pod: PodReader | None = None
+    """A pod's own JSON by its IP: a model.cache fill's /progress, a loading engine's /ready (None:
+    status without their byte counts)."""
 
 
 @dataclass
@@ -242,7 +245,7 @@ async def reconcile(
             live=observed.children.get(key_of(dict(job))),
             claim=claim,
             pods=observed.pods,
-            read_progress=context.read_progress,
+            read_pod=context.read_pod,
         )
         if cache.phase != "Filled":
             desired, keep = held(desired, observed.children)
@@ -292,5 +295,6 @@ async def reconcile(
         roles=role_states(plan=plan, current=sync.current, owner=name, external=external),
         trouble=pod_trouble(observed.pods),
         cache=cache,
+        loading=await loading_progress(observed.pods, context.read_pod) if context.read_pod else {},
     )
     return await finish(facts)

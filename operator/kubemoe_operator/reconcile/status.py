@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from kubemoe_operator.api.status import Condition, ModelCacheStatus, ModelDeploymentStatus, Phase, RoleStatus
+from kubemoe_operator.reconcile.loading import Loading, describe_loading
 from kubemoe_operator.reconcile.observe import PodTrouble, WorkloadState
 
 Status = Literal["True", "False", "Unknown"]
@@ -72,6 +73,8 @@ class Facts:
     trouble: PodTrouble = field(default_factory=lambda: PodTrouble(pending={}, failing={}, reasons=()))
     cache: ModelCacheStatus | None = None
     """model.cache's fill: until Filled, the serving groups wait for it (reconcile/model_cache.py)."""
+    loading: dict[str, Loading] = field(default_factory=dict)
+    """Per role, the weights its loading pods have read (reconcile/loading.py)."""
 
 
 def set_condition(
@@ -157,7 +160,9 @@ def compute_status(
         elif all_ready:
             put("Ready", "True", REASON_READY, _role_summary(facts.roles))
         else:
-            put("Ready", "False", REASON_NOT_READY, _role_summary(facts.roles))
+            loading = describe_loading(facts.loading)
+            summary = _role_summary(facts.roles) + (f"; {loading}" if loading else "")
+            put("Ready", "False", REASON_NOT_READY, summary)
         if caching:
             assert facts.cache is not None
             put("Progressing", "True", REASON_CACHING, facts.cache.message)

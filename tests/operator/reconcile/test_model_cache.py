@@ -25,11 +25,11 @@ SPEC = yaml.safe_load((REPO / "examples" / "qwen3-30b-a3b-model-cache.yaml").rea
 PROGRESS = {"phase": "downloading", "files": 3, "filesTotal": 9, "bytes": 3 << 30, "bytesTotal": 12 << 30}
 
 
-async def read_progress(ip: str) -> Mapping[str, Any] | None:
-    return PROGRESS if ip == "10.0.0.7" else None
+async def read_pod(ip: str, port: int, path: str) -> Mapping[str, Any] | None:
+    return PROGRESS if (ip, port, path) == ("10.0.0.7", 8080, "/progress") else None
 
 
-CONTEXT = ReconcileContext(catalog=load_catalog(), image="runtime:test", read_progress=read_progress)
+CONTEXT = ReconcileContext(catalog=load_catalog(), image="runtime:test", read_pod=read_pod)
 
 
 async def run(kube: MemoryKube, spec: dict[str, Any] | None = None) -> None:
