@@ -1,5 +1,5 @@
 """Reading a pod's own JSON over HTTP during a reconcile: a model.cache fill pod's GET /progress, a
-loading engine's GET /ready. Untrusted and best effort: slow (2 s), large (64 KiB), not JSON or not an
+loading engine's GET /ready. Untrusted and best effort: slow (1 s), large (64 KiB), not JSON or not an
 object is None, and the status then shows no counts until a later reconcile reads them."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ loading), or None when it cannot be read."""
 MAX_BODY = 64 << 10
 
 
-def pod_reader(http: httpx2.AsyncClient, *, timeout: float = 2.0) -> PodReader:
+def pod_reader(http: httpx2.AsyncClient, *, timeout: float = 1.0) -> PodReader:
     async def read(ip: str, port: int, path: str) -> Mapping[str, Any] | None:
         host = f"[{ip}]" if ":" in ip else ip
         try:
