@@ -10,6 +10,9 @@ Subcommands so far:
     serve --model PATH ...                   one pod of a serving group: the OpenAI API on the torch
                                              engine (see serve.py for the flags, vLLM's names)
     serve --role router ...                  the router: OpenAI front door, P/D proxy (router/main.py)
+    fill-cache --source hf://ORG/NAME --dir DIR
+                                             fill a model cache folder once from the Hub, with progress
+                                             on GET /progress (tools/model_cache.py)
 
 Engine flags use vLLM's names so one rendered pod command fits either engine.
 
@@ -31,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kubemoe_runtime.pod.messages import one_line
 from kubemoe_runtime.pod.settings import DTYPE_NAMES
-from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
 
 if TYPE_CHECKING:  # the engine is imported only where it runs
     from kubemoe_runtime.engines.torch.model.placement import Placement
@@ -46,14 +49,6 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(Exception):
     """Flags or input that cannot work: one line, exit 2."""
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its message's lines joined; its type's name when it has no message."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"  # not "[Errno 2] No such file or directory: 'x'"
-    return text or type(err).__name__
 
 
 def report(prog: str, err: BaseException) -> None:
@@ -212,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # a server: it reports its own start-up errors; later, its log has the rest
         return _serve(argv[1:])
+    if argv[:1] == ["fill-cache"]:  # reports its own errors (and to the termination log); imports no torch
+        from kubemoe_runtime.tools.model_cache import main as fill_cache_main
+
+        return fill_cache_main(argv[1:])
     try:
         return _tools(argv)
     except UsageError as err:
@@ -236,6 +235,8 @@ def _serve(argv: list[str]) -> int:
 
 
 def _tools(argv: list[str]) -> int:
+    from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+
     parser = argparse.ArgumentParser(prog="kubemoe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -251,6 +252,11 @@ def _tools(argv: list[str]) -> int:
 
     sub.add_parser(
         "serve", help="serve the OpenAI API (flags: `kubemoe-runtime serve --help`)", add_help=False
+    )
+    sub.add_parser(
+        "fill-cache",
+        help="fill a model cache folder from the Hub (flags: `kubemoe-runtime fill-cache --help`)",
+        add_help=False,
     )
 
     args = parser.parse_args(argv)
