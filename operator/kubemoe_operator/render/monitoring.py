@@ -1,9 +1,10 @@
 """How Prometheus finds the pods that serve /metrics: a PodMonitor where the Prometheus operator's CRD
 is installed, else the conventional `prometheus.io/*` scrape annotations on those pods' templates.
 
-The pods that serve /metrics on the API port are the group leaders (the API pods of the torch engine,
-vLLM, SGLang and TGI) and the routers: every pod labelled `kubemoe.io/leader: "true"`. A torch
-engine's headless worker serves no HTTP. Never both: a Prometheus that honours the annotations and
+The pods that serve /metrics on the API port are labelled `kubemoe.io/metrics: "true"`: the group
+leaders (the API pods of the torch engine, vLLM, SGLang and TGI), the routers, and vLLM's headless pods
+(the GPU series of their own GPUs). A torch engine's headless worker serves no HTTP, nor do SGLang's
+and TGI's other pods. Never both: a Prometheus that honours the annotations and
 also runs the operator's PodMonitors would scrape each pod twice. Installing the CRD later changes
 the pod templates (the annotations go), which rolls the pods once.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
-from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER
+from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_METRICS
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.render.names import Owner, metadata
 
@@ -27,13 +28,13 @@ SCRAPE_ANNOTATIONS: Final = {
 
 
 def pod_monitor_of(*, owner: Owner) -> dict[str, Any]:
-    """The PodMonitor of one ModelDeployment's API pods and routers."""
+    """The PodMonitor of one ModelDeployment's pods that serve /metrics."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": metadata(owner=owner, name=owner.name),
         "spec": {
-            "selector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name, LABEL_LEADER: "true"}},
+            "selector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name, LABEL_METRICS: "true"}},
             "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": SCRAPE_INTERVAL}],
         },
     }
@@ -49,12 +50,12 @@ def _templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def with_scrape_annotations(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`objects` with the scrape annotations on every pod template that serves /metrics (a leader's);
-    the pod's own annotations win on the same key."""
+    """`objects` with the scrape annotations on every pod template that serves /metrics; the pod's
+    own annotations win on the same key."""
     out = copy.deepcopy(objects)
     for obj in out:
         for template in _templates(obj):
             meta = template.setdefault("metadata", {})
-            if (meta.get("labels") or {}).get(LABEL_LEADER) == "true":
+            if (meta.get("labels") or {}).get(LABEL_METRICS) == "true":
                 meta["annotations"] = {**SCRAPE_ANNOTATIONS, **(meta.get("annotations") or {})}
     return out

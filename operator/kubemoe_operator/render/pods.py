@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubemoe_operator.api.labels import LABEL_GROUP, LABEL_LEADER
+from kubemoe_operator.api.labels import LABEL_GROUP, LABEL_LEADER, LABEL_METRICS
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
@@ -117,6 +117,8 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
     pod_labels = labels(ctx.owner, role.role)
     pod_labels[LABEL_GROUP] = workload_name(ctx.owner, role.role)
     pod_labels[LABEL_LEADER] = "true" if pod.leader else "false"
+    if pod.leader or ctx.plan.engine == "vllm":  # a torch engine's headless worker serves no HTTP
+        pod_labels[LABEL_METRICS] = "true"
     spec: dict[str, Any] = {
         "containers": [container],
         "securityContext": pod_sc,
@@ -154,6 +156,8 @@ def own_server_pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) ->
     pod_labels = labels(ctx.owner, role.role)
     pod_labels[LABEL_GROUP] = workload_name(ctx.owner, role.role)
     pod_labels[LABEL_LEADER] = "true" if pod.leader else "false"
+    if pod.leader:  # an engine's own server: its API pod serves /metrics, its other pods no HTTP
+        pod_labels[LABEL_METRICS] = "true"
     metadata: dict[str, Any] = {"labels": pod_labels}
     if annotations:
         metadata["annotations"] = annotations
@@ -209,7 +213,7 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
     if key_mounts:
         container["volumeMounts"] = key_mounts
     pod_labels = labels(ctx.owner, role)
-    pod_labels[LABEL_LEADER] = "true"
+    pod_labels[LABEL_LEADER] = pod_labels[LABEL_METRICS] = "true"
     spec: dict[str, Any] = {
         "containers": [container],
         "securityContext": pod_sc,
@@ -240,7 +244,7 @@ def sglang_router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -
         **container_lifecycle(),
     }
     pod_labels = labels(ctx.owner, role)
-    pod_labels[LABEL_LEADER] = "true"
+    pod_labels[LABEL_LEADER] = pod_labels[LABEL_METRICS] = "true"
     spec: dict[str, Any] = {
         "containers": [container],
         "serviceAccountName": router_name(ctx.owner),
