@@ -67,19 +67,13 @@ def layout_from_env() -> Layout:
     return Layout(layers=layers)
 
 
-def checkpoint(layout: Layout) -> Path:
-    """Write (once) and return the checkpoint directory for `layout`."""
-    out = CACHE / layout.name
-    if (out / "model.safetensors.index.json").exists():
-        return out
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def qwen3_config(layout: Layout, *, vocab_size: int) -> Any:
+    """transformers' Qwen3MoeConfig for `layout`."""
+    from transformers import Qwen3MoeConfig
 
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(out, vocab_size=VOCAB)
     config_cls: Any = Qwen3MoeConfig  # transformers' stubs lag its configs' keywords
-    model_cls: Any = Qwen3MoeForCausalLM
-    cfg = config_cls(
-        vocab_size=vocab,
+    return config_cls(
+        vocab_size=vocab_size,
         hidden_size=layout.hidden,
         intermediate_size=2 * layout.hidden,
         moe_intermediate_size=layout.expert_hidden,
@@ -98,10 +92,13 @@ def checkpoint(layout: Layout) -> Path:
         pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
         bos_token_id=None,
     )
-    torch.manual_seed(0)
-    model = model_cls(cfg).to(torch.bfloat16)
-    model.save_pretrained(str(out), max_shard_size="100MB")
-    config_path = out / "config.json"  # the legacy keys vLLM's pinned transformers reads
+
+
+def save(model: Any, out: Path, layout: Layout, *, max_shard_size: str = "100MB") -> None:
+    """Save a transformers Qwen3-MoE `model` in `out`, with the legacy config.json keys vLLM's pinned
+    transformers reads."""
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config.setdefault("num_experts", config.get("num_local_experts", layout.experts))
     rope = config.get("rope_parameters") or {}
@@ -109,6 +106,20 @@ def checkpoint(layout: Layout) -> Path:
         config.setdefault("rope_theta", rope["rope_theta"])
     config.setdefault("torch_dtype", config.get("dtype", "bfloat16"))
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint(layout: Layout) -> Path:
+    """Write (once) and return the checkpoint directory for `layout`."""
+    out = CACHE / layout.name
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    from transformers import Qwen3MoeForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(out, vocab_size=VOCAB)
+    model_cls: Any = Qwen3MoeForCausalLM  # transformers' stubs lag its models' keywords
+    torch.manual_seed(0)
+    save(model_cls(qwen3_config(layout, vocab_size=vocab)).to(torch.bfloat16), out, layout)
     return out
 
 
