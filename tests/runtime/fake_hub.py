@@ -38,14 +38,16 @@ class Repo:
 
 
 class FakeHub:
-    """`repos` by id (ORG/NAME); `delay_s`: a pause before each CHUNK of a file larger than one chunk."""
+    """`repos` by id (ORG/NAME); `delay_s`: a pause before each CHUNK of a file larger than one chunk;
+    `host`: the address to listen on (0.0.0.0 for pods on the real node, which reach it at the node's
+    address)."""
 
-    def __init__(self, repos: dict[str, Repo], *, delay_s: float = 0.0) -> None:
+    def __init__(self, repos: dict[str, Repo], *, delay_s: float = 0.0, host: str = "127.0.0.1") -> None:
         self.repos = repos
         self.delay_s = delay_s
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = ThreadingHTTPServer((host, 0), _Handler)
         self.server.daemon_threads = True
         self.server.hub = self  # type: ignore[attr-defined]
 
