@@ -12,7 +12,7 @@ Subcommands so far:
     serve --role router ...                  the router: OpenAI front door, P/D proxy (router/main.py)
     fill-cache --source hf://ORG/NAME --dir DIR
                                              fill a model cache folder once from the Hub, with progress
-                                             on GET /progress (tools/model_cache.py)
+                                             on GET /progress (tools/model_cache/)
 
 Engine flags use vLLM's names so one rendered pod command fits either engine.
 
