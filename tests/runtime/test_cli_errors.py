@@ -100,11 +100,10 @@ def test_generate_expert_parallel_ranks_fail_one_line_each(no_weights: Path) -> 
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    lines = done.stderr.splitlines()
-    assert sorted(line.split(":")[0] for line in lines[:-1]) == [
-        "kubemoe-runtime generate",
-        "kubemoe-runtime generate",
-    ]
+    # each rank's error and the parent's, as one line each (other stderr, e.g. a library's warning on a
+    # loaded machine, is not theirs to count)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("kubemoe-runtime generate: ")]
+    assert len(lines) == 3, done.stderr
     assert {line.split(": ")[1] for line in lines[:-1]} == {"rank 0", "rank 1"}
     assert (
         lines[-1]
