@@ -56,7 +56,10 @@ def report(prog: str, err: BaseException) -> None:
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(err)
     with contextlib.suppress(OSError):  # stderr is gone too: nothing left to tell
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        # one write of the whole line: the ranks of a group share the parent's stderr, and print()'s
+        # separate write of "\n" could let another rank's line in between
+        sys.stderr.write(f"{prog}: error: {one_line(err)}\n")
+        sys.stderr.flush()
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
