@@ -1,0 +1,118 @@
+"""model.cache end to end on the real node (issue 20): a Job from the runtime image fills a claim from a
+hub on this machine, status shows its progress while it runs, the serving pods start only then, load the
+model from the claim and answer through the router.
+
+The hub is tests/runtime/fake_hub.py, the one stand-in here: huggingface.co cannot be reached from this
+machine, so a local server answers the Hub's HTTP calls (those huggingface_hub makes) from the tiny
+checkpoint, slowly enough (a pause per 32 KiB) that the fill takes some seconds. Pods reach it at the
+real node's bridge address; everything else is real: the operator, the Job controller, the kubelet,
+containerd, the runtime image built from runtime/Dockerfile.cpu, and the OpenAI client."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.cluster.handle import Cluster
+from e2e.cluster.node_config import RealNode
+from e2e.conftest import E2E_CLUSTER_NAME, pinned_to_real_nodes
+from e2e.operator_process import model_volume, running_operator
+from e2e.real_images import image_ref
+from e2e.real_models import MODEL, get_md, openai_client, tiny_checkpoint, tiny_manifest, wait_ready
+from e2e.waiting import eventually
+from tests.runtime.fake_hub import FakeHub, Repo
+
+REPO_ID = f"kubemoe/{MODEL}"
+NAME = "cached"
+
+
+@pytest.fixture
+def cache_ns(
+    cluster: Cluster,
+    crd_installed: Cluster,
+    operator_cluster: Cluster,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Path, FakeHub]]:
+    """A real-node namespace with an empty claim `model-cache` (a hostPath folder the image's user may
+    write), the hub serving the tiny checkpoint, and the operator watching the namespace."""
+    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("hub-models"))
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.chmod(cache, 0o777)  # the fill runs as the image's user (uid 65532)
+    log = tmp_path_factory.mktemp("cache-operator") / "operator.log"
+    hub = FakeHub({REPO_ID: Repo.of_folder(checkpoint)}, delay_s=0.05, host="0.0.0.0")
+    with hub.running(), pinned_to_real_nodes(cluster, prefix="cache") as ns:
+        volume = model_volume(
+            ns, host_path=str(cache), size="1Gi", claim="model-cache", access="ReadWriteMany"
+        )
+        cluster.kubectl("apply", "-f", "-", stdin=volume)
+        runtime = image_ref(E2E_CLUSTER_NAME, "runtime-cpu")
+        args = ("--namespace", ns, "--image", runtime, "--resync-seconds", "2", "--no-leader-election")
+        with running_operator(operator_cluster, log=log, args=args, request=request):
+            yield ns, cache, hub
+        cluster.kubectl("delete", "pv", f"model-cache-{ns}", "--wait=false", check=False)
+
+
+def cached_manifest(ns: str, hub: FakeHub) -> dict[str, Any]:
+    md = tiny_manifest(ns, NAME)
+    spec = md["spec"]
+    port = hub.server.server_address[1]
+    spec["model"]["source"] = f"hf://{REPO_ID}"
+    spec["model"]["cache"] = {"claim": "model-cache", "hubEndpoint": f"http://{RealNode('').node_ip}:{port}"}
+    spec["serving"] = {"mode": "colocated"}
+    spec["roles"] = {
+        "worker": {
+            "replicas": 1,
+            "parallelism": {"tensor": 1, "data": 1, "expert": 1},
+            "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}},
+        }
+    }
+    return md
+
+
+def test_a_job_fills_the_cache_then_the_groups_serve_from_it(
+    cluster: Cluster, cache_ns: tuple[str, Path, FakeHub]
+) -> None:
+    ns, cache, hub = cache_ns
+    cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(cached_manifest(ns, hub)))
+
+    seen: list[dict[str, Any]] = []  # status.cache as it went, and whether a worker pod existed then
+
+    def filled() -> bool:
+        status = get_md(cluster, ns, NAME).get("status") or {}
+        workers = json.loads(
+            cluster.kubectl("get", "pods", "-n", ns, "-l", "kubemoe.io/role=worker", "-o", "json").stdout
+        )["items"]
+        if status.get("cache"):
+            seen.append({**status["cache"], "workers": len(workers)})
+        return bool(status.get("cache", {}).get("phase") == "Filled")
+
+    t0 = time.monotonic()
+    eventually(filled, timeout=600, what="the model cache filled", interval=0.5)
+    fill_s = time.monotonic() - t0
+    filling = [s for s in seen if s["phase"] == "Filling"]
+    assert filling, seen
+    assert all(s["workers"] == 0 for s in filling)  # nothing served before the fill succeeded
+    counted = [s for s in filling if s.get("bytesTotal")]
+    assert counted, f"the fill pod's progress never reached status: {filling}"
+    assert all(0 <= s["bytes"] <= s["bytesTotal"] for s in counted)
+    print(f"fill: {fill_s:.1f}s; progress seen: {[(s['bytes'], s['bytesTotal']) for s in counted]}")
+
+    ready_s = wait_ready(cluster, ns, NAME)
+    folder = cache / "kubemoe-cache" / REPO_ID
+    for name, data in hub.repos[REPO_ID].files.items():
+        assert (folder / name).read_bytes() == data, name
+    assert sorted(hub.downloads()) == sorted(set(hub.downloads()))  # each file downloaded once
+
+    with cluster.port_forward(f"svc/{NAME}", 8000, namespace=ns) as port:
+        r = openai_client(port).completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    assert r.choices[0].text
+    print(f"model cache: filled in {fill_s:.1f}s, Ready {ready_s:.1f}s after, answered {r.choices[0].text!r}")
+    cluster.kubectl("delete", "md", NAME, "-n", ns, "--wait=true", "--timeout=180s", timeout=240)
