@@ -368,25 +368,36 @@ class TestDeepSeek:
         wait_ready(cluster, ns, "deepseek-v3")
 
     def test_image_change_rolls_out(self, cluster: Cluster, namespace: str) -> None:
+        """engine.image rolls the serving pods; the router runs the operator's runtime image whatever
+        engine.image is (an SGLang or TGI image has no kubemoe router), so it does not roll."""
         ns = namespace
         # A tag of its own: the same test run again is a change again.
         new_image = f"example.invalid/kubemoe-runtime:{uuid.uuid4().hex[:8]}"
-        old_pods = {
-            p["metadata"]["uid"]
-            for p in running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
+        router = f"{LABEL}=deepseek-v3,kubemoe.io/role=router"
+        old_routers = {
+            p["metadata"]["uid"]: p["spec"]["containers"][0]["image"]
+            for p in running_pods(cluster, ns, router)
         }
         patch_md(cluster, ns, "deepseek-v3", {"spec": {"engine": {"image": new_image}}})
 
         def rolled() -> bool:
             lws = get_json(cluster, "lws", "deepseek-v3-prefill", "-n", ns)
             image = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["image"]
-            pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=router")
-            images = {p["spec"]["containers"][0]["image"] for p in pods}
-            new = {p["metadata"]["uid"] for p in pods}
-            return image == new_image and images == {image} and not (new & old_pods)
+            pods = running_pods(cluster, ns, f"{LABEL}=deepseek-v3,kubemoe.io/role=prefill")
+            return (
+                image == new_image
+                and bool(pods)
+                and {p["spec"]["containers"][0]["image"] for p in pods} == {image}
+            )
 
-        eventually(rolled, timeout=90, what="new image on the LWS and a router rollout")
+        eventually(rolled, timeout=90, what="the new image on the LWS and its pods")
         wait_ready(cluster, ns, "deepseek-v3", timeout=90)
+        routers = {
+            p["metadata"]["uid"]: p["spec"]["containers"][0]["image"]
+            for p in running_pods(cluster, ns, router)
+        }
+        assert routers == old_routers, "the router kept its pods and the runtime image"
+        assert new_image not in routers.values()
 
 
 @pytest.fixture

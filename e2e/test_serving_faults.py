@@ -97,7 +97,22 @@ def healthy(router: RouterProcess, server: Server, role: str = "worker") -> floa
 
 @pytest.fixture
 def pair(qwen: Path, tmp_path: Path) -> Iterator[tuple[list[Server], RouterProcess]]:
-    """Two colocated workers (16 KV slots each) behind a least-load router probing every second."""
+    """Two colocated workers (16 KV slots each) behind a least-load router probing every second, whose
+    read timeout is 3 s (the hung backend's test waits for it)."""
+    with _pair(qwen, tmp_path, read_timeout_s=3) as found:
+        yield found
+
+
+@pytest.fixture
+def patient_pair(qwen: Path, tmp_path: Path) -> Iterator[tuple[list[Server], RouterProcess]]:
+    """As `pair`, with a 60 s read timeout: requests queued on the survivor of a kill wait for a KV slot
+    while its streams run, sending nothing meanwhile, longer than 3 s on a loaded machine."""
+    with _pair(qwen, tmp_path, read_timeout_s=60) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def _pair(qwen: Path, tmp_path: Path, *, read_timeout_s: int) -> Iterator[tuple[list[Server], RouterProcess]]:
     workers = [
         Server(qwen, args=serve_args("worker", "--max-num-seqs", "16"), log_dir=tmp_path, name=f"w{i}")
         for i in range(2)
@@ -113,7 +128,7 @@ def pair(qwen: Path, tmp_path: Path) -> Iterator[tuple[list[Server], RouterProce
             "--health-interval",
             "1",
             "--upstream-read-timeout",
-            "3",
+            str(read_timeout_s),
         ],
         log_dir=tmp_path,
     )
@@ -149,9 +164,9 @@ def complete(c: openai.OpenAI, i: int, *, max_tokens: int = 8) -> int:
 
 
 def test_a_backend_killed_mid_stream_under_32_streams(
-    pair: tuple[list[Server], RouterProcess], record_property: RecordProperty
+    patient_pair: tuple[list[Server], RouterProcess], record_property: RecordProperty
 ) -> None:
-    (_, victim), router = pair
+    (_, victim), router = patient_pair
     c = client(router.url)
     max_tokens = 400  # long enough that every stream is still running when the kill lands
     started = threading.Semaphore(0)
