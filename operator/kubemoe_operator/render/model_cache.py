@@ -95,11 +95,12 @@ def fill_pod_template(
     """The fill pod: the runtime image, the claim read-write, writable HOME and HF_HOME, no accelerator."""
     claim = cache_claim_name(owner.name, spec)
     pod_sc, container_sc = security_context()
+    argv = fill_command(spec)
     container: dict[str, Any] = {
         "name": FILL_CONTAINER,
         "image": image,
-        "command": fill_command(spec)[:1],
-        "args": fill_command(spec)[1:],
+        "command": argv[:1],
+        "args": argv[1:],
         "ports": [{"name": "progress", "containerPort": FILL_PORT, "protocol": "TCP"}],
         "env": _fill_env(spec),
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
