@@ -14,6 +14,14 @@ The kernel has one form per instruction set, chosen at run time, the fastest thi
                  also runs on every AVX-512 CPU (a subset), so CI on either kind of machine tests it
     torch        no kernel: LocalExperts' torch path
 
+The same libraries hold `kubemoe_linear_bf16`, a dense projection for a few rows (linear.py).
+
+`KUBEMOE_CPU_ISA=avx2` has the engine act as on a CPU with AVX2 and FMA only: its view of the CPU's flags
+(`cpu_flags`) drops every AVX-512 and AMX flag, so it picks the AVX2 kernel, packs nothing for oneDNN and
+treats torch's bf16 GEMM as slow (`fast_bf16_gemm`). With ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2
+and MKL_ENABLE_INSTRUCTIONS=AVX2 for the libraries, an AVX-512 machine then runs what an AVX2 one runs
+(bench/bench_engine.py, BENCH_ISA=avx2).
+
 `KUBEMOE_MOE_KERNEL=avx512bf16|avx2|torch` forces one (tests, benchmarks; a forced path this CPU cannot run
 is refused with a warning, and the torch path runs, rather than another kernel in its place), and
 `KUBEMOE_KERNELS=0` turns every kernel off. A kernel that cannot be built or loaded (a warning says why) is
@@ -31,6 +39,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -50,13 +59,27 @@ NEEDS: Final = {  # /proc/cpuinfo flags each kernel needs
 CPU_FLAGS: Final = NEEDS["avx512bf16"]  # the fastest kernel's
 SHOWN_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 FORCE_ENV: Final = "KUBEMOE_MOE_KERNEL"
+ISA_ENV: Final = "KUBEMOE_CPU_ISA"
+# torch's bf16 GEMM goes to oneDNN where oneDNN has bf16 (AVX-512 core, or AMX); elsewhere it is a slow
+# scalar loop at more than one row (a [16, 1024] x [1024, 3072] product: 7.7 ms, against 1.1 ms in float32)
+FAST_BF16_GEMM: Final = frozenset({"avx512bw", "avx512vl", "avx512dq"})
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _I)
+_LINEAR_ARGTYPES = (_P, _P, _I, _I, _I, _P, _I)
 _in_use: dict[str, str] = {}  # "path": the name of what load() returned (set by load())
+_in_use_library: list[Library] = []  # the library load() chose (set by load())
 
 
-def cpu_flags() -> frozenset[str]:
+@dataclass(frozen=True)
+class Library:
+    """One built kernel library's entry points."""
+
+    moe: Callable[..., int]  # kubemoe_moe_bf16: a MoE layer's routed experts
+    linear: Callable[..., int]  # kubemoe_linear_bf16: a dense projection for a few rows
+
+
+def _proc_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -65,6 +88,23 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.partition(":")[2].split())
     return frozenset()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags as the engine sees them: /proc/cpuinfo's, less AVX-512 and AMX under
+    KUBEMOE_CPU_ISA=avx2 (module docstring)."""
+    flags = _proc_flags()
+    cap = os.environ.get(ISA_ENV, "").strip().lower()
+    if cap == "avx2":
+        return frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    if cap:
+        log.warning("%s=%s is not avx2 (the one cap there is); using every flag of this CPU", ISA_ENV, cap)
+    return flags
+
+
+def fast_bf16_gemm() -> bool:
+    """Whether torch's own bf16 matmuls are fast here (oneDNN's bf16): AVX-512 core or better."""
+    return platform.machine() != "x86_64" or cpu_flags() >= FAST_BF16_GEMM
 
 
 def unsupported(path: str) -> str | None:
@@ -79,7 +119,7 @@ def unsupported(path: str) -> str | None:
     return None
 
 
-def _open(path: str) -> tuple[Callable[..., int] | None, str | None]:
+def _open(path: str) -> tuple[Library | None, str | None]:
     """Kernel `path` built (once per version, build.py) and loaded; else None and why (not logged)."""
     if why := unsupported(path):
         return None, why
@@ -88,19 +128,26 @@ def _open(path: str) -> tuple[Callable[..., int] | None, str | None]:
     except (KernelBuildError, OSError) as err:  # build() wraps OSError; this is the last line of defence
         return None, str(err)
     try:
-        fn = ctypes.CDLL(str(library)).kubemoe_moe_bf16
+        handle = ctypes.CDLL(str(library))
+        moe_fn, linear_fn = handle.kubemoe_moe_bf16, handle.kubemoe_linear_bf16
     except (OSError, AttributeError) as err:  # e.g. no libgomp.so.1 where it runs, or a stale file
         return None, f"{library}: {err}"
-    fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
-    kernel: Callable[..., int] = fn
-    return kernel, None
+    moe_fn.restype, moe_fn.argtypes = ctypes.c_int, _ARGTYPES
+    linear_fn.restype, linear_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
+    return Library(moe=moe_fn, linear=linear_fn), None
 
 
 @functools.cache
-def kernel(path: str) -> Callable[..., int] | None:
-    """Kernel `path` ("avx512bf16", "avx2") whatever the environment says (tests, benchmarks); None where it
-    cannot run here: `why_not(path)` says why."""
+def library(path: str) -> Library | None:
+    """Kernel library `path` ("avx512bf16", "avx2") whatever the environment says (tests, benchmarks); None
+    where it cannot run here: `why_not(path)` says why."""
     return _open(path)[0]
+
+
+def kernel(path: str) -> Callable[..., int] | None:
+    """The MoE entry point of kernel `path` (library())."""
+    lib = library(path)
+    return None if lib is None else lib.moe
 
 
 @functools.cache
@@ -127,23 +174,31 @@ def load() -> Callable[..., int] | None:
     """The entry point of the kernel this process uses, built on first use; None: the torch path (logged
     once). A kernel that cannot be built or loaded is skipped for the next one this CPU runs."""
     _in_use["path"] = TORCH
+    _in_use_library.clear()
     choice = forced()
     if choice == TORCH:
         return None
     for path in (choice,) if choice else PATHS:
         if choice is None and unsupported(path):
             continue
-        fn, why = _open(path)
-        if fn is not None:
+        lib, why = _open(path)
+        if lib is not None:
             _in_use["path"] = path
+            _in_use_library.append(lib)
             log.info("MoE kernel: %s", path)
-            return fn
+            return lib.moe
         # A forced kernel that cannot run means the torch path, not another kernel in its place.
         after = "the torch path runs instead" if choice else "trying the next one"
         log.warning("MoE kernel off (%s), %s (slower at decode): %s", path, after, why)
     if choice is None:
         log.info("MoE kernel off: this CPU runs none of %s; the torch path runs", ", ".join(PATHS))
     return None
+
+
+def load_linear() -> Callable[..., int] | None:
+    """The dense projection of the library load() chose; None on the torch path."""
+    load()
+    return _in_use_library[0].linear if _in_use_library else None
 
 
 def path() -> str:

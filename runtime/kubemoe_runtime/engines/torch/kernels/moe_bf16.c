@@ -243,3 +243,31 @@ int kubemoe_moe_bf16(const uint16_t *x, const uint16_t *w_gate_up, const uint16_
     }
     return 0;
 }
+
+/*
+ * A dense projection for a few rows: y [M, O] = x [M, I] @ w [O, I]^T, bf16 in and out, float sums, one
+ * rounding (as torch's bf16 linear). For CPUs whose bf16 GEMM in torch is slow at more than one row (AVX2
+ * without AVX-512: torch has no fast bf16 GEMM there, and batch-16 decode took longer than batch 1). Each
+ * item is a block of FB output units: their weight rows are read from memory once and dotted with every
+ * row of x, ROWS rows at a time (the block's rows stay in L2 between row blocks). I must be a multiple of
+ * 32; O any size.
+ */
+int kubemoe_linear_bf16(const uint16_t *x, const uint16_t *w, int M, int O, int I, uint16_t *y, int threads) {
+    if (I % 32) return -1;
+    const int n_items = (O + FB - 1) / FB;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int item = 0; item < n_items; item++) {
+        const int j0 = item * FB, j1 = j0 + FB < O ? j0 + FB : O;
+        const uint16_t *xr[ROWS];
+        float out[ROWS];
+        for (int r0 = 0; r0 < M; r0 += ROWS) {
+            const int n = M - r0 < ROWS ? M - r0 : ROWS;
+            for (int r = 0; r < n; r++) xr[r] = x + (int64_t)(r0 + r) * I;
+            for (int j = j0; j < j1; j++) {
+                dots(w + (int64_t)j * I, xr, n, I, out);
+                for (int r = 0; r < n; r++) y[(int64_t)(r0 + r) * O + j] = to_bf16(out[r]);
+            }
+        }
+    }
+    return 0;
+}

@@ -216,14 +216,16 @@ class LocalExperts(nn.Module):
         self.packed_dtype: torch.dtype | None = None
         self.kernel = False
 
-    def pack(self) -> None:
+    def pack(self, *, packing: bool = True) -> None:
         """Ready bf16 CPU experts for decode: the kernel where it runs (weights stay as they are), else
-        each expert's two matrices packed (packing.py), dropping the stacked row-major copies."""
+        with `packing` (oneDNN has bf16 here) each expert's two matrices packed (packing.py), dropping the
+        stacked row-major copies."""
         dim, hidden = self.w_down_EDF.shape[1:]
         if moe_kernel.load() is not None and moe_kernel.fits(dim, hidden):
             self.kernel = True
             return
-        self.pack_experts()
+        if packing:
+            self.pack_experts()
 
     def pack_experts(self) -> None:
         """Pack each expert's two matrices (packing.py) and drop the stacked row-major copies."""
@@ -305,7 +307,12 @@ class LocalExperts(nn.Module):
         y_SD = x_MD.new_zeros(M * K, x_MD.shape[1])
         owned = torch.tensor(slots)
         x_sD = x_MD[owned // K]
-        if self.packed is None and 2 * len(chosen) >= E and max(counts) <= self.BATCHED_MAX_ROWS:
+        if (
+            self.packed is None
+            and 2 * len(chosen) >= E
+            and max(counts) <= self.BATCHED_MAX_ROWS
+            and (moe_kernel.fast_bf16_gemm() or x_MD.dtype != torch.bfloat16)  # else bf16 bmm is a slow loop
+        ):
             out_sD = self._batched(x_sD, torch.tensor([local[s] for s in slots]), counts)
         else:
             out_sD = self._looped(x_sD, counts)

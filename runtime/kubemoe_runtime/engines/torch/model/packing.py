@@ -15,8 +15,10 @@ and on CPUs without bf16 support in oneDNN; the model then runs as loaded.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kubemoe_runtime.engines.torch.kernels import moe as kernels
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, matmul
 
 _OPS = ("_is_mkldnn_bf16_supported", "_reorder_linear_weight", "_linear_pointwise")
 
@@ -25,7 +27,7 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """bf16 on a CPU whose oneDNN does bf16, in a torch that still has the (private) ops used here."""
     if dtype != torch.bfloat16 or device.type != "cpu":
         return False
-    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+    if not torch.backends.mkldnn.is_available() or not kernels.fast_bf16_gemm():  # type: ignore[no-untyped-call]
         return False
     try:
         ops = [getattr(torch.ops.mkldnn, name) for name in _OPS]
@@ -47,8 +49,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear` for a plain or a packed weight."""
-    return packed_linear(x, weight) if weight.is_mkldnn else F.linear(x, weight)
+    """`F.linear` for a plain or a packed weight (bf16 through float32 where torch's bf16 GEMM is slow)."""
+    return packed_linear(x, weight) if weight.is_mkldnn else matmul(x, weight)
 
 
 class PackedLinear(nn.Module):
@@ -65,9 +67,18 @@ class PackedLinear(nn.Module):
 
 
 def pack_model(model: nn.Module) -> bool:
-    """Pack the model's bf16 CPU weights in place; False (nothing changed) where packing does not apply."""
+    """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply. There,
+    on a CPU whose torch bf16 GEMM is slow, bf16 linears become KernelLinear (kernels/linear.py), and each
+    LocalExperts still picks its kernel."""
     weight = next(model.parameters())
     if not can_pack(weight.dtype, weight.device):
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and KernelLinear.applies(child):
+                    setattr(module, name, KernelLinear(child))
+            pack_own = getattr(module, "pack", None)
+            if callable(pack_own) and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+                pack_own(packing=False)
         return False
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -1,0 +1,159 @@
+"""Dense bf16 projections on CPUs whose torch bf16 GEMM is slow (kernels/linear.py): the linear kernel of each
+instruction set against a float64 reference, KernelLinear's two forms, and the engine as an AVX2-only CPU
+runs it (KUBEMOE_CPU_ISA=avx2, which any AVX2 machine can run, so CI on either kind tests that path)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.kernels import linear as linear_mod
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, kernel_linear, matmul
+from kubemoe_runtime.engines.torch.model.moe import LocalExperts
+from kubemoe_runtime.engines.torch.model.packing import PackedLinear
+from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
+
+KERNELS = [
+    pytest.param(
+        path,
+        marks=pytest.mark.skipif(moe_kernel.kernel(path) is None, reason=f"{moe_kernel.why_not(path)}"),
+        id=path,
+    )
+    for path in moe_kernel.PATHS
+]
+needs_avx2 = pytest.mark.skipif(moe_kernel.kernel("avx2") is None, reason=f"{moe_kernel.why_not('avx2')}")
+PROMPT = [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16, 5, 100, 200, 300, 17, 42, 7, 99]
+
+
+def bf16_close(got: torch.Tensor, want_f64: torch.Tensor) -> None:
+    """Within one bf16 rounding of the exact result (and a float sum's order apart)."""
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want_f64, rtol=2**-8, atol=1e-3)
+
+
+@pytest.fixture
+def as_avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The engine's view of this CPU capped at AVX2 + FMA, its kernel chosen again around the test."""
+    monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
+    monkeypatch.delenv(moe_kernel.FORCE_ENV, raising=False)
+    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
+    moe_kernel.load.cache_clear()
+    yield
+    moe_kernel.load.cache_clear()
+
+
+@pytest.mark.parametrize("path", KERNELS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize(("n_out", "n_in"), [(40, 64), (16, 32), (96, 1024)])
+def test_linear_kernel_matches_float64_reference(path: str, rows: int, n_out: int, n_in: int) -> None:
+    """Every row count (each unrolled case and the tails of a block) and an output count that is not a whole
+    block (40 = 2 x 16 + 8)."""
+    lib = moe_kernel.library(path)
+    assert lib is not None
+    gen = torch.Generator().manual_seed(rows * 7 + n_out)
+    x = torch.randn(rows, n_in, generator=gen).bfloat16()
+    w = (torch.randn(n_out, n_in, generator=gen) / n_in**0.5).bfloat16()
+    bf16_close(kernel_linear(x, w, fn=lib.linear), F.linear(x.double(), w.double()))
+
+
+@pytest.mark.parametrize("path", KERNELS)
+def test_linear_kernel_keeps_leading_dims_and_refuses_what_it_cannot_run(path: str) -> None:
+    lib = moe_kernel.library(path)
+    assert lib is not None
+    x = torch.randn(2, 3, 64).bfloat16()
+    w = torch.randn(48, 64).bfloat16()
+    got = kernel_linear(x, w, fn=lib.linear)
+    assert got.shape == (2, 3, 48)
+    bf16_close(got, F.linear(x.double(), w.double()))
+    with pytest.raises(ValueError, match="inner sizes"):
+        kernel_linear(torch.randn(2, 48).bfloat16(), torch.randn(8, 48).bfloat16(), fn=lib.linear)
+    with pytest.raises(ValueError, match="bf16"):
+        kernel_linear(x.float(), w, fn=lib.linear)
+
+
+def test_isa_cap_drops_avx512_and_amx(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(moe_kernel, "_proc_flags", lambda: frozenset({"avx2", "fma", "avx512f", "amx_bf16"}))
+    monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
+    assert moe_kernel.cpu_flags() == {"avx2", "fma"}
+    assert not moe_kernel.fast_bf16_gemm()
+    assert "lacks avx512_bf16" in str(moe_kernel.unsupported("avx512bf16"))
+    monkeypatch.setenv(moe_kernel.ISA_ENV, "avx9")
+    with caplog.at_level(logging.WARNING):
+        assert "avx512f" in moe_kernel.cpu_flags()
+    assert "KUBEMOE_CPU_ISA=avx9 is not avx2" in caplog.text
+
+
+@needs_avx2
+@pytest.mark.usefixtures("as_avx2")
+@pytest.mark.parametrize("rows", [1, 5, linear_mod.KERNEL_MAX_ROWS, linear_mod.KERNEL_MAX_ROWS + 1, 100])
+def test_kernel_linear_module_matches_nn_linear_at_few_and_many_rows(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel up to KERNEL_MAX_ROWS rows, float32 past it (a spy on the kernel says which ran); with a
+    bias, as an nn.Linear has it."""
+    source = nn.Linear(64, 40, bias=True).to(torch.bfloat16)
+    assert KernelLinear.applies(source)
+    module = KernelLinear(source)
+    calls: list[int] = []
+    real = linear_mod.kernel_linear
+
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, w)
+
+    monkeypatch.setattr(linear_mod, "kernel_linear", spy)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    want = F.linear(x.double(), source.weight.double(), source.bias.double())
+    torch.testing.assert_close(module(x).double(), want, rtol=2**-7, atol=2e-2)  # a bias: two roundings
+    assert bool(calls) == (rows <= linear_mod.KERNEL_MAX_ROWS)
+
+
+@needs_avx2
+@pytest.mark.usefixtures("as_avx2")
+def test_matmul_goes_through_float32_only_where_bf16_gemm_is_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w = torch.randn(6, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    got = matmul(x, w)
+    assert got.dtype == torch.bfloat16
+    bf16_close(got, F.linear(x.double(), w.double()))
+    assert not KernelLinear.applies(nn.Linear(48, 8).to(torch.bfloat16)), "48 inputs: not a kernel shape"
+    assert not KernelLinear.applies(nn.Linear(64, 8)), "float32 weights stay as they are"
+    monkeypatch.delenv(moe_kernel.ISA_ENV)
+    if moe_kernel.fast_bf16_gemm():
+        assert not KernelLinear.applies(nn.Linear(64, 8).to(torch.bfloat16)), "this CPU's bf16 GEMM is fast"
+
+
+@needs_avx2
+@pytest.mark.usefixtures("as_avx2")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_engine_on_an_avx2_cpu_runs_its_kernels_and_matches_row_major_weights(
+    checkpoints: dict[str, Path], arch: str
+) -> None:
+    """As an AVX2-only CPU loads it: nothing packed for oneDNN, the routed experts on the AVX2 kernel (it
+    was left off there before: packing decided both), the dense bf16 projections on KernelLinear, and the
+    same logits as the model as loaded, within bf16 rounding."""
+    assert moe_kernel.path() == "avx2"
+    plain = TorchEngine.load(checkpoints[arch], dtype=torch.bfloat16, pack=False)
+    engine = TorchEngine.load(checkpoints[arch], dtype=torch.bfloat16)
+    modules = list(engine.model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in modules)
+    experts = [m for m in modules if isinstance(m, LocalExperts)]
+    assert experts
+    assert all(e.kernel and e.packed is None for e in experts)
+    kernel_linears = [m for m in modules if isinstance(m, KernelLinear)]
+    assert kernel_linears, "no dense projection runs on the kernel"
+    assert all(
+        m.in_features % 32 for m in modules if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16
+    )
+    for prompt in (PROMPT, PROMPT[:8]):  # prefill past KERNEL_MAX_ROWS (float32), and within it (the kernel)
+        torch.testing.assert_close(engine.logits(prompt), plain.logits(prompt), atol=0.05, rtol=0.05)
+    assert engine.generate([PROMPT], max_new_tokens=4)
