@@ -12,17 +12,31 @@ prefix caching off) in its own interpreter ($KUBEMOE_VLLM_PYTHON or .venv-vllm).
 the best of REPEATS is kept. The memory-bandwidth bound of a decode step is the weight bytes it reads
 (dense weights + the distinct experts its tokens pick) over the read bandwidth measured here.
 
-The torch engine's lines say which path each hot part runs on this CPU: its flags, each MoE layer's
-routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on row-major weights), and
-how many dense projections (attention, dense MLPs, LM head) oneDNN packed.
+Each measurement runs in a process of its own, per instruction-set profile:
 
-Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 32), BENCH_SKIP_VLLM=1.
+    native   this CPU as it is: the torch engine once per MoE path it can run (each C kernel, and the
+             torch path: KUBEMOE_MOE_KERNEL), transformers, vLLM
+    avx2     as a CPU with AVX2 and FMA only runs it, on a machine with AVX-512: the engine's view capped
+             (KUBEMOE_CPU_ISA=avx2) and torch's, oneDNN's and MKL's (ATEN_CPU_CAPABILITY=avx2,
+             ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) for every engine. vLLM's own C++
+             kernels are built for the wheel's instruction set and cannot be capped, so its avx2 row is
+             an upper bound on what an AVX2 machine gives it; transformers' bf16 GEMMs go to oneDNN at
+             AVX2 here (on a real AVX2 CPU, to torch's scalar loop): both are rough
+
+The torch engine's lines say which path each hot part runs: the CPU flags it sees, each MoE layer's
+routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on row-major weights), and
+the dense projections (attention, dense MLPs, LM head): oneDNN packed, the linear kernel (KernelLinear,
+on CPUs whose torch bf16 GEMM is slow), or torch.
+
+Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 32), BENCH_SKIP_VLLM=1,
+BENCH_ISA=native,avx2 (the profiles; default both where the CPU has AVX-512, else native).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -35,6 +49,7 @@ from bigmoe import Layout, checkpoint, layout_from_env, read_bandwidth_gbs, thre
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.kernels.linear import KERNEL_MAX_ROWS, KernelLinear
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 from kubemoe_runtime.engines.torch.model.packing import PackedLinear
 
@@ -76,7 +91,7 @@ def measure(generate: Callable[[list[list[int]], int], object]) -> Rates:
 
 def print_paths(engine: TorchEngine) -> None:
     """Which path each MoE layer's routed experts and the dense projections take in this engine."""
-    print(f"# torch engine: {moe_kernel.describe()}; torch ATen {torch.backends.cpu.get_cpu_capability()}")
+    print(f"# {moe_kernel.describe()}; torch ATen {torch.backends.cpu.get_cpu_capability()}")
     experts = [m for m in engine.model.modules() if isinstance(m, LocalExperts)]
     paths = [
         f"{moe_kernel.path()} kernel" if m.kernel else "oneDNN packed" if m.packed is not None else "torch"
@@ -85,9 +100,14 @@ def print_paths(engine: TorchEngine) -> None:
     runs = [f"{path} x{n}" for path, n in {p: paths.count(p) for p in dict.fromkeys(paths)}.items()]
     print(f"# torch engine, routed experts of its {len(experts)} MoE layers: {', '.join(runs) or 'none'}")
     print(f"#   per layer: {' | '.join(paths)}")
-    packed = sum(isinstance(m, PackedLinear) for m in engine.model.modules())
-    plain = sum(isinstance(m, torch.nn.Linear) for m in engine.model.modules())
-    print(f"# torch engine, dense projections: {packed} oneDNN packed, {plain} torch linear (row-major)")
+    modules = list(engine.model.modules())
+    packed = sum(isinstance(m, PackedLinear) for m in modules)
+    kernel = sum(isinstance(m, KernelLinear) for m in modules)
+    plain = sum(isinstance(m, torch.nn.Linear) for m in modules)
+    print(
+        f"# torch engine, dense projections: {packed} oneDNN packed, {kernel} linear kernel "
+        f"(float32 GEMM past {KERNEL_MAX_ROWS} rows), {plain} torch linear (row-major)"
+    )
 
 
 def torch_engine(model_dir: Path) -> Rates:
@@ -143,7 +163,7 @@ print("RATES " + json.dumps(rates), flush=True)
 """
 
 
-def vllm_cpu(model_dir: Path, n_threads: int) -> Rates | None:
+def vllm_cpu(model_dir: Path, n_threads: int, profile_env: dict[str, str]) -> Rates | None:
     python = os.environ.get("KUBEMOE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
     if not Path(python).exists():
         print(f"# vLLM skipped: no interpreter at {python} (make setup-vllm)")
@@ -162,6 +182,7 @@ def vllm_cpu(model_dir: Path, n_threads: int) -> Rates | None:
         "VLLM_CPU_OMP_THREADS_BIND": cpus,  # every CPU for the engine: no core kept back for an API server
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "HF_HUB_OFFLINE": "1",
+        **profile_env,
     }
     done = subprocess.run(
         [python, "-c", VLLM_SCRIPT, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=1800
@@ -174,32 +195,81 @@ def vllm_cpu(model_dir: Path, n_threads: int) -> Rates | None:
     return None
 
 
-def main() -> None:
-    n_threads = threads()
-    torch.set_num_threads(n_threads)
-    layout: Layout = layout_from_env()
-    model_dir = checkpoint(layout)
-    n_params = sum(
-        p.numel() for p in TorchEngine.load(model_dir, dtype=torch.bfloat16, pack=False).model.parameters()
-    )
-    bandwidth = read_bandwidth_gbs()
-    print(f"# {layout.name}: {n_params / 1e6:.0f} M parameters, {n_threads} threads, prompts of {PROMPT_LEN}")
-    print(f"# decode {DECODE} tokens; read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB)")
+PROFILES: Final[dict[str, dict[str, str]]] = {
+    "native": {},
+    "avx2": {
+        moe_kernel.ISA_ENV: "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+}
 
-    results: dict[str, Rates] = {"torch engine": torch_engine(model_dir)}
-    results["transformers"] = transformers_generate(model_dir)
-    if os.environ.get("BENCH_SKIP_VLLM") != "1" and (rates := vllm_cpu(model_dir, n_threads)) is not None:
-        results["vLLM CPU"] = rates
-    bandwidth = max(bandwidth, read_bandwidth_gbs())  # again at the end: the better of two quiet moments
-    print(f"# read bandwidth, best of start and end: {bandwidth:.1f} GB/s")
 
+def profiles() -> list[str]:
+    chosen = os.environ.get("BENCH_ISA")
+    if chosen:
+        names = [n.strip() for n in chosen.split(",") if n.strip()]
+        if unknown := [n for n in names if n not in PROFILES]:
+            sys.exit(f"BENCH_ISA: no profile {', '.join(unknown)} (profiles: {', '.join(PROFILES)})")
+        return names
+    return ["native", "avx2"] if "avx512f" in moe_kernel.cpu_flags() else ["native"]
+
+
+def moe_paths(profile: str) -> list[str]:
+    """The MoE paths the torch engine runs under `profile`: each kernel the (capped) CPU has, then torch."""
+    flags = moe_kernel.cpu_flags()
+    if profile == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    return [p for p in moe_kernel.PATHS if moe_kernel.NEEDS[p] <= flags] + [moe_kernel.TORCH]
+
+
+def child(engine: str, model_dir: Path) -> None:
+    """One engine's rates in this process (its environment set by the parent), as a RATES line."""
+    torch.set_num_threads(threads())
+    if engine == "torch":
+        rates = torch_engine(model_dir)
+    elif engine == "transformers":
+        rates = transformers_generate(model_dir)
+    else:
+        sys.exit(f"no engine {engine}")
+    print("RATES " + json.dumps(rates), flush=True)
+
+
+def run_child(engine: str, model_dir: Path, env: dict[str, str]) -> Rates | None:
+    """`child(engine)` in a fresh interpreter with `env` added; its '#' lines are passed on."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", engine, str(model_dir)],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=3600,
+    )  # fmt: skip
+    rates: Rates | None = None
+    for line in done.stdout.splitlines():
+        if line.startswith("RATES "):
+            rates = json.loads(line.removeprefix("RATES "))
+        elif line.startswith("#"):
+            print(line)
+    if rates is None:
+        print(f"# {engine} failed ({done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+    return rates
+
+
+def report(results: dict[str, Rates], layout: Layout, bandwidth: float) -> None:
     keys = [f"{kind}@{b}" for b in BATCHES for kind in ("prefill", "decode")]
-    print(f"{'tokens/s':<14}" + "".join(f"{k:>13}" for k in keys))
+    width = max(14, *(len(n) + 1 for n in results))
+    print(f"{'tokens/s':<{width}}" + "".join(f"{k:>13}" for k in keys))
     for name, rates in results.items():
-        print(f"{name:<14}" + "".join(f"{rates[k]:>13.1f}" for k in keys))
-    ours = results["torch engine"]
-    for ref in [r for r in results if r != "torch engine"]:
-        print(f"{'ratio / ' + ref:<14}" + "".join(f"{ours[k] / results[ref][k]:>12.2f}x" for k in keys))
+        print(f"{name:<{width}}" + "".join(f"{rates[k]:>13.1f}" for k in keys))
+    ours = [n for n in results if n.startswith("torch engine")]
+    for ref in ("vLLM CPU", "transformers"):
+        for name in [n for n in ours if ref in results]:
+            label = f"{name.removeprefix('torch engine, ')} / {ref}"
+            print(
+                f"{label:<{width}}" + "".join(f"{results[name][k] / results[ref][k]:>12.2f}x" for k in keys)
+            )
+    for name in ours:
+        rates = results[name]
+        if rates["decode@16"] < rates["decode@1"]:
+            print(f"# {name}: batch 16 decodes fewer tokens/s than batch 1")
     for batch in BATCHES:
         step = layout.decode_step_bytes(batch)
         bound = batch * bandwidth * 1e9 / step
@@ -209,6 +279,44 @@ def main() -> None:
             f"# decode@{batch}: a step reads {step / 1e6:.0f} MB of weights -> bound {bound:.0f} tok/s; "
             f"share of bound: {shares}"
         )
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], Path(sys.argv[3]))
+        return
+    n_threads = threads()
+    layout: Layout = layout_from_env()
+    model_dir = checkpoint(layout)
+    n_params = sum(
+        p.numel() for p in TorchEngine.load(model_dir, dtype=torch.bfloat16, pack=False).model.parameters()
+    )
+    bandwidth = read_bandwidth_gbs()
+    flags = moe_kernel.cpu_flags()
+    print(f"# CPU {platform.machine()} flags: {' '.join(f for f in moe_kernel.SHOWN_FLAGS if f in flags)}")
+    print(f"# {layout.name}: {n_params / 1e6:.0f} M parameters, {n_threads} threads, prompts of {PROMPT_LEN}")
+    print(f"# decode {DECODE} tokens; read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB)")
+    tables: dict[str, dict[str, Rates]] = {}
+    for profile in profiles():
+        env = PROFILES[profile]
+        print(
+            f"\n## profile {profile}" + (f": {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "")
+        )
+        results: dict[str, Rates] = {}
+        for path in moe_paths(profile):
+            print(f"# torch engine, MoE path {path}:")
+            if rates := run_child("torch", model_dir, {**env, moe_kernel.FORCE_ENV: path}):
+                results[f"torch engine, {path}"] = rates
+        if rates := run_child("transformers", model_dir, env):
+            results["transformers"] = rates
+        if os.environ.get("BENCH_SKIP_VLLM") != "1" and (rates := vllm_cpu(model_dir, n_threads, env)):
+            results["vLLM CPU"] = rates
+        tables[profile] = results
+    bandwidth = max(bandwidth, read_bandwidth_gbs())  # again at the end: the better of two quiet moments
+    print(f"\n# read bandwidth, best of start and end: {bandwidth:.1f} GB/s")
+    for profile, results in tables.items():
+        print(f"\n## {profile}")
+        report(results, layout, bandwidth)
 
 
 if __name__ == "__main__":

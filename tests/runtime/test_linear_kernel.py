@@ -17,6 +17,7 @@ from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import linear as linear_mod
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, kernel_linear, matmul
+from kubemoe_runtime.engines.torch.model.layers import attend
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 from kubemoe_runtime.engines.torch.model.packing import PackedLinear
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
@@ -157,3 +158,25 @@ def test_engine_on_an_avx2_cpu_runs_its_kernels_and_matches_row_major_weights(
     for prompt in (PROMPT, PROMPT[:8]):  # prefill past KERNEL_MAX_ROWS (float32), and within it (the kernel)
         torch.testing.assert_close(engine.logits(prompt), plain.logits(prompt), atol=0.05, rtol=0.05)
     assert engine.generate([PROMPT], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_attention_matches_float64_with_and_without_the_cap(
+    capped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """attend() in bf16: through float32 as an AVX2 CPU runs it, torch's own bf16 otherwise; the same
+    answer within bf16 rounding, with grouped-query heads and a mask that hides keys."""
+    if capped:
+        monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
+    else:
+        monkeypatch.delenv(moe_kernel.ISA_ENV, raising=False)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 8, 1, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(3, 2, 20, 32, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.arange(20)[None, None, None, :] < torch.tensor([20, 7, 1])[:, None, None, None]
+    got = attend(q, k, v, mask=mask, scale=32**-0.5, gqa=True)
+    assert got.dtype == torch.bfloat16
+    want = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=32**-0.5, enable_gqa=True
+    )
+    torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=2e-2)

@@ -79,6 +79,7 @@ class Library:
     linear: Callable[..., int]  # kubemoe_linear_bf16: a dense projection for a few rows
 
 
+@functools.cache
 def _proc_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()

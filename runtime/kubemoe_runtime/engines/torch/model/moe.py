@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.kernels.linear import matmul
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.layers import MLP
@@ -56,10 +57,10 @@ class TopKGate(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns expert ids [N, K] (int64) and weights [N, K] (float32)."""
         if self.scoring == "sigmoid_top":
-            top_NK, ids_NK = torch.topk(F.linear(x_ND, self.weight), self.top_k, dim=-1)
+            top_NK, ids_NK = torch.topk(matmul(x_ND, self.weight), self.top_k, dim=-1)
             return ids_NK, top_NK.float().sigmoid()
         if self.scoring == "softmax":
-            probs_NE = F.softmax(F.linear(x_ND, self.weight).float(), dim=-1)
+            probs_NE = F.softmax(matmul(x_ND, self.weight).float(), dim=-1)
             w_NK, ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
             if self.norm_topk_prob:
                 w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
