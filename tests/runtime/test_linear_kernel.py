@@ -126,7 +126,6 @@ def test_matmul_goes_through_float32_only_where_bf16_gemm_is_slow(monkeypatch: p
     got = matmul(x, w)
     assert got.dtype == torch.bfloat16
     bf16_close(got, F.linear(x.double(), w.double()))
-    assert not KernelLinear.applies(nn.Linear(48, 8).to(torch.bfloat16)), "48 inputs: not a kernel shape"
     assert not KernelLinear.applies(nn.Linear(64, 8)), "float32 weights stay as they are"
     monkeypatch.delenv(moe_kernel.ISA_ENV)
     if moe_kernel.fast_bf16_gemm():
@@ -152,9 +151,7 @@ def test_engine_on_an_avx2_cpu_runs_its_kernels_and_matches_row_major_weights(
     assert all(e.kernel and e.packed is None for e in experts)
     kernel_linears = [m for m in modules if isinstance(m, KernelLinear)]
     assert kernel_linears, "no dense projection runs on the kernel"
-    assert all(
-        m.in_features % 32 for m in modules if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16
-    )
+    assert not [m for m in modules if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16]
     for prompt in (PROMPT, PROMPT[:8]):  # prefill past KERNEL_MAX_ROWS (float32), and within it (the kernel)
         torch.testing.assert_close(engine.logits(prompt), plain.logits(prompt), atol=0.05, rtol=0.05)
     assert engine.generate([PROMPT], max_new_tokens=4)
@@ -180,3 +177,23 @@ def test_attention_matches_float64_with_and_without_the_cap(
         q.double(), k.double(), v.double(), attn_mask=mask, scale=32**-0.5, enable_gqa=True
     )
     torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_kernel_linear_module_without_a_kernel_and_at_odd_sizes(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With kernels off (or an input size the kernel cannot take), KernelLinear still answers as nn.Linear:
+    torch's bf16 GEMV at one row, float32 past it."""
+    monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
+    monkeypatch.setenv("KUBEMOE_KERNELS", "0")
+    moe_kernel.load.cache_clear()
+    try:
+        assert moe_kernel.load_linear() is None
+        for n_in in (64, 48):
+            source = nn.Linear(n_in, 24, bias=False).to(torch.bfloat16)
+            assert KernelLinear.applies(source)
+            x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(rows)).bfloat16()
+            bf16_close(KernelLinear(source)(x), F.linear(x.double(), source.weight.double()))
+    finally:
+        moe_kernel.load.cache_clear()

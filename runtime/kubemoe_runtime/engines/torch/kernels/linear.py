@@ -60,7 +60,8 @@ def kernel_linear(x: torch.Tensor, w: torch.Tensor, *, fn: object = None) -> tor
 
 class KernelLinear(nn.Module):
     """An `nn.Linear` with bf16 weights on a CPU whose torch bf16 GEMM is slow: the kernel at few rows, the
-    float32 GEMM at many (module docstring). Same weight, same bias, no second copy."""
+    float32 GEMM at many (module docstring); without a kernel (KUBEMOE_KERNELS=0, no compiler), `matmul`.
+    Same weight, same bias, no second copy."""
 
     def __init__(self, source: nn.Linear) -> None:
         super().__init__()
@@ -70,20 +71,16 @@ class KernelLinear(nn.Module):
 
     @staticmethod
     def applies(linear: nn.Linear) -> bool:
-        """Whether this module replaces `linear`: bf16 CPU weights, a slow bf16 GEMM, a kernel to run."""
+        """Whether this module replaces `linear`: bf16 CPU weights where the bf16 GEMM is slow."""
         w = linear.weight
-        return (
-            w.dtype == torch.bfloat16
-            and w.device.type == "cpu"
-            and linear.in_features % 32 == 0
-            and not kernels.fast_bf16_gemm()
-            and kernels.load_linear() is not None
-        )
+        return w.dtype == torch.bfloat16 and w.device.type == "cpu" and not kernels.fast_bf16_gemm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= KERNEL_MAX_ROWS:
+        if rows <= KERNEL_MAX_ROWS and self.in_features % 32 == 0 and kernels.load_linear() is not None:
             y = kernel_linear(x, self.weight)
             return y if self.bias is None else y + self.bias
+        if rows == 1:  # torch's bf16 GEMV is fast
+            return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
