@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a small, busy machine
+# ...and in the ranks a test starts, in process or not (serve/threads.py keeps an explicit OMP_NUM_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

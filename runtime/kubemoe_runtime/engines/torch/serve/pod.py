@@ -57,6 +57,7 @@ from kubemoe_runtime.engines.torch.model.placement import (
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
+from kubemoe_runtime.engines.torch.serve.threads import set_rank_threads
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.drain import Drain, DrainingServer, DrainMiddleware
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
@@ -83,6 +84,7 @@ class RankJob:
     max_model_len: int
     max_num_seqs: int
     placement: Placement | None = None  # the expert placement to start with (read by the API pod)
+    local_ranks: int = 1  # ranks in this pod: they share its CPU budget (threads.py)
 
 
 def join_group(
@@ -92,6 +94,7 @@ def join_group(
     wait until every rank has loaded. Every rank loads rank 0's placement (broadcast here): the pods of a
     group may see different versions of the placement file (a ConfigMap reaches each node in its own
     time), and a group must run one placement."""
+    set_rank_threads(job.local_ranks)
     ep = init_expert_parallel(
         rank=rank, size=job.size, address=job.address, port=job.port, timeout=GROUP_TIMEOUT
     )
@@ -218,6 +221,7 @@ def serve(settings: ServeSettings) -> int:
         max_model_len=max_model_len,
         max_num_seqs=settings.max_num_seqs,
         placement=placement,
+        local_ranks=settings.data_parallel_size_local,
     )
     pod = _Pod(settings, job)
     pod.start_children()
