@@ -228,7 +228,9 @@ def test_a_head_longer_than_the_limit_is_refused_by_both_transports(
         conn = await SocketConnection.open(("127.0.0.1", canned([long]).port), timeout=5)
         await conn.exchange(GET)
 
-    with pytest.raises(HeadError, match="no end of the answer's head"):
+    # Which check refuses it depends on how the bytes arrive: still no blank line at the limit (the read
+    # loop), or the whole head, blank line and all, in the read that crossed it (parse_head).
+    with pytest.raises(HeadError, match=r"no end of the answer's head|a head of \d+ bytes, above 65536"):
         asyncio.run(socket_head())
 
 
