@@ -8,8 +8,9 @@ box), and is no slower at prefill's thousands of rows. Decode reads every weight
 the engine's decode speed.
 
 `pack_model` swaps every bf16 `nn.Linear` for a `PackedLinear` and has each `LocalExperts` pack
-its experts, dropping the row-major copies. It is a no-op (returns False) off the CPU, for other dtypes,
-and on CPUs without bf16 support in oneDNN; the model then runs as loaded.
+its experts, dropping the row-major copies. It packs nothing (returns False) off the CPU, for other
+dtypes, and on CPUs without bf16 support in oneDNN; on those CPUs (AVX2 without AVX-512) it swaps bf16
+linears for KernelLinear instead (kernels/linear.py) and switches the experts' MoE kernel on.
 """
 
 from __future__ import annotations
