@@ -28,8 +28,12 @@ routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on 
 the dense projections (attention, dense MLPs, LM head): oneDNN packed, the linear kernel (KernelLinear,
 on CPUs whose torch bf16 GEMM is slow), or torch.
 
+llama.cpp (llamacpp.py: its llama-batched-bench, built here from PyPI's llama-cpp-python sdist per
+profile, on the checkpoint converted to a bf16 GGUF) is a further reference where it can be built.
+
 Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 32), BENCH_SKIP_VLLM=1,
-BENCH_ISA=native,avx2 (the profiles; default both where the CPU has AVX-512, else native).
+BENCH_SKIP_LLAMACPP=1, BENCH_ISA=native,avx2 (the profiles; default both where the CPU has AVX-512,
+else native).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any, Final
 
 import torch
 from bigmoe import Layout, checkpoint, layout_from_env, read_bandwidth_gbs, threads
+from llamacpp import llamacpp_rates
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
@@ -260,7 +265,7 @@ def report(results: dict[str, Rates], layout: Layout, bandwidth: float) -> None:
     for name, rates in results.items():
         print(f"{name:<{width}}" + "".join(f"{rates[k]:>13.1f}" for k in keys))
     ours = [n for n in results if n.startswith("torch engine")]
-    for ref in ("vLLM CPU", "transformers"):
+    for ref in ("vLLM CPU", "llama.cpp", "transformers"):
         for name in [n for n in ours if ref in results]:
             label = f"{name.removeprefix('torch engine, ')} / {ref}"
             print(
@@ -311,6 +316,10 @@ def main() -> None:
             results["transformers"] = rates
         if os.environ.get("BENCH_SKIP_VLLM") != "1" and (rates := vllm_cpu(model_dir, n_threads, env)):
             results["vLLM CPU"] = rates
+        if os.environ.get("BENCH_SKIP_LLAMACPP") != "1" and (
+            rates := llamacpp_rates(model_dir, n_threads, profile)
+        ):
+            results["llama.cpp"] = rates
         tables[profile] = results
     bandwidth = max(bandwidth, read_bandwidth_gbs())  # again at the end: the better of two quiet moments
     print(f"\n# read bandwidth, best of start and end: {bandwidth:.1f} GB/s")
