@@ -18,10 +18,11 @@ Each measurement runs in a process of its own, per instruction-set profile:
              torch path: KUBEMOE_MOE_KERNEL), transformers, vLLM
     avx2     as a CPU with AVX2 and FMA only runs it, on a machine with AVX-512: the engine's view capped
              (KUBEMOE_CPU_ISA=avx2) and torch's, oneDNN's and MKL's (ATEN_CPU_CAPABILITY=avx2,
-             ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) for every engine. vLLM's own C++
-             kernels are built for the wheel's instruction set and cannot be capped, so its avx2 row is
-             an upper bound on what an AVX2 machine gives it; transformers' bf16 GEMMs go to oneDNN at
-             AVX2 here (on a real AVX2 CPU, to torch's scalar loop): both are rough
+             ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) for every engine. vLLM does not run
+             so: its engine dies at its first bf16 oneDNN matmul under ONEDNN_MAX_CPU_ISA=AVX2, and
+             without that cap it runs AMX/AVX-512, not an AVX2 number; so vLLM is left out of this
+             profile (llama.cpp, built for AVX2 alone, is its anchor). transformers' bf16 GEMMs go to
+             oneDNN at AVX2 here (on a real AVX2 CPU, to torch's scalar loop): a rough reference
 
 The torch engine's lines say which path each hot part runs: the CPU flags it sees, each MoE layer's
 routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on row-major weights), and
@@ -314,7 +315,9 @@ def main() -> None:
                 results[f"torch engine, {path}"] = rates
         if rates := run_child("transformers", model_dir, env):
             results["transformers"] = rates
-        if os.environ.get("BENCH_SKIP_VLLM") != "1" and (rates := vllm_cpu(model_dir, n_threads, env)):
+        if profile == "avx2":
+            print("# vLLM CPU left out: it cannot be capped at AVX2 (module docstring)")
+        elif os.environ.get("BENCH_SKIP_VLLM") != "1" and (rates := vllm_cpu(model_dir, n_threads, env)):
             results["vLLM CPU"] = rates
         if os.environ.get("BENCH_SKIP_LLAMACPP") != "1" and (
             rates := llamacpp_rates(model_dir, n_threads, profile)
