@@ -136,7 +136,7 @@ def test_matmul_goes_through_float32_only_where_bf16_gemm_is_slow(monkeypatch: p
 @pytest.mark.usefixtures("as_avx2")
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_engine_on_an_avx2_cpu_runs_its_kernels_and_matches_row_major_weights(
-    checkpoints: dict[str, Path], arch: str
+    checkpoints: dict[str, Path], arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As an AVX2-only CPU loads it: nothing packed for oneDNN, the routed experts on the AVX2 kernel (it
     was left off there before: packing decided both), the dense bf16 projections on KernelLinear, and the
@@ -152,7 +152,11 @@ def test_engine_on_an_avx2_cpu_runs_its_kernels_and_matches_row_major_weights(
     kernel_linears = [m for m in modules if isinstance(m, KernelLinear)]
     assert kernel_linears, "no dense projection runs on the kernel"
     assert not [m for m in modules if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16]
-    for prompt in (PROMPT, PROMPT[:8]):  # prefill past KERNEL_MAX_ROWS (float32), and within it (the kernel)
+    # A prefill past KERNEL_MAX_ROWS (float32) and one within it (the kernel); the switch is lowered to 8
+    # rows rather than the prompt lengthened: at 40 tokens one bf16 rounding apart flips a near-tied top-1
+    # choice of Llama 4's router (a routing difference, not an error), which a tolerance cannot absorb.
+    monkeypatch.setattr(linear_mod, "KERNEL_MAX_ROWS", 8)
+    for prompt in (PROMPT, PROMPT[:8]):
         torch.testing.assert_close(engine.logits(prompt), plain.logits(prompt), atol=0.05, rtol=0.05)
     assert engine.generate([PROMPT], max_new_tokens=4)
 

@@ -24,9 +24,10 @@ from torch import nn
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
 
 # Up to here the kernel wins (it reads the bf16 weights once); past it a float32 GEMM's blocking does. As an
-# AVX2 CPU (KUBEMOE_CPU_ISA=avx2), [M, 1024] x [1024, 3072]: 16 rows 1.19 ms against 1.72 ms in float32,
-# 32 rows 2.49 against 2.59, 64 rows 11.0 against 7.9 (torch's own bf16: 8.3, 22.8, 30.0)
-KERNEL_MAX_ROWS: Final = 16
+# AVX2 CPU (bench/bench_linear.py, KUBEMOE_CPU_ISA=avx2 and the library caps, weights streamed from memory),
+# [M, 1024] x [1024, 3072] in ms, kernel against float32: 16 rows 1.26 / 1.79, 24 rows 1.88 / 2.15,
+# 32 rows 2.46 / 2.54, 64 rows 6.79 / 5.14 (torch's own bf16: 3.9, 5.7, 7.4, 19.1)
+KERNEL_MAX_ROWS: Final = 32
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
