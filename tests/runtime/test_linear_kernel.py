@@ -21,16 +21,9 @@ from kubemoe_runtime.engines.torch.model.layers import attend
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 from kubemoe_runtime.engines.torch.model.packing import PackedLinear
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
+from tests.runtime.test_moe_kernel import KERNELS
+from tests.runtime.test_moe_kernel_paths import needs_avx2
 
-KERNELS = [
-    pytest.param(
-        path,
-        marks=pytest.mark.skipif(moe_kernel.kernel(path) is None, reason=f"{moe_kernel.why_not(path)}"),
-        id=path,
-    )
-    for path in moe_kernel.PATHS
-]
-needs_avx2 = pytest.mark.skipif(moe_kernel.kernel("avx2") is None, reason=f"{moe_kernel.why_not('avx2')}")
 PROMPT = [493, 71, 460, 317, 71, 479, 264, 81, 268, 71, 373, 16, 5, 100, 200, 300, 17, 42, 7, 99]
 
 

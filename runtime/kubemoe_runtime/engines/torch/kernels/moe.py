@@ -94,8 +94,12 @@ def _proc_flags() -> frozenset[str]:
 def cpu_flags() -> frozenset[str]:
     """The CPU's flags as the engine sees them: /proc/cpuinfo's, less AVX-512 and AMX under
     KUBEMOE_CPU_ISA=avx2 (module docstring)."""
-    flags = _proc_flags()
-    cap = os.environ.get(ISA_ENV, "").strip().lower()
+    return _capped(_proc_flags(), os.environ.get(ISA_ENV, "").strip().lower())
+
+
+@functools.cache
+def _capped(flags: frozenset[str], cap: str) -> frozenset[str]:
+    """`flags` under cap `cap` (once per pair: the engine asks on every attention and router call)."""
     if cap == "avx2":
         return frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
     if cap:
