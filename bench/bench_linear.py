@@ -54,6 +54,8 @@ def last_level_cache_bytes() -> int:
 def paths(ws: list[torch.Tensor]) -> dict[str, LinearPath]:
     found: dict[str, LinearPath] = {"torch bf16": lambda x, i: F.linear(x, ws[i])}
     for path in moe_kernel.PATHS:
+        if path == "amx":  # its linear kernel is avx512bf16's code (moe_amx.c includes moe_bf16.c)
+            continue
         lib = moe_kernel.library(path)
         if lib is None:
             print(f"# {path} kernel skipped: {moe_kernel.why_not(path)}")

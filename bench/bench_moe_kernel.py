@@ -1,7 +1,8 @@
-"""The routed experts of one MoE layer, on every path this CPU runs, at decode's row counts, in one run.
+"""The routed experts of one MoE layer, on every path this CPU runs, at decode's and prefill's row counts.
 
-Paths (kernels/moe.py): each C kernel this CPU can run (avx512bf16: AVX512-BF16 dot products; avx2:
-bf16 widened in registers, float FMAs), the torch path (LocalExperts on its row-major bf16 stacks, as a
+Paths (kernels/moe.py): each C kernel this CPU can run (amx: AMX tiles from 2 rows an expert, its
+AVX512-BF16 dot products below; avx512bf16: AVX512-BF16 dot products; avx2: bf16 widened in registers,
+float FMAs), the torch path (LocalExperts on its row-major bf16 stacks, as a
 CPU without the kernels runs it), and where oneDNN does bf16, its packed GEMMs (the engine's path before
 the kernel). All run through `LocalExperts.forward`, on the same weights, interleaved repeat by repeat
 (so a noisy moment hits every path), best of the repeats kept. Two layer shapes:
@@ -22,7 +23,8 @@ no bf16, as on AVX2, and the packed path drops out):
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=$PWD .venv/bin/python \
         bench/bench_moe_kernel.py
 
-Env: BENCH_MOE_SHAPES=bench,qwen3 (which shapes), BENCH_MOE_ROWS=1,4,16,64.
+Env: BENCH_MOE_SHAPES=bench,qwen3 (which shapes), BENCH_MOE_ROWS=1,4,16,64,128,512 (tokens: decode's
+batches, then a 128-token prompt and a 512-token one).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 from kubemoe_runtime.engines.torch.model.packing import can_pack
 
-ROWS: Final = tuple(int(r) for r in os.environ.get("BENCH_MOE_ROWS", "1,4,16,64").split(","))
+ROWS: Final = tuple(int(r) for r in os.environ.get("BENCH_MOE_ROWS", "1,4,16,64,128,512").split(","))
 TORCH: Final = "torch"
 ONEDNN: Final = "oneDNN packed"
 

@@ -80,7 +80,7 @@ def test_a_cpu_without_avx2_runs_the_torch_path(
     caplog.set_level(logging.INFO)
     assert moe_kernel.load() is None
     assert moe_kernel.path() == "torch"
-    assert "runs none of avx512bf16, avx2" in caplog.text
+    assert "runs none of amx, avx512bf16, avx2" in caplog.text
     assert "lacks avx2, fma" in str(moe_kernel.unsupported("avx2"))
 
 
@@ -126,19 +126,20 @@ def test_an_unknown_forced_path_is_ignored_with_a_warning(
     pretend_cpu(monkeypatch, AVX2_ONLY)
     monkeypatch.setenv(moe_kernel.FORCE_ENV, "avx512")
     assert moe_kernel.path() == "avx2"
-    assert "KUBEMOE_MOE_KERNEL=avx512 is none of avx512bf16, avx2, torch" in caplog.text
+    assert "KUBEMOE_MOE_KERNEL=avx512 is none of amx, avx512bf16, avx2, torch" in caplog.text
 
 
 @needs_both
 def test_the_fastest_kernel_is_chosen_and_a_broken_one_falls_back_to_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert moe_kernel.path() == "avx512bf16"
+    fastest, second = [path for path in moe_kernel.PATHS if moe_kernel.kernel(path) is not None][:2]
+    assert moe_kernel.path() == fastest
     monkeypatch.setenv("KUBEMOE_KERNEL_DIR", str(tmp_path))
-    build.library_path("moe_bf16").write_bytes(b"not an ELF file")  # the AVX512-BF16 library damaged
+    build.library_path(moe_kernel.LIBRARIES[fastest]).write_bytes(b"not an ELF file")  # it is damaged
     moe_kernel.load.cache_clear()
-    assert moe_kernel.path() == "avx2"
-    assert "MoE kernel off (avx512bf16), trying the next one" in caplog.text
+    assert moe_kernel.path() == second
+    assert f"MoE kernel off ({fastest}), trying the next one" in caplog.text
 
 
 def test_describe_names_the_path_and_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,9 @@
 """Compile the engine's C kernels once per source version into a cache, with the system's C compiler.
 
 A kernel is a C file next to this module built with its flags into `<cache>/<name>-<digest>.so`, where the
-digest covers the source and the compiler flags, so an edited kernel is rebuilt and an unchanged one never
-is. One source may make several kernels, one per instruction set (moe_bf16.c: AVX512-BF16 and AVX2+FMA);
+digest covers the source (with the files it includes from here) and the compiler flags, so an edited kernel
+is rebuilt and an unchanged one never is. One source may make several kernels, one per instruction set
+(moe_bf16.c: AVX512-BF16 and AVX2+FMA; moe_amx.c includes it and adds AMX tiles);
 each is built for the instruction set its flags name, never -march=native, so that a library built on one
 machine (an image's build stage) runs on every CPU that has that instruction set.
 The cache is `$KUBEMOE_KERNEL_DIR`, else `$XDG_CACHE_HOME/kubemoe/kernels` (`~/.cache/...`). A build
@@ -43,6 +44,16 @@ log = logging.getLogger(__name__)
 KERNELS: Final[dict[str, tuple[str, ...]]] = {
     "moe_bf16": ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"),
     "moe_bf16_avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+    "moe_amx": (
+        "-O3",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+        "-fopenmp",
+    ),
 }
 SOURCES: Final[dict[str, str]] = {"moe_bf16_avx2": "moe_bf16"}
 
@@ -66,8 +77,18 @@ def source_path(name: str) -> Path:
     return HERE / f"{SOURCES.get(name, name)}.c"
 
 
+def sources(name: str) -> list[Path]:
+    """The kernel's C file and the files it includes from this directory (`#include "x.c"`), recursively."""
+    found = [source_path(name)]
+    for path in found:
+        for line in path.read_text().splitlines():
+            if line.startswith('#include "') and (HERE / line.split('"')[1]) not in found:
+                found.append(HERE / line.split('"')[1])
+    return found
+
+
 def library_path(name: str, directory: Path | None = None) -> Path:
-    source = source_path(name).read_bytes()
+    source = b"".join(path.read_bytes() for path in sources(name))
     digest = hashlib.sha256(source + "\0".join(KERNELS[name]).encode()).hexdigest()[:16]
     return (directory or cache_dir()) / f"{name}-{digest}.so"
 

@@ -9,6 +9,10 @@ reads the engine's own row-major expert stacks, so the experts need no second, p
 
 The kernel has one form per instruction set, chosen at run time, the fastest this CPU runs first:
 
+    amx          AMX tiles (moe_amx.c, library moe_amx) from AMX_MIN_ROWS rows an expert on average (prefill:
+                 GEMM-shaped work, where dot products are compute-bound); below that the AVX512-BF16 kernel
+                 of the same library, which is as fast at decode's few rows. Needs Linux's leave to use the
+                 tiles (arch_prctl, Linux 5.16+); without it the next kernel runs
     avx512bf16   AVX512-BF16's bf16 dot products (library moe_bf16)
     avx2         AVX2 + FMA: bf16 weights widened to float in registers, float FMAs (moe_bf16_avx2); it
                  also runs on every AVX-512 CPU (a subset), so CI on either kind of machine tests it
@@ -49,20 +53,27 @@ from kubemoe_runtime.engines.torch.kernels.build import KernelBuildError, build
 
 log = logging.getLogger(__name__)
 
-PATHS: Final = ("avx512bf16", "avx2")  # the kernels, fastest first; "torch" is the engine's own path
+PATHS: Final = ("amx", "avx512bf16", "avx2")  # the kernels, fastest first; "torch" is the engine's own path
 TORCH: Final = "torch"
-LIBRARIES: Final = {"avx512bf16": "moe_bf16", "avx2": "moe_bf16_avx2"}
+LIBRARIES: Final = {"amx": "moe_amx", "avx512bf16": "moe_bf16", "avx2": "moe_bf16_avx2"}
+_AVX512_BF16: Final = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 NEEDS: Final = {  # /proc/cpuinfo flags each kernel needs
-    "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+    "amx": _AVX512_BF16 | {"amx_tile", "amx_bf16"},
+    "avx512bf16": _AVX512_BF16,
     "avx2": frozenset({"avx2", "fma"}),
 }
-CPU_FLAGS: Final = NEEDS["avx512bf16"]  # the fastest kernel's
+CPU_FLAGS: Final = NEEDS["avx512bf16"]  # the fastest kernel without AMX
 SHOWN_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 FORCE_ENV: Final = "KUBEMOE_MOE_KERNEL"
 ISA_ENV: Final = "KUBEMOE_CPU_ISA"
 # torch's bf16 GEMM goes to oneDNN where oneDNN has bf16 (AVX-512 core, or AMX); elsewhere it is a slow
 # scalar loop at more than one row (a [16, 1024] x [1024, 3072] product: 7.7 ms, against 1.1 ms in float32)
 FAST_BF16_GEMM: Final = frozenset({"avx512bw", "avx512vl", "avx512dq"})
+
+# Rows an expert on average from which the amx library uses its tiles: at 1 (batch-1 decode) its dot products
+# are faster (0.69 against 0.81 ms a layer), from 2 the tiles are as fast, and past that faster and faster
+# (bench model, 2 threads: 16 tokens 3.8 ms both, 128 tokens 5.3 against 17.1, 512 tokens 9.7 against 61)
+AMX_MIN_ROWS = 2
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _I)
@@ -77,6 +88,7 @@ class Library:
 
     moe: Callable[..., int]  # kubemoe_moe_bf16: a MoE layer's routed experts
     linear: Callable[..., int]  # kubemoe_linear_bf16: a dense projection for a few rows
+    tiles: Callable[..., int] | None = None  # kubemoe_moe_amx: moe's arguments, on AMX tiles (amx only)
 
 
 @functools.cache
@@ -139,7 +151,13 @@ def _open(path: str) -> tuple[Library | None, str | None]:
         return None, f"{library}: {err}"
     moe_fn.restype, moe_fn.argtypes = ctypes.c_int, _ARGTYPES
     linear_fn.restype, linear_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
-    return Library(moe=moe_fn, linear=linear_fn), None
+    if path != "amx":
+        return Library(moe=moe_fn, linear=linear_fn), None
+    tiles_fn = handle.kubemoe_moe_amx
+    tiles_fn.restype, tiles_fn.argtypes = ctypes.c_int, _ARGTYPES
+    if handle.kubemoe_amx_init() != 0:  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), once per process
+        return None, "Linux refused this process the AMX tile state (arch_prctl; Linux 5.16+ grants it)"
+    return Library(moe=moe_fn, linear=linear_fn, tiles=tiles_fn), None
 
 
 @functools.cache
@@ -206,6 +224,17 @@ def load_linear() -> Callable[..., int] | None:
     return _in_use_library[0].linear if _in_use_library else None
 
 
+def uses_tiles(slots: int, experts: int) -> bool:
+    """Whether the amx library runs a call of `slots` rows over `experts` picked experts on its tiles."""
+    return slots >= AMX_MIN_ROWS * experts
+
+
+def tiles() -> bool:
+    """Whether the kernel in use has AMX tiles (then it is the fastest path at every row count)."""
+    load()
+    return bool(_in_use_library) and _in_use_library[0].tiles is not None
+
+
 def path() -> str:
     """The routed experts' path in this process: "avx512bf16", "avx2" or "torch" (no kernel)."""
     load()
@@ -244,8 +273,11 @@ def routed_experts(
     """Each token's routing-weighted sum over its slots `slots` (token * K + choice), grouped by expert:
     local expert `experts[p]` owns `slots[starts[p]:starts[p + 1]]`. Returns [M, D] bf16. On the kernel
     in use (load()), or on kernel `path` (tests, benchmarks)."""
-    fn = load() if path is None else kernel(path)
-    assert fn is not None, f"routed_experts needs a kernel: {why_not(path) if path else 'load() is None'}"
+    if path is None:
+        load()
+    lib = library(path) if path else (_in_use_library[0] if _in_use_library else None)
+    assert lib is not None, f"routed_experts needs a kernel: {why_not(path) if path else 'load() is None'}"
+    fn = lib.tiles if lib.tiles and uses_tiles(len(slots), len(experts)) else lib.moe
     (M, K), D, F = w_MK.shape, x_MD.shape[1], w_down_EDF.shape[2]
     for name, t in (("x", x_MD), ("w_gate_up", w_gate_up_E2FD), ("w_down", w_down_EDF)):
         if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu":
@@ -270,7 +302,7 @@ def routed_experts(
         )
     index = torch.tensor([*slots, *experts, *starts], dtype=torch.int64)
     weights = w_MK.float().contiguous()
-    h_SF = x_MD.new_empty(len(slots), F)
+    h_SF = x_MD.new_empty(len(slots) if fn is lib.moe else 0, F)  # the tiles keep h in their own layout
     acc_MD = torch.empty(M, D, dtype=torch.float32)
     y_MD = x_MD.new_empty(M, D)
     base, S, P = index.data_ptr(), len(slots), len(experts)

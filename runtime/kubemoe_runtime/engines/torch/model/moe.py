@@ -299,7 +299,7 @@ class LocalExperts(nn.Module):
         for s in slots:
             counts[local[s]] += 1
         chosen = [e for e, n in enumerate(counts) if n]
-        if self.kernel and len(slots) < self.KERNEL_MAX_ROWS * len(chosen):
+        if self.kernel and (len(slots) < self.KERNEL_MAX_ROWS * len(chosen) or moe_kernel.tiles()):
             starts = [0, *itertools.accumulate(counts[e] for e in chosen)]
             return moe_kernel.routed_experts(
                 x_MD.contiguous(), self.w_gate_up_E2FD, self.w_down_EDF, w_MK,
