@@ -1,6 +1,6 @@
 """The routed experts of one MoE layer, on every path this CPU runs, at decode's and prefill's row counts.
 
-Paths (kernels/moe.py): each C kernel this CPU can run (amx: AMX tiles from 2 rows an expert, its
+Paths (kernels/moe.py): each C kernel this CPU can run (amx: AMX tiles from 3 rows an expert, its
 AVX512-BF16 dot products below; avx512bf16: AVX512-BF16 dot products; avx2: bf16 widened in registers,
 float FMAs), the torch path (LocalExperts on its row-major bf16 stacks, as a
 CPU without the kernels runs it), and where oneDNN does bf16, its packed GEMMs (the engine's path before

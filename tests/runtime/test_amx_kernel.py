@@ -88,11 +88,11 @@ def test_tiles_and_dot_products_of_one_library_agree(monkeypatch: pytest.MonkeyP
 
 
 @needs_amx
-@pytest.mark.parametrize(("tokens", "tiles"), [(1, False), (8, True)])
+@pytest.mark.parametrize(("tokens", "tiles"), [(1, False), (2, False), (3, True), (8, True)])
 def test_the_rows_an_expert_choose_tiles_or_dot_products(
     tokens: int, tiles: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At 1 row an expert (batch-1 decode) the dot products run; from AMX_MIN_ROWS (2), the tiles. A spy on
+    """At 1 or 2 rows an expert (decode) the dot products run; from AMX_MIN_ROWS (3), the tiles. A spy on
     the real library's two entry points records which ran."""
     real = moe_kernel.library("amx")
     assert real is not None

@@ -165,6 +165,36 @@ def _layout_ok(ranks: int, per_pod: int) -> bool:
     return ranks <= per_pod or ranks % per_pod == 0
 
 
+def _headroom(
+    *,
+    model: ModelFacts,
+    gpu: GpuFacts,
+    role: RoleSpec,
+    par: Parallelism,
+    devices_per_pod: int,
+    utilization: float,
+    max_len: int,
+    redundant: int = 0,
+    eplb: bool = False,
+) -> bool | None:
+    """Whether `par` holds the weights with SUGGEST_HEADROOM_SEQUENCES sequences of KV (the suggestions'
+    test); None when the role's device memory is unknown."""
+    device = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
+    if device is None:
+        return None
+    sizing = _size(
+        model=model,
+        par=par,
+        device_gib=device,
+        utilization=utilization,
+        reserve_gib=gpu.reserve_gib,
+        max_len=max_len,
+        redundant=redundant,
+        eplb=eplb,
+    )
+    return sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len
+
+
 def suggest_parallelism(
     *,
     model: ModelFacts,
@@ -187,20 +217,13 @@ def suggest_parallelism(
         if ep > 1 and _redundant_problem(redundant, ep=ep, experts=model.num_routed_experts) is not None:
             continue
         par = Parallelism(tensor=1, data=ep)
-        device = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=min(per_pod, ep))
-        if device is None:
+        room = _headroom(
+            model=model, gpu=gpu, role=role, par=par, devices_per_pod=min(per_pod, ep),
+            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb,
+        )  # fmt: skip
+        if room is None:
             return None
-        sizing = _size(
-            model=model,
-            par=par,
-            device_gib=device,
-            utilization=utilization,
-            reserve_gib=gpu.reserve_gib,
-            max_len=max_len,
-            redundant=redundant,
-            eplb=eplb,
-        )
-        if sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len:
+        if room:
             return par
     return None
 
@@ -217,18 +240,13 @@ def suggest_tensor(
         if not model.mla and kv % tp and tp % kv:
             continue
         par = Parallelism(tensor=tp, data=1, expert=1)
-        device = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=tp)
-        if device is None:
-            return None
-        sizing = _size(
-            model=model,
-            par=par,
-            device_gib=device,
-            utilization=utilization,
-            reserve_gib=gpu.reserve_gib,
+        room = _headroom(
+            model=model, gpu=gpu, role=role, par=par, devices_per_pod=tp, utilization=utilization,
             max_len=max_len,
-        )
-        if sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len:
+        )  # fmt: skip
+        if room is None:
+            return None
+        if room:
             return par
     return None
 

@@ -1,11 +1,12 @@
-"""The routed experts of a MoE layer in one call of the `moe_bf16.c` kernel (bf16 weights, x86-64).
+"""The routed experts of a MoE layer in one call of a C kernel (moe_bf16.c, moe_amx.c; bf16, x86-64).
 
 Why: at decode's few rows per expert, two oneDNN GEMM calls per picked expert stream the weights at about
 half the memory bandwidth, each call paying its own parallel fork/join and ramp-up; the kernel runs the
 whole layer — gate/up, SiLU, down, the routing-weighted sum — in one OpenMP region at close to bandwidth
-(bench/bench_moe_kernel.py: 1.8x at 16 rows). From about 64 rows an expert (long prefills) oneDNN's
-blocked GEMM is as fast or faster, and LocalExperts uses that instead, on the same weights: the kernel
-reads the engine's own row-major expert stacks, so the experts need no second, packed copy.
+(bench/bench_moe_kernel.py: 1.8x at 16 rows). The dot-product kernels are compute-bound at prefill: from
+about 64 rows an expert oneDNN's blocked GEMM is as fast, and LocalExperts uses that instead, on the same
+weights; the AMX kernel is faster than both at every prefill length (2.4-2.7x from 128 tokens). Every
+kernel reads the engine's own row-major expert stacks, so the experts need no second, packed copy.
 
 The kernel has one form per instruction set, chosen at run time, the fastest this CPU runs first:
 
@@ -26,8 +27,8 @@ treats torch's bf16 GEMM as slow (`fast_bf16_gemm`). With ATEN_CPU_CAPABILITY=av
 and MKL_ENABLE_INSTRUCTIONS=AVX2 for the libraries, an AVX-512 machine then runs what an AVX2 one runs
 (bench/bench_engine.py, BENCH_ISA=avx2).
 
-`KUBEMOE_MOE_KERNEL=avx512bf16|avx2|torch` forces one (tests, benchmarks; a forced path this CPU cannot run
-is refused with a warning, and the torch path runs, rather than another kernel in its place), and
+`KUBEMOE_MOE_KERNEL=amx|avx512bf16|avx2|torch` forces one (tests, benchmarks; a forced path this CPU cannot
+run is refused with a warning, and the torch path runs, rather than another kernel in its place), and
 `KUBEMOE_KERNELS=0` turns every kernel off. A kernel that cannot be built or loaded (a warning says why) is
 skipped for the next one. `load()` is the chosen kernel's entry point (None: the torch path), `path()` its
 name, `describe()` a line for logs and benchmarks. Only a library from a cache no other user can write is
@@ -70,10 +71,10 @@ ISA_ENV: Final = "KUBEMOE_CPU_ISA"
 # scalar loop at more than one row (a [16, 1024] x [1024, 3072] product: 7.7 ms, against 1.1 ms in float32)
 FAST_BF16_GEMM: Final = frozenset({"avx512bw", "avx512vl", "avx512dq"})
 
-# Rows an expert on average from which the amx library uses its tiles: at 1 (batch-1 decode) its dot products
-# are faster (0.69 against 0.81 ms a layer), from 2 the tiles are as fast, and past that faster and faster
-# (bench model, 2 threads: 16 tokens 3.8 ms both, 128 tokens 5.3 against 17.1, 512 tokens 9.7 against 61)
-AMX_MIN_ROWS = 2
+# Rows an expert on average from which the amx library uses its tiles (bench_moe_kernel.py, bench model, 2
+# threads, ms a layer, tiles against its dot products): 1 row 0.69/0.63, 2 rows 4.8/4.5 (both at the read
+# bound), 8 rows 6.0/10.6, 16 rows (a 128-token prompt) 7.3/17.6; so decode at batch 16 keeps the dot products
+AMX_MIN_ROWS = 3
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _I)

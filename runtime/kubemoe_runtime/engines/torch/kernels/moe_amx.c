@@ -1,7 +1,8 @@
 /*
  * The routed experts of one MoE layer on AMX tiles (Intel Sapphire Rapids and later: amx_tile, amx_bf16),
- * from two rows an expert on average (batch-16 decode, prefill). The library also holds moe_bf16.c's
- * AVX512-BF16 kernel, faster at one row an expert (batch-1 decode); kernels/moe.py chooses per call.
+ * from a few rows an expert on average (prefill). The library also holds moe_bf16.c's AVX512-BF16 kernel,
+ * as fast at decode's one or two rows an expert, where both read the weights at memory bandwidth;
+ * kernels/moe.py chooses per call (AMX_MIN_ROWS).
  *
  * Why: the dot-product kernel is near memory bandwidth at decode, but at prefill it is compute-bound (a
  * 128-token prompt: 16 rows an expert at about 100 GFLOP/s), and oneDNN's AMX GEMM, two calls an expert,

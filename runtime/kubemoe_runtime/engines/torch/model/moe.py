@@ -183,9 +183,10 @@ class LocalExperts(nn.Module):
     expert is two matmuls. The forward groups the (token, choice) slots by expert on the host (one sync),
     then runs the experts one of three ways:
 
-        kernel    bf16 on a CPU with AVX512-BF16 (kernels/moe.py): the whole layer in one C call on the
-                  row-major stacks, at close to memory bandwidth at decode; up to KERNEL_MAX_ROWS rows
-                  an expert on average, beyond which the looped form on those same weights is faster
+        kernel    bf16 on an x86-64 CPU with AVX2 or better (kernels/moe.py): the whole layer in one C
+                  call on the row-major stacks, at close to memory bandwidth at decode; up to
+                  KERNEL_MAX_ROWS rows an expert on average, beyond which the looped form on those same
+                  weights is faster, except on AMX tiles, which are the fastest at any row count
         looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
                   decode at small batch: few experts picked, and only their weights are read); always,
                   once the experts are packed (packing.py: a packed GEMM at decode's few rows runs
