@@ -55,7 +55,7 @@ from llamacpp import llamacpp_rates
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.kernels.linear import KERNEL_MAX_ROWS, KernelLinear
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, form
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 from kubemoe_runtime.engines.torch.model.packing import PackedLinear
 
@@ -110,9 +110,10 @@ def print_paths(engine: TorchEngine) -> None:
     packed = sum(isinstance(m, PackedLinear) for m in modules)
     kernel = sum(isinstance(m, KernelLinear) for m in modules)
     plain = sum(isinstance(m, torch.nn.Linear) for m in modules)
+    forms = " / ".join(f"{rows} rows {form(rows, 1024, 1024)}" for rows in (1, 16, 128, 2048))
     print(
-        f"# torch engine, dense projections: {packed} oneDNN packed, {kernel} linear kernel "
-        f"(float32 GEMM past {KERNEL_MAX_ROWS} rows), {plain} torch linear (row-major)"
+        f"# torch engine, dense projections: {packed} oneDNN packed, {kernel} linear kernel ({forms}), "
+        f"{plain} torch linear (row-major)"
     )
 
 

@@ -1,10 +1,12 @@
 """One dense bf16 projection (attention, LM head) on every path this CPU runs, by rows, in one run.
 
 Paths: torch's own bf16 `F.linear` on the row-major weight; the linear kernel of each instruction set
-(kernels/moe_bf16.c `kubemoe_linear_bf16`: the bf16 weight read once, float sums); float32 (weight and
+(kernels/moe_bf16.c `kubemoe_linear_bf16`: the bf16 weight read once, float sums; with AMX, moe_amx.c's
+`kubemoe_linear_amx` on tiles); float32 (weight and
 rows widened for the call, torch's float32 GEMM: MKL/oneDNN); and where oneDNN does bf16, its packed
-weight (packing.py). The engine's choice on a CPU whose torch bf16 GEMM is slow (KernelLinear): the
-kernel up to KERNEL_MAX_ROWS rows, float32 past it; this bench is where that number comes from.
+weight (packing.py). The engine's choice (kernels/linear.py `form`) on a CPU whose torch bf16 GEMM is slow:
+the kernel up to KERNEL_MAX_ROWS rows, float32 past it; with AMX: the kernel at 1-2 rows, tiles up to
+TILES_MAX_ROWS, torch's bf16 past it. This bench is where those numbers come from.
 
 Every path runs interleaved with the others, repeat by repeat, best kept; speed-ups are against torch's
 bf16 in the same run. Each call takes the next of enough distinct weights to fill twice the last-level
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from bigmoe import threads
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.kernels.linear import KERNEL_MAX_ROWS, kernel_linear
+from kubemoe_runtime.engines.torch.kernels.linear import form, kernel_linear
 from kubemoe_runtime.engines.torch.model.packing import can_pack, pack, packed_linear
 
 ROWS: Final = tuple(int(r) for r in os.environ.get("BENCH_LINEAR_ROWS", "1,4,16,32,64,256").split(","))
@@ -54,13 +56,13 @@ def last_level_cache_bytes() -> int:
 def paths(ws: list[torch.Tensor]) -> dict[str, LinearPath]:
     found: dict[str, LinearPath] = {"torch bf16": lambda x, i: F.linear(x, ws[i])}
     for path in moe_kernel.PATHS:
-        if path == "amx":  # its linear kernel is avx512bf16's code (moe_amx.c includes moe_bf16.c)
-            continue
         lib = moe_kernel.library(path)
         if lib is None:
             print(f"# {path} kernel skipped: {moe_kernel.why_not(path)}")
             continue
-        found[f"{path} kernel"] = lambda x, i, fn=lib.linear: kernel_linear(x, ws[i], fn=fn)  # type: ignore[misc]
+        # the amx library's dot products are avx512bf16's code (moe_amx.c includes moe_bf16.c): its tiles
+        fn, name = (lib.linear_tiles, "amx tiles") if lib.linear_tiles else (lib.linear, f"{path} kernel")
+        found[name] = lambda x, i, fn=fn: kernel_linear(x, ws[i], fn=fn)  # type: ignore[misc]
     found["float32"] = lambda x, i: F.linear(x.float(), ws[i].float()).to(torch.bfloat16)
     if can_pack(torch.bfloat16, torch.device("cpu")):
         packed = [pack(w) for w in ws]
@@ -80,10 +82,11 @@ def main() -> None:
     print(f"# CPU {platform.machine()} flags (as the engine sees them): {shown}")
     aten = torch.backends.cpu.get_cpu_capability()
     print(f"# torch {torch.__version__}, ATen {aten}, {threads()} threads{'; ' + capped if capped else ''}")
-    if moe_kernel.fast_bf16_gemm():
+    if moe_kernel.fast_bf16_gemm() and not moe_kernel.tiles():
         print("# the engine here: torch's bf16 (oneDNN; packed where it can)")
     else:
-        print(f"# the engine here: the kernel up to {KERNEL_MAX_ROWS} rows, float32 past it")
+        forms = ", ".join(f"{rows} rows: {form(rows, IN, OUT)}" for rows in ROWS)
+        print(f"# the engine here (kernels/linear.py form): {forms}")
     gen = torch.Generator().manual_seed(0)
     n_weights = max(2, math.ceil(2 * last_level_cache_bytes() / (OUT * IN * 2)))
     ws = [(torch.randn(OUT, IN, generator=gen) / IN**0.5).bfloat16() for _ in range(n_weights)]

@@ -1,7 +1,8 @@
-"""The AMX tile kernel (kernels/moe_amx.c) against the float64 reference: every shape of its token blocks,
+"""The AMX tile kernels (kernels/moe_amx.c) against the float64 reference: every shape of its token blocks,
 uneven experts, thread counts, its scratch across calls and threads, the choice between its tiles and its
-dot products, and what happens when Linux refuses the tile state. Skips, saying why, on a CPU without AMX
-(the dot-product kernels are tested on every x86-64 CPU by test_moe_kernel.py)."""
+dot products, what happens when Linux refuses the tile state, and the dense projection on tiles. Skips,
+saying why, on a CPU without AMX (the dot-product kernels are tested on every x86-64 CPU by
+test_moe_kernel.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import build
+from kubemoe_runtime.engines.torch.kernels import linear as linear_mod
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, kernel_linear
+from kubemoe_runtime.engines.torch.model.packing import PackedLinear, pack_model
 from tests.runtime.test_moe_kernel import Case, grouped, reference
 
 needs_amx = pytest.mark.skipif(moe_kernel.kernel("amx") is None, reason=f"{moe_kernel.why_not('amx')}")
@@ -207,3 +213,78 @@ def test_an_edit_to_an_included_source_rebuilds_the_library(
         source.write("\n/* edited */\n")
     for name, path in before.items():
         assert build.library_path(name, tmp_path) != path, name
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 33, 64, 100])
+@pytest.mark.parametrize(("n_out", "n_in"), [(32, 32), (96, 64), (64, 1024)])
+def test_linear_tiles_match_float64(rows: int, n_out: int, n_in: int) -> None:
+    """kubemoe_linear_amx at every shape of its row blocks (one, a pair, a pair and a tail)."""
+    lib = moe_kernel.library("amx")
+    assert lib is not None
+    gen = torch.Generator().manual_seed(rows * n_out)
+    x = torch.randn(rows, n_in, generator=gen).bfloat16()
+    w = (torch.randn(n_out, n_in, generator=gen) * n_in**-0.5).bfloat16()
+    got = kernel_linear(x, w, fn=lib.linear_tiles)
+    want = F.linear(x.double(), w.double())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2**-8)  # one rounding of float sums
+
+
+@needs_amx
+def test_linear_tiles_refuse_outputs_not_a_multiple_of_32() -> None:
+    lib = moe_kernel.library("amx")
+    assert lib is not None
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(40, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"\[40, 64\] does not fit the kernel"):
+        kernel_linear(x, w, fn=lib.linear_tiles)
+
+
+@needs_amx
+@pytest.mark.usefixtures("fresh_choice")
+@pytest.mark.parametrize(
+    ("rows", "n_out", "how"),
+    [
+        (1, 64, "kernel"),
+        (2, 64, "kernel"),
+        (3, 64, "tiles"),
+        (256, 64, "tiles"),
+        (257, 64, "bf16"),
+        (16, 40, "bf16"),
+    ],
+)
+def test_an_amx_cpu_runs_each_dense_projection_in_the_form_for_its_rows(
+    rows: int, n_out: int, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dot products at 1-2 rows, tiles to TILES_MAX_ROWS, torch's bf16 (oneDNN) past it or for a shape the
+    tiles do not take; each against float64, with a bias, as nn.Linear has it."""
+    monkeypatch.delenv(moe_kernel.FORCE_ENV, raising=False)
+    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
+    assert moe_kernel.tiles()
+    source = nn.Linear(64, n_out, bias=True).to(torch.bfloat16)
+    assert KernelLinear.applies(source)
+    assert linear_mod.form(rows, 64, n_out) == how
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    want = F.linear(x.double(), source.weight.double(), source.bias.double())
+    torch.testing.assert_close(KernelLinear(source)(x).double(), want, rtol=2**-7, atol=2e-2)  # two roundings
+
+
+@needs_amx
+@pytest.mark.usefixtures("fresh_choice")
+def test_an_amx_cpu_keeps_its_dense_weights_row_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_model packs nothing for oneDNN where the kernel has tiles: dense projections become
+    KernelLinear on the same weights; with the torch MoE path forced, it packs as before."""
+    monkeypatch.delenv(moe_kernel.FORCE_ENV, raising=False)
+    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
+    first = nn.Linear(64, 32).to(torch.bfloat16)
+    model = nn.Sequential(first, nn.Linear(32, 64).to(torch.bfloat16))
+    assert not pack_model(model)
+    assert all(isinstance(m, KernelLinear) for m in model)
+    replaced = model[0]
+    assert isinstance(replaced, KernelLinear)
+    assert replaced.weight.data_ptr() == first.weight.data_ptr()
+    monkeypatch.setenv(moe_kernel.FORCE_ENV, "torch")
+    moe_kernel.load.cache_clear()
+    packed = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
+    assert pack_model(packed)
+    assert isinstance(packed[0], PackedLinear)

@@ -1,16 +1,21 @@
-"""bf16 dense projections where torch's own bf16 matmul is slow: CPUs without AVX-512 (AVX2 + FMA only).
+"""bf16 dense projections on the engine's kernels, where they beat torch's own bf16 matmul.
 
-There torch has no oneDNN bf16 and multiplies bf16 matrices in a scalar loop: a [16, 1024] x [1024, 3072]
-product takes 7 times as long as in float32, so batch-16 decode ran slower than batch 1. Two forms, by rows:
+CPUs without AVX-512 (AVX2 + FMA only): torch has no oneDNN bf16 there and multiplies bf16 matrices in a
+scalar loop: a [16, 1024] x [1024, 3072] product takes 7 times as long as in float32, so batch-16 decode ran
+slower than batch 1. CPUs with AMX tiles: oneDNN's bf16 GEMM (torch's, packed or not) reads a weight at
+about 40% of memory bandwidth at decode's rows, the kernels at 60-70%. The forms, by rows (`form`):
 
-    kernel   up to KERNEL_MAX_ROWS rows (decode): `kubemoe_linear_bf16` (moe_bf16.c), the bf16 weights read
-             once from memory and widened in registers, float sums, one rounding
-    float32  more rows (prefill): weights and rows widened to float32 for that call and multiplied by
-             torch's float32 GEMM (MKL/oneDNN), then rounded once; the widening reads the weights once,
-             a small share of a GEMM over many rows
+    kernel   dot products, `kubemoe_linear_bf16` (moe_bf16.c): the bf16 weights read once from memory,
+             float sums, one rounding; up to KERNEL_MAX_ROWS rows without AVX-512, and below
+             TILES_MIN_ROWS where there are tiles
+    tiles    AMX, `kubemoe_linear_amx` (moe_amx.c): TILES_MIN_ROWS to TILES_MAX_ROWS rows
+    bf16     torch's own bf16 linear (oneDNN): past TILES_MAX_ROWS on an AMX CPU; at one row elsewhere
+    float32  without AVX-512 past KERNEL_MAX_ROWS (prefill): weights and rows widened to float32 for that
+             call and multiplied by torch's float32 GEMM (MKL/oneDNN), then rounded once; the widening
+             reads the weights once, a small share of a GEMM over many rows
 
-Both round once from float sums, as torch's bf16 linear does. `matmul` is the float32 form alone (what the
-torch MoE path uses for an expert's rows on such a CPU); at one row torch's bf16 GEMV is fast and is kept.
+All round once from float sums, as torch's bf16 linear does. `matmul` is the float32 form alone (what the
+torch MoE path uses for an expert's rows on a CPU without AVX-512).
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from kubemoe_runtime.engines.torch.kernels import moe as kernels
 # [M, 1024] x [1024, 3072] in ms, kernel against float32: 16 rows 1.26 / 1.79, 24 rows 1.88 / 2.15,
 # 32 rows 2.46 / 2.54, 64 rows 6.79 / 5.14 (torch's own bf16: 3.9, 5.7, 7.4, 19.1)
 KERNEL_MAX_ROWS: Final = 32
+# With AMX (bench/bench_linear.py, [M, 1024] x [1024, 1536], weights streamed, ms), dots / tiles / torch's
+# bf16 / oneDNN packed: 1 row 0.19 / 0.22 / 0.38 / 0.45, 4 rows 0.23 / 0.23 / 0.37 / 0.43, 16 rows
+# 0.53 / 0.24 / 0.37 / 0.41, 128 rows 3.1 / 0.38 / 0.60 / 0.38, 256 rows 6.9 / 0.71 / 0.94 / 1.2,
+# 2048 rows 83 / 11.2 / 7.3 / 7.8
+TILES_MIN_ROWS: Final = 3
+TILES_MAX_ROWS: Final = 256
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -55,13 +66,30 @@ def kernel_linear(x: torch.Tensor, w: torch.Tensor, *, fn: object = None) -> tor
     threads = torch.get_num_threads()
     rc = linear_fn(x2.data_ptr(), w.data_ptr(), x2.shape[0], n_out, n_in, y.data_ptr(), threads)
     if rc != 0:
-        raise ValueError(f"kernel_linear: in={n_in} does not fit the kernel (a multiple of 32)")
+        raise ValueError(f"kernel_linear: [{n_out}, {n_in}] does not fit the kernel (multiples of 32)")
     return y.view(*x.shape[:-1], n_out)
 
 
+def form(rows: int, n_in: int, n_out: int) -> str:
+    """The form KernelLinear runs `rows` rows of an [n_out, n_in] weight in: "kernel", "tiles", "bf16" or
+    "float32" (module docstring)."""
+    if (
+        TILES_MIN_ROWS <= rows <= TILES_MAX_ROWS
+        and n_in % 32 == 0
+        and n_out % 32 == 0
+        and kernels.load_linear_tiles() is not None
+    ):
+        return "tiles"
+    fast = kernels.fast_bf16_gemm()
+    most = TILES_MIN_ROWS - 1 if fast else KERNEL_MAX_ROWS
+    if rows <= most and n_in % 32 == 0 and kernels.load_linear() is not None:
+        return "kernel"
+    return "bf16" if fast or rows == 1 else "float32"
+
+
 class KernelLinear(nn.Module):
-    """An `nn.Linear` with bf16 weights on a CPU whose torch bf16 GEMM is slow: the kernel at few rows, the
-    float32 GEMM at many (module docstring); without a kernel (KUBEMOE_KERNELS=0, no compiler), `matmul`.
+    """An `nn.Linear` with bf16 weights on a CPU whose torch bf16 GEMM is slow, or that has AMX tiles: each
+    call in the form for its rows (`form`); without a kernel (KUBEMOE_KERNELS=0, no compiler), torch's.
     Same weight, same bias, no second copy."""
 
     def __init__(self, source: nn.Linear) -> None:
@@ -72,16 +100,26 @@ class KernelLinear(nn.Module):
 
     @staticmethod
     def applies(linear: nn.Linear) -> bool:
-        """Whether this module replaces `linear`: bf16 CPU weights where the bf16 GEMM is slow."""
+        """Whether this module replaces `linear`: bf16 CPU weights where the bf16 GEMM is slow, or where the
+        kernel in use has AMX tiles."""
         w = linear.weight
-        return w.dtype == torch.bfloat16 and w.device.type == "cpu" and not kernels.fast_bf16_gemm()
+        return (
+            w.dtype == torch.bfloat16
+            and w.device.type == "cpu"
+            and (not kernels.fast_bf16_gemm() or kernels.tiles())
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows <= KERNEL_MAX_ROWS and self.in_features % 32 == 0 and kernels.load_linear() is not None:
-            y = kernel_linear(x, self.weight)
+        how = form(x.numel() // self.in_features, self.in_features, self.out_features)
+        if how in ("kernel", "tiles"):
+            tiles = how == "tiles"
+            y = (
+                kernel_linear(x, self.weight, fn=kernels.load_linear_tiles())
+                if tiles
+                else kernel_linear(x, self.weight)
+            )
             return y if self.bias is None else y + self.bias
-        if rows == 1:  # torch's bf16 GEMV is fast
+        if how == "bf16":
             return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)

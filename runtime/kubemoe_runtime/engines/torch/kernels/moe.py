@@ -90,6 +90,7 @@ class Library:
     moe: Callable[..., int]  # kubemoe_moe_bf16: a MoE layer's routed experts
     linear: Callable[..., int]  # kubemoe_linear_bf16: a dense projection for a few rows
     tiles: Callable[..., int] | None = None  # kubemoe_moe_amx: moe's arguments, on AMX tiles (amx only)
+    linear_tiles: Callable[..., int] | None = None  # kubemoe_linear_amx: linear's arguments, on tiles
 
 
 @functools.cache
@@ -154,11 +155,12 @@ def _open(path: str) -> tuple[Library | None, str | None]:
     linear_fn.restype, linear_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
     if path != "amx":
         return Library(moe=moe_fn, linear=linear_fn), None
-    tiles_fn = handle.kubemoe_moe_amx
+    tiles_fn, linear_tiles_fn = handle.kubemoe_moe_amx, handle.kubemoe_linear_amx
     tiles_fn.restype, tiles_fn.argtypes = ctypes.c_int, _ARGTYPES
+    linear_tiles_fn.restype, linear_tiles_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
     if handle.kubemoe_amx_init() != 0:  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), once per process
         return None, "Linux refused this process the AMX tile state (arch_prctl; Linux 5.16+ grants it)"
-    return Library(moe=moe_fn, linear=linear_fn, tiles=tiles_fn), None
+    return Library(moe=moe_fn, linear=linear_fn, tiles=tiles_fn, linear_tiles=linear_tiles_fn), None
 
 
 @functools.cache
@@ -225,6 +227,12 @@ def load_linear() -> Callable[..., int] | None:
     return _in_use_library[0].linear if _in_use_library else None
 
 
+def load_linear_tiles() -> Callable[..., int] | None:
+    """The dense projection on AMX tiles, where the library load() chose has it (amx); else None."""
+    load()
+    return _in_use_library[0].linear_tiles if _in_use_library else None
+
+
 def uses_tiles(slots: int, experts: int) -> bool:
     """Whether the amx library runs a call of `slots` rows over `experts` picked experts on its tiles."""
     return slots >= AMX_MIN_ROWS * experts
@@ -232,8 +240,7 @@ def uses_tiles(slots: int, experts: int) -> bool:
 
 def tiles() -> bool:
     """Whether the kernel in use has AMX tiles (then it is the fastest path at every row count)."""
-    load()
-    return bool(_in_use_library) and _in_use_library[0].tiles is not None
+    return load() is not None and bool(_in_use_library) and _in_use_library[0].tiles is not None
 
 
 def path() -> str:

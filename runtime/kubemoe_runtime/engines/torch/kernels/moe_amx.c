@@ -288,3 +288,62 @@ int kubemoe_moe_amx(const uint16_t *x, const uint16_t *w_gate_up, const uint16_t
     trimmed(&hp_scratch);
     return 0;
 }
+
+static __thread scratch linear_scratch;
+
+/*
+ * A dense projection on tiles, for decode's rows: y [M, O] = x [M, I] @ w [O, I]^T, bf16 in and out, float
+ * sums, one rounding, as kubemoe_linear_bf16 (moe_bf16.c). The rows are packed to B form once; each item is
+ * 32 output units (two A tiles of the row-major weight) against every block of 16 rows, two at a time.
+ * I and O must be multiples of 32 (-1 otherwise; -2 when out of memory).
+ */
+int kubemoe_linear_amx(const uint16_t *x, const uint16_t *w, int M, int O, int I, uint16_t *y, int threads) {
+    if (I % 32 || O % (2 * TB)) return -1;
+    const int64_t blocks = (M + TB - 1) / TB, words = (int64_t)I / 2 * TB;
+    uint32_t *xp = grown(&linear_scratch, blocks * words * 4);
+    if (!xp) return -2;
+    const int items = O / (2 * TB);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            uint32_t *out = xp + b * words;
+            for (int n = 0; n < TB; n++) {
+                const int64_t r = b * TB + n;
+                if (r < M) {
+                    const uint32_t *row = (const uint32_t *)(x + r * I);
+                    for (int i = 0; i < I / 2; i++) out[i * TB + n] = row[i];
+                } else {
+                    for (int i = 0; i < I / 2; i++) out[i * TB + n] = 0;
+                }
+            }
+        }
+        configure_tiles();
+        const __m512i rows16 =
+            _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+        float c[2][2][TB * TB] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int item = 0; item < items; item++) {
+            const int o0 = item * 2 * TB;
+            const uint16_t *rows = w + (int64_t)o0 * I;
+            for (int64_t t = 0; t < blocks; t += 2) {
+                const int two = blocks - t >= 2 ? 2 : 1;
+                const int next = t == 0 && item + 1 < items; /* the next item's 32 rows */
+                tiles_2x2(rows, rows + TB * I, I, next ? rows + 2 * TB * I : NULL,
+                          next ? rows + 3 * TB * I : NULL, xp + t * words, xp + (t + 1) * words, two, I, c);
+                for (int q = 0; q < two; q++)
+                    for (int n = 0; n < TB && (t + q) * TB + n < M; n++) { /* row n is C's column n */
+                        const __m512i column = _mm512_add_epi32(rows16, _mm512_set1_epi32(n));
+                        uint16_t *out = y + ((t + q) * TB + n) * (int64_t)O + o0;
+                        for (int half = 0; half < 2; half++) {
+                            const __m512i bits = bf16_bits(_mm512_i32gather_ps(column, c[q][half], 4));
+                            _mm256_storeu_si256((__m256i *)(out + half * TB), _mm512_cvtepi32_epi16(bits));
+                        }
+                    }
+            }
+        }
+        _tile_release();
+    }
+    trimmed(&linear_scratch);
+    return 0;
+}

@@ -68,11 +68,11 @@ class PackedLinear(nn.Module):
 
 
 def pack_model(model: nn.Module) -> bool:
-    """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply. There,
-    on a CPU whose torch bf16 GEMM is slow, bf16 linears become KernelLinear (kernels/linear.py), and each
-    LocalExperts still picks its kernel."""
+    """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply or the
+    kernels beat it (AMX tiles). There, on a CPU whose torch bf16 GEMM is slow or that has tiles, bf16
+    linears become KernelLinear (kernels/linear.py), and each LocalExperts still picks its kernel."""
     weight = next(model.parameters())
-    if not can_pack(weight.dtype, weight.device):
+    if not can_pack(weight.dtype, weight.device) or kernels.tiles():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and KernelLinear.applies(child):
