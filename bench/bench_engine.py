@@ -112,8 +112,8 @@ def print_paths(engine: TorchEngine) -> None:
     plain = sum(isinstance(m, torch.nn.Linear) for m in modules)
     forms = " / ".join(f"{rows} rows {form(rows, 1024, 1024)}" for rows in (1, 16, 128, 2048))
     print(
-        f"# torch engine, dense projections: {packed} oneDNN packed, {kernel} linear kernel ({forms}), "
-        f"{plain} torch linear (row-major)"
+        f"# torch engine, dense projections: {packed} oneDNN packed, {kernel} linear kernel"
+        f"{f' ({forms})' if kernel else ''}, {plain} torch linear (row-major)"
     )
 
 
