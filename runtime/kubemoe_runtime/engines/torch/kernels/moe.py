@@ -244,7 +244,7 @@ def tiles() -> bool:
 
 
 def path() -> str:
-    """The routed experts' path in this process: "avx512bf16", "avx2" or "torch" (no kernel)."""
+    """The routed experts' path in this process: "amx", "avx512bf16", "avx2" or "torch" (no kernel)."""
     load()
     return _in_use["path"]
 
