@@ -202,7 +202,9 @@ class LocalExperts(nn.Module):
     BATCHED_MAX_ROWS = 16  # the batched form pads every expert to the busiest one's rows: keep that small
     # From this many rows an expert on average (long prefills), oneDNN's GEMM on the same row-major weights
     # is as fast as the kernel, whose dot products cannot block loads as a GEMM does (even at 64 rows an
-    # expert; at 256 the kernel takes 1.11x as long)
+    # expert; at 256 the kernel takes 1.11x as long). As an AVX2 CPU (the torch path then multiplies in
+    # float32) the AVX2 kernel is 1.02x that path at 64 rows an expert (bench model) and 1.49x at 32
+    # (Qwen3-30B-A3B's shape): bench_moe_kernel.py, BENCH_MOE_ROWS=128,256,512, capped to AVX2
     KERNEL_MAX_ROWS = 64
 
     def __init__(self, *, dim: int, hidden: int, experts: Sequence[int]) -> None:
