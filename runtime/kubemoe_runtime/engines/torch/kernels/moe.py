@@ -221,16 +221,21 @@ def load() -> Callable[..., int] | None:
     return None
 
 
+def in_use() -> Library | None:
+    """The library load() chose; None on the torch path."""
+    return _in_use_library[0] if load() is not None and _in_use_library else None
+
+
 def load_linear() -> Callable[..., int] | None:
     """The dense projection of the library load() chose; None on the torch path."""
-    load()
-    return _in_use_library[0].linear if _in_use_library else None
+    lib = in_use()
+    return None if lib is None else lib.linear
 
 
 def load_linear_tiles() -> Callable[..., int] | None:
     """The dense projection on AMX tiles, where the library load() chose has it (amx); else None."""
-    load()
-    return _in_use_library[0].linear_tiles if _in_use_library else None
+    lib = in_use()
+    return None if lib is None else lib.linear_tiles
 
 
 def uses_tiles(slots: int, experts: int) -> bool:
@@ -240,7 +245,8 @@ def uses_tiles(slots: int, experts: int) -> bool:
 
 def tiles() -> bool:
     """Whether the kernel in use has AMX tiles (then it is the fastest path at every row count)."""
-    return load() is not None and bool(_in_use_library) and _in_use_library[0].tiles is not None
+    lib = in_use()
+    return lib is not None and lib.tiles is not None
 
 
 def path() -> str:
@@ -281,9 +287,7 @@ def routed_experts(
     """Each token's routing-weighted sum over its slots `slots` (token * K + choice), grouped by expert:
     local expert `experts[p]` owns `slots[starts[p]:starts[p + 1]]`. Returns [M, D] bf16. On the kernel
     in use (load()), or on kernel `path` (tests, benchmarks)."""
-    if path is None:
-        load()
-    lib = library(path) if path else (_in_use_library[0] if _in_use_library else None)
+    lib = library(path) if path else in_use()
     assert lib is not None, f"routed_experts needs a kernel: {why_not(path) if path else 'load() is None'}"
     fn = lib.tiles if lib.tiles and uses_tiles(len(slots), len(experts)) else lib.moe
     (M, K), D, F = w_MK.shape, x_MD.shape[1], w_down_EDF.shape[2]

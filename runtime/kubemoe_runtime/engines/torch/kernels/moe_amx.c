@@ -155,6 +155,22 @@ INLINE __m512i bf16_bits(__m512 v) {
     return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
 }
 
+/* 16 rows (NULL: a padding row of zeros), len elements each, to B form: out[i][n] is row n's 32-bit
+   word i (its elements 2i and 2i + 1). */
+static void pack_block(const uint16_t *const rows[TB], int len, uint32_t *out) {
+    for (int n = 0; n < TB; n++) {
+        const uint32_t *row = (const uint32_t *)rows[n];
+        for (int i = 0; i < len / 2; i++) out[i * TB + n] = row ? row[i] : 0;
+    }
+}
+
+/* Column n of a 16 x 16 float C tile (stored row-major): its 16 rows' elements n, a gather. */
+INLINE __m512 c_column(const float *c, int n) {
+    const __m512i rows = /* the offsets of the tile's rows */
+        _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+    return _mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(n)), c, 4);
+}
+
 /* Scratch that lives as long as its thread, grown when a call needs more: a buffer allocated per call
    comes back from the system as fresh pages, and faulting them in cost more than the layer's tiles. */
 typedef struct {
@@ -208,19 +224,11 @@ int kubemoe_moe_amx(const uint16_t *x, const uint16_t *w_gate_up, const uint16_t
             int p = 0;
             while (block[p + 1] <= b) p++;
             const int64_t first = starts[p] + (b - block[p]) * TB, end = starts[p + 1];
-            uint32_t *out = xp + b * xp_words;
-            for (int n = 0; n < TB; n++) {
-                if (first + n < end) {
-                    const uint32_t *row = (const uint32_t *)(x + slot[first + n] / K * D);
-                    for (int i = 0; i < D / 2; i++) out[i * TB + n] = row[i];
-                } else {
-                    for (int i = 0; i < D / 2; i++) out[i * TB + n] = 0;
-                }
-            }
+            const uint16_t *rows[TB];
+            for (int n = 0; n < TB; n++) rows[n] = first + n < end ? x + slot[first + n] / K * D : NULL;
+            pack_block(rows, D, xp + b * xp_words);
         }
         configure_tiles();
-        const __m512i rows16 = /* the offsets of C's 16 rows */
-            _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
         float c[2][2][TB * TB] __attribute__((aligned(64)));
         /* 1. gate/up: one expert's 16 hidden units an item */
 #pragma omp for schedule(static)
@@ -269,9 +277,8 @@ int kubemoe_moe_amx(const uint16_t *x, const uint16_t *w_gate_up, const uint16_t
                             const int64_t s = slot[r0 + n];
                             float *sum = acc + s / K * D + d0;
                             const __m512 ws = _mm512_set1_ps(weight[s]);
-                            const __m512i column = _mm512_add_epi32(rows16, _mm512_set1_epi32(n));
                             for (int half = 0; half < 2; half++) {
-                                const __m512 v = _mm512_i32gather_ps(column, c[q][half], 4);
+                                const __m512 v = c_column(c[q][half], n);
                                 _mm512_storeu_ps(sum + half * TB,
                                                  _mm512_fmadd_ps(ws, v, _mm512_loadu_ps(sum + half * TB)));
                             }
@@ -307,20 +314,11 @@ int kubemoe_linear_amx(const uint16_t *x, const uint16_t *w, int M, int O, int I
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            uint32_t *out = xp + b * words;
-            for (int n = 0; n < TB; n++) {
-                const int64_t r = b * TB + n;
-                if (r < M) {
-                    const uint32_t *row = (const uint32_t *)(x + r * I);
-                    for (int i = 0; i < I / 2; i++) out[i * TB + n] = row[i];
-                } else {
-                    for (int i = 0; i < I / 2; i++) out[i * TB + n] = 0;
-                }
-            }
+            const uint16_t *rows[TB];
+            for (int n = 0; n < TB; n++) rows[n] = b * TB + n < M ? x + (b * TB + n) * I : NULL;
+            pack_block(rows, I, xp + b * words);
         }
         configure_tiles();
-        const __m512i rows16 =
-            _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
         float c[2][2][TB * TB] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int item = 0; item < items; item++) {
@@ -333,10 +331,9 @@ int kubemoe_linear_amx(const uint16_t *x, const uint16_t *w, int M, int O, int I
                           next ? rows + 3 * TB * I : NULL, xp + t * words, xp + (t + 1) * words, two, I, c);
                 for (int q = 0; q < two; q++)
                     for (int n = 0; n < TB && (t + q) * TB + n < M; n++) { /* row n is C's column n */
-                        const __m512i column = _mm512_add_epi32(rows16, _mm512_set1_epi32(n));
                         uint16_t *out = y + ((t + q) * TB + n) * (int64_t)O + o0;
                         for (int half = 0; half < 2; half++) {
-                            const __m512i bits = bf16_bits(_mm512_i32gather_ps(column, c[q][half], 4));
+                            const __m512i bits = bf16_bits(c_column(c[q][half], n));
                             _mm256_storeu_si256((__m256i *)(out + half * TB), _mm512_cvtepi32_epi16(bits));
                         }
                     }
