@@ -17,9 +17,9 @@ import torch
 
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
+from tests.engine_python import VLLM
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server, http_get, http_post
-from tests.runtime.vllm_python import vllm_python
 
 MODEL = "tiny-qwen-vllm"
 MAX_MODEL_LEN = 256
@@ -35,7 +35,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {
-        "KUBEMOE_VLLM_PYTHON": vllm_python(),
+        "KUBEMOE_VLLM_PYTHON": VLLM.python(),
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",

@@ -24,8 +24,8 @@ from kubemoe_runtime.engines.vllm.command import (
 from kubemoe_runtime.pod.settings import parse_args
 from kubemoe_runtime.pod.start_rank import StartRankError, resolve_start_rank
 from kubemoe_runtime.serve import main as serve_main
+from tests.engine_python import VLLM
 from tests.operator.helpers import EXAMPLES
-from tests.runtime.vllm_python import run_in_vllm
 
 # vLLM's own parsing: make_arg_parser + validate_parsed_serve_args, as its api_server's main() does.
 PARSE_WITH_VLLM = """
@@ -69,7 +69,7 @@ def parse_with_vllm(argvs: list[list[str]]) -> list[dict[str, Any]]:
     code = LAUNCHER_IMPORTS + PARSE_WITH_VLLM.replace(
         "FIELDS = json.loads(sys.argv[1])", f"FIELDS = {FIELDS!r}"
     )
-    parsed: list[dict[str, Any]] = json.loads(run_in_vllm(code, stdin=json.dumps(argvs)))
+    parsed: list[dict[str, Any]] = json.loads(VLLM.run(code, stdin=json.dumps(argvs)))
     return parsed
 
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
-from tests.runtime.vllm_python import vllm_python
+from tests.engine_python import VLLM as VLLM_PYTHON
 
 LABELS = MetricLabels(deployment="ds", role="decode", group="2", rank="0")
 OURS = LABELS.as_dict()
@@ -148,7 +148,7 @@ with open(sys.argv[2], "w") as f:
 
 @pytest.mark.slow
 def test_the_installed_vllm_registers_the_same_types_labels_and_buckets(tmp_path: Path) -> None:
-    python = vllm_python()
+    python = VLLM_PYTHON.python()
     model = write_tiny_checkpoint(tmp_path / "qwen", arch="qwen3_moe", dtype=torch.float32)
     dumped = tmp_path / "vllm.json"
     done = subprocess.run(

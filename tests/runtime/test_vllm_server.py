@@ -22,8 +22,8 @@ import torch
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
+from tests.engine_python import VLLM
 from tests.runtime.serving import Server, http_get, http_post
-from tests.runtime.vllm_python import vllm_python
 
 MODEL = "tiny-qwen-vllm"
 MAX_TOKENS = 16
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 def vllm_env() -> dict[str, str]:
     return {
-        "KUBEMOE_VLLM_PYTHON": vllm_python(),
+        "KUBEMOE_VLLM_PYTHON": VLLM.python(),
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",

@@ -114,7 +114,7 @@ def test_the_message_names_the_flag_it_would_set() -> None:
 def test_every_vllm_spelling_of_a_plan_flag_is_refused() -> None:
     """vLLM's own parser: every option string (aliases, --no- forms) of a plan-owned flag is refused,
     and every short alias it has for one is in ALIASES."""
-    from tests.runtime.vllm_python import run_in_vllm
+    from tests.engine_python import VLLM
 
     code = """
 import json
@@ -123,7 +123,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 print(json.dumps({a.dest: a.option_strings for a in parser._actions if a.option_strings}))
 """
-    options: dict[str, list[str]] = json.loads(run_in_vllm(code).strip().splitlines()[-1])
+    options: dict[str, list[str]] = json.loads(VLLM.run(code).strip().splitlines()[-1])
     owned = {flag.replace("-", "_") for flag in PLAN_FLAGS}
     checked = 0
     for dest, strings in options.items():

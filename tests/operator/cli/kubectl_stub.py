@@ -6,8 +6,9 @@ from a JSON store with kubectl's semantics for the flags they use, every argv lo
     logs -l K=V,... --prefix [--max-log-requests=N] [-c C] ...   every matching pod's, "[pod/NAME/C] line"
 
 The store: {"objects": {RESOURCE: [obj, ...]}, "logs": {"NS/POD/CONTAINER": "text"}, "error": "..."}; an
-"error" makes every call fail with that text, after client-go's noise, as kubectl does. `install` writes
-it as an executable named kubectl into a directory (put that first on PATH) and returns the log's path.
+"error" makes every call fail with that text, after client-go's noise, as kubectl does (`keyed` builds
+one from objects keyed "RESOURCE/NAMESPACE/NAME"). `install` writes it as an executable named kubectl into
+a directory (put that first on PATH) and returns the log's path.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ def install(directory: Path, store: dict[str, Any]) -> Path:
     )
     exe.chmod(0o755)
     return log
+
+
+def keyed(objects: dict[str, Any]) -> dict[str, Any]:
+    """A store from objects keyed "RESOURCE/NAMESPACE/NAME", each put at that namespace and name; the key
+    "error" passes through."""
+    store: dict[str, Any] = {"objects": {}, "logs": {}}
+    for key, obj in objects.items():
+        if key == "error":
+            store["error"] = obj
+            continue
+        resource, namespace, name = key.split("/")
+        placed = {**obj, "metadata": {**obj.get("metadata", {}), "namespace": namespace, "name": name}}
+        store["objects"].setdefault(resource, []).append(placed)
+    return store
 
 
 def calls(log: Path) -> list[list[str]]:
@@ -90,7 +105,7 @@ def serve(argv: list[str], store_path: str, log: str) -> int:
         names = _positionals(argv, "logs")
         pods = [
             p
-            for p in store["objects"].get("pods", [])
+            for p in store.get("objects", {}).get("pods", [])
             if p["metadata"].get("namespace", "default") == namespace
             and (p["metadata"]["name"] in names if names else _selected(p, selector))
         ]
@@ -99,7 +114,7 @@ def serve(argv: list[str], store_path: str, log: str) -> int:
             return 1
         for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
             name = pod["metadata"]["name"]
-            for line in store["logs"].get(f"{namespace}/{name}/{container}", "").splitlines():
+            for line in store.get("logs", {}).get(f"{namespace}/{name}/{container}", "").splitlines():
                 prefix = f"[pod/{name}/{container}] " if "--prefix" in argv else ""
                 sys.stdout.write(prefix + line + "\n")
         return 0
@@ -107,7 +122,7 @@ def serve(argv: list[str], store_path: str, log: str) -> int:
     resource, name = words[0], words[1] if len(words) > 1 else None
     items = [
         obj
-        for obj in store["objects"].get(resource, [])
+        for obj in store.get("objects", {}).get(resource, [])
         if (every or obj["metadata"].get("namespace", "default") == namespace) and _selected(obj, selector)
     ]
     if name is None:

@@ -14,7 +14,7 @@ import yaml
 from kubemoe_operator.cli.experts import ExpertsError, build_report, render_report, select_roles
 from kubemoe_operator.cli.kubectl_moe import main
 from tests.operator.cli import expert_objects as objs
-from tests.operator.cli.fake_kubectl import install
+from tests.operator.cli.kubectl_stub import calls, install, keyed
 
 MD_KEY = "modeldeployments.kubemoe.io/prod/tiny-moe"
 CM_KEY = "configmaps/prod/tiny-moe-decode-experts"
@@ -145,15 +145,11 @@ def test_no_configmap_yet_names_it_and_the_interval() -> None:
 @pytest.fixture
 def kubectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     def setup(objects: dict[str, Any]) -> Path:
-        log = install(tmp_path, objects)
+        log = install(tmp_path, keyed(objects))
         monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
         return log
 
     return setup
-
-
-def _calls(log: Path) -> list[list[str]]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def test_command_prints_the_table(kubectl: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,12 +157,12 @@ def test_command_prints_the_table(kubectl: Any, capsys: pytest.CaptureFixture[st
     assert main(["experts", "tiny-moe", "-n", "prod", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert _layer_rows(out)["0"][3:] == ["e5", "70.0%", "r0x2,r1", "e0", "15.0%", "r1"]
-    calls = _calls(log)
-    assert [c[c.index("get") + 1 :][:2] for c in calls] == [
+    made = calls(log)
+    assert [c[c.index("get") + 1 :][:2] for c in made] == [
         ["modeldeployments.kubemoe.io", "tiny-moe"],
         ["configmaps", "tiny-moe-decode-experts"],
     ]
-    assert all(c[c.index("--namespace") + 1] == "prod" for c in calls)
+    assert all(c[c.index("--namespace") + 1] == "prod" for c in made)
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
@@ -205,7 +201,7 @@ def test_command_uses_the_deployments_namespace_for_the_configmap(
     )
     assert main(["experts", "tiny-moe"]) == 0
     assert "default/tiny-moe-decode-experts" in capsys.readouterr().out
-    assert "--namespace" not in _calls(log)[0]
+    assert "--namespace" not in calls(log)[0]
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -245,7 +241,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
             "kubectl moe experts: role prefill of ModelDeployment tiny-moe has no expert parallelism",
         ),
         (
-            {"!error": 'Error from server (Forbidden): modeldeployments.kubemoe.io "tiny-moe" is forbidden'},
+            {"error": 'Error from server (Forbidden): modeldeployments.kubemoe.io "tiny-moe" is forbidden'},
             ["-n", "prod"],
             "kubectl moe experts: Error from server (Forbidden): modeldeployments.kubemoe.io"
             ' "tiny-moe" is forbidden',

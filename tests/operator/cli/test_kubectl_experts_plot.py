@@ -15,7 +15,7 @@ from kubemoe_operator.cli.experts import ExpertsError, build_report
 from kubemoe_operator.cli.kubectl_moe import main
 from kubemoe_operator.cli.plot import write_plot
 from tests.operator.cli import expert_objects as objs
-from tests.operator.cli.fake_kubectl import install
+from tests.operator.cli.kubectl_stub import install, keyed
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,10 +55,12 @@ def test_command_writes_the_plot(
 ) -> None:
     install(
         tmp_path,
-        {
-            "modeldeployments.kubemoe.io/prod/tiny-moe": objs.deployment(),
-            "configmaps/prod/tiny-moe-decode-experts": objs.config_map(),
-        },
+        keyed(
+            {
+                "modeldeployments.kubemoe.io/prod/tiny-moe": objs.deployment(),
+                "configmaps/prod/tiny-moe-decode-experts": objs.config_map(),
+            }
+        ),
     )
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "load.png"
@@ -79,7 +81,7 @@ def test_plot_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
 def test_without_matplotlib_plot_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    log = install(tmp_path, {})
+    log = install(tmp_path, keyed({}))
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` finds when not installed
     assert main(["experts", "tiny-moe", "--plot", str(tmp_path / "x.png")]) == 1

@@ -19,8 +19,8 @@ from kubemoe_operator.render import Owner, render
 from kubemoe_operator.render.experts import EXPERTS_DIR, PLACEMENT_PATH, with_expert_args
 from kubemoe_runtime.engines.vllm.command import flags_given, vllm_args
 from kubemoe_runtime.pod.settings import parse_args
+from tests.engine_python import VLLM
 from tests.operator.helpers import BASE, REPO
-from tests.runtime.vllm_python import run_in_vllm
 
 UID = "00000000-0000-4000-8000-000000000000"
 EXAMPLE = REPO / "examples" / "experts-redundant.yaml"
@@ -215,9 +215,7 @@ def test_vllms_parser_reads_the_rendered_eplb_flags(monkeypatch: pytest.MonkeyPa
             settings, unknown = parse_args(full[2:])
             vllm = vllm_args(settings, port=18000, given=flags_given(full[2:]), extra=unknown)
             cases.append((f"{name}/{role}/{kind}", data, vllm))
-    parsed = json.loads(
-        run_in_vllm(PARSE_WITH_VLLM, stdin=json.dumps([c[2] for c in cases])).splitlines()[-1]
-    )
+    parsed = json.loads(VLLM.run(PARSE_WITH_VLLM, stdin=json.dumps([c[2] for c in cases])).splitlines()[-1])
     by_name = {name: got for (name, _, _), got in zip(cases, parsed, strict=True)}
     assert len(by_name) == 8  # the example's 2 x (leader, worker), base's and plain's 2 Deployments
     for name in (

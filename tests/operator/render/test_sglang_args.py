@@ -22,6 +22,7 @@ from kubemoe_operator.plan.command import (
     SGLANG_SERVER,
 )
 from kubemoe_operator.render.engines import SGLANG_ROUTER
+from tests.engine_python import SGLANG
 from tests.operator.render.engine_cases import (
     LEADER_ADDRESS,
     NAMESPACE,
@@ -30,7 +31,6 @@ from tests.operator.render.engine_cases import (
     router_argv,
     sglang_cases,
 )
-from tests.operator.render.sglang_python import run_in_sglang
 
 SERVER_FIELDS = (
     "model_path",
@@ -91,12 +91,12 @@ print(json.dumps(out, default=str))
 
 
 def parse_servers(argvs: list[list[str]]) -> list[dict[str, Any]]:
-    parsed: list[dict[str, Any]] = json.loads(run_in_sglang(PARSE_SERVERS, stdin=json.dumps(argvs)))
+    parsed: list[dict[str, Any]] = json.loads(SGLANG.run(PARSE_SERVERS, stdin=json.dumps(argvs)))
     return parsed
 
 
 def parse_routers(argvs: list[list[str]]) -> list[dict[str, Any]]:
-    parsed: list[dict[str, Any]] = json.loads(run_in_sglang(PARSE_ROUTERS, stdin=json.dumps(argvs)))
+    parsed: list[dict[str, Any]] = json.loads(SGLANG.run(PARSE_ROUTERS, stdin=json.dumps(argvs)))
     return parsed
 
 
