@@ -185,7 +185,7 @@ def test_kernel_linear_module_without_a_kernel_and_at_odd_sizes(
     rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With kernels off (or an input size the kernel cannot take), KernelLinear still answers as nn.Linear:
-    torch's bf16 GEMV at one row, float32 past it."""
+    torch's bf16 GEMV below FLOAT32_MIN_ROWS rows, float32 from there."""
     monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
     monkeypatch.setenv("KUBEMOE_KERNELS", "0")
     moe_kernel.load.cache_clear()
@@ -196,5 +196,36 @@ def test_kernel_linear_module_without_a_kernel_and_at_odd_sizes(
             assert KernelLinear.applies(source)
             x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(rows)).bfloat16()
             bf16_close(KernelLinear(source)(x), F.linear(x.double(), source.weight.double()))
+    finally:
+        moe_kernel.load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "rows", [1, linear_mod.FLOAT32_MIN_ROWS - 1, linear_mod.FLOAT32_MIN_ROWS, 40], ids=lambda r: f"{r}rows"
+)
+def test_without_a_kernel_decode_rows_stay_bf16_and_prefill_rows_widen(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a slow bf16 GEMM and no kernel, decode's few rows run torch's bf16 loop (widening a weight costs
+    more there) and from FLOAT32_MIN_ROWS on run float32; `matmul` (the torch MoE path) and KernelLinear
+    agree, and both answer as F.linear does."""
+    monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
+    monkeypatch.setenv("KUBEMOE_KERNELS", "0")
+    moe_kernel.load.cache_clear()
+    seen: list[torch.dtype] = []
+
+    def spy(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(w.dtype)
+        return F.linear(x, w, b)
+
+    monkeypatch.setattr(linear_mod, "F", type("F", (), {"linear": staticmethod(spy)}))
+    try:
+        wanted = torch.bfloat16 if rows < linear_mod.FLOAT32_MIN_ROWS else torch.float32
+        assert linear_mod.form(rows, 64, 32) == ("bf16" if wanted == torch.bfloat16 else "float32")
+        x, w = torch.randn(rows, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+        bf16_close(matmul(x, w), F.linear(x.double(), w.double()))
+        source = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+        bf16_close(KernelLinear(source)(x), F.linear(x.double(), source.weight.double()))
+        assert seen == [wanted, wanted]
     finally:
         moe_kernel.load.cache_clear()

@@ -9,10 +9,12 @@ about 40% of memory bandwidth at decode's rows, the kernels at 60-70%. The forms
              float sums, one rounding; up to KERNEL_MAX_ROWS rows without AVX-512, and below
              TILES_MIN_ROWS where there are tiles
     tiles    AMX, `kubemoe_linear_amx` (moe_amx.c): TILES_MIN_ROWS to TILES_MAX_ROWS rows
-    bf16     torch's own bf16 linear (oneDNN): past TILES_MAX_ROWS on an AMX CPU; at one row elsewhere
-    float32  without AVX-512 past KERNEL_MAX_ROWS (prefill): weights and rows widened to float32 for that
-             call and multiplied by torch's float32 GEMM (MKL/oneDNN), then rounded once; the widening
-             reads the weights once, a small share of a GEMM over many rows
+    bf16     torch's own bf16 linear (oneDNN): past TILES_MAX_ROWS on an AMX CPU; elsewhere below
+             FLOAT32_MIN_ROWS rows, where widening the weight costs more than torch's bf16 loop
+    float32  without AVX-512 past KERNEL_MAX_ROWS (prefill), or from FLOAT32_MIN_ROWS without a kernel:
+             weights and rows widened to float32 for that call and multiplied by torch's float32 GEMM
+             (MKL/oneDNN), then rounded once; the widening reads the weights once, a small share of a
+             GEMM over many rows
 
 All round once from float sums, as torch's bf16 linear does. `matmul` is the float32 form alone (what the
 torch MoE path uses for an expert's rows on a CPU without AVX-512).
@@ -39,13 +41,18 @@ KERNEL_MAX_ROWS: Final = 32
 # 2048 rows 83 / 11.2 / 7.3 / 7.8
 TILES_MIN_ROWS: Final = 3
 TILES_MAX_ROWS: Final = 256
+# Without a kernel on a CPU with a slow bf16 GEMM, torch's bf16 loop against widening to float32, by rows
+# (as an AVX2 CPU, 2 threads, ms, bf16 / float32): [R, 1024] x [1024, 1024] 2: 0.30 / 0.54, 4: 0.52 / 0.56,
+# 5: 0.59 / 0.60, 6: 0.72 / 0.60, 8: 0.91 / 0.61; [R, 1024] x [1024, 3072] 4: 1.51 / 1.66, 5: 1.81 / 1.58
+# (the same with torch's oneDNN off, as on a real AVX2 CPU). At decode an expert gets 1-4 rows.
+FLOAT32_MIN_ROWS: Final = 5
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)` for bf16 on a CPU with a slow bf16 GEMM (module docstring): through float32 from two
-    rows on; anything else as torch does it."""
+    """`F.linear(x, w)` for bf16 on a CPU with a slow bf16 GEMM (module docstring): through float32 from
+    FLOAT32_MIN_ROWS rows on; anything else as torch does it."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows < 2 or x.dtype != torch.bfloat16 or w.is_mkldnn or kernels.fast_bf16_gemm():
+    if rows < FLOAT32_MIN_ROWS or x.dtype != torch.bfloat16 or w.is_mkldnn or kernels.fast_bf16_gemm():
         return F.linear(x, w)
     return F.linear(x.float(), w.float()).to(torch.bfloat16)
 
@@ -84,7 +91,7 @@ def form(rows: int, n_in: int, n_out: int) -> str:
     most = TILES_MIN_ROWS - 1 if fast else KERNEL_MAX_ROWS
     if rows <= most and n_in % 32 == 0 and kernels.load_linear() is not None:
         return "kernel"
-    return "bf16" if fast or rows == 1 else "float32"
+    return "bf16" if fast or rows < FLOAT32_MIN_ROWS else "float32"
 
 
 class KernelLinear(nn.Module):
