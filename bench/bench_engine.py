@@ -18,11 +18,14 @@ Each measurement runs in a process of its own, per instruction-set profile:
              torch path: KUBEMOE_MOE_KERNEL), transformers, vLLM
     avx2     as a CPU with AVX2 and FMA only runs it, on a machine with AVX-512: the engine's view capped
              (KUBEMOE_CPU_ISA=avx2) and torch's, oneDNN's and MKL's (ATEN_CPU_CAPABILITY=avx2,
-             ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) for every engine. vLLM does not run
-             so: its engine dies at its first bf16 oneDNN matmul under ONEDNN_MAX_CPU_ISA=AVX2, and
-             without that cap it runs AMX/AVX-512, not an AVX2 number; so vLLM is left out of this
-             profile (llama.cpp, built for AVX2 alone, is its anchor). transformers' bf16 GEMMs go to
-             oneDNN at AVX2 here (on a real AVX2 CPU, to torch's scalar loop): a rough reference
+             ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) for every engine. vLLM also gets
+             avx2_site/ on its PYTHONPATH, whose sitecustomize makes torch.cpu's AVX-512 and AMX
+             queries answer False: vLLM then loads its AVX2 library (vllm/_C_AVX2) and non-AMX paths,
+             as on an AVX2 CPU (without it, it loads its AVX512-BF16 one and dies under the oneDNN
+             cap). Where torch itself reads cpuid the cap is not the real thing: transformers' (and
+             vLLM's) bf16 GEMMs go to oneDNN at AVX2 here, and on a real AVX2 CPU to torch's own
+             loop. So the profile's references are close, not exact; llama.cpp, built for AVX2
+             alone, is a further anchor
 
 The torch engine's lines say which path each hot part runs: the CPU flags it sees, each MoE layer's
 routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on row-major weights), and
@@ -213,6 +216,17 @@ PROFILES: Final[dict[str, dict[str, str]]] = {
 }
 
 
+AVX2_SITE: Final = Path(__file__).resolve().parent / "avx2_site"
+
+
+def vllm_env(profile: str) -> dict[str, str]:
+    """`profile`'s environment for vLLM: under avx2, its CPU queries capped too (avx2_site/)."""
+    env = dict(PROFILES[profile])
+    if profile == "avx2":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(AVX2_SITE), os.environ.get("PYTHONPATH")]))
+    return env
+
+
 def profiles() -> list[str]:
     chosen = os.environ.get("BENCH_ISA")
     if chosen:
@@ -316,9 +330,9 @@ def main() -> None:
                 results[f"torch engine, {path}"] = rates
         if rates := run_child("transformers", model_dir, env):
             results["transformers"] = rates
-        if profile == "avx2":
-            print("# vLLM CPU left out: it cannot be capped at AVX2 (module docstring)")
-        elif os.environ.get("BENCH_SKIP_VLLM") != "1" and (rates := vllm_cpu(model_dir, n_threads, env)):
+        if os.environ.get("BENCH_SKIP_VLLM") != "1" and (
+            rates := vllm_cpu(model_dir, n_threads, vllm_env(profile))
+        ):
             results["vLLM CPU"] = rates
         if os.environ.get("BENCH_SKIP_LLAMACPP") != "1" and (
             rates := llamacpp_rates(model_dir, n_threads, profile)

@@ -28,15 +28,18 @@ class EnginePython:
             pytest.skip(f"no {self.name} interpreter at {python}; run `make {self.setup}`")
         return python
 
-    def run(self, code: str, *, stdin: str = "", timeout: float = 300) -> str:
-        """Run `code` with the interpreter on one thread; return its stdout (a failure shows its stderr)."""
+    def run(
+        self, code: str, *, stdin: str = "", timeout: float = 300, env: dict[str, str] | None = None
+    ) -> str:
+        """Run `code` with the interpreter on one thread, `env` added to this environment; return its stdout
+        (a failure shows its stderr)."""
         done = subprocess.run(
             [self.python(), *self.flags, "-c", code],
             input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         )
         assert done.returncode == 0, (
             f"{self.name} subprocess failed ({done.returncode}):\n{done.stderr[-6000:]}"
