@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # process that imported torch (whose wheel ships libgomp.so.1) the loader reuses that library, so kernels
 # and torch share one OpenMP thread pool.
 KERNELS: Final[dict[str, tuple[str, ...]]] = {
-    "moe_bf16": ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"),
+    "moe_bf16": ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"),
     "moe_bf16_avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp"),
     "moe_amx": (
         "-O3",
@@ -50,6 +50,7 @@ KERNELS: Final[dict[str, tuple[str, ...]]] = {
         "-mavx512bw",
         "-mavx512vl",
         "-mavx512bf16",
+        "-mfma",
         "-mamx-tile",
         "-mamx-bf16",
         "-fopenmp",

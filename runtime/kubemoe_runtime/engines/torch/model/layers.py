@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
+from kubemoe_runtime.engines.torch.kernels.attention import decode_attention
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.kv_cache import LayerCache
 
@@ -112,9 +113,16 @@ def attend(
     scale: float,
     gqa: bool = False,
 ) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`; bf16 through float32 on a CPU whose torch bf16 GEMM is slow (no
-    AVX-512: torch's CPU flash attention multiplies its bf16 blocks in a scalar loop there; as an AVX2 CPU,
-    batch-16 decode attention took 3.6 ms a layer in bf16 against 0.85 ms in float32)."""
+    """`F.scaled_dot_product_attention`. At decode (one query a sequence, bf16 on a CPU with a kernel
+    library) the library's decode attention (kernels/attention.py). Else bf16 through float32 on a CPU
+    whose torch bf16 GEMM is slow (no AVX-512: torch's CPU flash attention multiplies its bf16 blocks in a
+    scalar loop there; as an AVX2 CPU, batch-16 decode attention took 3.6 ms a layer in bf16 against 0.85 ms
+    in float32)."""
+    if (
+        q_BHTC.shape[2] == 1
+        and (out := decode_attention(q_BHTC, k_BGSC, v_BGSC, mask=mask, scale=scale)) is not None
+    ):
+        return out
     if q_BHTC.dtype == torch.bfloat16 and q_BHTC.device.type == "cpu" and not kernels.fast_bf16_gemm():
         out = F.scaled_dot_product_attention(
             q_BHTC.float(), k_BGSC.float(), v_BGSC.float(), attn_mask=mask, scale=scale, enable_gqa=gqa

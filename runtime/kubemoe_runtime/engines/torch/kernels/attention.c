@@ -1,0 +1,161 @@
+/*
+ * Decode attention: each sequence's one new token (T = 1) against its cached keys and values; bf16 in and
+ * out, float inside, one rounding. Every kernel library has it (moe_bf16.c includes this file); it is AVX2
+ * + FMA code, which the AVX-512 libraries run too.
+ *
+ * Why: at decode torch's CPU attention does little work for a lot of bookkeeping. Without AVX-512 the
+ * engine widened the cached keys and values to float32 for it on every step (as an AVX2 CPU, batch 16,
+ * 16 heads over 4 KV heads of 64, 141 keys: 0.80 ms a layer for 2.3 MB of keys and values), and with
+ * AVX-512 its bf16 flash attention took 0.6 ms a layer.
+ *
+ * Items are (sequence b, KV head g), shared among the threads. In an item, each cached key row is widened
+ * to float once and dotted with the R = H / G query heads that share it; each query's scores go through a
+ * softmax (the largest subtracted, an exp within 2 ulp of expf), and the value rows are summed with those
+ * weights, then divided once by the weights' sum.
+ *
+ *   q    [B, H, C] contiguous                keep  [B, S] bytes: 1 where the query may attend the key
+ *   k, v [B, S, G, C]: [S, G, C] contiguous, kv_stride elements from one sequence to the next
+ *   out  [B, H, C]                           C a multiple of 8, at most ATT_MAX_HEAD; R at most ATT_MAX_GROUP
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ATT_MAX_HEAD 256
+#define ATT_MAX_GROUP 16
+#define ATT_V (ATT_MAX_HEAD / 8) /* vectors of 8 floats a head, at most */
+
+INLINE __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 floats: a bf16 is the high half of a float */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+INLINE float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+INLINE float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* e^x for x <= 0 (a score less the row's largest; -inf for a masked key), within 2 ulp of expf: Cephes'
+   expf, x = n ln 2 + r, e^r by a polynomial, 2^n put into the exponent bits. Below -87, 0. */
+INLINE __m256 exp8_nonpositive(__m256 x) {
+    const __m256 low = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, low);
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 e = _mm256_set1_ps(1.9875691500e-4f);
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.3981999507e-3f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(8.3334519073e-3f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(4.1665795894e-2f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.6666665459e-1f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(5.0000001201e-1f));
+    e = _mm256_fmadd_ps(_mm256_mul_ps(e, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
+}
+
+static __thread float *att_scores; /* per thread: [R][S rounded up to 8] */
+static __thread size_t att_size;
+
+/* One item: the R query heads of KV head g of sequence b. p: [R][SP] scratch. */
+static void attend_item(const uint16_t *q, const uint16_t *kb, const uint16_t *vb, const uint8_t *kept, int R,
+                        int G, int S, int SP, int C, float scale, uint16_t *out, float *p) {
+    const int n8 = C / 8;
+    __m256 qv[ATT_MAX_GROUP][ATT_V], acc[ATT_MAX_GROUP][ATT_V], row[ATT_V];
+    const __m256 scaled = _mm256_set1_ps(scale);
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < n8; i++) qv[r][i] = _mm256_mul_ps(widen8(q + (int64_t)r * C + 8 * i), scaled);
+    for (int s = 0; s < S; s++) { /* scores: a key widened once, dotted with every query head */
+        if (!kept[s]) {
+            for (int r = 0; r < R; r++) p[r * SP + s] = -INFINITY;
+            continue;
+        }
+        const uint16_t *key = kb + (int64_t)s * G * C;
+        for (int i = 0; i < n8; i++) row[i] = widen8(key + 8 * i);
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_mul_ps(qv[r][0], row[0]), b = _mm256_setzero_ps();
+            for (int i = 1; i + 1 < n8; i += 2) {
+                a = _mm256_fmadd_ps(qv[r][i], row[i], a);
+                b = _mm256_fmadd_ps(qv[r][i + 1], row[i + 1], b);
+            }
+            if (n8 % 2 == 0) b = _mm256_fmadd_ps(qv[r][n8 - 1], row[n8 - 1], b);
+            p[r * SP + s] = sum8(_mm256_add_ps(a, b));
+        }
+    }
+    float total[ATT_MAX_GROUP];
+    for (int r = 0; r < R; r++) { /* softmax weights, not yet divided by their sum */
+        float *pr = p + (int64_t)r * SP;
+        for (int s = S; s < SP; s++) pr[s] = -INFINITY;
+        __m256 top8 = _mm256_set1_ps(-INFINITY);
+        for (int s = 0; s < SP; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(pr + s));
+        float top = max8(top8);
+        if (top == -INFINITY) top = 0.0f; /* every key masked: every weight 0 */
+        const __m256 t = _mm256_set1_ps(top);
+        __m256 sum = _mm256_setzero_ps();
+        for (int s = 0; s < SP; s += 8) {
+            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(pr + s), t));
+            _mm256_storeu_ps(pr + s, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        total[r] = sum8(sum);
+        for (int i = 0; i < n8; i++) acc[r][i] = _mm256_setzero_ps();
+    }
+    for (int s = 0; s < S; s++) { /* values: a row widened once, added into every query head's sum */
+        if (!kept[s]) continue;
+        const uint16_t *value = vb + (int64_t)s * G * C;
+        for (int i = 0; i < n8; i++) row[i] = widen8(value + 8 * i);
+        for (int r = 0; r < R; r++) {
+            const __m256 w = _mm256_broadcast_ss(p + (int64_t)r * SP + s);
+            for (int i = 0; i < n8; i++) acc[r][i] = _mm256_fmadd_ps(w, row[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < R; r++) { /* a query that may attend nothing gets zeros, not NaN */
+        const __m256 inv = _mm256_set1_ps(total[r] > 0.0f ? 1.0f / total[r] : 0.0f);
+        uint16_t *o = out + (int64_t)r * C;
+        for (int i = 0; i < n8; i++) {
+            float f[8];
+            _mm256_storeu_ps(f, _mm256_mul_ps(acc[r][i], inv));
+            for (int j = 0; j < 8; j++) o[8 * i + j] = to_bf16(f[j]);
+        }
+    }
+}
+
+int kubemoe_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t kv_stride,
+                             const uint8_t *keep, int B, int H, int G, int S, int C, float scale, uint16_t *out,
+                             int threads) {
+    if (B <= 0 || G <= 0 || H % G || H / G > ATT_MAX_GROUP || C <= 0 || C % 8 || C > ATT_MAX_HEAD || S <= 0)
+        return -1;
+    const int R = H / G, SP = (S + 7) / 8 * 8;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const size_t need = (size_t)R * SP;
+        if (need > att_size) {
+            free(att_scores);
+            att_scores = malloc(need * sizeof(float));
+            att_size = att_scores ? need : 0;
+        }
+        float *p = att_scores;
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int item = 0; item < B * G; item++) {
+            if (!p) continue;
+            const int b = item / G, g = item % G;
+            const int64_t head = (int64_t)b * H + (int64_t)g * R;
+            attend_item(q + head * C, k + b * kv_stride + (int64_t)g * C, v + b * kv_stride + (int64_t)g * C,
+                        keep + (int64_t)b * S, R, G, S, SP, C, scale, out + head * C, p);
+        }
+    }
+    return failed ? -2 : 0;
+}
