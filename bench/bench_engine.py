@@ -37,12 +37,15 @@ profile, on the checkpoint converted to a bf16 GGUF) is a further reference wher
 
 Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 32), BENCH_SKIP_VLLM=1,
 BENCH_SKIP_LLAMACPP=1, BENCH_ISA=native,avx2 (the profiles; default both where the CPU has AVX-512,
-else native).
+else native), BENCH_ROUNDS (default 1): every engine of a profile measured once a round, in turn, keeping
+each rate's best over the rounds; on a shared machine a slow minute then falls on every engine alike, not
+on whichever ran in it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -66,6 +69,7 @@ PROMPT_LEN: Final = 128
 BATCHES: Final = (1, 16)
 DECODE: Final = int(os.environ.get("BENCH_DECODE", "32"))
 REPEATS: Final = 3
+ROUNDS: Final = int(os.environ.get("BENCH_ROUNDS", "1"))
 REPO: Final = Path(__file__).resolve().parents[1]
 
 Rates = dict[str, float]  # "prefill@B" / "decode@B" -> tokens/s
@@ -302,6 +306,34 @@ def report(results: dict[str, Rates], layout: Layout, bandwidth: float) -> None:
         )
 
 
+def measure_profile(profile: str, model_dir: Path, n_threads: int) -> dict[str, Rates]:
+    """Each engine's rates under `profile`, one after another."""
+    env = PROFILES[profile]
+    results: dict[str, Rates] = {}
+    for path in moe_paths(profile):
+        print(f"# torch engine, MoE path {path}:")
+        if rates := run_child("torch", model_dir, {**env, moe_kernel.FORCE_ENV: path}):
+            results[f"torch engine, {path}"] = rates
+    if rates := run_child("transformers", model_dir, env):
+        results["transformers"] = rates
+    if os.environ.get("BENCH_SKIP_VLLM") != "1" and (
+        rates := vllm_cpu(model_dir, n_threads, vllm_env(profile))
+    ):
+        results["vLLM CPU"] = rates
+    if os.environ.get("BENCH_SKIP_LLAMACPP") != "1" and (
+        rates := llamacpp_rates(model_dir, n_threads, profile)
+    ):
+        results["llama.cpp"] = rates
+    return results
+
+
+def best_rates(held: Rates | None, new: Rates) -> Rates:
+    """The better of two measurements of one engine, rate by rate (NaN, a busy moment, loses)."""
+    if held is None:
+        return new
+    return {k: max((r for r in (held[k], new[k]) if not math.isnan(r)), default=math.nan) for k in new}
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         child(sys.argv[2], Path(sys.argv[3]))
@@ -324,20 +356,12 @@ def main() -> None:
             f"\n## profile {profile}" + (f": {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "")
         )
         results: dict[str, Rates] = {}
-        for path in moe_paths(profile):
-            print(f"# torch engine, MoE path {path}:")
-            if rates := run_child("torch", model_dir, {**env, moe_kernel.FORCE_ENV: path}):
-                results[f"torch engine, {path}"] = rates
-        if rates := run_child("transformers", model_dir, env):
-            results["transformers"] = rates
-        if os.environ.get("BENCH_SKIP_VLLM") != "1" and (
-            rates := vllm_cpu(model_dir, n_threads, vllm_env(profile))
-        ):
-            results["vLLM CPU"] = rates
-        if os.environ.get("BENCH_SKIP_LLAMACPP") != "1" and (
-            rates := llamacpp_rates(model_dir, n_threads, profile)
-        ):
-            results["llama.cpp"] = rates
+        for round_ in range(ROUNDS):
+            if ROUNDS > 1:
+                print(f"# round {round_ + 1} of {ROUNDS}")
+            for name, rates in measure_profile(profile, model_dir, n_threads).items():
+                print(f"#   {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+                results[name] = best_rates(results.get(name), rates)
         tables[profile] = results
     bandwidth = max(bandwidth, read_bandwidth_gbs())  # again at the end: the better of two quiet moments
     print(f"\n# read bandwidth, best of start and end: {bandwidth:.1f} GB/s")
