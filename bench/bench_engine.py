@@ -4,7 +4,11 @@ All three run the same random bf16 checkpoint (bigmoe.py) with the same thread c
 ignored, at batch 1 and 16 with 128-token prompts, in this one run:
 
     prefill tok/s = batch * 128 / (time of a 1-token generation)
-    decode tok/s  = batch * N / (time of a (1 + N)-token generation - the prefill time)
+    decode tok/s  = batch * N / (time of a (1 + N)-token generation - the prefill time just before it)
+
+Decode is a difference of two timings, so a prefill's jitter moves it: each repeat times the two back to
+back, and N (96) keeps decode the larger part at batch 16 (with N = 32, prefill's 10% swings between
+repeats moved decode@16 by 20-25%).
 
 The torch engine is timed through TorchEngine.generate (its batched prefill + decode loop, no HTTP);
 transformers through model.generate; vLLM through its offline LLM.generate (vllm.LLM, --enforce-eager,
@@ -35,7 +39,7 @@ on CPUs whose torch bf16 GEMM is slow), or torch.
 llama.cpp (llamacpp.py: its llama-batched-bench, built here from PyPI's llama-cpp-python sdist per
 profile, on the checkpoint converted to a bf16 GGUF) is a further reference where it can be built.
 
-Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 32), BENCH_SKIP_VLLM=1,
+Env: BENCH_LAYERS (default 8), BENCH_DECODE (new tokens, default 96), BENCH_SKIP_VLLM=1,
 BENCH_SKIP_LLAMACPP=1, BENCH_ISA=native,avx2 (the profiles; default both where the CPU has AVX-512,
 else native), BENCH_ROUNDS (default 1): every engine of a profile measured once a round, in turn, keeping
 each rate's best over the rounds; on a shared machine a slow minute then falls on every engine alike, not
@@ -56,7 +60,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import torch
-from bigmoe import Layout, checkpoint, layout_from_env, read_bandwidth_gbs, threads
+from bigmoe import DECODE, Layout, checkpoint, layout_from_env, read_bandwidth_gbs, threads
 from llamacpp import llamacpp_rates
 
 from kubemoe_runtime.engines.torch import TorchEngine
@@ -67,7 +71,6 @@ from kubemoe_runtime.engines.torch.model.packing import PackedLinear
 
 PROMPT_LEN: Final = 128
 BATCHES: Final = (1, 16)
-DECODE: Final = int(os.environ.get("BENCH_DECODE", "32"))
 REPEATS: Final = 3
 ROUNDS: Final = int(os.environ.get("BENCH_ROUNDS", "1"))
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -80,25 +83,23 @@ def prompts(batch: int, *, seed: int) -> list[list[int]]:
     return torch.randint(10, 500, (batch, PROMPT_LEN), generator=gen).tolist()
 
 
-def best_time(run: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def measure(generate: Callable[[list[list[int]], int], object]) -> Rates:
     rates: Rates = {}
     generate(prompts(1, seed=99), 2)  # warm-up
     for batch in BATCHES:
         ids = prompts(batch, seed=batch)
-        prefill = best_time(lambda ids=ids: generate(ids, 1))  # type: ignore[misc]
-        total = best_time(lambda ids=ids: generate(ids, 1 + DECODE))  # type: ignore[misc]
-        rates[f"prefill@{batch}"] = batch * PROMPT_LEN / prefill
+        prefills, decodes = [], []
+        for _ in range(REPEATS):  # a prefill, then the same prefill and DECODE steps, back to back
+            started = time.perf_counter()
+            generate(ids, 1)
+            prefilled = time.perf_counter()
+            generate(ids, 1 + DECODE)
+            prefills.append(prefilled - started)
+            decodes.append(time.perf_counter() - prefilled - prefills[-1])
+        rates[f"prefill@{batch}"] = batch * PROMPT_LEN / min(prefills)
         # A busy machine can make the difference meaningless; say so rather than print a huge rate.
-        rates[f"decode@{batch}"] = batch * DECODE / (total - prefill) if total > prefill else float("nan")
+        fastest = min((d for d in decodes if d > 0), default=math.nan)
+        rates[f"decode@{batch}"] = batch * DECODE / fastest
     return rates
 
 
@@ -160,19 +161,16 @@ llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_l
 def run(ids, n):
     params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-def best(ids, n):
-    out = float("inf")
-    for _ in range(spec["repeats"]):
-        t = time.perf_counter(); run(ids, n); out = min(out, time.perf_counter() - t)
-    return out
 run(spec["warmup"], 2)
 rates = {}
 for batch, ids in spec["prompts"].items():
-    prefill = best(ids, 1)
-    total = best(ids, 1 + spec["decode"])
-    rates[f"prefill@{batch}"] = int(batch) * len(ids[0]) / prefill
-    decode = total - prefill
-    rates[f"decode@{batch}"] = int(batch) * spec["decode"] / decode if decode > 0 else float("nan")
+    prefills, decodes = [], []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter(); run(ids, 1); t1 = time.perf_counter(); run(ids, 1 + spec["decode"])
+        prefills.append(t1 - t0); decodes.append(time.perf_counter() - t1 - prefills[-1])
+    rates[f"prefill@{batch}"] = int(batch) * len(ids[0]) / min(prefills)
+    decode = min((d for d in decodes if d > 0), default=float("nan"))
+    rates[f"decode@{batch}"] = int(batch) * spec["decode"] / decode
 print("RATES " + json.dumps(rates), flush=True)
 """
 

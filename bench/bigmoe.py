@@ -18,6 +18,8 @@ import torch
 
 from kubemoe_runtime.tools.checkpoints import SPECIAL_TOKENS, write_tokenizer
 
+# New tokens each engine decodes after its prompt in bench_engine.py and llamacpp.py (BENCH_DECODE)
+DECODE: Final = int(os.environ.get("BENCH_DECODE", "96"))
 CACHE: Final = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "kubemoe-bench"))
 VOCAB: Final = 512
 

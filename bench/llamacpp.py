@@ -20,8 +20,8 @@ the converter runs with that one lookup wrapped (CONVERT_SCRIPT): where the tabl
 tokenizer.json's pre-tokenizer is byte-level splitting with GPT-2's regex, as this one is, it is written
 as "gpt-2", which is what it is. The vocabulary, merges and special tokens are the converter's own.
 
-`llama-batched-bench -npp 128 -ntg 32 -npl 1,16 --output-format jsonl` then gives, per batch B, the time
-of B 128-token prefills in one batch and of 32 decode steps of B tokens after them: the bench's
+`llama-batched-bench -npp 128 -ntg 96 -npl 1,16 --output-format jsonl` then gives, per batch B, the time
+of B 128-token prefills in one batch and of 96 (BENCH_DECODE) decode steps of B tokens after them: the bench's
 prefill@B and decode@B (its prompts are random tokens too, each sequence with its own KV cache). It runs
 each once, after a 16-token warm-up, where the bench keeps the best of three of the other engines.
 
@@ -47,13 +47,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from bigmoe import CACHE
+from bigmoe import CACHE, DECODE
 
 VERSION: Final = os.environ.get("BENCH_LLAMACPP_VERSION", "0.3.36")
 ROOT: Final = CACHE / "llama.cpp"
 TARGET: Final = "llama-batched-bench"
 PROMPT_LEN: Final = 128
-DECODE: Final = int(os.environ.get("BENCH_DECODE", "32"))
 BATCHES: Final = (1, 16)
 
 Rates = dict[str, float]  # "prefill@B" / "decode@B" -> tokens/s
