@@ -4,11 +4,11 @@ All three run the same random bf16 checkpoint (bigmoe.py) with the same thread c
 ignored, at batch 1 and 16 with 128-token prompts, in this one run:
 
     prefill tok/s = batch * 128 / (time of a 1-token generation)
-    decode tok/s  = batch * N / (time of a (1 + N)-token generation - the prefill time just before it)
+    decode tok/s  = batch * N / (time of a (1 + N)-token generation - the prefill time)
 
-Decode is a difference of two timings, so a prefill's jitter moves it: each repeat times the two back to
-back, and N (96) keeps decode the larger part at batch 16 (with N = 32, prefill's 10% swings between
-repeats moved decode@16 by 20-25%).
+each time the best of REPEATS, after a warm-up at that batch. Decode is a difference of two timings, so
+prefill's jitter moves it: N (96) keeps decode the larger part at batch 16 (with N = 32, prefill's 10%
+swings between repeats moved decode@16 by 20-25%).
 
 The torch engine is timed through TorchEngine.generate (its batched prefill + decode loop, no HTTP);
 transformers through model.generate; vLLM through its offline LLM.generate (vllm.LLM, --enforce-eager,
@@ -85,21 +85,19 @@ def prompts(batch: int, *, seed: int) -> list[list[int]]:
 
 def measure(generate: Callable[[list[list[int]], int], object]) -> Rates:
     rates: Rates = {}
-    generate(prompts(1, seed=99), 2)  # warm-up
     for batch in BATCHES:
         ids = prompts(batch, seed=batch)
-        prefills, decodes = [], []
-        for _ in range(REPEATS):  # a prefill, then the same prefill and DECODE steps, back to back
+        generate(ids, 2)  # warm-up at this batch's shapes: its first prefill is otherwise the slowest
+        prefill, total = math.inf, math.inf
+        for _ in range(REPEATS):
             started = time.perf_counter()
             generate(ids, 1)
             prefilled = time.perf_counter()
             generate(ids, 1 + DECODE)
-            prefills.append(prefilled - started)
-            decodes.append(time.perf_counter() - prefilled - prefills[-1])
-        rates[f"prefill@{batch}"] = batch * PROMPT_LEN / min(prefills)
+            prefill, total = min(prefill, prefilled - started), min(total, time.perf_counter() - prefilled)
+        rates[f"prefill@{batch}"] = batch * PROMPT_LEN / prefill
         # A busy machine can make the difference meaningless; say so rather than print a huge rate.
-        fastest = min((d for d in decodes if d > 0), default=math.nan)
-        rates[f"decode@{batch}"] = batch * DECODE / fastest
+        rates[f"decode@{batch}"] = batch * DECODE / (total - prefill) if total > prefill else math.nan
     return rates
 
 
@@ -161,16 +159,16 @@ llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_l
 def run(ids, n):
     params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-run(spec["warmup"], 2)
 rates = {}
 for batch, ids in spec["prompts"].items():
-    prefills, decodes = [], []
+    run(ids, 2)
+    prefill = total = float("inf")
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter(); run(ids, 1); t1 = time.perf_counter(); run(ids, 1 + spec["decode"])
-        prefills.append(t1 - t0); decodes.append(time.perf_counter() - t1 - prefills[-1])
-    rates[f"prefill@{batch}"] = int(batch) * len(ids[0]) / min(prefills)
-    decode = min((d for d in decodes if d > 0), default=float("nan"))
-    rates[f"decode@{batch}"] = int(batch) * spec["decode"] / decode
+        prefill, total = min(prefill, t1 - t0), min(total, time.perf_counter() - t1)
+    rates[f"prefill@{batch}"] = int(batch) * len(ids[0]) / prefill
+    decode = total - prefill
+    rates[f"decode@{batch}"] = int(batch) * spec["decode"] / decode if decode > 0 else float("nan")
 print("RATES " + json.dumps(rates), flush=True)
 """
 
@@ -183,7 +181,6 @@ def vllm_cpu(model_dir: Path, n_threads: int, profile_env: dict[str, str]) -> Ra
     spec = {
         "model": str(model_dir),
         "prompts": {str(b): prompts(b, seed=b) for b in BATCHES},
-        "warmup": prompts(1, seed=99),
         "decode": DECODE,
         "repeats": REPEATS,
     }

@@ -3,19 +3,22 @@ directory first on the vLLM interpreter's PYTHONPATH, so Python imports it at st
 
 vLLM chooses its kernels from torch.cpu's view of the CPU, which reads cpuid and ignores
 ATEN_CPU_CAPABILITY: so capped, it still loads its AVX512-BF16 library (vllm/_C) and plans AMX paths,
-whose oneDNN matmuls then die under ONEDNN_MAX_CPU_ISA=AVX2. Here every AVX-512 and AMX query answers
-False, as on an AVX2 CPU: vLLM loads vllm/_C_AVX2 and takes its non-AMX paths, and the profile's
-caps keep torch's and oneDNN's own kernels at AVX2.
+whose oneDNN matmuls then die under ONEDNN_MAX_CPU_ISA=AVX2. Here torch.cpu.get_capabilities, which
+every torch.cpu._is_*_supported query reads, leaves out the AVX-512 and AMX features, as on an AVX2 CPU:
+vLLM loads vllm/_C_AVX2 and takes its non-AMX paths, and the profile's caps keep torch's and oneDNN's
+own kernels at AVX2.
 """
 
 import torch
 
-for _query in (
-    "_is_avx512_supported",
-    "_is_avx512_bf16_supported",
-    "_is_avx512_vnni_supported",
-    "_is_amx_tile_supported",
-    "_is_amx_fp16_supported",
-):
-    if hasattr(torch.cpu, _query):
-        setattr(torch.cpu, _query, lambda: False)
+_capabilities = torch.cpu.get_capabilities
+
+
+def _avx2_capabilities() -> dict[str, object]:
+    return {
+        name: False if name.startswith(("avx512", "amx")) else present
+        for name, present in _capabilities().items()
+    }
+
+
+setattr(torch.cpu, "get_capabilities", _avx2_capabilities)  # noqa: B010 (torch types it as an lru_cache)

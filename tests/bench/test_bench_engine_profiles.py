@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 import bench_engine
 import pytest
@@ -28,6 +29,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the avx2 profile is for x86-64 CPUs")
 def test_vllm_in_the_avx2_profile_loads_its_avx2_library() -> None:
     seen = json.loads(VLLM.run(LOADED, env=bench_engine.vllm_env("avx2")).strip().splitlines()[-1])
     assert seen == {"libraries": ["_C_AVX2.abi3.so"], "aten": "AVX2", "avx512": False, "amx": False}

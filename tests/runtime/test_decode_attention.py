@@ -119,6 +119,7 @@ def test_leaves_what_it_does_not_take_to_torch(path: str) -> None:
         "a float mask": (q, k, v, torch.zeros(B, 1, 1, S)),
         "a mask of another shape": (q, k, v, torch.ones(B, 1, S, dtype=torch.bool)),
         "no keys": (q, k[:, :, :0], v[:, :, :0], None),
+        "no sequences": (q[:0], k[:0], v[:0], None),
     }
     for why, (q_, k_, v_, mask) in refused.items():
         assert decode_attention(q_, k_, v_, mask=mask, scale=0.125) is None, why

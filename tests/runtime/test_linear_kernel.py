@@ -200,6 +200,7 @@ def test_kernel_linear_module_without_a_kernel_and_at_odd_sizes(
         moe_kernel.load.cache_clear()
 
 
+@needs_avx2
 @pytest.mark.parametrize(
     "rows", [1, linear_mod.FLOAT32_MIN_ROWS - 1, linear_mod.FLOAT32_MIN_ROWS, 40], ids=lambda r: f"{r}rows"
 )

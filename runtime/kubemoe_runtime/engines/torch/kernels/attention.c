@@ -16,6 +16,9 @@
  *   q    [B, H, C] contiguous                keep  [B, S] bytes: 1 where the query may attend the key
  *   k, v [B, S, G, C]: [S, G, C] contiguous, kv_stride elements from one sequence to the next
  *   out  [B, H, C]                           C a multiple of 8, at most ATT_MAX_HEAD; R at most ATT_MAX_GROUP
+ *
+ * Returns 0; -1 for sizes it does not take; -2 where a thread could not allocate its scores (out is then
+ * incomplete). A thread's scores buffer is kept for its next call and grows to the largest R * S seen.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -75,7 +78,7 @@ static void attend_item(const uint16_t *q, const uint16_t *kb, const uint16_t *v
         for (int i = 0; i < n8; i++) qv[r][i] = _mm256_mul_ps(widen8(q + (int64_t)r * C + 8 * i), scaled);
     for (int s = 0; s < S; s++) { /* scores: a key widened once, dotted with every query head */
         if (!kept[s]) {
-            for (int r = 0; r < R; r++) p[r * SP + s] = -INFINITY;
+            for (int r = 0; r < R; r++) p[(int64_t)r * SP + s] = -INFINITY;
             continue;
         }
         const uint16_t *key = kb + (int64_t)s * G * C;
@@ -87,7 +90,7 @@ static void attend_item(const uint16_t *q, const uint16_t *kb, const uint16_t *v
                 b = _mm256_fmadd_ps(qv[r][i + 1], row[i + 1], b);
             }
             if (n8 % 2 == 0) b = _mm256_fmadd_ps(qv[r][n8 - 1], row[n8 - 1], b);
-            p[r * SP + s] = sum8(_mm256_add_ps(a, b));
+            p[(int64_t)r * SP + s] = sum8(_mm256_add_ps(a, b));
         }
     }
     float total[ATT_MAX_GROUP];
@@ -131,7 +134,8 @@ static void attend_item(const uint16_t *q, const uint16_t *kb, const uint16_t *v
 int kubemoe_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t kv_stride,
                              const uint8_t *keep, int B, int H, int G, int S, int C, float scale, uint16_t *out,
                              int threads) {
-    if (B <= 0 || G <= 0 || H % G || H / G > ATT_MAX_GROUP || C <= 0 || C % 8 || C > ATT_MAX_HEAD || S <= 0)
+    if (B <= 0 || G <= 0 || H % G || H / G > ATT_MAX_GROUP || C <= 0 || C % 8 || C > ATT_MAX_HEAD || S <= 0 ||
+        S > INT32_MAX - 8)
         return -1;
     const int R = H / G, SP = (S + 7) / 8 * 8;
     int failed = 0;
