@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bigmoe
 import llamacpp
 import pytest
 
@@ -84,12 +85,12 @@ def test_the_bench_shape_reaches_the_command_line() -> None:
     argv = llamacpp.bench_argv(Path("/b/llama-batched-bench"), Path("/m.gguf"), 6)
     opts = dict(zip(argv[1::2], argv[2::2], strict=True))
     assert argv[0] == "/b/llama-batched-bench"
-    expected = {"-m": "/m.gguf", "-t": "6", "-tb": "6", "-npp": "128", "-ntg": str(llamacpp.DECODE)}
+    expected = {"-m": "/m.gguf", "-t": "6", "-tb": "6", "-npp": "128", "-ntg": str(bigmoe.DECODE)}
     assert {k: opts[k] for k in expected} == expected
     assert opts["-npl"] == "1,16"
     assert opts["--output-format"] == "jsonl"
     # The context holds 16 sequences of prompt + decode: a smaller one makes the bench skip batch 16.
-    assert int(opts["-c"]) >= 16 * (128 + llamacpp.DECODE)
+    assert int(opts["-c"]) >= 16 * (128 + bigmoe.DECODE)
 
 
 def test_the_gguf_is_cached_per_checkpoint_and_version() -> None:
