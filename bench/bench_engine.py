@@ -105,10 +105,7 @@ def print_paths(engine: TorchEngine) -> None:
     """Which path each MoE layer's routed experts and the dense projections take in this engine."""
     print(f"# {moe_kernel.describe()}; torch ATen {torch.backends.cpu.get_cpu_capability()}")
     experts = [m for m in engine.model.modules() if isinstance(m, LocalExperts)]
-    paths = [
-        f"{moe_kernel.path()} kernel" if m.kernel else "oneDNN packed" if m.packed is not None else "torch"
-        for m in experts
-    ]
+    paths = [f"{moe_kernel.path()} kernel" if m.kernel else "torch" for m in experts]
     runs = [f"{path} x{n}" for path, n in {p: paths.count(p) for p in dict.fromkeys(paths)}.items()]
     print(f"# torch engine, routed experts of its {len(experts)} MoE layers: {', '.join(runs) or 'none'}")
     print(f"#   per layer: {' | '.join(paths)}")

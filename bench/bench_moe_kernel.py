@@ -2,10 +2,10 @@
 
 Paths (kernels/moe.py): each C kernel this CPU can run (amx: AMX tiles from 3 rows an expert, its
 AVX512-BF16 dot products below; avx512bf16: AVX512-BF16 dot products; avx2: bf16 widened in registers,
-float FMAs), the torch path (LocalExperts on its row-major bf16 stacks, as a
-CPU without the kernels runs it), and where oneDNN does bf16, its packed GEMMs (the engine's path before
-the kernel). All run through `LocalExperts.forward`, on the same weights, interleaved repeat by repeat
-(so a noisy moment hits every path), best of the repeats kept. Two layer shapes:
+float FMAs), the torch path (LocalExperts on its row-major bf16 stacks, as a CPU without the
+kernels runs it), and where oneDNN does bf16, the torch path's grouped and looped forms each forced (the
+torch path picks one by rows an expert). All run through `LocalExperts.forward`, on the same weights,
+interleaved repeat by repeat (so a noisy moment hits every path), best of the repeats kept. Two layer shapes:
 
     bench model    32 experts of 512, hidden 1024, top-4 (bigmoe.py's 425 M model): 8 layers of distinct
                    weights in turn, so that no layer's experts are still in cache when it runs again
@@ -17,7 +17,7 @@ the read bandwidth (a torch sum and max over 1 GiB, timed in the same repeats as
 kept: the bound of the same moments, on a machine whose bandwidth others share; a kernel that prefetches
 can beat it by ~10%), and the speed-up over the torch path in this run. A machine with AVX-512 shows an
 AVX2 machine's torch path too when torch's and oneDNN's instruction sets are capped (oneDNN then does
-no bf16, as on AVX2, and the packed path drops out):
+no bf16, as on AVX2, and the forced forms drop out):
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_moe_kernel.py
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=$PWD .venv/bin/python \
@@ -44,7 +44,11 @@ from kubemoe_runtime.engines.torch.model.packing import can_pack
 
 ROWS: Final = tuple(int(r) for r in os.environ.get("BENCH_MOE_ROWS", "1,4,16,64,128,512").split(","))
 TORCH: Final = "torch"
-ONEDNN: Final = "oneDNN packed"
+# The torch path's two forms where oneDNN does bf16, each forced (LocalExperts.GROUPED_MAX_ROWS); TORCH
+# picks between them by rows as the engine does
+GROUPED: Final = "torch grouped"
+LOOPED: Final = "torch looped"
+FORMS: Final = {GROUPED: 1 << 30, LOOPED: 0}
 
 
 @dataclass(frozen=True)
@@ -83,18 +87,6 @@ def make_layers(shape: Shape) -> list[LocalExperts]:
     return layers
 
 
-def packed_copies(layers: list[LocalExperts]) -> list[LocalExperts]:
-    copies = []
-    for layer in layers:
-        dim, hidden = layer.w_down_EDF.shape[1:]
-        copy = LocalExperts(dim=dim, hidden=hidden, experts=layer.experts)
-        copy.w_gate_up_E2FD.data, copy.w_down_EDF.data = layer.w_gate_up_E2FD.data, layer.w_down_EDF.data
-        copy.requires_grad_(False)
-        copy.pack_experts()  # drops its references to the shared row-major stacks
-        copies.append(copy)
-    return copies
-
-
 def use(path: str, layers: list[LocalExperts]) -> None:
     """Route these layers to `path` as the engine would: the kernel through load(), forced by env."""
     if path in moe_kernel.PATHS:
@@ -103,11 +95,11 @@ def use(path: str, layers: list[LocalExperts]) -> None:
         assert moe_kernel.path() == path, moe_kernel.describe()
     for layer in layers:
         layer.kernel = path in moe_kernel.PATHS
+        layer.GROUPED_MAX_ROWS = FORMS.get(path, LocalExperts.GROUPED_MAX_ROWS)
 
 
 def run_shape(shape: Shape, paths: list[str], probe: torch.Tensor) -> None:
     layers = make_layers(shape)
-    packed = packed_copies(layers) if ONEDNN in paths else []
     total = shape.layers * shape.experts * shape.expert_bytes() / 1e9
     print(
         f"\n## {shape.name}: {shape.experts} experts of {shape.expert_hidden}, hidden {shape.hidden}, "
@@ -134,13 +126,12 @@ def run_shape(shape: Shape, paths: list[str], probe: torch.Tensor) -> None:
                     reduce(probe)
                     read = min(read, time.perf_counter() - started)
                 for path in paths:
-                    on = packed if path == ONEDNN else layers
-                    use(path, on)
+                    use(path, layers)
                     started = time.perf_counter()
-                    for layer, ids in zip(on, routes, strict=True):
+                    for layer, ids in zip(layers, routes, strict=True):
                         layer(x, ids, w)
                     if repeat:
-                        best[path] = min(best[path], (time.perf_counter() - started) / len(on))
+                        best[path] = min(best[path], (time.perf_counter() - started) / len(layers))
         gb = distinct * shape.expert_bytes() / 1e9
         bandwidth = probe.numel() * probe.element_size() / read / 1e9
         print(f"{rows:>5} {distinct:>7.1f} {'read bound':>13} {'':>9} {bandwidth:>6.1f} {'100%':>8}")
@@ -172,7 +163,7 @@ def main() -> None:
             print(f"# {path} kernel skipped: {moe_kernel.why_not(path)}")
         else:
             kernels.append(path)
-    paths = [*kernels, TORCH, *([ONEDNN] if onednn_bf16 else [])]
+    paths = [*kernels, TORCH, *([GROUPED, LOOPED] if onednn_bf16 else [])]
     start = read_bandwidth_gbs()
     probe = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB: the read bound, timed with the paths
     chosen = os.environ.get("BENCH_MOE_SHAPES", "bench,qwen3").split(",")

@@ -293,21 +293,18 @@ def test_staging_reads_only_the_experts_new_here_and_fails_by_file(
         ).stage_placement(placement(1, (7, 6, 5, 4, 3, 2, 1, 0)))
 
 
-@pytest.mark.parametrize("form", ["kernel", "packed"])
+@pytest.mark.parametrize("form", ["kernel", "torch"])
 def test_bf16_fast_paths_run_on_slots(
     checkpoints: dict[str, Path], form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The bf16 CPU paths (the MoE kernel on the row-major stacks, else packed experts) after a live switch
-    to slots with copies: same greedy tokens, the same path still taken."""
+    """The bf16 CPU paths (the MoE kernel, else the torch path's forms, both on the row-major stacks) after
+    a live switch to slots with copies: same greedy tokens, the same path still taken."""
     from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-    from kubemoe_runtime.engines.torch.model.packing import can_pack
 
-    if not can_pack(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("this CPU lacks oneDNN bf16 support: nothing is packed, no kernel runs")
     if form == "kernel" and moe_kernel.load() is None:
         pytest.skip("the MoE kernel does not run on this machine")
-    if form == "packed":
-        monkeypatch.setattr(moe_kernel, "load", lambda: None)  # the engine then packs its experts
+    if form == "torch":
+        monkeypatch.setattr(moe_kernel, "load", lambda: None)  # as KUBEMOE_MOE_KERNEL=torch
     engine = TorchEngine.load(checkpoints["deepseek_v3"], dtype=torch.bfloat16)
     before_logits = engine.logits(PROMPT)
     before = engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=6)
@@ -320,12 +317,8 @@ def test_bf16_fast_paths_run_on_slots(
     for _, block in engine.moe_layers():
         experts = block.experts
         assert experts.kernel == (form == "kernel")
-        if form == "kernel":
-            assert experts.w_gate_up_E2FD.shape[0] == 10
-            assert experts.w_gate_up_E2FD.dtype == torch.bfloat16
-        else:
-            assert experts.packed is not None
-            assert len(experts.packed) == 10
+        assert experts.w_gate_up_E2FD.shape[0] == 10
+        assert experts.w_gate_up_E2FD.dtype == torch.bfloat16
     assert engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=6) == before
     # bf16: the K choices are summed in another order once the slots move, so only bf16 rounding apart
     torch.testing.assert_close(engine.logits(PROMPT), before_logits, atol=0.05, rtol=0.05)

@@ -1,4 +1,4 @@
-"""The routed-expert block's two execution forms (looped and batched) against a plain per-token reference."""
+"""The routed-expert block's torch forms (grouped, looped, batched) against a plain per-token reference."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kubemoe_runtime.engines.torch.model import moe
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 
 D, H = 16, 8
@@ -61,23 +62,32 @@ def record_forms(block: LocalExperts) -> list[str]:
 
         return wrapped
 
-    for name in ("_looped", "_batched"):
+    for name in ("_grouped", "_looped", "_batched"):
         setattr(block, name, recorded(name))
     return calls
 
 
 @pytest.mark.parametrize(
-    ("tokens", "owned", "form"),
+    ("tokens", "owned", "grouped_runs", "form"),
     [
-        (1, range(0, 8), "looped"),  # decode at batch 1: two of eight experts picked
-        (8, range(0, 8), "batched"),  # most experts picked, few rows each
-        (64, range(0, 8), "looped"),  # prefill: more rows per expert than the batched form pads to
-        (8, range(4, 8), "batched"),  # an expert-parallel rank owning the upper half
-        (1, range(4, 6), "either"),  # a rank that may own none of the picked experts
+        (1, range(0, 8), True, "grouped"),  # decode at batch 1: two of eight experts picked
+        (8, range(0, 8), True, "grouped"),  # decode at batch 8: most experts picked
+        (64, range(0, 8), True, "looped"),  # a long prefill: past GROUPED_MAX_ROWS (4 here) rows an expert
+        (8, range(4, 8), True, "grouped"),  # an expert-parallel rank owning the upper half
+        # Off the CPU (grouped_mm's rules are narrower there): batched at decode, looped at prefill
+        (8, range(0, 8), False, "batched"),
+        (64, range(0, 8), False, "looped"),
+        (8, range(4, 8), False, "batched"),
+        (1, range(4, 6), True, "either"),  # a rank that may own none of the picked experts
     ],
 )
-def test_both_forms_match_the_per_token_reference(tokens: int, owned: range, form: str) -> None:
+def test_each_form_matches_the_per_token_reference(
+    tokens: int, owned: range, grouped_runs: bool, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     block = experts(owned)
+    block.GROUPED_MAX_ROWS = 4
+    if not grouped_runs:
+        monkeypatch.setattr(moe, "grouped_mm_runs", lambda x: False)
     x, ids, w = routed(tokens, n_experts=8, k=2, seed=tokens)
     calls = record_forms(block)
     with torch.no_grad():
@@ -88,6 +98,22 @@ def test_both_forms_match_the_per_token_reference(tokens: int, owned: range, for
         assert calls == [f"_{form}"]
 
 
+def test_grouped_form_skips_experts_no_row_picked() -> None:
+    """grouped_mm's groups are every local slot; slots no row picked are empty groups, and their weights
+    (NaN here, so any use shows) never reach the output."""
+    block = experts(range(0, 8))
+    with torch.no_grad():
+        block.w_gate_up_E2FD[5:] = float("nan")
+        block.w_down_EDF[5:] = float("nan")
+    x, ids, w = routed(6, n_experts=5, k=2, seed=4)  # experts 0-4 only
+    calls = record_forms(block)
+    with torch.no_grad():
+        got = block(x, ids, w)
+    assert calls == ["_grouped"]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference(block, x, ids, w), atol=1e-4, rtol=1e-4)
+
+
 def test_padding_rows_of_other_ranks_contribute_nothing() -> None:
     block = experts(range(0, 4))
     x, ids, w = routed(6, n_experts=8, k=2, seed=3)
@@ -96,3 +122,14 @@ def test_padding_rows_of_other_ranks_contribute_nothing() -> None:
         y = block(x, ids, w)
     assert torch.count_nonzero(y[3:]) == 0
     torch.testing.assert_close(y, reference(block, x, ids, w), atol=1e-4, rtol=1e-4)
+
+
+def test_float64_experts_take_a_form_torch_multiplies_in_float64() -> None:
+    """grouped_mm has no float64 on the CPU: a float64 block (a reference model) takes the other forms."""
+    block = experts(range(0, 8)).double()
+    x, ids, w = routed(8, n_experts=8, k=2, seed=5)
+    calls = record_forms(block)
+    with torch.no_grad():
+        got = block(x.double(), ids, w.double())
+    assert calls == ["_batched"]
+    torch.testing.assert_close(got, reference(block, x.double(), ids, w.double()), atol=1e-9, rtol=1e-9)

@@ -164,14 +164,13 @@ def check_kernel(path: str, case: Case, *, zeros: bool) -> None:
 @pytest.mark.parametrize("case", CASES, ids=str)
 @ZEROS
 def test_torch_path_matches_float64_reference(case: Case, zeros: bool) -> None:
-    """LocalExperts with neither kernel nor packing: what runs without AVX2, or with KUBEMOE_MOE_KERNEL=torch
-    (its batched form at decode, its looped form at prefill)."""
+    """LocalExperts without a kernel: what runs without AVX2, or with KUBEMOE_MOE_KERNEL=torch (its grouped
+    form where torch's bf16 GEMM is fast, else its looped form, through float32)."""
     x, (w13, w2), ids, w = case.inputs(zeros=zeros)
     module = LocalExperts(dim=case.D, hidden=case.F, experts=case.experts)
     module.w_gate_up_E2FD.data, module.w_down_EDF.data = w13, w2
     module.requires_grad_(False)
     assert not module.kernel
-    assert module.packed is None
 
     with torch.inference_mode():
         got = module(x, ids, w)
@@ -199,9 +198,8 @@ def test_local_experts_kernel_matches_torch_path(
     w13, w2 = random_layer(E, D, F_, seed=3)
     for module in (fast, slow):
         module.w_gate_up_E2FD.data, module.w_down_EDF.data = w13.clone(), w2.clone()
-    fast.pack()
+    fast.choose_kernel()
     assert fast.kernel
-    assert fast.packed is None
     calls: list[int] = []
     real = moe_kernel.routed_experts
 
@@ -297,7 +295,7 @@ def test_a_kernel_that_cannot_be_loaded_leaves_the_torch_path(
         experts = LocalExperts(dim=64, hidden=32, experts=range(4))
         experts.w_gate_up_E2FD.data = experts.w_gate_up_E2FD.data.bfloat16()
         experts.w_down_EDF.data = experts.w_down_EDF.data.bfloat16()
-        experts.pack()
+        experts.choose_kernel()
         assert not experts.kernel, "LocalExperts picked a kernel that cannot load"
     finally:
         moe_kernel.load.cache_clear()

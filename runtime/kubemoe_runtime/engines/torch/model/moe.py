@@ -27,7 +27,6 @@ from kubemoe_runtime.engines.torch.kernels.linear import matmul
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.layers import MLP
-from kubemoe_runtime.engines.torch.model.packing import linear, pack
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.placement import Placement
 
@@ -172,7 +171,15 @@ class StagedSlots:
     route: SlotRoute
     w_gate_up_E2FD: torch.Tensor | None  # None: unchanged (only the route changes)
     w_down_EDF: torch.Tensor | None
-    packed: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_runs(x: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` (torch 2.8 and later) multiplies `x`'s dtype on its device: on the CPU, a loop
+    of GEMMs in C++ for float32, bf16 and float16 (elsewhere it has narrower rules: the other forms serve)."""
+    return x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and hasattr(F, "grouped_mm")
 
 
 class LocalExperts(nn.Module):
@@ -181,24 +188,33 @@ class LocalExperts(nn.Module):
 
     Gate and up projections are one matrix per expert (`w_gate_up_E2FD`: gate rows, then up rows), so an
     expert is two matmuls. The forward groups the (token, choice) slots by expert on the host (one sync),
-    then runs the experts one of three ways:
+    then runs the experts one of four ways:
 
         kernel    bf16 on an x86-64 CPU with AVX2 or better (kernels/moe.py): the whole layer in one C
                   call on the row-major stacks, at close to memory bandwidth at decode; up to
                   KERNEL_MAX_ROWS rows an expert on average, beyond which the looped form on those same
                   weights is faster, except on AMX tiles, which are the fastest at any row count
-        looped    each picked expert once over its contiguous block of rows (prefill: many rows each;
-                  decode at small batch: few experts picked, and only their weights are read); always,
-                  once the experts are packed (packing.py: a packed GEMM at decode's few rows runs
-                  near memory bandwidth, faster than either torch form on row-major weights)
-        batched   row-major weights, most experts picked, few rows each (decode at larger batch):
-                  every expert's rows padded to the same count and all experts in two bmm calls,
+        grouped   on the CPU where torch's GEMM is fast in the weights' dtype (AVX-512 or AMX for bf16;
+                  float32 anywhere), up to GROUPED_MAX_ROWS rows an expert: two F.grouped_mm calls over
+                  the stacks, the loop over experts in C++ (bench_moe_kernel.py, bench model, 2 threads, ms
+                  a layer, grouped / looped / the oneDNN-packed experts this replaced: 16 rows 10.3 / 14.6 /
+                  13.6, 64 rows 13.7 / 19.2 / 20.2, 1024 rows 40.5 / 46.2 / 44.8; packed was faster only
+                  at 1-4 rows, 1.17 against 1.49 ms at one)
+        looped    each picked expert once over its contiguous block of rows (long prefills: many rows
+                  each; and on a CPU whose bf16 GEMM is slow, through float32: kernels/linear.py)
+        batched   off the CPU (and in float64), most experts picked, few rows each (decode at larger
+                  batch): every expert's rows padded to the same count and all experts in two bmm calls,
                   instead of two small GEMMs per expert whose per-call cost dominates
 
-    Every slot's output goes to its own place, and the K choices of a token are summed in one reduction
-    (no index_add, which is slow and serial for bf16 on CPU).
+    Each row's gate weight scales the expert's activations before its down projection (linear, so the same
+    product at half the width); the rows go back to (token, choice) order in one gather and the K choices
+    of a token are summed in one reduction (no index_add, which rounds once per choice in bf16).
     """
 
+    # Up to this many rows an expert on average the grouped form beats the looped one (no per-expert ops from
+    # Python); past it the looped form's F.linear is faster than grouped_mm's GEMMs into a shared output
+    # (bench_moe_kernel.py: see the class docstring)
+    GROUPED_MAX_ROWS = 128
     BATCHED_MAX_ROWS = 16  # the batched form pads every expert to the busiest one's rows: keep that small
     # From this many rows an expert on average (long prefills), oneDNN's GEMM on the same row-major weights
     # is as fast as the kernel, whose dot products cannot block loads as a GEMM does (even at 64 rows an
@@ -216,30 +232,12 @@ class LocalExperts(nn.Module):
         n = len(experts)
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(n, 2 * hidden, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(n, dim, hidden))
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per slot: gate_up, down
-        self.packed_dtype: torch.dtype | None = None
         self.kernel = False
 
-    def pack(self, *, packing: bool = True) -> None:
-        """Ready bf16 CPU experts for decode: the kernel where it runs (weights stay as they are), else
-        with `packing` (oneDNN has bf16 here) each expert's two matrices packed (packing.py), dropping the
-        stacked row-major copies."""
+    def choose_kernel(self) -> None:
+        """bf16 CPU experts: the MoE kernel where it runs (on these same row-major stacks)."""
         dim, hidden = self.w_down_EDF.shape[1:]
-        if moe_kernel.load() is not None and moe_kernel.fits(dim, hidden):
-            self.kernel = True
-            return
-        if packing:
-            self.pack_experts()
-
-    def pack_experts(self) -> None:
-        """Pack each expert's two matrices (packing.py) and drop the stacked row-major copies."""
-        self.packed_dtype = self.w_down_EDF.dtype
-        self.packed = [
-            (pack(gate_up), pack(down))
-            for gate_up, down in zip(self.w_gate_up_E2FD, self.w_down_EDF, strict=True)
-        ]
-        self.w_gate_up_E2FD = nn.Parameter(torch.empty(0), requires_grad=False)
-        self.w_down_EDF = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.kernel = moe_kernel.load() is not None and moe_kernel.fits(dim, hidden)
 
     def stage(
         self,
@@ -249,24 +247,13 @@ class LocalExperts(nn.Module):
     ) -> StagedSlots:
         """The next slots, slot j holding `experts[j]`: copied from the slot that holds it now, or from
         `fresh[e]` (gate_up [2F, D] and down [D, F], any dtype) for an expert new here. Any thread: it only
-        reads this module. Unchanged slots keep their weights (only the route is new); packed experts
-        share the packed matrices they already have."""
+        reads this module. Unchanged slots keep their weights (only the route is new)."""
         experts = tuple(experts)
         if experts == tuple(self.experts):
-            return StagedSlots(experts, route, None, None, None)
+            return StagedSlots(experts, route, None, None)
         held: dict[int, int] = {}
         for j, e in enumerate(self.experts):
             held.setdefault(e, j)
-        if self.packed is not None:
-            assert self.packed_dtype is not None
-            dtype = self.packed_dtype
-            packed = [
-                self.packed[held[e]]
-                if e in held
-                else (pack(fresh[e][0].to(dtype)), pack(fresh[e][1].to(dtype)))
-                for e in experts
-            ]
-            return StagedSlots(experts, route, None, None, packed)
         old_gu, old_down = self.w_gate_up_E2FD.detach(), self.w_down_EDF.detach()
         gate_up = torch.empty((len(experts), *old_gu.shape[1:]), dtype=old_gu.dtype, device=old_gu.device)
         down = torch.empty((len(experts), *old_down.shape[1:]), dtype=old_down.dtype, device=old_down.device)
@@ -275,13 +262,11 @@ class LocalExperts(nn.Module):
                 source = (old_gu[held[e]], old_down[held[e]]) if e in held else fresh[e]
                 gate_up[j].copy_(source[0])
                 down[j].copy_(source[1])
-        return StagedSlots(experts, route, gate_up, down, None)
+        return StagedSlots(experts, route, gate_up, down)
 
     def install(self, staged: StagedSlots) -> None:
         """Swap staged slots in (the engine thread, between forwards): references only, no copy."""
-        if staged.packed is not None:
-            self.packed = staged.packed
-        elif staged.w_gate_up_E2FD is not None and staged.w_down_EDF is not None:
+        if staged.w_gate_up_E2FD is not None and staged.w_down_EDF is not None:
             self.w_gate_up_E2FD = nn.Parameter(staged.w_gate_up_E2FD, requires_grad=False)
             self.w_down_EDF = nn.Parameter(staged.w_down_EDF, requires_grad=False)
         self.experts = staged.experts
@@ -308,43 +293,67 @@ class LocalExperts(nn.Module):
                 x_MD.contiguous(), self.w_gate_up_E2FD, self.w_down_EDF, w_MK,
                 slots=slots, experts=chosen, starts=starts,
             )  # fmt: skip
-        y_SD = x_MD.new_zeros(M * K, x_MD.shape[1])
         owned = torch.tensor(slots)
-        x_sD = x_MD[owned // K]
-        if (
-            self.packed is None
-            and 2 * len(chosen) >= E
-            and max(counts) <= self.BATCHED_MAX_ROWS
-            and (moe_kernel.fast_bf16_gemm() or x_MD.dtype != torch.bfloat16)  # else bf16 bmm is a slow loop
-        ):
-            out_sD = self._batched(x_sD, torch.tensor([local[s] for s in slots]), counts)
+        x_sD = x_MD.index_select(0, owned // K)  # index_select: advanced indexing is 4x slower on CPU
+        w_s = w_MK.flatten().index_select(0, owned)
+        fast_gemm = moe_kernel.fast_bf16_gemm() or x_MD.dtype != torch.bfloat16  # else bf16 is a slow loop
+        if fast_gemm and grouped_mm_runs(x_MD):
+            grouped = len(slots) <= self.GROUPED_MAX_ROWS * len(chosen)
+            out_sD = self._grouped(x_sD, w_s, counts) if grouped else self._looped(x_sD, w_s, counts)
+        elif fast_gemm and 2 * len(chosen) >= E and max(counts) <= self.BATCHED_MAX_ROWS:
+            out_sD = self._batched(x_sD, w_s, torch.tensor([local[s] for s in slots]), counts)
         else:
-            out_sD = self._looped(x_sD, counts)
-        y_SD[owned] = (out_sD * w_MK.flatten()[owned, None]).to(y_SD.dtype)
+            out_sD = self._looped(x_sD, w_s, counts)
+        if len(slots) == M * K:  # every pair computed here: back to (token, choice) order
+            back = torch.empty_like(owned)
+            back[owned] = torch.arange(M * K)
+            y_SD = out_sD.index_select(0, back)
+        else:  # pairs other ranks compute are zero rows here
+            y_SD = out_sD.new_zeros(M * K, out_sD.shape[1]).index_copy_(0, owned, out_sD)
         return y_SD.view(M, K, -1).sum(dim=1)
 
-    def _looped(self, x_sD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows sorted by expert, `counts[e]` rows for local expert e: each picked expert on its block."""
+    @staticmethod
+    def _weigh(act_nF: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
+        """An expert's activations times each row's gate weight, rounded once to their dtype: the down
+        projection is linear, so this weighs its output at half the width (F, not D) and with no pass of
+        its own over the outputs."""
+        return (act_nF * w_n[:, None]).to(act_nF.dtype)
+
+    def _looped(self, x_sD: torch.Tensor, w_s: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by expert, `counts[e]` rows for local expert e, `w_s` their gate weights: each picked
+        expert on its block, its output weighted."""
         picked = [local for local, n in enumerate(counts) if n]
+        sizes = [counts[e] for e in picked]
         outputs: list[torch.Tensor] = []
-        for local, rows_nD in zip(picked, torch.split(x_sD, [counts[e] for e in picked]), strict=True):
-            if self.packed is not None:
-                w_gate_up, w_down = self.packed[local]
-            else:
-                w_gate_up, w_down = self.w_gate_up_E2FD[local], self.w_down_EDF[local]
-            gate_nF, up_nF = linear(rows_nD, w_gate_up).chunk(2, dim=-1)
-            outputs.append(linear(F.silu(gate_nF) * up_nF, w_down))
+        blocks = zip(picked, torch.split(x_sD, sizes), torch.split(w_s, sizes), strict=True)
+        for local, rows_nD, w_n in blocks:
+            gate_nF, up_nF = matmul(rows_nD, self.w_gate_up_E2FD[local]).chunk(2, dim=-1)
+            outputs.append(matmul(self._weigh(F.silu(gate_nF) * up_nF, w_n), self.w_down_EDF[local]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def _batched(self, x_sD: torch.Tensor, expert_s: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _grouped(self, x_sD: torch.Tensor, w_s: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The same in two grouped GEMMs over the stacked row-major weights (F.grouped_mm): no per-expert
+        op from Python, no padding."""
+        offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32)
+        gate_sF, up_sF = F.grouped_mm(x_sD, self.w_gate_up_E2FD.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        act_sF = self._weigh(F.silu(gate_sF) * up_sF, w_s)
+        out_sD: torch.Tensor = F.grouped_mm(act_sF, self.w_down_EDF.transpose(1, 2), offs=offs)
+        return out_sD
+
+    def _batched(
+        self, x_sD: torch.Tensor, w_s: torch.Tensor, expert_s: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
         """The same, as two bmm calls over every local expert, rows padded to the busiest expert's R."""
         E, R = len(counts), max(counts)
         starts_E = torch.tensor([0, *counts[:-1]]).cumsum(0)
         row_s = torch.arange(x_sD.shape[0]) - starts_E[expert_s]  # each slot's row within its expert
         x_ERD = x_sD.new_zeros(E, R, x_sD.shape[1])
         x_ERD[expert_s, row_s] = x_sD
+        w_ER = w_s.new_zeros(E, R)
+        w_ER[expert_s, row_s] = w_s
         gate_ERF, up_ERF = torch.bmm(x_ERD, self.w_gate_up_E2FD.transpose(1, 2)).chunk(2, dim=-1)
-        out_ERD = torch.bmm(F.silu(gate_ERF) * up_ERF, self.w_down_EDF.transpose(1, 2))
+        act_ERF = self._weigh((F.silu(gate_ERF) * up_ERF).flatten(0, 1), w_ER.flatten()).view(E, R, -1)
+        out_ERD = torch.bmm(act_ERF, self.w_down_EDF.transpose(1, 2))
         return out_ERD[expert_s, row_s]
 
 

@@ -7,10 +7,11 @@ product: 116 µs against 191 µs, with a plain read of the same bytes at 126 µs
 box), and is no slower at prefill's thousands of rows. Decode reads every weight once a step, so that is
 the engine's decode speed.
 
-`pack_model` swaps every bf16 `nn.Linear` for a `PackedLinear` and has each `LocalExperts` pack
-its experts, dropping the row-major copies. It packs nothing (returns False) off the CPU, for other
-dtypes, and on CPUs without bf16 support in oneDNN; on those CPUs (AVX2 without AVX-512) it swaps bf16
-linears for KernelLinear instead (kernels/linear.py) and switches the experts' MoE kernel on.
+`pack_model` swaps every bf16 `nn.Linear` for a `PackedLinear`, and has each `LocalExperts` pick its
+MoE kernel (the routed experts stay row-major stacks: moe.py's grouped form beat packed experts from 16
+rows an expert on). It packs nothing (returns False) off the CPU, for other dtypes, and on CPUs without
+bf16 support in oneDNN; on those CPUs (AVX2 without AVX-512) it swaps bf16 linears for KernelLinear
+instead (kernels/linear.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
-from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, matmul
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear
 
 _OPS = ("_is_mkldnn_bf16_supported", "_reorder_linear_weight", "_linear_pointwise")
 
@@ -49,11 +50,6 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear` for a plain or a packed weight (bf16 through float32 where torch's bf16 GEMM is slow)."""
-    return packed_linear(x, weight) if weight.is_mkldnn else matmul(x, weight)
-
-
 class PackedLinear(nn.Module):
     """An `nn.Linear` whose weight is packed."""
 
@@ -70,22 +66,20 @@ class PackedLinear(nn.Module):
 def pack_model(model: nn.Module) -> bool:
     """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply or the
     kernels beat it (AMX tiles). There, on a CPU whose torch bf16 GEMM is slow or that has tiles, bf16
-    linears become KernelLinear (kernels/linear.py), and each LocalExperts still picks its kernel."""
+    linears become KernelLinear (kernels/linear.py). Each LocalExperts of a bf16 CPU model picks its MoE
+    kernel either way."""
     weight = next(model.parameters())
-    if not can_pack(weight.dtype, weight.device) or kernels.tiles():
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and KernelLinear.applies(child):
-                    setattr(module, name, KernelLinear(child))
-            pack_own = getattr(module, "pack", None)
-            if callable(pack_own) and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-                pack_own(packing=False)
-        return False
+    packs = can_pack(weight.dtype, weight.device) and not kernels.tiles()
+    bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
+            if not isinstance(child, nn.Linear):
+                continue
+            if packs and child.weight.dtype == torch.bfloat16:
                 setattr(module, name, PackedLinear(child))
-        pack_own = getattr(module, "pack", None)  # LocalExperts: each expert's matrices
-        if callable(pack_own):
-            pack_own()
-    return True
+            elif not packs and KernelLinear.applies(child):
+                setattr(module, name, KernelLinear(child))
+        choose_kernel = getattr(module, "choose_kernel", None)  # LocalExperts
+        if callable(choose_kernel) and bf16_cpu:
+            choose_kernel()
+    return packs
