@@ -32,7 +32,7 @@ Each measurement runs in a process of its own, per instruction-set profile:
              alone, is a further anchor
 
 The torch engine's lines say which path each hot part runs: the CPU flags it sees, each MoE layer's
-routed experts (a C kernel by instruction set, oneDNN packed GEMMs, or torch on row-major weights), and
+routed experts (a C kernel by instruction set, or torch on row-major weights), and
 the dense projections (attention, dense MLPs, LM head): oneDNN packed, the linear kernel (KernelLinear,
 on CPUs whose torch bf16 GEMM is slow), or torch.
 

@@ -319,6 +319,16 @@ def test_bf16_fast_paths_run_on_slots(
         assert experts.kernel == (form == "kernel")
         assert experts.w_gate_up_E2FD.shape[0] == 10
         assert experts.w_gate_up_E2FD.dtype == torch.bfloat16
+    forms: list[str] = []
+    for name in ("_grouped", "_looped", "_batched"):
+        real = getattr(LocalExperts, name)
+        monkeypatch.setattr(
+            LocalExperts,
+            name,
+            lambda self, *a, _real=real, _name=name: forms.append(_name) or _real(self, *a),
+        )
     assert engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=6) == before
+    if form == "torch":  # grouped where torch's bf16 GEMM is fast, else looped (through float32)
+        assert set(forms) == {"_grouped" if moe_kernel.fast_bf16_gemm() else "_looped"}
     # bf16: the K choices are summed in another order once the slots move, so only bf16 rounding apart
     torch.testing.assert_close(engine.logits(PROMPT), before_logits, atol=0.05, rtol=0.05)

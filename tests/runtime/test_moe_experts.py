@@ -87,7 +87,7 @@ def test_each_form_matches_the_per_token_reference(
     block = experts(owned)
     block.GROUPED_MAX_ROWS = 4
     if not grouped_runs:
-        monkeypatch.setattr(moe, "grouped_mm_runs", lambda x: False)
+        monkeypatch.setattr(moe, "grouped_mm_runs", lambda *args: False)
     x, ids, w = routed(tokens, n_experts=8, k=2, seed=tokens)
     calls = record_forms(block)
     with torch.no_grad():
@@ -99,18 +99,35 @@ def test_each_form_matches_the_per_token_reference(
 
 
 def test_grouped_form_skips_experts_no_row_picked() -> None:
-    """grouped_mm's groups are every local slot; slots no row picked are empty groups, and their weights
-    (NaN here, so any use shows) never reach the output."""
+    """grouped_mm's groups are every local slot; slots no row picked (2, 5 and 7 here: empty groups between
+    busy ones and at the end) are empty groups, and their weights (NaN, so any use shows) are never read."""
     block = experts(range(0, 8))
+    idle = [2, 5, 7]
     with torch.no_grad():
-        block.w_gate_up_E2FD[5:] = float("nan")
-        block.w_down_EDF[5:] = float("nan")
-    x, ids, w = routed(6, n_experts=5, k=2, seed=4)  # experts 0-4 only
+        block.w_gate_up_E2FD[idle] = float("nan")
+        block.w_down_EDF[idle] = float("nan")
+    x, ids, w = routed(6, n_experts=5, k=2, seed=4)
+    ids = torch.tensor([0, 1, 3, 4, 6])[ids]  # experts 0, 1, 3, 4 and 6 only
+    assert set(ids.flatten().tolist()) == {0, 1, 3, 4, 6}
     calls = record_forms(block)
     with torch.no_grad():
         got = block(x, ids, w)
     assert calls == ["_grouped"]
     assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference(block, x, ids, w), atol=1e-4, rtol=1e-4)
+
+
+def test_sizes_grouped_mm_cannot_stride_take_the_looped_form() -> None:
+    """grouped_mm wants each size 16 bytes wide: an expert of 6 (24 bytes in float32) takes another form."""
+    block = LocalExperts(dim=D, hidden=6, experts=range(0, 8))
+    with torch.no_grad():
+        block.w_gate_up_E2FD.normal_()
+        block.w_down_EDF.normal_()
+    x, ids, w = routed(4, n_experts=8, k=2, seed=6)
+    calls = record_forms(block)
+    with torch.no_grad():
+        got = block(x, ids, w)
+    assert calls and "_grouped" not in calls
     torch.testing.assert_close(got, reference(block, x, ids, w), atol=1e-4, rtol=1e-4)
 
 

@@ -118,6 +118,15 @@ def test_a_forced_kernel_the_cpu_lacks_means_the_torch_path_not_another_kernel(
     assert "lacks avx512_bf16, avx512bw, avx512f, avx512vl" in caplog.text
 
 
+def test_every_kernel_needs_fma_as_its_library_is_built_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX-512 CPU without FMA (a hypervisor can hide it) runs no kernel: each is built with -mfma."""
+    for path, flags in build.KERNELS.items():
+        assert "-mfma" in flags, path
+    pretend_cpu(monkeypatch, (moe_kernel.NEEDS["amx"] | {"avx2"}) - {"fma"})
+    for path in moe_kernel.PATHS:
+        assert str(moe_kernel.unsupported(path)).endswith("this CPU lacks fma"), path
+
+
 @needs_avx2
 def test_an_unknown_forced_path_is_ignored_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

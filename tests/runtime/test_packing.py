@@ -35,7 +35,7 @@ def test_packed_engine_matches_row_major_weights(checkpoints: dict[str, Path], a
     assert linears, f"no linear layer became {dense.__name__}"
     assert experts
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.model.modules())
-    for e in experts:  # the MoE kernel or the grouped form, both on the row-major bf16 stacks
+    for e in experts:  # the MoE kernel or the torch path, both on the row-major bf16 stacks (one copy)
         assert e.kernel == (moe_kernel.load() is not None)
         assert e.w_gate_up_E2FD.dtype == torch.bfloat16
         assert e.w_gate_up_E2FD.numel() > 0

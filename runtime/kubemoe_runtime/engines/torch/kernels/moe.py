@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 PATHS: Final = ("amx", "avx512bf16", "avx2")  # the kernels, fastest first; "torch" is the engine's own path
 TORCH: Final = "torch"
 LIBRARIES: Final = {"amx": "moe_amx", "avx512bf16": "moe_bf16", "avx2": "moe_bf16_avx2"}
-_AVX512_BF16: Final = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+# FMA too: every library is built with -mfma (attention.c's float FMAs), which no flag above implies
+_AVX512_BF16: Final = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"})
 NEEDS: Final = {  # /proc/cpuinfo flags each kernel needs
     "amx": _AVX512_BF16 | {"amx_tile", "amx_bf16"},
     "avx512bf16": _AVX512_BF16,

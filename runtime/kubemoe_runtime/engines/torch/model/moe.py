@@ -176,10 +176,16 @@ class StagedSlots:
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_runs(x: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` (torch 2.8 and later) multiplies `x`'s dtype on its device: on the CPU, a loop
-    of GEMMs in C++ for float32, bf16 and float16 (elsewhere it has narrower rules: the other forms serve)."""
-    return x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and hasattr(F, "grouped_mm")
+def grouped_mm_runs(x: torch.Tensor, *sizes: int) -> bool:
+    """Whether `F.grouped_mm` (torch 2.8 and later) multiplies `x`'s dtype on its device with matrices of
+    these inner and outer `sizes`: on the CPU, a loop of GEMMs in C++ for float32, bf16 and float16, each
+    size 16 bytes wide (its stride rule); elsewhere it has narrower rules, and the other forms serve."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in GROUPED_MM_DTYPES
+        and all(size * x.element_size() % 16 == 0 for size in sizes)
+        and hasattr(F, "grouped_mm")
+    )
 
 
 class LocalExperts(nn.Module):
@@ -195,11 +201,12 @@ class LocalExperts(nn.Module):
                   KERNEL_MAX_ROWS rows an expert on average, beyond which the looped form on those same
                   weights is faster, except on AMX tiles, which are the fastest at any row count
         grouped   on the CPU where torch's GEMM is fast in the weights' dtype (AVX-512 or AMX for bf16;
-                  float32 anywhere), up to GROUPED_MAX_ROWS rows an expert: two F.grouped_mm calls over
-                  the stacks, the loop over experts in C++ (bench_moe_kernel.py, bench model, 2 threads, ms
-                  a layer, grouped / looped / the oneDNN-packed experts this replaced: 16 rows 10.3 / 14.6 /
-                  13.6, 64 rows 13.7 / 19.2 / 20.2, 1024 rows 40.5 / 46.2 / 44.8; packed was faster only
-                  at 1-4 rows, 1.17 against 1.49 ms at one)
+                  float32 and float16 anywhere) and its sizes are 16 bytes wide (grouped_mm_runs), up to
+                  GROUPED_MAX_ROWS rows an expert: two F.grouped_mm calls over the stacks, the loop over
+                  experts in C++ (bench_moe_kernel.py, bench model, 2 threads, ms a layer, grouped /
+                  looped / the oneDNN-packed experts this replaced: 16 rows 10.3 / 14.6 / 13.6, 64 rows
+                  13.7 / 19.2 / 20.2, 1024 rows 40.5 / 46.2 / 44.8; packed was faster only at 1-4 rows,
+                  1.17 against 1.49 ms at one)
         looped    each picked expert once over its contiguous block of rows (long prefills: many rows
                   each; and on a CPU whose bf16 GEMM is slow, through float32: kernels/linear.py)
         batched   off the CPU (and in float64), most experts picked, few rows each (decode at larger
@@ -207,7 +214,7 @@ class LocalExperts(nn.Module):
                   instead of two small GEMMs per expert whose per-call cost dominates
 
     Each row's gate weight scales the expert's activations before its down projection (linear, so the same
-    product at half the width); the rows go back to (token, choice) order in one gather and the K choices
+    product, at width F instead of D); the rows go back to (token, choice) order in one gather and the K choices
     of a token are summed in one reduction (no index_add, which rounds once per choice in bf16).
     """
 
@@ -293,11 +300,11 @@ class LocalExperts(nn.Module):
                 x_MD.contiguous(), self.w_gate_up_E2FD, self.w_down_EDF, w_MK,
                 slots=slots, experts=chosen, starts=starts,
             )  # fmt: skip
-        owned = torch.tensor(slots)
+        owned = torch.tensor(slots, device=x_MD.device)
         x_sD = x_MD.index_select(0, owned // K)  # index_select: advanced indexing is 4x slower on CPU
         w_s = w_MK.flatten().index_select(0, owned)
         fast_gemm = moe_kernel.fast_bf16_gemm() or x_MD.dtype != torch.bfloat16  # else bf16 is a slow loop
-        if fast_gemm and grouped_mm_runs(x_MD):
+        if fast_gemm and grouped_mm_runs(x_MD, *self.w_down_EDF.shape[1:]):
             grouped = len(slots) <= self.GROUPED_MAX_ROWS * len(chosen)
             out_sD = self._grouped(x_sD, w_s, counts) if grouped else self._looped(x_sD, w_s, counts)
         elif fast_gemm and 2 * len(chosen) >= E and max(counts) <= self.BATCHED_MAX_ROWS:
@@ -306,7 +313,7 @@ class LocalExperts(nn.Module):
             out_sD = self._looped(x_sD, w_s, counts)
         if len(slots) == M * K:  # every pair computed here: back to (token, choice) order
             back = torch.empty_like(owned)
-            back[owned] = torch.arange(M * K)
+            back[owned] = torch.arange(M * K, device=owned.device)
             y_SD = out_sD.index_select(0, back)
         else:  # pairs other ranks compute are zero rows here
             y_SD = out_sD.new_zeros(M * K, out_sD.shape[1]).index_copy_(0, owned, out_sD)
@@ -315,13 +322,13 @@ class LocalExperts(nn.Module):
     @staticmethod
     def _weigh(act_nF: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
         """An expert's activations times each row's gate weight, rounded once to their dtype: the down
-        projection is linear, so this weighs its output at half the width (F, not D) and with no pass of
-        its own over the outputs."""
+        projection is linear, so this weighs its output (at width F instead of D) with no pass of its own
+        over the outputs."""
         return (act_nF * w_n[:, None]).to(act_nF.dtype)
 
     def _looped(self, x_sD: torch.Tensor, w_s: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows sorted by expert, `counts[e]` rows for local expert e, `w_s` their gate weights: each picked
-        expert on its block, its output weighted."""
+        expert on its block, its activations weighted (`_weigh`)."""
         picked = [local for local, n in enumerate(counts) if n]
         sizes = [counts[e] for e in picked]
         outputs: list[torch.Tensor] = []
