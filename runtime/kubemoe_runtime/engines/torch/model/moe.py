@@ -214,8 +214,8 @@ class LocalExperts(nn.Module):
                   instead of two small GEMMs per expert whose per-call cost dominates
 
     Each row's gate weight scales the expert's activations before its down projection (linear, so the same
-    product, at width F instead of D); the rows go back to (token, choice) order in one gather and the K choices
-    of a token are summed in one reduction (no index_add, which rounds once per choice in bf16).
+    product, at width F instead of D); the rows go back to (token, choice) order in one gather and the K
+    choices of a token are summed in one reduction (no index_add, which rounds once per choice in bf16).
     """
 
     # Up to this many rows an expert on average the grouped form beats the looped one (no per-expert ops from
