@@ -320,13 +320,18 @@ def test_bf16_fast_paths_run_on_slots(
         assert experts.w_gate_up_E2FD.shape[0] == 10
         assert experts.w_gate_up_E2FD.dtype == torch.bfloat16
     forms: list[str] = []
-    for name in ("_grouped", "_looped", "_batched"):
+
+    def recorded(name: str) -> Any:
         real = getattr(LocalExperts, name)
-        monkeypatch.setattr(
-            LocalExperts,
-            name,
-            lambda self, *a, _real=real, _name=name: forms.append(_name) or _real(self, *a),
-        )
+
+        def form_of(self: LocalExperts, *args: Any) -> Any:
+            forms.append(name)
+            return real(self, *args)
+
+        return form_of
+
+    for name in ("_grouped", "_looped", "_batched"):
+        monkeypatch.setattr(LocalExperts, name, recorded(name))
     assert engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=6) == before
     if form == "torch":  # grouped where torch's bf16 GEMM is fast, else looped (through float32)
         assert set(forms) == {"_grouped" if moe_kernel.fast_bf16_gemm() else "_looped"}
