@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
 
@@ -21,6 +23,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {arch: write_tiny_checkpoint(root / arch, arch=arch, seed=0) for arch in ARCHITECTURES}
+
+
+@pytest.fixture
+def kernel_library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The engine on kernel library `request.param` (indirect parametrization) for one test."""
+    monkeypatch.delenv(moe_kernel.ISA_ENV, raising=False)
+    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
+    monkeypatch.setenv(moe_kernel.FORCE_ENV, request.param)
+    moe_kernel.load.cache_clear()
+    assert moe_kernel.path() == request.param
+    yield request.param
+    moe_kernel.load.cache_clear()
 
 
 # The Qwen3-MoE checkpoint, its tokenizer and a float32 engine on it: the server and router tests' model

@@ -7,6 +7,7 @@ test_moe_kernel.py)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -112,9 +113,7 @@ def test_the_rows_an_expert_choose_tiles_or_dot_products(
 
         return call
 
-    lib = moe_kernel.Library(
-        moe=spy("moe", real.moe), linear=real.linear, attention=real.attention, tiles=spy("tiles", real.tiles)
-    )
+    lib = dataclasses.replace(real, moe=spy("moe", real.moe), tiles=spy("tiles", real.tiles))
     monkeypatch.setattr(moe_kernel, "library", lambda path: lib)
     # every token picks the same 4 of 4 experts: `tokens` rows an expert
     x, (w13, w2), _, w = Case(tokens, 4, 4, range(4), 64, 32).inputs(zeros=False)
@@ -204,15 +203,15 @@ def test_linux_refusing_the_tile_state_leaves_the_next_kernel(
 def test_an_edit_to_an_included_source_rebuilds_the_library(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """moe_amx.c includes moe_bf16.c, which includes attention.c: the cached library's name covers every
-    file, so editing any builds a new one (an old library with a new kernel beside it would be a silent
-    mismatch)."""
-    files = ("moe_amx.c", "moe_bf16.c", "attention.c")
+    """moe_amx.c includes moe_bf16.c, which includes attention.c and norm.c: the cached library's name covers
+    every file, so editing any builds a new one (an old library with a new kernel beside it would be a
+    silent mismatch)."""
+    files = ("moe_amx.c", "moe_bf16.c", "attention.c", "norm.c")
     for name in files:
         (tmp_path / name).write_bytes((build.HERE / name).read_bytes())
     monkeypatch.setattr(build, "HERE", tmp_path)
     assert build.sources("moe_amx") == [tmp_path / name for name in files]
-    for edited in ("moe_bf16.c", "attention.c"):
+    for edited in ("moe_bf16.c", "attention.c", "norm.c"):
         before = {name: build.library_path(name, tmp_path) for name in ("moe_amx", "moe_bf16")}
         with (tmp_path / edited).open("a") as source:
             source.write("\n/* edited */\n")

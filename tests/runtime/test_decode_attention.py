@@ -5,7 +5,6 @@ decoding through it the same tokens as through torch's attention."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,6 @@ from kubemoe_runtime.engines.torch.kernels.attention import decode_attention
 from kubemoe_runtime.engines.torch.model import layers
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 from tests.runtime.test_moe_kernel import KERNELS
-
-
-@pytest.fixture
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The engine on kernel library `request.param` for one test."""
-    monkeypatch.delenv(moe_kernel.ISA_ENV, raising=False)
-    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
-    monkeypatch.setenv(moe_kernel.FORCE_ENV, request.param)
-    moe_kernel.load.cache_clear()
-    assert moe_kernel.path() == request.param
-    yield request.param
-    moe_kernel.load.cache_clear()
 
 
 def cache(
@@ -60,10 +47,12 @@ SHAPES = [(1, 4, 1, 1, 64), (3, 16, 4, 37, 64), (2, 8, 8, 8, 32), (2, 32, 4, 141
           (2, 4, 2, 17, 256), (1, 16, 1, 40, 24)]  # fmt: skip
 
 
-@pytest.mark.parametrize("path", KERNELS, indirect=True)
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}G{}S{}C{}".format(*s))
 @pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "masked"])
-def test_matches_float64_attention(path: str, shape: tuple[int, int, int, int, int], masked: bool) -> None:
+def test_matches_float64_attention(
+    kernel_library: str, shape: tuple[int, int, int, int, int], masked: bool
+) -> None:
     B, H, G, S, C = shape
     gen = torch.Generator().manual_seed(S * 31 + C)
     q = torch.randn(B, H, 1, C, generator=gen).bfloat16()
@@ -83,8 +72,8 @@ def test_matches_float64_attention(path: str, shape: tuple[int, int, int, int, i
         assert got[1].abs().max() == 0, "a query with no key to attend gets zeros"
 
 
-@pytest.mark.parametrize("path", KERNELS, indirect=True)
-def test_threads_split_the_work_and_agree(path: str) -> None:
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
+def test_threads_split_the_work_and_agree(kernel_library: str) -> None:
     B, H, G, S, C = 5, 8, 2, 70, 64
     q = torch.randn(B, H, 1, C).bfloat16()
     k, v = cache(B, S, G, C)
@@ -102,8 +91,8 @@ def test_threads_split_the_work_and_agree(path: str) -> None:
         assert torch.equal(out, outs[0]), "each item is one thread's, in one order"
 
 
-@pytest.mark.parametrize("path", KERNELS[-1:], indirect=True)
-def test_leaves_what_it_does_not_take_to_torch(path: str) -> None:
+@pytest.mark.parametrize("kernel_library", KERNELS[-1:], indirect=True)
+def test_leaves_what_it_does_not_take_to_torch(kernel_library: str) -> None:
     B, H, G, S, C = 2, 8, 2, 12, 64
     q = torch.randn(B, H, 1, C).bfloat16()
     k, v = cache(B, S, G, C)
@@ -151,10 +140,10 @@ def decode_logits(engine: TorchEngine, prompts: list[list[int]], steps: int = 4)
     return out
 
 
-@pytest.mark.parametrize("path", KERNELS, indirect=True)
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "llama4_text"])
 def test_engine_decodes_through_it_as_through_torch(
-    path: str, arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_library: str, arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Decode steps of a batch through the kernel's attention and through torch's (the kernel turned off for
     attention alone): the same logits within bf16 rounding, and the kernel really ran at every layer."""

@@ -81,6 +81,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _I)
 _LINEAR_ARGTYPES = (_P, _P, _I, _I, _I, _P, _I)
 _ATTENTION_ARGTYPES = (_P, _P, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I)
+_L = ctypes.c_int64
+_NORM_ARGTYPES = (_P, _L, _L, _L, _P, _L, _I, ctypes.c_float, _P, _I)
 _in_use: dict[str, str] = {}  # "path": the name of what load() returned (set by load())
 _in_use_library: list[Library] = []  # the library load() chose (set by load())
 
@@ -92,6 +94,7 @@ class Library:
     moe: Callable[..., int]  # kubemoe_moe_bf16: a MoE layer's routed experts
     linear: Callable[..., int]  # kubemoe_linear_bf16: a dense projection for a few rows
     attention: Callable[..., int]  # kubemoe_decode_attention (attention.c): one new token a sequence
+    rms_norm: Callable[..., int]  # kubemoe_rms_norm (norm.c): RMSNorm over bf16 rows
     tiles: Callable[..., int] | None = None  # kubemoe_moe_amx: moe's arguments, on AMX tiles (amx only)
     linear_tiles: Callable[..., int] | None = None  # kubemoe_linear_amx: linear's arguments, on tiles
 
@@ -152,23 +155,22 @@ def _open(path: str) -> tuple[Library | None, str | None]:
     try:
         handle = ctypes.CDLL(str(library))
         moe_fn, linear_fn = handle.kubemoe_moe_bf16, handle.kubemoe_linear_bf16
-        attention_fn = handle.kubemoe_decode_attention
+        attention_fn, norm_fn = handle.kubemoe_decode_attention, handle.kubemoe_rms_norm
     except (OSError, AttributeError) as err:  # e.g. no libgomp.so.1 where it runs, or a stale file
         return None, f"{library}: {err}"
     moe_fn.restype, moe_fn.argtypes = ctypes.c_int, _ARGTYPES
     linear_fn.restype, linear_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
     attention_fn.restype, attention_fn.argtypes = ctypes.c_int, _ATTENTION_ARGTYPES
+    norm_fn.restype, norm_fn.argtypes = ctypes.c_int, _NORM_ARGTYPES
+    common = {"moe": moe_fn, "linear": linear_fn, "attention": attention_fn, "rms_norm": norm_fn}
     if path != "amx":
-        return Library(moe=moe_fn, linear=linear_fn, attention=attention_fn), None
+        return Library(**common), None
     tiles_fn, linear_tiles_fn = handle.kubemoe_moe_amx, handle.kubemoe_linear_amx
     tiles_fn.restype, tiles_fn.argtypes = ctypes.c_int, _ARGTYPES
     linear_tiles_fn.restype, linear_tiles_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
     if handle.kubemoe_amx_init() != 0:  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), once per process
         return None, "Linux refused this process the AMX tile state (arch_prctl; Linux 5.16+ grants it)"
-    lib = Library(
-        moe=moe_fn, linear=linear_fn, attention=attention_fn, tiles=tiles_fn, linear_tiles=linear_tiles_fn
-    )
-    return lib, None
+    return Library(**common, tiles=tiles_fn, linear_tiles=linear_tiles_fn), None
 
 
 @functools.cache
@@ -244,6 +246,12 @@ def load_attention() -> Callable[..., int] | None:
     """Decode attention (attention.c) of the library load() chose; None on the torch path."""
     lib = in_use()
     return None if lib is None else lib.attention
+
+
+def load_rms_norm() -> Callable[..., int] | None:
+    """RMSNorm (norm.c) of the library load() chose; None on the torch path."""
+    lib = in_use()
+    return None if lib is None else lib.rms_norm
 
 
 def load_linear_tiles() -> Callable[..., int] | None:

@@ -272,3 +272,4 @@ int kubemoe_linear_bf16(const uint16_t *x, const uint16_t *w, int M, int O, int 
     return 0;
 }
 #include "attention.c"
+#include "norm.c"

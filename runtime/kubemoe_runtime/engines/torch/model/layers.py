@@ -19,6 +19,7 @@ from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
 from kubemoe_runtime.engines.torch.kernels.attention import decode_attention
+from kubemoe_runtime.engines.torch.kernels.norm import rms_norm
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.kv_cache import LayerCache
 
@@ -31,7 +32,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x / rms(x) times the weight, one call: torch computes it in float32 and rounds once (transformers
-        rounds before the weight too, so bf16 results may differ from it in the last bit)."""
+        rounds before the weight too, so bf16 results may differ from it in the last bit); bf16 on a CPU
+        with a kernel library, the library's (kernels/norm.py), which does the same in one pass."""
+        if (y := rms_norm(x, self.weight, self.eps)) is not None:
+            return y
         return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
 
 
