@@ -4,7 +4,8 @@ on every CPU a kernel library runs on.
 `rms_norm` takes what `F.rms_norm` takes over the last dimension and returns None where the kernel does not
 apply; the caller then runs torch's. It applies to bf16 CPU rows (any leading shape, each row contiguous,
 the rows evenly spaced, or evenly spaced groups of evenly spaced rows: the hidden states, or the q/k heads
-of a fused projection's output) with a bf16 weight of the row's size, a multiple of 8.
+of a fused projection's output) with a bf16 weight of the row's size, a multiple of 8, where no gradient
+is wanted (the kernel builds no autograd graph).
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from kubemoe_runtime.engines.torch.kernels import moe as kernels
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """`F.rms_norm(x, (D,), weight, eps)` for x [..., D], or None where the kernel does not apply."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() == 0:
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() == 0:
+        return None
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
     dim = x.shape[-1]
     if weight.shape != (dim,) or dim % 8 or dim == 0 or x.numel() == 0 or weight.stride() != (1,):
