@@ -19,7 +19,7 @@ from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
 from kubemoe_runtime.engines.torch.kernels.attention import decode_attention
-from kubemoe_runtime.engines.torch.kernels.norm import rms_norm
+from kubemoe_runtime.engines.torch.kernels.norm import norm_rope, rms_norm
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.kv_cache import LayerCache
 
@@ -74,13 +74,18 @@ def rope_inv_freq(
 
 def rope_cos_sin(
     pos_BT: torch.Tensor, *, inv_freq: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation of each position, full width and ready to broadcast over heads: two [B, T, 1, dim],
-    `cos` of each angle twice ([cos, cos]) and `sin` signed for the rotate-half form ([-sin, sin]);
-    the angles are computed in float32 (`inv_freq`: rope_inv_freq)."""
-    angles_BT1c = (pos_BT.float()[..., None] * inv_freq)[:, :, None]
-    cos, sin = angles_BT1c.cos(), angles_BT1c.sin()
-    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The rotation of each position, two ways. First full width and ready to broadcast over heads: two
+    [B, T, 1, dim] of `dtype`, `cos` of each angle twice ([cos, cos]) and `sin` signed for the rotate-half
+    form ([-sin, sin]). Then as the norm_rope kernel takes it: float32 cos and sin [B * T, dim / 2]. The
+    angles are computed in float32 (`inv_freq`: rope_inv_freq)."""
+    angles_BTc = pos_BT.float()[..., None] * inv_freq
+    cos, sin = angles_BTc.cos(), angles_BTc.sin()
+    full = (
+        torch.cat((cos, cos), dim=-1)[:, :, None].to(dtype),
+        torch.cat((-sin, sin), dim=-1)[:, :, None].to(dtype),
+    )
+    return full, (cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]))
 
 
 def apply_rope(
@@ -140,7 +145,8 @@ class Positions:
     """Where one forward's tokens sit: made once per forward (Transformer.forward), read by every layer.
 
     pos_BT      each new token's position            slots_B    each row's KV-cache slot
-    cos_sin     rope_cos_sin(pos_BT)                 length     S, the cached positions to attend
+    cos_sin     rope_cos_sin(pos_BT), full width     length     S, the cached positions to attend
+    cos_sin_NR  the same as float32 halves, a row a token (for the norm_rope kernel)
     mask_B1TS   which keys each query may attend: positions 0 .. S-1 of its cache slot, or, without a
                 cache (length None), the step's own tokens
     chunk_mask_B1TS  the same within each query's chunk of positions (chunked attention), or None
@@ -151,6 +157,7 @@ class Positions:
     pos_BT: torch.Tensor
     slots_B: torch.Tensor
     cos_sin: tuple[torch.Tensor, torch.Tensor]
+    cos_sin_NR: tuple[torch.Tensor, torch.Tensor]
     mask_B1TS: torch.Tensor
     chunk_mask_B1TS: torch.Tensor | None
     length: int | None
@@ -175,12 +182,13 @@ class Positions:
         key_pos_BS = pos_BT if length is None else torch.arange(length).expand(B, length)
         slots = slots_B.tolist()
         consecutive = slots == list(range(slots[0], slots[0] + B))
+        inv_freq = rope_inv_freq(dim=rope_dim, theta=theta, llama3=llama3)
+        cos_sin, cos_sin_NR = rope_cos_sin(pos_BT, inv_freq=inv_freq, dtype=dtype)
         return cls(
             pos_BT=pos_BT,
             slots_B=slots_B,
-            cos_sin=rope_cos_sin(
-                pos_BT, inv_freq=rope_inv_freq(dim=rope_dim, theta=theta, llama3=llama3), dtype=dtype
-            ),
+            cos_sin=cos_sin,
+            cos_sin_NR=cos_sin_NR,
             mask_B1TS=causal_mask(pos_BT, key_pos_BS),
             chunk_mask_B1TS=None if chunk is None else causal_mask(pos_BT, key_pos_BS, chunk=chunk),
             length=length,
@@ -224,11 +232,14 @@ class Attention(nn.Module):
         q_BTHC, k_BTGC, v_BTGC = torch.split(
             qkv_BTXC, [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2
         )
-        if self.q_norm is not None and self.k_norm is not None:
-            q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
-        if self.rope:
-            q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=self.interleaved)
-            k_BTGC = apply_rope(k_BTGC, at.cos_sin, interleaved=self.interleaved)
+        if fused := self._norm_rope(q_BTHC, k_BTGC, at):
+            q_BTHC, k_BTGC = fused
+        else:
+            if self.q_norm is not None and self.k_norm is not None:
+                q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
+            if self.rope:
+                q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=self.interleaved)
+                k_BTGC = apply_rope(k_BTGC, at.cos_sin, interleaved=self.interleaved)
         if self.l2_norm_eps is not None:
             q_BTHC = F.rms_norm(q_BTHC, (self.head_dim,), eps=self.l2_norm_eps)
             k_BTGC = F.rms_norm(k_BTGC, (self.head_dim,), eps=self.l2_norm_eps)
@@ -255,6 +266,22 @@ class Attention(nn.Module):
         )
         y_BTD: torch.Tensor = self.o_proj(out_BHTC.transpose(1, 2).reshape(B, T, -1))
         return y_BTD
+
+    def _norm_rope(
+        self, q_BTHC: torch.Tensor, k_BTGC: torch.Tensor, at: Positions
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """q and k normed (with q/k norms) and rotated in one kernel pass each (kernels/norm.py); None where
+        it does not apply (no rotary or the interleaved form here, no kernel, other dtypes)."""
+        if not self.rope or self.interleaved:
+            return None
+
+        def rotate(x_BTHC: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor | None:
+            weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+            return norm_rope(x_BTHC, weight, eps, *at.cos_sin_NR)
+
+        q = rotate(q_BTHC, self.q_norm)
+        k = None if q is None else rotate(k_BTGC, self.k_norm)
+        return None if q is None or k is None else (q, k)
 
 
 class LatentAttention(nn.Module):
