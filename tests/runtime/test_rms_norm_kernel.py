@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.kernels import norm as norm_mod
-from kubemoe_runtime.engines.torch.kernels.norm import rms_norm
+from kubemoe_runtime.engines.torch.kernels.norm import add_rms_norm, rms_norm
 from kubemoe_runtime.engines.torch.model import layers
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
 from tests.runtime.test_moe_kernel import KERNELS
@@ -147,9 +147,11 @@ def test_engine_runs_its_norms_through_it_as_through_torch(
     kernel_library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A qwen3_moe checkpoint (hidden norms and q/k norms): the kernel ran for every norm of a forward, and
-    the logits match the same engine with torch's norms within bf16 rounding. The q/k norms run here as
-    where the fused norm + rotary kernel does not apply (test_norm_rope_kernel.py tests that one)."""
+    the logits match the same engine with torch's norms within bf16 rounding. The norms run here as where
+    the fused kernels do not apply: the add + norm one (tested below) and the norm + rotary one
+    (test_norm_rope_kernel.py)."""
     monkeypatch.setattr(layers, "norm_rope", lambda *args: None)
+    monkeypatch.setattr(layers, "add_rms_norm", lambda *args: None)
     engine = TorchEngine.load(write_tiny_checkpoint(tmp_path / "m", arch="qwen3_moe"), dtype=torch.bfloat16)
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
     ran: list[bool] = []
@@ -167,3 +169,66 @@ def test_engine_runs_its_norms_through_it_as_through_torch(
     assert all(ran), f"{ran.count(False)} of {len(ran)} norms fell back to torch"
     monkeypatch.setattr(layers, "rms_norm", lambda *args: None)
     torch.testing.assert_close(through_kernel, engine.logits(prompt), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_then_norm_is_torchs_add_then_the_norm_bit_for_bit(
+    kernel_library: str, shape: tuple[int, ...]
+) -> None:
+    """The residual add rounds as torch's bf16 add, and the norm is of that rounded sum: the same bits as
+    the two calls apart (so a model's tokens do not change with the fusion)."""
+    gen = torch.Generator().manual_seed(len(shape))
+    x, r = ((torch.randn(shape, generator=gen) * 3).bfloat16() for _ in range(2))
+    w = weight(shape[-1])
+    got = add_rms_norm(x, r, w, EPS)
+    assert got is not None
+    h, y = got
+    assert torch.equal(h, x + r)
+    assert torch.equal(y, rms_norm(x + r, w, EPS))
+    agrees(y, x + r, w)
+
+
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
+@pytest.mark.parametrize(
+    "case", ["shapes differ", "residual not contiguous", "float32 residual", "size not a multiple of 8"]
+)
+def test_what_the_add_leaves_to_torch(kernel_library: str, case: str) -> None:
+    x, r, w = torch.randn(6, 64).bfloat16(), torch.randn(6, 64).bfloat16(), weight(64)
+    x, r, w = {
+        "shapes differ": (x, r[:5], w),
+        "residual not contiguous": (x, torch.randn(64, 6).bfloat16().t(), w),
+        "float32 residual": (x, r.float(), w),
+        "size not a multiple of 8": (
+            torch.randn(6, 60).bfloat16(),
+            torch.randn(6, 60).bfloat16(),
+            weight(60),
+        ),
+    }[case]
+    assert add_rms_norm(x, r, w, EPS) is None
+
+
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
+def test_engine_adds_each_residual_with_its_norm(
+    kernel_library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every residual add of a forward but the first layer's input (which has none) ran with the norm after
+    it: two a layer, the last into the final norm; the logits and tokens are those of torch's adds."""
+    engine = TorchEngine.load(write_tiny_checkpoint(tmp_path / "m", arch="qwen3_moe"), dtype=torch.bfloat16)
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11]
+    ran: list[bool] = []
+    real = norm_mod.add_rms_norm
+
+    def spy(*args: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layers, "add_rms_norm", spy)
+    through_kernel = engine.logits(prompt)
+    layer_count = len(engine.model.blocks())
+    assert ran == [True] * 2 * layer_count
+    decoded = engine.generate([prompt, prompt[:3]], max_new_tokens=4)
+    monkeypatch.setattr(layers, "add_rms_norm", lambda *args: None)
+    assert torch.equal(through_kernel, engine.logits(prompt))
+    assert engine.generate([prompt, prompt[:3]], max_new_tokens=4) == decoded

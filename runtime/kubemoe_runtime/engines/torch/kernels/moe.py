@@ -83,6 +83,7 @@ _LINEAR_ARGTYPES = (_P, _P, _I, _I, _I, _P, _I)
 _ATTENTION_ARGTYPES = (_P, _P, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I)
 _L = ctypes.c_int64
 _NORM_ARGTYPES = (_P, _L, _L, _L, _P, _L, _I, ctypes.c_float, _P, _I)
+_ADD_NORM_ARGTYPES = (_P, _P, _P, _L, _I, ctypes.c_float, _P, _P, _I)
 _NORM_ROPE_ARGTYPES = (_P, _L, _L, _L, _P, _L, _I, ctypes.c_float, _P, _P, _P, _I)
 _in_use: dict[str, str] = {}  # "path": the name of what load() returned (set by load())
 _in_use_library: list[Library] = []  # the library load() chose (set by load())
@@ -96,6 +97,7 @@ class Library:
     linear: Callable[..., int]  # kubemoe_linear_bf16: a dense projection for a few rows
     attention: Callable[..., int]  # kubemoe_decode_attention (attention.c): one new token a sequence
     rms_norm: Callable[..., int]  # kubemoe_rms_norm (norm.c): RMSNorm over bf16 rows
+    add_rms_norm: Callable[..., int]  # kubemoe_add_rms_norm (norm.c): residual add, then RMSNorm
     norm_rope: Callable[..., int]  # kubemoe_norm_rope (norm.c): heads' RMSNorm (optional) and rotary
     tiles: Callable[..., int] | None = None  # kubemoe_moe_amx: moe's arguments, on AMX tiles (amx only)
     linear_tiles: Callable[..., int] | None = None  # kubemoe_linear_amx: linear's arguments, on tiles
@@ -158,19 +160,21 @@ def _open(path: str) -> tuple[Library | None, str | None]:
         handle = ctypes.CDLL(str(library))
         moe_fn, linear_fn = handle.kubemoe_moe_bf16, handle.kubemoe_linear_bf16
         attention_fn, norm_fn = handle.kubemoe_decode_attention, handle.kubemoe_rms_norm
-        norm_rope_fn = handle.kubemoe_norm_rope
+        add_norm_fn, norm_rope_fn = handle.kubemoe_add_rms_norm, handle.kubemoe_norm_rope
     except (OSError, AttributeError) as err:  # e.g. no libgomp.so.1 where it runs, or a stale file
         return None, f"{library}: {err}"
     moe_fn.restype, moe_fn.argtypes = ctypes.c_int, _ARGTYPES
     linear_fn.restype, linear_fn.argtypes = ctypes.c_int, _LINEAR_ARGTYPES
     attention_fn.restype, attention_fn.argtypes = ctypes.c_int, _ATTENTION_ARGTYPES
     norm_fn.restype, norm_fn.argtypes = ctypes.c_int, _NORM_ARGTYPES
+    add_norm_fn.restype, add_norm_fn.argtypes = ctypes.c_int, _ADD_NORM_ARGTYPES
     norm_rope_fn.restype, norm_rope_fn.argtypes = ctypes.c_int, _NORM_ROPE_ARGTYPES
     common = {
         "moe": moe_fn,
         "linear": linear_fn,
         "attention": attention_fn,
         "rms_norm": norm_fn,
+        "add_rms_norm": add_norm_fn,
         "norm_rope": norm_rope_fn,
     }
     if path != "amx":
@@ -262,6 +266,12 @@ def load_rms_norm() -> Callable[..., int] | None:
     """RMSNorm (norm.c) of the library load() chose; None on the torch path."""
     lib = in_use()
     return None if lib is None else lib.rms_norm
+
+
+def load_add_rms_norm() -> Callable[..., int] | None:
+    """The residual add and RMSNorm (norm.c) of the library load() chose; None on the torch path."""
+    lib = in_use()
+    return None if lib is None else lib.add_rms_norm
 
 
 def load_norm_rope() -> Callable[..., int] | None:

@@ -1,6 +1,6 @@
 /*
- * RMSNorm over rows of bf16, and the same fused with rotary embedding (Qwen3's q/k norm then RoPE; or RoPE
- * alone, Mixtral's and Llama's), float inside, one rounding. Every kernel library has them (moe_bf16.c
+ * RMSNorm over rows of bf16, the same after the residual add, and fused with rotary embedding (Qwen3's q/k
+ * norm then RoPE; or RoPE alone, Mixtral's and Llama's), float inside, one rounding. Every kernel library has them (moe_bf16.c
  * includes this file, after attention.c, whose widen8 it uses); AVX2 + FMA code, which the AVX-512
  * libraries run too.
  *
@@ -49,6 +49,30 @@ int kubemoe_rms_norm(const uint16_t *x, int64_t outer_stride, int64_t inner_stri
         const __m256 inv = inv_rms(xr, dim, eps);
         for (int j = 0; j < dim; j += 8) {
             const __m256 v = _mm256_mul_ps(_mm256_mul_ps(widen8(xr + j), inv), widen8(w + j));
+            _mm_storeu_si128((__m128i *)(yr + j), narrow8(v));
+        }
+    }
+    return 0;
+}
+
+/*
+ * The residual add and the next norm in one pass (each layer's two, as vLLM's fused_add_rms_norm):
+ * h = bf16(x + r), y = RMSNorm(h) of the rounded h, w. The very bits of torch's bf16 add, then
+ * kubemoe_rms_norm on its result; h is read back from cache, not memory. x, r, h, y [rows, dim] contiguous.
+ */
+int kubemoe_add_rms_norm(const uint16_t *x, const uint16_t *r, const uint16_t *w, int64_t rows, int dim,
+                         float eps, uint16_t *h, uint16_t *y, int threads) {
+    if (rows < 0 || dim <= 0 || dim % 8)
+        return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *xr = x + i * dim, *rr = r + i * dim;
+        uint16_t *hr = h + i * dim, *yr = y + i * dim;
+        for (int j = 0; j < dim; j += 8)
+            _mm_storeu_si128((__m128i *)(hr + j), narrow8(_mm256_add_ps(widen8(xr + j), widen8(rr + j))));
+        const __m256 inv = inv_rms(hr, dim, eps);
+        for (int j = 0; j < dim; j += 8) {
+            const __m256 v = _mm256_mul_ps(_mm256_mul_ps(widen8(hr + j), inv), widen8(w + j));
             _mm_storeu_si128((__m128i *)(yr + j), narrow8(v));
         }
     }

@@ -1,12 +1,13 @@
-"""RMSNorm over bf16 rows, and heads' RMSNorm fused with rotary embedding, on the kernel library's
-`kubemoe_rms_norm` and `kubemoe_norm_rope` (norm.c): float inside, one rounding, on every CPU a kernel
-library runs on.
+"""RMSNorm over bf16 rows, the same after the residual add, and heads' RMSNorm fused with rotary
+embedding, on the kernel library's `kubemoe_rms_norm`, `kubemoe_add_rms_norm` and `kubemoe_norm_rope`
+(norm.c): float inside, one rounding, on every CPU a kernel library runs on.
 
 `rms_norm` takes what `F.rms_norm` takes over the last dimension and returns None where the kernel does not
 apply; the caller then runs torch's. It applies to bf16 CPU rows (any leading shape, each row contiguous,
 the rows evenly spaced, or evenly spaced groups of evenly spaced rows: the hidden states, or the q/k heads
 of a fused projection's output) with a bf16 weight of the row's size, a multiple of 8, where no gradient
-is wanted (the kernel builds no autograd graph). `norm_rope` is the same for heads [B, T, H, C] (C a
+is wanted (the kernel builds no autograd graph). `add_rms_norm` is the same for contiguous rows after a
+residual add, and returns the sum as well. `norm_rope` is the same for heads [B, T, H, C] (C a
 multiple of 16), rotated after the norm (or without one) in the halves form, and None where it does not
 apply.
 """
@@ -30,6 +31,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     rc = fn(x_OID.data_ptr(), x_OID.stride(0), x_OID.stride(1), inner, weight.data_ptr(), outer * inner,
             x.shape[-1], eps, y.data_ptr(), torch.get_num_threads())  # fmt: skip
     return y if rc == 0 else None
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(h, F.rms_norm(h, (D,), weight, eps))` with h = x + r (bf16, rounded once, as torch adds), in one
+    pass: x and r contiguous, of one shape [..., D]. None where the kernel does not apply."""
+    if x.dim() == 0 or r.shape != x.shape or r.dtype != x.dtype or r.device != x.device:
+        return None
+    if not _takes(x, weight) or not _takes(r, weight) or not (x.is_contiguous() and r.is_contiguous()):
+        return None
+    fn = kernels.load_add_rms_norm()
+    if fn is None:
+        return None
+    h, y = torch.empty_like(x), torch.empty_like(x)
+    dim = x.shape[-1]
+    rc = fn(x.data_ptr(), r.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, eps, h.data_ptr(),
+            y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return (h, y) if rc == 0 else None
 
 
 def norm_rope(

@@ -48,11 +48,17 @@ class Block(nn.Module):
             else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
         )
 
-    def forward(self, x_BTD: torch.Tensor, *, at: Positions, cache: LayerCache | None) -> torch.Tensor:
-        attn_BTD: torch.Tensor = self.attn(self.attn_norm(x_BTD), at=at, cache=cache)
-        h_BTD = x_BTD + attn_BTD
-        ffn_BTD: torch.Tensor = self.ffn(self.ffn_norm(h_BTD))
-        return h_BTD + ffn_BTD
+    def forward(
+        self, x_BTD: torch.Tensor, delta_BTD: torch.Tensor | None, *, at: Positions, cache: LayerCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer on the residual stream x + delta (delta: the previous layer's MLP output, not yet
+        added; None in the first layer): (the stream after attention, this layer's MLP output). Each add
+        runs with the norm after it, in one pass (RMSNorm.add)."""
+        x_BTD, normed_BTD = self.attn_norm.add(x_BTD, delta_BTD)
+        attn_BTD: torch.Tensor = self.attn(normed_BTD, at=at, cache=cache)
+        h_BTD, normed_BTD = self.ffn_norm.add(x_BTD, attn_BTD)
+        ffn_BTD: torch.Tensor = self.ffn(normed_BTD)
+        return h_BTD, ffn_BTD
 
 
 class Transformer(nn.Module):
@@ -105,11 +111,17 @@ class Transformer(nn.Module):
             llama3=cfg.rope_llama3,
             chunk=cfg.attention_chunk_size or None,
         )
+        delta_BTD: torch.Tensor | None = None
         for i, block in enumerate(self.blocks()):
-            x_BTD = block(x_BTD, at=at, cache=cache.layers[i] if cache is not None else None)
+            x_BTD, delta_BTD = block(
+                x_BTD, delta_BTD, at=at, cache=cache.layers[i] if cache is not None else None
+            )
         if last_only:
-            x_BTD = x_BTD[:, -1:]
+            x_BTD, delta_BTD = x_BTD[:, -1:], None if delta_BTD is None else delta_BTD[:, -1:]
         elif logits_at_B is not None:
-            x_BTD = x_BTD[torch.arange(x_BTD.shape[0]), logits_at_B][:, None]
-        logits_BTV: torch.Tensor = self.lm_head(self.norm(x_BTD))
+            rows_B = torch.arange(x_BTD.shape[0])
+            x_BTD = x_BTD[rows_B, logits_at_B][:, None]
+            delta_BTD = None if delta_BTD is None else delta_BTD[rows_B, logits_at_B][:, None]
+        _, normed_BTD = self.norm.add(x_BTD, delta_BTD)
+        logits_BTV: torch.Tensor = self.lm_head(normed_BTD)
         return logits_BTV

@@ -19,7 +19,7 @@ from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
 from kubemoe_runtime.engines.torch.kernels.attention import decode_attention
-from kubemoe_runtime.engines.torch.kernels.norm import norm_rope, rms_norm
+from kubemoe_runtime.engines.torch.kernels.norm import add_rms_norm, norm_rope, rms_norm
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.kv_cache import LayerCache
 
@@ -37,6 +37,17 @@ class RMSNorm(nn.Module):
         if (y := rms_norm(x, self.weight, self.eps)) is not None:
             return y
         return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+
+    def add(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, this norm of it): the residual stream with `r` added (x itself where r is None) and the
+        next sublayer's input; one kernel pass where the library has it (kernels/norm.py add_rms_norm),
+        the same bits as torch's add and then forward()."""
+        if r is None:
+            return x, self(x)
+        if (fused := add_rms_norm(x, r, self.weight, self.eps)) is not None:
+            return fused
+        h = x + r
+        return h, self(h)
 
 
 class MLP(nn.Module):
