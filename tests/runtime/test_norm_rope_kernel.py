@@ -22,23 +22,31 @@ from tests.runtime.test_moe_kernel import KERNELS
 from tests.runtime.test_rms_norm_kernel import EPS, weight
 
 
-def rotation(B: int, T: int, C: int, *, start: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Positions start.. of B rows of T tokens: the kernel's float32 halves and float64 full-width ones."""
-    pos_BT = (torch.arange(T) + start).expand(B, T)
+def rotation(B: int, T: int, C: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's float32 cos and sin halves [B * T, C / 2] for positions start.. of B rows of T tokens."""
+    return halves((torch.arange(T) + start).expand(B, T), C)
+
+
+def halves(pos_BT: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = layers.rope_inv_freq(dim=C, theta=10000.0)
-    _, halves = layers.rope_cos_sin(pos_BT, inv_freq=inv_freq, dtype=torch.bfloat16)
-    full, _ = layers.rope_cos_sin(pos_BT, inv_freq=inv_freq.double(), dtype=torch.float64)
-    return {"halves": halves, "full": full}
+    return layers.rope_cos_sin(pos_BT, inv_freq=inv_freq, dtype=torch.bfloat16)[1]
 
 
-def agrees(got: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor | None, rot: dict[str, Any]) -> None:
-    """Within one bf16 rounding of float64 (norm, then rotate-half), a fresh contiguous bf16 tensor."""
+def agrees(
+    got: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor | None, rot: tuple[torch.Tensor, ...]
+) -> None:
+    """A fresh contiguous bf16 tensor within one bf16 rounding of float64 math (norm, then rotate-half) on
+    the kernel's own float32 rotation."""
     assert got is not None
     assert got.dtype == torch.bfloat16
     assert got.shape == x.shape
     assert got.is_contiguous()
-    normed = x.double() if w is None else F.rms_norm(x.double(), (x.shape[-1],), w.double(), eps=EPS)
-    want = layers.apply_rope(normed, rot["full"], interleaved=False)
+    B, T, _, C = x.shape
+    cos, sin = (t.double().view(B, T, 1, C // 2) for t in rot)
+    normed = x.double() if w is None else F.rms_norm(x.double(), (C,), w.double(), eps=EPS)
+    want = layers.apply_rope(
+        normed, (torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), interleaved=False
+    )
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2**-8)
 
 
@@ -54,7 +62,7 @@ def test_matches_float64(kernel_library: str, shape: tuple[int, int, int, int], 
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(H)) * 3).bfloat16()
     w = weight(C) if normed else None
     rot = rotation(B, T, C, start=7)
-    agrees(norm_rope(x, w, EPS, *rot["halves"]), x, w, rot)
+    agrees(norm_rope(x, w, EPS, *rot), x, w, rot)
 
 
 @pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
@@ -67,15 +75,10 @@ def test_heads_of_a_fused_projection_are_read_where_they_lie(kernel_library: str
     q = qkv[..., : H * C].view(B, T, H, C)
     k = qkv[..., H * C : (H + G) * C].view(B, T, G, C)
     assert not q.is_contiguous()
-    pos_BT = torch.tensor([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14], [3, 9, 27, 81, 200]])
-    inv_freq = layers.rope_inv_freq(dim=C, theta=10000.0)
-    rot = {
-        "halves": layers.rope_cos_sin(pos_BT, inv_freq=inv_freq, dtype=torch.bfloat16)[1],
-        "full": layers.rope_cos_sin(pos_BT, inv_freq=inv_freq.double(), dtype=torch.float64)[0],
-    }
+    rot = halves(torch.tensor([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14], [3, 9, 27, 81, 200]]), C)
     w = weight(C)
     for heads in (q, k):
-        agrees(norm_rope(heads, w, EPS, *rot["halves"]), heads, w, rot)
+        agrees(norm_rope(heads, w, EPS, *rot), heads, w, rot)
 
 
 @pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
@@ -85,6 +88,7 @@ def test_heads_of_a_fused_projection_are_read_where_they_lie(kernel_library: str
         "float32 input",
         "head size not a multiple of 16",
         "rotation of another size",
+        "cos and sin of different sizes",
         "rotation in bf16",
         "rotation not contiguous",
         "three dimensions",
@@ -95,18 +99,22 @@ def test_heads_of_a_fused_projection_are_read_where_they_lie(kernel_library: str
 def test_what_it_leaves_to_torch(kernel_library: str, case: str) -> None:
     x = torch.randn(2, 3, 4, 32).bfloat16()
     w = weight(32)
-    cos, sin = rotation(2, 3, 32)["halves"]
-    x, w, cos = {
-        "float32 input": (x.float(), w, cos),
-        "head size not a multiple of 16": (torch.randn(2, 3, 4, 24).bfloat16(), weight(24), cos[:, :12]),
-        "rotation of another size": (x, w, rotation(2, 4, 32)["halves"][0]),
-        "rotation in bf16": (x, w, cos.bfloat16()),
-        "rotation not contiguous": (x, w, torch.cat((cos, cos), dim=1)[:, ::2]),
-        "three dimensions": (x.view(6, 4, 32), w, cos),
-        "weight of another size": (x, weight(64), cos),
-        "gradient wanted": (x.float().requires_grad_().bfloat16(), w, cos),
+    cos, sin = rotation(2, 3, 32)
+    x, w, cos, sin = {
+        "float32 input": (x.float(), w, cos, sin),
+        "head size not a multiple of 16": (
+            torch.randn(2, 3, 4, 24).bfloat16(),
+            weight(24),
+            *rotation(2, 3, 24),
+        ),
+        "rotation of another size": (x, w, *rotation(2, 4, 32)),
+        "cos and sin of different sizes": (x, w, cos, rotation(2, 4, 32)[1]),
+        "rotation in bf16": (x, w, cos.bfloat16(), sin.bfloat16()),
+        "rotation not contiguous": (x, w, torch.cat((cos, cos), dim=1)[:, ::2], sin),
+        "three dimensions": (x.view(6, 4, 32), w, cos, sin),
+        "weight of another size": (x, weight(64), cos, sin),
+        "gradient wanted": (x.float().requires_grad_().bfloat16(), w, cos, sin),
     }[case]
-    sin = sin if cos.shape == sin.shape else cos
     assert norm_rope(x, w, EPS, cos, sin) is None
 
 
@@ -114,9 +122,7 @@ def test_the_torch_path_has_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(moe_kernel.FORCE_ENV, moe_kernel.TORCH)
     moe_kernel.load.cache_clear()
     try:
-        assert (
-            norm_rope(torch.randn(1, 1, 1, 16).bfloat16(), None, EPS, *rotation(1, 1, 16)["halves"]) is None
-        )
+        assert norm_rope(torch.randn(1, 1, 1, 16).bfloat16(), None, EPS, *rotation(1, 1, 16)) is None
     finally:
         moe_kernel.load.cache_clear()
 

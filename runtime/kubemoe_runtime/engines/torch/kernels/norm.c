@@ -1,8 +1,8 @@
 /*
- * RMSNorm over rows of bf16, the same after the residual add, and fused with rotary embedding (Qwen3's q/k
- * norm then RoPE; or RoPE alone, Mixtral's and Llama's), float inside, one rounding. Every kernel library has them (moe_bf16.c
- * includes this file, after attention.c, whose widen8 it uses); AVX2 + FMA code, which the AVX-512
- * libraries run too.
+ * RMSNorm over rows of bf16, the same after the residual add, and fused with rotary embedding in the
+ * halves form (Qwen3's q/k norm then RoPE, or Mixtral's RoPE alone), float inside, one rounding. Every
+ * kernel library has them (moe_bf16.c includes this file, after attention.c, whose widen8 it uses);
+ * AVX2 + FMA code, which the AVX-512 libraries run too.
  *
  * Why: torch's rms_norm on bf16 is a chain of float32 ops, each a pass over the rows: a 16 x 128-token
  * prefill of the bench model spent about a quarter of its time in them (its hidden and q/k norms, ~8 ms a

@@ -38,7 +38,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`(h, F.rms_norm(h, (D,), weight, eps))` with h = x + r (bf16, rounded once, as torch adds), in one
     pass: x and r contiguous, of one shape [..., D]. None where the kernel does not apply."""
-    if x.dim() == 0 or r.shape != x.shape or r.dtype != x.dtype or r.device != x.device:
+    if x.dim() == 0 or r.shape != x.shape:
         return None
     if not _takes(x, weight) or not _takes(r, weight) or not (x.is_contiguous() and r.is_contiguous()):
         return None

@@ -88,8 +88,8 @@ def rope_cos_sin(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The rotation of each position, two ways. First full width and ready to broadcast over heads: two
     [B, T, 1, dim] of `dtype`, `cos` of each angle twice ([cos, cos]) and `sin` signed for the rotate-half
-    form ([-sin, sin]). Then as the norm_rope kernel takes it: float32 cos and sin [B * T, dim / 2]. The
-    angles are computed in float32 (`inv_freq`: rope_inv_freq)."""
+    form ([-sin, sin]). Then as the norm_rope kernel takes it: cos and sin [B * T, dim / 2] in the angles'
+    dtype. The angles are computed in inv_freq's dtype (float32 from rope_inv_freq)."""
     angles_BTc = pos_BT.float()[..., None] * inv_freq
     cos, sin = angles_BTc.cos(), angles_BTc.sin()
     full = (
@@ -246,8 +246,10 @@ class Attention(nn.Module):
         if fused := self._norm_rope(q_BTHC, k_BTGC, at):
             q_BTHC, k_BTGC = fused
         else:
-            if self.q_norm is not None and self.k_norm is not None:
-                q_BTHC, k_BTGC = self.q_norm(q_BTHC), self.k_norm(k_BTGC)
+            if self.q_norm is not None:
+                q_BTHC = self.q_norm(q_BTHC)
+            if self.k_norm is not None:
+                k_BTGC = self.k_norm(k_BTGC)
             if self.rope:
                 q_BTHC = apply_rope(q_BTHC, at.cos_sin, interleaved=self.interleaved)
                 k_BTGC = apply_rope(k_BTGC, at.cos_sin, interleaved=self.interleaved)
