@@ -27,6 +27,7 @@ from kubemoe_runtime.engines.torch.load.weights import (
     load_expert_tensors,
     load_rank_weights,
 )
+from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.moe import MoE, SlotRoute, StagedSlots
@@ -113,7 +114,9 @@ class TorchEngine:
     ) -> TorchEngine:
         """Load this rank's weights: its slots of `placement` (default: its contiguous block of experts);
         with `pack`, bf16 weights on a CPU that supports it are packed for its matmuls (packing.py).
-        `progress` counts the bytes read (load/weights.py)."""
+        `progress` counts the bytes read (load/weights.py). Sets this process's malloc to keep freed
+        memory for the next forward (allocator.py)."""
+        keep_freed_memory()
         ep = ep or ExpertParallel()
         cfg = ModelConfig.load(model_dir)
         layers = moe_layer_indexes(cfg)
