@@ -27,7 +27,7 @@ from kubemoe_runtime.engines.torch.load.weights import (
     load_expert_tensors,
     load_rank_weights,
 )
-from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory
+from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory, release_freed_memory
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.moe import MoE, SlotRoute, StagedSlots
@@ -147,6 +147,7 @@ class TorchEngine:
         model.eval()
         if pack:
             pack_model(model)
+        release_freed_memory()  # the load's temporaries: not kept for the forwards
         return cls(
             model, ep=ep, dtype=dtype, load_report=report, placement=placement, model_dir=Path(model_dir)
         )

@@ -41,6 +41,7 @@ import uvicorn
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.load.weights import LoadProgress
+from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory
 from kubemoe_runtime.engines.torch.model.engine import DTYPES, TorchEngine
 from kubemoe_runtime.engines.torch.model.parallel import (
     ExpertParallel,
@@ -192,6 +193,7 @@ class _Pod:
 def serve(settings: ServeSettings) -> int:
     if settings.engine != "torch":
         raise ValueError("serve() runs the torch engine; main() hands --engine vllm to serve_vllm()")
+    keep_freed_memory()  # before the pod's threads start: one malloc arena (model/allocator.py)
     if problems := settings.torch_problems():
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
