@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,25 @@ def kernel_library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     assert moe_kernel.path() == request.param
     yield request.param
     moe_kernel.load.cache_clear()
+
+
+@pytest.fixture
+def spy_kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str], list[bool]]:
+    """`spy_kernel(module, name)` wraps `module.name`, a kernel wrapper that returns None where its kernel
+    does not apply, for one test: the list it returns grows by one entry a call, whether the kernel ran."""
+
+    def spy_on(module: object, name: str) -> list[bool]:
+        real, ran = getattr(module, name), []
+
+        def spy(*args: Any) -> Any:
+            out = real(*args)
+            ran.append(out is not None)
+            return out
+
+        monkeypatch.setattr(module, name, spy)
+        return ran
+
+    return spy_on
 
 
 # The Qwen3-MoE checkpoint, its tokenizer and a float32 engine on it: the server and router tests' model

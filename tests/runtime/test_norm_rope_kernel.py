@@ -5,8 +5,8 @@ heads read in place from a fused projection, the inputs it leaves to torch, and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.kernels import norm as norm_mod
 from kubemoe_runtime.engines.torch.kernels.norm import norm_rope
 from kubemoe_runtime.engines.torch.model import layers
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
@@ -157,7 +156,11 @@ def rounded_once(
 @pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_engines_rotate_through_it(
-    kernel_library: str, arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_library: str,
+    arch: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spy_kernel: Callable[[object, str], list[bool]],
 ) -> None:
     """Qwen3-MoE (q/k norms) and Mixtral (rotary alone): the kernel ran for q and k in every attention layer
     of a prefill and of cached decode steps, and the engine gives the logits and tokens it gives with the
@@ -166,15 +169,7 @@ def test_engines_rotate_through_it(
     position of the prompt (0.3 in its logits, the kernel and rounded_once alike)."""
     engine = TorchEngine.load(write_tiny_checkpoint(tmp_path / "m", arch=arch), dtype=torch.bfloat16)
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
-    ran: list[bool] = []
-    real = norm_mod.norm_rope
-
-    def spy(*args: Any) -> torch.Tensor | None:
-        out = real(*args)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(layers, "norm_rope", spy)
+    ran = spy_kernel(layers, "norm_rope")
     through_kernel = engine.logits(prompt)
     decoded = engine.generate([prompt, prompt[:5]], max_new_tokens=3)
     attention = sum(isinstance(m, layers.Attention) for m in engine.model.modules())

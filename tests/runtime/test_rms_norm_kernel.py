@@ -4,8 +4,8 @@ rows of a fused projection's heads, the inputs it leaves to torch, and the engin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.kernels import norm as norm_mod
 from kubemoe_runtime.engines.torch.kernels.norm import add_rms_norm, rms_norm
 from kubemoe_runtime.engines.torch.model import layers
 from kubemoe_runtime.tools.checkpoints import write_tiny_checkpoint
@@ -144,7 +143,10 @@ def test_the_torch_path_has_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
 def test_engine_runs_its_norms_through_it_as_through_torch(
-    kernel_library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_library: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spy_kernel: Callable[[object, str], list[bool]],
 ) -> None:
     """A qwen3_moe checkpoint (hidden norms and q/k norms): the kernel ran for every norm of a forward, and
     the logits match the same engine with torch's norms within bf16 rounding. The norms run here as where
@@ -154,15 +156,7 @@ def test_engine_runs_its_norms_through_it_as_through_torch(
     monkeypatch.setattr(layers, "add_rms_norm", lambda *args: None)
     engine = TorchEngine.load(write_tiny_checkpoint(tmp_path / "m", arch="qwen3_moe"), dtype=torch.bfloat16)
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
-    ran: list[bool] = []
-    real = norm_mod.rms_norm
-
-    def spy(*args: Any) -> torch.Tensor | None:
-        out = real(*args)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(layers, "rms_norm", spy)
+    ran = spy_kernel(layers, "rms_norm")
     through_kernel = engine.logits(prompt)
     norms = sum(isinstance(m, layers.RMSNorm) for m in engine.model.modules())
     assert len(ran) >= norms > 0
@@ -212,21 +206,16 @@ def test_what_the_add_leaves_to_torch(kernel_library: str, case: str) -> None:
 
 @pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
 def test_engine_adds_each_residual_with_its_norm(
-    kernel_library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_library: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spy_kernel: Callable[[object, str], list[bool]],
 ) -> None:
     """Every residual add of a forward but the first layer's input (which has none) ran with the norm after
     it: two a layer, the last into the final norm; the logits and tokens are those of torch's adds."""
     engine = TorchEngine.load(write_tiny_checkpoint(tmp_path / "m", arch="qwen3_moe"), dtype=torch.bfloat16)
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
-    ran: list[bool] = []
-    real = norm_mod.add_rms_norm
-
-    def spy(*args: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        out = real(*args)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(layers, "add_rms_norm", spy)
+    ran = spy_kernel(layers, "add_rms_norm")
     through_kernel = engine.logits(prompt)
     layer_count = len(engine.model.blocks())
     assert ran == [True] * 2 * layer_count
