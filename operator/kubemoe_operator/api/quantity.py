@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 _SUFFIXES = {
     "": 1,
@@ -39,3 +40,17 @@ def parse_quantity(value: int | str) -> float:
     if number > MAX_QUANTITY:
         raise ValueError(f"{value!r} is larger than any Kubernetes quantity (at most about 9.2E)")
     return number
+
+
+def milli_units(value: int | str) -> int:
+    """A quantity exactly, as the API server stores it: whole milli-units, rounded up ('0.7' and
+    '700m' -> 700). Floats would tell those two apart (0.7 against 0.7000000000000001)."""
+    parse_quantity(value)  # the checks, and the same errors
+    if isinstance(value, int):
+        return value * 1000
+    match = _QUANTITY.match(value.strip())
+    assert match is not None
+    exponent = max(int(match.group(2) or 0), -64)  # anything smaller is under 1m: rounds up to it
+    suffix = _SUFFIXES[match.group(3)]
+    exact = Fraction(match.group(1)) * Fraction(10) ** exponent * Fraction(str(suffix)) * 1000  # "0.001", not the float
+    return math.ceil(exact)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubemoe_operator.api.labels import ANNOTATION_HASH, LABEL_DEPLOYMENT
-from kubemoe_operator.api.quantity import parse_quantity
+from kubemoe_operator.api.quantity import milli_units
 from kubemoe_operator.kube.client import Kube, NameTakenError, Observed, owned_by, owns_replicas
 from kubemoe_operator.kube.kinds import ChildKey, key_of
 
@@ -71,8 +71,8 @@ def _same_scalar(want: Any, have: Any) -> bool:
     return False
 
 
-def _number(value: int | float | str) -> float:
-    return float(value) if isinstance(value, float) else parse_quantity(value)
+def _number(value: int | float | str) -> int:
+    return milli_units(repr(value) if isinstance(value, float) else value)
 
 
 def drift(want: Any, have: Any, path: str = "") -> str | None:

@@ -106,3 +106,15 @@ def test_drift_ignores_what_the_api_server_adds_or_normalises() -> None:
     assert drift(want, live) is None
     assert drift(_deployment(2, cpu=1), _deployment(2, cpu="1")) is None
     assert drift(_deployment(2, cpu="1Gi"), _deployment(2, cpu="1G")) is not None
+
+
+def test_drift_compares_quantities_exactly() -> None:
+    # the API server stores 0.7 as 700m; as floats those differ (0.7 against 0.7000000000000001),
+    # which re-applied the object on every reconcile with a false "changed outside the spec"
+    for milli in range(50, 10_000, 50):
+        decimal = f"{milli / 1000:g}"
+        assert drift(_deployment(2, cpu=decimal), _deployment(2, cpu=f"{milli}m")) is None, decimal
+        assert drift(_deployment(2, cpu=milli / 1000), _deployment(2, cpu=f"{milli}m")) is None, milli
+    assert drift(_deployment(2, cpu="0.7"), _deployment(2, cpu="701m")) is not None
+    assert drift(_deployment(2, cpu="0.0001"), _deployment(2, cpu="1m")) is None  # rounded up to 1m
+    assert drift(_deployment(2, cpu="1.5Gi"), _deployment(2, cpu="1536Mi")) is None
