@@ -10,7 +10,8 @@ Two per ModelDeployment, both Ingress only:
     pulling KV from prefill pods (GET /v1/kv/..., NIXL);
   - the operator (pods labelled app.kubernetes.io/name=kubemoe, app.kubernetes.io/component=
     operator, in any namespace: the renderer does not know the operator's), on the API port: the
-    autoscaler reads /metrics there when no Prometheus is set;
+    autoscaler reads /metrics there when no Prometheus is set; with model.cache, on the fill pod's
+    port too (render/model_cache.FILL_PORT: the operator reads its /progress into status.cache);
   - without a router (router.replicas 0, colocated), spec.router.allowFrom on the API port: the
     workers are then the front door.
 - `NAME-router` (named like the router's Deployment, as its PodDisruptionBudget is) selects the
@@ -39,6 +40,7 @@ from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_ROLE, ROUTER
 from kubemoe_operator.api.spec import ApiClient, ModelDeploymentSpec
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.plan.model import Plan
+from kubemoe_operator.render.model_cache import FILL_PORT
 from kubemoe_operator.render.names import Owner, metadata, router_name
 
 OPERATOR_POD_LABELS: Final = {"app.kubernetes.io/name": "kubemoe", "app.kubernetes.io/component": "operator"}
@@ -83,7 +85,10 @@ def _policy(
 def network_policies(*, owner: Owner, spec: ModelDeploymentSpec, plan: Plan) -> list[dict[str, Any]]:
     own = {"podSelector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name}}}
     operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}}
-    engines: list[dict[str, Any]] = [{"from": [own]}, {"from": [operator], "ports": API_PORT}]
+    operator_ports = API_PORT
+    if spec.model.cache is not None:  # the fill pod is one of the deployment's pods too
+        operator_ports = [*API_PORT, {"protocol": "TCP", "port": FILL_PORT}]
+    engines: list[dict[str, Any]] = [{"from": [own]}, {"from": [operator], "ports": operator_ports}]
     has_router = plan.router.replicas > 0
     if not has_router:
         engines += client_rules(spec)

@@ -16,6 +16,7 @@ from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
+from kubemoe_operator.render.model_cache import FILL_PORT
 from kubemoe_operator.render.network import OPERATOR_POD_LABELS
 from tests.operator.helpers import BASE, EXAMPLES, REPO, pod_templates
 
@@ -113,6 +114,28 @@ def test_engines_admit_their_deployment_and_the_operator_only(path: Any) -> None
         assert not admits(engines, pod=stranger, namespace=NS_LABELS, port=8000)
     other = {LABEL_DEPLOYMENT: "other-model", LABEL_ROLE: "decode"}
     assert not admits(engines, pod=other, namespace=NS_LABELS, port=29550)
+
+
+@pytest.mark.parametrize("example", ["qwen3-30b-a3b-model-cache", "mixtral-8x7b"])
+def test_the_operator_reaches_the_fill_pods_progress(example: str) -> None:
+    # the fill pod carries the deployment's label, so the engines policy selects it: without its
+    # port in the operator's rule, status.cache never showed bytes or files on an enforcing CNI
+    md = load_manifest(REPO / "examples" / f"{example}.yaml")
+    name = md.metadata.name
+    objs = render(
+        spec=md.spec, plan=plan_manifest(md), owner=Owner(name=name, namespace=NS, uid=UID), image="i"
+    )
+    engines = policies(objs)[f"{name}-engines"]
+    operator_ns = {"kubernetes.io/metadata.name": "kubemoe-system"}
+    fills = [o for o in objs if o["kind"] == "Job"]
+    assert bool(fills) == (md.spec.model.cache is not None)
+    for job in fills:
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert selects(engines["spec"]["podSelector"], labels)
+        port = job["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        assert port == FILL_PORT
+    admitted = admits(engines, pod=dict(OPERATOR_POD_LABELS), namespace=operator_ns, port=FILL_PORT)
+    assert admitted == bool(fills)
 
 
 def test_the_router_admits_its_namespace_on_the_api_port_by_default() -> None:
