@@ -99,6 +99,21 @@ class RoleOutcome:
             return None
         return d.desired
 
+    @property
+    def stale_desired(self) -> bool:
+        """Whether the stored desired is one minReplicas/maxReplicas clamp away from what runs, and
+        the decision is to stay: then desired is written down to what runs (no scaling, no event).
+        Left as it was, a later change of the bounds would jump the role straight back to it,
+        past the windows, the cooldown and maxStep."""
+        d = self.decision
+        return (
+            d is not None
+            and d.metrics_available
+            and d.desired == self.current
+            and self.previous is not None
+            and self.previous != self.current
+        )
+
 
 def metrics_condition(outcomes: Sequence[RoleOutcome], *, source: str) -> tuple[bool, str, str]:
     """(available, reason, message) for the MetricsAvailable condition."""
@@ -134,7 +149,7 @@ def status_apply(
         reason,
         message,
     )
-    changed = [o for o in outcomes if o.new_desired is not None]
+    changed = [o for o in outcomes if o.new_desired is not None or o.stale_desired]
     if not changed and not condition_changed:
         return None
     if before is not None and not condition_changed:
@@ -154,6 +169,8 @@ def status_apply(
         desired, by = o.previous, o.previous_by
         if o.new_desired is not None and o.decision is not None:
             desired, by = o.new_desired, o.decision.signal
+        elif o.stale_desired:
+            desired = o.current
         if desired is not None:
             roles[o.role] = {"desired": desired} | ({"decidedBy": by} if by else {})
     body: dict[str, Any] = {"conditions": [cond.model_dump(by_alias=True, mode="json", exclude_none=True)]}

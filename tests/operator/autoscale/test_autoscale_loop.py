@@ -201,3 +201,19 @@ def test_owns_status_reads_the_autoscalers_apply_entry_with_fields_only() -> Non
     assert not owns_status(body({**mine, "operation": "Update"}), "kubemoe-autoscaler")
     assert not owns_status(body({**mine, "subresource": ""}), "kubemoe-autoscaler")
     assert not owns_status(body({**mine, "fieldsV1": {"f:status": {}}}), "kubemoe-autoscaler")
+
+
+def test_a_desired_clamped_by_the_bounds_is_written_down_to_what_runs() -> None:
+    # desired 5, then maxReplicas lowered to 3: the role runs 3 and the decision is to stay. The 5 is
+    # written down to 3, quietly (no new desired, so no event and no cooldown); left at 5, raising
+    # maxReplicas again jumped the role to 5 past the windows, the cooldown and maxStep.
+    old = _status(condition=("True", REASON_READ, READ), desired={"decode": 5})
+    stay = _outcome("decode", current=3, queue=5.0, previous=5)
+    assert stay.new_desired is None and stay.stale_desired
+    body = status_apply(old=old, outcomes=[stay], source=SOURCE, generation=3, now=T1)
+    assert body is not None and body["roles"] == {"decode": {"desired": 3}}
+    # a decision that moves the role, or one made without metrics, is not this case
+    assert not _outcome("decode", current=3, queue=20.0, previous=5).stale_desired
+    assert not _outcome("decode", current=3, queue=None, previous=5).stale_desired
+    assert not _outcome("decode", current=3, queue=5.0, previous=3).stale_desired
+    assert not _outcome("decode", current=3, queue=5.0).stale_desired
