@@ -51,6 +51,6 @@ def milli_units(value: int | str) -> int:
     match = _QUANTITY.match(value.strip())
     assert match is not None
     exponent = max(int(match.group(2) or 0), -64)  # anything smaller is under 1m: rounds up to it
-    suffix = _SUFFIXES[match.group(3)]
-    exact = Fraction(match.group(1)) * Fraction(10) ** exponent * Fraction(str(suffix)) * 1000  # "0.001", not the float
+    suffix = Fraction(str(_SUFFIXES[match.group(3)]))  # "0.001", not the float 0.001
+    exact = Fraction(match.group(1)) * Fraction(10) ** exponent * suffix * 1000
     return math.ceil(exact)

@@ -1,6 +1,7 @@
 """`kubectl moe experts NAME`: the expert load of each expert-parallel role, from the ConfigMap the
-operator's rebalance loop writes (`<deployment>-<role>-experts`: placement.json, rebalance.json,
-observed.json; docs/expert-load.md has the format).
+operator's rebalance loop writes (`<deployment>-<role>-experts`: the placement of the groups' layout,
+placement-RANKSxSLOTS-MODEL.json, then rebalance.json and observed.json; docs/expert-load.md has the
+format).
 
 Pure: the command (kubectl_moe.py) fetches the objects; this module reads them, checks them and
 renders the report, so it is tested on fixed objects. Every problem is an ExpertsError whose text is
@@ -24,10 +25,11 @@ from kubemoe_operator.api.spec import RebalanceSpec
 from kubemoe_operator.grid import grid
 from kubemoe_operator.plan import experts as placement_math
 from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.render.experts import PLACEMENT_KEY_PREFIX, model_digest
 from kubemoe_operator.render.names import experts_configmap_name
 
 ROLES = ("prefill", "decode", "worker")
-PLACEMENT, REBALANCE, OBSERVED = "placement.json", "rebalance.json", "observed.json"
+REBALANCE, OBSERVED = "rebalance.json", "observed.json"
 DEFAULT_TOP = 3
 
 
@@ -120,6 +122,14 @@ def _first_error(err: ValidationError) -> str:
     loc = ".".join(str(p) for p in e["loc"])
     msg = str(e["msg"]).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
+
+
+def _placement_key(cm: Mapping[str, Any], source: str) -> str | None:
+    """The key of the placement the role's groups run: the rebalancer keeps one layout's
+    (render/experts.placement_key); of several, one for the ModelDeployment's model."""
+    keys = sorted(str(k) for k in (cm.get("data") or {}) if str(k).startswith(PLACEMENT_KEY_PREFIX))
+    ours = [k for k in keys if k.endswith(f"-{model_digest(source)}.json")]
+    return (ours or keys)[-1] if keys else None
 
 
 def _load(cm: Mapping[str, Any], key: str, model: type[D], *, where: str) -> D | None:
@@ -377,9 +387,13 @@ def build_report(
             missing.append((role, cm_name))
             continue
         where = f"ConfigMap {namespace}/{cm_name}"
-        placement = _load(cm, PLACEMENT, PlacementDoc, where=where)
+        key = _placement_key(cm, str(((md.get("spec") or {}).get("model") or {}).get("source", "")))
+        placement = None if key is None else _load(cm, key, PlacementDoc, where=where)
         if placement is None:
-            raise ExpertsError(f"{where} has no key {PLACEMENT} (the operator writes it with the ConfigMap)")
+            raise ExpertsError(
+                f"{where} has no placement ({PLACEMENT_KEY_PREFIX}RANKSxSLOTS-MODEL.json; the operator "
+                "writes it with the ConfigMap)"
+            )
         load = RoleLoad(
             role=role,
             config_map=f"{namespace}/{cm_name}",

@@ -2,12 +2,14 @@
 a torch-engine ModelDeployment with spec.experts, gather the expert load from every group leader, and
 when a new placement predicts a large enough gain (choose.py), apply it.
 
-Applying: the placement goes first into the role's ConfigMap (placement.json: what a pod that starts
-later loads, render mounts it), then to every group leader (POST /v1/experts/placement: the group loads
-the new expert copies in the background and switches at one step), then into status.experts.<role>
-and an Event (ExpertsRebalanced). A group that reports another generation than the ConfigMap's (it
-was loading, or restarted before the kubelet refreshed its mounted file) is sent the ConfigMap's
-placement at the next check, before anything new is chosen.
+Applying: the placement goes first into the role's ConfigMap (under the key of the groups' layout,
+render/experts.placement_key: what a pod of that layout that starts later loads; render mounts it),
+then to every group leader (POST /v1/experts/placement: the group loads the new expert copies in the
+background and switches at one step), then into status.experts.<role> and an Event
+(ExpertsRebalanced). A group that reports another generation than the ConfigMap's (it was loading,
+or restarted before the kubelet refreshed its mounted file) is sent the ConfigMap's placement at the
+next check, before anything new is chosen. Groups of different layouts (a rollout of a new
+spec.experts.redundant, parallelism or model) are left alone until they all run one.
 
 The ConfigMap also records the load each check saw (observed.json) and the last rebalance
 (rebalance.json), which `kubectl moe experts` shows. It is owned by the ModelDeployment (deleted with
@@ -40,6 +42,7 @@ from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, ev
 from kubemoe_operator.kube.pods import Leader, running_leaders
 from kubemoe_operator.rebalance.choose import choose
 from kubemoe_operator.rebalance.loads import GroupLoad, LoadError, parse_group_load, summed
+from kubemoe_operator.render.experts import PLACEMENT_FILE, PLACEMENT_KEY_PREFIX, placement_key
 from kubemoe_operator.render.names import Owner, experts_configmap_name
 
 log = logging.getLogger("kubemoe.rebalance")
@@ -49,7 +52,7 @@ LeaderList = Callable[[str, str, str], Awaitable[list[Leader]]]
 FIELD_MANAGER = "kubemoe-rebalancer"
 COMPONENT = "kubemoe-rebalancer"
 EVENT_REBALANCED = "ExpertsRebalanced"
-PLACEMENT_KEY, REBALANCE_KEY, OBSERVED_KEY = "placement.json", "rebalance.json", "observed.json"
+REBALANCE_KEY, OBSERVED_KEY = "rebalance.json", "observed.json"
 MAX_BODY = 8 << 20
 """A load document is ~11 bytes per expert and layer (DeepSeek-V3: ~0.3 MiB); a longer one is not read."""
 
@@ -158,14 +161,16 @@ class Rebalancer:
                 due.append(role)
         out: dict[str, RoleCheck] = {}
         for role in due:
-            out[role] = await self._check_role(owner, body, role, experts=md.spec.experts)
+            out[role] = await self._check_role(
+                owner, body, role, experts=md.spec.experts, source=md.spec.model.source
+            )
             self.checks[(owner.uid, role)] = out[role].status
         if out:
             await self._write_status(owner, roles)
         return out
 
     async def _check_role(
-        self, owner: Owner, body: Mapping[str, Any], role: str, *, experts: ExpertsSpec
+        self, owner: Owner, body: Mapping[str, Any], role: str, *, experts: ExpertsSpec, source: str
     ) -> RoleCheck:
         previous = self.checks.get((owner.uid, role)) or ExpertsStatus()
         if self.leaders is not None:
@@ -186,9 +191,16 @@ class Rebalancer:
         if not loads:
             msg = f"no group leader reported its expert load: {errors[0] if errors else 'no answer'}"
             return RoleCheck(status=previous.model_copy(update={"message": msg[:1024]}))
+        layouts = sorted({(load.ranks, load.slots_per_rank) for _, load in loads})
+        if len(layouts) != 1:
+            shown = ", ".join(f"{r} ranks x {s} slots" for r, s in layouts)
+            msg = f"the groups run different layouts ({shown}): waiting for the rollout"
+            return RoleCheck(status=previous.model_copy(update={"message": msg}))
+        ((ranks, slots_per_rank),) = layouts
+        key = placement_key(ranks=ranks, slots_per_rank=slots_per_rank, source=source)
         name = experts_configmap_name(owner.name, role)
         cm = await self.kube.get_child(kind="ConfigMap", name=name, namespace=owner.namespace)
-        target = _placement_of(cm)
+        target = _placement_of(cm, key)
         if target is not None:
             behind = [
                 leader
@@ -207,7 +219,6 @@ class Rebalancer:
         if len({(load.generation, load.slots) for _, load in loads}) != 1:
             msg = "the groups run different placements; waiting for them to agree"
             return RoleCheck(status=previous.model_copy(update={"message": msg}))
-        ranks = first.ranks
         if ranks == 1:
             return RoleCheck(status=previous.model_copy(update={"message": "one rank: nothing to place"}))
         if first.redundant != experts.redundant:
@@ -237,7 +248,7 @@ class Rebalancer:
         }
         data = {OBSERVED_KEY: observed}
         current = placement_doc(first.generation, layers=first.layers, slots=first.slots, ranks=ranks)
-        data[PLACEMENT_KEY] = target if target is not None else current
+        data[key] = target if target is not None else current
         status = previous.model_copy(
             update={
                 "generation": first.generation,
@@ -250,7 +261,7 @@ class Rebalancer:
             return RoleCheck(status=status)
         generation = first.generation + 1
         placement = placement_doc(generation, layers=first.layers, slots=choice.slots, ranks=ranks)
-        data[PLACEMENT_KEY] = placement
+        data[key] = placement
         data[REBALANCE_KEY] = {
             "generation": generation,
             "time": _rfc3339(stamp),
@@ -328,7 +339,11 @@ class Rebalancer:
     async def _apply_configmap(
         self, owner: Owner, role: str, data: Mapping[str, Any], *, keep: Mapping[str, Any] | None
     ) -> None:
-        kept = dict((keep or {}).get("data") or {})
+        kept = {  # other layouts' placements go: every group runs this one (_check_role)
+            key: value
+            for key, value in ((keep or {}).get("data") or {}).items()
+            if not key.startswith(PLACEMENT_KEY_PREFIX) and key != PLACEMENT_FILE
+        }
         for key, value in data.items():
             kept[key] = json.dumps(value, separators=(",", ":"))
         await self.kube.apply(
@@ -364,9 +379,10 @@ class Rebalancer:
         )
 
 
-def _placement_of(cm: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The ConfigMap's placement.json, or None when there is none or it does not parse (rewritten then)."""
-    raw = ((cm or {}).get("data") or {}).get(PLACEMENT_KEY)
+def _placement_of(cm: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
+    """The ConfigMap's placement for one layout (render/experts.placement_key), or None when there is
+    none or it does not parse (rewritten then)."""
+    raw = ((cm or {}).get("data") or {}).get(key)
     if not raw:
         return None
     try:

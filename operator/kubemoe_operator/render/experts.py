@@ -4,9 +4,10 @@ placement its pods load at start (docs/expert-load.md). Only expert-parallel rol
 torch: `--redundant-experts N` (each rank allocates its (E + N) / EP slots from the start) and
 `--expert-placement`, a file of the role's ConfigMap (names.experts_configmap_name), which the
 operator's rebalance loop creates and rewrites, never render. The volume is optional: until the
-loop writes it the file is absent and the pods start with the default placement. Only its
-placement.json is projected; the ConfigMap's records of the load and of past rebalances stay out of
-the pods. The directory, not the file, is mounted (no subPath), so the kubelet keeps it current.
+loop writes it the file is absent and the pods start with the default placement. Only the
+placement of the pods' own layout is projected (placement_key), as placement.json; the ConfigMap's
+records of the load and of past rebalances stay out of the pods. The directory, not the file, is
+mounted (no subPath), so the kubelet keeps it current.
 
 vLLM: `--enable-eplb` and `--eplb-config` with the redundant slots and the load window and interval
 the planner counted (planner.vllm_eplb_step_interval): vLLM places, measures and rearranges its
@@ -15,6 +16,7 @@ experts itself; no ConfigMap is mounted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -25,9 +27,23 @@ from kubemoe_operator.render.names import experts_configmap_name
 
 EXPERTS_VOLUME = "experts"
 EXPERTS_DIR = "/etc/kubemoe/experts"
-PLACEMENT_KEY = "placement.json"
-"""The ConfigMap key (and file) holding the placement document pods load at start."""
-PLACEMENT_PATH = f"{EXPERTS_DIR}/{PLACEMENT_KEY}"
+PLACEMENT_FILE = "placement.json"
+"""The file, in the pods, holding the placement document they load at start."""
+PLACEMENT_PATH = f"{EXPERTS_DIR}/{PLACEMENT_FILE}"
+PLACEMENT_KEY_PREFIX = "placement-"
+
+
+def placement_key(*, ranks: int, slots_per_rank: int, source: str) -> str:
+    """The ConfigMap key of the placement for one layout: the group's expert-parallel ranks, the
+    slots of each, and the model (spec.model.source). A pod reads only its own layout's key, so
+    after a change of spec.experts.redundant, of the role's parallelism or of the model, the new
+    pods start with the default placement (their key is not written yet) instead of refusing the
+    old layout's, and the rebalancer writes theirs once every group runs the new layout."""
+    return f"{PLACEMENT_KEY_PREFIX}{ranks}x{slots_per_rank}-{model_digest(source)}.json"
+
+
+def model_digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def balanced(spec: ModelDeploymentSpec, role: RolePlan) -> bool:
@@ -62,10 +78,11 @@ def expert_volumes(
     """(volumes, volumeMounts) of the placement file, for the torch engine's expert-parallel roles."""
     if not balanced(spec, role) or spec.engine.kind != "torch":
         return [], []
+    key = placement_key(ranks=role.data, slots_per_rank=role.slots_per_rank, source=spec.model.source)
     source = {
         "name": experts_configmap_name(owner, role.role),
         "optional": True,
-        "items": [{"key": PLACEMENT_KEY, "path": PLACEMENT_KEY}],
+        "items": [{"key": key, "path": PLACEMENT_FILE}],
     }
     volume = {"name": EXPERTS_VOLUME, "configMap": source}
     mount = {"name": EXPERTS_VOLUME, "mountPath": EXPERTS_DIR, "readOnly": True}

@@ -209,9 +209,11 @@ def test_a_desired_clamped_by_the_bounds_is_written_down_to_what_runs() -> None:
     # maxReplicas again jumped the role to 5 past the windows, the cooldown and maxStep.
     old = _status(condition=("True", REASON_READ, READ), desired={"decode": 5})
     stay = _outcome("decode", current=3, queue=5.0, previous=5)
-    assert stay.new_desired is None and stay.stale_desired
+    assert stay.new_desired is None
+    assert stay.stale_desired
     body = status_apply(old=old, outcomes=[stay], source=SOURCE, generation=3, now=T1)
-    assert body is not None and body["roles"] == {"decode": {"desired": 3}}
+    assert body is not None
+    assert body["roles"] == {"decode": {"desired": 3}}
     # a decision that moves the role, or one made without metrics, is not this case
     assert not _outcome("decode", current=3, queue=20.0, previous=5).stale_desired
     assert not _outcome("decode", current=3, queue=None, previous=5).stale_desired

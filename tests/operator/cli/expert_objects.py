@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from kubemoe_operator.render.experts import placement_key
 from tests.operator.helpers import REPO
 
 RANKS, SLOTS_PER_RANK = 2, 5
@@ -61,6 +62,15 @@ def deployment(
     return md
 
 
+def _placement_key() -> str:
+    source = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())["spec"]["model"]["source"]
+    return placement_key(ranks=RANKS, slots_per_rank=SLOTS_PER_RANK, source=source)
+
+
+PLACEMENT_KEY = _placement_key()
+"""The key the rebalancer writes the decode groups' placement under (render/experts.placement_key)."""
+
+
 def placement(slots: list[list[int]] = SLOTS, generation: int = 1) -> dict[str, Any]:
     return {
         "generation": generation,
@@ -101,7 +111,9 @@ def config_map(**docs: dict[str, Any] | str | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {"placement": placement(), "rebalance": rebalance(), "observed": observed()}
     defaults.update(docs)
     data = {
-        f"{key}.json": value if isinstance(value, str) else json.dumps(value)
+        (PLACEMENT_KEY if key == "placement" else f"{key}.json"): value
+        if isinstance(value, str)
+        else json.dumps(value)
         for key, value in defaults.items()
         if value is not None
     }

@@ -89,12 +89,15 @@ def test_an_observation_under_an_older_generation_is_flagged() -> None:
     [
         ({"observed": "{not json"}, "key observed.json is not valid JSON"),
         ({"rebalance": '{"generation": 1'}, "key rebalance.json is not valid JSON"),
-        ({"placement": None}, "has no key placement.json"),
+        ({"placement": None}, "has no placement (placement-RANKSxSLOTS-MODEL.json"),
         (
             {"placement": {**objs.placement(), "slotsPerRank": 4}},
-            "key placement.json: layers[0].slots has 10 entries, not ranks x slotsPerRank = 8",
+            f"key {objs.PLACEMENT_KEY}: layers[0].slots has 10 entries, not ranks x slotsPerRank = 8",
         ),
-        ({"placement": {**objs.placement(), "ranks": "two"}}, "key placement.json: ranks: Input should be"),
+        (
+            {"placement": {**objs.placement(), "ranks": "two"}},
+            f"key {objs.PLACEMENT_KEY}: ranks: Input should be",
+        ),
         (
             {"observed": {**objs.observed(), "tokens": [objs.OBSERVED_TOKENS[0]]}},
             "key observed.json: the per-layer lists differ in length (layers 2, tokens 1, imbalance 2)",

@@ -43,7 +43,8 @@ async def test_the_report_reads_the_rebalancers_configmap_and_status(tmp_path: P
 
     report = build_report(md, {"decode": cm}, roles=["decode"], top=2)
     (role,) = report.roles
-    placement = json.loads(cm["data"]["placement.json"])
+    (key,) = [k for k in cm["data"] if k.startswith("placement-")]
+    placement = json.loads(cm["data"][key])
     assert role.load.placement.generation == placement["generation"] == 1
     rows = {row.layer: row for row in role.rows}
     assert sorted(rows) == [layer["layer"] for layer in placement["layers"]]

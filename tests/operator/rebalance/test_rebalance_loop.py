@@ -10,9 +10,12 @@ import httpx2
 import yaml
 
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT
+from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.kube.pods import Leader
 from kubemoe_operator.plan.experts import default_slots, imbalance
+from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.rebalance.loop import EVENT_REBALANCED, Rebalancer
+from kubemoe_operator.render.experts import expert_volumes, placement_key
 from tests.operator.rebalance.groups import Group, serving
 from tests.operator.reconcile.memory_kube import MemoryKube
 
@@ -25,6 +28,21 @@ def _body(redundant: int = 2, min_improvement: float = 0.05) -> dict[str, Any]:
     md["metadata"].update(namespace="ns", uid="uid-1", generation=1)
     md["spec"]["experts"] = {"redundant": redundant, "rebalance": {"minImprovement": min_improvement}}
     return md
+
+
+def _key(*, slots: int) -> str:
+    return placement_key(ranks=2, slots_per_rank=slots, source=_body()["spec"]["model"]["source"])
+
+
+def _mounted_key(md: dict[str, Any], role: str = "decode") -> str:
+    """The ConfigMap key the role's pods are rendered to load."""
+    parsed = parse_manifest(md)
+    (plan_role,) = [r for r in plan_manifest(parsed).roles if r.role == role]
+    owner = md["metadata"]["name"]
+    (volume,), _ = expert_volumes(owner=owner, spec=parsed.spec, role=plan_role)
+    ((item),) = volume["configMap"]["items"]
+    assert item["path"] == "placement.json"
+    return str(item["key"])
 
 
 def _scaler(kube: MemoryKube, leaders: list[Leader], client: httpx2.AsyncClient) -> Rebalancer:
@@ -56,7 +74,7 @@ async def test_a_skewed_role_is_rebalanced_everywhere_and_recorded() -> None:
         assert imbalance(layer, new["slots"], ranks=2) < imbalance(layer, before, ranks=2)
     # the ConfigMap: what a pod starting later loads, and the record kubectl moe experts reads
     cm = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")
-    assert json.loads(cm["data"]["placement.json"]) == placement
+    assert json.loads(cm["data"][_key(slots=5)]) == placement
     record = json.loads(cm["data"]["rebalance.json"])
     assert record["tokens"] == summed
     assert record["slots"] == [layer["slots"] for layer in placement["layers"]]
@@ -103,7 +121,7 @@ async def test_an_even_load_or_a_small_gain_moves_nothing_but_is_observed() -> N
     assert groups[0].posted == []
     cm = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")
     assert "rebalance.json" not in cm["data"]
-    assert json.loads(cm["data"]["placement.json"])["generation"] == 0
+    assert json.loads(cm["data"][_key(slots=5)])["generation"] == 0
     assert kube.statuses[("ns", "tiny-moe")]["experts"]["decode"]["generation"] == 0
     assert kube.events == []
 
@@ -117,6 +135,58 @@ async def test_pods_on_another_redundant_count_wait_for_the_rollout() -> None:
     assert not check.applied
     assert "waiting for the rollout" in check.status.message
     assert groups[0].posted == []
+
+
+async def test_a_new_layout_starts_from_the_default_and_gets_its_own_placement() -> None:
+    # spec.experts.redundant 0 -> 2: the placement written for the old layout (4 slots a rank) must
+    # not reach the new pods (5 slots a rank), which refused it and crash-looped, while the rollout
+    # waited on them; they read their own layout's key, which is written once every group runs it.
+    kube = MemoryKube()
+    even = [[100] * 8, [100] * 8]
+    old = [Group(tokens=even, ranks=2, redundant=0), Group(tokens=even, ranks=2, redundant=0)]
+    async with httpx2.AsyncClient() as client:
+        with serving(old) as leaders:
+            await _scaler(kube, leaders, client).evaluate(_body(redundant=0), force=True)
+    cm = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")
+    assert _mounted_key(_body(redundant=0)) == _key(slots=4)
+    assert json.loads(cm["data"][_key(slots=4)])["slotsPerRank"] == 4
+    new_key = _mounted_key(_body(redundant=2))
+    assert new_key == _key(slots=5) != _key(slots=4)
+    mixed = [old[0], Group(tokens=HOT, ranks=2, redundant=2)]
+    async with httpx2.AsyncClient() as client:
+        with serving(mixed) as leaders:
+            check = (await _scaler(kube, leaders, client).evaluate(_body(redundant=2), force=True))["decode"]
+    assert "different layouts" in check.status.message
+    assert "waiting for the rollout" in check.status.message
+    assert [g.posted for g in mixed] == [[], []]
+    assert new_key not in kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")["data"]  # default, for now
+    rolled = [Group(tokens=HOT, ranks=2, redundant=2), Group(tokens=HOT, ranks=2, redundant=2)]
+    applied: list[dict[str, Any]] = []
+    apply = kube.apply
+
+    async def recorded(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        applied.append(obj)
+        return await apply(obj, **kw)
+
+    kube.apply = recorded  # type: ignore[method-assign]
+    async with httpx2.AsyncClient() as client:
+        with serving(rolled) as leaders:
+            check = (await _scaler(kube, leaders, client).evaluate(_body(redundant=2), force=True))["decode"]
+    assert check.applied
+    data = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")["data"]
+    assert json.loads(data[new_key])["slotsPerRank"] == 5
+    # the old layout's is left out of the apply: server-side apply removes the fields a manager
+    # stops naming (MemoryKube merges, so the body is what to look at)
+    (body,) = [o for o in applied if o["kind"] == "ConfigMap"]
+    assert new_key in body["data"]
+    assert _key(slots=4) not in body["data"]
+
+
+async def test_a_new_model_gets_a_key_of_its_own() -> None:
+    md = _body()
+    other = _body()
+    other["spec"]["model"]["source"] = md["spec"]["model"]["source"] + "-v2"
+    assert _mounted_key(md) != _mounted_key(other)
 
 
 async def test_a_role_is_first_checked_one_interval_after_the_operator_starts() -> None:

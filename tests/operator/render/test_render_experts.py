@@ -16,7 +16,7 @@ from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
-from kubemoe_operator.render.experts import EXPERTS_DIR, PLACEMENT_PATH, with_expert_args
+from kubemoe_operator.render.experts import EXPERTS_DIR, PLACEMENT_PATH, placement_key, with_expert_args
 from kubemoe_runtime.engines.vllm.command import flags_given, vllm_args
 from kubemoe_runtime.pod.settings import parse_args
 from tests.engine_python import VLLM
@@ -84,7 +84,11 @@ def test_torch_expert_parallel_pods_load_the_roles_placement_from_its_configmap(
         (volume,) = [v for v in pod["volumes"] if v["name"] == "experts"]
         assert volume["configMap"]["name"] == "tiny-moe-decode-experts"  # <deployment>-<role>-experts
         assert volume["configMap"]["optional"] is True  # the rebalance loop creates it, maybe later
-        assert volume["configMap"]["items"] == [{"key": "placement.json", "path": "placement.json"}]
+        # the key of this layout (2 ranks x (8 + 2) / 2 slots) and model: after a change of either
+        # the pods read a key not yet written (the default placement), not the old layout's
+        md = tiny_torch(redundant=2)
+        key = placement_key(ranks=2, slots_per_rank=5, source=md["spec"]["model"]["source"])
+        assert volume["configMap"]["items"] == [{"key": key, "path": "placement.json"}]
         (container,) = pod["containers"]
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "experts"]
         assert mount == {"name": "experts", "mountPath": EXPERTS_DIR, "readOnly": True}
