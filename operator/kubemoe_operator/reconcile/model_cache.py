@@ -1,8 +1,8 @@
 """model.cache in a reconcile: has the fill Job succeeded, how far has it got, and what waits for it.
 
 Until the Job has succeeded, the serving workloads are held: not created (the first start), or kept
-as they run (a new source is filling: the groups serve the old one until the new one is complete,
-then roll). Everything else (Services, the router, the claim, the Job) is applied as usual.
+as they run with the router (a new source is filling: the groups serve the old one until the new one
+is complete, then roll; held()). Everything else (Services, the claim, the Job) is applied as usual.
 Progress comes from the fill pod itself (GET /progress on render/model_cache.FILL_PORT, what
 `kubemoe-runtime fill-cache` serves), read by the operator while the pod runs; the pod's
 termination message says why a try failed.
@@ -15,7 +15,7 @@ from typing import Any
 
 from kubemoe_operator.api.labels import LABEL_ROLE, ROUTER
 from kubemoe_operator.api.status import ModelCacheStatus
-from kubemoe_operator.kube.kinds import ChildKey, key_of
+from kubemoe_operator.kube.kinds import ChildKey
 from kubemoe_operator.reconcile.pod_http import PodReader, count, human_bytes
 from kubemoe_operator.render.model_cache import CACHE_ROLE, FILL_CONTAINER, FILL_PORT
 
@@ -45,16 +45,28 @@ def job_phase(job: Mapping[str, Any] | None) -> str:
 def held(
     desired: list[dict[str, Any]], observed: Mapping[ChildKey, Any]
 ) -> tuple[list[dict[str, Any]], set[ChildKey]]:
-    """(`desired` without the serving workloads, the keys of those that exist: kept from pruning)."""
-    out, keep = [], set()
+    """(`desired` without the workloads that wait for the fill, the keys of live ones kept as they run).
+
+    First start (no serving workload runs): the serving workloads are not created; the router is
+    applied (it answers 503 until a group is ready). A new source filling (serving workloads run):
+    every live workload, the router's too, is kept exactly as it runs and none is pruned, even one
+    the new render no longer names (a Deployment that becomes a LeaderWorkerSet), so the old groups
+    and the router that knows their model serve until the new source is complete; then all roll.
+    """
+    live = {key for key, obj in observed.items() if key[0] in WORKLOAD_KINDS}
+    refill = any(_role(observed[key]) != ROUTER for key in live)
+    out = []
     for obj in desired:
-        role = (obj["metadata"].get("labels") or {}).get(LABEL_ROLE)
-        if obj["kind"] in WORKLOAD_KINDS and role != ROUTER:
-            if key_of(obj) in observed:
-                keep.add(key_of(obj))
+        if obj["kind"] in WORKLOAD_KINDS and (refill or _role(obj) != ROUTER):
             continue
         out.append(obj)
-    return out, keep
+    return out, live if refill else set()
+
+
+def _role(obj: Mapping[str, Any]) -> str | None:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    role = labels.get(LABEL_ROLE)
+    return None if role is None else str(role)
 
 
 def fill_pods(job: str, pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -22,6 +22,7 @@ from tests.operator.reconcile.memory_kube import MemoryKube
 
 NS, UID, NAME = "team", "md-uid", "qwen3-30b-cached"
 SPEC = yaml.safe_load((REPO / "examples" / "qwen3-30b-a3b-model-cache.yaml").read_text())["spec"]
+MIXTRAL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 PROGRESS = {"phase": "downloading", "files": 3, "filesTotal": 9, "bytes": 3 << 30, "bytesTotal": 12 << 30}
 
 
@@ -145,6 +146,32 @@ async def test_a_new_source_fills_while_the_running_groups_are_kept() -> None:
     await run(kube, spec)
     after = kube.get("Deployment", NS, f"{NAME}-worker")
     assert "kubemoe-cache/Qwen/Qwen3-30B-A3B-Instruct-2507" in str(after["spec"]["template"])
+
+
+async def test_a_refill_keeps_the_router_and_a_workload_whose_kind_changes() -> None:
+    # a new model name and data 2 on one-GPU pods (Deployment -> LeaderWorkerSet) while the new
+    # source fills: the router kept serving the old name to the old worker, which was not pruned
+    kube = MemoryKube()
+    await run(kube)
+    finish(kube, succeeded=True)
+    await run(kube)
+    router = copy.deepcopy(kube.get("Deployment", NS, f"{NAME}-router"))
+    worker = copy.deepcopy(kube.get("Deployment", NS, f"{NAME}-worker"))
+
+    spec = copy.deepcopy(SPEC)
+    spec["model"] = {**spec["model"], "name": MIXTRAL, "source": f"hf://{MIXTRAL}"}
+    spec["roles"]["worker"]["parallelism"] = {"data": 2, "tensor": 1, "expert": 2}
+    await run(kube, spec)
+    assert ready(kube)["reason"] == REASON_CACHING
+    assert kube.get("Deployment", NS, f"{NAME}-router") == router
+    assert kube.get("Deployment", NS, f"{NAME}-worker") == worker
+    assert workloads(kube) == {f"{NAME}-router", f"{NAME}-worker"}
+
+    finish(kube, succeeded=True)
+    await run(kube, spec)
+    assert MIXTRAL in str(kube.get("Deployment", NS, f"{NAME}-router")["spec"])
+    assert f"{NAME}-worker" not in {n for k, n in kube.kinds(NS) if k == "Deployment"}
+    assert f"{NAME}-worker" in {n for k, n in kube.kinds(NS) if k == "LeaderWorkerSet"}
 
 
 def test_progress_from_the_pod_is_untrusted() -> None:
