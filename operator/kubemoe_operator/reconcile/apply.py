@@ -27,7 +27,14 @@ from typing import Any
 
 from kubemoe_operator.api.labels import ANNOTATION_HASH, LABEL_DEPLOYMENT
 from kubemoe_operator.api.quantity import milli_units
-from kubemoe_operator.kube.client import Kube, NameTakenError, Observed, owned_by, owns_replicas
+from kubemoe_operator.kube.client import (
+    Kube,
+    NameTakenError,
+    Observed,
+    RejectedError,
+    owned_by,
+    owns_replicas,
+)
 from kubemoe_operator.kube.kinds import ChildKey, key_of
 
 
@@ -138,6 +145,8 @@ class SyncResult:
     """Children someone changed under the operator, put back: what had drifted, per child."""
     current: dict[ChildKey, dict[str, Any]] = field(default_factory=dict)
     """Every desired child as the cluster now holds it (apply responses, or what was observed)."""
+    rejected: list[str] = field(default_factory=list)
+    """Changes to existing children the API server refused ('Kind/name: why'); the others went on."""
 
 
 def _holder(obj: Mapping[str, Any]) -> str:
@@ -205,6 +214,8 @@ async def sync_children(
     such as the KV key Secret the pods read); apply what changed, in order; prune what is no longer
     desired. Nothing is written when a name is taken. `initial_replicas`: the workloads an external
     scaler owns (rendered without spec.replicas), with the count to create each with (`hand_over`).
+    A refused change to a child that exists is recorded in `rejected` and the rest goes on; a refused
+    create raises RejectedError (the children after it may depend on it).
     `keep`: children left as they are, neither applied nor pruned (workloads held for model.cache)."""
     initial_replicas = initial_replicas or {}
     result = SyncResult()
@@ -222,7 +233,16 @@ async def sync_children(
         if drifted is not None:
             result.restored[key] = drifted
         if needs_apply(obj, seen) or drifted is not None or letting_go:
-            result.current[key] = await kube.apply(obj)
+            try:
+                result.current[key] = await kube.apply(obj)
+            except RejectedError as err:
+                if seen is None or isinstance(err, NameTakenError):
+                    raise  # a child not there yet: what follows it may need it (policies before pods)
+                # a change the API refuses (an immutable field of a bound claim, say): the child
+                # stays as it is, and the others (the workloads, the autoscaler's replicas) go on
+                result.rejected.append(f"{key[0]}/{key[1]}: {err}")
+                result.current[key] = seen
+                continue
             result.applied.append(key)
         elif seen is not None:
             result.current[key] = seen

@@ -270,6 +270,8 @@ async def reconcile(
         apply_error = str(err)
         apply_reason = REASON_NAME_TAKEN if isinstance(err, NameTakenError) else REASON_APPLY_FAILED
         sync = SyncResult(current=dict(observed.children))
+    if sync.rejected and apply_error is None:
+        apply_error = "; ".join(sync.rejected)
     if sync.applied:
         result.decisions.append(
             Notice(reason="Applied", message=", ".join(f"{k}/{n}" for k, n in sync.applied))

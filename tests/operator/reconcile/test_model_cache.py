@@ -14,6 +14,7 @@ import yaml
 
 from kubemoe_operator.api.status import ModelCacheStatus
 from kubemoe_operator.catalog import load_catalog
+from kubemoe_operator.kube.client import RejectedError
 from kubemoe_operator.reconcile.model_cache import describe, progress_fields
 from kubemoe_operator.reconcile.reconcile import ReconcileContext, reconcile
 from kubemoe_operator.reconcile.status import REASON_CACHE_FAILED, REASON_CACHING
@@ -172,6 +173,40 @@ async def test_a_refill_keeps_the_router_and_a_workload_whose_kind_changes() -> 
     assert MIXTRAL in str(kube.get("Deployment", NS, f"{NAME}-router")["spec"])
     assert f"{NAME}-worker" not in {n for k, n in kube.kinds(NS) if k == "Deployment"}
     assert f"{NAME}-worker" in {n for k, n in kube.kinds(NS) if k == "LeaderWorkerSet"}
+
+
+class ImmutableClaims(MemoryKube):
+    """A claim's size and class cannot change once it exists, as the API server answers for a bound
+    claim (422). MemoryKube stores whatever it is given; the real refusal is the API server's, and
+    this stands in for it, as a bound claim needs a provisioner the test cluster does not have."""
+
+    async def apply(self, obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        claim = obj["kind"] == "PersistentVolumeClaim" and key in self.objects
+        if claim and obj["spec"] != self.objects[key]["spec"]:
+            raise RejectedError(f"PersistentVolumeClaim {key[2]}: 422 Invalid: spec: Forbidden: immutable")
+        return await super().apply(obj, **kw)
+
+
+async def test_a_refused_claim_change_does_not_stop_the_workloads() -> None:
+    # shrinking model.cache.size (refused on a bound claim) with a new replica count in the same
+    # edit: the claim's refusal stopped every apply after it, the autoscaler's replicas included
+    kube = ImmutableClaims()
+    spec = copy.deepcopy(SPEC)
+    spec["model"]["cache"] = {"size": "200Gi"}
+    await run(kube, spec)
+    finish(kube, succeeded=True)
+    await run(kube, spec)
+    assert kube.get("Deployment", NS, f"{NAME}-worker")["spec"]["replicas"] == 4
+    spec["model"]["cache"]["size"] = "100Gi"
+    spec["roles"]["worker"]["replicas"] = 6
+    await run(kube, spec)
+    assert kube.get("Deployment", NS, f"{NAME}-worker")["spec"]["replicas"] == 6
+    (claim,) = [o for (k, _, _), o in kube.objects.items() if k == "PersistentVolumeClaim"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"  # as it was
+    assert ready(kube)["status"] == "False"
+    assert "PersistentVolumeClaim" in ready(kube)["message"]
+    assert "immutable" in ready(kube)["message"]
 
 
 def test_progress_from_the_pod_is_untrusted() -> None:
