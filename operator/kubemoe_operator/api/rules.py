@@ -3,14 +3,20 @@ the complete check, `api/engine_flags.py`; its CEL twin is a coarser first filte
 
 from __future__ import annotations
 
+import re
+
 from kubemoe_operator.api.engine_flags import extra_args_problems
 from kubemoe_operator.api.engines import engine_problems
+from kubemoe_operator.api.pod_metadata import metadata_problems, toleration_problems
 from kubemoe_operator.api.problems import Problem
+from kubemoe_operator.api.quantity import milli_units
 from kubemoe_operator.api.spec import (
     ACCELERATOR_RESOURCE_PREFIXES,
     ACCELERATOR_RESOURCES,
     CACHE_CLAIM_MESSAGE,
     CACHE_SOURCE_MESSAGE,
+    DNS_SUBDOMAIN_PATTERN,
+    ENV_NAME_PATTERN,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
     RESERVED_LABEL_PREFIXES,
@@ -96,6 +102,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
             problems += autoscaling_problems(role.autoscaling, role=name, path=f"{path}.autoscaling")
         if role.resources is not None:
             problems += accelerator_resource_problems(role.resources, field=f"{path}.resources")
+            problems += request_limit_problems(role.resources, field=f"{path}.resources")
         if role.pod is not None:
             problems += pod_template_problems(role.pod, field=f"{path}.pod")
             problems += node_selector_conflicts(
@@ -103,6 +110,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
             )
     if spec.router.resources is not None:
         problems += accelerator_resource_problems(spec.router.resources, field="spec.router.resources")
+        problems += request_limit_problems(spec.router.resources, field="spec.router.resources")
     if spec.router.pod is not None:
         problems += pod_template_problems(spec.router.pod, field="spec.router.pod")
         if (
@@ -128,6 +136,17 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
                 )
             )
     problems += reserved_label_problems(spec.pod.labels, field="spec.pod.labels")
+    problems += metadata_problems(spec.pod.labels, spec.pod.annotations, field="spec.pod")
+    problems += toleration_problems(spec.scheduling.tolerations, field="spec.scheduling.tolerations")
+    priority = spec.scheduling.priority_class_name
+    if priority is not None and not re.match(DNS_SUBDOMAIN_PATTERN, priority):
+        problems.append(
+            Problem(
+                field="spec.scheduling.priorityClassName",
+                message=f"{priority!r} is not a PriorityClass name (lowercase letters, digits, '-' and '.').",
+                fix="name an existing PriorityClass (kubectl get priorityclass).",
+            )
+        )
     return problems
 
 
@@ -191,6 +210,19 @@ def reserved_label_problems(labels: dict[str, str], *, field: str) -> list[Probl
     ]
 
 
+def request_limit_problems(resources: Resources, *, field: str) -> list[Problem]:
+    """A request above its limit: Kubernetes refuses the pod."""
+    return [
+        Problem(
+            field=f"{field}.requests.{name}",
+            message=f"{request} is above its limit ({resources.limits[name]}); Kubernetes refuses the pod.",
+            fix=f"lower the request to at most {resources.limits[name]}, or raise the limit.",
+        )
+        for name, request in resources.requests.items()
+        if name in resources.limits and milli_units(str(request)) > milli_units(str(resources.limits[name]))
+    ]
+
+
 def accelerator_resource_problems(resources: Resources, *, field: str) -> list[Problem]:
     """Accelerators in a container's resources: the plan sets their count (twin of the CEL rule on
     Resources)."""
@@ -216,6 +248,8 @@ def pod_template_problems(pod: PodTemplateOptions, *, field: str) -> list[Proble
     """spec.roles.<role>.pod or spec.router.pod touching what the operator owns (twins of the CEL rules
     on PodTemplateOptions), and duplicate names the API server's list maps refuse."""
     problems = reserved_label_problems(pod.labels, field=f"{field}.labels")
+    problems += metadata_problems(pod.labels, pod.annotations, field=field)
+    problems += toleration_problems(pod.tolerations, field=f"{field}.tolerations")
     for i, var in enumerate(pod.env):
         if var.name.startswith(RESERVED_ENV_PREFIXES) or var.name in RESERVED_ENV_NAMES:
             problems.append(
@@ -229,6 +263,15 @@ def pod_template_problems(pod: PodTemplateOptions, *, field: str) -> list[Proble
                 )
             )
     for i, source in enumerate(pod.env_from):
+        if source.prefix and not re.match(ENV_NAME_PATTERN, source.prefix):
+            problems.append(
+                Problem(
+                    field=f"{field}.envFrom[{i}].prefix",
+                    message=f"prefix {source.prefix!r} cannot start a variable name (letters, digits, "
+                    "'_', '-' and '.', not starting with a digit).",
+                    fix="choose another prefix.",
+                )
+            )
         if source.prefix is not None and source.prefix.startswith(RESERVED_ENV_PREFIXES):
             problems.append(
                 Problem(

@@ -11,6 +11,8 @@ the user's (the planner sizes each rank from it). spec.roles.<role>.resources.re
 
 from __future__ import annotations
 
+from kubemoe_operator.api.problems import Problem
+from kubemoe_operator.api.quantity import milli_units
 from kubemoe_operator.api.spec import RoleSpec
 from kubemoe_operator.catalog.facts import GpuFacts
 from kubemoe_operator.plan.model import HostPlan
@@ -41,3 +43,23 @@ def host_plan(*, role: RoleSpec, gpu: GpuFacts, devices_per_pod: int) -> HostPla
         )
     overrides: dict[str, str] = {k: str(given[k]) for k in ("cpu", "memory") if k in given}
     return planned.model_copy(update=overrides)
+
+
+def limit_problems(*, role_name: str, role: RoleSpec, planned: HostPlan) -> list[Problem]:
+    """A cpu or memory limit below the pod's planned request: Kubernetes refuses such a pod (for a
+    LeaderWorkerSet only its controller sees that, and the groups would never start)."""
+    limits = role.resources.limits if role.resources is not None else {}
+    problems = []
+    for key, request in (("cpu", planned.cpu), ("memory", planned.memory)):
+        limit = limits.get(key)
+        if limit is None or milli_units(str(limit)) >= milli_units(request):
+            continue
+        problems.append(
+            Problem(
+                field=f"spec.roles.{role_name}.resources.limits.{key}",
+                message=f"{limit} is below the {request} each pod requests (the plan's, or "
+                f"resources.requests.{key}); Kubernetes refuses a request above its limit.",
+                fix=f"raise the limit to at least {request}, or remove it.",
+            )
+        )
+    return problems

@@ -22,7 +22,7 @@ from kubemoe_operator.catalog import Catalog, load_catalog, resolve_gpu, resolve
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
 from kubemoe_operator.plan.cache import cache_claim_name, cache_path, served_source
 from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS, pod_command
-from kubemoe_operator.plan.host_sizing import host_plan
+from kubemoe_operator.plan.host_sizing import host_plan, limit_problems
 from kubemoe_operator.plan.model import MemoryPlan, Plan, PodPlan, RankPlan, RolePlan, RouterPlan
 
 # A suggested layout must leave KV for at least this many maximum-length sequences per rank.
@@ -591,6 +591,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         problems += role_problems
         if role_plan is not None:
             roles.append(role_plan)
+    for r in roles:
+        problems += limit_problems(role_name=r.role, role=getattr(spec.roles, r.role), planned=r.host)
     balanced = [r.role for r in roles if r.expert_parallel] if vllm_eplb(spec) else []
     if balanced and gpu_facts.is_cpu:
         problems.append(_eplb_on_cpu(balanced))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubemoe_operator.api.quantity import milli_units
 from kubemoe_operator.api.spec import ModelDeploymentSpec, RoleSpec
 from kubemoe_operator.plan.model import Plan, RolePlan
 
@@ -48,14 +49,20 @@ def container_resources(*, spec: ModelDeploymentSpec, plan: Plan, role: RolePlan
 
 
 ROUTER_REQUESTS = {"cpu": "500m", "memory": "512Mi"}
+"""The router's requests unless spec.router.resources gives them (a smaller limit lowers them)."""
 
 
 def router_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
     """ROUTER_REQUESTS, overridden key by key by spec.router.resources (limits only when given)."""
     given = spec.router.resources
-    requests = {**ROUTER_REQUESTS, **({k: str(v) for k, v in given.requests.items()} if given else {})}
+    given_limits = {k: str(v) for k, v in given.limits.items()} if given else {}
+    defaults = {  # a default above the user's limit comes down to it, as Kubernetes defaults a request
+        k: given_limits[k] if k in given_limits and milli_units(given_limits[k]) < milli_units(v) else v
+        for k, v in ROUTER_REQUESTS.items()
+    }
+    requests = {**defaults, **({k: str(v) for k, v in given.requests.items()} if given else {})}
     out: dict[str, Any] = {"requests": requests}
-    limits = _limit_extended(requests, {k: str(v) for k, v in given.limits.items()} if given else {})
+    limits = _limit_extended(requests, given_limits)
     if limits:
         out["limits"] = limits
     return out
