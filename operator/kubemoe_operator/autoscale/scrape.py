@@ -1,8 +1,10 @@
 """Autoscaling signals read straight from the serving pods' /metrics, when no Prometheus is set.
 
-Gauges are read as they are; latency quantiles need a rate, so each histogram is kept from the
-previous scrape and the quantile is taken over the observations since then (the first scrape
-of a role therefore has no latency value yet, which never scales anything down).
+Gauges are read as they are; latency quantiles need a rate, so each pod's histogram is kept from the
+previous scrape and the quantile is taken over the observations since then, summed over the pods
+(the first scrape of a role therefore has no latency value yet, which never scales anything down).
+As Prometheus' rate(), per pod: a pod seen for the first time adds nothing yet, a pod whose
+counters went back (it restarted) adds its new counts, and a pod that left adds nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class ScrapeSource:
     def __init__(self, *, client: httpx2.AsyncClient, targets: Targets) -> None:
         self.client = client
         self.targets = targets
-        self._previous: dict[tuple[RoleSelector, str], Buckets] = {}
+        self._previous: dict[tuple[RoleSelector, str], dict[str, Buckets]] = {}
+        """(role, histogram) -> each pod's (URL's) buckets at the previous scrape."""
 
     async def _fetch(self, url: str) -> str | None:
         """The page, or None when the pod does not answer; MetricsUnavailable when it is too long."""
@@ -63,16 +66,20 @@ class ScrapeSource:
         urls = await self.targets(sel)
         if not urls:
             raise MetricsUnavailable(f"no pods of role {sel.role} to scrape")
-        texts = [t for t in await asyncio.gather(*(self._fetch(u) for u in urls)) if t is not None]
+        pages = await asyncio.gather(*(self._fetch(u) for u in urls))
+        texts = {url: text for url, text in zip(urls, pages, strict=True) if text is not None}
         if not texts:
             raise MetricsUnavailable(f"none of the {len(urls)} pods of role {sel.role} answered /metrics")
 
         gauges: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        histograms: dict[str, Buckets] = defaultdict(lambda: defaultdict(float))
+        histograms: dict[str, dict[str, Buckets]] = defaultdict(dict)
         wanted_histograms = {HISTOGRAMS[m] for m in metrics if m in HISTOGRAMS}
-        for text in texts:
+        for url, text in texts.items():
             try:
-                _read_page(text, sel, gauges, histograms, wanted_histograms)
+                pod_histograms: dict[str, Buckets] = defaultdict(lambda: defaultdict(float))
+                _read_page(text, sel, gauges, pod_histograms, wanted_histograms)
+                for name, buckets in pod_histograms.items():
+                    histograms[name][url] = dict(buckets)
             except (ValueError, TypeError, KeyError, IndexError) as err:
                 # Whatever a pod serves: the parser raises on malformed text, we on bad values.
                 raise MetricsUnavailable(
@@ -93,19 +100,26 @@ class ScrapeSource:
                 )
         return out
 
-    def _quantile_since_last(self, sel: RoleSelector, name: str, now: Buckets | None) -> float | None:
+    def _quantile_since_last(
+        self, sel: RoleSelector, name: str, now: dict[str, Buckets] | None
+    ) -> float | None:
         if not now:
             return None
         before = self._previous.get((sel, name))
-        self._previous[(sel, name)] = dict(now)
+        self._previous[(sel, name)] = {url: dict(buckets) for url, buckets in now.items()}
         if before is None:
             return None
-        # A pod restart resets counters: then the delta is negative and only the new counts count.
-        delta = [
-            (le, count - before.get(le, 0.0) if count >= before.get(le, 0.0) else count)
-            for le, count in now.items()
-        ]
-        return histogram_quantile(0.9, delta)
+        summed: Buckets = defaultdict(float)
+        seen = False
+        for url, buckets in now.items():
+            previous = before.get(url)
+            if previous is None:
+                continue  # a new pod: from its next scrape on
+            seen = True
+            reset = any(count < previous.get(le, 0.0) for le, count in buckets.items())
+            for le, count in buckets.items():
+                summed[le] += count if reset else count - previous.get(le, 0.0)
+        return histogram_quantile(0.9, list(summed.items())) if seen else None
 
 
 def _read_page(

@@ -97,6 +97,38 @@ async def test_latency_quantile_is_over_the_observations_since_the_last_scrape(p
     assert 0.5 < p90 <= 1.0
 
 
+async def test_a_pod_that_leaves_takes_its_history_with_it(pods: list[Pod]) -> None:
+    # buckets were summed over the pods before the delta: when one left, some buckets went back
+    # (read as a reset: full counts) and others did not (a delta), and the p90 came out as nonsense
+    present = [pods[0], pods[1]]
+
+    async def targets(_: RoleSelector) -> list[str]:
+        return [p.url for p in present]
+
+    async with httpx2.AsyncClient() as client:
+        source = ScrapeSource(client=client, targets=targets)
+        for _ in range(200):
+            pods[1].ttft.observe(0.05)  # the pod about to leave: a long, fast history
+        for _ in range(5):
+            pods[0].ttft.observe(0.05)
+        assert (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"] is None
+        present.pop()  # scaled down, restarted elsewhere, rolled
+        pods[0].ttft.observe(0.05)
+        for _ in range(89):
+            pods[0].ttft.observe(0.8)  # what the remaining pod served since: slow
+        p90 = (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"]
+        assert p90 is not None
+        assert 0.5 < p90 <= 1.0
+        present.append(pods[2])  # a new pod: nothing from it until its second scrape
+        for _ in range(500):
+            pods[2].ttft.observe(0.05)
+        for _ in range(10):
+            pods[0].ttft.observe(0.8)
+        p90 = (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"]
+        assert p90 is not None
+        assert 0.5 < p90 <= 1.0
+
+
 async def test_unreachable_pods_make_metrics_unavailable() -> None:
     async def targets(_: RoleSelector) -> list[str]:
         return [f"http://127.0.0.1:{free_port()}/metrics"]
