@@ -126,6 +126,29 @@ def test_store_ttl_and_bound() -> None:
     assert store.take(c) is None
 
 
+def test_store_bytes_bound() -> None:
+    # prefills whose decode never comes (it refused the request, the client left) were bounded only
+    # by count: 1024 copies of long prompts' KV. Now the oldest go once the bytes pass the bound.
+    store = KVStore(ttl_s=60, max_bytes=3000)
+    kv = [{"k": torch.zeros(250, 1)}]  # 1000 bytes
+    item = PrefilledKV(kv=kv, first_token=0, prompt_tokens=250, prompt_sha256="")
+    assert item.nbytes == 1000
+    handles = [store.put(item) for _ in range(5)]
+    assert store.nbytes == 3000
+    assert [store.take(h) is not None for h in handles] == [False, False, True, True, True]
+    assert store.nbytes == 0
+    big = PrefilledKV(kv=[{"k": torch.zeros(2000, 1)}], first_token=0, prompt_tokens=2000, prompt_sha256="")
+    h = store.put(big)  # one entry over the bound on its own is still kept (its decode may come)
+    assert store.take(h) is big
+
+
+def test_the_scheduler_bounds_parked_kv_by_one_ranks_cache(engine: TorchEngine, model_dir: Path) -> None:
+    scheduler = make_scheduler(engine, model_dir)
+    layout = scheduler.kv_layout
+    limits = scheduler.limits
+    assert scheduler.kv_store.max_bytes == layout.bytes_per_token * limits.max_model_len * limits.max_num_seqs
+
+
 def test_wire_format_round_trip() -> None:
     kv = [{"k": torch.randn(5, 2, 4), "v": torch.randn(5, 2, 4)}, {"latent": torch.randn(5, 8).bfloat16()}]
     item = PrefilledKV(kv=kv, first_token=42, prompt_tokens=5, prompt_sha256=prompt_digest([1, 2, 3, 4, 5]))

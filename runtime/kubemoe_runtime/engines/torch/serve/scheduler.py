@@ -124,7 +124,10 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = metrics
         self.clock = clock
-        self.kv_store = kv_store if kv_store is not None else KVStore()
+        self.kv_layout: KVLayout = leader.runner.kv_layout()
+        # Prefilled KV waiting for its decode (P/D): at most one rank's cache worth of it.
+        parked = self.kv_layout.bytes_per_token * limits.max_model_len * limits.max_num_seqs
+        self.kv_store = kv_store if kv_store is not None else KVStore(max_bytes=parked)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._next_id = 0
@@ -135,7 +138,6 @@ class Scheduler:
         self._free_slots = [list(range(limits.max_num_seqs)) for _ in range(leader.size)]
         self._released: list[list[int]] = [[] for _ in range(leader.size)]
         self._rotation = 0  # where the next tie-break among equally free ranks starts
-        self.kv_layout: KVLayout = leader.runner.kv_layout()
         self.vocab_size: int = leader.runner.engine.cfg.vocab_size
 
     # --- any thread ---------------------------------------------------------------------------------

@@ -61,6 +61,11 @@ class PrefilledKV:
     prompt_tokens: int
     prompt_sha256: str
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its tensors."""
+        return sum(t.nbytes for layer in self.kv for t in layer.values())
+
     def wire(self) -> tuple[list[memoryview], int]:
         """The safetensors file as pieces, without copying a tensor: the 8-byte length and the header, then
         each tensor's memory in place; and the total size. What the prefill sends (serve/app.py)."""
@@ -207,35 +212,56 @@ def remote_prefill_params(*, handle: str, host: str | None, port: int | None) ->
 
 
 class KVStore:
-    """Prefilled KV waiting for its decode: read once, or dropped after `ttl_s`; at most `max_entries`."""
+    """Prefilled KV waiting for its decode: read once, or dropped after `ttl_s`; at most `max_entries`,
+    and at most `max_bytes` of tensors (None: no bound), the oldest dropped first. Each entry is a copy
+    of a prompt's KV held in the API pod's memory, so the bytes bound is what keeps prefills whose
+    decode never comes (it refused the request, the client left) from filling it."""
 
     def __init__(
         self,
         *,
         ttl_s: float = DEFAULT_TTL_S,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[float, PrefilledKV]] = OrderedDict()
+        self._bytes = 0
 
     def put(self, prefilled: PrefilledKV) -> str:
         handle = secrets.token_urlsafe(16)
         with self._lock:
             self._expire()
             self._entries[handle] = (self.clock() + self.ttl_s, prefilled)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._bytes += prefilled.nbytes
+            while len(self._entries) > self.max_entries or (
+                self.max_bytes is not None and self._bytes > self.max_bytes and len(self._entries) > 1
+            ):
+                self._drop(next(iter(self._entries)))
         return handle
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            self._expire()
+            return self._bytes
+
+    def _drop(self, handle: str) -> PrefilledKV | None:
+        entry = self._entries.pop(handle, None)
+        if entry is None:
+            return None
+        self._bytes -= entry[1].nbytes
+        return entry[1]
 
     def take(self, handle: str) -> PrefilledKV | None:
         with self._lock:
             self._expire()
-            entry = self._entries.pop(handle, None)
-        return None if entry is None else entry[1]
+            return self._drop(handle)
 
     def __len__(self) -> int:
         with self._lock:
@@ -248,4 +274,4 @@ class KVStore:
             handle, (deadline, _) = next(iter(self._entries.items()))
             if deadline > now:
                 return
-            del self._entries[handle]
+            self._drop(handle)
