@@ -4,6 +4,7 @@ rendered objects, install/upgrade/uninstall on the real control plane, and least
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -168,6 +169,57 @@ def test_install_upgrade_uninstall_leaves_no_orphans(cluster: Cluster) -> None:
     cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout=2m")
     assert _release_objects(cluster, release) == []
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def _readme_crd_upgrade_commands() -> list[list[str]]:
+    """The README's commands that apply the chart's CRD over the one Helm installed, as argv."""
+    text = (REPO / "README.md").read_text()
+    return [m.split() for m in re.findall(r"kubectl apply --server-side[^`\n]*charts/kubemoe/crds/", text)]
+
+
+def test_the_readmes_crd_upgrade_applies_over_the_crd_helm_installed(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Helm installs a chart's crds/ on first install by server-side apply (field manager `helm`); after
+    an upgrade that changes the CRD, the README's `kubectl apply --server-side ... charts/kubemoe/crds/`
+    must apply the new one over it. A plain server-side apply conflicts with `helm` on every field that
+    changed, so the command needs --force-conflicts. The chart's own CRD under a group of the test's own
+    (the session's other tests use the real one), in a chart of just that CRD."""
+    commands = _readme_crd_upgrade_commands()
+    assert len(commands) == 2, commands  # the chart values paragraph and the upgrade steps
+    group = f"crd-upgrade-{uuid.uuid4().hex[:6]}.example.com"
+    crd = yaml.safe_load(next((CHART / "crds").glob("*.yaml")).read_text())
+    crd["spec"]["group"] = group
+    crd["metadata"]["name"] = f"{crd['spec']['names']['plural']}.{group}"
+    for key in ("shortNames", "categories"):  # `kubectl get md` must keep meaning the real one
+        crd["spec"]["names"].pop(key, None)
+    chart = tmp_path / "chart"
+    (chart / "crds").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: crd-upgrade\nversion: 0.1.0\n")
+    (chart / "crds" / "crd.yaml").write_text(yaml.safe_dump(crd))
+    # The next chart version's CRD: a field of each served version changed.
+    for version in crd["spec"]["versions"]:
+        version["schema"]["openAPIV3Schema"]["description"] = "changed by the upgrade"
+    upgraded = tmp_path / "crds"
+    upgraded.mkdir()
+    (upgraded / "crd.yaml").write_text(yaml.safe_dump(crd))
+
+    release = f"crd-{uuid.uuid4().hex[:5]}"
+    cluster.helm("install", release, str(chart), "-n", "default", "--wait", "--timeout=2m")
+    try:
+        plain = cluster.kubectl("apply", "--server-side", "-f", str(upgraded), check=False)
+        assert plain.returncode != 0, plain.stdout
+        assert 'conflict with "helm"' in plain.stderr, plain.stderr
+        for argv in commands:
+            assert argv[:3] == ["kubectl", "apply", "--server-side"], argv
+            assert "--force-conflicts" in argv, argv
+            cluster.kubectl(*[str(upgraded) if a == "charts/kubemoe/crds/" else a for a in argv[1:]])
+        applied = json.loads(cluster.kubectl("get", "crd", crd["metadata"]["name"], "-o", "json").stdout)
+        descriptions = {v["schema"]["openAPIV3Schema"]["description"] for v in applied["spec"]["versions"]}
+        assert descriptions == {"changed by the upgrade"}
+    finally:
+        cluster.helm("uninstall", release, "-n", "default", "--wait", "--timeout=2m", check=False)
+        cluster.kubectl("delete", "crd", crd["metadata"]["name"], "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")

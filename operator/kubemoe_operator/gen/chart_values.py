@@ -82,10 +82,18 @@ class Dashboards(ChartModel):
     """Annotations on the ConfigMap, e.g. the sidecar's folder annotation."""
 
 
+# A resource quantity as people write one: "100m", "1Gi", or a number (`cpu: 0.5`; `--set
+# resources.limits.cpu=1` hands Helm an integer). The apiserver checks the value itself.
+_QUANTITY: JsonDict = {"anyOf": [{"type": "string"}, {"type": "number"}]}
+
+
 class ResourceList(ChartModel):
-    cpu: str | None = None
+    # Any resource name (ephemeral-storage, hugepages-2Mi, extended resources), each a quantity.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": _QUANTITY})
+
+    cpu: str | float | None = None
     """CPU, e.g. 100m."""
-    memory: str | None = None
+    memory: str | float | None = None
     """Memory, e.g. 256Mi."""
 
 
@@ -116,7 +124,7 @@ class Values(ChartModel):
     """The operator image."""
     image_pull_secrets: list[str] = Field(default_factory=list)
     """Names of Secrets for pulling the image from a private registry."""
-    watch_namespace: str = ""
+    watch_namespace: str = Field("", max_length=63, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
     """Watch only this namespace; empty watches the whole cluster."""
     resync_seconds: int = Field(60, ge=5)
     """Seconds between periodic reconciles of every ModelDeployment."""

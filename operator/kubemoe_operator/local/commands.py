@@ -10,6 +10,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from pydantic import ValidationError
+
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import ModelDeployment
@@ -26,7 +28,9 @@ from kubemoe_operator.local.runner import (
     RunState,
     first_exited,
     log_tail,
+    run_alive,
     runtime_command,
+    signals_ignored,
     start_run,
     status_json,
     status_table,
@@ -38,6 +42,9 @@ from kubemoe_operator.plan.planner import plan_manifest
 
 RUNS_DIR = Path(".run") / "up"
 EXIT_INVALID = 2
+# What stops a foreground `kubemoe up` (besides Ctrl-C): `kill`, and the terminal closing (SIGHUP; the
+# processes it started are in sessions of their own, so nothing else would stop them).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class Progress:
@@ -66,17 +73,36 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _is_running(run_dir: Path) -> bool:
+    try:
+        return run_alive(RunState.load(run_dir))
+    except (LocalRunError, ValidationError, OSError):
+        return False
+
+
 def find_run_dir(name: str | None, run_dir: str | None) -> Path:
+    """The run `kubemoe status`/`down` mean: the one named, else the only one running (a run whose
+    processes have all exited does not count), else the only one there is."""
     if run_dir is not None:
         return Path(run_dir)
     if name is not None:
         return RUNS_DIR / name
     runs = sorted(p.parent for p in RUNS_DIR.glob(f"*/{STATE_FILE}"))
+    running = [r for r in runs if _is_running(r)]
+    if len(running) == 1:
+        return running[0]
+    if running:
+        raise LocalRunError(
+            f"several runs under {RUNS_DIR}/: name one ({', '.join(p.name for p in running)})"
+        )
     if len(runs) == 1:
         return runs[0]
     if not runs:
         raise LocalRunError(f"no local run under {RUNS_DIR}/ (start one with `kubemoe up FILE`)")
-    raise LocalRunError(f"several runs under {RUNS_DIR}/: name one ({', '.join(p.name for p in runs)})")
+    raise LocalRunError(
+        f"no local run is running under {RUNS_DIR}/; stopped ones: {', '.join(p.name for p in runs)}"
+        " (name one)"
+    )
 
 
 def problem_lines(path: Path, err: ManifestError) -> list[str]:
@@ -125,7 +151,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(
                 f"generating the tiny random checkpoint {md.spec.model.name} at {model} ...", file=sys.stderr
             )
-        ensure_model(model, model_name=md.spec.model.name, architecture=architecture, runtime=runtime)
+        ensure_model(
+            model,
+            model_name=md.spec.model.name,
+            architecture=architecture,
+            dtype=md.spec.model.config.dtype if md.spec.model.config else None,
+            runtime=runtime,
+        )
         plan, notes = plan_local(md, model)
     except ManifestError as err:
         print("\n".join(problem_lines(path, err)), file=sys.stderr)
@@ -136,7 +168,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     run_dir = Path(args.run_dir) if args.run_dir else RUNS_DIR / plan.name
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     state: RunState | None = None
     keep = False
     try:
@@ -170,14 +202,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\nstopping ...", file=sys.stderr)
         return 0 if state is not None else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if state is not None and not keep:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave strays
-            try:
-                left = stop_run(state)
-            finally:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            print(f"stopped {state.name}" + (f"; still alive: {left}" if left else ""), file=sys.stderr)
+        try:
+            if state is not None and not keep:
+                with signals_ignored(signal.SIGINT, *STOP_SIGNALS):  # a second one must not leave strays
+                    left = stop_run(state)  # removes state.json once nothing is left
+                print(f"stopped {state.name}" + (f"; still alive: {left}" if left else ""), file=sys.stderr)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def ready_summary(state: RunState) -> str:
@@ -204,7 +236,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     except LocalRunError as err:
         print(f"kubemoe down: {err}", file=sys.stderr)
         return 1
-    left = stop_run(state)
+    with signals_ignored(signal.SIGINT, *STOP_SIGNALS):  # stopped halfway would leave strays
+        left = stop_run(state)  # removes state.json once nothing is left
     if left:
         print(f"kubemoe down: processes still alive: {left}", file=sys.stderr)
         return 1

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.local.runner import signals_ignored
 
 QUESTION = "How do experts route tokens?"
 
@@ -23,6 +28,16 @@ QUESTION = "How do experts route tokens?"
 def _kubemoe() -> str:
     sibling = Path(sys.executable).parent / "kubemoe"
     return str(sibling) if sibling.is_file() else "kubemoe"
+
+
+def _run_name(path: Path) -> list[str]:
+    """The run's name for `kubemoe status`/`down` (`kubemoe up` names the run after metadata.name): the
+    demo's own run, whatever other runs there are. Empty when the manifest cannot be read (`kubemoe up`
+    then says why and starts nothing)."""
+    try:
+        return [load_manifest(path).metadata.name]
+    except (ManifestError, OSError, UnicodeDecodeError):
+        return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,15 +63,16 @@ def _demo(argv: Sequence[str] | None) -> int:
         print("the demo needs the openai package: pip install openai (make setup does)", file=sys.stderr)
         return 2
     kubemoe = _kubemoe()
+    name = _run_name(Path(args.file))
     up = subprocess.run(
         [kubemoe, "up", args.file, "--detach", "--port", str(args.port)], stdout=subprocess.PIPE, text=True
     )
     if up.returncode != 0:
-        return up.returncode
+        return up.returncode  # `kubemoe up` stopped whatever it had started
     try:
         status = json.loads(
             subprocess.run(
-                [kubemoe, "status", "-o", "json"], stdout=subprocess.PIPE, text=True, check=True
+                [kubemoe, "status", *name, "-o", "json"], stdout=subprocess.PIPE, text=True, check=True
             ).stdout
         )
         client = openai.OpenAI(base_url=status["endpoint"], api_key="demo", max_retries=0, timeout=120)
@@ -86,8 +102,10 @@ def _demo(argv: Sequence[str] | None) -> int:
                 print(f"  {role:<8} {float(value):7.1f} ms  ({backend})")
         print(f"  total    {elapsed_ms:7.1f} ms  (client side)\n")
     finally:
-        subprocess.run([kubemoe, "down"], check=False)
-    return 0
+        # Another Ctrl-C meanwhile must not cut `kubemoe down` short (it inherits SIGINT ignored, too).
+        with signals_ignored(signal.SIGINT):
+            down = subprocess.run([kubemoe, "down", *name], check=False)
+    return 0 if down.returncode == 0 else 1  # `kubemoe down` said what it could not stop
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ TINY_ARCHITECTURES = {
     "Llama4ForCausalLM": "llama4_text",
 }
 TINY_PREFIX = "tiny-"
+# The dtype `kubemoe-runtime tiny-checkpoint` writes; for another one ensure_model runs the generator's
+# module (which takes --dtype) with the runtime's own interpreter.
+TINY_DEFAULT_DTYPE = "bfloat16"
+TINY_GENERATOR_MODULE = "kubemoe_runtime.tools.checkpoints"
 
 
 class ModelSourceError(ValueError):
@@ -45,18 +49,42 @@ def local_model_path(source: str, *, cwd: Path) -> Path:
     return path if path.is_absolute() else (cwd / path).resolve()
 
 
-def ensure_model(path: Path, *, model_name: str, architecture: str | None, runtime: str) -> bool:
+def _runtime_python(runtime: str) -> Path | None:
+    """The interpreter installed beside the `kubemoe-runtime` script (its virtualenv's), if any."""
+    for name in ("python", "python3"):
+        python = Path(runtime).parent / name
+        if python.is_file():
+            return python
+    return None
+
+
+def tiny_checkpoint_commands(path: Path, *, arch: str, dtype: str | None, runtime: str) -> list[list[str]]:
+    """The commands that can write the tiny checkpoint, best first: in the manifest's dtype, so that its
+    config.json agrees with spec.model.config (the generator's module, which takes --dtype, run by the
+    interpreter beside `kubemoe-runtime`); last, `kubemoe-runtime tiny-checkpoint` (its default dtype)."""
+    plain = [runtime, "tiny-checkpoint", str(path), "--arch", arch]
+    python = _runtime_python(runtime)
+    if dtype is None or dtype == TINY_DEFAULT_DTYPE or python is None:
+        return [plain]
+    return [[str(python), "-m", TINY_GENERATOR_MODULE, str(path), "--arch", arch, "--dtype", dtype], plain]
+
+
+def ensure_model(
+    path: Path, *, model_name: str, architecture: str | None, runtime: str, dtype: str | None = None
+) -> bool:
     """Make sure `path` holds a checkpoint. A missing tiny model (name `tiny-...`, an architecture the
-    generator knows) is generated; returns whether it was. Anything else missing is an error."""
+    generator knows) is generated, in `dtype` (the manifest's spec.model.config.dtype) where it can be;
+    returns whether it was. Anything else missing is an error."""
     if (path / "config.json").is_file():
         return False
     arch = TINY_ARCHITECTURES.get(architecture or "")
     if not model_name.startswith(TINY_PREFIX) or arch is None:
         raise ModelSourceError(f"no checkpoint at {path} (config.json missing)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [runtime, "tiny-checkpoint", str(path), "--arch", arch], capture_output=True, text=True
-    )
+    for command in tiny_checkpoint_commands(path, arch=arch, dtype=dtype, runtime=runtime):
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode == 0 or "No module named 'kubemoe_runtime" not in result.stderr:
+            break  # written, or failed for a reason the next command would share
     if result.returncode != 0:
         raise ModelSourceError(f"generating the tiny checkpoint at {path} failed:\n{result.stderr[-2000:]}")
     return True

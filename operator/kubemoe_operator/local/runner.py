@@ -2,9 +2,11 @@
 
 Every process starts in a session of its own, so its process group holds it and whatever it spawns (the
 torch engine's rank processes, vLLM's engine cores); stopping sends SIGTERM to each group, waits, then
-SIGKILLs what is left, and checks /proc until no process of any group remains.
+SIGKILLs what is left, and checks /proc until no process of any group remains. state.json records each
+process's start time and the boot's id: a pid from a stale state.json that now names another process
+(after a reboot, or reused) is never signalled. A stopped run's state.json is removed (its logs stay).
 
-    RUN_DIR/state.json          what runs: argv, pid (= process group), port, ready time, log path
+    RUN_DIR/state.json          what runs: argv, pid (= process group), start time, port, ready time, logs
     RUN_DIR/logs/NAME.log       one per process (stdout and stderr)
     RUN_DIR/kv/                 the example connector's shared KV directory (vLLM)
 """
@@ -20,10 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -48,6 +51,9 @@ class ProcessState(BaseModel):
     pid: int
     log: str
     ready_s: float | None = None  # seconds from start to ready
+    # /proc/PID/stat's starttime (clock ticks after boot): tells this process from a later one given the
+    # same pid. None where there is no /proc (and in a state.json from before it was recorded).
+    start_time: int | None = None
 
 
 class RunState(BaseModel):
@@ -60,12 +66,17 @@ class RunState(BaseModel):
     started: float  # epoch seconds
     supervisor_pid: int
     processes: list[ProcessState]
+    boot_id: str | None = None  # the kernel's boot id when it started: no process outlives a reboot
 
     def save(self) -> None:
         path = Path(self.run_dir) / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(self.model_dump_json(indent=2) + "\n")
         tmp.replace(path)
+
+    def remove(self) -> None:
+        """Forget the run (its state.json; the logs stay): `kubemoe status`/`down` no longer find it."""
+        (Path(self.run_dir) / STATE_FILE).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
@@ -122,7 +133,7 @@ def start_run(
     """Start every process of the plan (engines first, the router last) and record them."""
     if (run_dir / STATE_FILE).is_file():
         previous = RunState.load(run_dir)
-        if any(group_alive(p.pid) for p in previous.processes):
+        if run_alive(previous):
             raise LocalRunError(
                 f"{plan.name} is already running (see `kubemoe status`; `kubemoe down` stops it)"
             )
@@ -148,6 +159,7 @@ def start_run(
         started=time.time(),
         supervisor_pid=os.getpid(),
         processes=[],
+        boot_id=boot_id(),
     )
     try:
         for process in processes:
@@ -161,9 +173,19 @@ def start_run(
                     env=process.env,
                     start_new_session=True,
                 )
-            state.processes.append(ProcessState(process=process, pid=popen.pid, log=str(log_path)))
-    finally:
+            started = process_start_time(popen.pid)
+            state.processes.append(
+                ProcessState(process=process, pid=popen.pid, log=str(log_path), start_time=started)
+            )
+            state.save()  # each as it starts: whatever stops this, `kubemoe down` finds what runs
+    except BaseException:
+        # Ctrl-C, SIGTERM or a failed start halfway: stop what did start before passing it on (the
+        # caller has no state to stop; state.json goes too, unless something would not stop).
         state.save()
+        with signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            stop_run(state)
+        raise
+    state.save()
     return state
 
 
@@ -233,10 +255,16 @@ def wait_ready(
 
 
 def first_exited(state: RunState) -> ProcessState | None:
-    return next((p for p in state.processes if not pid_alive(p.pid)), None)
+    return next((p for p in state.processes if not process_alive(state, p)), None)
 
 
 # --- processes ------------------------------------------------------------------------------------
+
+
+def _stat_fields(text: str) -> list[str]:
+    """/proc/PID/stat from its third field (state) on: `pid (comm) state ppid pgrp ...`; comm may hold
+    spaces and parentheses, so split after the last ')'. Field N (1-based, proc(5)) is [N - 3]."""
+    return text[text.rindex(")") + 2 :].split()
 
 
 def _proc_entries() -> list[tuple[int, int, str]]:
@@ -249,10 +277,79 @@ def _proc_entries() -> list[tuple[int, int, str]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses: split after the last ')'
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = _stat_fields(stat)
         entries.append((int(entry.name), int(fields[2]), fields[0]))
     return entries
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks after boot (/proc/PID/stat field 22); None when it is
+    gone or there is no /proc."""
+    try:
+        return int(_stat_fields(Path(f"/proc/{pid}/stat").read_text())[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), None elsewhere."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _same_boot(state: RunState) -> bool:
+    return state.boot_id is None or state.boot_id == boot_id()
+
+
+def _is_ours(state: RunState, p: ProcessState) -> bool:
+    """Whether p.pid, if it is still taken, is the process the run started (not a later one given the
+    pid after a reboot or after ours exited)."""
+    if not _same_boot(state):
+        return False
+    if p.start_time is None:
+        return True  # not recorded: nothing to tell them apart by
+    now = process_start_time(p.pid)
+    return now is None or now == p.start_time
+
+
+def run_members(state: RunState, p: ProcessState) -> list[int]:
+    """Live processes of p's process group that the run started: none when the pid now names another
+    process; with p itself gone (its group outlives it while a child lives), the members that
+    started after it."""
+    if not _is_ours(state, p):
+        return []
+    members = group_members(p.pid)
+    if p.start_time is None:
+        return members
+    started = [(pid, process_start_time(pid)) for pid in members]
+    return [pid for pid, start in started if start is None or start >= p.start_time]
+
+
+def process_alive(state: RunState, p: ProcessState) -> bool:
+    """Whether the run's process itself still runs (not a zombie, not a later process with its pid)."""
+    return pid_alive(p.pid) and _is_ours(state, p)
+
+
+def run_alive(state: RunState) -> bool:
+    """Whether anything the run started still runs."""
+    return any(run_members(state, p) or process_alive(state, p) for p in state.processes)
+
+
+@contextlib.contextmanager
+def signals_ignored(*signals: signal.Signals) -> Iterator[None]:
+    """Ignore these signals meanwhile (a second Ctrl-C, a SIGTERM or SIGHUP must not cut a stop short and
+    leave strays); the handlers before are put back after. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -266,10 +363,6 @@ def group_members(pgid: int) -> list[int]:
             return [pgid]
         return [pgid]
     return [pid for pid, group, letter in _proc_entries() if group == pgid and letter not in ("Z", "X")]
-
-
-def group_alive(pgid: int) -> bool:
-    return bool(group_members(pgid))
 
 
 def pid_alive(pid: int) -> bool:
@@ -296,25 +389,31 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
-    """Stop every process group (router first); returns pids still alive afterwards (none, normally)."""
+    """Stop every process group (router first) the run started, and nothing else (run_members);
+    returns pids still alive afterwards (none, normally). When none is, state.json is removed."""
     order = sorted(state.processes, key=lambda p: p.process.role != "router")
     for p in order:
-        _signal_group(p.pid, signal.SIGTERM)
+        if run_members(state, p):
+            _signal_group(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(group_alive(p.pid) or pid_alive(p.pid) for p in order):
+    while time.monotonic() < deadline and any(
+        run_members(state, p) or process_alive(state, p) for p in order
+    ):
         time.sleep(0.2)
     for p in order:
-        if group_alive(p.pid):
+        if run_members(state, p):
             _signal_group(p.pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     left: list[int] = []
     while time.monotonic() < deadline:
         for p in order:
-            pid_alive(p.pid)  # reap our own children
-        left = [pid for p in order for pid in group_members(p.pid)]
+            process_alive(state, p)  # reaps our own children
+        left = [pid for p in order for pid in run_members(state, p)]
         if not left:
             break
         time.sleep(0.1)
+    if not left:
+        state.remove()
     return left
 
 
@@ -324,7 +423,7 @@ def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
 def status_rows(state: RunState) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for p in state.processes:
-        alive = pid_alive(p.pid)
+        alive = process_alive(state, p)
         if not alive:
             health = "exited"
         elif is_ready(p.process):

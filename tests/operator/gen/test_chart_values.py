@@ -46,7 +46,7 @@ def _closed(node: object) -> bool:
         if (
             node.get("type") == "object"
             and "properties" in node
-            and node.get("additionalProperties") is not False
+            and node.get("additionalProperties") in (None, True)  # False, or a schema for its values
         ):
             return False
         return all(_closed(v) for v in node.values())

@@ -26,7 +26,7 @@ from kubemoe_operator.catalog import Catalog, load_catalog, resolve_model
 from kubemoe_operator.cli.kubemoe import main
 from kubemoe_operator.local.commands import announce_ready, plan_local
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess
-from kubemoe_operator.local.model import checkpoint_config, facts_from_config_json
+from kubemoe_operator.local.model import checkpoint_config, facts_from_config_json, tiny_checkpoint_commands
 from kubemoe_operator.local.runner import LocalRunError, ProcessState, RunState, port_is_free, runtime_command
 
 REPO = Path(__file__).resolve().parents[3]
@@ -260,6 +260,46 @@ def test_kubemoe_up_names_inline_facts_the_checkpoint_contradicts(
         f"note: spec.model.config differs from {checkpoint / 'config.json'}:"
         " dtype float32 (config.json: bfloat16); planning with the manifest's values"
     ) in err.splitlines()
+
+
+def test_kubemoe_up_generates_the_tiny_checkpoint_in_the_manifests_dtype(
+    tmp_path: Path, taken_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny example says dtype float32: the checkpoint `kubemoe up` generates for it must say so too
+    (it was written as bfloat16, so every demo printed a "differs" note about its own checkpoint)."""
+    try:
+        runtime_command()
+    except LocalRunError as missing:
+        pytest.skip(str(missing))
+    model = tmp_path / "models" / "tiny-qwen3-moe"
+    doc = yaml.safe_load(TINY.read_text())
+    doc["spec"]["model"]["source"] = f"file://{model}"
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    code = main(["up", str(manifest), "--port", str(taken_port), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1  # stopped at the taken port, after generating and planning
+    assert f"generating the tiny random checkpoint tiny-qwen3-moe at {model} ..." in err
+    assert "differs" not in err, err
+    config = json.loads((model / "config.json").read_text())
+    assert config["dtype"] == doc["spec"]["model"]["config"]["dtype"] == "float32"
+
+
+def test_the_tiny_checkpoint_falls_back_to_the_runtimes_own_command(tmp_path: Path) -> None:
+    """Without an interpreter beside `kubemoe-runtime`, the generator's default dtype (and the note)."""
+    runtime = tmp_path / "bin" / "kubemoe-runtime"
+    plain = [str(runtime), "tiny-checkpoint", "out", "--arch", "qwen3_moe"]
+
+    def commands(dtype: str) -> list[list[str]]:
+        return tiny_checkpoint_commands(Path("out"), arch="qwen3_moe", dtype=dtype, runtime=str(runtime))
+
+    assert commands("float32") == [plain]
+    runtime.parent.mkdir()
+    python = runtime.parent / "python"
+    python.touch()
+    module = [str(python), "-m", "kubemoe_runtime.tools.checkpoints", "out", "--arch", "qwen3_moe"]
+    assert commands("float32") == [[*module, "--dtype", "float32"], plain]
+    assert commands("bfloat16") == [plain]  # the generator's default already
 
 
 def test_kubemoe_up_prints_the_planners_fixes(
