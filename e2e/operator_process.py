@@ -41,7 +41,7 @@ def install_crd(cluster: Cluster) -> None:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=kubemoe-e2e", "-f", str(CRD)
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_established(f"crd/{CRD_NAME}")
 
 
 def get_json(cluster: Cluster, *args: str) -> Any:

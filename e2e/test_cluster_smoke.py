@@ -175,7 +175,7 @@ spec:
 
 def test_crd_cel_rule_rejects_bad_object(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", "-", stdin=CEL_CRD)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/ranges.smoke.kubemoe.io", "--timeout=60s")
+    cluster.wait_established("crd/ranges.smoke.kubemoe.io")
     good = "apiVersion: smoke.kubemoe.io/v1\nkind: Range\nmetadata: {name: ok}\nspec: {min: 1, max: 2}\n"
     bad = "apiVersion: smoke.kubemoe.io/v1\nkind: Range\nmetadata: {name: bad}\nspec: {min: 3, max: 2}\n"
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=good)

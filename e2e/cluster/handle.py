@@ -61,6 +61,23 @@ class Cluster:
         """Run the real kubectl against this cluster."""
         return self._run("kubectl", args, stdin=stdin, check=check, timeout=timeout)
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CRD (crd/NAME or -f=FILE) is Established. `kubectl wait` alone fails at once
+        ('.status.conditions accessor error') when it reads a CRD before the API server has written
+        any condition, which a large CRD (CEL rules to compile) makes likely; so it runs again until
+        the conditions are there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(1, int(deadline - time.monotonic()))
+            proc = self.kubectl(
+                "wait", "--for=condition=Established", f"--timeout={left}s", *crds, check=False
+            )
+            if proc.returncode == 0:
+                return
+            if "accessor error" not in proc.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"CRDs {' '.join(crds)} not Established:\n{proc.stderr}{proc.stdout}")
+            time.sleep(0.2)
+
     def helm(
         self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:

@@ -63,7 +63,7 @@ def install_lws(cluster: Cluster, *, config_dir: Path, run_dir: Path, binary: Pa
         raise RuntimeError(f"no LWS CRDs under {config_dir}; rebuild with `python -m e2e.cluster build`")
     for crd in crds:
         cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"-f={c}" for c in crds))
+    cluster.wait_established(*(f"-f={c}" for c in crds))
 
     cert = make_serving_cert(run_dir / "lws-certs")
     webhook_port, probe_port = free_port(), free_port()

@@ -287,6 +287,10 @@ VOLUME_SOURCES = (
 """Kubernetes' volume sources (core/v1 VolumeSource)."""
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUALIFIED_NAME_PATTERN = (  # [DNS subdomain/]name, as a label or annotation key (lengths: pod_metadata.py)
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 MAX_POD_LIST = 32
 MAX_ENV = 64
 
@@ -347,13 +351,23 @@ class Toleration(ApiModel):
                 "self.operator != 'Exists' || !has(self.value) || self.value == ''",
                 "value must be empty when operator is Exists",
                 field_path=".value",
-            )
+            ),
+            cel(
+                "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+                "a toleration without a key must have operator Exists",
+                field_path=".operator",
+            ),
+            cel(
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds applies only to effect NoExecute",
+                field_path=".tolerationSeconds",
+            ),
         )
     )
 
-    key: str | None = Field(None, max_length=316)
+    key: str | None = Field(None, max_length=316, pattern=QUALIFIED_NAME_PATTERN)
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(None, max_length=63)
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE_PATTERN)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
@@ -449,7 +463,7 @@ class EnvFromSource(ApiModel):
         )
     )
 
-    prefix: str | None = Field(None, max_length=256)
+    prefix: str | None = Field(None, max_length=256, pattern=ENV_NAME_PATTERN)
     config_map_ref: EnvSourceRef | None = None
     secret_ref: EnvSourceRef | None = None
 
@@ -960,7 +974,7 @@ class SchedulingSpec(ApiModel):
         default_factory=dict, max_length=32
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    priority_class_name: str | None = Field(None, max_length=253)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
 
 
 class ModelDeploymentSpec(ApiModel):
