@@ -615,7 +615,7 @@ def parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="FILE.png",
         help="also draw layer x expert load and layer x rank load before/after the last rebalance"
-        " (needs matplotlib: pip install 'kubemoe-operator[plot]')",
+        " (needs matplotlib: pip install matplotlib)",
     )
     experts.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     experts.set_defaults(run=_cmd_experts)

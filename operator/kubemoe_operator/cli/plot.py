@@ -7,7 +7,7 @@ over the mean rank load under the placement before the last rebalance (previousS
 (the mean); a cross marks a layer's busiest rank where it carries 10 % or more above the mean. The
 point: the busiest rank cools down.
 
-matplotlib is optional (`pip install 'kubemoe-operator[plot]'`) and imported only here, only when a
+matplotlib is optional (`pip install './operator[plot]'` from a checkout) and imported only here, only when a
 plot is asked for, so the CLI stays fast without it.
 """
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-DISTRIBUTION = "kubemoe-operator"
-INSTALL_HINT = f"pip install '{DISTRIBUTION}[plot]'"
+INSTALL_HINT = "pip install matplotlib (from a checkout: pip install './operator[plot]')"
+"""kubemoe-operator is not on PyPI: the extra is installed from the source tree."""
 HOT = 1.1
 """A layer's busiest rank at or above this (over the mean) gets a cross."""
 

@@ -88,7 +88,7 @@ def test_without_matplotlib_plot_says_how_to_install_it(
     captured = capsys.readouterr()
     assert captured.err == (
         "kubectl moe experts: --plot needs matplotlib, which is not installed:"
-        " pip install 'kubemoe-operator[plot]'\n"
+        " pip install matplotlib (from a checkout: pip install './operator[plot]')\n"
     )
     assert log.read_text() == ""  # said before asking the cluster anything
     assert not (tmp_path / "x.png").exists()
