@@ -33,6 +33,7 @@ class EchoBackend:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # the head and the body go in two writes: no delayed-ACK wait
 
             def _any(self) -> None:
                 path, _, query = self.path.partition("?")

@@ -125,6 +125,26 @@ def raw_post(url: str, body: dict[str, Any], *, timeout: float = 30) -> tuple[in
     return parse_response(answer)
 
 
+def raw_send(
+    address: str, body: bytes, *, path: str = "/v1/completions", content_type: str = "application/json"
+) -> tuple[int, bytes, dict[str, str]]:
+    """POST `body` to HOST:PORT exactly as given (HTTP/1.1, Connection: close; no Content-Type header when
+    `content_type` is empty): the status, the whole body (de-chunked) and the headers (lower-case names)."""
+    host, _, port = address.removeprefix("http://").partition(":")
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+    if content_type:
+        head += f"content-type: {content_type}\r\n"
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status, data = parse_response(answer)
+    lines = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return status, data, headers
+
+
 def parse_response(answer: bytes) -> tuple[int, bytes]:
     """An HTTP/1.1 response read to its end: the status and the body, de-chunked."""
     top, _, rest = answer.partition(b"\r\n\r\n")

@@ -75,10 +75,20 @@ def test_signed_params_verify_and_anything_else_is_refused() -> None:
         {**signed, SIGNATURE_FIELD: 7},
         KVSigner(b"another-deployment-key").sign(params),
         {**signed, "remote_port": float("nan")},
+        {**signed, SIGNATURE_FIELD: "\ud800"},  # a lone surrogate (JSON's "\\ud800"): no UTF-8 at all
+        {**signed, SIGNATURE_FIELD: signed[SIGNATURE_FIELD][:-1] + "\u00e9"},  # not hex
+        {**signed, "nested": _nested(5000)},  # deeper than the canonical JSON can be written
     ]
     for bad in refused:
         with pytest.raises(KVAuthError):
             SIGNER.verify(bad)
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def test_the_key_comes_from_the_environment() -> None:

@@ -220,6 +220,34 @@ def test_harmless_values_of_those_options_change_nothing(router: RouterProcess) 
     assert chat_same.choices[0].message.content == chat.choices[0].message.content
 
 
+@pytest.mark.parametrize("via", ["router", "worker"])
+def test_null_is_the_default(router: RouterProcess, worker: Server, via: str) -> None:
+    """`null` for an option is its default, as OpenAI and vLLM read it: the same answer as leaving it out,
+    from the engine and through the router (which reads `stream` itself)."""
+    url = router.url if via == "router" else worker.url
+    nulls = {
+        "stream": None,
+        "ignore_eos": None,
+        "n": None,
+        "presence_penalty": None,
+        "frequency_penalty": None,
+    }
+    with httpx2.Client(base_url=f"{url}/v1", headers={"authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        plain = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        expected = http.post("/completions", json=plain)
+        assert expected.status_code == 200, expected.text
+        for name, value in [*nulls.items(), ("echo", None), ("stream_options", {"include_usage": None})]:
+            got = http.post("/completions", json={**plain, name: value})
+            assert got.status_code == 200, (name, got.text)
+            assert got.json()["choices"][0]["text"] == expected.json()["choices"][0]["text"]
+        plain = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+        expected = http.post("/chat/completions", json=plain)
+        assert expected.status_code == 200, expected.text
+        got = http.post("/chat/completions", json={**plain, **nulls, "logprobs": None})
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["message"] == expected.json()["choices"][0]["message"]
+
+
 # --- forwarded paths -----------------------------------------------------------------------------------
 
 

@@ -90,3 +90,34 @@ async def test_backends_come_from_dns_and_follow_it() -> None:
         assert set(backends.pool("worker").backends) == {"127.0.0.3:9"}
     finally:
         await backends.stop()
+
+
+async def test_a_backend_that_leaves_takes_its_series_along() -> None:
+    """Pods come and go (each its own IP): a departed backend's series go from every per-backend metric,
+    and a request to it (or a probe of it) still under way when it left brings none back."""
+    from kubemoe_runtime.router.backends import Backends
+    from kubemoe_runtime.router.metrics import RouterMetrics
+    from tests.runtime.routing import sample
+
+    metrics = RouterMetrics()
+    backends = Backends({"worker": ["127.0.0.2:9", "127.0.0.3:9"]}, metrics=metrics)
+    try:
+        await backends.refresh()
+        gone = backends.pool("worker").backends["127.0.0.2:9"]
+        for kind in ("connect", "read", "stream read"):
+            backends.eject(gone, reason=kind)
+        text = metrics.render().decode()
+        assert sample(text, "kubemoe_router_backend_errors_total", backend="127.0.0.2:9", kind="read") == 1
+        assert sample(text, "kubemoe_router_backend_healthy", backend="127.0.0.2:9") == 0
+        backends.pool("worker").services = [("127.0.0.3", 9)]  # 127.0.0.2 left the Service
+        await backends.refresh()
+        backends.eject(gone, reason="read")  # a request to it that failed after it left
+        await backends.probe(gone)  # a probe of it under way when it left
+        text = metrics.render().decode()
+        assert "127.0.0.2:9" not in text
+        backends.eject(backends.pool("worker").backends["127.0.0.3:9"], reason="connect")
+        text = metrics.render().decode()
+        assert sample(text, "kubemoe_router_backend_errors_total", backend="127.0.0.3:9", kind="connect") == 1
+        assert sample(text, "kubemoe_router_backend_healthy", backend="127.0.0.3:9") == 0
+    finally:
+        await backends.stop()

@@ -59,12 +59,16 @@ class KVSigner:
         signature = params.get(SIGNATURE_FIELD)
         if not isinstance(signature, str):
             raise KVAuthError("not signed by the router (kv_transfer_params are set by the router only)")
+        if not signature.isascii():  # a signature is hex; a lone surrogate would not even encode
+            raise KVAuthError("the signature does not match (not signed with this deployment's key)")
         unsigned = {k: v for k, v in params.items() if k != SIGNATURE_FIELD}
         try:
             expected = self._digest(unsigned)
         except ValueError as err:  # NaN or Infinity in a value: never signed
             raise KVAuthError(f"cannot be verified: {err}") from err
-        if not hmac.compare_digest(signature.encode(), expected.encode()):
+        except RecursionError as err:  # nested deeper than the router ever signs
+            raise KVAuthError("cannot be verified: nested too deeply") from err
+        if not hmac.compare_digest(signature.encode("ascii"), expected.encode("ascii")):
             raise KVAuthError("the signature does not match (not signed with this deployment's key)")
         return unsigned
 

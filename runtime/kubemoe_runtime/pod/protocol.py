@@ -11,7 +11,8 @@ log probabilities, `n` > 1, ...; vLLM's guided decoding, beam search, `min_p`, .
 unless its value changes nothing (null, false, its default: `response_format: {"type": "text"}`,
 `tool_choice: "none"`, `n: 1`): the answer never silently differs from what was asked. Other unknown fields
 are ignored, as OpenAI and vLLM do: those left (`user`, `metadata`, `store`, `service_tier`, `priority`,
-`parallel_tool_calls`, ...) do not change the generated text.
+`parallel_tool_calls`, ...) do not change the generated text. `null` is every optional field's default,
+as OpenAI and vLLM read it (`"stream": null` streams nothing, `"n": null` is one choice).
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ MESSAGE_UNSUPPORTED: dict[str, Unsupported] = {
 }
 
 
+def _null_is_default(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """`null` for a field whose type has no null: its default, as OpenAI and vLLM read it."""
+    return model.model_fields[info.field_name or ""].default if value is None else value
+
+
 def _refuse_unsupported(value: Any, info: ValidationInfo, table: dict[str, Unsupported]) -> Any:
     option = table[info.field_name or ""]
     if not option.allows(value):
@@ -155,6 +161,11 @@ StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return _null_is_default(cls, value, info)
 
 
 class SamplingRequest(_Request):
@@ -200,6 +211,11 @@ class SamplingRequest(_Request):
     return_tokens_as_token_ids: Any = None
     return_token_ids: Any = None
 
+    @field_validator("stream", "ignore_eos", "n", "presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _sampling_null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return _null_is_default(cls, value, info)
+
     @field_validator(*SAMPLING_UNSUPPORTED)
     @classmethod
     def _sampling_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
@@ -236,6 +252,11 @@ class CompletionRequest(SamplingRequest):
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) != 1:
             raise ValueError("send one prompt per request (batched prompts are not supported)")
         return prompt
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _completion_null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return _null_is_default(cls, value, info)
 
     @field_validator(*COMPLETION_UNSUPPORTED)
     @classmethod
@@ -299,6 +320,11 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: Any = None
     echo: Any = None
     add_special_tokens: Any = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _chat_null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return _null_is_default(cls, value, info)
 
     @field_validator(*CHAT_UNSUPPORTED)
     @classmethod

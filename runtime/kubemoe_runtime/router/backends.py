@@ -167,8 +167,18 @@ class Backends:
 
     def eject(self, backend: Backend, *, reason: str) -> None:
         """A request to `backend` failed at the transport level: out of rotation until a probe passes."""
-        self.metrics.backend_errors.labels(role=backend.role, backend=backend.address, kind=reason).inc()
+        self.count_error(backend, kind=reason)
         self._set_health(backend, healthy=False, reason=reason)
+
+    def count_error(self, backend: Backend, *, kind: str) -> None:
+        """kubemoe_router_backend_errors_total, for a backend still in its pool: one that left while a
+        request to it or a probe of it was under way has had its series removed, for good."""
+        if self._present(backend):
+            self.metrics.backend_error(backend.role, backend.address, kind)
+
+    def _present(self, backend: Backend) -> bool:
+        pool = self.pools.get(backend.role)
+        return pool is not None and pool.backends.get(backend.address) is backend
 
     def _set_health(self, backend: Backend, *, healthy: bool, reason: str) -> None:
         if backend.healthy and not healthy:
@@ -178,6 +188,7 @@ class Backends:
             log.warning("router: %s backend %s is back", backend.role, backend.address)
         backend.healthy = healthy
         backend.last_error = reason
-        self.metrics.backend_healthy.labels(role=backend.role, backend=backend.address).set(
-            1 if healthy else 0
-        )
+        if self._present(backend):  # not a series again for one that left (forget_backend)
+            self.metrics.backend_healthy.labels(role=backend.role, backend=backend.address).set(
+                1 if healthy else 0
+            )

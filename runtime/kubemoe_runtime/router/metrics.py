@@ -12,6 +12,8 @@ kubemoe_router_backend_healthy                 gauge      by role and backend: 1
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -51,12 +53,20 @@ class RouterMetrics:
             ["role", "backend"],
             registry=r,
         )
+        self._error_kinds: dict[tuple[str, str], set[str]] = {}  # (role, backend): its kinds counted
+
+    def backend_error(self, role: str, address: str, kind: str) -> None:
+        self.backend_errors.labels(role=role, backend=address, kind=kind).inc()
+        self._error_kinds.setdefault((role, address), set()).add(kind)
 
     def forget_backend(self, role: str, address: str) -> None:
-        try:
+        """A backend left: its series go, from every per-backend metric (pod IPs come and go; their series
+        would pile up for the router's life)."""
+        with contextlib.suppress(KeyError):
             self.backend_healthy.remove(role, address)
-        except KeyError:
-            return
+        for kind in self._error_kinds.pop((role, address), set()):
+            with contextlib.suppress(KeyError):
+                self.backend_errors.remove(role, address, kind)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

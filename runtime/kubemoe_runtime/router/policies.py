@@ -62,7 +62,10 @@ class LeastLoad:
 
 
 def hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    """surrogatepass: a client's prompt may hold a lone surrogate (JSON's "\\ud800"), which UTF-8 cannot
+    carry; it still hashes, to the same point every time."""
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 class PrefixHash:

@@ -298,10 +298,10 @@ class Router:
             return response
         except ApiError as err:
             code = err.status
-            return JSONResponse(err.body(), status_code=err.status)
+            return _error(err)
         except UpstreamTimeout as err:
             code = 504
-            return JSONResponse(ApiError(504, str(err), type="server_error", code="timeout").body(), 504)
+            return _error(ApiError(504, str(err), type="server_error", code="timeout"))
         except ClientGone:
             code = CLIENT_GONE
             return Response(status_code=CLIENT_GONE)
@@ -346,8 +346,9 @@ class Router:
             self._authorize(request)
             body, raw = await _read_json(request)
             self._check(body, prompt_field=prompt_field)
-            if body.pop("kv_transfer_params", None) is not None:
-                raw = _dumps(body)  # only the router sets them (and signs them: pod/kv_auth.py)
+            if "kv_transfer_params" in body:  # only the router sets them (and signs them: pod/kv_auth.py)
+                del body["kv_transfer_params"]
+                raw = _dumps(body)  # not the bytes: they may hold the key twice, under any spelling
             deadline = asyncio.get_running_loop().time() + self.config.request_timeout
             work = self._forward(
                 request,
@@ -363,11 +364,10 @@ class Router:
             return response
         except ApiError as err:
             code = err.status
-            return JSONResponse(err.body(), status_code=err.status)
+            return _error(err)
         except UpstreamTimeout as err:
             code = 504
-            error = ApiError(504, str(err), type="server_error", code="timeout")
-            return JSONResponse(error.body(), status_code=504)
+            return _error(ApiError(504, str(err), type="server_error", code="timeout"))
         except ClientGone:
             code = CLIENT_GONE
             return Response(status_code=CLIENT_GONE)
@@ -563,9 +563,7 @@ class Router:
             if response.status == 503:
                 self.backends.eject(backend, reason="503")
             else:
-                self.metrics.backend_errors.labels(
-                    role=role, backend=backend.address, kind=str(response.status)
-                ).inc()
+                self.backends.count_error(backend, kind=str(response.status))
         if last is not None:
             return last
         raise ApiError(
@@ -596,7 +594,7 @@ class Router:
             raise ApiError(400, "messages: must be a non-empty list", param="messages")
         if prompt_field == "prompt" and not isinstance(prompt, str | list):
             raise ApiError(400, "prompt: must be a string or a list", param="prompt")
-        if "stream" in body and not isinstance(body["stream"], bool):
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):  # null: the default
             raise ApiError(400, "stream: Input should be a valid boolean", param="stream")
         model = body.get("model")
         if model is not None and not isinstance(model, str):
@@ -605,16 +603,19 @@ class Router:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-def prompt_tokens_estimate(prompt: Any) -> int:
+def prompt_tokens_estimate(prompt: Any, *, nested: bool = False) -> int:
     """A prompt's tokens, without a tokenizer: exact for token ids, else UTF-8 bytes / 4 (about what
     BPE vocabularies give English text; code and other scripts give more tokens per byte, so the
-    estimate errs towards P/D). Messages count their text parts."""
+    estimate errs towards P/D). Messages count their text parts. A list in a list is a batch entry
+    (token ids); deeper lists are no prompt and count nothing (the engine refuses them)."""
     if isinstance(prompt, str):
-        return len(prompt.encode()) // 4
+        return len(prompt.encode("utf-8", "surrogatepass")) // 4  # a lone surrogate counts too
     if isinstance(prompt, list):
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)
-        return sum(prompt_tokens_estimate(_text_of(item)) for item in prompt)
+        if nested:
+            return 0
+        return sum(prompt_tokens_estimate(_text_of(item), nested=True) for item in prompt)
     return 0
 
 
@@ -644,7 +645,7 @@ def _stream_error(message: str, code: str) -> ApiError:
 def _json_object(data: bytes | None) -> dict[str, Any]:
     try:
         value = json.loads(data or b"{}")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8/16/32, huge numbers, deep nesting
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -657,6 +658,14 @@ def _carries_text(event: bytes) -> bool:
 
 
 def _prefix_key(prompt: Any) -> str:
+    """What prefix-hash hashes: the prompt's start; "" (no affinity) for one nested too deeply to show."""
+    try:
+        return _prefix_text(prompt)
+    except RecursionError:
+        return ""
+
+
+def _prefix_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt[:PREFIX_KEY_CHARS]
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
@@ -671,7 +680,10 @@ def _prefix_key(prompt: Any) -> str:
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    try:
+        return json.dumps(body, separators=(",", ":")).encode()
+    except RecursionError as err:  # parsed a few frames up the stack, but too deep to write out here
+        raise ApiError(400, "the body is nested too deeply") from err
 
 
 class _Cut(Exception):
@@ -744,7 +756,9 @@ async def _read_json(request: Request) -> tuple[dict[str, Any], bytes]:
     data = await _read_body(request)
     try:
         body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except RecursionError as err:
+        raise ApiError(400, "the body is not valid JSON: it is nested too deeply") from err
+    except ValueError as err:  # not JSON, not UTF-8/16/32, a number of thousands of digits
         raise ApiError(400, f"the body is not valid JSON: {err}") from err
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
@@ -781,14 +795,19 @@ def build_router_app(router: Router) -> Starlette:
 
 
 async def _api_error(_: Request, err: ApiError) -> Response:
-    return JSONResponse(err.body(), status_code=err.status)
+    return _error(err)
 
 
 async def _http_error(_: Request, err: HTTPException) -> Response:
     kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-    return JSONResponse(
-        ApiError(err.status_code, str(err.detail), type=kind).body(), status_code=err.status_code
-    )
+    return _error(ApiError(err.status_code, str(err.detail), type=kind))
+
+
+def _error(err: ApiError) -> Response:
+    """An OpenAI-shaped error, non-ASCII escaped: a message may quote what the client sent (a model name),
+    a lone surrogate included, which UTF-8 (Starlette's JSONResponse) cannot carry."""
+    body = json.dumps(err.body(), separators=(",", ":"), allow_nan=False).encode()
+    return Response(body, status_code=err.status, media_type="application/json")
 
 
 def roles_for(*, disaggregated: bool) -> Sequence[str]:

@@ -3,10 +3,18 @@
     GET /health    500 once vLLM has exited or, after it became ready, once its /health fails; else 200
     GET /ready     200 while vLLM's /health answers 200 (a --headless pod: while vLLM runs), else 503
     GET /metrics   vLLM's /metrics unchanged, then the kubemoe_* series derived from it (metrics.py)
-    anything else  proxied to vLLM as is (method, path, query, headers, body), the response streamed
-                   back (SSE included); 503 in OpenAI's error shape while vLLM is not listening yet.
-                   A JSON body's kv_transfer_params reach vLLM only when the router signed them
-                   (pod/kv_auth.py), without the signature; else 400: vLLM would connect where they say.
+    anything else  proxied to vLLM (method, path, query, headers, body), the response streamed back
+                   (SSE included); in OpenAI's error shape, 503 while vLLM is not listening yet or once
+                   it has exited, 502 when it drops the request (the router retries both elsewhere).
+                   kv_transfer_params reach vLLM only when the router signed them (pod/kv_auth.py),
+                   without the signature; else 400: vLLM would connect where they say.
+
+The front decides on a body as vLLM reads it, never on its bytes (a key can be spelt with escapes, the
+body sent in UTF-16...): a non-empty body must be a JSON object, whatever its Content-Type (vLLM parses
+some bodies as JSON regardless of it), else 400; its decoded kv_transfer_params (and vllm_xargs', which
+vLLM passes on as the same) are checked, and what goes to vLLM is the object re-serialized, the one that
+was checked (a duplicate key, say, does not reach vLLM at all). A body nested too deeply to parse, or
+with a number too long to convert, is a 400 too.
 
 A --headless pod runs engines only: it answers /health and /ready, and 404 otherwise.
 """
@@ -31,11 +39,13 @@ from starlette.routing import Route
 
 from kubemoe_runtime.engines.vllm.metrics import render
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
+from kubemoe_runtime.pod.http_client import IDLE_S
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
 
 PROBE_TIMEOUT_S: Final = 5.0
 KV_PARAMS_FIELD: Final = "kv_transfer_params"
+XARGS_FIELD: Final = "vllm_xargs"  # vLLM's extra sampling arguments: it reads kv_transfer_params there too
 KV_HOLD_S: Final = 30.0
 """How long a draining prefill stays up after its last KV hand-off: a decode pulls at once unless its
 queue holds the request, and 30 s of queue is already a role that needs more groups. (vLLM itself
@@ -84,10 +94,14 @@ class VllmUpstream:
 
     def client(self) -> httpx2.AsyncClient:
         if self.session is None:
-            # No read timeout: a long generation streams for as long as it takes.
+            # No read timeout: a long generation streams for as long as it takes. Idle connections go
+            # after IDLE_S, before vLLM's own keep-alive (uvicorn's 5 s) closes them: one reused just as
+            # vLLM closes it would fail the request sent on it.
             self.session = httpx2.AsyncClient(
                 timeout=httpx2.Timeout(None, connect=5.0),
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64),
+                limits=httpx2.Limits(
+                    max_connections=None, max_keepalive_connections=64, keepalive_expiry=IDLE_S
+                ),
             )
         return self.session
 
@@ -110,29 +124,54 @@ def _openai_error(status: int, message: str, *, code: str) -> JSONResponse:
 
 
 def verified_body(body: bytes, signer: KVSigner | None) -> tuple[bytes, dict[str, Any] | None] | JSONResponse:
-    """The request body with its kv_transfer_params verified and unsigned, and those parameters (None
-    when it has none); or a 400 saying why not."""
+    """The body to send vLLM: the JSON object it is, re-serialized, with its kv_transfer_params verified and
+    unsigned; and those parameters (None when it has none). Or a 400 saying why not.
+
+    Decided on the decoded object, as vLLM reads it (stdlib json, whatever the Content-Type, UTF-16/32
+    included), never on the bytes; what goes on is that object, so vLLM reads what was checked."""
     try:
         request = json.loads(body)
-    except ValueError:
-        return JSONResponse(
-            invalid_request("the body is not JSON", param=None), status_code=400
-        )  # vLLM would refuse it too; never forward what was not checked
-    params = request.get(KV_PARAMS_FIELD) if isinstance(request, dict) else None
-    if params is None:
-        return body, None
-    try:
-        if signer is None:
-            raise KVAuthError(f"this pod has no key to verify them ({KV_KEY_ENV} is not set)")
-        if not isinstance(params, dict):
-            raise KVAuthError("must be an object")
-        verified = signer.verify(params)
-    except KVAuthError as err:
-        return JSONResponse(
-            invalid_request(f"{KV_PARAMS_FIELD}: {err}", param=KV_PARAMS_FIELD), status_code=400
+    except RecursionError:
+        return _refused("the body is nested too deeply", param=None)
+    except ValueError as err:  # not JSON, not UTF-8/16/32, a number of thousands of digits
+        return _refused(f"the body is not JSON: {err}", param=None)  # never forward what was not checked
+    if not isinstance(request, dict):
+        return _refused("the body must be a JSON object", param=None)
+    xargs = request.get(XARGS_FIELD)
+    if isinstance(xargs, dict) and KV_PARAMS_FIELD in xargs:  # vLLM takes them from there too
+        return _refused(
+            f"{XARGS_FIELD}.{KV_PARAMS_FIELD}: not accepted (kv_transfer_params are set by the router only)",
+            param=XARGS_FIELD,
         )
-    request[KV_PARAMS_FIELD] = verified
-    return json.dumps(request).encode(), verified
+    params = request.get(KV_PARAMS_FIELD)
+    verified: dict[str, Any] | None = None
+    if params is not None:
+        try:
+            if signer is None:
+                raise KVAuthError(f"this pod has no key to verify them ({KV_KEY_ENV} is not set)")
+            if not isinstance(params, dict):
+                raise KVAuthError("must be an object")
+            verified = signer.verify(params)
+        except KVAuthError as err:
+            return _refused(f"{KV_PARAMS_FIELD}: {err}", param=KV_PARAMS_FIELD)
+        request[KV_PARAMS_FIELD] = verified
+    try:
+        return _json_bytes(request), verified
+    except RecursionError:
+        return _refused("the body is nested too deeply", param=None)
+
+
+def _json_bytes(value: dict[str, Any]) -> bytes:
+    """`value` as compact JSON in UTF-8; with non-ASCII escaped when it holds a lone surrogate (which
+    UTF-8 cannot carry; vLLM decodes the escape to the same string)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _refused(message: str, *, param: str | None) -> JSONResponse:
+    return JSONResponse(invalid_request(message, param=param), status_code=400)
 
 
 def invalid_request(message: str, *, param: str | None) -> dict[str, Any]:
@@ -186,7 +225,7 @@ def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Star
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         body = await request.body()
         hands_off = False
-        if KV_PARAMS_FIELD.encode() in body:
+        if body:
             checked = verified_body(body, signer)
             if isinstance(checked, Response):
                 return checked
@@ -196,10 +235,14 @@ def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Star
         outgoing = client.build_request(request.method, url, headers=headers, content=body)
         try:
             response = await client.send(outgoing, stream=True)
-        except httpx2.ConnectError:
+        except httpx2.TransportError as err:
             if upstream.exit_code() is not None:
                 return _openai_error(503, "the vLLM engine has exited", code="engine_failed")
-            return _openai_error(503, "the model is still loading", code="model_loading")
+            if isinstance(err, httpx2.ConnectError):
+                return _openai_error(503, "the model is still loading", code="model_loading")
+            # Reset, cut before its answer, an answer that is no HTTP: the router tries another pod.
+            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            return _openai_error(502, f"vLLM did not answer: {reason}", code="backend_failed")
         out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _NOT_FORWARDED}
 
         async def chunks() -> AsyncIterator[bytes]:
