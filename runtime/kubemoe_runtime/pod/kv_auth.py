@@ -25,6 +25,9 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
+DECODE_MAX_TOKENS = "kubemoe_decode_max_tokens"
+"""In a prefill's kv_transfer_params (signed, by the router): the completion tokens the decode will be
+asked for, so that a prefill refuses up front what the decode would refuse for its length."""
 KV_KEY_ENV: Final = "KUBEMOE_KV_KEY"
 SIGNATURE_FIELD: Final = "kubemoe_signature"
 MIN_KEY_BYTES: Final = 16

@@ -77,7 +77,7 @@ from starlette.routing import Route
 from starlette.types import Send
 
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
-from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
+from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVSigner
 from kubemoe_runtime.pod.protocol import ApiError, ModelCard, ModelList
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backend, Backends
@@ -446,8 +446,12 @@ class Router:
         return self.config.kv_signer
 
     def _prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The request for a prefill: one token, not streamed, its KV kept for the decode."""
-        params = self._signer().sign(REMOTE_DECODE)
+        """The request for a prefill: one token, not streamed, its KV kept for the decode. The client's
+        own max_tokens goes along (signed, as DECODE_MAX_TOKENS) so that a torch prefill refuses, before
+        computing anything, a request the decode would refuse for its length."""
+        wanted = body.get("max_completion_tokens", body.get("max_tokens"))
+        extra = {DECODE_MAX_TOKENS: wanted} if type(wanted) is int and wanted > 0 else {}
+        params = self._signer().sign({**REMOTE_DECODE, **extra})
         prefill = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": params}
         if "max_completion_tokens" in prefill:
             prefill["max_completion_tokens"] = 1
