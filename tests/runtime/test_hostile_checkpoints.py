@@ -284,6 +284,51 @@ def test_a_malformed_index_is_refused(ckpt: Path, index: Any) -> None:
         read_weight_map(ckpt)
 
 
+@pytest.mark.parametrize("how", ["dev-zero", "outside", "fifo", "directory"])
+def test_an_index_that_is_not_a_file_inside_the_folder_is_refused(
+    ckpt: Path, tmp_path: Path, how: str
+) -> None:
+    """The index is read as the shards are: never through a link out of the folder (/dev/zero's size
+    reads 0, so no size check before reading catches it), never from a FIFO or a device."""
+    index = ckpt / INDEX_FILE
+    outside = tmp_path / "outside-index.json"
+    shutil.move(index, outside)
+    if how == "dev-zero":
+        index.symlink_to("/dev/zero")
+        problem = "a link to /dev/zero, outside the checkpoint folder"
+    elif how == "outside":
+        index.symlink_to(outside)
+        problem = f"a link to {outside}, outside the checkpoint folder"
+    elif how == "fifo":
+        os.mkfifo(index)
+        problem = "not a regular file"
+    else:
+        index.mkdir()
+        problem = "not a regular file"
+    with pytest.raises(WeightLoadError, match=rf"^{index}: {problem}"):
+        read_weight_map(ckpt)
+
+
+def test_an_index_linked_inside_the_folder_loads(ckpt: Path) -> None:
+    want = read_weight_map(ckpt)
+    (ckpt / "sub").mkdir()
+    shutil.move(ckpt / INDEX_FILE, ckpt / "sub" / INDEX_FILE)
+    (ckpt / INDEX_FILE).symlink_to(Path("sub") / INDEX_FILE)
+    assert read_weight_map(ckpt) == want
+
+
+def test_an_index_over_the_limit_is_refused_by_the_bytes_read(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubemoe_runtime.engines.torch.load import checkpoint_files
+
+    monkeypatch.setattr(checkpoint_files, "MAX_INDEX_BYTES", 10_000)
+    index = _index(ckpt)
+    (ckpt / INDEX_FILE).write_text(json.dumps(index) + " " * 10_000)
+    with pytest.raises(WeightLoadError, match=rf"{INDEX_FILE}: over the 10000-byte limit"):
+        read_weight_map(ckpt)
+
+
 # -- any bytes -------------------------------------------------------------------------------------
 
 DTYPES = st.sampled_from(["F32", "BF16", "F16", "I64", "U8", "F4", "F6_E2M3", "BOOL", "Q7", ""])

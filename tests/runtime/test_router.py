@@ -191,6 +191,29 @@ def test_pd_timing_headers(pd: PD) -> None:
     assert raw.headers["x-kubemoe-decode-backend"] == f"127.0.0.1:{pd.decode.port}"
 
 
+def test_a_request_the_decode_would_refuse_is_refused_before_the_prefill_runs(pd: PD) -> None:
+    # the prefill is asked for one token, so it took a request whose max_tokens the decode refuses:
+    # the whole prompt was computed and its KV parked for nothing. The router now hands the client's
+    # max_tokens to the prefill (signed), which refuses up front as the decode would.
+    prompt_before = decode_counter(pd.prefill, "kubemoe_prompt_tokens_total")
+    c = client(pd.router.url)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=10**12)
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "max_tokens")
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": PROMPTS[2]}],
+            max_completion_tokens=MAX_MODEL_LEN,
+        )
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "max_tokens")
+    assert decode_counter(pd.prefill, "kubemoe_prompt_tokens_total") == prompt_before  # nothing ran
+    ok = client(pd.router.url).completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=2, temperature=0)
+    assert ok.usage is not None
+    assert ok.usage.completion_tokens <= 2
+    assert decode_counter(pd.prefill, "kubemoe_prompt_tokens_total") > prompt_before
+
+
 def test_short_prompts_skip_the_hand_off_when_asked(
     pd: PD, tmp_path: Path, expected: dict[str, list[tuple[str, int]]]
 ) -> None:

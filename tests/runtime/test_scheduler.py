@@ -19,7 +19,8 @@ from kubemoe_runtime.engines.torch.serve.scheduler import (
     Scheduler,
     SchedulerLimits,
 )
-from kubemoe_runtime.engines.torch.serve.tokenizer import TextStream, TextTokenizer
+from kubemoe_runtime.engines.torch.serve.text_stream import TextStream
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 

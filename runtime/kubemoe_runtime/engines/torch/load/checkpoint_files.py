@@ -3,10 +3,14 @@
 A checkpoint comes from wherever the user points (a Hub repo, a claim, a bucket), so nothing in it is
 trusted. Shard names in `model.safetensors.index.json` must stay inside the checkpoint folder (no
 absolute paths, no `..`, no symlink to elsewhere; a Hugging Face cache snapshot's links into its own
-`blobs/` are the one exception). A safetensors header is an 8-byte little-endian length, at most
-`MAX_HEADER_BYTES`, then a JSON object: tensor name -> {dtype, shape, data_offsets}, plus an optional
-`__metadata__` object. Each tensor's span must lie in the file, be exactly dtype x shape bytes, and not
-overlap another's. Every failure is a `WeightLoadError` naming the file and the tensor.
+`blobs/` are the one exception). The small JSON files (the index, config.json, generation_config.json)
+are read the same way by `read_checkpoint_file`: a regular file inside the folder, at most a given number
+of bytes counted as they are read (a link to `/dev/zero` reports a size of 0).
+
+A safetensors header is an 8-byte little-endian length, at most `MAX_HEADER_BYTES`, then a JSON object:
+tensor name -> {dtype, shape, data_offsets}, plus an optional `__metadata__` object. Each tensor's span
+must lie in the file, be exactly dtype x shape bytes, and not overlap another's. Every failure is a
+`WeightLoadError` naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -95,18 +100,56 @@ def shard_path(root: Path, name: str, *, tensor: str, listed_in: Path) -> Path:
     return path
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint's small file is refused (outside the folder, not a regular file, too big)."""
+
+
+def read_checkpoint_file(root: Path, name: str, *, limit: int) -> bytes:
+    """The bytes of `root / name`: a regular file that resolves inside the checkpoint folder (or, for a
+    Hugging Face cache snapshot, its blobs), of at most `limit` bytes. The size is counted while reading
+    (at most limit + 1 bytes), never taken from stat: a device or a /proc file reports 0.
+
+    FileNotFoundError where there is no such file (a dangling link included); CheckpointFileError (naming
+    the file) where it is refused; OSError where it cannot be read."""
+    path = root / name
+    try:
+        real = path.resolve(strict=True)
+        roots = _allowed_roots(root)
+    except RuntimeError as err:  # a symlink loop
+        raise CheckpointFileError(f"{path}: cannot resolve it ({err})") from err
+    if not any(real.is_relative_to(r) for r in roots):
+        raise CheckpointFileError(
+            f"{path}: a link to {real}, outside the checkpoint folder {root}; it must be a file in the folder"
+        )
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (fstat refuses it next).
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointFileError(f"{path}: not a regular file")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise CheckpointFileError(f"{path}: over the {limit}-byte limit for this file")
+    return b"".join(chunks)
+
+
 def read_index(root: Path) -> dict[str, str]:
     """The index's weight_map (tensor name -> shard name), every shard name checked by `shard_path`."""
     index = root / INDEX_FILE
     try:
-        size = index.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise WeightLoadError(
-                f"{index}: {size} bytes, over the {MAX_INDEX_BYTES}-byte limit for an index"
-            )
-        doc = json.loads(index.read_bytes())
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8
-        raise WeightLoadError(f"{index}: not a valid safetensors index ({err!r})") from err
+        raw = read_checkpoint_file(root, INDEX_FILE, limit=MAX_INDEX_BYTES)
+    except CheckpointFileError as err:  # names the file
+        raise WeightLoadError(str(err)) from err
+    except OSError as err:
+        raise WeightLoadError(f"{index}: cannot read it ({err})") from err
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8
+        raise WeightLoadError(f"{index}: not a valid safetensors index ({err})") from err
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightLoadError(

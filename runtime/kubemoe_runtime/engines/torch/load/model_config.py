@@ -9,6 +9,13 @@ Llama4TextConfig reads it, defaults included: MoE layers every `interleave_moe_l
 `moe_layers` list), layers without rotary embeddings every `no_rope_layer_interval` (`no_rope_layers`:
 1 where a layer HAS rotary embeddings), chunked attention in the layers with them (`layer_types`). A
 multimodal Llama 4 config.json (`model_type: llama4`) is read as its `text_config`.
+
+config.json is untrusted input (a checkpoint comes from wherever the user points). It is read as a
+regular file inside the checkpoint folder, of at most MAX_CONFIG_BYTES (checkpoint_files.py), and every
+field the runtime uses is checked before anything is sized from it: integers are integers (not bools,
+not 1.7, not "64") within the caps of config_fields.py, floats are finite, cross-field facts hold
+(heads divide into key/value heads, 1 <= experts per token <= routed experts, groups divide the
+experts). Every problem is a `ConfigError` naming the file and the field and saying what would be valid.
 """
 
 from __future__ import annotations
@@ -17,6 +24,21 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
+
+from kubemoe_runtime.engines.torch.load.checkpoint_files import read_checkpoint_file
+from kubemoe_runtime.engines.torch.load.config_fields import (
+    MAX_COUNT,
+    MAX_EXPERT_LAYERS,
+    MAX_PARAMETERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    Fields,
+    Invalid,
+    integer,
+    json_type,
+    show,
+)
 
 SUPPORTED_ARCHITECTURES: Final = ("qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "llama4_text", "llama4")
 
@@ -29,6 +51,11 @@ LLAMA4_TYPES: Final = ("llama4_text", "llama4")
 # `model_type: kimi_k2` (its remote code is DeepSeek-V3's; transformers loads it as DeepseekV3ForCausalLM).
 DEEPSEEK_V3_TYPES: Final = ("deepseek_v3", "kimi_k2")
 
+# The checkpoint dtypes the torch engine runs (model/engine.py's DTYPES, --dtype's choices).
+SUPPORTED_DTYPES: Final = ("bfloat16", "float16", "float32")
+
+MAX_CONFIG_BYTES: Final = 16 << 20  # a real config.json is a few KB
+
 Scoring = Literal["softmax", "sigmoid", "sigmoid_top"]
 """How the gate weighs experts: softmax over all, then top-K (Qwen3-MoE, Mixtral); sigmoid, biased and
 group-limited choice (DeepSeek-V3, Kimi K2); sigmoid of each of the top-K logits (Llama 4)."""
@@ -36,13 +63,6 @@ group-limited choice (DeepSeek-V3, Kimi K2); sigmoid of each of the top-K logits
 
 class ConfigError(ValueError):
     """config.json is missing, malformed, or describes a model this runtime does not support."""
-
-
-def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if cfg.get(key) is not None:
-            return cfg[key]
-    return default
 
 
 @dataclass(frozen=True)
@@ -104,96 +124,149 @@ class ModelConfig:
 
     @classmethod
     def load(cls, model_dir: Path | str) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
+        """`model_dir`'s config.json: a regular file inside the folder, at most MAX_CONFIG_BYTES."""
+        root = Path(model_dir)
+        path = root / "config.json"
         try:
-            raw = json.loads(path.read_text())
+            data = read_checkpoint_file(root, "config.json", limit=MAX_CONFIG_BYTES)
         except FileNotFoundError as err:
             raise ConfigError(f"{path}: not found") from err
-        except json.JSONDecodeError as err:
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it ({err})") from err
+        except ValueError as err:  # CheckpointFileError: outside the folder, not a file, too big
+            raise ConfigError(str(err)) from err
+        try:
+            raw = json.loads(data)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err}); config.json is JSON in UTF-8") from err
+        except (ValueError, RecursionError) as err:  # RecursionError: nesting too deep
             raise ConfigError(f"{path}: not valid JSON ({err})") from err
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    def from_dict(cls, cfg: object, *, source: str = "config.json") -> ModelConfig:
+        if not isinstance(cfg, dict):
+            raise ConfigError(
+                f"{source}: a JSON {json_type(cfg)}, not an object; config.json holds one object of the "
+                "model's settings"
+            )
         arch = cfg.get("model_type")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"{source}: model_type {arch!r} is not supported; expected one of "
+                f"{source}: model_type {show(arch)} is not supported; expected one of "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         try:
             if arch == "llama4":
                 return _parse_llama4_multimodal(cfg)
-            return _parse(arch, cfg)
-        except KeyError as err:
-            raise ConfigError(f"{source}: missing key {err.args[0]!r} for model_type {arch!r}") from err
+            return _parse(str(arch), cfg)
+        except Invalid as err:
+            raise ConfigError(f"{source}: {err}") from err
+        except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as err:
+            # A problem no check above names (a gap in them): still one line naming the file.
+            raise ConfigError(f"{source}: cannot read it ({type(err).__name__}: {err})") from err
+
+
+def _head_dim(f: Fields, *, hidden: int, num_heads: int) -> int:
+    """head_dim, or hidden_size / num_attention_heads where absent; even (rotary embeddings rotate pairs)."""
+    if f.raw("head_dim", default=None) is None:
+        field, value = "head_dim (hidden_size / num_attention_heads)", hidden // num_heads
+    else:
+        field, value = f.key("head_dim"), f.raw("head_dim")
+    head_dim = integer(field, value, lo=2, hi=MAX_WIDTH)
+    if head_dim % 2:
+        raise Invalid(field, f"{head_dim} is odd; rotary embeddings need an even head size")
+    return head_dim
 
 
 def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
-    num_layers = int(cfg["num_hidden_layers"])
-    num_heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3", None):
-        raise ConfigError(f"rope type {rope_type!r} is not supported yet (only default and llama3 RoPE)")
+    f = Fields(cfg)
+    num_layers = f.integer("num_hidden_layers", hi=MAX_COUNT)
+    num_heads = f.integer("num_attention_heads", hi=MAX_COUNT)
+    hidden = f.integer("hidden_size")
+    num_kv_heads = f.integer("num_key_value_heads", default=num_heads, hi=num_heads)
+    if num_heads % num_kv_heads:
+        raise Invalid(
+            f.key("num_key_value_heads"),
+            f"{num_kv_heads} does not divide num_attention_heads {num_heads}; give a divisor of it",
+        )
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rope = Fields(f.obj(rope_key), f"{rope_key}.")
+    rope_type = rope.raw("rope_type", "type", default="default")
+    if rope_type not in ("default", "llama3"):
+        raise Invalid(
+            rope.key("rope_type", "type"),
+            f"rope type {show(rope_type)} is not supported yet (only default and llama3 RoPE)",
+        )
     rope_llama3 = None
     if rope_type == "llama3":
         rope_llama3 = (
-            float(rope["factor"]),
-            float(rope["low_freq_factor"]),
-            float(rope["high_freq_factor"]),
-            float(rope["original_max_position_embeddings"]),
+            rope.number("factor"),
+            rope.number("low_freq_factor"),
+            rope.number("high_freq_factor"),
+            float(rope.integer("original_max_position_embeddings", hi=MAX_POSITIONS)),
         )
     default_theta = 500000.0 if arch in LLAMA4_TYPES else 10000.0  # transformers' defaults
-    rope_theta = float(_first(cfg, "rope_theta", default=rope.get("rope_theta", default_theta)))
+    if cfg.get("rope_theta") is not None:
+        rope_theta = f.number("rope_theta")
+    else:
+        rope_theta = rope.number("rope_theta", default=default_theta)
     eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    eos_field = f.key("eos_token_id")
+    if isinstance(eos, list):
+        eos_ids = tuple(integer(f"{eos_field}[{i}]", v, lo=0, hi=MAX_VOCAB) for i, v in enumerate(eos))
+    else:
+        eos_ids = () if eos is None else (integer(eos_field, eos, lo=0, hi=MAX_VOCAB),)
+    dtype = f.raw("dtype", "torch_dtype", default="bfloat16")
+    if dtype not in SUPPORTED_DTYPES:
+        raise Invalid(
+            f.key("dtype", "torch_dtype"),
+            f"{show(dtype)} is not a dtype the torch engine runs; it runs {', '.join(SUPPORTED_DTYPES)}",
+        )
     common: dict[str, Any] = {
         "arch": arch,
-        "vocab_size": int(cfg["vocab_size"]),
+        "vocab_size": f.integer("vocab_size", hi=MAX_VOCAB),
         "hidden_size": hidden,
         "num_layers": num_layers,
         "num_heads": num_heads,
-        "num_kv_heads": int(_first(cfg, "num_key_value_heads", default=num_heads)),
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "num_kv_heads": num_kv_heads,
+        "rms_norm_eps": f.number("rms_norm_eps", default=1e-5 if arch in LLAMA4_TYPES else 1e-6),
         "rope_theta": rope_theta,
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
-        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "dtype": str(_first(cfg, "dtype", "torch_dtype", default="bfloat16")),
+        "max_position_embeddings": f.integer("max_position_embeddings", default=4096, hi=MAX_POSITIONS),
+        "tie_word_embeddings": f.flag("tie_word_embeddings", False),
+        "dtype": str(dtype),
         "eos_token_ids": eos_ids,
-        "top_k": int(cfg["num_experts_per_tok"]),
+        "top_k": f.integer("num_experts_per_tok", hi=MAX_COUNT),
         "rope_llama3": rope_llama3,
     }
     if arch == "qwen3_moe":
-        n_experts = int(_first(cfg, "num_experts", "num_local_experts"))
-        step = int(cfg.get("decoder_sparse_step", 1))
-        dense_only = set(cfg.get("mlp_only_layers") or [])
-        return ModelConfig(
+        experts_key: tuple[str, ...] = ("num_experts", "num_local_experts")
+        step = f.integer("decoder_sparse_step", default=1, hi=MAX_COUNT)
+        dense_only = set(f.integers("mlp_only_layers", lo=0, hi=MAX_COUNT) or [])
+        model = ModelConfig(
             **common,
-            head_dim=int(_first(cfg, "head_dim", default=hidden // num_heads)),
-            dense_intermediate_size=int(cfg["intermediate_size"]),
-            moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-            n_routed_experts=n_experts,
+            head_dim=_head_dim(f, hidden=hidden, num_heads=num_heads),
+            dense_intermediate_size=f.integer("intermediate_size"),
+            moe_intermediate_size=f.integer("moe_intermediate_size"),
+            n_routed_experts=f.integer(*experts_key, hi=MAX_COUNT),
             n_shared_experts=0,
-            moe_layers=tuple(
-                i not in dense_only and n_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
-            ),
+            moe_layers=tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)),
             scoring="softmax",
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            norm_topk_prob=f.flag("norm_topk_prob", False),
             routed_scaling_factor=1.0,
             n_group=1,
             topk_group=1,
             qk_norm=True,
             rope_interleave=False,
         )
-    if arch == "mixtral":
-        return ModelConfig(
+    elif arch == "mixtral":
+        experts_key = ("num_local_experts", "num_experts")
+        model = ModelConfig(
             **common,
-            head_dim=int(_first(cfg, "head_dim", default=hidden // num_heads)),
+            head_dim=_head_dim(f, hidden=hidden, num_heads=num_heads),
             dense_intermediate_size=0,
-            moe_intermediate_size=int(cfg["intermediate_size"]),
-            n_routed_experts=int(_first(cfg, "num_local_experts", "num_experts")),
+            moe_intermediate_size=f.integer("intermediate_size"),
+            n_routed_experts=f.integer(*experts_key, hi=MAX_COUNT),
             n_shared_experts=0,
             moe_layers=(True,) * num_layers,
             scoring="softmax",
@@ -204,75 +277,119 @@ def _parse(arch: str, cfg: dict[str, Any]) -> ModelConfig:
             qk_norm=False,
             rope_interleave=False,
         )
-    if arch == "llama4_text":
-        return _parse_llama4_text(cfg, common)
-    # deepseek_v3 and kimi_k2 (DEEPSEEK_V3_TYPES)
-    scoring = cfg.get("scoring_func", "sigmoid")
-    topk_method = cfg.get("topk_method", "noaux_tc")
+    elif arch == "llama4_text":
+        experts_key = ("num_local_experts",)
+        model = _parse_llama4_text(f, common)
+    else:  # deepseek_v3 and kimi_k2 (DEEPSEEK_V3_TYPES)
+        experts_key = ("n_routed_experts", "num_local_experts")
+        model = _parse_deepseek_v3(f, common, experts_key=experts_key)
+    _check_sizes(model, experts=f.key(*experts_key))
+    return model
+
+
+def _parse_deepseek_v3(f: Fields, common: dict[str, Any], *, experts_key: tuple[str, ...]) -> ModelConfig:
+    scoring = f.raw("scoring_func", default="sigmoid")
+    topk_method = f.raw("topk_method", default="noaux_tc")
     if scoring != "sigmoid" or topk_method != "noaux_tc":
-        raise ConfigError(
-            f"scoring_func {scoring!r} with topk_method {topk_method!r} is not supported "
-            "(DeepSeek-V3's router: sigmoid, noaux_tc)"
+        raise Invalid(
+            f.key("scoring_func"),
+            f"scoring_func {show(scoring)} with topk_method {show(topk_method)} is not supported "
+            "(DeepSeek-V3's router: sigmoid, noaux_tc)",
         )
-    first_dense = int(cfg.get("first_k_dense_replace", 0))
-    freq = int(cfg.get("moe_layer_freq", 1))
-    rope_dim = int(cfg["qk_rope_head_dim"])
+    num_layers = common["num_layers"]
+    first_dense = f.integer("first_k_dense_replace", default=0, lo=0, hi=MAX_COUNT)
+    freq = f.integer("moe_layer_freq", default=1, hi=MAX_COUNT)
+    rope_dim = f.integer("qk_rope_head_dim", lo=2)
+    if rope_dim % 2:
+        raise Invalid(f.key("qk_rope_head_dim"), f"{rope_dim} is odd; rotary embeddings need an even size")
+    q_lora = f.raw("q_lora_rank", default=None)
+    n_experts = f.integer(*experts_key, hi=MAX_COUNT)
+    n_group = f.integer("n_group", default=1, hi=MAX_COUNT)
+    topk_group = f.integer("topk_group", default=1, hi=MAX_COUNT)
+    # Group-limited routing scores a group by the sum of its two best experts (model/moe.py).
+    if n_experts % n_group or n_experts // n_group < 2:
+        raise Invalid(
+            f.key("n_group"),
+            f"{n_group} groups of the {n_experts} routed experts ({f.key(*experts_key)}): the groups must "
+            "divide the experts, at least 2 experts each",
+        )
+    if topk_group > n_group:
+        raise Invalid(
+            f.key("topk_group"), f"{topk_group} is more than n_group {n_group}; give 1 to {n_group}"
+        )
+    if common["top_k"] > topk_group * (n_experts // n_group):
+        most = topk_group * (n_experts // n_group)
+        raise Invalid(
+            f.key("num_experts_per_tok"),
+            f"{common['top_k']} is more than the {most} experts of topk_group {topk_group} groups; "
+            f"give 1 to {most}",
+        )
     return ModelConfig(
         **common,
         head_dim=rope_dim,
-        dense_intermediate_size=int(cfg["intermediate_size"]),
-        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-        n_routed_experts=int(_first(cfg, "n_routed_experts", "num_local_experts")),
-        n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+        dense_intermediate_size=f.integer("intermediate_size"),
+        moe_intermediate_size=f.integer("moe_intermediate_size"),
+        n_routed_experts=n_experts,
+        n_shared_experts=f.integer("n_shared_experts", default=0, lo=0, hi=MAX_COUNT),
         moe_layers=tuple(i >= first_dense and i % freq == 0 for i in range(num_layers)),
         scoring="sigmoid",
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-        n_group=int(cfg.get("n_group") or 1),
-        topk_group=int(cfg.get("topk_group") or 1),
+        norm_topk_prob=f.flag("norm_topk_prob", True),
+        routed_scaling_factor=f.number("routed_scaling_factor", default=1.0),
+        n_group=n_group,
+        topk_group=topk_group,
         qk_norm=False,
-        rope_interleave=bool(cfg.get("rope_interleave", True)),
-        q_lora_rank=None if cfg.get("q_lora_rank") is None else int(cfg["q_lora_rank"]),
-        kv_lora_rank=int(cfg["kv_lora_rank"]),
-        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        rope_interleave=f.flag("rope_interleave", True),
+        q_lora_rank=None if q_lora is None else f.integer("q_lora_rank"),
+        kv_lora_rank=f.integer("kv_lora_rank"),
+        qk_nope_head_dim=f.integer("qk_nope_head_dim"),
         qk_rope_head_dim=rope_dim,
-        v_head_dim=int(cfg["v_head_dim"]),
+        v_head_dim=f.integer("v_head_dim"),
     )
 
 
-def _parse_llama4_text(cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+def _parse_llama4_text(f: Fields, common: dict[str, Any]) -> ModelConfig:
     """Llama4TextConfig's reading of config.json (its __post_init__ defaults where a key is absent)."""
-    num_layers = int(cfg["num_hidden_layers"])
-    step = int(cfg.get("interleave_moe_layer_step", 1))
-    moe = cfg.get("moe_layers")
-    moe_set = set(range(step - 1, num_layers, step)) if moe is None else {int(i) for i in moe}
-    interval = int(cfg.get("no_rope_layer_interval", 4))
+    num_layers = common["num_layers"]
+    step = f.integer("interleave_moe_layer_step", default=1, hi=MAX_COUNT)
+    moe = f.integers("moe_layers", lo=0, hi=MAX_COUNT)
+    moe_set = set(range(step - 1, num_layers, step)) if moe is None else set(moe)
+    interval = f.integer("no_rope_layer_interval", default=4, hi=MAX_COUNT)
     # no_rope_layers[i] is 1 where layer i HAS rotary embeddings (transformers' name); empty: the default.
-    rope_flags = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+    rope_flags = f.integers("no_rope_layers", lo=0, hi=1) or [
+        int((i + 1) % interval != 0) for i in range(num_layers)
+    ]
     if len(rope_flags) != num_layers:
-        raise ConfigError(f"no_rope_layers has {len(rope_flags)} entries for {num_layers} layers")
-    chunk = cfg.get("attention_chunk_size")
-    layer_types = cfg.get("layer_types") or [
+        raise Invalid(
+            f.key("no_rope_layers"), f"no_rope_layers has {len(rope_flags)} entries for {num_layers} layers"
+        )
+    chunk = f.raw("attention_chunk_size", default=None)
+    chunk_size = 0 if chunk is None else f.integer("attention_chunk_size", hi=MAX_POSITIONS)
+    layer_types = f.raw("layer_types", default=None) or [
         "chunked_attention" if flag and chunk is not None else "full_attention" for flag in rope_flags
     ]
-    unknown = sorted(set(layer_types) - {"chunked_attention", "full_attention"})
-    if unknown or len(layer_types) != num_layers:
-        raise ConfigError(
-            f"layer_types {layer_types!r}: expected chunked_attention or full_attention for each layer"
+    if (
+        not isinstance(layer_types, list)
+        or len(layer_types) != num_layers
+        or not all(kind in ("chunked_attention", "full_attention") for kind in layer_types)
+    ):
+        raise Invalid(
+            f.key("layer_types"),
+            f"layer_types {show(layer_types)}: expected chunked_attention or full_attention for each layer",
         )
     chunked = tuple(i for i, kind in enumerate(layer_types) if kind == "chunked_attention")
-    chunk_size = int(chunk or 0)
     if chunked and chunk_size <= 0:
-        raise ConfigError("layer_types has chunked_attention layers but attention_chunk_size is not set")
-    if cfg.get("attention_bias"):
-        raise ConfigError("attention_bias is not supported")
-    hidden, num_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        raise Invalid(
+            f.key("attention_chunk_size"),
+            "layer_types has chunked_attention layers but attention_chunk_size is not set",
+        )
+    if f.flag("attention_bias", False):
+        raise Invalid(f.key("attention_bias"), "attention_bias is not supported")
     return ModelConfig(
-        **{**common, "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-5))},
-        head_dim=int(_first(cfg, "head_dim", default=hidden // num_heads)),
-        dense_intermediate_size=int(cfg["intermediate_size_mlp"]),
-        moe_intermediate_size=int(cfg["intermediate_size"]),
-        n_routed_experts=int(cfg["num_local_experts"]),
+        **common,
+        head_dim=_head_dim(f, hidden=common["hidden_size"], num_heads=common["num_heads"]),
+        dense_intermediate_size=f.integer("intermediate_size_mlp"),
+        moe_intermediate_size=f.integer("intermediate_size"),
+        n_routed_experts=f.integer("num_local_experts", hi=MAX_COUNT),
         n_shared_experts=1,  # every Llama 4 MoE layer has one shared expert of the routed experts' size
         moe_layers=tuple(i in moe_set for i in range(num_layers)),
         scoring="sigmoid_top",
@@ -285,10 +402,10 @@ def _parse_llama4_text(cfg: dict[str, Any], common: dict[str, Any]) -> ModelConf
         nope_layers=tuple(i for i, flag in enumerate(rope_flags) if not flag),
         chunked_layers=chunked,
         attention_chunk_size=chunk_size if chunked else 0,
-        qk_l2_norm=bool(cfg.get("use_qk_norm", True)),
-        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
-        floor_scale=float(cfg.get("floor_scale", 8192)),
-        attn_scale=float(cfg.get("attn_scale", 0.1)),
+        qk_l2_norm=f.flag("use_qk_norm", True),
+        attn_temperature_tuning=f.flag("attn_temperature_tuning", True),
+        floor_scale=f.number("floor_scale", default=8192.0),
+        attn_scale=f.number("attn_scale", default=0.1, positive=False),
         expert_input_weighted=True,
     )
 
@@ -296,9 +413,60 @@ def _parse_llama4_text(cfg: dict[str, Any], common: dict[str, Any]) -> ModelConf
 def _parse_llama4_multimodal(cfg: dict[str, Any]) -> ModelConfig:
     """Llama4ForConditionalGeneration's config.json: its language model, from `text_config` (top-level
     keys such as tie_word_embeddings and torch_dtype where text_config lacks them)."""
-    text = cfg["text_config"]
-    if not isinstance(text, dict):
-        raise ConfigError("text_config is not an object")
+    text = Fields(cfg).obj("text_config")
+    if not text:
+        raise Invalid(
+            "text_config", "missing; a multimodal Llama 4 config.json keeps its language model there"
+        )
     outer = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
     merged = {**outer, **{k: v for k, v in text.items() if v is not None}, "model_type": "llama4_text"}
-    return replace(_parse("llama4_text", merged), arch="llama4", weight_prefix="language_model.")
+    try:
+        model = _parse("llama4_text", merged)
+    except Invalid as err:  # name a field of text_config as such
+        if err.field.split(".")[0].split("[")[0].split(" ")[0] in text:
+            raise Invalid(f"text_config.{err.field}", err.problem) from err
+        raise
+    return replace(model, arch="llama4", weight_prefix="language_model.")
+
+
+def _parameters(c: ModelConfig) -> int:
+    """About how many parameters `c` describes (embeddings, attention, experts, dense MLPs)."""
+    d, h = c.hidden_size, c.num_heads
+    if c.uses_mla:
+        qk = h * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+        q = d * qk if c.q_lora_rank is None else c.q_lora_rank * (d + qk)
+        kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * h * (
+            c.qk_nope_head_dim + c.v_head_dim
+        )
+        attention = q + kv + h * c.v_head_dim * d
+    else:
+        attention = d * c.head_dim * 2 * (h + c.num_kv_heads)
+    moe = sum(c.moe_layers)
+    experts = moe * (c.n_routed_experts + c.n_shared_experts) * 3 * d * c.moe_intermediate_size
+    dense = (c.num_layers - moe) * 3 * d * c.dense_intermediate_size
+    embeddings = c.vocab_size * d * (1 if c.tie_word_embeddings else 2)
+    return embeddings + c.num_layers * attention + experts + moe * c.n_routed_experts * d + dense
+
+
+def _check_sizes(c: ModelConfig, *, experts: str) -> None:
+    """What no single field shows: experts per token against the experts, the model's overall size."""
+    if c.top_k > c.n_routed_experts:
+        raise Invalid(
+            "num_experts_per_tok",
+            f"{c.top_k} is more than the {c.n_routed_experts} routed experts ({experts}); "
+            f"give 1 to {c.n_routed_experts}",
+        )
+    moe = sum(c.moe_layers)
+    if moe * c.n_routed_experts > MAX_EXPERT_LAYERS:
+        raise Invalid(
+            experts,
+            f"{c.n_routed_experts} routed experts in each of {moe} MoE layers is more than the "
+            f"{MAX_EXPERT_LAYERS} expert instances this runtime accepts",
+        )
+    if (n := _parameters(c)) > MAX_PARAMETERS:
+        raise Invalid(
+            "sizes",
+            f"hidden_size, vocab_size, the layer, head and expert counts and the intermediate sizes "
+            f"describe a model of about {n:.3g} parameters, more than the {MAX_PARAMETERS:.3g} this "
+            "runtime accepts (Kimi K2 has 1.04e12)",
+        )

@@ -51,12 +51,13 @@ from starlette.types import Receive, Scope, Send
 from kubemoe_runtime.engines.torch.load.weights import LoadProgress
 from kubemoe_runtime.engines.torch.model.placement import PlacementError, parse_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.serve.chat_template import ChatTemplateError
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
 from kubemoe_runtime.engines.torch.serve.placement_switch import PlacementConflict
 from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
-from kubemoe_runtime.engines.torch.serve.tokenizer import ChatTemplateError, TextTokenizer
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
-from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVAuthError, KVSigner
+from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.pod.metrics import ServingMetrics
 from kubemoe_runtime.pod.protocol import (
     ApiError,
@@ -265,8 +266,8 @@ class Api:
         body = await _parse(request, ChatCompletionRequest)
         shape = _ChatShape(model=self._model_name(body.model))
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt_text = self.state.tokenizer.apply_chat_template(messages)
+        try:  # CPU work (bounded inside the template sandbox): off the event loop, as /health must answer
+            prompt_text = await asyncio.to_thread(self.state.tokenizer.apply_chat_template, messages)
         except ChatTemplateError as err:
             raise ApiError(400, str(err), param="messages") from err
         prompt_ids = await self._encode(prompt_text, add_special_tokens=False)
@@ -418,6 +419,17 @@ class Api:
         self, body: SamplingRequest, prompt_ids: list[int], *, max_tokens: int | None, default_cap: bool
     ) -> GenerationRequest:
         room = self.state.max_model_len - len(prompt_ids)
+        kv_transfer_params = self._verified_kv_params(body.kv_transfer_params)
+        decode_wants = (kv_transfer_params or {}).get(DECODE_MAX_TOKENS)
+        if type(decode_wants) is int and decode_wants > room:  # a P/D prefill: the decode would refuse
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.state.max_model_len} tokens. However, you "
+                f"requested {len(prompt_ids) + decode_wants} tokens ({len(prompt_ids)} in the prompt, "
+                f"{decode_wants} for the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(room, DEFAULT_COMPLETION_TOKENS) if default_cap else room
         elif max_tokens > room:
@@ -444,7 +456,7 @@ class Api:
             stop=body.stop_strings(),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
-            kv_transfer_params=self._verified_kv_params(body.kv_transfer_params),
+            kv_transfer_params=kv_transfer_params,
         )
 
     def _submit(self, scheduler: Scheduler, generation: GenerationRequest) -> tuple[OutputQueue, int]:

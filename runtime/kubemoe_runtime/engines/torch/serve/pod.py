@@ -16,12 +16,18 @@ keepalive (KEEPALIVE_S) and fails.
     engine thread   rank S: join the group, load weights, barrier; then the scheduler loop (rank 0) or
                     follow rank 0's steps (others)
     child processes ranks S+1 .. S+L-1, following rank 0
+
+Each rank allocates its KV cache up front, (--max-num-seqs + 1) x (--max-model-len + 1) positions
+(group.py), so before any rank starts the pod checks that the caches fit the memory it has. Without
+--max-model-len it serves the model's max_position_embeddings where their caches take at most
+KV_DEFAULT_SHARE of that memory, and fewer positions where they would take more (Llama 4 Scout's
+config.json says 10,485,760); it logs what it chose. A group over several pods gets no such cut: each pod
+would choose from its own memory, and the pods must agree, so it is told to give --max-model-len.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing as mp
 import signal
@@ -34,7 +40,6 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
 
 import torch
 import uvicorn
@@ -56,7 +61,9 @@ from kubemoe_runtime.engines.torch.model.placement import (
     read_placement_file,
 )
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
+from kubemoe_runtime.engines.torch.serve.generation_config import GenerationDefaults, generation_defaults
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
+from kubemoe_runtime.engines.torch.serve.kv_budget import available_memory, choose_max_model_len
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.threads import set_rank_threads
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
@@ -199,14 +206,15 @@ def serve(settings: ServeSettings) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 2
     cfg = ModelConfig.load(settings.model)
-    max_model_len = settings.max_model_len or cfg.max_position_embeddings
-    if max_model_len > cfg.max_position_embeddings:
-        print(
-            f"error: --max-model-len {max_model_len} exceeds the model's "
-            f"{cfg.max_position_embeddings} positions",
-            file=sys.stderr,
-        )
+    dtype = cfg.dtype if settings.dtype == "auto" else settings.dtype
+    try:
+        max_model_len, note = choose_max_model_len(settings, cfg, dtype=dtype, available=available_memory())
+        generation = GenerationDefaults() if settings.headless else generation_defaults(settings.model)
+    except ValueError as err:  # MaxModelLenError names the flags; ConfigError the file and the field
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    if note:
+        log.warning("kubemoe-runtime: %s", note)
     placement = None
     if not settings.headless:  # the API pod's placement is the group's (join_group)
         try:
@@ -216,7 +224,7 @@ def serve(settings: ServeSettings) -> int:
             return 2
     job = RankJob(
         model=settings.model,
-        dtype=cfg.dtype if settings.dtype == "auto" else settings.dtype,
+        dtype=dtype,
         size=settings.data_parallel_size,
         address=settings.data_parallel_address,
         port=settings.data_parallel_rpc_port or free_port(),
@@ -234,7 +242,7 @@ def serve(settings: ServeSettings) -> int:
         )
         engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
     else:
-        state = _server_state(settings, cfg=cfg, max_model_len=max_model_len)
+        state = _server_state(settings, cfg=cfg, max_model_len=max_model_len, generation=generation)
         state.load_progress = pod.progress
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
@@ -271,12 +279,13 @@ def start_placement(settings: ServeSettings, cfg: ModelConfig) -> Placement:
     )
 
 
-def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int) -> ServerState:
+def _server_state(
+    settings: ServeSettings, *, cfg: ModelConfig, max_model_len: int, generation: GenerationDefaults
+) -> ServerState:
     labels = MetricLabels.from_env(role=settings.role, rank=settings.data_parallel_start_rank)
     metrics = ServingMetrics(labels, model_name=settings.served_model_names[0])
     metrics.registry.register(GpuCollector(labels.as_dict()))  # kubemoe_gpu_*; none without a driver
-    generation = _generation_defaults(settings.model)
-    eos = {*cfg.eos_token_ids, *_as_ids(generation.get("eos_token_id"))}
+    eos = {*cfg.eos_token_ids, *generation.eos_token_ids}
     return ServerState(
         served_names=settings.served_model_names,
         model_path=str(settings.model),
@@ -285,22 +294,10 @@ def _server_state(settings: ServeSettings, *, cfg: ModelConfig, max_model_len: i
         eos_token_ids=tuple(sorted(eos)),
         tokenizer=TextTokenizer.load(settings.model),
         metrics=metrics,
-        default_temperature=float(generation.get("temperature", 1.0)),
-        default_top_p=float(generation.get("top_p", 1.0)),
+        default_temperature=generation.temperature,
+        default_top_p=generation.top_p,
         created=int(time.time()),
     )
-
-
-def _generation_defaults(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "generation_config.json"
-    loaded = json.loads(path.read_text()) if path.exists() else {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _as_ids(value: Any) -> list[int]:
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value] if isinstance(value, list) else []
 
 
 def _lead(pod: _Pod, state: ServerState) -> None:

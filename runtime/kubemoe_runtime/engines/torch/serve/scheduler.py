@@ -42,7 +42,8 @@ from kubemoe_runtime.engines.torch.serve.kv.handoff import (
 )
 from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
 from kubemoe_runtime.engines.torch.serve.placement_switch import POLL_S
-from kubemoe_runtime.engines.torch.serve.tokenizer import TextStream, TextTokenizer
+from kubemoe_runtime.engines.torch.serve.text_stream import TextStream
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.metrics import ServingMetrics
 
 FinishReason = Literal["stop", "length", "abort"]
