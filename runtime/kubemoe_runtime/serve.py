@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.serve.pod import serve
+from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.engines.vllm import serve_vllm
 from kubemoe_runtime.engines.vllm.command import flags_given
 from kubemoe_runtime.pod.settings import ServeSettings, parse_args
@@ -39,6 +40,11 @@ def model_problem(settings: ServeSettings) -> str | None:
         return f"--model: {' '.join(str(err).split())}"
     if not settings.headless and not (model / "tokenizer.json").is_file():
         return f"--model {model}: no tokenizer.json (the pod that serves the API tokenizes)"
+    if not settings.headless:
+        try:
+            TextTokenizer.load(model)  # a tokenizer file it cannot use: said now, not after the ranks start
+        except ValueError as err:  # TokenizerLoadError names the file (and the field)
+            return f"--model: {' '.join(str(err).split())}"
     return None
 
 

@@ -184,3 +184,16 @@ def test_a_headless_rank_needs_no_tokenizer_to_pass_the_check(no_tokenizer: Path
         model_problem(settings)
         == f"--model {no_tokenizer}: no tokenizer.json (the pod that serves the API tokenizes)"
     )
+
+
+def test_a_tokenizer_file_it_cannot_use_is_said_before_any_rank_starts(no_tokenizer: Path) -> None:
+    # it was a traceback from the API's startup, after the ranks had started and loaded their weights
+    from kubemoe_runtime.pod.settings import parse_args
+    from kubemoe_runtime.serve import model_problem
+
+    (no_tokenizer / "tokenizer.json").write_text("{not json")
+    settings, _ = parse_args(["--model", str(no_tokenizer)])
+    problem = model_problem(settings)
+    assert problem is not None
+    assert problem.startswith("--model: ")
+    assert str(no_tokenizer / "tokenizer.json") in problem
