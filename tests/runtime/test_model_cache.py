@@ -394,3 +394,68 @@ def test_progress_is_served_and_logged(capsys: Any) -> None:
     assert ticks[0] == (
         "kubemoe-runtime fill-cache: 1/2 files, 150 B of 300 B (50%), downloading a.safetensors"
     )
+
+
+@pytest.mark.parametrize("case", ["too-large", "unsafe"])
+def test_a_refused_index_is_not_left_in_the_folder(
+    qwen: Path, tmp_path: Path, termination_log: Path, case: str
+) -> None:
+    real = (qwen / "model.safetensors.index.json").read_bytes()
+    if case == "too-large":  # valid JSON of 70 MiB: refused from the listing's size, never downloaded
+        index, refusal, fetched = real[:-2] + b" " * (70 << 20) + real[-2:], "is larger than 64.0 MiB", []
+    else:  # small, but it names a shard outside the folder: downloaded, refused, removed
+        index = json.dumps({"weight_map": {"x": "../x.safetensors"}}).encode()
+        refusal, fetched = "names a shard outside the folder", ["model.safetensors.index.json"]
+    repo = Repo.of_folder(qwen, {"model.safetensors.index.json": index})
+    cache = tmp_path / "cache"
+    with FakeHub({REPO: repo}).running() as hub:
+        env = _env(hub.url, termination_log, tmp_path)
+        code, out, err = _run("--source", f"hf://{REPO}", "--dir", cache, "--port", "0", env=env)
+        line = _error_line(code, out, err)
+        assert line.startswith(
+            f"kubemoe-runtime fill-cache: error: hf://{REPO}: model.safetensors.index.json "
+        )
+        assert refusal in line
+        assert hub.downloads() == fetched
+    assert {p.name for p in cache.iterdir()} <= {".cache", ".kubemoe-fill.lock"}  # no index, no marker
+    assert list(cache.rglob("*.incomplete")) == []
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < 4096  # the library's records
+
+
+def test_two_fills_of_one_folder_take_turns_and_both_succeed(
+    qwen: Path, tmp_path: Path, termination_log: Path
+) -> None:
+    """Two processes fill one folder at once (two ModelDeployments sharing a claim and a source, or a new
+    Job's pod while the old one terminates): the second waits for the first, then finds it complete."""
+    cache = tmp_path / "cache"
+    downloads = cache / ".cache" / "huggingface" / "download"
+    downloads.mkdir(parents=True)
+    stale = downloads / "left-by-an-interrupted-run.incomplete"
+    stale.write_bytes(b"\0" * 100)
+    wanted = _wanted(qwen)
+    # ~0.2 s a 32 KiB piece: each ~140 KiB shard takes about a second, so one is nearly always in flight
+    with FakeHub({REPO: Repo.of_folder(qwen)}, delay_s=0.2).running() as hub:
+        env = _env(hub.url, termination_log, tmp_path)
+        args = ("--source", f"hf://{REPO}", "--dir", cache, "--port", "0")
+        first = _fill(*args, env=env)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not any(p != stale for p in downloads.glob("*.incomplete")):  # the first is mid-download
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not stale.exists()  # the first run dropped what an interrupted run left
+        second = _fill(*args, env=env)
+        out1, err1 = first.communicate(timeout=TIMEOUT_S)
+        first_done = time.monotonic()
+        out2, err2 = second.communicate(timeout=TIMEOUT_S)
+        second_done = time.monotonic()
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    assert f"waiting for another fill of {cache} to finish" in err2
+    assert json.loads(out1)["fetchedBytes"] == sum(len(data) for data in wanted.values())
+    assert json.loads(out2)["alreadyComplete"] is True
+    assert second_done - first_done < 10  # it found the folder complete at once
+    assert sorted(hub.downloads()) == sorted(wanted)  # each file once: the second fetched nothing
+    for name, data in wanted.items():
+        assert (cache / name).read_bytes() == data
+    assert list(downloads.glob("*.incomplete")) == []

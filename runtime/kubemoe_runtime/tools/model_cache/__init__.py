@@ -22,6 +22,9 @@ State, all in DIR:
                           command exits 0 at once without reaching the Hub.
     .cache/huggingface/   huggingface_hub's record of each file's commit and etag: an interrupted fill
                           resumes (a complete file of the same commit is kept, not fetched again).
+    .kubemoe-fill.lock    locked (flock) for the whole fill: a second fill of DIR (two ModelDeployments
+                          sharing a claim and source, a new Job's pod while the old one terminates) says it
+                          waits, waits, then finds the marker complete and exits 0 (or fills what is left).
 
 Progress: one line per file on stderr and at least every PROGRESS_EVERY_S while downloading (files done of
 total, bytes done of total), and `GET /progress` on --port (all addresses) for the whole run:
@@ -45,13 +48,15 @@ it downloads in parallel threads with no per-file hook, and cannot select the sh
 
 The source and the listing are untrusted: --source must be hf://ORG/NAME[@REVISION] with the Hub's
 characters; a listed name is used only if it is a plain file name (no separators, no `..`, not hidden), so
-every path stays inside DIR; an index that names a shard the listing lacks is an error.
+every path stays inside DIR; an index that names a shard the listing lacks is an error; an index the
+listing says is over 64 MiB is refused before it is downloaded, and one refused after is removed.
 
 The package, a module for each part:
     command.py   the command line: flags, main (the run, its outcome line), SIGTERM
     source.py    --source, checked; which listed files to fetch; the safetensors index's shards
     hub.py       which Hub: HF_ENDPOINT or huggingface.co
     fill.py      the fill: listing, space check, downloads (a size mismatch is an error), the marker last
+    lock.py      DIR's lock: one fill of a folder at a time, the next one waiting
     marker.py    .kubemoe-cache.json: read, checked against DIR, written
     progress.py  Progress, GET /progress, the lines on stderr
     errors.py    FillError, UsageError; any error as one line that names the fix; the termination log

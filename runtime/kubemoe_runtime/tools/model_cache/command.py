@@ -1,7 +1,8 @@
 """`kubemoe-runtime fill-cache`: fill a model cache folder once from the Hugging Face Hub, with progress.
 
-The command line: its flags, the run (a cache already complete for --source exits at once), SIGTERM,
-and the outcome, one line on stdout or stderr and in the termination log (the package docstring has it
+The command line: its flags, the run (a cache already complete for --source exits at once; otherwise
+the fill holds DIR's lock, waiting while another fill of DIR runs, then looks again), SIGTERM, and the
+outcome, one line on stdout or stderr and in the termination log (the package docstring has it
 all).
 """
 
@@ -21,6 +22,7 @@ from typing import Final
 from kubemoe_runtime.pod.messages import human_bytes
 from kubemoe_runtime.tools.model_cache.errors import UsageError, explain, write_termination_log
 from kubemoe_runtime.tools.model_cache.fill import Outcome, fill
+from kubemoe_runtime.tools.model_cache.lock import fill_lock
 from kubemoe_runtime.tools.model_cache.marker import complete, read_marker
 from kubemoe_runtime.tools.model_cache.progress import PROG, Progress, ProgressServer, say
 from kubemoe_runtime.tools.model_cache.source import Source, parse_source
@@ -63,14 +65,10 @@ def main(argv: Sequence[str]) -> int:
         if directory.exists() and not directory.is_dir():
             raise UsageError(f"--dir {directory}: not a directory")
         directory.mkdir(parents=True, exist_ok=True)
-        marker = read_marker(directory)
-        if marker is not None and marker.source == str(source) and complete(directory, marker):
-            outcome = Outcome(marker=marker, fetched_bytes=0, seconds=0.0, already=True)
-            say(
-                f"the cache is complete: {directory} holds {source} at {marker.revision} "
-                f"({len(marker.files)} files, {human_bytes(marker.bytes)})"
-            )
-            return _succeed(outcome)
+        started = time.monotonic()
+        already = _already_complete(directory, source, started)
+        if already is not None:  # without the lock: the marker is written last, whole (a rename)
+            return _succeed(already)
         try:
             server = ProgressServer(args.port, progress)
         except OSError as err:
@@ -80,7 +78,12 @@ def main(argv: Sequence[str]) -> int:
         server.start()
         say(f"progress: GET http://0.0.0.0:{server.server_address[1]}/progress")
         signal.signal(signal.SIGTERM, _on_sigterm)
-        outcome = fill(source, directory, progress)
+        with fill_lock(directory, progress) as locked:
+            already = _already_complete(directory, source, started)  # another fill may have just ended
+            if already is not None:
+                progress.set(phase="done", message="the cache is complete")
+                return _succeed(already)
+            outcome = fill(source, directory, progress, alone=locked)
         return _succeed(outcome)
     except (Exception, KeyboardInterrupt) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
@@ -102,6 +105,19 @@ def main(argv: Sequence[str]) -> int:
                 with contextlib.suppress(Interrupted, KeyboardInterrupt):
                     time.sleep(args.linger)
             server.shutdown()
+
+
+def _already_complete(directory: Path, source: Source, started: float) -> Outcome | None:
+    """DIR's marker names `source` and every file it lists is there: nothing to fetch."""
+    marker = read_marker(directory)
+    if marker is None or marker.source != str(source) or not complete(directory, marker):
+        return None
+    say(
+        f"the cache is complete: {directory} holds {source} at {marker.revision} "
+        f"({len(marker.files)} files, {human_bytes(marker.bytes)})"
+    )
+    seconds = time.monotonic() - started
+    return Outcome(marker=marker, fetched_bytes=0, seconds=seconds, already=True)
 
 
 def _succeed(outcome: Outcome) -> int:

@@ -1,5 +1,6 @@
-"""Filling DIR: the Hub's listing of the commit, the space check, then one file at a time through
-huggingface_hub (each file's size checked against the listing), the marker last."""
+"""Filling DIR: the Hub's listing of the commit (an index over its cap refused there), the index (one
+refused is removed), the space check, then one file at a time through huggingface_hub (each file's size
+checked against the listing), the marker last. The caller holds DIR's lock (lock.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kubemoe_runtime.tools.model_cache.source import (
     INDEX,
     CacheFile,
     Source,
+    check_index_size,
     index_shards,
     safe_name,
     select_files,
@@ -54,8 +56,9 @@ class Outcome:
         return json.dumps(doc, separators=(",", ":"))
 
 
-def fill(source: Source, directory: Path, progress: Progress) -> Outcome:
-    """Fill `directory` from `source` (see the package docstring); FillError or the library's errors."""
+def fill(source: Source, directory: Path, progress: Progress, *, alone: bool = True) -> Outcome:
+    """Fill `directory` from `source` (see the package docstring); FillError or the library's errors.
+    `alone`: this process holds DIR's lock (lock.py), so no other fill has a download in flight there."""
     started = time.monotonic()
     from huggingface_hub import HfApi
     from huggingface_hub.utils.tqdm import disable_progress_bars
@@ -67,15 +70,22 @@ def fill(source: Source, directory: Path, progress: Progress) -> Outcome:
     info = api.model_info(source.repo_id, revision=source.revision)
     commit = info.sha or source.revision or "main"
     listing = _top_level(api, source.repo_id, commit)
+    if INDEX in listing:
+        check_index_size(listing[INDEX])  # before a byte of it lands on the volume
 
     previous = read_marker(directory)
     with contextlib.suppress(FileNotFoundError):
         (directory / MARKER).unlink()  # not complete until this run ends
-    _drop_partial_downloads(directory)
+    if alone:
+        _drop_partial_downloads(directory)
     shards, fetched = None, 0
     if INDEX in listing:  # first: it says which shards to fetch
         fetched = _download(source, commit, CacheFile(INDEX, listing[INDEX]), directory, progress=None)
-        shards = index_shards(directory / INDEX)
+        try:
+            shards = index_shards(directory / INDEX)
+        except FillError:
+            (directory / INDEX).unlink(missing_ok=True)  # refused: not left to fill the volume
+            raise
     files = select_files(listing, index_shards=shards)
     total = sum(f.size for f in files)
     if previous is not None and previous.source != str(source):
@@ -112,7 +122,8 @@ def _top_level(api: HfApi, repo_id: str, commit: str) -> dict[str, int]:
 
 def _drop_partial_downloads(directory: Path) -> None:
     """The partial files an interrupted run left in huggingface_hub's download folder (it never reuses them:
-    each download writes a file of its own name)."""
+    each download writes a file of its own name). Only while holding DIR's lock: another fill's partial
+    files are its downloads in flight."""
     for stale in (directory / ".cache" / "huggingface" / "download").glob("**/*.incomplete"):
         with contextlib.suppress(OSError):
             stale.unlink()

@@ -101,10 +101,18 @@ def select_files(listing: dict[str, int], *, index_shards: Iterable[str] | None 
     return sorted((CacheFile(name, listing[name]) for name in chosen), key=lambda f: (f.size, f.path))
 
 
+def check_index_size(size: int) -> None:
+    """FillError when a safetensors index of `size` bytes (listed, or on disk) is over MAX_INDEX_BYTES."""
+    if size > MAX_INDEX_BYTES:
+        raise FillError(
+            f"{INDEX} is larger than {human_bytes(MAX_INDEX_BYTES)} ({human_bytes(size)}): "
+            f"not a checkpoint index: refused"
+        )
+
+
 def index_shards(index_path: Path) -> set[str]:
     """The shard names in a safetensors index (untrusted: bounded, checked shape)."""
-    if index_path.stat().st_size > MAX_INDEX_BYTES:
-        raise FillError(f"{INDEX} is larger than {human_bytes(MAX_INDEX_BYTES)}: not a checkpoint index")
+    check_index_size(index_path.stat().st_size)
     try:
         doc = json.loads(index_path.read_bytes())
         weight_map = doc["weight_map"]
