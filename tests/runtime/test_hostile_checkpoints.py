@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -381,3 +382,151 @@ def test_any_header_is_refused_or_every_span_is_its_own(
             spans.append((info.begin, info.end))
     spans.sort()
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+
+# -- config.json against the checkpoint -------------------------------------------------------------
+
+SHARD = r"model-\d+-of-\d+\.safetensors"
+EXPERT_TENSOR = r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight"
+
+
+def _edit_config(ckpt: Path, **fields: Any) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param(
+            {"moe_intermediate_size": 2**20},
+            rf"{SHARD}: tensor '{EXPERT_TENSOR}' has shape \[(32, 64|64, 32)\] but config\.json implies "
+            r"\[(1048576, 64|64, 1048576)\]",
+            id="moe-intermediate-size",
+        ),
+        pytest.param(
+            {"hidden_size": 2**14},
+            rf"{SHARD}: tensor 'model\.embed_tokens\.weight' has shape \[512, 64\] but config\.json implies "
+            r"\[512, 16384\]",
+            id="hidden-size",
+        ),
+        pytest.param(
+            {"num_experts": 64, "num_local_experts": 64},
+            rf"{INDEX_FILE}: tensor '{EXPERT_TENSOR}' is missing from the checkpoint index",
+            id="expert-count",
+        ),
+    ],
+)
+def test_a_config_that_disagrees_with_its_checkpoint_fails_before_any_stack_is_allocated(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, Any], message: str
+) -> None:
+    """The engine's expert stacks are sized only once every header it needs matches config.json: a config
+    that disagrees fails by shard, tensor and both shapes, never with an allocator error."""
+    import torch
+
+    from kubemoe_runtime.engines.torch.model import engine
+
+    _edit_config(ckpt, **fields)
+    allocated: list[object] = []
+
+    def expert_stacks(*args: object, **kwargs: object) -> tuple[dict[str, Any], dict[str, Any]]:
+        allocated.append(args)
+        return {}, {}
+
+    monkeypatch.setattr(engine, "expert_stacks", expert_stacks)
+    with pytest.raises(WeightLoadError, match=message):
+        engine.TorchEngine.load(ckpt, dtype=torch.bfloat16, pack=False)
+    assert allocated == []
+
+
+_LOAD_UNDER_AN_ADDRESS_LIMIT = """
+import json, resource, sys, torch
+from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.load.weights import WeightLoadError
+
+torch.set_num_threads(1)
+def vm_kb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:"))
+# 1 GiB of address space to spare: well over a tiny model's load, well under config.json's 6 GiB of stacks.
+limit = (vm_kb() << 10) + (1 << 30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    TorchEngine.load(sys.argv[1], dtype=torch.bfloat16, pack=False)
+    error = None
+except Exception as err:
+    error = f"{type(err).__name__}: {err}"
+grew_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"error": error, "grew_kb": grew_kb}))
+"""
+
+
+def test_a_config_with_a_huge_expert_size_fails_by_name_in_little_memory(ckpt: Path) -> None:
+    """moe_intermediate_size 2**20 against a checkpoint of 32: sizing the stacks from config.json first
+    would ask for 6 GiB (an allocator error under this address-space limit); the header check refuses
+    it first, and the process's peak RSS barely moves."""
+    import subprocess
+    import sys
+
+    _edit_config(ckpt, moe_intermediate_size=2**20)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_AN_ADDRESS_LIMIT, str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["error"] is not None
+    assert result["error"].startswith("WeightLoadError: "), result["error"]
+    assert re.search(r"has shape \[(32, 64|64, 32)\] but config\.json implies", result["error"])
+    assert result["grew_kb"] < 64 << 10  # KiB: the load's own small reads, no stack of config.json's size
+
+
+def test_the_plan_checks_every_header_once_and_reads_nothing(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan_rank_weights reads each needed shard's header once (a single-file checkpoint's too: the
+    header read for its names is reused) and no data; read_planned then loads what load_rank_weights does."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kubemoe_runtime.engines.torch.load import weights
+    from kubemoe_runtime.engines.torch.load.checkpoint_files import TensorInfo, read_header
+
+    single = tmp_path / "single-file"
+    single.mkdir()
+    merged: dict[str, torch.Tensor] = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        merged.update(load_file(shard))
+    save_file(merged, single / "model.safetensors")
+    shutil.copy(ckpt / "config.json", single / "config.json")
+
+    headers: list[Path] = []
+
+    def counting(path: Path, *, needed: str = "<any>") -> dict[str, TensorInfo]:
+        headers.append(path)
+        return read_header(path, needed=needed)
+
+    for folder in (ckpt, single):
+        cfg = ModelConfig.load(folder)
+        want, want_report = load_rank_weights(folder, cfg=cfg, ep_rank=1, ep_size=2)
+        headers.clear()
+        monkeypatch.setattr(weights, "read_header", counting)
+        plan = weights.plan_rank_weights(folder, cfg=cfg, ep_rank=1, ep_size=2)
+        assert sorted(headers) == sorted({folder / name for name in plan.files})
+        assert plan.report.bytes_read == 0
+        assert plan.nbytes == want_report.bytes_read
+        experts = expert_range(n_experts=cfg.n_routed_experts, ep_rank=1, ep_size=2)
+        held = [e for name in plan.shapes() if (e := weights.routed_expert_id(name)) is not None]
+        assert held
+        assert set(held) == set(experts)
+        got, report = weights.read_planned(plan)
+        monkeypatch.undo()
+        assert len(headers) == len(plan.files)  # reading took no further header
+        assert got.keys() == want.keys() == plan.shapes().keys()
+        assert all(tuple(got[name].shape) == shape for name, shape in plan.shapes().items())
+        assert all(torch.equal(got[name], want[name]) for name in want)
+        assert (report.bytes_read, report.files) == (want_report.bytes_read, want_report.files)

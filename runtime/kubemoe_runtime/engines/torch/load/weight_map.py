@@ -10,7 +10,9 @@ Fused experts (Llama 4) come as each expert's pieces (weights.py): `...experts.{
 (gate columns, then up) and `...experts.{e}.down_proj` [F, D], transposed into the same stacks.
 
 `expert_stacks` makes the stacked parameters before loading, with each expert tensor's place in them, so
-the loader reads experts straight into place (`load_rank_weights(into=...)`) and stacking copies nothing.
+the loader reads experts straight into place (`read_planned(into=...)`) and stacking copies nothing. Its
+shapes come from the checked shard headers (`plan_rank_weights(...).shapes()`), never from config.json
+alone: a config whose sizes disagree with the checkpoint fails by name before anything is allocated.
 """
 
 from __future__ import annotations

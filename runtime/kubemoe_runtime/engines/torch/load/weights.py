@@ -17,7 +17,11 @@ tensor, and validates the whole tensor's header entry.
 
 `load_rank_weights` plans from the index and the config, checks each shard's header (present, not
 truncated, every needed tensor present with the shape config.json implies and the checkpoint's dtype)
-before reading a byte of data, then reads only the selected tensors and reports the bytes it read.
+before reading a byte of data, then reads only the selected tensors and reports the bytes it read. Its two
+halves are callable apart: `plan_rank_weights` (the index and every header this rank needs, each shard's
+header read once, all checked: a `WeightPlan`) and `read_planned` (the data). The engine sizes the buffers
+it reads experts into from a plan's checked shapes, so a config.json that disagrees with its checkpoint
+fails by name before anything is allocated from its sizes.
 The checkpoint is untrusted input: `checkpoint_files` keeps shard names inside the folder and checks
 every header entry (bounded header, spans in the file, dtype x shape bytes, no overlaps), so a read
 never leaves a tensor's own bytes. Every failure is a `WeightLoadError` naming the shard file and the
@@ -69,12 +73,15 @@ __all__ = [
     "LoadReport",
     "TensorInfo",
     "WeightLoadError",
+    "WeightPlan",
     "checkpoint_shapes",
     "expert_range",
     "fused_source",
     "load_expert_tensors",
     "load_rank_weights",
     "loadable_names",
+    "plan_rank_weights",
+    "read_planned",
     "read_weight_map",
     "routed_expert_id",
     "routed_expert_names",
@@ -251,12 +258,18 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def read_weight_map(model_dir: Path) -> dict[str, str]:
     """Tensor name -> shard file name, from the index (or the single `model.safetensors`); every shard
     name stays inside `model_dir` (checkpoint_files.shard_path)."""
+    return _weight_map(model_dir)[0]
+
+
+def _weight_map(model_dir: Path) -> tuple[dict[str, str], dict[str, dict[str, TensorInfo]]]:
+    """`read_weight_map`, and the headers it read on the way (by shard file: the single file's, if any)."""
     if (model_dir / INDEX_FILE).exists():
-        return read_index(model_dir)
+        return read_index(model_dir), {}
     single = model_dir / SINGLE_FILE
     if single.exists():
         shard_path(model_dir, SINGLE_FILE, tensor="<any>", listed_in=single)
-        return dict.fromkeys(read_header(single).keys(), SINGLE_FILE)
+        header = read_header(single)
+        return dict.fromkeys(header.keys(), SINGLE_FILE), {SINGLE_FILE: header}
     raise WeightLoadError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} exists")
 
 
@@ -277,6 +290,27 @@ class LoadReport:
     @property
     def other_bytes(self) -> int:
         return self.bytes_read - self.routed_expert_bytes
+
+
+@dataclass
+class WeightPlan:
+    """What a load will read, every header it needs already checked against config.json: by shard file
+    (in reading order), each wanted name's bytes (a fused expert's piece: its own part). `read_planned`
+    reads it and fills `report`."""
+
+    root: Path
+    files: dict[str, dict[str, TensorInfo]]
+    report: LoadReport
+    started: float  # time.perf_counter() when planning began: report.seconds counts from it
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the read will take."""
+        return sum(info.nbytes for spans in self.files.values() for info in spans.values())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor the read returns, by name, with its checked shape (the one config.json implies)."""
+        return {name: info.shape for spans in self.files.values() for name, info in spans.items()}
 
 
 class LoadProgress:
@@ -390,8 +424,23 @@ def load_rank_weights(
     Face names, and a `LoadReport`. `into` maps names to destinations: a contiguous CPU tensor of the
     tensor's shape and stored dtype is read into and returned as itself; one that does not fit is ignored
     (that tensor is read as usual). `progress` learns the bytes to read once the headers are checked,
-    then each read.
+    then each read. The same as `read_planned(plan_rank_weights(...))`.
     """
+    plan = plan_rank_weights(model_dir, cfg=cfg, ep_rank=ep_rank, ep_size=ep_size, slots=slots)
+    return read_planned(plan, into=into, progress=progress)
+
+
+def plan_rank_weights(
+    model_dir: Path | str,
+    *,
+    cfg: ModelConfig,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    slots: Mapping[int, Sequence[int]] | None = None,
+) -> WeightPlan:
+    """What `load_rank_weights` reads, without reading any data: the index, then each shard header this
+    rank needs (each read once), every needed tensor checked (present, config.json's shape, the
+    checkpoint's dtype; WeightLoadError naming the shard and the tensor otherwise)."""
     started = time.perf_counter()
     root = Path(model_dir)
     held = {
@@ -400,7 +449,7 @@ def load_rank_weights(
     }
     report = LoadReport(ep_rank=ep_rank, ep_size=ep_size, experts=tuple(sorted(set().union(*held.values()))))
     expected = checkpoint_shapes(cfg)
-    weight_map = read_weight_map(root)
+    weight_map, headers = _weight_map(root)
     for name in expected:
         if name not in weight_map:
             raise WeightLoadError(
@@ -408,17 +457,33 @@ def load_rank_weights(
             )
     report.skipped_tensors = sorted(set(weight_map) - set(expected))
     wanted = select_tensors(loadable_names(expected), experts=held, n_experts=cfg.n_routed_experts)
-    tensors = _read_checked(
-        root,
-        wanted,
-        cfg=cfg,
-        expected=expected,
-        weight_map=weight_map,
-        into=into,
-        report=report,
-        progress=progress,
-    )
-    report.seconds = time.perf_counter() - started
+    files = _check_headers(root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, headers=headers)
+    return WeightPlan(root=root, files=files, report=report, started=started)
+
+
+def read_planned(
+    plan: WeightPlan,
+    *,
+    into: Mapping[str, torch.Tensor] | None = None,
+    progress: LoadProgress | None = None,
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Read what `plan` lists (`into` and `progress` as `load_rank_weights` takes them): the tensors by
+    name, and the plan's report, filled in (so read a plan once)."""
+    report = plan.report
+    if progress is not None:
+        progress.plan(plan.nbytes)
+    tensors: dict[str, torch.Tensor] = {}
+    for file_name, spans in plan.files.items():
+        tensors.update(
+            _read_tensors(plan.root / file_name, list(spans.items()), into=into, progress=progress)
+        )
+        for name, info in spans.items():
+            report.bytes_read += info.nbytes
+            report.tensors_read += 1
+            if routed_expert_id(name) is not None:
+                report.routed_expert_bytes += info.nbytes
+        report.files.append(file_name)
+    report.seconds = time.perf_counter() - plan.started
     return tensors, report
 
 
@@ -444,44 +509,38 @@ def load_expert_tensors(
     for name in wanted:
         if _stored(name) not in expected:
             raise WeightLoadError(f"{name!r} is not a routed expert tensor of this model")
-    weight_map = read_weight_map(root)
+    weight_map, headers = _weight_map(root)
     for name in wanted:
         if _stored(name) not in weight_map:
             raise WeightLoadError(
                 f"{root / INDEX_FILE}: tensor {_stored(name)!r} is missing from the checkpoint index"
             )
-    tensors = _read_checked(
-        root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, into=None, report=report
-    )
-    report.seconds = time.perf_counter() - started
-    return tensors, report
+    files = _check_headers(root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, headers=headers)
+    return read_planned(WeightPlan(root=root, files=files, report=report, started=started))
 
 
-def _read_checked(
+def _check_headers(
     root: Path,
     wanted: list[str],
     *,
     cfg: ModelConfig,
     expected: Mapping[str, tuple[int, ...]],
     weight_map: Mapping[str, str],
-    into: Mapping[str, torch.Tensor] | None,
-    report: LoadReport,
-    progress: LoadProgress | None = None,
-) -> dict[str, torch.Tensor]:
-    """Check every shard header `wanted` needs, then read those tensors (a fused expert tensor's pieces: only
-    their spans), counting them in `report` and `progress`."""
+    headers: Mapping[str, dict[str, TensorInfo]],
+) -> dict[str, dict[str, TensorInfo]]:
+    """Check every shard header `wanted` needs (each read once; `headers`: those already read, by file)
+    before reading any data, so a bad shard fails fast and by name; by file (sorted), each wanted name's
+    bytes (a fused expert tensor's piece: only its span)."""
     checkpoint_dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(checkpoint_dtype, torch.dtype):
         raise WeightLoadError(f"{root / 'config.json'}: unknown dtype {cfg.dtype!r}")
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in wanted:
         by_file[weight_map[_stored(name)]].append(name)
-
-    # Pass 1: validate every header before reading any data, so a bad shard fails fast and by name.
-    headers: dict[str, dict[str, TensorInfo]] = {}  # by file: each wanted name's bytes
+    files: dict[str, dict[str, TensorInfo]] = {}
     for file_name, names in sorted(by_file.items()):
         path = root / file_name
-        infos = read_header(path, needed=_stored(names[0]))
+        infos = headers[file_name] if file_name in headers else read_header(path, needed=_stored(names[0]))
         spans: dict[str, TensorInfo] = {}
         for name in names:
             stored = _stored(name)
@@ -501,23 +560,8 @@ def _read_checked(
                 )
             source = fused_source(name)
             spans[name] = info if source is None else _piece(info, source[1])
-        headers[file_name] = spans
-    if progress is not None:
-        progress.plan(sum(info.nbytes for spans in headers.values() for info in spans.values()))
-
-    # Pass 2: read only the selected tensors.
-    tensors: dict[str, torch.Tensor] = {}
-    for file_name, names in sorted(by_file.items()):
-        infos = headers[file_name]
-        wanted_here = [(name, infos[name]) for name in names]
-        tensors.update(_read_tensors(root / file_name, wanted_here, into=into, progress=progress))
-        for name in names:
-            report.bytes_read += infos[name].nbytes
-            report.tensors_read += 1
-            if routed_expert_id(name) is not None:
-                report.routed_expert_bytes += infos[name].nbytes
-        report.files.append(file_name)
-    return tensors
+        files[file_name] = spans
+    return files
 
 
 def _piece(info: TensorInfo, index: int) -> TensorInfo:

@@ -23,9 +23,9 @@ from kubemoe_runtime.engines.torch.load.weight_map import (
 from kubemoe_runtime.engines.torch.load.weights import (
     LoadProgress,
     LoadReport,
-    checkpoint_shapes,
     load_expert_tensors,
-    load_rank_weights,
+    plan_rank_weights,
+    read_planned,
 )
 from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory, release_freed_memory
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
@@ -125,21 +125,17 @@ class TorchEngine:
         )
         _check_fits(placement, cfg=cfg, ep=ep)
         slots = {layer: placement.rank_slots(i, ep.rank) for i, layer in enumerate(layers)}
-        # Experts are read straight into the stacked parameters when no dtype conversion is needed.
+        # Every header this rank needs is checked against config.json before anything is allocated from
+        # its sizes: a config that disagrees with its checkpoint fails here, naming the shard and tensor.
+        plan = plan_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size, slots=slots)
+        # Experts are read straight into the stacked parameters (sized from the checked headers) when
+        # no dtype conversion is needed.
         stacks, places = (
-            expert_stacks(checkpoint_shapes(cfg), experts=slots, dtype=dtype)
+            expert_stacks(plan.shapes(), experts=slots, dtype=dtype)
             if getattr(torch, cfg.dtype, None) == dtype
             else ({}, {})
         )
-        tensors, report = load_rank_weights(
-            model_dir,
-            cfg=cfg,
-            ep_rank=ep.rank,
-            ep_size=ep.size,
-            into=places,
-            slots=slots,
-            progress=progress,
-        )
+        tensors, report = read_planned(plan, into=places, progress=progress)
         state = to_engine_state_dict(tensors, cfg=cfg, experts=slots, dtype=dtype, stacks=stacks)
         with torch.device("meta"):
             model = Transformer(cfg, ep=ep, placement=placement)
