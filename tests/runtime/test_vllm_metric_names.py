@@ -48,7 +48,11 @@ def _families(metrics: ServingMetrics) -> dict[str, Metric]:
 
 
 def _metrics() -> ServingMetrics:
-    return ServingMetrics(LABELS, model_name=VLLM["model_name"])
+    """A serving pod's metrics once its scheduler runs (which publishes the load gauges)."""
+    m = ServingMetrics(LABELS, model_name=VLLM["model_name"])
+    for gauge in (m.waiting, m.running, m.kv_cache_usage):
+        gauge.set(0)
+    return m
 
 
 def test_each_vllm_name_is_exported_with_vllms_type_and_labels() -> None:
@@ -170,3 +174,15 @@ def test_the_installed_vllm_registers_the_same_types_labels_and_buckets(tmp_path
         if family.type == "histogram":
             buckets = sorted({float(s.labels["le"]) for s in family.samples if "le" in s.labels})
             assert buckets == theirs[name]["buckets"], name
+
+
+def test_a_pod_without_a_scheduler_exports_no_load() -> None:
+    # a pod still loading its weights exported waiting/running/KV usage at 0; averaged over groups by
+    # the autoscaler it looked like an idle group and diluted the load the ready groups carry
+    m = ServingMetrics(LABELS, model_name=VLLM["model_name"])
+    for name in ("kubemoe_requests_waiting", "kubemoe_requests_running", "kubemoe_kv_cache_usage_ratio"):
+        assert _value(m, name, OURS) is None, name
+    assert _value(m, "vllm:num_requests_waiting", VLLM) is None
+    m.waiting.set(0)  # the scheduler's first word, as it starts
+    assert _value(m, "kubemoe_requests_waiting", OURS) == 0
+    assert _value(m, "vllm:num_requests_waiting", VLLM) == 0

@@ -101,12 +101,18 @@ class MetricLabels:
 
 
 class GaugeHook:
-    """One gauge the scheduler sets, and every series it feeds."""
+    """One gauge the scheduler sets, and every series it feeds: (family, label values) pairs, each series
+    created at the first set(). A pod still loading its weights has no scheduler to set them, so it
+    exports none of these series, rather than a 0 that the autoscaler would average in as an idle group
+    (the load on the ready groups would look diluted, and a scale-down follow)."""
 
-    def __init__(self, *series: Gauge) -> None:
-        self.series = series
+    def __init__(self, *series: tuple[Gauge, Mapping[str, str]]) -> None:
+        self.families = series
+        self.series: list[Gauge] = []
 
     def set(self, value: float) -> None:
+        if not self.series:
+            self.series = [family.labels(**values) for family, values in self.families]
         for g in self.series:
             g.set(value)
 
@@ -141,8 +147,8 @@ class ServingMetrics:
         vllm = {"model_name": model_name, "engine": "0", **values}
 
         def gauge(name: str, doc: str, vllm_name: str, vllm_doc: str) -> GaugeHook:
-            ours = Gauge(name, doc, LABELS, registry=r).labels(**values)
-            return GaugeHook(ours, Gauge(vllm_name, vllm_doc, VLLM_LABELS, registry=r).labels(**vllm))
+            ours = Gauge(name, doc, LABELS, registry=r)
+            return GaugeHook((ours, values), (Gauge(vllm_name, vllm_doc, VLLM_LABELS, registry=r), vllm))
 
         def histogram(
             name: str, doc: str, vllm_name: str, vllm_doc: str, vllm_buckets: tuple[float, ...]

@@ -140,6 +140,9 @@ class Scheduler:
         self._released: list[list[int]] = [[] for _ in range(leader.size)]
         self._rotation = 0  # where the next tie-break among equally free ranks starts
         self.vocab_size: int = leader.runner.engine.cfg.vocab_size
+        if metrics is not None:  # the load series appear once the pod can serve (pod/metrics.GaugeHook)
+            for gauge in (metrics.waiting, metrics.running, metrics.kv_cache_usage):
+                gauge.set(0)
 
     # --- any thread ---------------------------------------------------------------------------------
 
