@@ -45,7 +45,7 @@ def metadata_problems(
         if why is not None:
             problems.append(Problem(field=f"{field}.labels[{key}]", message=f"{why}.", fix="rename it."))
     for key in annotations:
-        why = qualified_name_problem(key)
+        why = qualified_name_problem(key.lower())  # as apimachinery: annotation keys in any case
         if why is not None:
             problems.append(Problem(field=f"{field}.annotations[{key}]", message=f"{why}.", fix="rename it."))
     return problems

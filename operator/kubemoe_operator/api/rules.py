@@ -139,7 +139,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
     problems += metadata_problems(spec.pod.labels, spec.pod.annotations, field="spec.pod")
     problems += toleration_problems(spec.scheduling.tolerations, field="spec.scheduling.tolerations")
     priority = spec.scheduling.priority_class_name
-    if priority is not None and not re.match(DNS_SUBDOMAIN_PATTERN, priority):
+    if priority and not re.match(DNS_SUBDOMAIN_PATTERN, priority):
         problems.append(
             Problem(
                 field="spec.scheduling.priorityClassName",

@@ -287,9 +287,14 @@ VOLUME_SOURCES = (
 """Kubernetes' volume sources (core/v1 VolumeSource)."""
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes checks a toleration's key, an envFrom prefix and a priorityClassName only when they are not
+# empty ("" is "not set": `key: ""` with operator Exists tolerates every taint), so "" matches these.
 QUALIFIED_NAME_PATTERN = (  # [DNS subdomain/]name, as a label or annotation key (lengths: pod_metadata.py)
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+    r"^(([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 )
+ENV_PREFIX_PATTERN = r"^([-._a-zA-Z][-._a-zA-Z0-9]*)?$"
+OPTIONAL_DNS_SUBDOMAIN_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
 LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 MAX_POD_LIST = 32
 MAX_ENV = 64
@@ -463,7 +468,7 @@ class EnvFromSource(ApiModel):
         )
     )
 
-    prefix: str | None = Field(None, max_length=256, pattern=ENV_NAME_PATTERN)
+    prefix: str | None = Field(None, max_length=256, pattern=ENV_PREFIX_PATTERN)
     config_map_ref: EnvSourceRef | None = None
     secret_ref: EnvSourceRef | None = None
 
@@ -658,7 +663,7 @@ class PodTemplateOptions(ApiModel):
     )
     """Mounts of these volumes into the container; not at or under /mnt/models, /cache, /home/kubemoe,
     /dev/shm or /etc/kubemoe (the operator's)."""
-    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=OPTIONAL_DNS_SUBDOMAIN_PATTERN)
     """PriorityClass of these pods; replaces scheduling.priorityClassName."""
     service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """ServiceAccount the pods run as (e.g. for a cloud identity); the namespace's default when absent.
@@ -974,7 +979,7 @@ class SchedulingSpec(ApiModel):
         default_factory=dict, max_length=32
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=OPTIONAL_DNS_SUBDOMAIN_PATTERN)
 
 
 class ModelDeploymentSpec(ApiModel):

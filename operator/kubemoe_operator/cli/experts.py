@@ -30,6 +30,8 @@ from kubemoe_operator.render.names import experts_configmap_name
 
 ROLES = ("prefill", "decode", "worker")
 REBALANCE, OBSERVED = "rebalance.json", "observed.json"
+LEGACY_PLACEMENT = "placement.json"
+"""Where operators before placements were keyed by layout kept the one placement."""
 DEFAULT_TOP = 3
 
 
@@ -129,7 +131,9 @@ def _placement_key(cm: Mapping[str, Any], source: str) -> str | None:
     (render/experts.placement_key); of several, one for the ModelDeployment's model."""
     keys = sorted(str(k) for k in (cm.get("data") or {}) if str(k).startswith(PLACEMENT_KEY_PREFIX))
     ours = [k for k in keys if k.endswith(f"-{model_digest(source)}.json")]
-    return (ours or keys)[-1] if keys else None
+    if keys:
+        return (ours or keys)[-1]
+    return LEGACY_PLACEMENT if LEGACY_PLACEMENT in (cm.get("data") or {}) else None
 
 
 def _load(cm: Mapping[str, Any], key: str, model: type[D], *, where: str) -> D | None:
@@ -391,8 +395,8 @@ def build_report(
         placement = None if key is None else _load(cm, key, PlacementDoc, where=where)
         if placement is None:
             raise ExpertsError(
-                f"{where} has no placement ({PLACEMENT_KEY_PREFIX}RANKSxSLOTS-MODEL.json; the operator "
-                "writes it with the ConfigMap)"
+                f"{where} has no placement yet ({PLACEMENT_KEY_PREFIX}RANKSxSLOTS-MODEL.json): the operator "
+                "writes it at its first check once every group of the role runs one layout"
             )
         load = RoleLoad(
             role=role,

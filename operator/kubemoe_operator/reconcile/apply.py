@@ -241,6 +241,7 @@ async def sync_children(
                 # a change the API refuses (an immutable field of a bound claim, say): the child
                 # stays as it is, and the others (the workloads, the autoscaler's replicas) go on
                 result.rejected.append(f"{key[0]}/{key[1]}: {err}")
+                result.restored.pop(key, None)  # not put back after all
                 result.current[key] = seen
                 continue
             result.applied.append(key)

@@ -104,6 +104,20 @@ def test_what_kubernetes_takes_is_taken() -> None:
     _plan(spec)
 
 
+def test_empty_and_case_insensitive_forms_kubernetes_takes_are_taken() -> None:
+    # Kubernetes checks these only when not empty ("" is "not set"), and annotation keys in lower case
+    spec = _spec(
+        pod__annotations={"Example.com/Owner": "team-a"},
+        scheduling__tolerations=[{"key": "", "operator": "Exists", "effect": "NoSchedule"}],
+        scheduling__priorityClassName="",
+        roles__worker__pod={
+            "priorityClassName": "",
+            "envFrom": [{"prefix": "", "configMapRef": {"name": "c"}}],
+        },
+    )
+    _plan(spec)
+
+
 def test_a_router_limit_below_the_default_request_lowers_the_request() -> None:
     # Kubernetes defaults a missing request to its limit; the router's default request (500m, 512Mi)
     # above a given limit made the router's pod invalid

@@ -89,7 +89,7 @@ def test_an_observation_under_an_older_generation_is_flagged() -> None:
     [
         ({"observed": "{not json"}, "key observed.json is not valid JSON"),
         ({"rebalance": '{"generation": 1'}, "key rebalance.json is not valid JSON"),
-        ({"placement": None}, "has no placement (placement-RANKSxSLOTS-MODEL.json"),
+        ({"placement": None}, "has no placement yet (placement-RANKSxSLOTS-MODEL.json)"),
         (
             {"placement": {**objs.placement(), "slotsPerRank": 4}},
             f"key {objs.PLACEMENT_KEY}: layers[0].slots has 10 entries, not ranks x slotsPerRank = 8",
@@ -113,6 +113,14 @@ def test_malformed_documents_name_the_key(docs: dict[str, Any], wanted: str) -> 
         build_report(objs.deployment(), {"decode": objs.config_map(**docs)}, roles=["decode"])
     assert wanted in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_configmap_from_before_layout_keys_is_still_read() -> None:
+    cm = objs.config_map()
+    cm["data"]["placement.json"] = cm["data"].pop(objs.PLACEMENT_KEY)
+    report = build_report(objs.deployment(), {"decode": cm}, roles=["decode"])
+    (role,) = report.roles
+    assert role.load.placement.generation == objs.placement()["generation"]
 
 
 def test_roles_with_expert_parallelism() -> None:

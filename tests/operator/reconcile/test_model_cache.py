@@ -209,6 +209,27 @@ async def test_a_refused_claim_change_does_not_stop_the_workloads() -> None:
     assert "immutable" in ready(kube)["message"]
 
 
+async def test_a_claim_change_the_api_refuses_is_not_reported_as_put_back() -> None:
+    # an admin grew the bound claim (allowed); the render's smaller size cannot be applied (refused),
+    # so no "Restored ... put back" event may say it was
+    kube = ImmutableClaims()
+    spec = copy.deepcopy(SPEC)
+    spec["model"]["cache"] = {"size": "200Gi"}
+    await run(kube, spec)
+    (claim,) = [o for (k, _, _), o in kube.objects.items() if k == "PersistentVolumeClaim"]
+    grown = copy.deepcopy(claim)
+    grown["spec"]["resources"]["requests"]["storage"] = "300Gi"
+    kube.put(grown)
+    body = {
+        "metadata": {"name": NAME, "namespace": NS, "uid": UID, "generation": 1},
+        "spec": copy.deepcopy(spec),
+        "status": copy.deepcopy(kube.statuses.get((NS, NAME), {})),
+    }
+    result = await reconcile(kube=kube, body=body, context=CONTEXT)
+    assert not [d for d in result.decisions if getattr(d, "reason", None) == "Restored"]
+    assert "PersistentVolumeClaim" in ready(kube)["message"]
+
+
 def test_progress_from_the_pod_is_untrusted() -> None:
     hostile = {"bytes": -5, "bytesTotal": True, "files": 1e300, "filesTotal": "9", "extra": [1] * 3}
     assert progress_fields(hostile) == {}
