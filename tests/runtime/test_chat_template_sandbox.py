@@ -101,6 +101,12 @@ def test_a_template_that_runs_too_long_is_stopped(template: str) -> None:
 
 BIG_VALUES = {
     "repeated string": ("{{ 'x' * 10 ** 10 }}", "a value of over 100000"),
+    # padding builds the whole string inside one call: refused from its width, before it allocates
+    "percent width": ("{{ ('%3000000000s' % 'a') | length }}", "a format width of 3000000000"),
+    "percent star": ("{{ ('%*s' % (3000000000, 'a')) | length }}", "an argument of 3000000000"),
+    "center filter": ("{{ ('a' | center(3000000000)) | length }}", "an argument of 3000000000"),
+    "ljust": ("{{ 'a'.ljust(3000000000) | length }}", "an argument of 3000000000"),
+    "format width": ("{{ '{:>3000000000}'.format('a') | length }}", "a format width of 3000000000"),
     "power": ("{{ 2 ** (2 ** 40) }}", "an integer of over 65536 bits"),
     "squaring": (
         "{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",

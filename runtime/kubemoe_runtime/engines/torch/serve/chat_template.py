@@ -13,6 +13,7 @@ ChatTemplateError, as does anything else a template raises (tokenizer.TextTokeni
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -141,6 +142,12 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         self.tick()
+        _check_widths(args, kwargs)
+        method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format (wrap_str_format)
+        if getattr(method, "__name__", None) in ("format", "format_map"):
+            fmt = getattr(method, "__self__", None)
+            if isinstance(fmt, str):
+                _check_format(fmt)
         if isinstance(obj, LoopContext) and len(args) == 1:  # a recursive loop's `loop(children)`
             args = (self.count_items(args[0]),)
         return self.check_size(super().call(context, obj, *args, **kwargs))
@@ -154,6 +161,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "**" and _is_int(left) and _is_int(right) and right > 0:
             if (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
                 raise _RenderLimitError(f"an integer of over {MAX_INT_BITS} bits")
+        elif operator == "%" and isinstance(left, str):  # "%300000000s" % x pads before any check
+            _check_format(left)
+            _check_widths(right if isinstance(right, tuple) else (right,), {})
         elif operator == "*":
             for seq, times in ((left, right), (right, left)):  # checked before the copy is made
                 if isinstance(seq, _SEQUENCES) and _is_int(times) and len(seq) * times > MAX_RENDERED_CHARS:
@@ -166,9 +176,29 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         @functools.wraps(filter_)  # keeps jinja_pass_arg: how Jinja passes the context to a filter
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.tick()
+            _check_widths(args, kwargs)  # `|center(10**9)` pads before any check
             return self.check_size(filter_(*args, **kwargs))
 
         return counted
+
+
+def _check_widths(args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
+    """Refuse an integer argument past the size bound before a call or filter runs: ljust, rjust, center,
+    zfill, expandtabs, indent and the like build a string that long before its size can be checked."""
+    for value in (*args, *kwargs.values()):
+        if _is_int(value) and abs(value) > MAX_RENDERED_CHARS:
+            raise _RenderLimitError(f"an argument of {value} (over {MAX_RENDERED_CHARS}: a size bound)")
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def _check_format(fmt: str) -> None:
+    """Refuse a format string ('%Ns', '{:>N}') with a width or precision past the size bound (any number
+    in it past the bound: a literal that long in a prompt's format string is no loss)."""
+    for digits in _NUMBER.findall(fmt):
+        if len(digits) > 12 or int(digits) > MAX_RENDERED_CHARS:
+            raise _RenderLimitError(f"a format width of {digits} (over {MAX_RENDERED_CHARS}: a size bound)")
 
 
 def _template_line(err: BaseException) -> int | None:
