@@ -160,7 +160,8 @@ async def run(settings: OperatorSettings) -> int:
             settings=settings,
             metrics=metrics,
         )
-        tasks: list[asyncio.Task[None]] = []
+        writers: list[asyncio.Task[None]] = []
+        """The leader-only writers besides kopf's handlers."""
         if settings.autoscale_interval_seconds > 0:
             scaler = autoscaler(settings, kube=kube, http=http, metrics=metrics)
             scaling = asyncio.create_task(scaler.run_forever(), name="autoscaler")
@@ -174,7 +175,7 @@ async def run(settings: OperatorSettings) -> int:
                     stop.set()
 
             scaling.add_done_callback(scaling_ended)
-            tasks.append(scaling)
+            writers.append(scaling)
         if settings.rebalance_tick_seconds > 0:
             rebalancer = Rebalancer(
                 kube=kube,
@@ -183,15 +184,25 @@ async def run(settings: OperatorSettings) -> int:
                 interval_override_s=settings.rebalance_interval_seconds,
                 namespaces=settings.namespaces,
             )
-            tasks.append(asyncio.create_task(rebalancer.run_forever(), name="rebalancer"))
+            writers.append(asyncio.create_task(rebalancer.run_forever(), name="rebalancer"))
+        tasks = list(writers)
         if elector is not None:
-            tasks.append(asyncio.create_task(elector.hold(lost)))
+            holding = asyncio.create_task(elector.hold(lost), name="lease")
 
-            async def stop_when_lost() -> None:
-                await lost.wait()
+            def holding_ended(task: asyncio.Task[None]) -> None:
+                """hold() ends when the Lease is lost (or by a bug: then it is lost as well). A standby
+                may lead in a moment: the leader-only writers stop at once, then kopf is told to."""
+                if task.cancelled():
+                    return
+                if task.exception() is not None:
+                    log.error("renewing the lease stopped", exc_info=task.exception())
+                lost.set()
+                for writer in writers:
+                    writer.cancel()
                 stop.set()
 
-            tasks.append(asyncio.create_task(stop_when_lost()))
+            holding.add_done_callback(holding_ended)
+            tasks.append(holding)
         watching = asyncio.Event()
 
         async def mark_watching() -> None:
