@@ -7,7 +7,9 @@ owns `expert_range(n_experts=E, ep_rank=r, ep_size=N)` (the first E % N ranks ow
 not divide E), the same split vLLM uses. A placement (model/placement.py) gives each MoE layer its own
 list of slot experts instead (`slots`); an expert a rank holds in two slots is read once (the caller
 copies it into each slot). `load_expert_tensors` reads just some layers' routed experts: what a rank
-newly holds when the placement changes while it serves.
+newly holds when the placement changes while it serves; its caller may cancel it (`cancelled`, checked
+before each shard and between reads of at most READ_CHUNK bytes: `LoadCancelled`), so an abandoned load
+stops early instead of reading on.
 
 Fused experts (Llama 4): a MoE layer stores all its experts in two tensors, `...experts.gate_up_proj`
 [E, D, 2F] and `...experts.down_proj` [E, F, D]. Expert e's part of each is one contiguous span of the
@@ -69,6 +71,7 @@ __all__ = [
     "INDEX_FILE",
     "SAFETENSORS_DTYPES",
     "SINGLE_FILE",
+    "LoadCancelled",
     "LoadProgress",
     "LoadReport",
     "TensorInfo",
@@ -111,6 +114,16 @@ _ROUTED_EXPERT: Final = re.compile(r"\.experts\.(\d+)\.")
 _FUSED: Final = re.compile(r"^(.+\.experts)\.(gate_up_proj|down_proj)$")  # every expert of a layer
 _FUSED_PIECE: Final = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")  # one expert's part
 _LAYER_INDEX: Final = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
+
+
+class LoadCancelled(Exception):
+    """A load stopped because its caller's `cancelled()` became true (load_expert_tensors)."""
+
+
+def _stop_if(cancelled: Callable[[], bool] | None) -> None:
+    if cancelled is not None and cancelled():
+        raise LoadCancelled
+
 
 # Tensors a checkpoint may keep in float32 whatever its main dtype (DeepSeek-V3 ships its routing bias so).
 _FP32_ALLOWED: Final = ("e_score_correction_bias",)
@@ -466,16 +479,20 @@ def read_planned(
     *,
     into: Mapping[str, torch.Tensor] | None = None,
     progress: LoadProgress | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Read what `plan` lists (`into` and `progress` as `load_rank_weights` takes them): the tensors by
-    name, and the plan's report, filled in (so read a plan once)."""
+    name, and the plan's report, filled in (so read a plan once). LoadCancelled once `cancelled()`."""
     report = plan.report
     if progress is not None:
         progress.plan(plan.nbytes)
     tensors: dict[str, torch.Tensor] = {}
     for file_name, spans in plan.files.items():
+        _stop_if(cancelled)
         tensors.update(
-            _read_tensors(plan.root / file_name, list(spans.items()), into=into, progress=progress)
+            _read_tensors(
+                plan.root / file_name, list(spans.items()), into=into, progress=progress, cancelled=cancelled
+            )
         )
         for name, info in spans.items():
             report.bytes_read += info.nbytes
@@ -488,10 +505,16 @@ def read_planned(
 
 
 def load_expert_tensors(
-    model_dir: Path | str, *, cfg: ModelConfig, experts: Mapping[int, Iterable[int]]
+    model_dir: Path | str,
+    *,
+    cfg: ModelConfig,
+    experts: Mapping[int, Iterable[int]],
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Only routed experts: for each MoE layer index in `experts`, those expert ids (gate, up and down),
-    validated as `load_rank_weights` validates them; the index is read again (the checkpoint as it is now)."""
+    validated as `load_rank_weights` validates them; the index is read again (the checkpoint as it is now).
+    LoadCancelled once `cancelled()` is true: checked before the headers, before each shard's data and
+    between reads (a read blocked in the kernel, as on a stalled volume, is not interrupted)."""
     started = time.perf_counter()
     root = Path(model_dir)
     wanted = [
@@ -505,6 +528,7 @@ def load_expert_tensors(
     )
     if not wanted:
         return {}, report
+    _stop_if(cancelled)
     expected = checkpoint_shapes(cfg)
     for name in wanted:
         if _stored(name) not in expected:
@@ -515,8 +539,11 @@ def load_expert_tensors(
             raise WeightLoadError(
                 f"{root / INDEX_FILE}: tensor {_stored(name)!r} is missing from the checkpoint index"
             )
+    _stop_if(cancelled)
     files = _check_headers(root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, headers=headers)
-    return read_planned(WeightPlan(root=root, files=files, report=report, started=started))
+    return read_planned(
+        WeightPlan(root=root, files=files, report=report, started=started), cancelled=cancelled
+    )
 
 
 def _check_headers(
@@ -588,10 +615,11 @@ def _read_tensors(
     *,
     into: Mapping[str, torch.Tensor] | None = None,
     progress: LoadProgress | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read tensors from one shard, in file order: a tensor with a destination in `into` straight into
     it; each run of adjacent others into one buffer they are views of. Each readinto() counts in
-    `progress`."""
+    `progress`; LoadCancelled once `cancelled()`, checked before each readinto()."""
     into = into or {}
     runs: list[list[tuple[str, TensorInfo]]] = []  # a placed tensor is a run of its own
     placed = {name for name, info in wanted if _fits(into.get(name), info)}
@@ -615,7 +643,10 @@ def _read_tensors(
                 view = buffer.numpy().data  # a memoryview of the tensor's bytes
                 f.seek(begin)
                 got = 0
-                while got < len(view) and (n := f.readinto(view[got : got + READ_CHUNK])):
+                while got < len(view):
+                    _stop_if(cancelled)
+                    if not (n := f.readinto(view[got : got + READ_CHUNK])):
+                        break
                     got += n
                     if progress is not None:
                         progress.advance(n)

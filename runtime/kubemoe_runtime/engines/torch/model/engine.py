@@ -21,6 +21,7 @@ from kubemoe_runtime.engines.torch.load.weight_map import (
     to_engine_state_dict,
 )
 from kubemoe_runtime.engines.torch.load.weights import (
+    LoadCancelled,
     LoadProgress,
     LoadReport,
     load_expert_tensors,
@@ -165,9 +166,15 @@ class TorchEngine:
             layer: sorted(set(placement.rank_slots(i, rank)) - set(block.experts.experts))
             for i, (layer, block) in enumerate(moe)
         }
-        tensors, report = load_expert_tensors(
-            self.model_dir, cfg=self.cfg, experts={layer: ids for layer, ids in wanted.items() if ids}
-        )
+        try:  # cancelled between reads too: an abandoned generation stops reading early
+            tensors, report = load_expert_tensors(
+                self.model_dir,
+                cfg=self.cfg,
+                experts={layer: ids for layer, ids in wanted.items() if ids},
+                cancelled=cancelled,
+            )
+        except LoadCancelled as err:
+            raise PlacementCancelled from err
         staged = []
         for i, (layer, block) in enumerate(moe):
             if cancelled():

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn) in front of the torch engine's scheduler.
 
-    GET  /health                200 while the process and its engine thread live (500 once it failed)
-    GET  /ready                 200 once every rank of the group has loaded its weights, else 503; while
+    GET  /health                200 while the process and its engine thread live (500 once it failed, or
+                                once it has made no progress for `stall_after_s`: group.py's Heartbeat)
+    GET  /ready                 200 once every rank of the group has loaded its weights, else 503 (also
+                                once the engine failed or stalled, as requests then are); while
                                 loading the body is {"status": "loading", "bytes", "bytesTotal"}: what
                                 this pod's first rank has read of its weights (load/weights.py)
     GET  /metrics               Prometheus text from the server's own registry
@@ -104,12 +106,21 @@ class ServerState:
     failure: str | None = None
     created: int = 0
     load_progress: LoadProgress | None = None  # this pod's rank's load, for /ready until ready
+    # Once serving, the engine thread counts as stuck (/health 500) after this long without progress
+    # (pod.py: the group's serving timeout and a margin); None: never.
+    stall_after_s: float | None = None
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve: it failed, or its thread is stuck; None while it can."""
+        if self.failure is not None:
+            return self.failure
+        if self.scheduler is None or self.stall_after_s is None:
+            return None
+        return self.scheduler.leader.heartbeat.stalled(self.stall_after_s)
 
     def ready_scheduler(self) -> Scheduler:
-        if self.failure is not None:
-            raise ApiError(
-                503, f"the engine failed: {self.failure}", type="server_error", code="engine_failed"
-            )
+        if (problem := self.problem()) is not None:
+            raise ApiError(503, f"the engine failed: {problem}", type="server_error", code="engine_failed")
         if self.scheduler is None:
             raise ApiError(503, "the model is still loading", type="server_error", code="model_loading")
         return self.scheduler
@@ -220,13 +231,14 @@ class Api:
         self.signer = signer if signer is not None else KVSigner.from_env()
 
     async def health(self, _: Request) -> Response:
-        if self.state.failure is not None:
-            return PlainTextResponse(f"engine failed: {self.state.failure}", status_code=500)
+        if (problem := self.state.problem()) is not None:
+            return PlainTextResponse(f"engine failed: {problem}", status_code=500)
         return PlainTextResponse("ok")
 
     async def ready(self, _: Request) -> Response:
-        if self.state.scheduler is None or self.state.failure is not None:
-            return not_ready(self.state.load_progress, failure=self.state.failure)
+        problem = self.state.problem()
+        if self.state.scheduler is None or problem is not None:
+            return not_ready(self.state.load_progress, failure=problem)
         return PlainTextResponse("ready")
 
     async def metrics(self, _: Request) -> Response:

@@ -24,6 +24,13 @@ MoE, as vLLM's `--data-parallel-size N --enable-expert-parallel`):
     between steps    while idle, rank 0 broadcasts a `Keepalive` every few seconds, so followers blocked
                      in step 1 never reach the process group's timeout; `Shutdown` ends the followers
 
+Once serving, every collective has the group's serving timeout (pod.py: minutes, not the half hour weight
+loading gets), so a rank that stays connected but goes silent (stuck, partitioned, its node gone without a
+FIN) fails the others' next collective within it, as a rank that left does at once. Each rank's
+`Heartbeat` records when its engine thread last made progress (a message handled, a step or keepalive
+done, and, once `watch`ed, each decoder block's forward): the pod's /health fails when it has made none
+for longer than the serving timeout and a margin, whatever the thread is stuck in.
+
 Expert placement (placement_switch.py): a Step or Keepalive may carry a placement control; every rank
 acts on it before the step's forward (Begin: start loading; Switch: swap the staged slots in; Abort: drop
 them) and after it (Poll: one all_gather of each rank's loader state; Abort: one gather_object of the
@@ -42,6 +49,9 @@ inside the step broadcast.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +65,7 @@ from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
 from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
 from kubemoe_runtime.engines.torch.serve.placement_switch import (
+    LOAD_TIMEOUT_S,
     Abort,
     Control,
     PlacementSwitch,
@@ -62,6 +73,47 @@ from kubemoe_runtime.engines.torch.serve.placement_switch import (
     RankPlacement,
     Switch,
 )
+
+log = logging.getLogger("kubemoe_runtime.serve")
+
+
+class Heartbeat:
+    """When a rank's engine thread last made progress; any thread may ask (`stalled`)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = clock()
+        self._reported = False  # this stall was logged
+
+    def beat(self) -> None:
+        self._last = self._clock()
+        self._reported = False
+
+    def silent_s(self) -> float:
+        return self._clock() - self._last
+
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the engine thread counts as stuck (no progress for over `limit_s`), or None; logged once."""
+        silent = self.silent_s()
+        if silent <= limit_s:
+            return None
+        problem = (
+            f"the engine thread has made no progress for {silent:.0f} s (limit {limit_s:g} s): stuck in a "
+            "collective or a device call"
+        )
+        if not self._reported:
+            self._reported = True
+            log.error("kubemoe-runtime: %s", problem)
+        return problem
+
+    def watch(self, engine: TorchEngine) -> None:
+        """Beat after each decoder block's forward too, so that a step longer than the limit (a long
+        prefill: many layers) still beats once a layer. Once per engine (each call adds hooks)."""
+        for block in engine.model.blocks():
+            block.register_forward_hook(self._block_done)
+
+    def _block_done(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.beat()
 
 
 @dataclass(frozen=True)
@@ -111,6 +163,7 @@ class RankRunner:
         self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
         self.exports: dict[int, list[dict[str, torch.Tensor]]] = {}  # request id -> KV, for rank 0 to take
         self.placement = RankPlacement(engine)
+        self.heartbeat = Heartbeat()
 
     @torch.inference_mode()
     def run(self, rows: list[Row], *, released: list[int]) -> list[int]:
@@ -178,14 +231,18 @@ class RankRunner:
 class GroupLeader:
     """Rank 0's handle on the group: run a step on every rank and collect the sampled tokens."""
 
-    def __init__(self, runner: RankRunner, *, ep: ExpertParallel) -> None:
+    def __init__(
+        self, runner: RankRunner, *, ep: ExpertParallel, placement_timeout_s: float = LOAD_TIMEOUT_S
+    ) -> None:
         if ep.rank != 0:
             raise ValueError("only rank 0 leads a serving group")
         self.runner = runner
         self.ep = ep
         self._exports: dict[int, list[dict[str, torch.Tensor]]] = {}
-        self.switch = PlacementSwitch(runner.engine.placement)
+        self.switch = PlacementSwitch(runner.engine.placement, load_timeout_s=placement_timeout_s)
         self.steps = 0  # steps run so far: the next step's number
+        self.heartbeat = runner.heartbeat
+        self.heartbeat.beat()  # serving starts now (the load barrier may have taken long)
 
     @property
     def size(self) -> int:
@@ -193,6 +250,11 @@ class GroupLeader:
 
     def run(self, step: Step) -> list[list[int]]:
         """Sampled tokens per rank, in the order of `step.rows[rank]`."""
+        sampled = self._run(step)
+        self.heartbeat.beat()
+        return sampled
+
+    def _run(self, step: Step) -> list[list[int]]:
         step = Step(
             rows=step.rows, released=step.released, number=self.steps, placement=self.switch.next_control()
         )
@@ -247,6 +309,7 @@ class GroupLeader:
             _broadcast(Keepalive(placement=control))
         self.runner.placement.before_step(control)
         self._after(control, step=self.steps)  # idle: before the next step
+        self.heartbeat.beat()
 
     def shutdown(self) -> None:
         if self.size > 1:
@@ -256,6 +319,7 @@ class GroupLeader:
 def follow(runner: RankRunner, *, ep: ExpertParallel) -> None:
     """A non-leader rank's life: run whatever step rank 0 broadcasts, until it says Shutdown."""
     while True:
+        runner.heartbeat.beat()  # the last message handled (or following began)
         message = _receive()
         if isinstance(message, Shutdown):
             return

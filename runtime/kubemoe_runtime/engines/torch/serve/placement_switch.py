@@ -11,19 +11,35 @@
     Switch(g)    once every rank reported ready: every rank swaps its staged slots in before that step's
                  forward, so the whole group runs each step under one placement (the message's `number`
                  is the step at which it switched); rank 0 then shows generation g
-    Abort(g)     once any rank reported failed: every rank drops what it staged (cancelling a loader still
-                 running), the failed ranks' errors are gathered to rank 0, the old placement stays
-                 everywhere and GET /v1/experts/load shows the error
+    Abort(g)     once any rank reported failed, or once g is not ready on every rank LOAD_TIMEOUT_S after
+                 its Begin ("load timed out"): every rank drops what it staged (cancelling a loader still
+                 running), the ranks' errors are gathered to rank 0 (on a timeout, the ranks still loading
+                 say what they were doing), the old placement stays everywhere and GET /v1/experts/load
+                 shows the error
 
 A switch costs a step nothing but reference swaps (the loading and the copying happen on the loader
 threads); while a generation is loading the idle engine thread polls every POLL_S instead of
-KEEPALIVE_S. One generation loads at a time: another POST answers 409 until it is applied or aborted.
+KEEPALIVE_S. One generation loads at a time: another POST answers 409 until it is applied or aborted,
+which the deadline bounds, so a rank whose load blocks (a stalled network volume) holds placement changes
+for LOAD_TIMEOUT_S, not forever.
+
+On a rank one loader thread reads at a time. A cancelled loader stops at its next check (before each shard
+and between reads of at most 16 MiB, then before each layer), but one blocked inside a read cannot be
+stopped: a later generation's loader waits for it to end (it never reads beside it), and times out at the
+leader if it does not.
+
+LOAD_TIMEOUT_S (10 minutes; KUBEMOE_PLACEMENT_LOAD_TIMEOUT_S in the pod's environment overrides it): a
+rebalance reads the few experts each layer newly places on a rank, seconds at a volume's speed; ten
+minutes reads about 100 GB at 170 MB/s, more than a rank's whole share of routed experts in the models
+served here, so only a load that is stuck (or a volume slower than that) is aborted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubemoe_runtime.engines.torch.model.engine import PlacementCancelled, StagedPlacement, TorchEngine
@@ -32,8 +48,11 @@ from kubemoe_runtime.engines.torch.model.placement import Placement
 log = logging.getLogger("kubemoe_runtime.placement")
 
 POLL_S = 0.02  # how often an idle leader asks the ranks whether a loading placement is ready
+LOAD_TIMEOUT_S = 600.0  # a generation not ready on every rank this long after its Begin is aborted
+TURN_CHECK_S = 0.05  # how often a loader waiting for the previous one to end checks whether it was dropped
 
 LOADING, READY, FAILED = 0, 1, 2
+TIMED_OUT = 3  # the leader's outcome only: no rank reports it
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,7 @@ class Switch:
 @dataclass(frozen=True)
 class Abort:
     generation: int
+    timed_out: bool = False  # the deadline passed: ranks still loading say what they were doing
 
 
 Control = Begin | Poll | Switch | Abort
@@ -72,6 +92,18 @@ class _Job:
         self.done = threading.Event()
         self.staged: StagedPlacement | None = None
         self.error: str | None = None
+        self.started = time.monotonic()
+        self.waiting_for: _Job | None = None  # the loader still reading, whose end this one waits for
+
+    def doing(self) -> str:
+        """What a loader not done yet is doing, for a timed-out generation's error."""
+        waiting_for, elapsed = self.waiting_for, time.monotonic() - self.started
+        if waiting_for is not None:
+            return (
+                f"still waiting after {elapsed:.0f} s for generation {waiting_for.placement.generation}'s "
+                "loader to stop reading the checkpoint"
+            )
+        return f"still reading the checkpoint after {elapsed:.0f} s"
 
 
 class RankPlacement:
@@ -81,6 +113,8 @@ class RankPlacement:
         self.engine = engine
         self._job: _Job | None = None
         self.aborted_error = ""  # this rank's error in the generation last aborted ("" if it had none)
+        self._turn = threading.Lock()  # held by the one loader that reads (module docstring)
+        self._reader: _Job | None = None  # the loader holding it
 
     def before_step(self, control: Control | None) -> None:
         """Act on the control a message carries, before the step's forward (every rank, the same message)."""
@@ -102,7 +136,7 @@ class RankPlacement:
             self.engine.apply_placement(staged)
             self._job = None
         elif isinstance(control, Abort):
-            self.aborted_error = self.error()  # the leader gathers it after the step
+            self.aborted_error = self.error(timed_out=control.timed_out)  # the leader gathers it
             self._drop()
 
     def status(self, generation: int) -> int:
@@ -113,26 +147,48 @@ class RankPlacement:
             return LOADING
         return READY if job.staged is not None else FAILED
 
-    def error(self) -> str:
+    def error(self, *, timed_out: bool = False) -> str:
+        """This rank's error in the current generation; after a timeout, what a loader not done was doing."""
         job = self._job
-        return "" if job is None or job.error is None else job.error
+        if job is None:
+            return ""
+        if job.error is not None:
+            return job.error
+        return job.doing() if timed_out and not job.done.is_set() else ""
 
     def _drop(self) -> None:
-        """Forget the current job; a loader still running stops at its next layer."""
+        """Forget the current job; a loader still running stops at its next check (between reads)."""
         if self._job is not None:
             self._job.cancel.set()
         self._job = None
 
     def _load(self, job: _Job) -> None:
         try:
-            job.staged = self.engine.stage_placement(job.placement, cancelled=job.cancel.is_set)
+            self._wait_turn(job)
+            try:
+                job.staged = self.engine.stage_placement(job.placement, cancelled=job.cancel.is_set)
+            finally:
+                self._reader = None
+                self._turn.release()
         except PlacementCancelled:
             pass
         except Exception as err:  # reported to the leader, which aborts the generation on every rank
             job.error = f"{type(err).__name__}: {err}"
-            log.warning("placement generation %d failed to load: %s", job.placement.generation, job.error)
+            dropped = " (it was dropped already)" if job.cancel.is_set() else ""
+            log.warning(
+                "placement generation %d failed to load%s: %s", job.placement.generation, dropped, job.error
+            )
         finally:
             job.done.set()
+
+    def _wait_turn(self, job: _Job) -> None:
+        """Wait until no other loader reads on this rank (PlacementCancelled if `job` is dropped first)."""
+        while not self._turn.acquire(timeout=TURN_CHECK_S):
+            if job.cancel.is_set():
+                raise PlacementCancelled
+            job.waiting_for = self._reader
+        job.waiting_for = None
+        self._reader = job
 
 
 @dataclass(frozen=True)
@@ -152,27 +208,38 @@ class PlacementSwitch:
     `aborted`.
     """
 
-    def __init__(self, applied: Placement) -> None:
+    def __init__(
+        self,
+        applied: Placement,
+        *,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
         self._applied = applied
         self._pending: Placement | None = None
         self._begun = False
-        self._outcome: int | None = None  # READY or FAILED once the ranks have said so
+        self._begun_at = 0.0  # `clock()` when the pending generation's Begin was sent
+        self._outcome: int | None = None  # READY or FAILED once the ranks have said so; or TIMED_OUT
         self._error: str | None = None
+        self.load_timeout_s = load_timeout_s
+        self._clock = clock
 
     # --- any thread ---------------------------------------------------------------------------------
 
     def request(self, placement: Placement) -> str:
         """Start loading `placement`: "loading" (202), or "applied" (200) for the generation applied now;
-        PlacementConflict (409) while another generation loads, or for a generation number reused with
-        other slots."""
+        PlacementConflict (409) while another generation loads (at most `load_timeout_s` after it began),
+        or for a generation number reused with other slots."""
         with self._lock:
             pending = self._pending
             if pending is not None:
                 if pending.generation == placement.generation and pending.slots == placement.slots:
                     return "loading"  # the same request again
+                since = f" for {self._clock() - self._begun_at:.0f} s" if self._begun else ""
                 raise PlacementConflict(
-                    f"generation {pending.generation} is still loading; post again once GET /v1/experts/load "
+                    f"generation {pending.generation} is still loading{since} (it is aborted if not ready "
+                    f"{self.load_timeout_s:g} s after it began); post again once GET /v1/experts/load "
                     "shows it applied (or its error)"
                 )
             if placement.generation == self._applied.generation:
@@ -203,10 +270,12 @@ class PlacementSwitch:
             if pending is None:
                 return None
             if not self._begun:
-                self._begun = True
+                self._begun, self._begun_at = True, self._clock()
                 return Begin(pending)
-            if self._outcome == FAILED:
-                return Abort(pending.generation)
+            if self._outcome is None and self._clock() - self._begun_at > self.load_timeout_s:
+                self._outcome = TIMED_OUT
+            if self._outcome in (FAILED, TIMED_OUT):
+                return Abort(pending.generation, timed_out=self._outcome == TIMED_OUT)
             if self._outcome == READY:
                 return Switch(pending.generation)
             return Poll(pending.generation)
@@ -234,9 +303,13 @@ class PlacementSwitch:
         with self._lock:
             assert self._pending is not None
             failed = "; ".join(f"rank {rank}: {error}" for rank, error in enumerate(errors) if error)
+            if self._outcome == TIMED_OUT:
+                why = f"load timed out after {self.load_timeout_s:g} s ({failed or 'no rank said why'})"
+            else:
+                why = failed or "a rank failed to load it"
             self._error = (
                 f"generation {self._pending.generation} was not applied (generation "
-                f"{self._applied.generation} stays): {failed or 'a rank failed to load it'}"
+                f"{self._applied.generation} stays): {why}"
             )
             self._pending = None
             log.error("kubemoe-runtime: %s", self._error)

@@ -17,6 +17,22 @@ keepalive (KEEPALIVE_S) and fails.
                     follow rank 0's steps (others)
     child processes ranks S+1 .. S+L-1, following rank 0
 
+Timeouts. Joining the group, loading the weights and the barrier after the load run under GROUP_TIMEOUT
+(30 minutes: the slowest rank's load). Then each rank sets its process group's timeout to the serving
+timeout (SERVING_TIMEOUT_S, 120 s; KUBEMOE_COLLECTIVE_TIMEOUT_S overrides it), the limit of every serving
+collective: a rank that stays connected but goes silent (stuck in a device call, partitioned, its node
+gone without a FIN) fails the others' next collective within it, and a rank whose collective fails fails
+its pod as a lost rank does (/health 500, exit 1; the leader aborts its requests). A collective waits for
+the slowest rank to reach it: at most what one rank computes between two collectives (one decoder layer,
+with its attention over a step's longest prompt) or what rank 0 does between two messages (a keepalive
+every KEEPALIVE_S when idle). 120 s holds one layer of a prompt tens of thousands of tokens long on a small
+CPU budget, and fails a stuck group well inside the router's 600 s request timeout (a silent rank held
+rank 0 for the half hour before). The engine thread's heartbeat (group.py) fails /health (and /ready) when
+it has made no progress for the serving timeout and STALL_MARGIN_S more (KUBEMOE_ENGINE_STALL_S
+overrides the sum): a thread stuck where no collective times out (a device call, say) is restarted by
+the liveness probe. A placement that is still loading LOAD_TIMEOUT_S after it began is aborted
+(placement_switch.py; KUBEMOE_PLACEMENT_LOAD_TIMEOUT_S overrides it).
+
 Each rank allocates its KV cache up front, (--max-num-seqs + 1) x (--max-model-len + 1) positions
 (group.py), so before any rank starts the pod checks that the caches fit the memory it has. Without
 --max-model-len it serves the model's max_position_embeddings where their caches take at most
@@ -29,7 +45,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing as mp
+import os
 import signal
 import sys
 import threading
@@ -43,6 +61,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.load.weights import LoadProgress
@@ -62,8 +81,9 @@ from kubemoe_runtime.engines.torch.model.placement import (
 )
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
 from kubemoe_runtime.engines.torch.serve.generation_config import GenerationDefaults, generation_defaults
-from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner, follow
+from kubemoe_runtime.engines.torch.serve.group import GroupLeader, Heartbeat, RankRunner, follow
 from kubemoe_runtime.engines.torch.serve.kv_budget import available_memory, choose_max_model_len
+from kubemoe_runtime.engines.torch.serve.placement_switch import LOAD_TIMEOUT_S
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.threads import set_rank_threads
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
@@ -76,8 +96,45 @@ from kubemoe_runtime.pod.settings import ServeSettings
 
 log = logging.getLogger("kubemoe_runtime.serve")
 
-GROUP_TIMEOUT = timedelta(minutes=30)  # covers the slowest rank's weight loading
+GROUP_TIMEOUT = timedelta(minutes=30)  # joining and loading: covers the slowest rank's weight loading
+SERVING_TIMEOUT_S = 120.0  # every collective once serving (the module docstring says why)
+STALL_MARGIN_S = 30.0  # the heartbeat's limit: the serving timeout and this (a collective's own error first)
 KEEPALIVE_S = 2.0
+SERVING_TIMEOUT_ENV = "KUBEMOE_COLLECTIVE_TIMEOUT_S"
+STALL_ENV = "KUBEMOE_ENGINE_STALL_S"
+PLACEMENT_TIMEOUT_ENV = "KUBEMOE_PLACEMENT_LOAD_TIMEOUT_S"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The serving timeouts, in seconds (the module docstring): from the environment, or the defaults."""
+
+    collective_s: float = SERVING_TIMEOUT_S
+    stall_s: float = SERVING_TIMEOUT_S + STALL_MARGIN_S
+    placement_load_s: float = LOAD_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls) -> Timeouts:
+        """ValueError naming the variable for one that is not a positive number of seconds."""
+        collective = _seconds(SERVING_TIMEOUT_ENV, SERVING_TIMEOUT_S)
+        return cls(
+            collective_s=collective,
+            stall_s=_seconds(STALL_ENV, collective + STALL_MARGIN_S),
+            placement_load_s=_seconds(PLACEMENT_TIMEOUT_ENV, LOAD_TIMEOUT_S),
+        )
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
 
 
 @dataclass(frozen=True)
@@ -93,15 +150,17 @@ class RankJob:
     max_num_seqs: int
     placement: Placement | None = None  # the expert placement to start with (read by the API pod)
     local_ranks: int = 1  # ranks in this pod: they share its CPU budget (threads.py)
+    timeouts: Timeouts = Timeouts()
 
 
 def join_group(
     job: RankJob, *, rank: int, progress: LoadProgress | None = None
 ) -> tuple[ExpertParallel, RankRunner]:
     """Join the group, load this rank's weights (counted in `progress`: the pod's /ready shows it), and
-    wait until every rank has loaded. Every rank loads rank 0's placement (broadcast here): the pods of a
-    group may see different versions of the placement file (a ConfigMap reaches each node in its own
-    time), and a group must run one placement."""
+    wait until every rank has loaded (all under GROUP_TIMEOUT), then set the serving timeout for every
+    collective after. Every rank loads rank 0's placement (broadcast here): the pods of a group may see
+    different versions of the placement file (a ConfigMap reaches each node in its own time), and a group
+    must run one placement."""
     set_rank_threads(job.local_ranks)
     ep = init_expert_parallel(
         rank=rank, size=job.size, address=job.address, port=job.port, timeout=GROUP_TIMEOUT
@@ -115,8 +174,11 @@ def join_group(
         job.model, dtype=DTYPES[job.dtype], ep=ep, placement=placement, progress=progress
     )
     runner = RankRunner(engine, slots=job.max_num_seqs, max_len=job.max_model_len)
+    runner.heartbeat.watch(engine)  # a beat a decoder layer: a long step is progress too
     if ep.size > 1:
         torch.distributed.barrier()
+        # From here on a silent rank fails the group within the serving timeout, not GROUP_TIMEOUT.
+        _set_pg_timeout(timedelta(seconds=job.timeouts.collective_s))
     return ep, runner
 
 
@@ -161,6 +223,15 @@ class _Pod:
         self.ended_by_leader = False  # a headless pod: rank 0 sent Shutdown
         self.server: uvicorn.Server | None = None
         self.children: list[BaseProcess] = []
+        self.heartbeat: Heartbeat | None = None  # this process's rank's, once it follows (headless)
+
+    def problem(self) -> str | None:
+        """Why this pod cannot serve: a rank failed, or (headless) its engine thread is stuck."""
+        if self.failure is not None:
+            return self.failure
+        if self.heartbeat is None:
+            return None
+        return self.heartbeat.stalled(self.job.timeouts.stall_s)
 
     def fail(self, message: str) -> None:
         if self.failure is None:
@@ -215,6 +286,11 @@ def serve(settings: ServeSettings) -> int:
         return 2
     if note:
         log.warning("kubemoe-runtime: %s", note)
+    try:
+        timeouts = Timeouts.from_env()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     placement = None
     if not settings.headless:  # the API pod's placement is the group's (join_group)
         try:
@@ -232,18 +308,22 @@ def serve(settings: ServeSettings) -> int:
         max_num_seqs=settings.max_num_seqs,
         placement=placement,
         local_ranks=settings.data_parallel_size_local,
+        timeouts=timeouts,
     )
     pod = _Pod(settings, job)
     pod.start_children()
     drain = Drain()
     if settings.headless:
         app = health_app(
-            is_alive=lambda: pod.failure is None, is_ready=lambda: pod.ready, progress=pod.progress
+            is_alive=lambda: pod.problem() is None,
+            is_ready=lambda: pod.ready and pod.problem() is None,
+            progress=pod.progress,
         )
         engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
     else:
         state = _server_state(settings, cfg=cfg, max_model_len=max_model_len, generation=generation)
         state.load_progress = pod.progress
+        state.stall_after_s = timeouts.stall_s
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
         drain = Drain(pending=lambda: 0 if state.scheduler is None else len(state.scheduler.kv_store))
@@ -313,7 +393,7 @@ def _lead(pod: _Pod, state: ServerState) -> None:
             max_prefill_tokens=s.max_num_batched_tokens,
         )
         scheduler = Scheduler(
-            GroupLeader(runner, ep=ep),
+            GroupLeader(runner, ep=ep, placement_timeout_s=pod.job.timeouts.placement_load_s),
             tokenizer=state.tokenizer,
             limits=limits,
             eos_token_ids=state.eos_token_ids,
@@ -338,6 +418,8 @@ def _follow(pod: _Pod) -> None:
     ep = ExpertParallel()
     try:
         ep, runner = join_group(pod.job, rank=pod.settings.data_parallel_start_rank, progress=pod.progress)
+        runner.heartbeat.beat()  # following starts now (the load barrier may have taken long)
+        pod.heartbeat = runner.heartbeat
         pod.ready = True
         follow(runner, ep=ep)
         pod.ended_by_leader = True
