@@ -482,6 +482,13 @@ class Api:
         return outputs, request_id
 
 
+ENGINE_FAILED = "the engine failed while serving this request (the pod restarts); try again"
+
+
+class EngineFailed(RuntimeError):
+    """A stream's engine failed: the stream is cut rather than ended as if it had finished."""
+
+
 class _Stream:
     """One submitted request's outputs, aborted in the scheduler if the client goes away first."""
 
@@ -501,6 +508,8 @@ class _Stream:
             if last is None or last.finish_reason is None:
                 self.scheduler.abort(self.request_id)
         assert last is not None
+        if last.engine_failed:  # 503: the router tries another group
+            raise ApiError(503, ENGINE_FAILED, type="server_error", code="engine_failed")
         return "".join(parts), last
 
     async def events(
@@ -515,6 +524,8 @@ class _Stream:
             if first is not None:
                 yield first
             async for output in self.outputs:
+                if output.engine_failed:  # cut, without [DONE]: the router ends it with an error event
+                    raise EngineFailed(ENGINE_FAILED)
                 finished = output.finish_reason is not None
                 if output.text or finished:
                     yield chunk(output.text, output.finish_reason)

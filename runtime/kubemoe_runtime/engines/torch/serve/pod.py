@@ -406,7 +406,7 @@ def _lead(pod: _Pod, state: ServerState) -> None:
     except BaseException as err:  # recorded for /health and the exit code, then re-raised
         state.failure = f"{type(err).__name__}: {err}"
         if state.scheduler is not None:
-            state.scheduler.abort_all()
+            state.scheduler.abort_all(engine_failed=True)  # their clients get an error, not an empty answer
         pod.fail(state.failure)
         raise
     finally:

@@ -25,6 +25,7 @@ the vocabulary), so a bad hand-off fails its own request, never the engine threa
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -79,6 +80,8 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     kv_transfer_params: dict[str, Any] | None = None  # P/D prefill: what the decode needs to pull the KV
+    engine_failed: bool = False
+    """Finished ("abort") because the engine failed, not because anyone asked: the API answers an error."""
 
 
 Sink = Callable[[Output], None]
@@ -202,11 +205,12 @@ class Scheduler:
         self.abort_all()
         self.leader.shutdown()
 
-    def abort_all(self) -> None:
+    def abort_all(self, *, engine_failed: bool = False) -> None:
+        """Finish every request ("abort"); `engine_failed`: because the engine failed (pod.py)."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for seq in [*waiting, *self._running.values()]:
-            self._finish(seq, text="", reason="abort")
+            self._finish(seq, text="", reason="abort", engine_failed=engine_failed)
 
     def step(self) -> None:
         admitted = self._admit()
@@ -329,15 +333,24 @@ class Scheduler:
         else:
             seq.sink(self._output(seq, text=text, token=token, reason=None))
 
-    def _finish(self, seq: _Sequence, *, text: str, reason: FinishReason, token: int | None = None) -> None:
+    def _finish(
+        self,
+        seq: _Sequence,
+        *,
+        text: str,
+        reason: FinishReason,
+        token: int | None = None,
+        engine_failed: bool = False,
+    ) -> None:
         if self._running.pop(seq.id, None) is not None:
             self._free_slots[seq.rank].append(seq.slot)
             self._free_slots[seq.rank].sort()
             self._released[seq.rank].append(seq.id)
         if self.metrics is not None:
-            self.metrics.finished(reason)
+            self.metrics.finished("error" if engine_failed else reason)
             self.metrics.latency.observe(self.clock() - seq.arrival)
-        seq.sink(self._output(seq, text=text, token=token, reason=reason))
+        output = self._output(seq, text=text, token=token, reason=reason)
+        seq.sink(dataclasses.replace(output, engine_failed=True) if engine_failed else output)
 
     def _output(self, seq: _Sequence, *, text: str, token: int | None, reason: FinishReason | None) -> Output:
         return Output(
