@@ -249,7 +249,17 @@ def test_down_stops_a_detached_run(workdir: Path) -> None:
         stopped = down(run)
         assert stopped.returncode == 0, stopped.stderr
         assert live_members(pgids) == []
-        assert {p["state"] for p in run.status()["processes"]} == {"exited"}
+        # the run is gone with its processes: no state left for a later `down` to act on (a pid in it
+        # could belong to another process by then)
+        assert not (run.run_dir / "state.json").exists()
+        gone = subprocess.run(
+            [KUBEMOE, "status", "-o", "json", "--run-dir", str(run.run_dir)],
+            cwd=run.cwd,
+            capture_output=True,
+            text=True,
+        )
+        assert gone.returncode == 1
+        assert "no local run" in gone.stderr
     finally:
         down(run)
 
