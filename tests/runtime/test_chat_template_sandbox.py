@@ -24,6 +24,7 @@ from kubemoe_runtime.engines.torch.serve.chat_template import ChatTemplateError
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from tests.runtime.bounded_call import call_within
 
 MESSAGES = [
     {"role": "system", "content": "You route tokens."},
@@ -47,24 +48,8 @@ def with_template(template: str) -> TextTokenizer:
 
 
 def render_within(tok: TextTokenizer, messages: Sequence[Mapping[str, str]], seconds: float) -> str:
-    """apply_chat_template on a thread, given `seconds` to return or raise (a render that does neither
-    runs on; the test fails rather than hangs)."""
-    result: list[str | BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(tok.apply_chat_template(messages))
-        except BaseException as err:
-            result.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"the render still runs after {seconds} s"
-    [outcome] = result
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    """apply_chat_template, given `seconds` to return or raise (the test fails rather than hangs)."""
+    return call_within(lambda: tok.apply_chat_template(messages), seconds=seconds, what="the render")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from kubemoe_runtime.engines.torch.serve import tokenizer as tokenizer_module
 from kubemoe_runtime.engines.torch.serve.chat_template import ChatTemplateError
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer, TokenizerLoadError
+from tests.runtime.bounded_call import call_within
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -38,23 +38,8 @@ def checkpoint(root: Path, *, config: object = None, config_text: str | None = N
 
 
 def load_within(root: Path, seconds: float = 30) -> TextTokenizer:
-    """TextTokenizer.load on a thread, given `seconds` (opening a FIFO may wait for a writer forever)."""
-    result: list[TextTokenizer | BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(TextTokenizer.load(root))
-        except BaseException as err:
-            result.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"TextTokenizer.load still runs after {seconds} s"
-    [outcome] = result
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    """TextTokenizer.load, given `seconds` (opening a FIFO may wait for a writer forever)."""
+    return call_within(lambda: TextTokenizer.load(root), seconds=seconds, what="TextTokenizer.load")
 
 
 def test_a_checkpoint_loads_with_its_template_and_special_tokens(tmp_path: Path) -> None:
