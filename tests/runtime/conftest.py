@@ -14,6 +14,7 @@ from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+from tests.runtime.echo_backend import EchoBackend
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a small, busy machine
 # ...and in the ranks a test starts, in process or not (serve/threads.py keeps an explicit OMP_NUM_THREADS)
@@ -72,3 +73,13 @@ def tokenizer(qwen: Path) -> TextTokenizer:
 @pytest.fixture(scope="module")
 def engine(qwen: Path) -> TorchEngine:
     return TorchEngine.load(qwen, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[EchoBackend]:
+    """A stand-in backend that echoes what it was sent (echo_backend.py), one per test module."""
+    backend = EchoBackend()
+    try:
+        yield backend
+    finally:
+        backend.close()

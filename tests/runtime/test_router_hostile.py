@@ -26,15 +26,6 @@ MODEL = "m"
 DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # 200 KB
 
 
-@pytest.fixture(scope="module")
-def echo() -> Iterator[EchoBackend]:
-    backend = EchoBackend()
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
 @pytest.fixture(scope="module", params=["colocated", "pd"])
 def router(
     request: pytest.FixtureRequest, echo: EchoBackend, tmp_path_factory: pytest.TempPathFactory

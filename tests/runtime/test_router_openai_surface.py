@@ -315,15 +315,6 @@ def test_the_operators_and_the_pods_own_paths_are_not_forwarded(
 
 
 @pytest.fixture(scope="module")
-def echo() -> Iterator[EchoBackend]:
-    backend = EchoBackend()
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
-@pytest.fixture(scope="module")
 def echo_router(echo: EchoBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProcess]:
     router = RouterProcess(
         args=["--served-model-name", MODEL, "--worker-service", echo.address],

@@ -67,15 +67,6 @@ def running_front(url: str, *, exited: bool = False) -> Iterator[tuple[str, Vllm
 
 
 @pytest.fixture(scope="module")
-def echo() -> Iterator[EchoBackend]:
-    backend = EchoBackend()
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
-@pytest.fixture(scope="module")
 def front(echo: EchoBackend) -> Iterator[str]:
     with running_front(f"http://{echo.address}") as (address, _):
         yield address
