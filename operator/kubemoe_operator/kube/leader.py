@@ -127,12 +127,14 @@ class LeaderElector:
 
     async def acquire(self, *, reached: Callable[[bool], None] | None = None) -> None:
         """Wait until this process leads. After each attempt, `reached` is told whether it reached
-        the API server (a standby that can read the Lease is watching it)."""
+        the API server (a standby that can read the Lease is watching it). An attempt that fails in
+        any way (the API, a credential plugin, a bug) is retried: a standby that exits on one would
+        restart in a loop rather than wait its turn."""
         while True:
             try:
                 won = await self.try_acquire()
-            except (ApiError, httpx2.HTTPError) as err:
-                log.warning("lease %s: %s", self.config.name, err)
+            except Exception as err:
+                log.warning("lease %s/%s: %r", self.config.namespace, self.config.name, err)
                 won = None
             if reached is not None:
                 reached(won is not None)

@@ -189,6 +189,31 @@ async def test_a_renewal_failing_in_any_way_is_retried_not_the_end_of_holding(er
         holding.cancel()
 
 
+@pytest.mark.parametrize(
+    "error",
+    [ConfigError("Exec aws returned 1: throttled"), OSError("Too many open files"), RuntimeError("a bug")],
+    ids=["credential-plugin", "os-error", "bug"],
+)
+async def test_a_standby_retries_an_attempt_failing_in_any_way_and_says_it_did_not_reach(
+    error: Exception,
+) -> None:
+    """The fault is injected (a mock), as in the renewal test above. acquire() ended on anything but
+    ApiError and httpx2.HTTPError: the standby process exited and restarted instead of waiting."""
+    server = LeaseServer()
+    b, b_client = _elector(server, "b", duration_s=1)
+    reached: list[bool] = []
+
+    async def once() -> None:
+        b_client.fault = None
+        raise error
+
+    b_client.fault = once
+    await asyncio.wait_for(b.acquire(reached=reached.append), timeout=10)
+    assert reached == [False, True]  # the failed attempt, then the one that took the Lease
+    assert server.lease is not None
+    assert server.lease["spec"]["holderIdentity"] == "b"
+
+
 @pytest.mark.parametrize("fault", [_hang, _refused], ids=["hangs", "refused"])
 async def test_the_leader_gives_up_at_its_renew_deadline_before_a_standby_can_take_over(
     fault: Callable[[], Awaitable[None]],
