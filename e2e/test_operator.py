@@ -423,6 +423,40 @@ def test_delete_garbage_collects_every_child(
     )
 
 
+def test_pods_the_controller_cannot_create_are_degraded_with_its_words_until_fixed(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    """No pod exists to read when the API server refuses them (here: a PriorityClass that is not
+    there; a ResourceQuota or a PodSecurity level refuses the same way): the ReplicaSet controller's
+    FailedCreate Event is the only word on it, and Degraded quotes it. Once the class exists the
+    pods are created and the deployment becomes Ready."""
+    ns, name, klass = namespace, "refused", f"kubemoe-e2e-{uuid.uuid4().hex[:8]}"
+    manifest = yaml.safe_load(MIXTRAL.read_text())
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["scheduling"]["priorityClassName"] = klass
+    cluster.kubectl("apply", "-f", "-", stdin=model_volume(ns))
+    cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(manifest))
+    try:
+
+        def refused() -> dict[str, Any] | None:
+            degraded = condition(md(cluster, ns, name), "Degraded")
+            return degraded if degraded.get("reason") == "PodsNotCreated" else None
+
+        degraded = eventually(refused, timeout=90, what="Degraded=True reason PodsNotCreated")
+        assert degraded["status"] == "True"
+        assert f"ReplicaSet {name}-worker-" in degraded["message"]
+        assert f"no PriorityClass with name {klass} was found" in degraded["message"]
+        assert md(cluster, ns, name)["status"]["phase"] == "Degraded"
+        cluster.kubectl(
+            "create", "priorityclass", klass, "--value=1000", "--description=kubemoe e2e", timeout=60
+        )
+        wait_ready(cluster, ns, name, timeout=240)
+        assert condition(md(cluster, ns, name), "Degraded")["status"] == "False"
+    finally:
+        delete_and_wait_gone(cluster, ns, name)
+        cluster.kubectl("delete", "priorityclass", klass, "--ignore-not-found", check=False)
+
+
 MIXTRAL_CHILDREN = {
     "ConfigMap/mixtral-plan",
     "Service/mixtral",

@@ -47,7 +47,7 @@
   verbs: [create]
 - apiGroups: ['']
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create, patch, list]
 {{- end -}}
 {{- define "kubemoe.observeRules" -}}
 - apiGroups: ['']

@@ -22,7 +22,8 @@ Why each rule:
 - secrets (create only): the KV hand-off key of a disaggregated deployment (render/kv_key.py),
   made once; the operator never reads a Secret.
 - events: an Event per decision, created, then patched (count, lastTimestamp) when the same or
-  similar ones follow (kube/events.py, as client-go aggregates them).
+  similar ones follow (kube/events.py, as client-go aggregates them); listed by reason
+  (FailedCreate, SuccessfulCreate) to say why a workload's pods were never created.
 - leases (in the operator's namespace only): leader election.
 - namespaces, customresourcedefinitions (list/watch, cluster-wide even for one namespace): kopf's
   own observation of the namespaces and resources it serves.
@@ -62,7 +63,8 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     # list: observe; patch: deletion cost; get and watch: held so that sglang-router's Role may grant them
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    # list: the controllers' FailedCreate Events, why a workload's pods were never created
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
 ]
 
 OBSERVE_RULES: list[dict[str, Any]] = [

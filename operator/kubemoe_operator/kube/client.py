@@ -248,6 +248,24 @@ class Kube:
         if not call.tolerated:
             self._wrote("delete", kind, namespace, name)
 
+    async def pod_creation_events(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's FailedCreate Events and, when there are any, its SuccessfulCreate ones
+        (reconcile/observe.creation_failures reads them). Not worth failing a reconcile for: an error
+        (RBAC without `list events`, say) is logged and reads as none."""
+        out: list[dict[str, Any]] = []
+        for reason in ("FailedCreate", "SuccessfulCreate"):
+            try:
+                out += [
+                    _as_dict(e)
+                    async for e in self.client.list(CoreEvent, namespace=namespace, fields={"reason": reason})
+                ]
+            except httpx2.HTTPError as err:  # ApiError too
+                log.warning("could not list %s Events in %s: %s", reason, namespace, err)
+                return out
+            if not out:
+                return out
+        return out
+
     async def post_event(self, event: dict[str, Any]) -> None:
         """Post an Event, aggregated as client-go does (kube/events.py): the same one again within ten
         minutes, or the tenth of similar ones, PATCHes the count of the Event this process created

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from kubemoe_operator.api.labels import LABEL_ROLE
@@ -107,3 +109,55 @@ def pod_trouble(pods: Iterable[Mapping[str, Any]]) -> PodTrouble:
                 failing[role] += 1
                 reasons[f"{role} pod {meta.get('name')}: {waiting['reason']}"] = None
     return PodTrouble(pending=dict(pending), failing=dict(failing), reasons=tuple(reasons))
+
+
+CREATORS = frozenset({"ReplicaSet", "StatefulSet", "Job", "LeaderWorkerSet"})
+"""The controllers that create a workload's pods (a Deployment's ReplicaSet; a LeaderWorkerSet's
+StatefulSets, the leaders' and one per group), or the model cache's Job."""
+_CREATED_NAME = r"(?:-[0-9]+|-[bcdfghjklmnpqrstvwxz2456789]{5,10})?"
+"""After a workload's name: a group's StatefulSet (-INDEX) or a ReplicaSet's pod-template hash (in
+the alphabet Kubernetes encodes it with); nothing for the leaders' StatefulSet or a Job."""
+
+
+def _event_time(event: Mapping[str, Any]) -> datetime | None:
+    series = event.get("series") or {}
+    stamp = (
+        series.get("lastObservedTime")
+        or event.get("lastTimestamp")
+        or event.get("eventTime")
+        or (event.get("metadata") or {}).get("creationTimestamp")
+    )
+    try:
+        at = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else None
+
+
+def creation_failures(
+    events: Iterable[Mapping[str, Any]], *, workloads: Collection[str], since: datetime
+) -> tuple[str, ...]:
+    """Why pods of these workloads (names) could not be created, from the controllers' FailedCreate
+    Events since `since` (a quota, a PodSecurity or webhook refusal): pods that are never created
+    leave nothing in pod status to read. An object that has created a pod since its last failure
+    (a SuccessfulCreate Event as new or newer) is past it."""
+    pattern = re.compile(rf"(?:{'|'.join(re.escape(w) for w in workloads)}){_CREATED_NAME}")
+    last: dict[tuple[str, str], tuple[datetime, str, str]] = {}  # object -> (time, reason, message)
+    for event in events:
+        obj = event.get("involvedObject") or {}
+        kind, name = str(obj.get("kind") or ""), str(obj.get("name") or "")
+        if kind not in CREATORS or not workloads or not pattern.fullmatch(name):
+            continue
+        reason, at = str(event.get("reason") or ""), _event_time(event)
+        if reason not in ("FailedCreate", "SuccessfulCreate") or at is None or at < since:
+            continue
+        seen = last.get((kind, name))
+        if seen is None or (at, reason == "SuccessfulCreate") >= (seen[0], seen[1] == "SuccessfulCreate"):
+            last[(kind, name)] = (at, reason, " ".join(str(event.get("message") or "").split())[:400])
+    return tuple(
+        dict.fromkeys(
+            f"{kind} {name}: {message}"
+            for (kind, name), (_, reason, message) in sorted(last.items())
+            if reason == "FailedCreate"
+        )
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from kubemoe_operator.api.desired import desired_of, effective_spec, parse_status
@@ -29,7 +29,12 @@ from kubemoe_operator.reconcile.apply import SyncResult, sync_children
 from kubemoe_operator.reconcile.cluster_rules import NotForClusterError, check_for_cluster
 from kubemoe_operator.reconcile.loading import loading_progress
 from kubemoe_operator.reconcile.model_cache import cache_status, fill_job_of, held
-from kubemoe_operator.reconcile.observe import WorkloadState, pod_trouble, workload_state
+from kubemoe_operator.reconcile.observe import (
+    WorkloadState,
+    creation_failures,
+    pod_trouble,
+    workload_state,
+)
 from kubemoe_operator.reconcile.pod_http import PodReader
 from kubemoe_operator.reconcile.status import (
     REASON_APPLY_FAILED,
@@ -46,6 +51,10 @@ from kubemoe_operator.render.names import router_name, workload_name
 from kubemoe_operator.render.workloads import initial_replicas
 
 log = logging.getLogger("kubemoe.reconcile")
+
+NOT_CREATED_WINDOW = timedelta(minutes=15)
+"""How far back a controller's FailedCreate Event still explains missing pods (a controller retries
+with a backoff that grows to minutes, renewing the Event each time)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,14 +297,23 @@ async def reconcile(
         )
     unchanged = {k: v for k, v in observed.children.items() if k not in sync.restored}
     result.decisions.extend(_scaled(plan, unchanged, name, external))
+    roles = role_states(plan=plan, current=sync.current, owner=name, external=external)
+    not_created: tuple[str, ...] = ()
+    if not all(s.settled for s in roles.values()) or (cache is not None and cache.phase == "Filling"):
+        creators = [workload_name(name, r.role) for r in plan.roles] + [router_name(name)]
+        creators += [str(job["metadata"]["name"])] if job is not None else []
+        not_created = creation_failures(
+            await kube.pod_creation_events(namespace), workloads=creators, since=now - NOT_CREATED_WINDOW
+        )
     facts = Facts(
         generation=generation,
         layout=plan.layout,
         endpoint=endpoint(name=name, namespace=namespace),
         apply_error=apply_error,
         apply_reason=apply_reason,
-        roles=role_states(plan=plan, current=sync.current, owner=name, external=external),
+        roles=roles,
         trouble=pod_trouble(observed.pods),
+        not_created=not_created,
         cache=cache,
         loading=await loading_progress(observed.pods, context.read_pod) if context.read_pod else {},
     )

@@ -39,11 +39,17 @@ REASON_ROLLING = "RollingOut"
 REASON_STABLE = "Stable"
 REASON_DEGRADED = "GroupsUnavailable"
 REASON_FAILING = "PodsFailing"
+REASON_NOT_CREATED = "PodsNotCreated"
 REASON_AS_EXPECTED = "AsExpected"
 REASON_BLOCKED = "Blocked"
 REASON_CACHING = "ModelCaching"
 REASON_CACHE_FAILED = "ModelCacheFailed"
 
+NOT_CREATED_HINT = (
+    "pods could not be created (fix what the API server's words below name: often the namespace's "
+    "ResourceQuota, its PodSecurity level, a missing PriorityClass or an admission webhook; "
+    "`kubectl get events` has more): "
+)
 OWN_CONDITIONS = ("Ready", "Planned", "Progressing", "Degraded")
 """The condition types the reconciler owns, in the order status lists them."""
 
@@ -75,6 +81,8 @@ class Facts:
     """model.cache's fill: until Filled, the serving groups wait for it (reconcile/model_cache.py)."""
     loading: dict[str, Loading] = field(default_factory=dict)
     """Per role, the weights its loading pods have read (reconcile/loading.py)."""
+    not_created: tuple[str, ...] = ()
+    """Why the controllers could not create pods (reconcile/observe.creation_failures)."""
 
 
 def set_condition(
@@ -180,6 +188,8 @@ def compute_status(
             put("Progressing", "True", REASON_ROLLING, _role_summary(facts.roles))
         if trouble.failing:
             put("Degraded", "True", REASON_FAILING, "; ".join(trouble.reasons))
+        elif facts.not_created:
+            put("Degraded", "True", REASON_NOT_CREATED, NOT_CREATED_HINT + "; ".join(facts.not_created))
         elif lost:
             put("Degraded", "True", REASON_DEGRADED, "no ready group left for " + ", ".join(lost))
         else:

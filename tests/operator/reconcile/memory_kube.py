@@ -122,6 +122,16 @@ class MemoryKube(Kube):
                 seen.children[key_of(obj)] = copy.deepcopy(obj)
         return seen
 
+    async def pod_creation_events(self, namespace: str) -> list[dict[str, Any]]:
+        """The controllers' Events a test put (kind Event), by reason as Kube lists them."""
+        return [
+            copy.deepcopy(obj)
+            for (kind, ns, _), obj in self.objects.items()
+            if kind == "Event"
+            and ns == namespace
+            and obj.get("reason") in ("FailedCreate", "SuccessfulCreate")
+        ]
+
     async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None

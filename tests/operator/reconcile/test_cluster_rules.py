@@ -33,6 +33,9 @@ class RecordingKube(Kube):
     async def get_child(self, *, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         return None  # an empty namespace: no name is taken
 
+    async def pod_creation_events(self, namespace: str) -> list[dict[str, Any]]:
+        return []
+
     async def create_once(self, obj: dict[str, Any]) -> None:
         self.calls.append(f"create {obj['kind']}")
 
