@@ -25,7 +25,7 @@ from bigmoe import checkpoint, layout_from_env
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import load_rank_weights, read_weight_map
+from kubemoe_runtime.engines.torch.load.rank_weights import load_rank_weights, read_weight_map
 
 REPEATS: Final = 5
 CHUNK: Final = 16 << 20

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
+from kubemoe_runtime.router.app import build_router_app
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.main import RouterSettings, build
-from kubemoe_runtime.router.proxy import build_router_app
 
 
 def secret_volume(root: Path, keys: str, *, version: int) -> None:

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from kubemoe_operator.plan.experts import default_slots
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.load.checkpoint_files import WeightLoadError
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import WeightLoadError, load_rank_weights
+from kubemoe_runtime.engines.torch.load.rank_weights import load_rank_weights
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts, SlotRoute
 from kubemoe_runtime.engines.torch.model.placement import (
     Placement,

@@ -17,15 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kubemoe_runtime.engines.torch.load.checkpoint_files import INDEX_FILE, WeightLoadError
+from kubemoe_runtime.engines.torch.load.checkpoint_tensors import checkpoint_shapes
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import (
-    INDEX_FILE,
-    WeightLoadError,
-    checkpoint_shapes,
-    expert_range,
-    load_rank_weights,
-    read_weight_map,
-)
+from kubemoe_runtime.engines.torch.load.rank_weights import expert_range, load_rank_weights, read_weight_map
 
 F32_2x3 = {"dtype": "F32", "shape": [2, 3]}  # 24 bytes
 
@@ -442,7 +437,7 @@ def test_a_config_that_disagrees_with_its_checkpoint_fails_before_any_stack_is_a
 _LOAD_UNDER_AN_ADDRESS_LIMIT = """
 import json, resource, sys, torch
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.load.weights import WeightLoadError
+from kubemoe_runtime.engines.torch.load.checkpoint_files import WeightLoadError
 
 torch.set_num_threads(1)
 def vm_kb():
@@ -493,7 +488,7 @@ def test_the_plan_checks_every_header_once_and_reads_nothing(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from kubemoe_runtime.engines.torch.load import weights
+    from kubemoe_runtime.engines.torch.load import rank_weights as weights
     from kubemoe_runtime.engines.torch.load.checkpoint_files import TensorInfo, read_header
 
     single = tmp_path / "single-file"

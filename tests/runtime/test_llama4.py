@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.load.checkpoint_files import WeightLoadError
+from kubemoe_runtime.engines.torch.load.checkpoint_tensors import fused_source
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weight_map import routed_expert_weights
-from kubemoe_runtime.engines.torch.load.weights import (
-    WeightLoadError,
-    fused_source,
+from kubemoe_runtime.engines.torch.load.rank_weights import (
     load_expert_tensors,
     load_rank_weights,
     routed_expert_id,
 )
+from kubemoe_runtime.engines.torch.load.weight_map import routed_expert_weights
 from kubemoe_runtime.engines.torch.model.layers import rope_inv_freq
 from kubemoe_runtime.engines.torch.model.moe import MoE
 from kubemoe_runtime.tools.checkpoints import SPECIAL_TOKENS, tiny_config

@@ -11,9 +11,10 @@ from typing import cast
 import pytest
 from starlette.testclient import TestClient
 
-from kubemoe_runtime.engines.torch.load import weights
+from kubemoe_runtime.engines.torch.load import tensor_reads as weights
+from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import LoadProgress, load_rank_weights
+from kubemoe_runtime.engines.torch.load.rank_weights import load_rank_weights
 from kubemoe_runtime.engines.torch.model.parallel import shutdown_expert_parallel
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
 from kubemoe_runtime.engines.torch.serve.pod import RankJob, join_group

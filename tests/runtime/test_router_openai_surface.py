@@ -27,8 +27,8 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
+from kubemoe_runtime.router.app import build_router_app
 from kubemoe_runtime.router.main import RouterSettings, build
-from kubemoe_runtime.router.proxy import build_router_app
 from tests.runtime.echo_backend import EchoBackend
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server, http_get

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from kubemoe_runtime.engines.torch.load.checkpoint_files import WeightLoadError
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import (
-    WeightLoadError,
-    expert_range,
-    load_rank_weights,
-    routed_expert_id,
-)
+from kubemoe_runtime.engines.torch.load.rank_weights import expert_range, load_rank_weights, routed_expert_id
 
 
 def test_expert_range_is_contiguous_and_covers_every_expert() -> None:
@@ -146,7 +142,8 @@ def test_tensor_missing_from_index_names_tensor(broken: Path) -> None:
 
 def test_shard_gone_between_header_check_and_read_names_file_and_tensor(tmp_path: Path) -> None:
     # The headers pass first; a shard removed before its data is read must still fail by name.
-    from kubemoe_runtime.engines.torch.load.weights import TensorInfo, _read_tensors
+    from kubemoe_runtime.engines.torch.load.checkpoint_files import TensorInfo
+    from kubemoe_runtime.engines.torch.load.tensor_reads import read_tensors as _read_tensors
 
     gone = tmp_path / "model-00001-of-00002.safetensors"
     with pytest.raises(WeightLoadError, match=r"model-00001-of-00002\.safetensors.*'a\.weight'"):
@@ -158,8 +155,8 @@ def test_experts_are_read_straight_into_the_engine_stacks(checkpoints: dict[str,
     """`into`: the loader fills the stacked expert parameters itself, and stacking then copies nothing."""
     import torch
 
+    from kubemoe_runtime.engines.torch.load.checkpoint_tensors import checkpoint_shapes
     from kubemoe_runtime.engines.torch.load.weight_map import expert_stacks, to_engine_state_dict
-    from kubemoe_runtime.engines.torch.load.weights import checkpoint_shapes
 
     ckpt = checkpoints[arch]
     cfg = ModelConfig.load(ckpt)

@@ -14,6 +14,12 @@ every prefill and decode pod; at least MIN_KEY_BYTES bytes, e.g. `openssl rand -
 The signature (`kubemoe_signature`, hex) covers the canonical JSON of all the other keys, so no field can
 be changed, added or dropped. A replay gains nothing: a handle is read once, and the pulled KV must match
 the request's prompt (handoff.prompt_digest).
+
+Releasing a handle's KV early (`DELETE /v1/kv/{handle}` from the router to the prefill that holds it, when
+no decode will fetch it: engines/torch/serve/kv/release.py) is signed too, so that no one else can drop
+other requests' KV: the header KV_RELEASE_HEADER carries the HMAC-SHA256 of the handle under the same key
+(`sign_release`), in a domain of its own, so it is never valid as kv_transfer_params' signature nor they
+as it. A replay can only drop the handle the router already dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -31,7 +38,12 @@ asked for, so that a prefill refuses up front what the decode would refuse for i
 KV_KEY_ENV: Final = "KUBEMOE_KV_KEY"
 SIGNATURE_FIELD: Final = "kubemoe_signature"
 MIN_KEY_BYTES: Final = 16
+KV_RELEASE_HEADER: Final = "x-kubemoe-kv-signature"
+"""On `DELETE /v1/kv/{handle}`: `KVSigner.sign_release(handle)`."""
+KV_HANDLE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""What a handle may be (a torch prefill hands out secrets.token_urlsafe(16)): safe in a URL path."""
 _DOMAIN: Final = b"kubemoe-kv-transfer-params-v1\n"
+_RELEASE_DOMAIN: Final = b"kubemoe-kv-release-v1\n"
 
 
 class KVAuthError(ValueError):
@@ -74,6 +86,22 @@ class KVSigner:
         if not hmac.compare_digest(signature.encode("ascii"), expected.encode("ascii")):
             raise KVAuthError("the signature does not match (not signed with this deployment's key)")
         return unsigned
+
+    def sign_release(self, handle: str) -> str:
+        """The KV_RELEASE_HEADER value that lets `DELETE /v1/kv/{handle}` drop the handle's KV; ValueError
+        for a handle not of KV_HANDLE."""
+        if not KV_HANDLE.fullmatch(handle):
+            raise ValueError(f"{handle[:80]!r} is not a KV handle")
+        return hmac.new(self._key, _RELEASE_DOMAIN + handle.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def verify_release(self, handle: str, signature: str | None) -> None:
+        """KVAuthError unless `signature` is this key's `sign_release(handle)`."""
+        if signature is None:
+            raise KVAuthError(f"not signed by the router (no {KV_RELEASE_HEADER} header)")
+        if not KV_HANDLE.fullmatch(handle) or not signature.isascii():
+            raise KVAuthError("the signature does not match (not signed with this deployment's key)")
+        if not hmac.compare_digest(signature.encode("ascii"), self.sign_release(handle).encode("ascii")):
+            raise KVAuthError("the signature does not match (not signed with this deployment's key)")
 
     def _digest(self, unsigned: Mapping[str, Any]) -> str:
         canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), allow_nan=False)

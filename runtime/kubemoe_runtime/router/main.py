@@ -31,11 +31,12 @@ from kubemoe_runtime.pod.drain import (
 )
 from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVSigner
+from kubemoe_runtime.router.app import build_router_app
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backends, split_hostport
 from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.policies import POLICIES, make_policy
-from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, build_router_app, roles_for
+from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, roles_for
 from kubemoe_runtime.router.upstream import READ_TIMEOUT_S
 
 

@@ -6,8 +6,9 @@ index; model/placement.py), and for slot j holding expert e the checkpoint's
 `...experts.{e}.{gate_proj|w1}.weight` and `{up_proj|w3}` become entry j of `w_gate_up_E2FD` (gate rows,
 then up rows), and `{down_proj|w2}` entry j of `w_down_EDF`. An expert in two slots is copied into both.
 Grouped-query attention's `q_proj`, `k_proj` and `v_proj` become one `qkv_proj` (their rows in that order).
-Fused experts (Llama 4) come as each expert's pieces (weights.py): `...experts.{e}.gate_up_proj` [D, 2F]
-(gate columns, then up) and `...experts.{e}.down_proj` [F, D], transposed into the same stacks.
+Fused experts (Llama 4) come as each expert's pieces (checkpoint_tensors.py):
+`...experts.{e}.gate_up_proj` [D, 2F] (gate columns, then up) and `...experts.{e}.down_proj` [F, D],
+transposed into the same stacks.
 
 `expert_stacks` makes the stacked parameters before loading, with each expert tensor's place in them, so
 the loader reads experts straight into place (`read_planned(into=...)`) and stacking copies nothing. Its
@@ -24,8 +25,8 @@ from typing import Final
 
 import torch
 
+from kubemoe_runtime.engines.torch.load.checkpoint_tensors import routed_expert_names
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import routed_expert_names
 
 _LAYER: Final = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT: Final = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")

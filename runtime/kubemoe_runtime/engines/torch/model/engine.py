@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
+from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
+from kubemoe_runtime.engines.torch.load.rank_weights import (
+    load_expert_tensors,
+    plan_rank_weights,
+    read_planned,
+)
+from kubemoe_runtime.engines.torch.load.tensor_reads import LoadCancelled
 from kubemoe_runtime.engines.torch.load.weight_map import (
     expert_stacks,
     routed_expert_weights,
     to_engine_state_dict,
 )
-from kubemoe_runtime.engines.torch.load.weights import (
-    LoadCancelled,
-    LoadProgress,
-    LoadReport,
-    load_expert_tensors,
-    plan_rank_weights,
-    read_planned,
-)
+from kubemoe_runtime.engines.torch.load.weight_plan import LoadReport
 from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory, release_freed_memory
 from kubemoe_runtime.engines.torch.model.decoder import Transformer
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
@@ -115,7 +115,7 @@ class TorchEngine:
     ) -> TorchEngine:
         """Load this rank's weights: its slots of `placement` (default: its contiguous block of experts);
         with `pack`, bf16 weights on a CPU that supports it are packed for its matmuls (packing.py).
-        `progress` counts the bytes read (load/weights.py). Sets this process's malloc to keep freed
+        `progress` counts the bytes read (load/load_progress.py). Sets this process's malloc to keep freed
         memory for the next forward (allocator.py)."""
         keep_freed_memory()
         ep = ep or ExpertParallel()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kubemoe_runtime.engines.torch.load.weights import expert_range
+from kubemoe_runtime.engines.torch.load.rank_weights import expert_range
 from kubemoe_runtime.engines.torch.model.placement import Placement
 
 WINDOW_S = 300.0  # five minutes of traffic

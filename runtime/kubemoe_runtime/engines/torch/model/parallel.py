@@ -32,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kubemoe_runtime.engines.torch.load.weights import expert_range
+from kubemoe_runtime.engines.torch.load.rank_weights import expert_range
 
 
 @dataclass(frozen=True)

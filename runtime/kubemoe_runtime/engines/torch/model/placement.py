@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubemoe_runtime.engines.torch.load.weights import expert_range
+from kubemoe_runtime.engines.torch.load.rank_weights import expert_range
 
 MAX_GENERATION = 2**63 - 1  # the operator keeps it in an int64
 

@@ -5,12 +5,13 @@
     GET  /ready                 200 once every rank of the group has loaded its weights, else 503 (also
                                 once the engine failed or stalled, as requests then are); while
                                 loading the body is {"status": "loading", "bytes", "bytesTotal"}: what
-                                this pod's first rank has read of its weights (load/weights.py)
+                                this pod's first rank has read of its weights (load/load_progress.py)
     GET  /metrics               Prometheus text from the server's own registry
     GET  /v1/models             the served model names
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
     POST /v1/chat/completions   messages through the checkpoint's chat template; streaming or not
     GET  /v1/kv/{handle}        P/D: a prefilled prompt's KV (safetensors bytes), read once (kv/handoff.py)
+    DELETE /v1/kv/{handle}      P/D: the router drops a KV no decode will fetch (signed; kv/release.py)
     GET  /v1/experts/load       tokens routed to each expert per MoE layer over a sliding window, each
                                 layer's rank imbalance and slots, the placement's generation (model/
                                 expert_load.py, docs/expert-load.md)
@@ -50,11 +51,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from kubemoe_runtime.engines.torch.load.weights import LoadProgress
+from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.model.placement import PlacementError, parse_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.serve.chat_template import ChatTemplateError
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
+from kubemoe_runtime.engines.torch.serve.kv.release import release_endpoint
 from kubemoe_runtime.engines.torch.serve.placement_switch import PlacementConflict
 from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
@@ -155,6 +157,11 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/kv/{handle}", api.kv, methods=["GET"]),
+        Route(
+            "/v1/kv/{handle}",
+            release_endpoint(lambda: state.ready_scheduler().kv_store, api.signer),
+            methods=["DELETE"],
+        ),
         Route("/v1/experts/load", api.experts_load, methods=["GET"]),
         Route("/v1/experts/placement", api.experts_placement, methods=["POST"]),
     ]

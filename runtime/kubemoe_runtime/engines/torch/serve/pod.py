@@ -63,8 +63,8 @@ import torch
 import uvicorn
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
+from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
-from kubemoe_runtime.engines.torch.load.weights import LoadProgress
 from kubemoe_runtime.engines.torch.model.allocator import keep_freed_memory
 from kubemoe_runtime.engines.torch.model.engine import DTYPES, TorchEngine
 from kubemoe_runtime.engines.torch.model.parallel import (

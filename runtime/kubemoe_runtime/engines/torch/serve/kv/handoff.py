@@ -15,6 +15,9 @@ a decode pulls it and continues without recomputing the prompt.
                          move; kubemoe_kv_pulled_tokens_total does). A failed pull falls back to a local
                          prefill (and counts kubemoe_kv_pull_failures_total), as does a KV that does
                          not fit the model (serve/kv/layout.py).
+    router  -> prefill   only when no decode will fetch H (the decode refused the request, none could be
+                         reached, the client left first): DELETE /v1/kv/H, signed, drops it at once
+                         (serve/kv/release.py; the router's side: router/kv_release.py)
 
 Wire format: one safetensors file, tensors "L.NAME" (layer L, cache field NAME: "k", "v", or MLA's
 "latent", "k_rope"), each [n, ...]; metadata first_token, prompt_tokens and prompt_sha256.
@@ -215,7 +218,8 @@ class KVStore:
     """Prefilled KV waiting for its decode: read once, or dropped after `ttl_s`; at most `max_entries`,
     and at most `max_bytes` of tensors (None: no bound), the oldest dropped first. Each entry is a copy
     of a prompt's KV held in the API pod's memory, so the bytes bound is what keeps prefills whose
-    decode never comes (it refused the request, the client left) from filling it."""
+    decode never comes from filling it: the router releases those it knows of at once (kv/release.py),
+    but not one whose router died or could not reach this pod."""
 
     def __init__(
         self,

@@ -43,6 +43,7 @@ from typing import Any
 
 from kubemoe_runtime.engines.torch.serve.kv.handoff import ENGINE_ID, PrefilledKV
 from kubemoe_runtime.pod.http_client import IdlePool, SocketConnection, Stale, request_head, send_pooled
+from kubemoe_runtime.pod.kv_auth import KV_HANDLE
 
 log = logging.getLogger("kubemoe_runtime.kv")
 PULL_TIMEOUT_S = 30.0  # the whole GET: connect, the request, the answer to its last byte
@@ -50,7 +51,7 @@ MAX_IDLE = 8  # idle connections kept per prefill (pod/http_client.py's IdlePool
 MAX_KV_BYTES = 1 << 36  # refused before allocating whatever the caller's cap (64 GiB)
 
 Address = tuple[str, int]
-HANDLE_CHARS = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what KVStore hands out: secrets.token_urlsafe
+HANDLE_CHARS = KV_HANDLE  # what KVStore hands out: secrets.token_urlsafe
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 
