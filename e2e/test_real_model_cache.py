@@ -4,7 +4,8 @@ model from the claim and answer through the router.
 
 The hub is tests/runtime/fake_hub.py, the one stand-in here: huggingface.co cannot be reached from this
 machine, so a local server answers the Hub's HTTP calls (those huggingface_hub makes) from the tiny
-checkpoint, slowly enough (a pause per 32 KiB) that the fill takes some seconds. Pods reach it at the
+checkpoint, holding the largest file after its first 32 KiB until the test has seen the fill's progress
+in status (a fill of 1 MB would otherwise be over between two reads of it). Pods reach it at the
 real node's bridge address; everything else is real: the operator, the Job controller, the kubelet,
 containerd, the runtime image built from runtime/Dockerfile.cpu, and the OpenAI client."""
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,12 +44,13 @@ def cache_ns(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, Path, FakeHub]]:
     """A real-node namespace with an empty claim `model-cache` (a hostPath folder the image's user may
-    write), the hub serving the tiny checkpoint, and the operator watching the namespace."""
+    write), the hub serving the tiny checkpoint (paused mid-file until hub.resume is set), and the
+    operator watching the namespace."""
     checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("hub-models"))
     cache = tmp_path_factory.mktemp("model-cache")
     os.chmod(cache, 0o777)  # the fill runs as the image's user (uid 65532)
     log = tmp_path_factory.mktemp("cache-operator") / "operator.log"
-    hub = FakeHub({REPO_ID: Repo.of_folder(checkpoint)}, delay_s=0.05, host="0.0.0.0")
+    hub = FakeHub({REPO_ID: Repo.of_folder(checkpoint)}, resume=threading.Event(), host="0.0.0.0")
     with hub.running(), pinned_to_real_nodes(cluster, prefix="cache") as ns:
         volume = model_volume(
             ns, host_path=str(cache), size="1Gi", claim="model-cache", access="ReadWriteMany"
@@ -85,23 +88,36 @@ def test_a_job_fills_the_cache_then_the_groups_serve_from_it(
 
     seen: list[dict[str, Any]] = []  # status.cache as it went, and whether a worker pod existed then
 
-    def filled() -> bool:
+    def cache_status() -> dict[str, Any]:
         status = get_md(cluster, ns, NAME).get("status") or {}
         workers = json.loads(
             cluster.kubectl("get", "pods", "-n", ns, "-l", "kubemoe.io/role=worker", "-o", "json").stdout
         )["items"]
         if status.get("cache"):
             seen.append({**status["cache"], "workers": len(workers)})
-        return bool(status.get("cache", {}).get("phase") == "Filled")
+        return dict(status.get("cache") or {})
+
+    def counting() -> bool:
+        cache = cache_status()
+        return cache.get("phase") == "Filling" and bool(cache.get("bytesTotal"))
 
     t0 = time.monotonic()
-    eventually(filled, timeout=600, what="the model cache filled", interval=0.5)
+    eventually(
+        counting, timeout=300, what="the fill pod's progress (bytesTotal) in status.cache", interval=0.5
+    )
+    assert hub.resume is not None
+    hub.resume.set()  # the hub held the largest file mid-way until now
+    eventually(
+        lambda: cache_status().get("phase") == "Filled",
+        timeout=300,
+        what="the model cache filled",
+        interval=0.5,
+    )
     fill_s = time.monotonic() - t0
     filling = [s for s in seen if s["phase"] == "Filling"]
-    assert filling, seen
     assert all(s["workers"] == 0 for s in filling)  # nothing served before the fill succeeded
     counted = [s for s in filling if s.get("bytesTotal")]
-    assert counted, f"the fill pod's progress never reached status: {filling}"
+    assert counted, filling
     assert all(0 <= s["bytes"] <= s["bytesTotal"] for s in counted)
     print(f"fill: {fill_s:.1f}s; progress seen: {[(s['bytes'], s['bytesTotal']) for s in counted]}")
 

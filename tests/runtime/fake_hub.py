@@ -39,12 +39,21 @@ class Repo:
 
 class FakeHub:
     """`repos` by id (ORG/NAME); `delay_s`: a pause before each CHUNK of a file larger than one chunk;
-    `host`: the address to listen on (0.0.0.0 for pods on the real node, which reach it at the node's
-    address)."""
+    `resume`: while this event is not set, a file larger than one chunk stops after its first chunk (a
+    test that must see a fill mid-way sets it once it has); `host`: the address to listen on (0.0.0.0
+    for pods on the real node, which reach it at the node's address)."""
 
-    def __init__(self, repos: dict[str, Repo], *, delay_s: float = 0.0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        repos: dict[str, Repo],
+        *,
+        delay_s: float = 0.0,
+        resume: threading.Event | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.repos = repos
         self.delay_s = delay_s
+        self.resume = resume
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer((host, 0), _Handler)
@@ -172,10 +181,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        slow = self.hub.delay_s > 0 and len(data) > CHUNK
+        large = len(data) > CHUNK
         for at in range(start, len(data), CHUNK):
-            if slow:
+            if large and self.hub.delay_s > 0:
                 time.sleep(self.hub.delay_s)
+            if large and at > start and self.hub.resume is not None:
+                self.hub.resume.wait(timeout=600)  # bounded: a test that never resumes still ends
             self.wfile.write(data[at : at + CHUNK])
 
     def _json(self, doc: Any) -> None:
