@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 import torch
-import uvicorn
 from starlette.testclient import TestClient
 
 from kubemoe_runtime.engines.torch import TorchEngine
@@ -39,10 +38,9 @@ from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
 from kubemoe_runtime.engines.torch.serve.kv.handoff import KVStore, PrefilledKV, prompt_digest
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
-from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KV_RELEASE_HEADER, SIGNATURE_FIELD, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
-from kubemoe_runtime.pod.ports import free_port
+from tests.runtime.app_thread import serving
 from tests.runtime.fake_backend import raw_post
 from tests.runtime.routing import RouterProcess
 
@@ -93,19 +91,10 @@ def prefill(qwen: Path, tokenizer: TextTokenizer, engine: TorchEngine) -> Iterat
     stop = threading.Event()
     engine_thread = threading.Thread(target=scheduler.run, args=(stop,), kwargs={"keepalive_s": 0.5})
     engine_thread.start()
-    port = free_port()
-    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, lifespan="off"))
-    server_thread = threading.Thread(target=server.run, daemon=True)
-    server_thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "the prefill did not start"
-            time.sleep(0.05)
-        yield Prefill(url=f"http://127.0.0.1:{port}", port=port, state=state)
+        with serving(app, lifespan="off", what="the prefill") as port:
+            yield Prefill(url=f"http://127.0.0.1:{port}", port=port, state=state)
     finally:
-        server.should_exit = True
-        server_thread.join(timeout=10)
         stop.set()
         engine_thread.join(timeout=10)
 

@@ -11,22 +11,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 
 from kubemoe_runtime.engines.vllm.front import KV_HOLD_S, VllmUpstream, front_app
 from kubemoe_runtime.pod.drain import Drain
-from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
-from kubemoe_runtime.pod.ports import free_port
+from tests.runtime.app_thread import serving
 from tests.runtime.fake_backend import FakeBackend
 
 KEY = b"front-handoff-key-0123456789abcdef"
@@ -52,20 +48,10 @@ def front() -> Iterator[tuple[str, VllmUpstream, Clock]]:
         labels=MetricLabels(role="prefill"),
         clock=clock,
     )
-    port = free_port()
-    app = front_app(upstream, signer=KVSigner(KEY))
-    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the front did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", upstream, clock
+        with serving(front_app(upstream, signer=KVSigner(KEY)), what="the front") as port:
+            yield f"http://127.0.0.1:{port}", upstream, clock
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         process.kill()
         process.wait()
         backend.close()

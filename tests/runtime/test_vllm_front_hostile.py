@@ -24,14 +24,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 
 from kubemoe_runtime.engines.vllm.front import VllmUpstream, front_app
 from kubemoe_runtime.pod.http_client import IDLE_S
-from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.kv_auth import SIGNATURE_FIELD, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
-from kubemoe_runtime.pod.ports import free_port
+from tests.runtime.app_thread import serving
 from tests.runtime.echo_backend import EchoBackend
 from tests.runtime.fake_backend import raw_send
 
@@ -47,21 +45,10 @@ def running_front(url: str, *, exited: bool = False) -> Iterator[tuple[str, Vllm
     if exited:
         process.wait()
     upstream = VllmUpstream(process=process, url=url, headless=False, labels=MetricLabels(role="worker"))
-    port = free_port()
-    server = uvicorn.Server(
-        server_config(front_app(upstream, signer=KVSigner(KEY)), host="127.0.0.1", port=port, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the front did not start"
-        time.sleep(0.05)
     try:
-        yield f"127.0.0.1:{port}", upstream
+        with serving(front_app(upstream, signer=KVSigner(KEY)), what="the front") as port:
+            yield f"127.0.0.1:{port}", upstream
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         process.kill()
         process.wait()
 
