@@ -128,11 +128,17 @@ async def test_a_failed_fill_says_why_and_starts_nothing() -> None:
     assert f"{NAME}-worker" not in workloads(kube)
 
 
-async def test_a_new_source_fills_while_the_running_groups_are_kept() -> None:
+async def filled() -> MemoryKube:
+    """A deployment whose first fill succeeded and whose groups were then created."""
     kube = MemoryKube()
     await run(kube)
     finish(kube, succeeded=True)
     await run(kube)
+    return kube
+
+
+async def test_a_new_source_fills_while_the_running_groups_are_kept() -> None:
+    kube = await filled()
     before = copy.deepcopy(kube.get("Deployment", NS, f"{NAME}-worker"))
     old_job = job(kube)["metadata"]["name"]
 
@@ -152,10 +158,7 @@ async def test_a_new_source_fills_while_the_running_groups_are_kept() -> None:
 async def test_a_refill_keeps_the_router_and_a_workload_whose_kind_changes() -> None:
     # a new model name and data 2 on one-GPU pods (Deployment -> LeaderWorkerSet) while the new
     # source fills: the router kept serving the old name to the old worker, which was not pruned
-    kube = MemoryKube()
-    await run(kube)
-    finish(kube, succeeded=True)
-    await run(kube)
+    kube = await filled()
     router = copy.deepcopy(kube.get("Deployment", NS, f"{NAME}-router"))
     worker = copy.deepcopy(kube.get("Deployment", NS, f"{NAME}-worker"))
 
