@@ -10,7 +10,7 @@ now; the load of a placement (and its imbalance) follows from it (`Window.imbala
 the sum over its slots of each expert's tokens over its copy count (placement.py).
 
 Tokens that are not traffic are not counted: the dispatch's padding rows (expert id -1), and — when the
-group leader says which gathered rows are real (`valid_M`, set per step by group.py) — the padding
+group leader says which gathered rows are real (`valid_M`, set per forward by group.py) — the padding
 of shorter rows in a prefill and the one-token dummy row a rank with no work runs so the collectives
 line up. Without `valid_M` (TorchEngine.generate, tests) every gathered token counts.
 

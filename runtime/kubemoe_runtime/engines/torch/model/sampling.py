@@ -2,6 +2,12 @@
 
 SamplingParams refuses what the sampler cannot run (ValueError naming the field), so a bad value fails
 when the request is built, on the server's thread, never on the engine thread mid-step.
+
+Logits without a meaningful choice — a NaN or +infinity anywhere in the row, or every entry -infinity
+(an overflow in the forward) — raise NonFiniteLogits, greedy or not: argmax would pick the NaN's index
+(token 0 when the whole row is NaN) and the softmax would be NaN. The check reads the row's maximum, which
+NaN and +infinity always reach, so it costs one element for greedy and one reduction otherwise; a row
+with some -infinity entries among finite ones is a well-defined distribution and samples as usual.
 """
 
 from __future__ import annotations
@@ -41,11 +47,18 @@ class SamplingParams:
         return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
 
+class NonFiniteLogits(ValueError):
+    """A row of logits with a NaN or +infinity, or only -infinity: no token can be chosen from it."""
+
+
 def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from one row of logits."""
+    """One token id from one row of logits; NonFiniteLogits when the row has no meaningful choice."""
     if params.greedy:
-        return int(logits_V.argmax())
+        token = int(logits_V.argmax())  # a NaN's index if there is one (torch's max propagates NaN)
+        _check_finite(logits_V[token])
+        return token
     logits_V = logits_V.float() / params.temperature
+    _check_finite(logits_V.max())  # after the division: a small temperature may overflow it
     if 0 < params.top_k < logits_V.numel():
         kth = torch.topk(logits_V, params.top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
@@ -58,3 +71,10 @@ def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gene
         sorted_V = sorted_V.masked_fill(outside_V, 0.0)
         probs_V = torch.zeros_like(probs_V).scatter_(0, order_V, sorted_V)
     return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+def _check_finite(top: torch.Tensor) -> None:
+    """`top`: the row's maximum (NaN if the row has one)."""
+    value = float(top)
+    if not math.isfinite(value):
+        raise NonFiniteLogits(f"the logits are not finite (their maximum is {value})")

@@ -12,14 +12,29 @@ MoE, as vLLM's `--data-parallel-size N --enable-expert-parallel`):
       1. broadcast   rank 0 sends the `Step` — for every rank the rows it runs (request, slot, new
                      tokens, first position; a new request's sampling parameters) and the requests it
                      may forget — with broadcast_object_list (gloo, CPU)
-      2. forward     every rank runs ONE forward over its own rows: attention on its own cache; the MoE
-                     layers all_gather every rank's tokens to the expert owners and all_reduce the
-                     results back (parallel.py). A rank with no rows runs a one-token dummy row into a
-                     scratch slot, so the collectives still line up
-      3. sample      each rank samples its rows' next tokens from the last real position of each row
+      2. forward     every rank runs the same forwards, each over its own rows of that forward:
+                     attention on its own cache; the MoE layers all_gather every rank's tokens to the
+                     expert owners and all_reduce the results back (parallel.py). A rank with no rows in
+                     a forward runs a one-token dummy row into a scratch slot, so the collectives still
+                     line up. Which rows go into which forward is `plan_forwards(step.rows)`: a function
+                     of the step alone, which every rank has, so every rank makes the same forwards
+      3. sample      each rank samples its rows' next tokens from the last real position of each row; a
+                     row whose logits are not finite, or whose sampling fails, gets a failure code
+                     (ROW_FAILURES: negative, never a token id) instead, and the other rows go on
       4. gather      one all_gather of fixed width (every rank knows every rank's row count from the
-                     step) brings the sampled ids to rank 0, whose scheduler then checks stops,
-                     streams text, and plans the next step
+                     step) brings the sampled ids (and failure codes) to rank 0, whose scheduler then
+                     checks stops, streams text, ends the failed rows' requests alone, and plans the
+                     next step
+
+    the forwards    rows of a forward are padded to its longest (a prompt's row is the whole prompt, a
+                    running request's its one new token), so one forward over a 500-token prompt and
+                    16 decoding requests would run 17 x 500 token rows for 516 real ones, and the MoE
+                    all-gather and the [B, 1, T, S] attention mask grow with it. `plan_forwards` sorts
+                    the step's rows by length and cuts them into forwards of similar lengths (decode rows
+                    apart from prompts, a short prompt apart from a long one) where the padding that
+                    saves costs more than one more forward (FORWARD_COST_TOKENS token rows); a step of
+                    one length (every decode step) stays one forward. Rows are independent (each its own
+                    cache slot), so the tokens are the same whichever forward a row runs in
 
     between steps    while idle, rank 0 broadcasts a `Keepalive` every few seconds, so followers blocked
                      in step 1 never reach the process group's timeout; `Shutdown` ends the followers
@@ -51,7 +66,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +77,7 @@ from kubemoe_runtime.engines.torch.model.engine import TorchEngine
 from kubemoe_runtime.engines.torch.model.expert_load import valid_tokens
 from kubemoe_runtime.engines.torch.model.kv_cache import KVCache
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.model.sampling import SamplingParams, sample
+from kubemoe_runtime.engines.torch.model.sampling import NonFiniteLogits, SamplingParams, sample
 from kubemoe_runtime.engines.torch.serve.kv.layout import KVLayout
 from kubemoe_runtime.engines.torch.serve.placement_switch import (
     LOAD_TIMEOUT_S,
@@ -75,6 +90,25 @@ from kubemoe_runtime.engines.torch.serve.placement_switch import (
 )
 
 log = logging.getLogger("kubemoe_runtime.serve")
+
+FORWARD_COST_TOKENS = 128
+"""What one more forward in a step costs, counted in token rows of a forward (plan_forwards): on a CPU a
+forward has a fixed cost (every layer's weights read, the collectives' round trips) and a cost per token
+row. The tests' tiny Qwen3-MoE measures about 150 rows (a 16-row decode forward 4.4 ms, a 500-token
+prompt alone 20 ms: bench/bench_mixed_steps.py). For a large MoE the fixed cost is the weights a forward
+reads and the per-row cost its active parameters' FLOPs: estimated (not measured) at about 10 rows on
+AVX2 to 150 with AMX. Too low a value costs at most one forward's fixed cost where one forward would
+have been as fast; too high a value runs at most about this many padding rows more than it must."""
+
+NONFINITE_LOGITS = -1
+SAMPLING_FAILED = -2
+ROW_FAILURES: dict[int, str] = {
+    NONFINITE_LOGITS: "the model's logits for this request were not finite (NaN or infinity: an overflow "
+    "in the forward), so no next token could be chosen",
+    SAMPLING_FAILED: "choosing this request's next token failed (the rank's log has the error)",
+}
+"""What a rank returns instead of a token for a row it could not sample (never a token id: negative),
+and what the request's client is told."""
 
 
 class Heartbeat:
@@ -166,18 +200,37 @@ class RankRunner:
         self.heartbeat = Heartbeat()
 
     @torch.inference_mode()
-    def run(self, rows: list[Row], *, released: list[int]) -> list[int]:
-        """One forward over this rank's rows; returns each row's next token."""
+    def run(self, rows: list[list[Row]], *, rank: int, released: list[int]) -> list[int]:
+        """This rank's share of a step (`rows`: every rank's, as the step has them): its rows `rows[rank]`
+        in the forwards `plan_forwards(rows)` names, a dummy row in those it has none of; returns each of
+        its rows' next token, or a ROW_FAILURES code."""
+        mine = rows[rank]
         for request_id in released:
             self.samplers.pop(request_id, None)
-        for row in rows:
+        for row in mine:
             if row.sampling is not None:
                 self.samplers[row.request_id] = (row.sampling, row.sampling.generator())
             if row.kv_import is not None:
                 self.import_kv(row.slot, row.kv_import)
-        if not rows:
-            self._dummy_forward()
-            return []
+        out = [SAMPLING_FAILED] * len(mine)  # every row is in one forward: each entry is set below
+        load = self.engine.expert_load
+        for forward in plan_forwards(rows):
+            if rank == 0:  # the leader's counts are the ones read (expert_load.py): only real tokens
+                lengths = [[len(rows[r][b].tokens) for b in picked] for r, picked in enumerate(forward)]
+                load.valid_M = valid_tokens(lengths, device=load.counts_LE.device)
+            picked = forward[rank]
+            if not picked:
+                self._dummy_forward()
+                continue
+            for b, token in zip(picked, self._forward([mine[b] for b in picked]), strict=True):
+                out[b] = token
+        for row in mine:
+            if row.export_kv:
+                self.exports[row.request_id] = self.export_kv(row.slot, length=row.start + len(row.tokens))
+        return out
+
+    def _forward(self, rows: list[Row]) -> list[int]:
+        """One forward over `rows` (padded to the longest); each row's next token or failure code."""
         B, T = len(rows), max(len(r.tokens) for r in rows)
         tokens_BT = torch.zeros((B, T), dtype=torch.int64)
         pos_BT = torch.zeros((B, T), dtype=torch.int64)
@@ -192,13 +245,20 @@ class RankRunner:
         logits_BTV = self.engine.model(
             tokens_BT, pos_BT=pos_BT, cache=self.cache, slots_B=slots_B, logits_at_B=last_B
         )
-        out = []
-        for b, row in enumerate(rows):
+        return [self._sample(row, logits_BTV[b, -1]) for b, row in enumerate(rows)]
+
+    def _sample(self, row: Row, logits_V: torch.Tensor) -> int:
+        """The row's next token; a failure code (ROW_FAILURES) when its logits are not finite or sampling
+        fails, so that one request's failure ends that request, not the step (scheduler.py)."""
+        try:
             params, generator = self.samplers[row.request_id]
-            out.append(sample(logits_BTV[b, -1], params, generator))
-            if row.export_kv:
-                self.exports[row.request_id] = self.export_kv(row.slot, length=row.start + len(row.tokens))
-        return out
+            return sample(logits_V, params, generator)
+        except NonFiniteLogits as err:
+            log.error("kubemoe-runtime: request %d at position %d: %s", row.request_id, row.start, err)
+            return NONFINITE_LOGITS
+        except Exception:
+            log.exception("kubemoe-runtime: request %d: sampling failed", row.request_id)
+            return SAMPLING_FAILED
 
     def take_exports(self) -> dict[int, list[dict[str, torch.Tensor]]]:
         exports, self.exports = self.exports, {}
@@ -260,21 +320,18 @@ class GroupLeader:
         )
         self.steps += 1
         released = step.released or [[] for _ in range(self.size)]
-        # Expert load (model/expert_load.py): rank 0 sees every rank's routing; it counts only real tokens.
-        load = self.runner.engine.expert_load
-        load.valid_M = valid_tokens(
-            [[len(r.tokens) for r in rows] for rows in step.rows], device=load.counts_LE.device
-        )
-        load.tick()
+        # Expert load (model/expert_load.py): rank 0 sees every rank's routing; RankRunner.run has it count
+        # only real tokens.
+        self.runner.engine.expert_load.tick()
         if self.size == 1:
             self.runner.placement.before_step(step.placement)
-            sampled = [self.runner.run(step.rows[0], released=released[0])]
+            sampled = [self.runner.run(step.rows, rank=0, released=released[0])]
             self._exports.update(self.runner.take_exports())
             self._after(step.placement, step=step.number)
             return sampled
         _broadcast(step)
         self.runner.placement.before_step(step.placement)
-        mine = self.runner.run(step.rows[0], released=released[0])
+        mine = self.runner.run(step.rows, rank=0, released=released[0])
         sampled = _gather_tokens(mine, rows=step.rows, size=self.size)
         self._exports.update(self.runner.take_exports())
         if _exports_elsewhere(step):
@@ -326,7 +383,7 @@ def follow(runner: RankRunner, *, ep: ExpertParallel) -> None:
         runner.placement.before_step(message.placement)
         if isinstance(message, Step):
             released = message.released[ep.rank] if message.released else []
-            mine = runner.run(message.rows[ep.rank], released=released)
+            mine = runner.run(message.rows, rank=ep.rank, released=released)
             _gather_tokens(mine, rows=message.rows, size=ep.size)
             exports = runner.take_exports()
             if _exports_elsewhere(message):
@@ -352,6 +409,52 @@ def _after_step(control: Control, placement: RankPlacement, *, size: int) -> lis
         dist.gather_object(placement.aborted_error, errors if dist.get_rank() == 0 else None, dst=0)
         return errors
     return []
+
+
+def plan_forwards(rows: Sequence[Sequence[Row]]) -> list[list[list[int]]]:
+    """The forwards a step's rows run in: per forward, per rank, the indexes of that rank's rows in it
+    (in their order). A function of the rows' lengths alone, so every rank, given the same step, makes the
+    same forwards. A step whose rows are all one length (or that has none) is one forward.
+
+    Each forward pads a rank's rows to that rank's longest, so its cost is taken as FORWARD_COST_TOKENS
+    plus its padded token rows on the busiest rank (the MoE all-gather pads every rank to that many).
+    Forwards take contiguous ranges of the step's distinct row lengths; the cheapest cut is found by
+    dynamic programming over them (their number is at most the step's prompts plus one: a few).
+    """
+    lengths = [[len(row.tokens) for row in rank_rows] for rank_rows in rows]
+    distinct = sorted({n for rank_lengths in lengths for n in rank_lengths})
+    if len(distinct) <= 1:
+        return [[list(range(len(rank_lengths))) for rank_lengths in lengths]]
+    where = {n: k for k, n in enumerate(distinct)}
+    counts = [[0] * len(distinct) for _ in lengths]  # per rank, rows of each distinct length
+    for r, rank_lengths in enumerate(lengths):
+        for n in rank_lengths:
+            counts[r][where[n]] += 1
+    # best[j]: the least cost of running the rows of the j shortest lengths; cut[j]: where its last
+    # forward's lengths start.
+    best = [0] + [-1] * len(distinct)
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        rows_r, longest_r = [0] * len(lengths), [0] * len(lengths)
+        for i in range(j - 1, -1, -1):  # the last forward: lengths distinct[i:j], widened one at a time
+            for r, rank_counts in enumerate(counts):
+                if rank_counts[i]:
+                    rows_r[r] += rank_counts[i]
+                    longest_r[r] = longest_r[r] or distinct[i]  # the first one met is the longest
+            padded = max(n * t for n, t in zip(rows_r, longest_r, strict=True))
+            cost = best[i] + FORWARD_COST_TOKENS + padded
+            if best[j] < 0 or cost <= best[j]:  # on a tie, the wider last forward (i runs downwards)
+                best[j], cut[j] = cost, i
+    spans = []
+    j = len(distinct)
+    while j > 0:
+        spans.append((cut[j], j))
+        j = cut[j]
+    plan = []
+    for i, j in reversed(spans):
+        members = set(distinct[i:j])
+        plan.append([[b for b, n in enumerate(rank_lengths) if n in members] for rank_lengths in lengths])
+    return plan
 
 
 def _exports_elsewhere(step: Step) -> bool:

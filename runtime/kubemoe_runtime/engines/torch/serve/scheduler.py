@@ -6,13 +6,21 @@
                  1. admit   waiting requests, oldest first, while a KV-cache slot is free on some rank and
                             the step's prompt tokens stay within `max_prefill_tokens` (at least one)
                  2. plan    a new request's row is its whole prompt; a running one's is its last token
-                 3. run     GroupLeader.run: one forward per rank, sampled tokens back (group.py)
+                 3. run     GroupLeader.run: the step's forwards on every rank (prompts apart from
+                            decode rows: group.py's plan_forwards), sampled tokens back
                  4. finish  per row: stop token ids (EOS unless ignore_eos), stop strings, max_tokens;
                             stream the text delta to the request's sink; free finished slots
     run()      the engine thread's loop: step while there is work, else wait (and keep followers alive;
                while an expert placement loads, poll the ranks every POLL_S: placement_switch.py)
 
 Sinks are called on the engine thread; the server hands outputs to its event loop thread-safely.
+
+One request's failure ends that request alone: a row the ranks could not sample (its logits not finite:
+group.py's ROW_FAILURES codes come back instead of a token) and an exception in the request's own share
+of the step's work (its token appended, its text streamed, its sink called, its prefilled KV kept) finish
+it with an `Output` whose `engine_failed` is set and whose `error` says what failed; its slot is freed and
+every other request goes on. Only what fails the whole step (a forward, a collective) leaves `step()`,
+and pod.py then fails the pod.
 
 P/D (serve/kv/handoff.py): a request whose kv_transfer_params ask for `do_remote_decode` has its prompt's KV
 copied out after its first step and kept in `kv_store`; its outputs then carry the kv_transfer_params a
@@ -26,6 +34,8 @@ the vocabulary), so a bad hand-off fails its own request, never the engine threa
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import threading
 import time
 from collections import deque
@@ -34,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
-from kubemoe_runtime.engines.torch.serve.group import GroupLeader, Row, Step
+from kubemoe_runtime.engines.torch.serve.group import ROW_FAILURES, GroupLeader, Row, Step
 from kubemoe_runtime.engines.torch.serve.kv.handoff import (
     KVStore,
     PrefilledKV,
@@ -46,6 +56,8 @@ from kubemoe_runtime.engines.torch.serve.placement_switch import POLL_S
 from kubemoe_runtime.engines.torch.serve.text_stream import TextStream
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.metrics import ServingMetrics
+
+log = logging.getLogger("kubemoe_runtime.serve")
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -82,6 +94,9 @@ class Output:
     kv_transfer_params: dict[str, Any] | None = None  # P/D prefill: what the decode needs to pull the KV
     engine_failed: bool = False
     """Finished ("abort") because the engine failed, not because anyone asked: the API answers an error."""
+    error: str | None = None
+    """With `engine_failed`: what failed when it failed for this request alone (its logits not finite, its
+    sink raised); None when the whole engine failed (pod.py)."""
 
 
 Sink = Callable[[Output], None]
@@ -100,6 +115,7 @@ class _Sequence:
     output: list[int] = field(default_factory=list)
     last_token_at: float | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    finished: bool = False  # _finish ran (its slot is free, its last output sent or attempted)
 
 
 @dataclass(frozen=True)
@@ -210,7 +226,10 @@ class Scheduler:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for seq in [*waiting, *self._running.values()]:
-            self._finish(seq, text="", reason="abort", engine_failed=engine_failed)
+            self._guarded(
+                seq,
+                functools.partial(self._finish, seq, text="", reason="abort", engine_failed=engine_failed),
+            )
 
     def step(self) -> None:
         admitted = self._admit()
@@ -243,10 +262,38 @@ class Scheduler:
         for rank, seqs in enumerate(order):
             for seq, row, token in zip(seqs, rows[rank], sampled[rank], strict=True):
                 seq.position += len(row.tokens)
-                if (kv := exports.get(seq.id)) is not None:
-                    self._keep_for_decode(seq, kv, first_token=token)
-                self._append(seq, token, now=now)
+                if token < 0:  # the rank could not sample this row: this request ends, the others go on
+                    self._fail(seq, ROW_FAILURES.get(token, f"no next token (failure code {token})"))
+                    continue
+                self._guarded(
+                    seq, functools.partial(self._sampled, seq, token, kv=exports.get(seq.id), now=now)
+                )
         self._update_gauges()
+
+    def _sampled(self, seq: _Sequence, token: int, *, kv: list[dict[str, Any]] | None, now: float) -> None:
+        if kv is not None:
+            self._keep_for_decode(seq, kv, first_token=token)
+        self._append(seq, token, now=now)
+
+    def _guarded(self, seq: _Sequence, work: Callable[[], None]) -> None:
+        """`work()`, one request's (`seq`'s) share of the engine thread's work: an exception in it ends
+        that request alone (`_fail`), never the step."""
+        try:
+            work()
+        except Exception as err:
+            log.exception("kubemoe-runtime: request %d: its share of the step failed", seq.id)
+            self._fail(seq, f"serving this request failed: {type(err).__name__}: {err}")
+
+    def _fail(self, seq: _Sequence, problem: str) -> None:
+        """End `seq` alone, its client told `problem` (Output.engine_failed and .error); its slot is freed
+        even if its sink raises again."""
+        log.error("kubemoe-runtime: request %d failed: %s", seq.id, problem)
+        if seq.finished:  # its last output was sent or attempted, and its slot freed, already
+            return
+        try:
+            self._finish(seq, text="", reason="abort", engine_failed=True, error=problem)
+        except Exception:
+            log.exception("kubemoe-runtime: request %d: its client could not be told", seq.id)
 
     def _keep_for_decode(self, seq: _Sequence, kv: list[dict[str, Any]], *, first_token: int) -> None:
         prompt = seq.request.prompt_ids
@@ -289,12 +336,13 @@ class Scheduler:
             assert seq.request.pulled is not None
             if self.metrics is not None:
                 self.metrics.kv_pulled_tokens.inc(seq.position)
-            self._append(seq, seq.request.pulled.first_token, now=now)
+            first = seq.request.pulled.first_token
+            self._guarded(seq, functools.partial(self._append, seq, first, now=now))
         for seq in aborted_waiting:
-            self._finish(seq, text="", reason="abort")
+            self._guarded(seq, functools.partial(self._finish, seq, text="", reason="abort"))
         for request_id in aborts:
             if (running := self._running.get(request_id)) is not None:
-                self._finish(running, text="", reason="abort")
+                self._guarded(running, functools.partial(self._finish, running, text="", reason="abort"))
         return admitted
 
     def _pick_rank(self) -> int:
@@ -341,7 +389,9 @@ class Scheduler:
         reason: FinishReason,
         token: int | None = None,
         engine_failed: bool = False,
+        error: str | None = None,
     ) -> None:
+        seq.finished = True
         if self._running.pop(seq.id, None) is not None:
             self._free_slots[seq.rank].append(seq.slot)
             self._free_slots[seq.rank].sort()
@@ -350,7 +400,7 @@ class Scheduler:
             self.metrics.finished("error" if engine_failed else reason)
             self.metrics.latency.observe(self.clock() - seq.arrival)
         output = self._output(seq, text=text, token=token, reason=reason)
-        seq.sink(dataclasses.replace(output, engine_failed=True) if engine_failed else output)
+        seq.sink(dataclasses.replace(output, engine_failed=True, error=error) if engine_failed else output)
 
     def _output(self, seq: _Sequence, *, text: str, token: int | None, reason: FinishReason | None) -> Output:
         return Output(
