@@ -37,12 +37,12 @@ from kubemoe_runtime.engines.torch.serve.group import (
 )
 from kubemoe_runtime.engines.torch.serve.scheduler import (
     GenerationRequest,
-    Output,
     Scheduler,
     SchedulerLimits,
 )
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.ports import free_port
+from tests.runtime.test_scheduler import Collected
 
 SHORT = [
     [12, 99, 480, 3, 77],
@@ -57,18 +57,6 @@ NEW = 8
 MAX_LEN = 256
 
 Shapes = list[tuple[int, int]]
-
-
-class Collected:
-    def __init__(self) -> None:
-        self.outputs: list[Output] = []
-
-    def __call__(self, output: Output) -> None:
-        self.outputs.append(output)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for o in self.outputs for t in o.token_ids]
 
 
 def record_steps(runner: RankRunner, monkeypatch: pytest.MonkeyPatch | None = None) -> list[Shapes]:
