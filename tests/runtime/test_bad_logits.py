@@ -13,6 +13,7 @@ through Scheduler.step to pod.py, which failed the pod: every request lost, the 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.sampling import NonFiniteLogits, SamplingParams, sample
+from kubemoe_runtime.engines.torch.serve.app import build_app
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
 from kubemoe_runtime.engines.torch.serve.scheduler import (
     GenerationRequest,
@@ -32,7 +34,11 @@ from kubemoe_runtime.engines.torch.serve.scheduler import (
 )
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
-from tests.runtime.test_scheduler_mixed_steps import Collected, alone, drain, greedy, new_scheduler, run_ep2
+from tests.runtime.api_state import MODEL, api_state, engine_thread
+from tests.runtime.app_thread import serving
+from tests.runtime.fake_backend import raw_post
+from tests.runtime.test_scheduler import Collected
+from tests.runtime.test_scheduler_mixed_steps import alone, drain, greedy, new_scheduler, run_ep2
 
 MAGIC_0, MAGIC_1 = 509, 511  # a prompt starting with one of these is poisoned (on rank 0, on rank 1)
 PROMPTS = [[12, 99, 480, 3, 77], [5, 100, 200, 17], [250, 7, 42], [493, 71, 460]]
@@ -224,3 +230,24 @@ def test_ep2_a_followers_bad_row_ends_its_request_and_the_group_serves_on(
         assert tokens[i] == alone(engine, prompt)
         assert errors[i] == []
         assert rank0["last"][i] == "length"
+
+
+def test_over_http_a_failed_request_is_a_500_naming_the_cause_and_the_server_serves_on(
+    qwen: Path, engine: TorchEngine, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole answer to a request that failed alone is a 500 `request_failed` with the scheduler's
+    words, not the 503 `engine_failed` that says the pod restarts (the router would retry it and take
+    this healthy pod out of rotation); the next request is answered as usual."""
+    poison(engine, starts_with(MAGIC_0), monkeypatch=monkeypatch)
+    state = api_state(engine, tokenizer, qwen)
+    with serving(build_app(state), lifespan="off") as port, engine_thread(state):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        bad = {"model": MODEL, "prompt": [MAGIC_0, *PROMPTS[1]], "max_tokens": 4, "temperature": 0}
+        status, body = raw_post(url, bad, timeout=60)
+        assert status == 500, body
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_failed"
+        assert "not finite" in error["message"]
+        status, body = raw_post(url, {**bad, "prompt": PROMPTS[0]}, timeout=60)
+        assert status == 200, body
+        assert json.loads(body)["choices"][0]["text"]

@@ -18,6 +18,10 @@ a `DrainingServer`:
   since they finish work already done, not new work, and `Drain.pending` (the torch engine's KV
   store, whose entries expire after their TTL) keeps the pod up until they are taken. QUIET_S covers
   the gap between an answer and its pull;
+- at the deadline, with requests still in flight, calls the server's `on_timeout` if it has one, then
+  exits: the torch engine's answers each of those requests 503 there and then (a stream is cut as for a
+  failed engine), which the router retries elsewhere, rather than leave uvicorn to cancel them
+  SHUTDOWN_S later (a bare 500, a stream cut with no error);
 - a second signal skips the rest of the drain (uvicorn then gives connections its own short
   timeout_graceful_shutdown), a third SIGINT forces the exit, as uvicorn does.
 
@@ -160,11 +164,22 @@ class DrainingServer(uvicorn.Server):
     """uvicorn whose first SIGTERM/SIGINT starts a drain (`Drain`) instead of the shutdown; the server
     shuts down once the drain is done. A drain timeout of 0 keeps uvicorn's own behaviour."""
 
-    def __init__(self, config: uvicorn.Config, *, drain: Drain, timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        drain: Drain,
+        timeout: float,
+        on_timeout: Callable[[], object] | None = None,
+    ) -> None:
         super().__init__(config)
         self.drain = drain
         self.drain_timeout = timeout
+        self.on_timeout = on_timeout
+        """Called on the event loop at the drain deadline, while requests are still in flight: it ends
+        them (the server then exits, giving their answers up to SHUTDOWN_S to go out)."""
         self._announced = False
+        self._timed_out = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain.draining or self.should_exit or self.drain_timeout <= 0:
@@ -183,9 +198,15 @@ class DrainingServer(uvicorn.Server):
                 self.drain_timeout,
             )
         if self.drain.done():
-            if self.drain.in_flight:
+            if self.drain.in_flight and not self._timed_out:
+                self._timed_out = True
                 log.warning(
                     "kubemoe-runtime: drain timeout: %d request(s) still in flight", self.drain.in_flight
                 )
+                if self.on_timeout is not None:
+                    try:
+                        self.on_timeout()
+                    except Exception:  # the server exits all the same
+                        log.exception("kubemoe-runtime: ending the requests in flight failed")
             self.should_exit = True
         return await super().on_tick(counter)

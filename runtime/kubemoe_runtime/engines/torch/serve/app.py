@@ -10,7 +10,8 @@
     GET  /v1/models             the served model names
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
     POST /v1/chat/completions   messages through the checkpoint's chat template; streaming or not
-    GET  /v1/kv/{handle}        P/D: a prefilled prompt's KV (safetensors bytes), read once (kv/handoff.py)
+    GET  /v1/kv/{handle}        P/D: a prefilled prompt's KV (safetensors bytes), read once; HEAD 405
+                                (kv/fetch.py)
     DELETE /v1/kv/{handle}      P/D: the router drops a KV no decode will fetch (signed; kv/release.py)
     GET  /v1/experts/load       tokens routed to each expert per MoE layer over a sliding window, each
                                 layer's rank imbalance and slots, the placement's generation (model/
@@ -20,15 +21,19 @@
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
 unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
-answer), 503 while loading or while the waiting queue is full. Request bodies are untrusted: every value
-the engine thread would act on is checked here first (protocol.py, `_check_prompt`, SamplingParams), so
-no request can stop the engine thread. kv_transfer_params are honoured only when the router signed them
+answer), 503 while loading, while the waiting queue is full, or once the engine failed. Request bodies are
+untrusted: every value the engine thread would act on is checked here first (protocol.py,
+prompt_limits.py, SamplingParams), so no request can stop the engine thread; a text prompt is tokenized
+off the event loop and without the GIL, and one that provably cannot fit the context is refused before it
+is tokenized (prompt_limits.py). kv_transfer_params are honoured only when the router signed them
 (pod/kv_auth.py; 400 otherwise), and a pulled KV is checked against the model before it reaches the
 scheduler (serve/kv/layout.py). A client that goes away from a non-streaming request has it aborted, as a
 streaming one.
 
 Each request becomes a `GenerationRequest` for the scheduler, which runs on the engine thread and hands
-every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue.
+every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue
+(in_flight.py). A request submitted after the engine failed is answered 503 at once (it would wait
+forever), and at the drain deadline every request still in flight is ended with a 503 (`end_in_flight`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -49,15 +54,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.model.placement import PlacementError, parse_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
 from kubemoe_runtime.engines.torch.serve.chat_template import ChatTemplateError
+from kubemoe_runtime.engines.torch.serve.in_flight import InFlight, OutputQueue, Stream, usage
+from kubemoe_runtime.engines.torch.serve.kv.fetch import fetch_endpoint
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
 from kubemoe_runtime.engines.torch.serve.kv.release import release_endpoint
 from kubemoe_runtime.engines.torch.serve.placement_switch import PlacementConflict
+from kubemoe_runtime.engines.torch.serve.prompt_limits import PromptLimits
 from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
@@ -86,7 +93,6 @@ log = logging.getLogger("kubemoe_runtime.server")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_PLACEMENT_BYTES = 4 * 1024 * 1024  # DeepSeek-V3's 58 layers of 256 + 256 slots: about 200 kB
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat fills the context
-INLINE_TOKENIZE_CHARS = 1 << 16  # a longer prompt is tokenized off the event loop (8 MB take seconds)
 CLIENT_GONE = 499  # what is logged for a request whose client left (no one reads the answer)
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -111,6 +117,7 @@ class ServerState:
     # Once serving, the engine thread counts as stuck (/health 500) after this long without progress
     # (pod.py: the group's serving timeout and a margin); None: never.
     stall_after_s: float | None = None
+    in_flight: InFlight = field(default_factory=InFlight)  # requests submitted and not yet answered
 
     def problem(self) -> str | None:
         """Why the engine cannot serve: it failed, or its thread is stuck; None while it can."""
@@ -127,24 +134,10 @@ class ServerState:
             raise ApiError(503, "the model is still loading", type="server_error", code="model_loading")
         return self.scheduler
 
-
-class OutputQueue:
-    """The engine thread's outputs for one request, delivered into the server's event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-
-    def put(self, output: Output) -> None:  # called on the engine thread
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
-
-    async def __aiter__(self) -> AsyncIterator[Output]:
-        while True:
-            output = await self.queue.get()
-            yield output
-            if output.finish_reason is not None:
-                return
+    def end_in_flight(self) -> int:
+        """At the drain deadline: answer every request in flight 503 now, and any submitted later
+        (in_flight.py); returns how many were in flight. On the event loop's thread."""
+        return self.in_flight.end_all()
 
 
 def build_app(state: ServerState) -> Starlette:
@@ -156,7 +149,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
-        Route("/v1/kv/{handle}", api.kv, methods=["GET"]),
+        Route("/v1/kv/{handle}", fetch_endpoint(lambda: state.ready_scheduler().kv_store), methods=["GET"]),
         Route(
             "/v1/kv/{handle}",
             release_endpoint(lambda: state.ready_scheduler().kv_store, api.signer),
@@ -207,35 +200,14 @@ async def _http_error(_: Request, err: HTTPException) -> Response:
     )
 
 
-KV_PIECE_BYTES = 1 << 20
-
-
-class _KVResponse(Response):
-    """A KV hand-off answer: the wire pieces as they lie in memory (PrefilledKV.wire), at most
-    KV_PIECE_BYTES a message. uvicorn's httptools protocol hands each to the transport as is, so the
-    kernel's copy is the only one (h11 copies each piece once); the transport's flow control makes each
-    send wait until the last one drained, so a full socket keeps at most one piece's rest in the
-    transport's buffer rather than the whole KV. No disconnect watcher (StreamingResponse runs one in a
-    task group): once the client is gone, uvicorn drops the rest of the pieces at once."""
-
-    def __init__(self, parts: list[memoryview], size: int) -> None:
-        super().__init__(media_type="application/octet-stream", headers={"content-length": str(size)})
-        self.parts = parts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for part in self.parts:
-            for at in range(0, part.nbytes, KV_PIECE_BYTES):
-                piece = part[at : at + KV_PIECE_BYTES]
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
 class Api:
     def __init__(self, state: ServerState, *, signer: KVSigner | None = None) -> None:
         self.state = state
         self.puller = KVPuller()
         self.signer = signer if signer is not None else KVSigner.from_env()
+        self.prompts = PromptLimits(
+            state.tokenizer, max_model_len=state.max_model_len, vocab_size=state.vocab_size
+        )
 
     async def health(self, _: Request) -> Response:
         if (problem := self.state.problem()) is not None:
@@ -275,8 +247,8 @@ class Api:
         body = await _parse(request, CompletionRequest)
         shape = _CompletionShape(model=self._model_name(body.model))
         prompt = body.single_prompt()
-        prompt_ids = await self._encode(prompt) if isinstance(prompt, str) else prompt
-        self._check_prompt(prompt_ids, param="prompt")
+        prompt_ids = await self.prompts.encode(prompt, param="prompt") if isinstance(prompt, str) else prompt
+        self.prompts.check(prompt_ids, param="prompt")
         generation = self._generation_request(body, prompt_ids, max_tokens=body.max_tokens, default_cap=True)
         return await self._answer(request, scheduler, generation, body=body, shape=shape)
 
@@ -289,8 +261,8 @@ class Api:
             prompt_text = await asyncio.to_thread(self.state.tokenizer.apply_chat_template, messages)
         except ChatTemplateError as err:
             raise ApiError(400, str(err), param="messages") from err
-        prompt_ids = await self._encode(prompt_text, add_special_tokens=False)
-        self._check_prompt(prompt_ids, param="messages")
+        prompt_ids = await self.prompts.encode(prompt_text, param="messages", add_special_tokens=False)
+        self.prompts.check(prompt_ids, param="messages")
         generation = self._generation_request(
             body, prompt_ids, max_tokens=body.token_limit(), default_cap=False
         )
@@ -308,8 +280,7 @@ class Api:
         """Run `generation` (after pulling its KV, P/D) and answer in the endpoint's `shape`: a stream of
         chunks, or the whole response once done (499 when the client left first)."""
         generation = await self._pull_kv(scheduler, generation)
-        outputs, request_id = self._submit(scheduler, generation)
-        stream = _Stream(scheduler, request_id, outputs)
+        stream = self._submit(scheduler, generation)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             usage_chunk = shape.usage_chunk if include_usage else None
@@ -360,13 +331,6 @@ class Api:
             status_code=202 if state == "loading" else 200,
         )
 
-    async def kv(self, request: Request) -> Response:
-        """P/D: hand a prefilled prompt's KV to the decode that asks for it (once)."""
-        prefilled = self.state.ready_scheduler().kv_store.take(request.path_params["handle"])
-        if prefilled is None:
-            raise ApiError(404, "no KV under this handle (expired or taken)", type="not_found_error")
-        return _KVResponse(*prefilled.wire())
-
     # --- shared steps -------------------------------------------------------------------------------
 
     async def _pull_kv(self, scheduler: Scheduler, generation: GenerationRequest) -> GenerationRequest:
@@ -405,12 +369,6 @@ class Api:
         except KVAuthError as err:
             raise ApiError(400, f"kv_transfer_params: {err}", param="kv_transfer_params") from err
 
-    async def _encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        encode = self.state.tokenizer.encode
-        if len(text) <= INLINE_TOKENIZE_CHARS:
-            return encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(encode, text, add_special_tokens=add_special_tokens)
-
     def _model_name(self, requested: str | None) -> str:
         if requested is None:
             return self.state.served_names[0]
@@ -418,21 +376,6 @@ class Api:
             shown = requested if len(requested) <= 256 else f"{requested[:256]}..."
             raise ApiError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
         return requested
-
-    def _check_prompt(self, prompt_ids: list[int], *, param: str) -> None:
-        if not prompt_ids:
-            raise ApiError(400, "the prompt is empty", param=param)
-        vocab = self.state.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param=param)
-        if len(prompt_ids) >= self.state.max_model_len:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {self.state.max_model_len} tokens. However, your "
-                f"prompt has {len(prompt_ids)} tokens, leaving no room for a completion.",
-                param=param,
-                code="context_length_exceeded",
-            )
 
     def _generation_request(
         self, body: SamplingRequest, prompt_ids: list[int], *, max_tokens: int | None, default_cap: bool
@@ -478,7 +421,7 @@ class Api:
             kv_transfer_params=kv_transfer_params,
         )
 
-    def _submit(self, scheduler: Scheduler, generation: GenerationRequest) -> tuple[OutputQueue, int]:
+    def _submit(self, scheduler: Scheduler, generation: GenerationRequest) -> Stream:
         outputs = OutputQueue(asyncio.get_running_loop())
         try:
             request_id = scheduler.submit(generation, outputs.put)
@@ -486,61 +429,12 @@ class Api:
             raise ApiError(503, f"the server is busy: {err}", type="server_error", code="queue_full") from err
         except ValueError as err:
             raise ApiError(400, str(err), code="context_length_exceeded") from err
-        return outputs, request_id
-
-
-ENGINE_FAILED = "the engine failed while serving this request (the pod restarts); try again"
-
-
-class EngineFailed(RuntimeError):
-    """A stream's engine failed: the stream is cut rather than ended as if it had finished."""
-
-
-class _Stream:
-    """One submitted request's outputs, aborted in the scheduler if the client goes away first."""
-
-    def __init__(self, scheduler: Scheduler, request_id: int, outputs: OutputQueue) -> None:
-        self.scheduler = scheduler
-        self.request_id = request_id
-        self.outputs = outputs
-
-    async def collect(self) -> tuple[str, Output]:
-        parts: list[str] = []
-        last: Output | None = None
-        try:
-            async for output in self.outputs:
-                parts.append(output.text)
-                last = output
-        finally:
-            if last is None or last.finish_reason is None:
-                self.scheduler.abort(self.request_id)
-        assert last is not None
-        if last.engine_failed:  # 503: the router tries another group
-            raise ApiError(503, ENGINE_FAILED, type="server_error", code="engine_failed")
-        return "".join(parts), last
-
-    async def events(
-        self,
-        chunk: Callable[[str, FinishReason | None], BaseModel],
-        *,
-        first: BaseModel | None,
-        usage_chunk: Callable[[Usage], BaseModel] | None,
-    ) -> AsyncIterator[BaseModel]:
-        finished = False
-        try:
-            if first is not None:
-                yield first
-            async for output in self.outputs:
-                if output.engine_failed:  # cut, without [DONE]: the router ends it with an error event
-                    raise EngineFailed(ENGINE_FAILED)
-                finished = output.finish_reason is not None
-                if output.text or finished:
-                    yield chunk(output.text, output.finish_reason)
-                if finished and usage_chunk is not None:
-                    yield usage_chunk(_usage(output))
-        finally:
-            if not finished:
-                self.scheduler.abort(self.request_id)
+        stream = Stream(scheduler, request_id, outputs)
+        # ready_scheduler() passed before the body was read, the prompt tokenized, the KV pulled: since
+        # then the engine may have failed and aborted all it held (pod.py sets `failure` first), or the
+        # drain ended. 503 now, rather than wait forever.
+        self.state.in_flight.admit(stream, failure=self.state.failure)
+        return stream
 
 
 class _Shape:
@@ -583,7 +477,7 @@ class _CompletionShape(_Shape):
             created=self.created,
             model=self.model,
             choices=[choice],
-            usage=_usage(last),
+            usage=usage(last),
             kv_transfer_params=kv_transfer_params,
         )
 
@@ -613,7 +507,7 @@ class _ChatShape(_Shape):
             created=self.created,
             model=self.model,
             choices=[choice],
-            usage=_usage(last),
+            usage=usage(last),
             kv_transfer_params=kv_transfer_params,
         )
 
@@ -632,14 +526,6 @@ def _reachable(params: dict[str, Any] | None, request: Request) -> dict[str, Any
     if params is None or params.get("remote_host") is not None:
         return params
     return {**params, "remote_host": request.url.hostname, "remote_port": request.url.port}
-
-
-def _usage(output: Output) -> Usage:
-    return Usage(
-        prompt_tokens=output.prompt_tokens,
-        completion_tokens=output.completion_tokens,
-        total_tokens=output.prompt_tokens + output.completion_tokens,
-    )
 
 
 async def _read_body(request: Request, *, limit: int, param: str | None = None) -> bytes:

@@ -6,16 +6,21 @@ without R a single-pod group picks a free port). The pod holding rank 0 serves t
 the group (group.py); `--headless` pods serve /health and /ready only.
 
 On SIGTERM the API-serving pod drains (pod/drain.py): /ready and new requests get 503, requests in flight
-finish (up to --drain-timeout), then the group ends; if the group fails meanwhile it exits at once. A
-`--headless` pod does not drain: it has no requests of its own, and a worker deleted alone has broken its
-group, which should fail fast (operator render/lifecycle.py). On SIGTERM it leaves the group at once,
-without waiting for rank 0 to end it, so that rank 0 notices the lost rank at its next collective or
-keepalive (KEEPALIVE_S) and fails.
+finish (up to --drain-timeout; those left at the deadline are answered 503, app.py's end_in_flight), then
+the group ends; if the group fails meanwhile it exits at once. A `--headless` pod does not drain: it has
+no requests of its own, and a worker deleted alone has broken its group, which should fail fast (operator
+render/lifecycle.py). On SIGTERM it leaves the group at once, without waiting for rank 0 to end it, so
+that rank 0 notices the lost rank at its next collective or keepalive (KEEPALIVE_S) and fails.
 
     main thread     uvicorn: the API (leader) or health (headless)
     engine thread   rank S: join the group, load weights, barrier; then the scheduler loop (rank 0) or
                     follow rank 0's steps (others)
     child processes ranks S+1 .. S+L-1, following rank 0
+
+A failed pod (`_Pod.fail`: a rank exited, a collective failed) records why on the API's ServerState before
+the scheduler's requests are aborted, so a request submitted after that abort is refused too (app.py),
+and ends its child ranks quickly: a short join, SIGTERM, then SIGKILL (a frozen rank acts on nothing
+else), each reaped, none left behind (`_Pod.finish`).
 
 Timeouts. Joining the group, loading the weights and the barrier after the load run under GROUP_TIMEOUT
 (30 minutes: the slowest rank's load). Then each rank sets its process group's timeout to the serving
@@ -100,6 +105,10 @@ GROUP_TIMEOUT = timedelta(minutes=30)  # joining and loading: covers the slowest
 SERVING_TIMEOUT_S = 120.0  # every collective once serving (the module docstring says why)
 STALL_MARGIN_S = 30.0  # the heartbeat's limit: the serving timeout and this (a collective's own error first)
 KEEPALIVE_S = 2.0
+CHILD_JOIN_S = 15.0  # a rank ending with its group (rank 0's Shutdown) exits within this
+FAILED_JOIN_S = 2.0  # the same, once the pod failed: its ranks may be frozen or blocked in a collective
+TERMINATE_WAIT_S = 2.0  # after SIGTERM; then SIGKILL
+FAILED_LEAVE_S = 2.0  # a failed pod's rank 0 waits this long for the group's other ranks to leave too
 SERVING_TIMEOUT_ENV = "KUBEMOE_COLLECTIVE_TIMEOUT_S"
 STALL_ENV = "KUBEMOE_ENGINE_STALL_S"
 PLACEMENT_TIMEOUT_ENV = "KUBEMOE_PLACEMENT_LOAD_TIMEOUT_S"
@@ -224,6 +233,7 @@ class _Pod:
         self.server: uvicorn.Server | None = None
         self.children: list[BaseProcess] = []
         self.heartbeat: Heartbeat | None = None  # this process's rank's, once it follows (headless)
+        self.state: ServerState | None = None  # the API's (rank 0's pod): told of a failure first
 
     def problem(self) -> str | None:
         """Why this pod cannot serve: a rank failed, or (headless) its engine thread is stuck."""
@@ -234,6 +244,9 @@ class _Pod:
         return self.heartbeat.stalled(self.job.timeouts.stall_s)
 
     def fail(self, message: str) -> None:
+        """Record the pod's failure (first the API's, before anything aborts its requests), and stop."""
+        if self.state is not None and self.state.failure is None:
+            self.state.failure = message
         if self.failure is None:
             self.failure = message
             log.error("kubemoe-runtime: %s", message)
@@ -255,17 +268,34 @@ class _Pod:
     def _watch_children(self) -> None:
         for sentinel in wait([c.sentinel for c in self.children]):
             child = next(c for c in self.children if c.sentinel == sentinel)
+            child.join(timeout=1)  # its sentinel fires as it exits: reap it, for its exit code
             if not self.stop.is_set() and child.exitcode != 0:
                 self.fail(f"{child.name} exited with code {child.exitcode}")
 
-    def finish(self, *, child_wait_s: float = 15) -> int:
+    def finish(self, *, child_wait_s: float = CHILD_JOIN_S) -> int:
+        """End the child ranks and reap them; the pod's exit code. Each has `child_wait_s` (FAILED_JOIN_S
+        once the pod failed) to exit, then TERMINATE_WAIT_S after SIGTERM, then is killed."""
         self.stop.set()
-        for child in self.children:
-            child.join(timeout=child_wait_s)
-            if child.is_alive():
-                child.terminate()
-                child.join(timeout=5)
+        if self.failure is not None:
+            child_wait_s = min(child_wait_s, FAILED_JOIN_S)
+        _join_all(self.children, child_wait_s)
+        left = [c for c in self.children if c.is_alive()]
+        for child in left:
+            child.terminate()
+        _join_all(left, TERMINATE_WAIT_S)
+        for child in left:
+            if child.is_alive():  # stopped (SIGSTOP), or deaf to SIGTERM
+                log.warning("kubemoe-runtime: %s did not exit on SIGTERM; killing it", child.name)
+                child.kill()
+        _join_all(left, TERMINATE_WAIT_S)  # reaps them: SIGKILL ends even a stopped process
         return 1 if self.failure is not None else 0
+
+
+def _join_all(children: list[BaseProcess], timeout: float) -> None:
+    """Join each of `children`, all within `timeout` seconds from now."""
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def serve(settings: ServeSettings) -> int:
@@ -324,22 +354,30 @@ def serve(settings: ServeSettings) -> int:
         state = _server_state(settings, cfg=cfg, max_model_len=max_model_len, generation=generation)
         state.load_progress = pod.progress
         state.stall_after_s = timeouts.stall_s
+        pod.state = state
         app = build_app(state)
         engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
         drain = Drain(pending=lambda: 0 if state.scheduler is None else len(state.scheduler.kv_store))
     served = app if settings.headless else DrainMiddleware(app, drain)
     config = server_config(served, host=settings.host, port=settings.port, lifespan="off")
     # A headless pod does not drain (timeout 0: uvicorn's own exit), see the module docstring.
-    pod.server = _Server(config, drain=drain, timeout=0 if settings.headless else settings.drain_timeout)
+    pod.server = _Server(
+        config,
+        drain=drain,
+        timeout=0 if settings.headless else settings.drain_timeout,
+        on_timeout=None if pod.state is None else pod.state.end_in_flight,
+    )
     engine_thread.start()
     pod.server.run()
     pod.stop.set()
+    if pod.state is not None and pod.state.scheduler is not None:
+        pod.state.scheduler.wake()  # an idle engine thread would notice the stop at its next keepalive
     if settings.headless and not pod.ended_by_leader:
         # Stopped by a signal or a failure, not by rank 0's Shutdown: our ranks would follow rank 0 until
         # it ends the group, keeping the group's sockets open (30 s and more). Leave now, so that rank 0
         # notices the lost rank at its next collective or keepalive (KEEPALIVE_S).
         leave_process(pod.finish(child_wait_s=0))
-    engine_thread.join(timeout=30)
+    engine_thread.join(timeout=FAILED_LEAVE_S + 5 if pod.failure is not None else 30)
     code = pod.finish()
     if settings.data_parallel_size > 1:
         leave_process(code)  # our ranks are stopped and joined; skip the group's C++ teardown
@@ -404,13 +442,16 @@ def _lead(pod: _Pod, state: ServerState) -> None:
         log.warning("kubemoe-runtime: ready on %s:%d (group of %d ranks)", s.host, s.port, ep.size)
         scheduler.run(pod.stop, keepalive_s=KEEPALIVE_S)
     except BaseException as err:  # recorded for /health and the exit code, then re-raised
-        state.failure = f"{type(err).__name__}: {err}"
+        message = f"{type(err).__name__}: {err}"
+        if state.failure is None:  # first: app.py refuses what is submitted after the abort below
+            state.failure = message
+        pod.fail(message)
         if state.scheduler is not None:
             state.scheduler.abort_all(engine_failed=True)  # their clients get an error, not an empty answer
-        pod.fail(state.failure)
         raise
     finally:
-        shutdown_expert_parallel(ep)
+        # A failed group's other ranks may never come to leave (frozen, or gone): wait for them briefly.
+        shutdown_expert_parallel(ep, wait_s=FAILED_LEAVE_S if pod.failure is not None else 10.0)
 
 
 def _follow(pod: _Pod) -> None:

@@ -3,7 +3,9 @@
 The server needs three things from a tokenizer and no more, so this wraps the `tokenizers` library
 directly (transformers' tokenizer classes take seconds to import):
 
-    encode / decode          token ids <-> text (special tokens skipped on the way out)
+    encode / decode          token ids <-> text (special tokens skipped on the way out); encode runs
+                             without the GIL, so a long text tokenized on a worker thread leaves the
+                             event loop and the engine thread running
     apply_chat_template      the checkpoint's Jinja chat template, rendered in a sandbox as transformers
                              does (a template ships with a checkpoint; it is not trusted code)
     TextStream               generated ids -> text deltas (text_stream.py)
@@ -31,6 +33,7 @@ from tokenizers import Tokenizer
 from kubemoe_runtime.engines.torch.load.checkpoint_files import read_checkpoint_file
 from kubemoe_runtime.engines.torch.serve import chat_template
 from kubemoe_runtime.engines.torch.serve.chat_template import BoundedSandbox, ChatTemplateError, describe
+from kubemoe_runtime.engines.torch.serve.token_bound import max_chars_per_token
 
 log = logging.getLogger("kubemoe_runtime.server")
 
@@ -94,6 +97,8 @@ class TextTokenizer:
             {i for i, t in added.items() if t.special}
             | {i for text in special_texts if (i := tokenizer.model.token_to_id(text)) is not None}
         )
+        # At most this many characters of text make one token; None where that cannot be bounded.
+        self.max_chars_per_token = max_chars_per_token(tokenizer)
 
     @classmethod
     def load(cls, model_dir: Path | str) -> TextTokenizer:
@@ -127,7 +132,10 @@ class TextTokenizer:
         return int(self.tokenizer.get_vocab_size())
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch releases the GIL while it works (encode holds it throughout: 7 MB of text froze
+        # every thread of the server for seconds); for one text its ids are encode's.
+        [encoding] = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

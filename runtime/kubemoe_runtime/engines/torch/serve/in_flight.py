@@ -1,0 +1,166 @@
+"""The requests a torch-engine server has submitted to its scheduler and not yet answered.
+
+Each submitted request is a `Stream`: its outputs, which the engine thread delivers into the server's
+event loop (`OutputQueue`), read as one whole answer (`collect`) or as stream events (`events`); a request
+whose client goes away first is aborted in the scheduler. An output with `engine_failed` set ends it with
+an error: 503 `engine_failed` for a whole answer (the router tries another group), and a stream cut
+without [DONE] (`EngineFailed`; the router ends it with an error event). One whose `error` is set failed
+alone (its logits or its own work; scheduler.py) while the engine serves on: a whole answer is then a 500
+`request_failed` with that error, which the router neither retries nor counts against the pod.
+
+`InFlight` holds the streams not yet answered. Where the server must stop before they finish — its drain
+deadline passed (pod/drain.py) — `end_all` ends each one so, at once, instead of leaving uvicorn to cancel
+its handler (a bare 500, a stream cut with no error), and refuses any request submitted after it; and
+`admit` refuses a request submitted after the engine failed (pod.py sets ServerState.failure before it
+aborts every request the scheduler holds, so a request submitted after that abort is caught here). All of
+it runs on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+from pydantic import BaseModel
+
+from kubemoe_runtime.engines.torch.serve.scheduler import Output, Scheduler
+from kubemoe_runtime.pod.protocol import ApiError, FinishReason, Usage
+
+ENGINE_FAILED: Final = "the engine failed while serving this request (the pod restarts); try again"
+ENDED_AT_DRAIN_DEADLINE: Final = (
+    "the server shut down at the end of its drain timeout before this request finished; try again"
+)
+
+
+class EngineFailed(RuntimeError):
+    """A stream's engine failed: the stream is cut rather than ended as if it had finished."""
+
+
+class OutputQueue:
+    """The engine thread's outputs for one request, delivered into the server's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+
+    def put(self, output: Output) -> None:  # called on the engine thread
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        while True:
+            output = await self.queue.get()
+            yield output
+            if output.finish_reason is not None:
+                return
+
+
+class Stream:
+    """One submitted request's outputs, aborted in the scheduler if the client goes away first."""
+
+    def __init__(self, scheduler: Scheduler, request_id: int, outputs: OutputQueue) -> None:
+        self.scheduler = scheduler
+        self.request_id = request_id
+        self.outputs = outputs
+        self.failure = ENGINE_FAILED  # what a failed request's client is told
+        self.on_end: Callable[[Stream], None] = lambda _: None
+
+    def fail(self, message: str) -> None:
+        """End this request now as failed (on the event loop's thread), and abort it in the scheduler."""
+        self.failure = message
+        self.outputs.queue.put_nowait(
+            Output(
+                text="",
+                token_ids=[],
+                finish_reason="abort",
+                prompt_tokens=0,
+                completion_tokens=0,
+                engine_failed=True,
+            )
+        )
+        self.scheduler.abort(self.request_id)
+
+    async def collect(self) -> tuple[str, Output]:
+        parts: list[str] = []
+        last: Output | None = None
+        try:
+            async for output in self.outputs:
+                parts.append(output.text)
+                last = output
+        finally:
+            self.on_end(self)
+            if last is None or last.finish_reason is None:
+                self.scheduler.abort(self.request_id)
+        assert last is not None
+        if last.engine_failed and last.error is not None:  # this request alone failed: the pod serves on
+            raise ApiError(500, last.error, type="server_error", code="request_failed")
+        if last.engine_failed:  # 503: the router tries another group
+            raise ApiError(503, self.failure, type="server_error", code="engine_failed")
+        return "".join(parts), last
+
+    async def events(
+        self,
+        chunk: Callable[[str, FinishReason | None], BaseModel],
+        *,
+        first: BaseModel | None,
+        usage_chunk: Callable[[Usage], BaseModel] | None,
+    ) -> AsyncIterator[BaseModel]:
+        finished = False
+        try:
+            if first is not None:
+                yield first
+            async for output in self.outputs:
+                if output.engine_failed:  # cut, without [DONE]: the router ends it with an error event
+                    raise EngineFailed(output.error or self.failure)
+                finished = output.finish_reason is not None
+                if output.text or finished:
+                    yield chunk(output.text, output.finish_reason)
+                if finished and usage_chunk is not None:
+                    yield usage_chunk(usage(output))
+        finally:
+            self.on_end(self)
+            if not finished:
+                self.scheduler.abort(self.request_id)
+
+
+class InFlight:
+    """The streams submitted and not yet answered (held weakly: a stream whose response was never read,
+    its client gone before it began, is dropped with it)."""
+
+    def __init__(self) -> None:
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
+        self.ended: str | None = None
+        """Why requests are no longer served (the drain deadline passed); None while they are."""
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def admit(self, stream: Stream, *, failure: str | None) -> None:
+        """Hold `stream`, just submitted; unless the engine has failed (`failure`, the server's) or
+        requests are no longer served: then it is aborted, and ApiError 503 says why."""
+        if failure is not None or self.ended is not None:
+            message = f"the engine failed: {failure}" if failure is not None else str(self.ended)
+            stream.scheduler.abort(stream.request_id)
+            raise ApiError(503, message, type="server_error", code="engine_failed")
+        stream.on_end = self._streams.discard
+        self._streams.add(stream)
+
+    def end_all(self, message: str = ENDED_AT_DRAIN_DEADLINE) -> int:
+        """End every stream in flight as failed, telling its client `message`, and refuse any submitted
+        from now on; returns how many were ended."""
+        self.ended = message
+        streams = list(self._streams)
+        self._streams.clear()
+        for stream in streams:
+            stream.fail(message)
+        return len(streams)
+
+
+def usage(output: Output) -> Usage:
+    return Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+    )

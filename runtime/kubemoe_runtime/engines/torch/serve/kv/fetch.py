@@ -1,0 +1,58 @@
+"""The prefill side of a KV hand-off: `GET /v1/kv/{handle}` answers a prefilled prompt's KV, once.
+
+The decode named in the router's kv_transfer_params fetches it (serve/kv/pull.py; the protocol is in
+handoff.py). A GET takes the KV out of the store: a second GET, or one after it expired, is a 404. A HEAD
+(Starlette routes one to every GET handler) would take it too, and its answer carries no body, so the
+decode's GET would then find nothing: HEAD is refused (405) and leaves the KV where it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from kubemoe_runtime.engines.torch.serve.kv.handoff import KVStore
+from kubemoe_runtime.pod.protocol import ApiError
+
+KV_PIECE_BYTES = 1 << 20
+
+
+def fetch_endpoint(store: Callable[[], KVStore]) -> Callable[[Request], Awaitable[Response]]:
+    """The GET handler: `store()` gives the KV store (ApiError 503 while the engine cannot serve)."""
+
+    async def fetch(request: Request) -> Response:
+        if request.method != "GET":  # HEAD: it must not take the KV
+            error = ApiError(
+                405, "a KV is read with GET, once; HEAD would take it", type="invalid_request_error"
+            )
+            return JSONResponse(error.body(), status_code=405, headers={"allow": "GET, DELETE"})
+        prefilled = store().take(request.path_params["handle"])
+        if prefilled is None:
+            raise ApiError(404, "no KV under this handle (expired or taken)", type="not_found_error")
+        return KVResponse(*prefilled.wire())
+
+    return fetch
+
+
+class KVResponse(Response):
+    """A KV hand-off answer: the wire pieces as they lie in memory (PrefilledKV.wire), at most
+    KV_PIECE_BYTES a message. uvicorn's httptools protocol hands each to the transport as is, so the
+    kernel's copy is the only one (h11 copies each piece once); the transport's flow control makes each
+    send wait until the last one drained, so a full socket keeps at most one piece's rest in the
+    transport's buffer rather than the whole KV. No disconnect watcher (StreamingResponse runs one in a
+    task group): once the client is gone, uvicorn drops the rest of the pieces at once."""
+
+    def __init__(self, parts: list[memoryview], size: int) -> None:
+        super().__init__(media_type="application/octet-stream", headers={"content-length": str(size)})
+        self.parts = parts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for part in self.parts:
+            for at in range(0, part.nbytes, KV_PIECE_BYTES):
+                piece = part[at : at + KV_PIECE_BYTES]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
