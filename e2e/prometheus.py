@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +73,11 @@ def ensure_binary(root: Path | None = None) -> Path:
     return binary
 
 
-def config(targets: Sequence[str], *, scrape_interval: str) -> dict[str, Any]:
-    """One job scraping `targets` (HOST:PORT, path /metrics) with the labels the runtime set."""
+def config(
+    targets: Sequence[str], *, scrape_interval: str, labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """One job scraping `targets` (HOST:PORT, path /metrics) with the labels the runtime set, and
+    `labels` on every series (as Kubernetes service discovery adds `namespace` from the pod's)."""
     return {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": [
@@ -83,7 +86,7 @@ def config(targets: Sequence[str], *, scrape_interval: str) -> dict[str, Any]:
                 "scrape_interval": scrape_interval,
                 "scrape_timeout": scrape_interval,
                 "honor_labels": True,
-                "static_configs": [{"targets": list(targets)}],
+                "static_configs": [{"targets": list(targets), "labels": dict(labels or {})}],
             }
         ],
     }
@@ -161,13 +164,20 @@ def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def start(
-    targets: Sequence[str], *, workdir: Path, scrape_interval: str = "1s", binary: Path | None = None
+    targets: Sequence[str],
+    *,
+    workdir: Path,
+    scrape_interval: str = "1s",
+    binary: Path | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> PrometheusServer:
-    """Prometheus scraping `targets`, its config, data and log under `workdir`; ready when returned."""
+    """Prometheus scraping `targets` (`labels` on their series), its config, data and log under
+    `workdir`; ready when returned."""
     binary = binary or ensure_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "prometheus.yml"
-    cfg.write_text(json.dumps(config(targets, scrape_interval=scrape_interval), indent=1))  # YAML ⊃ JSON
+    doc = config(targets, scrape_interval=scrape_interval, labels=labels)
+    cfg.write_text(json.dumps(doc, indent=1))  # YAML ⊃ JSON
     port = free_port()
     log_path = workdir / "prometheus.log"
     command = [

@@ -94,10 +94,14 @@ def runtimes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run
 
 @pytest.fixture(scope="module")
 def prom(
-    runtimes: dict[str, RuntimeProcess], tmp_path_factory: pytest.TempPathFactory
+    runtimes: dict[str, RuntimeProcess], namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[prometheus.PrometheusServer]:
+    """Prometheus scraping the runtimes as if they were the deployment's pods: their series carry the
+    namespace (the operator's queries match it exactly)."""
     server = prometheus.start(
-        [p.target for p in runtimes.values()], workdir=tmp_path_factory.mktemp("prometheus")
+        [p.target for p in runtimes.values()],
+        workdir=tmp_path_factory.mktemp("prometheus"),
+        labels={"namespace": namespace},
     )
     try:
         eventually(lambda: server.targets_up() == 2, timeout=30, what="both runtimes scraped")
@@ -281,7 +285,7 @@ def _direct_p90(text: str, series: str) -> float | None:
 
 
 def test_latency_signals_are_the_engines_histograms_through_prometheus(
-    runtimes: dict[str, RuntimeProcess], prom: prometheus.PrometheusServer
+    runtimes: dict[str, RuntimeProcess], prom: prometheus.PrometheusServer, namespace: str
 ) -> None:
     """ttft-p90 and itl-p90, the primary signals, as the operator's Prometheus source reads them (its
     own queries over the torch engine's histograms, scraped by the real Prometheus) equal the same
@@ -302,7 +306,7 @@ def test_latency_signals_are_the_engines_histograms_through_prometheus(
     async def read() -> dict[MetricType, float | None]:
         async with httpx2.AsyncClient() as client:
             source = PrometheusSource(prom.url, client=client, rate_window="5m")
-            sel = RoleSelector(namespace="any", deployment=NAME, role="prefill")
+            sel = RoleSelector(namespace=namespace, deployment=NAME, role="prefill")
             return await source.sample(sel, latency)
 
     via_prometheus = asyncio.run(read())

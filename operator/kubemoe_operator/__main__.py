@@ -22,6 +22,7 @@ from lightkube import AsyncClient
 
 from kubemoe_operator.autoscale.loop import Autoscaler, Source, pod_targets
 from kubemoe_operator.autoscale.prometheus import PrometheusSource
+from kubemoe_operator.autoscale.ready import ready_groups
 from kubemoe_operator.autoscale.removal import LeastLoaded, pod_leaders
 from kubemoe_operator.autoscale.scrape import ScrapeSource
 from kubemoe_operator.catalog import load_catalog
@@ -86,7 +87,7 @@ def autoscaler(
     """The autoscaler on Prometheus when --prometheus-url is set, else on a direct scrape of the pods."""
     source: Source
     if settings.prometheus_url:
-        source = PrometheusSource(settings.prometheus_url, client=http)
+        source = PrometheusSource(settings.prometheus_url, client=http, groups=ready_groups(kube))
         name = f"Prometheus at {settings.prometheus_url}"
     else:
         source = ScrapeSource(client=http, targets=pod_targets(kube))

@@ -21,15 +21,18 @@ def desired_of(status: ModelDeploymentStatus | None) -> dict[str, int | None]:
 
 def effective_spec(spec: ModelDeploymentSpec, status: ModelDeploymentStatus | None) -> ModelDeploymentSpec:
     """`spec` with each autoscaled role's replicas set to status.roles.<role>.desired, clamped to
-    minReplicas..maxReplicas. spec itself is never written back."""
+    minReplicas..maxReplicas. Before the autoscaler has written a desired, spec.replicas is clamped
+    alike: the bounds hold from the first render (spec.replicas 10 with maxReplicas 4 runs 4, not 10
+    until the first readable interval cuts it past maxStep and the windows). spec itself is never
+    written back. A role with `mode: external` is left to its HPA or ScaledObject."""
     desired = desired_of(status)
     updates: dict[str, Any] = {}
     for name, role in spec.roles.items():
-        want = desired.get(name)
         scale = role.autoscaling
-        if scale is None or want is None or scale.mode == "external":
+        if scale is None or scale.mode == "external":
             continue
-        clamped = min(max(want, scale.min_replicas), scale.ceiling)
+        want = desired.get(name)
+        clamped = min(max(role.replicas if want is None else want, scale.min_replicas), scale.ceiling)
         if clamped != role.replicas:
             updates[name] = role.model_copy(update={"replicas": clamped})
     if not updates:

@@ -50,6 +50,9 @@ class RoleStatus(ApiModel):
     decided_by: str | None = Field(None, max_length=32)
     """What made the autoscaler's last change: the metric whose recommendation won (ttft-p90, ...),
     or perDecode when prefill followed decode."""
+    last_scale_time: datetime | None = None
+    """When the autoscaler last changed desired (as an HPA's lastScaleTime): the cooldown runs from
+    it, across operator restarts and leader changes."""
 
 
 class ExpertsStatus(ApiModel):

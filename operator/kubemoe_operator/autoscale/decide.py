@@ -9,7 +9,9 @@ stay busy, and `current * value` would add groups every interval until the new o
 recommendation over the metrics wins. Then, in order:
 
 1. missing metrics never scale down: with any metric unavailable the decision is at least
-   ``current``; with all unavailable it is exactly ``current``;
+   ``current``; with all unavailable it is exactly ``current``. Missing is no series to read; a
+   latency histogram with no observations in the interval is no requests, which the sources give
+   as 0 (no load), not as missing;
 2. a full window first: a change needs readings covering its direction's window since `since`
    (when this evaluator's unbroken run of readings began: after a start, a leader failover or a
    metrics outage it knows nothing of what came before, and holds);
@@ -17,7 +19,8 @@ recommendation over the metrics wins. Then, in order:
    (the load must have lasted), scaling down the largest of the scale-down window (the
    quiet must have lasted) — so one noisy sample moves nothing, and nothing flaps;
 4. a cooldown: no change within ``cooldownSeconds`` of the last one (new groups get time to
-   load and take load before the next decision builds on them);
+   load and take load before the next decision builds on them; the last change is kept in status,
+   so a restart or a new leader keeps it);
 5. at most ``maxStep`` groups added or removed;
 6. clamped to ``minReplicas..maxReplicas``.
 
@@ -184,8 +187,10 @@ def prune(history: Sequence[Recommendation], *, policy: Autoscaling, now: float)
 @dataclass
 class RoleMemory:
     """What an evaluator remembers of one role between evaluations: its recent recommendations, when
-    its unbroken run of readings began, and when it last changed the role. In memory only: a new
-    leader starts with none, so it holds until its own readings cover a window."""
+    its unbroken run of readings began, and when it last changed the role. The readings are in
+    memory only: a new leader starts with none, so it holds until its own readings cover a window.
+    The last change is also in status (lastScaleTime): a new leader starts from it (`seed`), so a
+    restart or a failover does not cut the cooldown short."""
 
     history: list[Recommendation] = field(default_factory=list)
     since: float | None = None
@@ -225,3 +230,9 @@ class RoleMemory:
     def changed(self, now: float) -> None:
         """A new desired was written: the cooldown starts."""
         self.last_change = now
+
+    def seed(self, last_change: float) -> None:
+        """The last change as status records it (on this evaluator's clock), when this evaluator has
+        made none of its own since it started."""
+        if self.last_change is None:
+            self.last_change = last_change

@@ -6,8 +6,15 @@ reconciler renders it, clamped to minReplicas..maxReplicas; spec is never writte
   kept in memory per ModelDeployment uid and role with when its unbroken run of readings began and
   when it last changed the role: a new leader, or any role after a metrics outage, starts with none
   and changes nothing until its readings cover a full window (decide.py); each change starts a
-  cooldown. The recommendation counts the groups that are ready (status.roles.<role>.ready, from
-  the reconciler), so groups still loading are capacity on the way, not a reason to add more.
+  cooldown, and is recorded in status.roles.<role>.lastScaleTime with the desired, so that a new
+  leader's cooldown runs from it. The recommendation counts the groups that are ready
+  (status.roles.<role>.ready, from the reconciler), so groups still loading are capacity on the way,
+  not a reason to add more; the signals are read from the ready groups only (ready.py).
+- Deployments are evaluated a few at a time (CONCURRENT_DEPLOYMENTS), each re-read just before its
+  evaluation once the list is older than REREAD_AFTER_S (so its apply carries a fresh
+  resourceVersion), its samples read within the interval (else its metrics are unavailable this
+  time) and its whole evaluation within two: a slow pod or Prometheus holds up its own deployment,
+  not every other.
 - Before a scale-down is written, each one-pod group of the role gets its load as its deletion cost,
   so that the Deployment removes the least loaded (removal.py); the group removed then drains.
 - desired is written only when a decision differs from the replicas the role runs now (so a
@@ -19,8 +26,9 @@ reconciler renders it, clamped to minReplicas..maxReplicas; spec is never writte
   removed from every role, an empty apply removes the condition and every desired (done once:
   only while managedFields says the autoscaler still owns status fields).
 - Status is written by server-side apply with a field manager of its own, naming only the fields
-  the autoscaler owns (every autoscaled role's desired and its condition); the reconciler's apply
-  names only its own (status.py), so neither can write the other's fields back from a stale read.
+  the autoscaler owns (every autoscaled role's desired, decidedBy, lastScaleTime and its condition);
+  the reconciler's apply names only its own (status.py), so neither can write the other's fields
+  back from a stale read.
   Each apply carries the resourceVersion the decision was made on: a spec or status that changed
   meanwhile makes it a no-op (409), and the next evaluation decides again on what is there.
 """
@@ -33,10 +41,10 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import Any, Literal, Protocol
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from prometheus_client import Gauge
 
@@ -48,7 +56,8 @@ from kubemoe_operator.api.spec import Autoscaling, MetricType, ModelDeploymentSp
 from kubemoe_operator.api.status import Condition, ModelDeploymentStatus, now_utc
 from kubemoe_operator.autoscale.decide import Decision, RoleMemory, couple
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
-from kubemoe_operator.autoscale.removal import LeastLoaded, pod_leaders
+from kubemoe_operator.autoscale.ready import ready_leaders
+from kubemoe_operator.autoscale.removal import LeastLoaded
 from kubemoe_operator.autoscale.scrape import Targets
 from kubemoe_operator.autoscale.signals import RoleSelector
 from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, event_body
@@ -62,6 +71,10 @@ CONDITION = "MetricsAvailable"
 REASON_READ = "MetricsRead"
 REASON_UNAVAILABLE = "MetricsUnavailable"
 EVENT_SCALED = "Scaled"
+CONCURRENT_DEPLOYMENTS = 8
+"""ModelDeployments evaluated at once."""
+REREAD_AFTER_S = 1.0
+"""A deployment whose list entry is older than this is read again before its evaluation."""
 
 
 class Source(Protocol):
@@ -70,6 +83,13 @@ class Source(Protocol):
     async def sample(
         self, sel: RoleSelector, metrics: Sequence[MetricType]
     ) -> dict[MetricType, float | None]: ...
+
+
+@runtime_checkable
+class KeepsHistory(Protocol):
+    """A source that keeps something per ModelDeployment between samples (ScrapeSource's histograms)."""
+
+    def forget(self, *, keep: Collection[tuple[str, str]]) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +103,8 @@ class RoleOutcome:
     """status.roles.<role>.desired before this evaluation."""
     previous_by: str | None = None
     """status.roles.<role>.decidedBy before this evaluation."""
+    previous_scale_time: datetime | None = None
+    """status.roles.<role>.lastScaleTime before this evaluation."""
     decision: Decision | None = None
     error: str | None = None
     """Why the source could not be read; then there is no decision."""
@@ -138,8 +160,10 @@ def status_apply(
 ) -> dict[str, Any] | None:
     """The status fields the autoscaler owns, for server-side apply; None when nothing changed.
 
-    Every autoscaled role's desired is named (the new one, else the one already there): a field
-    an apply leaves out is removed from what this manager owns, and would be deleted.
+    Every autoscaled role's desired, decidedBy and lastScaleTime are named (the new ones, else those
+    already there): a field an apply leaves out is removed from what this manager owns, and would
+    be deleted. A new desired carries lastScaleTime `now`; one written down to what runs
+    (stale_desired) is no scaling and keeps the time it had.
     """
     available, reason, message = metrics_condition(outcomes, source=source)
     status: Literal["True", "False"] = "True" if available else "False"
@@ -166,13 +190,17 @@ def status_apply(
         )
     roles: dict[str, Any] = {}
     for o in outcomes:
-        desired, by = o.previous, o.previous_by
+        desired, by, at = o.previous, o.previous_by, o.previous_scale_time
         if o.new_desired is not None and o.decision is not None:
-            desired, by = o.new_desired, o.decision.signal
+            desired, by, at = o.new_desired, o.decision.signal, now
         elif o.stale_desired:
             desired = o.current
         if desired is not None:
-            roles[o.role] = {"desired": desired} | ({"decidedBy": by} if by else {})
+            roles[o.role] = (
+                {"desired": desired}
+                | ({"decidedBy": by} if by else {})
+                | ({"lastScaleTime": _timestamp(at)} if at is not None else {})
+            )
     body: dict[str, Any] = {"conditions": [cond.model_dump(by_alias=True, mode="json", exclude_none=True)]}
     if roles:
         body["roles"] = roles
@@ -191,9 +219,14 @@ def owns_status(body: Mapping[str, Any], manager: str) -> bool:
     )
 
 
+def _timestamp(at: datetime) -> str:
+    """metav1.Time: RFC 3339 in UTC, whole seconds."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def pod_targets(kube: Kube) -> Targets:
-    """ScrapeSource targets: /metrics of the role's running API pods (group leaders), by pod IP."""
-    leaders = pod_leaders(kube)
+    """ScrapeSource targets: /metrics of the role's ready API pods (group leaders), by pod IP."""
+    leaders = ready_leaders(kube)
 
     async def targets(sel: RoleSelector) -> list[str]:
         return [leader.url for leader in await leaders(sel)]
@@ -212,6 +245,8 @@ class Autoscaler:
     """Empty: every namespace."""
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], datetime] = now_utc
+    """The time status records (lastScaleTime, the condition's); `clock` measures the windows."""
     removal: LeastLoaded | None = None
     """Marks the least loaded group before a scale-down (removal.py); None: leave the choice to the
     workload controller."""
@@ -235,35 +270,63 @@ class Autoscaler:
             await asyncio.sleep(delay)
 
     async def evaluate_all(self) -> None:
-        seen: set[str] = set()
+        bodies: list[Mapping[str, Any]] = []
         complete = True
         for namespace in self.namespaces or (None,):
             try:
-                items = await self.kube.list_deployments(namespace=namespace)
+                bodies += await self.kube.list_deployments(namespace=namespace)
             except (RetryableError, RejectedError) as err:
                 log.warning("autoscaler: %s", err)
                 complete = False  # a failed list says nothing about what was deleted
-                continue
-            for body in items:
-                meta = body["metadata"]
-                seen.add(meta["uid"])
-                try:
-                    await self.evaluate(body)
-                except (RetryableError, RejectedError) as err:
-                    log.warning("autoscaler: %s/%s: %s", meta["namespace"], meta["name"], err)
-                except Exception:  # one deployment's failure must not stop the others' scaling
-                    log.exception("autoscaler: %s/%s: evaluation failed", meta["namespace"], meta["name"])
-        if complete:
-            self._forget(keep=seen)
+        listed_at = self.clock()
+        slots = asyncio.Semaphore(CONCURRENT_DEPLOYMENTS)
 
-    def _forget(self, *, keep: set[str]) -> None:
-        """Drop the history and the per-role series of ModelDeployments that are gone."""
+        async def one(body: Mapping[str, Any]) -> None:
+            async with slots:
+                await self._evaluate_in_time(body, listed_at=listed_at)
+
+        await asyncio.gather(*(one(body) for body in bodies))
+        if complete:
+            metas = [body["metadata"] for body in bodies]
+            self._forget(keep={m["uid"] for m in metas}, names={(m["namespace"], m["name"]) for m in metas})
+
+    async def _evaluate_in_time(self, body: Mapping[str, Any], *, listed_at: float) -> None:
+        """One deployment's evaluation, on a fresh read of it and within two intervals; its failures
+        are logged, never raised (one deployment's failure must not stop the others' scaling)."""
+        meta = body["metadata"]
+        where = f"{meta['namespace']}/{meta['name']}"
+        deadline = asyncio.timeout(2 * self.interval_s)
+        try:
+            async with deadline:
+                if self.clock() - listed_at > REREAD_AFTER_S:
+                    fresh = await self.kube.get_deployment(name=meta["name"], namespace=meta["namespace"])
+                    if fresh is None or fresh["metadata"].get("uid") != meta["uid"]:
+                        return  # deleted (or replaced) since the list: the next pass sees what is there
+                    body = fresh
+                await self.evaluate(body)
+        except (RetryableError, RejectedError) as err:
+            log.warning("autoscaler: %s: %s", where, err)
+        except TimeoutError:
+            if not deadline.expired():
+                log.exception("autoscaler: %s: evaluation failed", where)
+            else:
+                log.warning(
+                    "autoscaler: %s: evaluation took over %g s; cut short", where, 2 * self.interval_s
+                )
+        except Exception:
+            log.exception("autoscaler: %s: evaluation failed", where)
+
+    def _forget(self, *, keep: set[str], names: set[tuple[str, str]] | None = None) -> None:
+        """Drop the history and the per-role series of ModelDeployments that are gone (`keep`: the uids
+        there are; `names`: their namespaces and names, for what the source keeps)."""
         for uid in [u for u in self.series if u not in keep]:
             for gauge, labels in self.series.pop(uid):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
         for key in [k for k in self.memory if k[0] not in keep]:
             del self.memory[key]
+        if names is not None and isinstance(self.source, KeepsHistory):
+            self.source.forget(keep=names)
 
     async def evaluate(self, body: Mapping[str, Any]) -> list[RoleOutcome]:
         """One evaluation of every autoscaled role of one ModelDeployment."""
@@ -305,6 +368,7 @@ class Autoscaler:
                     current=current[role],
                     previous=seen[role].desired if role in seen else None,
                     previous_by=seen[role].decided_by if role in seen else None,
+                    previous_scale_time=seen[role].last_scale_time if role in seen else None,
                     ready=seen[role].ready if role in seen else None,
                 )
                 for role, policy in policies.items()
@@ -317,7 +381,7 @@ class Autoscaler:
             outcomes=outcomes,
             source=self.source_name,
             generation=meta.get("generation"),
-            now=now_utc(),
+            now=self.wall(),
         )
         if patch is not None:
             for o in outcomes:
@@ -366,16 +430,30 @@ class Autoscaler:
         previous: int | None,
         ready: int | None,
         previous_by: str | None = None,
+        previous_scale_time: datetime | None = None,
     ) -> RoleOutcome:
         labels = (sel.namespace, sel.deployment, sel.role)
         memory = self.memory.setdefault((uid, sel.role), RoleMemory())
+        if previous_scale_time is not None:  # a new leader's cooldown runs from the last change
+            ago = max(0.0, (self.wall() - previous_scale_time).total_seconds())
+            memory.seed(self.clock() - ago)
         outcome_of = functools.partial(
-            RoleOutcome, role=sel.role, current=current, previous=previous, previous_by=previous_by
+            RoleOutcome,
+            role=sel.role,
+            current=current,
+            previous=previous,
+            previous_by=previous_by,
+            previous_scale_time=previous_scale_time,
         )
         try:  # a role that only follows decode (perDecode, no metrics) has nothing to read
-            samples = (
-                await self.source.sample(sel, [m.type for m in policy.metrics]) if policy.metrics else {}
-            )
+            async with asyncio.timeout(self.interval_s):  # this interval's samples, or none
+                samples = (
+                    await self.source.sample(sel, [m.type for m in policy.metrics]) if policy.metrics else {}
+                )
+        except TimeoutError:
+            self.metrics.evaluations.labels(*labels, "unavailable").inc()
+            memory.outage()
+            return outcome_of(error=f"metrics not read within the {self.interval_s:g} s interval")
         except Exception as err:  # MetricsUnavailable, or a source's bug: either way, no reading
             if not isinstance(err, MetricsUnavailable):
                 log.exception("autoscaler: %s/%s %s: reading metrics failed", *labels)

@@ -11,7 +11,8 @@ The removed group then drains (render/lifecycle.py's preStop, pod/drain.py): the
 its /ready 503, requests in flight finish, prefilled KV waits for its decode's pull, bounded by the
 drain timeout. The choice only shortens that drain, so it is best effort: a pod that does not answer
 keeps the cost it had (a fresh pod has none: 0), a failed patch is logged, and the scale-down goes
-ahead either way.
+ahead either way. Each page is read as the scrape reads them (pages.py): within LOAD_TIMEOUT_S for
+the whole request, up to 1 MiB (a longer page is not read further), parsed off the event loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Protocol
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubemoe_operator.autoscale.pages import MAX_PAGE_BYTES, PageTooLong, fetch_page
 from kubemoe_operator.autoscale.signals import QUEUE, RUNNING, RoleSelector
 from kubemoe_operator.kube.client import Kube
 from kubemoe_operator.kube.pods import Leader, running_leaders
@@ -33,7 +35,8 @@ from kubemoe_operator.kube.pods import Leader, running_leaders
 log = logging.getLogger("kubemoe.autoscale")
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
-MAX_PAGE_BYTES = 1 << 20
+LOAD_TIMEOUT_S = 3.0
+"""The whole read of one leader's page."""
 
 
 Leaders = Callable[[RoleSelector], Awaitable[list[Leader]]]
@@ -98,10 +101,10 @@ class LeastLoaded:
 
     async def _load(self, leader: Leader, sel: RoleSelector) -> float | None:
         try:
-            resp = await self.client.get(leader.url, timeout=3.0)
-            if resp.status_code != 200 or len(resp.content) > MAX_PAGE_BYTES:
-                return None
-            return load_of(resp.text, sel)
-        except (httpx2.HTTPError, ValueError, TypeError, KeyError, IndexError) as err:
+            text = await fetch_page(
+                self.client, leader.url, timeout_s=LOAD_TIMEOUT_S, max_bytes=MAX_PAGE_BYTES
+            )
+            return None if text is None else await asyncio.to_thread(load_of, text, sel)
+        except (PageTooLong, ValueError, TypeError, KeyError, IndexError) as err:
             log.debug("autoscaler: no load from %s: %s", leader.url, err)
             return None

@@ -1,10 +1,20 @@
 """Autoscaling signals read straight from the serving pods' /metrics, when no Prometheus is set.
 
+The pods read are the role's group leaders whose pod is Ready and not being deleted (`targets`,
+loop.pod_targets): a group still loading its weights serves no load and reports none (its GPUs idle),
+and counted in a per-group mean it would ask to remove the groups that carry the load.
+
 Gauges are read as they are; latency quantiles need a rate, so each pod's histogram is kept from the
 previous scrape and the quantile is taken over the observations since then, summed over the pods
 (the first scrape of a role therefore has no latency value yet, which never scales anything down).
 As Prometheus' rate(), per pod: a pod seen for the first time adds nothing yet, a pod whose
-counters went back (it restarted) adds its new counts, and a pod that left adds nothing.
+counters went back (it restarted) adds its new counts, and a pod that left adds nothing. Pods that
+export the histogram but observed nothing since the previous scrape read as latency 0: no requests
+is no load (which may scale down), unlike no histogram at all (unavailable: never scales down).
+
+Each page is read within FETCH_TIMEOUT_S as a whole and up to pages.MAX_PAGE_BYTES (a page past the
+cap refuses the whole sample at once: the other pods' reads are cancelled), and parsed off the event
+loop.
 """
 
 from __future__ import annotations
@@ -12,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubemoe_operator.api.spec import MetricType
+from kubemoe_operator.autoscale import pages
+from kubemoe_operator.autoscale.pages import PageTooLong, fetch_page, gather_all
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
 from kubemoe_operator.autoscale.signals import (
     GPU_UTIL,
@@ -30,12 +42,19 @@ from kubemoe_operator.autoscale.signals import (
 )
 
 Targets = Callable[[RoleSelector], Awaitable[list[str]]]
-"""The /metrics URLs of a role's pods (from the pod list in a cluster; fixed URLs locally)."""
+"""The /metrics URLs of a role's ready group leaders (from the pod list in a cluster; fixed URLs
+locally)."""
 
 Buckets = dict[float, float]
+Gauges = dict[str, dict[str, list[float]]]
+"""series name -> group -> the values of its pods' samples."""
+Histograms = dict[str, dict[str, Buckets]]
+"""histogram name -> pod URL -> its cumulative buckets."""
 
-MAX_PAGE_BYTES = 8 << 20
-"""A runtime pod's page is a few KiB; a longer one is not read further."""
+FETCH_TIMEOUT_S = 5.0
+"""The whole read of one page: connect, headers and body."""
+MAX_PAGE_BYTES = pages.MAX_PAGE_BYTES
+"""A longer page is refused, not read further (pages.py: what serving pods' pages weigh)."""
 
 
 class ScrapeSource:
@@ -45,55 +64,50 @@ class ScrapeSource:
         self._previous: dict[tuple[RoleSelector, str], dict[str, Buckets]] = {}
         """(role, histogram) -> each pod's (URL's) buckets at the previous scrape."""
 
+    def forget(self, *, keep: Collection[tuple[str, str]]) -> None:
+        """Drop the histograms kept for ModelDeployments other than `keep` (namespace, name): gone."""
+        for key in [k for k in self._previous if (k[0].namespace, k[0].deployment) not in keep]:
+            del self._previous[key]
+
     async def _fetch(self, url: str) -> str | None:
         """The page, or None when the pod does not answer; MetricsUnavailable when it is too long."""
         try:
-            async with self.client.stream("GET", url, timeout=5.0) as resp:
-                if resp.status_code != 200:
-                    return None
-                body = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_PAGE_BYTES:
-                        raise MetricsUnavailable(f"{url} is longer than {MAX_PAGE_BYTES >> 20} MiB")
-        except httpx2.HTTPError:
-            return None
-        return body.decode("utf-8", errors="replace")
+            return await fetch_page(self.client, url, timeout_s=FETCH_TIMEOUT_S, max_bytes=MAX_PAGE_BYTES)
+        except PageTooLong as err:
+            raise MetricsUnavailable(str(err)) from err
 
     async def sample(
         self, sel: RoleSelector, metrics: Sequence[MetricType]
     ) -> dict[MetricType, float | None]:
         urls = await self.targets(sel)
         if not urls:
-            raise MetricsUnavailable(f"no pods of role {sel.role} to scrape")
-        pages = await asyncio.gather(*(self._fetch(u) for u in urls))
-        texts = {url: text for url, text in zip(urls, pages, strict=True) if text is not None}
+            raise MetricsUnavailable(f"no ready pods of role {sel.role} to scrape")
+        bodies = await gather_all([self._fetch(u) for u in urls])  # a refused page cancels the rest
+        texts = {url: text for url, text in zip(urls, bodies, strict=True) if text is not None}
         if not texts:
             raise MetricsUnavailable(f"none of the {len(urls)} pods of role {sel.role} answered /metrics")
 
-        gauges: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        histograms: dict[str, dict[str, Buckets]] = defaultdict(dict)
         wanted_histograms = {HISTOGRAMS[m] for m in metrics if m in HISTOGRAMS}
-        for url, text in texts.items():
-            try:
-                pod_histograms: dict[str, Buckets] = defaultdict(lambda: defaultdict(float))
-                _read_page(text, sel, gauges, pod_histograms, wanted_histograms)
-                for name, buckets in pod_histograms.items():
-                    histograms[name][url] = dict(buckets)
-            except (ValueError, TypeError, KeyError, IndexError) as err:
-                # Whatever a pod serves: the parser raises on malformed text, we on bad values.
-                raise MetricsUnavailable(
-                    f"a pod of role {sel.role} serves unreadable /metrics: {err!s:.200}"
-                ) from err
+        try:  # pure Python over up to a MiB a page: off the event loop
+            gauges, histograms = await asyncio.to_thread(_read_pages, texts, sel, wanted_histograms)
+        except (ValueError, TypeError, KeyError, IndexError) as err:
+            # Whatever a pod serves: the parser raises on malformed text, we on bad values.
+            raise MetricsUnavailable(
+                f"a pod of role {sel.role} serves unreadable /metrics: {err!s:.200}"
+            ) from err
 
         out: dict[MetricType, float | None] = {}
         for metric in metrics:
             if metric == "queue-depth":
-                out[metric] = mean_over_groups({g: sum(v) for g, v in gauges[QUEUE].items()})
+                out[metric] = mean_over_groups({g: sum(v) for g, v in gauges.get(QUEUE, {}).items()})
             elif metric == "kv-cache-usage":
-                out[metric] = mean_over_groups({g: sum(v) / len(v) for g, v in gauges[KV_USAGE].items()})
+                out[metric] = mean_over_groups(
+                    {g: sum(v) / len(v) for g, v in gauges.get(KV_USAGE, {}).items()}
+                )
             elif metric == "gpu-utilization":
-                out[metric] = mean_over_groups({g: sum(v) / len(v) for g, v in gauges[GPU_UTIL].items()})
+                out[metric] = mean_over_groups(
+                    {g: sum(v) / len(v) for g, v in gauges.get(GPU_UTIL, {}).items()}
+                )
             else:
                 out[metric] = self._quantile_since_last(
                     sel, HISTOGRAMS[metric], histograms.get(HISTOGRAMS[metric])
@@ -119,7 +133,26 @@ class ScrapeSource:
             reset = any(count < previous.get(le, 0.0) for le, count in buckets.items())
             for le, count in buckets.items():
                 summed[le] += count if reset else count - previous.get(le, 0.0)
-        return histogram_quantile(0.9, list(summed.items())) if seen else None
+        if not seen:
+            return None
+        # The pods export the histogram and observed nothing since the last scrape: no requests, no
+        # load (0, which may scale down), not a missing reading (which never does).
+        quantile = histogram_quantile(0.9, list(summed.items()))
+        return 0.0 if quantile is None else quantile
+
+
+def _read_pages(
+    texts: Mapping[str, str], sel: RoleSelector, wanted_histograms: set[str]
+) -> tuple[Gauges, Histograms]:
+    """Every page's gauges (per group) and wanted histograms (per pod) of `sel`'s role."""
+    gauges: Gauges = defaultdict(lambda: defaultdict(list))
+    histograms: Histograms = defaultdict(dict)
+    for url, text in texts.items():
+        pod_histograms: dict[str, Buckets] = defaultdict(lambda: defaultdict(float))
+        _read_page(text, sel, gauges, pod_histograms, wanted_histograms)
+        for name, buckets in pod_histograms.items():
+            histograms[name][url] = dict(buckets)
+    return gauges, histograms
 
 
 def _read_page(

@@ -221,11 +221,12 @@ def compute_status(
 
 def owned(status: ModelDeploymentStatus) -> ModelDeploymentStatus:
     """The fields of `status` the reconciler owns: its conditions (in its order), and each role
-    without desired."""
+    without the autoscaler's fields (desired, decidedBy, lastScaleTime)."""
     conds = sorted(
         (c for c in status.conditions if c.type in OWN_CONDITIONS), key=lambda c: OWN_CONDITIONS.index(c.type)
     )
-    roles = {name: role.model_copy(update={"desired": None}) for name, role in status.roles.items()}
+    autoscalers = {"desired": None, "decided_by": None, "last_scale_time": None}
+    roles = {name: role.model_copy(update=autoscalers) for name, role in status.roles.items()}
     return status.model_copy(update={"conditions": conds, "roles": roles, "experts": {}})
 
 

@@ -98,11 +98,13 @@ def test_the_loop_couples_prefill_to_decodes_new_decision_and_says_so_in_status(
     ]
     out = coupled(outcomes, policies=policies, current={"prefill": 2, "decode": 2})
     assert [o.new_desired for o in out] == [4, 4]
-    body = status_apply(old=None, outcomes=out, source="test", generation=1, now=now_utc())
+    now = now_utc()
+    body = status_apply(old=None, outcomes=out, source="test", generation=1, now=now)
     assert body is not None
+    at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert body["roles"] == {
-        "prefill": {"desired": 4, "decidedBy": "perDecode"},
-        "decode": {"desired": 4, "decidedBy": "queue-depth"},
+        "prefill": {"desired": 4, "decidedBy": "perDecode", "lastScaleTime": at},
+        "decode": {"desired": 4, "decidedBy": "queue-depth", "lastScaleTime": at},
     }
 
 

@@ -103,7 +103,10 @@ def test_a_scaled_role_writes_its_desired_and_carries_the_others() -> None:
     body = status_apply(old=old, outcomes=outcomes, source=SOURCE, generation=3, now=T1)
     assert body is not None
     # prefill's desired is named again: a server-side apply that left it out would delete it.
-    assert body["roles"] == {"prefill": {"desired": 2}, "decode": {"desired": 2, "decidedBy": "queue-depth"}}
+    assert body["roles"] == {
+        "prefill": {"desired": 2},
+        "decode": {"desired": 2, "decidedBy": "queue-depth", "lastScaleTime": "2025-01-01T12:05:00Z"},
+    }
     (cond,) = body["conditions"]
     assert (cond["status"], cond["lastTransitionTime"]) == ("True", "2025-01-01T12:00:00Z")
 

@@ -14,7 +14,7 @@ SEL = RoleSelector(namespace="prod", deployment="ds", role="decode")
 
 
 def test_queries_select_the_role_and_aggregate_per_group() -> None:
-    m = 'deployment="ds",role="decode",namespace=~"prod|"'
+    m = 'deployment="ds",role="decode",namespace="prod"'
     assert promql("queue-depth", SEL) == f"sum by (group) (kubemoe_requests_waiting{{{m}}})"
     assert promql("kv-cache-usage", SEL) == f"avg by (group) (kubemoe_kv_cache_usage_ratio{{{m}}})"
     assert promql("gpu-utilization", SEL) == f"avg by (group) (kubemoe_gpu_utilization_ratio{{{m}}})"
