@@ -26,39 +26,11 @@ from kubemoe_runtime.engines.torch.serve.pod import KEEPALIVE_S
 from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain
 from kubemoe_runtime.pod.ports import free_port
 from tests.runtime.fake_backend import FakeBackend, parse_response, raw_post
+from tests.runtime.held_request import Held
 from tests.runtime.routing import RouterProcess
 from tests.runtime.serving import Server, http_get, http_post
 
 MODEL = "tiny-qwen"
-
-
-class Held:
-    """A POST whose headers the server has, and whose body it is waiting for."""
-
-    def __init__(self, port: int, path: str, body: dict[str, Any]) -> None:
-        self.data = json.dumps(body).encode()
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        head += f"content-length: {len(self.data)}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
-        self.sock.sendall(head.encode())
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            chunk = self.sock.recv(1)
-            assert chunk, "the server closed the connection"
-            interim += chunk
-        assert interim.startswith(b"HTTP/1.1 100"), interim
-
-    def finish(self) -> tuple[int, bytes]:
-        """Send the body; the final status and body (de-chunked)."""
-        self.sock.sendall(self.data)
-        answer = b""
-        while chunk := self.sock.recv(65536):
-            answer += chunk
-        self.sock.close()
-        return parse_response(answer)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:

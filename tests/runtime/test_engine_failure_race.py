@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,38 +31,11 @@ from kubemoe_runtime.engines.torch.serve.group import GroupLeader
 from kubemoe_runtime.engines.torch.serve.pod import RankJob, _lead, _Pod, _server_state
 from kubemoe_runtime.pod.settings import parse_args
 from tests.runtime.app_thread import serving
-from tests.runtime.fake_backend import parse_response
+from tests.runtime.held_request import Held
 
 MODEL = "tiny-qwen"
 MAX_MODEL_LEN = 64
 LOST = "injected: a rank of the group was lost"
-
-
-class Held:
-    """A POST whose headers the server has, and whose body it is waiting for (its handler is past
-    ready_scheduler())."""
-
-    def __init__(self, port: int, body: dict[str, object]) -> None:
-        self.data = json.dumps(body).encode()
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        head += f"content-length: {len(self.data)}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
-        self.sock.sendall(head.encode())
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            chunk = self.sock.recv(1)
-            assert chunk, "the server closed the connection"
-            interim += chunk
-        assert interim.startswith(b"HTTP/1.1 100"), interim
-
-    def finish(self) -> tuple[int, bytes]:
-        """Send the body; the final status and body (a socket timeout if none comes within 15 s)."""
-        self.sock.sendall(self.data)
-        answer = b""
-        with self.sock:
-            while chunk := self.sock.recv(65536):
-                answer += chunk
-        return parse_response(answer)
 
 
 class Lead:
@@ -126,7 +98,7 @@ def lead(qwen: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lead]:
 def test_a_request_submitted_after_the_engine_failed_gets_a_503_at_once(lead: Lead) -> None:
     with serving(build_app(lead.state), lifespan="off", what="the API") as port:
         body = {"model": MODEL, "prompt": "hello experts", "max_tokens": 4, "temperature": 0}
-        held = Held(port, body)  # past the engine check: the engine was fine then
+        held = Held(port, "/v1/completions", body)  # past the engine check: the engine was fine then
         lead.lose_rank()  # the failure is recorded, then every request the scheduler held is aborted
         assert lead.state.failure is not None
         assert LOST in lead.state.failure

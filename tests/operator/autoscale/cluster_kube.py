@@ -14,7 +14,7 @@ import yaml
 
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
 from kubemoe_operator.render.pods import LWS_GROUP_INDEX
-from tests.operator.reconcile.memory_kube import MemoryKube
+from tests.operator.reconcile.memory_kube import MemoryKube, applied
 
 TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny-moe.yaml"
 
@@ -50,15 +50,6 @@ def leader_pod(
         "metadata": meta,
         "status": {"phase": "Running", "podIP": ip, "conditions": [condition]},
     }
-
-
-def _merged(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """Server-side apply, simplified: maps merge, anything else is replaced."""
-    out = copy.deepcopy(dict(base))
-    for key, value in patch.items():
-        old = out.get(key)
-        out[key] = _merged(old, value) if isinstance(value, Mapping) and isinstance(old, Mapping) else value
-    return out
 
 
 class ClusterKube(MemoryKube):
@@ -110,7 +101,7 @@ class ClusterKube(MemoryKube):
             if resource_version is not None and resource_version != body["metadata"]["resourceVersion"]:
                 self.conflicts += 1
                 return False
-            body["status"] = _merged(body.get("status") or {}, status)
+            body["status"] = applied(body.get("status") or {}, status)
             body["metadata"]["resourceVersion"] = str(next(self._rv))
         return await super().apply_status(
             name=name,

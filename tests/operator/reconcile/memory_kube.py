@@ -32,12 +32,12 @@ CHILD_KIND_NAMES = frozenset(k.kind for k in CHILD_KINDS)
 SCALABLE = frozenset({"Deployment", "LeaderWorkerSet"})
 
 
-def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+def applied(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """Server-side apply, simplified: the patch's fields win, maps merge, lists are replaced."""
     out = copy.deepcopy(base)
     for key, value in patch.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = applied(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -153,7 +153,7 @@ class MemoryKube(Kube):
         meta = obj["metadata"]
         key = (obj["kind"], meta["namespace"], meta["name"])
         manager = field_manager or self.field_manager
-        stored = _merge(self.objects.get(key, {}), obj)
+        stored = applied(self.objects.get(key, {}), obj)
         if obj["kind"] in SCALABLE:
             stored["spec"]["replicas"] = self._replicas_after(key, obj, manager=manager, force=force)
             stored["metadata"]["managedFields"] = self._managed_fields(key)
@@ -196,6 +196,6 @@ class MemoryKube(Kube):
         field_manager: str,
         resource_version: str | None = None,
     ) -> bool:
-        self.statuses[(namespace, name)] = _merge(self.statuses.get((namespace, name), {}), status)
+        self.statuses[(namespace, name)] = applied(self.statuses.get((namespace, name), {}), status)
         self._wrote("status", "ModelDeployment", namespace, name)
         return True
