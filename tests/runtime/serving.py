@@ -28,11 +28,11 @@ def http_get(url: str) -> tuple[int, str]:
         return int(err.code), err.read().decode()
 
 
-def http_post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+def http_post(url: str, body: Any, *, timeout: float = 60) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), json.loads(response.read())
     except urllib.error.HTTPError as err:
         return int(err.code), json.loads(err.read())

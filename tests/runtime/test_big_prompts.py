@@ -35,6 +35,7 @@ from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.protocol import ApiError
 from tests.runtime.api_state import MODEL, api_state, engine_thread
 from tests.runtime.app_thread import serving
+from tests.runtime.serving import http_post
 
 MAX_MODEL_LEN = 64
 HUGE = "word " * (7_000_000 // 5)  # 7 MB: seconds of BPE
@@ -51,15 +52,8 @@ def unbounded(tokenizer: TextTokenizer) -> TextTokenizer:
     return stripping
 
 
-def post(url: str, body: dict[str, Any], *, timeout: float = 120) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return int(err.code), json.loads(err.read())
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    return http_post(url, body, timeout=120)
 
 
 def context_error(status: int, answer: dict[str, Any], *, param: str) -> str:
