@@ -22,13 +22,19 @@ MODEL = "tiny-qwen"
 
 
 def api_state(
-    engine: TorchEngine, tokenizer: TextTokenizer, model: Path, *, max_model_len: int = 64, slots: int = 2
+    engine: TorchEngine,
+    tokenizer: TextTokenizer,
+    model: Path,
+    *,
+    max_model_len: int = 64,
+    slots: int = 2,
+    max_waiting: int = 256,
 ) -> ServerState:
     metrics = ServingMetrics(MetricLabels(role="worker"))
     scheduler = Scheduler(
         GroupLeader(RankRunner(engine, slots=slots, max_len=max_model_len), ep=ExpertParallel()),
         tokenizer=tokenizer,
-        limits=SchedulerLimits(max_model_len=max_model_len, max_num_seqs=slots),
+        limits=SchedulerLimits(max_model_len=max_model_len, max_num_seqs=slots, max_waiting=max_waiting),
         eos_token_ids=engine.cfg.eos_token_ids,
         metrics=metrics,
     )

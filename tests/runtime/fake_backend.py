@@ -29,8 +29,9 @@ def _event(payload: dict[str, Any] | str) -> bytes:
 
 
 class FakeBackend:
-    def __init__(self, *, post_status: int = 200) -> None:
+    def __init__(self, *, post_status: int = 200, retry_after: str | None = None) -> None:
         self.post_status = post_status
+        self.retry_after = retry_after  # a Retry-After header on its refusals
         self.posts = 0
         self.closed = threading.Event()  # a "hang" request's connection was closed by the router
         backend = self
@@ -48,7 +49,10 @@ class FakeBackend:
                     error = {
                         "error": {"message": "busy", "type": "server_error", "param": None, "code": None}
                     }
-                    self._answer(backend.post_status, json.dumps(error).encode(), "application/json")
+                    data = json.dumps(error).encode()
+                    self._answer(
+                        backend.post_status, data, "application/json", retry_after=backend.retry_after
+                    )
                     return
                 prompt = body.get("prompt")
                 if prompt == "hang":
@@ -64,9 +68,13 @@ class FakeBackend:
                 else:
                     self._answer(200, json.dumps(ANSWER).encode(), "application/json")
 
-            def _answer(self, status: int, data: bytes, content_type: str) -> None:
+            def _answer(
+                self, status: int, data: bytes, content_type: str, *, retry_after: str | None = None
+            ) -> None:
                 self.send_response(status)
                 self.send_header("content-type", content_type)
+                if retry_after is not None:
+                    self.send_header("retry-after", retry_after)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -155,6 +155,7 @@ async def _refuse(send: Send, *, ready: bool) -> None:
         (b"content-type", kind),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
+        (b"retry-after", b"1"),  # another pod (through the router or Service) can take it now
     ]
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -104,4 +104,5 @@ class Dispatcher:
             f"no healthy {role} backend answered ({len(tried)} tried)",
             type="server_error",
             code="no_backend",
+            retry_after=1,  # backends come back as health probes pass (every few seconds)
         )

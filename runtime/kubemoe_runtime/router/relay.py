@@ -48,13 +48,17 @@ def error_response(err: ApiError) -> Response:
     """An OpenAI-shaped error, non-ASCII escaped: a message may quote what the client sent (a model name),
     a lone surrogate included, which UTF-8 (Starlette's JSONResponse) cannot carry."""
     body = json.dumps(err.body(), separators=(",", ":"), allow_nan=False).encode()
-    return Response(body, status_code=err.status, media_type="application/json")
+    return Response(body, status_code=err.status, media_type="application/json", headers=err.headers())
 
 
 def passthrough(upstream: BackendAnswer, timing: dict[str, str]) -> Response:
     content_type = upstream.response.headers.get("content-type", "application/json")
+    retry_after = upstream.response.headers.get("retry-after", "")  # the last backend's busy/loading hint
+    headers = (
+        {**timing, "Retry-After": retry_after} if retry_after.isdigit() and len(retry_after) < 6 else timing
+    )
     return Response(
-        upstream.body or b"", status_code=upstream.status, media_type=content_type, headers=timing
+        upstream.body or b"", status_code=upstream.status, media_type=content_type, headers=headers
     )
 
 

@@ -127,9 +127,10 @@ OFF_LOOP_BYTES = 256 << 10
 """JSON bodies larger than this are checked on a worker thread, off the event loop."""
 
 
-def _openai_error(status: int, message: str, *, code: str) -> JSONResponse:
+def _openai_error(status: int, message: str, *, code: str, retry_after: int | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def verified_body(body: bytes, signer: KVSigner | None) -> tuple[bytes, dict[str, Any] | None] | JSONResponse:
@@ -253,7 +254,7 @@ def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Star
             if upstream.exit_code() is not None:
                 return _openai_error(503, "the vLLM engine has exited", code="engine_failed")
             if isinstance(err, httpx2.ConnectError):
-                return _openai_error(503, "the model is still loading", code="model_loading")
+                return _openai_error(503, "the model is still loading", code="model_loading", retry_after=5)
             # Reset, cut before its answer, an answer that is no HTTP: the router tries another pod.
             reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             return _openai_error(502, f"vLLM did not answer: {reason}", code="backend_failed")

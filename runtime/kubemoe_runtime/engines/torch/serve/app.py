@@ -131,7 +131,9 @@ class ServerState:
         if (problem := self.problem()) is not None:
             raise ApiError(503, f"the engine failed: {problem}", type="server_error", code="engine_failed")
         if self.scheduler is None:
-            raise ApiError(503, "the model is still loading", type="server_error", code="model_loading")
+            raise ApiError(
+                503, "the model is still loading", type="server_error", code="model_loading", retry_after=5
+            )
         return self.scheduler
 
     def end_in_flight(self) -> int:
@@ -190,7 +192,7 @@ def not_ready(progress: LoadProgress | None, *, failure: str | None) -> Response
 
 
 async def _api_error(_: Request, err: ApiError) -> Response:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
 async def _http_error(_: Request, err: HTTPException) -> Response:
@@ -426,7 +428,9 @@ class Api:
         try:
             request_id = scheduler.submit(generation, outputs.put)
         except QueueFull as err:
-            raise ApiError(503, f"the server is busy: {err}", type="server_error", code="queue_full") from err
+            raise ApiError(
+                503, f"the server is busy: {err}", type="server_error", code="queue_full", retry_after=1
+            ) from err
         except ValueError as err:
             raise ApiError(400, str(err), code="context_length_exceeded") from err
         stream = Stream(scheduler, request_id, outputs)

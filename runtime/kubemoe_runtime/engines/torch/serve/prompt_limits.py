@@ -64,6 +64,7 @@ class PromptLimits:
                 f"most {self.max_tokenizing_chars} wait at once); try again",
                 type="server_error",
                 code="queue_full",
+                retry_after=1,
             )
         self.tokenizing_chars += len(text)
         try:
