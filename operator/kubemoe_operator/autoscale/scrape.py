@@ -5,12 +5,15 @@ loop.pod_targets): a group still loading its weights serves no load and reports 
 and counted in a per-group mean it would ask to remove the groups that carry the load.
 
 Gauges are read as they are; latency quantiles need a rate, so each pod's histogram is kept from the
-previous scrape and the quantile is taken over the observations since then, summed over the pods
-(the first scrape of a role therefore has no latency value yet, which never scales anything down).
-As Prometheus' rate(), per pod: a pod seen for the first time adds nothing yet, a pod whose
-counters went back (it restarted) adds its new counts, and a pod that left adds nothing. Pods that
-export the histogram but observed nothing since the previous scrape read as latency 0: no requests
-is no load (which may scale down), unlike no histogram at all (unavailable: never scales down).
+previous scrape, each scrape's new observations (summed over the pods) are kept for WINDOW_S, and the
+quantile is taken over those: the window of the Prometheus queries (prometheus.py, `[1m]`). A window,
+not the last interval alone: sparse traffic (one slow first token a minute) otherwise reads as slow,
+idle, slow, idle..., and the scale-up window's smallest reading, 0, never let it scale up. The first
+scrape of a role has no latency value yet (which never scales anything down). As Prometheus' rate(),
+per pod: a pod seen for the first time adds nothing yet, a pod whose counters went back (it
+restarted) adds its new counts, and a pod that left adds nothing more. Pods that export the histogram
+but observed nothing in the window read as latency 0: no requests is no load (which may scale down),
+unlike no histogram at all (unavailable: never scales down).
 
 Each page is read within FETCH_TIMEOUT_S as a whole and up to pages.MAX_PAGE_BYTES (a page past the
 cap refuses the whole sample at once: the other pods' reads are cancelled), and parsed off the event
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import httpx2
@@ -55,19 +59,33 @@ FETCH_TIMEOUT_S = 5.0
 """The whole read of one page: connect, headers and body."""
 MAX_PAGE_BYTES = pages.MAX_PAGE_BYTES
 """A longer page is refused, not read further (pages.py: what serving pods' pages weigh)."""
+WINDOW_S = 60.0
+"""The latency quantile's window, as the Prometheus queries' rate window."""
 
 
 class ScrapeSource:
-    def __init__(self, *, client: httpx2.AsyncClient, targets: Targets) -> None:
+    def __init__(
+        self,
+        *,
+        client: httpx2.AsyncClient,
+        targets: Targets,
+        window_s: float = WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client = client
         self.targets = targets
+        self.window_s = window_s
+        self.clock = clock
         self._previous: dict[tuple[RoleSelector, str], dict[str, Buckets]] = {}
         """(role, histogram) -> each pod's (URL's) buckets at the previous scrape."""
+        self._recent: dict[tuple[RoleSelector, str], deque[tuple[float, Buckets]]] = {}
+        """(role, histogram) -> (when, the observations new at that scrape, all pods) within the window."""
 
     def forget(self, *, keep: Collection[tuple[str, str]]) -> None:
         """Drop the histograms kept for ModelDeployments other than `keep` (namespace, name): gone."""
-        for key in [k for k in self._previous if (k[0].namespace, k[0].deployment) not in keep]:
-            del self._previous[key]
+        for kept in (self._previous, self._recent):
+            for key in [k for k in kept if (k[0].namespace, k[0].deployment) not in keep]:
+                del kept[key]
 
     async def _fetch(self, url: str) -> str | None:
         """The page, or None when the pod does not answer; MetricsUnavailable when it is too long."""
@@ -109,36 +127,53 @@ class ScrapeSource:
                     {g: sum(v) / len(v) for g, v in gauges.get(GPU_UTIL, {}).items()}
                 )
             else:
-                out[metric] = self._quantile_since_last(
+                out[metric] = self._quantile_over_window(
                     sel, HISTOGRAMS[metric], histograms.get(HISTOGRAMS[metric])
                 )
         return out
 
-    def _quantile_since_last(
+    def _quantile_over_window(
         self, sel: RoleSelector, name: str, now: dict[str, Buckets] | None
     ) -> float | None:
         if not now:
             return None
-        before = self._previous.get((sel, name))
-        self._previous[(sel, name)] = {url: dict(buckets) for url, buckets in now.items()}
+        key = (sel, name)
+        before = self._previous.get(key)
+        self._previous[key] = {url: dict(buckets) for url, buckets in now.items()}
         if before is None:
             return None
-        summed: Buckets = defaultdict(float)
-        seen = False
-        for url, buckets in now.items():
-            previous = before.get(url)
-            if previous is None:
-                continue  # a new pod: from its next scrape on
-            seen = True
-            reset = any(count < previous.get(le, 0.0) for le, count in buckets.items())
-            for le, count in buckets.items():
-                summed[le] += count if reset else count - previous.get(le, 0.0)
-        if not seen:
+        t = self.clock()
+        recent = self._recent.setdefault(key, deque())
+        if (new := _new_observations(before, now)) is not None:
+            recent.append((t, new))
+        while recent and recent[0][0] <= t - self.window_s:
+            recent.popleft()
+        if not recent:
             return None
-        # The pods export the histogram and observed nothing since the last scrape: no requests, no
-        # load (0, which may scale down), not a missing reading (which never does).
+        summed: Buckets = defaultdict(float)
+        for _, buckets in recent:
+            for le, count in buckets.items():
+                summed[le] += count
+        # The pods export the histogram and observed nothing in the window: no requests, no load (0,
+        # which may scale down), not a missing reading (which never does).
         quantile = histogram_quantile(0.9, list(summed.items()))
         return 0.0 if quantile is None else quantile
+
+
+def _new_observations(before: Mapping[str, Buckets], now: Mapping[str, Buckets]) -> Buckets | None:
+    """The buckets' increase since `before`, summed over the pods in both (a pod whose counts went back
+    restarted: all its counts are new); None when no pod was in both (no rate yet)."""
+    summed: Buckets = defaultdict(float)
+    seen = False
+    for url, buckets in now.items():
+        previous = before.get(url)
+        if previous is None:
+            continue  # a new pod: from its next scrape on
+        seen = True
+        reset = any(count < previous.get(le, 0.0) for le, count in buckets.items())
+        for le, count in buckets.items():
+            summed[le] += count if reset else count - previous.get(le, 0.0)
+    return dict(summed) if seen else None
 
 
 def _read_pages(

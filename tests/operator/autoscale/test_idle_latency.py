@@ -55,21 +55,27 @@ def serving_pods(count: int) -> Iterator[tuple[list[ServingMetrics], list[str]]]
             server.shutdown()
 
 
-async def test_a_scraped_histogram_with_nothing_new_is_latency_zero() -> None:
+async def test_a_scraped_histogram_with_nothing_new_in_the_window_is_latency_zero() -> None:
+    clock = Clock()
     with serving_pods(2) as (pods, urls):
 
         async def targets(_: RoleSelector) -> list[str]:
             return urls
 
         async with httpx2.AsyncClient() as client:
-            source = ScrapeSource(client=client, targets=targets)
+            source = ScrapeSource(client=client, targets=targets, clock=clock)
             pods[0].ttft.observe(0.2)
             assert await source.sample(SEL, ["ttft-p90"]) == {"ttft-p90": None}  # no rate yet
+            clock.t = 15.0
             assert await source.sample(SEL, ["ttft-p90"]) == {"ttft-p90": 0.0}  # idle: no load
             pods[1].ttft.observe(3.0)
+            clock.t = 30.0
             got = (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"]
             assert got is not None
             assert got > 1.0
+            clock.t = 75.0  # nothing new since, but the slow first token is 45 s old: still in the window
+            assert await source.sample(SEL, ["ttft-p90"]) == {"ttft-p90": got}
+            clock.t = 90.0  # now 60 s old: out of it
             assert await source.sample(SEL, ["ttft-p90"]) == {"ttft-p90": 0.0}
 
 
@@ -140,7 +146,7 @@ async def test_an_idle_role_on_a_latency_signal_scales_down_to_its_minimum() -> 
             return urls
 
         async with httpx2.AsyncClient() as client:
-            source = ScrapeSource(client=client, targets=targets)
+            source = ScrapeSource(client=client, targets=targets, clock=clock)
             scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
             for i in range(12):  # three minutes without a request
                 clock.t = 15.0 * i
@@ -166,7 +172,7 @@ async def test_sparse_requests_keep_the_metrics_available_and_status_quiet() -> 
             return urls
 
         async with httpx2.AsyncClient() as client:
-            source = ScrapeSource(client=client, targets=targets)
+            source = ScrapeSource(client=client, targets=targets, clock=clock)
             scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
             for i in range(12):
                 clock.t = 15.0 * i
@@ -178,3 +184,37 @@ async def test_sparse_requests_keep_the_metrics_available_and_status_quiet() -> 
     assert kube.writes["status"] == 2
     (cond,) = _status(kube)["conditions"]
     assert cond["status"] == "True"
+
+
+async def test_sparse_slow_requests_scale_up() -> None:
+    """One slow first token every other interval is a slow role, not one that is slow, idle, slow: the
+    scrape reads the last minute (as Prometheus' rate), so the scale-up window's readings all ask for
+    more groups. Before, every idle interval read 0 and the window's smallest reading never scaled up."""
+    kube = ClusterKube()
+    kube.add(
+        tiny_moe(
+            replicas=1,
+            autoscaling={
+                "minReplicas": 1,
+                "maxReplicas": 8,
+                "metrics": [{"type": "ttft-p90", "target": 2}],
+                "scaleUpWindowSeconds": 30,
+                "cooldownSeconds": 0,
+            },
+        )
+    )
+    clock = Clock()
+    with serving_pods(1) as (pods, urls):
+
+        async def targets(_: RoleSelector) -> list[str]:
+            return urls
+
+        async with httpx2.AsyncClient() as client:
+            source = ScrapeSource(client=client, targets=targets, clock=clock)
+            scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
+            for i in range(8):
+                clock.t = 15.0 * i
+                if i % 2:
+                    pods[0].ttft.observe(8.0)  # 4x the target, every other interval
+                await scaler.evaluate_all()
+    assert _status(kube)["roles"]["decode"]["desired"] > 1
