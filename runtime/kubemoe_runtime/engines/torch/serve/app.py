@@ -42,59 +42,46 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.model.placement import PlacementError, parse_placement
 from kubemoe_runtime.engines.torch.model.sampling import SamplingParams
+from kubemoe_runtime.engines.torch.serve.answer_shapes import AnswerShape, ChatShape, CompletionShape, sse
 from kubemoe_runtime.engines.torch.serve.chat_template import ChatTemplateError
-from kubemoe_runtime.engines.torch.serve.in_flight import InFlight, OutputQueue, Stream, usage
+from kubemoe_runtime.engines.torch.serve.in_flight import InFlight, OutputQueue, Stream
 from kubemoe_runtime.engines.torch.serve.kv.fetch import fetch_endpoint
 from kubemoe_runtime.engines.torch.serve.kv.pull import KVPuller, KVPullError, wants_pull
 from kubemoe_runtime.engines.torch.serve.kv.release import release_endpoint
 from kubemoe_runtime.engines.torch.serve.placement_switch import PlacementConflict
 from kubemoe_runtime.engines.torch.serve.prompt_limits import PromptLimits
-from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, Output, QueueFull, Scheduler
+from kubemoe_runtime.engines.torch.serve.request_body import parse_body, read_body
+from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
 from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.pod.metrics import ServingMetrics
 from kubemoe_runtime.pod.protocol import (
     ApiError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
-    FinishReason,
     ModelCard,
     ModelList,
     SamplingRequest,
-    Usage,
 )
 
 log = logging.getLogger("kubemoe_runtime.server")
-MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_PLACEMENT_BYTES = 4 * 1024 * 1024  # DeepSeek-V3's 58 layers of 256 + 256 slots: about 200 kB
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat fills the context
 CLIENT_GONE = 499  # what is logged for a request whose client left (no one reads the answer)
-RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 @dataclass
@@ -246,8 +233,8 @@ class Api:
 
     async def completions(self, request: Request) -> Response:
         scheduler = self.state.ready_scheduler()
-        body = await _parse(request, CompletionRequest)
-        shape = _CompletionShape(model=self._model_name(body.model))
+        body = await parse_body(request, CompletionRequest)
+        shape = CompletionShape(model=self._model_name(body.model))
         prompt = body.single_prompt()
         prompt_ids = await self.prompts.encode(prompt, param="prompt") if isinstance(prompt, str) else prompt
         self.prompts.check(prompt_ids, param="prompt")
@@ -256,8 +243,8 @@ class Api:
 
     async def chat_completions(self, request: Request) -> Response:
         scheduler = self.state.ready_scheduler()
-        body = await _parse(request, ChatCompletionRequest)
-        shape = _ChatShape(model=self._model_name(body.model))
+        body = await parse_body(request, ChatCompletionRequest)
+        shape = ChatShape(model=self._model_name(body.model))
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:  # CPU work (bounded inside the template sandbox): off the event loop, as /health must answer
             prompt_text = await asyncio.to_thread(self.state.tokenizer.apply_chat_template, messages)
@@ -277,7 +264,7 @@ class Api:
         generation: GenerationRequest,
         *,
         body: CompletionRequest | ChatCompletionRequest,
-        shape: _Shape,
+        shape: AnswerShape,
     ) -> Response:
         """Run `generation` (after pulling its KV, P/D) and answer in the endpoint's `shape`: a stream of
         chunks, or the whole response once done (499 when the client left first)."""
@@ -286,7 +273,7 @@ class Api:
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             usage_chunk = shape.usage_chunk if include_usage else None
-            return _sse(stream.events(shape.chunk, first=shape.opening(), usage_chunk=usage_chunk))
+            return sse(stream.events(shape.chunk, first=shape.opening(), usage_chunk=usage_chunk))
         try:
             text, last = await unless_disconnected(request, stream.collect())
         except ClientGone:
@@ -306,7 +293,7 @@ class Api:
         """A new expert placement for the group (docs/expert-load.md): checked here, loaded by every rank
         in the background, switched to at one step by all of them."""
         scheduler = self.state.ready_scheduler()
-        body = await _read_body(request, limit=MAX_PLACEMENT_BYTES, param="body")
+        body = await read_body(request, limit=MAX_PLACEMENT_BYTES, param="body")
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, 5000-digit numbers, deep nesting
@@ -441,118 +428,8 @@ class Api:
         return stream
 
 
-class _Shape:
-    """How one endpoint words its answer: stream chunks, the usage chunk, the whole response."""
-
-    prefix = ""
-
-    def __init__(self, *, model: str) -> None:
-        self.model = model
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def chunk(self, text: str, reason: FinishReason | None) -> BaseModel:
-        raise NotImplementedError
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        raise NotImplementedError
-
-    def opening(self) -> BaseModel | None:
-        return None
-
-    def whole(self, text: str, last: Output, *, kv_transfer_params: dict[str, Any] | None) -> BaseModel:
-        raise NotImplementedError
-
-
-class _CompletionShape(_Shape):
-    prefix = "cmpl"
-
-    def chunk(self, text: str, reason: FinishReason | None) -> BaseModel:
-        choice = CompletionChoice(text=text, finish_reason=reason)
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
-
-    def whole(self, text: str, last: Output, *, kv_transfer_params: dict[str, Any] | None) -> BaseModel:
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
-        return Completion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage(last),
-            kv_transfer_params=kv_transfer_params,
-        )
-
-
-class _ChatShape(_Shape):
-    prefix = "chatcmpl"
-
-    def chunk(self, text: str, reason: FinishReason | None) -> BaseModel:
-        delta = ChatDelta(content=text if reason is None or text else None)
-        choice = ChatChunkChoice(delta=delta, finish_reason=reason)
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
-        )
-
-    def opening(self) -> BaseModel | None:
-        """The first chunk names the assistant's role, as OpenAI's does."""
-        choice = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
-
-    def whole(self, text: str, last: Output, *, kv_transfer_params: dict[str, Any] | None) -> BaseModel:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
-        return ChatCompletion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage(last),
-            kv_transfer_params=kv_transfer_params,
-        )
-
-
-def _sse(events: AsyncIterator[BaseModel]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        async for event in events:
-            yield f"data: {json.dumps(event.model_dump(), separators=(',', ':'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
 def _reachable(params: dict[str, Any] | None, request: Request) -> dict[str, Any] | None:
     """A prefill's kv_transfer_params, with the host and port the caller reached this server at."""
     if params is None or params.get("remote_host") is not None:
         return params
     return {**params, "remote_host": request.url.hostname, "remote_port": request.url.port}
-
-
-async def _read_body(request: Request, *, limit: int, param: str | None = None) -> bytes:
-    """The request body, or 413 once it exceeds `limit` bytes (declared or sent)."""
-    too_large = ApiError(413, f"the request body exceeds {limit} bytes", param=param)
-    declared = request.headers.get("content-length", "0")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = b""
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
-    return body
-
-
-async def _parse(request: Request, model: type[RequestT]) -> RequestT:
-    body = await _read_body(request, limit=MAX_BODY_BYTES)
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as err:
-        first: Any = err.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])  # e.g. "messages.0.role"
-        param = str(first["loc"][0]) if first["loc"] else None  # OpenAI names the top-level field
-        message = first["msg"] if not where else f"{where}: {first['msg']}"
-        raise ApiError(400, message, param=param) from err
