@@ -162,6 +162,10 @@ class EngineSpec(ApiModel):
     """Extra engine flags, appended verbatim."""
 
 
+EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+"""A Kubernetes extended resource name: a domain, a slash, a name (nvidia.com/gpu)."""
+
+
 class AcceleratorSpec(ApiModel):
     """What each rank runs on."""
 
@@ -171,6 +175,9 @@ class AcceleratorSpec(ApiModel):
     """Accelerators (for cpu: rank processes) per pod."""
     memory_gib: float | None = Field(None, gt=0, le=2**16, alias="memoryGiB")
     """Memory per accelerator in GiB; overrides the catalog (required for types it lacks)."""
+    resource: str | None = Field(None, max_length=253, pattern=EXTENDED_RESOURCE)
+    """The extended resource each pod requests for its accelerators (amd.com/gpu, nvidia.com/gpu, ...);
+    overrides the catalog's. A type the catalog lacks gets nvidia.com/gpu unless this says otherwise."""
 
 
 class KvTransferSpec(ApiModel):

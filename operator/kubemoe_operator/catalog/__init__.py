@@ -198,16 +198,29 @@ def resolve_gpu(spec: AcceleratorSpec, catalog: Catalog) -> GpuFacts:
                 )
             ]
         )
+    if spec.resource is not None and entry is not None and entry.resource is None:
+        raise ManifestError(
+            [
+                Problem(
+                    field="spec.accelerator.resource",
+                    message=f"accelerator type {entry.name} runs on CPUs and requests no device.",
+                    fix="remove spec.accelerator.resource, or set spec.accelerator.type to the GPU's type.",
+                )
+            ]
+        )
     if entry is None:
         return GpuFacts(
-            name=spec.type, memory_gib=spec.memory_gib or 0.0, reserve_gib=2.0, resource="nvidia.com/gpu"
+            name=spec.type,
+            memory_gib=spec.memory_gib or 0.0,
+            reserve_gib=2.0,
+            resource=spec.resource or "nvidia.com/gpu",
         )
     memory = spec.memory_gib if spec.memory_gib is not None else entry.memory_mib * 1024**2 / GIB
     return GpuFacts(
         name=entry.name,
         memory_gib=memory,
         reserve_gib=entry.reserve_gib,
-        resource=entry.resource,
+        resource=spec.resource or entry.resource,
         product_labels=tuple(entry.product_labels),
         label_key=entry.label_key,
     )

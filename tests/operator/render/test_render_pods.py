@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
 from kubemoe_operator.render.image_user import CACHE_DIR, HF_HOME, IMAGE_UID, RUNTIME_HOME
@@ -189,3 +190,25 @@ def test_nixl_advertises_the_pods_ip_as_its_side_channel_host() -> None:
                 assert ref == {"fieldPath": "status.podIP"}
             else:
                 assert "VLLM_NIXL_SIDE_CHANNEL_HOST" not in env
+
+
+def test_an_uncatalogued_amd_gpu_requests_the_resource_the_spec_names() -> None:
+    """An accelerator the catalog lacks (MI325X) requested nvidia.com/gpu, and the plan's resource could
+    not be changed in resources.limits: its pods stayed Pending on AMD nodes."""
+    accelerator = {"type": "MI325X", "perPod": 8, "memoryGiB": 256}
+    for resource, expected in ((None, "nvidia.com/gpu"), ("amd.com/gpu", "amd.com/gpu")):
+        given = accelerator if resource is None else {**accelerator, "resource": resource}
+        for _, pod in serving_pods(render_spec(accelerator=given)):
+            limits = pod["containers"][0]["resources"]["limits"]
+            assert int(limits[expected]) >= 1, (resource, limits)
+            assert not ({"nvidia.com/gpu", "amd.com/gpu"} - {expected}) & limits.keys(), limits
+
+
+def test_an_accelerator_resource_is_a_resource_name_and_not_for_cpu() -> None:
+    with pytest.raises(ManifestError, match=r"spec\.accelerator\.resource"):
+        render_spec(accelerator={"type": "MI325X", "memoryGiB": 256, "resource": "amd gpu"})
+    memory = {"requests": {"memory": "128Gi"}}
+    roles = {"prefill": {"resources": memory}, "decode": {"resources": memory}}
+    with pytest.raises(ManifestError, match=r"spec\.accelerator\.resource.*remove") as err:
+        render_spec(accelerator={"type": "cpu", "perPod": 1, "resource": "amd.com/gpu"}, roles=roles)
+    assert "CPUs" in str(err.value)
