@@ -123,6 +123,31 @@ def _status(kube: ClusterKube) -> dict[str, Any]:
     return kube.deployments[("ns", "tiny-moe")].get("status") or {}
 
 
+async def run_scaler(
+    kube: ClusterKube,
+    pods: list[ServingMetrics],
+    urls: list[str],
+    *,
+    intervals: int,
+    ttft: float | None = None,
+) -> None:
+    """The autoscaler and the direct scrape on a shared fake clock, 15 s apart for `intervals`
+    evaluations; `ttft`: a first token that long observed every other interval."""
+    clock = Clock()
+
+    async def targets(_: RoleSelector) -> list[str]:
+        return urls
+
+    async with httpx2.AsyncClient() as client:
+        source = ScrapeSource(client=client, targets=targets, clock=clock)
+        scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
+        for i in range(intervals):
+            clock.t = 15.0 * i
+            if ttft is not None and i % 2:
+                pods[0].ttft.observe(ttft)
+            await scaler.evaluate_all()
+
+
 async def test_an_idle_role_on_a_latency_signal_scales_down_to_its_minimum() -> None:
     kube = ClusterKube()
     kube.add(
@@ -137,20 +162,10 @@ async def test_an_idle_role_on_a_latency_signal_scales_down_to_its_minimum() -> 
             },
         )
     )
-    clock = Clock()
     with serving_pods(4) as (pods, urls):
         for pod in pods:
             pod.kv_cache_usage.set(0.0)
-
-        async def targets(_: RoleSelector) -> list[str]:
-            return urls
-
-        async with httpx2.AsyncClient() as client:
-            source = ScrapeSource(client=client, targets=targets, clock=clock)
-            scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
-            for i in range(12):  # three minutes without a request
-                clock.t = 15.0 * i
-                await scaler.evaluate_all()
+        await run_scaler(kube, pods, urls, intervals=12)  # three minutes without a request
     status = _status(kube)
     assert status["roles"]["decode"]["desired"] == 1
     (cond,) = status["conditions"]
@@ -165,20 +180,9 @@ async def test_sparse_requests_keep_the_metrics_available_and_status_quiet() -> 
             autoscaling={"minReplicas": 1, "maxReplicas": 8, "metrics": [{"type": "ttft-p90", "target": 10}]},
         )
     )
-    clock = Clock()
     with serving_pods(1) as (pods, urls):
-
-        async def targets(_: RoleSelector) -> list[str]:
-            return urls
-
-        async with httpx2.AsyncClient() as client:
-            source = ScrapeSource(client=client, targets=targets, clock=clock)
-            scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
-            for i in range(12):
-                clock.t = 15.0 * i
-                if i % 2:
-                    pods[0].ttft.observe(9.0)  # a first token every other interval, inside the target
-                await scaler.evaluate_all()
+        # a first token every other interval, inside the target
+        await run_scaler(kube, pods, urls, intervals=12, ttft=9.0)
     # the condition once (the first scrape has no rate yet: unavailable), and once more when the
     # second makes it available; never again
     assert kube.writes["status"] == 2
@@ -203,18 +207,6 @@ async def test_sparse_slow_requests_scale_up() -> None:
             },
         )
     )
-    clock = Clock()
     with serving_pods(1) as (pods, urls):
-
-        async def targets(_: RoleSelector) -> list[str]:
-            return urls
-
-        async with httpx2.AsyncClient() as client:
-            source = ScrapeSource(client=client, targets=targets, clock=clock)
-            scaler = Autoscaler(kube=kube, source=source, source_name="test", interval_s=15.0, clock=clock)
-            for i in range(8):
-                clock.t = 15.0 * i
-                if i % 2:
-                    pods[0].ttft.observe(8.0)  # 4x the target, every other interval
-                await scaler.evaluate_all()
+        await run_scaler(kube, pods, urls, intervals=8, ttft=8.0)  # 4x the target, every other interval
     assert _status(kube)["roles"]["decode"]["desired"] > 1
