@@ -8,6 +8,10 @@ field of a JSON flag, and `--config FILE` reads more flags from a file. So each 
 normalised (dashes stripped, `_` -> `-`, cut at `=` and at the first `.`; `no-` dropped as a second
 reading) and refused when it equals or is a prefix of a plan-owned flag or alias.
 
+The flags the plan sizes memory by (the longest sequence, the share of device memory, the dtype) are
+plan-owned too: argparse keeps the last occurrence, so one in extraArgs would override the value the
+plan sized the KV cache for; their refusal names the spec field that sets them (SIZED_BY).
+
 The aliases are vLLM's (`vllm.engine.arg_utils`); tests/operator/api/test_extra_args.py checks them
 against the vLLM build when one is installed. The CEL twin in `spec.py` (RESERVED_FLAG_PATTERN) is
 the apiserver's first, coarser filter; this is the complete check the operator and `kubemoe plan` run.
@@ -21,9 +25,9 @@ from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import RESERVED_FLAGS
 
 # Long flags the plan sets or that would contradict it (the CEL list, plus the rest of the layout, the
-# runtime's own --engine/--role/--model, and the expert placement spec.experts sets: vLLM's EPLB, the
-# torch engine's slots and placement file, render/experts.py), and --config, which could set any of them
-# from a file.
+# runtime's own --engine/--role/--model, the expert placement spec.experts sets: vLLM's EPLB, the torch
+# engine's slots and placement file, render/experts.py; and the memory sizing: the runtime's
+# pod/settings.py takes the same three flags), and --config, which could set any of them from a file.
 PLAN_FLAGS: Final = (
     *RESERVED_FLAGS,
     "pipeline-parallel-size",
@@ -38,8 +42,29 @@ PLAN_FLAGS: Final = (
     "eplb-config",
     "redundant-experts",
     "expert-placement",
+    "max-model-len",
+    "gpu-memory-utilization",
+    "device-memory-utilization",  # vLLM's other name for --gpu-memory-utilization
+    "dtype",
     "config",
 )
+
+# The flags the plan sizes each rank's memory by, per engine, -> the spec field the plan sets them from.
+MAX_MODEL_LEN_FIELD: Final = "spec.engine.maxModelLen"
+UTILIZATION_FIELD: Final = "spec.engine.gpuMemoryUtilization"
+DTYPE_FIELD: Final = "spec.model.config.dtype"
+SIZED_BY: Final[dict[str, str]] = {
+    "max-model-len": MAX_MODEL_LEN_FIELD,
+    "context-length": MAX_MODEL_LEN_FIELD,  # SGLang
+    "max-total-tokens": MAX_MODEL_LEN_FIELD,  # TGI (with max-input-tokens below it)
+    "max-input-tokens": MAX_MODEL_LEN_FIELD,
+    "max-input-length": MAX_MODEL_LEN_FIELD,
+    "gpu-memory-utilization": UTILIZATION_FIELD,
+    "device-memory-utilization": UTILIZATION_FIELD,
+    "mem-fraction-static": UTILIZATION_FIELD,  # SGLang
+    "cuda-memory-fraction": UTILIZATION_FIELD,  # TGI
+    "dtype": DTYPE_FIELD,
+}
 
 # vLLM's short aliases of those flags -> the flag.
 ALIASES: Final[dict[str, str]] = {
@@ -84,6 +109,8 @@ SGLANG_PLAN_FLAGS: Final = (
     "disaggregation-transfer-backend",
     "disaggregation-bootstrap-port",
     "context-length",
+    "mem-fraction-static",
+    "dtype",
     "device",
     "config",
 )
@@ -100,6 +127,8 @@ TGI_PLAN_FLAGS: Final = (
     "max-input-tokens",
     "max-input-length",
     "max-total-tokens",
+    "cuda-memory-fraction",
+    "dtype",
     "master-addr",
     "master-port",
     "shard-uds-path",
@@ -137,15 +166,25 @@ def _owned(name: str, engine: str = "vllm") -> str | None:
     return None
 
 
-def refusal(arg: str, engine: str = "vllm") -> str | None:
-    """Why user argument `arg` may not reach `engine`; None when it may."""
+def _sized_fix(flag: str) -> str:
+    field = SIZED_BY[flag]
+    if field == DTYPE_FIELD:
+        return (
+            f"remove it: the plan passes the model's dtype ({field}, from the catalog or the model's"
+            " config) and sizes the KV cache by it; set that instead."
+        )
+    return f"remove it: set {field} instead (the plan sizes each rank's KV cache for it)."
+
+
+def refused(arg: str, engine: str = "vllm") -> tuple[str, str] | None:
+    """Why user argument `arg` may not reach `engine`, and the fix; None when it may."""
     if not arg.startswith("-") or arg == "-":
         return None  # a value, or "-" (stdin), which argparse takes as a value
     if arg == "--":
-        return "'--' ends option parsing: the arguments after it would reach the engine unparsed."
+        return "'--' ends option parsing: the arguments after it would reach the engine unparsed.", FIX
     name = normalised(arg)
     if not name:
-        return f"{arg!r} names no flag."
+        return f"{arg!r} names no flag.", FIX
     aliases = FLAGS_BY_ENGINE[engine][1]
     flag = None
     if not arg.startswith("--") and len(name) > 1 and name[0] in aliases:
@@ -158,17 +197,31 @@ def refusal(arg: str, engine: str = "vllm") -> str | None:
     if flag is None:
         return None
     if flag == "config":
-        return f"{arg!r} reads flags from a file, which could set the flags the plan owns."
+        return f"{arg!r} reads flags from a file, which could set the flags the plan owns.", FIX
+    if flag in SIZED_BY:
+        return (
+            f"{arg!r} would set --{flag}, which the plan sets from {SIZED_BY[flag]} and sizes each rank's"
+            " memory by (the plan's own would be overridden).",
+            _sized_fix(flag),
+        )
     return (
         f"{arg!r} would set --{flag}, which the plan owns (parallelism, ports, model, KV transfer,"
-        " expert placement)."
+        " expert placement).",
+        FIX,
     )
+
+
+def refusal(arg: str, engine: str = "vllm") -> str | None:
+    """Why user argument `arg` may not reach `engine`; None when it may."""
+    why = refused(arg, engine)
+    return None if why is None else why[0]
 
 
 def extra_args_problems(extra_args: list[str], *, field: str, engine: str = "vllm") -> list[Problem]:
     """One Problem per user argument that would set a flag the plan owns for `engine`."""
     return [
-        Problem(field=f"{field}[{i}]", message=message, fix=FIX)
+        Problem(field=f"{field}[{i}]", message=message, fix=fix)
         for i, arg in enumerate(extra_args)
-        if (message := refusal(arg, engine)) is not None
+        if (why := refused(arg, engine)) is not None
+        for message, fix in [why]
     ]

@@ -76,13 +76,53 @@ def parse_manifest(data: Any) -> ModelDeployment:
     return md
 
 
-def load_manifest(path: Path) -> ModelDeployment:
-    """Read one ModelDeployment from a YAML file (the first document that is one)."""
+def manifest_text(data: bytes, *, source: str) -> str:
+    """A manifest's bytes as text (YAML is UTF-8, a BOM allowed); ManifestError naming `source` when
+    they are not UTF-8."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ManifestError(
+            [
+                Problem(
+                    field=source,
+                    message=f"is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}).",
+                    fix="give a YAML manifest saved as UTF-8.",
+                )
+            ]
+        ) from None
+
+
+def read_manifest_text(path: Path) -> str:
+    """The text of the manifest file at `path`; ManifestError naming the file when it cannot be read
+    (missing, a directory, unreadable) or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ManifestError(
+            [Problem(field=str(path), message="is a directory.", fix="give the manifest file itself.")]
+        ) from None
+    except OSError as err:
+        raise ManifestError(
+            [
+                Problem(
+                    field=str(path),
+                    message=f"cannot be read: {err.strerror or err}.",
+                    fix="check the path and its permissions.",
+                )
+            ]
+        ) from None
+    return manifest_text(data, source=str(path))
+
+
+def manifest_from_text(text: str, *, source: str) -> ModelDeployment:
+    """Read one ModelDeployment from YAML text (the first document that is one); `source` names where
+    the text came from in the problems."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise ManifestError(
-            [Problem(field=str(path), message=f"not valid YAML: {err}", fix="fix the YAML syntax.")]
+            [Problem(field=source, message=f"not valid YAML: {err}", fix="fix the YAML syntax.")]
         ) from None
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == "ModelDeployment":
@@ -90,5 +130,14 @@ def load_manifest(path: Path) -> ModelDeployment:
     if len(docs) == 1:
         return parse_manifest(docs[0])
     raise ManifestError(
-        [Problem(field="kind", message=f"{path} holds no ModelDeployment.", fix="add kind: ModelDeployment.")]
+        [
+            Problem(
+                field="kind", message=f"{source} holds no ModelDeployment.", fix="add kind: ModelDeployment."
+            )
+        ]
     )
+
+
+def load_manifest(path: Path) -> ModelDeployment:
+    """Read one ModelDeployment from a YAML file (the first document that is one)."""
+    return manifest_from_text(read_manifest_text(path), source=str(path))

@@ -1,5 +1,6 @@
-"""`kubemoe`: the command line. `kubemoe plan FILE`, `kubemoe crd`, and local runs: `kubemoe up FILE`,
-`kubemoe status`, `kubemoe down` (local/); `kubemoe completion bash|zsh`; `kubemoe --version`.
+"""`kubemoe`: the command line. `kubemoe plan FILE` (`-`: the manifest from stdin), `kubemoe crd`,
+and local runs: `kubemoe up FILE`, `kubemoe status`, `kubemoe down` (local/); `kubemoe completion
+bash|zsh`; `kubemoe --version`.
 Errors are one line, never a traceback (cli/errors.py)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kubemoe_operator.api.manifest import load_manifest
+from kubemoe_operator.api.manifest import load_manifest, manifest_from_text, manifest_text
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.cli.completion import FILES, add_completion
 from kubemoe_operator.cli.errors import add_version, run_main
@@ -25,13 +26,27 @@ from kubemoe_operator.plan.planner import plan_manifest
 EXIT_INVALID = 2
 
 
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
+    stdin = args.file == STDIN
+    path = Path(STDIN_NAME if stdin else args.file)
+    if not stdin and not path.exists():
         print(f"kubemoe plan: {path}: no such file", file=sys.stderr)
         return EXIT_INVALID
+    if not stdin and path.is_dir():
+        print(f"kubemoe plan: {path}: is a directory (give the manifest file in it)", file=sys.stderr)
+        return EXIT_INVALID
     try:
-        plan = plan_manifest(load_manifest(path))
+        if stdin:
+            md = manifest_from_text(
+                manifest_text(sys.stdin.buffer.read(), source=STDIN_NAME), source=STDIN_NAME
+            )
+        else:
+            md = load_manifest(path)
+        plan = plan_manifest(md)
     except ManifestError as err:
         print("\n".join(problem_lines(path, err)), file=sys.stderr)
         return EXIT_INVALID
@@ -59,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan", help="print the layout a ModelDeployment manifest would get, or why it cannot fit"
     )
-    plan.add_argument("file", help="ModelDeployment manifest (YAML)")
+    plan.add_argument("file", help="ModelDeployment manifest (YAML); - reads it from stdin")
     plan.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     plan.set_defaults(run=_cmd_plan)
     crd = sub.add_parser("crd", help="print the ModelDeployment CustomResourceDefinition")

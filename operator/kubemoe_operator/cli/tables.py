@@ -23,7 +23,8 @@ def _tokens(value: int) -> str:
 
 def _experts(role: RolePlan, *, first: int, count: int) -> str:
     if not role.expert_parallel:
-        return f"all (1/{role.tensor} slice)" if role.tensor > 1 else "all"
+        # every rank of the group holds a slice of every expert (plan/sizing.py expert_shards)
+        return f"all (1/{role.ranks} slice)" if role.ranks > 1 else "all"
     return f"{first}-{first + count - 1}"
 
 

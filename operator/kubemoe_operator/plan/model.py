@@ -41,7 +41,8 @@ class RankPlan(ApiModel):
     device: int
     """Device index within its pod."""
     first_expert: int
-    """First routed expert this rank holds (with EP off: 0, and every expert as a 1/TP slice)."""
+    """First routed expert this rank holds (with EP off: 0, and every expert as a 1/(data x tensor)
+    slice: vLLM and SGLang shard the experts over all the group's ranks)."""
     expert_count: int
 
 

@@ -2,7 +2,8 @@
 
 Per role, one serving group holds data x tensor ranks (with expert parallelism, vLLM's EP size
 is data x tensor) spread over ceil(ranks / perPod) pods. Each rank holds the dense weights
-split by tensor parallelism and its share of the routed experts, plus its share of the group's
+split by tensor parallelism and its share of the routed experts (whole experts with expert parallelism,
+a 1 / (data x tensor) slice of each without: sizing.expert_shards), plus its share of the group's
 redundant expert slots (`spec.experts.redundant`: E / EP + redundant / EP experts per rank) and, on
 vLLM with spec.experts, the buffers of vLLM's expert load balancing (EPLB); what is left of
 `gpuMemoryUtilization` x memory, less a runtime reserve, is the KV cache.
@@ -10,277 +11,63 @@ vLLM with spec.experts, the buffers of vLLM's expert load balancing (EPLB); what
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 from kubemoe_operator.api.engines import expert_default, support
 from kubemoe_operator.api.problems import ManifestError, Problem
-from kubemoe_operator.api.quantity import parse_quantity
 from kubemoe_operator.api.resource import ModelDeployment
-from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
+from kubemoe_operator.api.spec import ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
 from kubemoe_operator.catalog import Catalog, load_catalog, resolve_gpu, resolve_model
-from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
+from kubemoe_operator.catalog.facts import GpuFacts, ModelFacts
 from kubemoe_operator.plan.cache import cache_claim_name, cache_path, served_source
 from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS, pod_command
 from kubemoe_operator.plan.host_sizing import host_plan, limit_problems
-from kubemoe_operator.plan.model import MemoryPlan, Plan, PodPlan, RankPlan, RolePlan, RouterPlan
+from kubemoe_operator.plan.model import Plan, PodPlan, RankPlan, RolePlan, RouterPlan
+from kubemoe_operator.plan.redundant import (
+    REDUNDANT_FIELD,
+    VLLM_EPLB_WINDOW_STEPS,
+    eplb_note,
+    eplb_on_cpu,
+    eplb_too_big,
+    redundant_problem,
+    redundant_too_big,
+    vllm_eplb,
+    vllm_eplb_step_interval,
+)
+from kubemoe_operator.plan.sizing import (
+    SUGGEST_HEADROOM_SEQUENCES,
+    Sizing,
+    device_memory_gib,
+    divisors,
+    fits,
+    layout_ok,
+    size_rank,
+    suggest_parallelism,
+    suggest_tensor,
+)
 
-# A suggested layout must leave KV for at least this many maximum-length sequences per rank.
-SUGGEST_HEADROOM_SEQUENCES = 4
-
-VLLM_EPLB_WINDOW_STEPS = 1000
-"""Engine steps of expert load vLLM's EPLB keeps (its own default). Rendered explicitly, so the
-window counted in eplb_buffers_gib is the one vLLM allocates."""
-VLLM_NOMINAL_STEPS_PER_SECOND = 5
-"""vLLM's EPLB rearranges experts every so many engine steps, never after so many seconds, so
-spec.experts.rebalance.intervalSeconds is rendered as that many seconds of steps at this nominal rate
-(a 200 ms step): the default ten minutes is vLLM's own default, 3000 steps. An engine that steps
-faster (short decode steps) rearranges sooner; an idle one, whose load does not change, not at all."""
-EPLB_LOAD_BYTES = 4
-"""vLLM's EPLB counts each physical expert's tokens per step and MoE layer in int32."""
-
-
-def vllm_eplb(spec: ModelDeploymentSpec) -> bool:
-    """Whether vLLM's expert-parallel roles run vLLM's expert load balancing: spec.experts on vLLM."""
-    return spec.engine.kind == "vllm" and spec.experts is not None
-
-
-def vllm_eplb_step_interval(interval_seconds: int) -> int:
-    """vLLM's eplb_config.step_interval for spec.experts.rebalance.intervalSeconds."""
-    return interval_seconds * VLLM_NOMINAL_STEPS_PER_SECOND
-
-
-def _eplb_buffers_gib(model: ModelFacts, par: Parallelism, redundant: int) -> float:
-    """vLLM's EPLB state on one rank (vllm/distributed/eplb/eplb_state.py): a buffer shaped like one MoE
-    layer's expert weights on the rank ((E + N) / EP slots), through which rearranged experts move, and
-    the int32 load of every physical expert of every MoE layer for the window's steps and the current one."""
-    physical = model.num_routed_experts + redundant
-    layer = physical // par.expert_size * model.params_per_expert * DTYPE_BYTES[model.expert_weight_dtype]
-    loads = (VLLM_EPLB_WINDOW_STEPS + 1) * model.moe_layers * physical * EPLB_LOAD_BYTES
-    return (layer + loads) / GIB
-
-
-@dataclass(frozen=True)
-class _Sizing:
-    memory: MemoryPlan
-    weights_fit: bool
-
-
-def _divisors(n: int) -> list[int]:
-    """Divisors in order, in O(sqrt n) (the API caps every count this is asked about)."""
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return small + [n // d for d in reversed(small) if d * d != n]
-
-
-def _device_memory_gib(*, role: RoleSpec, gpu: GpuFacts, devices_per_pod: int) -> float | None:
-    """Memory one rank may use: the GPU's, or for cpu the pod's memory request split over its ranks."""
-    if not gpu.is_cpu:
-        return gpu.memory_gib
-    res = role.resources
-    quantity = None if res is None else res.requests.get("memory", res.limits.get("memory"))
-    if quantity is None:
-        return None
-    return parse_quantity(quantity) / GIB / devices_per_pod
-
-
-def _size(
-    *,
-    model: ModelFacts,
-    par: Parallelism,
-    device_gib: float,
-    utilization: float,
-    reserve_gib: float,
-    max_len: int,
-    redundant: int = 0,
-    eplb: bool = False,
-) -> _Sizing:
-    """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank,
-    and `eplb` (vLLM's expert load balancing) its buffers, on an expert-parallel rank."""
-    tp, ep = par.tensor, par.expert_size
-    expert_shards = ep if par.expert_parallel else tp
-    dense = model.dense_params * DTYPE_BYTES[model.weight_dtype] / tp / GIB
-    routed_bytes = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype]
-    extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
-    experts = routed_bytes / expert_shards / GIB + extra
-    buffers = _eplb_buffers_gib(model, par, redundant) if eplb and par.expert_parallel else 0.0
-    usable = device_gib * utilization - reserve_gib
-    budget = max(0.0, usable - dense - experts - buffers)
-    per_token = model.kv_bytes_per_token(tensor=tp)
-    tokens = int(budget * GIB // per_token)
-    memory = MemoryPlan(
-        device_gib=round(device_gib, 2),
-        utilization=utilization,
-        reserve_gib=reserve_gib,
-        dense_weights_gib=round(dense, 4),
-        expert_weights_gib=round(experts, 4),
-        redundant_weights_gib=round(extra, 4),
-        weights_gib=round(dense + experts, 4),
-        eplb_buffers_gib=round(buffers, 4),
-        kv_budget_gib=round(budget, 4),
-        kv_bytes_per_token=per_token,
-        kv_tokens=tokens,
-        max_model_len=max_len,
-        sequences_at_max_len=round(tokens / max_len, 2),
-    )
-    return _Sizing(memory=memory, weights_fit=dense + experts + buffers < usable)
-
-
-def _fits(sizing: _Sizing, max_len: int) -> bool:
-    return sizing.weights_fit and sizing.memory.kv_tokens >= max_len
-
-
-def _redundant_too_big(
-    sizing: _Sizing, *, role: RoleName, ep: int, redundant: int, fits: int, gpu: GpuFacts
-) -> Problem:
-    """The problem when the model fits a role's ranks without its redundant slots but not with them."""
-    mem = sizing.memory
-    usable = mem.device_gib * mem.utilization - mem.reserve_gib
-    short = (
-        f"leave KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={mem.max_model_len}"
-        if sizing.weights_fit
-        else f"pass the {usable:.1f} GiB {gpu.name} leaves"
-    )
-    buffers = f" (and {mem.eplb_buffers_gib:.2f} GiB of vLLM's EPLB buffers)" if mem.eplb_buffers_gib else ""
-    return Problem(
-        field=REDUNDANT_FIELD,
-        message=f"{redundant} redundant expert slots put {redundant // ep} more experts on each of the"
-        f" EP={ep} ranks of {role} ({mem.redundant_weights_gib:.2f} GiB), so its {mem.weights_gib:.1f} GiB"
-        f" of weights{buffers} {short}.",
-        fix=f"set experts.redundant <= {fits} (a multiple of {ep}), or spread the model over more ranks.",
-    )
-
-
-def _eplb_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int) -> Problem:
-    """The problem when a role fits without vLLM's EPLB buffers, but not with them."""
-    return Problem(
-        field=EXPERTS_FIELD,
-        message=f"vLLM's expert load balancing (EPLB), which spec.experts turns on, needs"
-        f" {mem.eplb_buffers_gib:.2f} GiB on each rank of {role}, which leaves KV for {mem.kv_tokens} tokens,"
-        f" less than one sequence of maxModelLen={max_len}.",
-        fix="remove experts, lower engine.maxModelLen, or spread the model over more ranks.",
-    )
-
-
-def _layout_ok(ranks: int, per_pod: int) -> bool:
-    return ranks <= per_pod or ranks % per_pod == 0
-
-
-def _headroom(
-    *,
-    model: ModelFacts,
-    gpu: GpuFacts,
-    role: RoleSpec,
-    par: Parallelism,
-    devices_per_pod: int,
-    utilization: float,
-    max_len: int,
-    redundant: int = 0,
-    eplb: bool = False,
-) -> bool | None:
-    """Whether `par` holds the weights with SUGGEST_HEADROOM_SEQUENCES sequences of KV (the suggestions'
-    test); None when the role's device memory is unknown."""
-    device = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
-    if device is None:
-        return None
-    sizing = _size(
-        model=model,
-        par=par,
-        device_gib=device,
-        utilization=utilization,
-        reserve_gib=gpu.reserve_gib,
-        max_len=max_len,
-        redundant=redundant,
-        eplb=eplb,
-    )
-    return sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len
-
-
-def suggest_parallelism(
-    *,
-    model: ModelFacts,
-    gpu: GpuFacts,
-    role: RoleSpec,
-    per_pod: int,
-    utilization: float,
-    max_len: int,
-    redundant: int = 0,
-    eplb: bool = False,
-) -> Parallelism | None:
-    """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV, and whose
-    ranks share `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots),
-    with vLLM's EPLB buffers when `eplb`."""
-    for ep in _divisors(model.num_routed_experts):
-        if ep > MAX_DATA_PARALLEL:
-            break
-        if not _layout_ok(ep, per_pod):
-            continue
-        if ep > 1 and _redundant_problem(redundant, ep=ep, experts=model.num_routed_experts) is not None:
-            continue
-        par = Parallelism(tensor=1, data=ep)
-        room = _headroom(
-            model=model, gpu=gpu, role=role, par=par, devices_per_pod=min(per_pod, ep),
-            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb,
-        )  # fmt: skip
-        if room is None:
-            return None
-        if room:
-            return par
-    return None
-
-
-def suggest_tensor(
-    *, model: ModelFacts, gpu: GpuFacts, role: RoleSpec, per_pod: int, utilization: float, max_len: int
-) -> Parallelism | None:
-    """For engines without expert parallelism (tgi): the smallest tensor-parallel size within one pod
-    (dividing the attention heads and perPod) that fits with SUGGEST_HEADROOM_SEQUENCES of KV."""
-    for tp in _divisors(per_pod):
-        if model.num_attention_heads % tp:
-            continue
-        kv = model.num_key_value_heads
-        if not model.mla and kv % tp and tp % kv:
-            continue
-        par = Parallelism(tensor=tp, data=1, expert=1)
-        room = _headroom(
-            model=model, gpu=gpu, role=role, par=par, devices_per_pod=tp, utilization=utilization,
-            max_len=max_len,
-        )  # fmt: skip
-        if room is None:
-            return None
-        if room:
-            return par
-    return None
-
-
-REDUNDANT_FIELD = "spec.experts.redundant"
-EXPERTS_FIELD = "spec.experts"
-
-
-def _redundant_problem(redundant: int, *, ep: int, experts: int, role: str = "") -> Problem | None:
-    """Redundant slots EP ranks cannot share evenly, or more than a copy of every expert on every rank."""
-    if redundant % ep:
-        lower, upper = redundant // ep * ep, (redundant // ep + 1) * ep
-        return Problem(
-            field=REDUNDANT_FIELD,
-            message=f"redundant={redundant} expert slots do not spread evenly over the EP={ep} ranks"
-            + (f" of {role}." if role else "."),
-            fix=f"use a multiple of {ep} (every expert-parallel role's EP size),"
-            f" e.g. {lower or upper} or {upper}.",
-        )
-    most = experts * (ep - 1)
-    if redundant > most:
-        return Problem(
-            field=REDUNDANT_FIELD,
-            message=f"redundant={redundant} is more than a copy of each of the {experts} experts on every"
-            f" one of the {ep} ranks" + (f" of {role}" if role else "") + f" ({most}).",
-            fix=f"use at most {most}.",
-        )
-    return None
+__all__ = [  # with what render/experts.py reads from here (plan/redundant.py's since they moved there)
+    "SUGGEST_HEADROOM_SEQUENCES",
+    "VLLM_EPLB_WINDOW_STEPS",
+    "plan",
+    "plan_manifest",
+    "product_labels",
+    "suggest_parallelism",
+    "suggest_tensor",
+    "vllm_eplb",
+    "vllm_eplb_step_interval",
+]
 
 
 def _check_shape(*, model: ModelFacts, par: Parallelism, per_pod: int, path: str) -> list[Problem]:
     problems: list[Problem] = []
     tp, heads, kv = par.tensor, model.num_attention_heads, model.num_key_value_heads
-    tp_choices = [d for d in _divisors(heads) if d <= per_pod and per_pod % d == 0]
+    # A group within one pod may leave devices of the pod unused; a group over several pods fills each
+    # pod with whole tensor-parallel groups (perPod / tensor data-parallel ranks per pod).
+    spans_pods = par.ranks > per_pod
+    tp_choices = [
+        d for d in divisors(heads) if d <= per_pod and (per_pod % d == 0 or d * par.data <= per_pod)
+    ]
     if heads % tp:
         problems.append(
             Problem(
@@ -297,13 +84,18 @@ def _check_shape(*, model: ModelFacts, par: Parallelism, per_pod: int, path: str
                 fix=f"use tensor in {[d for d in tp_choices if kv % d == 0 or d % kv == 0]}.",
             )
         )
-    if tp > per_pod or per_pod % tp:
+    if tp > per_pod or (spans_pods and per_pod % tp):
         problems.append(
             Problem(
                 field=f"{path}.tensor",
-                message=f"a tensor-parallel group of {tp} must fit one pod (accelerator.perPod={per_pod}).",
-                fix=f"use tensor in {[d for d in _divisors(per_pod) if heads % d == 0]},"
-                " or raise accelerator.perPod.",
+                message=f"a tensor-parallel group of {tp} must fit one pod (accelerator.perPod={per_pod})."
+                if tp > per_pod
+                else f"a group of {par.ranks} ranks spans pods of accelerator.perPod={per_pod}, and each pod"
+                f" must hold whole tensor-parallel groups of {tp}.",
+                fix=f"use tensor in {tp_choices}, or raise accelerator.perPod."
+                if tp > per_pod
+                else f"use tensor in {tp_choices}, keep the group within one pod (data x tensor <="
+                f" {per_pod}), or make accelerator.perPod a multiple of {tp}.",
             )
         )
     experts = model.num_routed_experts
@@ -313,10 +105,10 @@ def _check_shape(*, model: ModelFacts, par: Parallelism, per_pod: int, path: str
             Problem(
                 field=field,
                 message=f"EP={par.expert_size} (data x tensor) does not divide the {experts} routed experts.",
-                fix=f"choose data x tensor in {[d for d in _divisors(experts) if d > 1]}.",
+                fix=f"choose data x tensor in {[d for d in divisors(experts) if d > 1]}.",
             )
         )
-    if not _layout_ok(par.ranks, per_pod):
+    if not layout_ok(par.ranks, per_pod):
         problems.append(
             Problem(
                 field=f"{path}.data",
@@ -381,6 +173,32 @@ def _layout_part(role: RolePlan) -> str:
     return f"{role.role[0].upper()}{role.replicas}x({','.join(parts)})"
 
 
+def _memory_missing(path: str) -> Problem:
+    return Problem(
+        field=f"{path}.resources.requests.memory",
+        message="the cpu accelerator sizes each rank from the pod's memory request, and none is set.",
+        fix=f"set {path}.resources.requests.memory (e.g. 2Gi; a pod's ranks share it equally).",
+    )
+
+
+def _more_memory(path: str, gpu: GpuFacts, role: RoleSpec) -> str:
+    """The fix for too little memory per rank: on cpu, the pod's memory request (the planner's only
+    measure of a rank's memory); else a larger accelerator."""
+    if not gpu.is_cpu:
+        return "use a larger accelerator"
+    res = role.resources
+    given = None if res is None else res.requests.get("memory", res.limits.get("memory"))
+    now = f"now {given}; " if given is not None else ""
+    return f"raise {path}.resources.requests.memory ({now}a pod's ranks share it equally)"
+
+
+def _shards_label(par: Parallelism) -> str:
+    """The ranks one copy of the routed experts is spread over, for the problems: EP16, TP2, DP4xTP2."""
+    if par.expert_parallel:
+        return f"EP{par.expert_size}"
+    return f"TP{par.tensor}" if par.data == 1 else f"DP{par.data}xTP{par.tensor}"
+
+
 def _plan_role(
     *,
     name: RoleName,
@@ -389,7 +207,10 @@ def _plan_role(
     model: ModelFacts,
     gpu: GpuFacts,
     max_len: int,
+    ep_sizes: Mapping[str, int],
 ) -> tuple[RolePlan | None, list[Problem]]:
+    """One role's plan, or its problems; `ep_sizes` holds every expert-parallel role's EP size (as far as
+    the spec gives them), for the redundant slots' fix."""
     path = f"spec.roles.{name}"
     per_pod = spec.accelerator.per_pod
     utilization = spec.engine.gpu_memory_utilization
@@ -398,6 +219,8 @@ def _plan_role(
     eplb = vllm_eplb(spec)
 
     engine = support(spec.engine.kind)
+    if device_memory_gib(role=role, gpu=gpu, devices_per_pod=1) is None:
+        return None, [_memory_missing(path)]
 
     def suggest() -> Parallelism | None:
         if not engine.expert:
@@ -434,8 +257,8 @@ def _plan_role(
                     message=f"no tensor-parallel size within one pod (accelerator.perPod={per_pod}) fits"
                     f" {model.name} on {gpu.name} with KV for {SUGGEST_HEADROOM_SEQUENCES} sequences of"
                     f" {max_len} tokens, and engine {spec.engine.kind} serves a group from one pod.",
-                    fix=f"raise accelerator.perPod, use a larger accelerator or a smaller"
-                    f" engine.maxModelLen, or use {engine.instead} (groups over several pods).",
+                    fix=f"raise accelerator.perPod, {_more_memory(path, gpu, role)}, or use a smaller"
+                    f" engine.maxModelLen; or use {engine.instead} (groups over several pods).",
                 )
             ]
         if par is None:
@@ -444,8 +267,12 @@ def _plan_role(
                     field=f"{path}.parallelism",
                     message=f"no expert-parallel size up to {model.num_routed_experts} fits {model.name} on "
                     f"{gpu.name} with KV for {SUGGEST_HEADROOM_SEQUENCES} sequences of {max_len} tokens.",
-                    fix="set parallelism (tensor > 1 splits the dense weights), a larger accelerator, "
-                    "or a smaller engine.maxModelLen.",
+                    fix=(
+                        "set parallelism (tensor > 1 splits the dense weights), "
+                        if engine.tensor and not gpu.is_cpu
+                        else ""
+                    )
+                    + f"{_more_memory(path, gpu, role)}, or use a smaller engine.maxModelLen.",
                 )
             ]
         suggested = True
@@ -457,22 +284,18 @@ def _plan_role(
         return None, problems
     redundant = wanted if par.expert_parallel else 0
     if redundant:
-        bad = _redundant_problem(redundant, ep=par.expert_size, experts=model.num_routed_experts, role=name)
+        bad = redundant_problem(
+            redundant, ep=par.expert_size, experts=model.num_routed_experts, role=name, sizes=ep_sizes
+        )
         if bad is not None:
             return None, [bad]
     devices_per_pod = min(per_pod, par.ranks)
-    device_gib = _device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
+    device_gib = device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
     if device_gib is None:
-        return None, [
-            Problem(
-                field=f"{path}.resources.requests.memory",
-                message="the cpu accelerator sizes each rank from the pod's memory request, and none is set.",
-                fix="set resources.requests.memory (e.g. 2Gi).",
-            )
-        ]
+        return None, [_memory_missing(path)]
 
-    def size(slots: int, *, balancing: bool = eplb) -> _Sizing:
-        return _size(
+    def size(slots: int, *, balancing: bool = eplb) -> Sizing:
+        return size_rank(
             model=model,
             par=par,
             device_gib=device_gib,
@@ -485,20 +308,35 @@ def _plan_role(
 
     sizing = size(redundant)
     mem = sizing.memory
-    if redundant and not _fits(sizing, max_len) and _fits(size(0), max_len):
+    if redundant and not fits(sizing, max_len) and fits(size(0), max_len):
         ep = par.expert_size
-        fits = max(k * ep for k in range(redundant // ep) if _fits(size(k * ep), max_len))
-        return None, [_redundant_too_big(sizing, role=name, ep=ep, redundant=redundant, fits=fits, gpu=gpu)]
-    if mem.eplb_buffers_gib and not _fits(size(0), max_len) and _fits(size(0, balancing=False), max_len):
-        return None, [_eplb_too_big(size(0).memory, role=name, max_len=max_len)]
+        most = max(k * ep for k in range(redundant // ep) if fits(size(k * ep), max_len))
+        too_big = redundant_too_big(
+            mem,
+            weights_fit=sizing.weights_fit,
+            role=name,
+            ep=ep,
+            redundant=redundant,
+            fits=most,
+            device=gpu.name,
+        )
+        return None, [too_big]
+    if mem.eplb_buffers_gib and not fits(size(0), max_len) and fits(size(0, balancing=False), max_len):
+        return None, [eplb_too_big(size(0).memory, role=name, max_len=max_len)]
     usable = mem.device_gib * utilization - mem.reserve_gib
-    shards = f"EP{par.expert_size}" if par.expert_parallel else f"TP{par.tensor}"
+    shards = _shards_label(par)
+    device = (
+        f"the pod's memory request over its {devices_per_pod} rank{'s' if devices_per_pod > 1 else ''}"
+        if gpu.is_cpu
+        else gpu.name
+    )
 
     def hint() -> str:
         better = suggest()
         if better is not None and better.expert_size > par.expert_size:
             return f"set parallelism {{tensor: 1, data: {better.data}}} (EP{better.expert_size})"
-        return "spread the model over more ranks (data or tensor)"
+        sizes = " or ".join(what for what, has in (("data", engine.data), ("tensor", engine.tensor)) if has)
+        return f"spread the model over more ranks ({sizes})"
 
     if not sizing.weights_fit:
         buffers = f" + {mem.eplb_buffers_gib:.1f} vLLM EPLB buffers" if mem.eplb_buffers_gib else ""
@@ -507,9 +345,11 @@ def _plan_role(
                 field=f"{path}.parallelism",
                 message=f"weights need {mem.weights_gib:.1f} GiB per rank ({mem.dense_weights_gib:.1f} dense"
                 f" / TP{par.tensor} + {mem.expert_weights_gib:.1f} experts / {shards}{buffers})"
-                f" but {gpu.name} leaves {usable:.1f} GiB "
+                f" but {device} leaves {usable:.1f} GiB "
                 f"({mem.device_gib:.1f} GiB x {utilization:g} - {mem.reserve_gib:g} GiB reserve).",
-                fix=f"{hint()}, or use a larger accelerator.",
+                fix=f"{_more_memory(path, gpu, role)}, or {hint()}."
+                if gpu.is_cpu
+                else f"{hint()}, or use a larger accelerator.",
             )
         )
     elif mem.kv_tokens < max_len:
@@ -549,29 +389,25 @@ def _plan_role(
     return role_plan, []
 
 
-def _eplb_on_cpu(roles: list[RoleName]) -> Problem:
-    return Problem(
-        field=EXPERTS_FIELD,
-        message=f"spec.experts turns on vLLM's expert load balancing (EPLB) for {', '.join(roles)}, and"
-        " vLLM runs it only on CUDA, ROCm and XPU devices, not on cpu.",
-        fix="remove experts, or set engine.kind: torch (kubemoe's engine places and rebalances"
-        " experts on cpu).",
-    )
-
-
-def _eplb_note(role: RoleName, interval: int) -> str:
-    steps = vllm_eplb_step_interval(interval)
-    return (
-        f"{role}: vLLM balances its experts itself (--enable-eplb): it rearranges them every {steps} engine"
-        f" steps (experts.rebalance.intervalSeconds={interval} at a nominal {VLLM_NOMINAL_STEPS_PER_SECOND}"
-        f" steps/s) from the last {VLLM_EPLB_WINDOW_STEPS} steps' load; experts.rebalance.minImprovement"
-        " does not apply."
-    )
-
-
-def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFacts, name: str = "") -> Plan:
-    """The layout for `spec`, or ManifestError listing every reason it cannot fit."""
-    max_len = spec.engine.max_model_len or model_facts.max_position_embeddings
+def _max_model_len(spec: ModelDeploymentSpec, model: ModelFacts) -> int:
+    """spec.engine.maxModelLen, or the model's context length; ManifestError when neither is known, or
+    when maxModelLen passes the context length (vLLM and the torch engine refuse it as they start)."""
+    wanted, context = spec.engine.max_model_len, model.max_position_embeddings
+    if wanted is not None and context is not None and wanted > context:
+        raise ManifestError(
+            [
+                Problem(
+                    field="spec.engine.maxModelLen",
+                    message=f"maxModelLen={wanted} is longer than the context length of {model.name},"
+                    f" {context} tokens (its max_position_embeddings): the engine would refuse it as it"
+                    " starts.",
+                    fix=f"set engine.maxModelLen <= {context}, or leave it out (it defaults to {context});"
+                    " where rope scaling extends the model's context (vLLM), set"
+                    " spec.model.config.maxPositionEmbeddings to the extended length.",
+                )
+            ]
+        )
+    max_len = wanted or context
     if max_len is None:
         raise ManifestError(
             [
@@ -582,11 +418,34 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
                 )
             ]
         )
+    return max_len
+
+
+def _ep_sizes(spec: ModelDeploymentSpec) -> dict[str, int]:
+    """The EP size of every role whose spec gives its parallelism and turns expert parallelism on."""
+    layouts = {
+        name: expert_default(spec.engine.kind, role.parallelism)
+        for name, role in spec.roles.items()
+        if role.parallelism is not None
+    }
+    return {name: par.expert_size for name, par in layouts.items() if par.expert_parallel}
+
+
+def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFacts, name: str = "") -> Plan:
+    """The layout for `spec`, or ManifestError listing every reason it cannot fit."""
+    max_len = _max_model_len(spec, model_facts)
+    ep_sizes = _ep_sizes(spec)
     roles: list[RolePlan] = []
     problems: list[Problem] = []
     for role_name, role in spec.roles.items():
         role_plan, role_problems = _plan_role(
-            name=role_name, role=role, spec=spec, model=model_facts, gpu=gpu_facts, max_len=max_len
+            name=role_name,
+            role=role,
+            spec=spec,
+            model=model_facts,
+            gpu=gpu_facts,
+            max_len=max_len,
+            ep_sizes=ep_sizes,
         )
         problems += role_problems
         if role_plan is not None:
@@ -595,7 +454,7 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         problems += limit_problems(role_name=r.role, role=getattr(spec.roles, r.role), planned=r.host)
     balanced = [r.role for r in roles if r.expert_parallel] if vllm_eplb(spec) else []
     if balanced and gpu_facts.is_cpu:
-        problems.append(_eplb_on_cpu(balanced))
+        problems.append(eplb_on_cpu(balanced))
     if problems:
         raise ManifestError(problems)
     notes = []
@@ -608,7 +467,7 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         if spec.experts is not None and spec.experts.redundant and not r.expert_parallel:
             notes.append(f"{r.role}: no expert parallelism, so experts.redundant does not apply.")
         if r.role in balanced and spec.experts is not None:
-            notes.append(_eplb_note(r.role, spec.experts.rebalance.interval_seconds))
+            notes.append(eplb_note(r.role, spec.experts.rebalance.interval_seconds))
         if r.devices_per_pod < spec.accelerator.per_pod:
             notes.append(
                 f"{r.role}: a group needs {r.ranks} of the {spec.accelerator.per_pod} devices per pod."

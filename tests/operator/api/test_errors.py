@@ -66,7 +66,7 @@ def test_tp_must_divide_or_cover_kv_heads() -> None:
         "expertsPerToken": 2,
         "moeIntermediateSize": 32,
         "vocabSize": 128,
-        "maxPositionEmbeddings": 128,
+        "maxPositionEmbeddings": 8192,  # BASE's maxModelLen (a longer one is refused first)
     }
     p = _one(
         model={"name": "acme/odd", "source": "hf://acme/odd", "config": config},

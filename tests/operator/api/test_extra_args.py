@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubemoe_operator.api.engine_flags import ALIASES, PLAN_FLAGS, refusal
+from kubemoe_operator.api.engine_flags import ALIASES, PLAN_FLAGS, extra_args_problems, refusal
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.plan.planner import plan_manifest
@@ -102,6 +102,58 @@ def test_a_plan_owned_flag_is_refused_in_any_spelling(arg: str) -> None:
 def test_other_flags_and_values_pass(arg: str) -> None:
     assert refusal(arg) is None
     parse_manifest(spec_with(["--enforce-eager", arg]))
+
+
+SIZED = [
+    ("--max-model-len=1048576", "spec.engine.maxModelLen"),
+    ("--max-model-len", "spec.engine.maxModelLen"),
+    ("--max_model_len", "spec.engine.maxModelLen"),
+    ("--max-model", "spec.engine.maxModelLen"),
+    ("--gpu-memory-utilization", "spec.engine.gpuMemoryUtilization"),
+    ("--gpu-memory-utilization=0.98", "spec.engine.gpuMemoryUtilization"),
+    ("--device-memory-utilization=0.98", "spec.engine.gpuMemoryUtilization"),
+    ("--dtype=float32", "spec.model.config.dtype"),
+    ("--dtype", "spec.model.config.dtype"),
+]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "torch"])
+@pytest.mark.parametrize(("arg", "field"), SIZED)
+def test_the_flags_the_plan_sizes_memory_by_are_refused_naming_their_spec_field(
+    arg: str, field: str, engine: str
+) -> None:
+    """argparse keeps the last --max-model-len (and --gpu-memory-utilization, --dtype): one in extraArgs
+    would override what the plan sized the KV cache for; the runtime's torch engine takes the same flags."""
+    [problem] = extra_args_problems(["--enforce-eager", arg], field="spec.engine.extraArgs", engine=engine)
+    assert problem.field == "spec.engine.extraArgs[1]"
+    assert repr(arg) in problem.message
+    assert field in problem.message
+    assert field in problem.fix
+    assert problem.fix.startswith("remove it")
+
+
+def test_a_sized_flag_in_a_manifest_is_refused() -> None:
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(spec_with(["--max-model-len=1048576", "--gpu-memory-utilization", "0.98"]))
+    assert [p.field for p in err.value.problems] == ["spec.engine.extraArgs[0]", "spec.engine.extraArgs[1]"]
+    assert "set spec.engine.maxModelLen" in err.value.problems[0].fix
+    assert "set spec.engine.gpuMemoryUtilization" in err.value.problems[1].fix
+
+
+@pytest.mark.parametrize(
+    ("engine", "arg", "field"),
+    [
+        ("sglang", "--context-length=1000000", "spec.engine.maxModelLen"),
+        ("sglang", "--mem-fraction-static=0.95", "spec.engine.gpuMemoryUtilization"),
+        ("sglang", "--dtype=float32", "spec.model.config.dtype"),
+        ("tgi", "--max-total-tokens=1000000", "spec.engine.maxModelLen"),
+        ("tgi", "--cuda-memory-fraction=0.99", "spec.engine.gpuMemoryUtilization"),
+        ("tgi", "--dtype=float16", "spec.model.config.dtype"),
+    ],
+)
+def test_the_other_engines_memory_flags_name_their_spec_field(engine: str, arg: str, field: str) -> None:
+    [problem] = extra_args_problems([arg], field="spec.engine.extraArgs", engine=engine)
+    assert field in problem.fix
 
 
 def test_the_message_names_the_flag_it_would_set() -> None:

@@ -49,32 +49,33 @@ def test_a_missing_manifest_is_one_line_naming_it(
     assert capsys.readouterr().err == f"kubemoe {command}: {missing}: no such file\n"
 
 
+def _plan_into_a_read_only_stdout(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`kubemoe plan` with stdout open read-only: writing the plan fails with EBADF, an OSError no
+    command expects (a manifest that cannot be read or decoded is a problem naming the file, exit 2)."""
+    out = tmp_path / "out.txt"
+    out.touch()
+    with out.open("rb") as read_only:
+        return subprocess.run(
+            _python("kubemoe_operator.cli.kubemoe", "plan", str(DEEPSEEK)),
+            stdout=read_only,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **env},
+        )
+
+
 def test_an_unexpected_error_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    # Not UTF-8: reading the manifest raises UnicodeDecodeError, which no command expects.
-    bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(b"metadata:\n  name: caf\xe9\n")
-    result = subprocess.run(
-        _python("kubemoe_operator.cli.kubemoe", "plan", str(bad)), capture_output=True, text=True, cwd=REPO
-    )
+    result = _plan_into_a_read_only_stdout(tmp_path)
     assert result.returncode == 1
-    assert result.stderr.startswith("kubemoe: error: 'utf-8' codec can't decode byte 0xe9")
-    assert result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr
+    assert result.stderr == "kubemoe: error: [Errno 9] Bad file descriptor\n"
 
 
 def test_kubemoe_debug_shows_the_traceback(tmp_path: Path) -> None:
-    bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(b"name: caf\xe9\n")
-    result = subprocess.run(
-        _python("kubemoe_operator.cli.kubemoe", "plan", str(bad)),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "KUBEMOE_DEBUG": "1"},
-    )
+    result = _plan_into_a_read_only_stdout(tmp_path, KUBEMOE_DEBUG="1")
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
-    assert result.stderr.rstrip().splitlines()[-1].startswith("kubemoe: error: 'utf-8' codec")
+    assert result.stderr.rstrip().splitlines()[-1] == "kubemoe: error: [Errno 9] Bad file descriptor"
 
 
 def test_kubectl_moe_error_from_an_unreadable_answer_is_one_line(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def _check_group(role: RolePlan, experts: int) -> None:
         assert owners == [1] * experts  # every routed expert on exactly one rank of the group
         assert "--enable-expert-parallel" in role.pods[0].command
     else:
-        assert owners == [len(ranks)] * experts  # every rank holds a 1/TP slice of every expert
+        assert owners == [len(ranks)] * experts  # every rank holds a 1/(data x tensor) slice of each
 
 
 @settings(max_examples=60, deadline=None)

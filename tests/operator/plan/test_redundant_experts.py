@@ -98,6 +98,25 @@ def test_not_a_multiple_of_every_ep_size_is_refused_per_role() -> None:
     assert "multiple of 4" in err.problems[0].fix
 
 
+@pytest.mark.parametrize("redundant", [16, 24])
+def test_roles_of_different_ep_sizes_are_told_a_multiple_of_them_all(redundant: int) -> None:
+    """Kimi-K2's prefill EP16 and decode EP24 share only multiples of 48: each role's refusal says so,
+    instead of its own EP size (which the other role then refuses), and gives no example twice."""
+    kimi = yaml.safe_load((REPO / "examples" / "kimi-k2.yaml").read_text())
+    kimi["spec"]["roles"]["prefill"]["parallelism"] = {"data": 16}
+    kimi["spec"]["roles"]["decode"]["parallelism"] = {"data": 24}
+    kimi["spec"]["experts"] = {"redundant": redundant}
+    with pytest.raises(ManifestError) as err:
+        plan_manifest(parse_manifest(kimi))
+    (problem,) = err.value.problems
+    assert problem.field == FIELD
+    assert "multiple of 48" in problem.fix
+    assert "prefill EP16, decode EP24" in problem.fix
+    assert problem.fix.endswith("e.g. 48 or 96.")
+    kimi["spec"]["experts"] = {"redundant": 48}
+    assert plan_manifest(parse_manifest(kimi)).role("decode").slots_per_rank == 384 // 24 + 2
+
+
 def test_more_than_a_copy_of_everything_everywhere_is_refused() -> None:
     err = refusal(
         roles={"prefill": {"parallelism": {"data": 2}}, "decode": {"parallelism": {"data": 2}}},

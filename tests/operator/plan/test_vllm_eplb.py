@@ -94,15 +94,17 @@ def test_the_note_gives_the_interval_in_vllms_engine_steps(interval: int | None,
 def test_buffers_that_leave_no_sequence_of_kv_are_refused_naming_spec_experts() -> None:
     plain = planned()
     tightest = min(r.memory.kv_tokens for r in plain.roles)  # fits without the buffers, exactly
-    planned(engine={"maxModelLen": tightest})
+    # a context that long (rope scaling, say): maxModelLen may not pass the model's context length
+    model = {**BASE["spec"]["model"], "config": {"maxPositionEmbeddings": tightest}}
+    planned(engine={"maxModelLen": tightest}, model=model)
     with pytest.raises(ManifestError) as err:
-        planned(engine={"maxModelLen": tightest}, experts={})
+        planned(engine={"maxModelLen": tightest}, experts={}, model=model)
     (problem,) = err.value.problems
     assert problem.field == "spec.experts"
     assert "vLLM's expert load balancing (EPLB)" in problem.message
     assert f"less than one sequence of maxModelLen={tightest}" in problem.message
     assert "remove experts" in problem.fix
-    planned_torch(engine={"maxModelLen": tightest}, experts={})  # torch has no such buffers
+    planned_torch(engine={"maxModelLen": tightest}, experts={}, model=model)  # torch has no such buffers
 
 
 def tiny(**engine: Any) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""One rank's memory (dense weights, its share of the routed experts and of the redundant slots, vLLM's
+EPLB buffers, and the KV cache in what is left), and the smallest layouts that fit, which the planner
+suggests where a role leaves its parallelism out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kubemoe_operator.api.quantity import parse_quantity
+from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, Parallelism, RoleSpec
+from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
+from kubemoe_operator.plan.model import MemoryPlan
+from kubemoe_operator.plan.redundant import eplb_buffers_gib, redundant_problem
+
+# A suggested layout must leave KV for at least this many maximum-length sequences per rank.
+SUGGEST_HEADROOM_SEQUENCES = 4
+
+
+@dataclass(frozen=True)
+class Sizing:
+    memory: MemoryPlan
+    weights_fit: bool
+
+
+def divisors(n: int) -> list[int]:
+    """Divisors in order, in O(sqrt n) (the API caps every count this is asked about)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def expert_shards(par: Parallelism) -> int:
+    """How many ranks of a group share one copy of the routed experts: the EP size with expert
+    parallelism; without it every rank of the group, data x tensor. vLLM shards MoE weights over
+    data x tensor when expert parallelism is off (FusedMoEParallelConfig.make: flatten_tp_across_dp),
+    and an SGLang group is one server of --tp-size data x tensor ranks; TGI has no data parallelism and
+    the torch engine no tensor parallelism (and data > 1 only with expert parallelism), so for them it
+    is the tensor size, or the one rank holding every expert."""
+    return par.expert_size if par.expert_parallel else par.ranks
+
+
+def device_memory_gib(*, role: RoleSpec, gpu: GpuFacts, devices_per_pod: int) -> float | None:
+    """Memory one rank may use: the GPU's, or for cpu the pod's memory request split over its ranks."""
+    if not gpu.is_cpu:
+        return gpu.memory_gib
+    res = role.resources
+    quantity = None if res is None else res.requests.get("memory", res.limits.get("memory"))
+    if quantity is None:
+        return None
+    return parse_quantity(quantity) / GIB / devices_per_pod
+
+
+def size_rank(
+    *,
+    model: ModelFacts,
+    par: Parallelism,
+    device_gib: float,
+    utilization: float,
+    reserve_gib: float,
+    max_len: int,
+    redundant: int = 0,
+    eplb: bool = False,
+) -> Sizing:
+    """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank,
+    and `eplb` (vLLM's expert load balancing) its buffers, on an expert-parallel rank."""
+    tp, ep = par.tensor, par.expert_size
+    shards = expert_shards(par)
+    dense = model.dense_params * DTYPE_BYTES[model.weight_dtype] / tp / GIB
+    routed_bytes = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype]
+    extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
+    experts = routed_bytes / shards / GIB + extra
+    buffers = eplb_buffers_gib(model, par, redundant) if eplb and par.expert_parallel else 0.0
+    usable = device_gib * utilization - reserve_gib
+    budget = max(0.0, usable - dense - experts - buffers)
+    per_token = model.kv_bytes_per_token(tensor=tp)
+    tokens = int(budget * GIB // per_token)
+    memory = MemoryPlan(
+        device_gib=round(device_gib, 2),
+        utilization=utilization,
+        reserve_gib=reserve_gib,
+        dense_weights_gib=round(dense, 4),
+        expert_weights_gib=round(experts, 4),
+        redundant_weights_gib=round(extra, 4),
+        weights_gib=round(dense + experts, 4),
+        eplb_buffers_gib=round(buffers, 4),
+        kv_budget_gib=round(budget, 4),
+        kv_bytes_per_token=per_token,
+        kv_tokens=tokens,
+        max_model_len=max_len,
+        sequences_at_max_len=round(tokens / max_len, 2),
+    )
+    return Sizing(memory=memory, weights_fit=dense + experts + buffers < usable)
+
+
+def fits(sizing: Sizing, max_len: int) -> bool:
+    return sizing.weights_fit and sizing.memory.kv_tokens >= max_len
+
+
+def layout_ok(ranks: int, per_pod: int) -> bool:
+    return ranks <= per_pod or ranks % per_pod == 0
+
+
+def _headroom(
+    *,
+    model: ModelFacts,
+    gpu: GpuFacts,
+    role: RoleSpec,
+    par: Parallelism,
+    devices_per_pod: int,
+    utilization: float,
+    max_len: int,
+    redundant: int = 0,
+    eplb: bool = False,
+) -> bool | None:
+    """Whether `par` holds the weights with SUGGEST_HEADROOM_SEQUENCES sequences of KV (the suggestions'
+    test); None when the role's device memory is unknown."""
+    device = device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
+    if device is None:
+        return None
+    sizing = size_rank(
+        model=model,
+        par=par,
+        device_gib=device,
+        utilization=utilization,
+        reserve_gib=gpu.reserve_gib,
+        max_len=max_len,
+        redundant=redundant,
+        eplb=eplb,
+    )
+    return sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len
+
+
+def suggest_parallelism(
+    *,
+    model: ModelFacts,
+    gpu: GpuFacts,
+    role: RoleSpec,
+    per_pod: int,
+    utilization: float,
+    max_len: int,
+    redundant: int = 0,
+    eplb: bool = False,
+) -> Parallelism | None:
+    """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV, and whose
+    ranks share `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots),
+    with vLLM's EPLB buffers when `eplb`."""
+    for ep in divisors(model.num_routed_experts):
+        if ep > MAX_DATA_PARALLEL:
+            break
+        if not layout_ok(ep, per_pod):
+            continue
+        if ep > 1 and redundant_problem(redundant, ep=ep, experts=model.num_routed_experts) is not None:
+            continue
+        par = Parallelism(tensor=1, data=ep)
+        room = _headroom(
+            model=model, gpu=gpu, role=role, par=par, devices_per_pod=min(per_pod, ep),
+            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb,
+        )  # fmt: skip
+        if room is None:
+            return None
+        if room:
+            return par
+    return None
+
+
+def suggest_tensor(
+    *, model: ModelFacts, gpu: GpuFacts, role: RoleSpec, per_pod: int, utilization: float, max_len: int
+) -> Parallelism | None:
+    """For engines without expert parallelism (tgi): the smallest tensor-parallel size within one pod
+    (dividing the attention heads) that fits with SUGGEST_HEADROOM_SEQUENCES of KV."""
+    for tp in divisors(model.num_attention_heads):
+        if tp > per_pod:
+            break
+        kv = model.num_key_value_heads
+        if not model.mla and kv % tp and tp % kv:
+            continue
+        par = Parallelism(tensor=tp, data=1, expert=1)
+        room = _headroom(
+            model=model, gpu=gpu, role=role, par=par, devices_per_pod=tp, utilization=utilization,
+            max_len=max_len,
+        )  # fmt: skip
+        if room is None:
+            return None
+        if room:
+            return par
+    return None
