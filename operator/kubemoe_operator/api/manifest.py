@@ -116,17 +116,28 @@ def read_manifest_text(path: Path) -> str:
 
 
 def manifest_from_text(text: str, *, source: str) -> ModelDeployment:
-    """Read one ModelDeployment from YAML text (the first document that is one); `source` names where
-    the text came from in the problems."""
+    """Read the ModelDeployment in YAML text (other kinds of documents beside it are skipped; two
+    ModelDeployments are refused); `source` names where the text came from in the problems."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise ManifestError(
             [Problem(field=source, message=f"not valid YAML: {err}", fix="fix the YAML syntax.")]
         ) from None
-    for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "ModelDeployment":
-            return parse_manifest(doc)
+    found = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ModelDeployment"]
+    if len(found) > 1:  # which one was meant? Running only the first would drop the others unsaid.
+        names = ", ".join(str((d.get("metadata") or {}).get("name", "?"))[:63] for d in found[:5])
+        raise ManifestError(
+            [
+                Problem(
+                    field="kind",
+                    message=f"{source} holds {len(found)} ModelDeployments ({names}); this takes one.",
+                    fix="put each ModelDeployment in a file of its own (kubectl apply takes them all).",
+                )
+            ]
+        )
+    if found:
+        return parse_manifest(found[0])
     if len(docs) == 1:
         return parse_manifest(docs[0])
     raise ManifestError(
@@ -139,5 +150,5 @@ def manifest_from_text(text: str, *, source: str) -> ModelDeployment:
 
 
 def load_manifest(path: Path) -> ModelDeployment:
-    """Read one ModelDeployment from a YAML file (the first document that is one)."""
+    """Read the ModelDeployment in a YAML file (manifest_from_text)."""
     return manifest_from_text(read_manifest_text(path), source=str(path))

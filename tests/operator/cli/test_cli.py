@@ -57,6 +57,24 @@ def test_plan_of_a_file_that_is_not_utf8_exits_2_naming_it(
     assert "fix: give a YAML manifest saved as UTF-8." in err
 
 
+def test_plan_of_a_file_with_two_model_deployments_refuses_naming_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Planning (or running, `kubemoe up`) only the first would drop the second without a word."""
+    md = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())
+    second = {**md, "metadata": {**md["metadata"], "name": "second"}}
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump_all([config, md, second]))
+    assert main(["plan", str(both)]) == 2
+    err = capsys.readouterr().err
+    assert f"{both} holds 2 ModelDeployments ({md['metadata']['name']}, second)" in err
+    assert "a file of its own" in err
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump_all([config, md]))  # other kinds beside one ModelDeployment: fine
+    assert main(["plan", str(one)]) == 0
+
+
 def test_plan_of_a_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(tmp_path)]) == 2
     assert (
