@@ -36,6 +36,9 @@ RESERVED_FLAGS = (
     "port",
     "host",
     "served-model-name",
+    "max-model-len",
+    "gpu-memory-utilization",
+    "dtype",
 )
 RESERVED_FLAG_PATTERN = "^--(" + "|".join(RESERVED_FLAGS) + ")(=.*)?$"
 
@@ -140,7 +143,7 @@ class EngineSpec(ApiModel):
         json_schema_extra=validations(
             cel(
                 f"!has(self.extraArgs) || !self.extraArgs.exists(a, a.matches('{RESERVED_FLAG_PATTERN}'))",
-                "extraArgs must not set flags the plan owns (parallelism, ports, KV transfer)",
+                "extraArgs must not set flags the plan owns (parallelism, ports, KV, context, memory, dtype)",
                 field_path=".extraArgs",
             )
         )
@@ -155,7 +158,8 @@ class EngineSpec(ApiModel):
     sglang and tgi need their own engine's image here (e.g. an SGLang or TGI release image); routers
     keep the operator's runtime image, and an SGLang P/D router runs sglang-router from this image."""
     max_model_len: int | None = Field(None, ge=1)
-    """Longest sequence (prompt + output) in tokens; defaults to the model's context length."""
+    """Longest sequence (prompt + output) in tokens; defaults to the model's context length, and may not
+    exceed it (state a longer model.config.maxPositionEmbeddings for a RoPE-scaled context)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Share of accelerator memory the engine may use for weights, activations and KV cache."""
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64)
