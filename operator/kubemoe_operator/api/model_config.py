@@ -65,6 +65,11 @@ class ModelConfig(ApiModel):
     """`tie_word_embeddings`."""
     max_position_embeddings: int | None = Field(None, ge=1, le=2**26)
     """`max_position_embeddings`: the default maximum sequence length."""
+    sliding_window: int | None = Field(None, ge=1, le=2**26)
+    """`sliding_window`: the tokens a sliding-window attention layer looks back over (and caches)."""
+    sliding_window_layers: int | None = Field(None, ge=0, le=1024)
+    """How many of `layer_types` are `sliding_attention` (gpt-oss: 18 of 36); each caches at most
+    slidingWindow tokens of a sequence (as vLLM's hybrid KV cache keeps them), the rest every token."""
     dtype: ActivationDtype | None = None
     """`torch_dtype`: activations and the KV cache."""
     weight_dtype: WeightDtype | None = None

@@ -111,6 +111,15 @@ def _shape_problems(merged: dict[str, Any]) -> list[Problem]:
                 fix="copy num_experts_per_tok from the model's config.json.",
             )
         )
+    if merged.get("sliding_window_layers", 0) > merged["num_layers"]:
+        out.append(
+            Problem(
+                field="spec.model.config.slidingWindowLayers",
+                message=f"{merged['sliding_window_layers']} sliding-window layers but only "
+                f"{merged['num_layers']} layers.",
+                fix="count the sliding_attention entries of layer_types in the model's config.json.",
+            )
+        )
     if merged.get("num_dense_layers", 0) > merged["num_layers"]:
         out.append(
             Problem(
@@ -181,6 +190,8 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
         v_head_dim=merged.get("v_head_dim"),
         params_total_b=merged.get("params_total_b"),
         params_active_b=merged.get("params_active_b"),
+        sliding_window=merged.get("sliding_window"),
+        sliding_window_layers=merged.get("sliding_window_layers", 0),
     )
 
 

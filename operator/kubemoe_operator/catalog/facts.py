@@ -48,6 +48,8 @@ class ModelFacts:
     v_head_dim: int | None = None
     params_total_b: float | None = None
     params_active_b: float | None = None
+    sliding_window: int | None = None
+    sliding_window_layers: int = 0
 
     @property
     def mla(self) -> bool:
@@ -100,18 +102,24 @@ class ModelFacts:
     def total_params(self) -> int:
         return self.dense_params + self.routed_params
 
-    def kv_bytes_per_token(self, *, tensor: int) -> float:
-        """KV-cache bytes one token occupies on one rank, over all layers.
+    def kv_bytes_per_token(self, *, tensor: int, max_len: int | None = None) -> float:
+        """KV-cache bytes one token occupies on one rank, over all layers, in sequences of `max_len`.
 
         MLA caches the compressed latent plus the rope key (kvLoraRank + qkRopeHeadDim) once per
         layer, replicated on every tensor-parallel rank. GQA caches K and V for the rank's KV
-        heads (replicated when tensor > KV heads, as vLLM does).
+        heads (replicated when tensor > KV heads, as vLLM does). A sliding-window layer keeps at most
+        `sliding_window` tokens of a sequence: over a sequence of `max_len` tokens it costs
+        min(window, max_len) / max_len of a full layer per token (None: counted as a full layer).
         """
         elem = DTYPE_BYTES[self.dtype]
+        layers: float = self.num_layers
+        if self.sliding_window and self.sliding_window_layers and max_len:
+            share = min(self.sliding_window, max_len) / max_len
+            layers = self.num_layers - self.sliding_window_layers * (1 - share)
         if self.kv_lora_rank is not None:
-            return self.num_layers * (self.kv_lora_rank + (self.qk_rope_head_dim or 0)) * elem
+            return layers * (self.kv_lora_rank + (self.qk_rope_head_dim or 0)) * elem
         kv_heads = max(1, self.num_key_value_heads // tensor)
-        return self.num_layers * 2 * kv_heads * self.head_dim * elem
+        return layers * 2 * kv_heads * self.head_dim * elem
 
 
 @dataclass(frozen=True, kw_only=True)

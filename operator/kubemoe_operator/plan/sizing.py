@@ -72,7 +72,7 @@ def size_rank(
     buffers = eplb_buffers_gib(model, par, redundant) if eplb and par.expert_parallel else 0.0
     usable = device_gib * utilization - reserve_gib
     budget = max(0.0, usable - dense - experts - buffers)
-    per_token = model.kv_bytes_per_token(tensor=tp)
+    per_token = model.kv_bytes_per_token(tensor=tp, max_len=max_len)
     tokens = int(budget * GIB // per_token)
     memory = MemoryPlan(
         device_gib=round(device_gib, 2),
