@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -10,11 +11,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from pydantic import ValidationError
-
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import ModelDeployment
+from kubemoe_operator.local.devices import DeviceKey, DeviceShortageError, device_ranges, machine_devices
+from kubemoe_operator.local.layout import LOCAL_ENGINES
 from kubemoe_operator.local.model import (
     ModelSourceError,
     checkpoint_config,
@@ -23,20 +24,24 @@ from kubemoe_operator.local.model import (
     with_checkpoint_facts,
 )
 from kubemoe_operator.local.runner import (
-    STATE_FILE,
-    LocalRunError,
-    RunState,
     first_exited,
     log_tail,
     run_alive,
     runtime_command,
     signals_ignored,
     start_run,
-    status_json,
-    status_table,
     stop_run,
     wait_ready,
 )
+from kubemoe_operator.local.state import (
+    STATE_FILE,
+    LocalRunError,
+    RunState,
+    index_dir,
+    indexed_run_dir,
+    indexed_runs,
+)
+from kubemoe_operator.local.status import status_json, status_table
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
 
@@ -69,40 +74,80 @@ class Progress:
             self.stream.flush()
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) to `kubemoe up`, handled as Ctrl-C is; its exit status says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+def stop_exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal, as a shell reports a process it ended: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (stop.signum if isinstance(stop, Stopped) else signal.SIGINT)
+
+
+def port_number(text: str) -> int:
+    """--port's type: a TCP port a server can listen on (1-65535; 0 would be a random one, which
+    readiness could never probe)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: give one in 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port a server can listen on: give one in 1-65535")
+    return port
 
 
 def _is_running(run_dir: Path) -> bool:
     try:
         return run_alive(RunState.load(run_dir))
-    except (LocalRunError, ValidationError, OSError):
+    except (LocalRunError, OSError):
         return False
 
 
+def _known_runs() -> list[tuple[str, Path]]:
+    """(name, run dir) of every run with a state.json: the per-user index's, then the working directory's
+    .run/up/ (runs a kubemoe without the index started); each run dir once."""
+    seen: set[Path] = set()
+    runs: list[tuple[str, Path]] = []
+    local = [(p.parent.name, p.parent) for p in sorted(RUNS_DIR.glob(f"*/{STATE_FILE}"))]
+    for name, run_dir in [*indexed_runs().items(), *local]:
+        resolved = run_dir.resolve()
+        if resolved not in seen and (run_dir / STATE_FILE).is_file():
+            seen.add(resolved)
+            runs.append((name, run_dir))
+    return runs
+
+
 def find_run_dir(name: str | None, run_dir: str | None) -> Path:
-    """The run `kubemoe status`/`down` mean: the one named, else the only one running (a run whose
-    processes have all exited does not count), else the only one there is."""
+    """The run `kubemoe status`/`down` mean, from any directory (the per-user index): the one named, else
+    the only one running (a run whose processes have all exited does not count), else the only one
+    there is."""
     if run_dir is not None:
         return Path(run_dir)
     if name is not None:
-        return RUNS_DIR / name
-    runs = sorted(p.parent for p in RUNS_DIR.glob(f"*/{STATE_FILE}"))
-    running = [r for r in runs if _is_running(r)]
+        named = [d for d in (indexed_run_dir(name), RUNS_DIR / name) if d is not None]
+        with_state = [d for d in named if (d / STATE_FILE).is_file()]
+        alive = [d for d in with_state if _is_running(d)]
+        if alive or with_state:
+            return (alive or with_state)[0]
+        raise LocalRunError(f"no local run named {name} (none in {index_dir()}/ or {RUNS_DIR}/ here)")
+    runs = _known_runs()
+    running = [(n, d) for n, d in runs if _is_running(d)]
     if len(running) == 1:
-        return running[0]
+        return running[0][1]
     if running:
-        raise LocalRunError(
-            f"several runs under {RUNS_DIR}/: name one ({', '.join(p.name for p in running)})"
-        )
+        raise LocalRunError(f"several local runs are running: name one ({', '.join(n for n, _ in running)})")
     if len(runs) == 1:
-        return runs[0]
+        return runs[0][1]
     if not runs:
-        raise LocalRunError(f"no local run under {RUNS_DIR}/ (start one with `kubemoe up FILE`)")
-    raise LocalRunError(
-        f"no local run is running under {RUNS_DIR}/; stopped ones: {', '.join(p.name for p in runs)}"
-        " (name one)"
-    )
+        raise LocalRunError("no local run (start one with `kubemoe up FILE`)")
+    raise LocalRunError(f"no local run is running; stopped ones: {', '.join(n for n, _ in runs)} (name one)")
 
 
 def problem_lines(path: Path, err: ManifestError) -> list[str]:
@@ -134,7 +179,26 @@ def plan_local(md: ModelDeployment, model: Path) -> tuple[Plan, list[str]]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    path = Path(args.file)
+    """`kubemoe up`. A stop signal (Ctrl-C, SIGTERM, SIGHUP) stops whatever was started and exits 128 +
+    the signal (130, 143, 129): a script's `URL=$(kubemoe up FILE -d) && ...` must not go on. Only a
+    foreground run that was ready and is then stopped by its user exits 0."""
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
+    try:
+        return _up(args)
+    except KeyboardInterrupt as stop:
+        code = stop_exit_code(stop)
+        print(f"\nkubemoe up: {signal.Signals(code - 128).name} before the run was ready", file=sys.stderr)
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _prepare(
+    args: argparse.Namespace, path: Path
+) -> tuple[Plan, Path, str, dict[DeviceKey, list[str]]] | int:
+    """The manifest, checked for what `kubemoe up` can run, its model (generated if it is the tiny one),
+    its plan and each pod's accelerators; or the exit status after saying why not."""
     if not path.is_file():
         print(f"kubemoe up: {path}: no such file", file=sys.stderr)
         return EXIT_INVALID
@@ -143,36 +207,61 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ManifestError as err:
         print("\n".join(problem_lines(path, err)), file=sys.stderr)
         return EXIT_INVALID
+    if md.spec.engine.kind not in LOCAL_ENGINES:
+        print(
+            f"kubemoe up: spec.engine.kind is {md.spec.engine.kind}: kubemoe up runs the"
+            f" {' and '.join(LOCAL_ENGINES)} engines only (their pods run kubemoe-runtime; a"
+            f" {md.spec.engine.kind} pod runs its own image); set spec.engine.kind to vllm or torch, or"
+            " deploy the manifest to a cluster (kubectl apply -f)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     try:
         runtime = runtime_command()
         model = local_model_path(args.model or md.spec.model.source, cwd=Path.cwd())
-        architecture = md.spec.model.config.architecture if md.spec.model.config else None
-        if not (model / "config.json").is_file():
-            print(
-                f"generating the tiny random checkpoint {md.spec.model.name} at {model} ...", file=sys.stderr
-            )
+        config = md.spec.model.config
         ensure_model(
             model,
             model_name=md.spec.model.name,
-            architecture=architecture,
-            dtype=md.spec.model.config.dtype if md.spec.model.config else None,
+            architecture=config.architecture if config else None,
+            dtype=config.dtype if config else None,
             runtime=runtime,
+            source_field="--model" if args.model else "spec.model.source",
+            announce=lambda line: print(line, file=sys.stderr, flush=True),
         )
         plan, notes = plan_local(md, model)
+        available, where = machine_devices(plan.resource, os.environ)
+        devices = device_ranges(plan, available, source=where)
     except ManifestError as err:
         print("\n".join(problem_lines(path, err)), file=sys.stderr)
         return EXIT_INVALID
-    except (ModelSourceError, LocalRunError) as err:
+    except (ModelSourceError, LocalRunError, DeviceShortageError) as err:
         print(f"kubemoe up: {err}", file=sys.stderr)
         return EXIT_INVALID
     for note in notes:
         print(note, file=sys.stderr)
+    return plan, model, runtime, devices
+
+
+def _up(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    prepared = _prepare(args, path)
+    if isinstance(prepared, int):
+        return prepared
+    plan, model, runtime, devices = prepared
     run_dir = Path(args.run_dir) if args.run_dir else RUNS_DIR / plan.name
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     state: RunState | None = None
-    keep = False
+    keep = ready = False
     try:
-        state = start_run(plan, model=model, run_dir=run_dir, router_port=args.port, runtime=runtime)
+        state = start_run(
+            plan,
+            model=model,
+            run_dir=run_dir,
+            router_port=args.port,
+            runtime=runtime,
+            devices=devices,
+            say=lambda line: print(line, file=sys.stderr),
+        )
         print(
             f"{plan.name}: {plan.layout}, {len(state.processes)} processes; logs in {run_dir}/logs",
             file=sys.stderr,
@@ -182,9 +271,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             wait_ready(state, timeout=args.timeout, progress=progress)
         finally:
             progress.done()
+        # Ready from here: once the endpoint is out, a stop signal is the user's Ctrl-C on a run that
+        # served (exit 0), and a detached run stays up whatever comes after.
+        ready, keep = True, args.detach
         announce_ready(state, out=sys.stdout, err=sys.stderr)
         if args.detach:
-            keep = True
             print(
                 "running in the background; `kubemoe status` shows it, `kubemoe down` stops it",
                 file=sys.stderr,
@@ -199,17 +290,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"kubemoe up: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nstopping ...", file=sys.stderr)
-        return 0 if state is not None else 130
+        if state is not None and not keep:
+            print("\nstopping ...", file=sys.stderr)
+        if not ready:
+            raise  # before it was ready: 128 + the signal (cmd_up)
+        return 0  # the user stopped a run that served: what Ctrl-C is for
     finally:
-        try:
-            if state is not None and not keep:
-                with signals_ignored(signal.SIGINT, *STOP_SIGNALS):  # a second one must not leave strays
-                    left = stop_run(state)  # removes state.json once nothing is left
-                print(f"stopped {state.name}" + (f"; still alive: {left}" if left else ""), file=sys.stderr)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        if state is not None and not keep:
+            with signals_ignored(signal.SIGINT, *STOP_SIGNALS):  # a second one must not leave strays
+                left = stop_run(state)  # removes state.json once nothing is left
+            print(f"stopped {state.name}" + (f"; still alive: {left}" if left else ""), file=sys.stderr)
 
 
 def ready_summary(state: RunState) -> str:
@@ -260,11 +350,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "up", help="run a ModelDeployment as local processes (router, prefill, decode, ranks)"
     )
     up.add_argument("file", help="ModelDeployment manifest (YAML)")
-    up.add_argument("--port", type=int, default=8000, help="the router's port on 127.0.0.1 (default 8000)")
+    up.add_argument(
+        "--port", type=port_number, default=8000, help="the router's port on 127.0.0.1 (default 8000)"
+    )
     up.add_argument(
         "--model", default=None, help="checkpoint directory or file:// URL; overrides model.source"
     )
-    up.add_argument("--run-dir", default=None, help=f"logs and state (default {RUNS_DIR}/NAME)")
+    up.add_argument(
+        "--run-dir",
+        default=None,
+        help=f"logs and state (default {RUNS_DIR}/NAME; `kubemoe status`/`down` find it from anywhere)",
+    )
     up.add_argument("-d", "--detach", action="store_true", help="return once ready, leave it running")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every process")
     up.set_defaults(run=cmd_up)

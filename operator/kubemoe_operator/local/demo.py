@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.local.commands import port_number
 from kubemoe_operator.local.runner import signals_ignored
 
 QUESTION = "How do experts route tokens?"
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="kubemoe demo", description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", default="examples/tiny-moe.yaml")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     args = parser.parse_args(argv)
     try:
         import openai

@@ -3,23 +3,29 @@
 What a cluster gives a pod, this machine gives a process: its own port instead of :8000 on its pod IP,
 127.0.0.1 for the group leader's address (LeaderWorkerSet's $(LWS_LEADER_ADDRESS)) and a free port per
 group for the data-parallel rendezvous (instead of 29550). The router is told each role's group leaders
-as HOST:PORT lists in place of the roles' headless Services.
+as HOST:PORT lists in place of the roles' headless Services. Each pod's accelerators (devices.py) come as
+the variable its runtime reads (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES), as a device plugin gives them.
+Only pods that run `kubemoe-runtime` (the vllm and torch engines) can run here (LOCAL_ENGINES).
 """
 
 from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from kubemoe_operator.local.devices import VISIBLE_DEVICES_ENV, DeviceKey
 from kubemoe_operator.plan.command import router_command
 from kubemoe_operator.plan.model import Plan
 
 LOOPBACK = "127.0.0.1"
 NAMESPACE = "local"
+# The engines whose pods run `kubemoe-runtime` (their command line runs here as it is); sglang and tgi
+# pods run their engine's own image and launcher.
+LOCAL_ENGINES = ("vllm", "torch")
 
 
 class LocalProcess(BaseModel):
@@ -78,8 +84,13 @@ def local_processes(
     kv_dir: Path,
     port: Callable[[], int] = free_port,
     base_env: dict[str, str] | None = None,
+    devices: Mapping[DeviceKey, list[str]] | None = None,
 ) -> list[LocalProcess]:
-    """Every process of the plan: each group's pods, then the router (listening on `router_port`)."""
+    """Every process of the plan: each group's pods, then the router (listening on `router_port`);
+    `devices` gives each pod its accelerators (devices.device_ranges), none for a cpu plan."""
+    if plan.engine not in LOCAL_ENGINES:
+        raise ValueError(f"engine {plan.engine}: only {' and '.join(LOCAL_ENGINES)} pods run locally")
+    visible = VISIBLE_DEVICES_ENV.get(plan.resource or "")
     processes: list[LocalProcess] = []
     leaders: dict[str, list[str]] = {}
     given = {router_port}
@@ -112,6 +123,8 @@ def local_processes(
                     "KUBEMOE_ROLE": role.role,
                     "KUBEMOE_GROUP": str(group),
                 }
+                if visible is not None and devices is not None:
+                    env[visible] = ",".join(devices[(role.role, group, pod.index)])
                 processes.append(
                     LocalProcess(
                         name=f"{role.role}-g{group}-p{pod.index}",

@@ -1,5 +1,7 @@
 """The model a local run loads: a file:// source or a plain path; the tiny example's checkpoint is
-generated on first use (by `kubemoe-runtime tiny-checkpoint`: the operator never imports the runtime).
+generated on first use (by `kubemoe-runtime tiny-checkpoint`: the operator never imports the runtime),
+into a folder beside its place that is renamed into place once complete. A folder without config.json
+and weights is not a checkpoint (`checkpoint_problem`): never loaded, never generated over.
 
 The checkpoint's config.json also gives the planner the model's facts (`checkpoint_config`), so a
 manifest for a local folder needs no inline spec.model.config. The operator cannot import the runtime's
@@ -9,8 +11,10 @@ it has its own small mapping onto spec.model.config, whose fields name the keys 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,8 @@ TINY_PREFIX = "tiny-"
 # module (which takes --dtype) with the runtime's own interpreter.
 TINY_DEFAULT_DTYPE = "bfloat16"
 TINY_GENERATOR_MODULE = "kubemoe_runtime.tools.checkpoints"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class ModelSourceError(ValueError):
@@ -69,24 +75,104 @@ def tiny_checkpoint_commands(path: Path, *, arch: str, dtype: str | None, runtim
     return [[str(python), "-m", TINY_GENERATOR_MODULE, str(path), "--arch", arch, "--dtype", dtype], plain]
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: safetensors (or PyTorch .bin) shards."""
+    return sorted(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern) if p.is_file())
+
+
+def missing_shards(path: Path) -> list[str]:
+    """Shards model.safetensors.index.json names that are not there (a copy or a write cut short)."""
+    index = path / SAFETENSORS_INDEX
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = {str(v) for v in weight_map.values()} if isinstance(weight_map, dict) else set()
+    return sorted(n for n in names if not (path / n).is_file())
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a checkpoint kubemoe up can load (None when it is one): no config.json, no
+    weights beside it, or shards its index names that are missing."""
+    if not path.exists():
+        return "nothing there"
+    if not path.is_dir():
+        return "not a folder"
+    if not (path / "config.json").is_file():
+        return "no config.json there"
+    if not weight_files(path):
+        return f"config.json but no weights ({' or '.join(WEIGHT_PATTERNS)}) there"
+    if missing := missing_shards(path):
+        return f"{SAFETENSORS_INDEX} names shards that are not there: {', '.join(missing[:3])}"
+    return None
+
+
+def is_tiny(model_name: str, architecture: str | None) -> bool:
+    """A model `kubemoe up` generates on first use: named tiny-..., of an architecture the generator knows."""
+    return model_name.startswith(TINY_PREFIX) and architecture in TINY_ARCHITECTURES
+
+
+def _generate(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the generator; on any exception (Ctrl-C, SIGTERM) kill it and wait until it is gone, so that
+    nothing writes into its output folder once the caller removes it."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def ensure_model(
-    path: Path, *, model_name: str, architecture: str | None, runtime: str, dtype: str | None = None
+    path: Path,
+    *,
+    model_name: str,
+    architecture: str | None,
+    runtime: str,
+    dtype: str | None = None,
+    source_field: str = "spec.model.source",
+    announce: Callable[[str], None] = lambda line: None,
 ) -> bool:
-    """Make sure `path` holds a checkpoint. A missing tiny model (name `tiny-...`, an architecture the
-    generator knows) is generated, in `dtype` (the manifest's spec.model.config.dtype) where it can be;
-    returns whether it was. Anything else missing is an error."""
-    if (path / "config.json").is_file():
+    """Make sure `path` holds a checkpoint (config.json and weights). A missing tiny model (name `tiny-...`,
+    an architecture the generator knows) is generated, in `dtype` (the manifest's spec.model.config.dtype)
+    where it can be, after `announce`-ing it; returns whether it was. It is written to a folder beside
+    `path` and renamed into place when complete: an interrupted generation leaves nothing at `path`.
+    Anything else missing or incomplete is a ModelSourceError naming `source_field` and the fix."""
+    problem = checkpoint_problem(path)
+    if problem is None:
         return False
-    arch = TINY_ARCHITECTURES.get(architecture or "")
-    if not model_name.startswith(TINY_PREFIX) or arch is None:
-        raise ModelSourceError(f"no checkpoint at {path} (config.json missing)")
+    present = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if present or not is_tiny(model_name, architecture):
+        fix = (
+            f"remove it (rm -r {path}) and run kubemoe up again to generate it anew"
+            if present and is_tiny(model_name, architecture)
+            else f"point {source_field} at a Hugging Face checkpoint folder (config.json and *.safetensors)"
+            + (", or remove that folder if a copy or download was cut short" if present else "")
+        )
+        raise ModelSourceError(f"{source_field}: {path} is not a checkpoint ({problem}); {fix}")
+    arch = TINY_ARCHITECTURES[architecture or ""]
+    announce(f"generating the tiny random checkpoint {model_name} at {path} ...")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for command in tiny_checkpoint_commands(path, arch=arch, dtype=dtype, runtime=runtime):
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode == 0 or "No module named 'kubemoe_runtime" not in result.stderr:
-            break  # written, or failed for a reason the next command would share
-    if result.returncode != 0:
-        raise ModelSourceError(f"generating the tiny checkpoint at {path} failed:\n{result.stderr[-2000:]}")
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        for command in tiny_checkpoint_commands(partial, arch=arch, dtype=dtype, runtime=runtime):
+            result = _generate(command)
+            if result.returncode == 0 or "No module named 'kubemoe_runtime" not in result.stderr:
+                break  # written, or failed for a reason the next command would share
+        if result.returncode != 0:
+            raise ModelSourceError(
+                f"generating the tiny checkpoint at {path} failed:\n{result.stderr[-2000:]}"
+            )
+        partial.chmod(0o755)  # mkdtemp's 0700: as a folder the generator made itself
+        try:
+            partial.replace(path)  # replaces an empty folder at path; fails on a full one
+        except OSError:
+            if checkpoint_problem(path) is not None:  # not another `kubemoe up` that got there first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return True
 
 

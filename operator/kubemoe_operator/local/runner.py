@@ -1,4 +1,5 @@
-"""Start, watch and stop a local run; its state lives in RUN_DIR/state.json for `kubemoe status`/`down`.
+"""Start, watch and stop a local run; its record is RUN_DIR/state.json (state.py), for `kubemoe status`
+and `down`.
 
 Every process starts in a session of its own, so its process group holds it and whatever it spawns (the
 torch engine's rank processes, vLLM's engine cores); stopping sends SIGTERM to each group, waits, then
@@ -6,15 +7,14 @@ SIGKILLs what is left, and checks /proc until no process of any group remains. s
 process's start time and the boot's id: a pid from a stale state.json that now names another process
 (after a reboot, or reused) is never signalled. A stopped run's state.json is removed (its logs stay).
 
-    RUN_DIR/state.json          what runs: argv, pid (= process group), start time, port, ready time, logs
     RUN_DIR/logs/NAME.log       one per process (stdout and stderr)
+    RUN_DIR/logs.prev/          the previous run's logs, moved aside as a run starts
     RUN_DIR/kv/                 the example connector's shared KV directory (vLLM)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -26,64 +26,28 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from pydantic import BaseModel
-
-from kubemoe_operator.grid import grid
+from kubemoe_operator.local.devices import DeviceKey
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess, local_processes, roles_in_order
+from kubemoe_operator.local.state import (
+    STATE_FILE,
+    LocalRunError,
+    ProcessState,
+    RunState,
+    indexed_run_dir,
+    register,
+    start_lock,
+)
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.kv_key import KV_KEY_ENV
 
-STATE_FILE = "state.json"
 STOP_GRACE_S = 20.0
 PROBE_TIMEOUT_S = 2.0
 LOG_TAIL_LINES = 30
-
-
-class LocalRunError(RuntimeError):
-    pass
-
-
-class ProcessState(BaseModel):
-    process: LocalProcess
-    pid: int
-    log: str
-    ready_s: float | None = None  # seconds from start to ready
-    # /proc/PID/stat's starttime (clock ticks after boot): tells this process from a later one given the
-    # same pid. None where there is no /proc (and in a state.json from before it was recorded).
-    start_time: int | None = None
-
-
-class RunState(BaseModel):
-    name: str
-    model: str
-    layout: str
-    mode: str
-    run_dir: str
-    endpoint: str
-    started: float  # epoch seconds
-    supervisor_pid: int
-    processes: list[ProcessState]
-    boot_id: str | None = None  # the kernel's boot id when it started: no process outlives a reboot
-
-    def save(self) -> None:
-        path = Path(self.run_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n")
-        tmp.replace(path)
-
-    def remove(self) -> None:
-        """Forget the run (its state.json; the logs stay): `kubemoe status`/`down` no longer find it."""
-        (Path(self.run_dir) / STATE_FILE).unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunState:
-        path = run_dir / STATE_FILE
-        if not path.is_file():
-            raise LocalRunError(f"no local run in {run_dir} (no {STATE_FILE})")
-        return cls.model_validate_json(path.read_text())
+LOGS = "logs"
+PREVIOUS_LOGS = "logs.prev"
 
 
 def runtime_command() -> str:
@@ -122,6 +86,33 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _refuse_if_running(name: str, run_dir: Path) -> None:
+    """LocalRunError when a run of `name` (wherever it was started) or a run in run_dir still runs; an
+    unreadable state.json there is refused too (its processes may run: state.py names them)."""
+    elsewhere = indexed_run_dir(name)
+    for where in dict.fromkeys(p for p in (run_dir, elsewhere) if p is not None):
+        if not (where / STATE_FILE).is_file():
+            continue
+        previous = RunState.load(where)
+        if run_alive(previous):
+            place = "" if where == run_dir else f" (run dir {where})"
+            raise LocalRunError(
+                f"{previous.name} is already running{place}: `kubemoe status {previous.name}` shows it,"
+                f" `kubemoe down {previous.name}` stops it"
+            )
+
+
+def keep_previous_logs(run_dir: Path) -> Path | None:
+    """Move the last run's logs (a crash's evidence) to RUN_DIR/logs.prev, replacing older ones; returns
+    where they went, None when there were none."""
+    logs, previous = run_dir / LOGS, run_dir / PREVIOUS_LOGS
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return None
+    shutil.rmtree(previous, ignore_errors=True)
+    logs.rename(previous)
+    return previous
+
+
 def start_run(
     plan: Plan,
     *,
@@ -129,64 +120,70 @@ def start_run(
     run_dir: Path,
     router_port: int,
     runtime: str,
+    devices: Mapping[DeviceKey, list[str]] | None = None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> RunState:
-    """Start every process of the plan (engines first, the router last) and record them."""
-    if (run_dir / STATE_FILE).is_file():
-        previous = RunState.load(run_dir)
-        if run_alive(previous):
-            raise LocalRunError(
-                f"{plan.name} is already running (see `kubemoe status`; `kubemoe down` stops it)"
-            )
-    if not port_is_free(router_port):
-        raise LocalRunError(f"port {router_port} is taken; pick another with --port")
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "kv").mkdir(exist_ok=True)
-    processes = local_processes(
-        plan,
-        model=model,
-        runtime=runtime,
-        router_port=router_port,
-        kv_dir=run_dir / "kv",
-        base_env=default_env(),
-    )
-    state = RunState(
-        name=plan.name,
-        model=plan.model,
-        layout=plan.layout,
-        mode=plan.mode,
-        run_dir=str(run_dir),
-        endpoint=f"http://{LOOPBACK}:{router_port}/v1",
-        started=time.time(),
-        supervisor_pid=os.getpid(),
-        processes=[],
-        boot_id=boot_id(),
-    )
-    try:
-        for process in processes:
-            log_path = run_dir / "logs" / f"{process.name}.log"
-            with log_path.open("wb") as log:
-                popen = subprocess.Popen(
-                    process.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=process.env,
-                    start_new_session=True,
+    """Start every process of the plan (engines first, the router last) and record them. The start lock
+    (state.py) is held from before the checks until state.json holds every process: a second `kubemoe up`
+    of the name meanwhile is refused, not started beside this one."""
+    run_dir = run_dir.resolve()  # state.json and the logs it names are found from any directory
+    with start_lock(plan.name, run_dir):
+        _refuse_if_running(plan.name, run_dir)
+        if not port_is_free(router_port):
+            raise LocalRunError(f"port {router_port} is taken; pick another with --port")
+        if (previous := keep_previous_logs(run_dir)) is not None:
+            say(f"the previous run's logs are in {previous}")
+        (run_dir / LOGS).mkdir(parents=True, exist_ok=True)
+        (run_dir / "kv").mkdir(exist_ok=True)
+        processes = local_processes(
+            plan,
+            model=model,
+            runtime=runtime,
+            router_port=router_port,
+            kv_dir=run_dir / "kv",
+            base_env=default_env(),
+            devices=devices,
+        )
+        state = RunState(
+            name=plan.name,
+            model=plan.model,
+            layout=plan.layout,
+            mode=plan.mode,
+            run_dir=str(run_dir),
+            endpoint=f"http://{LOOPBACK}:{router_port}/v1",
+            started=time.time(),
+            supervisor_pid=os.getpid(),
+            processes=[],
+            boot_id=boot_id(),
+        )
+        try:
+            state.save()
+            register(plan.name, run_dir)  # `kubemoe status`/`down` find it from any directory
+            for process in processes:
+                log_path = run_dir / LOGS / f"{process.name}.log"
+                with log_path.open("wb") as log:
+                    popen = subprocess.Popen(
+                        process.argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=process.env,
+                        start_new_session=True,
+                    )
+                started = process_start_time(popen.pid)
+                state.processes.append(
+                    ProcessState(process=process, pid=popen.pid, log=str(log_path), start_time=started)
                 )
-            started = process_start_time(popen.pid)
-            state.processes.append(
-                ProcessState(process=process, pid=popen.pid, log=str(log_path), start_time=started)
-            )
-            state.save()  # each as it starts: whatever stops this, `kubemoe down` finds what runs
-    except BaseException:
-        # Ctrl-C, SIGTERM or a failed start halfway: stop what did start before passing it on (the
-        # caller has no state to stop; state.json goes too, unless something would not stop).
+                state.save()  # each as it starts: whatever stops this, `kubemoe down` finds what runs
+        except BaseException:
+            # Ctrl-C, SIGTERM or a failed start halfway: stop what did start before passing it on (the
+            # caller has no state to stop; state.json goes too, unless something would not stop).
+            state.save()
+            with signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                stop_run(state)
+            raise
         state.save()
-        with signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            stop_run(state)
-        raise
-    state.save()
-    return state
+        return state
 
 
 def probe(url: str) -> int | None:
@@ -415,76 +412,3 @@ def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
     if not left:
         state.remove()
     return left
-
-
-# --- status ---------------------------------------------------------------------------------------
-
-
-def status_rows(state: RunState) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
-    for p in state.processes:
-        alive = process_alive(state, p)
-        if not alive:
-            health = "exited"
-        elif is_ready(p.process):
-            health = "ready"
-        else:
-            health = "loading" if p.ready_s is None else "unhealthy"
-        rows.append(
-            {
-                "name": p.process.name,
-                "role": p.process.role,
-                "group": p.process.group,
-                "pod": p.process.pod,
-                "ranks": p.process.ranks,
-                "pid": p.pid,
-                "port": p.process.port,
-                "url": p.process.url,
-                "state": health,
-                "readySeconds": p.ready_s,
-                "log": p.log,
-            }
-        )
-    return rows
-
-
-def status_json(state: RunState) -> str:
-    rows = status_rows(state)
-    return json.dumps(
-        {
-            "name": state.name,
-            "model": state.model,
-            "layout": state.layout,
-            "mode": state.mode,
-            "endpoint": state.endpoint,
-            "runDir": state.run_dir,
-            "ready": all(r["state"] == "ready" for r in rows),
-            "processes": rows,
-        },
-        indent=2,
-    )
-
-
-def status_table(state: RunState) -> str:
-    rows = status_rows(state)
-    header = ("NAME", "ROLE", "GROUP", "RANKS", "PID", "PORT", "STATE", "READY(s)")
-    table: list[Sequence[str]] = [header]
-    for r in rows:
-        ranks = r["ranks"]
-        assert isinstance(ranks, list)
-        table.append(
-            (
-                str(r["name"]),
-                str(r["role"]),
-                str(r["group"]),
-                ",".join(map(str, ranks)) or "-",
-                str(r["pid"]),
-                str(r["port"]),
-                str(r["state"]),
-                "-" if r["readySeconds"] is None else f"{r['readySeconds']:.1f}",
-            )
-        )
-    lines = grid(header, table[1:])
-    lines += ["", f"{state.name}: {state.layout} ({state.mode})", f"endpoint: {state.endpoint}"]
-    lines.append(f"logs: {state.run_dir}/logs")
-    return "\n".join(lines)

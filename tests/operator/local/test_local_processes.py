@@ -1,7 +1,8 @@
 """`kubemoe up | status | down` with real processes: stand-in engines (a shell that waits on a `sleep`,
 so each process group holds two processes) started, found and stopped as a run's are.
 
-- SIGHUP (the terminal closed) and SIGTERM stop a foreground `kubemoe up` and every process it started.
+- SIGHUP (the terminal closed), SIGTERM and Ctrl-C stop a foreground `kubemoe up` and every process it
+  started; before the run was ready, `kubemoe up` exits 128 + the signal.
 - an interrupt while `start_run` starts processes stops those it had started.
 - a stopped run leaves no state.json; `status`/`down` without a name skip runs whose processes are gone.
 - `down` never signals a pid from state.json that now names another process (reused, or after a reboot).
@@ -29,7 +30,8 @@ from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.cli.kubemoe import main
 from kubemoe_operator.local import demo, runner
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess
-from kubemoe_operator.local.runner import STATE_FILE, RunState, start_run
+from kubemoe_operator.local.runner import start_run
+from kubemoe_operator.local.state import STATE_FILE, RunState
 from kubemoe_operator.plan.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -189,7 +191,7 @@ def test_status_and_down_skip_a_stopped_run(
     assert main(["down"]) == 0
     assert not Path(".run/up/old", STATE_FILE).exists()
     assert main(["status"]) == 1
-    assert "no local run under .run/up/" in capsys.readouterr().err
+    assert "no local run (start one with `kubemoe up FILE`)" in capsys.readouterr().err
 
 
 def test_two_running_runs_need_a_name(
@@ -203,7 +205,7 @@ def test_two_running_runs_need_a_name(
         proc = sleepers()
         _state(Path(".run/up", name), name, [proc.pid], start_times=[_start_time(proc.pid)])
     assert main(["down"]) == 1
-    assert "several runs under .run/up/: name one (a, b)" in capsys.readouterr().err
+    assert "several local runs are running: name one (a, b)" in capsys.readouterr().err
     assert main(["down", "b"]) == 0
     assert main(["status", "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "a"
@@ -256,15 +258,20 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["SIGHUP", "SIGTERM", "SIGINT"]
+)
 def test_a_signal_stops_kubemoe_up_and_every_process(
     sig: signal.Signals, tmp_path: Path, stand_in_runtime: Path
 ) -> None:
     """The terminal closing sends `kubemoe up` SIGHUP: its processes are in sessions of their own, so
-    they get nothing; `kubemoe up` must stop them (it did so for SIGTERM only) and forget the run."""
+    they get nothing; `kubemoe up` must stop them (it did so for SIGTERM only) and forget the run. Stopped
+    before it was ready, it exits 128 + the signal (it exited 0, so `URL=$(kubemoe up FILE -d) && curl
+    $URL` went on with no URL)."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")  # the stand-in engines read nothing
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
         [
@@ -299,9 +306,11 @@ def test_a_signal_stops_kubemoe_up_and_every_process(
         _eventually(lambda: started() or up.poll() is not None, timeout=60, what="the processes to start")
         assert up.poll() is None, up.communicate()
         up.send_signal(sig)
-        _, err = up.communicate(timeout=60)
-        assert up.returncode == 0, err
+        out, err = up.communicate(timeout=60)
+        assert up.returncode == 128 + sig, err  # 129, 143, 130: never ready, so never a success
+        assert out == ""  # no endpoint for a script to go on with
         assert "stopped tiny-moe" in err, err
+        assert f"kubemoe up: {sig.name} before the run was ready" in err, err
         assert [_group_members(g) for g in pgids] == [[]] * TINY_PROCESSES
         assert not (run_dir / STATE_FILE).exists()
     finally:

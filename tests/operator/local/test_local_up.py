@@ -27,7 +27,8 @@ from kubemoe_operator.cli.kubemoe import main
 from kubemoe_operator.local.commands import announce_ready, plan_local
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess
 from kubemoe_operator.local.model import checkpoint_config, facts_from_config_json, tiny_checkpoint_commands
-from kubemoe_operator.local.runner import LocalRunError, ProcessState, RunState, port_is_free, runtime_command
+from kubemoe_operator.local.runner import port_is_free, runtime_command
+from kubemoe_operator.local.state import LocalRunError, ProcessState, RunState
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "examples" / "tiny-moe.yaml"
@@ -335,6 +336,7 @@ def test_kubemoe_up_with_a_broken_config_json_is_one_line(
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{")
+    (model / "model.safetensors").write_bytes(b"")  # weights are there: only config.json is wrong
     manifest = _manifest(tmp_path, model, inline=False)
     assert main(["up", str(manifest), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,212 @@
+"""A local run's record, its lock, and the per-user index of runs that `kubemoe status`/`down` read.
+
+    RUN_DIR/state.json          what runs: argv, pid (= process group), start time, port, ready time, logs
+    RUN_DIR/lock                held (flock) by the `kubemoe up` starting the run, until state.json is saved
+    INDEX/NAME -> RUN_DIR       a symlink per run, INDEX = $XDG_STATE_HOME/kubemoe/up (default
+                                ~/.local/state/kubemoe/up): `status`/`down` find a run from any directory,
+                                and a second `kubemoe up` of the same name is refused wherever it starts
+    INDEX/.NAME.lock            held with RUN_DIR/lock: two `kubemoe up` of one name in two directories
+
+The run dir itself stays where `kubemoe up` put it (.run/up/NAME under its working directory, or
+--run-dir). A stopped run's state.json and index entry are removed (its logs stay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from kubemoe_operator.local.layout import LocalProcess
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+INDEX_SUBDIR = Path("kubemoe") / "up"
+
+
+class LocalRunError(RuntimeError):
+    pass
+
+
+class ProcessState(BaseModel):
+    process: LocalProcess
+    pid: int
+    log: str
+    ready_s: float | None = None  # seconds from start to ready
+    # /proc/PID/stat's starttime (clock ticks after boot): tells this process from a later one given the
+    # same pid. None where there is no /proc (and in a state.json from before it was recorded).
+    start_time: int | None = None
+
+
+class RunState(BaseModel):
+    name: str
+    model: str
+    layout: str
+    mode: str
+    run_dir: str
+    endpoint: str
+    started: float  # epoch seconds
+    supervisor_pid: int
+    processes: list[ProcessState]
+    boot_id: str | None = None  # the kernel's boot id when it started: no process outlives a reboot
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
+
+    def remove(self) -> None:
+        """Forget the run (its state.json and its index entry; the logs stay): `kubemoe status`/`down`
+        no longer find it."""
+        (Path(self.run_dir) / STATE_FILE).unlink(missing_ok=True)
+        unregister(self.name, Path(self.run_dir))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunState:
+        """The run recorded in run_dir; LocalRunError (the file, why, what to do) when there is none or
+        it cannot be read (a state.json of another kubemoe version, a file cut short)."""
+        path = run_dir.resolve() / STATE_FILE
+        if not path.is_file():
+            raise LocalRunError(f"no local run in {run_dir} (no {STATE_FILE})")
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as err:
+            raise LocalRunError(f"{path}: cannot read it ({err.strerror})") from None
+        try:
+            state = cls.model_validate_json(text)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"])
+            reason = f"{where}: {first['msg']}" if where else first["msg"]
+            raise LocalRunError(unreadable_state(path, text, reason)) from None
+        # Where it was found, whatever it recorded (a relative path, from another working directory).
+        return state.model_copy(update={"run_dir": str(run_dir.resolve())})
+
+
+def unreadable_state(path: Path, text: str, reason: str) -> str:
+    """What to do about a state.json this kubemoe cannot read: remove it, after stopping the processes it
+    names if they still run (their pids, where the file still lists them)."""
+    pids = recorded_pids(text)
+    still = (
+        f"; the processes it recorded may still run: pids {', '.join(map(str, pids))}"
+        f" (see `ps -o pid,pgid,args -p {','.join(map(str, pids))}`; stop each group with"
+        " `kill -TERM -- -PID`)"
+        if pids
+        else "; the processes it recorded may still run (their pids cannot be read from it)"
+    )
+    return (
+        f"{path} is not a state.json this kubemoe can read ({reason}; written by another version, or cut"
+        f" short){still}; then remove it (rm {path})"
+    )
+
+
+def recorded_pids(text: str) -> list[int]:
+    """The pids a state.json of any version lists (processes[].pid), as far as it is JSON."""
+    try:
+        raw: Any = json.loads(text)
+    except ValueError:
+        return []
+    processes = raw.get("processes") if isinstance(raw, dict) else None
+    if not isinstance(processes, list):
+        return []
+    return [
+        p["pid"] for p in processes if isinstance(p, dict) and isinstance(p.get("pid"), int) and p["pid"] > 0
+    ]
+
+
+# --- the per-user index -----------------------------------------------------------------------------
+
+
+def index_dir() -> Path:
+    """$XDG_STATE_HOME/kubemoe/up, or ~/.local/state/kubemoe/up (XDG ignores a relative XDG_STATE_HOME)."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / INDEX_SUBDIR
+
+
+def _check_name(name: str) -> str:
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise LocalRunError(f"{name!r} is not a run's name (a ModelDeployment's metadata.name)")
+    return name
+
+
+def indexed_run_dir(name: str) -> Path | None:
+    """The run dir the index records for `name`, if any."""
+    try:
+        return Path(os.readlink(index_dir() / _check_name(name)))
+    except OSError:
+        return None
+
+
+def indexed_runs() -> dict[str, Path]:
+    """Every run the index records: name -> run dir (whether or not it still runs)."""
+    runs: dict[str, Path] = {}
+    with contextlib.suppress(OSError):
+        for entry in sorted(index_dir().iterdir()):
+            if entry.is_symlink() and not entry.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    runs[entry.name] = Path(os.readlink(entry))
+    return runs
+
+
+def register(name: str, run_dir: Path) -> None:
+    """Record run_dir (absolute) as the run named `name` (replacing a stopped one's entry)."""
+    index = index_dir()
+    entry = index / _check_name(name)
+    tmp = index / f".{name}.new.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.resolve(), tmp)
+    tmp.replace(entry)
+
+
+def unregister(name: str, run_dir: Path) -> None:
+    """Drop `name`'s index entry if it is this run's (a later run of the name elsewhere keeps its own)."""
+    with contextlib.suppress(OSError, LocalRunError):
+        recorded = indexed_run_dir(name)
+        if recorded is not None and recorded == run_dir.resolve():
+            (index_dir() / name).unlink()
+
+
+# --- the start lock ---------------------------------------------------------------------------------
+
+
+def _try_lock(path: Path, stack: contextlib.ExitStack, *, name: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    stack.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LocalRunError(
+            f"{name} is already starting: another `kubemoe up` holds {path}; `kubemoe status {name}`"
+            " shows it once it has started (`kubemoe down` stops it), or give this run another"
+            " metadata.name"
+        ) from None
+
+
+@contextlib.contextmanager
+def start_lock(name: str, run_dir: Path) -> Iterator[None]:
+    """Held while a `kubemoe up` checks that `name` is not running and starts it: the name's lock in the
+    index (one run of a name per user, whatever the directory) and RUN_DIR/lock (one run per run dir).
+    A second `kubemoe up` meanwhile is refused at once (LocalRunError: "already starting"); the kernel
+    releases both when the process ends, however it ends."""
+    index = index_dir()
+    try:
+        index.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LocalRunError(
+            f"{err.filename}: cannot create it ({err.strerror}); the index of local runs lives in"
+            " $XDG_STATE_HOME/kubemoe/up (default ~/.local/state/kubemoe/up): set XDG_STATE_HOME to a"
+            " writable directory, or pick another --run-dir"
+        ) from None
+    with contextlib.ExitStack() as stack:
+        _try_lock(index / f".{_check_name(name)}.lock", stack, name=name)
+        _try_lock(run_dir / LOCK_FILE, stack, name=name)
+        yield
