@@ -240,6 +240,12 @@ def facts_from_config_json(cfg: Mapping[str, Any]) -> dict[str, Any]:
     dtype = _first(cfg, ("dtype", "torch_dtype"))
     if dtype in ("float32", "bfloat16", "float16"):
         facts["dtype"] = dtype
+    # Sliding-window layers (gpt-oss): each caches at most sliding_window tokens; only layer_types says
+    # which layers slide (Qwen2/3 configs carry a sliding_window they do not use).
+    layer_types, window = cfg.get("layer_types"), cfg.get("sliding_window")
+    if isinstance(layer_types, list) and isinstance(window, int) and "sliding_attention" in layer_types:
+        facts["sliding_window"] = window
+        facts["sliding_window_layers"] = layer_types.count("sliding_attention")
     quant = cfg.get("quantization_config")
     method = quant.get("quant_method") if isinstance(quant, Mapping) else None
     if method in _QUANTIZED:

@@ -108,6 +108,26 @@ QWEN3_30B_A3B = {
     "torch_dtype": "bfloat16",
     "vocab_size": 151936,
 }
+GPT_OSS_120B = {  # https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json, as used here
+    "architectures": ["GptOssForCausalLM"],
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 18,
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "num_local_experts": 128,
+    "quantization_config": {"quant_method": "mxfp4"},
+    "sliding_window": 128,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 201088,
+}
 INFORMATIONAL = {"name", "reference", "params_total_b", "params_active_b"}
 
 
@@ -117,6 +137,7 @@ INFORMATIONAL = {"name", "reference", "params_total_b", "params_active_b"}
         ("deepseek-ai/DeepSeek-V3", DEEPSEEK_V3),
         ("mistralai/Mixtral-8x7B-Instruct-v0.1", MIXTRAL_8X7B),
         ("Qwen/Qwen3-30B-A3B", QWEN3_30B_A3B),
+        ("openai/gpt-oss-120b", GPT_OSS_120B),
     ],
 )
 def test_config_json_alone_gives_the_facts_the_catalog_has(name: str, config_json: dict[str, Any]) -> None:
@@ -140,6 +161,13 @@ def test_config_json_alone_gives_the_facts_the_catalog_has(name: str, config_jso
     }
     assert differ == {}
     assert from_file.routed_params == from_catalog.routed_params
+
+
+def test_only_layer_types_makes_a_layer_slide() -> None:
+    """Qwen2/3 configs carry a sliding_window they do not use (use_sliding_window: false)."""
+    assert "sliding_window" not in facts_from_config_json({**QWEN3_30B_A3B, "sliding_window": 4096})
+    facts = facts_from_config_json(GPT_OSS_120B)
+    assert (facts["sliding_window"], facts["sliding_window_layers"]) == (128, 18)
 
 
 def test_qwen3_dense_layers_count_from_mlp_only_layers() -> None:
