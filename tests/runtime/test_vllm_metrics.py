@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubemoe_runtime.engines.vllm.metrics import kubemoe_families, render
+from kubemoe_runtime.engines.vllm.metrics import autoscaler_page, kubemoe_families, needed_lines, render
 from kubemoe_runtime.pod.metrics import MetricLabels
 
 # The shape vLLM 0.32 exports, for a pod running two data-parallel engines.
@@ -70,3 +70,35 @@ def test_vllms_text_passes_through_and_missing_series_are_left_out() -> None:
     names = {f.name for f in kubemoe_families(TWO_ENGINES, LABELS)}
     assert "kubemoe_inter_token_latency_seconds" not in names  # vLLM did not export it here
     assert render("", LABELS) == b""  # vLLM not up yet: nothing, rather than made-up zeros
+
+
+# Families whose names start like the ones read, and prometheus_client's `_created` samples: never read.
+DECOYS = """\
+# HELP vllm:num_requests_waiting_by_reason Requests waiting, by reason.
+# TYPE vllm:num_requests_waiting_by_reason gauge
+vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 100.0
+# HELP vllm:generation_tokens_created Number of generation tokens processed.
+# TYPE vllm:generation_tokens_created gauge
+vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e+09
+# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.
+# TYPE vllm:prompt_tokens_by_source_total counter
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 7.0
+"""
+
+
+def test_only_the_lines_of_the_families_read_are_parsed() -> None:
+    kept = needed_lines(DECOYS + TWO_ENGINES + DECOYS)
+    assert kept == TWO_ENGINES  # every line of theirs, in order, and nothing of the decoys
+    assert needed_lines(DECOYS) == ""
+    got = samples(render(DECOYS + TWO_ENGINES, LABELS).decode())
+    assert got[("kubemoe_requests_waiting", "")] == 5  # not the 100 waiting by reason
+    assert ("kubemoe_prompt_tokens_total", "") not in got  # by source is not vllm:prompt_tokens
+
+
+def test_the_autoscalers_page_is_the_kubemoe_series_alone() -> None:
+    page = autoscaler_page(DECOYS + TWO_ENGINES, LABELS).decode()
+    names = {s.name for f in text_string_to_metric_families(page) for s in f.samples}
+    assert names
+    assert all(name.startswith("kubemoe_") for name in names), names
+    assert samples(page) == samples(render(TWO_ENGINES, LABELS).decode())
+    assert autoscaler_page("", LABELS) == b""

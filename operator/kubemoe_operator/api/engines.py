@@ -5,6 +5,11 @@ server's, on ModelDeploymentSpec), `engine_problems()` is their Python twin (`ku
 operator, through api/rules.py), and the planner enforces what depends on the plan itself (a
 suggested parallelism that would span pods, plan/planner.py). `kubemoe plan` prints an engine's row
 (cli/tables.py) and docs/spec-reference.md the whole table (gen/spec_reference.py).
+
+Two rules are checked in Python only (`limit_problems`; the API server admits such a spec, the operator
+reports Planned=False naming the field): data or expert parallelism on cpu where the engine's CPU build
+cannot run it (`cpu_parallel`), and a connector whose KV stays on one machine outside `kubemoe up`
+(`local_connectors`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ class EngineSupport:
     """model.source schemes it loads."""
     experts: bool
     """spec.experts (redundant experts and their balancing)."""
+    cpu_parallel: bool = True
+    """Data and expert parallelism on accelerator.type cpu. vLLM's CPU build (0.32) has neither: data
+    parallelism needs all_gatherv, which it lacks, and expert parallelism over tensor-parallel ranks
+    crashes a worker; either way the group comes up Ready, then fails on its first request."""
+    local_connectors: tuple[str, ...] = ()
+    """Connectors whose KV stays on the machine (vLLM's ExampleConnector: a directory, /tmp unless set):
+    `kubemoe up`'s only, i.e. with a file:// model.source; in a cluster each pod has its own /tmp."""
     image_required: bool
     """engine.image must be given (the operator's runtime image does not hold the engine)."""
     router: str
@@ -73,6 +85,8 @@ ENGINES: Final[tuple[EngineSupport, ...]] = (
         accelerators=None,
         sources=("hf", "pvc", "s3", "file"),
         experts=True,
+        cpu_parallel=False,
+        local_connectors=("example",),
         image_required=False,
         router="kubemoe router",
         instead="",
@@ -378,7 +392,47 @@ def engine_problems(spec: ModelDeploymentSpec) -> list[Problem]:
         add(by_field[".engine.image"])
     if e.kind == "sglang" and spec.serving.mode == "disaggregated" and spec.router.api_key_secret is not None:
         add(by_field[".router.apiKeySecret"])
+    return problems + limit_problems(spec)
+
+
+def limit_problems(spec: ModelDeploymentSpec) -> list[Problem]:
+    """The rules checked in Python only (module docstring): cpu_parallel and local_connectors."""
+    e, problems = support(spec.engine.kind), []
+    if not e.cpu_parallel and spec.accelerator.type.lower() == "cpu":
+        for name, role in spec.roles.items():
+            par = role.parallelism
+            if par is None or (par.data == 1 and not par.expert_parallel):
+                continue
+            which = "data" if par.data > 1 else "expert"
+            problems.append(
+                Problem(
+                    field=f"spec.roles.{name}.parallelism.{which}",
+                    message=f"engine {e.kind} on accelerator.type cpu runs no data or expert parallelism"
+                    f" (data {par.data}, expert {par.expert_size}): vLLM's CPU build has no all_gatherv"
+                    " for data parallelism, and its expert parallelism over tensor ranks crashes a"
+                    " worker; the group comes up Ready, then fails on its first request.",
+                    fix="set data: 1 and expert: 1 (tensor parallelism alone runs), or use engine.kind"
+                    " torch (expert-parallel groups on cpu).",
+                )
+            )
+    connector = spec.serving.kv_transfer.connector
+    local = spec.model.source.startswith("file://")
+    if spec.serving.mode == "disaggregated" and connector in e.local_connectors and not local:
+        problems.append(
+            Problem(
+                field="spec.serving.kvTransfer.connector",
+                message=f"connector {connector} (vLLM's ExampleConnector) hands KV over through a directory"
+                " on one machine (/tmp by default); in a cluster prefill and decode pods each have their"
+                " own, and decode would silently prefill every prompt again. It is for `kubemoe up`"
+                " (a file:// model.source) only.",
+                fix="set serving.kvTransfer.connector: nixl.",
+            )
+        )
     return problems
+
+
+def _connector_words(e: EngineSupport) -> str:
+    return ", ".join(f"{c} (kubemoe up only)" if c in e.local_connectors else c for c in e.connectors or ())
 
 
 def describe(e: EngineSupport) -> list[tuple[str, str]]:
@@ -388,10 +442,11 @@ def describe(e: EngineSupport) -> list[tuple[str, str]]:
         return "yes" if flag else "no"
 
     data = "with expert parallelism only" if e.data_needs_expert else yes(e.data)
+    not_cpu = "" if e.cpu_parallel else ", not on cpu"
     return [
         ("tensor parallelism", yes(e.tensor)),
-        ("data parallelism", data),
-        ("expert parallelism", yes(e.expert)),
+        ("data parallelism", data + (not_cpu if e.data else "")),
+        ("expert parallelism", yes(e.expert) + (not_cpu if e.expert else "")),
         ("groups over several pods", yes(e.multi_pod)),
         ("disaggregation (P/D)", yes(e.disaggregated)),
         (
@@ -400,7 +455,7 @@ def describe(e: EngineSupport) -> list[tuple[str, str]]:
             if not e.disaggregated
             else "its own hand-off (connector ignored)"
             if e.connectors is None
-            else _words(e.connectors),
+            else _connector_words(e),
         ),
         ("accelerators", "any" if e.accelerators is None else _words(e.accelerators)),
         ("model sources", _source_words(e)),

@@ -100,6 +100,9 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
             )
         if role.autoscaling is not None:
             problems += autoscaling_problems(role.autoscaling, role=name, path=f"{path}.autoscaling")
+            problems += gpu_metric_problems(
+                role.autoscaling, spec.accelerator.type, path=f"{path}.autoscaling"
+            )
         if role.resources is not None:
             problems += accelerator_resource_problems(role.resources, field=f"{path}.resources")
             problems += request_limit_problems(role.resources, field=f"{path}.resources")
@@ -194,6 +197,30 @@ def autoscaling_problems(scale: Autoscaling, *, role: str, path: str) -> list[Pr
             )
         )
     return problems
+
+
+NVML_LESS_ACCELERATORS = frozenset({"cpu", "mi300x", "amd_instinct_mi300x"})
+"""accelerator.type values (lower case: catalog/gpus.yaml's names and node labels) of no NVIDIA GPU: cpu
+and the amd.com/gpu ones. Every other type is an NVIDIA GPU (the planner's resource for a type the
+catalog lacks is nvidia.com/gpu); tests/operator/api checks this against the catalog."""
+
+
+def gpu_metric_problems(scale: Autoscaling, accelerator: str, *, path: str) -> list[Problem]:
+    """gpu-utilization where no pod exports it: the runtime's NVML collector reads NVIDIA GPUs only, so
+    the metric would always be missing, and a missing metric never scales down."""
+    if accelerator.lower() not in NVML_LESS_ACCELERATORS:
+        return []
+    return [
+        Problem(
+            field=f"{path}.metrics[{i}].type",
+            message=f"gpu-utilization reads kubemoe_gpu_utilization_ratio, which the pods export through"
+            f" NVML for NVIDIA GPUs (nvidia.com/gpu) only; on accelerator.type {accelerator} it is never"
+            " there, and the role would never scale down.",
+            fix="use itl-p90, ttft-p90, kv-cache-usage or queue-depth (docs/autoscaling.md) instead.",
+        )
+        for i, metric in enumerate(scale.metrics)
+        if metric.type == "gpu-utilization"
+    ]
 
 
 def reserved_label_problems(labels: dict[str, str], *, field: str) -> list[Problem]:

@@ -2,11 +2,14 @@
 bytes (a page past the cap is read no further) and in time as a whole (connect, headers and every
 byte: httpx's own timeouts are per read, and a pod that sends one byte a second never trips them).
 
-The cap: a torch-engine pod's page is about 28 KiB; a vLLM pod's about 50 KiB per engine (some
-fifteen histograms of twenty-odd buckets each, labelled per engine), so a pod running eight local
-data-parallel engines serves some 400 KiB. 1 MiB leaves room for that, and parsing a page that long
-(pure Python, about half a second of CPU) runs off the event loop (`asyncio.to_thread`), which also
-renews the operator's lease.
+Every read asks for the autoscaler's page, `/metrics?kubemoe=1` (AUTOSCALER_QUERY): a vLLM pod's front
+then serves the kubemoe_* and kubemoe_gpu_* series alone, a few KiB, where its whole page carries vLLM's
+own series for every data-parallel rank of its group (about 46 KiB a rank: 1.5 MiB for a 32-rank group's
+leader, past the cap). A torch-engine pod ignores the query and serves its whole page, about 28 KiB.
+
+The cap: 1 MiB leaves room for a whole vLLM page of some twenty ranks (a pod with an older runtime,
+which ignores the query), and parsing a page that long (pure Python, about half a second of CPU) runs
+off the event loop (`asyncio.to_thread`), which also renews the operator's lease.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ T = TypeVar("T")
 
 MAX_PAGE_BYTES = 1 << 20
 """The longest page read; a longer one is refused (PageTooLong), not read further."""
+AUTOSCALER_QUERY = "kubemoe=1"
+"""What every read adds to the page's URL: the runtime's vLLM front (engines/vllm/front.py) then serves
+only the series the autoscaler reads."""
+
+
+def autoscaler_url(url: str) -> str:
+    """`url` asking for the autoscaler's page."""
+    return f"{url}{'&' if '?' in url else '?'}{AUTOSCALER_QUERY}"
 
 
 class PageTooLong(Exception):
@@ -30,11 +41,13 @@ class PageTooLong(Exception):
 async def fetch_page(
     client: httpx2.AsyncClient, url: str, *, timeout_s: float, max_bytes: int = MAX_PAGE_BYTES
 ) -> str | None:
-    """The page at `url`, or None when it does not answer 200 within `timeout_s` for the whole
-    request; PageTooLong as soon as more than `max_bytes` came."""
+    """The autoscaler's page of the pod at `url` (its /metrics, AUTOSCALER_QUERY added), or None when
+    it does not answer 200 within `timeout_s` for the whole request; PageTooLong as soon as more than
+    `max_bytes` came."""
     body = bytearray()
+    page = autoscaler_url(url)
     try:
-        async with asyncio.timeout(timeout_s), client.stream("GET", url, timeout=timeout_s) as resp:
+        async with asyncio.timeout(timeout_s), client.stream("GET", page, timeout=timeout_s) as resp:
             if resp.status_code != 200:
                 return None
             async for chunk in resp.aiter_bytes():

@@ -15,9 +15,10 @@ restarted) adds its new counts, and a pod that left adds nothing more. Pods that
 but observed nothing in the window read as latency 0: no requests is no load (which may scale down),
 unlike no histogram at all (unavailable: never scales down).
 
-Each page is read within FETCH_TIMEOUT_S as a whole and up to pages.MAX_PAGE_BYTES (a page past the
-cap refuses the whole sample at once: the other pods' reads are cancelled), and parsed off the event
-loop.
+Each page is the pod's autoscaler page (`/metrics?kubemoe=1`: a vLLM leader's kubemoe_* series alone,
+not vLLM's own for every rank of its group; pages.py), read within FETCH_TIMEOUT_S as a whole and up to
+pages.MAX_PAGE_BYTES (a page past the cap refuses the whole sample at once: the other pods' reads are
+cancelled), and parsed off the event loop.
 """
 
 from __future__ import annotations

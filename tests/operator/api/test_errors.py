@@ -143,7 +143,10 @@ def test_unknown_model_and_gpu_are_both_reported() -> None:
 
 
 def test_cpu_needs_a_memory_request() -> None:
-    problems = _problems(accelerator={"type": "cpu", "perPod": 1})
+    one_rank = {"parallelism": {"data": 1}}  # vLLM's CPU build runs no data parallelism
+    problems = _problems(
+        accelerator={"type": "cpu", "perPod": 1}, roles={"prefill": one_rank, "decode": one_rank}
+    )
     assert {p.field for p in problems} == {
         "spec.roles.prefill.resources.requests.memory",
         "spec.roles.decode.resources.requests.memory",

@@ -1,4 +1,5 @@
-"""/metrics pages a test sets, served by a real HTTP server (http.server in a thread), one URL each."""
+"""/metrics pages a test sets, served by a real HTTP server (http.server in a thread), one URL each; a
+query is ignored, as a torch-engine pod ignores the autoscaler's `?kubemoe=1`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def static_pages(pages: dict[str, bytes]) -> Iterator[dict[str, str]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = pages.get(self.path.strip("/"))
+            body = pages.get(self.path.split("?", 1)[0].strip("/"))
             if body is None:
                 self.send_error(404)
                 return

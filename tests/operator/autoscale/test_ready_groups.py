@@ -84,6 +84,8 @@ async def test_loading_groups_do_not_pull_the_gpu_mean_down(monkeypatch: pytest.
             },
         )
     )
+    body["spec"]["engine"]["kind"] = "vllm"  # GPUs NVML reads (gpu-utilization is refused on cpu)
+    body["spec"]["accelerator"] = {"type": "H200", "perPod": 1}
     body["status"] = {"roles": {"decode": {"replicas": 4, "ready": 2}}}
     with gpu_pods([1.0, 1.0, 0.0, 0.0], monkeypatch) as ips:
         kube.pods = [

@@ -74,7 +74,7 @@ def manifests(draw: st.DrawFn) -> dict[str, Any]:
                 },
             },
             "engine": {"kind": "vllm"},  # every layout (the torch engine has no TP, and DP only with EP)
-            "accelerator": {"type": "cpu", "perPod": per_pod},
+            "accelerator": {"type": "H100", "perPod": per_pod},
             "serving": {"mode": "colocated" if colocated else "disaggregated"},
             "roles": spec_roles,
         },

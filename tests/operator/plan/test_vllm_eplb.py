@@ -113,23 +113,21 @@ def tiny(**engine: Any) -> dict[str, Any]:
     return data
 
 
-def test_vllm_balancing_on_cpu_is_refused_naming_spec_experts() -> None:
+def test_vllm_balancing_on_cpu_is_refused_and_torchs_plans() -> None:
+    """vLLM's CPU build runs no expert parallelism at all (api/rules.py refuses the layout before the
+    planner's spec.experts check could), so balancing experts on cpu is the torch engine's."""
     data = tiny(kind="vllm")
     data["spec"]["experts"] = {"redundant": 2}
     with pytest.raises(ManifestError) as err:
-        plan_manifest(parse_manifest(data))
-    (problem,) = err.value.problems
-    assert problem.field == "spec.experts"
-    assert "for decode" in problem.message  # the expert-parallel role; prefill is EP1
-    assert "not on cpu" in problem.message
-    assert "engine.kind: torch" in problem.fix
-
-    plan_manifest(parse_manifest(tiny(kind="vllm")))  # vLLM on cpu without spec.experts: as before
+        parse_manifest(data)
+    assert {p.field for p in err.value.problems} == {"spec.roles.decode.parallelism.data"}
+    assert "engine.kind torch" in err.value.problems[0].fix
     torch = tiny()
     torch["spec"]["experts"] = {"redundant": 2}
     assert plan_manifest(parse_manifest(torch)).role("decode").slots_per_rank == 5  # 8/2 + 2/2
 
-    no_ep = copy.deepcopy(data)  # nothing to balance: vLLM's EPLB is never turned on
+    no_ep = copy.deepcopy(data)  # nothing to balance: vLLM's EPLB is never turned on (on GPUs)
+    no_ep["spec"]["accelerator"] = {"type": "H100", "perPod": 8}
     no_ep["spec"]["roles"]["decode"]["parallelism"] = {"tensor": 1, "data": 2, "expert": 1}
     no_ep["spec"]["experts"] = {}
     assert not plan_manifest(parse_manifest(no_ep)).role("decode").expert_parallel

@@ -171,8 +171,8 @@ def test_the_specs_node_selector_on_the_product_label_wins() -> None:
 def test_cpu_and_uncatalogued_accelerators_get_no_product_label() -> None:
     memory = {"requests": {"memory": "128Gi"}}
     roles = {
-        "prefill": {"parallelism": {"data": 2}, "resources": memory},
-        "decode": {"parallelism": {"data": 2}, "resources": memory},
+        "prefill": {"parallelism": {"data": 1}, "resources": memory},
+        "decode": {"parallelism": {"data": 1}, "resources": memory},
     }
     for accelerator in ({"type": "cpu", "perPod": 1}, {"type": "GH200", "perPod": 1, "memoryGiB": 96}):
         for _, pod in serving_pods(render_spec(accelerator=accelerator, roles=roles)):

@@ -2,7 +2,11 @@
 
     GET /health    500 once vLLM has exited or, after it became ready, once its /health fails; else 200
     GET /ready     200 while vLLM's /health answers 200 (a --headless pod: while vLLM runs), else 503
-    GET /metrics   vLLM's /metrics unchanged, then the kubemoe_* series derived from it (metrics.py)
+    GET /metrics   vLLM's /metrics unchanged, then the kubemoe_* series derived from it (metrics.py) and
+                   the GPUs' kubemoe_gpu_* series; with ?kubemoe=1 (AUTOSCALER_QUERY: the operator's
+                   scrape) the kubemoe_* and kubemoe_gpu_* series alone, a few KiB where vLLM's own
+                   series of a wide group's every rank weigh megabytes. Rendered on a worker thread:
+                   parsing vLLM's page takes long enough to hold up the tokens this loop relays.
     anything else  proxied to vLLM (method, path, query, headers, body), the response streamed back
                    (SSE included); in OpenAI's error shape, 503 while vLLM is not listening yet or once
                    it has exited, 502 when it drops the request (the router retries both elsewhere).
@@ -38,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kubemoe_runtime.engines.vllm.metrics import render
+from kubemoe_runtime.engines.vllm.metrics import autoscaler_page, render
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
 from kubemoe_runtime.pod.http_client import IDLE_S
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVAuthError, KVSigner
@@ -67,6 +71,8 @@ _NOT_FORWARDED: Final = frozenset(
     }
 )
 METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+AUTOSCALER_QUERY: Final = "kubemoe"
+"""`GET /metrics?kubemoe=1`: the autoscaler's page (the operator's autoscale/pages.py asks for it)."""
 
 
 @dataclass
@@ -222,10 +228,16 @@ def front_app(upstream: VllmUpstream, *, signer: KVSigner | None = None) -> Star
             return PlainTextResponse("ready")
         return PlainTextResponse("loading", status_code=503)
 
-    async def metrics(_: Request) -> Response:
+    def page(vllm_page: bytes, *, autoscaler: bool) -> bytes:
+        text = vllm_page.decode("utf-8", errors="replace")
+        ours = autoscaler_page(text, upstream.labels) if autoscaler else render(text, upstream.labels)
+        return ours + generate_latest(gpus)
+
+    async def metrics(request: Request) -> Response:
         response = None if upstream.headless else await upstream.get("/metrics")
-        text = response.text if response is not None and response.status_code == 200 else ""
-        exported = render(text, upstream.labels) + generate_latest(gpus)
+        body = response.content if response is not None and response.status_code == 200 else b""
+        autoscaler = request.query_params.get(AUTOSCALER_QUERY) == "1"
+        exported = await asyncio.to_thread(page, body, autoscaler=autoscaler)  # off the relaying loop
         return Response(exported, media_type=METRICS_TYPE)
 
     async def proxy(request: Request) -> Response:

@@ -14,10 +14,16 @@ data-parallel ranks). Each kubemoe series is one per pod, with the labels the to
     kubemoe_generation_tokens_total      <- vllm:generation_tokens_total        summed
 
 Histograms keep vLLM's bucket bounds. A series vLLM did not export is left out, not reported as zero.
+
+A leader of a group over several pods serves every data-parallel rank's series (vLLM's API server
+reports all the group's engines): some 46 KiB per rank, 1.5 MiB at 32 ranks. Only the lines of the
+families above are parsed (`needed_lines`, a regular expression: a sixth of the page), and the
+autoscaler reads `autoscaler_page`, the kubemoe_* series alone, a few KiB whatever the group's size.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -73,6 +79,24 @@ SERIES: Final = (
 )
 
 
+_SUFFIXES: Final = ("_total", "_bucket", "_sum", "_count")
+_NEEDED: Final = re.compile(
+    r"^(?:# (?:HELP|TYPE) )?(?:"
+    + "|".join(re.escape(m.vllm) for m in SERIES)
+    + r")(?:"
+    + "|".join(_SUFFIXES)
+    + r")?[{ ].*$",
+    re.MULTILINE,
+)
+"""A line of one of SERIES' vLLM families: its HELP, TYPE or a sample (not `_created`: unread)."""
+
+
+def needed_lines(vllm_text: str) -> str:
+    """The lines of vLLM's text that SERIES reads: what `kubemoe_families` parses."""
+    lines = [match.group(0) for match in _NEEDED.finditer(vllm_text)]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _bound(le: str) -> float:
     return float("inf") if le in ("+Inf", "Inf", "inf") else float(le)
 
@@ -111,7 +135,7 @@ def _scalar(family: Metric, target: Mapped, values: list[str]) -> Metric | None:
 
 def kubemoe_families(vllm_text: str, labels: MetricLabels) -> list[Metric]:
     """The kubemoe_* families for one scrape of vLLM's /metrics (Prometheus text format)."""
-    by_name = {family.name: family for family in text_string_to_metric_families(vllm_text)}
+    by_name = {family.name: family for family in text_string_to_metric_families(needed_lines(vllm_text))}
     values = [labels.as_dict()[name] for name in LABELS]
     out: list[Metric] = []
     for target in SERIES:
@@ -138,9 +162,14 @@ class _Families:
         yield from self.families
 
 
-def render(vllm_text: str, labels: MetricLabels) -> bytes:
-    """vLLM's text unchanged, then the kubemoe_* series in Prometheus text format."""
+def autoscaler_page(vllm_text: str, labels: MetricLabels) -> bytes:
+    """The kubemoe_* series alone, in Prometheus text format: what the autoscaler reads."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(kubemoe_families(vllm_text, labels)))
+    return generate_latest(registry)
+
+
+def render(vllm_text: str, labels: MetricLabels) -> bytes:
+    """vLLM's text unchanged, then the kubemoe_* series in Prometheus text format."""
     passthrough = vllm_text if not vllm_text or vllm_text.endswith("\n") else vllm_text + "\n"
-    return passthrough.encode() + generate_latest(registry)
+    return passthrough.encode() + autoscaler_page(vllm_text, labels)

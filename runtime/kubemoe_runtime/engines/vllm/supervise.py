@@ -10,7 +10,10 @@ requests in flight finish (up to --drain-timeout). Then vLLM gets SIGTERM (it st
 front keeps answering /health until vLLM has exited. A `--headless` pod has no requests of its own and
 forwards the signal at once. If vLLM outlives GRACE_S after that, or a second signal comes, it is killed.
 Whenever vLLM exits the pod exits: with 0 after a requested stop, else with vLLM's code (1 if vLLM
-claimed success), so that Kubernetes restarts the pod. There is no restart in here.
+claimed success), so that Kubernetes restarts the pod. There is no restart in here. A `--headless` pod's
+0 unasked is a failure too: vLLM's headless mode returns 0 once any of its engines has ended, crashed
+included (CoreEngineProcManager.monitor_engine_liveness), and it does not end when its group's leader
+stops (its engines wait on; the group's teardown stops it with SIGTERM, a requested stop: 0).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a prompt may be, checked as cheaply as it can be, and tokenized without stalling the server.
 
-A request body holds up to 8 MB of text (request_body.py's MAX_BODY_BYTES); tokenizing that takes seconds of CPU.
-So, in order:
+A request body holds up to 8 MB of text (request_body.py's MAX_BODY_BYTES); tokenizing that takes
+seconds of CPU. So, in order:
 
 1. A text that cannot fit the context is refused before it is tokenized, where the tokenizer bounds the
    characters one token can stand for (token_bound.py): n characters make at least n / C tokens, and
