@@ -50,6 +50,9 @@ class ModelFacts:
     params_active_b: float | None = None
     sliding_window: int | None = None
     sliding_window_layers: int = 0
+    sliding_kept: int | None = None
+    """Tokens of a sequence a sliding-window layer keeps in the engine that serves it (plan/sizing.py
+    `engine_kv`); None: the engine keeps every token there too, as in a full layer."""
 
     @property
     def mla(self) -> bool:
@@ -102,24 +105,41 @@ class ModelFacts:
     def total_params(self) -> int:
         return self.dense_params + self.routed_params
 
-    def kv_bytes_per_token(self, *, tensor: int, max_len: int | None = None) -> float:
-        """KV-cache bytes one token occupies on one rank, over all layers, in sequences of `max_len`.
+    def kv_bytes_per_layer_token(self, *, tensor: int) -> float:
+        """KV-cache bytes one token occupies on one rank in one layer that keeps it.
 
-        MLA caches the compressed latent plus the rope key (kvLoraRank + qkRopeHeadDim) once per
-        layer, replicated on every tensor-parallel rank. GQA caches K and V for the rank's KV
-        heads (replicated when tensor > KV heads, as vLLM does). A sliding-window layer keeps at most
-        `sliding_window` tokens of a sequence: over a sequence of `max_len` tokens it costs
-        min(window, max_len) / max_len of a full layer per token (None: counted as a full layer).
+        MLA caches the compressed latent plus the rope key (kvLoraRank + qkRopeHeadDim), replicated on
+        every tensor-parallel rank. GQA caches K and V for the rank's KV heads (replicated when
+        tensor > KV heads, as vLLM does).
         """
         elem = DTYPE_BYTES[self.dtype]
-        layers: float = self.num_layers
-        if self.sliding_window and self.sliding_window_layers and max_len:
-            share = min(self.sliding_window, max_len) / max_len
-            layers = self.num_layers - self.sliding_window_layers * (1 - share)
         if self.kv_lora_rank is not None:
-            return layers * (self.kv_lora_rank + (self.qk_rope_head_dim or 0)) * elem
+            return (self.kv_lora_rank + (self.qk_rope_head_dim or 0)) * elem
         kv_heads = max(1, self.num_key_value_heads // tensor)
-        return layers * 2 * kv_heads * self.head_dim * elem
+        return 2 * kv_heads * self.head_dim * elem
+
+    def kv_bytes_per_token(self, *, tensor: int, max_len: int | None = None) -> float:
+        """KV-cache bytes one token occupies on one rank, over all layers, in sequences of `max_len`: a
+        sliding-window layer keeps `sliding_kept` tokens of a sequence, min(kept, max_len) / max_len of a
+        full layer per token (without a length or a kept count, counted as a full layer)."""
+        layers: float = self.num_layers
+        if self.sliding_kept and self.sliding_window_layers and max_len:
+            share = min(self.sliding_kept, max_len) / max_len
+            layers = self.num_layers - self.sliding_window_layers * (1 - share)
+        return layers * self.kv_bytes_per_layer_token(tensor=tensor)
+
+    def longest_sequence(self, budget_bytes: float, *, tensor: int) -> int:
+        """The longest one sequence whose KV fits `budget_bytes` on a rank. Past `sliding_kept` tokens
+        only the full layers grow, so it is not budget / kv_bytes_per_token(max_len) at another length."""
+        per_layer = self.kv_bytes_per_layer_token(tensor=tensor)
+        kept, sliding = self.sliding_kept, self.sliding_window_layers
+        full_cost = per_layer * self.num_layers  # one token in every layer
+        if not (kept and sliding) or budget_bytes <= full_cost * kept:
+            return int(budget_bytes // full_cost)
+        growing = self.num_layers - sliding
+        if growing == 0:
+            return 2**31  # only sliding layers: any length fits once `kept` tokens do
+        return int((budget_bytes / per_layer - sliding * kept) // growing)
 
 
 @dataclass(frozen=True, kw_only=True)

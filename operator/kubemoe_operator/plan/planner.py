@@ -39,6 +39,7 @@ from kubemoe_operator.plan.sizing import (
     Sizing,
     device_memory_gib,
     divisors,
+    engine_kv,
     fits,
     layout_ok,
     size_rank,
@@ -359,7 +360,7 @@ def _plan_role(
                 message=f"the {name} KV budget ({mem.kv_budget_gib:.2f} GiB per rank) holds {mem.kv_tokens}"
                 " tokens, "
                 f"less than one sequence of maxModelLen={max_len}.",
-                fix=f"set engine.maxModelLen <= {mem.kv_tokens}, or {hint()}.",
+                fix=f"set engine.maxModelLen <= {sizing.longest}, or {hint()}.",
             )
         )
     if problems:
@@ -433,6 +434,8 @@ def _ep_sizes(spec: ModelDeploymentSpec) -> dict[str, int]:
 
 def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFacts, name: str = "") -> Plan:
     """The layout for `spec`, or ManifestError listing every reason it cannot fit."""
+    connector = spec.serving.kv_transfer.connector if spec.serving.mode == "disaggregated" else None
+    model_facts = engine_kv(model_facts, engine=spec.engine.kind, gpu=gpu_facts, connector=connector)
     max_len = _max_model_len(spec, model_facts)
     ep_sizes = _ep_sizes(spec)
     roles: list[RolePlan] = []

@@ -5,7 +5,7 @@ suggests where a role leaves its parallelism out."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kubemoe_operator.api.quantity import parse_quantity
 from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, Parallelism, RoleSpec
@@ -21,6 +21,8 @@ SUGGEST_HEADROOM_SEQUENCES = 4
 class Sizing:
     memory: MemoryPlan
     weights_fit: bool
+    longest: int = 0
+    """The longest one sequence the KV budget holds (the maxModelLen to suggest)."""
 
 
 def divisors(n: int) -> list[int]:
@@ -37,6 +39,22 @@ def expert_shards(par: Parallelism) -> int:
     the torch engine no tensor parallelism (and data > 1 only with expert parallelism), so for them it
     is the tensor size, or the one rank holding every expert."""
     return par.expert_size if par.expert_parallel else par.ranks
+
+
+VLLM_BATCHED_TOKENS = 8192
+"""vLLM's default max_num_batched_tokens on GPUs for the API server (its chunked-prefill step)."""
+
+
+def engine_kv(model: ModelFacts, *, engine: str, gpu: GpuFacts, connector: str | None) -> ModelFacts:
+    """`model` with the tokens of a sequence each sliding-window layer keeps in `engine` (`sliding_kept`).
+    vLLM's hybrid KV cache manager keeps window - 1 + max_num_batched_tokens of them (SlidingWindowSpec's
+    max memory per request); it runs on GPUs only, and with no KV connector or one that supports it
+    (NIXL: not LMCache nor the example connector), else it makes every layer a full one. The other
+    engines keep every token in every layer."""
+    hybrid = engine == "vllm" and not gpu.is_cpu and connector in (None, "nixl")
+    if not (hybrid and model.sliding_window and model.sliding_window_layers):
+        return replace(model, sliding_kept=None)
+    return replace(model, sliding_kept=model.sliding_window - 1 + VLLM_BATCHED_TOKENS)
 
 
 def device_memory_gib(*, role: RoleSpec, gpu: GpuFacts, devices_per_pod: int) -> float | None:
@@ -89,7 +107,8 @@ def size_rank(
         max_model_len=max_len,
         sequences_at_max_len=round(tokens / max_len, 2),
     )
-    return Sizing(memory=memory, weights_fit=dense + experts + buffers < usable)
+    longest = model.longest_sequence(budget * GIB, tensor=tp)
+    return Sizing(memory=memory, weights_fit=dense + experts + buffers < usable, longest=longest)
 
 
 def fits(sizing: Sizing, max_len: int) -> bool:

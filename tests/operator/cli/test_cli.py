@@ -70,6 +70,10 @@ def test_plan_of_a_file_with_two_model_deployments_refuses_naming_both(
     err = capsys.readouterr().err
     assert f"{both} holds 2 ModelDeployments ({md['metadata']['name']}, second)" in err
     assert "a file of its own" in err
+    odd = tmp_path / "odd.yaml"  # metadata that is no mapping: still the same refusal, not a crash
+    odd.write_text(yaml.safe_dump_all([{**md, "metadata": "a"}, {**md, "metadata": ["b"]}]))
+    assert main(["plan", str(odd)]) == 2
+    assert f"{odd} holds 2 ModelDeployments (?, ?)" in capsys.readouterr().err
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump_all([config, md]))  # other kinds beside one ModelDeployment: fine
     assert main(["plan", str(one)]) == 0

@@ -1,22 +1,27 @@
-"""A sliding-window attention layer keeps at most `slidingWindow` tokens of a sequence (vLLM's hybrid KV
-cache), so gpt-oss, half of whose 36 layers slide over 128 tokens, costs about half the KV per token of
-a model whose every layer keeps every token. Counted as full layers, gpt-oss-120b at its 131072-token
-context was refused on one H100, where vLLM serves it."""
+"""A sliding-window attention layer keeps only part of a sequence where the engine's KV cache knows it:
+vLLM's hybrid KV cache manager keeps window - 1 + max_num_batched_tokens tokens there (8319 for gpt-oss,
+half of whose 36 layers slide over 128 tokens), on GPUs, with no KV connector or NIXL. Counted as full
+layers, gpt-oss-120b at its 131072-token context was refused on one H100, where vLLM serves it; counted
+as kept where vLLM turns the manager off (LMCache, the example connector, cpu) or in another engine, the
+plan would promise a context the engine then refuses at start."""
 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
 
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
-from kubemoe_operator.catalog import load_catalog, resolve_model
+from kubemoe_operator.catalog import load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.plan.sizing import VLLM_BATCHED_TOKENS, engine_kv
 from tests.operator.helpers import BASE
 
 GPT_OSS = {"name": "openai/gpt-oss-120b", "source": "hf://openai/gpt-oss-120b"}
+KEPT = 128 - 1 + VLLM_BATCHED_TOKENS
 
 
 def one_h100(**engine: Any) -> dict[str, Any]:
@@ -31,21 +36,60 @@ def one_h100(**engine: Any) -> dict[str, Any]:
     return data
 
 
-def test_gpt_oss_at_its_whole_context_fits_one_h100() -> None:
-    plan = plan_manifest(parse_manifest(one_h100()))
-    (role,) = plan.roles
-    assert role.memory.max_model_len == 131072
-    assert role.memory.kv_tokens >= 131072
+def disaggregated(connector: str) -> dict[str, Any]:
+    data = one_h100()
+    parallelism = {"tensor": 1, "data": 1, "expert": 1}
+    data["spec"]["serving"] = {"mode": "disaggregated", "kvTransfer": {"connector": connector}}
+    data["spec"]["roles"] = {"prefill": {"parallelism": parallelism}, "decode": {"parallelism": parallelism}}
+    return data
 
 
-def test_sliding_layers_cost_their_window_not_the_sequence() -> None:
-    model = resolve_model(parse_manifest(one_h100()).spec.model, load_catalog())
+def test_gpt_oss_at_its_whole_context_fits_one_h100_in_vllm() -> None:
+    for data in (one_h100(), disaggregated("nixl")):
+        for role in plan_manifest(parse_manifest(data)).roles:
+            assert role.memory.max_model_len == 131072
+            assert role.memory.kv_tokens >= 131072
+
+
+def test_where_vllm_keeps_every_token_the_sliding_layers_count_in_full() -> None:
+    with pytest.raises(ManifestError) as err:
+        plan_manifest(parse_manifest(disaggregated("lmcache")))  # LMCache: no hybrid KV cache manager
+    assert {p.field for p in err.value.problems} == {"spec.engine.maxModelLen"}
+
+
+def test_sliding_layers_cost_what_vllm_keeps_of_them() -> None:
+    md = parse_manifest(one_h100())
+    catalog = load_catalog()
+    model = resolve_model(md.spec.model, catalog)
+    gpu = resolve_gpu(md.spec.accelerator, catalog)
     assert (model.sliding_window, model.sliding_window_layers) == (128, 18)
     full_layer = 2 * model.num_key_value_heads * model.head_dim * 2  # K and V, bf16
-    assert model.kv_bytes_per_token(tensor=1, max_len=128) == 36 * full_layer  # within the window
-    assert model.kv_bytes_per_token(tensor=1) == 36 * full_layer  # no length: counted in full
-    long = model.kv_bytes_per_token(tensor=1, max_len=131072)
-    assert long == pytest.approx((18 + 18 * 128 / 131072) * full_layer)
+    kept = engine_kv(model, engine="vllm", gpu=gpu, connector=None)
+    assert kept.sliding_kept == KEPT
+    assert kept.kv_bytes_per_token(tensor=1, max_len=KEPT) == 36 * full_layer  # within what it keeps
+    long = kept.kv_bytes_per_token(tensor=1, max_len=131072)
+    assert long == pytest.approx((18 + 18 * KEPT / 131072) * full_layer)
+    for other in (
+        engine_kv(model, engine="vllm", gpu=gpu, connector="lmcache"),
+        engine_kv(model, engine="sglang", gpu=gpu, connector=None),
+    ):
+        assert other.sliding_kept is None
+        assert other.kv_bytes_per_token(tensor=1, max_len=131072) == 36 * full_layer
+
+
+def test_the_suggested_max_model_len_fits() -> None:
+    """Past the kept tokens only the full layers grow: the longest sequence is not the token count at
+    the refused length (which a shorter length would raise, refusing the suggestion again)."""
+    data = one_h100(maxModelLen=131072, gpuMemoryUtilization=0.85)
+    with pytest.raises(ManifestError) as err:
+        plan_manifest(parse_manifest(data))
+    (problem,) = err.value.problems
+    match = re.search(r"maxModelLen <= (\d+)", problem.fix)
+    assert match, problem.fix
+    longest = int(match.group(1))
+    plan_manifest(parse_manifest(one_h100(maxModelLen=longest, gpuMemoryUtilization=0.85)))
+    with pytest.raises(ManifestError):
+        plan_manifest(parse_manifest(one_h100(maxModelLen=longest + 2, gpuMemoryUtilization=0.85)))
 
 
 def test_more_sliding_layers_than_layers_is_refused_naming_the_field() -> None:
