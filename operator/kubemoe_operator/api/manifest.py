@@ -126,8 +126,10 @@ def manifest_from_text(text: str, *, source: str) -> ModelDeployment:
         ) from None
     found = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ModelDeployment"]
     if len(found) > 1:  # which one was meant? Running only the first would drop the others unsaid.
-        metas = [d.get("metadata") if isinstance(d.get("metadata"), dict) else {} for d in found[:5]]
-        names = ", ".join(str(m.get("name", "?"))[:63] for m in metas)
+        metas: list[dict[str, Any]] = [
+            d["metadata"] if isinstance(d.get("metadata"), dict) else {} for d in found
+        ]
+        names = ", ".join(str(m.get("name", "?"))[:63] for m in metas[:5])
         raise ManifestError(
             [
                 Problem(
