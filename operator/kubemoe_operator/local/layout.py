@@ -4,7 +4,8 @@ What a cluster gives a pod, this machine gives a process: its own port instead o
 127.0.0.1 for the group leader's address (LeaderWorkerSet's $(LWS_LEADER_ADDRESS)) and a free port per
 group for the data-parallel rendezvous (instead of 29550). The router is told each role's group leaders
 as HOST:PORT lists in place of the roles' headless Services. Each pod's accelerators (devices.py) come as
-the variable its runtime reads (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES), as a device plugin gives them.
+the variable its runtime reads (CUDA_VISIBLE_DEVICES; HIP_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES alike for
+AMD), as a device plugin gives them.
 Only pods that run `kubemoe-runtime` (the vllm and torch engines) can run here (LOCAL_ENGINES).
 """
 
@@ -125,6 +126,8 @@ def local_processes(
                 }
                 if visible is not None and devices is not None:
                     env[visible] = ",".join(devices[(role.role, group, pod.index)])
+                    if plan.resource == "amd.com/gpu":  # not the user's: vLLM (ROCm) wants it == HIP's
+                        env["CUDA_VISIBLE_DEVICES"] = env[visible]
                 processes.append(
                     LocalProcess(
                         name=f"{role.role}-g{group}-p{pod.index}",

@@ -5,7 +5,12 @@
     INDEX/NAME -> RUN_DIR       a symlink per run, INDEX = $XDG_STATE_HOME/kubemoe/up (default
                                 ~/.local/state/kubemoe/up): `status`/`down` find a run from any directory,
                                 and a second `kubemoe up` of the same name is refused wherever it starts
-    INDEX/.NAME.lock            held with RUN_DIR/lock: two `kubemoe up` of one name in two directories
+    INDEX/.NAME.lock            held with RUN_DIR/lock: two `kubemoe up` of one name in two directories;
+                                and while an entry is removed (a later run's entry is never removed)
+
+An entry whose RUN_DIR/state.json is another name's (a stale entry: that run dir was reused, by --run-dir,
+after the run stopped without `kubemoe down`, e.g. by a reboot) is ignored, and removed when its name's
+lock is free.
 
 The run dir itself stays where `kubemoe up` put it (.run/up/NAME under its working directory, or
 --run-dir). A stopped run's state.json and index entry are removed (its logs stay).
@@ -17,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from kubemoe_operator.local.layout import LocalProcess
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 INDEX_SUBDIR = Path("kubemoe") / "up"
+UNREGISTER_WAIT_S = 2.0  # how long removing an entry waits for its name's lock (a `kubemoe up` starting)
 
 
 class LocalRunError(RuntimeError):
@@ -137,16 +144,37 @@ def _check_name(name: str) -> str:
     return name
 
 
-def indexed_run_dir(name: str) -> Path | None:
-    """The run dir the index records for `name`, if any."""
+def _entry(name: str) -> Path | None:
+    """Where `name`'s index entry points, if there is one."""
     try:
         return Path(os.readlink(index_dir() / _check_name(name)))
     except OSError:
         return None
 
 
-def indexed_runs() -> dict[str, Path]:
-    """Every run the index records: name -> run dir (whether or not it still runs)."""
+def _recorded_by_another(run_dir: Path, name: str) -> bool:
+    """Whether run_dir/state.json is another name's run (not one an entry of `name` may point at). False
+    when there is none, or it cannot be read (then the callers' own checks report it)."""
+    try:
+        recorded: Any = json.loads((run_dir / STATE_FILE).read_text(errors="replace"))
+    except (OSError, ValueError):
+        return False
+    other = recorded.get("name") if isinstance(recorded, dict) else None
+    return isinstance(other, str) and other != name
+
+
+def indexed_run_dir(name: str) -> Path | None:
+    """The run dir the index records for `name`, if any; a stale entry (its state.json is another name's)
+    is none, and is removed if no `kubemoe up` of the name holds its lock."""
+    recorded = _entry(name)
+    if recorded is not None and _recorded_by_another(recorded, name):
+        _drop_entry(name, recorded, wait_s=0.0, stale_only=True)
+        return None
+    return recorded
+
+
+def _entries() -> dict[str, Path]:
+    """Every entry of the index: name -> where it points."""
     runs: dict[str, Path] = {}
     with contextlib.suppress(OSError):
         for entry in sorted(index_dir().iterdir()):
@@ -156,25 +184,72 @@ def indexed_runs() -> dict[str, Path]:
     return runs
 
 
+def indexed_runs() -> dict[str, Path]:
+    """Every run the index records: name -> run dir (whether or not it still runs); stale entries left
+    out."""
+    return {name: run_dir for name, run_dir in _entries().items() if not _recorded_by_another(run_dir, name)}
+
+
 def register(name: str, run_dir: Path) -> None:
-    """Record run_dir (absolute) as the run named `name` (replacing a stopped one's entry)."""
+    """Record run_dir (absolute) as the run named `name` (replacing a stopped one's entry); other names'
+    entries for run_dir (runs it held before) are dropped. Called with the start lock held."""
     index = index_dir()
     entry = index / _check_name(name)
+    run_dir = run_dir.resolve()
     tmp = index / f".{name}.new.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    os.symlink(run_dir.resolve(), tmp)
+    os.symlink(run_dir, tmp)
     tmp.replace(entry)
+    for other, recorded in _entries().items():
+        if other != name and recorded == run_dir:
+            _drop_entry(other, run_dir, wait_s=0.0)
 
 
 def unregister(name: str, run_dir: Path) -> None:
     """Drop `name`'s index entry if it is this run's (a later run of the name elsewhere keeps its own)."""
-    with contextlib.suppress(OSError, LocalRunError):
-        recorded = indexed_run_dir(name)
-        if recorded is not None and recorded == run_dir.resolve():
+    _drop_entry(name, run_dir.resolve(), wait_s=UNREGISTER_WAIT_S)
+
+
+def _drop_entry(name: str, run_dir: Path, *, wait_s: float, stale_only: bool = False) -> None:
+    """Remove `name`'s entry if it points at run_dir (and, stale_only, is still stale), read and removed
+    under the name's lock: a `kubemoe up` of the name registers its run under that lock, so its entry is
+    never the one removed. When the lock stays taken for wait_s, the entry stays (that `kubemoe up`
+    replaces it, or it is ignored: its run dir holds no state.json of the name)."""
+    with contextlib.suppress(OSError, LocalRunError), _name_lock(name, wait_s=wait_s) as locked:
+        if not locked or _entry(name) != run_dir:
+            return
+        if not stale_only or _recorded_by_another(run_dir, name):
             (index_dir() / name).unlink()
 
 
 # --- the start lock ---------------------------------------------------------------------------------
+
+
+# Names whose lock this process holds (start_lock): a failed start's stop removes its entry without
+# waiting for a lock it holds itself (flock: a second open file of the same file would wait).
+_held: set[str] = set()
+
+
+@contextlib.contextmanager
+def _name_lock(name: str, *, wait_s: float) -> Iterator[bool]:
+    """The name's index lock (INDEX/.NAME.lock), waiting up to wait_s for it; yields whether it is held."""
+    if name in _held:
+        yield True
+        return
+    fd = os.open(index_dir() / f".{_check_name(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline, locked = time.monotonic() + wait_s, False
+        while not locked:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        yield locked
+    finally:
+        os.close(fd)
 
 
 def _try_lock(path: Path, stack: contextlib.ExitStack, *, name: str) -> None:
@@ -209,4 +284,6 @@ def start_lock(name: str, run_dir: Path) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         _try_lock(index / f".{_check_name(name)}.lock", stack, name=name)
         _try_lock(run_dir / LOCK_FILE, stack, name=name)
+        _held.add(name)
+        stack.callback(_held.discard, name)
         yield

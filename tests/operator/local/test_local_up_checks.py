@@ -18,7 +18,12 @@ import yaml
 
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.cli.kubemoe import main
-from kubemoe_operator.local.devices import DeviceShortageError, device_ranges, machine_devices
+from kubemoe_operator.local.devices import (
+    DeviceShortageError,
+    amd_gpu_count,
+    device_ranges,
+    machine_devices,
+)
 from kubemoe_operator.local.layout import LOOPBACK, local_processes
 from kubemoe_operator.local.model import ModelSourceError, checkpoint_problem, ensure_model
 from kubemoe_operator.local.runner import runtime_command
@@ -116,7 +121,7 @@ def test_a_plan_needing_more_accelerators_than_there_are_is_refused() -> None:
     )
 
 
-def test_cpu_plans_take_no_devices_and_amd_gets_hip_visible_devices(tmp_path: Path) -> None:
+def test_cpu_plans_take_no_devices_and_amd_gets_hip_and_cuda_visible_devices(tmp_path: Path) -> None:
     tiny = plan_manifest(load_manifest(TINY))
     assert device_ranges(tiny, []) == {}
     assert machine_devices(None, {"CUDA_VISIBLE_DEVICES": "0"}) == ([], "")
@@ -134,12 +139,53 @@ def test_cpu_plans_take_no_devices_and_amd_gets_hip_visible_devices(tmp_path: Pa
     processes = local_processes(
         mi300x, model=tmp_path, runtime="rt", router_port=8000, kv_dir=tmp_path, devices=ranges, base_env={}
     )
-    assert [(p.name, p.env.get("HIP_VISIBLE_DEVICES")) for p in processes] == [
-        ("worker-g0-p0", "0,1,2,3"),
-        ("worker-g1-p0", "4,5,6,7"),
-        ("router", None),
-    ]
-    assert not any("CUDA_VISIBLE_DEVICES" in p.env for p in processes)
+    # vLLM's ROCm platform asserts CUDA_VISIBLE_DEVICES == HIP_VISIBLE_DEVICES when both are set: each
+    # engine gets both (not the user's CUDA_VISIBLE_DEVICES, which base_env carries)
+    processes = local_processes(
+        mi300x,
+        model=tmp_path,
+        runtime="rt",
+        router_port=8000,
+        kv_dir=tmp_path,
+        devices=ranges,
+        base_env={"CUDA_VISIBLE_DEVICES": listed},
+    )
+    assert [
+        (p.name, p.env.get("HIP_VISIBLE_DEVICES"), p.env.get("CUDA_VISIBLE_DEVICES"))
+        for p in processes
+        if p.role != "router"
+    ] == [("worker-g0-p0", "0,1,2,3", "0,1,2,3"), ("worker-g1-p0", "4,5,6,7", "4,5,6,7")]
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, (["0", "1", "2", "3"], "CUDA_VISIBLE_DEVICES=0,1,2,3")),
+        (
+            {"HIP_VISIBLE_DEVICES": "2,3", "CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+            (["2", "3"], "HIP_VISIBLE_DEVICES=2,3"),
+        ),
+        # ROCR narrows what HIP sees (each pod keeps it): the pods get positions in it
+        ({"ROCR_VISIBLE_DEVICES": "4,5,6"}, (["0", "1", "2"], "ROCR_VISIBLE_DEVICES=4,5,6")),
+        ({"ROCR_VISIBLE_DEVICES": "4,5", "CUDA_VISIBLE_DEVICES": "1"}, (["1"], "CUDA_VISIBLE_DEVICES=1")),
+    ],
+)
+def test_amd_devices_are_the_ones_the_users_environment_lists(
+    environ: dict[str, str], expected: tuple[list[str], str]
+) -> None:
+    assert machine_devices("amd.com/gpu", environ) == expected
+
+
+def test_amd_gpus_are_the_kfd_topologys_gpu_nodes(tmp_path: Path) -> None:
+    kfd, nodes = tmp_path / "kfd", tmp_path / "nodes"
+    for node, gfx in [("0", 0), ("1", 90402), ("2", 90402)]:  # a CPU node, then two MI300X
+        (nodes / node).mkdir(parents=True)
+        (nodes / node / "properties").write_text(
+            f"cpu_cores_count 0\ngfx_target_version {gfx}\nvendor_id 4098\n"
+        )
+    assert amd_gpu_count(kfd, nodes) == 0  # no /dev/kfd: no ROCm driver
+    kfd.touch()
+    assert amd_gpu_count(kfd, nodes) == 2
 
 
 def test_kubemoe_up_refuses_a_gpu_plan_this_machine_cannot_hold(
