@@ -33,6 +33,7 @@ from kubemoe_operator.local.layout import LOOPBACK, LocalProcess
 from kubemoe_operator.local.runner import start_run
 from kubemoe_operator.local.state import STATE_FILE, RunState
 from kubemoe_operator.plan.planner import plan_manifest
+from tests.operator.local.terminal import sigint_as_from_a_terminal
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "examples" / "tiny-moe.yaml"
@@ -293,6 +294,7 @@ def test_a_signal_stops_kubemoe_up_and_every_process(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=sigint_as_from_a_terminal,  # noqa: PLW1509 (only this runs before exec)
     )
     pgids: list[int] = []
     try:

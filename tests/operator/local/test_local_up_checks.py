@@ -30,6 +30,7 @@ from kubemoe_operator.local.runner import runtime_command
 from kubemoe_operator.local.state import LocalRunError
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
+from tests.operator.local.terminal import sigint_as_from_a_terminal
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "examples" / "tiny-moe.yaml"
@@ -239,6 +240,7 @@ def test_an_interrupted_generation_leaves_no_checkpoint(runtime: str, tmp_path: 
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=sigint_as_from_a_terminal,  # noqa: PLW1509 (only this runs before exec)
     )
     try:
         deadline = time.monotonic() + 120
@@ -251,6 +253,9 @@ def test_an_interrupted_generation_leaves_no_checkpoint(runtime: str, tmp_path: 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(up.pid, signal.SIGKILL)
+        if up.returncode == 0:  # not stopped after all: the run it started must not outlive the test
+            down = [sys.executable, "-m", "kubemoe_operator.cli.kubemoe", "down"]
+            subprocess.run(down, cwd=tmp_path, capture_output=True, timeout=120, check=False)
     assert up.returncode == 130, err
     assert out == ""
     assert f"generating the tiny random checkpoint tiny-qwen3-moe at {model} ..." in err

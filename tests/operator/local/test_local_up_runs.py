@@ -32,6 +32,7 @@ import yaml
 
 from kubemoe_operator.local.layout import LOOPBACK
 from kubemoe_operator.local.state import STATE_FILE, index_dir
+from tests.operator.local.terminal import sigint_as_from_a_terminal
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "examples" / "tiny-moe.yaml"
@@ -127,6 +128,7 @@ class Local:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=new_session,
+            preexec_fn=sigint_as_from_a_terminal,  # noqa: PLW1509 (only this runs before exec)
         )
 
     def kubemoe(self, args: list[str], *, cwd: Path) -> subprocess.CompletedProcess[str]:
