@@ -129,15 +129,16 @@ def test_the_torch_path_has_no_kernel_attention(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(
-    ("B", "H", "G", "S", "C", "c"),
+    "shape",
     [(3, 16, 4, 37, 64, 64), (2, 8, 8, 70, 32, 32), (2, 4, 4, 9, 48, 32)],
     ids=["grouped", "one-head-each", "MLA-values-narrower"],
 )
 def test_torch_path_decode_attention_matches_float64(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, B: int, H: int, G: int, S: int, C: int, c: int
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, shape: tuple[int, int, int, int, int, int]
 ) -> None:
     """Without a kernel, decode runs as two matmuls (layers.decode_matmul_attention), not torch's CPU flash
     attention: float64 results, masked keys and a row that may attend nothing (zeros, not NaN)."""
+    B, H, G, S, C, c = shape  # c: the values' head size
     monkeypatch.setenv("KUBEMOE_KERNELS", "0")
     moe_kernel.load.cache_clear()
     try:
@@ -148,14 +149,16 @@ def test_torch_path_decode_attention_matches_float64(
         mask = torch.rand(B, 1, 1, S, generator=gen) > 0.3
         mask[-1] = False  # the last row attends nothing
         calls: list[int] = []
-        monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1))
+        monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1))
         out = layers.attend(q, k, v, mask=mask, scale=C**-0.5, gqa=G != H)
         assert not calls, "decode took torch's flash attention"
-        assert out.shape == (B, H, 1, c) and out.dtype == dtype
+        assert out.shape == (B, H, 1, c)
+        assert out.dtype == dtype
         monkeypatch.undo()
         want = reference(q, k, v, mask, C**-0.5)
         assert torch.equal(out[-1], torch.zeros_like(out[-1]))
-        tol = {torch.bfloat16: (2**-7, 2e-3), torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}[dtype]
+        tols = {torch.bfloat16: (2**-7, 2e-3), torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}
+        tol = tols[dtype]
         torch.testing.assert_close(out.double(), want, rtol=tol[0], atol=tol[1])
     finally:
         moe_kernel.load.cache_clear()

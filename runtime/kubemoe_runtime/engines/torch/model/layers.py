@@ -125,7 +125,12 @@ def causal_mask(pos_BT: torch.Tensor, key_pos_BS: torch.Tensor, *, chunk: int | 
 
 
 def decode_matmul_attention(
-    q_BHTC: torch.Tensor, k_BGSC: torch.Tensor, v_BGSC: torch.Tensor, *, mask: torch.Tensor | None, scale: float
+    q_BHTC: torch.Tensor,
+    k_BGSC: torch.Tensor,
+    v_BGSC: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
     """One query a sequence (T = 1) as two float32 (or float64) matmuls over each KV head's R = H / G query
     heads, rounded once to q's dtype; a query that may attend no key gets zeros (as the kernels'). torch's
