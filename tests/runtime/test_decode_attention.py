@@ -73,6 +73,27 @@ def test_matches_float64_attention(
 
 
 @pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
+def test_masked_cache_rows_never_reach_the_output(kernel_library: str) -> None:
+    """The kernel reads masked rows (it widens keys and values a block at a time) but their NaN and inf,
+    what an unwritten cache slot may hold, must not reach the output."""
+    B, H, G, S, C = 2, 8, 2, 150, 64
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(B, H, 1, C, generator=gen).bfloat16()
+    k, v = cache(B, S, G, C, seed=7)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[:, ..., 100:] = False
+    clean = decode_attention(q, k, v, mask=mask, scale=C**-0.5)
+    k[:, :, 100:120] = float("nan")
+    v[:, :, 100:120] = float("inf")
+    k[:, :, 120:] = float("inf")
+    v[:, :, 120:] = float("nan")
+    got = decode_attention(q, k, v, mask=mask, scale=C**-0.5)
+    assert clean is not None
+    assert got is not None
+    assert torch.equal(got, clean)
+
+
+@pytest.mark.parametrize("kernel_library", KERNELS, indirect=True)
 def test_threads_split_the_work_and_agree(kernel_library: str) -> None:
     B, H, G, S, C = 5, 8, 2, 70, 64
     q = torch.randn(B, H, 1, C).bfloat16()
