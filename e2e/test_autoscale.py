@@ -314,7 +314,10 @@ def test_latency_signals_are_the_engines_histograms_through_prometheus(
         got = via_prometheus[metric]
         assert got is not None, (metric, via_prometheus)
         assert expected is not None
-        assert abs(got - expected) <= 0.02 * expected, (metric, got, expected)
+        # 5%: rate() extrapolates each bucket series to the edges of its window, capped where that
+        # counter would reach zero, so buckets that first appear at different values scale a little
+        # differently (a clean-clone CI run saw itl-p90 2.6% apart); a wrong series or quantile is far off
+        assert abs(got - expected) <= 0.05 * expected, (metric, got, expected)
 
 
 def test_runtime_metrics_carry_the_labels_and_no_gpu_series_without_a_driver(
