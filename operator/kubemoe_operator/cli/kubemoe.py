@@ -84,12 +84,19 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+# The names `kubemoe down`/`status` take: the per-user index's runs (local/state.py index_dir, any
+# directory) and this directory's .run/up/ (runs started without the index); each name once.
+RUN_NAMES = (
+    "d=${XDG_STATE_HOME:-}; [[ $d == /* ]] || d=$HOME/.local/state; "  # XDG: a relative one is ignored
+    f'compgen -W "$({{ ls "$d/kubemoe/up"; ls {RUNS_DIR}; }} 2>/dev/null | sort -u)" -- "$cur"'
+)
+
 # What the completion script offers for these arguments' values (cli/completion.py).
 COMPLETION_HOOKS = {
     "file": FILES,
     "model": FILES,
     "run_dir": FILES,
-    "name": f'compgen -W "$(ls {RUNS_DIR} 2>/dev/null)" -- "$cur"',  # local runs, for down and status
+    "name": RUN_NAMES,
 }
 
 

@@ -88,7 +88,26 @@ def test_files_where_a_file_is_wanted(tmp_path: Path) -> None:
 
 def test_local_run_names_for_down(tmp_path: Path) -> None:
     (tmp_path / ".run" / "up" / "tiny-moe").mkdir(parents=True)
-    assert complete(tmp_path, "kubemoe", "kubemoe down ") == ["tiny-moe"]
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "XDG_STATE_HOME": ""}
+    assert complete(tmp_path, "kubemoe", "kubemoe down ", env=env) == ["tiny-moe"]
+
+
+def test_run_names_from_the_per_user_index_in_any_directory(tmp_path: Path) -> None:
+    # `kubemoe down NAME` finds a run from any directory through the index (local/state.py): so does Tab.
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    (state / "kubemoe" / "up").mkdir(parents=True)
+    (state / "kubemoe" / "up" / "big-moe").symlink_to(tmp_path / "runs" / "big-moe")
+    (state / "kubemoe" / "up" / ".big-moe.lock").write_text("")
+    (elsewhere / ".run" / "up" / "big-moe").mkdir(parents=True)
+    (elsewhere / ".run" / "up" / "tiny-moe").mkdir(parents=True)
+    env = {**os.environ, "XDG_STATE_HOME": str(state)}
+    assert complete(elsewhere, "kubemoe", "kubemoe down ", env=env) == ["big-moe", "tiny-moe"]
+    assert complete(elsewhere, "kubemoe", "kubemoe status b", env=env) == ["big-moe"]
+    home = {**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": "relative/ignored"}
+    (tmp_path / ".local").mkdir()
+    (tmp_path / ".local" / "state").symlink_to(state)
+    (tmp_path / "runs").mkdir()
+    assert complete(tmp_path / "runs", "kubemoe", "kubemoe down ", env=home) == ["big-moe"]
 
 
 def test_deployment_names_from_the_cluster_in_the_namespace_given(tmp_path: Path) -> None:
