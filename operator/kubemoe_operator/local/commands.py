@@ -44,6 +44,7 @@ from kubemoe_operator.local.state import (
 from kubemoe_operator.local.status import status_json, status_table
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.run.settings import port_type
 
 RUNS_DIR = Path(".run") / "up"
 EXIT_INVALID = 2
@@ -91,16 +92,8 @@ def stop_exit_code(stop: KeyboardInterrupt) -> int:
     return 128 + (stop.signum if isinstance(stop, Stopped) else signal.SIGINT)
 
 
-def port_number(text: str) -> int:
-    """--port's type: a TCP port a server can listen on (1-65535; 0 would be a random one, which
-    readiness could never probe)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: give one in 1-65535") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port a server can listen on: give one in 1-65535")
-    return port
+port_number = port_type(off=False)
+"""--port's type: the router's port (0, a random one, is refused: readiness could never probe it)."""
 
 
 def _is_running(run_dir: Path) -> bool:

@@ -65,15 +65,27 @@ class OperatorSettings:
         return not self.namespaces
 
 
-def _port(text: str) -> int:
-    """A TCP port, or 0 for "not served"; argparse turns the error into one usage line naming the flag."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535, 0: off)") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (1-65535, 0: off)")
-    return value
+def port_type(*, off: bool) -> Callable[[str], int]:
+    """An argparse type for a TCP port a server listens on, 1-65535; where `off`, 0 too (the flag's "not
+    served"), else 0 is refused (a random port, which nothing could find or probe). argparse turns the
+    error into one usage line naming the flag."""
+    lowest = 0 if off else 1
+    allowed = "1-65535 (0: off)" if off else "1-65535"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port number: give one in {allowed}")
+        return value
+
+    return parse
+
+
+_port = port_type(off=True)
+"""--health-port and --metrics-port: 0 (the default where unset) serves nothing."""
 
 
 def _seconds(*, zero: bool) -> Callable[[str], float]:

@@ -49,9 +49,12 @@ def taken_port() -> Iterator[int]:
     [
         (
             ["--metrics-port", "99999"],
-            "argument --metrics-port: 99999 is not a port number (1-65535, 0: off)",
+            "argument --metrics-port: '99999' is not a port number: give one in 1-65535 (0: off)",
         ),
-        (["--health-port", "http"], "argument --health-port: 'http' is not a port number (1-65535, 0: off)"),
+        (
+            ["--health-port", "http"],
+            "argument --health-port: 'http' is not a port number: give one in 1-65535 (0: off)",
+        ),
         (["--lease-seconds", "0"], "argument --lease-seconds: 0 seconds: give at least 1"),
         (["--resync-seconds", "-1"], "argument --resync-seconds: -1 seconds: give a number > 0"),
         (
