@@ -32,6 +32,7 @@ import yaml
 
 from kubemoe_runtime.pod.ports import free_port
 from tests import openai_calls
+from tests.operator.local.terminal import sigint_as_from_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 KUBEMOE = str(Path(sys.executable).parent / "kubemoe")
@@ -117,9 +118,7 @@ def up_foreground(workdir: Path, name: str) -> Run:
         stderr=log.open("w"),
         text=True,
         env=env(),
-        # As a terminal starts it: a shell without job control (a CI script's `cmd &`) starts children
-        # with SIGINT ignored, and then Ctrl-C (what this module tests) could not reach `kubemoe up`.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (only this runs before exec)
+        preexec_fn=sigint_as_from_a_terminal,  # noqa: PLW1509 (only this runs before exec)
     )
     assert process.stdout is not None
     # The endpoint, printed once everything is ready (one whole line, flushed).
