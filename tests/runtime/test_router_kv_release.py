@@ -7,6 +7,14 @@ stand-in that records what it is sent and then refuses (400, 500), breaks the co
 until the router closes it. In each case the prefill held the KV when the decode was asked, and the
 router's signed `DELETE /v1/kv/{handle}` (router/kv_release.py) empties the store.
 
+A caller that leaves while the prefill runs (the client leaves the router, which closes its connection to
+the prefill; or the router's connection is cut or times out) never learns the handle, so no one can
+release the KV: the prefill drops it itself. Each case holds the engine thread at one point of the prefill
+(a tiny model's prefill takes milliseconds: a caller leaving "during" it would race it) until the prefill
+has seen its caller go, then lets it finish: left during the forward, the KV is never parked (the
+scheduler sees the abort at the step's end); left after the KV was parked but before the answer went out,
+it is dropped as the answer comes to no one. Before, the KV stayed for the store's ttl (60 s) either way.
+
 The prefill's DELETE route (engines/torch/serve/kv/release.py), over HTTP: the router's signature drops
 the KV (204), a second time or an unknown handle is a 404; anything else (no signature, another key's, the
 signature of another handle, the kv_transfer_params' signature, a server without the key) is a 403 and the
@@ -23,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,7 @@ from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLi
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KV_RELEASE_HEADER, SIGNATURE_FIELD, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
+from kubemoe_runtime.router.proxy import REMOTE_DECODE
 from tests.runtime.app_thread import serving
 from tests.runtime.fake_backend import raw_post
 from tests.runtime.routing import RouterProcess
@@ -49,6 +59,7 @@ KEY = "release-test-key-0123456789abcdef"
 SIGNER = KVSigner(KEY.encode())
 BODY = {"model": MODEL, "prompt": "experts route tokens across ranks", "max_tokens": 4, "temperature": 0}
 RELEASED_WITHIN_S = 10.0  # the KV would otherwise be held for the store's ttl (60 s)
+SEEN_WITHIN_S = 30.0
 
 
 @dataclass
@@ -249,6 +260,106 @@ def test_a_client_leaving_before_the_decode_answers_has_the_kv_released(
         handed_off(decode, prefill, before=before)
     assert decode.closed.wait(5), "the router did not cancel the decode's request"
     assert released(prefill, before=before), f"the prefill still holds the KV:\n{router.log()}"
+
+
+# --- the prefill drops what it parked for a caller that left ---------------------------------------------
+
+
+class Hold:
+    """Holds the engine thread the first time it calls `target.name` (just before the call, or just
+    `after` it) until `release()`: a prefill as long as the test needs, at a known point."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, target: object, name: str, *, after: bool) -> None:
+        self.reached = threading.Event()
+        self._released = threading.Event()
+        self.calls = 0
+        real = getattr(target, name)
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            result = real(*args, **kwargs) if after else None
+            if not self.reached.is_set():
+                self.reached.set()
+                self._released.wait(60)
+            return result if after else real(*args, **kwargs)
+
+        monkeypatch.setattr(target, name, held)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+def finished(prefill: Prefill) -> float:
+    """Requests the prefill's scheduler has finished, whatever the reason."""
+    return sum(
+        sample.value
+        for metric in prefill.state.metrics.registry.collect()
+        if metric.name == "kubemoe_requests_finished"
+        for sample in metric.samples
+        if sample.name == "kubemoe_requests_finished_total"
+    )
+
+
+def wait_for(condition: Callable[[], bool], what: str, *, within: float = SEEN_WITHIN_S) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def post_and_leave(port: int, body: dict[str, Any], *, hold: Hold, prefill: Prefill) -> None:
+    """POST `body` to `port` over a socket of its own, and close the socket once the engine thread is held
+    (`hold`) and the prefill has seen its caller go (the request left the server's in-flight set; its
+    abort is then in the scheduler); then let the engine thread go on."""
+    data = json.dumps(body).encode()
+    try:
+        with closing(socket.create_connection(("127.0.0.1", port), timeout=30)) as sock:
+            head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            sock.sendall(f"{head}content-length: {len(data)}\r\n\r\n".encode() + data)
+            assert hold.reached.wait(SEEN_WITHIN_S), "the prefill never ran"
+        wait_for(lambda: len(prefill.state.in_flight) == 0, "the prefill did not see its caller go")
+    finally:
+        hold.release()
+
+
+def test_a_client_leaving_the_router_during_the_prefill_leaves_no_kv_parked(
+    prefill: Prefill, router: RouterProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router.wait_ready()
+    before, done = len(prefill.store), finished(prefill)
+    assert prefill.state.scheduler is not None
+    step = Hold(monkeypatch, prefill.state.scheduler.leader, "run", after=False)  # held before the forward
+    parked = Hold(monkeypatch, prefill.store, "put", after=True)
+    parked.release()  # not held: it only counts the puts
+    post_and_leave(router.port, BODY, hold=step, prefill=prefill)  # the router closes its prefill connection
+    wait_for(lambda: finished(prefill) > done, "the prefill request never finished")
+    assert released(prefill, before=before), "the prefill still holds the KV of a request no one waits for"
+    assert parked.calls == 0  # the KV was not even parked: the abort came during the step
+
+
+def test_a_caller_leaving_after_the_kv_was_parked_has_it_dropped(
+    prefill: Prefill, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router's connection to the prefill is cut (or times out) after the prefill parked the KV and
+    before its answer, with the handle, went out."""
+    before, done = len(prefill.store), finished(prefill)
+    parked = Hold(monkeypatch, prefill.store, "put", after=True)
+    body = {**BODY, "max_tokens": 1, "kv_transfer_params": SIGNER.sign(REMOTE_DECODE)}  # as the router sends
+    post_and_leave(prefill.port, body, hold=parked, prefill=prefill)
+    wait_for(lambda: finished(prefill) > done, "the prefill request never finished")
+    assert parked.calls == 1
+    assert released(prefill, before=before), "the prefill still holds the KV of a request no one waits for"
+
+
+def test_a_streamed_prefill_keeps_no_kv(prefill: Prefill) -> None:
+    """A streamed answer carries no kv_transfer_params (the router never streams a prefill): no decode
+    could fetch the KV, so none is kept once the stream has ended."""
+    before = len(prefill.store)
+    body = {**BODY, "max_tokens": 1, "stream": True, "kv_transfer_params": SIGNER.sign(REMOTE_DECODE)}
+    status, answer = raw_post(f"{prefill.url}/v1/completions", body)
+    assert status == 200, answer
+    assert answer.rstrip().endswith(b"data: [DONE]")
+    assert len(prefill.store) == before
 
 
 # --- the prefill's DELETE route -----------------------------------------------------------------------

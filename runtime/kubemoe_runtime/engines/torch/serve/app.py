@@ -28,7 +28,8 @@ off the event loop and without the GIL, and one that provably cannot fit the con
 is tokenized (prompt_limits.py). kv_transfer_params are honoured only when the router signed them
 (pod/kv_auth.py; 400 otherwise), and a pulled KV is checked against the model before it reaches the
 scheduler (serve/kv/layout.py). A client that goes away from a non-streaming request has it aborted, as a
-streaming one.
+streaming one; a P/D prefill's caller that goes away before the answer naming the KV's handle is sent has
+the KV dropped at once (no decode could fetch it; in_flight.py), rather than held for the store's ttl.
 
 Each request becomes a `GenerationRequest` for the scheduler, which runs on the engine thread and hands
 every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue
@@ -276,7 +277,10 @@ class Api:
             return sse(stream.events(shape.chunk, first=shape.opening(), usage_chunk=usage_chunk))
         try:
             text, last = await unless_disconnected(request, stream.collect())
-        except ClientGone:
+        except ClientGone:  # the request was aborted, and any KV parked for it is dropped (in_flight.py)
+            return Response(status_code=CLIENT_GONE)
+        if last.kv_transfer_params is not None and await request.is_disconnected():
+            stream.drop_parked(last)  # P/D prefill: its caller left as the KV was parked (both at once)
             return Response(status_code=CLIENT_GONE)
         whole = shape.whole(text, last, kv_transfer_params=_reachable(last.kv_transfer_params, request))
         return JSONResponse(whole.model_dump())

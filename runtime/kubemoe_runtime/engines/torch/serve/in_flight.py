@@ -8,6 +8,16 @@ without [DONE] (`EngineFailed`; the router ends it with an error event). One who
 alone (its logits or its own work; scheduler.py) while the engine serves on: a whole answer is then a 500
 `request_failed` with that error, which the router neither retries nor counts against the pod.
 
+P/D: a prefill parks the prompt's KV under a handle that only its answer names (serve/kv/handoff.py), so
+KV parked for a request whose answer no one reads would be held for the store's whole ttl (a minute, and
+against its bytes bound): the router, which releases what it knows of (kv/release.py), never learned the
+handle. So once a stream's reader stops (the client left, the router's connection to this pod was cut or
+timed out, the request was ended as failed), every output still queued or still to come is handed to
+`drop_parked` instead (OutputQueue.abandon), which takes its KV out of the store; a streamed answer, which
+never carries the kv_transfer_params, drops its own at the end. The scheduler parks none for a request
+aborted while its step ran (scheduler.py), so this is for a caller gone after the step: the KV was parked,
+and its handle is on its way to the event loop, or waits in the queue.
+
 `InFlight` holds the streams not yet answered. Where the server must stop before they finish — its drain
 deadline passed (pod/drain.py) — `end_all` ends each one so, at once, instead of leaving uvicorn to cancel
 its handler (a bare 500, a stream cut with no error), and refuses any request submitted after it; and
@@ -19,6 +29,7 @@ it runs on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -28,6 +39,7 @@ from pydantic import BaseModel
 from kubemoe_runtime.engines.torch.serve.scheduler import Output, Scheduler
 from kubemoe_runtime.pod.protocol import ApiError, FinishReason, Usage
 
+log = logging.getLogger("kubemoe_runtime.kv")
 ENGINE_FAILED: Final = "the engine failed while serving this request (the pod restarts); try again"
 ENDED_AT_DRAIN_DEADLINE: Final = (
     "the server shut down at the end of its drain timeout before this request finished; try again"
@@ -44,10 +56,24 @@ class OutputQueue:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._unread: Callable[[Output], None] | None = None  # set once no one reads the queue
 
     def put(self, output: Output) -> None:  # called on the engine thread
         if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+            self.loop.call_soon_threadsafe(self._deliver, output)
+
+    def _deliver(self, output: Output) -> None:
+        if self._unread is None:
+            self.queue.put_nowait(output)
+        else:
+            self._unread(output)
+
+    def abandon(self, unread: Callable[[Output], None]) -> None:
+        """No one reads this queue any more: `unread` gets each output it holds, and each one delivered
+        from now on (on the event loop's thread)."""
+        self._unread = unread
+        while not self.queue.empty():
+            unread(self.queue.get_nowait())
 
     async def __aiter__(self) -> AsyncIterator[Output]:
         while True:
@@ -82,6 +108,22 @@ class Stream:
         )
         self.scheduler.abort(self.request_id)
 
+    def drop_parked(self, output: Output) -> None:
+        """Drop the KV a prefill parked for this request (P/D), if `output` names it: no decode can fetch it,
+        as the answer naming it does not reach the caller."""
+        handle = (output.kv_transfer_params or {}).get("remote_handle")
+        if isinstance(handle, str) and self.scheduler.kv_store.take(handle) is not None:
+            # a handle lets anyone fetch its KV: not whole into the log
+            log.info("kubemoe-runtime: dropped KV %s...: its answer reached no one", handle[:6])
+
+    def _stopped_reading(self, *, finished: bool) -> None:
+        """The reader is done (`finished`: it read the last output): abort the request unless it finished,
+        and drop any KV parked for it that comes after. Then it leaves the in-flight set."""
+        if not finished:
+            self.scheduler.abort(self.request_id)
+        self.outputs.abandon(self.drop_parked)
+        self.on_end(self)
+
     async def collect(self) -> tuple[str, Output]:
         parts: list[str] = []
         last: Output | None = None
@@ -90,9 +132,7 @@ class Stream:
                 parts.append(output.text)
                 last = output
         finally:
-            self.on_end(self)
-            if last is None or last.finish_reason is None:
-                self.scheduler.abort(self.request_id)
+            self._stopped_reading(finished=last is not None and last.finish_reason is not None)
         assert last is not None
         if last.engine_failed and last.error is not None:  # this request alone failed: the pod serves on
             raise ApiError(500, last.error, type="server_error", code="request_failed")
@@ -115,14 +155,14 @@ class Stream:
                 if output.engine_failed:  # cut, without [DONE]: the router ends it with an error event
                     raise EngineFailed(output.error or self.failure)
                 finished = output.finish_reason is not None
+                if finished:  # a stream carries no kv_transfer_params: no decode could fetch this KV
+                    self.drop_parked(output)
                 if output.text or finished:
                     yield chunk(output.text, output.finish_reason)
                 if finished and usage_chunk is not None:
                     yield usage_chunk(usage(output))
         finally:
-            self.on_end(self)
-            if not finished:
-                self.scheduler.abort(self.request_id)
+            self._stopped_reading(finished=finished)
 
 
 class InFlight:

@@ -1,7 +1,9 @@
 """Continuous batching on rank 0: requests join and leave the running batch at every step.
 
     submit()   any thread: validate, queue (bounded: QueueFull past `max_waiting`), wake the loop
-    abort()    any thread: the request leaves at the next step (its sink gets finish_reason "abort")
+    abort()    any thread: the request leaves at the end of the step under way (its token is not output,
+               no KV is parked for it), or before the next one (its sink gets finish_reason "abort"); a
+               step's forward itself is never interrupted (every rank runs it)
     step()     the engine thread, once per forward:
                  1. admit   waiting requests, oldest first, while a KV-cache slot is free on some rank and
                             the step's prompt tokens stay within `max_prefill_tokens` (at least one)
@@ -258,10 +260,15 @@ class Scheduler:
         released, self._released = self._released, [[] for _ in range(self.leader.size)]
         sampled = self.leader.run(Step(rows=rows, released=released))
         exports = self.leader.take_exports()
+        with self._lock:  # aborted while the step ran: the next _admit finds them no longer running
+            aborted = set(self._aborts)
         now = self.clock()
         for rank, seqs in enumerate(order):
             for seq, row, token in zip(seqs, rows[rank], sampled[rank], strict=True):
                 seq.position += len(row.tokens)
+                if seq.id in aborted:  # its client left: no token output, no prefill's KV parked (P/D)
+                    self._guarded(seq, functools.partial(self._finish, seq, text="", reason="abort"))
+                    continue
                 if token < 0:  # the rank could not sample this row: this request ends, the others go on
                     self._fail(seq, ROW_FAILURES.get(token, f"no next token (failure code {token})"))
                     continue

@@ -219,7 +219,9 @@ class KVStore:
     and at most `max_bytes` of tensors (None: no bound), the oldest dropped first. Each entry is a copy
     of a prompt's KV held in the API pod's memory, so the bytes bound is what keeps prefills whose
     decode never comes from filling it: the router releases those it knows of at once (kv/release.py),
-    but not one whose router died or could not reach this pod."""
+    and the server drops those whose answer, naming the handle, reached no one (its caller left first:
+    serve/in_flight.py); one whose router read the answer and then died or could not reach this pod
+    expires."""
 
     def __init__(
         self,
