@@ -29,6 +29,17 @@ REQUIRED = (
     "moe_intermediate_size",
 )
 
+# Chunked local attention by architecture (the catalog's `architecture`, config.json's `architectures[0]`):
+# (attention_chunk_size, one layer in how many attends globally). spec.model.config has no field for it,
+# so these are the defaults of transformers' Llama4TextConfig, which the published Llama 4 checkpoints
+# keep: attention_chunk_size 8192, and no_rope_layers empty, so a NoPE layer with full attention every
+# no_rope_layer_interval = 4 layers (3, 7, ..., 47) and the other 36 of 48 in chunks, as vLLM's
+# Llama4Attention builds them.
+CHUNKED_ATTENTION: dict[str, tuple[int, int]] = {
+    "Llama4ForConditionalGeneration": (8192, 4),
+    "Llama4ForCausalLM": (8192, 4),
+}
+
 
 class ModelEntry(ApiModel):
     name: str
@@ -161,11 +172,13 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
         raise ManifestError(problems)
     heads = merged["num_attention_heads"]
     dtype = merged.get("dtype", "bfloat16")
+    chunk_size, global_every = CHUNKED_ATTENTION.get(merged.get("architecture", ""), (None, 0))
+    layers = merged["num_layers"]
     weight_dtype = merged.get("weight_dtype", dtype)
     return ModelFacts(
         name=spec.name,
         reference=entry.reference if entry else "spec.model.config",
-        num_layers=merged["num_layers"],
+        num_layers=layers,
         hidden_size=merged["hidden_size"],
         num_attention_heads=heads,
         num_key_value_heads=merged.get("num_key_value_heads", heads),
@@ -192,6 +205,8 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
         params_active_b=merged.get("params_active_b"),
         sliding_window=merged.get("sliding_window"),
         sliding_window_layers=merged.get("sliding_window_layers", 0),
+        attention_chunk_size=chunk_size,
+        chunked_layers=layers - layers // global_every if global_every else 0,
     )
 
 

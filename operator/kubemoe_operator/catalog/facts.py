@@ -53,6 +53,13 @@ class ModelFacts:
     sliding_kept: int | None = None
     """Tokens of a sequence a sliding-window layer keeps in the engine that serves it (plan/sizing.py
     `engine_kv`); None: the engine keeps every token there too, as in a full layer."""
+    attention_chunk_size: int | None = None
+    """Chunked local attention (Llama 4's `attention_chunk_size`): a chunked layer attends only within
+    its chunk of this many tokens."""
+    chunked_layers: int = 0
+    """How many layers attend in chunks; the others attend over the whole sequence."""
+    chunked_kept: int | None = None
+    """Tokens of a sequence a chunked layer keeps in the engine that serves it (as `sliding_kept`)."""
 
     @property
     def mla(self) -> bool:
@@ -90,6 +97,17 @@ class ModelFacts:
         return self.moe_layers * self.num_routed_experts * self.params_per_expert
 
     @property
+    def unquantized_params(self) -> int:
+        """The embeddings, the LM head and the MoE routers: a quantized checkpoint's quantization_config
+        quantizes the linear layers only and keeps these in `dtype` (DeepSeek-V3/R1's and Kimi K2's fp8
+        safetensors store embed_tokens, lm_head and mlp.gate in bf16; vLLM loads the embeddings and the
+        head unquantized, and the router as a plain linear layer)."""
+        return (
+            self.moe_layers * self.num_routed_experts * self.hidden_size
+            + self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        )
+
+    @property
     def dense_params(self) -> int:
         """Everything else: attention, shared experts, dense FFNs, routers, embeddings."""
         dense_ffn_layers = self.num_layers - self.moe_layers
@@ -97,9 +115,16 @@ class ModelFacts:
             self.num_layers * self.attention_params_per_layer()
             + self.moe_layers * self.num_shared_experts * self.params_per_expert
             + dense_ffn_layers * 3 * self.hidden_size * self.intermediate_size
-            + self.moe_layers * self.num_routed_experts * self.hidden_size
-            + self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+            + self.unquantized_params
         )
+
+    @property
+    def dense_weight_bytes(self) -> float:
+        """Bytes of the dense weights: the linear layers at `weight_dtype`, `unquantized_params` at
+        `dtype` (norms and quantization scales, a few MB, are left out)."""
+        unquantized = self.unquantized_params
+        quantized = self.dense_params - unquantized
+        return quantized * DTYPE_BYTES[self.weight_dtype] + unquantized * DTYPE_BYTES[self.dtype]
 
     @property
     def total_params(self) -> int:
@@ -118,28 +143,36 @@ class ModelFacts:
         kv_heads = max(1, self.num_key_value_heads // tensor)
         return 2 * kv_heads * self.head_dim * elem
 
+    def bounded_layers(self) -> list[tuple[int, int]]:
+        """(tokens kept, layers) of each kind of layer that keeps only part of a sequence in the engine
+        serving it (sliding-window, chunked), fewest tokens first; empty where every layer keeps all."""
+        kinds = [(self.sliding_kept, self.sliding_window_layers), (self.chunked_kept, self.chunked_layers)]
+        return sorted((kept, layers) for kept, layers in kinds if kept and layers)
+
     def kv_bytes_per_token(self, *, tensor: int, max_len: int | None = None) -> float:
         """KV-cache bytes one token occupies on one rank, over all layers, in sequences of `max_len`: a
-        sliding-window layer keeps `sliding_kept` tokens of a sequence, min(kept, max_len) / max_len of a
-        full layer per token (without a length or a kept count, counted as a full layer)."""
+        layer that keeps `kept` tokens of a sequence (sliding-window, chunked) costs min(kept, max_len) /
+        max_len of a full layer per token (without a length, counted as a full layer)."""
         layers: float = self.num_layers
-        if self.sliding_kept and self.sliding_window_layers and max_len:
-            share = min(self.sliding_kept, max_len) / max_len
-            layers = self.num_layers - self.sliding_window_layers * (1 - share)
+        if max_len:
+            for kept, bounded in self.bounded_layers():
+                layers -= bounded * (1 - min(kept, max_len) / max_len)
         return layers * self.kv_bytes_per_layer_token(tensor=tensor)
 
     def longest_sequence(self, budget_bytes: float, *, tensor: int) -> int:
-        """The longest one sequence whose KV fits `budget_bytes` on a rank. Past `sliding_kept` tokens
-        only the full layers grow, so it is not budget / kv_bytes_per_token(max_len) at another length."""
+        """The longest one sequence whose KV fits `budget_bytes` on a rank. Past a layer's kept tokens
+        only the other layers grow, so it is not budget / kv_bytes_per_token(max_len) at another length:
+        the cost grows by `growing` layers per token between one kept count and the next."""
         per_layer = self.kv_bytes_per_layer_token(tensor=tensor)
-        kept, sliding = self.sliding_kept, self.sliding_window_layers
-        full_cost = per_layer * self.num_layers  # one token in every layer
-        if not (kept and sliding) or budget_bytes <= full_cost * kept:
-            return int(budget_bytes // full_cost)
-        growing = self.num_layers - sliding
+        growing, held = self.num_layers, 0  # layers still growing; token-layers of those that stopped
+        for kept, layers in self.bounded_layers():
+            if budget_bytes <= (held + growing * kept) * per_layer:
+                break
+            growing -= layers
+            held += layers * kept
         if growing == 0:
-            return 2**31  # only sliding layers: any length fits once `kept` tokens do
-        return int((budget_bytes / per_layer - sliding * kept) // growing)
+            return 2**31  # only bounded layers: any length fits once they are full
+        return int((budget_bytes / per_layer - held) // growing)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -482,8 +482,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
     }:
         notes.append(
             f"weights sized as {model_facts.weight_dtype} (dense) and {model_facts.expert_weight_dtype}"
-            " (experts); "
-            "quantisation scales and higher-precision embeddings add a little."
+            f" (experts), the embeddings, LM head and routers as {model_facts.dtype}; "
+            "quantisation scales add a little."
         )
     claim = cache_claim_name(name, spec)
     if claim is not None:

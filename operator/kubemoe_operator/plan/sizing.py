@@ -46,15 +46,23 @@ VLLM_BATCHED_TOKENS = 8192
 
 
 def engine_kv(model: ModelFacts, *, engine: str, gpu: GpuFacts, connector: str | None) -> ModelFacts:
-    """`model` with the tokens of a sequence each sliding-window layer keeps in `engine` (`sliding_kept`).
-    vLLM's hybrid KV cache manager keeps window - 1 + max_num_batched_tokens of them (SlidingWindowSpec's
-    max memory per request); it runs on GPUs only, and with no KV connector or one that supports it
-    (NIXL: not LMCache nor the example connector), else it makes every layer a full one. The other
-    engines keep every token in every layer."""
+    """`model` with the tokens of a sequence each sliding-window and each chunked layer keeps in `engine`
+    (`sliding_kept`, `chunked_kept`). vLLM's hybrid KV cache manager keeps window - 1 +
+    max_num_batched_tokens of them in a sliding-window layer (SlidingWindowSpec's max memory per request)
+    and attention_chunk_size + max_num_batched_tokens in a chunked one (ChunkedLocalAttentionSpec's: the
+    current chunk and the step's tokens); it runs on GPUs only, and with no KV connector or one that
+    supports it (NIXL: not LMCache nor the example connector), else it makes every layer a full one.
+    (With chunked layers vLLM also turns it off for an EAGLE draft model, or where
+    VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.) The other engines keep every
+    token in every layer."""
     hybrid = engine == "vllm" and not gpu.is_cpu and connector in (None, "nixl")
-    if not (hybrid and model.sliding_window and model.sliding_window_layers):
-        return replace(model, sliding_kept=None)
-    return replace(model, sliding_kept=model.sliding_window - 1 + VLLM_BATCHED_TOKENS)
+    window = model.sliding_window if hybrid and model.sliding_window_layers else None
+    chunk = model.attention_chunk_size if hybrid and model.chunked_layers else None
+    return replace(
+        model,
+        sliding_kept=window - 1 + VLLM_BATCHED_TOKENS if window else None,
+        chunked_kept=chunk + VLLM_BATCHED_TOKENS if chunk else None,
+    )
 
 
 def device_memory_gib(*, role: RoleSpec, gpu: GpuFacts, devices_per_pod: int) -> float | None:
@@ -83,7 +91,7 @@ def size_rank(
     and `eplb` (vLLM's expert load balancing) its buffers, on an expert-parallel rank."""
     tp, ep = par.tensor, par.expert_size
     shards = expert_shards(par)
-    dense = model.dense_params * DTYPE_BYTES[model.weight_dtype] / tp / GIB
+    dense = model.dense_weight_bytes / tp / GIB
     routed_bytes = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype]
     extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
     experts = routed_bytes / shards / GIB + extra
