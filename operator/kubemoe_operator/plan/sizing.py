@@ -43,14 +43,19 @@ def expert_shards(par: Parallelism) -> int:
 
 VLLM_BATCHED_TOKENS = 8192
 """vLLM's default max_num_batched_tokens on GPUs for the API server (its chunked-prefill step)."""
+VLLM_IN_FLIGHT_TOKENS = 2 * VLLM_BATCHED_TOKENS
+"""Tokens scheduled but not yet settled (VllmConfig.max_in_flight_tokens): max_num_batched_tokens times
+its concurrent batches, 2 with async scheduling (vLLM 0.32 turns it on wherever nothing rules it
+out); a sliding-window or chunked layer holds these beyond its window, as blocks are freed only once
+their step is processed."""
 
 
 def engine_kv(model: ModelFacts, *, engine: str, gpu: GpuFacts, connector: str | None) -> ModelFacts:
     """`model` with the tokens of a sequence each sliding-window and each chunked layer keeps in `engine`
-    (`sliding_kept`, `chunked_kept`). vLLM's hybrid KV cache manager keeps window - 1 +
-    max_num_batched_tokens of them in a sliding-window layer (SlidingWindowSpec's max memory per request)
-    and attention_chunk_size + max_num_batched_tokens in a chunked one (ChunkedLocalAttentionSpec's: the
-    current chunk and the step's tokens); it runs on GPUs only, and with no KV connector or one that
+    (`sliding_kept`, `chunked_kept`). vLLM's hybrid KV cache manager keeps window - 1 + in-flight tokens
+    of them in a sliding-window layer (SlidingWindowSpec.max_admission_blocks_per_request) and
+    attention_chunk_size + in-flight tokens in a chunked one (ChunkedLocalAttentionSpec's: the current
+    chunk and the steps' tokens); it runs on GPUs only, and with no KV connector or one that
     supports it (NIXL: not LMCache nor the example connector), else it makes every layer a full one.
     (With chunked layers vLLM also turns it off for an EAGLE draft model, or where
     VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.) The other engines keep every
@@ -60,8 +65,8 @@ def engine_kv(model: ModelFacts, *, engine: str, gpu: GpuFacts, connector: str |
     chunk = model.attention_chunk_size if hybrid and model.chunked_layers else None
     return replace(
         model,
-        sliding_kept=window - 1 + VLLM_BATCHED_TOKENS if window else None,
-        chunked_kept=chunk + VLLM_BATCHED_TOKENS if chunk else None,
+        sliding_kept=window - 1 + VLLM_IN_FLIGHT_TOKENS if window else None,
+        chunked_kept=chunk + VLLM_IN_FLIGHT_TOKENS if chunk else None,
     )
 
 

@@ -20,13 +20,13 @@ from kubemoe_operator.api.spec import AcceleratorSpec, ModelSpec
 from kubemoe_operator.catalog import Catalog, ModelFacts, load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.local.model import facts_from_config_json
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_operator.plan.sizing import VLLM_BATCHED_TOKENS, engine_kv
+from kubemoe_operator.plan.sizing import VLLM_IN_FLIGHT_TOKENS, engine_kv
 from tests.operator.helpers import REPO
 
 CATALOG = load_catalog()
 H100 = resolve_gpu(AcceleratorSpec(type="H100"), CATALOG)
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
-KEPT = 8192 + VLLM_BATCHED_TOKENS
+KEPT = 8192 + VLLM_IN_FLIGHT_TOKENS
 # A Llama 4 Scout config.json as the Hub serves it (the keys the planner reads): no_rope_layers empty,
 # so transformers' default, a global layer every 4.
 SCOUT_CONFIG_JSON: dict[str, Any] = {
@@ -101,11 +101,11 @@ def test_chunked_layers_cost_what_vllm_keeps_of_them() -> None:
 
 def test_llama4_scout_example_plans_vllms_kv() -> None:
     """examples/llama-4-scout.yaml (vLLM, TP8 on H100, 131072 tokens): one KV head per rank, 512 bytes a
-    layer; 12 full layers and 36 that keep 16384 of the 131072 tokens: 16.5 layers, 8448 bytes a token
-    (24576, all 48 layers, before)."""
+    layer; 12 full layers and 36 that keep 8192 + 2 x 8192 in-flight of the 131072 tokens: 18.75 layers,
+    9600 bytes a token (24576, all 48 layers, before)."""
     (role,) = plan_manifest(load_manifest(REPO / "examples" / "llama-4-scout.yaml")).roles
-    assert role.memory.kv_bytes_per_token == 8448
-    assert role.memory.kv_tokens == int(role.memory.kv_budget_gib * 1024**3 // 8448)
+    assert role.memory.kv_bytes_per_token == 9600
+    assert role.memory.kv_tokens == int(role.memory.kv_budget_gib * 1024**3 // 9600)
 
 
 def test_with_lmcache_llama4_kv_counts_every_layer_in_full() -> None:

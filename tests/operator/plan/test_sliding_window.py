@@ -17,11 +17,11 @@ from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.catalog import load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_operator.plan.sizing import VLLM_BATCHED_TOKENS, engine_kv
+from kubemoe_operator.plan.sizing import VLLM_IN_FLIGHT_TOKENS, engine_kv
 from tests.operator.helpers import BASE
 
 GPT_OSS = {"name": "openai/gpt-oss-120b", "source": "hf://openai/gpt-oss-120b"}
-KEPT = 128 - 1 + VLLM_BATCHED_TOKENS
+KEPT = 128 - 1 + VLLM_IN_FLIGHT_TOKENS
 
 
 def one_h100(**engine: Any) -> dict[str, Any]:
