@@ -10,7 +10,11 @@ reading) and refused when it equals or is a prefix of a plan-owned flag or alias
 
 The flags the plan sizes memory by (the longest sequence, the share of device memory, the dtype) are
 plan-owned too: argparse keeps the last occurrence, so one in extraArgs would override the value the
-plan sized the KV cache for; their refusal names the spec field that sets them (SIZED_BY).
+plan sized the KV cache for; their refusal names the spec field that sets them (SIZED_BY). So are the
+flags that size the KV cache in place of the share of device memory (KV_CACHE_SIZE_FLAGS: vLLM's
+--kv-cache-memory-bytes and --num-gpu-blocks-override, SGLang's --max-total-tokens): with one, the KV
+tokens and max-length sequences per rank the plan reports would not be the engine's (vLLM's two ignore
+--gpu-memory-utilization, so the KV cache could also outgrow the memory the plan left for it).
 
 The aliases are vLLM's (`vllm.engine.arg_utils`); tests/operator/api/test_extra_args.py checks them
 against the vLLM build when one is installed. The CEL twin in `spec.py` (RESERVED_FLAG_PATTERN) is
@@ -24,10 +28,11 @@ from typing import Final
 from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.api.spec import RESERVED_FLAGS
 
-# Long flags the plan sets or that would contradict it (the CEL list, plus the rest of the layout, the
-# runtime's own --engine/--role/--model, the expert placement spec.experts sets: vLLM's EPLB, the torch
-# engine's slots and placement file, render/experts.py; and the memory sizing: the runtime's
-# pod/settings.py takes the same three flags), and --config, which could set any of them from a file.
+# Long flags the plan sets or that would contradict it (the CEL list, with the KV cache's size, plus the
+# rest of the layout, the runtime's own --engine/--role/--model, the expert placement spec.experts sets:
+# vLLM's EPLB, the torch engine's slots and placement file, render/experts.py; and the memory sizing: the
+# runtime's pod/settings.py takes the same three flags), and --config, which could set any of them from
+# a file.
 PLAN_FLAGS: Final = (
     *RESERVED_FLAGS,
     "pipeline-parallel-size",
@@ -64,6 +69,16 @@ SIZED_BY: Final[dict[str, str]] = {
     "mem-fraction-static": UTILIZATION_FIELD,  # SGLang
     "cuda-memory-fraction": UTILIZATION_FIELD,  # TGI
     "dtype": DTYPE_FIELD,
+}
+
+# Per engine, the flags that size the KV cache in place of the plan's share of device memory: vLLM's bytes
+# for the KV cache and its block count (both override --gpu-memory-utilization's sizing), SGLang's token
+# count of its KV pool. TGI's launcher has none that the plan leaves unset.
+KV_CACHE_SIZE_FLAGS: Final[dict[str, tuple[str, ...]]] = {
+    "vllm": ("kv-cache-memory-bytes", "num-gpu-blocks-override"),
+    "torch": ("kv-cache-memory-bytes", "num-gpu-blocks-override"),  # PLAN_FLAGS serves both: vLLM's names
+    "sglang": ("max-total-tokens",),
+    "tgi": (),
 }
 
 # vLLM's short aliases of those flags -> the flag.
@@ -110,6 +125,7 @@ SGLANG_PLAN_FLAGS: Final = (
     "disaggregation-bootstrap-port",
     "context-length",
     "mem-fraction-static",
+    "max-total-tokens",
     "dtype",
     "device",
     "config",
@@ -146,6 +162,11 @@ FIX: Final = (
     "remove it: set roles.<role>.parallelism for the layout, spec.serving for KV transfer, "
     "spec.model for the model, spec.experts for redundant experts and their balancing; --config "
     "cannot be used (put its flags in extraArgs)."
+)
+KV_CACHE_SIZE_FIX: Final = (
+    f"remove it: the plan gives each rank's KV cache what the engine's share of device memory"
+    f" ({UTILIZATION_FIELD}) leaves after the weights, for sequences up to {MAX_MODEL_LEN_FIELD}; set"
+    " those instead (`kubemoe plan` shows the KV tokens and max-length sequences per rank they give)."
 )
 
 
@@ -198,6 +219,13 @@ def refused(arg: str, engine: str = "vllm") -> tuple[str, str] | None:
         return None
     if flag == "config":
         return f"{arg!r} reads flags from a file, which could set the flags the plan owns.", FIX
+    if flag in KV_CACHE_SIZE_FLAGS[engine]:
+        return (
+            f"{arg!r} would set --{flag}, which sizes the KV cache in place of the share of device memory"
+            f" the plan sizes it by ({UTILIZATION_FIELD}): the KV tokens and max-length sequences per rank"
+            " the plan reports would not be the engine's.",
+            KV_CACHE_SIZE_FIX,
+        )
     if flag in SIZED_BY:
         return (
             f"{arg!r} would set --{flag}, which the plan sets from {SIZED_BY[flag]} and sizes each rank's"

@@ -23,7 +23,9 @@ SOURCE_PATTERN = (
     r"^(hf://[^/\s]+/[^/\s]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S+|s3://[^/\s]+/\S+|file://\S+)$"
 )
 
-# Flags the plan owns; setting them through extraArgs would contradict the layout.
+# Flags the plan owns; setting them through extraArgs would contradict the layout or the memory it
+# sized each rank for (--kv-cache-memory-bytes and --num-gpu-blocks-override size vLLM's KV cache in
+# place of --gpu-memory-utilization: the plan's KV tokens per rank would no longer hold).
 RESERVED_FLAGS = (
     "tensor-parallel-size",
     "data-parallel-size",
@@ -38,9 +40,12 @@ RESERVED_FLAGS = (
     "served-model-name",
     "max-model-len",
     "gpu-memory-utilization",
+    "kv-cache-memory-bytes",
+    "num-gpu-blocks-override",
     "dtype",
 )
-RESERVED_FLAG_PATTERN = "^--(" + "|".join(RESERVED_FLAGS) + ")(=.*)?$"
+RESERVED_FLAG_PATTERN = "^--(" + "|".join(f.replace("-", "[-_]") for f in RESERVED_FLAGS) + ")(=.*)?$"
+"""Each reserved flag, alone or `=`-joined to its value, with `-` or vLLM's `_` between its words."""
 
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
@@ -143,7 +148,8 @@ class EngineSpec(ApiModel):
         json_schema_extra=validations(
             cel(
                 f"!has(self.extraArgs) || !self.extraArgs.exists(a, a.matches('{RESERVED_FLAG_PATTERN}'))",
-                "extraArgs must not set flags the plan owns (parallelism, ports, KV, context, memory, dtype)",
+                "extraArgs must not set flags the plan owns (parallelism, ports, KV transfer, KV cache size,"
+                " context, memory, dtype)",
                 field_path=".extraArgs",
             )
         )
@@ -163,7 +169,10 @@ class EngineSpec(ApiModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Share of accelerator memory the engine may use for weights, activations and KV cache."""
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64)
-    """Extra engine flags, appended verbatim."""
+    """Extra engine flags, appended verbatim. Flags the plan sets are refused in any spelling: the layout,
+    ports, model and KV transfer, and what it sizes each rank's memory by (--max-model-len,
+    --gpu-memory-utilization, --dtype; the KV cache's size: vLLM's --kv-cache-memory-bytes and
+    --num-gpu-blocks-override, SGLang's --mem-fraction-static and --max-total-tokens)."""
 
 
 EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -188,9 +197,11 @@ class KvTransferSpec(ApiModel):
     """How prefill hands its KV cache to decode."""
 
     connector: Literal["nixl", "lmcache", "example", "mooncake"] = "nixl"
-    """nixl (vLLM's NixlConnector, SGLang's nixl transfer backend), lmcache (vLLM's LMCacheConnectorV1),
-    example (vLLM's ExampleConnector; CPU, tests) or mooncake (SGLang's mooncake transfer backend). The
-    torch engine moves KV its own way and ignores it."""
+    """nixl (vLLM's NixlConnector, SGLang's nixl transfer backend), lmcache (vLLM's LMCacheConnectorV1:
+    the prefill stores the prompt's KV in LMCache's remote store, the decode loads it from there, so both
+    roles' pods need the same LMCACHE_REMOTE_URL, PYTHONHASHSEED and chunk settings in their env; see
+    examples/mixtral-8x22b-lmcache.yaml), example (vLLM's ExampleConnector; CPU, tests) or mooncake
+    (SGLang's mooncake transfer backend). The torch engine moves KV its own way and ignores it."""
 
 
 class ServingSpec(ApiModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,9 @@ import yaml
 from kubemoe_operator.api.engine_flags import ALIASES, PLAN_FLAGS, extra_args_problems, refusal
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.api.spec import RESERVED_FLAG_PATTERN
+from kubemoe_operator.cli.kubemoe import main
+from kubemoe_operator.gen.crd import crd
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
 from tests.operator.helpers import BASE, REPO
@@ -156,6 +161,110 @@ def test_the_other_engines_memory_flags_name_their_spec_field(engine: str, arg: 
     assert field in problem.fix
 
 
+# -- the KV cache's size: flags that size it in place of the plan's share of device memory ---------------
+
+KV_CACHE_SIZE = [
+    ("vllm", "--kv-cache-memory-bytes=40G", "--kv-cache-memory-bytes"),
+    ("vllm", "--kv-cache-memory-bytes", "--kv-cache-memory-bytes"),
+    ("vllm", "--kv_cache_memory_bytes=42949672960", "--kv-cache-memory-bytes"),
+    ("vllm", "--kv-cache-memory", "--kv-cache-memory-bytes"),  # argparse's unique prefix
+    ("vllm", "--num-gpu-blocks-override=4096", "--num-gpu-blocks-override"),
+    ("vllm", "--num-gpu-blocks-override", "--num-gpu-blocks-override"),
+    ("vllm", "--num_gpu_blocks_override", "--num-gpu-blocks-override"),
+    ("torch", "--kv-cache-memory-bytes=1G", "--kv-cache-memory-bytes"),
+    ("torch", "--num-gpu-blocks-override=64", "--num-gpu-blocks-override"),
+    ("sglang", "--max-total-tokens=200000", "--max-total-tokens"),
+    ("sglang", "--max-total-tokens", "--max-total-tokens"),
+]
+
+
+@pytest.mark.parametrize(("engine", "arg", "flag"), KV_CACHE_SIZE)
+def test_a_flag_that_sizes_the_kv_cache_is_refused_naming_the_field_and_the_fix(
+    engine: str, arg: str, flag: str
+) -> None:
+    """vLLM's --kv-cache-memory-bytes and --num-gpu-blocks-override (and SGLang's --max-total-tokens) size
+    the KV cache in place of --gpu-memory-utilization (--mem-fraction-static): the plan's KV tokens and
+    max-length sequences per rank would not be the engine's."""
+    [problem] = extra_args_problems(
+        ["--enforce-eager", arg, "7"], field="spec.engine.extraArgs", engine=engine
+    )
+    assert problem.field == "spec.engine.extraArgs[1]"
+    assert repr(arg) in problem.message
+    assert flag in problem.message
+    assert "spec.engine.gpuMemoryUtilization" in problem.message
+    assert problem.fix.startswith("remove it")
+    assert "spec.engine.gpuMemoryUtilization" in problem.fix
+    assert "spec.engine.maxModelLen" in problem.fix
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--kv-cache-memory-bytes=40G"],
+        ["--kv-cache-memory-bytes", "40G"],
+        ["--kv_cache_memory_bytes", "40G"],
+        ["--num-gpu-blocks-override=4096"],
+        ["--num-gpu-blocks-override", "4096"],
+        ["--num_gpu_blocks_override=4096"],
+    ],
+)
+def test_a_manifest_sizing_the_kv_cache_in_extra_args_is_refused(extra: list[str]) -> None:
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(spec_with(["--enforce-eager", *extra]))
+    [problem] = err.value.problems
+    assert problem.field == "spec.engine.extraArgs[1]"
+    assert "KV cache" in problem.message
+    assert "set those instead" in problem.fix
+
+
+def test_kubemoe_plan_refuses_a_kv_cache_size_flag_naming_the_field_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "md.yaml"
+    path.write_text(yaml.safe_dump(spec_with(["--enforce-eager", "--num-gpu-blocks-override", "100000"])))
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.engine.extraArgs[1]" in err
+    assert "--num-gpu-blocks-override" in err
+    assert "fix: remove it" in err
+
+
+def test_the_tgi_max_total_tokens_is_still_its_longest_sequence() -> None:
+    """TGI's --max-total-tokens is a request's longest sequence (spec.engine.maxModelLen), not a pool."""
+    [problem] = extra_args_problems(["--max-total-tokens=9"], field="spec.engine.extraArgs", engine="tgi")
+    assert (
+        problem.fix
+        == "remove it: set spec.engine.maxModelLen instead (the plan sizes each rank's KV cache for it)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("arg", "refused"),
+    [
+        ("--kv-cache-memory-bytes", True),
+        ("--kv-cache-memory-bytes=40G", True),
+        ("--kv_cache_memory_bytes=40G", True),
+        ("--num-gpu-blocks-override", True),
+        ("--num_gpu_blocks_override=4096", True),
+        ("--tensor_parallel_size=4", True),
+        ("--max_model_len", True),
+        ("--kv-cache-dtype=fp8", False),
+        ("--kv-cache-memory-bytesx", False),
+        ("--enforce-eager", False),
+        ("40G", False),
+    ],
+)
+def test_the_crds_first_filter_refuses_the_kv_cache_size_flags_in_either_spelling(
+    arg: str, refused: bool
+) -> None:
+    """The CEL rule's pattern (RE2; Python's re reads this one alike) at admission, before the operator."""
+    assert bool(re.search(RESERVED_FLAG_PATTERN, arg)) is refused
+    rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "engine"
+    ]
+    assert any(RESERVED_FLAG_PATTERN in r["rule"] for r in rules["x-kubernetes-validations"])
+
+
 def test_the_message_names_the_flag_it_would_set() -> None:
     assert "--tensor-parallel-size" in (refusal("-tp=2") or "")
     assert "--nnodes" in (refusal("-n2") or "")
@@ -176,6 +285,7 @@ parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 print(json.dumps({a.dest: a.option_strings for a in parser._actions if a.option_strings}))
 """
     options: dict[str, list[str]] = json.loads(VLLM.run(code).strip().splitlines()[-1])
+    assert {"kv_cache_memory_bytes", "num_gpu_blocks_override"} <= options.keys()  # still vLLM's names
     owned = {flag.replace("-", "_") for flag in PLAN_FLAGS}
     checked = 0
     for dest, strings in options.items():

@@ -27,7 +27,9 @@ LEADER_ADDRESS = "10.0.0.1"
 
 
 def load(path: Path) -> dict[str, Any]:
-    return dict(yaml.safe_load(path.read_text()))
+    """The ModelDeployment of an example file (some carry other objects it needs beside it)."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return dict(next(d for d in docs if d.get("kind") == "ModelDeployment"))
 
 
 def as_sglang(data: dict[str, Any]) -> dict[str, Any]:
