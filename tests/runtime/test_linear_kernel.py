@@ -19,7 +19,7 @@ from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
 from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, kernel_linear, matmul
 from kubemoe_runtime.engines.torch.model.layers import attend
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
-from kubemoe_runtime.engines.torch.model.packing import PackedLinear
+from kubemoe_runtime.engines.torch.model.packing import PackedLinear, can_pack, pack_model
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
 from tests.runtime.test_moe_kernel import KERNELS
 from tests.runtime.test_moe_kernel_paths import needs_avx2
@@ -123,8 +123,8 @@ def test_matmul_goes_through_float32_only_where_bf16_gemm_is_slow(monkeypatch: p
     monkeypatch.delenv(moe_kernel.ISA_ENV)
     moe_kernel.load.cache_clear()
     bf16 = nn.Linear(64, 8).to(torch.bfloat16)
-    if moe_kernel.tiles():
-        assert KernelLinear.applies(bf16), "AMX tiles beat this CPU's bf16 GEMM at decode's rows"
+    if linear_mod.beats_packing():
+        assert KernelLinear.applies(bf16), "the AMX or AVX512-BF16 kernel beats its bf16 GEMM at decode"
     elif moe_kernel.fast_bf16_gemm():
         assert not KernelLinear.applies(bf16), "this CPU's bf16 GEMM is fast"
 
@@ -228,5 +228,56 @@ def test_without_a_kernel_decode_rows_stay_bf16_and_prefill_rows_widen(
         source = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
         bf16_close(KernelLinear(source)(x), F.linear(x.double(), source.weight.double()))
         assert seen == [wanted, wanted]
+    finally:
+        moe_kernel.load.cache_clear()
+
+
+@pytest.fixture
+def as_avx512bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The AVX512-BF16 kernel in use, without tiles (a Zen 4's; forced on an AMX CPU), chosen again around
+    the test."""
+    if why := moe_kernel.unsupported("avx512bf16"):
+        pytest.skip(why)
+    monkeypatch.setenv(moe_kernel.FORCE_ENV, "avx512bf16")
+    monkeypatch.delenv(moe_kernel.ISA_ENV, raising=False)
+    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
+    moe_kernel.load.cache_clear()
+    yield
+    moe_kernel.load.cache_clear()
+
+
+@pytest.mark.usefixtures("as_avx512bf16")
+@pytest.mark.parametrize("rows", [1, 2, 8, linear_mod.DOTS_MAX_ROWS, linear_mod.DOTS_MAX_ROWS + 1, 200])
+def test_avx512bf16_without_tiles_runs_dense_projections_on_the_kernel_at_decode_rows(rows: int) -> None:
+    """Where the AVX512-BF16 kernel runs without AMX, dense weights stay row-major (oneDNN's packing ran
+    at about half the kernel's speed at one row on Zen 4): the kernel up to DOTS_MAX_ROWS rows, torch's
+    bf16 past it; each against float64, with a bias."""
+    assert moe_kernel.path() == "avx512bf16"
+    assert not moe_kernel.tiles()
+    source = nn.Linear(64, 40, bias=True).to(torch.bfloat16)
+    assert linear_mod.beats_packing()
+    assert KernelLinear.applies(source)
+    assert linear_mod.form(rows, 64, 40) == ("kernel" if rows <= linear_mod.DOTS_MAX_ROWS else "bf16")
+    model = nn.Sequential(source)
+    assert not pack_model(model)
+    assert isinstance(model[0], KernelLinear)
+    assert model[0].weight.data_ptr() == source.weight.data_ptr()
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    want = F.linear(x.double(), source.weight.double(), source.bias.double())
+    torch.testing.assert_close(model(x).double(), want, rtol=2**-7, atol=2e-2)  # two roundings (the bias)
+
+
+def test_the_torch_moe_path_packs_where_onednn_has_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No kernel (the torch path forced): oneDNN's packed weights serve the dense projections wherever it
+    has bf16, as before the kernels beat it."""
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU lacks oneDNN bf16 support (AVX-512 core), so nothing is packed here")
+    monkeypatch.setenv(moe_kernel.FORCE_ENV, "torch")
+    moe_kernel.load.cache_clear()
+    try:
+        assert not linear_mod.beats_packing()
+        model = nn.Sequential(nn.Linear(64, 32).to(torch.bfloat16))
+        assert pack_model(model)
+        assert isinstance(model[0], PackedLinear)
     finally:
         moe_kernel.load.cache_clear()

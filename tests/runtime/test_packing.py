@@ -9,7 +9,7 @@ import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, beats_packing
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 from kubemoe_runtime.engines.torch.model.packing import PackedLinear, can_pack
 from kubemoe_runtime.tools.checkpoints import ARCHITECTURES
@@ -28,8 +28,8 @@ def test_packed_engine_matches_row_major_weights(checkpoints: dict[str, Path], a
     plain = TorchEngine.load(checkpoints[arch], dtype=torch.bfloat16, pack=False)
     packed = TorchEngine.load(checkpoints[arch], dtype=torch.bfloat16)
 
-    # with AMX tiles the kernels beat oneDNN at decode: dense weights stay row-major, in KernelLinear
-    dense: type[torch.nn.Module] = KernelLinear if moe_kernel.tiles() else PackedLinear
+    # where the kernels beat oneDNN at decode (AMX, AVX512-BF16): dense weights row-major, in KernelLinear
+    dense: type[torch.nn.Module] = KernelLinear if beats_packing() else PackedLinear
     linears = [m for m in packed.model.modules() if isinstance(m, dense)]
     experts = [m for m in packed.model.modules() if isinstance(m, LocalExperts)]
     assert linears, f"no linear layer became {dense.__name__}"

@@ -3,14 +3,17 @@
 CPUs without AVX-512 (AVX2 + FMA only): torch has no oneDNN bf16 there and multiplies bf16 matrices in a
 scalar loop: a [16, 1024] x [1024, 3072] product takes 7 times as long as in float32, so batch-16 decode ran
 slower than batch 1. CPUs with AMX tiles: oneDNN's bf16 GEMM (torch's, packed or not) reads a weight at
-about 40% of memory bandwidth at decode's rows, the kernels at 60-70%. The forms, by rows (`form`):
+about 40% of memory bandwidth at decode's rows, the kernels at 60-70%. CPUs with AVX512-BF16 and no AMX
+(Zen 4): oneDNN's packed weights at one row ran at about half the kernel's speed (`beats_packing`). The
+forms, by rows (`form`):
 
     kernel   dot products, `kubemoe_linear_bf16` (moe_bf16.c): the bf16 weights read once from memory,
-             float sums, one rounding; up to KERNEL_MAX_ROWS rows without AVX-512, and below
-             TILES_MIN_ROWS where there are tiles
+             float sums, one rounding; up to KERNEL_MAX_ROWS rows without AVX-512, up to DOTS_MAX_ROWS
+             with AVX512-BF16 and no tiles, and below TILES_MIN_ROWS where there are tiles
     tiles    AMX, `kubemoe_linear_amx` (moe_amx.c): TILES_MIN_ROWS to TILES_MAX_ROWS rows
-    bf16     torch's own bf16 linear (oneDNN): past TILES_MAX_ROWS on an AMX CPU; elsewhere below
-             FLOAT32_MIN_ROWS rows, where widening the weight costs more than torch's bf16 loop
+    bf16     torch's own bf16 linear (oneDNN): past TILES_MAX_ROWS on an AMX CPU, past DOTS_MAX_ROWS with
+             AVX512-BF16 and no tiles; elsewhere below FLOAT32_MIN_ROWS rows, where widening the weight
+             costs more than torch's bf16 loop
     float32  without AVX-512 past KERNEL_MAX_ROWS (prefill), or from FLOAT32_MIN_ROWS without a kernel:
              weights and rows widened to float32 for that call and multiplied by torch's float32 GEMM
              (MKL/oneDNN), then rounded once; the widening reads the weights once, a small share of a
@@ -41,6 +44,12 @@ KERNEL_MAX_ROWS: Final = 32
 # 2048 rows 83 / 11.2 / 7.3 / 7.8
 TILES_MIN_ROWS: Final = 3
 TILES_MAX_ROWS: Final = 256
+# With AVX512-BF16 and no AMX (Zen 4, bench/bench_linear.py, [M, 1024] x [1024, 3072], weights streamed, ms),
+# dots / torch's bf16 / oneDNN packed: 1 row 0.24 / 0.51 / 0.37, 4 rows 0.27 / 0.52 / 0.38, 8 rows
+# 0.37 / 0.63 / 0.44, 16 rows 0.57 / 0.74 / 0.55, 32 rows 0.97 / 0.83 / 0.72, 1024 rows 24.6 / 15.5 / 15.3.
+# In the engine (bench model, 2 threads, six old/new pairs, medians): decode@1 100 -> 111 tokens/s,
+# decode@16 and prefill unchanged within the noise (431 -> 417, 1890 -> 1924).
+DOTS_MAX_ROWS: Final = 16
 # Without a kernel on a CPU with a slow bf16 GEMM, torch's bf16 loop against widening to float32, by rows
 # (as an AVX2 CPU, 2 threads, ms, bf16 / float32): [R, 1024] x [1024, 1024] 2: 0.30 / 0.54, 4: 0.52 / 0.56,
 # 5: 0.59 / 0.60, 6: 0.72 / 0.60, 8: 0.91 / 0.61; [R, 1024] x [1024, 3072] 4: 1.51 / 1.66, 5: 1.81 / 1.58
@@ -77,6 +86,14 @@ def kernel_linear(x: torch.Tensor, w: torch.Tensor, *, fn: object = None) -> tor
     return y.view(*x.shape[:-1], n_out)
 
 
+def beats_packing() -> bool:
+    """Whether the kernels beat oneDNN's packed weights at decode, where torch's bf16 GEMM is fast: with AMX
+    tiles (at every row count), and with the AVX512-BF16 kernel and no tiles (at decode's rows; torch's bf16
+    on the row-major weight, past DOTS_MAX_ROWS, is within the noise of packed at prefill). There dense
+    weights stay row-major, in KernelLinear, and nothing is packed (packing.py)."""
+    return kernels.tiles() or kernels.path() == "avx512bf16"
+
+
 def form(rows: int, n_in: int, n_out: int) -> str:
     """The form KernelLinear runs `rows` rows of an [n_out, n_in] weight in: "kernel", "tiles", "bf16" or
     "float32" (module docstring)."""
@@ -88,16 +105,16 @@ def form(rows: int, n_in: int, n_out: int) -> str:
     ):
         return "tiles"
     fast = kernels.fast_bf16_gemm()
-    most = TILES_MIN_ROWS - 1 if fast else KERNEL_MAX_ROWS
+    most = (TILES_MIN_ROWS - 1 if kernels.tiles() else DOTS_MAX_ROWS) if fast else KERNEL_MAX_ROWS
     if rows <= most and n_in % 32 == 0 and kernels.load_linear() is not None:
         return "kernel"
     return "bf16" if fast or rows < FLOAT32_MIN_ROWS else "float32"
 
 
 class KernelLinear(nn.Module):
-    """An `nn.Linear` with bf16 weights on a CPU whose torch bf16 GEMM is slow, or that has AMX tiles: each
-    call in the form for its rows (`form`); without a kernel (KUBEMOE_KERNELS=0, no compiler), torch's.
-    Same weight, same bias, no second copy."""
+    """An `nn.Linear` with bf16 weights on a CPU whose torch bf16 GEMM is slow, or where the kernels beat
+    oneDNN's packing (`beats_packing`): each call in the form for its rows (`form`); without a kernel
+    (KUBEMOE_KERNELS=0, no compiler), torch's. Same weight, same bias, no second copy."""
 
     def __init__(self, source: nn.Linear) -> None:
         super().__init__()
@@ -108,12 +125,12 @@ class KernelLinear(nn.Module):
     @staticmethod
     def applies(linear: nn.Linear) -> bool:
         """Whether this module replaces `linear`: bf16 CPU weights where the bf16 GEMM is slow, or where the
-        kernel in use has AMX tiles."""
+        kernels beat packing (`beats_packing`)."""
         w = linear.weight
         return (
             w.dtype == torch.bfloat16
             and w.device.type == "cpu"
-            and (not kernels.fast_bf16_gemm() or kernels.tiles())
+            and (not kernels.fast_bf16_gemm() or beats_packing())
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

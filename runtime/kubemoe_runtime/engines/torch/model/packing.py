@@ -9,9 +9,11 @@ the engine's decode speed.
 
 `pack_model` swaps every bf16 `nn.Linear` for a `PackedLinear`, and has each `LocalExperts` pick its
 MoE kernel (the routed experts stay row-major stacks: moe.py's grouped form beat packed experts from 16
-rows an expert on). It packs nothing (returns False) off the CPU, for other dtypes, and on CPUs without
-bf16 support in oneDNN; on those CPUs (AVX2 without AVX-512) it swaps bf16 linears for KernelLinear
-instead (kernels/linear.py).
+rows an expert on). It packs nothing (returns False) off the CPU, for other dtypes, on CPUs without
+bf16 support in oneDNN, and where the engine's kernels beat packing at decode (AMX, or AVX512-BF16:
+kernels/linear.py `beats_packing`); on those CPUs it swaps bf16 linears for KernelLinear instead. So
+packing serves AVX-512 CPUs without bf16 instructions (their kernel is the AVX2 one), and any CPU with
+oneDNN bf16 when the kernels are off (KUBEMOE_KERNELS=0, no compiler).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as kernels
-from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear
+from kubemoe_runtime.engines.torch.kernels.linear import KernelLinear, beats_packing
 
 _OPS = ("_is_mkldnn_bf16_supported", "_reorder_linear_weight", "_linear_pointwise")
 
@@ -65,11 +67,11 @@ class PackedLinear(nn.Module):
 
 def pack_model(model: nn.Module) -> bool:
     """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply or the
-    kernels beat it (AMX tiles). There, on a CPU whose torch bf16 GEMM is slow or that has tiles, bf16
+    kernels beat it (`beats_packing`). There, on a CPU whose torch bf16 GEMM is slow or that has tiles, bf16
     linears become KernelLinear (kernels/linear.py). Each LocalExperts of a bf16 CPU model picks its MoE
     kernel either way."""
     weight = next(model.parameters())
-    packs = can_pack(weight.dtype, weight.device) and not kernels.tiles()
+    packs = can_pack(weight.dtype, weight.device) and not beats_packing()
     bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
