@@ -33,15 +33,21 @@ def bf16_close(got: torch.Tensor, want_f64: torch.Tensor) -> None:
     torch.testing.assert_close(got.double(), want_f64, rtol=2**-8, atol=1e-3)
 
 
-@pytest.fixture
-def as_avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The engine's view of this CPU capped at AVX2 + FMA, its kernel chosen again around the test."""
-    monkeypatch.setenv(moe_kernel.ISA_ENV, "avx2")
-    monkeypatch.delenv(moe_kernel.FORCE_ENV, raising=False)
-    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
+def _chosen_again(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> Iterator[None]:
+    """The kernel chosen again around a test, with `env` (the ISA cap or the forced kernel) set to `value`
+    and the other choices cleared."""
+    for name in (moe_kernel.ISA_ENV, moe_kernel.FORCE_ENV, "KUBEMOE_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(env, value)
     moe_kernel.load.cache_clear()
     yield
     moe_kernel.load.cache_clear()
+
+
+@pytest.fixture
+def as_avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The engine's view of this CPU capped at AVX2 + FMA, its kernel chosen again around the test."""
+    yield from _chosen_again(monkeypatch, moe_kernel.ISA_ENV, "avx2")
 
 
 @pytest.mark.parametrize("path", KERNELS)
@@ -238,12 +244,7 @@ def as_avx512bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     the test."""
     if why := moe_kernel.unsupported("avx512bf16"):
         pytest.skip(why)
-    monkeypatch.setenv(moe_kernel.FORCE_ENV, "avx512bf16")
-    monkeypatch.delenv(moe_kernel.ISA_ENV, raising=False)
-    monkeypatch.delenv("KUBEMOE_KERNELS", raising=False)
-    moe_kernel.load.cache_clear()
-    yield
-    moe_kernel.load.cache_clear()
+    yield from _chosen_again(monkeypatch, moe_kernel.FORCE_ENV, "avx512bf16")
 
 
 @pytest.mark.usefixtures("as_avx512bf16")
