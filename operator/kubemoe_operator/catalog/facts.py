@@ -119,6 +119,12 @@ class ModelFacts:
         )
 
     @property
+    def router_bytes(self) -> float:
+        """Bytes of the MoE routers (kept in `dtype`, see `unquantized_params`): every tensor rank holds them
+        whole."""
+        return self.moe_layers * self.num_routed_experts * self.hidden_size * DTYPE_BYTES[self.dtype]
+
+    @property
     def dense_weight_bytes(self) -> float:
         """Bytes of the dense weights: the linear layers at `weight_dtype`, `unquantized_params` at
         `dtype` (norms and quantization scales, a few MB, are left out)."""

@@ -435,7 +435,13 @@ def _ep_sizes(spec: ModelDeploymentSpec) -> dict[str, int]:
 def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFacts, name: str = "") -> Plan:
     """The layout for `spec`, or ManifestError listing every reason it cannot fit."""
     connector = spec.serving.kv_transfer.connector if spec.serving.mode == "disaggregated" else None
-    model_facts = engine_kv(model_facts, engine=spec.engine.kind, gpu=gpu_facts, connector=connector)
+    model_facts = engine_kv(
+        model_facts,
+        engine=spec.engine.kind,
+        gpu=gpu_facts,
+        connector=connector,
+        extra_args=spec.engine.extra_args,
+    )
     max_len = _max_model_len(spec, model_facts)
     ep_sizes = _ep_sizes(spec)
     roles: list[RolePlan] = []

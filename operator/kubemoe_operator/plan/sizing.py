@@ -5,8 +5,10 @@ suggests where a role leaves its parallelism out."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from kubemoe_operator.api.engine_flags import normalised
 from kubemoe_operator.api.quantity import parse_quantity
 from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, Parallelism, RoleSpec
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
@@ -41,32 +43,63 @@ def expert_shards(par: Parallelism) -> int:
     return par.expert_size if par.expert_parallel else par.ranks
 
 
-VLLM_BATCHED_TOKENS = 8192
-"""vLLM's default max_num_batched_tokens on GPUs for the API server (its chunked-prefill step)."""
-VLLM_IN_FLIGHT_TOKENS = 2 * VLLM_BATCHED_TOKENS
-"""Tokens scheduled but not yet settled (VllmConfig.max_in_flight_tokens): max_num_batched_tokens times
-its concurrent batches, 2 with async scheduling (vLLM 0.32 turns it on wherever nothing rules it
-out); a sliding-window or chunked layer holds these beyond its window, as blocks are freed only once
-their step is processed."""
+def vllm_batched_tokens(gpu: GpuFacts) -> int:
+    """vLLM's default max_num_batched_tokens for its API server on `gpu` (its chunked-prefill step; vLLM
+    0.32's EngineArgs defaults by the device's memory): 16384 from 160 GiB (B200, MI300X), 8192 from 70 GiB
+    except on an A100 (H100, H200), else 2048 (A100, L40S)."""
+    if gpu.memory_gib >= 160:
+        return 16384
+    if gpu.memory_gib >= 70 and "a100" not in gpu.name.lower():
+        return 8192
+    return 2048
 
 
-def engine_kv(model: ModelFacts, *, engine: str, gpu: GpuFacts, connector: str | None) -> ModelFacts:
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value extraArgs give `flag` (`--flag V`, `--flag=V`, with _ for -; the last one wins, as argparse
+    keeps it), or None; an abbreviation of it is not recognised."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and normalised(arg) == flag:
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def vllm_in_flight_tokens(gpu: GpuFacts, extra_args: Sequence[str] = ()) -> int:
+    """Tokens vLLM schedules and has not yet settled (VllmConfig.max_in_flight_tokens): max_num_batched_tokens
+    (extraArgs' --max-num-batched-tokens, else `vllm_batched_tokens`) times its concurrent batches, 2 with
+    async scheduling (on wherever nothing rules it out; 1 after extraArgs' --no-async-scheduling). A
+    sliding-window or chunked layer holds these beyond its window, as blocks are freed only once their step
+    is processed."""
+    given = _flag_value(extra_args, "max-num-batched-tokens")
+    batched = int(given) if given is not None and given.isdigit() else vllm_batched_tokens(gpu)
+    switches = [normalised(a) for a in extra_args if a.startswith("--")]
+    switches = [f for f in switches if f in ("async-scheduling", "no-async-scheduling")]
+    batches = 1 if switches and switches[-1] == "no-async-scheduling" else 2  # argparse: the last one wins
+    return batches * batched
+
+
+def engine_kv(
+    model: ModelFacts, *, engine: str, gpu: GpuFacts, connector: str | None, extra_args: Sequence[str] = ()
+) -> ModelFacts:
     """`model` with the tokens of a sequence each sliding-window and each chunked layer keeps in `engine`
     (`sliding_kept`, `chunked_kept`). vLLM's hybrid KV cache manager keeps window - 1 + in-flight tokens
-    of them in a sliding-window layer (SlidingWindowSpec.max_admission_blocks_per_request) and
-    attention_chunk_size + in-flight tokens in a chunked one (ChunkedLocalAttentionSpec's: the current
-    chunk and the steps' tokens); it runs on GPUs only, and with no KV connector or one that
-    supports it (NIXL: not LMCache nor the example connector), else it makes every layer a full one.
-    (With chunked layers vLLM also turns it off for an EAGLE draft model, or where
-    VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.) The other engines keep every
-    token in every layer."""
+    (`vllm_in_flight_tokens`) of them in a sliding-window layer (SlidingWindowSpec.
+    max_admission_blocks_per_request) and attention_chunk_size + in-flight tokens in a chunked one
+    (ChunkedLocalAttentionSpec's: the current chunk and the steps' tokens), with no KV connector or one that
+    supports it (NIXL: not LMCache nor the example connector), else it makes every layer a full one. (With
+    chunked layers vLLM also turns it off for an EAGLE draft model, or where
+    VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.) Counted on GPUs only: vLLM's
+    CPU build keeps windows too, but its batch there follows the model and the memory, so a CPU plan counts
+    every layer full (it promises less KV than there is, never more). The other engines keep every token in
+    every layer."""
     hybrid = engine == "vllm" and not gpu.is_cpu and connector in (None, "nixl")
     window = model.sliding_window if hybrid and model.sliding_window_layers else None
     chunk = model.attention_chunk_size if hybrid and model.chunked_layers else None
+    in_flight = vllm_in_flight_tokens(gpu, extra_args) if window or chunk else 0
     return replace(
         model,
-        sliding_kept=window - 1 + VLLM_IN_FLIGHT_TOKENS if window else None,
-        chunked_kept=chunk + VLLM_IN_FLIGHT_TOKENS if chunk else None,
+        sliding_kept=window - 1 + in_flight if window else None,
+        chunked_kept=chunk + in_flight if chunk else None,
     )
 
 
@@ -96,7 +129,8 @@ def size_rank(
     and `eplb` (vLLM's expert load balancing) its buffers, on an expert-parallel rank."""
     tp, ep = par.tensor, par.expert_size
     shards = expert_shards(par)
-    dense = model.dense_weight_bytes / tp / GIB
+    # every rank holds all the routers; the rest of the dense weights is split over the tensor ranks
+    dense = ((model.dense_weight_bytes - model.router_bytes) / tp + model.router_bytes) / GIB
     routed_bytes = model.routed_params * DTYPE_BYTES[model.expert_weight_dtype]
     extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
     experts = routed_bytes / shards / GIB + extra

@@ -1,8 +1,8 @@
 """Llama 4's chunked local attention: 36 of its 48 layers attend within chunks of attention_chunk_size
 (8192) tokens, and every 4th is a global NoPE layer (transformers' Llama4TextConfig: no_rope_layers,
-no_rope_layer_interval 4). vLLM's hybrid KV cache manager keeps attention_chunk_size +
-max_num_batched_tokens tokens of a sequence in a chunked layer (ChunkedLocalAttentionSpec's max memory per
-request), on GPUs, with no KV connector or NIXL, as it does for sliding windows. Counted as full layers,
+no_rope_layer_interval 4). vLLM's hybrid KV cache manager keeps attention_chunk_size + its in-flight
+tokens (2 x max_num_batched_tokens) of a sequence in a chunked layer (ChunkedLocalAttentionSpec's max memory
+per request), on GPUs, with no KV connector or NIXL, as it does for sliding windows. Counted as full layers,
 Llama 4 Scout at 131072 tokens had a third of the KV tokens vLLM gives it; counted as kept where vLLM
 keeps every token (LMCache, cpu) or in another engine, the plan would promise KV the engine lacks."""
 
@@ -20,13 +20,13 @@ from kubemoe_operator.api.spec import AcceleratorSpec, ModelSpec
 from kubemoe_operator.catalog import Catalog, ModelFacts, load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.local.model import facts_from_config_json
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_operator.plan.sizing import VLLM_IN_FLIGHT_TOKENS, engine_kv
+from kubemoe_operator.plan.sizing import engine_kv, vllm_in_flight_tokens
 from tests.operator.helpers import REPO
 
 CATALOG = load_catalog()
 H100 = resolve_gpu(AcceleratorSpec(type="H100"), CATALOG)
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
-KEPT = 8192 + VLLM_IN_FLIGHT_TOKENS
+KEPT = 8192 + vllm_in_flight_tokens(H100)
 # A Llama 4 Scout config.json as the Hub serves it (the keys the planner reads): no_rope_layers empty,
 # so transformers' default, a global layer every 4.
 SCOUT_CONFIG_JSON: dict[str, Any] = {
@@ -105,7 +105,9 @@ def test_llama4_scout_example_plans_vllms_kv() -> None:
     9600 bytes a token (24576, all 48 layers, before)."""
     (role,) = plan_manifest(load_manifest(REPO / "examples" / "llama-4-scout.yaml")).roles
     assert role.memory.kv_bytes_per_token == 9600
-    assert role.memory.kv_tokens == int(role.memory.kv_budget_gib * 1024**3 // 9600)
+    assert role.memory.kv_tokens == pytest.approx(
+        role.memory.kv_budget_gib * 1024**3 / 9600, abs=2
+    )  # rounded GiB
 
 
 def test_with_lmcache_llama4_kv_counts_every_layer_in_full() -> None:

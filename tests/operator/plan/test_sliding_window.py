@@ -1,33 +1,35 @@
 """A sliding-window attention layer keeps only part of a sequence where the engine's KV cache knows it:
-vLLM's hybrid KV cache manager keeps window - 1 + max_num_batched_tokens tokens there (8319 for gpt-oss,
-half of whose 36 layers slide over 128 tokens), on GPUs, with no KV connector or NIXL. Counted as full
-layers, gpt-oss-120b at its 131072-token context was refused on one H100, where vLLM serves it; counted
-as kept where vLLM turns the manager off (LMCache, the example connector, cpu) or in another engine, the
-plan would promise a context the engine then refuses at start."""
+vLLM's hybrid KV cache manager keeps window - 1 + its in-flight tokens there (127 + 2 x 8192 = 16511 for
+gpt-oss on an H100, half of whose 36 layers slide over 128 tokens), on GPUs, with no KV connector or
+NIXL. Counted as full layers, gpt-oss-120b at its 131072-token context was refused on one H100, where
+vLLM serves it; counted as kept where vLLM turns the manager off (LMCache, the example connector, cpu) or
+in another engine, the plan would promise a context the engine then refuses at start."""
 
 from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.problems import ManifestError
+from kubemoe_operator.api.spec import AcceleratorSpec
 from kubemoe_operator.catalog import load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_operator.plan.sizing import VLLM_IN_FLIGHT_TOKENS, engine_kv
+from kubemoe_operator.plan.sizing import engine_kv, vllm_in_flight_tokens
 from tests.operator.helpers import BASE
 
 GPT_OSS = {"name": "openai/gpt-oss-120b", "source": "hf://openai/gpt-oss-120b"}
-KEPT = 128 - 1 + VLLM_IN_FLIGHT_TOKENS
+KEPT = 128 - 1 + vllm_in_flight_tokens(resolve_gpu(AcceleratorSpec(type="H100"), load_catalog()))
 
 
 def one_h100(**engine: Any) -> dict[str, Any]:
     data = copy.deepcopy(BASE)
     data["spec"].update(
-        model=GPT_OSS,
+        model=copy.deepcopy(GPT_OSS),  # a test may add a config to it
         engine=engine,
         accelerator={"type": "H100", "perPod": 1},
         serving={"mode": "colocated"},
@@ -100,3 +102,43 @@ def test_more_sliding_layers_than_layers_is_refused_naming_the_field() -> None:
     (problem,) = err.value.problems
     assert problem.field == "spec.model.config.slidingWindowLayers"
     assert "40 sliding-window layers but only 36 layers" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("gpu", "batched"),
+    [("B200", 16384), ("MI300X", 16384), ("H200", 8192), ("H100", 8192), ("A100-80GB", 2048), ("L40S", 2048)],
+)
+def test_vllm_holds_two_batches_of_its_default_step_on_each_gpu(gpu: str, batched: int) -> None:
+    """vLLM 0.32's default max_num_batched_tokens follows the device's memory (and skips A100s), and async
+    scheduling keeps two batches in flight: on a B200 a sliding layer holds 127 + 32768 tokens, not 16511."""
+    catalog = load_catalog()
+    facts = resolve_gpu(AcceleratorSpec(type=gpu), catalog)
+    assert vllm_in_flight_tokens(facts) == 2 * batched
+    model = engine_kv(
+        resolve_model(parse_manifest(one_h100()).spec.model, catalog),
+        engine="vllm",
+        gpu=facts,
+        connector=None,
+    )
+    assert model.sliding_kept == 127 + 2 * batched
+
+
+@pytest.mark.parametrize(
+    ("args", "in_flight"),
+    [
+        (["--max-num-batched-tokens", "4096"], 8192),
+        (["--max_num_batched_tokens=4096"], 8192),
+        (["--no-async-scheduling"], 8192),
+        (["--max-num-batched-tokens=2048", "--no-async-scheduling"], 2048),
+        (["--no-async-scheduling", "--async-scheduling"], 16384),
+        (["--enable-prefix-caching"], 16384),
+    ],
+)
+def test_extra_args_that_change_vllms_step_change_what_sliding_layers_hold(
+    args: list[str], in_flight: int
+) -> None:
+    """The step's tokens and async scheduling are the user's to set (extraArgs): the plan counts them."""
+    (role,) = plan_manifest(parse_manifest(one_h100(extraArgs=args))).roles
+    model = resolve_model(parse_manifest(one_h100()).spec.model, load_catalog())
+    kept = replace(model, sliding_kept=127 + in_flight)
+    assert role.memory.kv_bytes_per_token == pytest.approx(kept.kv_bytes_per_token(tensor=1, max_len=131072))

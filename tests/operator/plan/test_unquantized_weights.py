@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 
 from kubemoe_operator.api.manifest import load_manifest
-from kubemoe_operator.api.spec import ModelSpec
+from kubemoe_operator.api.spec import ModelSpec, Parallelism
 from kubemoe_operator.catalog import ModelFacts, load_catalog, resolve_model
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB
 from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.plan.sizing import size_rank
 from tests.operator.helpers import REPO
 
 CATALOG = load_catalog()
@@ -59,3 +60,21 @@ def test_unquantized_dense_weights_are_unchanged(name: str) -> None:
     model = _catalogued(name)
     assert model.weight_dtype == model.dtype == "bfloat16"
     assert model.dense_weight_bytes == model.dense_params * 2
+
+
+def test_every_tensor_rank_holds_all_the_routers() -> None:
+    """vLLM shards attention, the embeddings and the LM head over the tensor ranks, but each holds every
+    MoE router whole (a replicated linear layer): Kimi K2's 60 x 384 x 7168 bf16 routers (0.33 GB) on every
+    rank of a TP8 group, not an eighth of them."""
+    model = _catalogued("moonshotai/Kimi-K2-Instruct")
+    assert model.router_bytes == 60 * 384 * 7168 * 2
+
+    def dense_gib(tensor: int) -> float:
+        par = Parallelism(tensor=tensor, data=1, expert=1)
+        return size_rank(
+            model=model, par=par, device_gib=1000.0, utilization=0.9, reserve_gib=1.0, max_len=4096
+        ).memory.dense_weights_gib
+
+    split = (model.dense_weight_bytes - model.router_bytes) / GIB
+    assert dense_gib(1) == pytest.approx(model.dense_weight_bytes / GIB, abs=1e-4)
+    assert dense_gib(8) == pytest.approx(split / 8 + model.router_bytes / GIB, abs=1e-4)
