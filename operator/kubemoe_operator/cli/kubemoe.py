@@ -88,7 +88,9 @@ def parser() -> argparse.ArgumentParser:
 # directory) and this directory's .run/up/ (runs started without the index); each name once.
 RUN_NAMES = (
     "d=${XDG_STATE_HOME:-}; [[ $d == /* ]] || d=$HOME/.local/state; "  # XDG: a relative one is ignored
-    f'compgen -W "$({{ ls "$d/kubemoe/up"; ls {RUNS_DIR}; }} 2>/dev/null | sort -u)" -- "$cur"'
+    # `command ls`: not the user's alias (ls -F would complete `name@`)
+    f'compgen -W "$({{ command ls "$d/kubemoe/up"; command ls {RUNS_DIR}; }} 2>/dev/null | sort -u)"'
+    ' -- "$cur"'
 )
 
 # What the completion script offers for these arguments' values (cli/completion.py).

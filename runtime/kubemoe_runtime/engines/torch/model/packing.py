@@ -67,9 +67,9 @@ class PackedLinear(nn.Module):
 
 def pack_model(model: nn.Module) -> bool:
     """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply or the
-    kernels beat it (`beats_packing`). There, on a CPU whose torch bf16 GEMM is slow or that has tiles, bf16
-    linears become KernelLinear (kernels/linear.py). Each LocalExperts of a bf16 CPU model picks its MoE
-    kernel either way."""
+    kernels beat it (`beats_packing`). There, on a CPU whose torch bf16 GEMM is slow or where the kernels beat
+    packing (AMX, AVX512-BF16), bf16 linears become KernelLinear (kernels/linear.py). Each LocalExperts of a
+    bf16 CPU model picks its MoE kernel either way."""
     weight = next(model.parameters())
     packs = can_pack(weight.dtype, weight.device) and not beats_packing()
     bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"

@@ -29,7 +29,8 @@ is tokenized (prompt_limits.py). kv_transfer_params are honoured only when the r
 (pod/kv_auth.py; 400 otherwise), and a pulled KV is checked against the model before it reaches the
 scheduler (serve/kv/layout.py). A client that goes away from a non-streaming request has it aborted, as a
 streaming one; a P/D prefill's caller that goes away before the answer naming the KV's handle is sent has
-the KV dropped at once (no decode could fetch it; in_flight.py), rather than held for the store's ttl.
+the KV dropped at once (no decode could fetch it; in_flight.py), rather than held for the store's ttl (one
+that leaves while the answer is being sent is not seen: that KV expires).
 
 Each request becomes a `GenerationRequest` for the scheduler, which runs on the engine thread and hands
 every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue

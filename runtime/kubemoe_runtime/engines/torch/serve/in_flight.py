@@ -134,6 +134,8 @@ class Stream:
         finally:
             self._stopped_reading(finished=last is not None and last.finish_reason is not None)
         assert last is not None
+        if last.engine_failed:  # no answer names the KV a prefill may have parked before the failure
+            self.drop_parked(last)
         if last.engine_failed and last.error is not None:  # this request alone failed: the pod serves on
             raise ApiError(500, last.error, type="server_error", code="request_failed")
         if last.engine_failed:  # 503: the router tries another group
@@ -153,6 +155,7 @@ class Stream:
                 yield first
             async for output in self.outputs:
                 if output.engine_failed:  # cut, without [DONE]: the router ends it with an error event
+                    self.drop_parked(output)
                     raise EngineFailed(output.error or self.failure)
                 finished = output.finish_reason is not None
                 if finished:  # a stream carries no kv_transfer_params: no decode could fetch this KV
