@@ -70,6 +70,13 @@ class ModelConfig(ApiModel):
     sliding_window_layers: int | None = Field(None, ge=0, le=1024)
     """How many of `layer_types` are `sliding_attention` (gpt-oss: 18 of 36); each caches at most
     slidingWindow tokens of a sequence (as vLLM's hybrid KV cache keeps them), the rest every token."""
+    attention_chunk_size: int | None = Field(None, ge=1, le=2**26)
+    """`attention_chunk_size` (Llama 4: 8192, its default there): a chunked-attention layer attends within
+    chunks of this many tokens."""
+    chunked_attention_layers: int | None = Field(None, ge=0, le=1024)
+    """How many layers attend in chunks: the ones `no_rope_layers` marks 1 (Llama 4: all but every
+    no_rope_layer_interval-th, 36 of 48; 0 where attention_chunk_size is null); the rest attend over the
+    whole sequence."""
     dtype: ActivationDtype | None = None
     """`torch_dtype`: activations and the KV cache."""
     weight_dtype: WeightDtype | None = None

@@ -30,11 +30,11 @@ REQUIRED = (
 )
 
 # Chunked local attention by architecture (the catalog's `architecture`, config.json's `architectures[0]`):
-# (attention_chunk_size, one layer in how many attends globally). spec.model.config has no field for it,
-# so these are the defaults of transformers' Llama4TextConfig, which the published Llama 4 checkpoints
-# keep: attention_chunk_size 8192, and no_rope_layers empty, so a NoPE layer with full attention every
-# no_rope_layer_interval = 4 layers (3, 7, ..., 47) and the other 36 of 48 in chunks, as vLLM's
-# Llama4Attention builds them.
+# (attention_chunk_size, one layer in how many attends globally), where spec.model.config (or the
+# checkpoint's config.json) does not say (attentionChunkSize, chunkedAttentionLayers): the defaults of
+# transformers' Llama4TextConfig, which the published Llama 4 checkpoints keep: attention_chunk_size 8192,
+# and no_rope_layers empty, so a NoPE layer with full attention every no_rope_layer_interval = 4 layers
+# (3, 7, ..., 47) and the other 36 of 48 in chunks, as vLLM's Llama4Attention builds them.
 CHUNKED_ATTENTION: dict[str, tuple[int, int]] = {
     "Llama4ForConditionalGeneration": (8192, 4),
     "Llama4ForCausalLM": (8192, 4),
@@ -131,6 +131,15 @@ def _shape_problems(merged: dict[str, Any]) -> list[Problem]:
                 fix="count the sliding_attention entries of layer_types in the model's config.json.",
             )
         )
+    if merged.get("chunked_attention_layers", 0) > merged["num_layers"]:
+        out.append(
+            Problem(
+                field="spec.model.config.chunkedAttentionLayers",
+                message=f"{merged['chunked_attention_layers']} chunked-attention layers but only "
+                f"{merged['num_layers']} layers.",
+                fix="count the 1 entries of no_rope_layers in the model's config.json.",
+            )
+        )
     if merged.get("num_dense_layers", 0) > merged["num_layers"]:
         out.append(
             Problem(
@@ -172,8 +181,10 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
         raise ManifestError(problems)
     heads = merged["num_attention_heads"]
     dtype = merged.get("dtype", "bfloat16")
-    chunk_size, global_every = CHUNKED_ATTENTION.get(merged.get("architecture", ""), (None, 0))
     layers = merged["num_layers"]
+    default_chunk, global_every = CHUNKED_ATTENTION.get(merged.get("architecture", ""), (None, 0))
+    chunk_size = merged.get("attention_chunk_size", default_chunk)
+    chunked = merged.get("chunked_attention_layers", layers - layers // global_every if global_every else 0)
     weight_dtype = merged.get("weight_dtype", dtype)
     return ModelFacts(
         name=spec.name,
@@ -205,8 +216,8 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
         params_active_b=merged.get("params_active_b"),
         sliding_window=merged.get("sliding_window"),
         sliding_window_layers=merged.get("sliding_window_layers", 0),
-        attention_chunk_size=chunk_size,
-        chunked_layers=layers - layers // global_every if global_every else 0,
+        attention_chunk_size=chunk_size if chunked else None,
+        chunked_layers=chunked if chunk_size else 0,
     )
 
 

@@ -246,6 +246,19 @@ def facts_from_config_json(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(layer_types, list) and isinstance(window, int) and "sliding_attention" in layer_types:
         facts["sliding_window"] = window
         facts["sliding_window_layers"] = layer_types.count("sliding_attention")
+    # Chunked attention (Llama 4): no_rope_layers marks the chunked (RoPE) layers 1; transformers fills an
+    # empty one with every no_rope_layer_interval-th layer global. attention_chunk_size null: none chunk.
+    if "attention_chunk_size" in cfg:
+        chunk, layers = cfg["attention_chunk_size"], cfg.get("num_hidden_layers")
+        marks, interval = cfg.get("no_rope_layers"), cfg.get("no_rope_layer_interval", 4)
+        if chunk is None:
+            facts["chunked_attention_layers"] = 0
+        elif isinstance(chunk, int):
+            facts["attention_chunk_size"] = chunk
+            if isinstance(marks, list) and marks:
+                facts["chunked_attention_layers"] = sum(1 for m in marks if m)
+            elif isinstance(layers, int) and isinstance(interval, int) and interval > 0:
+                facts["chunked_attention_layers"] = layers - layers // interval
     quant = cfg.get("quantization_config")
     method = quant.get("quant_method") if isinstance(quant, Mapping) else None
     if method in _QUANTIZED:

@@ -16,6 +16,7 @@ import pytest
 
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.model_config import ModelConfig
+from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.spec import AcceleratorSpec, ModelSpec
 from kubemoe_operator.catalog import Catalog, ModelFacts, load_catalog, resolve_gpu, resolve_model
 from kubemoe_operator.local.model import facts_from_config_json
@@ -70,6 +71,41 @@ def test_a_llama4_checkpoints_config_json_attends_in_chunks_too() -> None:
     no_models = Catalog(models=(), gpus=CATALOG.gpus)
     model = resolve_model(ModelSpec(name="m", source="file:///m", config=config), no_models)
     assert (model.attention_chunk_size, model.chunked_layers) == (8192, 36)
+
+
+def _from_config_json(text_config: dict[str, Any]) -> ModelFacts:
+    cfg = copy.deepcopy(SCOUT_CONFIG_JSON)
+    cfg["text_config"].update(text_config)
+    config = ModelConfig.model_validate(facts_from_config_json(cfg))
+    no_models = Catalog(models=(), gpus=CATALOG.gpus)
+    return resolve_model(ModelSpec(name="m", source="file:///m", config=config), no_models)
+
+
+@pytest.mark.parametrize(
+    ("text_config", "chunking"),
+    [
+        ({"attention_chunk_size": 4096}, (4096, 36)),
+        ({"no_rope_layers": [1, 1, 0] * 16}, (8192, 32)),  # what the checkpoint marks, not the default
+        ({"no_rope_layer_interval": 2}, (8192, 24)),
+        ({"attention_chunk_size": None}, (None, 0)),  # a Llama 4 without chunks: every layer full
+    ],
+)
+def test_a_checkpoints_own_chunking_wins_over_the_architectures_default(
+    text_config: dict[str, Any], chunking: tuple[int | None, int]
+) -> None:
+    model = _from_config_json(text_config)
+    assert (model.attention_chunk_size, model.chunked_layers) == chunking
+    kept = engine_kv(model, engine="vllm", gpu=H100, connector=None)
+    assert (kept.chunked_kept is None) == (chunking[0] is None)
+
+
+def test_more_chunked_layers_than_layers_is_refused_naming_the_field() -> None:
+    config = ModelConfig.model_validate({"chunkedAttentionLayers": 60})
+    with pytest.raises(ManifestError) as err:
+        resolve_model(ModelSpec(name=SCOUT, source="hf://org/model", config=config), CATALOG)
+    (problem,) = err.value.problems
+    assert problem.field == "spec.model.config.chunkedAttentionLayers"
+    assert "60 chunked-attention layers but only 48 layers" in problem.message
 
 
 def test_other_architectures_attend_over_the_whole_sequence() -> None:
