@@ -29,6 +29,22 @@ REQUIRED = (
     "moe_intermediate_size",
 )
 
+# Counts of some kind of layer (spec.model.config field, what they are, where config.json says): none may
+# exceed num_layers.
+LAYER_COUNTS = (
+    (
+        "sliding_window_layers",
+        "sliding-window layers",
+        "count the sliding_attention entries of layer_types in the model's config.json.",
+    ),
+    (
+        "chunked_attention_layers",
+        "chunked-attention layers",
+        "count the 1 entries of no_rope_layers in the model's config.json.",
+    ),
+    ("num_dense_layers", "dense layers", "copy first_k_dense_replace from the model's config.json."),
+)
+
 # Chunked local attention by architecture (the catalog's `architecture`, config.json's `architectures[0]`):
 # (attention_chunk_size, one layer in how many attends globally), where spec.model.config (or the
 # checkpoint's config.json) does not say (attentionChunkSize, chunkedAttentionLayers): the defaults of
@@ -122,32 +138,16 @@ def _shape_problems(merged: dict[str, Any]) -> list[Problem]:
                 fix="copy num_experts_per_tok from the model's config.json.",
             )
         )
-    if merged.get("sliding_window_layers", 0) > merged["num_layers"]:
-        out.append(
-            Problem(
-                field="spec.model.config.slidingWindowLayers",
-                message=f"{merged['sliding_window_layers']} sliding-window layers but only "
-                f"{merged['num_layers']} layers.",
-                fix="count the sliding_attention entries of layer_types in the model's config.json.",
+    layers = merged["num_layers"]
+    for key, what, fix in LAYER_COUNTS:
+        if merged.get(key, 0) > layers:
+            out.append(
+                Problem(
+                    field=f"spec.model.config.{ModelConfig.model_fields[key].alias or key}",
+                    message=f"{merged[key]} {what} but only {layers} layers.",
+                    fix=fix,
+                )
             )
-        )
-    if merged.get("chunked_attention_layers", 0) > merged["num_layers"]:
-        out.append(
-            Problem(
-                field="spec.model.config.chunkedAttentionLayers",
-                message=f"{merged['chunked_attention_layers']} chunked-attention layers but only "
-                f"{merged['num_layers']} layers.",
-                fix="count the 1 entries of no_rope_layers in the model's config.json.",
-            )
-        )
-    if merged.get("num_dense_layers", 0) > merged["num_layers"]:
-        out.append(
-            Problem(
-                field="spec.model.config.numDenseLayers",
-                message=f"{merged['num_dense_layers']} dense layers but only {merged['num_layers']} layers.",
-                fix="copy first_k_dense_replace from the model's config.json.",
-            )
-        )
     return out
 
 
