@@ -253,3 +253,33 @@ def extra_args_problems(extra_args: list[str], *, field: str, engine: str = "vll
         if (why := refused(arg, engine)) is not None
         for message, fix in [why]
     ]
+
+
+# vLLM's KV offloading flags: set, vLLM replaces --kv-transfer-config's connector with its offloading one
+# and the role with kv_both (VllmConfig._post_init_kv_transfer_config), so in P/D the prefill's KV would
+# never reach the decode; colocated, offloading is the user's to choose.
+OFFLOADING_FLAGS: Final = ("kv-offloading-size", "kv-offloading-backend")
+
+
+def offloading_problems(
+    extra_args: list[str], *, field: str, engine: str, disaggregated: bool
+) -> list[Problem]:
+    """One Problem per vLLM KV-offloading flag in a disaggregated deployment's extraArgs (a unique
+    abbreviation counts, as vLLM's parser takes one)."""
+    if engine != "vllm" or not disaggregated:
+        return []
+    problems = []
+    for i, arg in enumerate(extra_args):
+        name = normalised(arg) if arg.startswith("--") else ""
+        matches = [f for f in OFFLOADING_FLAGS if name and f.startswith(name) and len(name) >= len("kv-off")]
+        if matches:
+            problems.append(
+                Problem(
+                    field=f"{field}[{i}]",
+                    message=f"{arg!r} turns on vLLM's KV offloading, which replaces the P/D connector"
+                    " (serving.kvTransfer.connector) with its own and makes each pod kv_both: the prefill's"
+                    " KV would never reach the decode.",
+                    fix="remove it in disaggregated mode (offloading works in serving.mode: colocated).",
+                )
+            )
+    return problems

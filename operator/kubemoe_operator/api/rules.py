@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from kubemoe_operator.api.engine_flags import extra_args_problems
+from kubemoe_operator.api.engine_flags import extra_args_problems, offloading_problems
 from kubemoe_operator.api.engines import engine_problems
 from kubemoe_operator.api.pod_metadata import metadata_problems, toleration_problems
 from kubemoe_operator.api.problems import Problem
@@ -83,6 +83,12 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
         )
     problems += extra_args_problems(
         spec.engine.extra_args, field="spec.engine.extraArgs", engine=spec.engine.kind
+    )
+    problems += offloading_problems(
+        spec.engine.extra_args,
+        field="spec.engine.extraArgs",
+        engine=spec.engine.kind,
+        disaggregated=spec.serving.mode == "disaggregated",
     )
     problems += engine_problems(spec)
     problems += model_cache_problems(spec)

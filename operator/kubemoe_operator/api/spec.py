@@ -172,7 +172,8 @@ class EngineSpec(ApiModel):
     """Extra engine flags, appended verbatim. Flags the plan sets are refused in any spelling: the layout,
     ports, model and KV transfer, and what it sizes each rank's memory by (--max-model-len,
     --gpu-memory-utilization, --dtype; the KV cache's size: vLLM's --kv-cache-memory-bytes and
-    --num-gpu-blocks-override, SGLang's --mem-fraction-static and --max-total-tokens)."""
+    --num-gpu-blocks-override, SGLang's --mem-fraction-static and --max-total-tokens); in disaggregated
+    mode also vLLM's KV offloading (--kv-offloading-size/-backend), which replaces the P/D connector."""
 
 
 EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"

@@ -64,6 +64,15 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
+def _switched(args: Sequence[str], flag: str) -> bool | None:
+    """The last of `--flag` / `--no-flag` in extraArgs (argparse keeps the last): True, False, or None."""
+    last = None
+    for arg in args:
+        if arg.startswith("--") and normalised(arg) in (flag, f"no-{flag}"):
+            last = normalised(arg) == flag
+    return last
+
+
 def vllm_in_flight_tokens(gpu: GpuFacts, extra_args: Sequence[str] = ()) -> int:
     """Tokens vLLM schedules and has not yet settled (VllmConfig.max_in_flight_tokens): max_num_batched_tokens
     (extraArgs' --max-num-batched-tokens, else `vllm_batched_tokens`) times its concurrent batches, 2 with
@@ -72,10 +81,16 @@ def vllm_in_flight_tokens(gpu: GpuFacts, extra_args: Sequence[str] = ()) -> int:
     is processed."""
     given = _flag_value(extra_args, "max-num-batched-tokens")
     batched = int(given) if given is not None and given.isdigit() else vllm_batched_tokens(gpu)
-    switches = [normalised(a) for a in extra_args if a.startswith("--")]
-    switches = [f for f in switches if f in ("async-scheduling", "no-async-scheduling")]
-    batches = 1 if switches and switches[-1] == "no-async-scheduling" else 2  # argparse: the last one wins
+    batches = 1 if _switched(extra_args, "async-scheduling") is False else 2
     return batches * batched
+
+
+def _hybrid_kept(extra_args: Sequence[str]) -> bool:
+    """Whether extraArgs leave vLLM's hybrid KV cache manager on: not turned off
+    (--disable-hybrid-kv-cache-manager), nor LMCache's offloading
+    chosen (--kv-offloading-backend lmcache: its connector does not support the manager)."""
+    disabled = _switched(extra_args, "disable-hybrid-kv-cache-manager") is True
+    return not disabled and _flag_value(extra_args, "kv-offloading-backend") != "lmcache"
 
 
 def engine_kv(
@@ -86,13 +101,14 @@ def engine_kv(
     (`vllm_in_flight_tokens`) of them in a sliding-window layer (SlidingWindowSpec.
     max_admission_blocks_per_request) and attention_chunk_size + in-flight tokens in a chunked one
     (ChunkedLocalAttentionSpec's: the current chunk and the steps' tokens), with no KV connector or one that
-    supports it (NIXL: not LMCache nor the example connector), else it makes every layer a full one. (With
+    supports it (NIXL: not LMCache nor the example connector), and not turned off in extraArgs
+    (`_hybrid_kept`), else it makes every layer a full one. (With
     chunked layers vLLM also turns it off for an EAGLE draft model, or where
     VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.) Counted on GPUs only: vLLM's
     CPU build keeps windows too, but its batch there follows the model and the memory, so a CPU plan counts
     every layer full (it promises less KV than there is, never more). The other engines keep every token in
     every layer."""
-    hybrid = engine == "vllm" and not gpu.is_cpu and connector in (None, "nixl")
+    hybrid = engine == "vllm" and not gpu.is_cpu and connector in (None, "nixl") and _hybrid_kept(extra_args)
     window = model.sliding_window if hybrid and model.sliding_window_layers else None
     chunk = model.attention_chunk_size if hybrid and model.chunked_layers else None
     in_flight = vllm_in_flight_tokens(gpu, extra_args) if window or chunk else 0

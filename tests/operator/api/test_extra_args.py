@@ -354,3 +354,31 @@ def test_the_operators_leader_address_is_still_expanded() -> None:
     addresses = [a[a.index("--data-parallel-address") + 1] for a in args if "--data-parallel-address" in a]
     assert addresses
     assert set(addresses) == {"$(LWS_LEADER_ADDRESS)"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--kv-offloading-size", "64"],
+        ["--kv_offloading_size=64"],
+        ["--kv-offloading-backend", "native"],
+        ["--kv-offloading-b=lmcache"],
+    ],
+)
+def test_kv_offloading_is_refused_where_it_would_replace_the_pd_connector(extra: list[str]) -> None:
+    """vLLM 0.32 (VllmConfig._post_init_kv_transfer_config): with KV offloading on, its offloading connector
+    and kv_role kv_both replace the operator's --kv-transfer-config, so prefill would hand decode nothing."""
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(spec_with(["--enforce-eager", *extra]))
+    [problem] = err.value.problems
+    assert problem.field == "spec.engine.extraArgs[1]"
+    assert "replaces the P/D connector" in problem.message
+    assert "colocated" in problem.fix
+
+
+def test_kv_offloading_is_the_users_choice_when_colocated() -> None:
+    data = spec_with(["--kv-offloading-size", "64", "--kv-offloading-backend", "native"])
+    data["spec"]["serving"] = {"mode": "colocated"}
+    data["spec"]["roles"] = {"worker": {"parallelism": {"data": 2}}}
+    (role,) = plan_manifest(parse_manifest(data)).roles
+    assert "--kv-offloading-size" in role.pods[0].command

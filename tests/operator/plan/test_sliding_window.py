@@ -142,3 +142,28 @@ def test_extra_args_that_change_vllms_step_change_what_sliding_layers_hold(
     model = resolve_model(parse_manifest(one_h100()).spec.model, load_catalog())
     kept = replace(model, sliding_kept=127 + in_flight)
     assert role.memory.kv_bytes_per_token == pytest.approx(kept.kv_bytes_per_token(tensor=1, max_len=131072))
+
+
+@pytest.mark.parametrize(
+    ("args", "hybrid"),
+    [
+        (["--disable-hybrid-kv-cache-manager"], False),
+        (["--disable_hybrid_kv_cache_manager", "--no-disable-hybrid-kv-cache-manager"], True),
+        (["--kv-offloading-size", "64", "--kv-offloading-backend", "lmcache"], False),
+        (
+            ["--kv-offloading-size", "64", "--kv-offloading-backend", "native"],
+            True,
+        ),  # it supports the manager
+    ],
+)
+def test_extra_args_that_turn_the_hybrid_manager_off_count_sliding_layers_in_full(
+    args: list[str], hybrid: bool
+) -> None:
+    """vLLM keeps only the window where its hybrid KV cache manager runs: not where extraArgs turn it off,
+    nor with LMCache's offloading connector (LMCacheMPConnector does not support it; vLLM's own does)."""
+    catalog = load_catalog()
+    md = parse_manifest(one_h100(extraArgs=args))
+    model = resolve_model(md.spec.model, catalog)
+    gpu = resolve_gpu(md.spec.accelerator, catalog)
+    kept = engine_kv(model, engine="vllm", gpu=gpu, connector=None, extra_args=args)
+    assert (kept.sliding_kept is not None) == hybrid
