@@ -268,18 +268,16 @@ def offloading_problems(
     abbreviation counts, as vLLM's parser takes one)."""
     if engine != "vllm" or not disaggregated:
         return []
-    problems = []
-    for i, arg in enumerate(extra_args):
-        name = normalised(arg) if arg.startswith("--") else ""
-        matches = [f for f in OFFLOADING_FLAGS if name and f.startswith(name) and len(name) >= len("kv-off")]
-        if matches:
-            problems.append(
-                Problem(
-                    field=f"{field}[{i}]",
-                    message=f"{arg!r} turns on vLLM's KV offloading, which replaces the P/D connector"
-                    " (serving.kvTransfer.connector) with its own and makes each pod kv_both: the prefill's"
-                    " KV would never reach the decode.",
-                    fix="remove it in disaggregated mode (offloading works in serving.mode: colocated).",
-                )
-            )
-    return problems
+    return [
+        Problem(
+            field=f"{field}[{i}]",
+            message=f"{arg!r} turns on vLLM's KV offloading, which replaces the P/D connector"
+            " (serving.kvTransfer.connector) with its own and makes each pod kv_both: the prefill's"
+            " KV would never reach the decode.",
+            fix="remove it in disaggregated mode (offloading works in serving.mode: colocated).",
+        )
+        for i, arg in enumerate(extra_args)
+        if arg.startswith("--")
+        and len(name := normalised(arg)) >= len("kv-off")
+        and any(f.startswith(name) for f in OFFLOADING_FLAGS)
+    ]

@@ -97,15 +97,18 @@ class ModelFacts:
         return self.moe_layers * self.num_routed_experts * self.params_per_expert
 
     @property
+    def router_params(self) -> int:
+        """The MoE routers' weights: one [experts, hidden] gate a MoE layer."""
+        return self.moe_layers * self.num_routed_experts * self.hidden_size
+
+    @property
     def unquantized_params(self) -> int:
         """The embeddings, the LM head and the MoE routers: a quantized checkpoint's quantization_config
         quantizes the linear layers only and keeps these in `dtype` (DeepSeek-V3/R1's and Kimi K2's fp8
         safetensors store embed_tokens, lm_head and mlp.gate in bf16; vLLM loads the embeddings and the
         head unquantized, and the router as a plain linear layer)."""
-        return (
-            self.moe_layers * self.num_routed_experts * self.hidden_size
-            + self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        )
+        embeddings_and_head = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.router_params + embeddings_and_head
 
     @property
     def dense_params(self) -> int:
@@ -122,7 +125,7 @@ class ModelFacts:
     def router_bytes(self) -> float:
         """Bytes of the MoE routers (kept in `dtype`, see `unquantized_params`): every tensor rank holds them
         whole."""
-        return self.moe_layers * self.num_routed_experts * self.hidden_size * DTYPE_BYTES[self.dtype]
+        return self.router_params * DTYPE_BYTES[self.dtype]
 
     @property
     def dense_weight_bytes(self) -> float:

@@ -87,8 +87,8 @@ def vllm_in_flight_tokens(gpu: GpuFacts, extra_args: Sequence[str] = ()) -> int:
 
 def _hybrid_kept(extra_args: Sequence[str]) -> bool:
     """Whether extraArgs leave vLLM's hybrid KV cache manager on: not turned off
-    (--disable-hybrid-kv-cache-manager), nor LMCache's offloading
-    chosen (--kv-offloading-backend lmcache: its connector does not support the manager)."""
+    (--disable-hybrid-kv-cache-manager), nor LMCache's offloading chosen (--kv-offloading-backend lmcache:
+    its connector does not support the manager)."""
     disabled = _switched(extra_args, "disable-hybrid-kv-cache-manager") is True
     return not disabled and _flag_value(extra_args, "kv-offloading-backend") != "lmcache"
 
@@ -102,9 +102,9 @@ def engine_kv(
     max_admission_blocks_per_request) and attention_chunk_size + in-flight tokens in a chunked one
     (ChunkedLocalAttentionSpec's: the current chunk and the steps' tokens), with no KV connector or one that
     supports it (NIXL: not LMCache nor the example connector), and not turned off in extraArgs
-    (`_hybrid_kept`), else it makes every layer a full one. (With
-    chunked layers vLLM also turns it off for an EAGLE draft model, or where
-    VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.) Counted on GPUs only: vLLM's
+    (`_hybrid_kept`), else it makes every layer a full one. (With chunked layers vLLM also turns it off for
+    an EAGLE draft model, or where VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=0; it defaults to 1.)
+    Counted on GPUs only: vLLM's
     CPU build keeps windows too, but its batch there follows the model and the memory, so a CPU plan counts
     every layer full (it promises less KV than there is, never more). The other engines keep every token in
     every layer."""
