@@ -74,7 +74,7 @@ lint: setup
 	$(BIN)/lint-imports  # the stages import downwards only: [tool.importlinter] in pyproject.toml
 
 typecheck: setup
-	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py) .ci/summary.py
+	$(BIN)/mypy operator/kubemoe_operator runtime/kubemoe_runtime e2e tests $(wildcard bench/*.py) .ci/summary.py conftest.py
 
 unit: setup setup-vllm setup-sglang cluster-build  # cluster-build: the chart tests run `helm template`
 	$(BIN)/pytest tests --junitxml=$(REPORTS)/unit.xml

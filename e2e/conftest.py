@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import build, kwok, lifecycle
+from e2e.cluster import build, kwok, lifecycle, realnode
 from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import REAL_NODE_LABEL
 from e2e.cluster.nodes import GpuNodes
@@ -117,6 +117,8 @@ def pinned_to_real_nodes(cluster: Cluster, *, prefix: str = "r") -> Iterator[str
     pods too, whatever the chart or the spec says), deleted afterwards."""
     if E2E_REAL_NODES == 0:
         pytest.skip("KUBEMOE_E2E_REAL_NODES=0: this cluster has no real node to run containers on")
+    for node in lifecycle.real_nodes_of(E2E_CLUSTER_NAME):
+        realnode.restore_own_images(node)  # a test's busybox pod must not meet ErrImageNeverPull
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     cluster.kubectl(

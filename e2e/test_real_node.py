@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.cluster import kwok, lifecycle
+from e2e.cluster import kwok, lifecycle, realnode
 from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import CLUSTER_DNS, REAL_NODE_LABEL
-from e2e.conftest import E2E_REAL_NODES
+from e2e.cluster.node_images import BUSYBOX_IMAGE
+from e2e.conftest import E2E_CLUSTER_NAME, E2E_REAL_NODES, pinned_to_real_nodes
 from e2e.real_pods import busybox_pod
 from e2e.waiting import eventually
 
@@ -173,3 +174,31 @@ def test_an_image_not_imported_is_never_pulled_from_off_this_machine(
         what="the pull of an image nobody imported failing",
     )
     assert "127.0.0.1:9" in message, message  # the only registry the node knows: nothing listens
+
+
+def test_an_image_gone_from_the_node_is_imported_again(cluster: Cluster) -> None:
+    """The node's images are imported, never pulled: one deleted after `up` (by hand, or by a kubelet
+    reclaiming disk) is imported again before the next real-node test, not met as ErrImageNeverPull."""
+    if E2E_REAL_NODES == 0:
+        pytest.skip("KUBEMOE_E2E_REAL_NODES=0: no real node in this cluster")
+    node = lifecycle.real_nodes_of(E2E_CLUSTER_NAME)[0]
+    realnode.ctr(node, "images", "rm", BUSYBOX_IMAGE)
+    assert not realnode.has_image(node, BUSYBOX_IMAGE)
+    with pinned_to_real_nodes(cluster) as ns:
+        assert realnode.has_image(node, BUSYBOX_IMAGE)
+        _apply(cluster, ns, busybox_pod("back", "echo back; sleep 30"))
+        cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/back", "--timeout=60s", timeout=90)
+        assert cluster.kubectl("logs", "-n", ns, "back").stdout.strip() == "back"
+
+
+def test_the_kubelet_never_deletes_images_to_reclaim_disk(cluster: Cluster) -> None:
+    """Disk-pressure eviction would delete the imported images (no registry to pull them back from):
+    the node's kubelet runs with it off, as its configz reports."""
+    if E2E_REAL_NODES == 0:
+        pytest.skip("KUBEMOE_E2E_REAL_NODES=0: no real node in this cluster")
+    node = lifecycle.real_nodes_of(E2E_CLUSTER_NAME)[0]
+    raw = cluster.kubectl("get", "--raw", f"/api/v1/nodes/{node.node_name}/proxy/configz").stdout
+    config = json.loads(raw)["kubeletconfig"]
+    assert config["imageGCHighThresholdPercent"] == 100
+    assert config["evictionHard"]["nodefs.available"] == "0%"
+    assert config["evictionHard"]["imagefs.available"] == "0%"

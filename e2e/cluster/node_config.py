@@ -208,7 +208,11 @@ def kubelet_config(node: RealNode, *, port: int, healthz_port: int) -> dict[str,
         "serializeImagePulls": False,
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        # No eviction on disk ("0%": off): reclaiming disk, the kubelet deletes images, and this node's
+        # are imported, never pullable (imagePullPolicy: Never). On 2026-12-02 a CI's shared disk dipped
+        # under 1% free for two minutes; the kubelet deleted the 3.6 GB runtime image, and every later
+        # real-node test failed on ErrImageNeverPull until the run timed out.
+        "evictionHard": {"memory.available": "50Mi", "nodefs.available": "0%", "imagefs.available": "0%"},
         "rotateCertificates": False,
         "serverTLSBootstrap": False,
         "registerNode": True,

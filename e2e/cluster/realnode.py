@@ -98,6 +98,22 @@ def import_image(node: RealNode, archive: Path | bytes) -> None:
     ctr(node, "images", "import", "--platform", "linux/amd64", str(archive))
 
 
+def has_image(node: RealNode, ref: str) -> bool:
+    """Whether `ref` is in the node's containerd (an image imported once may have been deleted since)."""
+    return ref in ctr(node, "images", "ls", "-q").split()
+
+
+def restore_own_images(node: RealNode) -> list[str]:
+    """Import again the node's own images (pause, busybox) that are gone from it; return their refs."""
+    archives = image_archives(realnode_build.Paths(realnode_build.cache_root()))
+    have = set(ctr(node, "images", "ls", "-q").split())
+    gone = [ref for ref in archives if ref not in have]
+    for ref in gone:
+        import_image(node, archives[ref])
+        log(f"imported {ref} into {node.node_name} again: it was gone")
+    return gone
+
+
 def up_node(node: RealNode, cluster: Cluster) -> float:
     """Start containerd and the kubelet for `node`; return seconds until the Node is Ready."""
     bins = realnode_build.ensure_built()
