@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kubemoe_operator.api.engines import expert_default, support
+from kubemoe_operator.api.lmcache import lmcache_problems
 from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.api.spec import ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
@@ -461,6 +462,7 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
             roles.append(role_plan)
     for r in roles:
         problems += limit_problems(role_name=r.role, role=getattr(spec.roles, r.role), planned=r.host)
+    problems += lmcache_problems(spec)  # not a CEL twin: a role's env may come from a ConfigMap
     balanced = [r.role for r in roles if r.expert_parallel] if vllm_eplb(spec) else []
     if balanced and gpu_facts.is_cpu:
         problems.append(eplb_on_cpu(balanced))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemoe_operator.api.labels import LABEL_GROUP, LABEL_LEADER, LABEL_METRICS
+from kubemoe_operator.api.lmcache import hash_seed_env
 from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 from kubemoe_operator.plan.command import PORT
 from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
@@ -94,6 +95,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *metric_label_env(owner=ctx.owner, role=role),
         *dirs_env,
         *kv_transfer_env(ctx.plan),
+        *hash_seed_env(ctx.spec, role.role),
         *kv_key_env(ctx.owner, ctx.plan),
         *(drain_env() if draining else []),
         *env,

@@ -150,9 +150,11 @@ def test_with_lmcache_llama4_kv_counts_every_layer_in_full() -> None:
     data = copy.deepcopy(load_manifest(REPO / "examples" / "llama-4-scout.yaml").model_dump(by_alias=True))
     parallelism = {"tensor": 8, "data": 1, "expert": 1}
     data["spec"]["serving"] = {"mode": "disaggregated", "kvTransfer": {"connector": "lmcache"}}
-    data["spec"]["roles"] = {"prefill": {"parallelism": parallelism}, "decode": {"parallelism": parallelism}}
-    for role in plan_manifest(parse_manifest(data)).roles:
-        assert role.memory.kv_bytes_per_token == 48 * 512
+    pod = {"env": [{"name": "LMCACHE_REMOTE_URL", "value": "redis://kv:6379"}]}
+    role = {"parallelism": parallelism, "pod": pod}
+    data["spec"]["roles"] = {"prefill": role, "decode": role}
+    for planned in plan_manifest(parse_manifest(data)).roles:
+        assert planned.memory.kv_bytes_per_token == 48 * 512
 
 
 @pytest.mark.parametrize(

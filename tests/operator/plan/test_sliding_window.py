@@ -42,7 +42,10 @@ def disaggregated(connector: str) -> dict[str, Any]:
     data = one_h100()
     parallelism = {"tensor": 1, "data": 1, "expert": 1}
     data["spec"]["serving"] = {"mode": "disaggregated", "kvTransfer": {"connector": connector}}
-    data["spec"]["roles"] = {"prefill": {"parallelism": parallelism}, "decode": {"parallelism": parallelism}}
+    role: dict[str, Any] = {"parallelism": parallelism}
+    if connector == "lmcache":  # the store both roles' LMCache share (api/lmcache.py)
+        role["pod"] = {"env": [{"name": "LMCACHE_REMOTE_URL", "value": "redis://kv:6379"}]}
+    data["spec"]["roles"] = {"prefill": role, "decode": role}
     return data
 
 

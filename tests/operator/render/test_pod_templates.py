@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubemoe_operator.api.lmcache import HASH_SEED, STORE_VARIABLES
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.spec import (
@@ -338,7 +339,9 @@ def test_every_name_and_path_the_operator_renders_is_reserved(path: Path) -> Non
     volume or mount point must join them (api/spec.py), or a template could collide with it."""
     data = load_manifest(path).model_dump(by_alias=True, exclude_none=True, mode="json")
     for holder in [*data["spec"]["roles"].values(), data["spec"]["router"]]:
-        holder.pop("pod", None)  # the operator's own parts only
+        pod = holder.pop("pod", None)  # the operator's own parts only, and LMCache's store (a must)
+        if store := [e for e in (pod or {}).get("env", []) if e["name"] in STORE_VARIABLES]:
+            holder["pod"] = {"env": store}
     md = parse_manifest(data)
     objs = render(spec=md.spec, plan=plan_manifest(md), owner=OWNER, image="img")
     sglang_pd = md.spec.engine.kind == "sglang" and md.spec.serving.mode == "disaggregated"
@@ -353,6 +356,8 @@ def test_every_name_and_path_the_operator_renders_is_reserved(path: Path) -> Non
         for container in spec["containers"]:
             for var in container.get("env", []):
                 name = var["name"]
+                if name in (*STORE_VARIABLES, HASH_SEED):  # the spec's; a default a pod.env may replace
+                    continue
                 assert name.startswith(RESERVED_ENV_PREFIXES) or name in RESERVED_ENV_NAMES, name
             for mount in container.get("volumeMounts", []):
                 path_ = mount["mountPath"]

@@ -181,9 +181,11 @@ def test_cpu_and_uncatalogued_accelerators_get_no_product_label() -> None:
 
 
 def test_nixl_advertises_the_pods_ip_as_its_side_channel_host() -> None:
+    store = {"pod": {"env": [{"name": "LMCACHE_REMOTE_URL", "value": "redis://kv:6379"}]}}
     for connector, expected in (("nixl", True), ("lmcache", False)):
         serving = {"mode": "disaggregated", "kvTransfer": {"connector": connector}}
-        for _, pod in serving_pods(render_spec(serving=serving)):
+        roles = with_roles(prefill=store, decode=store) if connector == "lmcache" else with_roles()
+        for _, pod in serving_pods(render_spec(serving=serving, roles=roles)):
             env = {e["name"]: e for e in pod["containers"][0]["env"]}
             if expected:
                 ref = env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"]["fieldRef"]
