@@ -203,7 +203,8 @@ class KvTransferSpec(ApiModel):
     roles' pods need the same LMCACHE_REMOTE_URL (or LMCACHE_CONFIG_FILE) and chunk settings in their
     env: a role naming no store, or another store, is refused; PYTHONHASHSEED is 0 in both unless their
     pod.env sets it; see examples/mixtral-8x22b-lmcache.yaml), example (vLLM's ExampleConnector; CPU,
-    tests) or mooncake (SGLang's mooncake transfer backend). The torch engine moves KV its own way and ignores it."""
+    tests) or mooncake (SGLang's mooncake transfer backend). The torch engine moves KV its own way and
+    ignores it."""
 
 
 class ServingSpec(ApiModel):
