@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from kubemoe_operator.api.patterns import DNS_SUBDOMAIN_PATTERN
+from kubemoe_operator.api.pod_template import Toleration
 from kubemoe_operator.api.problems import Problem
-from kubemoe_operator.api.spec import DNS_SUBDOMAIN_PATTERN, Toleration
 
 _NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)

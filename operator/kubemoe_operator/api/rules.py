@@ -7,25 +7,26 @@ import re
 
 from kubemoe_operator.api.engine_flags import extra_args_problems, offloading_problems
 from kubemoe_operator.api.engines import engine_problems
+from kubemoe_operator.api.patterns import DNS_SUBDOMAIN_PATTERN, ENV_NAME_PATTERN
 from kubemoe_operator.api.pod_metadata import metadata_problems, toleration_problems
-from kubemoe_operator.api.problems import Problem
-from kubemoe_operator.api.quantity import milli_units
-from kubemoe_operator.api.spec import (
+from kubemoe_operator.api.pod_template import (
     ACCELERATOR_RESOURCE_PREFIXES,
     ACCELERATOR_RESOURCES,
-    CACHE_CLAIM_MESSAGE,
-    CACHE_SOURCE_MESSAGE,
-    DNS_SUBDOMAIN_PATTERN,
-    ENV_NAME_PATTERN,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
     RESERVED_LABEL_PREFIXES,
     RESERVED_MOUNT_PATHS,
     RESERVED_VOLUMES,
-    Autoscaling,
-    ModelDeploymentSpec,
     PodTemplateOptions,
     Resources,
+)
+from kubemoe_operator.api.problems import Problem
+from kubemoe_operator.api.quantity import milli_units
+from kubemoe_operator.api.spec import (
+    CACHE_CLAIM_MESSAGE,
+    CACHE_SOURCE_MESSAGE,
+    Autoscaling,
+    ModelDeploymentSpec,
 )
 
 

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-from kubemoe_operator.api.spec import DNS_SUBDOMAIN_PATTERN, RESERVED_LABEL_PREFIXES
+from kubemoe_operator.api.patterns import DNS_SUBDOMAIN_PATTERN
+from kubemoe_operator.api.pod_template import RESERVED_LABEL_PREFIXES
 
 # values.schema.json refuses pod labels under the prefixes the operator and LeaderWorkerSet own.
 _RESERVED_PATTERN = "^(" + "|".join(p.rstrip("/").replace(".", "\\.") for p in RESERVED_LABEL_PREFIXES) + ")/"

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemoe_operator.api.spec import ModelDeploymentSpec, PodTemplateOptions
+from kubemoe_operator.api.pod_template import PodTemplateOptions
+from kubemoe_operator.api.spec import ModelDeploymentSpec
 from kubemoe_operator.plan.model import Plan
 
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"

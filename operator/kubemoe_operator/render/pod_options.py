@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions, PodTemplateOptions
+from kubemoe_operator.api.pod_template import PodTemplateOptions
+from kubemoe_operator.api.spec import ModelDeploymentSpec, PodOptions
 
 
 def merged(defaults: PodOptions, spec: PodOptions) -> PodOptions:

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from kubemoe_operator.api.spec import QUANTITY_PATTERN
+from kubemoe_operator.api.patterns import QUANTITY_PATTERN
 from kubemoe_operator.gen.crd import crd, crd_yaml
 from tests.operator.helpers import REPO
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kubemoe_operator.api.spec import AcceleratorSpec, Resources, RoleSpec
+from kubemoe_operator.api.pod_template import Resources
+from kubemoe_operator.api.spec import AcceleratorSpec, RoleSpec
 from kubemoe_operator.catalog import load_catalog, resolve_gpu
 from kubemoe_operator.plan.host_sizing import host_plan
 from kubemoe_operator.plan.planner import plan_manifest

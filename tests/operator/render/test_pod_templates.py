@@ -13,13 +13,13 @@ import yaml
 
 from kubemoe_operator.api.lmcache import HASH_SEED, STORE_VARIABLES
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
-from kubemoe_operator.api.problems import ManifestError
-from kubemoe_operator.api.spec import (
+from kubemoe_operator.api.pod_template import (
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
     RESERVED_MOUNT_PATHS,
     RESERVED_VOLUMES,
 )
+from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.gen.crd import crd
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.render import Owner, render
