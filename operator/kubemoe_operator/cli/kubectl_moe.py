@@ -14,7 +14,8 @@
 
 It reads the cluster through the real kubectl (the one that invoked it, found on PATH), so
 contexts, kubeconfigs and credentials behave exactly as they do for kubectl itself. Every error is one
-line (cli/errors.py).
+line (cli/errors.py). This module runs kubectl and the commands; what they show is worked out in pure
+modules: the status and list tables in cli/moe_status.py, the pods `logs` reads in cli/moe_logs.py.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_GROUP, LABEL_ROLE, ROUTER
+from kubemoe_operator.api.labels import ROUTER
 from kubemoe_operator.cli import kubemoe as cli
 from kubemoe_operator.cli.completion import FILES, add_completion
 from kubemoe_operator.cli.errors import add_version, run_main
@@ -45,179 +46,19 @@ from kubemoe_operator.cli.experts import (
     select_roles,
 )
 from kubemoe_operator.cli.experts import render_report as render_experts
-from kubemoe_operator.grid import grid
+from kubemoe_operator.cli.moe_logs import LogsError, logs_argv, select_log_pods
+from kubemoe_operator.cli.moe_status import (
+    DEPLOYMENT_LABEL,
+    ROLE_LABEL,
+    deployment_summary,
+    pod_row,
+    render_list,
+    render_status,
+)
 from kubemoe_operator.render.names import experts_configmap_name
-from kubemoe_operator.render.pods import CONTAINER, LWS_GROUP_INDEX
 
-ROLE_LABEL = LABEL_ROLE
-GROUP_LABEL = LABEL_GROUP
-DEPLOYMENT_LABEL = LABEL_DEPLOYMENT
-LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
-"""LeaderWorkerSet's label on each pod of a group: 0 for the leader, 1.. for the workers."""
-ROLE_ORDER = {"router": 0, "prefill": 1, "decode": 2, "worker": 3}
 LOG_ROLES = ("prefill", "decode", "worker", ROUTER)
 MD_RESOURCE = "modeldeployments.kubemoe.io"
-
-
-@dataclass(frozen=True)
-class PodRow:
-    role: str
-    group: str
-    name: str
-    node: str
-    ranks: str
-    ready: str
-    phase: str
-
-
-def _flag(argv: Sequence[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def rank_span(argv: Sequence[str], labels: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """(first, count) of the data-parallel ranks a pod runs, from the runtime command line the operator
-    rendered; None when it cannot tell. A LeaderWorkerSet worker's start rank is `auto`: its worker
-    index (a pod label) times its local ranks, as the runtime computes it (pod/start_rank.py)."""
-    local = _flag(argv, "--data-parallel-size-local")
-    if local is None:
-        return (0, 1) if argv else None
-    start = _flag(argv, "--data-parallel-start-rank") or "0"
-    if start == "auto":
-        start = (labels or {}).get(LWS_WORKER_INDEX, "")
-        if not start.isdigit() or not local.isdigit():
-            return None
-        return int(start) * int(local), int(local)
-    if not start.isdigit() or not local.isdigit():
-        return None
-    return int(start), int(local)
-
-
-def pod_ranks(argv: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
-    """The data-parallel ranks a pod runs, as the RANKS column shows them ("8-15", "3", "-")."""
-    span = rank_span(argv, labels)
-    if span is None:
-        return "-" if not argv else "?"
-    start, count = span
-    return str(start) if count == 1 else f"{start}-{start + count - 1}"
-
-
-def _argv(pod: Mapping[str, Any]) -> list[str]:
-    containers = (pod.get("spec") or {}).get("containers") or []
-    return [*containers[0].get("command", []), *containers[0].get("args", [])] if containers else []
-
-
-def pod_row(pod: dict[str, Any]) -> PodRow:
-    meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
-    labels = meta.get("labels", {})
-    containers = spec.get("containers", [])
-    argv = _argv(pod)
-    statuses = status.get("containerStatuses", [])
-    ready = sum(1 for c in statuses if c.get("ready"))
-    phase = "Terminating" if meta.get("deletionTimestamp") else status.get("phase", "Unknown")
-    return PodRow(
-        role=labels.get(ROLE_LABEL, "?"),
-        group=labels.get(GROUP_LABEL, "-"),
-        name=meta["name"],
-        node=spec.get("nodeName") or "<none>",
-        ranks="-" if labels.get(ROLE_LABEL) == "router" else pod_ranks(argv, labels),
-        ready=f"{ready}/{len(containers)}",
-        phase=phase,
-    )
-
-
-def _rank_key(ranks: str) -> int:
-    head = ranks.split("-", 1)[0]
-    return int(head) if head.isdigit() else -1
-
-
-def autoscaling_bounds(auto: dict[str, Any] | None) -> str:
-    """The AUTOSCALING column: off, external, 1..4, or 1..4 with the prefill:decode bounds."""
-    if not auto:
-        return "off"
-    if auto.get("mode") == "external":
-        return "external"
-    bounds = f"{auto.get('minReplicas', 1)}..{auto.get('maxReplicas', '?')}"
-    ratio = auto.get("perDecode")
-    if ratio:
-        bounds += f" ({ratio.get('min')}-{ratio.get('max')} per decode)"
-    return bounds
-
-
-def render_status(
-    md: dict[str, Any], pods: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]]
-) -> str:
-    """A readable report of one ModelDeployment: pure, so it is tested on fixed objects."""
-    meta, spec, status = md["metadata"], md.get("spec", {}), md.get("status", {})
-    model = spec.get("model", {}).get("name", "?")
-    lines = [
-        f"ModelDeployment {meta.get('namespace', 'default')}/{meta['name']}  model {model}",
-        f"  phase:    {status.get('phase') or 'Unknown'}"
-        + (
-            f" (generation {meta.get('generation')}, observed {status.get('observedGeneration')})"
-            if status.get("observedGeneration") != meta.get("generation")
-            else ""
-        ),
-        f"  layout:   {status.get('layout') or '-'}",
-        f"  endpoint: {status.get('endpoint') or '-'}",
-    ]
-    cache = status.get("cache")
-    if isinstance(cache, dict):  # model.cache: the fill's phase and progress, in the operator's words
-        lines.append(f"  cache:    {cache.get('phase', '?')}: {cache.get('message') or '-'}")
-    lines.append("")
-    roles = status.get("roles", {})
-    spec_roles = spec.get("roles", {})
-    role_rows = []
-    for role in sorted(roles, key=lambda r: ROLE_ORDER.get(r, 9)):
-        rs = roles[role]
-        auto = (spec_roles.get(role) or {}).get("autoscaling")
-        bounds = autoscaling_bounds(auto)
-        desired = rs.get("desired")
-        role_rows.append(
-            [
-                role,
-                str(rs.get("replicas", 0)),
-                str(rs.get("ready", 0)),
-                "-" if desired is None else str(desired),
-                bounds,
-            ]
-        )
-    if role_rows:
-        lines += grid(["ROLE", "GROUPS", "READY", "DESIRED", "AUTOSCALING"], role_rows)
-        lines.append("")
-
-    rows = sorted(
-        (pod_row(p) for p in pods),
-        key=lambda r: (ROLE_ORDER.get(r.role, 9), r.group, _rank_key(r.ranks), r.name),
-    )
-    if rows:
-        lines += grid(
-            ["ROLE", "GROUP", "POD", "RANKS", "READY", "STATUS", "NODE"],
-            [[r.role, r.group, r.name, r.ranks, r.ready, r.phase, r.node] for r in rows],
-        )
-    else:
-        lines.append("no pods yet")
-    lines.append("")
-
-    conditions = status.get("conditions", [])
-    if conditions:
-        lines += grid(
-            ["CONDITION", "STATUS", "REASON", "MESSAGE"],
-            [[c["type"], c["status"], c.get("reason", ""), c.get("message", "")] for c in conditions],
-        )
-        lines.append("")
-
-    scaled = [e for e in events if e.get("reason") == "Scaled"]
-    scaled.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-    lines.append("Autoscaler decisions:" if scaled else "Autoscaler decisions: none yet")
-    lines += [
-        f"  {e.get('lastTimestamp') or e.get('eventTime') or ''}  {e.get('message', '')}" for e in scaled[-5:]
-    ]
-    return "\n".join(lines).rstrip() + "\n"
 
 
 class KubectlError(RuntimeError):
@@ -301,65 +142,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # --- list -----------------------------------------------------------------------------------------
 
 
-def age(created: str | None, now: datetime) -> str:
-    """kubectl's AGE: 45s, 12m, 5h, 3d; '-' when unknown."""
-    if not created:
-        return "-"
-    try:
-        then = datetime.fromisoformat(created.replace("Z", "+00:00"))
-    except ValueError:
-        return "-"
-    seconds = max(0, int((now - then).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def deployment_summary(md: Mapping[str, Any]) -> dict[str, Any]:
-    """One ModelDeployment as `kubectl moe list -o json|yaml` gives it."""
-    meta, spec, status = md.get("metadata") or {}, md.get("spec") or {}, md.get("status") or {}
-    ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
-    roles = status.get("roles") or {}
-    return {
-        "namespace": meta.get("namespace", "default"),
-        "name": meta.get("name", "?"),
-        "model": (spec.get("model") or {}).get("name", "?"),
-        "ready": ready or "Unknown",
-        "phase": status.get("phase") or "Unknown",
-        "layout": status.get("layout") or "",
-        "roles": {
-            role: {k: roles[role][k] for k in ("replicas", "ready", "desired") if k in roles[role]}
-            for role in sorted(roles, key=lambda r: ROLE_ORDER.get(r, 9))
-        },
-        "endpoint": status.get("endpoint") or "",
-        "created": meta.get("creationTimestamp"),
-    }
-
-
-def render_list(items: Sequence[Mapping[str, Any]], *, namespaces: bool, now: datetime) -> str:
-    """`kubectl moe list`'s table: pure, so it is tested on fixed objects."""
-    header = ["NAME", "MODEL", "READY", "PHASE", "LAYOUT", "GROUPS (READY/TOTAL)", "ENDPOINT", "AGE"]
-    rows = []
-    for md in items:
-        d = deployment_summary(md)
-        groups = ", ".join(
-            f"{role} {r.get('ready', 0)}/{r.get('replicas', 0)}" for role, r in d["roles"].items()
-        )
-        row = [
-            d["name"],
-            d["model"],
-            d["ready"],
-            d["phase"],
-            d["layout"] or "-",
-            groups or "-",
-            d["endpoint"] or "-",
-            age(d["created"], now),
-        ]
-        rows.append([d["namespace"], *row] if namespaces else row)
-    return "\n".join(grid(["NAMESPACE", *header] if namespaces else header, rows)) + "\n"
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
     base = _kubectl_base(args)
     if base is None:
@@ -384,97 +166,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 # --- logs -----------------------------------------------------------------------------------------
-
-
-class LogsError(RuntimeError):
-    """Which pods to read cannot be told; the text is one line for the user."""
-
-
-def group_indexes(pods: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Each pod's serving group, by pod name: LeaderWorkerSet's group index where a group spans pods;
-    where each pod is a whole group (a Deployment), the pods in name order, 0, 1, ..."""
-    out: dict[str, int] = {}
-    singles = []
-    for pod in pods:
-        labels = pod["metadata"].get("labels") or {}
-        index = labels.get(LWS_GROUP_INDEX, "")
-        if index.isdigit():
-            out[pod["metadata"]["name"]] = int(index)
-        else:
-            singles.append(pod["metadata"]["name"])
-    out.update({name: i for i, name in enumerate(sorted(singles))})
-    return out
-
-
-def _spans(ranges: Sequence[tuple[int, int]]) -> str:
-    return ", ".join(str(a) if n == 1 else f"{a}-{a + n - 1}" for a, n in sorted(set(ranges)))
-
-
-def select_log_pods(
-    pods: Sequence[Mapping[str, Any]], *, role: str, group: int | None, rank: int | None
-) -> list[Mapping[str, Any]]:
-    """A role's pods narrowed to one group and/or the pod running one data-parallel rank (of its group);
-    LogsError naming what there is when nothing matches."""
-    groups = group_indexes(pods)
-    chosen = list(pods)
-    if group is not None:
-        chosen = [p for p in chosen if groups[p["metadata"]["name"]] == group]
-        if not chosen:
-            known = ", ".join(map(str, sorted(set(groups.values()))))
-            raise LogsError(f"no {role} group {group} (groups: {known})")
-    if rank is not None:
-        if role == ROUTER:
-            raise LogsError("--rank applies to serving roles; the router has no ranks")
-        spans = {p["metadata"]["name"]: rank_span(_argv(p), p["metadata"].get("labels")) for p in chosen}
-        holding = [p for p in chosen if (s := spans[p["metadata"]["name"]]) and s[0] <= rank < s[0] + s[1]]
-        if not holding:
-            ranks = _spans([s for s in spans.values() if s])
-            raise LogsError(f"no {role} pod runs rank {rank} (ranks per pod: {ranks or 'unknown'})")
-        chosen = holding
-    return sorted(chosen, key=lambda p: (groups[p["metadata"]["name"]], p["metadata"]["name"]))
-
-
-def _matches(pod: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
-    labels = pod["metadata"].get("labels") or {}
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def logs_argv(
-    base: Sequence[str],
-    *,
-    name: str,
-    role: str,
-    pods: Sequence[Mapping[str, Any]],
-    chosen: Sequence[Mapping[str, Any]],
-    follow: bool = False,
-    tail: int = -1,
-    previous: bool = False,
-) -> list[str]:
-    """The `kubectl logs` command line for the chosen pods: one pod by name, or several by a label
-    selector (deployment, role, and LeaderWorkerSet's group and worker index where those narrow it),
-    with each line prefixed by its pod. LogsError when no selector picks exactly the chosen pods."""
-    container = ROUTER if role == ROUTER else CONTAINER
-    flags = ["-c", container, f"--tail={tail}", *(["-f"] if follow else []), *(["-p"] if previous else [])]
-    if len(chosen) == 1:
-        return [*base, "logs", chosen[0]["metadata"]["name"], *flags]
-    wanted = {p["metadata"]["name"] for p in chosen}
-
-    def picks(selector: Mapping[str, str]) -> set[str]:
-        return {p["metadata"]["name"] for p in pods if _matches(p, selector)}
-
-    selector = {DEPLOYMENT_LABEL: name, ROLE_LABEL: role}
-    for key in (LWS_GROUP_INDEX, LWS_WORKER_INDEX):
-        if picks(selector) == wanted:
-            break
-        values = {(p["metadata"].get("labels") or {}).get(key) for p in chosen}
-        if len(values) == 1 and (value := values.pop()) is not None:
-            selector[key] = value
-    if picks(selector) != wanted:
-        raise LogsError(
-            f"no label selector picks just {', '.join(sorted(wanted))}; name one group with --group"
-        )
-    text = ",".join(f"{k}={v}" for k, v in selector.items())
-    return [*base, "logs", "-l", text, "--prefix", f"--max-log-requests={len(chosen)}", *flags]
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:

@@ -12,15 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubemoe_operator.cli.kubectl_moe import (
-    LogsError,
-    age,
-    group_indexes,
-    main,
-    pod_ranks,
-    render_list,
-    select_log_pods,
-)
+from kubemoe_operator.cli.kubectl_moe import main
+from kubemoe_operator.cli.moe_logs import LogsError, group_indexes, select_log_pods
+from kubemoe_operator.cli.moe_status import age, pod_ranks, render_list
 from tests.operator.cli.kubectl_stub import calls, install
 
 LWS_GROUP = "leaderworkerset.sigs.k8s.io/group-index"

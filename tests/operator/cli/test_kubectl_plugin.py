@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemoe_operator.cli.kubectl_moe import pod_ranks, render_status
+from kubemoe_operator.cli.moe_status import pod_ranks, render_status
 
 
 def _pod(
