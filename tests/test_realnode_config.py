@@ -5,6 +5,9 @@ kube-proxy that leaves the host's conntrack sysctls alone."""
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,48 @@ def test_a_cluster_name_has_one_user_at_a_time(tmp_path: Path, monkeypatch: pyte
     busy = pytest.raises(RuntimeError, match="real nodes are in use")
     with lifecycle.claimed("claim-a", real_nodes=True), busy, lifecycle.claimed("claim-b", real_nodes=True):
         pass
+
+
+def test_a_run_told_to_wait_gets_the_cluster_once_its_user_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KUBEMOE_E2E_LOCK_WAIT_S (.ci/run's): a second run waits for the first rather than failing."""
+    monkeypatch.setattr(kwok, "run_root", lambda: tmp_path / "clusters")
+    monkeypatch.setattr(lifecycle, "machine_lock", lambda: tmp_path / "real-nodes.lock")
+    monkeypatch.setenv("KUBEMOE_E2E_LOCK_WAIT_S", "30")
+    (tmp_path / "clusters").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "clusters" / "wait-test.lock"), "2"],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == b"held\n"
+    t0 = time.monotonic()
+    with lifecycle.claimed("wait-test"):
+        waited = time.monotonic() - t0
+    assert holder.wait(timeout=30) == 0
+    assert 1.0 <= waited < 30, waited
+    monkeypatch.setenv("KUBEMOE_E2E_LOCK_WAIT_S", "0")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "clusters" / "wait-test.lock"), "5"],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == b"held\n"
+    with pytest.raises(RuntimeError, match="in use by another e2e session"), lifecycle.claimed("wait-test"):
+        pass
+    holder.kill()
+    holder.wait()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write(str(os.getpid())); f.flush()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
 
 
 def test_the_real_node_lock_is_the_machines_not_the_homes(monkeypatch: pytest.MonkeyPatch) -> None:

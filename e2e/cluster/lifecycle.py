@@ -16,16 +16,31 @@ from e2e.cluster.handle import Cluster
 from e2e.cluster.node_config import MAX_REAL_NODES, RealNode, machine_lock, run_root
 
 
+def lock_wait_s() -> float:
+    """How long to wait for a cluster or the real nodes another run holds: KUBEMOE_E2E_LOCK_WAIT_S
+    (.ci/run sets it, so a run that meets another still going waits it out); 0, refuse at once."""
+    return float(os.environ.get("KUBEMOE_E2E_LOCK_WAIT_S") or 0)
+
+
 def _lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
     @contextlib.contextmanager
     def held() -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise RuntimeError(f"{what} (pid {f.read().strip() or '?'})") from None
+            deadline, said = time.monotonic() + lock_wait_s(), False
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "?"
+                    if time.monotonic() >= deadline:
+                        raise RuntimeError(f"{what} (pid {holder})") from None
+                    if not said:
+                        realnode.log(f"waiting up to {lock_wait_s():.0f}s: {what} (pid {holder})")
+                        said = True
+                    time.sleep(5)
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()
