@@ -83,6 +83,8 @@ def test_a_cluster_name_has_one_user_at_a_time(tmp_path: Path, monkeypatch: pyte
     # Locks of their own: an e2e session may hold the real ones meanwhile.
     monkeypatch.setattr(kwok, "run_root", lambda: tmp_path / "clusters")
     monkeypatch.setattr(lifecycle, "machine_lock", lambda: tmp_path / "real-nodes.lock")
+    # .ci/run's KUBEMOE_E2E_LOCK_WAIT_S must not make the second claim wait: its holder is this process.
+    monkeypatch.setenv("KUBEMOE_E2E_LOCK_WAIT_S", "1800")
     in_use = pytest.raises(RuntimeError, match="in use by another e2e session")
     with lifecycle.claimed("claim-test"), in_use, lifecycle.claimed("claim-test"):
         pass

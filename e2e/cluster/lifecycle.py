@@ -35,7 +35,8 @@ def _lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
                 except BlockingIOError:
                     f.seek(0)
                     holder = f.read().strip() or "?"
-                    if time.monotonic() >= deadline:
+                    # Held by this very process: waiting could never end.
+                    if holder == str(os.getpid()) or time.monotonic() >= deadline:
                         raise RuntimeError(f"{what} (pid {holder})") from None
                     if not said:
                         realnode.log(f"waiting up to {lock_wait_s():.0f}s: {what} (pid {holder})")
