@@ -152,6 +152,17 @@ def tiny_config(arch: str, *, vocab_size: int, eos_token_id: int, pad_token_id: 
             num_experts_per_tok=2,
             sliding_window=None,
         )
+    # DeepSeek-V3's and Kimi K2's shared shape: MLA, one dense layer first, normalised top-k weights.
+    deepseek: dict[str, Any] = {
+        "norm_topk_prob": True,
+        "first_k_dense_replace": 1,
+        "q_lora_rank": 48,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 32,
+        "rope_interleave": True,
+    }
     if arch == "deepseek_v3":
         from transformers import DeepseekV3Config
 
@@ -165,14 +176,7 @@ def tiny_config(arch: str, *, vocab_size: int, eos_token_id: int, pad_token_id: 
             n_group=4,
             topk_group=2,
             routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            first_k_dense_replace=1,
-            q_lora_rank=48,
-            kv_lora_rank=32,
-            qk_nope_head_dim=32,
-            qk_rope_head_dim=32,
-            v_head_dim=32,
-            rope_interleave=True,
+            **deepseek,
         )
     if arch == "kimi_k2":
         from transformers import DeepseekV3Config
@@ -189,14 +193,7 @@ def tiny_config(arch: str, *, vocab_size: int, eos_token_id: int, pad_token_id: 
             n_group=1,
             topk_group=1,
             routed_scaling_factor=2.827,
-            norm_topk_prob=True,
-            first_k_dense_replace=1,
-            q_lora_rank=48,
-            kv_lora_rank=32,
-            qk_nope_head_dim=32,
-            qk_rope_head_dim=32,
-            v_head_dim=32,
-            rope_interleave=True,
+            **deepseek,
             rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
         )
     if arch == "llama4_text":
