@@ -7,7 +7,7 @@
     "drip"      a streamed answer of one event every 0.2 s, for about 20 s
     anything    a normal answer: JSON, or SSE events ending in `data: [DONE]` when `stream` is true
 
-With `post_status` set, every POST gets that status (an OpenAI-shaped error) instead.
+With `post_status` set, every POST gets that status (an OpenAI-shaped error, its `code` `error_code`) instead.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def _event(payload: dict[str, Any] | str) -> bytes:
 
 
 class FakeBackend:
-    def __init__(self, *, post_status: int = 200, retry_after: str | None = None) -> None:
+    def __init__(
+        self, *, post_status: int = 200, retry_after: str | None = None, error_code: str | None = None
+    ) -> None:
         self.post_status = post_status
+        self.error_code = error_code
         self.retry_after = retry_after  # a Retry-After header on its refusals
         self.posts = 0
         self.closed = threading.Event()  # a "hang" request's connection was closed by the router
@@ -47,7 +50,12 @@ class FakeBackend:
                 backend.posts += 1
                 if backend.post_status != 200:
                     error = {
-                        "error": {"message": "busy", "type": "server_error", "param": None, "code": None}
+                        "error": {
+                            "message": "busy",
+                            "type": "server_error",
+                            "param": None,
+                            "code": backend.error_code,
+                        }
                     }
                     data = json.dumps(error).encode()
                     self._answer(

@@ -16,6 +16,7 @@ import pytest
 
 from tests.runtime.fake_backend import FakeBackend, raw_post
 from tests.runtime.routing import RouterProcess
+from tests.runtime.serving import http_get
 
 
 def router_for(
@@ -125,3 +126,29 @@ def test_a_backend_answering_503_is_ejected_at_once(tmp_path: Path) -> None:
         router.stop()
         busy.close()
         ok.close()
+
+
+def test_a_busy_backend_is_passed_over_but_stays_in_rotation(tmp_path: Path) -> None:
+    """A 503 `queue_full` (the engine's waiting queue is full) moves the request on without ejecting that
+    backend: ejecting every loaded backend would empty the role and take the router's /ready down."""
+    busy = FakeBackend(post_status=503, error_code="queue_full", retry_after="1")
+    router = router_for(busy, log_dir=tmp_path, name="busy", extra=("--health-interval", "60"))
+    try:
+        for _ in range(3):
+            status, body = raw_post(f"{router.url}/v1/completions", {"prompt": "hi"})
+            assert status == 503, body  # the backend's own refusal, relayed
+            assert json.loads(body)["error"]["code"] == "queue_full"
+        assert busy.posts == 3  # picked every time: never ejected
+        assert router.metric("kubemoe_router_backend_healthy", role="worker", backend=busy.address) == 1
+        assert (
+            router.metric(
+                "kubemoe_router_backend_errors_total", role="worker", backend=busy.address, kind="busy"
+            )
+            == 3
+        )
+        assert http_get(f"{router.url}/ready")[0] == 200
+        busy.post_status = 200  # no longer busy: served, no probe needed
+        assert raw_post(f"{router.url}/v1/completions", {"prompt": "hi"})[0] == 200
+    finally:
+        router.stop()
+        busy.close()

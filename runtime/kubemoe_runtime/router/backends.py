@@ -6,10 +6,10 @@ records are the role's backends (a headless Service answers with its ready pods'
 scale up or down join and leave the rotation by themselves.
 
 A backend is picked only while healthy. It is ejected at once when a request to it fails at the
-transport level (refused, reset) or is answered 503 (loading, overloaded, terminating; dispatch.py), and by
-the health loop when its /ready (or /health, for
-servers without /ready, such as vLLM) stops answering 200; the health loop probes every backend each
-`health_s` and re-admits one as soon as it answers again.
+transport level (refused, reset) or is answered 503 (loading, failed, terminating; not a busy one's 503
+`queue_full`: dispatch.py), and by the health loop when its /ready (or /health, for servers without
+/ready, such as vLLM) stops answering 200; the health loop probes every backend each `health_s` and
+re-admits one as soon as it answers again.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Sending one request to a backend of a role: the role's policy picks among its healthy backends, and a
 request is retried on another one when the first refuses the connection, drops it before answering, or
-answers 503 (that backend is ejected at once, until a health probe passes; backends.py). A 502 or 504 is
-counted against its backend and retried too; any other answer is the request's.
+answers 503 (that backend is ejected at once, until a health probe passes; backends.py), except a 503
+`queue_full`: that backend is busy, not down, and stays in rotation (ejecting busy backends would empty a
+loaded role, and take the router's own /ready down with it). A 502 or 504 is counted against its backend
+and retried too; any other answer is the request's; when every backend refused, the last refusal is.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from kubemoe_runtime.pod.protocol import ApiError
@@ -14,6 +17,16 @@ from kubemoe_runtime.router.policies import Policy
 from kubemoe_runtime.router.upstream import Upstream, UpstreamError, UpstreamResponse
 
 RETRY_STATUS = frozenset({502, 503, 504})
+
+
+def is_busy(body: bytes) -> bool:
+    """Whether a 503's body is an OpenAI-shaped error with code `queue_full` (the engine's waiting queue is
+    full, or it is tokenizing too many long prompts): a busy backend, not a broken one."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return False
+    return isinstance(error, dict) and error.get("code") == "queue_full"
 
 
 class BackendAnswer:
@@ -58,10 +71,10 @@ class Dispatcher:
         relay_any_status: bool = False,
     ) -> BackendAnswer:
         """POST (or `method`) to a backend of `role`, moving on to another one after a transport failure or
-        a 503 (either ejects the backend at once: it is down, terminating or overloaded; a health probe
-        re-admits it). `stream`: a 200 answer comes back open, its body unread (and, `relay_any_status`, any
-        answer not retried); whoever relays it then releases the backend (`outstanding`) and the
-        connection."""
+        a 503 (either ejects the backend at once: it is down or terminating; a health probe re-admits it;
+        a 503 `queue_full` only moves on: that backend is busy). `stream`: a 200 answer comes back open,
+        its body unread (and, `relay_any_status`, any answer not retried); whoever relays it then releases
+        the backend (`outstanding`) and the connection."""
         tried: set[str] = set()
         last: BackendAnswer | None = None
         for _ in range(self.max_attempts):
@@ -93,10 +106,12 @@ class Dispatcher:
             last = BackendAnswer(backend, response, body=data)
             if response.status not in RETRY_STATUS:
                 return last
-            if response.status == 503:
+            if response.status == 503 and not is_busy(data):
                 self.backends.eject(backend, reason="503")
             else:
-                self.backends.count_error(backend, kind=str(response.status))
+                self.backends.count_error(
+                    backend, kind="busy" if response.status == 503 else str(response.status)
+                )
         if last is not None:
             return last
         raise ApiError(

@@ -6,7 +6,7 @@ kubemoe_router_time_to_first_token_seconds     histogram  streaming: arrival -> 
 kubemoe_router_inter_token_latency_seconds     histogram  streaming: between text events of one answer
 kubemoe_router_request_latency_seconds         histogram  arrival -> last byte
 kubemoe_router_phase_seconds                   histogram  by phase: prefill (P/D first leg), decode
-kubemoe_router_backend_errors_total            counter    by role, backend and kind (connect, read, 5xx)
+kubemoe_router_backend_errors_total            counter    by role, backend and kind (connect, read, 5xx, busy)
 kubemoe_router_backend_healthy                 gauge      by role and backend: 1 in rotation, 0 ejected
 """
 
