@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from starlette.testclient import TestClient
 
 from kubemoe_runtime.router.app import build_router_app
@@ -33,6 +34,21 @@ def test_a_swapped_secret_volume_rotates_the_keys(tmp_path: Path) -> None:
     secret_volume(tmp_path, "new-key-1\nnew-key-2\n", version=2)
     assert keys.allows("Bearer new-key-2")
     assert not keys.allows("Bearer old-key")
+
+
+def test_a_key_file_that_is_not_utf8_keeps_the_keys_last_read(tmp_path: Path) -> None:
+    """A Secret updated with bytes that are not UTF-8: the keys read before stay, not a 500 on every
+    request; at start-up the same file is refused, naming it."""
+    secret_volume(tmp_path, "good-key\n", version=1)
+    keys = ApiKeys(tmp_path / "api-key")
+    (tmp_path / "..v2").mkdir()
+    (tmp_path / "..v2" / "api-key").write_bytes(b"\xff\xfe-not-text\n")
+    os.replace(tmp_path / "..data", tmp_path / "..old")
+    (tmp_path / "..data").symlink_to("..v2")
+    assert keys.allows("Bearer good-key")
+    assert not keys.allows("Bearer \xff")
+    with pytest.raises(ValueError, match=r"api-key is not UTF-8 text .*write one key a line"):
+        ApiKeys(tmp_path / "api-key")
 
 
 def test_without_a_key_only_the_probes_and_metrics_answer(tmp_path: Path) -> None:

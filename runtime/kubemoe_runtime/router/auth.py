@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import hmac
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("kubemoe_runtime.router")
 
 
 class ApiKeys:
@@ -20,14 +22,25 @@ class ApiKeys:
         stamp = (stat.st_mtime, stat.st_size)
         if stamp == self._stamp:
             return
-        lines = self.path.read_text().splitlines()
+        data = self.path.read_bytes()
+        self._stamp = stamp  # read once, good or bad, until it changes
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"the API key file {self.path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                "write one key a line"
+            ) from None
         self._keys = tuple(k.encode() for line in lines if (k := line.strip()) and not k.startswith("#"))
-        self._stamp = stamp
 
     def allows(self, authorization: str | None) -> bool:
         """Whether an `Authorization: Bearer KEY` header carries a current key (compared in constant time)."""
-        with contextlib.suppress(OSError):  # keep the keys last read: a Secret update swaps the file
+        try:  # keep the keys last read while the file is being swapped (a Secret update) or is unusable
             self._load()
+        except OSError:
+            pass
+        except ValueError as err:  # logged once: it is not read again until it changes
+            log.warning("router: keeping the API keys last read: %s", err)
         if not authorization or not authorization.startswith("Bearer "):
             return False
         given = authorization.removeprefix("Bearer ").strip().encode()
