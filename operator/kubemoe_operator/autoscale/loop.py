@@ -357,7 +357,7 @@ class Autoscaler:
                     resource_version=meta.get("resourceVersion"),
                 )
             return []
-        current = _replicas(effective_spec(md.spec, old))
+        current = groups_now(md.spec, old)
         seen = old.roles if old is not None else {}
         outcomes = await asyncio.gather(
             *(
@@ -520,5 +520,14 @@ def coupled(
     return out
 
 
-def _replicas(spec: ModelDeploymentSpec) -> dict[str, int]:
-    return {role: s.replicas for role, s in spec.roles.items()}
+def groups_now(spec: ModelDeploymentSpec, status: ModelDeploymentStatus | None) -> dict[str, int]:
+    """Each role's groups in effect: the effective spec's replicas, except for a role an HPA or KEDA
+    scales (mode external), whose spec.replicas is only its first count: the reconciler's
+    status.roles.<role>.replicas has the groups its workload runs now (perDecode's reference), once
+    it has any (0 while the workload is being created)."""
+    current = {role: s.replicas for role, s in effective_spec(spec, status).roles.items()}
+    seen = status.roles if status is not None else {}
+    for role, s in spec.roles.items():
+        if s.autoscaling is not None and s.autoscaling.mode == "external" and role in seen:
+            current[role] = seen[role].replicas or current[role]
+    return current

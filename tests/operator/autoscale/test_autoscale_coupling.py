@@ -7,10 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.api.spec import Autoscaling, MetricTarget, MetricType, PerDecode, RoleName
-from kubemoe_operator.api.status import now_utc
+from kubemoe_operator.api.status import ModelDeploymentStatus, now_utc
 from kubemoe_operator.autoscale.decide import Decision, couple, decide
-from kubemoe_operator.autoscale.loop import Autoscaler, RoleOutcome, coupled, status_apply
+from kubemoe_operator.autoscale.loop import Autoscaler, RoleOutcome, coupled, groups_now, status_apply
 from kubemoe_operator.autoscale.signals import RoleSelector
 from tests.operator.reconcile.memory_kube import MemoryKube
 
@@ -182,3 +183,20 @@ async def test_the_operators_metrics_show_prefills_coupled_decision_not_its_own_
         )
         is None
     )
+
+
+def test_an_externally_scaled_decode_counts_the_groups_its_scaler_runs() -> None:
+    """decode scaled by an HPA (mode external): its spec.replicas is only the first count; perDecode
+    follows the groups the reconciler saw running (status), or prefill would shrink under a busy decode."""
+    manifest = yaml.safe_load((EXAMPLES / "autoscaling-prometheus.yaml").read_text())
+    roles = manifest["spec"]["roles"]
+    roles["prefill"]["replicas"] = 3
+    roles["prefill"]["autoscaling"]["perDecode"] = {"min": 1, "max": 1}
+    roles["decode"]["replicas"] = 2
+    roles["decode"]["autoscaling"] = {"mode": "external"}
+    md = parse_manifest(manifest)
+    status = ModelDeploymentStatus.model_validate({"roles": {"decode": {"replicas": 6, "ready": 6}}})
+    assert groups_now(md.spec, status) == {"prefill": 3, "decode": 6}
+    starting = ModelDeploymentStatus.model_validate({"roles": {"decode": {"replicas": 0}}})
+    assert groups_now(md.spec, starting)["decode"] == 2  # none yet: its first count
+    assert groups_now(md.spec, None)["decode"] == 2
