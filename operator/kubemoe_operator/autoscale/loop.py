@@ -525,7 +525,7 @@ def groups_now(spec: ModelDeploymentSpec, status: ModelDeploymentStatus | None) 
     scales (mode external), whose spec.replicas is only its first count: the reconciler's
     status.roles.<role>.replicas has the groups its workload runs now (perDecode's reference), once
     it has any (0 while the workload is being created)."""
-    current = {role: s.replicas for role, s in effective_spec(spec, status).roles.items()}
+    current: dict[str, int] = {role: s.replicas for role, s in effective_spec(spec, status).roles.items()}
     seen = status.roles if status is not None else {}
     for role, s in spec.roles.items():
         if s.autoscaling is not None and s.autoscaling.mode == "external" and role in seen:
