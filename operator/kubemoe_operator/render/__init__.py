@@ -107,6 +107,7 @@ def render(
                 role=ROUTER,
                 replicas=plan.router.replicas,
                 template=router_pod_template(ctx=ctx, argv=argv, role=ROUTER),
+                surge=True,
             )
         )
     else:

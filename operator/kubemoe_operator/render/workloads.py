@@ -64,10 +64,12 @@ def leader_worker_set(
 
 
 def deployment(
-    *, owner: Owner, name: str, role: str, replicas: int | None, template: dict[str, Any]
+    *, owner: Owner, name: str, role: str, replicas: int | None, template: dict[str, Any], surge: bool = False
 ) -> dict[str, Any]:
-    """One pod per serving group (replicas None: a scaler's). Rolling updates never surge:
-    accelerators are rarely spare."""
+    """One pod per serving group (replicas None: a scaler's). A serving role's rolling update never
+    surges (accelerators are rarely spare); the router's (`surge`, CPU only) starts its new pod
+    before it stops an old one, or a one-replica router would leave the front Service empty."""
+    rolling = {"maxSurge": 1, "maxUnavailable": 0} if surge else {"maxSurge": 0, "maxUnavailable": 1}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -75,7 +77,7 @@ def deployment(
         "spec": {
             **_replicas(replicas),
             "selector": {"matchLabels": selector(owner.name, role)},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
             "template": template,
         },
     }

@@ -222,3 +222,17 @@ def test_the_external_scaling_examples_hpa_targets_the_workload_the_operator_ren
     assert workload["metadata"]["labels"][LABEL_ROLE] == "decode"
     assert "replicas" not in workload["spec"]
     assert hpa["apiVersion"] == "autoscaling/v2"
+
+
+def test_the_router_rolls_out_new_before_old_and_serving_roles_never_surge() -> None:
+    """A one-replica router stopped before its replacement is ready empties the front Service: it surges
+    (CPU only); serving roles never do (accelerators are rarely spare)."""
+    children = _render(REPO / "examples" / "tiny-moe.yaml")
+    rolling = {
+        c["metadata"]["name"]: c["spec"]["strategy"]["rollingUpdate"]
+        for c in children
+        if c["kind"] == "Deployment"
+    }
+    assert rolling.pop("tiny-moe-router") == {"maxSurge": 1, "maxUnavailable": 0}
+    assert rolling  # the serving roles' own Deployments
+    assert all(r == {"maxSurge": 0, "maxUnavailable": 1} for r in rolling.values()), rolling
