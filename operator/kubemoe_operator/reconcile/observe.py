@@ -56,12 +56,16 @@ def workload_state(obj: Mapping[str, Any] | None, *, wanted: int) -> WorkloadSta
     """LeaderWorkerSet or Deployment status -> WorkloadState (groups, for an LWS; pods = groups otherwise).
 
     Its counts are current only once the controller has observed the latest spec: until then they
-    describe the previous one (a rollout that has not started yet looks finished)."""
+    describe the previous one (a rollout that has not started yet looks finished). A LeaderWorkerSet
+    controller older than v0.9 reports no observedGeneration at all, on its status or its conditions:
+    its counts (and UpdateInProgress) are all there is, or such a deployment would never be Ready."""
     if obj is None:
         return WorkloadState(wanted=wanted, exists=False)
     status = obj.get("status") or {}
     generation = obj.get("metadata", {}).get("generation")
-    current = generation is None or observed_generation(status) == generation
+    observed = observed_generation(status)
+    old_lws = obj.get("kind") == "LeaderWorkerSet" and observed is None and status.get("replicas") is not None
+    current = generation is None or observed == generation or old_lws
     if obj.get("kind") == "LeaderWorkerSet" and _updating(status):
         current = False
     return WorkloadState(

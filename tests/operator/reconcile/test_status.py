@@ -279,8 +279,11 @@ def _lws(generation: int, **status: Any) -> dict[str, Any]:
             ),
             True,
         ),
-        # Nothing observed at all: a new spec the controller has not looked at yet.
-        (_lws(1, **SETTLED_COUNTS), False),
+        # Nothing observed yet: a new LeaderWorkerSet its controller has not looked at.
+        (_lws(1), False),
+        # Counts but no observedGeneration anywhere: a controller before v0.9, judged by its counts.
+        (_lws(2, **SETTLED_COUNTS), True),
+        (_lws(2, **{**SETTLED_COUNTS, "updatedReplicas": 0}), False),
         # A rolling update with groups left to replace is not settled, whatever the counts.
         (
             _lws(
@@ -292,7 +295,16 @@ def _lws(generation: int, **status: Any) -> dict[str, Any]:
             False,
         ),
     ],
-    ids=["stale", "observed", "stale-conditions", "observed-conditions", "unobserved", "updating"],
+    ids=[
+        "stale",
+        "observed",
+        "stale-conditions",
+        "observed-conditions",
+        "unobserved",
+        "before-v0.9",
+        "before-v0.9-rolling",
+        "updating",
+    ],
 )
 def test_leader_worker_set_is_current_only_once_its_controller_observed_the_spec(
     obj: dict[str, Any], settled: bool
