@@ -156,6 +156,7 @@ async def run(settings: OperatorSettings) -> int:
                 image=settings.image,
                 pod_defaults=settings.pod_defaults,
                 pod_monitors=settings.pod_monitors,
+                pod_monitor_labels=settings.pod_monitor_labels,
                 read_pod=pod_reader(http),
             ),
             settings=settings,

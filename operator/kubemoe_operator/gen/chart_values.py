@@ -68,6 +68,9 @@ class Metrics(ChartModel):
     pod_monitors: bool = True
     """Give each ModelDeployment a PodMonitor for its API pods and routers where the cluster serves the
     PodMonitor CRD (else, and when false, scrape annotations on those pods). docs/monitoring.md."""
+    pod_monitor_labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=_NOT_RESERVED)
+    """Labels of those PodMonitors, e.g. {release: kube-prometheus-stack}: kube-prometheus-stack's
+    Prometheus selects only PodMonitors carrying its release label unless told otherwise."""
 
 
 class Dashboards(ChartModel):

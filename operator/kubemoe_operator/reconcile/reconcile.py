@@ -75,6 +75,8 @@ class ReconcileContext:
     """Annotations, labels and image pull secrets of every pod, under spec.pod."""
     pod_monitors: bool = True
     """A PodMonitor per deployment where the API serves PodMonitors (else scrape annotations)."""
+    pod_monitor_labels: Mapping[str, str] = field(default_factory=dict)
+    """Those PodMonitors' labels besides kubemoe's (--pod-monitor-label)."""
     read_pod: PodReader | None = None
     """A pod's own JSON by its IP: a model.cache fill's /progress, a loading engine's /ready (None:
     status without their byte counts)."""
@@ -236,6 +238,7 @@ async def reconcile(
             pod_defaults=context.pod_defaults,
             runtime_image=context.image,  # kubemoe's router runs ours, whatever engine.image is
             pod_monitor=context.pod_monitors and observed.pod_monitors_served,
+            pod_monitor_labels=context.pod_monitor_labels,
         )
     except Exception as err:  # as for planning: this object reports it, the operator goes on
         log.exception("rendering %s/%s failed", namespace, name)

@@ -10,6 +10,7 @@ the router.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from kubemoe_operator.api.labels import LABEL_LEADER, ROUTER
@@ -75,12 +76,14 @@ def render(
     pod_defaults: PodOptions | None = None,
     runtime_image: str = "",
     pod_monitor: bool = False,
+    pod_monitor_labels: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every child of the ModelDeployment `owner` for `plan`, in apply order. `image`: the serving
     pods' (spec.engine.image, or the operator's runtime image); `runtime_image`: the operator's
     runtime image, which kubemoe's router runs (`image` when empty). `pod_defaults`: the operator's
     pod annotations, labels and image pull secrets, under spec.pod. `pod_monitor`: a PodMonitor for
-    the pods that serve /metrics (where the CRD is served), else scrape annotations on them."""
+    the pods that serve /metrics (where the CRD is served), else scrape annotations on them;
+    `pod_monitor_labels` its labels besides kubemoe's."""
     options = merged(pod_defaults or PodOptions(), spec.pod)
     ctx = PodContext(
         owner=owner.name, spec=spec, plan=plan, image=image, options=options, router_image=runtime_image
@@ -127,5 +130,5 @@ def render(
         *budgets,
         *workloads,
         *router,
-        *([pod_monitor_of(owner=owner)] if pod_monitor else []),
+        *([pod_monitor_of(owner=owner, labels=pod_monitor_labels or {})] if pod_monitor else []),
     ]

@@ -12,6 +12,7 @@ the pod templates (the annotations go), which rolls the pods once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, Final
 
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_METRICS
@@ -27,12 +28,16 @@ SCRAPE_ANNOTATIONS: Final = {
 }
 
 
-def pod_monitor_of(*, owner: Owner) -> dict[str, Any]:
-    """The PodMonitor of one ModelDeployment's pods that serve /metrics."""
+def pod_monitor_of(*, owner: Owner, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The PodMonitor of one ModelDeployment's pods that serve /metrics; `labels` (the operator's
+    --pod-monitor-label) besides kubemoe's, for a Prometheus that selects PodMonitors by label
+    (kube-prometheus-stack: its `release`)."""
+    meta = metadata(owner=owner, name=owner.name)
+    meta["labels"] = {**labels, **meta["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": metadata(owner=owner, name=owner.name),
+        "metadata": meta,
         "spec": {
             "selector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name, LABEL_METRICS: "true"}},
             "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": SCRAPE_INTERVAL}],

@@ -12,6 +12,7 @@ from importlib import metadata
 
 from pydantic import ValidationError
 
+from kubemoe_operator.api.pod_metadata import metadata_problems
 from kubemoe_operator.api.rules import reserved_label_problems
 from kubemoe_operator.api.spec import PodOptions
 
@@ -55,6 +56,8 @@ class OperatorSettings:
     """The Prometheus HTTP API the autoscaler queries; None: scrape the serving pods directly."""
     pod_monitors: bool = True
     """A PodMonitor per ModelDeployment where the CRD is served (render/monitoring.py)."""
+    pod_monitor_labels: dict[str, str] = field(default_factory=dict)
+    """Labels of those PodMonitors besides kubemoe's: the ones a Prometheus selects on (`release`)."""
     metrics_port: int | None = None
     """Port of the operator's own /metrics; None: not served."""
     pod_defaults: PodOptions = field(default_factory=PodOptions)
@@ -188,6 +191,14 @@ def parser() -> argparse.ArgumentParser:
         help="label every rendered pod (repeatable; spec.pod.labels wins on the same key)",
     )
     p.add_argument(
+        "--pod-monitor-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label every PodMonitor the operator creates, e.g. release=kube-prometheus-stack: the label "
+        "your Prometheus's podMonitorSelector matches (repeatable)",
+    )
+    p.add_argument(
         "--image-pull-secret",
         action="append",
         default=[],
@@ -224,6 +235,17 @@ def pod_defaults(args: argparse.Namespace) -> PodOptions:
         raise ValueError(f"--image-pull-secret: {err.errors()[0]['msg']}") from None
 
 
+def pod_monitor_labels(args: argparse.Namespace) -> dict[str, str]:
+    """--pod-monitor-label pairs; ValueError naming the flag for a key or value Kubernetes refuses, or
+    one of kubemoe's own (the PodMonitor's selector and ownership rest on them)."""
+    labels = _pairs("--pod-monitor-label", args.pod_monitor_label)
+    problems = reserved_label_problems(labels, field="--pod-monitor-label")
+    problems += metadata_problems(labels, {}, field="--pod-monitor-label")
+    if problems:
+        raise ValueError("; ".join(str(p) for p in problems))
+    return labels
+
+
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     return OperatorSettings(
         namespaces=tuple(args.namespace),
@@ -241,6 +263,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         rebalance_interval_seconds=args.rebalance_interval_seconds,
         prometheus_url=args.prometheus_url or None,
         pod_monitors=not args.no_pod_monitors,
+        pod_monitor_labels=pod_monitor_labels(args),
         metrics_port=args.metrics_port,
         pod_defaults=pod_defaults(args),
     )

@@ -226,3 +226,11 @@ def test_resources_take_numbers_and_any_resource_name() -> None:
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"cpu": 1, "memory": "512Mi", "ephemeral-storage": "1Gi"}
     assert container["resources"]["requests"]["cpu"] == "0.5"
+
+
+def test_pod_monitor_labels_reach_the_operator() -> None:
+    """kube-prometheus-stack's Prometheus selects only PodMonitors carrying its release label."""
+    deploy = operator_deployment("--set", "metrics.podMonitorLabels.release=kube-prometheus-stack")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    settings, _ = parse_settings(container["args"])
+    assert settings.pod_monitor_labels == {"release": "kube-prometheus-stack"}

@@ -30,11 +30,17 @@ def _templates(kube: MemoryKube) -> list[dict[str, Any]]:
 
 
 async def _reconciled(
-    *, served: bool, enabled: bool = True, spec: dict[str, Any] | None = None
+    *,
+    served: bool,
+    enabled: bool = True,
+    spec: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> MemoryKube:
     kube = MemoryKube(pod_monitors_served=served)
     body = {"metadata": {"name": "t", "namespace": "ns", "uid": "u", "generation": 1}, "spec": spec or SPEC}
-    context = ReconcileContext(catalog=load_catalog(), image="runtime:test", pod_monitors=enabled)
+    context = ReconcileContext(
+        catalog=load_catalog(), image="runtime:test", pod_monitors=enabled, pod_monitor_labels=labels or {}
+    )
     await reconcile(kube=kube, body=body, context=context)
     return kube
 
@@ -55,6 +61,14 @@ async def test_where_the_crd_is_served_a_pod_monitor_selects_the_api_pods_and_ro
     assert all(
         "prometheus.io/scrape" not in (t["metadata"].get("annotations") or {}) for t in _templates(kube)
     )
+
+
+async def test_the_pod_monitor_carries_the_operators_extra_labels_beside_kubemoes() -> None:
+    """--pod-monitor-label release=...: what kube-prometheus-stack's podMonitorSelector matches."""
+    kube = await _reconciled(served=True, labels={"release": "kube-prometheus-stack"})
+    labels = kube.get("PodMonitor", "ns", "t")["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels["kubemoe.io/deployment"] == "t"
 
 
 async def test_without_the_crd_or_turned_off_the_leaders_carry_scrape_annotations() -> None:
