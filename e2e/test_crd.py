@@ -126,7 +126,17 @@ def test_defaults_status_and_printer_columns(crd_installed: Cluster, namespace: 
         json.dumps(status),
     )
     table = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "READY", "PHASE", "LAYOUT", "PREFILL", "DECODE", "ENDPOINT", "AGE"]
+    assert table[0].split() == [
+        "NAME",
+        "READY",
+        "PHASE",
+        "LAYOUT",
+        "PREFILL",
+        "DECODE",
+        "WORKER",
+        "ENDPOINT",
+        "AGE",
+    ]
     row = table[1].split()
     assert row[:4] == ["tiny-moe", "True", "Ready", layout.split()[0]]
     by_category = cluster.kubectl("get", "kubemoe", "-n", namespace, "-o", "name").stdout.split()

@@ -72,6 +72,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.roles.decode.ready",
         "description": "Ready decode groups",
     },
+    {
+        "name": "Worker",
+        "type": "integer",
+        "jsonPath": ".status.roles.worker.ready",
+        "description": "Ready worker groups (serving.mode colocated)",
+    },
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -62,7 +62,7 @@ def test_names_columns_and_subresources() -> None:
     version = spec["versions"][0]
     assert version["subresources"] == {"status": {}}
     names = [c["name"].upper() for c in version["additionalPrinterColumns"]]
-    assert names == ["READY", "PHASE", "LAYOUT", "PREFILL", "DECODE", "ENDPOINT", "AGE"]
+    assert names == ["READY", "PHASE", "LAYOUT", "PREFILL", "DECODE", "WORKER", "ENDPOINT", "AGE"]
 
 
 def test_conditions_are_a_list_map_keyed_by_type() -> None:
