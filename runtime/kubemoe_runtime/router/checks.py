@@ -1,7 +1,8 @@
 """What the router reads of a request, and the checks it makes itself.
 
 The router checks only what it must read: the API key, a JSON object as the body (at most MAX_BODY_BYTES,
-413 past it), the prompt or messages, `stream` and the model name. The engines validate the rest, and
+413 past it), the prompt or messages, `stream` and the model name; disaggregated, also the fields it
+overwrites in the prefill's request (`check_prefill_fields`). The engines validate the rest, and
 their 4xx answers pass through unchanged (the torch engine refuses the options it does not implement,
 naming them: pod/protocol.py). Paths under NOT_FORWARDED (the operator's expert load and placement, the
 KV hand-off between pods) never reach a backend, however spelt.
@@ -51,6 +52,44 @@ def check_generation(body: dict[str, Any], *, prompt_field: str, served_names: S
         raise ApiError(400, "model: Input should be a valid string", param="model")
     if model is not None and served_names and model not in served_names:
         raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def check_prefill_fields(body: dict[str, Any], *, chat: bool) -> None:
+    """Disaggregated: 400, worded as the torch engine words it (pod/protocol.py), for a field the engine
+    refuses and the router overwrites in the prefill's request (the completion's length, stream_options):
+    else only the decode would refuse it, after the prefill computed the whole prompt and parked its KV.
+    A length is a positive integer, not a boolean or 5.0 (the engine parses strictly); stream_options an
+    object whose include_usage is a boolean; null is the default of each. max_completion_tokens is chat's
+    alone (the completions endpoint ignores it)."""
+    for name in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+        _check_length(body.get(name), name=name)
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options: Input should be an object", param="stream_options")
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise ApiError(
+            400, "stream_options.include_usage: Input should be a valid boolean", param="stream_options"
+        )
+
+
+def _check_length(value: Any, *, name: str) -> None:
+    if value is None:
+        return
+    if type(value) is not int:  # JSON gives no other int subclass than bool
+        raise ApiError(400, f"{name}: Input should be a valid integer", param=name)
+    if value < 1:
+        raise ApiError(400, f"{name}: Input should be greater than or equal to 1", param=name)
+
+
+def completion_limit(body: dict[str, Any], *, chat: bool) -> Any:
+    """The completion's length as the engine reads it: chat's max_completion_tokens unless absent or null,
+    else max_tokens (None: not given)."""
+    if chat and body.get("max_completion_tokens") is not None:
+        return body["max_completion_tokens"]
+    return body.get("max_tokens")
 
 
 def not_forwarded(path: str) -> bool:

@@ -11,7 +11,10 @@ whose connector needs no parameters (vLLM's ExampleConnector: KV by prompt hash 
 answer none, and the decode gets the request unchanged. A torch prefill keeps the KV under a handle until
 the decode fetches it; when no decode will (it refused the request, none answered, the client left
 first), the router has the prefill drop it at once (kv_release.py). Prompts estimated shorter than
---pd-min-prompt-tokens go to a decode alone (checks.py).
+--pd-min-prompt-tokens go to a decode alone (checks.py). As the prefill never sees the client's max_tokens,
+max_completion_tokens, stream or stream_options, the router refuses itself what the engine would refuse
+in them (checks.py), before any backend is asked, and signs the completion's length into the prefill's
+kv_transfer_params, so that a torch prefill refuses a request too long for the context before computing.
 
 kv_transfer_params are the router's alone: any a client sends are dropped (in both modes), and those the
 router sends (to the prefill, and the prefill's answer to the decode) are signed with $KUBEMOE_KV_KEY
@@ -58,6 +61,8 @@ from kubemoe_runtime.router.checks import (
     ENGINE_PATHS,
     authorize,
     check_generation,
+    check_prefill_fields,
+    completion_limit,
     dumps,
     forward_key,
     json_object,
@@ -245,6 +250,8 @@ class Router:
             authorize(self.config.api_keys, request)
             body, raw = await read_json(request)
             check_generation(body, prompt_field=prompt_field, served_names=self.config.served_names)
+            if self.config.disaggregated:  # the prefill's request overwrites these: check them here
+                check_prefill_fields(body, chat=prompt_field == "messages")
             if "kv_transfer_params" in body:  # only the router sets them (and signs them: pod/kv_auth.py)
                 del body["kv_transfer_params"]
                 raw = dumps(body)  # not the bytes: they may hold the key twice, under any spelling
@@ -306,7 +313,8 @@ class Router:
             role = "decode"
         elif self.config.disaggregated:
             prefill_start = time.monotonic()
-            prefill = await send("prefill", dumps(self._prefill_body(body)), stream=False)
+            prefill_body = self._prefill_body(body, chat=prompt_field == "messages")
+            prefill = await send("prefill", dumps(prefill_body), stream=False)
             prefill_s = time.monotonic() - prefill_start
             self.metrics.phase.labels(phase="prefill").observe(prefill_s)
             timing |= {
@@ -368,11 +376,11 @@ class Router:
             )
         return self.config.kv_signer
 
-    def _prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _prefill_body(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
         """The request for a prefill: one token, not streamed, its KV kept for the decode. The client's
-        own max_tokens goes along (signed, as DECODE_MAX_TOKENS) so that a torch prefill refuses, before
-        computing anything, a request the decode would refuse for its length."""
-        wanted = body.get("max_completion_tokens", body.get("max_tokens"))
+        own completion length goes along (signed, as DECODE_MAX_TOKENS) so that a torch prefill refuses,
+        before computing anything, a request the decode would refuse for its length."""
+        wanted = completion_limit(body, chat=chat)
         extra = {DECODE_MAX_TOKENS: wanted} if type(wanted) is int and wanted > 0 else {}
         params = self._signer().sign({**REMOTE_DECODE, **extra})
         prefill = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": params}

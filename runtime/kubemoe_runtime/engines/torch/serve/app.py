@@ -36,6 +36,8 @@ Each request becomes a `GenerationRequest` for the scheduler, which runs on the 
 every step's output back through `loop.call_soon_threadsafe` into the request's asyncio queue
 (in_flight.py). A request submitted after the engine failed is answered 503 at once (it would wait
 forever), and at the drain deadline every request still in flight is ended with a 503 (`end_in_flight`).
+A P/D decode makes those checks, and the waiting queue's, before it pulls the prompt's KV as well: the
+prefill hands a KV out once, so a decode that took it and then refused would cost the retry a prefill.
 """
 
 from __future__ import annotations
@@ -269,9 +271,10 @@ class Api:
         shape: AnswerShape,
     ) -> Response:
         """Run `generation` (after pulling its KV, P/D) and answer in the endpoint's `shape`: a stream of
-        chunks, or the whole response once done (499 when the client left first)."""
-        generation = await self._pull_kv(scheduler, generation)
-        stream = self._submit(scheduler, generation)
+        chunks, or the whole response once done (499 when the client left first). The pulled KV is bound
+        to no name here: once the scheduler has taken it into the cache, its host copy is freed."""
+        self._check_admissible(scheduler)
+        stream = self._submit(scheduler, await self._pull_kv(scheduler, generation))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             usage_chunk = shape.usage_chunk if include_usage else None
@@ -415,14 +418,23 @@ class Api:
             kv_transfer_params=kv_transfer_params,
         )
 
+    def _check_admissible(self, scheduler: Scheduler) -> None:
+        """503 now if `_submit` would refuse a request (the waiting queue full, the engine failed, the
+        drain deadline passed). Asked before a P/D decode pulls the KV: the prefill hands it out once, so a
+        decode that pulled and then refused would leave the router's retry on another decode without it
+        (a 404, and the prompt prefilled again). `_submit` asks again: the pull takes time."""
+        try:
+            scheduler.check_room()
+        except QueueFull as err:
+            raise _busy(err) from err
+        self.state.in_flight.check_open(failure=self.state.failure)
+
     def _submit(self, scheduler: Scheduler, generation: GenerationRequest) -> Stream:
         outputs = OutputQueue(asyncio.get_running_loop())
         try:
             request_id = scheduler.submit(generation, outputs.put)
         except QueueFull as err:
-            raise ApiError(
-                503, f"the server is busy: {err}", type="server_error", code="queue_full", retry_after=1
-            ) from err
+            raise _busy(err) from err
         except ValueError as err:
             raise ApiError(400, str(err), code="context_length_exceeded") from err
         stream = Stream(scheduler, request_id, outputs)
@@ -431,6 +443,11 @@ class Api:
         # drain ended. 503 now, rather than wait forever.
         self.state.in_flight.admit(stream, failure=self.state.failure)
         return stream
+
+
+def _busy(err: QueueFull) -> ApiError:
+    """The 503 for a full waiting queue: the router tries another backend without ejecting this one."""
+    return ApiError(503, f"the server is busy: {err}", type="server_error", code="queue_full", retry_after=1)
 
 
 def _reachable(params: dict[str, Any] | None, request: Request) -> dict[str, Any] | None:

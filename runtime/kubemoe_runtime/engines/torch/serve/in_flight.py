@@ -180,13 +180,21 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def check_open(self, *, failure: str | None) -> None:
+        """ApiError 503 if a request submitted now would be refused: the engine has failed (`failure`, the
+        server's) or requests are no longer served."""
+        if failure is not None or self.ended is not None:
+            message = f"the engine failed: {failure}" if failure is not None else str(self.ended)
+            raise ApiError(503, message, type="server_error", code="engine_failed")
+
     def admit(self, stream: Stream, *, failure: str | None) -> None:
         """Hold `stream`, just submitted; unless the engine has failed (`failure`, the server's) or
         requests are no longer served: then it is aborted, and ApiError 503 says why."""
-        if failure is not None or self.ended is not None:
-            message = f"the engine failed: {failure}" if failure is not None else str(self.ended)
+        try:
+            self.check_open(failure=failure)
+        except ApiError:
             stream.scheduler.abort(stream.request_id)
-            raise ApiError(503, message, type="server_error", code="engine_failed")
+            raise
         stream.on_end = self._streams.discard
         self._streams.add(stream)
 

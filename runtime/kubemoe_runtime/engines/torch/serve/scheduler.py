@@ -28,9 +28,11 @@ P/D (serve/kv/handoff.py): a request whose kv_transfer_params ask for `do_remote
 copied out after its first step and kept in `kv_store`; its outputs then carry the kv_transfer_params a
 decode needs. A request submitted with `pulled` (the KV a decode fetched) skips its prompt: admission
 emits the prefill's first token, and its first row is that token at position n with the KV imported
-into its slot — no prompt token is computed (the prompt-token counter does not move). `submit` refuses
-pulled KV that does not fit the model (`kv_layout`: layers, fields, shapes, dtype; a first token outside
-the vocabulary), so a bad hand-off fails its own request, never the engine thread.
+into its slot — no prompt token is computed (the prompt-token counter does not move); the request then
+drops its `pulled`, so the host copy is freed once that step has run rather than held until the request
+ends. `submit` refuses pulled KV that does not fit the model (`kv_layout`: layers, fields, shapes, dtype; a
+first token outside the vocabulary), so a bad hand-off fails its own request, never the engine thread.
+The decode's server asks `check_room` before it pulls the KV (the prefill hands it out once).
 """
 
 from __future__ import annotations
@@ -181,10 +183,7 @@ class Scheduler:
                 f"length {self.limits.max_model_len}"
             )
         with self._lock:
-            if len(self._waiting) >= self.limits.max_waiting:
-                if self.metrics is not None:
-                    self.metrics.rejected.inc()
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._refuse_if_full()
             request_id = self._next_id
             self._next_id += 1
             text = TextStream(self.tokenizer, stop=request.stop)
@@ -193,6 +192,20 @@ class Scheduler:
                 self.metrics.waiting.set(len(self._waiting))
         self._wakeup.set()
         return request_id
+
+    def check_room(self) -> None:
+        """QueueFull now if `submit` would raise it (the waiting queue at its bound). A P/D decode asks
+        before it pulls the prompt's KV, which the prefill hands out once: refused after the pull, the
+        request's retry on another decode would find no KV and prefill again."""
+        with self._lock:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        """QueueFull (counted as rejected) if the waiting queue is at its bound; under `_lock`."""
+        if len(self._waiting) >= self.limits.max_waiting:
+            if self.metrics is not None:
+                self.metrics.rejected.inc()
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting")
 
     def wake(self) -> None:
         """Have the engine thread look again now (an expert placement was posted)."""
@@ -240,6 +253,8 @@ class Scheduler:
         for seq in self._running.values():
             new = seq.id in admitted
             pulled = seq.request.pulled if new else None
+            if pulled is not None:  # its row takes the KV into the cache: the host copy goes with the step
+                seq.request = dataclasses.replace(seq.request, pulled=None)
             tokens = list(seq.request.prompt_ids) if new and pulled is None else [seq.output[-1]]
             rows[seq.rank].append(
                 Row(
