@@ -62,6 +62,12 @@ class EngineSupport:
     local_connectors: tuple[str, ...] = ()
     """Connectors whose KV stays on the machine (vLLM's ExampleConnector: a directory, /tmp unless set):
     `kubemoe up`'s only, i.e. with a file:// model.source; in a cluster each pod has its own /tmp."""
+    kubemoe_metrics: bool = True
+    """Its pods export the kubemoe_* series the operator's autoscaler reads (autoscaling metrics, mode
+    operator): the runtime serves them for torch and re-exports vLLM's. SGLang's and TGI's own servers
+    export only their own (sglang:*, tgi_*), so every metric would be missing and the role never scaled
+    (a missing metric changes nothing); mode external (an HPA or ScaledObject on those series) and
+    prefill's perDecode alone (it reads no metric) still work."""
     image_required: bool
     """engine.image must be given (the operator's runtime image does not hold the engine)."""
     router: str
@@ -123,6 +129,7 @@ ENGINES: Final[tuple[EngineSupport, ...]] = (
         accelerators=None,
         sources=("hf", "pvc"),
         experts=False,
+        kubemoe_metrics=False,
         image_required=True,
         router="sglang-router (P/D); kubemoe router (colocated)",
         instead="engine.kind vllm",
@@ -141,6 +148,7 @@ ENGINES: Final[tuple[EngineSupport, ...]] = (
         accelerators=None,
         sources=("hf", "pvc"),
         experts=False,
+        kubemoe_metrics=False,
         image_required=True,
         router="kubemoe router",
         instead="engine.kind vllm or sglang",
@@ -290,6 +298,8 @@ def engine_rules(e: EngineSupport) -> list[Rule]:
                 fix="remove experts, or use engine.kind vllm.",
             )
         )
+    if not e.kubemoe_metrics:
+        rules += [_metrics_rule(e, role) for role in ROLE_NAMES]
     if e.image_required:
         rules.append(
             Rule(
@@ -311,6 +321,22 @@ def engine_rules(e: EngineSupport) -> list[Rule]:
             )
         )
     return rules
+
+
+def _metrics_rule(e: EngineSupport, role: str) -> Rule:
+    """Autoscaling metrics on a role of an engine whose pods export no kubemoe_* series."""
+    scale = f"self.roles.{role}.autoscaling"
+    return Rule(
+        cel=f"self.engine.kind != '{e.kind}' || !has(self.roles.{role}) || !has({scale})"
+        f" || !has({scale}.metrics) || size({scale}.metrics) == 0",
+        field=f".roles.{role}.autoscaling.metrics",
+        message=f"engine {e.kind}'s pods run {e.title}'s own server, which exports none of the kubemoe_*"
+        " series the operator's autoscaler reads: every metric would be missing, and the role would"
+        " never scale.",
+        fix="remove metrics and set autoscaling.mode: external with an HPA or KEDA ScaledObject on the"
+        " engine's own series (examples/autoscaling-external), or use engine.kind vllm; prefill may keep"
+        " perDecode without metrics to follow decode.",
+    )
 
 
 def _cache_loads(e: EngineSupport) -> bool:
@@ -390,6 +416,10 @@ def engine_problems(spec: ModelDeploymentSpec) -> list[Problem]:
         add(by_field[".experts"])
     if e.image_required and spec.engine.image is None:
         add(by_field[".engine.image"])
+    if not e.kubemoe_metrics:
+        for name, role in spec.roles.items():
+            if role.autoscaling is not None and role.autoscaling.metrics:
+                add(by_field[f".roles.{name}.autoscaling.metrics"])
     if e.kind == "sglang" and spec.serving.mode == "disaggregated" and spec.router.api_key_secret is not None:
         add(by_field[".router.apiKeySecret"])
     return problems + limit_problems(spec)
@@ -461,6 +491,10 @@ def describe(e: EngineSupport) -> list[tuple[str, str]]:
         ("model sources", _source_words(e)),
         ("spec.experts", yes(e.experts)),
         ("engine.image", "required" if e.image_required else "optional (the runtime image)"),
+        (
+            "autoscaling metrics (mode operator)",
+            "yes" if e.kubemoe_metrics else "no (mode external, or prefill's perDecode alone)",
+        ),
         ("router", e.router),
         ("run here", e.run_here),
     ]

@@ -95,13 +95,30 @@ def _accelerator_rule(field: str) -> dict[str, Any]:
     )
 
 
+def _non_negative_rule(field: str) -> dict[str, Any]:
+    """Twin of parse_quantity's sign check: the schema's pattern admits a sign and says nothing of an
+    integer (x-kubernetes-int-or-string), and a pod with a negative request is refused only at apply."""
+    value = f"self.{field}[k]"  # dyn: an int or a string (type() first; startsWith costs by the prefix)
+    return cel(
+        f"!has(self.{field}) || self.{field}.all(k, "
+        f"type({value}) == int ? {value} >= 0 : !{value}.startsWith('-'))",
+        "a resource quantity is at least 0 (e.g. cpu: 4, memory: 512Mi)",
+        field_path=f".{field}",
+    )
+
+
 class Resources(ApiModel):
     """Container resources per pod; accelerators are added from the plan. Other extended resources
     (rdma/hca, an SR-IOV network's VFs) pass through; one given only in requests is limited alike
     (Kubernetes requires it)."""
 
     model_config = ConfigDict(
-        json_schema_extra=validations(_accelerator_rule("requests"), _accelerator_rule("limits"))
+        json_schema_extra=validations(
+            _accelerator_rule("requests"),
+            _accelerator_rule("limits"),
+            _non_negative_rule("requests"),
+            _non_negative_rule("limits"),
+        )
     )
 
     requests: dict[str, Quantity] = Field(default_factory=dict, max_length=32)

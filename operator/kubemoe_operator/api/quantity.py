@@ -26,10 +26,25 @@ MAX_QUANTITY = 2**63 - 1  # what the API server stores (in milli-units for small
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([-+]?[0-9]+))?([a-zA-Z]*)$")
 
 
+def _check_int(value: int) -> float:
+    """A quantity given as a YAML integer: the same bounds as the string form."""
+    if value < 0:
+        raise ValueError(f"{value} is negative; a resource quantity is at least 0 (e.g. 4, 512Mi)")
+    if value > MAX_QUANTITY:
+        digits = len(str(value)) if value.bit_length() < 4000 else round(value.bit_length() * math.log10(2))
+        raise ValueError(
+            f"an integer of {digits} digits is larger than any Kubernetes quantity (at most {MAX_QUANTITY})"
+        )
+    return float(value)
+
+
 def parse_quantity(value: int | str) -> float:
-    """'2Gi' -> 2147483648.0; raises ValueError for anything Kubernetes would reject."""
+    """'2Gi' -> 2147483648.0; raises ValueError for anything Kubernetes would reject, negative
+    quantities included (a pod's requests and limits, a claim's size)."""
     if isinstance(value, int):
-        return float(value)
+        return _check_int(value)
+    if value.strip().startswith("-"):
+        raise ValueError(f"{value!r} is negative; a resource quantity is at least 0 (e.g. 4, 512Mi)")
     match = _QUANTITY.match(value.strip())
     if match is None or match.group(3) not in _SUFFIXES:
         raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 512Mi, 2Gi)")

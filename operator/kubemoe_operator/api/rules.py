@@ -25,6 +25,7 @@ from kubemoe_operator.api.quantity import milli_units
 from kubemoe_operator.api.spec import (
     CACHE_CLAIM_MESSAGE,
     CACHE_SOURCE_MESSAGE,
+    AcceleratorSpec,
     Autoscaling,
     ModelDeploymentSpec,
 )
@@ -107,9 +108,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
             )
         if role.autoscaling is not None:
             problems += autoscaling_problems(role.autoscaling, role=name, path=f"{path}.autoscaling")
-            problems += gpu_metric_problems(
-                role.autoscaling, spec.accelerator.type, path=f"{path}.autoscaling"
-            )
+            problems += gpu_metric_problems(role.autoscaling, spec.accelerator, path=f"{path}.autoscaling")
         if role.resources is not None:
             problems += accelerator_resource_problems(role.resources, field=f"{path}.resources")
             problems += request_limit_problems(role.resources, field=f"{path}.resources")
@@ -206,23 +205,42 @@ def autoscaling_problems(scale: Autoscaling, *, role: str, path: str) -> list[Pr
     return problems
 
 
-NVML_LESS_ACCELERATORS = frozenset({"cpu", "mi300x", "amd_instinct_mi300x"})
-"""accelerator.type values (lower case: catalog/gpus.yaml's names and node labels) of no NVIDIA GPU: cpu
-and the amd.com/gpu ones. Every other type is an NVIDIA GPU (the planner's resource for a type the
-catalog lacks is nvidia.com/gpu); tests/operator/api checks this against the catalog."""
+NON_NVIDIA_TYPES: dict[str, str | None] = {
+    "cpu": None,
+    "mi300x": "amd.com/gpu",
+    "amd_instinct_mi300x": "amd.com/gpu",
+}
+"""accelerator.type values (lower case: catalog/gpus.yaml's names and node labels) whose catalog entry
+requests no nvidia.com/gpu, and the resource it requests instead (None: cpu). api/ may not import the
+catalog; tests/operator/api checks this against it."""
+NVML_LESS_ACCELERATORS = frozenset(NON_NVIDIA_TYPES)
+NVML_RESOURCE = "nvidia.com/gpu"
+"""The one device resource whose pods export kubemoe_gpu_utilization_ratio (the runtime's NVML collector;
+MIG slices report no utilization)."""
 
 
-def gpu_metric_problems(scale: Autoscaling, accelerator: str, *, path: str) -> list[Problem]:
+def device_resource(accelerator: AcceleratorSpec) -> str | None:
+    """The extended resource each pod requests, as catalog.resolve_gpu resolves it: accelerator.resource
+    if given, else the catalog entry's (None for cpu), else nvidia.com/gpu for a type the catalog lacks."""
+    if accelerator.resource is not None:
+        return accelerator.resource
+    return NON_NVIDIA_TYPES.get(accelerator.type.lower(), NVML_RESOURCE)
+
+
+def gpu_metric_problems(scale: Autoscaling, accelerator: AcceleratorSpec, *, path: str) -> list[Problem]:
     """gpu-utilization where no pod exports it: the runtime's NVML collector reads NVIDIA GPUs only, so
-    the metric would always be missing, and a missing metric never scales down."""
-    if accelerator.lower() not in NVML_LESS_ACCELERATORS:
+    on any other device resource (amd.com/gpu, habana.ai/gaudi, cpu) the metric would always be
+    missing, and a missing metric never scales down."""
+    resource = device_resource(accelerator)
+    if resource == NVML_RESOURCE:
         return []
+    device = f"accelerator.type {accelerator.type} ({resource or 'CPU processes, no device'})"
     return [
         Problem(
             field=f"{path}.metrics[{i}].type",
             message=f"gpu-utilization reads kubemoe_gpu_utilization_ratio, which the pods export through"
-            f" NVML for NVIDIA GPUs (nvidia.com/gpu) only; on accelerator.type {accelerator} it is never"
-            " there, and the role would never scale down.",
+            f" NVML for NVIDIA GPUs ({NVML_RESOURCE}) only; on {device} it is never there, and the role"
+            " would never scale down.",
             fix="use itl-p90, ttft-p90, kv-cache-usage or queue-depth (docs/autoscaling.md) instead.",
         )
         for i, metric in enumerate(scale.metrics)
@@ -253,7 +271,7 @@ def request_limit_problems(resources: Resources, *, field: str) -> list[Problem]
             fix=f"lower the request to at most {resources.limits[name]}, or raise the limit.",
         )
         for name, request in resources.requests.items()
-        if name in resources.limits and milli_units(str(request)) > milli_units(str(resources.limits[name]))
+        if name in resources.limits and milli_units(request) > milli_units(resources.limits[name])
     ]
 
 

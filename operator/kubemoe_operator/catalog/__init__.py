@@ -143,12 +143,48 @@ def _shape_problems(merged: dict[str, Any]) -> list[Problem]:
         if merged.get(key, 0) > layers:
             out.append(
                 Problem(
-                    field=f"spec.model.config.{ModelConfig.model_fields[key].alias or key}",
+                    field=f"spec.model.config.{_alias(key)}",
                     message=f"{merged[key]} {what} but only {layers} layers.",
                     fix=fix,
                 )
             )
-    return out
+    return out or _bounded_layer_problems(merged)
+
+
+def _alias(key: str) -> str:
+    """spec.model.config's name for a ModelConfig field (numLayers for num_layers)."""
+    return ModelConfig.model_fields[key].alias or key
+
+
+def _chunked_attention(merged: dict[str, Any]) -> tuple[int | None, int]:
+    """(attention_chunk_size, chunked layers) as spec.model.config or the catalog states them, else the
+    architecture's defaults (CHUNKED_ATTENTION); (None, 0) where no layer attends in chunks."""
+    layers = merged["num_layers"]
+    default_chunk, global_every = CHUNKED_ATTENTION.get(merged.get("architecture", ""), (None, 0))
+    chunk_size = merged.get("attention_chunk_size", default_chunk)
+    chunked = merged.get("chunked_attention_layers", layers - layers // global_every if global_every else 0)
+    return (chunk_size, chunked) if chunk_size and chunked else (None, 0)
+
+
+def _bounded_layer_problems(merged: dict[str, Any]) -> list[Problem]:
+    """Sliding-window and chunked-attention layers are different layers: more of them together than the
+    model has layers would leave fewer than none keeping every token (negative KV sizes in the plan)."""
+    layers, sliding = merged["num_layers"], merged.get("sliding_window_layers", 0)
+    chunked = _chunked_attention(merged)[1]
+    if sliding + chunked <= layers:
+        return []
+    given = "" if "chunked_attention_layers" in merged else f" ({merged.get('architecture')}'s default)"
+    return [
+        Problem(
+            field=f"spec.model.config.{_alias('sliding_window_layers')}",
+            message=f"{_alias('sliding_window_layers')} {sliding} + {_alias('chunked_attention_layers')} "
+            f"{chunked}{given} = {sliding + chunked} layers, but the model has only {_alias('num_layers')} "
+            f"{layers}: a layer slides or attends in chunks, not both.",
+            fix="count them from the model's config.json (sliding_attention entries of layer_types, 1 "
+            "entries of no_rope_layers) so that together they are at most numLayers; set the other to 0 "
+            "if the model has one kind only.",
+        )
+    ]
 
 
 def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
@@ -182,9 +218,7 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
     heads = merged["num_attention_heads"]
     dtype = merged.get("dtype", "bfloat16")
     layers = merged["num_layers"]
-    default_chunk, global_every = CHUNKED_ATTENTION.get(merged.get("architecture", ""), (None, 0))
-    chunk_size = merged.get("attention_chunk_size", default_chunk)
-    chunked = merged.get("chunked_attention_layers", layers - layers // global_every if global_every else 0)
+    chunk_size, chunked = _chunked_attention(merged)
     weight_dtype = merged.get("weight_dtype", dtype)
     return ModelFacts(
         name=spec.name,
@@ -216,8 +250,8 @@ def resolve_model(spec: ModelSpec, catalog: Catalog) -> ModelFacts:
         params_active_b=merged.get("params_active_b"),
         sliding_window=merged.get("sliding_window"),
         sliding_window_layers=merged.get("sliding_window_layers", 0),
-        attention_chunk_size=chunk_size if chunked else None,
-        chunked_layers=chunked if chunk_size else 0,
+        attention_chunk_size=chunk_size,
+        chunked_layers=chunked,
     )
 
 

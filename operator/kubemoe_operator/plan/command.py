@@ -14,7 +14,8 @@ data > 1 and expert parallelism (`--ep-size`, over `--moe-a2a-backend`) when the
 group over several pods is one SGLang server over `--nnodes` nodes: every pod runs the same command
 but for `--node-rank` (its LeaderWorkerSet worker index), and reaches node 0 at `--dist-init-addr`.
 P/D: `--disaggregation-mode prefill|decode` with the transfer backend (serving.kvTransfer.connector);
-prefill servers listen for decode's KV bootstrap on `--disaggregation-bootstrap-port`.
+prefill servers listen for decode's KV bootstrap on `--disaggregation-bootstrap-port`. `--enable-metrics`:
+SGLang serves /metrics (its own sglang:* series, not the kubemoe_* ones the operator's autoscaler reads).
 
 tgi: TGI's launcher (`text-generation-launcher`), one pod per group, `--num-shard` tensor ranks.
 """
@@ -46,6 +47,9 @@ SGLANG_DIST_INIT_PORT = 20000
 """Port on node 0 of a multi-pod SGLang group where the other nodes join (torch.distributed)."""
 SGLANG_BOOTSTRAP_PORT = 8998
 """SGLang's default KV bootstrap port on prefill servers; decode servers connect to it."""
+SGLANG_METRICS_FLAG = "--enable-metrics"
+"""SGLang mounts /metrics (its sglang:* series) only with this flag; its pods are labelled for scraping
+like every serving pod's."""
 LWS_WORKER_INDEX = "$(LWS_WORKER_INDEX)"
 """LeaderWorkerSet's index of the pod in its group (0 on the leader), set in every pod's environment."""
 SGLANG_DTYPES = ("float16", "bfloat16", "float32")
@@ -152,6 +156,7 @@ def sglang_command(*, plan: Plan, role: RolePlan, pod: PodPlan) -> list[str]:
         f"{role.memory.utilization:g}",
         "--tp-size",
         str(role.ranks),
+        SGLANG_METRICS_FLAG,
     ]
     if plan.dtype in SGLANG_DTYPES:
         argv += ["--dtype", plan.dtype]

@@ -19,8 +19,9 @@ import yaml
 
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError, Problem
-from kubemoe_operator.api.rules import NVML_LESS_ACCELERATORS
-from kubemoe_operator.catalog import load_catalog
+from kubemoe_operator.api.rules import NVML_LESS_ACCELERATORS, device_resource
+from kubemoe_operator.api.spec import AcceleratorSpec
+from kubemoe_operator.catalog import load_catalog, resolve_gpu
 from kubemoe_operator.plan.planner import plan_manifest
 from tests.operator.helpers import BASE, REPO
 
@@ -76,6 +77,46 @@ def test_the_nvml_less_types_are_the_catalogs_non_nvidia_ones() -> None:
         names = {gpu.name.lower(), *(label.lower() for label in gpu.product_labels)}
         nvidia = gpu.resource == "nvidia.com/gpu"
         assert nvidia == names.isdisjoint(NVML_LESS_ACCELERATORS), gpu.name
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "resource"),
+    [
+        ({"type": "MI325X", "memoryGiB": 256, "resource": "amd.com/gpu"}, "amd.com/gpu"),
+        ({"type": "Gaudi3", "memoryGiB": 128, "resource": "habana.ai/gaudi"}, "habana.ai/gaudi"),
+        ({"type": "H100", "resource": "nvidia.com/mig-3g.40gb"}, "nvidia.com/mig-3g.40gb"),
+    ],
+)
+def test_gpu_utilization_is_refused_on_any_device_resource_but_nvidia_gpus(
+    accelerator: dict[str, Any], resource: str
+) -> None:
+    roles = _decode_autoscaling("gpu-utilization")
+    (problem,) = _refused(_spec(accelerator={**accelerator, "perPod": 8}, roles=roles))
+    assert problem.field == "spec.roles.decode.autoscaling.metrics[0].type"
+    assert accelerator["type"] in problem.message
+    assert resource in problem.message
+    assert "nvidia.com/gpu" in problem.message
+    assert "itl-p90" in problem.fix
+
+
+def test_gpu_utilization_follows_the_resolved_resource_not_the_type_name() -> None:
+    roles = _decode_autoscaling("gpu-utilization")
+    plan_manifest(
+        parse_manifest(_spec(roles=roles, accelerator={"type": "H100", "resource": "nvidia.com/gpu"}))
+    )
+    unknown = {"type": "MI325X", "memoryGiB": 256}  # no resource given: its pods request nvidia.com/gpu
+    plan_manifest(parse_manifest(_spec(roles=roles, accelerator=unknown)))
+
+
+@pytest.mark.parametrize("resource", [None, "nvidia.com/gpu", "amd.com/gpu", "habana.ai/gaudi"])
+def test_the_rules_device_resource_is_the_one_the_planner_resolves(resource: str | None) -> None:
+    catalog = load_catalog()
+    types = ["GH200", "MI325X"] + [n for g in catalog.gpus for n in (g.name, *g.product_labels)]
+    for name in types + [t.upper() for t in types]:
+        spec = AcceleratorSpec(type=name, memory_gib=80, resource=resource)
+        if resource is not None and name.lower() == "cpu":
+            continue  # refused by resolve_gpu: cpu requests no device
+        assert device_resource(spec) == resolve_gpu(spec, catalog).resource, name
 
 
 def _tiny_vllm(**decode: Any) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def load(path: Path) -> dict[str, Any]:
 
 def as_sglang(data: dict[str, Any]) -> dict[str, Any]:
     """An example as SGLang serves it: its image, a pvc:// source for a file:// one, no spec.experts,
-    nixl for a connector SGLang lacks, no API key Secret on a P/D router (sglang-router's)."""
+    nixl for a connector SGLang lacks, no API key Secret on a P/D router (sglang-router's), an HPA's
+    replicas rather than the operator's metrics (SGLang exports no kubemoe_* series)."""
     data = copy.deepcopy(data)
     spec = data["spec"]
     spec["engine"] = {**spec.get("engine", {}), "kind": "sglang", "image": SGLANG_IMAGE}
@@ -46,6 +47,9 @@ def as_sglang(data: dict[str, Any]) -> dict[str, Any]:
     if kv.get("connector", "nixl") not in ("nixl", "mooncake"):
         kv["connector"] = "nixl"
     spec.get("router", {}).pop("apiKeySecret", None)
+    for role in spec.get("roles", {}).values():
+        if (role.get("autoscaling") or {}).get("metrics"):
+            role["autoscaling"] = {"mode": "external"}
     return data
 
 
