@@ -191,6 +191,12 @@ class AcceleratorSpec(ApiModel):
     resource: str | None = Field(None, max_length=253, pattern=EXTENDED_RESOURCE)
     """The extended resource each pod requests for its accelerators (amd.com/gpu, nvidia.com/gpu, ...);
     overrides the catalog's. A type the catalog lacks gets nvidia.com/gpu unless this says otherwise."""
+    product_label: bool = True
+    """Serving pods require a node whose product label is this type's (nvidia.com/gpu.product, set by
+    NVIDIA's GPU feature discovery, e.g. with the GPU Operator; amd.com/gpu.product-name, by AMD's node
+    labeller). false where GPU nodes lack it (a managed cluster's device plugin alone): the pods then
+    need only the accelerator resource; pick the GPU model with scheduling.nodeSelector (e.g.
+    cloud.google.com/gke-accelerator, node.kubernetes.io/instance-type)."""
 
 
 class KvTransferSpec(ApiModel):

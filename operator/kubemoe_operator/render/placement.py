@@ -5,7 +5,8 @@ Serving pods require a node whose product label (plan.node_label, e.g. nvidia.co
 has one of the accelerator's values: a nodeSelector when there is one value, a required node
 affinity (operator In) when the catalog knows several (H200 and H200 NVL nodes both serve H200).
 A nodeSelector (spec.scheduling's or the role's) that names the label itself wins: its value is the
-user's choice. The cpu accelerator, and GPUs the catalog lacks, add no label.
+user's choice. The cpu accelerator, GPUs the catalog lacks, and accelerator.productLabel false (nodes
+without feature discovery's labels) add no label.
 
 A role's own nodeSelector joins spec.scheduling's (api/rules.py refuses a key with two values); its
 node affinity is ANDed with the operator's (the accelerator expression is added to every required
@@ -25,9 +26,11 @@ from kubemoe_operator.plan.model import Plan
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 
 
-def _accelerator_placement(plan: Plan, node_selector: dict[str, str]) -> dict[str, Any]:
+def _accelerator_placement(
+    spec: ModelDeploymentSpec, plan: Plan, node_selector: dict[str, str]
+) -> dict[str, Any]:
     key, values = plan.node_label, plan.node_label_values
-    if key is None or not values or key in node_selector:
+    if key is None or not values or key in node_selector or not spec.accelerator.product_label:
         return {}
     if len(values) == 1:
         return {"nodeSelector": {key: values[0]}}
@@ -65,7 +68,7 @@ def placement(
     sched = spec.scheduling
     pod = own or PodTemplateOptions()
     selector = {**sched.node_selector, **pod.node_selector} if accelerator else dict(pod.node_selector)
-    extra = _accelerator_placement(plan, selector) if accelerator else {}
+    extra = _accelerator_placement(spec, plan, selector) if accelerator else {}
     selector = {**selector, **extra.pop("nodeSelector", {})}
     if selector:
         out["nodeSelector"] = selector

@@ -168,6 +168,25 @@ def test_the_specs_node_selector_on_the_product_label_wins() -> None:
         assert "affinity" not in pod
 
 
+def test_product_label_false_leaves_placement_to_the_resource_and_the_users_selector() -> None:
+    """Nodes without GPU feature discovery's labels (a managed cluster's device plugin alone): no product
+    label required, the user's own GPU label instead; the GPUs are still requested."""
+    for accelerator in ({"type": "H100", "productLabel": False}, {"type": "L40S", "productLabel": False}):
+        objs = render_spec(
+            accelerator=accelerator,
+            scheduling={"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}},
+        )
+        for _, pod in serving_pods(objs):
+            assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+            assert "affinity" not in pod
+            limits = [
+                c["resources"]["limits"]
+                for c in pod["containers"]
+                if "nvidia.com/gpu" in c["resources"].get("limits", {})
+            ]
+            assert limits, "the GPUs are still requested"
+
+
 def test_cpu_and_uncatalogued_accelerators_get_no_product_label() -> None:
     memory = {"requests": {"memory": "128Gi"}}
     roles = {
