@@ -8,7 +8,13 @@ import re
 from kubemoe_operator.api.engine_flags import extra_args_problems, offloading_problems
 from kubemoe_operator.api.engines import engine_problems
 from kubemoe_operator.api.patterns import DNS_SUBDOMAIN_PATTERN, ENV_NAME_PATTERN
-from kubemoe_operator.api.pod_metadata import metadata_problems, toleration_problems
+from kubemoe_operator.api.pod_metadata import (
+    metadata_problems,
+    node_affinity_problems,
+    node_selector_problems,
+    sub_path_problems,
+    toleration_problems,
+)
 from kubemoe_operator.api.pod_template import (
     ACCELERATOR_RESOURCE_PREFIXES,
     ACCELERATOR_RESOURCES,
@@ -147,6 +153,7 @@ def spec_problems(spec: ModelDeploymentSpec) -> list[Problem]:
     problems += reserved_label_problems(spec.pod.labels, field="spec.pod.labels")
     problems += metadata_problems(spec.pod.labels, spec.pod.annotations, field="spec.pod")
     problems += toleration_problems(spec.scheduling.tolerations, field="spec.scheduling.tolerations")
+    problems += node_selector_problems(spec.scheduling.node_selector, field="spec.scheduling.nodeSelector")
     priority = spec.scheduling.priority_class_name
     if priority and not re.match(DNS_SUBDOMAIN_PATTERN, priority):
         problems.append(
@@ -298,10 +305,15 @@ def reserved_mount_path(path: str) -> str | None:
 
 def pod_template_problems(pod: PodTemplateOptions, *, field: str) -> list[Problem]:
     """spec.roles.<role>.pod or spec.router.pod touching what the operator owns (twins of the CEL rules
-    on PodTemplateOptions), and duplicate names the API server's list maps refuse."""
+    on PodTemplateOptions), duplicate names the API server's list maps refuse, and labels, tolerations,
+    node selectors, node affinity and subPaths the API server would refuse in the pods' workload."""
     problems = reserved_label_problems(pod.labels, field=f"{field}.labels")
     problems += metadata_problems(pod.labels, pod.annotations, field=field)
     problems += toleration_problems(pod.tolerations, field=f"{field}.tolerations")
+    problems += node_selector_problems(pod.node_selector, field=f"{field}.nodeSelector")
+    if pod.affinity is not None:
+        problems += node_affinity_problems(pod.affinity.node_affinity, field=f"{field}.affinity.nodeAffinity")
+    problems += sub_path_problems(pod.volume_mounts, field=f"{field}.volumeMounts")
     for i, var in enumerate(pod.env):
         if var.name.startswith(RESERVED_ENV_PREFIXES) or var.name in RESERVED_ENV_NAMES:
             problems.append(

@@ -224,10 +224,18 @@ def _plan_role(
     if device_memory_gib(role=role, gpu=gpu, devices_per_pod=1) is None:
         return None, [_memory_missing(path)]
 
-    def suggest() -> Parallelism | None:
+    def suggest(sequences: int = SUGGEST_HEADROOM_SEQUENCES) -> Parallelism | None:
+        """The smallest layout with KV for `sequences` sequences of max_len: tensor parallelism where the
+        engine has no expert parallelism, else EP."""
         if not engine.expert:
             return suggest_tensor(
-                model=model, gpu=gpu, role=role, per_pod=per_pod, utilization=utilization, max_len=max_len
+                model=model,
+                gpu=gpu,
+                role=role,
+                per_pod=per_pod,
+                utilization=utilization,
+                max_len=max_len,
+                sequences=sequences,
             )
         return suggest_parallelism(
             model=model,
@@ -238,6 +246,7 @@ def _plan_role(
             max_len=max_len,
             redundant=wanted,
             eplb=eplb,
+            sequences=sequences,
         )
 
     if par is None:
@@ -334,9 +343,13 @@ def _plan_role(
     )
 
     def hint() -> str:
-        better = suggest()
-        if better is not None and better.expert_size > par.expert_size:
+        """The layout to move to: the smallest that passes the check this one failed (`fits`: the weights
+        and KV for one sequence of maxModelLen), not the headroom a role without parallelism is given."""
+        better = suggest(sequences=1)
+        if better is not None and engine.expert and better.expert_size > par.expert_size:
             return f"set parallelism {{tensor: 1, data: {better.data}}} (EP{better.expert_size})"
+        if better is not None and not engine.expert and better.tensor > par.tensor:
+            return f"set parallelism {{tensor: {better.tensor}}}"
         sizes = " or ".join(what for what, has in (("data", engine.data), ("tensor", engine.tensor)) if has)
         return f"spread the model over more ranks ({sizes})"
 
@@ -361,7 +374,9 @@ def _plan_role(
                 message=f"the {name} KV budget ({mem.kv_budget_gib:.2f} GiB per rank) holds {mem.kv_tokens}"
                 " tokens, "
                 f"less than one sequence of maxModelLen={max_len}.",
-                fix=f"set engine.maxModelLen <= {sizing.longest}, or {hint()}.",
+                fix=f"set engine.maxModelLen <= {sizing.longest} to keep this layout, or {hint()}."
+                if sizing.longest >= 1
+                else f"{hint()}.",
             )
         )
     if problems:

@@ -193,9 +193,10 @@ def _headroom(
     max_len: int,
     redundant: int = 0,
     eplb: bool = False,
+    sequences: int = SUGGEST_HEADROOM_SEQUENCES,
 ) -> bool | None:
-    """Whether `par` holds the weights with SUGGEST_HEADROOM_SEQUENCES sequences of KV (the suggestions'
-    test); None when the role's device memory is unknown."""
+    """Whether `par` holds the weights with KV for `sequences` sequences of `max_len` (the suggestions'
+    test; 1 is the planner's own `fits`); None when the role's device memory is unknown."""
     device = device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
     if device is None:
         return None
@@ -209,7 +210,7 @@ def _headroom(
         redundant=redundant,
         eplb=eplb,
     )
-    return sizing.weights_fit and sizing.memory.kv_tokens >= SUGGEST_HEADROOM_SEQUENCES * max_len
+    return sizing.weights_fit and sizing.memory.kv_tokens >= sequences * max_len
 
 
 def suggest_parallelism(
@@ -222,10 +223,12 @@ def suggest_parallelism(
     max_len: int,
     redundant: int = 0,
     eplb: bool = False,
+    sequences: int = SUGGEST_HEADROOM_SEQUENCES,
 ) -> Parallelism | None:
-    """The smallest EP (tensor 1, data = EP) that fits with SUGGEST_HEADROOM_SEQUENCES of KV, and whose
-    ranks share `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots),
-    with vLLM's EPLB buffers when `eplb`."""
+    """The smallest EP (tensor 1, data = EP) that fits with KV for `sequences` sequences of `max_len`
+    (SUGGEST_HEADROOM_SEQUENCES for a role without parallelism; 1, the planner's `fits`, for the fix of a
+    layout that does not fit), and whose ranks share `redundant` expert slots evenly (EP 1 has no expert
+    parallelism, so no redundant slots), with vLLM's EPLB buffers when `eplb`."""
     for ep in divisors(model.num_routed_experts):
         if ep > MAX_DATA_PARALLEL:
             break
@@ -236,7 +239,7 @@ def suggest_parallelism(
         par = Parallelism(tensor=1, data=ep)
         room = _headroom(
             model=model, gpu=gpu, role=role, par=par, devices_per_pod=min(per_pod, ep),
-            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb,
+            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb, sequences=sequences,
         )  # fmt: skip
         if room is None:
             return None
@@ -246,10 +249,17 @@ def suggest_parallelism(
 
 
 def suggest_tensor(
-    *, model: ModelFacts, gpu: GpuFacts, role: RoleSpec, per_pod: int, utilization: float, max_len: int
+    *,
+    model: ModelFacts,
+    gpu: GpuFacts,
+    role: RoleSpec,
+    per_pod: int,
+    utilization: float,
+    max_len: int,
+    sequences: int = SUGGEST_HEADROOM_SEQUENCES,
 ) -> Parallelism | None:
     """For engines without expert parallelism (tgi): the smallest tensor-parallel size within one pod
-    (dividing the attention heads) that fits with SUGGEST_HEADROOM_SEQUENCES of KV."""
+    (dividing the attention heads) that fits with KV for `sequences` sequences of `max_len`."""
     for tp in divisors(model.num_attention_heads):
         if tp > per_pod:
             break
@@ -259,7 +269,7 @@ def suggest_tensor(
         par = Parallelism(tensor=tp, data=1, expert=1)
         room = _headroom(
             model=model, gpu=gpu, role=role, par=par, devices_per_pod=tp, utilization=utilization,
-            max_len=max_len,
+            max_len=max_len, sequences=sequences,
         )  # fmt: skip
         if room is None:
             return None
