@@ -5,6 +5,8 @@
     "die"       a streamed answer cut after two events (the connection closes without the last chunk)
     "nodone"    a streamed answer of two events that ends cleanly, but without `data: [DONE]`
     "drip"      a streamed answer of one event every 0.2 s, for about 20 s
+    "flood"     a streamed answer of 16 kB events as fast as the connection takes them, until the router
+                closes it (recorded in `closed`) or for FLOOD_S at most
     anything    a normal answer: JSON, or SSE events ending in `data: [DONE]` when `stream` is true
 
 With `post_status` set, every POST gets that status (an OpenAI-shaped error, its `code` `error_code`) instead.
@@ -20,6 +22,8 @@ import time
 from typing import Any
 
 EVENT = {"id": "cmpl-x", "object": "text_completion", "choices": [{"index": 0, "text": "tok"}]}
+BIG_EVENT = {"id": "cmpl-x", "object": "text_completion", "choices": [{"index": 0, "text": "x" * 16384}]}
+FLOOD_S = 60.0
 ANSWER = {"id": "cmpl-x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
 
 
@@ -36,7 +40,7 @@ class FakeBackend:
         self.error_code = error_code
         self.retry_after = retry_after  # a Retry-After header on its refusals
         self.posts = 0
-        self.closed = threading.Event()  # a "hang" request's connection was closed by the router
+        self.closed = threading.Event()  # a "hang" or "flood" request's connection was closed by the router
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -71,6 +75,8 @@ class FakeBackend:
                     self._stream([_event(EVENT), _event(EVENT)], complete=True)
                 elif prompt == "drip":
                     self._stream((_event(EVENT) for _ in range(100)), complete=True, pause=0.2)
+                elif prompt == "flood":
+                    self._stream(_flood(), complete=True, record_cut=True)
                 elif body.get("stream"):
                     self._stream([_event(EVENT), _event(EVENT), _event("[DONE]")], complete=True)
                 else:
@@ -96,7 +102,9 @@ class FakeBackend:
                     pass
                 self.close_connection = True
 
-            def _stream(self, events: Any, *, complete: bool, pause: float = 0.0) -> None:
+            def _stream(
+                self, events: Any, *, complete: bool, pause: float = 0.0, record_cut: bool = False
+            ) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
@@ -109,7 +117,8 @@ class FakeBackend:
                     if complete:
                         self.wfile.write(b"0\r\n\r\n")
                 except OSError:
-                    pass
+                    if record_cut:
+                        backend.closed.set()
                 self.close_connection = True  # "die": closed without the last chunk
 
             def log_message(self, *_: object) -> None:
@@ -124,6 +133,13 @@ class FakeBackend:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _flood() -> Any:
+    end = time.monotonic() + FLOOD_S
+    while time.monotonic() < end:
+        yield _event(BIG_EVENT)
+    yield _event("[DONE]")
 
 
 def raw_post(url: str, body: dict[str, Any], *, timeout: float = 30) -> tuple[int, bytes]:

@@ -37,6 +37,7 @@ from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from tests.runtime.api_state import MODEL, api_state, engine_thread
 from tests.runtime.app_thread import serving
 from tests.runtime.fake_backend import raw_post
+from tests.runtime.routing import RouterProcess
 from tests.runtime.test_scheduler import Collected
 from tests.runtime.test_scheduler_mixed_steps import alone, drain, greedy, new_scheduler, run_ep2
 
@@ -251,3 +252,91 @@ def test_over_http_a_failed_request_is_a_500_naming_the_cause_and_the_server_ser
         status, body = raw_post(url, {**bad, "prompt": PROMPTS[0]}, timeout=60)
         assert status == 200, body
         assert json.loads(body)["choices"][0]["text"]
+
+
+# --- a stream that fails alone ------------------------------------------------------------------------------
+
+MID_PROMPT = [
+    MAGIC_0,
+    *PROMPTS[0],
+    1,
+]  # 7 tokens: its fourth generated token comes from its row at position 9
+MID_FAILS = 9
+
+
+def stream_events(body: bytes) -> list[Any]:
+    """An SSE body's events: JSON objects, and "[DONE]"."""
+    events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    return ["[DONE]" if e == b"[DONE]" else json.loads(e) for e in events]
+
+
+def failed_alone(events: list[Any], *, text: str) -> None:
+    """A stream that failed alone after `text`: its text events, then one error event and [DONE]."""
+    assert events[-1] == "[DONE]", events[-3:]
+    *chunks, last = events[:-1]
+    assert chunks  # it failed mid-stream
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    error = last["error"]
+    assert (error["type"], error["code"], error["param"]) == ("server_error", "request_failed", None)
+    assert "not finite" in error["message"]
+
+
+def test_over_http_a_stream_that_failed_alone_ends_with_an_error_event_and_done(
+    qwen: Path, engine: TorchEngine, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream whose request failed alone (its fourth token's logits not finite) carries its first three
+    tokens, then the error as an event and [DONE]: the stream ends cleanly, as the pod serves on. Fails on
+    the old code: the stream was cut (no [DONE], the connection broken), which is how a dead engine ends
+    one, and what the router takes the pod out of rotation for."""
+    poison(engine, lambda tokens, pos, slot: pos[0] == MID_FAILS, monkeypatch=monkeypatch)
+    state = api_state(engine, tokenizer, qwen)
+    with serving(build_app(state), lifespan="off") as port, engine_thread(state):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        bad = {"model": MODEL, "prompt": MID_PROMPT, "max_tokens": 8, "temperature": 0}
+        status, body = raw_post(url, {**bad, "max_tokens": 3}, timeout=60)  # what comes before the failure
+        assert status == 200, body
+        text = json.loads(body)["choices"][0]["text"]
+        status, body = raw_post(url, {**bad, "stream": True}, timeout=60)
+        assert status == 200
+        failed_alone(stream_events(body), text=text)
+        status, body = raw_post(
+            url, {**bad, "prompt": PROMPTS[1], "max_tokens": 4, "stream": True}, timeout=60
+        )
+        assert stream_events(body)[-1] == "[DONE]"  # the next one is served as usual
+
+
+def test_through_the_router_a_stream_that_failed_alone_keeps_its_pod_in_rotation(
+    qwen: Path, engine: TorchEngine, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The router passes the engine's error event on as it came, counts the request a 500, and keeps the
+    pod in rotation. Fails on the old code: the engine cut the stream, the router ejected the pod and ended
+    the stream with its own `backend_failed` error."""
+    poison(engine, lambda tokens, pos, slot: pos[0] == MID_FAILS, monkeypatch=monkeypatch)
+    state = api_state(engine, tokenizer, qwen)
+    with serving(build_app(state), lifespan="off") as port, engine_thread(state):
+        args = [
+            "--served-model-name",
+            MODEL,
+            "--policy",
+            "round-robin",
+            "--worker-service",
+            f"127.0.0.1:{port}",
+        ]
+        router = RouterProcess(args=[*args, "--health-interval", "60"], log_dir=tmp_path)  # no re-admission
+        try:
+            router.wait_ready()
+            url = f"{router.url}/v1/completions"
+            bad = {"model": MODEL, "prompt": MID_PROMPT, "max_tokens": 3, "temperature": 0}
+            status, body = raw_post(url, bad, timeout=60)
+            assert status == 200, body
+            text = json.loads(body)["choices"][0]["text"]
+            status, body = raw_post(url, {**bad, "max_tokens": 8, "stream": True}, timeout=60)
+            assert status == 200
+            failed_alone(stream_events(body), text=text)
+            backend = f"127.0.0.1:{port}"
+            assert router.metric("kubemoe_router_backend_healthy", role="worker", backend=backend) == 1
+            assert router.metric("kubemoe_router_requests_total", endpoint="/v1/completions", code="500") == 1
+            status, body = raw_post(url, {**bad, "prompt": PROMPTS[1]}, timeout=60)
+            assert status == 200, body  # the same pod serves on
+        finally:
+            router.stop()

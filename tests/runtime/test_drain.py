@@ -1,7 +1,8 @@
 """Graceful drain (pod/drain.py) in real processes: after SIGTERM an engine server or a router answers
 /ready and new requests 503 (the router then ejects the engine at once and serves from another backend)
 while a request already in flight finishes normally (a stream to its last token), then exits 0; a drain
-ends at its timeout or on a second signal. A group over two pods: the leader drains, then ends the group
+ends at its timeout (the router answers what it still holds 503 there and then, a stream with an error
+event and [DONE]) or on a second signal. A group over two pods: the leader drains, then ends the group
 (its headless worker exits 0); a headless worker does not drain but leaves its group at once, and the
 leader, noticing the lost rank, fails at once, drain or not.
 
@@ -23,8 +24,11 @@ from typing import Any
 import pytest
 
 from kubemoe_runtime.engines.torch.serve.pod import KEEPALIVE_S
-from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain
+from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain, DrainingServer, DrainMiddleware
+from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.ports import free_port
+from kubemoe_runtime.router.app import build_router_app
+from kubemoe_runtime.router.main import RouterSettings, build
 from tests.runtime.fake_backend import FakeBackend, parse_response, raw_post
 from tests.runtime.held_request import Held
 from tests.runtime.routing import RouterProcess
@@ -330,6 +334,121 @@ def test_a_drain_stops_at_its_timeout(gated: GatedStream, tmp_path: Path) -> Non
         held.close()
     finally:
         router.stop()
+
+
+class Waiting:
+    """A non-streaming POST on its own thread: its status and body once the server answered."""
+
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        self.answer: tuple[int, bytes] | None = None
+        self.thread = threading.Thread(target=self._post, args=(url, body), daemon=True)
+        self.thread.start()
+
+    def _post(self, url: str, body: dict[str, Any]) -> None:
+        self.answer = raw_post(url, body, timeout=30)
+
+    def result(self) -> tuple[int, bytes]:
+        self.thread.join(timeout=30)
+        assert self.answer is not None, "no answer"
+        return self.answer
+
+
+def ended_at_the_deadline(status: int, body: bytes) -> None:
+    """A stream the router ended at its drain deadline: the backend's events, then a 503 error event and
+    [DONE] (not a silent cut)."""
+    assert status == 200  # its head went out as it began
+    events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]", events[-3:]
+    *chunks, error = [json.loads(e) for e in events[:-1]]
+    assert chunks
+    assert all(c["choices"][0]["text"] == "tok" for c in chunks)
+    assert error["error"]["code"] == "draining"
+    assert error["error"]["type"] == "server_error"
+    assert "drain timeout" in error["error"]["message"]
+
+
+def test_a_router_ends_what_is_in_flight_at_its_drain_deadline(tmp_path: Path) -> None:
+    """At --drain-timeout a stream still relayed ends with an error event and [DONE], and a request still
+    waiting for its backend gets a 503 JSON error, there and then. Fails on the old code: uvicorn cancelled
+    both SHUTDOWN_S later, the stream cut with neither an error event nor [DONE], the other a plain-text
+    500."""
+    backend = FakeBackend()
+    router = router_for(backend.address, tmp_path, "--drain-timeout", "1")
+    try:
+        data = json.dumps({"model": MODEL, "prompt": "drip", "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", router.port), timeout=30) as sock:
+            head = f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {len(data)}\r\n"
+            sock.sendall(head.encode() + b"connection: close\r\n\r\n" + data)
+            answer = b""
+            while b"data: " not in answer:  # the first event went through
+                answer += sock.recv(65536)
+            waiting = Waiting(f"{router.url}/v1/completions", {"model": MODEL, "prompt": "hang"})
+            wait_for(lambda: backend.posts == 2)  # the backend has it, and will never answer
+
+            router.process.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            while chunk := sock.recv(65536):
+                answer += chunk
+            ended = time.monotonic() - start
+        ended_at_the_deadline(*parse_response(answer))
+        status, body = waiting.result()
+        assert status == 503, body
+        error = json.loads(body)["error"]
+        assert (error["code"], error["type"]) == ("draining", "server_error")
+        assert ended < 1 + SHUTDOWN_S, f"the stream ended {ended:.1f} s after SIGTERM"
+        assert backend.closed.wait(5), "the waiting request's backend connection was left open"
+        assert router.process.wait(timeout=SHUTDOWN_S + 10) == 0, router.log()
+        print(f"the stream ended {ended:.2f} s after SIGTERM (drain timeout 1 s)")
+    finally:
+        router.stop()
+        backend.close()
+
+
+def test_what_a_router_ends_at_its_drain_deadline_counts_503_and_ejects_no_backend() -> None:
+    """The same, in process, to look at the router's own state: both requests counted 503 (the old code
+    counted the stream 200, and the cancelled one 500), and the backend, which did nothing wrong, left in
+    rotation (closing its connection to end the stream must not read as its failure)."""
+    backend = FakeBackend()
+    port = free_port()
+    settings = RouterSettings(
+        served_model_names=(MODEL,),
+        host="127.0.0.1",
+        port=port,
+        policy="round-robin",
+        services={"worker": (backend.address,)},
+        refresh_interval=60,
+        health_interval=60,
+        max_attempts=1,
+    )
+    router = build(settings, environ={})
+    drain = Drain()
+    config = server_config(
+        DrainMiddleware(build_router_app(router), drain), host="127.0.0.1", port=port, lifespan="on"
+    )
+    server = DrainingServer(config, drain=drain, timeout=1.0, on_timeout=router.end_in_flight)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        wait_for(lambda: server.started)
+        stream = Waiting(url, {"model": MODEL, "prompt": "drip", "stream": True})
+        whole = Waiting(url, {"model": MODEL, "prompt": "hang"})
+        wait_for(lambda: backend.posts == 2)
+        server.handle_exit(signal.SIGTERM, None)  # what the signal handler does
+        ended_at_the_deadline(*stream.result())
+        assert whole.result()[0] == 503
+        thread.join(timeout=SHUTDOWN_S + 10)
+        assert not thread.is_alive(), "the router did not exit"
+        requests = router.metrics.registry.get_sample_value
+        assert requests("kubemoe_router_requests_total", {"endpoint": "/v1/completions", "code": "503"}) == 2
+        assert router.metrics.registry.get_sample_value("kubemoe_router_requests_in_flight") == 0
+        (worker,) = router.backends.pool("worker").backends.values()
+        assert worker.healthy
+        assert worker.ejected_at is None
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        backend.close()
 
 
 def test_a_second_signal_ends_the_drain(gated: GatedStream, tmp_path: Path) -> None:

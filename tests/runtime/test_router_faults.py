@@ -1,7 +1,8 @@
 """The router (a real process) in front of misbehaving backends (tests/runtime/fake_backend.py): a silent
 backend is a 504 after the read timeout, a stream past the request's deadline or cut by a dying backend
 ends with an OpenAI-shaped error event (not a silent truncation), a client that leaves a non-streaming
-request has the upstream connection closed, and a backend answering 503 is ejected at once."""
+request has the upstream connection closed, as does one that stops reading a stream (after
+--client-write-timeout), and a backend answering 503 is ejected at once."""
 
 from __future__ import annotations
 
@@ -152,3 +153,37 @@ def test_a_busy_backend_is_passed_over_but_stays_in_rotation(tmp_path: Path) -> 
     finally:
         router.stop()
         busy.close()
+
+
+def test_a_client_that_stops_reading_a_stream_is_given_up(backend: FakeBackend, tmp_path: Path) -> None:
+    """A client that reads a stream's head, then nothing: once the buffers on the way are full, the router's
+    write to it waits; past --client-write-timeout the router closes the backend's connection (the engine
+    would stop generating for no one), counts the request 499, and closes the client's connection, the body
+    cut. Fails on the old code: the write waited for as long as the client held the connection, and the
+    backend's stream with it."""
+    router = router_for(backend, log_dir=tmp_path, name="stalled", extra=("--client-write-timeout", "1"))
+    try:
+        backend.closed.clear()
+        data = json.dumps({"prompt": "flood", "stream": True}).encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", router.port))
+            head = f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {len(data)}\r\n\r\n"
+            sock.sendall(head.encode() + data)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            stalled = time.monotonic()
+            assert backend.closed.wait(30), "the router kept relaying to a client that reads nothing"
+            print(f"the backend's stream was closed {time.monotonic() - stalled:.1f} s after the stall")
+            code = router.metric("kubemoe_router_requests_total", endpoint="/v1/completions", code="499")
+            assert code == 1
+            assert "took nothing for 1 s" in router.log()
+            while chunk := sock.recv(1 << 20):  # what was queued for the client, then the close
+                answer += chunk
+        assert not answer.endswith(b"\r\n0\r\n\r\n"), "a stream given up must not look complete"
+        assert b"[DONE]" not in answer
+    finally:
+        router.stop()

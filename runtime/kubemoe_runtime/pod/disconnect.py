@@ -4,7 +4,9 @@ uvicorn does not cancel a handler whose client disconnected; a streaming answer 
 fails, but a non-streaming one would run to its end for no one. Once the body has been read, the only
 message left for the app is `http.disconnect`, sent when the connection closes (or once the answer is
 complete), so a watcher waiting for it can cancel the work. The engine server aborts the request in the
-scheduler that way; the router closes its connection to the backend, whose own watcher then does.
+scheduler that way; the router closes its connection to the backend, whose own watcher then does. The
+router also stops waiting at its drain deadline (`ended`: router/in_flight.py), and answers 503 there and
+then.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ class ClientGone(Exception):
     """The client closed the connection before the answer was ready; the work was cancelled."""
 
 
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """`work`'s result, or ClientGone (with `work` cancelled) if the client disconnects first. The
-    request's body must have been read already."""
+class Ended(Exception):
+    """The server ended the request (its drain deadline) before the answer was ready; the work was
+    cancelled."""
+
+
+async def unless_disconnected(
+    request: Request, work: Coroutine[Any, Any, T], *, ended: asyncio.Future[None] | None = None
+) -> T:
+    """`work`'s result, or ClientGone (with `work` cancelled) if the client disconnects first, or Ended
+    (likewise) if `ended` is done first. The request's body must have been read already."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
+    waiting: set[asyncio.Future[Any]] = {task, watcher} if ended is None else {task, watcher, ended}
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
@@ -37,7 +47,7 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) ->
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     if task.cancelled():
-        raise ClientGone
+        raise Ended if ended is not None and ended.done() else ClientGone
     return task.result()
 
 

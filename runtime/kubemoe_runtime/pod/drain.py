@@ -20,7 +20,8 @@ a `DrainingServer`:
   the gap between an answer and its pull;
 - at the deadline, with requests still in flight, calls the server's `on_timeout` if it has one, then
   exits: the torch engine's answers each of those requests 503 there and then (a stream is cut as for a
-  failed engine), which the router retries elsewhere, rather than leave uvicorn to cancel them
+  failed engine), which the router retries elsewhere, and the router's answers its own 503 (a stream
+  with an error event and [DONE]: router/in_flight.py), rather than leave uvicorn to cancel them
   SHUTDOWN_S later (a bare 500, a stream cut with no error);
 - a second signal skips the rest of the drain (uvicorn then gives connections its own short
   timeout_graceful_shutdown), a third SIGINT forces the exit, as uvicorn does.

@@ -3,13 +3,16 @@
     kubemoe-runtime serve --role router --served-model-name NAME --host H --port P --policy POLICY
         (--prefill-service HOST:PORT[,HOST:PORT] --decode-service HOST:PORT[,...] | --worker-service ...)
         [--api-key-file PATH] [--refresh-interval S] [--health-interval S] [--max-attempts N]
-        [--upstream-read-timeout S] [--request-timeout S] [--drain-timeout S] [--pd-min-prompt-tokens N]
+        [--upstream-read-timeout S] [--request-timeout S] [--client-write-timeout S] [--drain-timeout S]
+        [--pd-min-prompt-tokens N]
 
 A HOST is resolved again every --refresh-interval seconds (a headless Service's DNS answers are its
 ready pods); engine flags the operator may render for other roles are ignored with a warning.
 Disaggregated, the router signs the KV hand-off with the key in $KUBEMOE_KV_KEY (pod/kv_auth.py) and does not
 start without one. On SIGTERM the router drains (pod/drain.py): /ready and new requests get 503 (the
-front Service stops sending it any), requests in flight (streams included) finish, up to --drain-timeout.
+front Service stops sending it any), requests in flight (streams included) finish, up to --drain-timeout;
+those still in flight then are answered 503 there and then (a stream with an error event and [DONE]:
+in_flight.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from kubemoe_runtime.router.backends import Backends, split_hostport
 from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.policies import POLICIES, make_policy
 from kubemoe_runtime.router.proxy import REQUEST_TIMEOUT_S, Router, RouterConfig, roles_for
+from kubemoe_runtime.router.relay import WRITE_TIMEOUT_S
 from kubemoe_runtime.router.upstream import READ_TIMEOUT_S
 
 
@@ -54,6 +58,7 @@ class RouterSettings(BaseModel):
     max_attempts: int = Field(ge=1)
     upstream_read_timeout: float = Field(default=READ_TIMEOUT_S, gt=0)
     request_timeout: float = Field(default=REQUEST_TIMEOUT_S, gt=0)
+    client_write_timeout: float = Field(default=WRITE_TIMEOUT_S, gt=0, allow_inf_nan=False)
     pd_min_prompt_tokens: int = Field(default=0, ge=0)
     drain_timeout: float = Field(default_factory=drain_timeout_default, ge=0, allow_inf_nan=False)
 
@@ -100,6 +105,12 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         "--request-timeout", type=float, default=REQUEST_TIMEOUT_S, help="seconds a request may take in all"
     )
     parser.add_argument(
+        "--client-write-timeout",
+        type=float,
+        default=WRITE_TIMEOUT_S,
+        help="seconds a client may take none of a streamed answer (it stopped reading): then it is given up",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=drain_timeout_default(),
@@ -129,6 +140,7 @@ def parse_args(argv: Sequence[str]) -> tuple[RouterSettings, list[str]]:
         max_attempts=args.max_attempts,
         upstream_read_timeout=args.upstream_read_timeout,
         request_timeout=args.request_timeout,
+        client_write_timeout=args.client_write_timeout,
         drain_timeout=args.drain_timeout,
         pd_min_prompt_tokens=args.pd_min_prompt_tokens,
     )
@@ -160,6 +172,7 @@ def build(settings: RouterSettings, *, environ: Mapping[str, str] | None = None)
         kv_signer=signer,
         read_timeout=settings.upstream_read_timeout,
         request_timeout=settings.request_timeout,
+        write_timeout=settings.client_write_timeout,
         pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
     )
     return Router(config, backends=backends, metrics=metrics)
@@ -189,5 +202,5 @@ def main(argv: Sequence[str]) -> int:
     drain = Drain()
     app = DrainMiddleware(build_router_app(router), drain)
     config = server_config(app, host=settings.host, port=settings.port, lifespan="on")
-    DrainingServer(config, drain=drain, timeout=settings.drain_timeout).run()
+    DrainingServer(config, drain=drain, timeout=settings.drain_timeout, on_timeout=router.end_in_flight).run()
     return 0

@@ -23,10 +23,13 @@ router sends (to the prefill, and the prefill's answer to the decode) are signed
 A request is retried on another backend of the same role when the first one refuses the connection, drops
 it before answering, or answers 503 (dispatch.py); a streaming answer is never retried once its first
 byte went out. Every read from a backend is bounded (--upstream-read-timeout: silence; --request-timeout:
-the whole request): past either, a 504, or for a stream an error event (relay.py). A client that goes
-away before a non-streaming answer has its upstream request cancelled (the connection closed, which the
-engine sees as its client leaving). The router checks only what it must read (checks.py); the engines
-validate the rest and their 4xx answers pass through unchanged.
+the whole request): past either, a 504, or for a stream an error event (relay.py); every write of a
+streamed answer to the client is bounded too (--client-write-timeout: a client that stopped reading has
+its answer given up, relay.py). A client that goes away before a non-streaming answer has its upstream
+request cancelled (the connection closed, which the engine sees as its client leaving). At the router's
+drain deadline what is still in flight is answered 503 there and then (in_flight.py). The router checks
+only what it must read (checks.py); the engines validate the rest and their 4xx answers pass through
+unchanged.
 
 Forwarded paths (vLLM's /v1/embeddings, /v1/responses, /tokenize, /version, ...) go to a backend the role's
 policy picks, keyed by the body's prompt, messages or input: colocated, any healthy worker; disaggregated,
@@ -52,7 +55,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
+from kubemoe_runtime.pod.disconnect import ClientGone, Ended, unless_disconnected
 from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVSigner
 from kubemoe_runtime.pod.protocol import ApiError, ModelList
 from kubemoe_runtime.router.auth import ApiKeys
@@ -73,15 +76,18 @@ from kubemoe_runtime.router.checks import (
     read_json,
 )
 from kubemoe_runtime.router.dispatch import Dispatcher
+from kubemoe_runtime.router.in_flight import InFlight, drain_deadline_error
 from kubemoe_runtime.router.kv_release import KVReleaser, held_handle
 from kubemoe_runtime.router.metrics import RouterMetrics
 from kubemoe_runtime.router.models import ModelCards
 from kubemoe_runtime.router.policies import Policy
 from kubemoe_runtime.router.relay import (
+    CLIENT_GONE,
     NOT_SENT_BACK,
     NOT_SENT_UP,
-    CutStreamingResponse,
+    WRITE_TIMEOUT_S,
     Done,
+    RelayResponse,
     error_response,
     passthrough,
     pipe,
@@ -90,7 +96,6 @@ from kubemoe_runtime.router.relay import (
 from kubemoe_runtime.router.upstream import READ_TIMEOUT_S, Upstream, UpstreamTimeout
 
 REQUEST_TIMEOUT_S = 1800.0  # a request's deadline, streaming included
-CLIENT_GONE = 499  # counted for a request whose client left before its answer
 REMOTE_DECODE = {
     "do_remote_decode": True,
     "do_remote_prefill": False,
@@ -111,6 +116,7 @@ class RouterConfig:
     kv_signer: KVSigner | None = None  # signs the kv_transfer_params it sends (disaggregated)
     read_timeout: float = READ_TIMEOUT_S  # the most seconds a backend may send nothing
     request_timeout: float = REQUEST_TIMEOUT_S
+    write_timeout: float = WRITE_TIMEOUT_S  # the most seconds a client may take none of a streamed answer
     pd_min_prompt_tokens: int = 0
     """Disaggregated: prompts estimated shorter than this go to a decode alone, which prefills them
     itself (P/D's KV hand-off costs more than it saves on a short prompt). 0: every prompt P/D."""
@@ -133,6 +139,12 @@ class Router:
             self.dispatch, role=self.forward_role, served_names=config.served_names, created=config.created
         )
         self.kv_releases = KVReleaser(self.upstream)
+        self.in_flight = InFlight()
+
+    def end_in_flight(self) -> None:
+        """At the drain deadline (pod/drain.py's on_timeout): answer every request in flight now, 503
+        (in_flight.py). On the event loop's thread."""
+        self.in_flight.end_all()
 
     # --- endpoints ----------------------------------------------------------------------------------
 
@@ -211,19 +223,22 @@ class Router:
                 relay_any_status=True,
                 deadline=deadline,
             )
-            upstream = await unless_disconnected(request, work)
+            upstream = await unless_disconnected(request, work, ended=self.in_flight.ended())
             code = upstream.status
             back = {k: v for k, v in upstream.response.headers.items() if k not in NOT_SENT_BACK}
             back[f"x-kubemoe-{role}-backend"] = upstream.backend.address
             if upstream.body is not None:
                 response = Response(upstream.body, status_code=upstream.status, headers=back)
             else:
-                response = CutStreamingResponse(
-                    pipe(
-                        upstream, backends=self.backends, done=self._counter(endpoint, start, latency=False)
-                    ),
-                    status_code=upstream.status,
-                    headers=back,
+                relay = functools.partial(
+                    pipe,
+                    upstream,
+                    backends=self.backends,
+                    in_flight=self.in_flight,
+                    done=self._counter(endpoint, start, latency=False),
+                )
+                response = RelayResponse(
+                    relay, write_timeout=self.config.write_timeout, status_code=upstream.status, headers=back
                 )
             return response
         except ApiError as err:
@@ -235,6 +250,10 @@ class Router:
         except ClientGone:
             code = CLIENT_GONE
             return Response(status_code=CLIENT_GONE)
+        except Ended:
+            ended = drain_deadline_error()
+            code = ended.status
+            return error_response(ended)
         finally:
             if not isinstance(response, StreamingResponse):  # else pipe counts it when the answer ends
                 self._done(endpoint=endpoint, code=code, start=start, latency=False)
@@ -265,7 +284,7 @@ class Router:
                 start=start,
                 deadline=deadline,
             )
-            response = await unless_disconnected(request, work)
+            response = await unless_disconnected(request, work, ended=self.in_flight.ended())
             code = response.status_code
             return response
         except ApiError as err:
@@ -277,6 +296,10 @@ class Router:
         except ClientGone:
             code = CLIENT_GONE
             return Response(status_code=CLIENT_GONE)
+        except Ended:
+            ended = drain_deadline_error()
+            code = ended.status
+            return error_response(ended)
         finally:
             if not isinstance(response, StreamingResponse):  # else relay_sse counts it when the stream ends
                 self._done(endpoint=endpoint, code=code, start=start)
@@ -349,16 +372,21 @@ class Router:
             self.metrics.phase.labels(phase=role).observe(decode_s)
             timing[f"x-kubemoe-{role}-ms"] = f"{decode_s * 1e3:.1f}"
             return passthrough(upstream, timing)
-        events = relay_sse(
+        relay = functools.partial(
+            relay_sse,
             upstream,
             backends=self.backends,
+            in_flight=self.in_flight,
             metrics=self.metrics,
             start=start,
             decode_start=decode_start,
             done=self._counter(endpoint, start),
         )
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"cache-control": "no-cache", **timing}
+        return RelayResponse(
+            relay,
+            write_timeout=self.config.write_timeout,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", **timing},
         )
 
     def _release(self, held: tuple[str, str], *, why: str) -> None:

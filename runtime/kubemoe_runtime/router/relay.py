@@ -5,32 +5,43 @@ A whole answer (not streamed) goes back as it came, with the router's timing hea
 A completions stream passes through as whole SSE events (`relay_sse`: a cut one is never sent), its text
 events timed on the way (TTFT, ITL). One the backend cuts (it died, went quiet, or ended without
 `data: [DONE]`) ends with an OpenAI-shaped error event `data: {"error": {...}}` and `data: [DONE]`, not a
-silent truncation.
+silent truncation; so does one the router ends itself at its drain deadline (in_flight.py), with a 503 and
+without ejecting the backend. An error event the backend sends itself (a request that failed alone, the
+pod serving on) passes through as it came; the answer counts as a 500.
 
 A forwarded answer is relayed as it arrives (`pipe`), SSE or not. A backend that fails mid-answer ends an
-SSE answer with an error event, and any other answer with a broken connection (`CutStreamingResponse`):
-never a complete-looking answer. Headers go up except hop-by-hop ones, Host, Authorization (the router's
-key), Cookie and Accept-Encoding (the answer comes back unencoded: NOT_SENT_UP), and come back except
-hop-by-hop ones and those the router's own server writes (NOT_SENT_BACK).
+SSE answer with an error event, and any other answer with a broken connection (`Cut`): never a
+complete-looking answer. Headers go up except hop-by-hop ones, Host, Authorization (the router's key),
+Cookie and Accept-Encoding (the answer comes back unencoded: NOT_SENT_UP), and come back except hop-by-hop
+ones and those the router's own server writes (NOT_SENT_BACK).
+
+Every write to the client is bounded (`ClientWriter`, --client-write-timeout): a client that stops reading
+would otherwise hold its relay, the backend's connection and the engine's request (generating for no one)
+for as long as it keeps the connection open. Past the bound its answer is given up: the backend's connection
+is closed, the request counted CLIENT_GONE, and the client's connection closed (uvicorn closes it; the
+event loop lets the socket go once the bytes already queued for it are sent, or the client leaves: an ASGI
+app has no way to reset a connection).
 
 Errors the router answers itself are OpenAI-shaped (`error_response`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Send
+from starlette.types import Message, Send
 
 from kubemoe_runtime.pod.protocol import ApiError
 from kubemoe_runtime.router.backends import Backends
 from kubemoe_runtime.router.dispatch import BackendAnswer
+from kubemoe_runtime.router.in_flight import InFlight, drain_deadline_error
 from kubemoe_runtime.router.metrics import RouterMetrics
-from kubemoe_runtime.router.upstream import UpstreamError, UpstreamTimeout
+from kubemoe_runtime.router.upstream import UpstreamEnded, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("kubemoe_runtime.router")
 _HOP_BY_HOP = frozenset(
@@ -39,6 +50,9 @@ _HOP_BY_HOP = frozenset(
 )
 NOT_SENT_UP = _HOP_BY_HOP | {"authorization", "cookie", "expect", "accept-encoding"}
 NOT_SENT_BACK = _HOP_BY_HOP | {"date", "server"}  # the router's own server writes those
+
+CLIENT_GONE = 499  # counted for a request whose client left, or stopped reading, before its answer's end
+WRITE_TIMEOUT_S = 60.0  # the most seconds a client may take none of a streamed answer
 
 Done = Callable[[int], None]
 """Counts a request as answered, with its final status, once its answer has ended."""
@@ -73,54 +87,127 @@ def carries_text(event: bytes) -> bool:
     )
 
 
+def failure(
+    err: UpstreamError | UpstreamTimeout | UpstreamEnded, upstream: BackendAnswer, backends: Backends
+) -> ApiError:
+    """The error an answer cut short by `err` ends with; a backend that failed mid-answer is ejected (one
+    the router ended itself, at its drain deadline, is not: in_flight.py)."""
+    if isinstance(err, UpstreamError):
+        backends.eject(upstream.backend, reason=f"stream {err.kind}")
+        return stream_error(f"the backend failed mid-answer: {err}", "backend_failed")
+    if isinstance(err, UpstreamTimeout):
+        return stream_error(str(err), "timeout")
+    return drain_deadline_error()
+
+
+def error_event(err: ApiError) -> bytes:
+    return f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n".encode()
+
+
+class ClientStalled(Exception):
+    """The client took none of a write for the write timeout (it stopped reading): its answer is given up."""
+
+
+class Cut(Exception):
+    """A forwarded answer's backend failed mid-body: the client's connection is to be closed."""
+
+
+class ClientWriter:
+    """The way to the client for a relay: the answer's head (`begin`, else with the first write), its body,
+    its end; every write bounded by `timeout` (ClientStalled past it)."""
+
+    def __init__(self, send: Send, *, start: Message, timeout: float) -> None:
+        self._send = send
+        self._start: Message | None = start
+        self.timeout = timeout
+
+    async def begin(self) -> None:
+        await self._bounded(None)
+
+    async def write(self, data: bytes) -> None:
+        await self._bounded({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        await self._bounded({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _bounded(self, message: Message | None) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._start is not None:
+                    start, self._start = self._start, None
+                    await self._send(start)
+                if message is not None:
+                    await self._send(message)
+        except TimeoutError as err:
+            raise ClientStalled(f"the client took nothing for {self.timeout:g} s") from err
+
+
+Relay = Callable[[ClientWriter], Awaitable[None]]
+"""Relays an answer to the client through the writer (`relay_sse`, `pipe`): its head at once, its body as
+it comes, then its end, or it raises Cut; releases the backend and counts the answer (`Done`) however it
+ends."""
+
+
 async def relay_sse(
     upstream: BackendAnswer,
+    client: ClientWriter,
     *,
     backends: Backends,
+    in_flight: InFlight,
     metrics: RouterMetrics,
     start: float,
     decode_start: float,
     done: Done,
-) -> AsyncIterator[bytes]:
+) -> None:
     """Pass the decode's (or worker's) SSE events through (whole events: a cut one is never sent), timing
     the text events on the way. A backend that fails, goes quiet, or ends without `data: [DONE]` gets an
-    OpenAI-shaped error event, then [DONE], where the rest of the answer would be."""
+    OpenAI-shaped error event, then [DONE], where the rest of the answer would be; an error event of the
+    backend's own (a request that failed alone) passes through as it came, and the answer counts as a 500."""
     buffer = b""
     last: float | None = None
     finished = False
+    failed = False  # the backend ended the answer with an error event of its own
     code = 200
     error: ApiError | None = None
     try:
-        try:
-            async for chunk in upstream.response.iter_raw():
-                buffer += chunk
-                *events, buffer = buffer.split(b"\n\n")
-                if not events:
-                    continue
-                now = time.monotonic()
-                for event in events:
-                    finished = finished or event.startswith(b"data: [DONE]")
-                    if not carries_text(event):
+        await client.begin()
+        with in_flight.relaying(upstream.response):
+            try:
+                async for chunk in upstream.response.iter_raw():
+                    buffer += chunk
+                    *events, buffer = buffer.split(b"\n\n")
+                    if not events:
                         continue
-                    if last is None:
-                        metrics.ttft.observe(now - start)
-                    else:
-                        metrics.itl.observe(now - last)
-                    last = now
-                yield b"".join(event + b"\n\n" for event in events)
-            if buffer.strip():  # a last event without its blank line
-                finished = finished or buffer.startswith(b"data: [DONE]")
-                yield buffer.rstrip(b"\n") + b"\n\n"
-            if not finished:
-                error = stream_error("the backend's stream ended without `data: [DONE]`", "backend_failed")
-        except UpstreamError as err:  # the backend died mid-answer
-            backends.eject(upstream.backend, reason=f"stream {err.kind}")
-            error = stream_error(f"the backend failed mid-answer: {err}", "backend_failed")
-        except UpstreamTimeout as err:
-            error = stream_error(str(err), "timeout")
+                    now = time.monotonic()
+                    for event in events:
+                        if not carries_text(event):
+                            finished = finished or event.startswith(b"data: [DONE]")
+                            failed = failed or event.startswith(b'data: {"error"')
+                            continue
+                        if last is None:
+                            metrics.ttft.observe(now - start)
+                        else:
+                            metrics.itl.observe(now - last)
+                        last = now
+                    await client.write(b"".join(event + b"\n\n" for event in events))
+                if buffer.strip():  # a last event without its blank line
+                    finished = finished or buffer.startswith(b"data: [DONE]")
+                    await client.write(buffer.rstrip(b"\n") + b"\n\n")
+                if not finished:
+                    error = stream_error(
+                        "the backend's stream ended without `data: [DONE]`", "backend_failed"
+                    )
+            except (UpstreamError, UpstreamTimeout, UpstreamEnded) as err:
+                error = failure(err, upstream, backends)
         if error is not None:
             code = error.status
-            yield f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+            await client.write(error_event(error) + b"data: [DONE]\n\n")
+        elif failed:
+            code = 500
+        await client.end()
+    except ClientStalled:
+        code = CLIENT_GONE
+        raise
     finally:
         upstream.backend.outstanding -= 1
         await upstream.response.aclose()
@@ -128,47 +215,73 @@ async def relay_sse(
         done(code)
 
 
-async def pipe(upstream: BackendAnswer, *, backends: Backends, done: Done) -> AsyncIterator[bytes]:
+async def pipe(
+    upstream: BackendAnswer, client: ClientWriter, *, backends: Backends, in_flight: InFlight, done: Done
+) -> None:
     """A forwarded answer's body as it comes. A backend that fails or goes quiet mid-answer ends an SSE
     answer with an OpenAI-shaped error event, and any other answer by breaking the connection (raising
     `Cut`: the client sees the body cut, never a complete-looking answer)."""
     code = upstream.status
     sse = upstream.response.headers.get("content-type", "").startswith("text/event-stream")
     try:
-        try:
-            async for chunk in upstream.response.iter_raw():
-                yield chunk
-        except (UpstreamError, UpstreamTimeout) as err:
-            if isinstance(err, UpstreamError):
-                backends.eject(upstream.backend, reason=f"stream {err.kind}")
-                error = stream_error(f"the backend failed mid-answer: {err}", "backend_failed")
-            else:
-                error = stream_error(str(err), "timeout")
+        await client.begin()
+        with in_flight.relaying(upstream.response):
+            try:
+                async for chunk in upstream.response.iter_raw():
+                    await client.write(chunk)
+                error = None
+            except (UpstreamError, UpstreamTimeout, UpstreamEnded) as err:
+                error = failure(err, upstream, backends)
+        if error is not None:
             code = error.status
             if not sse:
                 log.warning("router: %s; the client's connection is closed", error.detail.message)
-                raise Cut from err
-            yield f"\n\ndata: {json.dumps(error.body(), separators=(',', ':'))}\n\n".encode()
+                raise Cut
+            await client.write(b"\n\n" + error_event(error))
+        await client.end()
+    except ClientStalled:
+        code = CLIENT_GONE
+        raise
     finally:
         upstream.backend.outstanding -= 1
         await upstream.response.aclose()
         done(code)
 
 
-class Cut(Exception):
-    """A forwarded answer's backend failed mid-body: the client's connection is to be closed."""
+class RelayResponse(StreamingResponse):
+    """An answer relayed as it comes (`Relay`). A client that takes nothing for `write_timeout` (it stopped
+    reading, and the buffers on the way are full) has its answer given up (the relay closes the backend's
+    connection, so the engine stops generating for no one), and an answer cut mid-body (`Cut`) ends without
+    its last chunk: either way the client's connection is closed (uvicorn: "returned without completing
+    response"), never left with a complete-looking answer."""
 
-
-class CutStreamingResponse(StreamingResponse):
-    """A forwarded answer, relayed as it comes; one cut mid-body (`Cut`) ends without its last chunk, the
-    connection closed (uvicorn: "returned without completing response"), so the client sees it cut."""
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        write_timeout: float,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> None:
+        # Not StreamingResponse.__init__: the relay writes the body itself, there is no body iterator.
+        # StreamingResponse.__call__ runs `stream_response` beside its watch for the client's disconnect.
+        self.relay = relay
+        self.write_timeout = write_timeout
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
 
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
         try:
-            async for chunk in self.body_iterator:
-                data = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await self.relay(ClientWriter(send, start=start, timeout=self.write_timeout))
         except Cut:
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientStalled as err:
+            log.warning("router: %s: its answer is given up and its connection closed", err)

@@ -36,7 +36,9 @@ Every read is bounded: by `read_timeout` (the most seconds a backend may send no
 non-streaming answer comes only once it is generated) and by the request's deadline, if it has one.
 Either is an `UpstreamTimeout`, which is not the backend's fault as such (a hung backend fails its health
 probe). A connection whose answer was not read to its end, for whatever reason (a cancelled request
-included), is closed, so the backend sees its client go.
+included), is closed, so the backend sees its client go. The router may end an answer itself while it is
+read (`UpstreamResponse.end`: its drain deadline), closing the connection: the read then fails with
+`UpstreamEnded`, which is not the backend's fault either.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class UpstreamTimeout(Exception):
     """The backend sent nothing for the read timeout, or the request's deadline passed."""
 
 
+class UpstreamEnded(Exception):
+    """The router itself ended the answer before it was read to its end (`UpstreamResponse.end`)."""
+
+
 async def _bounded(read: Awaitable[T], *, read_timeout: float, deadline: float | None) -> T:
     """`read`, within `read_timeout` seconds and before `deadline` (the event loop's clock)."""
     limit = read_timeout
@@ -98,6 +104,8 @@ class UpstreamResponse:
     ) -> None:
         self._pool, self._address, self._conn = pool, address, conn
         self._deadline = deadline
+        self._to_close = head.content_length is None and not head.chunked  # a body that ends at the close
+        self._ended = False
         self.status = head.status
         self.headers = head.headers
 
@@ -114,17 +122,27 @@ class UpstreamResponse:
         return b"".join([chunk async for chunk in self.iter_raw()])
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (chunked framing removed)."""
+        """The body as it arrives (chunked framing removed); UpstreamEnded once `end` cut it short."""
         conn = self._conn
         try:
             while chunk := await self._bounded(conn.read_piece()):
                 yield chunk
         except _ERRORS as err:
+            if self._ended:
+                raise UpstreamEnded("the router ended the answer") from err
             raise UpstreamError(f"answer cut short: {type(err).__name__}: {err}") from err
+        if self._ended and self._to_close:  # its end was the router's close, not the backend's
+            raise UpstreamEnded("the router ended the answer")
+
+    def end(self) -> None:
+        """End the answer now, mid-body, and close the connection (the backend sees its client go): a read
+        waiting on it, or the next one, fails with UpstreamEnded (what was already received comes first)."""
+        self._ended = True
+        self._conn.close()
 
     async def aclose(self) -> None:
         """Give the connection back if the answer was read to its end, else close it."""
-        if self._conn.reusable:
+        if self._conn.reusable and not self._ended:
             self._pool.release(self._address, self._conn)
         else:
             self._conn.close()

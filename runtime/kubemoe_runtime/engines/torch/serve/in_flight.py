@@ -4,9 +4,11 @@ Each submitted request is a `Stream`: its outputs, which the engine thread deliv
 event loop (`OutputQueue`), read as one whole answer (`collect`) or as stream events (`events`); a request
 whose client goes away first is aborted in the scheduler. An output with `engine_failed` set ends it with
 an error: 503 `engine_failed` for a whole answer (the router tries another group), and a stream cut
-without [DONE] (`EngineFailed`; the router ends it with an error event). One whose `error` is set failed
-alone (its logits or its own work; scheduler.py) while the engine serves on: a whole answer is then a 500
-`request_failed` with that error, which the router neither retries nor counts against the pod.
+without [DONE] (`EngineFailed`; the router ends it with an error event, and takes the pod out of
+rotation). One whose `error` is set failed alone (its logits or its own work; scheduler.py) while the
+engine serves on: that is a 500 `request_failed` with that error, for a whole answer, and for a stream
+the same error as an event `data: {"error": {...}}` and then `data: [DONE]`, the stream ended cleanly;
+the router passes either on as it is, and neither retries it nor counts it against the pod.
 
 P/D: a prefill parks the prompt's KV under a handle that only its answer names (serve/kv/handoff.py), so
 KV parked for a request whose answer no one reads would be held for the store's whole ttl (a minute, and
@@ -37,7 +39,7 @@ from typing import Final
 from pydantic import BaseModel
 
 from kubemoe_runtime.engines.torch.serve.scheduler import Output, Scheduler
-from kubemoe_runtime.pod.protocol import ApiError, FinishReason, Usage
+from kubemoe_runtime.pod.protocol import ApiError, ErrorBody, FinishReason, Usage
 
 log = logging.getLogger("kubemoe_runtime.kv")
 ENGINE_FAILED: Final = "the engine failed while serving this request (the pod restarts); try again"
@@ -137,7 +139,7 @@ class Stream:
         if last.engine_failed:  # no answer names the KV a prefill may have parked before the failure
             self.drop_parked(last)
         if last.engine_failed and last.error is not None:  # this request alone failed: the pod serves on
-            raise ApiError(500, last.error, type="server_error", code="request_failed")
+            raise request_failed(last.error)
         if last.engine_failed:  # 503: the router tries another group
             raise ApiError(503, self.failure, type="server_error", code="engine_failed")
         return "".join(parts), last
@@ -149,14 +151,18 @@ class Stream:
         first: BaseModel | None,
         usage_chunk: Callable[[Usage], BaseModel] | None,
     ) -> AsyncIterator[BaseModel]:
+        """The stream's events (`sse` adds [DONE] once they end); EngineFailed if the engine failed."""
         finished = False
         try:
             if first is not None:
                 yield first
             async for output in self.outputs:
-                if output.engine_failed:  # cut, without [DONE]: the router ends it with an error event
+                if output.engine_failed:
                     self.drop_parked(output)
-                    raise EngineFailed(output.error or self.failure)
+                    if output.error is None:  # cut, without [DONE]: the router ends it with an error event
+                        raise EngineFailed(self.failure)
+                    yield ErrorBody(error=request_failed(output.error).detail)  # this request alone failed
+                    return
                 finished = output.finish_reason is not None
                 if finished:  # a stream carries no kv_transfer_params: no decode could fetch this KV
                     self.drop_parked(output)
@@ -207,6 +213,11 @@ class InFlight:
         for stream in streams:
             stream.fail(message)
         return len(streams)
+
+
+def request_failed(message: str) -> ApiError:
+    """A request that failed alone while the engine serves on (scheduler.py: Output.error)."""
+    return ApiError(500, message, type="server_error", code="request_failed")
 
 
 def usage(output: Output) -> Usage:
