@@ -41,18 +41,14 @@ import torch
 from starlette.testclient import TestClient
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app
-from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
 from kubemoe_runtime.engines.torch.serve.kv.handoff import KVStore, PrefilledKV, prompt_digest
-from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KV_RELEASE_HEADER, SIGNATURE_FIELD, KVSigner
-from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
 from kubemoe_runtime.router.proxy import REMOTE_DECODE
-from tests.runtime.app_thread import serving
 from tests.runtime.fake_backend import raw_post
 from tests.runtime.routing import RouterProcess
+from tests.runtime.torch_prefill import serve_torch_prefill
 
 MODEL = "tiny-qwen"
 KEY = "release-test-key-0123456789abcdef"
@@ -77,37 +73,11 @@ class Prefill:
 @pytest.fixture(scope="module")
 def prefill(qwen: Path, tokenizer: TextTokenizer, engine: TorchEngine) -> Iterator[Prefill]:
     """The torch engine's API as a prefill pod runs it (EP=1), with the deployment's key."""
-    limits = SchedulerLimits(max_model_len=64, max_num_seqs=2)
-    metrics = ServingMetrics(MetricLabels(role="prefill"))
-    scheduler = Scheduler(
-        GroupLeader(RankRunner(engine, slots=2, max_len=64), ep=ExpertParallel()),
-        tokenizer=tokenizer,
-        limits=limits,
-        eos_token_ids=engine.cfg.eos_token_ids,
-        metrics=metrics,
-    )
-    state = ServerState(
-        served_names=(MODEL,),
-        model_path=str(qwen),
-        max_model_len=64,
-        vocab_size=engine.cfg.vocab_size,
-        eos_token_ids=tuple(engine.cfg.eos_token_ids),
-        tokenizer=tokenizer,
-        metrics=metrics,
-        scheduler=scheduler,
-    )
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(KV_KEY_ENV, KEY)
-        app = build_app(state)  # the API's signer comes from the environment
-    stop = threading.Event()
-    engine_thread = threading.Thread(target=scheduler.run, args=(stop,), kwargs={"keepalive_s": 0.5})
-    engine_thread.start()
-    try:
-        with serving(app, lifespan="off", what="the prefill") as port:
-            yield Prefill(url=f"http://127.0.0.1:{port}", port=port, state=state)
-    finally:
-        stop.set()
-        engine_thread.join(timeout=10)
+    with serve_torch_prefill(model_path=qwen, tokenizer=tokenizer, engine=engine, served=MODEL, key=KEY) as (
+        port,
+        state,
+    ):
+        yield Prefill(url=f"http://127.0.0.1:{port}", port=port, state=state)
 
 
 class Decode:

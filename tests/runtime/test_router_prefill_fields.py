@@ -21,7 +21,6 @@ Real router processes (`serve --role router`, P/D); stand-in prefill and decode 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,13 @@ from typing import Any
 import pytest
 
 from kubemoe_runtime.engines.torch import TorchEngine
-from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
-from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app
-from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
-from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics
-from tests.runtime.app_thread import serving
 from tests.runtime.echo_backend import EchoBackend
 from tests.runtime.fake_backend import raw_post
 from tests.runtime.routing import RouterProcess
+from tests.runtime.torch_prefill import serve_torch_prefill
 
 MODEL = "tiny-qwen"
 KEY = "prefill-fields-key-0123456789abcdef"
@@ -183,36 +178,11 @@ def torch_prefill(
 ) -> Iterator[tuple[str, ServingMetrics]]:
     """The torch engine's API as a prefill pod runs it (EP=1, a 64-token context), with the deployment's
     key: its address and metrics."""
-    metrics = ServingMetrics(MetricLabels(role="prefill"))
-    scheduler = Scheduler(
-        GroupLeader(RankRunner(engine, slots=2, max_len=64), ep=ExpertParallel()),
-        tokenizer=tokenizer,
-        limits=SchedulerLimits(max_model_len=64, max_num_seqs=2),
-        eos_token_ids=engine.cfg.eos_token_ids,
-        metrics=metrics,
-    )
-    state = ServerState(
-        served_names=(MODEL,),
-        model_path=str(qwen),
-        max_model_len=64,
-        vocab_size=engine.cfg.vocab_size,
-        eos_token_ids=tuple(engine.cfg.eos_token_ids),
-        tokenizer=tokenizer,
-        metrics=metrics,
-        scheduler=scheduler,
-    )
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(KV_KEY_ENV, KEY)
-        app = build_app(state)  # the API's signer comes from the environment
-    stop = threading.Event()
-    engine_thread = threading.Thread(target=scheduler.run, args=(stop,), kwargs={"keepalive_s": 0.5})
-    engine_thread.start()
-    try:
-        with serving(app, lifespan="off", what="the prefill") as port:
-            yield f"127.0.0.1:{port}", metrics
-    finally:
-        stop.set()
-        engine_thread.join(timeout=10)
+    with serve_torch_prefill(model_path=qwen, tokenizer=tokenizer, engine=engine, served=MODEL, key=KEY) as (
+        port,
+        state,
+    ):
+        yield f"127.0.0.1:{port}", state.metrics
 
 
 def prompt_tokens(metrics: ServingMetrics) -> float:
