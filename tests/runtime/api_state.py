@@ -29,8 +29,9 @@ def api_state(
     max_model_len: int = 64,
     slots: int = 2,
     max_waiting: int = 256,
+    role: str = "worker",
 ) -> ServerState:
-    metrics = ServingMetrics(MetricLabels(role="worker"))
+    metrics = ServingMetrics(MetricLabels(role=role))
     scheduler = Scheduler(
         GroupLeader(RankRunner(engine, slots=slots, max_len=max_model_len), ep=ExpertParallel()),
         tokenizer=tokenizer,

@@ -73,7 +73,7 @@ class Prefill:
 @pytest.fixture(scope="module")
 def prefill(qwen: Path, tokenizer: TextTokenizer, engine: TorchEngine) -> Iterator[Prefill]:
     """The torch engine's API as a prefill pod runs it (EP=1), with the deployment's key."""
-    with serve_torch_prefill(model_path=qwen, tokenizer=tokenizer, engine=engine, served=MODEL, key=KEY) as (
+    with serve_torch_prefill(model_path=qwen, tokenizer=tokenizer, engine=engine, key=KEY) as (
         port,
         state,
     ):

@@ -178,7 +178,7 @@ def torch_prefill(
 ) -> Iterator[tuple[str, ServingMetrics]]:
     """The torch engine's API as a prefill pod runs it (EP=1, a 64-token context), with the deployment's
     key: its address and metrics."""
-    with serve_torch_prefill(model_path=qwen, tokenizer=tokenizer, engine=engine, served=MODEL, key=KEY) as (
+    with serve_torch_prefill(model_path=qwen, tokenizer=tokenizer, engine=engine, key=KEY) as (
         port,
         state,
     ):

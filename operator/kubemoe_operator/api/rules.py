@@ -220,7 +220,6 @@ NON_NVIDIA_TYPES: dict[str, str | None] = {
 """accelerator.type values (lower case: catalog/gpus.yaml's names and node labels) whose catalog entry
 requests no nvidia.com/gpu, and the resource it requests instead (None: cpu). api/ may not import the
 catalog; tests/operator/api checks this against it."""
-NVML_LESS_ACCELERATORS = frozenset(NON_NVIDIA_TYPES)
 NVML_RESOURCE = "nvidia.com/gpu"
 """The one device resource whose pods export kubemoe_gpu_utilization_ratio (the runtime's NVML collector;
 MIG slices report no utilization)."""

@@ -19,7 +19,7 @@ import yaml
 
 from kubemoe_operator.api.manifest import load_manifest, parse_manifest
 from kubemoe_operator.api.problems import ManifestError, Problem
-from kubemoe_operator.api.rules import NVML_LESS_ACCELERATORS, device_resource
+from kubemoe_operator.api.rules import NON_NVIDIA_TYPES, device_resource
 from kubemoe_operator.api.spec import AcceleratorSpec
 from kubemoe_operator.catalog import load_catalog, resolve_gpu
 from kubemoe_operator.plan.planner import plan_manifest
@@ -76,7 +76,7 @@ def test_the_nvml_less_types_are_the_catalogs_non_nvidia_ones() -> None:
     for gpu in load_catalog().gpus:
         names = {gpu.name.lower(), *(label.lower() for label in gpu.product_labels)}
         nvidia = gpu.resource == "nvidia.com/gpu"
-        assert nvidia == names.isdisjoint(NVML_LESS_ACCELERATORS), gpu.name
+        assert nvidia == names.isdisjoint(NON_NVIDIA_TYPES), gpu.name
 
 
 @pytest.mark.parametrize(
