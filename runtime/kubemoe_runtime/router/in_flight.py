@@ -33,15 +33,16 @@ class InFlight:
     def __init__(self) -> None:
         self._relayed: set[UpstreamResponse] = set()
         self._ended: asyncio.Future[None] | None = None
-        self.is_ended = False
 
     def ended(self) -> asyncio.Future[None]:
         """Done once `end_all` has run (made on the running event loop, at first use)."""
         if self._ended is None:
             self._ended = asyncio.get_running_loop().create_future()
-            if self.is_ended:
-                self._ended.set_result(None)
         return self._ended
+
+    @property
+    def is_ended(self) -> bool:
+        return self._ended is not None and self._ended.done()
 
     @contextlib.contextmanager
     def relaying(self, response: UpstreamResponse) -> Iterator[None]:
@@ -57,7 +58,6 @@ class InFlight:
     def end_all(self) -> int:
         """End every request in flight now (see the module docstring), and any that gets this far later;
         returns how many answers were being relayed."""
-        self.is_ended = True
         ended = self.ended()
         if not ended.done():
             ended.set_result(None)

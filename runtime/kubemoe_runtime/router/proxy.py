@@ -106,6 +106,19 @@ REMOTE_DECODE = {
 }
 
 
+def ended_early(err: ApiError | UpstreamTimeout | ClientGone | Ended) -> Response:
+    """The router's own answer to a request that ended in `err` before a backend's answer went out: its
+    OpenAI-shaped error (a backend's silence past the deadline a 504, the drain deadline a 503), or an
+    empty 499 for a client that left (no one reads it)."""
+    if isinstance(err, ClientGone):
+        return Response(status_code=CLIENT_GONE)
+    if isinstance(err, UpstreamTimeout):
+        err = ApiError(504, str(err), type="server_error", code="timeout")
+    elif isinstance(err, Ended):
+        err = drain_deadline_error()
+    return error_response(err)
+
+
 @dataclass
 class RouterConfig:
     served_names: tuple[str, ...]
@@ -241,19 +254,10 @@ class Router:
                     relay, write_timeout=self.config.write_timeout, status_code=upstream.status, headers=back
                 )
             return response
-        except ApiError as err:
-            code = err.status
-            return error_response(err)
-        except UpstreamTimeout as err:
-            code = 504
-            return error_response(ApiError(504, str(err), type="server_error", code="timeout"))
-        except ClientGone:
-            code = CLIENT_GONE
-            return Response(status_code=CLIENT_GONE)
-        except Ended:
-            ended = drain_deadline_error()
-            code = ended.status
-            return error_response(ended)
+        except (ApiError, UpstreamTimeout, ClientGone, Ended) as err:
+            response = ended_early(err)
+            code = response.status_code
+            return response
         finally:
             if not isinstance(response, StreamingResponse):  # else pipe counts it when the answer ends
                 self._done(endpoint=endpoint, code=code, start=start, latency=False)
@@ -287,19 +291,10 @@ class Router:
             response = await unless_disconnected(request, work, ended=self.in_flight.ended())
             code = response.status_code
             return response
-        except ApiError as err:
-            code = err.status
-            return error_response(err)
-        except UpstreamTimeout as err:
-            code = 504
-            return error_response(ApiError(504, str(err), type="server_error", code="timeout"))
-        except ClientGone:
-            code = CLIENT_GONE
-            return Response(status_code=CLIENT_GONE)
-        except Ended:
-            ended = drain_deadline_error()
-            code = ended.status
-            return error_response(ended)
+        except (ApiError, UpstreamTimeout, ClientGone, Ended) as err:
+            response = ended_early(err)
+            code = response.status_code
+            return response
         finally:
             if not isinstance(response, StreamingResponse):  # else relay_sse counts it when the stream ends
                 self._done(endpoint=endpoint, code=code, start=start)
