@@ -32,7 +32,7 @@ from kubemoe_runtime.engines.torch import TorchEngine
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app
 from kubemoe_runtime.engines.torch.serve.prompt_limits import INLINE_TOKENIZE_CHARS, PromptLimits
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 from tests.runtime.api_state import MODEL, api_state, engine_thread
 from tests.runtime.app_thread import serving
 from tests.runtime.serving import http_post

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from kubemoe_runtime.engines.torch.serve.pod import KEEPALIVE_S
+from kubemoe_runtime.engines.torch.serve.timeouts import KEEPALIVE_S
 from kubemoe_runtime.pod.drain import SHUTDOWN_S, Drain, DrainingServer, DrainMiddleware
 from kubemoe_runtime.pod.http_server import server_config
 from kubemoe_runtime.pod.ports import free_port

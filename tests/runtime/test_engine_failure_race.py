@@ -26,9 +26,12 @@ import pytest
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app
+from kubemoe_runtime.engines.torch.serve.engine_thread import _lead
 from kubemoe_runtime.engines.torch.serve.generation_config import GenerationDefaults
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader
-from kubemoe_runtime.engines.torch.serve.pod import RankJob, _lead, _Pod, _server_state
+from kubemoe_runtime.engines.torch.serve.pod import _server_state
+from kubemoe_runtime.engines.torch.serve.pod_process import _Pod
+from kubemoe_runtime.engines.torch.serve.rank_job import RankJob
 from kubemoe_runtime.pod.settings import parse_args
 from tests.runtime.app_thread import serving
 from tests.runtime.held_request import Held

@@ -26,7 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from kubemoe_runtime.engines.torch.serve.pod import KEEPALIVE_S, PLACEMENT_TIMEOUT_ENV, STALL_ENV, Timeouts
+from kubemoe_runtime.engines.torch.serve.timeouts import (
+    KEEPALIVE_S,
+    PLACEMENT_TIMEOUT_ENV,
+    STALL_ENV,
+    Timeouts,
+)
 from kubemoe_runtime.pod.drain import SHUTDOWN_S
 from kubemoe_runtime.pod.ports import free_port
 from tests.runtime.serving import Server, http_get

@@ -11,17 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from kubemoe_runtime.pod.http_client import (
-    MAX_HEAD_BYTES,
-    HeadError,
-    IdlePool,
-    SocketConnection,
-    Stale,
-    StreamConnection,
-    parse_head,
-    request_head,
-    send_pooled,
-)
+from kubemoe_runtime.pod.http_connections import SocketConnection, StreamConnection
+from kubemoe_runtime.pod.http_heads import MAX_HEAD_BYTES, HeadError, parse_head, request_head
+from kubemoe_runtime.pod.http_pool import IdlePool, Stale, send_pooled
 
 # --- the answer's head -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.load.rank_weights import load_rank_weights
 from kubemoe_runtime.engines.torch.model.parallel import shutdown_expert_parallel
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
-from kubemoe_runtime.engines.torch.serve.pod import RankJob, join_group
+from kubemoe_runtime.engines.torch.serve.rank_job import RankJob, join_group
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
 from kubemoe_runtime.pod.metrics import MetricLabels, ServingMetrics

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from kubemoe_runtime.engines.torch.serve.pod import FAILED_JOIN_S, TERMINATE_WAIT_S, RankJob, _Pod
+from kubemoe_runtime.engines.torch.serve.pod_process import _Pod
+from kubemoe_runtime.engines.torch.serve.rank_job import RankJob
+from kubemoe_runtime.engines.torch.serve.timeouts import FAILED_JOIN_S, TERMINATE_WAIT_S
 from kubemoe_runtime.pod.settings import parse_args
 
 BOUND_S = FAILED_JOIN_S + 2 * TERMINATE_WAIT_S + 10  # the waits, and a busy machine's margin

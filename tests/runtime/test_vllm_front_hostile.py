@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from kubemoe_runtime.engines.vllm.front import VllmUpstream, front_app
-from kubemoe_runtime.pod.http_client import IDLE_S
+from kubemoe_runtime.pod.http_pool import IDLE_S
 from kubemoe_runtime.pod.kv_auth import SIGNATURE_FIELD, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
 from tests.runtime.app_thread import serving

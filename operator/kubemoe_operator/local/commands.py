@@ -1,4 +1,5 @@
-"""`kubemoe up | down | status`: the command-line side of a local run (runner.py does the work)."""
+"""`kubemoe up | down | status`: the command-line side of a local run (start.py, watch.py and stop.py do
+the work)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,8 @@ from kubemoe_operator.local.model import (
     local_model_path,
     with_checkpoint_facts,
 )
-from kubemoe_operator.local.runner import (
-    first_exited,
-    log_tail,
-    run_alive,
-    runtime_command,
-    signals_ignored,
-    start_run,
-    stop_run,
-    wait_ready,
-)
+from kubemoe_operator.local.processes import run_alive
+from kubemoe_operator.local.start import runtime_command, start_run
 from kubemoe_operator.local.state import (
     STATE_FILE,
     LocalRunError,
@@ -42,6 +35,8 @@ from kubemoe_operator.local.state import (
     indexed_runs,
 )
 from kubemoe_operator.local.status import status_json, status_table
+from kubemoe_operator.local.stop import signals_ignored, stop_run
+from kubemoe_operator.local.watch import first_exited, log_tail, wait_ready
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.run.settings import port_type

@@ -21,7 +21,7 @@ from pathlib import Path
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.local.commands import port_number
-from kubemoe_operator.local.runner import signals_ignored
+from kubemoe_operator.local.stop import signals_ignored
 
 QUESTION = "How do experts route tokens?"
 

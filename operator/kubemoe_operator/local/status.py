@@ -6,8 +6,9 @@ import json
 from collections.abc import Sequence
 
 from kubemoe_operator.grid import grid
-from kubemoe_operator.local.runner import is_ready, process_alive
+from kubemoe_operator.local.processes import process_alive
 from kubemoe_operator.local.state import RunState
+from kubemoe_operator.local.watch import is_ready
 
 
 def status_rows(state: RunState) -> list[dict[str, object]]:

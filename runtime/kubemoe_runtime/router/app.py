@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.router.checks import ENGINE_PATHS
 from kubemoe_runtime.router.relay import error_response
 

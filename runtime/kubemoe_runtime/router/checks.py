@@ -4,8 +4,8 @@ The router checks only what it must read: the API key, a JSON object as the body
 413 past it), the prompt or messages, `stream` and the model name; disaggregated, also the fields it
 overwrites in the prefill's request (`check_prefill_fields`). The engines validate the rest, and
 their 4xx answers pass through unchanged (the torch engine refuses the options it does not implement,
-naming them: pod/protocol.py). Paths under NOT_FORWARDED (the operator's expert load and placement, the
-KV hand-off between pods) never reach a backend, however spelt.
+naming them: pod/unsupported_options.py). Paths under NOT_FORWARDED (the operator's expert load and
+placement, the KV hand-off between pods) never reach a backend, however spelt.
 
 From the prompt it estimates two things without a tokenizer: its length in tokens (disaggregated, a
 prompt shorter than --pd-min-prompt-tokens skips the KV hand-off) and the key prefix-hash hashes (the
@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.router.auth import ApiKeys
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -55,12 +55,12 @@ def check_generation(body: dict[str, Any], *, prompt_field: str, served_names: S
 
 
 def check_prefill_fields(body: dict[str, Any], *, chat: bool) -> None:
-    """Disaggregated: 400, worded as the torch engine words it (pod/protocol.py), for a field the engine
-    refuses and the router overwrites in the prefill's request (the completion's length, stream_options):
-    else only the decode would refuse it, after the prefill computed the whole prompt and parked its KV.
-    A length is a positive integer, not a boolean or 5.0 (the engine parses strictly); stream_options an
-    object whose include_usage is a boolean; null is the default of each. max_completion_tokens is chat's
-    alone (the completions endpoint ignores it)."""
+    """Disaggregated: 400, worded as the torch engine words it (pod/openai_requests.py), for a field the
+    engine refuses and the router overwrites in the prefill's request (the completion's length,
+    stream_options): else only the decode would refuse it, after the prefill computed the whole prompt and
+    parked its KV. A length is a positive integer, not a boolean or 5.0 (the engine parses strictly);
+    stream_options an object whose include_usage is a boolean; null is the default of each.
+    max_completion_tokens is chat's alone (the completions endpoint ignores it)."""
     for name in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
         _check_length(body.get(name), name=name)
     options = body.get("stream_options")

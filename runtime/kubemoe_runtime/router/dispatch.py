@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.router.backends import Backend, Backends
 from kubemoe_runtime.router.policies import Policy
 from kubemoe_runtime.router.upstream import Upstream, UpstreamError, UpstreamResponse

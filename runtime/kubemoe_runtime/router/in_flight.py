@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Final
 
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.router.upstream import UpstreamResponse
 
 ENDED_AT_DRAIN_DEADLINE: Final = (

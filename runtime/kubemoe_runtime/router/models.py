@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from kubemoe_runtime.pod.protocol import ModelCard
+from kubemoe_runtime.pod.openai_responses import ModelCard
 from kubemoe_runtime.router.checks import json_object
 from kubemoe_runtime.router.dispatch import Dispatcher
 from kubemoe_runtime.router.upstream import UpstreamError, UpstreamTimeout

@@ -55,9 +55,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.pod.disconnect import ClientGone, Ended, unless_disconnected
 from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVSigner
-from kubemoe_runtime.pod.protocol import ApiError, ModelList
+from kubemoe_runtime.pod.openai_responses import ModelList
 from kubemoe_runtime.router.auth import ApiKeys
 from kubemoe_runtime.router.backends import Backends
 from kubemoe_runtime.router.checks import (

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Send
 
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.router.backends import Backends
 from kubemoe_runtime.router.dispatch import BackendAnswer
 from kubemoe_runtime.router.in_flight import InFlight, drain_deadline_error

@@ -24,13 +24,13 @@ on a box shared with other work). In-process, aiohttp's `_request` alone costs a
 CPU a request. So this client stays.
 
 The HTTP/1.1 itself (the request's head, the answer's head and framing, the kept-alive connections, the
-retry of a request whose kept-alive connection the backend had closed) is pod/http_client.py's, shared
-with the decode's KV pull; this module keeps what is the router's: its timeouts and deadline, and its
-errors. A connection goes back to its backend's idle list only once its answer was read to the end. An
-idle connection the backend has since closed is dropped when taken; if a kept-alive connection fails
-before any byte of an answer (the backend closed it as the request went out), the request is sent once
-more on another connection. Every other failure is an `UpstreamError`, which the router treats as the
-backend's.
+retry of a request whose kept-alive connection the backend had closed) is pod/http_connections.py's
+(with pod/http_heads.py and pod/http_pool.py), shared with the decode's KV pull; this module keeps what is
+the router's: its timeouts and deadline, and its errors. A connection goes back to its backend's idle list
+only once its answer was read to the end. An idle connection the backend has since closed is dropped when
+taken; if a kept-alive connection fails before any byte of an answer (the backend closed it as the request
+went out), the request is sent once more on another connection. Every other failure is an
+`UpstreamError`, which the router treats as the backend's.
 
 Every read is bounded: by `read_timeout` (the most seconds a backend may send nothing: the head of a
 non-streaming answer comes only once it is generated) and by the request's deadline, if it has one.
@@ -47,14 +47,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
-from kubemoe_runtime.pod.http_client import (
-    IdlePool,
-    ResponseHead,
-    Stale,
-    StreamConnection,
-    request_head,
-    send_pooled,
-)
+from kubemoe_runtime.pod.http_connections import StreamConnection
+from kubemoe_runtime.pod.http_heads import ResponseHead, request_head
+from kubemoe_runtime.pod.http_pool import IdlePool, Stale, send_pooled
 
 READ_TIMEOUT_S = 600.0
 _ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)

@@ -19,7 +19,8 @@ import pytest
 
 from kubemoe_operator.local.commands import _known_runs, find_run_dir
 from kubemoe_operator.local.layout import LocalProcess
-from kubemoe_operator.local.runner import _refuse_if_running, boot_id, process_start_time
+from kubemoe_operator.local.processes import boot_id, process_start_time
+from kubemoe_operator.local.start import _refuse_if_running
 from kubemoe_operator.local.state import (
     UNREGISTER_WAIT_S,
     LocalRunError,

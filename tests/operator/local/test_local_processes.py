@@ -28,9 +28,10 @@ import pytest
 
 from kubemoe_operator.api.manifest import load_manifest
 from kubemoe_operator.cli.kubemoe import main
-from kubemoe_operator.local import demo, runner
+from kubemoe_operator.local import demo
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess
-from kubemoe_operator.local.runner import start_run
+from kubemoe_operator.local.processes import group_members
+from kubemoe_operator.local.start import start_run
 from kubemoe_operator.local.state import STATE_FILE, RunState
 from kubemoe_operator.plan.planner import plan_manifest
 from tests.operator.local.terminal import sigint_as_from_a_terminal
@@ -47,7 +48,7 @@ def _free_port() -> int:
 
 
 def _group_members(pgid: int) -> list[int]:
-    return runner.group_members(pgid)
+    return group_members(pgid)
 
 
 def _start_time(pid: int) -> int | None:

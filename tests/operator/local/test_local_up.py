@@ -27,7 +27,7 @@ from kubemoe_operator.cli.kubemoe import main
 from kubemoe_operator.local.commands import announce_ready, plan_local
 from kubemoe_operator.local.layout import LOOPBACK, LocalProcess
 from kubemoe_operator.local.model import checkpoint_config, facts_from_config_json, tiny_checkpoint_commands
-from kubemoe_operator.local.runner import port_is_free, runtime_command
+from kubemoe_operator.local.start import port_is_free, runtime_command
 from kubemoe_operator.local.state import LocalRunError, ProcessState, RunState
 
 REPO = Path(__file__).resolve().parents[3]

@@ -26,7 +26,7 @@ from kubemoe_operator.local.devices import (
 )
 from kubemoe_operator.local.layout import LOOPBACK, local_processes
 from kubemoe_operator.local.model import ModelSourceError, checkpoint_problem, ensure_model
-from kubemoe_operator.local.runner import runtime_command
+from kubemoe_operator.local.start import runtime_command
 from kubemoe_operator.local.state import LocalRunError
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest

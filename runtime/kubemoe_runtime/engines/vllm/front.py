@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from kubemoe_runtime.engines.vllm.metrics import autoscaler_page, render
 from kubemoe_runtime.pod.gpu_metrics import GpuCollector
-from kubemoe_runtime.pod.http_client import IDLE_S
+from kubemoe_runtime.pod.http_pool import IDLE_S
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.pod.metrics import MetricLabels
 

@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from kubemoe_runtime.engines.torch.serve.in_flight import usage
 from kubemoe_runtime.engines.torch.serve.scheduler import Output
-from kubemoe_runtime.pod.protocol import (
+from kubemoe_runtime.pod.openai_responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

@@ -22,7 +22,7 @@
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed or
 unsupported parameters and prompts longer than the context, 404 for an unknown model (as OpenAI and vLLM
 answer), 503 while loading, while the waiting queue is full, or once the engine failed. Request bodies are
-untrusted: every value the engine thread would act on is checked here first (protocol.py,
+untrusted: every value the engine thread would act on is checked here first (pod/openai_requests.py,
 prompt_limits.py, SamplingParams), so no request can stop the engine thread; a text prompt is tokenized
 off the event loop and without the GIL, and one that provably cannot fit the context is refused before it
 is tokenized (prompt_limits.py). kv_transfer_params are honoured only when the router signed them
@@ -70,17 +70,12 @@ from kubemoe_runtime.engines.torch.serve.prompt_limits import PromptLimits
 from kubemoe_runtime.engines.torch.serve.request_body import parse_body, read_body
 from kubemoe_runtime.engines.torch.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.pod.disconnect import ClientGone, unless_disconnected
 from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVAuthError, KVSigner
 from kubemoe_runtime.pod.metrics import ServingMetrics
-from kubemoe_runtime.pod.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    SamplingRequest,
-)
+from kubemoe_runtime.pod.openai_requests import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from kubemoe_runtime.pod.openai_responses import ModelCard, ModelList
 
 log = logging.getLogger("kubemoe_runtime.server")
 MAX_PLACEMENT_BYTES = 4 * 1024 * 1024  # DeepSeek-V3's 58 layers of 256 + 256 slots: about 200 kB
@@ -106,7 +101,7 @@ class ServerState:
     created: int = 0
     load_progress: LoadProgress | None = None  # this pod's rank's load, for /ready until ready
     # Once serving, the engine thread counts as stuck (/health 500) after this long without progress
-    # (pod.py: the group's serving timeout and a margin); None: never.
+    # (timeouts.py: the group's serving timeout and a margin); None: never.
     stall_after_s: float | None = None
     in_flight: InFlight = field(default_factory=InFlight)  # requests submitted and not yet answered
 
@@ -406,7 +401,7 @@ class Api:
             sampling = SamplingParams(
                 temperature=temperature, top_p=top_p, seed=body.seed, top_k=body.top_k or 0
             )
-        except ValueError as err:  # protocol.py checks each field; this is the engine's own word
+        except ValueError as err:  # openai_requests.py checks each field; this is the engine's own word
             raise ApiError(400, str(err)) from err
         return GenerationRequest(
             prompt_ids=prompt_ids,
@@ -439,8 +434,8 @@ class Api:
             raise ApiError(400, str(err), code="context_length_exceeded") from err
         stream = Stream(scheduler, request_id, outputs)
         # ready_scheduler() passed before the body was read, the prompt tokenized, the KV pulled: since
-        # then the engine may have failed and aborted all it held (pod.py sets `failure` first), or the
-        # drain ended. 503 now, rather than wait forever.
+        # then the engine may have failed and aborted all it held (engine_thread.py sets `failure` first),
+        # or the drain ended. 503 now, rather than wait forever.
         self.state.in_flight.admit(stream, failure=self.state.failure)
         return stream
 

@@ -23,9 +23,9 @@ and its handle is on its way to the event loop, or waits in the queue.
 `InFlight` holds the streams not yet answered. Where the server must stop before they finish — its drain
 deadline passed (pod/drain.py) — `end_all` ends each one so, at once, instead of leaving uvicorn to cancel
 its handler (a bare 500, a stream cut with no error), and refuses any request submitted after it; and
-`admit` refuses a request submitted after the engine failed (pod.py sets ServerState.failure before it
-aborts every request the scheduler holds, so a request submitted after that abort is caught here). All of
-it runs on the event loop's thread.
+`admit` refuses a request submitted after the engine failed (engine_thread.py sets ServerState.failure
+before it aborts every request the scheduler holds, so a request submitted after that abort is caught
+here). All of it runs on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from typing import Final
 from pydantic import BaseModel
 
 from kubemoe_runtime.engines.torch.serve.scheduler import Output, Scheduler
-from kubemoe_runtime.pod.protocol import ApiError, ErrorBody, FinishReason, Usage
+from kubemoe_runtime.pod.api_error import ApiError, ErrorBody
+from kubemoe_runtime.pod.openai_responses import FinishReason, Usage
 
 log = logging.getLogger("kubemoe_runtime.kv")
 ENGINE_FAILED: Final = "the engine failed while serving this request (the pod restarts); try again"

@@ -15,7 +15,7 @@ seconds of CPU. So, in order:
 3. The ids: none (400), as many as the context or more (400 `context_length_exceeded`, checked before the
    ids are scanned one by one), then each in the vocabulary (400).
 
-Every refusal is OpenAI-shaped (pod/protocol.py's ApiError) and names the parameter.
+Every refusal is OpenAI-shaped (pod/api_error.py's ApiError) and names the parameter.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 
 INLINE_TOKENIZE_CHARS: Final = 1 << 16  # a longer text is tokenized off the event loop
 TOKENIZING_AT_ONCE: Final = 1

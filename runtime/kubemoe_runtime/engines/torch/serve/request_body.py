@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from kubemoe_runtime.engines.torch.serve.kv.handoff import KVStore
-from kubemoe_runtime.pod.protocol import ApiError
+from kubemoe_runtime.pod.api_error import ApiError
 
 KV_PIECE_BYTES = 1 << 20
 

@@ -1,13 +1,14 @@
 """The decode side of the KV hand-off: fetch a prefill's KV over HTTP (see handoff.py).
 
-The GET runs on the server's event loop on a plain non-blocking socket (pod/http_client.py's
-SocketConnection, whose head parser and keep-alive pool the router shares): the answer's head is read and
-checked, and the body goes from the socket straight into one buffer of its Content-Length
-(`loop.sock_recv_into`); `PrefilledKV.decode` then checks the untrusted header and makes the tensors views
-of that buffer. The kernel's copy is the only one, and no thread is involved. Connections are kept alive
-per prefill (at most MAX_IDLE, dropped after pod/http_client.py's IDLE_S idle); one that the prefill has
-closed meanwhile is mostly found so as it is taken (a non-blocking peek), else it fails before any byte of
-an answer, and the GET is sent once more on another connection. Every other failure is a KVPullError.
+The GET runs on the server's event loop on a plain non-blocking socket (pod/http_connections.py's
+SocketConnection; the head parser, pod/http_heads.py, and keep-alive pool, pod/http_pool.py, the router
+shares): the answer's head is read and checked, and the body goes from the socket straight into one buffer
+of its Content-Length (`loop.sock_recv_into`); `PrefilledKV.decode` then checks the untrusted header and
+makes the tensors views of that buffer. The kernel's copy is the only one, and no thread is involved.
+Connections are kept alive per prefill (at most MAX_IDLE, dropped after pod/http_pool.py's IDLE_S idle);
+one that the prefill has closed meanwhile is mostly found so as it is taken (a non-blocking peek), else it
+fails before any byte of an answer, and the GET is sent once more on another connection. Every other
+failure is a KVPullError.
 
 The parameters are untrusted too (serve/app.py verifies the router's signature first): `pull_target`
 takes a handle of HANDLE_CHARS only, a host that is an IP address or a DNS name, and a port in 1..65535,
@@ -42,12 +43,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemoe_runtime.engines.torch.serve.kv.handoff import ENGINE_ID, PrefilledKV
-from kubemoe_runtime.pod.http_client import IdlePool, SocketConnection, Stale, request_head, send_pooled
+from kubemoe_runtime.pod.http_connections import SocketConnection
+from kubemoe_runtime.pod.http_heads import request_head
+from kubemoe_runtime.pod.http_pool import IdlePool, Stale, send_pooled
 from kubemoe_runtime.pod.kv_auth import KV_HANDLE
 
 log = logging.getLogger("kubemoe_runtime.kv")
 PULL_TIMEOUT_S = 30.0  # the whole GET: connect, the request, the answer to its last byte
-MAX_IDLE = 8  # idle connections kept per prefill (pod/http_client.py's IdlePool)
+MAX_IDLE = 8  # idle connections kept per prefill (pod/http_pool.py's IdlePool)
 MAX_KV_BYTES = 1 << 36  # refused before allocating whatever the caller's cap (64 GiB)
 
 Address = tuple[str, int]
@@ -167,7 +170,7 @@ class KVPuller:
             raise KVPullError(f"GET {url}: closed before any answer ({err})") from err
         except (OSError, EOFError) as err:
             raise KVPullError(f"GET {url}: {type(err).__name__}: {err}") from err
-        except ValueError as err:  # the answer's head or framing (http_client.HeadError)
+        except ValueError as err:  # the answer's head or framing (http_heads.HeadError)
             raise KVPullError(f"GET {url}: {err}") from err
         try:
             return PrefilledKV.decode(data)

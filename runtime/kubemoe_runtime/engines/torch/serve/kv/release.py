@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kubemoe_runtime.engines.torch.serve.kv.handoff import KVStore
+from kubemoe_runtime.pod.api_error import ApiError
 from kubemoe_runtime.pod.kv_auth import KV_KEY_ENV, KV_RELEASE_HEADER, KVAuthError, KVSigner
-from kubemoe_runtime.pod.protocol import ApiError
 
 
 def release_endpoint(
