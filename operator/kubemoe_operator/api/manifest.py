@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,12 @@ _FIXES = {
     "literal_error": "use one of the values listed.",
     "int_parsing": "write a whole number.",
     "int_type": "write a whole number.",
+    "bool_type": "write true or false.",
+    "float_type": "write a number.",
     "string_too_short": "give a non-empty value.",
 }
+_QUOTED: dict[str, type | tuple[type, ...]] = {"int_type": int, "float_type": (int, float), "bool_type": bool}
+"""Type errors whose input may be the right value in quotes (`replicas: "3"`): what it must read as."""
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:
@@ -37,7 +45,29 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path or "(root)"
 
 
+_TOO_DEEP = Problem(
+    field="(root)",
+    message="nests mappings or lists more than 200 levels deep.",
+    fix="nest less; a ModelDeployment needs about 15 levels.",
+)
+
+
+def _unreadable(error: ErrorDetails) -> Problem:
+    """The manifest's JSON refused as such (json_invalid): nested too deeply, or text UTF-8 cannot hold
+    (a lone surrogate such as "\\ud800")."""
+    if "recursion limit" in error["msg"]:
+        return _TOO_DEEP
+    reason = re.sub(r" at line \d+ column \d+$", "", error["msg"].removeprefix("Invalid JSON: "))
+    return Problem(
+        field="(root)",
+        message=f"cannot be sent to the API server as JSON ({reason}).",
+        fix="write its text as UTF-8 (no \\ud800-\\udfff escapes).",
+    )
+
+
 def _problem(error: ErrorDetails) -> Problem:
+    if error["type"] == "json_invalid":
+        return _unreadable(error)
     field = field_path(error["loc"])
     message = error["msg"].removeprefix("Value error, ").rstrip(".") + "."
     if error["type"] == "extra_forbidden":
@@ -46,6 +76,12 @@ def _problem(error: ErrorDetails) -> Problem:
         p for p in error["loc"] if isinstance(p, str) and p not in _UNION_TAGS
     )
     fix = _FIXES.get(error["type"], f"see `kubectl explain {explain}`.")
+    if error["type"] in _QUOTED and isinstance(error["input"], str):
+        message = f"{message.rstrip('.')}, not the string {json.dumps(error['input'][:64])}."
+        if _reads_as(error["input"], _QUOTED[error["type"]]):
+            fix = "write it without quotes (the API server refuses a string here)."
+    if error["type"] == "string_type" and isinstance(error["input"], (int, float)):  # bool too
+        fix = "quote it: YAML reads an unquoted number, true or false as such, not as text."
     if field == "metadata.name":
         fix = (
             f"use at most {MAX_NAME_LENGTH} lower-case letters, digits and '-', starting with a letter "
@@ -54,8 +90,42 @@ def _problem(error: ErrorDetails) -> Problem:
     return Problem(field=field, message=message, fix=fix)
 
 
+def _reads_as(text: str, kind: type | tuple[type, ...]) -> bool:
+    """Whether `text`, unquoted, is YAML of `kind` ("3" an int, "false" a bool; a bool is no number)."""
+    if len(text) > 64:
+        return False
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def as_sent(value: Any) -> Any:
+    """Decoded YAML as kubectl sends it to the API server, in JSON: a whole float is an integer (Go
+    writes 3.0 as 3, and the CRD's integer fields take it), a date (an unquoted 2026-01-01) or
+    any other value JSON lacks is text, and so is every mapping key."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):  # a dict, or a view of one (kopf's)
+        return {_key(k): as_sent(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_sent(v) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return value.isoformat() if isinstance(value, datetime.date) else str(value)
+
+
+def _key(key: Any) -> str:
+    sent = as_sent(key)
+    return sent if isinstance(sent, str) else json.dumps(sent)
+
+
 def parse_manifest(data: Any) -> ModelDeployment:
-    """Validate a decoded manifest: schema first, then the cross-field rules."""
+    """Validate a decoded manifest: schema first, then the cross-field rules. The schema's types are
+    checked strictly, as the API server checks the CRD's: `replicas: "3"` or `enabled: "true"` are
+    refused (pydantic would read them as 3 and True), enum values and whole numbers for number fields
+    are taken. Parsed from JSON, the form the API server receives."""
     if not isinstance(data, dict):
         raise ManifestError(
             [
@@ -67,7 +137,10 @@ def parse_manifest(data: Any) -> ModelDeployment:
             ]
         )
     try:
-        md = ModelDeployment.model_validate(data)
+        text = json.dumps(as_sent(data))
+        md = ModelDeployment.model_validate_json(text, strict=True)
+    except RecursionError:
+        raise ManifestError([_TOO_DEEP]) from None
     except ValidationError as err:
         raise ManifestError([_problem(e) for e in err.errors(include_url=False)]) from None
     problems = spec_problems(md.spec)

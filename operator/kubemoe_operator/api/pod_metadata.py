@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from kubemoe_operator.api.patterns import DNS_SUBDOMAIN_PATTERN
 from kubemoe_operator.api.pod_template import (
     NodeAffinity,
+    NodeFieldSelectorRequirement,
     NodeSelectorRequirement,
     NodeSelectorTerm,
     Toleration,
@@ -150,9 +151,10 @@ def requirement_problems(req: NodeSelectorRequirement, *, field: str, required: 
     return problems
 
 
-def field_requirement_problems(req: NodeSelectorRequirement, *, field: str) -> list[Problem]:
+def field_requirement_problems(req: NodeFieldSelectorRequirement, *, field: str) -> list[Problem]:
     """A matchFields entry Kubernetes refuses (ValidateNodeFieldSelectorRequirement): the only field is
-    metadata.name, with operator In or NotIn and exactly one node name."""
+    metadata.name, with operator In or NotIn and exactly one node name (a DNS subdomain of at most 253
+    characters, as the schema's NodeFieldSelectorRequirement bounds it)."""
     problems = []
     if req.key != NODE_NAME_FIELD:
         problems.append(

@@ -83,6 +83,8 @@ VOLUME_SOURCES = (
 """Kubernetes' volume sources (core/v1 VolumeSource)."""
 MAX_POD_LIST = 32
 MAX_ENV = 64
+MAX_GROUP_ID = 2**31 - 1
+"""Kubernetes' largest group id (IsValidGroupID)."""
 
 
 def _accelerator_rule(field: str) -> dict[str, Any]:
@@ -273,18 +275,26 @@ class EnvFromSource(ApiModel):
 
 
 class NodeSelectorRequirement(ApiModel):
-    """key operator values, as in a Kubernetes node selector term."""
+    """key operator values, as in a Kubernetes node selector term's matchExpressions: a node label's key
+    and values (label values: at most 63 characters)."""
 
     key: str = Field(min_length=1, max_length=316)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
     values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
 
 
+class NodeFieldSelectorRequirement(NodeSelectorRequirement):
+    """A matchFields requirement: the key is a node field (metadata.name, the only one Kubernetes
+    takes) and the values node names, DNS subdomains of up to 253 characters, not label values."""
+
+    values: list[Annotated[str, Field(max_length=253)]] = Field(default_factory=list, max_length=64)
+
+
 class NodeSelectorTerm(ApiModel):
     """Requirements that must all hold (Kubernetes' NodeSelectorTerm)."""
 
     match_expressions: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=16)
-    match_fields: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=16)
+    match_fields: list[NodeFieldSelectorRequirement] = Field(default_factory=list, max_length=16)
 
 
 class RequiredNodeSelector(ApiModel):
@@ -457,3 +467,10 @@ class PodTemplateOptions(ApiModel):
     service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """ServiceAccount the pods run as (e.g. for a cloud identity); the namespace's default when absent.
     Not for SGLang's P/D router, which runs as its own (it reads the namespace's pods)."""
+    supplemental_groups: list[Annotated[int, Field(ge=1, le=MAX_GROUP_ID)]] = Field(
+        default_factory=list, max_length=MAX_POD_LIST
+    )
+    """Group ids the pods' processes belong to besides the images' own (the pod's securityContext), for
+    device files the node gives a group: on AMD GPUs the node's video and render groups, which own
+    /dev/kfd and /dev/dri (`getent group video render` on the node; the ids differ between
+    distributions). Not 0, the root group."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubemoe_operator.api.pod_template import PodTemplateOptions
 from kubemoe_operator.api.spec import ModelDeploymentSpec
 from kubemoe_operator.render.image_user import CACHE_DIR, HF_HOME, IMAGE_UID, RUNTIME_HOME
 
@@ -19,16 +20,19 @@ CACHE_VOLUME = "cache"
 SHM_VOLUME = "dshm"
 
 
-def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
+def security_context(own: PodTemplateOptions | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pod, container) security contexts: the images' non-root user, no privilege escalation, no
-    capabilities."""
-    pod = {
+    capabilities; `own`'s (the role's or router's) supplementalGroups, e.g. the groups that own an AMD
+    GPU's device files."""
+    pod: dict[str, Any] = {
         "runAsNonRoot": True,
         "runAsUser": IMAGE_UID,
         "runAsGroup": IMAGE_UID,
         "fsGroup": IMAGE_UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    if own is not None and own.supplemental_groups:
+        pod["supplementalGroups"] = list(own.supplemental_groups)
     container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     return pod, container
 

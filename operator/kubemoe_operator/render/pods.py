@@ -100,7 +100,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *(drain_env() if draining else []),
         *env,
     ]
-    pod_sc, container_sc = security_context()
+    pod_sc, container_sc = security_context(own)
     command = with_expert_args(pod.command, extra=ctx.plan.extra_args, args=expert_args(ctx.spec, role))
     argv = container_argv(command)
     container: dict[str, Any] = {
@@ -140,7 +140,7 @@ def own_server_pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) ->
     env, volumes, mounts = source_mounts(ctx.spec, ctx.plan.source)
     dirs_env, dirs_volumes, dirs_mounts = writable_dirs(ctx.spec, shm=role.host.shm)
     bootstrap_ports, annotations = bootstrap(ctx.plan, role.role)
-    pod_sc, container_sc = security_context()
+    pod_sc, container_sc = security_context(own)
     argv = container_argv(pod.command)
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -197,7 +197,7 @@ def router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -> dict[
     if sglang_router(ctx.plan):
         return sglang_router_pod_template(ctx=ctx, argv=argv, role=role)
     own = ctx.spec.router.pod
-    pod_sc, container_sc = security_context()
+    pod_sc, container_sc = security_context(own)
     key_args, key_volumes, key_mounts = api_keys(ctx.spec.router.api_key_secret)
     argv = container_argv([*argv, *key_args])
     container: dict[str, Any] = {
@@ -232,7 +232,7 @@ def sglang_router_pod_template(*, ctx: PodContext, argv: list[str], role: str) -
     """sglang-router's pod (render/engines.py): the SGLang image, its ServiceAccount's token mounted
     (its service discovery reads the namespace's pods), the preStop sleep and grace period."""
     own = ctx.spec.router.pod
-    pod_sc, container_sc = security_context()
+    pod_sc, container_sc = security_context(own)
     argv = container_argv(argv)
     container: dict[str, Any] = {
         "name": role,
