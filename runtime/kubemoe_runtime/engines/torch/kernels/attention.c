@@ -1,7 +1,7 @@
 /*
  * Decode attention: each sequence's one new token (T = 1) against its cached keys and values; bf16 in and
  * out, float inside, one rounding. Every kernel library has it (moe_bf16.c includes this file); it is AVX2
- * + FMA code, which the AVX-512 libraries run too.
+ * + FMA code (reduce8 from moe_bf16.c), which the AVX-512 libraries run too.
  *
  * Why: at decode torch's CPU attention does little work for a lot of bookkeeping. Without AVX-512 the
  * engine widened the cached keys and values to float32 for it on every step (as an AVX2 CPU, batch 16,
@@ -34,12 +34,6 @@
 
 INLINE __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 floats: a bf16 is the high half of a float */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-INLINE float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 INLINE float max8(__m256 v) {
@@ -112,7 +106,7 @@ static void scores_block(const float *qs, const float *kf, int n, int C, float *
         __m256 a = _mm256_setzero_ps();
         for (int i = 0; i < C; i += 8)
             a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + i), _mm256_loadu_ps(kf + (int64_t)s * C + i), a);
-        p[s] = sum8(a);
+        p[s] = reduce8(a);
     }
 }
 
@@ -165,7 +159,7 @@ static void attend_item(const uint16_t *q, const uint16_t *kb, const uint16_t *v
             _mm256_storeu_ps(pr + s, e);
             sum = _mm256_add_ps(sum, e);
         }
-        total[r] = sum8(sum);
+        total[r] = reduce8(sum);
     }
     for (int r = 0; r < R; r++) memset(qa + (int64_t)r * C, 0, (size_t)C * sizeof(float)); /* now the sums */
     for (int s0 = 0; s0 < S; s0 += ATT_BLOCK) { /* values: a block widened once, for every head */

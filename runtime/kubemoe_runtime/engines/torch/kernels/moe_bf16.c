@@ -15,7 +15,14 @@
  * Weights are the engine's row-major stacks: w_gate_up [E, 2F, D], w_down [E, D, F]. D and F must be
  * multiples of 32. One source, two libraries (build.py), which differ only in the dot products:
  *
- *   -mavx512bf16        (moe_bf16)       vdpbf16ps: 32 bf16 products a step into 16 float lanes
+ *   -mavx512bf16        (moe_bf16)       vdpbf16ps: 32 bf16 products a step into 16 float lanes, for
+ *                                        blocks of more than WIDENED_MAX_ROWS rows; fewer (decode's one to
+ *                                        four rows an expert) take the widened form below, which streams a
+ *                                        weight row faster there on Zen 4 (bench model, 8 layers, 2 threads,
+ *                                        old and new library called in turn, seven runs: 1 token a median
+ *                                        0.50 -> 0.45 ms a layer, 2 tokens 0.97 -> 0.83, 16 tokens 3.4 ->
+ *                                        3.2; 64 tokens unchanged, 5.4, where vdpbf16ps is 1.4x the widened
+ *                                        form). The AMX library keeps vdpbf16ps there: not measured on AMX
  *   -mavx2 -mfma        (moe_bf16_avx2)  16 bf16 a step widened to float in registers: a bf16 is the high
  *                                        half of a float, so a 32-bit lane's low element shifted left 16
  *                                        is one float (the even elements) and the lane masked to its high
@@ -45,6 +52,81 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
     return (uint16_t)(u >> 16);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+
+/* The widened form, in every library (AVX-512 implies AVX2 and the libraries name FMA). 16 ymm registers
+   (AVX-512 has 32): at most 4 rows against a weight row, and their accumulators, the widened weights and
+   one widened x row must all stay in registers. */
+#define WIDENED_MAX_ROWS 4
+
+INLINE __m256i load16(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+INLINE __m256 odd_f32(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+INLINE float reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* out[r] = dot(w, x[r]) for N rows (a constant: the loops unroll and the accumulators are registers).
+   Even and odd products go to separate accumulators: two FMA chains a row hide the FMA's latency at the
+   one row of batch-1 decode. */
+INLINE void widened_dots_n(const uint16_t *w, const uint16_t *const *x, const int N, int len, float *out) {
+    __m256 ae[WIDENED_MAX_ROWS], ao[WIDENED_MAX_ROWS];
+    for (int r = 0; r < N; r++) ae[r] = ao[r] = _mm256_setzero_ps();
+    for (int k = 0; k < len; k += 32) {
+        _mm_prefetch((const char *)(w + k + PF * len), _MM_HINT_T0); /* one 64-byte line a step */
+        for (int half = 0; half < 32; half += 16) {
+            const __m256i wk = load16(w + k + half);
+            const __m256 we = even_f32(wk), wo = odd_f32(wk);
+            for (int r = 0; r < N; r++) {
+                const __m256i xk = load16(x[r] + k + half);
+                ae[r] = _mm256_fmadd_ps(we, even_f32(xk), ae[r]);
+                ao[r] = _mm256_fmadd_ps(wo, odd_f32(xk), ao[r]);
+            }
+        }
+    }
+    for (int r = 0; r < N; r++) out[r] = reduce8(_mm256_add_ps(ae[r], ao[r]));
+}
+
+/* As widened_dots_n for the gate row and the up row at once. From 3 rows, even and odd share an accumulator (there
+   are not registers for 4 a row), and the rows' chains are enough to hide the latency. */
+INLINE void widened_dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, const int N, int len,
+                    float *gate, float *up) {
+    enum { SPLIT = 2 };
+    const int split = N <= 2; /* separate even/odd accumulators */
+    __m256 ag[WIDENED_MAX_ROWS][SPLIT], au[WIDENED_MAX_ROWS][SPLIT];
+    for (int r = 0; r < N; r++)
+        for (int c = 0; c < SPLIT; c++) ag[r][c] = au[r][c] = _mm256_setzero_ps();
+    for (int k = 0; k < len; k += 32) {
+        _mm_prefetch((const char *)(wg + k + PF * len), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wu + k + PF * len), _MM_HINT_T0);
+        for (int half = 0; half < 32; half += 16) {
+            const __m256i g = load16(wg + k + half), u = load16(wu + k + half);
+            const __m256 ge = even_f32(g), go = odd_f32(g), ue = even_f32(u), uo = odd_f32(u);
+            for (int r = 0; r < N; r++) {
+                const __m256i xk = load16(x[r] + k + half);
+                const __m256 xe = even_f32(xk), xo = odd_f32(xk);
+                ag[r][0] = _mm256_fmadd_ps(ge, xe, ag[r][0]);
+                au[r][0] = _mm256_fmadd_ps(ue, xe, au[r][0]);
+                ag[r][split] = _mm256_fmadd_ps(go, xo, ag[r][split]);
+                au[r][split] = _mm256_fmadd_ps(uo, xo, au[r][split]);
+            }
+        }
+    }
+    for (int r = 0; r < N; r++) {
+        gate[r] = reduce8(split ? _mm256_add_ps(ag[r][0], ag[r][1]) : ag[r][0]);
+        up[r] = reduce8(split ? _mm256_add_ps(au[r][0], au[r][1]) : au[r][0]);
+    }
+}
+#else
+#error "build with -mavx2 -mfma (and -mavx512bf16 -mavx512f -mavx512bw -mavx512vl for vdpbf16ps)"
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 
 #define ROWS 8 /* rows dotted against one loaded weight row at a time */
@@ -53,13 +135,20 @@ INLINE float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 INLINE __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
 
-/* Up to this many rows, each row's sum is two FMA chains (even and odd steps of 32), as in the AVX2 form: at
-   decode's one or two rows an expert, one chain a row waits on vdpbf16ps's latency instead of the memory
-   (Zen 4, bench_moe_kernel.py: 1.2-1.3x at 1-16 tokens). */
+/* Up to this many rows, each row's sum is two FMA chains (even and odd steps of 32), as in the widened form:
+   at decode's one or two rows an expert, one chain a row waits on vdpbf16ps's latency instead of the memory
+   (Zen 4, bench_moe_kernel.py: 1.2-1.3x at 1-16 tokens). Only the AMX library runs vdpbf16ps on so few rows
+   now; the others take the widened form there. */
 #define SPLIT_ROWS 4
 
 /* out[r] = dot(w, x[r]) for N rows x[0..N-1] of length len (a multiple of 32). */
 INLINE void dots_n(const uint16_t *w, const uint16_t *const *x, const int N, int len, float *out) {
+#ifndef __AMX_TILE__
+    if (N <= WIDENED_MAX_ROWS) {
+        widened_dots_n(w, x, N, len, out);
+        return;
+    }
+#endif
     const int c1 = N <= SPLIT_ROWS; /* the second chain's index: 0 (one chain) or 1 */
     __m512 acc[ROWS][2];
     for (int r = 0; r < N; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -81,6 +170,12 @@ INLINE void dots_n(const uint16_t *w, const uint16_t *const *x, const int N, int
 /* As dots_n, for the gate row and the up row at once (both against the same x rows). */
 INLINE void dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, const int N, int len,
                     float *gate, float *up) {
+#ifndef __AMX_TILE__
+    if (N <= WIDENED_MAX_ROWS) {
+        widened_dots2_n(wg, wu, x, N, len, gate, up);
+        return;
+    }
+#endif
     const int c1 = N <= SPLIT_ROWS;
     __m512 ag[ROWS][2], au[ROWS][2];
     for (int r = 0; r < N; r++) ag[r][0] = ag[r][1] = au[r][0] = au[r][1] = _mm512_setzero_ps();
@@ -117,79 +212,12 @@ INLINE void dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *cons
     }
 }
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#else /* AVX2 + FMA: the widened form alone */
 
-/* 16 ymm registers (AVX-512 has 32): at most 4 rows against a weight row, and their accumulators, the
-   widened weights and one widened x row must all stay in registers. */
-#define ROWS 4
+#define ROWS WIDENED_MAX_ROWS
+#define dots_n widened_dots_n
+#define dots2_n widened_dots2_n
 
-INLINE __m256i load16(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-INLINE __m256 odd_f32(__m256i v) {
-    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
-}
-
-INLINE float reduce(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* out[r] = dot(w, x[r]) for N rows (a constant: the loops unroll and the accumulators are registers).
-   Even and odd products go to separate accumulators: two FMA chains a row hide the FMA's latency at the
-   one row of batch-1 decode. */
-INLINE void dots_n(const uint16_t *w, const uint16_t *const *x, const int N, int len, float *out) {
-    __m256 ae[ROWS], ao[ROWS];
-    for (int r = 0; r < N; r++) ae[r] = ao[r] = _mm256_setzero_ps();
-    for (int k = 0; k < len; k += 32) {
-        _mm_prefetch((const char *)(w + k + PF * len), _MM_HINT_T0); /* one 64-byte line a step */
-        for (int half = 0; half < 32; half += 16) {
-            const __m256i wk = load16(w + k + half);
-            const __m256 we = even_f32(wk), wo = odd_f32(wk);
-            for (int r = 0; r < N; r++) {
-                const __m256i xk = load16(x[r] + k + half);
-                ae[r] = _mm256_fmadd_ps(we, even_f32(xk), ae[r]);
-                ao[r] = _mm256_fmadd_ps(wo, odd_f32(xk), ao[r]);
-            }
-        }
-    }
-    for (int r = 0; r < N; r++) out[r] = reduce(_mm256_add_ps(ae[r], ao[r]));
-}
-
-/* As dots_n for the gate row and the up row at once. From 3 rows, even and odd share an accumulator (there
-   are not registers for 4 a row), and the rows' chains are enough to hide the latency. */
-INLINE void dots2_n(const uint16_t *wg, const uint16_t *wu, const uint16_t *const *x, const int N, int len,
-                    float *gate, float *up) {
-    enum { SPLIT = 2 };
-    const int split = N <= 2; /* separate even/odd accumulators */
-    __m256 ag[ROWS][SPLIT], au[ROWS][SPLIT];
-    for (int r = 0; r < N; r++)
-        for (int c = 0; c < SPLIT; c++) ag[r][c] = au[r][c] = _mm256_setzero_ps();
-    for (int k = 0; k < len; k += 32) {
-        _mm_prefetch((const char *)(wg + k + PF * len), _MM_HINT_T0);
-        _mm_prefetch((const char *)(wu + k + PF * len), _MM_HINT_T0);
-        for (int half = 0; half < 32; half += 16) {
-            const __m256i g = load16(wg + k + half), u = load16(wu + k + half);
-            const __m256 ge = even_f32(g), go = odd_f32(g), ue = even_f32(u), uo = odd_f32(u);
-            for (int r = 0; r < N; r++) {
-                const __m256i xk = load16(x[r] + k + half);
-                const __m256 xe = even_f32(xk), xo = odd_f32(xk);
-                ag[r][0] = _mm256_fmadd_ps(ge, xe, ag[r][0]);
-                au[r][0] = _mm256_fmadd_ps(ue, xe, au[r][0]);
-                ag[r][split] = _mm256_fmadd_ps(go, xo, ag[r][split]);
-                au[r][split] = _mm256_fmadd_ps(uo, xo, au[r][split]);
-            }
-        }
-    }
-    for (int r = 0; r < N; r++) {
-        gate[r] = reduce(split ? _mm256_add_ps(ag[r][0], ag[r][1]) : ag[r][0]);
-        up[r] = reduce(split ? _mm256_add_ps(au[r][0], au[r][1]) : au[r][0]);
-    }
-}
-
-#else
-#error "build with -mavx512bf16 (and -mavx512f -mavx512bw -mavx512vl) or with -mavx2 -mfma"
 #endif
 
 /* The runtime row count (1..ROWS) to a constant, so that each case compiles to its own unrolled loop with

@@ -35,7 +35,7 @@ INLINE __m256 inv_rms(const uint16_t *xr, int dim, float eps) { /* 1 / sqrt(mean
         const __m256 v = widen8(xr + j);
         ss = _mm256_fmadd_ps(v, v, ss);
     }
-    return _mm256_set1_ps(1.0f / sqrtf(sum8(ss) / (float)dim + eps));
+    return _mm256_set1_ps(1.0f / sqrtf(reduce8(ss) / (float)dim + eps));
 }
 
 int kubemoe_rms_norm(const uint16_t *x, int64_t outer_stride, int64_t inner_stride, int64_t inner,
