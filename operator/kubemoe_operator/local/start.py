@@ -9,7 +9,8 @@ stopped before the failure is passed on.
 
     RUN_DIR/logs/NAME.log       one per process (stdout and stderr)
     RUN_DIR/logs.prev/          the previous run's logs, moved aside as a run starts
-    RUN_DIR/kv/                 the example connector's shared KV directory (vLLM)
+    RUN_DIR/kv/                 the example connector's shared KV directory (vLLM), empty as a run starts
+                                and removed when it stops (stop.remove_kv: another run's KV is never read)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from kubemoe_operator.local.state import (
     register,
     start_lock,
 )
-from kubemoe_operator.local.stop import signals_ignored, stop_run
+from kubemoe_operator.local.stop import KV_DIR, remove_kv, signals_ignored, stop_run
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.render.kv_key import KV_KEY_ENV
 
@@ -108,6 +109,21 @@ def keep_previous_logs(run_dir: Path) -> Path | None:
     return previous
 
 
+def fresh_kv(run_dir: Path) -> Path:
+    """An empty RUN_DIR/kv for this run (stop.remove_kv says why); LocalRunError when what an earlier
+    run left there cannot be removed."""
+    kv = run_dir / KV_DIR
+    try:
+        remove_kv(run_dir)
+        kv.mkdir()
+    except OSError as err:
+        raise LocalRunError(
+            f"cannot empty {kv}, the KV an earlier run saved ({err.strerror or err}): the engines would"
+            f" load it for the same prompts; remove it (rm -r {kv})"
+        ) from None
+    return kv
+
+
 def start_run(
     plan: Plan,
     *,
@@ -129,13 +145,13 @@ def start_run(
         if (previous := keep_previous_logs(run_dir)) is not None:
             say(f"the previous run's logs are in {previous}")
         (run_dir / LOGS).mkdir(parents=True, exist_ok=True)
-        (run_dir / "kv").mkdir(exist_ok=True)
+        kv_dir = fresh_kv(run_dir)
         processes = local_processes(
             plan,
             model=model,
             runtime=runtime,
             router_port=router_port,
-            kv_dir=run_dir / "kv",
+            kv_dir=kv_dir,
             base_env=default_env(),
             devices=devices,
         )

@@ -1,21 +1,40 @@
 """Stop a local run: SIGTERM to each process group it started (router first), a wait, then SIGKILL to what
 is left, and /proc checked until no process of any group remains. Only the run's own processes are
-signalled (processes.py). A stopped run's state.json is removed (its logs stay).
+signalled (processes.py). A stopped run's state.json and its KV directory (RUN_DIR/kv, remove_kv) are
+removed (its logs stay).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from kubemoe_operator.local.processes import process_alive, run_members
 from kubemoe_operator.local.state import RunState
 
 STOP_GRACE_S = 20.0
+KV_DIR = "kv"  # RUN_DIR/kv: vLLM's example connector's shared directory (layout.py)
+
+
+def remove_kv(run_dir: Path) -> None:
+    """Remove RUN_DIR/kv and all it holds. vLLM's example connector names a prompt's KV folder by a
+    hash of its token ids alone, and prefill and decode load it whenever it is there: what an earlier
+    run saved (another checkpoint with the same tokenizer and shapes, under the same name) would answer
+    this run's repeated prompts with the old model's KV, and the folder would grow from run to run.
+    Only what is inside run_dir/kv goes: a symlink is removed, never followed (kv itself, or any inside
+    it: shutil.rmtree does not follow them, and refuses a kv swapped for one meanwhile). OSError when
+    it cannot be removed."""
+    kv = run_dir / KV_DIR
+    if kv.is_symlink() or (kv.exists() and not kv.is_dir()):
+        kv.unlink()  # the link (or a stray file) itself, not what it points to
+    elif kv.is_dir():
+        shutil.rmtree(kv)
 
 
 @contextlib.contextmanager
@@ -40,7 +59,8 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
     """Stop every process group (router first) the run started, and nothing else (run_members);
-    returns pids still alive afterwards (none, normally). When none is, state.json is removed."""
+    returns pids still alive afterwards (none, normally). When none is, state.json and RUN_DIR/kv are
+    removed."""
     order = sorted(state.processes, key=lambda p: p.process.role != "router")
     for p in order:
         if run_members(state, p):
@@ -64,4 +84,8 @@ def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
         time.sleep(0.1)
     if not left:
         state.remove()
+        # Nothing of the run is left to read or write it; one that cannot be removed now is removed (or
+        # the run refused, saying why) by the next start (start.py).
+        with contextlib.suppress(OSError):
+            remove_kv(Path(state.run_dir))
     return left

@@ -514,6 +514,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
             f"model.cache: a Job fills claim {claim} ({cache_path(spec.model.source)}) from"
             f" {spec.model.source} once; the serving groups start when it has, and load from the claim."
         )
+    if (image_note := cpu_image_note(spec, gpu_facts)) is not None:
+        notes.append(image_note)
     if not gpu_facts.is_cpu and gpu_facts.label_key is None:
         notes.append(
             f"{gpu_facts.name} is not in the accelerator catalog, so pods get no node selector for it: "
@@ -548,6 +550,29 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
         notes=notes,
     )
     return _with_commands(draft)
+
+
+def cpu_image_note(spec: ModelDeploymentSpec, gpu: GpuFacts) -> str | None:
+    """On cpu with no engine.image, the pods run the operator's runtimeImage, which the install builds
+    from runtime/Dockerfile (vLLM's CUDA image): say which image to set. Not for a file:// model.source,
+    which `kubemoe up` runs as local processes (no image) and a cluster refuses."""
+    if not gpu.is_cpu or spec.engine.image is not None or support(spec.engine.kind).image_required:
+        return None
+    if spec.model.source.startswith("file://"):
+        return None
+    why = (
+        "vLLM's CUDA build, which does not start on CPU nodes"
+        if spec.engine.kind == "vllm"
+        else "a CUDA image without the torch engine's kernels prebuilt: each pod compiles them as it"
+        " starts, or without a compiler runs the slower torch path"
+    )
+    return (
+        "accelerator.type cpu without engine.image: the serving pods run the operator's runtimeImage,"
+        f" which the README's install builds from runtime/Dockerfile ({why}). Set engine.image to the"
+        " CPU runtime image, built from runtime/Dockerfile.cpu (docker build -f runtime/Dockerfile.cpu -t"
+        " REGISTRY/kubemoe-runtime:TAG-cpu runtime: vLLM's CPU build and the prebuilt kernels), unless"
+        " the chart's runtimeImage already is that image."
+    )
 
 
 def product_labels(gpu: GpuFacts, wanted: str) -> list[str]:

@@ -7,6 +7,7 @@ becomes ready in about a second and every command goes through the real code, pr
 - `status`/`down` find a detached run from any directory (the per-user index).
 - a foreground run that was ready and is then stopped by its user exits 0.
 - the previous run's logs are kept (logs.prev/), a crash's evidence with them.
+- each run starts with an empty KV directory (RUN_DIR/kv), and `down` removes it.
 - a state.json this kubemoe cannot read is an error naming the file, its pids and the fix.
 - each pod gets its own accelerators (CUDA_VISIBLE_DEVICES), from the devices the machine offers.
 """
@@ -310,6 +311,34 @@ def test_the_previous_runs_logs_are_kept(local: Local, tmp_path: Path) -> None:
     assert (kept / "decode-g0-p1.log").read_text() == "Traceback: the crash to look into\n"
     assert (logs / "decode-g0-p1.log").read_text().startswith("CUDA_VISIBLE_DEVICES=")  # this run's
     assert local.kubemoe(["down"], cwd=tmp_path).returncode == 0
+
+
+def test_each_run_starts_with_an_empty_kv_directory_and_down_removes_it(local: Local, tmp_path: Path) -> None:
+    """RUN_DIR/kv outlived its run: vLLM's example connector names a prompt's KV by its token ids alone and
+    loads whatever is there, so a later run (another checkpoint, same tokenizer and shapes) answered
+    repeated prompts with the earlier model's KV, and the directory grew from run to run."""
+    local.manifest(tmp_path)
+    run_dir = (tmp_path / ".run" / "up" / "tiny-moe").resolve()
+    kv = run_dir / "kv"
+    stale = kv / "9f86d081884c7d65"
+    stale.mkdir(parents=True)
+    (stale / "model.layers.0.self_attn.attn.safetensors").write_bytes(b"the old model's KV")
+    up = local.up_detached(tmp_path)
+    assert up.returncode == 0, up.stderr
+    assert kv.is_dir()
+    assert list(kv.iterdir()) == []
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    paths = set()
+    for p in state["processes"]:
+        argv = p["process"]["argv"]
+        if "--kv-transfer-config" in argv:
+            config = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+            paths.add(config["kv_connector_extra_config"]["shared_storage_path"])
+    assert paths == {str(kv)}  # the directory emptied is the one the engines use
+    (kv / "0a1b2c3d").mkdir()  # what this run's prefill saves
+    assert local.kubemoe(["down"], cwd=tmp_path).returncode == 0
+    assert not kv.exists()
+    assert (run_dir / "logs").is_dir()  # the logs stay
 
 
 def test_a_state_json_of_another_version_is_an_error_naming_it_and_the_fix(
