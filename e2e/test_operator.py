@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -32,6 +33,7 @@ from e2e.operator_process import (
     scratch_namespace,
 )
 from e2e.reliability import Outcome, RecordProperty, record
+from kubemoe_operator.kube.kinds import CHILD_KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSEEK = REPO / "examples" / "deepseek-v3.yaml"
@@ -291,6 +293,23 @@ class TestDeepSeek:
         ]
         assert children_fields(cluster, namespace, "deepseek-v3") == before
         assert md(cluster, namespace, "deepseek-v3")["metadata"]["resourceVersion"] == md_version
+
+    def test_child_watches_are_filtered_by_the_api_server(self, operator: OperatorProcess) -> None:
+        """kopf's LISTs and WATCHes of the child kinds carry the deployment label as their
+        labelSelector (reconcile/handlers.py, watch_labelled_children), so a cluster's other
+        ConfigMaps, Services, Jobs... never reach the operator; the operator's own lists of children
+        select by that label too."""
+        plurals = {kind.plural for kind in CHILD_KINDS}
+        user = service_account_user(operator.cluster)
+        requests = [
+            e
+            for e in operator.cluster.audit_events(user=user)
+            if e["verb"] in ("list", "watch") and e.get("objectRef", {}).get("resource") in plurals
+        ]
+        assert any(e["verb"] == "watch" for e in requests)
+        for e in requests:
+            selectors = parse_qs(urlsplit(e["requestURI"]).query).get("labelSelector", [])
+            assert any(LABEL in s for s in selectors), e["requestURI"]
 
     def test_deleted_child_comes_back(self, cluster: Cluster, namespace: str) -> None:
         old = get_json(cluster, "service", "deepseek-v3", "-n", namespace)["metadata"]["uid"]

@@ -91,6 +91,12 @@ class RebalanceDoc(_Doc):
     generation: int = Field(ge=0)
     time: str = ""
     window_seconds: float | None = Field(None, alias="windowSeconds", ge=0)
+    ranks: int | None = Field(None, ge=1)
+    slots_per_rank: int | None = Field(None, alias="slotsPerRank", ge=1)
+    placement_key: str | None = Field(None, alias="placementKey")
+    """The layout's placement key it was computed for (records before these three name none)."""
+    not_applied: str | None = Field(None, alias="notApplied")
+    """Why the groups gave the placement up, when the rebalancer gave it up too."""
     layers: list[int]
     tokens: _Tokens
     previous_slots: list[list[int]] = Field(alias="previousSlots")
@@ -117,6 +123,24 @@ class ObservedDoc(_Doc):
     def _shape(self) -> ObservedDoc:
         _same_lengths(self, ("layers", "tokens", *(("imbalance",) if self.imbalance is not None else ())))
         return self
+
+
+def other_layout(rb: RebalanceDoc, placement: PlacementDoc, key: str) -> str | None:
+    """Why the rebalance record is not of the layout of `placement` (under `key`), or None when it is.
+    After a change of layout (spec.experts.redundant, the role's parallelism, the model) the record of
+    the old one may still be there: its slots do not describe the groups' placement."""
+    layout = f"{placement.ranks} ranks x {placement.slots_per_rank} slots"
+    if rb.placement_key is not None and rb.placement_key != key:
+        return f"it is of another layout ({rb.placement_key}) than the placement's ({key})"
+    if (rb.ranks is not None and rb.ranks != placement.ranks) or (
+        rb.slots_per_rank is not None and rb.slots_per_rank != placement.slots_per_rank
+    ):
+        return f"it is of {rb.ranks} ranks x {rb.slots_per_rank} slots, the placement of {layout}"
+    width = placement.ranks * placement.slots_per_rank
+    lengths = sorted({len(row) for row in (*rb.slots, *rb.previous_slots)} - {width})
+    if lengths:
+        return f"its layers have {lengths[0]} slots, the placement's {width} ({layout})"
+    return None
 
 
 def _first_error(err: ValidationError) -> str:
@@ -192,6 +216,8 @@ class RoleLoad:
     observed: ObservedDoc | None
     status: Mapping[str, Any] = field(default_factory=dict)
     """status.experts.<role>, as the operator wrote it."""
+    rebalance_ignored: str | None = None
+    """Why the ConfigMap's rebalance.json is not shown (`other_layout`), when it is not."""
 
     def slots_of(self, layer: int) -> tuple[int, ...] | None:
         for entry in self.placement.layers:
@@ -398,13 +424,16 @@ def build_report(
                 f"{where} has no placement yet ({PLACEMENT_KEY_PREFIX}RANKSxSLOTS-MODEL.json): the operator "
                 "writes it at its first check once every group of the role runs one layout"
             )
+        rebalance = _load(cm, REBALANCE, RebalanceDoc, where=where)
+        ignored = None if rebalance is None or key is None else other_layout(rebalance, placement, key)
         load = RoleLoad(
             role=role,
             config_map=f"{namespace}/{cm_name}",
             placement=placement,
-            rebalance=_load(cm, REBALANCE, RebalanceDoc, where=where),
+            rebalance=None if ignored else rebalance,
             observed=_load(cm, OBSERVED, ObservedDoc, where=where),
             status=status.get(role) or {},
+            rebalance_ignored=ignored,
         )
         reports.append(role_report(load, top=top))
     if not reports:
@@ -440,7 +469,11 @@ def render_report(report: Report) -> str:
             f"  (ConfigMap {load.config_map})"
         )
         rb = load.rebalance
-        if rb is None:
+        if rb is None and load.rebalance_ignored:
+            lines.append(
+                f"  last rebalance: none of this layout yet ({REBALANCE} not shown: {load.rebalance_ignored})"
+            )
+        elif rb is None:
             lines.append("  last rebalance: none yet (the default placement)")
         else:
             window = f" ({rb.window_seconds:g} s window)" if rb.window_seconds else ""
@@ -448,6 +481,8 @@ def render_report(report: Report) -> str:
                 f"  last rebalance: generation {rb.generation} at {rb.time or '?'}{window}: worst layer"
                 f" {_ratio(_max(rb.imbalance_before))} -> {_ratio(_max(rb.imbalance_predicted))} predicted"
             )
+            if rb.not_applied:
+                lines.append(f"  not applied:    the groups gave it up: {rb.not_applied}")
         obs = load.observed
         if obs is None:
             lines.append("  observed:       no load yet")
@@ -510,6 +545,8 @@ def report_data(report: Report) -> dict[str, Any]:
                 "slotsPerRank": load.placement.slots_per_rank,
                 "lastRebalanceTime": rb.time if rb else None,
                 "lastRebalanceGeneration": rb.generation if rb else None,
+                "lastRebalanceNotApplied": rb.not_applied if rb else None,
+                "lastRebalanceIgnored": load.rebalance_ignored,
                 "observedTime": load.observed.time if load.observed else None,
                 "observedGeneration": load.observed.generation if load.observed else None,
                 "status": dict(load.status),

@@ -11,6 +11,8 @@ from typing import Any
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
 MAX_TOKENS = 1 << 62
+MAX_ERROR = 512
+"""placement.error is cut to this many characters (it goes into status and an Event)."""
 
 
 class LoadError(ValueError):
@@ -31,6 +33,9 @@ class GroupLoad:
     slots_per_rank: int
     generation: int
     pending_generation: int | None
+    error: str | None = None
+    """Why the last generation the group gave up was not applied (placement.error), or None; it stays
+    until a later generation is applied, whatever the group was sent since."""
 
     @property
     def n_experts(self) -> int:
@@ -65,6 +70,11 @@ def parse_group_load(doc: Any) -> GroupLoad:
     generation = _int(placement.get("generation"), "placement.generation")
     pending = placement.get("pending_generation")
     pending = None if pending is None else _int(pending, "placement.pending_generation")
+    error = placement.get("error")
+    if error is not None and not isinstance(error, str):
+        raise LoadError(f"placement.error must be a string or null, not {error!r:.40}")
+    if error is not None:  # one line, bounded; "" is no error
+        error = " ".join(error.split())[:MAX_ERROR] or None
     window = doc.get("window_seconds")
     if (
         isinstance(window, bool)
@@ -101,6 +111,7 @@ def parse_group_load(doc: Any) -> GroupLoad:
         slots_per_rank=per_rank,
         generation=generation,
         pending_generation=pending,
+        error=error,
     )
 
 

@@ -11,8 +11,17 @@ or restarted before the kubelet refreshed its mounted file) is sent the ConfigMa
 next check, before anything new is chosen. Groups of different layouts (a rollout of a new
 spec.experts.redundant, parallelism or model) are left alone until they all run one.
 
+A group that gave a generation up (its load document's placement.error: a load that timed out, a
+weight that failed to load, out of memory) is not sent it again and again: each check that finds one
+counts a failed try, says why in status.experts.<role>.message and a Warning Event
+(ExpertsPlacementFailed), and sends it again; after MAX_PLACEMENT_TRIES the generation is given up
+(the loop's memory, `failed`): it is sent no more, the ConfigMap goes back to the placement the groups
+run (when they all still run the same one), and the same placement is not chosen again, until another
+one is chosen or the spec changes (metadata.generation).
+
 The ConfigMap also records the load each check saw (observed.json) and the last rebalance
-(rebalance.json), which `kubectl moe experts` shows. It is owned by the ModelDeployment (deleted with
+(rebalance.json: it names its layout, and goes with that layout's placement), which
+`kubectl moe experts` shows. It is owned by the ModelDeployment (deleted with
 it) but carries no deployment label, so the reconciler, which prunes the labelled children it did not
 render, leaves it alone.
 
@@ -25,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +62,11 @@ LeaderList = Callable[[str, str, str], Awaitable[list[Leader]]]
 FIELD_MANAGER = "kubemoe-rebalancer"
 COMPONENT = "kubemoe-rebalancer"
 EVENT_REBALANCED = "ExpertsRebalanced"
+EVENT_PLACEMENT_FAILED = "ExpertsPlacementFailed"
+MAX_PLACEMENT_TRIES = 3
+"""Checks that find a group gave a generation up before it is given up (see the module's docstring)."""
+MAX_MESSAGE = 1024
+"""status.experts.<role>.message's limit (api/status.py)."""
 REBALANCE_KEY, OBSERVED_KEY = "rebalance.json", "observed.json"
 MAX_BODY = 8 << 20
 """A load document is ~11 bytes per expert and layer (DeepSeek-V3: ~0.3 MiB); a longer one is not read."""
@@ -82,6 +97,52 @@ def placement_doc(
 
 
 @dataclass
+class PlacementFailure:
+    """A placement the role's groups gave up (their load documents' placement.error), one per role."""
+
+    generation: int
+    layers: Any
+    """The placement document's layers: what tells this placement from a later one of that number."""
+    key: str
+    """The ConfigMap key (the groups' layout) it was written under."""
+    spec_generation: int | None
+    """The ModelDeployment's metadata.generation then: a spec change forgets it."""
+    tries: int = 0
+    """Checks that found a group had given it up."""
+    error: str = ""
+    """The last such group's error, with its pod."""
+
+    def matches(self, placement: Mapping[str, Any]) -> bool:
+        return placement.get("generation") == self.generation and placement.get("layers") == self.layers
+
+    @property
+    def given_up(self) -> bool:
+        return self.tries >= MAX_PLACEMENT_TRIES
+
+    def summary(self) -> str:
+        if self.given_up:
+            return (
+                f"placement generation {self.generation} failed {self.tries} times, not sent again until "
+                f"another placement is chosen or the spec changes: {self.error}"
+            )
+        tries = f"try {self.tries} of {MAX_PLACEMENT_TRIES}"
+        return f"placement generation {self.generation} failed ({tries}): {self.error}"
+
+
+def gave_up(load: GroupLoad, generation: int) -> bool:
+    """The group gave `generation` up: nothing loading, and an error that (where it says which
+    generation, as the torch engine's does) names that generation."""
+    if load.pending_generation is not None or load.error is None:
+        return False
+    named = _GAVE_UP.match(load.error)
+    return named is None or int(named.group(1)) == generation
+
+
+_GAVE_UP = re.compile(r"generation (\d+) was not applied")
+"""The torch engine's words (serve/placement_switch.py); an error in other words counts as well."""
+
+
+@dataclass
 class RoleCheck:
     """One check of one role: what status.experts.<role> says afterwards."""
 
@@ -105,6 +166,8 @@ class Rebalancer:
     """(ModelDeployment uid, role) -> when it was last checked (a role is first checked one interval
     after the operator starts leading, so a new leader does not rebalance at once)."""
     checks: dict[tuple[str, str], ExpertsStatus] = field(default_factory=dict)
+    failed: dict[tuple[str, str], PlacementFailure] = field(default_factory=dict)
+    """(ModelDeployment uid, role) -> the placement its groups last gave up, and how often."""
 
     async def run_forever(self) -> None:
         while True:
@@ -162,7 +225,12 @@ class Rebalancer:
         out: dict[str, RoleCheck] = {}
         for role in due:
             out[role] = await self._check_role(
-                owner, body, role, experts=md.spec.experts, source=md.spec.model.source
+                owner,
+                body,
+                role,
+                experts=md.spec.experts,
+                source=md.spec.model.source,
+                spec_generation=meta.get("generation"),
             )
             self.checks[(owner.uid, role)] = out[role].status
         if out:
@@ -170,9 +238,20 @@ class Rebalancer:
         return out
 
     async def _check_role(
-        self, owner: Owner, body: Mapping[str, Any], role: str, *, experts: ExpertsSpec, source: str
+        self,
+        owner: Owner,
+        body: Mapping[str, Any],
+        role: str,
+        *,
+        experts: ExpertsSpec,
+        source: str,
+        spec_generation: int | None = None,
     ) -> RoleCheck:
         previous = self.checks.get((owner.uid, role)) or ExpertsStatus()
+        failure = self.failed.get((owner.uid, role))
+        if failure is not None and failure.spec_generation != spec_generation:
+            del self.failed[(owner.uid, role)]  # the spec changed: the placement may be tried again
+            failure = None
         if self.leaders is not None:
             leaders = await self.leaders(owner.namespace, owner.name, role)
         else:
@@ -200,17 +279,54 @@ class Rebalancer:
         key = placement_key(ranks=ranks, slots_per_rank=slots_per_rank, source=source)
         name = experts_configmap_name(owner.name, role)
         cm = await self.kube.get_child(kind="ConfigMap", name=name, namespace=owner.namespace)
+        if failure is not None and failure.key != key:  # another layout now: its placement is gone
+            del self.failed[(owner.uid, role)]
+            failure = None
         target = _placement_of(cm, key)
+        record: dict[str, Any] | None = None  # rebalance.json marked not applied, when it goes back (below)
         if target is not None:
             behind = [
-                leader
+                (leader, load)
                 for leader, load in loads
                 if target["generation"] not in (load.generation, load.pending_generation)
             ]
+            if not behind and failure is not None and failure.matches(target):
+                del self.failed[(owner.uid, role)]  # applied everywhere after all
+                failure = None
             if behind:
-                await asyncio.gather(*(self._post(leader, target) for leader in behind))
-                msg = f"bringing {len(behind)} group(s) to placement generation {target['generation']}"
-                return RoleCheck(status=previous.model_copy(update={"message": msg}))
+                if failure is None or not failure.matches(target):
+                    failure = PlacementFailure(
+                        generation=target["generation"],
+                        layers=target.get("layers"),
+                        key=key,
+                        spec_generation=spec_generation,
+                    )
+                failed = [(leader, load) for leader, load in behind if gave_up(load, target["generation"])]
+                if failed and not failure.given_up:
+                    failure.tries += 1
+                    failure.error = f"{failed[0][0].name}: {failed[0][1].error}"
+                    self.failed[(owner.uid, role)] = failure
+                    await self._post_failure(body, role, failure, groups=len(failed))
+                if not failure.given_up:
+                    await asyncio.gather(*(self._post(leader, target) for leader, _ in behind))
+                    msg = f"bringing {len(behind)} group(s) to placement generation {target['generation']}"
+                    if failure.tries:
+                        msg += f"; {failure.summary()}"
+                    return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
+                if len(behind) < len(loads):
+                    msg = (
+                        f"{failure.summary()}; {len(loads) - len(behind)} group(s) run it, "
+                        f"{len(behind)} do not"
+                    )
+                    return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
+                # every group still runs what it ran: the ConfigMap goes back to that (a pod that
+                # starts later loads what the others run), and its record says the move was not made
+                target = None
+                record = _record_of(cm)
+                if record is not None and record.get("generation") == failure.generation:
+                    record["notApplied"] = failure.error
+                else:
+                    record = None
         first = loads[0][1]
         if any(load.pending_generation is not None for _, load in loads):
             return RoleCheck(
@@ -247,23 +363,36 @@ class Rebalancer:
             "imbalance": [round(x, 4) for x in choice.layer_before],
         }
         data = {OBSERVED_KEY: observed}
+        if record is not None:
+            data[REBALANCE_KEY] = record
         current = placement_doc(first.generation, layers=first.layers, slots=first.slots, ranks=ranks)
         data[key] = target if target is not None else current
+        reason = (
+            choice.reason
+            if failure is None or not failure.given_up
+            else f"{choice.reason}; {failure.summary()}"
+        )
         status = previous.model_copy(
             update={
                 "generation": first.generation,
                 "imbalance": round(choice.before, 4),
-                "message": choice.reason,
+                "message": reason[:MAX_MESSAGE],
             }
         )
-        if not choice.apply:
-            await self._apply_configmap(owner, role, data, keep=cm)
-            return RoleCheck(status=status)
-        generation = first.generation + 1
+        # a number no group has given up: the group's error then names the generation it is about
+        generation = max(first.generation, failure.generation if failure is not None else 0) + 1
         placement = placement_doc(generation, layers=first.layers, slots=choice.slots, ranks=ranks)
+        given_up = failure is not None and failure.given_up and placement["layers"] == failure.layers
+        if not choice.apply or given_up:  # the placement given up is not chosen again
+            await self._apply_configmap(owner, role, data, keep=cm, key=key, width=ranks * slots_per_rank)
+            return RoleCheck(status=status)
+        self.failed.pop((owner.uid, role), None)  # another placement: a fresh start
         data[key] = placement
         data[REBALANCE_KEY] = {
             "generation": generation,
+            "ranks": ranks,
+            "slotsPerRank": slots_per_rank,
+            "placementKey": key,
             "time": _rfc3339(stamp),
             "windowSeconds": first.window_seconds,
             "layers": list(first.layers),
@@ -273,7 +402,7 @@ class Rebalancer:
             "imbalanceBefore": [round(x, 4) for x in choice.layer_before],
             "imbalancePredicted": [round(x, 4) for x in choice.layer_predicted],
         }
-        await self._apply_configmap(owner, role, data, keep=cm)
+        await self._apply_configmap(owner, role, data, keep=cm, key=key, width=ranks * slots_per_rank)
         posted = await asyncio.gather(
             *(self._post(leader, placement) for leader in (lead for lead, _ in loads))
         )
@@ -300,6 +429,24 @@ class Rebalancer:
             }
         )
         return RoleCheck(status=status, applied=True)
+
+    async def _post_failure(
+        self, body: Mapping[str, Any], role: str, failure: PlacementFailure, *, groups: int
+    ) -> None:
+        """A Warning Event: `groups` group(s) gave the placement up (one more try counted)."""
+        meta = body["metadata"]
+        message = f"{role}: {groups} group(s) did not apply it; {failure.summary()}"
+        log.warning("rebalancer: %s/%s %s", meta["namespace"], meta["name"], message)
+        await self.kube.post_event(
+            event_body(
+                involved={**body, "apiVersion": API_VERSION, "kind": KIND},
+                reason=EVENT_PLACEMENT_FAILED,
+                message=message,
+                warning=True,
+                component=COMPONENT,
+                now=_rfc3339(now_utc()),
+            )
+        )
 
     async def _load(self, leader: Leader) -> GroupLoad | str:
         """The leader's load, or a one-line reason why not."""
@@ -337,15 +484,34 @@ class Rebalancer:
         return False
 
     async def _apply_configmap(
-        self, owner: Owner, role: str, data: Mapping[str, Any], *, keep: Mapping[str, Any] | None
+        self,
+        owner: Owner,
+        role: str,
+        data: Mapping[str, Any],
+        *,
+        keep: Mapping[str, Any] | None,
+        key: str,
+        width: int,
     ) -> None:
+        """Write `data` (the placement under `key`: the layout every group runs, `width` slots a layer;
+        _check_role) and keep
+        the ConfigMap's other keys, but for other layouts' placements and a rebalance record of
+        another layout (`kubectl moe experts` would read it against this layout's placement)."""
+        old = dict((keep or {}).get("data") or {})
         kept = {  # other layouts' placements go: every group runs this one (_check_role)
-            key: value
-            for key, value in ((keep or {}).get("data") or {}).items()
-            if not key.startswith(PLACEMENT_KEY_PREFIX) and key != PLACEMENT_FILE
+            name: value
+            for name, value in old.items()
+            if not name.startswith(PLACEMENT_KEY_PREFIX) and name != PLACEMENT_FILE
         }
-        for key, value in data.items():
-            kept[key] = json.dumps(value, separators=(",", ":"))
+        layout_changed = any(
+            (name.startswith(PLACEMENT_KEY_PREFIX) or name == PLACEMENT_FILE) and name != key for name in old
+        )
+        if REBALANCE_KEY in kept and not _record_fits(
+            kept[REBALANCE_KEY], key, width=width, layout_changed=layout_changed
+        ):
+            del kept[REBALANCE_KEY]
+        for name, value in data.items():
+            kept[name] = json.dumps(value, separators=(",", ":"))
         await self.kube.apply(
             {
                 "apiVersion": "v1",
@@ -396,6 +562,32 @@ def _placement_of(cm: Mapping[str, Any] | None, key: str) -> dict[str, Any] | No
     ):
         return None
     return doc
+
+
+def _record_of(cm: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ConfigMap's rebalance.json, or None when there is none or it does not parse."""
+    raw = ((cm or {}).get("data") or {}).get(REBALANCE_KEY)
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _record_fits(raw: Any, key: str, *, width: int, layout_changed: bool) -> bool:
+    """Whether a kept rebalance.json is of the layout placed under `key` (`width` slots a layer): it
+    names its key (placementKey); one written before records named it is kept when its slots are
+    `width` long, unless the layout is changing now."""
+    try:
+        doc = json.loads(raw)
+    except (TypeError, ValueError):
+        return False
+    if not isinstance(doc, dict):
+        return False
+    if "placementKey" in doc:
+        return bool(doc["placementKey"] == key)
+    rows = [row for name in ("slots", "previousSlots") for row in (doc.get(name) or [])]
+    return not layout_changed and all(isinstance(row, list) and len(row) == width for row in rows)
 
 
 def _rfc3339(stamp: datetime) -> str:

@@ -4,7 +4,11 @@ Triggers (all level-triggered; each reads the object fresh and reconciles it who
 - create / update / resume of a ModelDeployment (spec changes; start-up);
 - a change of status.roles.*.desired (the autoscaler's decision: autoscale/loop.py, a plain task
   that __main__ starts on the leader next to these handlers);
-- any event on a child (label kubemoe.io/deployment): it re-reconciles its owner;
+- any event on a child (label kubemoe.io/deployment): it re-reconciles its owner. The API server
+  filters these watches by that label (`watch_labelled_children`): kopf applies a handler's `labels`
+  in the operator, after it has listed and watched every object of the kind in the watched namespaces
+  (with `watchNamespace: ''`, every ConfigMap, Service, Job... of the cluster, each kept in kopf's
+  memory);
 - a periodic resync of every ModelDeployment (a plain task, not a kopf timer: kopf timers put a
   finalizer on every object, which would block deletion while the operator is down).
 
@@ -28,7 +32,7 @@ from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, MANAGED_BY
 from kubemoe_operator.api.resource import GROUP, PLURAL, VERSION
 from kubemoe_operator.api.status import now_utc
 from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, event_body
-from kubemoe_operator.kube.kinds import CHILD_KINDS
+from kubemoe_operator.kube.kinds import CHILD_KINDS, ChildKind
 from kubemoe_operator.reconcile.reconcile import ReconcileContext, Result, reconcile
 from kubemoe_operator.run.metrics import OperatorMetrics
 from kubemoe_operator.run.settings import OperatorSettings
@@ -37,6 +41,8 @@ log = logging.getLogger("kubemoe.handlers")
 
 RETRY_DELAY_S = 5.0
 REJECTED_RETRY_DELAY_S = 60.0
+WATCH_CHUNK_SIZE = 500
+"""Objects a page of kopf's initial LIST of a kind (the list is paginated, not one response)."""
 Key = tuple[str, str]
 
 
@@ -123,6 +129,24 @@ class OperatorState:
                     )
 
 
+def child_resource(kind: ChildKind) -> tuple[str, str, str]:
+    """(group, version, plural) of a child kind, as kopf's handlers and selectors name it."""
+    group, _, version = kind.api_version.rpartition("/")
+    return group, version, kind.plural
+
+
+def watch_labelled_children(settings: kopf.OperatorSettings) -> None:
+    """Have the API server send only the children's events: a labelSelector on the LIST and WATCH of
+    each child kind (kopf's `settings.watching.label_selectors`; a handler's `labels` filter is applied
+    in the operator, after the objects came). Only the child kinds, whose one handler (`_child`) wants
+    the labelled ones: the ModelDeployments are watched whole; the rebalancer's experts ConfigMap
+    (unlabelled) is read by the rebalancer itself, never through a kopf watch. The initial LIST of
+    every kind comes in pages of WATCH_CHUNK_SIZE."""
+    for kind in CHILD_KINDS:
+        settings.watching.label_selectors[child_resource(kind)] = LABEL_DEPLOYMENT
+    settings.watching.chunk_size = WATCH_CHUNK_SIZE
+
+
 async def _handle(rt: OperatorState, namespace: str | None, name: str | None) -> None:
     if namespace is None or name is None:
         return
@@ -147,6 +171,7 @@ def build_registry(rt: OperatorState) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # Events are posted per decision by the reconciler
+        watch_labelled_children(settings)  # before kopf starts its watches (startup handlers run first)
         rt.resync = asyncio.create_task(rt.resync_forever())
 
     @kopf.on.cleanup(registry=registry)
@@ -175,8 +200,7 @@ def build_registry(rt: OperatorState) -> kopf.OperatorRegistry:
                 log.warning("reconcile of %s/%s after a desired change: %s", namespace, name, err)
 
     for kind in CHILD_KINDS:
-        group, _, version = kind.api_version.rpartition("/")
-        plural = kind.plural
+        group, version, plural = child_resource(kind)
 
         @kopf.on.event(
             group=group,

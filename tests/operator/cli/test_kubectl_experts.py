@@ -123,6 +123,71 @@ def test_a_configmap_from_before_layout_keys_is_still_read() -> None:
     assert role.load.placement.generation == objs.placement()["generation"]
 
 
+def _old_layout_record(**fields: Any) -> dict[str, Any]:
+    """rebalance.json of the layout before a change to 2 redundant slots: 2 ranks x 4 slots."""
+    old = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
+    return {**objs.rebalance(), "previousSlots": old, "slots": old, **fields}
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        # written by the rebalancer now: it names its layout
+        (
+            {
+                **objs.rebalance(),
+                "placementKey": "placement-2x4-0123456789ab.json",
+                "ranks": 2,
+                "slotsPerRank": 4,
+            },
+            "it is of another layout (placement-2x4-0123456789ab.json) than the placement's "
+            f"({objs.PLACEMENT_KEY})",
+        ),
+        (
+            {**objs.rebalance(), "ranks": 5, "slotsPerRank": 2},
+            "it is of 5 ranks x 2 slots, the placement of 2 ranks",
+        ),
+        # written before records named it: told by its length, which the ranks divide ...
+        (_old_layout_record(), "its layers have 8 slots, the placement's 10 (2 ranks x 5 slots)"),
+        # ... or not (this failed the whole report: "not a multiple of the 2 ranks")
+        (
+            _old_layout_record(
+                previousSlots=[[0, 1, 2, 3, 4, 5, 6, 7, 0]] * 2, slots=[[0, 1, 2, 3, 4, 5, 6, 7, 0]] * 2
+            ),
+            "its layers have 9 slots, the placement's 10",
+        ),
+    ],
+)
+def test_the_record_of_another_layout_is_not_read_against_this_ones_placement(
+    record: dict[str, Any], why: str
+) -> None:
+    cm = objs.config_map(rebalance=record)
+    report = build_report(objs.deployment(), {"decode": cm}, roles=["decode"])
+    (role,) = report.roles
+    assert role.load.rebalance is None
+    assert role.load.rebalance_ignored is not None
+    assert why in role.load.rebalance_ignored
+    out = render_report(report)
+    assert "last rebalance: none of this layout yet (rebalance.json not shown: " in out
+    assert why in out
+    rows = _layer_rows(out)
+    assert [rows[layer][1:3] for layer in ("0", "1")] == [["-", "-"], ["-", "-"]]  # no BEFORE, PREDICTED
+    assert rows["0"][0] != "-"  # NOW, from observed.json (this layout's)
+
+
+def test_a_record_of_this_layout_is_read_and_one_given_up_says_so() -> None:
+    record = {**objs.rebalance(), "placementKey": objs.PLACEMENT_KEY, "ranks": 2, "slotsPerRank": 5}
+    report = build_report(objs.deployment(), {"decode": objs.config_map(rebalance=record)}, roles=["decode"])
+    assert report.roles[0].load.rebalance is not None
+    out = render_report(report)
+    assert "last rebalance: generation 1 at 2026-11-29T06:00:00Z" in out
+    assert "not applied" not in out
+    why = "md-decode-1: generation 1 was not applied (generation 0 stays): rank 1: OutOfMemoryError"
+    cm = objs.config_map(rebalance={**record, "notApplied": why})
+    out = render_report(build_report(objs.deployment(), {"decode": cm}, roles=["decode"]))
+    assert f"not applied:    the groups gave it up: {why}" in out
+
+
 def test_roles_with_expert_parallelism() -> None:
     assert select_roles(objs.deployment(), None) == ["decode"]  # prefill is EP1
     with pytest.raises(

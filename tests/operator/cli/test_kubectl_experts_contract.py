@@ -15,7 +15,7 @@ from matplotlib import image as mpimg
 from kubemoe_operator.cli.experts import build_report, render_report
 from kubemoe_operator.cli.plot import write_plot
 from kubemoe_operator.kube.pods import Leader
-from kubemoe_operator.rebalance.loop import Rebalancer
+from kubemoe_operator.rebalance.loop import MAX_PLACEMENT_TRIES, Rebalancer
 from tests.operator.cli.expert_objects import busiest_over_mean
 from tests.operator.helpers import REPO
 from tests.operator.rebalance.groups import Group, serving
@@ -72,3 +72,31 @@ async def test_the_report_reads_the_rebalancers_configmap_and_status(tmp_path: P
 
     write_plot(report, tmp_path / "experts.png")
     assert mpimg.imread(tmp_path / "experts.png").shape[1] >= 1200
+
+
+async def test_the_report_after_the_groups_gave_a_placement_up() -> None:
+    """Every group gave the placement up, three times: the rebalancer put the ConfigMap back to what they
+    run and marked its record; the report shows that placement, the record and why it was not applied."""
+    md: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny-moe.yaml").read_text())
+    md["metadata"].update(namespace="ns", uid="uid-1", generation=1)
+    md["spec"]["experts"] = {"redundant": 2}
+    kube = MemoryKube()
+    oom = "rank 1: OutOfMemoryError: CUDA out of memory"
+    groups = [Group(tokens=HOT, ranks=2, redundant=2, fail_with=oom) for _ in range(2)]
+
+    async def listed(namespace: str, deployment: str, role: str) -> list[Leader]:
+        return leaders if role == "decode" else []
+
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            rebalancer = Rebalancer(kube=kube, client=client, leaders=listed)
+            for _ in range(1 + MAX_PLACEMENT_TRIES):
+                await rebalancer.evaluate(md, force=True)
+    cm = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")
+    md["status"] = json.loads(json.dumps(kube.statuses[("ns", "tiny-moe")], default=str))
+    out = render_report(build_report(md, {"decode": cm}, roles=["decode"]))
+    assert "decode: placement generation 0, 2 ranks x 5 slots" in out
+    assert "last rebalance: generation 1 at " in out
+    assert "not applied:    the groups gave it up: md-decode-0: generation 1 was not applied" in out
+    assert oom in out
+    assert "failed 3 times, not sent again" in out  # status.experts.decode.message

@@ -26,6 +26,10 @@ class Group:
     slots: list[list[int]] = field(default_factory=list)
     posted: list[dict[str, Any]] = field(default_factory=list)
     answer: int = 202
+    fail_with: str | None = None
+    """Set: the group takes a placement (202) and then gives it up, as the torch engine does when a rank
+    fails to load it (placement.error says why; the generation it ran stays)."""
+    error: str | None = None
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -48,12 +52,19 @@ class Group:
                 "redundant": self.redundant,
                 "generation": self.generation,
                 "pending_generation": None,
+                "error": self.error,
             },
         }
 
     def take(self, placement: dict[str, Any]) -> None:
         self.posted.append(placement)
-        if self.answer == 202:
+        if self.answer == 202 and self.fail_with is not None:
+            self.error = (
+                f"generation {placement['generation']} was not applied (generation {self.generation} "
+                f"stays): {self.fail_with}"
+            )
+        elif self.answer == 202:
+            self.error = None
             self.generation = placement["generation"]
             self.slots = [layer["slots"] for layer in placement["layers"]]
 

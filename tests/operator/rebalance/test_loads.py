@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubemoe_operator.rebalance.loads import GroupLoad, LoadError, parse_group_load, summed
+from kubemoe_operator.rebalance.loads import MAX_ERROR, GroupLoad, LoadError, parse_group_load, summed
 
 
 def doc(tokens: list[list[int]], *, ranks: int = 2, per_rank: int = 4, generation: int = 0) -> dict[str, Any]:
@@ -54,6 +54,7 @@ def test_a_good_document_reads() -> None:
         (lambda d: d["layers"][0]["slots"].pop(), "layers[0].slots"),
         (lambda d: d["layers"][0]["slots"].__setitem__(0, 1), "without a slot"),
         (lambda d: d["layers"].append(copy.deepcopy(d["layers"][0])), "repeats"),
+        (lambda d: d["placement"].update(error={"why": "oom"}), "placement.error"),
     ],
 )
 def test_a_bad_document_names_the_field(edit: Any, field: str) -> None:
@@ -61,6 +62,24 @@ def test_a_bad_document_names_the_field(edit: Any, field: str) -> None:
     edit(d)
     with pytest.raises(LoadError, match=field.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         parse_group_load(d)
+
+
+def test_the_error_of_a_generation_given_up_is_read_one_line_and_bounded() -> None:
+    """The torch engine's placement.error (serve/placement_switch.py): why the last generation it gave up
+    was not applied; null (or left out, by an older engine) when none was."""
+    assert parse_group_load(doc([[1] * 8])).error is None
+    d = doc([[1] * 8])
+    d["placement"]["error"] = None
+    assert parse_group_load(d).error is None
+    d["placement"]["error"] = ""
+    assert parse_group_load(d).error is None
+    why = "generation 2 was not applied (generation 1 stays): rank 1: OutOfMemoryError:\n  CUDA out of memory"
+    d["placement"]["error"] = why
+    assert parse_group_load(d).error == (
+        "generation 2 was not applied (generation 1 stays): rank 1: OutOfMemoryError: CUDA out of memory"
+    )
+    d["placement"]["error"] = "x" * 100_000
+    assert parse_group_load(d).error == "x" * MAX_ERROR
 
 
 def test_groups_add_up_and_must_agree() -> None:

@@ -14,7 +14,12 @@ from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.kube.pods import Leader
 from kubemoe_operator.plan.experts import default_slots, imbalance
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_operator.rebalance.loop import EVENT_REBALANCED, Rebalancer
+from kubemoe_operator.rebalance.loop import (
+    EVENT_PLACEMENT_FAILED,
+    EVENT_REBALANCED,
+    MAX_PLACEMENT_TRIES,
+    Rebalancer,
+)
 from kubemoe_operator.render.experts import expert_volumes, placement_key
 from tests.operator.rebalance.groups import Group, serving
 from tests.operator.reconcile.memory_kube import MemoryKube
@@ -110,6 +115,127 @@ async def test_a_group_behind_the_configmap_is_brought_up_before_anything_new() 
     assert len(kube.events) == 1
 
 
+OOM = "rank 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def _failures(kube: MemoryKube) -> list[dict[str, Any]]:
+    return [e for e in kube.events if e["reason"] == EVENT_PLACEMENT_FAILED]
+
+
+async def test_a_generation_a_group_gives_up_is_retried_a_few_times_then_left_saying_why() -> None:
+    # The group aborted generation 1 (its load document: generation 0, nothing pending, an error).
+    # Before, the loop sent it generation 1 again at every check, forever, each try reading experts
+    # and taking staging memory again, and status only said "bringing 1 group(s) to ...".
+    kube = MemoryKube()
+    groups = [Group(tokens=HOT, ranks=2, redundant=2), Group(tokens=HOT, ranks=2, redundant=2, fail_with=OOM)]
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            scaler = _scaler(kube, leaders, client)
+            assert (await scaler.evaluate(_body(), force=True))["decode"].applied
+            assert (groups[0].generation, groups[1].generation) == (1, 0)
+            for attempt in (1, 2):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+                assert not check.applied
+                message = check.status.message
+                assert "bringing 1 group(s) to placement generation 1" in message
+                assert f"placement generation 1 failed (try {attempt} of {MAX_PLACEMENT_TRIES})" in message
+                assert "md-decode-1: generation 1 was not applied" in message
+                assert OOM in message
+                assert len(groups[1].posted) == 1 + attempt  # sent again
+                assert len(_failures(kube)) == attempt
+            status = kube.statuses[("ns", "tiny-moe")]["experts"]["decode"]
+            assert OOM in status["message"]
+            (warning, *_) = _failures(kube)
+            assert warning["type"] == "Warning"
+            assert "decode: 1 group(s) did not apply it" in warning["message"]
+            assert OOM in warning["message"]
+            # the third failure: given up, and the group is sent it no more
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "placement generation 1 failed 3 times, not sent again" in check.status.message
+            assert "1 group(s) run it, 1 do not" in check.status.message
+            assert OOM in check.status.message
+            assert len(groups[1].posted) == 3
+            assert len(_failures(kube)) == 3
+            assert "not sent again" in _failures(kube)[-1]["message"]
+            for _ in range(3):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+                assert "failed 3 times, not sent again" in check.status.message
+            assert len(groups[1].posted) == 3
+            assert len(_failures(kube)) == 3
+            assert len(groups[0].posted) == 1  # the group that runs it was never sent it again
+            # a spec change (metadata.generation): tried again
+            changed = _body()
+            changed["metadata"]["generation"] = 2
+            check = (await scaler.evaluate(changed, force=True))["decode"]
+            assert "bringing 1 group(s) to placement generation 1" in check.status.message
+            assert len(groups[1].posted) == 4
+
+
+async def test_a_placement_every_group_gave_up_goes_back_and_is_not_chosen_again() -> None:
+    kube = MemoryKube()
+    groups = [Group(tokens=HOT, ranks=2, redundant=2, fail_with=OOM) for _ in range(2)]
+    key = _key(slots=5)
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            scaler = _scaler(kube, leaders, client)
+            assert (await scaler.evaluate(_body(), force=True))["decode"].applied
+            failed = groups[0].posted[0]
+            for _ in range(MAX_PLACEMENT_TRIES):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert [len(g.posted) for g in groups] == [3, 3]
+            assert "placement generation 1 failed 3 times, not sent again" in check.status.message
+            assert OOM in check.status.message
+            assert check.status.generation == 0
+            # the ConfigMap names what every group still runs (a pod starting later loads that), and
+            # its record of the rebalance says it was not applied
+            data = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")["data"]
+            placement = json.loads(data[key])
+            assert placement["generation"] == 0
+            assert [layer["slots"] for layer in placement["layers"]] == groups[0].slots
+            record = json.loads(data["rebalance.json"])
+            assert record["generation"] == 1
+            assert OOM in record["notApplied"]
+            # the same load chooses the same placement: not sent again
+            for _ in range(2):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+                assert not check.applied
+                assert "not sent again" in check.status.message
+            assert [len(g.posted) for g in groups] == [3, 3]
+            assert len(_failures(kube)) == 3
+            # another load, another placement: sent, under a generation number of its own
+            for g in groups:
+                g.fail_with = None
+                g.tokens = [list(reversed(layer)) for layer in HOT]
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert check.applied
+            new = groups[0].posted[-1]
+            assert new["layers"] != failed["layers"]
+            assert new["generation"] == 2
+            assert [g.generation for g in groups] == [2, 2]
+            assert "failed" not in check.status.message
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "failed" not in check.status.message
+
+
+async def test_an_error_about_another_generation_is_not_a_failure_of_this_one() -> None:
+    kube = MemoryKube()
+    groups = [Group(tokens=HOT, ranks=2, redundant=2), Group(tokens=HOT, ranks=2, redundant=2)]
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            scaler = _scaler(kube, leaders, client)
+            await scaler.evaluate(_body(), force=True)
+            # restarted on generation 0, still showing an older generation's error: it is caught up
+            groups[1].generation = 0
+            groups[1].slots = [[*range(8), 0, 4] for _ in HOT]
+            groups[1].answer = 409
+            groups[1].error = "generation 7 was not applied (generation 0 stays): rank 0: WeightLoadError: x"
+            for _ in range(MAX_PLACEMENT_TRIES + 1):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+                assert check.status.message == "bringing 1 group(s) to placement generation 1"
+    assert len(groups[1].posted) == MAX_PLACEMENT_TRIES + 2
+    assert _failures(kube) == []
+
+
 async def test_an_even_load_or_a_small_gain_moves_nothing_but_is_observed() -> None:
     kube = MemoryKube()
     even = [[100] * 8, [100] * 8]
@@ -180,6 +306,72 @@ async def test_a_new_layout_starts_from_the_default_and_gets_its_own_placement()
     (body,) = [o for o in applied if o["kind"] == "ConfigMap"]
     assert new_key in body["data"]
     assert _key(slots=4) not in body["data"]
+
+
+def _recording(kube: MemoryKube) -> list[dict[str, Any]]:
+    """The ConfigMaps the loop applies, as it sends them (server-side apply drops the keys a manager
+    stops naming; MemoryKube merges, so the body is what to look at)."""
+    applied: list[dict[str, Any]] = []
+    apply = kube.apply
+
+    async def recorded(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        if obj["kind"] == "ConfigMap":
+            applied.append(obj)
+        return await apply(obj, **kw)
+
+    kube.apply = recorded  # type: ignore[method-assign]
+    return applied
+
+
+async def test_the_last_rebalance_of_an_old_layout_goes_with_its_placement() -> None:
+    # `kubectl moe experts` reads rebalance.json against the placement of the layout the groups run:
+    # an old layout's record failed it ("not a multiple of the R ranks") or showed the old layout's
+    # numbers as BEFORE and PREDICTED.
+    kube = MemoryKube()
+    applied = _recording(kube)
+    old = [Group(tokens=HOT, ranks=2, redundant=0)]
+    async with httpx2.AsyncClient() as client:
+        with serving(old) as leaders:
+            assert (await _scaler(kube, leaders, client).evaluate(_body(redundant=0), force=True))[
+                "decode"
+            ].applied
+    record = json.loads(applied[-1]["data"]["rebalance.json"])
+    assert (record["ranks"], record["slotsPerRank"], record["placementKey"]) == (2, 4, _key(slots=4))
+    even = [[100] * 8, [100] * 8]
+    new = [Group(tokens=even, ranks=2, redundant=2)]
+    async with httpx2.AsyncClient() as client:
+        with serving(new) as leaders:
+            check = (await _scaler(kube, leaders, client).evaluate(_body(redundant=2), force=True))["decode"]
+    assert not check.applied
+    body = applied[-1]["data"]
+    assert _key(slots=5) in body
+    assert _key(slots=4) not in body
+    assert "rebalance.json" not in body
+    assert "observed.json" in body
+
+
+async def test_a_record_from_before_records_named_their_layout() -> None:
+    """One written by an earlier operator (no placementKey) is kept while the layout stays and its
+    slots fit it; dropped when they do not, or when the layout is changing."""
+    legacy = {"generation": 1, "layers": [1, 2], "slots": [[0] * 10] * 2, "previousSlots": [[0] * 10] * 2}
+    even = [[100] * 8, [100] * 8]
+    for slots, other_layout, kept in ((10, False, True), (8, False, False), (10, True, False)):
+        kube = MemoryKube()
+        doc = {**legacy, "slots": [[0] * slots] * 2, "previousSlots": [[0] * slots] * 2}
+        data = {"rebalance.json": json.dumps(doc)}
+        if other_layout:
+            data[placement_key(ranks=5, slots_per_rank=2, source=_body()["spec"]["model"]["source"])] = "{}"
+        kube.objects[("ConfigMap", "ns", "tiny-moe-decode-experts")] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "tiny-moe-decode-experts", "namespace": "ns"},
+            "data": data,
+        }
+        applied = _recording(kube)
+        async with httpx2.AsyncClient() as client:
+            with serving([Group(tokens=even, ranks=2, redundant=2)]) as leaders:
+                await _scaler(kube, leaders, client).evaluate(_body(redundant=2), force=True)
+        assert ("rebalance.json" in applied[-1]["data"]) is kept, (slots, other_layout)
 
 
 async def test_a_new_model_gets_a_key_of_its_own() -> None:
