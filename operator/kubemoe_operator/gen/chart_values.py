@@ -141,7 +141,8 @@ class Values(ChartModel):
     """Seconds between the expert rebalancer's looks for roles due a check (each role is checked every
     spec.experts.rebalance.intervalSeconds); 0 turns expert rebalancing off."""
     runtime_image: str = Field("kubemoe/kubemoe-runtime:0.1.0", min_length=1)
-    """Runtime image for ModelDeployments whose engine names none (build it from runtime/Dockerfile)."""
+    """Runtime image for ModelDeployments whose engine names none: the GPU image (runtime/Dockerfile); a
+    cluster of CPU nodes only: the CPU image (runtime/Dockerfile.cpu), else CPU deployments name it."""
     runtime_image_pull_secrets: list[str] = Field(
         default_factory=list,
         json_schema_extra={"items": {"type": "string", "pattern": DNS_SUBDOMAIN_PATTERN}},
