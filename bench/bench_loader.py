@@ -10,8 +10,10 @@ privileges a CI box does not give), best of REPEATS:
     engine       TorchEngine.load: the loader plus the engine's layout (experts stacked, gate and up
                  fused), the time until the model can run
 
-Then, at EP = 1, 2 and 4, the bytes each rank reads (all of them: dense + its routed experts) and
-the routed-expert part, against EP=1.
+Then the memory the loaded model keeps: the distinct storages its tensors hold alive against those
+tensors' own bytes (1.00x: no weight held twice, nor a read buffer pinned by a view of it). And, at EP =
+1, 2 and 4, the bytes each rank reads (all of them: dense + its routed experts) and the routed-expert
+part, against EP=1.
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ def plain_read(files: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
+def resident_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the distinct storages the model's tensors keep alive, those tensors' own bytes); a packed
+    (oneDNN) weight has no storage to look at and counts its own bytes on both sides."""
+    storages: dict[object, int] = {}
+    own: dict[object, int] = {}
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            nbytes = t.numel() * t.element_size()
+            if t.is_mkldnn:
+                storages[id(t)] = own[id(t)] = nbytes
+            else:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                own[(t.data_ptr(), nbytes)] = nbytes
+    return sum(storages.values()), sum(own.values())
+
+
 def main() -> None:
     model_dir = checkpoint(layout_from_env())
     cfg = ModelConfig.load(model_dir)
@@ -79,6 +99,10 @@ def main() -> None:
     print(f"load_rank_weights            {loader_gbs:7.2f} GB/s  {loader_gbs / plain_gbs:.2f}x plain read")
     engine_gbs = loader_bytes / engine_s / 1e9
     print(f"TorchEngine.load             {engine_gbs:7.2f} GB/s  {engine_gbs / plain_gbs:.2f}x plain read")
+    resident, own = resident_bytes(TorchEngine.load(model_dir, dtype=getattr(torch, cfg.dtype)).model)
+    print(
+        f"resident after the load      {resident / own:7.3f}x the tensors' own {own:,} bytes ({resident:,})"
+    )
 
     base = 0
     print(f"{'EP':>3} {'rank':>5} {'bytes read':>14} {'routed experts':>15} {'vs EP=1':>8}")

@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +305,51 @@ def test_an_index_that_is_not_a_file_inside_the_folder_is_refused(
         problem = "not a regular file"
     with pytest.raises(WeightLoadError, match=rf"^{index}: {problem}"):
         read_weight_map(ckpt)
+
+
+def _fails_promptly(call: Callable[[], object], fifo: Path, *, within_s: float = 10.0) -> BaseException:
+    """The exception `call()` raises, on a thread; fails the test if it is still running after `within_s`
+    (blocked opening `fifo` for reading: a writer that opens and closes it then lets it go on)."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # handed to the test
+            raised.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within_s)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # EOF for the reader that waits
+        thread.join(within_s)
+        pytest.fail(f"still waiting on the FIFO {fifo} after {within_s} s")
+    assert raised, "it loaded"
+    return raised[0]
+
+
+@pytest.mark.parametrize("how", ["fifo", "directory", "single-fifo"])
+def test_a_shard_that_is_not_a_regular_file_is_refused_promptly(ckpt: Path, tmp_path: Path, how: str) -> None:
+    """A FIFO listed as a shard is refused as the index is (read_header opens shards as
+    read_checkpoint_file does): opening it for reading would wait for a writer, so the load hung."""
+    if how == "single-fifo":
+        folder = tmp_path / "single"
+        folder.mkdir()
+        shard = folder / "model.safetensors"
+        os.mkfifo(shard)
+        err = _fails_promptly(lambda: read_weight_map(folder), shard)
+    else:
+        shard = ckpt / str(_index(ckpt)["weight_map"][EXPERT])
+        shard.unlink()
+        if how == "fifo":
+            os.mkfifo(shard)
+        else:
+            shard.mkdir()
+        err = _fails_promptly(lambda: load_rank_weights(ckpt, cfg=ModelConfig.load(ckpt)), shard)
+    assert isinstance(err, WeightLoadError)
+    assert re.match(rf"^{re.escape(str(shard))}: not a regular file; needed for tensor '.+'$", str(err))
 
 
 def test_an_index_linked_inside_the_folder_loads(ckpt: Path) -> None:

@@ -1,9 +1,8 @@
 """A placement whose load blocks (serve/placement_switch.py's deadline), and a cancelled load stopping early.
 
-The fault: a shard the new placement needs is replaced by a FIFO with no writer, so the loader's open()
-blocks in the kernel as a read from a stalled network volume does; the test ends it on demand (opening
-the FIFO for writing and closing it: the loader reads end-of-file and fails). Before, the generation
-stayed pending forever: every later POST answered 409 and only a pod restart cleared it.
+The fault: opening a shard the new placement needs blocks in the kernel, as a read from a stalled network
+volume does, until the test ends it on demand (the loader's read then fails): stall_hook.py. Before, the
+generation stayed pending forever: every later POST answered 409 and only a pod restart cleared it.
 
 - One rank, in process (GroupLeader, as test_expert_placement_switch.py): the generation is aborted with
   "load timed out" at its deadline, a later one is accepted, waits for the stuck loader (never two
@@ -16,9 +15,7 @@ stayed pending forever: every later POST answered 409 and only a pod restart cle
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,39 +25,18 @@ import pytest
 import torch
 
 from kubemoe_runtime.engines.torch import TorchEngine
+from kubemoe_runtime.engines.torch.load import checkpoint_files
 from kubemoe_runtime.engines.torch.model.engine import PlacementCancelled
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel
 from kubemoe_runtime.engines.torch.model.placement import Placement
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, RankRunner
 from kubemoe_runtime.engines.torch.serve.placement_switch import Abort, PlacementConflict, Switch
 from tests.runtime.serving import Server, http_get, http_post
+from tests.runtime.stall_hook import open_or_stall, release, server_env, stall
 from tests.runtime.test_expert_placement_switch import drive, last, placement, record_controls
 
 PROMPT = [3, 17, 92, 5, 41, 8, 66, 120, 7]
 PLACEMENT_TIMEOUT_ENV = "KUBEMOE_PLACEMENT_LOAD_TIMEOUT_S"
-
-
-def stall(path: Path) -> None:
-    """Replace the file with a FIFO nobody writes: opening it blocks, as a read from a stalled volume."""
-    path.unlink()
-    os.mkfifo(path)
-
-
-def release(paths: list[Path], *, timeout: float = 10.0) -> None:
-    """End the open() blocked on one of these FIFOs (the loader then reads end-of-file and fails)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nobody has it open to read
-            except OSError as err:
-                if err.errno != errno.ENXIO:
-                    raise
-                continue
-            os.close(fd)
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no loader blocked on {[p.name for p in paths]}")
 
 
 @pytest.fixture
@@ -75,7 +51,10 @@ def shard_of(ckpt: Path, layer: int, expert: int) -> Path:
     return ckpt / index[f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"]
 
 
-def test_a_blocked_load_times_out_and_a_later_generation_applies(ckpt: Path) -> None:
+def test_a_blocked_load_times_out_and_a_later_generation_applies(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoint_files, "open_regular_file", open_or_stall)
     timeout = 2.0
     start = placement(TorchEngine.load(ckpt, dtype=torch.float32), 2, (0, 1, 2, 3, 4, 5, 6, 0))
     engine = TorchEngine.load(ckpt, dtype=torch.float32, placement=start)  # expert 7 not held
@@ -83,8 +62,8 @@ def test_a_blocked_load_times_out_and_a_later_generation_applies(ckpt: Path) -> 
         RankRunner(engine, slots=2, max_len=64), ep=ExpertParallel(), placement_timeout_s=timeout
     )
     before = engine.logits(PROMPT)
-    fifo = shard_of(ckpt, start.layers[-1], 7)
-    stall(fifo)
+    shard = shard_of(ckpt, start.layers[-1], 7)
+    stall(shard)
     seen = record_controls(leader)
 
     assert (
@@ -117,7 +96,7 @@ def test_a_blocked_load_times_out_and_a_later_generation_applies(ckpt: Path) -> 
     assert "for generation 3's loader to stop reading the checkpoint" in error, error
     assert engine.placement == start
 
-    release([fifo])  # the stuck read ends; its loader fails (it was dropped long ago) and lets go
+    release([shard])  # the stuck read ends; its loader fails (it was dropped long ago) and lets go
     later = placement(engine, 6, (1, 0, 2, 3, 4, 5, 6, 0))
     assert leader.switch.request(later) == "loading"
     drive(leader, timeout=timeout + 10)
@@ -210,6 +189,7 @@ def test_a_rank_whose_load_blocks_times_out_and_the_group_goes_on(ckpt: Path, tm
     stalled = [ckpt / name for name in sorted(_shards(index, 2, 1) - _shards(index, 1, 5))]
     assert stalled, "the tiny checkpoint's shards no longer separate these experts: pick others"
     env = {PLACEMENT_TIMEOUT_ENV: str(timeout)}
+    env |= server_env(tmp_path / "stall-hook")
     server = Server(ckpt, args=EP2, log_dir=tmp_path, name="ep2-stalled", env=env)
     try:
         server.wait_ready()

@@ -32,6 +32,9 @@ from kubemoe_operator.plan.redundant import (
     eplb_too_big,
     redundant_problem,
     redundant_too_big,
+    staging_too_big,
+    torch_staging,
+    torch_staging_note,
     vllm_eplb,
     vllm_eplb_step_interval,
 )
@@ -219,6 +222,7 @@ def _plan_role(
     par = role.parallelism
     wanted = spec.experts.redundant if spec.experts is not None else 0
     eplb = vllm_eplb(spec)
+    staging = torch_staging(spec)
 
     engine = support(spec.engine.kind)
     if device_memory_gib(role=role, gpu=gpu, devices_per_pod=1) is None:
@@ -246,6 +250,7 @@ def _plan_role(
             max_len=max_len,
             redundant=wanted,
             eplb=eplb,
+            staging=staging,
             sequences=sequences,
         )
 
@@ -305,7 +310,7 @@ def _plan_role(
     if device_gib is None:
         return None, [_memory_missing(path)]
 
-    def size(slots: int, *, balancing: bool = eplb) -> Sizing:
+    def size(slots: int, *, balancing: bool = eplb, staged: bool = staging) -> Sizing:
         return size_rank(
             model=model,
             par=par,
@@ -315,6 +320,7 @@ def _plan_role(
             max_len=max_len,
             redundant=slots,
             eplb=balancing,
+            staging=staged,
         )
 
     sizing = size(redundant)
@@ -334,6 +340,8 @@ def _plan_role(
         return None, [too_big]
     if mem.eplb_buffers_gib and not fits(size(0), max_len) and fits(size(0, balancing=False), max_len):
         return None, [eplb_too_big(size(0).memory, role=name, max_len=max_len)]
+    if staging and not fits(size(0), max_len) and fits(size(0, staged=False), max_len):
+        return None, [staging_too_big(size(0).memory, role=name, max_len=max_len)]
     usable = mem.device_gib * utilization - mem.reserve_gib
     shards = _shards_label(par)
     device = (
@@ -494,6 +502,8 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
             notes.append(f"{r.role}: no expert parallelism, so experts.redundant does not apply.")
         if r.role in balanced and spec.experts is not None:
             notes.append(eplb_note(r.role, spec.experts.rebalance.interval_seconds))
+        if r.expert_parallel and torch_staging(spec):
+            notes.append(torch_staging_note(r.role, r.memory))
         if r.devices_per_pod < spec.accelerator.per_pod:
             notes.append(
                 f"{r.role}: a group needs {r.ranks} of the {spec.accelerator.per_pod} devices per pod."

@@ -1,5 +1,6 @@
 """spec.experts in the planner: redundant expert slots (`spec.experts.redundant`, shared by the EP ranks
-of every expert-parallel role) and, on vLLM, the buffers and notes of vLLM's expert load balancing (EPLB).
+of every expert-parallel role), on vLLM the buffers and notes of vLLM's expert load balancing (EPLB), and on
+the torch engine the memory its live rebalances stage experts in (`torch_staging_gib`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,29 @@ spec.experts.rebalance.intervalSeconds is rendered as that many seconds of steps
 faster (short decode steps) rearranges sooner; an idle one, whose load does not change, not at all."""
 EPLB_LOAD_BYTES = 4
 """vLLM's EPLB counts each physical expert's tokens per step and MoE layer in int32."""
+TORCH_STAGING_SHARE = 1.0
+"""The share of an expert-parallel rank's routed-expert bytes (its redundant slots included) the planner
+reserves for the torch engine's live rebalances. A rank stages a new placement beside the running one: the
+next expert stacks of every MoE layer whose slots change on it, until the switch frees the old ones (the
+runtime's serve/placement_switch.py; new experts are read straight into them). The rebalancer may change
+every layer in one generation, so the reserve is a whole copy; a cap on the layers one generation changes
+would bring it down to that share. A rank that has not the memory when a rebalance comes refuses it before
+allocating (the group keeps its placement) instead of being killed out of memory."""
 
 
 def vllm_eplb(spec: ModelDeploymentSpec) -> bool:
     """Whether vLLM's expert-parallel roles run vLLM's expert load balancing: spec.experts on vLLM."""
     return spec.engine.kind == "vllm" and spec.experts is not None
+
+
+def torch_staging(spec: ModelDeploymentSpec) -> bool:
+    """Whether the torch engine's expert-parallel roles rebalance live: spec.experts on the torch engine."""
+    return spec.engine.kind == "torch" and spec.experts is not None
+
+
+def torch_staging_gib(experts_gib: float) -> float:
+    """The torch engine's staging reserve on a rank holding `experts_gib` of routed experts."""
+    return experts_gib * TORCH_STAGING_SHARE
 
 
 def vllm_eplb_step_interval(interval_seconds: int) -> int:
@@ -114,6 +133,34 @@ def eplb_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int) -> Problem:
         f" {mem.eplb_buffers_gib:.2f} GiB on each rank of {role}, which leaves KV for {mem.kv_tokens} tokens,"
         f" less than one sequence of maxModelLen={max_len}.",
         fix="remove experts, lower engine.maxModelLen, or spread the model over more ranks.",
+    )
+
+
+def staging_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int) -> Problem:
+    """The problem when a torch-engine role fits without its staging reserve, but not with it (`mem`: its
+    memory with the reserve)."""
+    usable = mem.device_gib * mem.utilization - mem.reserve_gib
+    short = (
+        f"leaves KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={max_len}"
+        if mem.weights_gib < usable
+        else f"leaves {usable:.1f} GiB for {mem.weights_gib:.1f} GiB of weights"
+    )
+    return Problem(
+        field=EXPERTS_FIELD,
+        message=f"spec.experts rebalances {role} live, and the torch engine stages a new placement's experts"
+        f" beside the running ones: the planner reserves a copy of a rank's experts,"
+        f" {torch_staging_gib(mem.expert_weights_gib):.1f} GiB on each rank of {role}, which {short}.",
+        fix="give the pods more memory, spread the model over more ranks, or remove experts"
+        " (no rebalancing).",
+    )
+
+
+def torch_staging_note(role: RoleName, mem: MemoryPlan) -> str:
+    staged = torch_staging_gib(mem.expert_weights_gib)
+    return (
+        f"{role}: {staged:.1f} GiB of each rank's {mem.reserve_gib:g} GiB reserve is for live rebalances"
+        f" (spec.experts): the torch engine stages the experts of the layers a rebalance changes beside the"
+        f" running ones, up to a copy of the rank's {mem.expert_weights_gib:.1f} GiB of experts."
     )
 
 

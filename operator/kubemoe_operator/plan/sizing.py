@@ -1,6 +1,6 @@
 """One rank's memory (dense weights, its share of the routed experts and of the redundant slots, vLLM's
-EPLB buffers, and the KV cache in what is left), and the smallest layouts that fit, which the planner
-suggests where a role leaves its parallelism out."""
+EPLB buffers, the torch engine's rebalance staging, and the KV cache in what is left), and the smallest
+layouts that fit, which the planner suggests where a role leaves its parallelism out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kubemoe_operator.api.quantity import parse_quantity
 from kubemoe_operator.api.spec import MAX_DATA_PARALLEL, Parallelism, RoleSpec
 from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFacts
 from kubemoe_operator.plan.model import MemoryPlan
-from kubemoe_operator.plan.redundant import eplb_buffers_gib, redundant_problem
+from kubemoe_operator.plan.redundant import eplb_buffers_gib, redundant_problem, torch_staging_gib
 
 # A suggested layout must leave KV for at least this many maximum-length sequences per rank.
 SUGGEST_HEADROOM_SEQUENCES = 4
@@ -140,9 +140,12 @@ def size_rank(
     max_len: int,
     redundant: int = 0,
     eplb: bool = False,
+    staging: bool = False,
 ) -> Sizing:
     """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank,
-    and `eplb` (vLLM's expert load balancing) its buffers, on an expert-parallel rank."""
+    `eplb` (vLLM's expert load balancing) its buffers, and `staging` (the torch engine's live rebalances)
+    its staging reserve (redundant.py `torch_staging_gib`: counted in the reserve), on an expert-parallel
+    rank."""
     tp, ep = par.tensor, par.expert_size
     shards = expert_shards(par)
     # every rank holds all the routers; the rest of the dense weights is split over the tensor ranks
@@ -151,6 +154,7 @@ def size_rank(
     extra = routed_bytes / model.num_routed_experts * (redundant / ep) / GIB if par.expert_parallel else 0.0
     experts = routed_bytes / shards / GIB + extra
     buffers = eplb_buffers_gib(model, par, redundant) if eplb and par.expert_parallel else 0.0
+    reserve_gib += torch_staging_gib(experts) if staging and par.expert_parallel else 0.0
     usable = device_gib * utilization - reserve_gib
     budget = max(0.0, usable - dense - experts - buffers)
     per_token = model.kv_bytes_per_token(tensor=tp, max_len=max_len)
@@ -158,7 +162,7 @@ def size_rank(
     memory = MemoryPlan(
         device_gib=round(device_gib, 2),
         utilization=utilization,
-        reserve_gib=reserve_gib,
+        reserve_gib=round(reserve_gib, 4),
         dense_weights_gib=round(dense, 4),
         expert_weights_gib=round(experts, 4),
         redundant_weights_gib=round(extra, 4),
@@ -193,6 +197,7 @@ def _headroom(
     max_len: int,
     redundant: int = 0,
     eplb: bool = False,
+    staging: bool = False,
     sequences: int = SUGGEST_HEADROOM_SEQUENCES,
 ) -> bool | None:
     """Whether `par` holds the weights with KV for `sequences` sequences of `max_len` (the suggestions'
@@ -209,6 +214,7 @@ def _headroom(
         max_len=max_len,
         redundant=redundant,
         eplb=eplb,
+        staging=staging,
     )
     return sizing.weights_fit and sizing.memory.kv_tokens >= sequences * max_len
 
@@ -223,12 +229,14 @@ def suggest_parallelism(
     max_len: int,
     redundant: int = 0,
     eplb: bool = False,
+    staging: bool = False,
     sequences: int = SUGGEST_HEADROOM_SEQUENCES,
 ) -> Parallelism | None:
     """The smallest EP (tensor 1, data = EP) that fits with KV for `sequences` sequences of `max_len`
     (SUGGEST_HEADROOM_SEQUENCES for a role without parallelism; 1, the planner's `fits`, for the fix of a
     layout that does not fit), and whose ranks share `redundant` expert slots evenly (EP 1 has no expert
-    parallelism, so no redundant slots), with vLLM's EPLB buffers when `eplb`."""
+    parallelism, so no redundant slots), with vLLM's EPLB buffers when `eplb` and the torch engine's
+    staging reserve when `staging`."""
     for ep in divisors(model.num_routed_experts):
         if ep > MAX_DATA_PARALLEL:
             break
@@ -239,7 +247,8 @@ def suggest_parallelism(
         par = Parallelism(tensor=1, data=ep)
         room = _headroom(
             model=model, gpu=gpu, role=role, par=par, devices_per_pod=min(per_pod, ep),
-            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb, sequences=sequences,
+            utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb, staging=staging,
+            sequences=sequences,
         )  # fmt: skip
         if room is None:
             return None

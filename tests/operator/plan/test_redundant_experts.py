@@ -44,9 +44,14 @@ def test_absent_is_todays_layout() -> None:
         assert role.redundant_experts == 0
         assert role.slots_per_rank == role.experts_per_rank
         assert role.memory.redundant_weights_gib == 0
-    # redundant 0 by default: on the torch engine nothing changes (on vLLM its balancer's buffers
-    # do, test_vllm_eplb.py)
-    assert planned_torch(experts={}) == planned_torch()
+    # redundant 0 by default: on the torch engine the layout and the weights do not change (only the
+    # reserve for its rebalances' staging, test_torch_staging.py; on vLLM its balancer's buffers,
+    # test_vllm_eplb.py)
+    torch_plain, torch_balanced = planned_torch(), planned_torch(experts={})
+    assert [r.pods for r in torch_balanced.roles] == [r.pods for r in torch_plain.roles]
+    for plain_role, balanced_role in zip(torch_plain.roles, torch_balanced.roles, strict=True):
+        assert balanced_role.slots_per_rank == plain_role.slots_per_rank
+        assert balanced_role.memory.weights_gib == plain_role.memory.weights_gib
     assert "redundant" not in render_table(plain)
 
 

@@ -53,10 +53,12 @@ def test_vllm_roles_count_the_balancers_buffers_and_torch_roles_do_not() -> None
         assert v.eplb_buffers_gib == pytest.approx(expected_buffers_gib(ep=ep, redundant=8), abs=1e-4)
         assert v.redundant_weights_gib == t.redundant_weights_gib > 0  # the copies, on either engine
         assert v.weights_gib == t.weights_gib  # the buffers are not weights...
+        staged = (
+            t.reserve_gib - v.reserve_gib
+        )  # torch reserves its rebalances' staging (test_torch_staging.py)
         assert v.kv_budget_gib == pytest.approx(
-            t.kv_budget_gib - v.eplb_buffers_gib, abs=1e-3
+            t.kv_budget_gib + staged - v.eplb_buffers_gib, abs=1e-3
         )  # ...but cost KV
-        assert v.kv_tokens < t.kv_tokens
 
 
 def test_the_balancer_runs_without_redundant_slots_too() -> None:
@@ -104,7 +106,12 @@ def test_buffers_that_leave_no_sequence_of_kv_are_refused_naming_spec_experts() 
     assert "vLLM's expert load balancing (EPLB)" in problem.message
     assert f"less than one sequence of maxModelLen={tightest}" in problem.message
     assert "remove experts" in problem.fix
-    planned_torch(engine={"maxModelLen": tightest}, experts={}, model=model)  # torch has no such buffers
+    # torch has no such buffers, but stages its rebalances' experts, refused likewise (test_torch_staging.py)
+    with pytest.raises(ManifestError) as err:
+        planned_torch(engine={"maxModelLen": tightest}, experts={}, model=model)
+    (problem,) = err.value.problems
+    assert problem.field == "spec.experts"
+    assert "the torch engine stages" in problem.message
 
 
 def tiny(**engine: Any) -> dict[str, Any]:

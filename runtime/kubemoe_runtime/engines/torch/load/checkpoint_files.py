@@ -69,6 +69,25 @@ class TensorInfo:
         return self.end - self.begin
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint's file is refused (outside the folder, not a regular file, too big)."""
+
+
+def open_regular_file(path: Path) -> int:
+    """A read-only descriptor of `path`, a regular file (CheckpointFileError naming it otherwise): opened
+    with O_NONBLOCK, so that opening a FIFO does not wait for a writer (fstat refuses it next), as it
+    refuses a device or a folder. Reads of a regular file ignore O_NONBLOCK. OSError where it cannot be
+    opened (FileNotFoundError where there is no such file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointFileError(f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _allowed_roots(root: Path) -> tuple[Path, ...]:
     """Where a shard may resolve to: the folder, and for a Hugging Face cache snapshot
     (`.../snapshots/REV`, whose files are links to `../../blobs/SHA`) that cache's blobs."""
@@ -100,10 +119,6 @@ def shard_path(root: Path, name: str, *, tensor: str, listed_in: Path) -> Path:
     return path
 
 
-class CheckpointFileError(ValueError):
-    """A checkpoint's small file is refused (outside the folder, not a regular file, too big)."""
-
-
 def read_checkpoint_file(root: Path, name: str, *, limit: int) -> bytes:
     """The bytes of `root / name`: a regular file that resolves inside the checkpoint folder (or, for a
     Hugging Face cache snapshot, its blobs), of at most `limit` bytes. The size is counted while reading
@@ -121,11 +136,8 @@ def read_checkpoint_file(root: Path, name: str, *, limit: int) -> bytes:
         raise CheckpointFileError(
             f"{path}: a link to {real}, outside the checkpoint folder {root}; it must be a file in the folder"
         )
-    # O_NONBLOCK: opening a FIFO must not wait for a writer (fstat refuses it next).
-    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular_file(real)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointFileError(f"{path}: not a regular file")
         chunks, size = [], 0
         while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
             chunks.append(chunk)
@@ -167,7 +179,7 @@ def read_index(root: Path) -> dict[str, str]:
 def read_header(path: Path, *, needed: str = "<any>") -> dict[str, TensorInfo]:
     """A shard's tensors, every entry checked against the file (`needed`: the tensor errors name)."""
     try:
-        with path.open("rb") as f:
+        with os.fdopen(open_regular_file(path), "rb") as f:  # a FIFO is refused, not waited on
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -185,6 +197,8 @@ def read_header(path: Path, *, needed: str = "<any>") -> dict[str, TensorInfo]:
         raise WeightLoadError(
             f"{path}: shard file is missing; the index lists tensor {needed!r} in it"
         ) from err
+    except CheckpointFileError as err:  # names the file
+        raise WeightLoadError(f"{err}; needed for tensor {needed!r}") from err
     except OSError as err:
         raise WeightLoadError(f"{path}: cannot read it ({err}); needed for tensor {needed!r}") from err
     if len(raw) < header_len:

@@ -229,12 +229,14 @@ def load_expert_tensors(
     *,
     cfg: ModelConfig,
     experts: Mapping[int, Iterable[int]],
+    into: Mapping[str, torch.Tensor] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Only routed experts: for each MoE layer index in `experts`, those expert ids (gate, up and down),
     validated as `load_rank_weights` validates them; the index is read again (the checkpoint as it is now).
-    LoadCancelled once `cancelled()` is true: checked before the headers, before each shard's data and
-    between reads (a read blocked in the kernel, as on a stalled volume, is not interrupted)."""
+    `into` as `load_rank_weights` takes it. LoadCancelled once `cancelled()` is true: checked before the
+    headers, before each shard's data and between reads (a read blocked in the kernel, as on a stalled
+    volume, is not interrupted)."""
     started = time.perf_counter()
     root = Path(model_dir)
     wanted = [
@@ -262,7 +264,7 @@ def load_expert_tensors(
     stop_if_cancelled(cancelled)
     files = _check_headers(root, wanted, cfg=cfg, expected=expected, weight_map=weight_map, headers=headers)
     return read_planned(
-        WeightPlan(root=root, files=files, report=report, started=started), cancelled=cancelled
+        WeightPlan(root=root, files=files, report=report, started=started), into=into, cancelled=cancelled
     )
 
 

@@ -1,11 +1,12 @@
 """Reading checked tensors out of one safetensors shard (`read_tensors`), cancellably.
 
 The shard's header gives each tensor's byte range, so the loader reads them itself (no mmap): per shard,
-the selected tensors in file order, each run of adjacent ones with one readinto() into one buffer the
-tensors are views of. Memory is touched once, as a plain read() of those bytes touches it; at EP=1 a
-shard is one read, and at EP=N a rank's experts are one read per contiguous block. A caller may give
-destinations (`into`): a tensor with one is read straight into it, e.g. into its slice of the engine's
-stacked experts, so those bytes are never copied again.
+the selected tensors in file order, each with readinto() into memory of its own. Memory is touched once,
+as a plain read() of those bytes touches it. A caller may give destinations (`into`): a tensor with one
+is read straight into it, e.g. into its slice of the engine's stacked experts or fused q/k/v weight, so
+those bytes are never copied again. A tensor without one gets a buffer of exactly its bytes, never a view
+of a buffer shared with its neighbours: a kept tensor (a norm, a router) would otherwise keep the whole
+buffer alive, with the bytes of every tensor the engine copied elsewhere (fused, packed, converted).
 
 Reads are of at most READ_CHUNK bytes; each counts in a `LoadProgress` (load_progress.py), and a caller
 may cancel between them (`cancelled`: `LoadCancelled`, as `stop_if_cancelled` raises it), so an abandoned
@@ -16,13 +17,19 @@ load stops early instead of reading on. The spans read were checked against the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
 import torch
 
-from kubemoe_runtime.engines.torch.load.checkpoint_files import TensorInfo, WeightLoadError
+from kubemoe_runtime.engines.torch.load.checkpoint_files import (
+    CheckpointFileError,
+    TensorInfo,
+    WeightLoadError,
+    open_regular_file,
+)
 from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 
 READ_CHUNK: Final = 16 << 20  # bytes per readinto() call
@@ -69,30 +76,26 @@ def read_tensors(
     cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read tensors from one shard, in file order: a tensor with a destination in `into` straight into
-    it; each run of adjacent others into one buffer they are views of. Each readinto() counts in
-    `progress`; LoadCancelled once `cancelled()`, checked before each readinto()."""
+    it, each other one into a buffer of its own. Each readinto() counts in `progress`; LoadCancelled once
+    `cancelled()`, checked before each readinto()."""
     into = into or {}
-    runs: list[list[tuple[str, TensorInfo]]] = []  # a placed tensor is a run of its own
-    placed = {name for name, info in wanted if _fits(into.get(name), info)}
-    for item in sorted(wanted, key=lambda item: item[1].begin):
-        joins = runs and runs[-1][-1][1].end == item[1].begin and runs[-1][-1][0] not in placed
-        if joins and item[0] not in placed:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
     tensors: dict[str, torch.Tensor] = {}
-    reading = runs[0][0][0] if runs else "<none>"  # the tensor an OSError is reported against
+    in_order = sorted(wanted, key=lambda item: item[1].begin)
+    reading = in_order[0][0] if in_order else "<none>"  # the tensor an OSError is reported against
     try:
-        with path.open("rb", buffering=0) as f:
-            for run in runs:
-                reading = run[0][0]
-                begin, end = run[0][1].begin, run[-1][1].end
-                if reading in placed:
-                    buffer = into[reading].view(-1).view(torch.uint8)
-                else:
-                    buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with os.fdopen(open_regular_file(path), "rb", buffering=0) as f:
+            for name, info in in_order:
+                reading = name
+                dest = into.get(name)
+                if not _fits(dest, info):
+                    dest = None
+                buffer = (
+                    torch.empty(info.nbytes, dtype=torch.uint8)
+                    if dest is None
+                    else dest.view(-1).view(torch.uint8)
+                )
                 view = buffer.numpy().data  # a memoryview of the tensor's bytes
-                f.seek(begin)
+                f.seek(info.begin)
                 got = 0
                 while got < len(view):
                     stop_if_cancelled(cancelled)
@@ -101,21 +104,16 @@ def read_tensors(
                     got += n
                     if progress is not None:
                         progress.advance(n)
-                for name, info in run:
-                    if info.end - begin > got:
-                        raise WeightLoadError(f"{path}: truncated while reading tensor {name!r}")
-                    if name in placed:
-                        tensors[name] = into[name]
-                    else:
-                        tensors[name] = _typed(buffer[info.begin - begin : info.end - begin], info)
+                if got < info.nbytes:
+                    raise WeightLoadError(f"{path}: truncated while reading tensor {name!r}")
+                tensors[name] = _typed(buffer, info) if dest is None else dest
+    except CheckpointFileError as err:  # names the file
+        raise WeightLoadError(f"{err}; needed for tensor {reading!r}") from err
     except OSError as err:
         raise WeightLoadError(f"{path}: cannot read tensor {reading!r}: {err}") from err
     return tensors
 
 
 def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
-    """Bytes as the tensor they hold (a view; a copy only when the bytes are not aligned to the dtype)."""
-    dtype = SAFETENSORS_DTYPES[info.dtype]
-    if raw.storage_offset() % dtype.itemsize:
-        raw = raw.clone()
-    return raw.view(dtype).view(info.shape)
+    """A buffer of its own (offset 0, so aligned to any dtype) as the tensor its bytes hold."""
+    return raw.view(SAFETENSORS_DTYPES[info.dtype]).view(info.shape)

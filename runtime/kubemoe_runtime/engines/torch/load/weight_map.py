@@ -11,9 +11,11 @@ Fused experts (Llama 4) come as each expert's pieces (checkpoint_tensors.py):
 transposed into the same stacks.
 
 `expert_stacks` makes the stacked parameters before loading, with each expert tensor's place in them, so
-the loader reads experts straight into place (`read_planned(into=...)`) and stacking copies nothing. Its
-shapes come from the checked shard headers (`plan_rank_weights(...).shapes()`), never from config.json
-alone: a config whose sizes disagree with the checkpoint fails by name before anything is allocated.
+the loader reads experts straight into place (`read_planned(into=...)`) and stacking copies nothing;
+`qkv_weights` does the same for the fused `qkv_proj` (q, k and v read into its rows), so no weight is
+held twice: once in the checkpoint's pieces and once fused. Their shapes come from the checked shard
+headers (`plan_rank_weights(...).shapes()`), never from config.json alone: a config whose sizes disagree
+with the checkpoint fails by name before anything is allocated.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ _STACKED: Final = {
 }
 _PARTS: Final = {"w_gate_up_E2FD": 2, "w_down_EDF": 1}
 _QKV: Final = re.compile(r"^(layers\.\d+\.attn\.)([qkv])_proj\.weight$")
+_CHECKPOINT_QKV: Final = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$")
 _TOP: Final = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
 
 Slots = Sequence[int] | Mapping[int, Sequence[int]]
@@ -97,6 +100,32 @@ def expert_stacks(
     return stacks, places
 
 
+def qkv_weights(
+    shapes: Mapping[str, tuple[int, ...]], *, cfg: ModelConfig, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Empty fused `qkv_proj` weights, by parameter name, and each checkpoint q_proj, k_proj and v_proj
+    weight's place in them (its rows), by checkpoint name (`shapes`: checkpoint name -> shape). Nothing for
+    MLA, nor for a layer whose three do not make one matrix (to_engine_state_dict reports that)."""
+    if cfg.uses_mla:
+        return {}, {}
+    found: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = defaultdict(dict)
+    for name, shape in shapes.items():
+        match = _CHECKPOINT_QKV.match(name.removeprefix(cfg.weight_prefix))
+        if match is not None and len(shape) == 2:
+            found[int(match.group(1))][match.group(2)] = (name, shape)
+    fused: dict[str, torch.Tensor] = {}
+    places: dict[str, torch.Tensor] = {}
+    for layer, parts in found.items():
+        if sorted(parts) != ["k", "q", "v"] or len({shape[1] for _, shape in parts.values()}) != 1:
+            continue
+        rows = [parts[p][1][0] for p in "qkv"]
+        weight = torch.empty((sum(rows), parts["q"][1][1]), dtype=dtype)
+        fused[f"layers.{layer}.attn.qkv_proj.weight"] = weight
+        for (name, _), place in zip((parts[p] for p in "qkv"), torch.split(weight, rows), strict=True):
+            places[name] = place
+    return fused, places
+
+
 def to_engine_state_dict(
     tensors: dict[str, torch.Tensor],
     *,
@@ -106,8 +135,8 @@ def to_engine_state_dict(
     stacks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rename (and, for routed experts, stack) checkpoint tensors into `Transformer.state_dict()` form.
-    `stacks` (from `expert_stacks`) are used as the stacked parameters; parts already in place are not
-    copied."""
+    `stacks` (from `expert_stacks` and `qkv_weights`) are used as the stacked and fused parameters; parts
+    already in place are not copied."""
     out: dict[str, torch.Tensor] = {}
     parts_by_key: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
     qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # "layers.i.attn." -> q, k, v
@@ -150,7 +179,8 @@ def to_engine_state_dict(
     for prefix, projections in qkv.items():
         if sorted(projections) != ["k", "q", "v"]:
             raise KeyError(f"{prefix}: expected q_proj, k_proj and v_proj, got {sorted(projections)}")
-        out[f"{prefix}qkv_proj.weight"] = torch.cat([projections[p] for p in "qkv"]).to(dtype)
+        key = f"{prefix}qkv_proj.weight"
+        out[key] = _fuse([projections[p] for p in "qkv"], dtype=dtype, out=(stacks or {}).get(key))
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out
@@ -167,6 +197,18 @@ def routed_expert_weights(
         return gate_up_D2F.t().contiguous(), down_FD.t().contiguous()
     gate, up, down = (tensors.pop(name) for name in names)
     return torch.cat([gate, up]), down
+
+
+def _fuse(parts: list[torch.Tensor], *, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """`parts` one after another (rows), in `out` when it has their shape and `dtype` (a part already in
+    place there is not copied)."""
+    rows = [part.shape[0] for part in parts]
+    if out is None or out.dtype != dtype or list(out.shape) != [sum(rows), *parts[0].shape[1:]]:
+        return torch.cat(parts).to(dtype)
+    for part, place in zip(parts, torch.split(out, rows), strict=True):
+        if place.data_ptr() != part.data_ptr() or place.dtype != part.dtype:
+            place.copy_(part)
+    return out
 
 
 def _stack(

@@ -3,7 +3,9 @@
 The rank's routed experts follow a placement (placement.py): at load, and later by `stage_placement`
 (any thread: reads the experts newly held here from the checkpoint, builds the next slots) and
 `apply_placement` (the engine thread, between forwards: swaps them in). Every rank of a group must apply
-the same placement before the same forward (serve/group.py does that).
+the same placement before the same forward (serve/group.py does that). Staging holds the next stacks of
+every MoE layer whose slots change beside the current ones, `staging_bytes` (up to a second copy of the
+rank's experts), until the switch; serve/placement_switch.py checks the pod has that memory first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kubemoe_runtime.engines.torch.load.checkpoint_tensors import routed_expert_names
 from kubemoe_runtime.engines.torch.load.load_progress import LoadProgress
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.load.rank_weights import (
@@ -24,6 +27,7 @@ from kubemoe_runtime.engines.torch.load.rank_weights import (
 from kubemoe_runtime.engines.torch.load.tensor_reads import LoadCancelled
 from kubemoe_runtime.engines.torch.load.weight_map import (
     expert_stacks,
+    qkv_weights,
     routed_expert_weights,
     to_engine_state_dict,
 )
@@ -129,18 +133,25 @@ class TorchEngine:
         # Every header this rank needs is checked against config.json before anything is allocated from
         # its sizes: a config that disagrees with its checkpoint fails here, naming the shard and tensor.
         plan = plan_rank_weights(model_dir, cfg=cfg, ep_rank=ep.rank, ep_size=ep.size, slots=slots)
-        # Experts are read straight into the stacked parameters (sized from the checked headers) when
-        # no dtype conversion is needed.
-        stacks, places = (
-            expert_stacks(plan.shapes(), experts=slots, dtype=dtype)
-            if getattr(torch, cfg.dtype, None) == dtype
-            else ({}, {})
-        )
+        # Experts are read straight into the stacked parameters, and q, k and v into the fused qkv_proj
+        # (sized from the checked headers), when no dtype conversion is needed. Every other tensor is read
+        # into memory of its own (tensor_reads.py): after the load no weight is held twice.
+        stacks: dict[str, torch.Tensor] = {}
+        places: dict[str, torch.Tensor] = {}
+        if getattr(torch, cfg.dtype, None) == dtype:
+            for made, where in (
+                expert_stacks(plan.shapes(), experts=slots, dtype=dtype),
+                qkv_weights(plan.shapes(), cfg=cfg, dtype=dtype),
+            ):
+                stacks.update(made)
+                places.update(where)
         tensors, report = read_planned(plan, into=places, progress=progress)
         state = to_engine_state_dict(tensors, cfg=cfg, experts=slots, dtype=dtype, stacks=stacks)
+        del tensors, stacks, places  # the state holds what the model keeps; the rest goes with these
         with torch.device("meta"):
             model = Transformer(cfg, ep=ep, placement=placement)
         model.load_state_dict(state, strict=True, assign=True)
+        del state
         model.eval()
         if pack:
             pack_model(model)
@@ -149,41 +160,80 @@ class TorchEngine:
             model, ep=ep, dtype=dtype, load_report=report, placement=placement, model_dir=Path(model_dir)
         )
 
+    def _staging(self, placement: Placement) -> list[tuple[int, MoE, tuple[int, ...], list[int]]]:
+        """For each MoE layer: (layer index, block, its slot experts in `placement`, those new here)."""
+        _check_fits(placement, cfg=self.cfg, ep=self.ep)
+        staging = []
+        for i, (layer, block) in enumerate(self.moe_layers()):
+            slots = tuple(placement.rank_slots(i, self.ep.rank))
+            staging.append((layer, block, slots, sorted(set(slots) - set(block.experts.experts))))
+        return staging
+
+    def _reads_into_place(self) -> bool:
+        """Whether new experts are read straight into the staged stacks: a checkpoint in the engine's dtype,
+        one tensor per projection (not Llama 4's fused pieces, which are transposed into place)."""
+        return not self.cfg.fused_experts and getattr(torch, self.cfg.dtype, None) == self.dtype
+
+    def staging_bytes(self, placement: Placement) -> int:
+        """The memory `stage_placement(placement)` allocates on this rank, allocating nothing: the next
+        stacks of every MoE layer whose slots change here, and, where new experts cannot be read straight
+        into them (`_reads_into_place`), those experts as read."""
+        total = 0
+        for _, block, slots, new in self._staging(placement):
+            total += block.experts.staging_bytes(slots)
+            if not self._reads_into_place():
+                total += len(new) * block.experts.slot_bytes()
+        return total
+
     def stage_placement(
         self, placement: Placement, *, cancelled: Callable[[], bool] = lambda: False
     ) -> StagedPlacement:
         """This rank's slots of `placement`, built without touching the running model (any thread): the
-        experts it newly holds are read from the checkpoint (WeightLoadError if they cannot be), the others
-        copied from the slots holding them now. Raises PlacementCancelled once `cancelled()` is true."""
-        _check_fits(placement, cfg=self.cfg, ep=self.ep)
+        experts it newly holds are read from the checkpoint (WeightLoadError if they cannot be), straight
+        into the next stacks where they can be, the others copied from the slots holding them now. It
+        allocates `staging_bytes(placement)` (a second copy of each MoE layer whose slots change here,
+        until the switch frees the old one). Raises PlacementCancelled once `cancelled()` is true."""
+        staging = self._staging(placement)
         if self.model_dir is None:
             raise ValueError(
                 "this engine was not loaded from a checkpoint folder: it cannot read new experts"
             )
-        moe = self.moe_layers()
-        rank = self.ep.rank
-        wanted = {
-            layer: sorted(set(placement.rank_slots(i, rank)) - set(block.experts.experts))
-            for i, (layer, block) in enumerate(moe)
-        }
+        stacks = {layer: block.experts.empty_slots(slots) for layer, block, slots, _ in staging}
+        places: dict[str, torch.Tensor] = {}  # a new expert's tensors' places in its first slot
+        for layer, _, slots, new in staging:
+            layer_stacks = stacks[layer]
+            if layer_stacks is None or not self._reads_into_place():
+                continue
+            gate_up, down = layer_stacks
+            for e in new:
+                j = slots.index(e)
+                gate, up, down_name = routed_expert_names(self.cfg, layer, e)
+                places[gate], places[up] = gate_up[j].chunk(2)
+                places[down_name] = down[j]
         try:  # cancelled between reads too: an abandoned generation stops reading early
             tensors, report = load_expert_tensors(
                 self.model_dir,
                 cfg=self.cfg,
-                experts={layer: ids for layer, ids in wanted.items() if ids},
+                experts={layer: new for layer, _, _, new in staging if new},
+                into=places,
                 cancelled=cancelled,
             )
         except LoadCancelled as err:
             raise PlacementCancelled from err
         staged = []
-        for i, (layer, block) in enumerate(moe):
+        for i, (layer, block, slots, new) in enumerate(staging):
             if cancelled():
                 raise PlacementCancelled
-            fresh = {
-                e: routed_expert_weights(tensors, cfg=self.cfg, layer=layer, expert=e) for e in wanted[layer]
-            }
-            route = SlotRoute.of_layer(placement, i, rank=rank)
-            staged.append(block.experts.stage(placement.rank_slots(i, rank), route, fresh))
+            layer_stacks, fresh = stacks[layer], {}
+            for e in new:
+                names = routed_expert_names(self.cfg, layer, e)
+                if layer_stacks is not None and all(tensors[n] is places.get(n) for n in names):
+                    j = slots.index(e)  # read into its first slot: stage copies it to any other
+                    fresh[e] = (layer_stacks[0][j], layer_stacks[1][j])
+                else:
+                    fresh[e] = routed_expert_weights(tensors, cfg=self.cfg, layer=layer, expert=e)
+            route = SlotRoute.of_layer(placement, i, rank=self.ep.rank)
+            staged.append(block.experts.stage(slots, route, fresh, stacks=stacks[layer]))
         return StagedPlacement(
             placement=placement, layers=tuple(staged), fresh_bytes=report.routed_expert_bytes
         )

@@ -246,15 +246,39 @@ class LocalExperts(nn.Module):
         dim, hidden = self.w_down_EDF.shape[1:]
         self.kernel = moe_kernel.load() is not None and moe_kernel.fits(dim, hidden)
 
+    def empty_slots(self, experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Uninitialised stacks (gate_up, down) for slots holding `experts`, for `stage` to fill; None where
+        those are the slots now (staging allocates nothing for them). Any thread."""
+        if tuple(experts) == tuple(self.experts):
+            return None
+        old_gu, old_down = self.w_gate_up_E2FD, self.w_down_EDF
+        n = len(experts)
+        return (
+            torch.empty((n, *old_gu.shape[1:]), dtype=old_gu.dtype, device=old_gu.device),
+            torch.empty((n, *old_down.shape[1:]), dtype=old_down.dtype, device=old_down.device),
+        )
+
+    def slot_bytes(self) -> int:
+        """The bytes of one slot's expert (gate_up and down) in these stacks."""
+        return sum(w[0].numel() * w.element_size() for w in (self.w_gate_up_E2FD, self.w_down_EDF))
+
+    def staging_bytes(self, experts: Sequence[int]) -> int:
+        """The bytes `empty_slots(experts)` allocates."""
+        return 0 if tuple(experts) == tuple(self.experts) else len(experts) * self.slot_bytes()
+
     def stage(
         self,
         experts: Sequence[int],
         route: SlotRoute,
         fresh: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+        *,
+        stacks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> StagedSlots:
         """The next slots, slot j holding `experts[j]`: copied from the slot that holds it now, or from
-        `fresh[e]` (gate_up [2F, D] and down [D, F], any dtype) for an expert new here. Any thread: it only
-        reads this module. Unchanged slots keep their weights (only the route is new)."""
+        `fresh[e]` (gate_up [2F, D] and down [D, F], any dtype) for an expert new here, into `stacks` (from
+        `empty_slots`; made here if None). A fresh expert already in its place there (read straight into
+        it) is not copied again. Any thread: it only reads this module. Unchanged slots keep their weights
+        (only the route is new)."""
         experts = tuple(experts)
         if experts == tuple(self.experts):
             return StagedSlots(experts, route, None, None)
@@ -262,13 +286,15 @@ class LocalExperts(nn.Module):
         for j, e in enumerate(self.experts):
             held.setdefault(e, j)
         old_gu, old_down = self.w_gate_up_E2FD.detach(), self.w_down_EDF.detach()
-        gate_up = torch.empty((len(experts), *old_gu.shape[1:]), dtype=old_gu.dtype, device=old_gu.device)
-        down = torch.empty((len(experts), *old_down.shape[1:]), dtype=old_down.dtype, device=old_down.device)
+        stacks = stacks or self.empty_slots(experts)
+        assert stacks is not None  # the slots change
+        gate_up, down = stacks
         with torch.no_grad():
             for j, e in enumerate(experts):
                 source = (old_gu[held[e]], old_down[held[e]]) if e in held else fresh[e]
-                gate_up[j].copy_(source[0])
-                down[j].copy_(source[1])
+                for dest, src in zip((gate_up[j], down[j]), source, strict=True):
+                    if dest.data_ptr() != src.data_ptr() or dest.dtype != src.dtype:
+                        dest.copy_(src)
         return StagedSlots(experts, route, gate_up, down)
 
     def install(self, staged: StagedSlots) -> None:

@@ -14,9 +14,16 @@ bf16 support in oneDNN, and where the engine's kernels beat packing at decode (A
 kernels/linear.py `beats_packing`); on those CPUs it swaps bf16 linears for KernelLinear instead. So
 packing serves AVX-512 CPUs without bf16 instructions (their kernel is the AVX2 one), and any CPU with
 oneDNN bf16 when the kernels are off (KUBEMOE_KERNELS=0, no compiler).
+
+A packed weight replaces its row-major one, which is freed (the loader gives each weight memory of its
+own: load/tensor_reads.py), so no weight is held twice. A weight another parameter shares (a tied
+`lm_head`, which is the embedding) stays row-major, in a KernelLinear: the embedding needs it as it is,
+and packing it would hold it twice.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
@@ -66,19 +73,24 @@ class PackedLinear(nn.Module):
 
 
 def pack_model(model: nn.Module) -> bool:
-    """Pack the model's bf16 CPU weights in place; False (nothing packed) where packing does not apply or the
-    kernels beat it (`beats_packing`). There, on a CPU whose torch bf16 GEMM is slow or where the kernels beat
-    packing (AMX, AVX512-BF16), bf16 linears become KernelLinear (kernels/linear.py). Each LocalExperts of a
-    bf16 CPU model picks its MoE kernel either way."""
+    """Pack the model's bf16 CPU weights in place (a tied one stays row-major: module docstring); False
+    (nothing packed) where packing does not apply or the kernels beat it (`beats_packing`). There, on a CPU
+    whose torch bf16 GEMM is slow or where the kernels beat packing (AMX, AVX512-BF16), bf16 linears become
+    KernelLinear (kernels/linear.py). Each LocalExperts of a bf16 CPU model picks its MoE kernel either
+    way."""
     weight = next(model.parameters())
     packs = can_pack(weight.dtype, weight.device) and not beats_packing()
     bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    holders = Counter(
+        p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False)
+    )
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             if packs and child.weight.dtype == torch.bfloat16:
-                setattr(module, name, PackedLinear(child))
+                tied = holders[child.weight.untyped_storage().data_ptr()] > 1  # packing would copy it
+                setattr(module, name, KernelLinear(child) if tied else PackedLinear(child))
             elif not packs and KernelLinear.applies(child):
                 setattr(module, name, KernelLinear(child))
         choose_kernel = getattr(module, "choose_kernel", None)  # LocalExperts

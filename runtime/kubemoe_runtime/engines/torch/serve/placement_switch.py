@@ -28,6 +28,14 @@ and between reads of at most 16 MiB, then before each layer), but one blocked in
 stopped: a later generation's loader waits for it to end (it never reads beside it), and times out at the
 leader if it does not.
 
+Memory: staging a generation allocates, beside the running model, the next expert stacks of every MoE layer
+whose slots change on the rank (up to a second copy of its routed experts; TorchEngine.staging_bytes). Before
+it allocates anything, the loader compares that, plus STAGING_MARGIN_BYTES, with the memory the pod may still
+allocate (kv_budget.available_memory: its cgroup's limit less its working set, or the machine's
+MemAvailable); where it does not fit, the rank fails the generation (`StagingMemoryError`, naming both sizes)
+and the group keeps its placement, rather than being killed out of memory part way. The planner reserves
+a copy of a rank's experts for this (operator plan/redundant.py `torch_staging_gib`).
+
 LOAD_TIMEOUT_S (10 minutes; KUBEMOE_PLACEMENT_LOAD_TIMEOUT_S in the pod's environment overrides it): a
 rebalance reads the few experts each layer newly places on a rank, seconds at a volume's speed; ten
 minutes reads about 100 GB at 170 MB/s, more than a rank's whole share of routed experts in the models
@@ -42,14 +50,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kubemoe_runtime.engines.torch.model.allocator import release_freed_memory
 from kubemoe_runtime.engines.torch.model.engine import PlacementCancelled, StagedPlacement, TorchEngine
 from kubemoe_runtime.engines.torch.model.placement import Placement
+from kubemoe_runtime.engines.torch.serve.kv_budget import available_memory
+from kubemoe_runtime.pod.messages import human_bytes
 
 log = logging.getLogger("kubemoe_runtime.placement")
 
 POLL_S = 0.02  # how often an idle leader asks the ranks whether a loading placement is ready
 LOAD_TIMEOUT_S = 600.0  # a generation not ready on every rank this long after its Begin is aborted
 TURN_CHECK_S = 0.05  # how often a loader waiting for the previous one to end checks whether it was dropped
+# Memory a generation's staging leaves free beyond what it allocates: the steps that run meanwhile (their
+# activations) and the allocator's slack.
+STAGING_MARGIN_BYTES = 256 << 20
 
 LOADING, READY, FAILED = 0, 1, 2
 TIMED_OUT = 3  # the leader's outcome only: no rank reports it
@@ -83,6 +97,10 @@ class PlacementConflict(Exception):
     """A placement the leader will not start now (HTTP 409)."""
 
 
+class StagingMemoryError(Exception):
+    """A rank has not the memory to stage a generation (module docstring): it fails it before allocating."""
+
+
 class _Job:
     """One generation's loader thread and what it produced; only that thread writes `staged` and `error`."""
 
@@ -109,8 +127,10 @@ class _Job:
 class RankPlacement:
     """One rank's side: the loader thread of the generation being loaded, and the swap."""
 
-    def __init__(self, engine: TorchEngine) -> None:
+    def __init__(self, engine: TorchEngine, *, available: Callable[[], int | None] | None = None) -> None:
         self.engine = engine
+        # bytes the pod may still allocate (None: unknown, not checked); default: kv_budget's reading
+        self._available = available or available_memory
         self._job: _Job | None = None
         self.aborted_error = ""  # this rank's error in the generation last aborted ("" if it had none)
         self._turn = threading.Lock()  # held by the one loader that reads (module docstring)
@@ -166,6 +186,7 @@ class RankPlacement:
         try:
             self._wait_turn(job)
             try:
+                self._check_memory(job.placement)
                 job.staged = self.engine.stage_placement(job.placement, cancelled=job.cancel.is_set)
             finally:
                 self._reader = None
@@ -180,6 +201,23 @@ class RankPlacement:
             )
         finally:
             job.done.set()
+
+    def _check_memory(self, placement: Placement) -> None:
+        """StagingMemoryError where staging `placement` would allocate more than the pod has left (less the
+        margin); checked once the previous loader has ended, before anything is allocated."""
+        need = self.engine.staging_bytes(placement)
+        if not need:
+            return
+        release_freed_memory()  # what malloc keeps of this process's freed memory would read as used
+        room = self._available()
+        if room is not None and need + STAGING_MARGIN_BYTES > room:
+            raise StagingMemoryError(
+                f"staging generation {placement.generation} needs {human_bytes(need)} ({need} bytes) on "
+                f"this rank (the next expert stacks of each MoE layer whose slots change here, beside the "
+                f"current ones until the switch) and {human_bytes(STAGING_MARGIN_BYTES)} to spare, but "
+                f"only {human_bytes(room)} ({room} bytes) of memory is available; change fewer layers' "
+                "experts at a time, or give the pods more memory"
+            )
 
     def _wait_turn(self, job: _Job) -> None:
         """Wait until no other loader reads on this rank (PlacementCancelled if `job` is dropped first)."""
