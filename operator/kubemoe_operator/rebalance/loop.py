@@ -410,16 +410,7 @@ class Rebalancer:
         if not all(posted):
             message += f"; {posted.count(False)} group(s) will be sent it again at the next check"
         log.info("rebalancer: %s/%s %s", owner.namespace, owner.name, message)
-        await self.kube.post_event(
-            event_body(
-                involved={**body, "apiVersion": API_VERSION, "kind": KIND},
-                reason=EVENT_REBALANCED,
-                message=message,
-                warning=False,
-                component=COMPONENT,
-                now=_rfc3339(stamp),
-            )
-        )
+        await self._event(body, EVENT_REBALANCED, message, warning=False, at=stamp)
         status = status.model_copy(
             update={
                 "generation": generation,
@@ -430,6 +421,21 @@ class Rebalancer:
         )
         return RoleCheck(status=status, applied=True)
 
+    async def _event(
+        self, body: Mapping[str, Any], reason: str, message: str, *, warning: bool, at: datetime
+    ) -> None:
+        """An Event about the ModelDeployment `body`, from the rebalancer."""
+        await self.kube.post_event(
+            event_body(
+                involved={**body, "apiVersion": API_VERSION, "kind": KIND},
+                reason=reason,
+                message=message,
+                warning=warning,
+                component=COMPONENT,
+                now=_rfc3339(at),
+            )
+        )
+
     async def _post_failure(
         self, body: Mapping[str, Any], role: str, failure: PlacementFailure, *, groups: int
     ) -> None:
@@ -437,16 +443,7 @@ class Rebalancer:
         meta = body["metadata"]
         message = f"{role}: {groups} group(s) did not apply it; {failure.summary()}"
         log.warning("rebalancer: %s/%s %s", meta["namespace"], meta["name"], message)
-        await self.kube.post_event(
-            event_body(
-                involved={**body, "apiVersion": API_VERSION, "kind": KIND},
-                reason=EVENT_PLACEMENT_FAILED,
-                message=message,
-                warning=True,
-                component=COMPONENT,
-                now=_rfc3339(now_utc()),
-            )
-        )
+        await self._event(body, EVENT_PLACEMENT_FAILED, message, warning=True, at=now_utc())
 
     async def _load(self, leader: Leader) -> GroupLoad | str:
         """The leader's load, or a one-line reason why not."""

@@ -80,16 +80,21 @@ def test_a_file_named_kv_is_replaced_by_the_directory(tmp_path: Path) -> None:
     assert fresh_kv(tmp_path).is_dir()
 
 
-def test_a_kv_that_cannot_be_emptied_refuses_the_run_naming_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Running on with the old KV in place would answer from it: the start stops, saying what to do."""
-    (tmp_path / "kv" / "prompt").mkdir(parents=True)
+def refuse_rmtree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shutil.rmtree fails as on a folder this user may not change (a mock: a real one needs root to make)."""
 
     def refuse(path: object, *args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(shutil, "rmtree", refuse)
+
+
+def test_a_kv_that_cannot_be_emptied_refuses_the_run_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running on with the old KV in place would answer from it: the start stops, saying what to do."""
+    (tmp_path / "kv" / "prompt").mkdir(parents=True)
+    refuse_rmtree(monkeypatch)
     with pytest.raises(LocalRunError) as err:
         fresh_kv(tmp_path)
     kv = tmp_path / "kv"
@@ -137,11 +142,7 @@ def test_a_kv_that_cannot_be_removed_does_not_fail_the_stop(
 ) -> None:
     """The processes are stopped either way; the next start removes it, or refuses saying why."""
     (tmp_path / "kv" / "prompt").mkdir(parents=True)
-
-    def refuse(path: object, *args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(shutil, "rmtree", refuse)
+    refuse_rmtree(monkeypatch)
     assert stop_run(_stopped_state(tmp_path), grace_s=0) == []
     assert not (tmp_path / STATE_FILE).exists()
     assert (tmp_path / "kv" / "prompt").is_dir()
