@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from e2e.cluster.handle import Cluster
-from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.manifest import manifest_from_text, parse_manifest
 from kubemoe_operator.api.problems import ManifestError
 from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.plan.planner import plan_manifest
@@ -162,3 +162,69 @@ def test_defaults_status_and_printer_columns(crd_installed: Cluster, namespace: 
     assert proc.returncode != 0
     assert "status.conditions[0].status" in proc.stderr
     cluster.kubectl("delete", "md", "tiny-moe", "-n", namespace)
+
+
+# Plain scalars that kubectl (sigs.k8s.io/yaml: go-yaml v2) and PyYAML's SafeLoader read differently;
+# `kubemoe plan`/`up` read them as kubectl does (api/yaml_read.py).
+KUBECTL_SCALARS = """\
+  accelerator:
+    type: cpu
+    perPod: 1e0
+    productLabel: n
+  engine:
+    kind: torch
+    maxModelLen: 0o1000
+"""
+
+
+def _with_scalars(scalars: str) -> str:
+    text = (REPO / "examples" / "tiny-moe.yaml").read_text()
+    text = re.sub(r"^  engine:\n(?:    .*\n)+?(?=  accelerator:)", "", text, flags=re.MULTILINE)
+    return re.sub(r"^  accelerator:\n(?:    .*\n)+", scalars, text, flags=re.MULTILINE)
+
+
+def test_kubemoe_reads_plain_scalars_as_kubectl_sends_them(
+    crd_installed: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """1e0 is the number 1, `n` is false and 0o1000 is 512 to kubectl (PyYAML reads all three as text):
+    the API server admits the manifest with those values, and kubemoe's own reading agrees."""
+    path = tmp_path / "scalars.yaml"
+    path.write_text(_with_scalars(KUBECTL_SCALARS))
+    proc = crd_installed.kubectl(
+        "create",
+        "--dry-run=server",
+        "--validate=strict",
+        "-n",
+        namespace,
+        "-o",
+        "json",
+        "-f",
+        str(path),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    assert (spec["accelerator"]["perPod"], spec["accelerator"]["productLabel"]) == (1, False)
+    assert spec["engine"]["maxModelLen"] == 512
+    md = manifest_from_text(path.read_text(), source=str(path))
+    assert (md.spec.accelerator.per_pod, md.spec.accelerator.product_label) == (1, False)
+    assert md.spec.engine.max_model_len == 512
+
+
+def test_a_plain_y_where_text_belongs_is_refused_by_both(
+    crd_installed: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """`type: y` is the bool true to kubectl: the API server refuses it as no string, and so does kubemoe,
+    naming the field and saying to quote it."""
+    path = tmp_path / "y.yaml"
+    path.write_text(_with_scalars(KUBECTL_SCALARS.replace("type: cpu", "type: y")))
+    proc = crd_installed.kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", str(path), check=False
+    )
+    assert proc.returncode != 0
+    assert "spec.accelerator.type" in proc.stderr, proc.stderr
+    with pytest.raises(ManifestError) as refused:
+        manifest_from_text(path.read_text(), source=str(path))
+    problem = refused.value.problems[0]
+    assert problem.field == "spec.accelerator.type"
+    assert problem.fix.startswith("quote it")

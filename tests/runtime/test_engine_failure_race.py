@@ -1,12 +1,12 @@
 """A request that passed the server's engine check as it arrived, and reaches the scheduler only after the
 engine failed, is answered 503 `engine_failed` at once (serve/app.py `_submit`, in_flight.py `admit`).
 
-pod.py's `_lead` records the failure on the server's state, then aborts every request the scheduler holds.
+pod.py's `lead_rank` records the failure on the server's state, then aborts every request the scheduler holds.
 A handler checks the engine as it starts, then reads the body, renders the template, tokenizes, pulls KV,
 and only then submits: one that submitted after the abort sat in the scheduler's waiting list forever (no
 engine thread steps any more), and its client got a bare 500 when the pod ended (or nothing at all).
 
-Real parts: pod.py's own `_lead` (rank 0's engine thread: join, load, serve) on the tiny checkpoint, its
+Real parts: pod.py's own `lead_rank` (rank 0's engine thread: join, load, serve) on the tiny checkpoint, its
 `_server_state`, the real API served by uvicorn in this process. The fault is injected: the group's next
 keepalive raises, as a collective does when a rank is lost (a lost rank cannot be had on demand in one
 process). The request is held deterministically between its check and its submit: it is sent with
@@ -26,11 +26,11 @@ import pytest
 
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app
-from kubemoe_runtime.engines.torch.serve.engine_thread import _lead
+from kubemoe_runtime.engines.torch.serve.engine_thread import lead_rank
 from kubemoe_runtime.engines.torch.serve.generation_config import GenerationDefaults
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader
 from kubemoe_runtime.engines.torch.serve.pod import _server_state
-from kubemoe_runtime.engines.torch.serve.pod_process import _Pod
+from kubemoe_runtime.engines.torch.serve.pod_process import PodProcess
 from kubemoe_runtime.engines.torch.serve.rank_job import RankJob
 from kubemoe_runtime.pod.settings import parse_args
 from tests.runtime.app_thread import serving
@@ -42,7 +42,7 @@ LOST = "injected: a rank of the group was lost"
 
 
 class Lead:
-    """pod.py's rank-0 engine thread (`_lead`) on the tiny checkpoint, EP=1, whose group's keepalive
+    """pod.py's rank-0 engine thread (`lead_rank`) on the tiny checkpoint, EP=1, whose group's keepalive
     raises once `lose_rank` is called."""
 
     def __init__(self, qwen: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,7 +57,7 @@ class Lead:
             max_model_len=MAX_MODEL_LEN,
             max_num_seqs=2,
         )
-        self.pod = _Pod(settings, job)
+        self.pod = PodProcess(settings, job)
         self.state: ServerState = _server_state(
             settings, cfg=ModelConfig.load(qwen), max_model_len=MAX_MODEL_LEN, generation=GenerationDefaults()
         )
@@ -74,8 +74,8 @@ class Lead:
         self.thread.start()
 
     def _run(self) -> None:
-        with contextlib.suppress(RuntimeError):  # _lead re-raises the failure it recorded
-            _lead(self.pod, self.state)
+        with contextlib.suppress(RuntimeError):  # lead_rank re-raises the failure it recorded
+            lead_rank(self.pod, self.state)
 
     def lose_rank(self) -> None:
         self.fault.set()  # the idle engine thread's next keepalive (KEEPALIVE_S) fails

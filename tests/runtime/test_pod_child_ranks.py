@@ -1,4 +1,4 @@
-"""How a torch-engine pod ends its child rank processes (serve/pod.py `_Pod.finish`): a rank that exits
+"""How a torch-engine pod ends its child rank processes (serve/pod.py `PodProcess.finish`): a rank that exits
 is joined; once the pod failed, a rank that does not exit (frozen: SIGSTOP, as a rank stuck in a device
 call or a node gone dark) gets a short join, SIGTERM, then SIGKILL, and is reaped, so the pod exits within
 seconds and leaves nothing behind. Before, it waited 15 s, sent SIGTERM (which a stopped process never
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kubemoe_runtime.engines.torch.serve.pod_process import _Pod
+from kubemoe_runtime.engines.torch.serve.pod_process import PodProcess
 from kubemoe_runtime.engines.torch.serve.rank_job import RankJob
 from kubemoe_runtime.engines.torch.serve.timeouts import FAILED_JOIN_S, TERMINATE_WAIT_S
 from kubemoe_runtime.pod.settings import parse_args
@@ -33,12 +33,12 @@ def rank_stand_in(seconds: float) -> None:
 
 
 @pytest.fixture
-def pod(qwen: Path) -> Iterator[_Pod]:
+def pod(qwen: Path) -> Iterator[PodProcess]:
     settings, _ = parse_args(["--model", str(qwen), "--data-parallel-size", "2", "--enable-expert-parallel"])
     job = RankJob(
         model=qwen, dtype="float32", size=2, address="127.0.0.1", port=0, max_model_len=64, max_num_seqs=1
     )
-    pod = _Pod(settings, job)
+    pod = PodProcess(settings, job)
     yield pod
     for child in pod.children:  # whatever the test left: no process outlives it
         if child.is_alive():
@@ -46,7 +46,7 @@ def pod(qwen: Path) -> Iterator[_Pod]:
             child.join(timeout=10)
 
 
-def start(pod: _Pod, seconds: float) -> BaseProcess:
+def start(pod: PodProcess, seconds: float) -> BaseProcess:
     child = mp.get_context("spawn").Process(target=rank_stand_in, args=(seconds,), name="rank-1", daemon=True)
     child.start()
     pod.children.append(child)
@@ -62,7 +62,7 @@ def reaped(pid: int) -> bool:
         return True
 
 
-def test_a_failed_pod_kills_a_frozen_rank_and_reaps_it(pod: _Pod) -> None:
+def test_a_failed_pod_kills_a_frozen_rank_and_reaps_it(pod: PodProcess) -> None:
     child = start(pod, 600)
     assert child.pid is not None
     os.kill(child.pid, signal.SIGSTOP)  # frozen: SIGTERM stays pending, only SIGKILL ends it
@@ -77,7 +77,7 @@ def test_a_failed_pod_kills_a_frozen_rank_and_reaps_it(pod: _Pod) -> None:
     print(f"a failed pod ended its frozen rank in {took:.1f} s")
 
 
-def test_a_rank_that_exits_is_joined_not_killed(pod: _Pod) -> None:
+def test_a_rank_that_exits_is_joined_not_killed(pod: PodProcess) -> None:
     child = start(pod, 0.5)  # ends as a rank does on rank 0's Shutdown
     assert pod.finish() == 0
     assert child.exitcode == 0

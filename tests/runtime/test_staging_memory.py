@@ -91,12 +91,13 @@ def test_staging_bytes_is_what_staging_allocates(ckpt: Path, monkeypatch: pytest
     for (_, got), (_, want) in zip(engine.moe_layers(), loaded.moe_layers(), strict=True):
         assert torch.equal(got.experts.w_gate_up_E2FD, want.experts.w_gate_up_E2FD)
         assert torch.equal(got.experts.w_down_EDF, want.experts.w_down_EDF)
-    # in another dtype the new experts are read as stored, then converted into place: counted too
+    # in another dtype the new experts are all read as stored (bf16: `slot` bytes each), then one at a
+    # time made contiguous and converted into place: counted too
     converted = TorchEngine.load(ckpt, dtype=torch.float32, placement=start)
     target = placement(converted, 2, (7, 6, 5, 4, 3, 2, 1, 0))
     stacks = staged_bytes(converted, target)
     assert stacks == len(target.layers) * 8 * 2 * slot
-    assert converted.staging_bytes(target) == stacks + len(target.layers) * 2 * slot  # expert 7, apart
+    assert converted.staging_bytes(target) == stacks + len(target.layers) * slot + slot  # expert 7, apart
 
 
 def drive(leader: GroupLeader, *, timeout: float = 30.0) -> list[Control]:
@@ -165,3 +166,31 @@ def test_a_rank_without_the_memory_refuses_before_allocating(
     leader.switch.request(back)
     assert drive(leader)[-1] == Switch(3)
     assert staged == [retry, back]
+
+
+def test_ranks_of_one_pod_each_get_their_share(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks of a pod are processes that may all stage at once, and the reading is the pod's: each
+    rank compares its need with 1/N of it, so N ranks never stage N times what one reading allowed."""
+    room: list[int | None] = [None]
+    monkeypatch.setattr(placement_switch, "available_memory", lambda: room[0])
+    engine = TorchEngine.load(ckpt, dtype=torch.bfloat16)
+    leader = GroupLeader(RankRunner(engine, slots=2, max_len=64, local_ranks=2), ep=ExpertParallel())
+    target = placement(engine, 1, (7, 6, 5, 4, 3, 2, 1, 0))
+    need = engine.staging_bytes(target) + STAGING_MARGIN_BYTES
+    room[0] = 2 * need - 2  # enough for one rank, not for two
+
+    leader.switch.request(target)
+    assert drive(leader)[-1] == Abort(1)
+    error = leader.switch.view().error
+    assert error is not None
+    assert (
+        f"only {(need - 1) / 2**20:.1f} MiB ({need - 1} bytes) of memory is available (this rank's share:"
+        in error
+    )
+    assert "1/2 of the pod's" in error
+
+    room[0] = 2 * need  # each of the two ranks' share is just enough
+    retry = placement(engine, 2, (7, 6, 5, 4, 3, 2, 1, 0))
+    leader.switch.request(retry)
+    assert drive(leader)[-1] == Switch(2)
+    assert engine.placement == retry

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from kubemoe_operator.api import yaml_read
 from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.api.resource import MAX_NAME_LENGTH, ModelDeployment
 from kubemoe_operator.api.rules import spec_problems
@@ -95,7 +96,7 @@ def _reads_as(text: str, kind: type | tuple[type, ...]) -> bool:
     if len(text) > 64:
         return False
     try:
-        value = yaml.safe_load(text)
+        value = yaml_read.load(text)
     except yaml.YAMLError:
         return False
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
@@ -192,7 +193,7 @@ def manifest_from_text(text: str, *, source: str) -> ModelDeployment:
     """Read the ModelDeployment in YAML text (other kinds of documents beside it are skipped; two
     ModelDeployments are refused); `source` names where the text came from in the problems."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml_read.load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise ManifestError(
             [Problem(field=source, message=f"not valid YAML: {err}", fix="fix the YAML syntax.")]

@@ -236,7 +236,24 @@ def _name_lock(name: str, *, wait_s: float) -> Iterator[bool]:
     if name in _held:
         yield True
         return
-    fd = os.open(index_dir() / f".{_check_name(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with _file_lock(index_dir() / f".{_check_name(name)}.lock", wait_s=wait_s) as locked:
+        yield locked
+
+
+@contextlib.contextmanager
+def run_dir_lock(name: str, run_dir: Path, *, wait_s: float = UNREGISTER_WAIT_S) -> Iterator[bool]:
+    """RUN_DIR/lock (no `kubemoe up` starts in run_dir meanwhile), waiting up to wait_s for it; yields
+    whether it is held (True at once where this process holds it: a failed start stopping its run)."""
+    if name in _held:
+        yield True
+        return
+    with _file_lock(run_dir / LOCK_FILE, wait_s=wait_s) as locked:
+        yield locked
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, *, wait_s: float) -> Iterator[bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         deadline, locked = time.monotonic() + wait_s, False
         while not locked:

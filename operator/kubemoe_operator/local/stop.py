@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kubemoe_operator.local.processes import process_alive, run_members
-from kubemoe_operator.local.state import RunState
+from kubemoe_operator.local.state import LocalRunError, RunState, run_dir_lock
 
 STOP_GRACE_S = 20.0
 KV_DIR = "kv"  # RUN_DIR/kv: vLLM's example connector's shared directory (layout.py)
@@ -83,9 +83,34 @@ def stop_run(state: RunState, *, grace_s: float = STOP_GRACE_S) -> list[int]:
             break
         time.sleep(0.1)
     if not left:
-        state.remove()
-        # Nothing of the run is left to read or write it; one that cannot be removed now is removed (or
-        # the run refused, saying why) by the next start (start.py).
-        with contextlib.suppress(OSError):
-            remove_kv(Path(state.run_dir))
+        forget_run(state)
     return left
+
+
+def forget_run(state: RunState) -> None:
+    """Remove a stopped run's KV and state.json, under RUN_DIR/lock and only while state.json is still
+    this run's: once the processes are gone a `kubemoe up` may start in the run dir, emptying kv and
+    writing state.json under that lock, and neither of a later run is removed here. Where a start holds
+    the lock past UNREGISTER_WAIT_S both are left to it. A kv that cannot be removed now is removed (or
+    the run refused, saying why) by the next start (start.py)."""
+    run_dir = Path(state.run_dir)
+    with contextlib.suppress(OSError), run_dir_lock(state.name, run_dir) as locked:
+        if not locked or not _still_recorded(state, run_dir):
+            return
+        with contextlib.suppress(OSError):  # nothing of the run is left to read or write it
+            remove_kv(run_dir)
+        state.remove()
+
+
+def _still_recorded(state: RunState, run_dir: Path) -> bool:
+    """Whether run_dir's state.json is still `state`'s start (whatever it recorded since: a ready time),
+    or is gone or unreadable; False once a later run has written its own."""
+    try:
+        recorded = RunState.load(run_dir)
+    except LocalRunError:
+        return True
+    return (recorded.started, recorded.supervisor_pid, recorded.boot_id) == (
+        state.started,
+        state.supervisor_pid,
+        state.boot_id,
+    )

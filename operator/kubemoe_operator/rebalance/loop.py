@@ -16,8 +16,11 @@ weight that failed to load, out of memory) is not sent it again and again: each 
 counts a failed try, says why in status.experts.<role>.message and a Warning Event
 (ExpertsPlacementFailed), and sends it again; after MAX_PLACEMENT_TRIES the generation is given up
 (the loop's memory, `failed`): it is sent no more, the ConfigMap goes back to the placement the groups
-run (when they all still run the same one), and the same placement is not chosen again, until another
-one is chosen or the spec changes (metadata.generation).
+that gave it up run, any group that runs it is sent that placement back (the role runs one placement
+again, and is rebalanced on from it), and the same placement is not chosen again, until another one is
+chosen or the spec changes (metadata.generation). That memory goes with the operator's process; a new
+placement's number is above any the groups' errors name, so an error about an earlier try is never read
+as one about it.
 
 The ConfigMap also records the load each check saw (observed.json) and the last rebalance
 (rebalance.json: it names its layout, and goes with that layout's placement), which
@@ -34,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +53,11 @@ from kubemoe_operator.api.status import ExpertsStatus, now_utc
 from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, event_body
 from kubemoe_operator.kube.pods import Leader, running_leaders
 from kubemoe_operator.rebalance.choose import choose
+from kubemoe_operator.rebalance.failures import (
+    PlacementFailure,
+    gave_up,
+    named_generation,
+)
 from kubemoe_operator.rebalance.loads import GroupLoad, LoadError, parse_group_load, summed
 from kubemoe_operator.render.experts import PLACEMENT_FILE, PLACEMENT_KEY_PREFIX, placement_key
 from kubemoe_operator.render.names import Owner, experts_configmap_name
@@ -63,8 +70,6 @@ FIELD_MANAGER = "kubemoe-rebalancer"
 COMPONENT = "kubemoe-rebalancer"
 EVENT_REBALANCED = "ExpertsRebalanced"
 EVENT_PLACEMENT_FAILED = "ExpertsPlacementFailed"
-MAX_PLACEMENT_TRIES = 3
-"""Checks that find a group gave a generation up before it is given up (see the module's docstring)."""
 MAX_MESSAGE = 1024
 """status.experts.<role>.message's limit (api/status.py)."""
 REBALANCE_KEY, OBSERVED_KEY = "rebalance.json", "observed.json"
@@ -94,52 +99,6 @@ def placement_doc(
         "slotsPerRank": len(slots[0]) // ranks,
         "layers": [{"layer": layer, "slots": list(row)} for layer, row in zip(layers, slots, strict=True)],
     }
-
-
-@dataclass
-class PlacementFailure:
-    """A placement the role's groups gave up (their load documents' placement.error), one per role."""
-
-    generation: int
-    layers: Any
-    """The placement document's layers: what tells this placement from a later one of that number."""
-    key: str
-    """The ConfigMap key (the groups' layout) it was written under."""
-    spec_generation: int | None
-    """The ModelDeployment's metadata.generation then: a spec change forgets it."""
-    tries: int = 0
-    """Checks that found a group had given it up."""
-    error: str = ""
-    """The last such group's error, with its pod."""
-
-    def matches(self, placement: Mapping[str, Any]) -> bool:
-        return placement.get("generation") == self.generation and placement.get("layers") == self.layers
-
-    @property
-    def given_up(self) -> bool:
-        return self.tries >= MAX_PLACEMENT_TRIES
-
-    def summary(self) -> str:
-        if self.given_up:
-            return (
-                f"placement generation {self.generation} failed {self.tries} times, not sent again until "
-                f"another placement is chosen or the spec changes: {self.error}"
-            )
-        tries = f"try {self.tries} of {MAX_PLACEMENT_TRIES}"
-        return f"placement generation {self.generation} failed ({tries}): {self.error}"
-
-
-def gave_up(load: GroupLoad, generation: int) -> bool:
-    """The group gave `generation` up: nothing loading, and an error that (where it says which
-    generation, as the torch engine's does) names that generation."""
-    if load.pending_generation is not None or load.error is None:
-        return False
-    named = _GAVE_UP.match(load.error)
-    return named is None or int(named.group(1)) == generation
-
-
-_GAVE_UP = re.compile(r"generation (\d+) was not applied")
-"""The torch engine's words (serve/placement_switch.py); an error in other words counts as well."""
 
 
 @dataclass
@@ -313,20 +272,26 @@ class Rebalancer:
                     if failure.tries:
                         msg += f"; {failure.summary()}"
                     return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
-                if len(behind) < len(loads):
-                    msg = (
-                        f"{failure.summary()}; {len(loads) - len(behind)} group(s) run it, "
-                        f"{len(behind)} do not"
-                    )
-                    return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
-                # every group still runs what it ran: the ConfigMap goes back to that (a pod that
-                # starts later loads what the others run), and its record says the move was not made
-                target = None
-                record = _record_of(cm)
+                record = _record_of(cm)  # its record says the move was not made
                 if record is not None and record.get("generation") == failure.generation:
                     record["notApplied"] = failure.error
                 else:
                     record = None
+                if len(behind) < len(loads):
+                    return await self._roll_back(
+                        owner,
+                        role,
+                        loads,
+                        behind,
+                        failure=failure,
+                        previous=previous,
+                        cm=cm,
+                        key=key,
+                        record=record,
+                    )
+                # every group still runs what it ran: the ConfigMap goes back to that (a pod that
+                # starts later loads what the others run)
+                target = None
         first = loads[0][1]
         if any(load.pending_generation is not None for _, load in loads):
             return RoleCheck(
@@ -379,8 +344,13 @@ class Rebalancer:
                 "message": reason[:MAX_MESSAGE],
             }
         )
-        # a number no group has given up: the group's error then names the generation it is about
-        generation = max(first.generation, failure.generation if failure is not None else 0) + 1
+        # a number no group has given up (here or before the operator restarted): the group's error
+        # then names the generation it is about
+        given = [
+            failure.generation if failure is not None else 0,
+            *(named_generation(load) for _, load in loads),
+        ]
+        generation = max(first.generation, *given) + 1
         placement = placement_doc(generation, layers=first.layers, slots=choice.slots, ranks=ranks)
         given_up = failure is not None and failure.given_up and placement["layers"] == failure.layers
         if not choice.apply or given_up:  # the placement given up is not chosen again
@@ -420,6 +390,45 @@ class Rebalancer:
             }
         )
         return RoleCheck(status=status, applied=True)
+
+    async def _roll_back(
+        self,
+        owner: Owner,
+        role: str,
+        loads: list[tuple[Leader, GroupLoad]],
+        behind: list[tuple[Leader, GroupLoad]],
+        *,
+        failure: PlacementFailure,
+        previous: ExpertsStatus,
+        cm: Mapping[str, Any] | None,
+        key: str,
+        record: dict[str, Any] | None,
+    ) -> RoleCheck:
+        """A placement given up that some groups run: they go back to the placement the groups that gave
+        it up run (its generation and slots), in the ConfigMap too, so the role runs one placement again
+        and is rebalanced on from it (never to the one given up). Left as it is while a group loads, or
+        while those groups run different placements."""
+        ran = len(loads) - len(behind)
+        rest = {(load.generation, load.slots) for _, load in behind}
+        if len(rest) != 1 or any(load.pending_generation is not None for _, load in loads):
+            msg = f"{failure.summary()}; {ran} group(s) run it, {len(behind)} do not"
+            return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
+        back = behind[0][1]
+        ranks = back.ranks
+        doc = placement_doc(back.generation, layers=back.layers, slots=back.slots, ranks=ranks)
+        data: dict[str, Any] = {key: doc} if record is None else {key: doc, REBALANCE_KEY: record}
+        await self._apply_configmap(owner, role, data, keep=cm, key=key, width=ranks * back.slots_per_rank)
+        runs_it = [
+            leader for leader, load in loads if (load.generation, load.slots) != (back.generation, back.slots)
+        ]
+        posted = await asyncio.gather(*(self._post(leader, doc) for leader in runs_it))
+        msg = (
+            f"{failure.summary()}; the {ran} group(s) that ran it are sent back to the placement the others "
+            f"run (generation {back.generation})"
+        )
+        if not all(posted):
+            msg += f"; {posted.count(False)} did not take it yet"
+        return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
 
     async def _event(
         self, body: Mapping[str, Any], reason: str, message: str, *, warning: bool, at: datetime

@@ -15,7 +15,8 @@ from matplotlib import image as mpimg
 from kubemoe_operator.cli.experts import build_report, render_report
 from kubemoe_operator.cli.plot import write_plot
 from kubemoe_operator.kube.pods import Leader
-from kubemoe_operator.rebalance.loop import MAX_PLACEMENT_TRIES, Rebalancer
+from kubemoe_operator.rebalance.failures import MAX_PLACEMENT_TRIES
+from kubemoe_operator.rebalance.loop import Rebalancer
 from tests.operator.cli.expert_objects import busiest_over_mean
 from tests.operator.helpers import REPO
 from tests.operator.rebalance.groups import Group, serving

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kubemoe_operator.local.start import fresh_kv
-from kubemoe_operator.local.state import STATE_FILE, LocalRunError, RunState
+from kubemoe_operator.local.state import STATE_FILE, LocalRunError, RunState, start_lock
 from kubemoe_operator.local.stop import remove_kv, stop_run
 
 
@@ -146,3 +146,29 @@ def test_a_kv_that_cannot_be_removed_does_not_fail_the_stop(
     assert stop_run(_stopped_state(tmp_path), grace_s=0) == []
     assert not (tmp_path / STATE_FILE).exists()
     assert (tmp_path / "kv" / "prompt").is_dir()
+
+
+def test_a_later_run_in_the_run_dir_keeps_its_kv_and_state(tmp_path: Path) -> None:
+    """Once a run's processes are gone a `kubemoe up` may start in its run dir before the old run's
+    `kubemoe down` forgets it: that run's kv and state.json are not the ones removed."""
+    old = _stopped_state(tmp_path)
+    later = old.model_copy(update={"started": old.started + 1})
+    later.save()
+    (fresh_kv(tmp_path) / "prompt").mkdir()  # the later run's KV
+    assert stop_run(old, grace_s=0) == []
+    assert (tmp_path / "kv" / "prompt").is_dir()
+    assert RunState.load(tmp_path) == later
+
+
+def test_a_start_holding_the_run_dirs_lock_is_left_to_replace_both(tmp_path: Path) -> None:
+    """A `kubemoe up` starting in the run dir empties kv and writes state.json itself, under RUN_DIR/lock:
+    the stop leaves both to it rather than remove what it is making."""
+    state = _stopped_state(tmp_path)
+    (fresh_kv(tmp_path) / "prompt").mkdir()
+    with start_lock("another-name", tmp_path):  # RUN_DIR/lock held by another start in this directory
+        assert stop_run(state, grace_s=0) == []
+        assert (tmp_path / STATE_FILE).is_file()
+        assert (tmp_path / "kv" / "prompt").is_dir()
+    assert stop_run(state, grace_s=0) == []  # the lock free: forgotten
+    assert not (tmp_path / STATE_FILE).exists()
+    assert not (tmp_path / "kv").exists()

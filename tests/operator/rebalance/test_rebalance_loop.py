@@ -14,12 +14,8 @@ from kubemoe_operator.api.manifest import parse_manifest
 from kubemoe_operator.kube.pods import Leader
 from kubemoe_operator.plan.experts import default_slots, imbalance
 from kubemoe_operator.plan.planner import plan_manifest
-from kubemoe_operator.rebalance.loop import (
-    EVENT_PLACEMENT_FAILED,
-    EVENT_REBALANCED,
-    MAX_PLACEMENT_TRIES,
-    Rebalancer,
-)
+from kubemoe_operator.rebalance.failures import MAX_PLACEMENT_TRIES
+from kubemoe_operator.rebalance.loop import EVENT_PLACEMENT_FAILED, EVENT_REBALANCED, Rebalancer
 from kubemoe_operator.render.experts import expert_volumes, placement_key
 from tests.operator.rebalance.groups import Group, serving
 from tests.operator.reconcile.memory_kube import MemoryKube
@@ -149,25 +145,39 @@ async def test_a_generation_a_group_gives_up_is_retried_a_few_times_then_left_sa
             assert warning["type"] == "Warning"
             assert "decode: 1 group(s) did not apply it" in warning["message"]
             assert OOM in warning["message"]
-            # the third failure: given up, and the group is sent it no more
+            # the third failure: given up, and the group is sent it no more; the group that runs it
+            # goes back to what the other runs (before, the role stayed split, and was rebalanced no
+            # more until the spec changed or the operator restarted)
+            before = groups[1].slots
             check = (await scaler.evaluate(_body(), force=True))["decode"]
             assert "placement generation 1 failed 3 times, not sent again" in check.status.message
-            assert "1 group(s) run it, 1 do not" in check.status.message
+            assert (
+                "the 1 group(s) that ran it are sent back to the placement the others run (generation 0)"
+                in check.status.message
+            )
             assert OOM in check.status.message
             assert len(groups[1].posted) == 3
             assert len(_failures(kube)) == 3
             assert "not sent again" in _failures(kube)[-1]["message"]
-            for _ in range(3):
+            assert groups[0].posted[-1]["generation"] == 0
+            assert (groups[0].generation, groups[0].slots) == (0, before)
+            data = kube.get("ConfigMap", "ns", "tiny-moe-decode-experts")["data"]
+            assert json.loads(data[_key(slots=5)])["generation"] == 0  # what a pod starting later loads
+            assert OOM in json.loads(data["rebalance.json"])["notApplied"]
+            for _ in range(3):  # one placement again: rebalanced on, never to the one given up
                 check = (await scaler.evaluate(_body(), force=True))["decode"]
                 assert "failed 3 times, not sent again" in check.status.message
+                assert not check.applied
             assert len(groups[1].posted) == 3
             assert len(_failures(kube)) == 3
-            assert len(groups[0].posted) == 1  # the group that runs it was never sent it again
-            # a spec change (metadata.generation): tried again
+            assert len(groups[0].posted) == 2
+            # a spec change (metadata.generation): tried again, under a number the group has not given
+            # up (its error still names generation 1)
             changed = _body()
             changed["metadata"]["generation"] = 2
             check = (await scaler.evaluate(changed, force=True))["decode"]
-            assert "bringing 1 group(s) to placement generation 1" in check.status.message
+            assert check.applied
+            assert [g.posted[-1]["generation"] for g in groups] == [2, 2]
             assert len(groups[1].posted) == 4
 
 
@@ -215,6 +225,29 @@ async def test_a_placement_every_group_gave_up_goes_back_and_is_not_chosen_again
             assert "failed" not in check.status.message
             check = (await scaler.evaluate(_body(), force=True))["decode"]
             assert "failed" not in check.status.message
+
+
+async def test_after_a_restart_a_new_placement_takes_a_number_no_group_gave_up() -> None:
+    """The loop's memory of a placement given up goes with the operator's process; the groups' errors
+    stay. A new operator's first placement is numbered above the generation they name: were it numbered
+    1 again, a group not sent it yet would read as having given it up already."""
+    kube = MemoryKube()
+    groups = [Group(tokens=HOT, ranks=2, redundant=2, fail_with=OOM) for _ in range(2)]
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            scaler = _scaler(kube, leaders, client)
+            await scaler.evaluate(_body(), force=True)
+            for _ in range(MAX_PLACEMENT_TRIES):
+                await scaler.evaluate(_body(), force=True)
+            assert all(g.error is not None and g.error.startswith("generation 1 was not") for g in groups)
+            assert [g.generation for g in groups] == [0, 0]
+            for g in groups:
+                g.fail_with = None
+            restarted = _scaler(kube, leaders, client)
+            check = (await restarted.evaluate(_body(), force=True))["decode"]
+    assert check.applied
+    assert [g.posted[-1]["generation"] for g in groups] == [2, 2]
+    assert [g.generation for g in groups] == [2, 2]
 
 
 async def test_an_error_about_another_generation_is_not_a_failure_of_this_one() -> None:

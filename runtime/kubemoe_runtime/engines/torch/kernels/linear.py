@@ -53,8 +53,12 @@ DOTS_MAX_ROWS: Final = 16
 # Without a kernel on a CPU with a slow bf16 GEMM, torch's bf16 loop against widening to float32, by rows
 # (as an AVX2 CPU, 2 threads, ms, bf16 / float32): [R, 1024] x [1024, 1024] 2: 0.30 / 0.54, 4: 0.52 / 0.56,
 # 5: 0.59 / 0.60, 6: 0.72 / 0.60, 8: 0.91 / 0.61; [R, 1024] x [1024, 3072] 4: 1.51 / 1.66, 5: 1.81 / 1.58
-# (the same with torch's oneDNN off, as on a real AVX2 CPU). At decode an expert gets 1-4 rows.
-FLOAT32_MIN_ROWS: Final = 5
+# (the same with torch's oneDNN off, as on a real AVX2 CPU). At decode an expert gets 1-4 rows. On a real
+# AVX2-only CPU (machine D: bench/bench_linear.py, weights streamed, 2 threads, ms, bf16 / float32) torch's
+# bf16 loop did better than that capped one: [R, 1024] x [1024, 1024] 5: 0.48 / 1.10, 6: 0.53 / 1.07,
+# 8: 0.60-0.64 / 0.97-1.69, 16: 1.60-1.94 / 1.84-1.86, 32: 2.6 / 1.4; [R, 1024] x [1024, 3072] 8: 2.18 / 2.45,
+# 16: 4.25 / 2.91; [R, 512] x [512, 1024] 6: 0.31 / 0.38, 8: 0.48 / 0.43. Widening pays from about 8 rows.
+FLOAT32_MIN_ROWS: Final = 8
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -177,13 +177,23 @@ class TorchEngine:
     def staging_bytes(self, placement: Placement) -> int:
         """The memory `stage_placement(placement)` allocates on this rank, allocating nothing: the next
         stacks of every MoE layer whose slots change here, and, where new experts cannot be read straight
-        into them (`_reads_into_place`), those experts as read."""
-        total = 0
+        into them (`_reads_into_place`), every new expert as read (in the checkpoint's dtype, all read
+        before any is placed) and one of them at a time as made contiguous (gate and up concatenated,
+        Llama 4's pieces transposed) before it is copied, converted, into its slots."""
+        total = largest = 0
+        apart = not self._reads_into_place()
         for _, block, slots, new in self._staging(placement):
             total += block.experts.staging_bytes(slots)
-            if not self._reads_into_place():
-                total += len(new) * block.experts.slot_bytes()
-        return total
+            if apart and new:
+                read = block.experts.slot_bytes() * self._stored_itemsize() // self.dtype.itemsize
+                total += len(new) * read
+                largest = max(largest, read)
+        return total + largest
+
+    def _stored_itemsize(self) -> int:
+        """Bytes an element of the checkpoint's experts takes (its config's dtype; else the engine's)."""
+        stored = getattr(torch, self.cfg.dtype, None)
+        return stored.itemsize if isinstance(stored, torch.dtype) else self.dtype.itemsize
 
     def stage_placement(
         self, placement: Placement, *, cancelled: Callable[[], bool] = lambda: False

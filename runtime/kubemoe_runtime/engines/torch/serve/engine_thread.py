@@ -1,6 +1,6 @@
 """The torch engine pod's engine thread, rank S of the group: rank 0 joins and loads, then runs the
-scheduler until the server stops (`_lead`); a headless pod's first rank follows rank 0 until it shuts the
-group down (`_follow`). Either records a failure on the pod (pod_process.py) before re-raising it.
+scheduler until the server stops (`lead_rank`); a headless pod's first rank follows rank 0 until it shuts the
+group down (`follow_rank`). Either records a failure on the pod (pod_process.py) before re-raising it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 from kubemoe_runtime.engines.torch.model.parallel import ExpertParallel, shutdown_expert_parallel
 from kubemoe_runtime.engines.torch.serve.app import ServerState
 from kubemoe_runtime.engines.torch.serve.group import GroupLeader, follow
-from kubemoe_runtime.engines.torch.serve.pod_process import _Pod
+from kubemoe_runtime.engines.torch.serve.pod_process import PodProcess
 from kubemoe_runtime.engines.torch.serve.rank_job import join_group
 from kubemoe_runtime.engines.torch.serve.scheduler import Scheduler, SchedulerLimits
 from kubemoe_runtime.engines.torch.serve.timeouts import FAILED_LEAVE_S, KEEPALIVE_S
@@ -18,7 +18,7 @@ from kubemoe_runtime.engines.torch.serve.timeouts import FAILED_LEAVE_S, KEEPALI
 log = logging.getLogger("kubemoe_runtime.serve")
 
 
-def _lead(pod: _Pod, state: ServerState) -> None:
+def lead_rank(pod: PodProcess, state: ServerState) -> None:
     """Rank 0: join and load, then run the scheduler until the server stops."""
     s = pod.settings
     ep = ExpertParallel()
@@ -54,7 +54,7 @@ def _lead(pod: _Pod, state: ServerState) -> None:
         shutdown_expert_parallel(ep, wait_s=FAILED_LEAVE_S if pod.failure is not None else 10.0)
 
 
-def _follow(pod: _Pod) -> None:
+def follow_rank(pod: PodProcess) -> None:
     """A headless pod's first rank: follow rank 0 until it shuts the group down, then stop the server."""
     ep = ExpertParallel()
     try:

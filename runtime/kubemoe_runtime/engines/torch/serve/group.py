@@ -188,7 +188,7 @@ Message = Step | Keepalive | Shutdown
 class RankRunner:
     """One rank's engine, KV cache and per-request samplers."""
 
-    def __init__(self, engine: TorchEngine, *, slots: int, max_len: int) -> None:
+    def __init__(self, engine: TorchEngine, *, slots: int, max_len: int, local_ranks: int = 1) -> None:
         self.engine = engine
         self.slots = slots
         self.max_len = max_len
@@ -196,7 +196,7 @@ class RankRunner:
         self.cache: KVCache = engine.model.new_cache(slots=slots + 1, max_len=max_len + 1, dtype=engine.dtype)
         self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
         self.exports: dict[int, list[dict[str, torch.Tensor]]] = {}  # request id -> KV, for rank 0 to take
-        self.placement = RankPlacement(engine)
+        self.placement = RankPlacement(engine, local_ranks=local_ranks)  # they share the pod's memory
         self.heartbeat = Heartbeat()
 
     @torch.inference_mode()

@@ -32,7 +32,8 @@ Memory: staging a generation allocates, beside the running model, the next exper
 whose slots change on the rank (up to a second copy of its routed experts; TorchEngine.staging_bytes). Before
 it allocates anything, the loader compares that, plus STAGING_MARGIN_BYTES, with the memory the pod may still
 allocate (kv_budget.available_memory: its cgroup's limit less its working set, or the machine's
-MemAvailable); where it does not fit, the rank fails the generation (`StagingMemoryError`, naming both sizes)
+MemAvailable), divided among the pod's ranks, which may all stage at once (as kv_budget divides it for the
+KV caches); where it does not fit, the rank fails the generation (`StagingMemoryError`, naming both sizes)
 and the group keeps its placement, rather than being killed out of memory part way. The planner reserves
 a copy of a rank's experts for this (operator plan/redundant.py `torch_staging_gib`).
 
@@ -127,10 +128,13 @@ class _Job:
 class RankPlacement:
     """One rank's side: the loader thread of the generation being loaded, and the swap."""
 
-    def __init__(self, engine: TorchEngine, *, available: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self, engine: TorchEngine, *, local_ranks: int = 1, available: Callable[[], int | None] | None = None
+    ) -> None:
         self.engine = engine
         # bytes the pod may still allocate (None: unknown, not checked); default: kv_budget's reading
         self._available = available or available_memory
+        self._local_ranks = local_ranks  # ranks in this pod: each may stage at once, so each gets 1/N
         self._job: _Job | None = None
         self.aborted_error = ""  # this rank's error in the generation last aborted ("" if it had none)
         self._turn = threading.Lock()  # held by the one loader that reads (module docstring)
@@ -209,14 +213,19 @@ class RankPlacement:
         if not need:
             return
         release_freed_memory()  # what malloc keeps of this process's freed memory would read as used
-        room = self._available()
-        if room is not None and need + STAGING_MARGIN_BYTES > room:
+        pod_room = self._available()
+        if pod_room is None:
+            return
+        room, share = pod_room // self._local_ranks, ""
+        if self._local_ranks > 1:
+            share = f" (this rank's share: 1/{self._local_ranks} of the pod's {human_bytes(pod_room)})"
+        if need + STAGING_MARGIN_BYTES > room:
             raise StagingMemoryError(
                 f"staging generation {placement.generation} needs {human_bytes(need)} ({need} bytes) on "
                 f"this rank (the next expert stacks of each MoE layer whose slots change here, beside the "
                 f"current ones until the switch) and {human_bytes(STAGING_MARGIN_BYTES)} to spare, but "
-                f"only {human_bytes(room)} ({room} bytes) of memory is available; change fewer layers' "
-                "experts at a time, or give the pods more memory"
+                f"only {human_bytes(room)} ({room} bytes) of memory is available{share}; change fewer "
+                "layers' experts at a time, or give the pods more memory"
             )
 
     def _wait_turn(self, job: _Job) -> None:

@@ -47,10 +47,10 @@ from kubemoe_runtime.engines.torch.model.placement import (
     read_placement_file,
 )
 from kubemoe_runtime.engines.torch.serve.app import ServerState, build_app, health_app
-from kubemoe_runtime.engines.torch.serve.engine_thread import _follow, _lead
+from kubemoe_runtime.engines.torch.serve.engine_thread import follow_rank, lead_rank
 from kubemoe_runtime.engines.torch.serve.generation_config import GenerationDefaults, generation_defaults
 from kubemoe_runtime.engines.torch.serve.kv_budget import available_memory, choose_max_model_len
-from kubemoe_runtime.engines.torch.serve.pod_process import _Pod, _Server
+from kubemoe_runtime.engines.torch.serve.pod_process import PodProcess, PodServer
 from kubemoe_runtime.engines.torch.serve.rank_job import RankJob
 from kubemoe_runtime.engines.torch.serve.timeouts import FAILED_LEAVE_S, Timeouts
 from kubemoe_runtime.engines.torch.serve.tokenizer import TextTokenizer
@@ -106,7 +106,7 @@ def serve(settings: ServeSettings) -> int:
         local_ranks=settings.data_parallel_size_local,
         timeouts=timeouts,
     )
-    pod = _Pod(settings, job)
+    pod = PodProcess(settings, job)
     pod.start_children()
     drain = Drain()
     if settings.headless:
@@ -115,19 +115,19 @@ def serve(settings: ServeSettings) -> int:
             is_ready=lambda: pod.ready and pod.problem() is None,
             progress=pod.progress,
         )
-        engine_thread = threading.Thread(target=_follow, args=(pod,), name="rank", daemon=True)
+        engine_thread = threading.Thread(target=follow_rank, args=(pod,), name="rank", daemon=True)
     else:
         state = _server_state(settings, cfg=cfg, max_model_len=max_model_len, generation=generation)
         state.load_progress = pod.progress
         state.stall_after_s = timeouts.stall_s
         pod.state = state
         app = build_app(state)
-        engine_thread = threading.Thread(target=_lead, args=(pod, state), name="rank-0", daemon=True)
+        engine_thread = threading.Thread(target=lead_rank, args=(pod, state), name="rank-0", daemon=True)
         drain = Drain(pending=lambda: 0 if state.scheduler is None else len(state.scheduler.kv_store))
     served = app if settings.headless else DrainMiddleware(app, drain)
     config = server_config(served, host=settings.host, port=settings.port, lifespan="off")
     # A headless pod does not drain (timeout 0: uvicorn's own exit), see the module docstring.
-    pod.server = _Server(
+    pod.server = PodServer(
         config,
         drain=drain,
         timeout=0 if settings.headless else settings.drain_timeout,

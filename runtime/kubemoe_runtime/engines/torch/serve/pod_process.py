@@ -1,10 +1,10 @@
-"""The torch engine pod's process (`_Pod`): its engine thread's state, its child rank processes and its
-HTTP server (`_Server`, uvicorn ending on a signal or a failure), and how they end.
+"""The torch engine pod's process (`PodProcess`): its engine thread's state, its child rank processes and
+its HTTP server (`PodServer`, uvicorn ending on a signal or a failure), and how they end.
 
-A failed pod (`_Pod.fail`: a rank exited, a collective failed) records why on the API's ServerState before
-the scheduler's requests are aborted, so a request submitted after that abort is refused too (app.py),
+A failed pod (`PodProcess.fail`: a rank exited, a collective failed) records why on the API's ServerState
+before the scheduler's requests are aborted, so a request submitted after that abort is refused too (app.py),
 and ends its child ranks quickly: a short join, SIGTERM, then SIGKILL (a frozen rank acts on nothing
-else), each reaped, none left behind (`_Pod.finish`).
+else), each reaped, none left behind (`PodProcess.finish`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from kubemoe_runtime.pod.settings import ServeSettings
 log = logging.getLogger("kubemoe_runtime.serve")
 
 
-class _Server(DrainingServer):
+class PodServer(DrainingServer):
     """uvicorn re-raises SIGTERM once it has shut down, which would end the pod before it stops its ranks.
     Here a signal only starts the drain (pod/drain.py; with a timeout of 0, as a headless pod has, it
     asks the server to exit at once), then the server exits; `serve` then ends the group in order. A
-    failed group (`_Pod.fail`) sets should_exit, which ends a drain at once too."""
+    failed group (`PodProcess.fail`) sets should_exit, which ends a drain at once too."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -48,7 +48,7 @@ class _Server(DrainingServer):
                 signal.signal(sig, handler)
 
 
-class _Pod:
+class PodProcess:
     """This process: the engine thread, the child ranks and the HTTP server, and how they end."""
 
     def __init__(self, settings: ServeSettings, job: RankJob) -> None:

@@ -64,7 +64,9 @@ def join_group(
     engine = TorchEngine.load(
         job.model, dtype=DTYPES[job.dtype], ep=ep, placement=placement, progress=progress
     )
-    runner = RankRunner(engine, slots=job.max_num_seqs, max_len=job.max_model_len)
+    runner = RankRunner(
+        engine, slots=job.max_num_seqs, max_len=job.max_model_len, local_ranks=job.local_ranks
+    )
     runner.heartbeat.watch(engine)  # a beat a decoder layer: a long step is progress too
     if ep.size > 1:
         torch.distributed.barrier()

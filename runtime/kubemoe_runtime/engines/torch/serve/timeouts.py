@@ -1,6 +1,6 @@
 """The torch engine pod's timeouts: the group's (joining and loading, every serving collective, the engine
 thread's heartbeat, a placement's load; `Timeouts`, the serving ones from the environment) and the waits of
-its ending (pod_process.py's `_Pod.finish`, engine_thread.py, pod.py's `serve`).
+its ending (pod_process.py's `PodProcess.finish`, engine_thread.py, pod.py's `serve`).
 
 Joining the group, loading the weights and the barrier after the load run under GROUP_TIMEOUT
 (30 minutes: the slowest rank's load). Then each rank sets its process group's timeout to the serving
