@@ -1,9 +1,11 @@
-"""A placement the groups of a role gave up (their load documents' placement.error), as the rebalancer's
-loop (loop.py) keeps count of it: how many checks found a group had, the last error, and whether it is
-given up (MAX_PLACEMENT_TRIES); and the generation numbers the groups' errors name."""
+"""A placement the groups of a role gave up (their load documents' placement.error, or a POST of it
+refused), as the rebalancer's loop (loop.py) keeps count of it: how many checks found a group had, the
+last error, and whether it is given up (MAX_PLACEMENT_TRIES); and the generation numbers the groups'
+errors name."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ MAX_PLACEMENT_TRIES = 3
 
 @dataclass
 class PlacementFailure:
-    """A placement the role's groups gave up (their load documents' placement.error), one per role."""
+    """A placement the role's groups gave up (their load documents' placement.error, or their answer to
+    its POST)."""
 
     generation: int
     layers: Any
@@ -65,3 +68,22 @@ def named_generation(load: GroupLoad) -> int:
     """The generation the group's error says it gave up (0 where it names none)."""
     named = _GAVE_UP.match(load.error or "")
     return int(named.group(1)) if named is not None else 0
+
+
+RETRIED_ANSWERS = frozenset({408, 409, 429})
+"""4xx answers to a placement POST that a later try may get past (409: the group loads another one)."""
+
+
+def refusal(status: int, text: str) -> str | None:
+    """What a group said when it refused a placement document for good (a 4xx answer but
+    RETRIED_ANSWERS: the document does not fit the group, and sending it again gets the same answer):
+    the OpenAI-shaped error's message where there is one. None for any other answer."""
+    if not 400 <= status < 500 or status in RETRIED_ANSWERS:
+        return None
+    try:
+        detail = json.loads(text)["error"]
+        message = detail["message"] if isinstance(detail, dict) else detail
+    except (ValueError, KeyError, TypeError):
+        message = text
+    said = " ".join(str(message).split())[:300] or "no reason given"
+    return f"answered {status} to placement POST: {said}"

@@ -12,15 +12,17 @@ next check, before anything new is chosen. Groups of different layouts (a rollou
 spec.experts.redundant, parallelism or model) are left alone until they all run one.
 
 A group that gave a generation up (its load document's placement.error: a load that timed out, a
-weight that failed to load, out of memory) is not sent it again and again: each check that finds one
-counts a failed try, says why in status.experts.<role>.message and a Warning Event
-(ExpertsPlacementFailed), and sends it again; after MAX_PLACEMENT_TRIES the generation is given up
-(the loop's memory, `failed`): it is sent no more, the ConfigMap goes back to the placement the groups
-that gave it up run, any group that runs it is sent that placement back (the role runs one placement
-again, and is rebalanced on from it), and the same placement is not chosen again, until another one is
-chosen or the spec changes (metadata.generation). That memory goes with the operator's process; a new
-placement's number is above any the groups' errors name, so an error about an earlier try is never read
-as one about it.
+weight that failed to load, out of memory), or refused its POST for good (a 4xx answer: the document
+does not fit the group), is not sent it again and again: each check that finds one counts a failed
+try, says why in status.experts.<role>.message and a Warning Event (ExpertsPlacementFailed), and sends
+it again; after MAX_PLACEMENT_TRIES the generation is given up (the loop's memory, `failed`): it is sent
+no more, the ConfigMap goes back to the placement the groups that gave it up run, any group that runs
+it is sent that placement back (the role runs one placement again, and is rebalanced on from it), and
+the same placement is not chosen again, until another one is chosen or the spec changes
+(metadata.generation). Where the groups sent back give that placement up too, the role is left split
+rather than sent to the first placement again (each was given up by some group). That memory goes
+with the operator's process; a new placement's number is above any the groups' errors name, so an
+error about an earlier try is never read as one about it.
 
 The ConfigMap also records the load each check saw (observed.json) and the last rebalance
 (rebalance.json: it names its layout, and goes with that layout's placement), which
@@ -35,7 +37,6 @@ Status is written by server-side apply with a field manager of its own, naming o
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,13 +54,17 @@ from kubemoe_operator.api.status import ExpertsStatus, now_utc
 from kubemoe_operator.kube.client import Kube, RejectedError, RetryableError, event_body
 from kubemoe_operator.kube.pods import Leader, running_leaders
 from kubemoe_operator.rebalance.choose import choose
-from kubemoe_operator.rebalance.failures import (
-    PlacementFailure,
-    gave_up,
-    named_generation,
+from kubemoe_operator.rebalance.configmap import (
+    OBSERVED_KEY,
+    REBALANCE_KEY,
+    configmap,
+    placement_of,
+    record_of,
 )
-from kubemoe_operator.rebalance.loads import GroupLoad, LoadError, parse_group_load, summed
-from kubemoe_operator.render.experts import PLACEMENT_FILE, PLACEMENT_KEY_PREFIX, placement_key
+from kubemoe_operator.rebalance.failures import PlacementFailure, gave_up, named_generation
+from kubemoe_operator.rebalance.group_api import fetch_load, send_placement
+from kubemoe_operator.rebalance.loads import GroupLoad, LoadError, summed
+from kubemoe_operator.render.experts import placement_key
 from kubemoe_operator.render.names import Owner, experts_configmap_name
 
 log = logging.getLogger("kubemoe.rebalance")
@@ -72,9 +77,6 @@ EVENT_REBALANCED = "ExpertsRebalanced"
 EVENT_PLACEMENT_FAILED = "ExpertsPlacementFailed"
 MAX_MESSAGE = 1024
 """status.experts.<role>.message's limit (api/status.py)."""
-REBALANCE_KEY, OBSERVED_KEY = "rebalance.json", "observed.json"
-MAX_BODY = 8 << 20
-"""A load document is ~11 bytes per expert and layer (DeepSeek-V3: ~0.3 MiB); a longer one is not read."""
 
 
 def expert_roles(spec: ModelDeploymentSpec) -> list[str]:
@@ -125,8 +127,9 @@ class Rebalancer:
     """(ModelDeployment uid, role) -> when it was last checked (a role is first checked one interval
     after the operator starts leading, so a new leader does not rebalance at once)."""
     checks: dict[tuple[str, str], ExpertsStatus] = field(default_factory=dict)
-    failed: dict[tuple[str, str], PlacementFailure] = field(default_factory=dict)
-    """(ModelDeployment uid, role) -> the placement its groups last gave up, and how often."""
+    failed: dict[tuple[str, str], list[PlacementFailure]] = field(default_factory=dict)
+    """(ModelDeployment uid, role) -> the placements its groups gave up since the last one applied, and
+    how often, oldest first (for one layout and spec generation)."""
 
     async def run_forever(self) -> None:
         while True:
@@ -207,10 +210,9 @@ class Rebalancer:
         spec_generation: int | None = None,
     ) -> RoleCheck:
         previous = self.checks.get((owner.uid, role)) or ExpertsStatus()
-        failure = self.failed.get((owner.uid, role))
-        if failure is not None and failure.spec_generation != spec_generation:
-            del self.failed[(owner.uid, role)]  # the spec changed: the placement may be tried again
-            failure = None
+        history = self.failed.setdefault((owner.uid, role), [])
+        if history and history[-1].spec_generation != spec_generation:
+            history.clear()  # the spec changed: the placements may be tried again
         if self.leaders is not None:
             leaders = await self.leaders(owner.namespace, owner.name, role)
         else:
@@ -219,7 +221,7 @@ class Rebalancer:
             )
         if not leaders:
             return RoleCheck(status=previous.model_copy(update={"message": "no running group leader to ask"}))
-        answers = await asyncio.gather(*(self._load(leader) for leader in leaders))
+        answers = await asyncio.gather(*(fetch_load(self.client, leader) for leader in leaders))
         loads = [
             (leader, load)
             for leader, load in zip(leaders, answers, strict=True)
@@ -238,22 +240,23 @@ class Rebalancer:
         key = placement_key(ranks=ranks, slots_per_rank=slots_per_rank, source=source)
         name = experts_configmap_name(owner.name, role)
         cm = await self.kube.get_child(kind="ConfigMap", name=name, namespace=owner.namespace)
-        if failure is not None and failure.key != key:  # another layout now: its placement is gone
-            del self.failed[(owner.uid, role)]
-            failure = None
-        target = _placement_of(cm, key)
+        if history and history[-1].key != key:  # another layout now: its placements are gone
+            history.clear()
+        target = placement_of(cm, key)
+        failure = None  # the failure of the placement the role runs or is brought to
         record: dict[str, Any] | None = None  # rebalance.json marked not applied, when it goes back (below)
         if target is not None:
+            failure = next((f for f in history if f.matches(target)), None)
             behind = [
                 (leader, load)
                 for leader, load in loads
                 if target["generation"] not in (load.generation, load.pending_generation)
             ]
-            if not behind and failure is not None and failure.matches(target):
-                del self.failed[(owner.uid, role)]  # applied everywhere after all
+            if not behind and failure is not None:
+                history.remove(failure)  # applied everywhere after all
                 failure = None
             if behind:
-                if failure is None or not failure.matches(target):
+                if failure is None:
                     failure = PlacementFailure(
                         generation=target["generation"],
                         layers=target.get("layers"),
@@ -262,17 +265,26 @@ class Rebalancer:
                     )
                 failed = [(leader, load) for leader, load in behind if gave_up(load, target["generation"])]
                 if failed and not failure.given_up:
-                    failure.tries += 1
-                    failure.error = f"{failed[0][0].name}: {failed[0][1].error}"
-                    self.failed[(owner.uid, role)] = failure
-                    await self._post_failure(body, role, failure, groups=len(failed))
+                    error = f"{failed[0][0].name}: {failed[0][1].error}"
+                    await self._count_failure(body, role, history, failure, error, groups=len(failed))
                 if not failure.given_up:
-                    await asyncio.gather(*(self._post(leader, target) for leader, _ in behind))
+                    took = await asyncio.gather(
+                        *(send_placement(self.client, leader, target) for leader, _ in behind)
+                    )
+                    refused = [
+                        f"{leader.name} {said}"
+                        for (leader, _), said in zip(behind, took, strict=True)
+                        if isinstance(said, str)
+                    ]
+                    if refused and not failed:  # one try a check, whichever way it failed
+                        await self._count_failure(
+                            body, role, history, failure, refused[0], groups=len(refused)
+                        )
                     msg = f"bringing {len(behind)} group(s) to placement generation {target['generation']}"
                     if failure.tries:
                         msg += f"; {failure.summary()}"
                     return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
-                record = _record_of(cm)  # its record says the move was not made
+                record = record_of(cm)  # its record says the move was not made
                 if record is not None and record.get("generation") == failure.generation:
                     record["notApplied"] = failure.error
                 else:
@@ -284,6 +296,7 @@ class Rebalancer:
                         loads,
                         behind,
                         failure=failure,
+                        history=history,
                         previous=previous,
                         cm=cm,
                         key=key,
@@ -332,11 +345,8 @@ class Rebalancer:
             data[REBALANCE_KEY] = record
         current = placement_doc(first.generation, layers=first.layers, slots=first.slots, ranks=ranks)
         data[key] = target if target is not None else current
-        reason = (
-            choice.reason
-            if failure is None or not failure.given_up
-            else f"{choice.reason}; {failure.summary()}"
-        )
+        given_up = [f for f in history if f.given_up]
+        reason = f"{choice.reason}; {given_up[-1].summary()}" if given_up else choice.reason
         status = previous.model_copy(
             update={
                 "generation": first.generation,
@@ -346,17 +356,16 @@ class Rebalancer:
         )
         # a number no group has given up (here or before the operator restarted): the group's error
         # then names the generation it is about
-        given = [
-            failure.generation if failure is not None else 0,
-            *(named_generation(load) for _, load in loads),
-        ]
+        given = [*(f.generation for f in history), *(named_generation(load) for _, load in loads)]
         generation = max(first.generation, *given) + 1
         placement = placement_doc(generation, layers=first.layers, slots=choice.slots, ranks=ranks)
-        given_up = failure is not None and failure.given_up and placement["layers"] == failure.layers
-        if not choice.apply or given_up:  # the placement given up is not chosen again
-            await self._apply_configmap(owner, role, data, keep=cm, key=key, width=ranks * slots_per_rank)
+        chosen_before = any(f.layers == placement["layers"] for f in given_up)
+        if not choice.apply or chosen_before:  # a placement given up is not chosen again
+            await self._apply_configmap(
+                configmap(owner, role, data, keep=cm, key=key, width=ranks * slots_per_rank)
+            )
             return RoleCheck(status=status)
-        self.failed.pop((owner.uid, role), None)  # another placement: a fresh start
+        history.clear()  # another placement: a fresh start
         data[key] = placement
         data[REBALANCE_KEY] = {
             "generation": generation,
@@ -372,21 +381,35 @@ class Rebalancer:
             "imbalanceBefore": [round(x, 4) for x in choice.layer_before],
             "imbalancePredicted": [round(x, 4) for x in choice.layer_predicted],
         }
-        await self._apply_configmap(owner, role, data, keep=cm, key=key, width=ranks * slots_per_rank)
+        await self._apply_configmap(
+            configmap(owner, role, data, keep=cm, key=key, width=ranks * slots_per_rank)
+        )
         posted = await asyncio.gather(
-            *(self._post(leader, placement) for leader in (lead for lead, _ in loads))
+            *(send_placement(self.client, leader, placement) for leader in (lead for lead, _ in loads))
         )
         message = f"{role}: {choice.reason} (generation {generation})"
-        if not all(posted):
-            message += f"; {posted.count(False)} group(s) will be sent it again at the next check"
+        late = sum(p is not True for p in posted)
+        if late:
+            message += f"; {late} group(s) will be sent it again at the next check"
         log.info("rebalancer: %s/%s %s", owner.namespace, owner.name, message)
         await self._event(body, EVENT_REBALANCED, message, warning=False, at=stamp)
+        refused = [
+            f"{leader.name} {said}"
+            for (leader, _), said in zip(loads, posted, strict=True)
+            if isinstance(said, str)
+        ]
+        if refused:  # the first try of this placement failed
+            failure = PlacementFailure(
+                generation=generation, layers=placement["layers"], key=key, spec_generation=spec_generation
+            )
+            await self._count_failure(body, role, history, failure, refused[0], groups=len(refused))
+        said = choice.reason if not refused else f"{choice.reason}; {history[-1].summary()}"
         status = status.model_copy(
             update={
                 "generation": generation,
                 "predicted_imbalance": round(choice.predicted, 4),
                 "last_rebalance_time": stamp,
-                "message": choice.reason,
+                "message": said[:MAX_MESSAGE],
             }
         )
         return RoleCheck(status=status, applied=True)
@@ -399,6 +422,7 @@ class Rebalancer:
         behind: list[tuple[Leader, GroupLoad]],
         *,
         failure: PlacementFailure,
+        history: list[PlacementFailure],
         previous: ExpertsStatus,
         cm: Mapping[str, Any] | None,
         key: str,
@@ -406,8 +430,10 @@ class Rebalancer:
     ) -> RoleCheck:
         """A placement given up that some groups run: they go back to the placement the groups that gave
         it up run (its generation and slots), in the ConfigMap too, so the role runs one placement again
-        and is rebalanced on from it (never to the one given up). Left as it is while a group loads, or
-        while those groups run different placements."""
+        and is rebalanced on from it (never to the one given up). Left as it is while a group loads,
+        while those groups run different placements, or where theirs was given up too (`history`: the
+        groups sent back to it gave it up; sending the others to it again would swing the role between
+        two placements that fail, each reading experts every try)."""
         ran = len(loads) - len(behind)
         rest = {(load.generation, load.slots) for _, load in behind}
         if len(rest) != 1 or any(load.pending_generation is not None for _, load in loads):
@@ -416,18 +442,28 @@ class Rebalancer:
         back = behind[0][1]
         ranks = back.ranks
         doc = placement_doc(back.generation, layers=back.layers, slots=back.slots, ranks=ranks)
+        if any(f.given_up and f.matches(doc) for f in history):
+            msg = (
+                f"{failure.summary()}; {ran} group(s) run it, {len(behind)} run generation "
+                f"{back.generation}, which was given up as well: left so until another placement is chosen "
+                "or the spec changes"
+            )
+            return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
         data: dict[str, Any] = {key: doc} if record is None else {key: doc, REBALANCE_KEY: record}
-        await self._apply_configmap(owner, role, data, keep=cm, key=key, width=ranks * back.slots_per_rank)
+        await self._apply_configmap(
+            configmap(owner, role, data, keep=cm, key=key, width=ranks * back.slots_per_rank)
+        )
         runs_it = [
             leader for leader, load in loads if (load.generation, load.slots) != (back.generation, back.slots)
         ]
-        posted = await asyncio.gather(*(self._post(leader, doc) for leader in runs_it))
+        posted = await asyncio.gather(*(send_placement(self.client, leader, doc) for leader in runs_it))
+        late = sum(p is not True for p in posted)
         msg = (
             f"{failure.summary()}; the {ran} group(s) that ran it are sent back to the placement the others "
             f"run (generation {back.generation})"
         )
-        if not all(posted):
-            msg += f"; {posted.count(False)} did not take it yet"
+        if late:
+            msg += f"; {late} did not take it yet"
         return RoleCheck(status=previous.model_copy(update={"message": msg[:MAX_MESSAGE]}))
 
     async def _event(
@@ -445,97 +481,29 @@ class Rebalancer:
             )
         )
 
-    async def _post_failure(
-        self, body: Mapping[str, Any], role: str, failure: PlacementFailure, *, groups: int
+    async def _count_failure(
+        self,
+        body: Mapping[str, Any],
+        role: str,
+        history: list[PlacementFailure],
+        failure: PlacementFailure,
+        error: str,
+        *,
+        groups: int,
     ) -> None:
-        """A Warning Event: `groups` group(s) gave the placement up (one more try counted)."""
+        """One more failed try of `failure` (kept in the role's `history`), and a Warning Event: `groups`
+        group(s) gave the placement up, `error` the first one's words."""
+        failure.tries += 1
+        failure.error = error
+        if not any(f is failure for f in history):
+            history.append(failure)
         meta = body["metadata"]
         message = f"{role}: {groups} group(s) did not apply it; {failure.summary()}"
         log.warning("rebalancer: %s/%s %s", meta["namespace"], meta["name"], message)
         await self._event(body, EVENT_PLACEMENT_FAILED, message, warning=True, at=now_utc())
 
-    async def _load(self, leader: Leader) -> GroupLoad | str:
-        """The leader's load, or a one-line reason why not."""
-        try:
-            async with self.client.stream("GET", f"{leader.base}/v1/experts/load", timeout=10.0) as resp:
-                if resp.status_code != 200:
-                    return f"{leader.name} answered {resp.status_code}"
-                raw = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > MAX_BODY:
-                        return f"{leader.name}'s expert load is longer than {MAX_BODY >> 20} MiB"
-            return parse_group_load(json.loads(raw))
-        except httpx2.HTTPError as err:
-            return f"{leader.name} did not answer: {err!r:.120}"
-        except (ValueError, LoadError) as err:  # JSON or shape
-            return f"{leader.name} sent an unusable expert load: {err!s:.200}"
-
-    async def _post(self, leader: Leader, placement: Mapping[str, Any]) -> bool:
-        """Send a placement to one group; True when the group took it (202, or 200: already there)."""
-        try:
-            resp = await self.client.post(f"{leader.base}/v1/experts/placement", json=placement, timeout=10.0)
-        except httpx2.HTTPError as err:
-            log.warning("rebalancer: %s did not take the placement: %r", leader.name, err)
-            return False
-        if resp.status_code in (200, 202):
-            return True
-        log.warning(
-            "rebalancer: %s answered %s to placement generation %s: %.300s",
-            leader.name,
-            resp.status_code,
-            placement.get("generation"),
-            resp.text,
-        )
-        return False
-
-    async def _apply_configmap(
-        self,
-        owner: Owner,
-        role: str,
-        data: Mapping[str, Any],
-        *,
-        keep: Mapping[str, Any] | None,
-        key: str,
-        width: int,
-    ) -> None:
-        """Write `data` (the placement under `key`: the layout every group runs, `width` slots a layer;
-        _check_role) and keep
-        the ConfigMap's other keys, but for other layouts' placements and a rebalance record of
-        another layout (`kubectl moe experts` would read it against this layout's placement)."""
-        old = dict((keep or {}).get("data") or {})
-        kept = {  # other layouts' placements go: every group runs this one (_check_role)
-            name: value
-            for name, value in old.items()
-            if not name.startswith(PLACEMENT_KEY_PREFIX) and name != PLACEMENT_FILE
-        }
-        layout_changed = any(
-            (name.startswith(PLACEMENT_KEY_PREFIX) or name == PLACEMENT_FILE) and name != key for name in old
-        )
-        if REBALANCE_KEY in kept and not _record_fits(
-            kept[REBALANCE_KEY], key, width=width, layout_changed=layout_changed
-        ):
-            del kept[REBALANCE_KEY]
-        for name, value in data.items():
-            kept[name] = json.dumps(value, separators=(",", ":"))
-        await self.kube.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {
-                    "name": experts_configmap_name(owner.name, role),
-                    "namespace": owner.namespace,
-                    # no deployment label: the reconciler prunes the labelled children it did not render
-                    "labels": {
-                        "app.kubernetes.io/part-of": "kubemoe",
-                        "app.kubernetes.io/component": "experts",
-                    },
-                    "ownerReferences": [owner.reference()],
-                },
-                "data": kept,
-            },
-            field_manager=FIELD_MANAGER,
-        )
+    async def _apply_configmap(self, body: dict[str, Any]) -> None:
+        await self.kube.apply(body, field_manager=FIELD_MANAGER)
 
     async def _write_status(self, owner: Owner, roles: list[str]) -> None:
         experts = {
@@ -549,51 +517,6 @@ class Rebalancer:
             status={"experts": experts},
             field_manager=FIELD_MANAGER,
         )
-
-
-def _placement_of(cm: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
-    """The ConfigMap's placement for one layout (render/experts.placement_key), or None when there is
-    none or it does not parse (rewritten then)."""
-    raw = ((cm or {}).get("data") or {}).get(key)
-    if not raw:
-        return None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return None
-    if (
-        not isinstance(doc, dict)
-        or isinstance(doc.get("generation"), bool)
-        or not isinstance(doc.get("generation"), int)
-    ):
-        return None
-    return doc
-
-
-def _record_of(cm: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The ConfigMap's rebalance.json, or None when there is none or it does not parse."""
-    raw = ((cm or {}).get("data") or {}).get(REBALANCE_KEY)
-    try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _record_fits(raw: Any, key: str, *, width: int, layout_changed: bool) -> bool:
-    """Whether a kept rebalance.json is of the layout placed under `key` (`width` slots a layer): it
-    names its key (placementKey); one written before records named it is kept when its slots are
-    `width` long, unless the layout is changing now."""
-    try:
-        doc = json.loads(raw)
-    except (TypeError, ValueError):
-        return False
-    if not isinstance(doc, dict):
-        return False
-    if "placementKey" in doc:
-        return bool(doc["placementKey"] == key)
-    rows = [row for name in ("slots", "previousSlots") for row in (doc.get(name) or [])]
-    return not layout_changed and all(isinstance(row, list) and len(row) == width for row in rows)
 
 
 def _rfc3339(stamp: datetime) -> str:

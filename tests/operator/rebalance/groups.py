@@ -30,6 +30,9 @@ class Group:
     """Set: the group takes a placement (202) and then gives it up, as the torch engine does when a rank
     fails to load it (placement.error says why; the generation it ran stays)."""
     error: str | None = None
+    refuse: str | None = None
+    """Set: the group answers a placement POST 400 with this message, as the torch engine does to a
+    document that does not fit it (its experts, ranks or layers), and keeps what it runs."""
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -56,8 +59,12 @@ class Group:
             },
         }
 
-    def take(self, placement: dict[str, Any]) -> None:
+    def take(self, placement: dict[str, Any]) -> tuple[int, bytes]:
+        """The answer to a POST of `placement`: status and body."""
         self.posted.append(placement)
+        if self.refuse is not None:
+            error = {"message": self.refuse, "type": "invalid_request_error", "param": "layers", "code": None}
+            return 400, json.dumps({"error": error}).encode()
         if self.answer == 202 and self.fail_with is not None:
             self.error = (
                 f"generation {placement['generation']} was not applied (generation {self.generation} "
@@ -67,6 +74,7 @@ class Group:
             self.error = None
             self.generation = placement["generation"]
             self.slots = [layer["slots"] for layer in placement["layers"]]
+        return self.answer, b""
 
 
 @contextlib.contextmanager
@@ -88,10 +96,11 @@ def serving(groups: Sequence[Group]) -> Iterator[list[Leader]]:
 
                 def do_POST(self) -> None:
                     raw = self.rfile.read(int(self.headers["Content-Length"]))
-                    self.g.take(json.loads(raw))
-                    self.send_response(self.g.answer)
-                    self.send_header("Content-Length", "0")
+                    status, body = self.g.take(json.loads(raw))
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
+                    self.wfile.write(body)
 
                 def log_message(self, *args: Any) -> None:
                     pass

@@ -227,6 +227,82 @@ async def test_a_placement_every_group_gave_up_goes_back_and_is_not_chosen_again
             assert "failed" not in check.status.message
 
 
+REFUSED = "layers[0].slots: 10 slots, this group runs 2 ranks x 4 slots"
+
+
+async def test_a_placement_a_group_refuses_counts_as_a_failed_try_and_is_given_up() -> None:
+    # A 400 to the POST (the document does not fit the group) is the same answer every time. Before, the
+    # loop logged it and sent the placement again at every check, forever, and nothing said why.
+    kube = MemoryKube()
+    groups = [
+        Group(tokens=HOT, ranks=2, redundant=2),
+        Group(tokens=HOT, ranks=2, redundant=2, refuse=REFUSED),
+    ]
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            scaler = _scaler(kube, leaders, client)
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert check.applied
+            assert f"placement generation 1 failed (try 1 of {MAX_PLACEMENT_TRIES})" in check.status.message
+            assert f"md-decode-1 answered 400 to placement POST: {REFUSED}" in check.status.message
+            (warning,) = _failures(kube)
+            assert warning["type"] == "Warning"
+            assert REFUSED in warning["message"]
+            assert (groups[0].generation, groups[1].generation) == (1, 0)
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "bringing 1 group(s) to placement generation 1" in check.status.message
+            assert f"(try 2 of {MAX_PLACEMENT_TRIES})" in check.status.message
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "placement generation 1 failed 3 times, not sent again" in check.status.message
+            assert len(groups[1].posted) == MAX_PLACEMENT_TRIES
+            assert len(_failures(kube)) == MAX_PLACEMENT_TRIES
+            # given up: the group that took it goes back to what the other runs, and it is sent no more
+            before = groups[1].slots
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "sent back to the placement the others run (generation 0)" in check.status.message
+            assert (groups[0].generation, groups[0].slots) == (0, before)
+            for _ in range(2):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+                assert not check.applied
+                assert "not sent again" in check.status.message
+            assert len(groups[1].posted) == MAX_PLACEMENT_TRIES
+            assert len(_failures(kube)) == MAX_PLACEMENT_TRIES
+
+
+async def test_groups_that_give_up_the_placement_they_are_sent_back_to_are_left_split() -> None:
+    # Group 0 applies generation 1, group 1 gives it up; when 1 is given up, group 0 is sent back to
+    # generation 0 and gives that up as well. Before, the loop's one memory of a failure per role then
+    # forgot generation 1, and after three tries sent group 1 to it again: the role swung between two
+    # placements that fail, every try reading experts, forever.
+    kube = MemoryKube()
+    groups = [Group(tokens=HOT, ranks=2, redundant=2), Group(tokens=HOT, ranks=2, redundant=2, fail_with=OOM)]
+    async with httpx2.AsyncClient() as client:
+        with serving(groups) as leaders:
+            scaler = _scaler(kube, leaders, client)
+            assert (await scaler.evaluate(_body(), force=True))["decode"].applied
+            for _ in range(MAX_PLACEMENT_TRIES - 1):
+                await scaler.evaluate(_body(), force=True)
+            groups[0].fail_with = "rank 0: WeightLoadError: shard 3 is gone"
+            check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "sent back to the placement the others run (generation 0)" in check.status.message
+            assert groups[0].generation == 1
+            assert groups[0].error is not None
+            assert groups[0].error.startswith("generation 0 was not applied")
+            for _ in range(MAX_PLACEMENT_TRIES):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+            assert "placement generation 0 failed 3 times" in check.status.message
+            assert "which was given up as well: left so" in check.status.message
+            posted = [len(g.posted) for g in groups]
+            assert posted == [1 + MAX_PLACEMENT_TRIES, MAX_PLACEMENT_TRIES]
+            for _ in range(3):
+                check = (await scaler.evaluate(_body(), force=True))["decode"]
+                assert not check.applied
+                assert "left so until another placement is chosen" in check.status.message
+            assert [len(g.posted) for g in groups] == posted  # neither is sent anything more
+            assert [g.generation for g in groups] == [1, 0]
+            assert len(_failures(kube)) == 2 * MAX_PLACEMENT_TRIES
+
+
 async def test_after_a_restart_a_new_placement_takes_a_number_no_group_gave_up() -> None:
     """The loop's memory of a placement given up goes with the operator's process; the groups' errors
     stay. A new operator's first placement is numbered above the generation they name: were it numbered
