@@ -336,6 +336,32 @@ def test_a_drain_stops_at_its_timeout(gated: GatedStream, tmp_path: Path) -> Non
         router.stop()
 
 
+def test_a_request_still_sending_its_body_at_the_drain_deadline_gets_a_503(
+    gated: GatedStream, tmp_path: Path
+) -> None:
+    """A client still uploading its body at --drain-timeout is answered 503 `draining` there and then.
+    Fails on the old code: the router read the body outside what the deadline ends, and uvicorn cut the
+    connection SHUTDOWN_S later with no answer."""
+    router = router_for(gated.address, tmp_path, "--drain-timeout", "1")
+    try:
+        held = Held(router.port, "/v1/completions", {"model": MODEL, "prompt": "p"})  # body never sent
+        start = time.monotonic()
+        router.process.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := held.sock.recv(65536):
+            answer += chunk
+        ended = time.monotonic() - start
+        held.close()
+        status, body = parse_response(answer)
+        assert status == 503, answer[:300]
+        error = json.loads(body)["error"]
+        assert (error["code"], error["type"]) == ("draining", "server_error")
+        assert ended < 1 + SHUTDOWN_S, f"answered {ended:.1f} s after SIGTERM"
+        assert router.process.wait(timeout=SHUTDOWN_S + 10) == 0, router.log()
+    finally:
+        router.stop()
+
+
 class Waiting:
     """A non-streaming POST on its own thread: its status and body once the server answered."""
 

@@ -6,7 +6,7 @@ message left for the app is `http.disconnect`, sent when the connection closes (
 complete), so a watcher waiting for it can cancel the work. The engine server aborts the request in the
 scheduler that way; the router closes its connection to the backend, whose own watcher then does. The
 router also stops waiting at its drain deadline (`ended`: router/in_flight.py), and answers 503 there and
-then.
+then; `unless_ended` does that for a body still being read (a slow client's upload).
 """
 
 from __future__ import annotations
@@ -48,6 +48,26 @@ async def unless_disconnected(
                 await task
     if task.cancelled():
         raise Ended if ended is not None and ended.done() else ClientGone
+    return task.result()
+
+
+async def unless_ended(work: Coroutine[Any, Any, T], ended: asyncio.Future[None]) -> T:
+    """`work`'s result, or Ended (with `work` cancelled) if `ended` is done first: for reading a request's
+    body, which `unless_disconnected` cannot watch (the body's messages are the work's to read)."""
+    if ended.done():
+        work.close()
+        raise Ended
+    task = asyncio.ensure_future(work)
+    waiting: set[asyncio.Future[Any]] = {task, ended}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise Ended
     return task.result()
 
 

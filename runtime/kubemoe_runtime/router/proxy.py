@@ -27,9 +27,9 @@ the whole request): past either, a 504, or for a stream an error event (relay.py
 streamed answer to the client is bounded too (--client-write-timeout: a client that stopped reading has
 its answer given up, relay.py). A client that goes away before a non-streaming answer has its upstream
 request cancelled (the connection closed, which the engine sees as its client leaving). At the router's
-drain deadline what is still in flight is answered 503 there and then (in_flight.py). The router checks
-only what it must read (checks.py); the engines validate the rest and their 4xx answers pass through
-unchanged.
+drain deadline what is still in flight, a body still being uploaded too, is answered 503 there and then
+(in_flight.py). The router checks only what it must read (checks.py); the engines validate the rest and
+their 4xx answers pass through unchanged.
 
 Forwarded paths (vLLM's /v1/embeddings, /v1/responses, /tokenize, /version, ...) go to a backend the role's
 policy picks, keyed by the body's prompt, messages or input: colocated, any healthy worker; disaggregated,
@@ -56,7 +56,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from kubemoe_runtime.pod.api_error import ApiError
-from kubemoe_runtime.pod.disconnect import ClientGone, Ended, unless_disconnected
+from kubemoe_runtime.pod.disconnect import ClientGone, Ended, unless_disconnected, unless_ended
 from kubemoe_runtime.pod.kv_auth import DECODE_MAX_TOKENS, KV_KEY_ENV, KVSigner
 from kubemoe_runtime.pod.openai_responses import ModelList
 from kubemoe_runtime.router.auth import ApiKeys
@@ -217,7 +217,7 @@ class Router:
         code = 500
         try:
             authorize(self.config.api_keys, request)
-            body = await read_body(request)
+            body = await unless_ended(read_body(request), self.in_flight.ended())
             raw_path = request.scope.get("raw_path")
             target = raw_path.decode("latin-1") if isinstance(raw_path, bytes) and raw_path else path
             if query := request.scope.get("query_string", b""):
@@ -272,7 +272,7 @@ class Router:
         code = 500
         try:
             authorize(self.config.api_keys, request)
-            body, raw = await read_json(request)
+            body, raw = await unless_ended(read_json(request), self.in_flight.ended())
             check_generation(body, prompt_field=prompt_field, served_names=self.config.served_names)
             if self.config.disaggregated:  # the prefill's request overwrites these: check them here
                 check_prefill_fields(body, chat=prompt_field == "messages")
