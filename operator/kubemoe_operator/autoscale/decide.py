@@ -13,8 +13,9 @@ recommendation over the metrics wins. Then, in order:
    latency histogram with no observations in the interval is no requests, which the sources give
    as 0 (no load), not as missing;
 2. a full window first: a change needs readings covering its direction's window since `since`
-   (when this evaluator's unbroken run of readings began: after a start, a leader failover or a
-   metrics outage it knows nothing of what came before, and holds);
+   (when this evaluator's unbroken run of readings began: after a start, a leader failover, a
+   metrics outage or a gap in its evaluations (the API server down, autoscaling off for a while) it
+   knows nothing of what came before, and holds);
 3. stabilisation: scaling up takes the smallest recommendation of the scale-up window
    (the load must have lasted), scaling down the largest of the scale-down window (the
    quiet must have lasted) — so one noisy sample moves nothing, and nothing flaps;
@@ -62,11 +63,16 @@ class Decision:
     did (`couple`), None when nothing could (no metrics, none readable)."""
 
 
+MAX_RECOMMENDATION = 1 << 30
+"""A recommendation past any ceiling (maxReplicas is clamped later): a huge but finite reading (1e308
+over a target of 0.5 is infinite) asks for this many, not for an OverflowError."""
+
+
 def _per_metric(current: int, ready: int, value: float, target: float) -> int:
     ratio = value / target
     if abs(ratio - 1.0) <= TOLERANCE:
         return current
-    return max(1, math.ceil(ready * ratio))
+    return max(1, math.ceil(min(ready * ratio, MAX_RECOMMENDATION)))
 
 
 def decide(
@@ -195,6 +201,8 @@ class RoleMemory:
     history: list[Recommendation] = field(default_factory=list)
     since: float | None = None
     last_change: float | None = None
+    last_reading: float | None = None
+    """When the last evaluation read the metrics."""
 
     def decide(
         self,
@@ -204,7 +212,13 @@ class RoleMemory:
         samples: Mapping[MetricType, float | None],
         policy: Autoscaling,
         now: float,
+        max_gap: float = math.inf,
     ) -> Decision:
+        """`max_gap`: the longest time between two readings that still counts as an unbroken run (the
+        loop: two intervals); after a longer one the run starts again, as after an outage."""
+        if self.last_reading is not None and now - self.last_reading > max_gap:
+            self.outage()
+        self.last_reading = now
         if self.since is None:
             self.since = now
         decision = decide(
@@ -233,6 +247,7 @@ class RoleMemory:
 
     def seed(self, last_change: float) -> None:
         """The last change as status records it (on this evaluator's clock), when this evaluator has
-        made none of its own since it started."""
-        if self.last_change is None:
+        made none of its own since it started, or a later one (a change this evaluator wrote whose
+        answer was lost: it never learned it had made it)."""
+        if self.last_change is None or last_change > self.last_change:
             self.last_change = last_change

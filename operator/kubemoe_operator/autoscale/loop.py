@@ -469,7 +469,12 @@ class Autoscaler:
             self.metrics.metric_value.labels(*labels, metric).set(math.nan if value is None else value)
             series.add((self.metrics.metric_value, (*labels, metric)))
         decision = memory.decide(
-            current=current, ready=ready, samples=samples, policy=policy, now=self.clock()
+            current=current,
+            ready=ready,
+            samples=samples,
+            policy=policy,
+            now=self.clock(),
+            max_gap=2 * self.interval_s,
         )
         outcome = "decided" if decision.metrics_available else "unavailable"
         self.metrics.evaluations.labels(*labels, outcome).inc()

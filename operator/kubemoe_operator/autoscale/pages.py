@@ -9,13 +9,16 @@ leader, past the cap). A torch-engine pod ignores the query and serves its whole
 
 The cap: 1 MiB leaves room for a whole vLLM page of some twenty ranks (a pod with an older runtime,
 which ignores the query), and parsing a page that long (pure Python, about half a second of CPU) runs
-off the event loop (`asyncio.to_thread`), which also renews the operator's lease.
+off the event loop (`asyncio.to_thread`), which also renews the operator's lease. Only the lines of the
+series read are parsed (`series_lines`): prometheus_client's parser takes time quadratic in a line's
+length on some lines (a 1 MiB comment line: 13 s of CPU, in a thread a timeout cannot stop).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import re
+from collections.abc import Collection, Coroutine
 from typing import Any, TypeVar
 
 import httpx2
@@ -32,6 +35,40 @@ only the series the autoscaler reads."""
 def autoscaler_url(url: str) -> str:
     """`url` asking for the autoscaler's page."""
     return f"{url}{'&' if '?' in url else '?'}{AUTOSCALER_QUERY}"
+
+
+MAX_LINE = 4096
+"""The longest line of a series read: the runtime's are under 300 characters; a longer one is refused."""
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_SUFFIXES = ("_bucket", "_count", "_sum", "_created", "_total")
+
+
+def series_lines(text: str, families: Collection[str]) -> str:
+    """The lines of `text` about `families` (their samples, histogram buckets, counts and sums included,
+    and their # TYPE and # HELP lines); the rest of the page is not parsed (module docstring).
+    ValueError for such a line longer than MAX_LINE, or a line that starts with no series name (not
+    this text format at all)."""
+    kept: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line[:MAX_LINE].split(None, 3)
+            if len(parts) < 3 or parts[1] not in ("TYPE", "HELP") or parts[2] not in families:
+                continue
+        else:
+            found = _NAME.match(line, 0, MAX_LINE)
+            if found is None:
+                if not line.strip():
+                    continue
+                raise ValueError(f"not the Prometheus text format: {line[:80]!r}")
+            name = found.group()
+            if name not in families and not any(
+                name.endswith(end) and name[: -len(end)] in families for end in _SUFFIXES
+            ):
+                continue
+        if len(line) > MAX_LINE:
+            raise ValueError(f"a line of {line[:80]!r}... is longer than {MAX_LINE} characters")
+        kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 class PageTooLong(Exception):

@@ -27,7 +27,7 @@ from typing import Protocol
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubemoe_operator.autoscale.pages import MAX_PAGE_BYTES, PageTooLong, fetch_page
+from kubemoe_operator.autoscale.pages import MAX_PAGE_BYTES, PageTooLong, fetch_page, series_lines
 from kubemoe_operator.autoscale.signals import QUEUE, RUNNING, RoleSelector
 from kubemoe_operator.kube.client import Kube
 from kubemoe_operator.kube.pods import Leader, running_leaders
@@ -58,7 +58,7 @@ class PodAnnotator(Protocol):
 def load_of(text: str, sel: RoleSelector) -> float:
     """Requests running plus waiting on one pod's page, for `sel`'s role; ValueError if unreadable."""
     total = 0.0
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(series_lines(text, (QUEUE, RUNNING))):
         for s in family.samples:
             if s.name not in (QUEUE, RUNNING):
                 continue

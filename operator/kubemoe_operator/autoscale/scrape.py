@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubemoe_operator.api.spec import MetricType
 from kubemoe_operator.autoscale import pages
-from kubemoe_operator.autoscale.pages import PageTooLong, fetch_page, gather_all
+from kubemoe_operator.autoscale.pages import PageTooLong, fetch_page, gather_all, series_lines
 from kubemoe_operator.autoscale.prometheus import MetricsUnavailable
 from kubemoe_operator.autoscale.signals import (
     GPU_UTIL,
@@ -77,8 +77,8 @@ class ScrapeSource:
         self.targets = targets
         self.window_s = window_s
         self.clock = clock
-        self._previous: dict[tuple[RoleSelector, str], dict[str, Buckets]] = {}
-        """(role, histogram) -> each pod's (URL's) buckets at the previous scrape."""
+        self._previous: dict[tuple[RoleSelector, str], dict[str, tuple[float, Buckets]]] = {}
+        """(role, histogram) -> each pod's (URL's) buckets at its last scrape that answered, and when."""
         self._recent: dict[tuple[RoleSelector, str], deque[tuple[float, Buckets]]] = {}
         """(role, histogram) -> (when, the observations new at that scrape, all pods) within the window."""
 
@@ -139,13 +139,22 @@ class ScrapeSource:
         if not now:
             return None
         key = (sel, name)
+        t = self.clock()
         before = self._previous.get(key)
-        self._previous[key] = {url: dict(buckets) for url, buckets in now.items()}
+        # A pod that did not answer this time keeps its last buckets (for a window): when it answers
+        # again, what it observed meanwhile counts (it was not read as a new pod, its slow requests
+        # lost and the role read as idle)
+        missed = {
+            url: seen
+            for url, seen in (before or {}).items()
+            if url not in now and seen[0] > t - self.window_s
+        }
+        self._previous[key] = {**missed, **{url: (t, dict(buckets)) for url, buckets in now.items()}}
         if before is None:
             return None
-        t = self.clock()
         recent = self._recent.setdefault(key, deque())
-        if (new := _new_observations(before, now)) is not None:
+        last = {url: buckets for url, (_, buckets) in before.items()}
+        if (new := _new_observations(last, now)) is not None:
             recent.append((t, new))
         while recent and recent[0][0] <= t - self.window_s:
             recent.popleft()
@@ -200,7 +209,8 @@ def _read_page(
 ) -> None:
     """Add one pod's page to the role's gauges and histogram buckets; ValueError on a value no
     serving pod reports (negative, NaN, infinite; an infinite bucket bound is Prometheus' +Inf)."""
-    for family in text_string_to_metric_families(text):
+    read = series_lines(text, {QUEUE, KV_USAGE, GPU_UTIL, *wanted_histograms})
+    for family in text_string_to_metric_families(read):
         for s in family.samples:
             if s.labels.get("deployment") != sel.deployment or s.labels.get("role") != sel.role:
                 continue

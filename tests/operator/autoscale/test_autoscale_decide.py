@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kubemoe_operator.api.spec import Autoscaling, MetricTarget, MetricType
-from kubemoe_operator.autoscale.decide import Decision, Recommendation, decide, prune
+from kubemoe_operator.autoscale.decide import Decision, Recommendation, RoleMemory, decide, prune
 
 
 def policy(*, up: int = 0, down: int = 300, step: int = 4, lo: int = 1, hi: int = 8) -> Autoscaling:
@@ -99,3 +99,40 @@ def test_prune_keeps_only_what_a_window_can_see() -> None:
     pol = policy(up=60, down=300)
     history = [Recommendation(t, 1) for t in (100.0, 650.0, 800.0, 990.0)]
     assert [r.at for r in prune(history, policy=pol, now=1000.0)] == [800.0, 990.0]
+
+
+def test_a_huge_but_finite_reading_asks_for_the_ceiling_not_an_overflow() -> None:
+    # 1e308 over a target of 0.8, times 4 groups: infinite; math.ceil raised OverflowError, outside
+    # the loop's try, and the whole deployment's evaluation failed every interval
+    decision = run(4, {"queue-depth": 4.0, "kv-cache-usage": 1e308}, policy(step=1))
+    assert decision.desired == 5
+    assert decision.signal == "kv-cache-usage"
+
+
+def test_after_a_gap_in_evaluations_one_reading_does_not_scale() -> None:
+    """The loop skipped the role for a while (the API server down, autoscaling off and on) without an
+    outage: the run of readings then counted from before the gap, and the first reading after it met
+    a "full window" alone. Steady at 4 until t=700, then one idle reading at t=1900."""
+    memory = RoleMemory()
+    pol = policy(down=300)
+    steady = {"queue-depth": 4.0, "kv-cache-usage": 0.8}
+    for t in range(0, 701, 15):
+        assert memory.decide(current=4, ready=4, samples=steady, policy=pol, now=t, max_gap=30).desired == 4
+    idle = {"queue-depth": 0.0, "kv-cache-usage": 0.1}
+    decision = memory.decide(current=4, ready=4, samples=idle, policy=pol, now=1900, max_gap=30)
+    assert decision.desired == 4
+    assert "readings for 0 of the 300 s scale-down window" in decision.reason
+    for t in range(1915, 1900 + 301, 15):  # a whole window of its own readings: then it may
+        decision = memory.decide(current=4, ready=4, samples=idle, policy=pol, now=t, max_gap=30)
+    assert decision.desired == 1
+
+
+def test_a_later_change_in_status_restarts_the_cooldown() -> None:
+    # this evaluator changed the role at t=100; its next write (t=400) applied but the answer was lost,
+    # so it never called changed(); status's lastScaleTime says 400: the cooldown runs from there
+    memory = RoleMemory()
+    memory.changed(100.0)
+    memory.seed(400.0)
+    assert memory.last_change == 400.0
+    memory.seed(50.0)  # an older record changes nothing
+    assert memory.last_change == 400.0

@@ -129,6 +129,28 @@ async def test_a_pod_that_leaves_takes_its_history_with_it(pods: list[Pod]) -> N
         assert 0.5 < p90 <= 1.0
 
 
+async def test_a_pod_that_misses_a_scrape_has_what_it_observed_meanwhile_counted(pods: list[Pod]) -> None:
+    # Before, the buckets kept were only those of the pods that answered: a pod that timed out once
+    # (the busiest one, likely) came back as a new pod, its slow requests meanwhile were never
+    # counted, and the role read as idle (0), which scales down.
+    answering = [pods[0], pods[1]]
+
+    async def targets(_: RoleSelector) -> list[str]:
+        return [p.url for p in answering]
+
+    async with httpx2.AsyncClient() as client:
+        source = ScrapeSource(client=client, targets=targets)
+        assert (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"] is None  # first scrape: no rate yet
+        answering.pop(0)  # pods[0] does not answer this time
+        assert (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"] == 0.0  # nothing observed
+        answering.insert(0, pods[0])
+        for _ in range(100):
+            pods[0].ttft.observe(0.8)
+        p90 = (await source.sample(SEL, ["ttft-p90"]))["ttft-p90"]
+    assert p90 is not None
+    assert 0.5 < p90 <= 1.0
+
+
 async def test_unreachable_pods_make_metrics_unavailable() -> None:
     async def targets(_: RoleSelector) -> list[str]:
         return [f"http://127.0.0.1:{free_port()}/metrics"]

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -94,6 +95,24 @@ async def test_a_page_past_the_cap_is_not_read_whole(pod_url: str) -> None:
     assert len(page) > MAX_PAGE_BYTES
     with pytest.raises(MetricsUnavailable, match="longer than"):
         await _sample(pod_url, page)
+
+
+GOOD = f"kubemoe_requests_waiting{{{LABELS}}} 7\n".encode()
+
+
+async def test_a_page_that_takes_the_parser_seconds_is_read_in_milliseconds(pod_url: str) -> None:
+    """prometheus_client's parser takes time quadratic in a line's length on some lines, in a thread the
+    interval's timeout cannot stop: a comment line of most of a MiB took 13 s of CPU, and every interval
+    started another. Only the lines of the series read are parsed now; one of those past MAX_LINE is
+    refused unparsed. Bounded in the process's CPU time (the old code: seconds, the new: milliseconds)."""
+    comment = b"#" + b" " * (MAX_PAGE_BYTES - len(GOOD) - 10) + b"x\n"
+    escaped = f'kubemoe_requests_waiting{{{LABELS},x="'.encode() + b'\\"' * (MAX_PAGE_BYTES // 3) + b'"} 1\n'
+    started = time.process_time()
+    assert await _sample(pod_url, comment + GOOD, ["queue-depth"]) == {"queue-depth": 7.0}
+    with pytest.raises(MetricsUnavailable, match="longer than"):
+        await _sample(pod_url, escaped, ["queue-depth"])
+    spent = time.process_time() - started
+    assert spent < 3.0, f"{spent:.1f} s of CPU to read two pages"
 
 
 async def test_a_good_page_still_reads(pod_url: str) -> None:
