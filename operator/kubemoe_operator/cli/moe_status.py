@@ -43,8 +43,12 @@ def _flag(argv: Sequence[str], name: str) -> str | None:
 def rank_span(argv: Sequence[str], labels: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     """(first, count) of the data-parallel ranks a pod runs, from the runtime command line the operator
     rendered; None when it cannot tell. A LeaderWorkerSet worker's start rank is `auto`: its worker
-    index (a pod label) times its local ranks, as the runtime computes it (pod/start_rank.py)."""
+    index (a pod label) times its local ranks, as the runtime computes it (pod/start_rank.py). An
+    SGLang group over `--nnodes` pods with data-parallel attention (`--attn-dp-size`) runs its share
+    of those ranks on each pod, by `--node-rank` (the worker index, which the kubelet expands)."""
     local = _flag(argv, "--data-parallel-size-local")
+    if local is None and _flag(argv, "--attn-dp-size") is not None:
+        return _sglang_span(argv, labels)
     if local is None:
         return (0, 1) if argv else None
     start = _flag(argv, "--data-parallel-start-rank") or "0"
@@ -56,6 +60,17 @@ def rank_span(argv: Sequence[str], labels: Mapping[str, str] | None = None) -> t
     if not start.isdigit() or not local.isdigit():
         return None
     return int(start), int(local)
+
+
+def _sglang_span(argv: Sequence[str], labels: Mapping[str, str] | None) -> tuple[int, int] | None:
+    dp, nodes = _flag(argv, "--attn-dp-size") or "", _flag(argv, "--nnodes") or "1"
+    node = _flag(argv, "--node-rank") or "0"
+    if node.startswith("$("):  # $(LWS_WORKER_INDEX): the pod's label says it
+        node = (labels or {}).get(LWS_WORKER_INDEX, "")
+    if not (dp.isdigit() and nodes.isdigit() and node.isdigit()) or int(nodes) == 0:
+        return None
+    local = int(dp) // int(nodes)
+    return (int(node) * local, local) if local else None
 
 
 def pod_ranks(argv: Sequence[str], labels: Mapping[str, str] | None = None) -> str:

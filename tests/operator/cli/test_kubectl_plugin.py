@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kubemoe_operator.cli.moe_status import pod_ranks, render_status
+import yaml
+
+from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.cli.moe_status import LWS_WORKER_INDEX, pod_ranks, render_status
+from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.render.engines import any_sglang_worker
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def _pod(
@@ -28,6 +36,22 @@ def test_pod_ranks_from_the_rendered_command_line() -> None:
     assert pod_ranks(["--data-parallel-size-local", "8", "--data-parallel-start-rank", "8"]) == "8-15"
     assert pod_ranks(["--data-parallel-size-local=1", "--data-parallel-start-rank=3"]) == "3"
     assert pod_ranks(["serve", "--model", "/m"]) == "0"
+
+
+def test_pod_ranks_of_an_sglang_group_over_two_pods() -> None:
+    """The rendered templates of examples/engines/sglang-deepseek-v3.yaml (DP16 attention over two
+    pods): before, every pod showed rank 0, and `kubectl moe logs --rank 8` found no pod."""
+    md = yaml.safe_load((EXAMPLES / "engines" / "sglang-deepseek-v3.yaml").read_text())
+    plan = plan_manifest(parse_manifest(md))
+    shown = set()
+    for role in plan.roles:
+        argv = list(role.pods[0].command)
+        leader = pod_ranks(argv, {LWS_WORKER_INDEX: "0"})
+        worker_argv = list(any_sglang_worker(role.pods[1]).command)
+        worker = pod_ranks(worker_argv, {LWS_WORKER_INDEX: "1"})
+        shown.add((role.role, leader, worker))
+    assert shown == {("prefill", "0-7", "8-15"), ("decode", "0-7", "8-15")}, shown
+    assert pod_ranks(["--attn-dp-size", "4", "--nnodes", "2", "--node-rank", "$(LWS_WORKER_INDEX)"]) == "?"
 
 
 def test_status_report_shows_roles_ranks_readiness_autoscaling_and_endpoint() -> None:
