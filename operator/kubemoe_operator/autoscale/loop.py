@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from kubemoe_operator.api.desired import effective_spec, parse_status
 from kubemoe_operator.api.manifest import parse_manifest
@@ -252,8 +252,8 @@ class Autoscaler:
     workload controller."""
     memory: dict[tuple[str, str], RoleMemory] = field(default_factory=dict)
     """(ModelDeployment uid, role) -> what this autoscaler remembers of it (decide.py)."""
-    series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = field(default_factory=dict)
-    """ModelDeployment uid -> its gauges' series (gauge, label values)."""
+    series: dict[str, set[tuple[Gauge | Counter, tuple[str, ...]]]] = field(default_factory=dict)
+    """ModelDeployment uid -> its series in the operator's metrics (metric, label values), removed with it."""
 
     async def run_forever(self) -> None:
         """Evaluate every interval (a fixed cadence: a slow evaluation does not shift the next)."""
@@ -418,7 +418,7 @@ class Autoscaler:
             direction = "up" if desired > o.current else "down" if desired < o.current else "hold"
             self.metrics.decisions.labels(*labels, direction).inc()
             self.metrics.desired.labels(*labels).set(desired)
-            series.add((self.metrics.desired, labels))
+            series.update({(self.metrics.decisions, (*labels, direction)), (self.metrics.desired, labels)})
 
     async def _evaluate_role(
         self,
@@ -451,13 +451,13 @@ class Autoscaler:
                     await self.source.sample(sel, [m.type for m in policy.metrics]) if policy.metrics else {}
                 )
         except TimeoutError:
-            self.metrics.evaluations.labels(*labels, "unavailable").inc()
+            self._evaluated(uid, labels, "unavailable")
             memory.outage()
             return outcome_of(error=f"metrics not read within the {self.interval_s:g} s interval")
         except Exception as err:  # MetricsUnavailable, or a source's bug: either way, no reading
             if not isinstance(err, MetricsUnavailable):
                 log.exception("autoscaler: %s/%s %s: reading metrics failed", *labels)
-            self.metrics.evaluations.labels(*labels, "unavailable").inc()
+            self._evaluated(uid, labels, "unavailable")
             log.debug("autoscaler: %s/%s %s: %s", *labels, err)
             error = (
                 str(err) if isinstance(err, MetricsUnavailable) else f"reading metrics failed: {err!r:.200}"
@@ -477,9 +477,13 @@ class Autoscaler:
             max_gap=2 * self.interval_s,
         )
         outcome = "decided" if decision.metrics_available else "unavailable"
-        self.metrics.evaluations.labels(*labels, outcome).inc()
+        self._evaluated(uid, labels, outcome)
         log.debug("autoscaler: %s/%s %s: %s", *labels, decision.reason)
         return outcome_of(decision=decision)
+
+    def _evaluated(self, uid: str, labels: tuple[str, str, str], outcome: str) -> None:
+        self.metrics.evaluations.labels(*labels, outcome).inc()
+        self.series.setdefault(uid, set()).add((self.metrics.evaluations, (*labels, outcome)))
 
     async def _announce(self, body: Mapping[str, Any], outcomes: Sequence[RoleOutcome]) -> None:
         stamp = now_utc().strftime("%Y-%m-%dT%H:%M:%SZ")

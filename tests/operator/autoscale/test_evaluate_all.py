@@ -128,3 +128,39 @@ async def test_a_deleted_deployments_histograms_are_dropped_from_the_scrape() ->
             kube.remove("ns", "tiny-moe")
             await scaler.evaluate_all()
     assert source._previous == {}
+
+
+async def test_a_deleted_deployments_series_leave_the_operators_metrics() -> None:
+    # Before, the evaluations and decisions counters of every ModelDeployment ever autoscaled stayed in
+    # the operator's /metrics after it was deleted (only the gauges were removed).
+    kube = ClusterKube()
+    kube.add(tiny_moe(**QUEUE_SCALED))
+    with load_pages([2.0], deployment="tiny-moe") as urls:
+
+        async def targets(_: RoleSelector) -> list[str]:
+            return urls
+
+        async with httpx2.AsyncClient() as client:
+            scaler = Autoscaler(
+                kube=kube,
+                source=ScrapeSource(client=client, targets=targets),
+                source_name="test",
+                interval_s=5.0,
+            )
+            for _ in range(2):
+                await scaler.evaluate_all()
+
+            def samples() -> list[str]:
+                return [
+                    f"{sample.name}{sample.labels}"
+                    for family in scaler.metrics.registry.collect()
+                    for sample in family.samples
+                    if sample.labels.get("deployment") == "tiny-moe"
+                ]
+
+            shown = samples()
+            assert any("evaluations" in s for s in shown), shown
+            assert any("decisions" in s for s in shown), shown
+            kube.remove("ns", "tiny-moe")
+            await scaler.evaluate_all()
+            assert samples() == []
