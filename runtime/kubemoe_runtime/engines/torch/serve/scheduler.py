@@ -13,7 +13,8 @@
                  4. finish  per row: stop token ids (EOS unless ignore_eos), stop strings, max_tokens;
                             stream the text delta to the request's sink; free finished slots
     run()      the engine thread's loop: step while there is work, else wait (and keep followers alive;
-               while an expert placement loads, poll the ranks every POLL_S: placement_switch.py)
+               while an expert placement loads, poll the ranks every POLL_S: placement_switch.py); each
+               turn drops parked P/D KV past its ttl (KVStore.expire)
 
 Sinks are called on the engine thread; the server hands outputs to its event loop thread-safely.
 
@@ -223,8 +224,11 @@ class Scheduler:
             return bool(self._running or self._waiting or self._aborts)
 
     def run(self, stop: threading.Event, *, keepalive_s: float = 2.0) -> None:
-        """Step while there is work; when idle wait, pinging the followers every `keepalive_s`."""
+        """Step while there is work; when idle wait, pinging the followers every `keepalive_s`. Each turn
+        drops the parked KV (P/D) whose ttl has passed: with no put or take to do it (no P/D request
+        comes), it would otherwise stay in memory, up to a rank's cache worth, for good."""
         while not stop.is_set():
+            self.kv_store.expire()
             if self.has_work():
                 self.step()
             elif self.leader.switch.busy():  # a placement is loading: drive it on while idle

@@ -127,7 +127,10 @@ class PrefilledKV:
             if prompt_tokens < 0:
                 raise ValueError(f"prompt_tokens {prompt_tokens} < 0")
             layers = _tensors(header, view, start=start, rows=prompt_tokens)
-        except (KeyError, ValueError, TypeError) as err:
+        except (KeyError, ValueError, TypeError, ArithmeticError, RecursionError) as err:
+            # ArithmeticError: int() of a metadata number JSON reads as inf (1e400: OverflowError);
+            # RecursionError: a header nested deeper than json.loads recurses. Untrusted bytes are a
+            # ValueError whatever is wrong with them: the decode then prefills the prompt itself.
             raise ValueError(f"not a KV hand-off payload: {type(err).__name__}: {err}") from err
         return cls(kv=layers, first_token=first_token, prompt_tokens=prompt_tokens, prompt_sha256=digest)
 
@@ -273,6 +276,14 @@ class KVStore:
         with self._lock:
             self._expire()
             return len(self._entries)
+
+    def expire(self) -> None:
+        """Drop what has passed its ttl now. put/take/len/nbytes do so too, but nothing may call them for
+        a long while (the router died, or its decode answered without pulling, and no P/D request came
+        since): the scheduler's loop calls this, idle or not (serve/scheduler.py). Cheap when nothing is
+        due: the oldest entry's deadline is looked at, nothing else."""
+        with self._lock:
+            self._expire()
 
     def _expire(self) -> None:
         now = self.clock()

@@ -91,6 +91,12 @@ class PullTarget:
     def url(self) -> str:
         return f"http://{self.authority}/v1/kv/{self.handle}"
 
+    @property
+    def shown(self) -> str:
+        """`url` for errors and logs: the handle cut to its first characters (whoever has it whole can
+        fetch the KV, once: it is the KV's bearer secret), as the rest of the runtime shows handles."""
+        return f"http://{self.authority}/v1/kv/{self.handle[:6]}..."
+
 
 def pull_target(params: Mapping[str, Any]) -> PullTarget:
     """The host, port and handle of kv_transfer_params; ValueError, naming the field, unless each is
@@ -140,7 +146,7 @@ class KVPuller:
             target = pull_target(params)
         except ValueError as err:
             raise KVPullError(f"kv_transfer_params: {err}") from err
-        url, address = target.url, (target.host, target.port)
+        url, address = target.shown, (target.host, target.port)  # url: for messages, the handle cut
         request = request_head("GET", f"/v1/kv/{target.handle}", host=target.authority, body_length=None)
         limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
 
