@@ -146,11 +146,29 @@ class SocketConnection:
 
     @classmethod
     async def open(cls, address: tuple[str, int], *, timeout: float) -> SocketConnection:
-        # resolution and connect in a thread: rare, as connections are reused
-        sock = await asyncio.to_thread(socket.create_connection, address, timeout)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(sock)
+        """Connected to `address` within `timeout` (TimeoutError past it), on the event loop: a connect
+        in a thread (socket.create_connection) could not be cancelled, and each one to a peer that never
+        answers held a thread of the default pool, which tokenizing and chat templates share, for the
+        whole timeout."""
+        loop = asyncio.get_running_loop()
+        failed: OSError | None = None
+        async with asyncio.timeout(timeout):
+            found = await loop.getaddrinfo(*address, type=socket.SOCK_STREAM)
+            for family, kind, proto, _, where in found:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, where)
+                except OSError as err:
+                    sock.close()
+                    failed = err
+                    continue
+                except BaseException:  # cancelled, or the timeout
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return cls(sock)
+        raise failed or OSError(f"no address for {address[0]}")
 
     def usable(self) -> bool:
         """Still open, with nothing unasked for to read (one non-blocking peek)."""
