@@ -355,7 +355,8 @@ class RoleSpec(ApiModel):
     replicas: int = Field(1, ge=1, le=1024)
     """Serving groups; each holds data * tensor ranks."""
     parallelism: Parallelism | None = None
-    """Omit to let the planner suggest one (the smallest EP that fits)."""
+    """Omit to let the planner suggest one (the smallest EP that fits; tensor parallelism alone where the
+    engine cannot run EP there: TGI, vLLM on CPU)."""
     resources: Resources | None = None
     autoscaling: Autoscaling | None = None
     pod: PodTemplateOptions | None = None

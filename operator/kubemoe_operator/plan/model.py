@@ -16,7 +16,10 @@ stable within apiVersion kubemoe.io/v1alpha1 (fields are added, never renamed or
 - memory: deviceGiB, utilization, reserveGiB, denseWeightsGiB, expertWeightsGiB (redundant
   slots included), redundantWeightsGiB (their share of it), weightsGiB, eplbBuffersGiB (vLLM's
   expert load balancing), kvBudgetGiB, kvBytesPerToken, kvTokens, maxModelLen, sequencesAtMaxLen —
-  all per rank.
+  all per rank. kvBudgetGiB is the memory left for KV; kvTokens and sequencesAtMaxLen are what it holds,
+  except on the torch engine, which allocates a fixed KV cache up front, (--max-num-seqs + 1) x
+  (maxModelLen + 1) positions (a note gives its size), and serves at most --max-num-seqs sequences:
+  there they are --max-num-seqs x maxModelLen and --max-num-seqs.
 - pods[]: index, leader, startRank (data-parallel), dataLocal, devices, address (leader's
   address for multi-pod groups), ranks[] {rank, dataRank, tensorRank, device, firstExpert,
   expertCount}, command (argv with vLLM's flag names).
@@ -76,10 +79,13 @@ class MemoryPlan(ApiModel):
     layer's expert slots move through, and the window of per-step expert loads; 0 otherwise. Not
     weights, but taken from the KV budget like them."""
     kv_budget_gib: float = Field(alias="kvBudgetGiB")
+    """The memory left for KV (the torch engine's cache, sized by --max-num-seqs, takes part of it)."""
     kv_bytes_per_token: float
     kv_tokens: int
+    """KV tokens a rank holds: what the budget holds, or the torch engine's max_num_seqs x max_model_len."""
     max_model_len: int
     sequences_at_max_len: float
+    """kv_tokens / max_model_len: on the torch engine its --max-num-seqs."""
 
 
 class HostPlan(ApiModel):

@@ -6,7 +6,14 @@ split by tensor parallelism and its share of the routed experts (whole experts w
 a 1 / (data x tensor) slice of each without: sizing.expert_shards), plus its share of the group's
 redundant expert slots (`spec.experts.redundant`: E / EP + redundant / EP experts per rank) and, on
 vLLM with spec.experts, the buffers of vLLM's expert load balancing (EPLB); what is left of
-`gpuMemoryUtilization` x memory, less a runtime reserve, is the KV cache.
+`gpuMemoryUtilization` x memory, less a runtime reserve, is the KV budget. vLLM, SGLang and TGI fill it
+with their KV cache, and need it to hold one sequence of maxModelLen; the torch engine allocates a fixed
+cache up front, (--max-num-seqs + 1) x (maxModelLen + 1) positions per rank (sizing.TorchKv), and needs
+it to hold all of them.
+
+Where a role leaves its parallelism out the planner suggests the smallest layout that the engine runs
+where the role runs: expert parallelism (data = EP), or tensor parallelism alone for an engine without it
+(TGI) or that cannot run it there (vLLM on cpu: EngineSupport.cpu_parallel).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.api.spec import ModelDeploymentSpec, Parallelism, RoleName, RoleSpec
 from kubemoe_operator.catalog import Catalog, load_catalog, resolve_gpu, resolve_model
-from kubemoe_operator.catalog.facts import GpuFacts, ModelFacts
+from kubemoe_operator.catalog.facts import GIB, GpuFacts, ModelFacts
 from kubemoe_operator.plan.cache import cache_claim_name, cache_path, served_source
 from kubemoe_operator.plan.command import LWS_LEADER_ADDRESS, pod_command
 from kubemoe_operator.plan.host_sizing import host_plan, limit_problems
@@ -50,6 +57,7 @@ from kubemoe_operator.plan.sizing import (
     suggest_parallelism,
     suggest_tensor,
 )
+from kubemoe_operator.plan.torch_kv import headroom_words, size_text, spec_torch_kv, torch_kv_problem
 
 __all__ = [  # with what render/experts.py reads from here (plan/redundant.py's since they moved there)
     "SUGGEST_HEADROOM_SEQUENCES",
@@ -204,6 +212,13 @@ def _shards_label(par: Parallelism) -> str:
     return f"TP{par.tensor}" if par.data == 1 else f"DP{par.data}xTP{par.tensor}"
 
 
+def _expert_layouts(spec: ModelDeploymentSpec, gpu: GpuFacts) -> bool:
+    """Whether the engine runs expert (and data) parallelism where the roles run: not vLLM's CPU build
+    (EngineSupport.cpu_parallel, which api/engines.py `limit_problems` enforces on a given parallelism)."""
+    engine = support(spec.engine.kind)
+    return engine.expert and (engine.cpu_parallel or not gpu.is_cpu)
+
+
 def _plan_role(
     *,
     name: RoleName,
@@ -225,13 +240,16 @@ def _plan_role(
     staging = torch_staging(spec)
 
     engine = support(spec.engine.kind)
+    kv = spec_torch_kv(spec)
+    expert_layouts = _expert_layouts(spec, gpu)
     if device_memory_gib(role=role, gpu=gpu, devices_per_pod=1) is None:
         return None, [_memory_missing(path)]
 
     def suggest(sequences: int = SUGGEST_HEADROOM_SEQUENCES) -> Parallelism | None:
-        """The smallest layout with KV for `sequences` sequences of max_len: tensor parallelism where the
-        engine has no expert parallelism, else EP."""
-        if not engine.expert:
+        """The smallest layout with KV for `sequences` sequences of max_len (the torch engine: with its
+        whole KV cache): tensor parallelism where the engine has no expert parallelism or cannot run it
+        here (`expert_layouts`), else EP."""
+        if not expert_layouts:
             return suggest_tensor(
                 model=model,
                 gpu=gpu,
@@ -252,21 +270,22 @@ def _plan_role(
             eplb=eplb,
             staging=staging,
             sequences=sequences,
+            torch=kv,
         )
 
+    headroom = headroom_words(kv, max_len)
     if par is None:
         par = suggest()
-        if par is None and wanted:
+        if par is None and wanted and expert_layouts:
             return None, [
                 Problem(
                     field=REDUNDANT_FIELD,
                     message=f"no expert-parallel size up to {model.num_routed_experts} that shares {wanted}"
-                    f" redundant expert slots evenly fits {model.name} on {gpu.name} with KV for"
-                    f" {SUGGEST_HEADROOM_SEQUENCES} sequences of {max_len} tokens.",
+                    f" redundant expert slots evenly fits {model.name} on {gpu.name} with {headroom}.",
                     fix=f"lower experts.redundant, or set {path}.parallelism.",
                 )
             ]
-        if par is None and not engine.expert:
+        if par is None and not engine.expert:  # TGI
             return None, [
                 Problem(
                     field=f"{path}.parallelism",
@@ -277,12 +296,23 @@ def _plan_role(
                     f" engine.maxModelLen; or use {engine.instead} (groups over several pods).",
                 )
             ]
+        if par is None and not expert_layouts:  # vLLM on cpu
+            return None, [
+                Problem(
+                    field=f"{path}.parallelism",
+                    message=f"no tensor-parallel size within one pod (accelerator.perPod={per_pod}) fits"
+                    f" {model.name} on {gpu.name} with {headroom}, and engine {spec.engine.kind} on"
+                    " accelerator.type cpu runs no data or expert parallelism (its CPU build has neither).",
+                    fix=f"{_more_memory(path, gpu, role)}, or use a smaller engine.maxModelLen; or use"
+                    " engine.kind torch (expert-parallel groups over several pods on cpu).",
+                )
+            ]
         if par is None:
             return None, [
                 Problem(
                     field=f"{path}.parallelism",
                     message=f"no expert-parallel size up to {model.num_routed_experts} fits {model.name} on "
-                    f"{gpu.name} with KV for {SUGGEST_HEADROOM_SEQUENCES} sequences of {max_len} tokens.",
+                    f"{gpu.name} with {headroom}.",
                     fix=(
                         "set parallelism (tensor > 1 splits the dense weights), "
                         if engine.tensor and not gpu.is_cpu
@@ -321,6 +351,7 @@ def _plan_role(
             redundant=slots,
             eplb=balancing,
             staging=staged,
+            torch=kv,
         )
 
     sizing = size(redundant)
@@ -336,12 +367,14 @@ def _plan_role(
             redundant=redundant,
             fits=most,
             device=gpu.name,
+            kv_short=sizing.kv_short() if kv is not None else None,
         )
         return None, [too_big]
     if mem.eplb_buffers_gib and not fits(size(0), max_len) and fits(size(0, balancing=False), max_len):
         return None, [eplb_too_big(size(0).memory, role=name, max_len=max_len)]
     if staging and not fits(size(0), max_len) and fits(size(0, staged=False), max_len):
-        return None, [staging_too_big(size(0).memory, role=name, max_len=max_len)]
+        short = size(0).kv_short() if kv is not None else None
+        return None, [staging_too_big(size(0).memory, role=name, max_len=max_len, kv_short=short)]
     usable = mem.device_gib * utilization - mem.reserve_gib
     shards = _shards_label(par)
     device = (
@@ -352,12 +385,20 @@ def _plan_role(
 
     def hint() -> str:
         """The layout to move to: the smallest that passes the check this one failed (`fits`: the weights
-        and KV for one sequence of maxModelLen), not the headroom a role without parallelism is given."""
+        and KV for one sequence of maxModelLen, or the torch engine's whole KV cache), not the headroom a
+        role without parallelism is given; only layouts the engine runs here (`expert_layouts`)."""
         better = suggest(sequences=1)
-        if better is not None and engine.expert and better.expert_size > par.expert_size:
+        if better is not None and expert_layouts and better.expert_size > par.expert_size:
             return f"set parallelism {{tensor: 1, data: {better.data}}} (EP{better.expert_size})"
-        if better is not None and not engine.expert and better.tensor > par.tensor:
-            return f"set parallelism {{tensor: {better.tensor}}}"
+        if better is not None and not expert_layouts and better.tensor > par.tensor:
+            # expert: 1 spelled out where the engine has expert parallelism (vLLM: else data x tensor)
+            return (
+                f"set parallelism {{tensor: {better.tensor}, data: 1, expert: 1}}"
+                if engine.expert
+                else f"set parallelism {{tensor: {better.tensor}}}"
+            )
+        if engine.expert and not expert_layouts:  # vLLM on cpu: more tensor ranks split the same pod's memory
+            return "use engine.kind torch (expert-parallel groups over several pods on cpu)"
         sizes = " or ".join(what for what, has in (("data", engine.data), ("tensor", engine.tensor)) if has)
         return f"spread the model over more ranks ({sizes})"
 
@@ -373,6 +414,18 @@ def _plan_role(
                 fix=f"{_more_memory(path, gpu, role)}, or {hint()}."
                 if gpu.is_cpu
                 else f"{hint()}, or use a larger accelerator.",
+            )
+        )
+    elif kv is not None and not fits(sizing, max_len):
+        problems.append(
+            torch_kv_problem(
+                sizing,
+                kv=kv,
+                name=name,
+                device=device,
+                devices_per_pod=devices_per_pod,
+                hint=hint(),
+                more=_more_memory(path, gpu, role),
             )
         )
     elif mem.kv_tokens < max_len:
@@ -492,11 +545,29 @@ def plan(spec: ModelDeploymentSpec, *, model_facts: ModelFacts, gpu_facts: GpuFa
     if problems:
         raise ManifestError(problems)
     notes = []
+    kv = spec_torch_kv(spec)
+    headroom = headroom_words(kv, max_len)
     for r in roles:
-        if r.suggested:
+        if r.suggested and _expert_layouts(spec, gpu_facts):
             notes.append(
-                f"{r.role}: parallelism suggested (smallest EP with KV for {SUGGEST_HEADROOM_SEQUENCES} "
-                f"sequences of {max_len} tokens): data={r.data}, EP{r.expert}."
+                f"{r.role}: parallelism suggested (smallest EP with {headroom}): data={r.data}, EP{r.expert}."
+            )
+        elif r.suggested:
+            why = (
+                "runs neither on accelerator.type cpu" if support(spec.engine.kind).expert else "has neither"
+            )
+            notes.append(
+                f"{r.role}: parallelism suggested (smallest tensor-parallel size within one pod with"
+                f" {headroom}): tensor={r.tensor}, no data or expert parallelism (engine {spec.engine.kind}"
+                f" {why})."
+            )
+        if kv is not None:
+            cache = kv.positions(max_len) * r.memory.kv_bytes_per_token / GIB
+            notes.append(
+                f"{r.role}: the torch engine allocates each rank's KV cache up front, {kv.shape(max_len)}"
+                f" ({kv.flag()}): {size_text(cache)} of the {size_text(r.memory.kv_budget_gib)} KV budget;"
+                f" a rank serves at most {kv.max_num_seqs} sequences at once (--max-num-seqs in"
+                " engine.extraArgs sets it)."
             )
         if spec.experts is not None and spec.experts.redundant and not r.expert_parallel:
             notes.append(f"{r.role}: no expert parallelism, so experts.redundant does not apply.")

@@ -106,15 +106,24 @@ def redundant_problem(
 
 
 def redundant_too_big(
-    mem: MemoryPlan, *, weights_fit: bool, role: RoleName, ep: int, redundant: int, fits: int, device: str
+    mem: MemoryPlan,
+    *,
+    weights_fit: bool,
+    role: RoleName,
+    ep: int,
+    redundant: int,
+    fits: int,
+    device: str,
+    kv_short: str | None = None,
 ) -> Problem:
-    """The problem when the model fits a role's ranks without its redundant slots but not with them."""
+    """The problem when the model fits a role's ranks without its redundant slots but not with them;
+    `kv_short`: what the KV budget falls short of (sizing.Sizing.kv_short), where not one sequence."""
     usable = mem.device_gib * mem.utilization - mem.reserve_gib
-    short = (
-        f"leave KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={mem.max_model_len}"
-        if weights_fit
-        else f"pass the {usable:.1f} GiB {device} leaves"
+    kv = (
+        kv_short
+        or f"KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={mem.max_model_len}"
     )
+    short = f"leave {kv}" if weights_fit else f"pass the {usable:.1f} GiB {device} leaves"
     buffers = f" (and {mem.eplb_buffers_gib:.2f} GiB of vLLM's EPLB buffers)" if mem.eplb_buffers_gib else ""
     return Problem(
         field=REDUNDANT_FIELD,
@@ -136,12 +145,13 @@ def eplb_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int) -> Problem:
     )
 
 
-def staging_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int) -> Problem:
+def staging_too_big(mem: MemoryPlan, *, role: RoleName, max_len: int, kv_short: str | None = None) -> Problem:
     """The problem when a torch-engine role fits without its staging reserve, but not with it (`mem`: its
-    memory with the reserve)."""
+    memory with the reserve; `kv_short`: what its KV budget falls short of, sizing.Sizing.kv_short)."""
     usable = mem.device_gib * mem.utilization - mem.reserve_gib
+    kv = kv_short or f"KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={max_len}"
     short = (
-        f"leaves KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={max_len}"
+        f"leaves {kv}"
         if mem.weights_gib < usable
         else f"leaves {usable:.1f} GiB for {mem.weights_gib:.1f} GiB of weights"
     )

@@ -1,6 +1,11 @@
 """One rank's memory (dense weights, its share of the routed experts and of the redundant slots, vLLM's
 EPLB buffers, the torch engine's rebalance staging, and the KV cache in what is left), and the smallest
-layouts that fit, which the planner suggests where a role leaves its parallelism out."""
+layouts that fit, which the planner suggests where a role leaves its parallelism out.
+
+vLLM, SGLang and TGI size their KV cache from the memory left (the budget), so a layout fits when the
+budget holds one sequence of maxModelLen. The torch engine allocates a fixed KV cache up front instead,
+(--max-num-seqs + 1) x (--max-model-len + 1) positions per rank (the runtime's kv_budget.kv_cache_bytes),
+so a layout fits it only when the budget holds all of those (`TorchKv`)."""
 
 from __future__ import annotations
 
@@ -15,8 +20,58 @@ from kubemoe_operator.catalog.facts import DTYPE_BYTES, GIB, GpuFacts, ModelFact
 from kubemoe_operator.plan.model import MemoryPlan
 from kubemoe_operator.plan.redundant import eplb_buffers_gib, redundant_problem, torch_staging_gib
 
-# A suggested layout must leave KV for at least this many maximum-length sequences per rank.
+# A suggested layout must leave KV for at least this many maximum-length sequences per rank (not on the
+# torch engine, whose KV cache is the fixed one it allocates: TorchKv).
 SUGGEST_HEADROOM_SEQUENCES = 4
+
+TORCH_MAX_NUM_SEQS = 16
+"""The runtime's default --max-num-seqs (runtime/kubemoe_runtime/pod/settings.py): the KV-cache slots, one
+sequence each, a torch-engine rank allocates; plan/command.py passes none, engine.extraArgs may."""
+TORCH_MAX_NUM_SEQS_FLAG = "max-num-seqs"
+TORCH_MAX_NUM_SEQS_SHORTEST = len("max-num-s")
+"""The runtime's argparse takes a unique prefix of a flag: from `--max-num-s` on (`--max-num-` is shared with
+--max-num-batched-tokens)."""
+
+
+@dataclass(frozen=True)
+class TorchKv:
+    """The torch engine's KV cache: each rank allocates it up front, whatever memory is left,
+    (max_num_seqs + 1) slots x (maxModelLen + 1) positions (one spare slot for dummy rows, one spare
+    position for padding: the runtime's kv_budget.kv_cache_bytes), and serves at most max_num_seqs
+    sequences at once."""
+
+    max_num_seqs: int = TORCH_MAX_NUM_SEQS
+    given: bool = False
+    """Whether engine.extraArgs set --max-num-seqs (else the runtime's default)."""
+
+    def positions(self, max_len: int) -> int:
+        return (self.max_num_seqs + 1) * (max_len + 1)
+
+    def flag(self) -> str:
+        """`--max-num-seqs N` and where N comes from, for the plan's text."""
+        where = "from engine.extraArgs" if self.given else "the runtime's default"
+        return f"--max-num-seqs {self.max_num_seqs}, {where}"
+
+    def shape(self, max_len: int) -> str:
+        return f"({self.max_num_seqs} + 1) x ({max_len} + 1) positions"
+
+
+def torch_kv(extra_args: Sequence[str]) -> TorchKv:
+    """The torch engine's KV slots: extraArgs' --max-num-seqs (`--max-num-seqs N`, `--max-num-seqs=N`, or a
+    prefix of it the runtime's argparse takes; the last one wins), else the runtime's default. A value the
+    runtime would refuse (not a positive integer) stops the pod as it starts, so it sizes nothing here."""
+    args, value = list(extra_args), None
+    for i, arg in enumerate(args):
+        name = normalised(arg)
+        if (
+            arg.startswith("--")
+            and len(name) >= TORCH_MAX_NUM_SEQS_SHORTEST
+            and TORCH_MAX_NUM_SEQS_FLAG.startswith(name)
+        ):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+    if value is not None and value.strip().isdigit() and int(value) >= 1:
+        return TorchKv(max_num_seqs=int(value), given=True)
+    return TorchKv()
 
 
 @dataclass(frozen=True)
@@ -24,7 +79,28 @@ class Sizing:
     memory: MemoryPlan
     weights_fit: bool
     longest: int = 0
-    """The longest one sequence the KV budget holds (the maxModelLen to suggest)."""
+    """The longest maxModelLen the KV budget holds (the one to suggest): one sequence of it, or on the torch
+    engine the whole cache it allocates (`TorchKv`) at that length."""
+    budget_tokens: int = 0
+    """Tokens the KV budget holds (memory.kv_tokens, but on the torch engine: its sequences' tokens)."""
+    torch: TorchKv | None = None
+    """The torch engine's up-front KV cache; None for the engines that size theirs from the budget."""
+
+    def kv_cache_gib(self) -> float:
+        """The KV cache the torch engine allocates per rank, in GiB (0 for the other engines)."""
+        if self.torch is None:
+            return 0.0
+        return self.torch.positions(self.memory.max_model_len) * self.memory.kv_bytes_per_token / GIB
+
+    def kv_short(self) -> str:
+        """What the KV budget falls short of, for the problems (`... leaves KV for ...`)."""
+        mem = self.memory
+        if self.torch is None:
+            return f"KV for {mem.kv_tokens} tokens, less than one sequence of maxModelLen={mem.max_model_len}"
+        return (
+            f"{mem.kv_budget_gib:.2f} GiB for KV, less than the {self.kv_cache_gib():.2f} GiB KV cache the"
+            f" torch engine allocates up front ({self.torch.shape(mem.max_model_len)}; {self.torch.flag()})"
+        )
 
 
 def divisors(n: int) -> list[int]:
@@ -141,11 +217,14 @@ def size_rank(
     redundant: int = 0,
     eplb: bool = False,
     staging: bool = False,
+    torch: TorchKv | None = None,
 ) -> Sizing:
     """One rank's memory; `redundant` expert slots per group add redundant / EP experts to each rank,
     `eplb` (vLLM's expert load balancing) its buffers, and `staging` (the torch engine's live rebalances)
     its staging reserve (redundant.py `torch_staging_gib`: counted in the reserve), on an expert-parallel
-    rank."""
+    rank. With `torch` (the torch engine's KV cache) kv_tokens and sequences_at_max_len are the cache's:
+    max_num_seqs sequences of maxModelLen, which it serves at most, whatever the budget; kv_budget_gib is
+    the memory left for KV either way."""
     tp, ep = par.tensor, par.expert_size
     shards = expert_shards(par)
     # every rank holds all the routers; the rest of the dense weights is split over the tensor ranks
@@ -159,6 +238,12 @@ def size_rank(
     budget = max(0.0, usable - dense - experts - buffers)
     per_token = model.kv_bytes_per_token(tensor=tp, max_len=max_len)
     tokens = int(budget * GIB // per_token)
+    if torch is None:
+        kv_tokens, sequences = tokens, round(tokens / max_len, 2)
+        longest = model.longest_sequence(budget * GIB, tensor=tp)
+    else:  # every layer keeps every token on the torch engine (engine_kv), so per_token is constant
+        kv_tokens, sequences = torch.max_num_seqs * max_len, float(torch.max_num_seqs)
+        longest = tokens // (torch.max_num_seqs + 1) - 1
     memory = MemoryPlan(
         device_gib=round(device_gib, 2),
         utilization=utilization,
@@ -170,16 +255,24 @@ def size_rank(
         eplb_buffers_gib=round(buffers, 4),
         kv_budget_gib=round(budget, 4),
         kv_bytes_per_token=per_token,
-        kv_tokens=tokens,
+        kv_tokens=kv_tokens,
         max_model_len=max_len,
-        sequences_at_max_len=round(tokens / max_len, 2),
+        sequences_at_max_len=sequences,
     )
-    longest = model.longest_sequence(budget * GIB, tensor=tp)
-    return Sizing(memory=memory, weights_fit=dense + experts + buffers < usable, longest=longest)
+    return Sizing(
+        memory=memory,
+        weights_fit=dense + experts + buffers < usable,
+        longest=longest,
+        budget_tokens=tokens,
+        torch=torch,
+    )
 
 
-def fits(sizing: Sizing, max_len: int) -> bool:
-    return sizing.weights_fit and sizing.memory.kv_tokens >= max_len
+def fits(sizing: Sizing, max_len: int, sequences: int = 1) -> bool:
+    """Whether the weights fit with KV for `sequences` sequences of `max_len` (the length `sizing` was sized
+    for), or, on the torch engine, with the whole KV cache it allocates (more sequences would go unused)."""
+    need = sizing.torch.positions(max_len) if sizing.torch is not None else sequences * max_len
+    return sizing.weights_fit and sizing.budget_tokens >= need
 
 
 def layout_ok(ranks: int, per_pod: int) -> bool:
@@ -199,9 +292,11 @@ def _headroom(
     eplb: bool = False,
     staging: bool = False,
     sequences: int = SUGGEST_HEADROOM_SEQUENCES,
+    torch: TorchKv | None = None,
 ) -> bool | None:
     """Whether `par` holds the weights with KV for `sequences` sequences of `max_len` (the suggestions'
-    test; 1 is the planner's own `fits`); None when the role's device memory is unknown."""
+    test; 1 is the planner's own `fits`), or with the torch engine's KV cache (`torch`); None when the
+    role's device memory is unknown."""
     device = device_memory_gib(role=role, gpu=gpu, devices_per_pod=devices_per_pod)
     if device is None:
         return None
@@ -215,8 +310,9 @@ def _headroom(
         redundant=redundant,
         eplb=eplb,
         staging=staging,
+        torch=torch,
     )
-    return sizing.weights_fit and sizing.memory.kv_tokens >= sequences * max_len
+    return fits(sizing, max_len, sequences)
 
 
 def suggest_parallelism(
@@ -231,12 +327,14 @@ def suggest_parallelism(
     eplb: bool = False,
     staging: bool = False,
     sequences: int = SUGGEST_HEADROOM_SEQUENCES,
+    torch: TorchKv | None = None,
 ) -> Parallelism | None:
     """The smallest EP (tensor 1, data = EP) that fits with KV for `sequences` sequences of `max_len`
     (SUGGEST_HEADROOM_SEQUENCES for a role without parallelism; 1, the planner's `fits`, for the fix of a
-    layout that does not fit), and whose ranks share `redundant` expert slots evenly (EP 1 has no expert
-    parallelism, so no redundant slots), with vLLM's EPLB buffers when `eplb` and the torch engine's
-    staging reserve when `staging`."""
+    layout that does not fit), or with the torch engine's whole KV cache (`torch`), and whose ranks share
+    `redundant` expert slots evenly (EP 1 has no expert parallelism, so no redundant slots), with vLLM's
+    EPLB buffers when `eplb` and the torch engine's staging reserve when `staging`. Only for an engine
+    that runs expert parallelism where the role runs (not vLLM on cpu: the planner asks `suggest_tensor`)."""
     for ep in divisors(model.num_routed_experts):
         if ep > MAX_DATA_PARALLEL:
             break
@@ -248,7 +346,7 @@ def suggest_parallelism(
         room = _headroom(
             model=model, gpu=gpu, role=role, par=par, devices_per_pod=min(per_pod, ep),
             utilization=utilization, max_len=max_len, redundant=redundant, eplb=eplb, staging=staging,
-            sequences=sequences,
+            sequences=sequences, torch=torch,
         )  # fmt: skip
         if room is None:
             return None
@@ -267,8 +365,10 @@ def suggest_tensor(
     max_len: int,
     sequences: int = SUGGEST_HEADROOM_SEQUENCES,
 ) -> Parallelism | None:
-    """For engines without expert parallelism (tgi): the smallest tensor-parallel size within one pod
-    (dividing the attention heads) that fits with KV for `sequences` sequences of `max_len`."""
+    """For engines without expert parallelism (tgi), or that cannot run it where the role runs (vLLM on cpu:
+    EngineSupport.cpu_parallel): the smallest tensor-parallel size within one pod (dividing the attention
+    heads) that fits with KV for `sequences` sequences of `max_len`, without data or expert parallelism
+    (expert 1: experts sharded by tensor parallelism)."""
     for tp in divisors(model.num_attention_heads):
         if tp > per_pod:
             break

@@ -16,7 +16,9 @@ from kubemoe_operator.plan.planner import plan_manifest
 from tests.operator.helpers import BASE, REPO, manifest
 
 FIELD = "spec.experts.redundant"
-TORCH = {"kind": "torch", "maxModelLen": 8192}
+# --max-num-seqs 4: the KV cache the torch engine allocates up front, (4 + 1) x (8192 + 1) positions a rank
+# (sizing.TorchKv), fits BASE's ranks beside the staging reserve of its rebalances (16, the default, not)
+TORCH = {"kind": "torch", "maxModelLen": 8192, "extraArgs": ["--max-num-seqs", "4"]}
 
 
 def planned_torch(**spec: object) -> Plan:

@@ -5,6 +5,7 @@ that fits without that reserve but not with it refused naming spec.experts."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.plan.redundant import TORCH_STAGING_SHARE
 from tests.operator.helpers import BASE, manifest
 
-TORCH = {"kind": "torch", "maxModelLen": 8192}
+# --max-num-seqs 4: the KV cache the torch engine allocates up front, (4 + 1) x (8192 + 1) positions a rank
+# (sizing.TorchKv), fits BASE's ranks beside the staging reserve of its rebalances (16, the default, not)
+TORCH = {"kind": "torch", "maxModelLen": 8192, "extraArgs": ["--max-num-seqs", "4"]}
 
 
 def planned_torch(**spec: Any) -> Plan:
@@ -59,15 +62,29 @@ def test_no_reserve_without_rebalancing_nor_on_vllm_nor_without_expert_paralleli
     assert one_rank.role("decode").memory.reserve_gib > gpu_reserve
 
 
+def torch_longest(**spec: Any) -> int:
+    """The longest maxModelLen whose torch KV cache, (4 + 1) x (maxModelLen + 1) positions a rank, fits every
+    role of planned_torch(**spec): read off the refusal of a longer one, whose fix names it per role."""
+    huge = 1 << 20
+    model = {**BASE["spec"]["model"], "config": {"maxPositionEmbeddings": huge}}
+    with pytest.raises(ManifestError) as err:
+        planned_torch(engine={"maxModelLen": huge}, model=model, **spec)
+    fixes = [re.search(r"set engine\.maxModelLen <= (\d+)", p.fix) for p in err.value.problems]
+    return min(int(m.group(1)) for m in fixes if m is not None)
+
+
 def test_a_layout_that_fits_only_without_the_reserve_is_refused_naming_spec_experts() -> None:
-    plain = planned_torch()
-    tightest = min(r.memory.kv_tokens for r in plain.roles)  # fits without the reserve, exactly
-    model = {**BASE["spec"]["model"], "config": {"maxPositionEmbeddings": tightest}}
+    tightest = torch_longest()  # fits without the reserve, exactly
+    model = {**BASE["spec"]["model"], "config": {"maxPositionEmbeddings": tightest + 1}}
     planned_torch(engine={"maxModelLen": tightest}, model=model)
+    with pytest.raises(ManifestError):  # one position more does not: the cache is sized exactly
+        planned_torch(engine={"maxModelLen": tightest + 1}, model=model)
     with pytest.raises(ManifestError) as err:
         planned_torch(engine={"maxModelLen": tightest}, model=model, experts={})
     (problem,) = err.value.problems
     assert problem.field == "spec.experts"
     assert "the torch engine stages a new placement's experts beside the running ones" in problem.message
-    assert f"less than one sequence of maxModelLen={tightest}" in problem.message
+    # what the reserve leaves too little for: the KV cache the torch engine allocates up front
+    assert f"the torch engine allocates up front ((4 + 1) x ({tightest} + 1) positions" in problem.message
+    assert "--max-num-seqs 4, from engine.extraArgs" in problem.message
     assert "remove experts" in problem.fix

@@ -15,9 +15,12 @@ from kubemoe_operator.api.resource import ModelDeployment
 from kubemoe_operator.plan.model import Plan
 from kubemoe_operator.plan.planner import plan_manifest
 from tests.operator.helpers import BASE, REPO, manifest
+from tests.operator.plan.test_torch_staging import torch_longest
 
 GIB = 1024**3
-TORCH = {"kind": "torch", "maxModelLen": 8192}
+# --max-num-seqs 4: the KV cache the torch engine allocates up front, (4 + 1) x (8192 + 1) positions a rank
+# (sizing.TorchKv), fits BASE's ranks beside the staging reserve of its rebalances (16, the default, not)
+TORCH = {"kind": "torch", "maxModelLen": 8192, "extraArgs": ["--max-num-seqs", "4"]}
 
 
 def planned_torch(**spec: object) -> Plan:
@@ -106,9 +109,13 @@ def test_buffers_that_leave_no_sequence_of_kv_are_refused_naming_spec_experts() 
     assert "vLLM's expert load balancing (EPLB)" in problem.message
     assert f"less than one sequence of maxModelLen={tightest}" in problem.message
     assert "remove experts" in problem.fix
-    # torch has no such buffers, but stages its rebalances' experts, refused likewise (test_torch_staging.py)
+    # torch has no such buffers, but stages its rebalances' experts, refused likewise (test_torch_staging.py),
+    # at the longest maxModelLen its KV cache, allocated up front, fits without them
+    longest = torch_longest()
+    model = {**BASE["spec"]["model"], "config": {"maxPositionEmbeddings": longest}}
+    planned_torch(engine={"maxModelLen": longest}, model=model)
     with pytest.raises(ManifestError) as err:
-        planned_torch(engine={"maxModelLen": tightest}, experts={}, model=model)
+        planned_torch(engine={"maxModelLen": longest}, experts={}, model=model)
     (problem,) = err.value.problems
     assert problem.field == "spec.experts"
     assert "the torch engine stages" in problem.message
