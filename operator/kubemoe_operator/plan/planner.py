@@ -18,6 +18,7 @@ where the role runs: expert parallelism (data = EP), or tensor parallelism alone
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from kubemoe_operator.api.engines import expert_default, support
@@ -194,6 +195,12 @@ def _memory_missing(path: str) -> Problem:
     )
 
 
+VLLM_CPU_PROCESS_GIB = 1.0
+"""vLLM's CPU build allocates its KV cache by VLLM_CPU_KVCACHE_SPACE (render/engines.py sets it to the
+plan's budget), besides what its process takes (torch's and vLLM's libraries, the scheduler: about a
+GiB resident), which the cpu reserve (sized for the torch runtime) does not count."""
+
+
 def _more_memory(path: str, gpu: GpuFacts, role: RoleSpec) -> str:
     """The fix for too little memory per rank: on cpu, the pod's memory request (the planner's only
     measure of a rank's memory); else a larger accelerator."""
@@ -242,6 +249,8 @@ def _plan_role(
     engine = support(spec.engine.kind)
     kv = spec_torch_kv(spec)
     expert_layouts = _expert_layouts(spec, gpu)
+    if spec.engine.kind == "vllm" and gpu.is_cpu:  # its process, besides the KV cache it is told to take
+        gpu = dataclasses.replace(gpu, reserve_gib=gpu.reserve_gib + VLLM_CPU_PROCESS_GIB)
     if device_memory_gib(role=role, gpu=gpu, devices_per_pod=1) is None:
         return None, [_memory_missing(path)]
 
@@ -438,6 +447,17 @@ def _plan_role(
                 fix=f"set engine.maxModelLen <= {sizing.longest} to keep this layout, or {hint()}."
                 if sizing.longest >= 1
                 else f"{hint()}.",
+            )
+        )
+    elif spec.engine.kind == "vllm" and gpu.is_cpu and mem.kv_budget_gib < 1:
+        # vLLM's CPU build takes its KV cache from VLLM_CPU_KVCACHE_SPACE, in whole GiB (render/engines.py
+        # sets it to the budget): under one GiB it would still allocate one, past the pod's memory
+        problems.append(
+            Problem(
+                field=f"{path}.resources.requests.memory",
+                message=f"vLLM's CPU build allocates its KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE, at"
+                f" least 1 per rank); the {name} KV budget is {mem.kv_budget_gib:.2f} GiB per rank.",
+                fix=f"{_more_memory(path, gpu, role)}, or use engine.kind torch.",
             )
         )
     if problems:

@@ -19,14 +19,17 @@ an HPA adds are routed as they become ready.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 from kubemoe_operator.api.labels import LABEL_DEPLOYMENT, LABEL_LEADER, LABEL_ROLE
 from kubemoe_operator.plan.command import LWS_WORKER_INDEX, PORT, SGLANG_BOOTSTRAP_PORT
-from kubemoe_operator.plan.model import Plan, PodPlan
+from kubemoe_operator.plan.model import Plan, PodPlan, RolePlan
 from kubemoe_operator.render.image_user import HF_HOME
 from kubemoe_operator.render.names import Owner, metadata, router_name
 from kubemoe_operator.render.probes import TIMEOUT_S, engine_probes
+
+VLLM_CPU_KV_ENV: Final = "VLLM_CPU_KVCACHE_SPACE"
 
 OWN_SERVER_ENGINES: Final = ("sglang", "tgi")
 """Engines whose container is their own server, not the kubemoe runtime."""
@@ -60,6 +63,16 @@ def any_sglang_worker(pod: PodPlan) -> PodPlan:
     argv = list(pod.command)
     argv[argv.index("--node-rank") + 1] = LWS_WORKER_INDEX
     return pod.model_copy(update={"command": argv})
+
+
+def vllm_cpu_kv_env(plan: Plan, role: RolePlan) -> list[dict[str, Any]]:
+    """vLLM's CPU build sizes each engine's KV cache by VLLM_CPU_KVCACHE_SPACE (GiB), not by the memory it
+    is given (the CPU image sets 4 GiB, whatever the pod has): the plan's KV budget of the role's ranks,
+    in whole GiB (planner.py refuses one under a GiB)."""
+    if plan.engine != "vllm" or plan.resource is not None:
+        return []
+    gib = max(1, math.floor(role.memory.kv_budget_gib))
+    return [{"name": VLLM_CPU_KV_ENV, "value": str(gib)}]
 
 
 def engine_env(plan: Plan) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from kubemoe_operator.render.engines import (
     own_server,
     sglang_router,
     sglang_router_probes,
+    vllm_cpu_kv_env,
 )
 from kubemoe_operator.render.expansion import container_argv
 from kubemoe_operator.render.experts import expert_args, expert_volumes, with_expert_args
@@ -97,6 +98,7 @@ def pod_template(*, ctx: PodContext, role: RolePlan, pod: PodPlan) -> dict[str, 
         *kv_transfer_env(ctx.plan),
         *hash_seed_env(ctx.spec, role.role),
         *kv_key_env(ctx.owner, ctx.plan),
+        *vllm_cpu_kv_env(ctx.plan, role),
         *(drain_env() if draining else []),
         *env,
     ]

@@ -32,7 +32,7 @@ def on_cpu(engine: str, **engine_fields: str) -> Plan:
     spec["roles"] = {
         "worker": {
             "parallelism": {"tensor": 1, "data": 1, "expert": 1},
-            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+            "resources": {"requests": {"cpu": "1", "memory": "4Gi"}},
         }
     }
     return plan_manifest(parse_manifest(data))

@@ -119,7 +119,7 @@ def test_vllm_on_cpu_that_nothing_fits_is_refused_without_proposing_data_or_ep()
 # -- the fixes of a given layout that does not fit -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("memory", "field"), [("64Gi", "spec.engine.maxModelLen"), ("50Gi", None)])
+@pytest.mark.parametrize(("memory", "field"), [("66Gi", "spec.engine.maxModelLen"), ("50Gi", None)])
 @pytest.mark.parametrize("per_pod", [1, 4])
 def test_vllm_on_cpu_hints_propose_no_data_or_ep(memory: str, field: str | None, per_pod: int) -> None:
     data = spec(memory=memory, per_pod=per_pod, parallelism={"tensor": 1, "data": 1})
@@ -155,3 +155,48 @@ def test_vllm_on_gpus_is_still_suggested_expert_parallelism() -> None:
     given["spec"]["roles"]["worker"]["parallelism"] = {"tensor": 1, "data": 1}
     (problem,) = refused(given)
     assert problem.fix.startswith("set parallelism {tensor: 1, data: 2} (EP2)")  # one sequence: EP2 fits
+
+
+# -- vLLM's CPU KV cache ---------------------------------------------------------------------------------
+
+
+def _env(data: dict[str, Any]) -> dict[str, str]:
+    md = parse_manifest(data)
+    objs = render(
+        spec=md.spec, plan=planned(data), owner=Owner(name="qwen-cpu", namespace="ns", uid="u"), image="i"
+    )
+    (engine,) = [c for t in pod_templates(objs) for c in t["spec"]["containers"] if c["name"] == "engine"]
+    return {e["name"]: e.get("value", "") for e in engine["env"]}
+
+
+def test_vllm_on_cpu_gets_the_plans_kv_budget_not_the_images_4_gib() -> None:
+    """vLLM's CPU build sizes its KV cache by VLLM_CPU_KVCACHE_SPACE alone (the CPU image sets 4 GiB,
+    whatever the pod's memory): before, the plan's budget and what vLLM allocated disagreed (a 2Gi pod got
+    4 GiB of KV and ran out of memory; an 80Gi one was planned 14.9 GiB of KV and got 4)."""
+    given = spec(parallelism={"tensor": 1})
+    (role,) = planned(given).roles
+    env = _env(given)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == str(int(role.memory.kv_budget_gib))
+    assert int(env["VLLM_CPU_KVCACHE_SPACE"]) > 4
+    torch = spec(kind="torch", memory="160Gi", parallelism={"tensor": 1})
+    torch["spec"]["engine"]["maxModelLen"] = 4096
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(torch)  # the torch engine sizes its own
+
+
+def test_vllm_on_cpu_with_under_a_gib_of_kv_budget_is_refused() -> None:
+    """VLLM_CPU_KVCACHE_SPACE is whole GiB, at least 1: a budget under a GiB (that still holds one
+    sequence of a short maxModelLen) would get a GiB, past the pod's memory."""
+
+    def short(memory: str) -> dict[str, Any]:
+        data = spec(memory=memory, parallelism={"tensor": 1})
+        data["spec"]["engine"]["maxModelLen"] = 2048
+        return data
+
+    roomy = planned(short("80Gi")).roles[0].memory
+    # the budget moves by the utilisation per GiB of the request: the request that leaves 0.6 GiB
+    mib = round((80 - (roomy.kv_budget_gib - 0.6) / roomy.utilization) * 1024)
+    (problem,) = refused(short(f"{mib}Mi"))
+    assert problem.field == "spec.roles.worker.resources.requests.memory"
+    assert "whole GiB" in problem.message
+    assert "0.6" in problem.message
+    assert planned(short(f"{mib + 1024}Mi")).roles[0].memory.kv_budget_gib >= 1

@@ -237,5 +237,7 @@ def test_vllm_keeps_sizing_its_kv_from_the_budget() -> None:
     plan = planned(one_rank(kind="vllm"))  # the same pod on vLLM's CPU build: one sequence fits
     mem = plan.role("worker").memory
     assert mem.kv_tokens == pytest.approx(mem.kv_budget_gib * GIB / mem.kv_bytes_per_token, abs=2)
-    assert mem.sequences_at_max_len == pytest.approx(3.97, abs=0.01)
+    assert mem.sequences_at_max_len == pytest.approx(
+        3.7, abs=0.01
+    )  # past vLLM's process (VLLM_CPU_PROCESS_GIB)
     assert not any("KV cache up front" in n for n in plan.notes)
