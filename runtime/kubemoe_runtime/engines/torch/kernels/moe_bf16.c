@@ -22,7 +22,10 @@
  *                                        old and new library called in turn, seven runs: 1 token a median
  *                                        0.50 -> 0.45 ms a layer, 2 tokens 0.97 -> 0.83, 16 tokens 3.4 ->
  *                                        3.2; 64 tokens unchanged, 5.4, where vdpbf16ps is 1.4x the widened
- *                                        form). The AMX library keeps vdpbf16ps there: not measured on AMX
+ *                                        form). The AMX library keeps vdpbf16ps there: on an AMX Xeon (the
+ *                                        same A/B, nine runs) the widened form took 1.04-1.10x as long on
+ *                                        the MoE layer at 1 to 16 tokens (dense products of 2 rows: 0.8x,
+ *                                        1 row the same; not split out)
  *   -mavx2 -mfma        (moe_bf16_avx2)  16 bf16 a step widened to float in registers: a bf16 is the high
  *                                        half of a float, so a 32-bit lane's low element shifted left 16
  *                                        is one float (the even elements) and the lane masked to its high
