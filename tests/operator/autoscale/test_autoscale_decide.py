@@ -115,10 +115,10 @@ def test_after_a_gap_in_evaluations_one_reading_does_not_scale() -> None:
     a "full window" alone. Steady at 4 until t=700, then one idle reading at t=1900."""
     memory = RoleMemory()
     pol = policy(down=300)
-    steady = {"queue-depth": 4.0, "kv-cache-usage": 0.8}
+    steady: dict[MetricType, float | None] = {"queue-depth": 4.0, "kv-cache-usage": 0.8}
     for t in range(0, 701, 15):
         assert memory.decide(current=4, ready=4, samples=steady, policy=pol, now=t, max_gap=30).desired == 4
-    idle = {"queue-depth": 0.0, "kv-cache-usage": 0.1}
+    idle: dict[MetricType, float | None] = {"queue-depth": 0.0, "kv-cache-usage": 0.1}
     decision = memory.decide(current=4, ready=4, samples=idle, policy=pol, now=1900, max_gap=30)
     assert decision.desired == 4
     assert "readings for 0 of the 300 s scale-down window" in decision.reason

@@ -135,7 +135,7 @@ async def test_a_deleted_deployments_series_leave_the_operators_metrics() -> Non
     # the operator's /metrics after it was deleted (only the gauges were removed).
     kube = ClusterKube()
     kube.add(tiny_moe(**QUEUE_SCALED))
-    with load_pages([2.0], deployment="tiny-moe") as urls:
+    with load_pages([2], deployment="tiny-moe") as urls:
 
         async def targets(_: RoleSelector) -> list[str]:
             return urls
