@@ -6,8 +6,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kubemoe_operator.api.manifest import parse_manifest
+from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.api.resource import ModelDeployment
+from kubemoe_operator.plan.model import Plan
+from kubemoe_operator.plan.planner import plan_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -47,3 +52,15 @@ def pod_templates(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             lwt = obj["spec"]["leaderWorkerTemplate"]
             out += [lwt["leaderTemplate"], lwt["workerTemplate"]]
     return out
+
+
+def planned(data: dict[str, Any]) -> Plan:
+    """The plan of manifest `data` (a dict as kubectl would send it)."""
+    return plan_manifest(parse_manifest(data))
+
+
+def refused(data: dict[str, Any]) -> list[Problem]:
+    """The problems planning manifest `data` is refused with (it must be)."""
+    with pytest.raises(ManifestError) as err:
+        planned(data)
+    return err.value.problems

@@ -60,15 +60,7 @@ def torch_kv(extra_args: Sequence[str]) -> TorchKv:
     """The torch engine's KV slots: extraArgs' --max-num-seqs (`--max-num-seqs N`, `--max-num-seqs=N`, or a
     prefix of it the runtime's argparse takes; the last one wins), else the runtime's default. A value the
     runtime would refuse (not a positive integer) stops the pod as it starts, so it sizes nothing here."""
-    args, value = list(extra_args), None
-    for i, arg in enumerate(args):
-        name = normalised(arg)
-        if (
-            arg.startswith("--")
-            and len(name) >= TORCH_MAX_NUM_SEQS_SHORTEST
-            and TORCH_MAX_NUM_SEQS_FLAG.startswith(name)
-        ):
-            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+    value = _flag_value(extra_args, TORCH_MAX_NUM_SEQS_FLAG, shortest=TORCH_MAX_NUM_SEQS_SHORTEST)
     if value is not None and value.strip().isdigit() and int(value) >= 1:
         return TorchKv(max_num_seqs=int(value), given=True)
     return TorchKv()
@@ -130,12 +122,15 @@ def vllm_batched_tokens(gpu: GpuFacts) -> int:
     return 2048
 
 
-def _flag_value(args: Sequence[str], flag: str) -> str | None:
+def _flag_value(args: Sequence[str], flag: str, *, shortest: int | None = None) -> str | None:
     """The value extraArgs give `flag` (`--flag V`, `--flag=V`, with _ for -; the last one wins, as argparse
-    keeps it), or None; an abbreviation of it is not recognised."""
+    keeps it), or None; an abbreviation of it is recognised only from `shortest` characters on (None: not
+    at all)."""
     value = None
     for i, arg in enumerate(args):
-        if arg.startswith("--") and normalised(arg) == flag:
+        name = normalised(arg)
+        named = name == flag or (shortest is not None and len(name) >= shortest and flag.startswith(name))
+        if arg.startswith("--") and named:
             value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
     return value
 

@@ -35,17 +35,11 @@ async def unless_disconnected(
 ) -> T:
     """`work`'s result, or ClientGone (with `work` cancelled) if the client disconnects first, or Ended
     (likewise) if `ended` is done first. The request's body must have been read already."""
-    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
-    waiting: set[asyncio.Future[Any]] = {task, watcher} if ended is None else {task, watcher, ended}
     try:
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        task = await _until(work, {watcher} if ended is None else {watcher, ended})
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
     if task.cancelled():
         raise Ended if ended is not None and ended.done() else ClientGone
     return task.result()
@@ -57,18 +51,24 @@ async def unless_ended(work: Coroutine[Any, Any, T], ended: asyncio.Future[None]
     if ended.done():
         work.close()
         raise Ended
+    task = await _until(work, {ended})
+    if task.cancelled():
+        raise Ended
+    return task.result()
+
+
+async def _until(work: Coroutine[Any, Any, T], stops: set[asyncio.Future[Any]]) -> asyncio.Future[T]:
+    """`work` run until it or one of `stops` is done; then cancelled (and waited for) if it is not done.
+    Its task, done or cancelled."""
     task = asyncio.ensure_future(work)
-    waiting: set[asyncio.Future[Any]] = {task, ended}
     try:
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *stops}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    if task.cancelled():
-        raise Ended
-    return task.result()
+    return task
 
 
 async def _disconnected(request: Request) -> None:

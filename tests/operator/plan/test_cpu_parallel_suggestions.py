@@ -14,11 +14,9 @@ import pytest
 
 from kubemoe_operator.api.engines import engine_problems, limit_problems
 from kubemoe_operator.api.manifest import parse_manifest
-from kubemoe_operator.api.problems import ManifestError, Problem
-from kubemoe_operator.plan.model import Plan
-from kubemoe_operator.plan.planner import plan_manifest
+from kubemoe_operator.api.problems import Problem
 from kubemoe_operator.render import Owner, render
-from tests.operator.helpers import pod_templates
+from tests.operator.helpers import planned, pod_templates, refused
 
 SPEC: dict[str, Any] = {
     "apiVersion": "kubemoe.io/v1alpha1",
@@ -50,16 +48,6 @@ def spec(
     if parallelism is not None:
         worker["parallelism"] = parallelism
     return data
-
-
-def planned(data: dict[str, Any]) -> Plan:
-    return plan_manifest(parse_manifest(data))
-
-
-def refused(data: dict[str, Any]) -> list[Problem]:
-    with pytest.raises(ManifestError) as err:
-        planned(data)
-    return err.value.problems
 
 
 def admitted(data: dict[str, Any], parallelism: dict[str, int]) -> list[Problem]:

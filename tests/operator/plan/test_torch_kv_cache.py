@@ -13,13 +13,10 @@ from typing import Any
 
 import pytest
 
-from kubemoe_operator.api.manifest import parse_manifest
-from kubemoe_operator.api.problems import ManifestError, Problem
 from kubemoe_operator.catalog.facts import GIB
 from kubemoe_operator.cli.tables import render_table
-from kubemoe_operator.plan.model import Plan
-from kubemoe_operator.plan.planner import plan_manifest
 from kubemoe_operator.plan.sizing import TORCH_MAX_NUM_SEQS, TorchKv, torch_kv
+from tests.operator.helpers import planned, refused
 
 KIB = 1024
 # Qwen3-30B-A3B (48 layers, 4 KV heads of 128, bf16): 96 KiB of KV a position, 56.9 GiB of weights a rank
@@ -64,16 +61,6 @@ def spec(
     else:
         worker["parallelism"] = parallelism
     return data
-
-
-def planned(data: dict[str, Any]) -> Plan:
-    return plan_manifest(parse_manifest(data))
-
-
-def refused(data: dict[str, Any]) -> list[Problem]:
-    with pytest.raises(ManifestError) as err:
-        planned(data)
-    return err.value.problems
 
 
 def one_rank(**kw: Any) -> dict[str, Any]:
