@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
+from kubemoe_runtime.engines.torch.kernels.linear import FLOAT32_MIN_ROWS
 from kubemoe_runtime.engines.torch.model import moe
 from kubemoe_runtime.engines.torch.model.moe import LocalExperts
 
@@ -151,3 +153,24 @@ def test_float64_experts_take_a_form_torch_multiplies_in_float64() -> None:
         got = block(x.double(), ids, w.double())
     assert calls == ["_batched"]
     torch.testing.assert_close(got, reference(block, x.double(), ids, w.double()), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("tokens", "form"), [(4, "grouped"), (64, "looped")])
+def test_bf16_on_a_cpu_whose_bf16_gemm_is_slow(
+    tokens: int, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torch's bf16 GEMM is a loop (an AVX2-only CPU: fast_bf16_gemm is False there, set so here on
+    any CPU), decode's few rows an expert still take the grouped form (one C++ loop of torch's bf16 GEMMs,
+    no per-expert op from Python); from FLOAT32_MIN_ROWS rows an expert the looped form widens to float32.
+    Both against the float64 reference."""
+    monkeypatch.setattr(moe_kernel, "fast_bf16_gemm", lambda: False)
+    block = experts(range(0, 8))
+    x, ids, w = routed(tokens, n_experts=8, k=2, seed=tokens)
+    few = max(torch.bincount(ids.flatten(), minlength=8).tolist()) < FLOAT32_MIN_ROWS
+    assert few == (form == "grouped")
+    calls = record_forms(block.bfloat16())
+    with torch.no_grad():
+        got = block(x.bfloat16(), ids, w.bfloat16())
+        want = reference(block.double(), x.bfloat16().double(), ids, w.bfloat16().double())
+    assert calls == [f"_{form}"]
+    torch.testing.assert_close(got.double(), want, atol=0.05 * want.abs().max().item(), rtol=0.02)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubemoe_runtime.engines.torch.kernels import moe as moe_kernel
-from kubemoe_runtime.engines.torch.kernels.linear import matmul
+from kubemoe_runtime.engines.torch.kernels.linear import FLOAT32_MIN_ROWS, matmul
 from kubemoe_runtime.engines.torch.load.model_config import ModelConfig
 from kubemoe_runtime.engines.torch.model.expert_load import ExpertLoad
 from kubemoe_runtime.engines.torch.model.layers import MLP
@@ -206,7 +206,11 @@ class LocalExperts(nn.Module):
                   experts in C++ (bench_moe_kernel.py, bench model, 2 threads, ms a layer, grouped /
                   looped / the oneDNN-packed experts this replaced: 16 rows 10.3 / 14.6 / 13.6, 64 rows
                   13.7 / 19.2 / 20.2, 1024 rows 40.5 / 46.2 / 44.8; packed was faster only at 1-4 rows,
-                  1.17 against 1.49 ms at one)
+                  1.17 against 1.49 ms at one). Where torch's bf16 GEMM is a loop (AVX2 alone) it
+                  runs too while no expert has FLOAT32_MIN_ROWS rows (decode): every expert's rows in
+                  torch's bf16 loop, as transformers' experts run, without a Python op per expert (an
+                  AVX2-only AMD EPYC, bench model, ms a layer, grouped / looped: 1 token 1.23 / 1.68,
+                  4 tokens 4.38 / 6.03, 16 tokens 13.7 / 16.9)
         looped    each picked expert once over its contiguous block of rows (long prefills: many rows
                   each; and on a CPU whose bf16 GEMM is slow, through float32: kernels/linear.py)
         batched   off the CPU (and in float64), most experts picked, few rows each (decode at larger
@@ -330,7 +334,9 @@ class LocalExperts(nn.Module):
         x_sD = x_MD.index_select(0, owned // K)  # index_select: advanced indexing is 4x slower on CPU
         w_s = w_MK.flatten().index_select(0, owned)
         fast_gemm = moe_kernel.fast_bf16_gemm() or x_MD.dtype != torch.bfloat16  # else bf16 is a slow loop
-        if fast_gemm and grouped_mm_runs(x_MD, *self.w_down_EDF.shape[1:]):
+        # With a slow bf16 GEMM, an expert's few rows (decode) run torch's bf16 loop: grouped, from C++
+        few = max(counts) < FLOAT32_MIN_ROWS
+        if (fast_gemm or few) and grouped_mm_runs(x_MD, *self.w_down_EDF.shape[1:]):
             grouped = len(slots) <= self.GROUPED_MAX_ROWS * len(chosen)
             out_sD = self._grouped(x_sD, w_s, counts) if grouped else self._looped(x_sD, w_s, counts)
         elif fast_gemm and 2 * len(chosen) >= E and max(counts) <= self.BATCHED_MAX_ROWS:
