@@ -334,7 +334,10 @@ def test_bf16_fast_paths_run_on_slots(
     for name in ("_grouped", "_looped", "_batched"):
         monkeypatch.setattr(LocalExperts, name, recorded(name))
     assert engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=6) == before
-    if form == "torch":  # grouped where torch's bf16 GEMM is fast, else looped (through float32)
-        assert set(forms) == {"_grouped" if moe_kernel.fast_bf16_gemm() else "_looped"}
+    if form == "torch":  # grouped where torch's bf16 GEMM is fast; else grouped at decode's few rows an
+        # expert and looped (through float32) from FLOAT32_MIN_ROWS rows on (a prefill may have some)
+        fast = moe_kernel.fast_bf16_gemm()
+        assert "_grouped" in forms
+        assert set(forms) <= ({"_grouped"} if fast else {"_grouped", "_looped"})
     # bf16: the K choices are summed in another order once the slots move, so only bf16 rounding apart
     torch.testing.assert_close(engine.logits(PROMPT), before_logits, atol=0.05, rtol=0.05)
