@@ -334,12 +334,12 @@ class LocalExperts(nn.Module):
         x_sD = x_MD.index_select(0, owned // K)  # index_select: advanced indexing is 4x slower on CPU
         w_s = w_MK.flatten().index_select(0, owned)
         fast_gemm = moe_kernel.fast_bf16_gemm() or x_MD.dtype != torch.bfloat16  # else bf16 is a slow loop
+        busiest = max(counts)
         # With a slow bf16 GEMM, an expert's few rows (decode) run torch's bf16 loop: grouped, from C++
-        few = max(counts) < FLOAT32_MIN_ROWS
-        if (fast_gemm or few) and grouped_mm_runs(x_MD, *self.w_down_EDF.shape[1:]):
+        if (fast_gemm or busiest < FLOAT32_MIN_ROWS) and grouped_mm_runs(x_MD, *self.w_down_EDF.shape[1:]):
             grouped = len(slots) <= self.GROUPED_MAX_ROWS * len(chosen)
             out_sD = self._grouped(x_sD, w_s, counts) if grouped else self._looped(x_sD, w_s, counts)
-        elif fast_gemm and 2 * len(chosen) >= E and max(counts) <= self.BATCHED_MAX_ROWS:
+        elif fast_gemm and 2 * len(chosen) >= E and busiest <= self.BATCHED_MAX_ROWS:
             out_sD = self._batched(x_sD, w_s, torch.tensor([local[s] for s in slots]), counts)
         else:
             out_sD = self._looped(x_sD, w_s, counts)
